@@ -1,0 +1,611 @@
+//! Command line and environment → `Options`. A drop-in for the Go original's flags: every long
+//! flag works as `-name value`, `-name=value`, `--name value` and `--name=value`, and Consul's own
+//! environment variables fill in what the flags leave out, as in the consul CLI.
+//!
+//! Nothing here touches the network or the file system beyond reading a token file.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Arg, ArgAction, ArgMatches};
+
+use crate::http::{Endpoint, Secret, TlsFiles};
+
+/// Exit code for bad usage or bad configuration (BSD sysexits EX_USAGE).
+pub const EXIT_USAGE: i32 = 64;
+
+/// The long flags the Go original had, plus ours. Single-dash spellings are accepted only for
+/// these names so that a value such as `-1` or `-x` is never rewritten.
+const LONG_FLAGS: &[&str] = &[
+    "dataplane",
+    "enable-intentions",
+    "haproxy",
+    "haproxy-cfg-base-path",
+    "http-addr",
+    "log-level",
+    "sidecar-for",
+    "sidecar-for-tag",
+    "stats-addr",
+    "stats-service-register",
+    "token",
+    "token-file",
+    "version",
+    "help",
+    "dry-run",
+    "spoe-threads",
+];
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// `-sidecar-for ID`: the service ID of the local application.
+    ServiceId(String),
+    /// `-sidecar-for-tag TAG`: the one local service carrying this tag.
+    Tag(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct ConsulSettings {
+    pub endpoint: Endpoint,
+    pub token: Option<Secret>,
+    pub tls: TlsFiles,
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub target: Target,
+    pub consul: ConsulSettings,
+    pub haproxy_bin: PathBuf,
+    pub dataplane_bin: PathBuf,
+    pub base_path: PathBuf,
+    pub log_level: log::LevelFilter,
+    pub enable_intentions: bool,
+    pub stats_addr: Option<SocketAddr>,
+    pub stats_service_register: bool,
+    pub spoe_threads: usize,
+}
+
+#[derive(Debug)]
+pub enum Command {
+    Run(Box<Options>),
+    DryRun(Box<Options>),
+    Version {
+        haproxy_bin: PathBuf,
+        dataplane_bin: PathBuf,
+    },
+    Help(String),
+}
+
+/// A usage or configuration error: one line that names the flag or value at fault.
+#[derive(Debug, PartialEq, Eq)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Reads the environment the way the consul CLI does; tests pass a map instead.
+pub trait Env {
+    fn var(&self, name: &str) -> Option<String>;
+    fn read_file(&self, path: &str) -> std::io::Result<String> {
+        std::fs::read_to_string(path)
+    }
+}
+
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|v| !v.is_empty())
+    }
+}
+
+fn command() -> clap::Command {
+    let bool_flag = |name: &'static str, help: &'static str| {
+        // Go's flag package takes `-flag`, `-flag=true` and `-flag=false`; so do we.
+        Arg::new(name)
+            .long(name)
+            .help(help)
+            .num_args(0..=1)
+            .require_equals(true)
+            .default_missing_value("true")
+            .value_name("BOOL")
+            .action(ArgAction::Set)
+    };
+    let value = |name: &'static str, help: &'static str| {
+        // Go's flag package takes the next argument as the value whatever it looks like.
+        Arg::new(name)
+            .long(name)
+            .help(help)
+            .action(ArgAction::Set)
+            .allow_hyphen_values(true)
+            .value_name("VALUE")
+    };
+    clap::Command::new("haproxy-consul-connect")
+        .about("Consul Connect sidecar that runs HAProxy as its data plane")
+        .disable_version_flag(true)
+        .disable_help_flag(true)
+        .arg(value("sidecar-for", "The Consul service ID to proxy").value_name("ID"))
+        .arg(
+            value(
+                "sidecar-for-tag",
+                "Proxy the one local service that carries this tag",
+            )
+            .value_name("TAG"),
+        )
+        .arg(value("http-addr", "Consul agent address (host:port, http://, https://, unix://) [default: 127.0.0.1:8500, or CONSUL_HTTP_ADDR]").value_name("ADDR"))
+        .arg(value("token", "Consul ACL token [default: CONSUL_HTTP_TOKEN]").value_name("TOKEN"))
+        .arg(value("token-file", "File holding the Consul ACL token [default: CONSUL_HTTP_TOKEN_FILE]").value_name("PATH"))
+        .arg(value("haproxy", "HAProxy binary path").default_value("haproxy").value_name("PATH"))
+        .arg(value("dataplane", "Dataplane API binary path").default_value("dataplaneapi").value_name("PATH"))
+        .arg(value("haproxy-cfg-base-path", "Directory in which each sidecar makes its own working directory").default_value("/tmp").value_name("DIR"))
+        .arg(value("log-level", "Log level: TRACE, DEBUG, INFO, WARN or ERROR").default_value("INFO").value_name("LEVEL"))
+        .arg(bool_flag("enable-intentions", "Enforce Consul intentions on inbound connections"))
+        .arg(value("stats-addr", "Listen address of the stats/metrics HTTP server").value_name("ADDR"))
+        .arg(bool_flag("stats-service-register", "Register the stats endpoint as a Consul service"))
+        .arg(value("spoe-threads", "Worker threads of the intentions (SPOE) agent").default_value("2").value_name("N"))
+        .arg(bool_flag("dry-run", "Print the files that would be written for the current Consul state, then exit"))
+        .arg(bool_flag("version", "Print the version and the versions of haproxy and dataplaneapi"))
+        .arg(bool_flag("help", "Print help"))
+}
+
+/// Flags that take no separate value argument (Go bools), so the word after them is a flag.
+const BOOL_FLAGS: &[&str] = &[
+    "enable-intentions",
+    "stats-service-register",
+    "dry-run",
+    "version",
+    "help",
+];
+
+/// Turns `-name[=v]` into `--name[=v]`, as Go's flag package reads them. A word that follows a
+/// value-taking flag is its value and is never rewritten, so `-token -abc` keeps `-abc`.
+fn normalise(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
+    let mut out = Vec::new();
+    let mut rest_are_values = false;
+    let mut next_is_value = false;
+    for (i, arg) in args.into_iter().enumerate() {
+        if i == 0 || rest_are_values || next_is_value {
+            next_is_value = false;
+            out.push(arg);
+            continue;
+        }
+        if arg == "--" {
+            rest_are_values = true;
+            out.push(arg);
+            continue;
+        }
+        let Some(s) = arg.to_str() else {
+            out.push(arg);
+            continue;
+        };
+        let body = s.strip_prefix("--").or_else(|| s.strip_prefix('-'));
+        let Some(body) = body.filter(|b| b.starts_with(|c: char| c.is_ascii_alphabetic())) else {
+            out.push(arg);
+            continue;
+        };
+        let (name, has_value) = match body.split_once('=') {
+            Some((n, _)) => (n, true),
+            None => (body, false),
+        };
+        if name == "h" {
+            out.push(OsString::from("--help"));
+            continue;
+        }
+        next_is_value = !has_value && LONG_FLAGS.contains(&name) && !BOOL_FLAGS.contains(&name);
+        out.push(OsString::from(format!("--{body}")));
+    }
+    out
+}
+
+fn parse_bool(flag: &str, v: &str) -> Result<bool, UsageError> {
+    // The spellings Go's strconv.ParseBool accepts.
+    match v {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
+        _ => Err(UsageError(format!(
+            "invalid boolean value {v:?} for -{flag}"
+        ))),
+    }
+}
+
+fn flag_bool(m: &ArgMatches, name: &str) -> Result<bool, UsageError> {
+    match m.get_one::<String>(name) {
+        Some(v) => parse_bool(name, v),
+        None => Ok(false),
+    }
+}
+
+fn env_bool(env: &dyn Env, name: &str, default: bool) -> Result<bool, UsageError> {
+    match env.var(name) {
+        Some(v) => parse_bool(name, &v)
+            .map_err(|_| UsageError(format!("invalid boolean value {v:?} in {name}"))),
+        None => Ok(default),
+    }
+}
+
+pub fn parse_log_level(v: &str) -> Result<log::LevelFilter, UsageError> {
+    match v.to_ascii_lowercase().as_str() {
+        "trace" => Ok(log::LevelFilter::Trace),
+        "debug" => Ok(log::LevelFilter::Debug),
+        "info" => Ok(log::LevelFilter::Info),
+        "warn" | "warning" => Ok(log::LevelFilter::Warn),
+        // logrus also had fatal and panic; both only ever printed errors.
+        "error" | "fatal" | "panic" => Ok(log::LevelFilter::Error),
+        _ => Err(UsageError(format!(
+            "invalid value {v:?} for -log-level (expected TRACE, DEBUG, INFO, WARN or ERROR)"
+        ))),
+    }
+}
+
+fn one_line(err: clap::Error) -> UsageError {
+    // clap's message spans several lines (usage, tips); the first one names the problem.
+    let rendered = err.render().to_string();
+    let first = rendered
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("invalid usage")
+        .trim();
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    UsageError(format!("{first} (see --help)"))
+}
+
+pub fn parse(
+    args: impl IntoIterator<Item = OsString>,
+    env: &dyn Env,
+) -> Result<Command, UsageError> {
+    let m = command()
+        .try_get_matches_from(normalise(args))
+        .map_err(one_line)?;
+    if flag_bool(&m, "help")? {
+        return Ok(Command::Help(command().render_long_help().to_string()));
+    }
+    let path = |name: &str| PathBuf::from(m.get_one::<String>(name).cloned().unwrap_or_default());
+    let haproxy_bin = path("haproxy");
+    let dataplane_bin = path("dataplane");
+    if flag_bool(&m, "version")? {
+        return Ok(Command::Version {
+            haproxy_bin,
+            dataplane_bin,
+        });
+    }
+
+    let target = match (
+        m.get_one::<String>("sidecar-for"),
+        m.get_one::<String>("sidecar-for-tag"),
+    ) {
+        (Some(_), Some(_)) => {
+            return Err(UsageError(
+                "-sidecar-for and -sidecar-for-tag exclude each other; give one".into(),
+            ))
+        }
+        (Some(id), None) if !id.trim().is_empty() => Target::ServiceId(id.trim().to_string()),
+        (None, Some(tag)) if !tag.trim().is_empty() => Target::Tag(tag.trim().to_string()),
+        (Some(_), None) => return Err(UsageError("-sidecar-for needs a service ID".into())),
+        (None, Some(_)) => return Err(UsageError("-sidecar-for-tag needs a tag".into())),
+        (None, None) => {
+            return Err(UsageError(
+                "please specify -sidecar-for ID or -sidecar-for-tag TAG".into(),
+            ))
+        }
+    };
+
+    let consul = consul_settings(&m, env)?;
+    let log_level = parse_log_level(m.get_one::<String>("log-level").map_or("INFO", |s| s))?;
+    let stats_addr = match m.get_one::<String>("stats-addr") {
+        Some(a) if !a.is_empty() => Some(a.parse::<SocketAddr>().map_err(|_| {
+            UsageError(format!(
+                "invalid value {a:?} for -stats-addr (expected ip:port)"
+            ))
+        })?),
+        _ => None,
+    };
+    let stats_service_register = flag_bool(&m, "stats-service-register")?;
+    if stats_service_register && stats_addr.is_none() {
+        return Err(UsageError(
+            "-stats-service-register needs -stats-addr".into(),
+        ));
+    }
+    let spoe_threads = m
+        .get_one::<String>("spoe-threads")
+        .map_or(Ok(2), |v| v.parse::<usize>())
+        .ok()
+        .filter(|n| (1..=64).contains(n))
+        .ok_or_else(|| UsageError("invalid value for -spoe-threads (expected 1 to 64)".into()))?;
+    let base_path = path("haproxy-cfg-base-path");
+    if base_path.as_os_str().is_empty() {
+        return Err(UsageError(
+            "-haproxy-cfg-base-path must not be empty".into(),
+        ));
+    }
+    for (flag, p) in [("haproxy", &haproxy_bin), ("dataplane", &dataplane_bin)] {
+        if p.as_os_str().is_empty() {
+            return Err(UsageError(format!("-{flag} must not be empty")));
+        }
+    }
+
+    let options = Options {
+        target,
+        consul,
+        haproxy_bin,
+        dataplane_bin,
+        base_path,
+        log_level,
+        enable_intentions: flag_bool(&m, "enable-intentions")?,
+        stats_addr,
+        stats_service_register,
+        spoe_threads,
+    };
+    if flag_bool(&m, "dry-run")? {
+        Ok(Command::DryRun(Box::new(options)))
+    } else {
+        Ok(Command::Run(Box::new(options)))
+    }
+}
+
+fn consul_settings(m: &ArgMatches, env: &dyn Env) -> Result<ConsulSettings, UsageError> {
+    let (addr, source) = match m.get_one::<String>("http-addr") {
+        Some(a) => (a.clone(), "-http-addr"),
+        None => match env.var("CONSUL_HTTP_ADDR") {
+            Some(a) => (a, "CONSUL_HTTP_ADDR"),
+            None => ("127.0.0.1:8500".to_string(), "the default -http-addr"),
+        },
+    };
+    let mut endpoint = Endpoint::parse(&addr).map_err(|e| UsageError(format!("{source}: {e}")))?;
+    // As in the consul CLI, CONSUL_HTTP_SSL=true upgrades a scheme-less address to https.
+    if env_bool(env, "CONSUL_HTTP_SSL", false)? && !addr.contains("://") {
+        if let Endpoint::Http { authority } = endpoint {
+            endpoint = Endpoint::Https { authority };
+        }
+    }
+
+    let token = if let Some(t) = m.get_one::<String>("token").filter(|t| !t.is_empty()) {
+        Some(Secret::new(t.trim()))
+    } else if let Some(f) = m.get_one::<String>("token-file").filter(|t| !t.is_empty()) {
+        Some(read_token(env, f, "-token-file")?)
+    } else if let Some(t) = env.var("CONSUL_HTTP_TOKEN") {
+        Some(Secret::new(t.trim()))
+    } else if let Some(f) = env.var("CONSUL_HTTP_TOKEN_FILE") {
+        Some(read_token(env, &f, "CONSUL_HTTP_TOKEN_FILE")?)
+    } else {
+        None
+    };
+
+    let tls = TlsFiles {
+        ca_cert: env.var("CONSUL_CACERT").map(PathBuf::from),
+        client_cert: env.var("CONSUL_CLIENT_CERT").map(PathBuf::from),
+        client_key: env.var("CONSUL_CLIENT_KEY").map(PathBuf::from),
+        verify: env_bool(env, "CONSUL_HTTP_SSL_VERIFY", true)?,
+    };
+    if tls.client_cert.is_some() != tls.client_key.is_some() {
+        return Err(UsageError(
+            "CONSUL_CLIENT_CERT and CONSUL_CLIENT_KEY must be set together".into(),
+        ));
+    }
+    Ok(ConsulSettings {
+        endpoint,
+        token,
+        tls,
+    })
+}
+
+fn read_token(env: &dyn Env, path: &str, source: &str) -> Result<Secret, UsageError> {
+    let raw = env
+        .read_file(path)
+        .map_err(|e| UsageError(format!("{source}: cannot read token file {path}: {e}")))?;
+    let token = raw.trim();
+    if token.is_empty() {
+        return Err(UsageError(format!("{source}: token file {path} is empty")));
+    }
+    Ok(Secret::new(token))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[derive(Default)]
+    struct MapEnv {
+        vars: HashMap<&'static str, &'static str>,
+        files: HashMap<&'static str, &'static str>,
+    }
+    impl Env for MapEnv {
+        fn var(&self, name: &str) -> Option<String> {
+            self.vars.get(name).map(|s| s.to_string())
+        }
+        fn read_file(&self, path: &str) -> std::io::Result<String> {
+            self.files
+                .get(path)
+                .map(|s| s.to_string())
+                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "not found"))
+        }
+    }
+
+    fn run(args: &[&str], env: &MapEnv) -> Result<Options, UsageError> {
+        let argv = std::iter::once("haproxy-consul-connect")
+            .chain(args.iter().copied())
+            .map(OsString::from);
+        match parse(argv, env)? {
+            Command::Run(o) | Command::DryRun(o) => Ok(*o),
+            other => panic!("expected a run command, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_match_the_go_original() {
+        let o = run(&["-sidecar-for", "web"], &MapEnv::default()).unwrap();
+        assert_eq!(o.target, Target::ServiceId("web".into()));
+        assert_eq!(o.haproxy_bin, PathBuf::from("haproxy"));
+        assert_eq!(o.dataplane_bin, PathBuf::from("dataplaneapi"));
+        assert_eq!(o.base_path, PathBuf::from("/tmp"));
+        assert_eq!(o.log_level, log::LevelFilter::Info);
+        assert_eq!(
+            o.consul.endpoint,
+            Endpoint::Http {
+                authority: "127.0.0.1:8500".into()
+            }
+        );
+        assert!(!o.enable_intentions);
+        assert!(o.stats_addr.is_none());
+        assert!(o.consul.token.is_none());
+    }
+
+    #[test]
+    fn every_spelling_of_a_flag_works() {
+        for args in [
+            &["-sidecar-for", "web"][..],
+            &["--sidecar-for", "web"],
+            &["-sidecar-for=web"],
+            &["--sidecar-for=web"],
+        ] {
+            let o = run(args, &MapEnv::default()).unwrap();
+            assert_eq!(o.target, Target::ServiceId("web".into()), "{args:?}");
+        }
+        let o = run(
+            &[
+                "-sidecar-for-tag",
+                "edge",
+                "-enable-intentions",
+                "-log-level=debug",
+            ],
+            &MapEnv::default(),
+        )
+        .unwrap();
+        assert_eq!(o.target, Target::Tag("edge".into()));
+        assert!(o.enable_intentions);
+        assert_eq!(o.log_level, log::LevelFilter::Debug);
+        let o = run(
+            &["-sidecar-for", "web", "-enable-intentions=false"],
+            &MapEnv::default(),
+        )
+        .unwrap();
+        assert!(!o.enable_intentions);
+    }
+
+    #[test]
+    fn a_value_that_looks_like_a_flag_is_left_alone() {
+        let o = run(
+            &["-sidecar-for", "web", "-token", "-abc"],
+            &MapEnv::default(),
+        );
+        // `-abc` is not one of our flags, so it stays a value.
+        assert_eq!(o.unwrap().consul.token.unwrap().expose(), "-abc");
+    }
+
+    #[test]
+    fn environment_fills_in_and_flags_win() {
+        let env = MapEnv {
+            vars: HashMap::from([
+                ("CONSUL_HTTP_ADDR", "https://10.0.0.1:8501"),
+                ("CONSUL_HTTP_TOKEN", "from-env"),
+                ("CONSUL_CACERT", "/ca.pem"),
+                ("CONSUL_HTTP_SSL_VERIFY", "false"),
+            ]),
+            ..Default::default()
+        };
+        let o = run(&["-sidecar-for", "web"], &env).unwrap();
+        assert_eq!(
+            o.consul.endpoint,
+            Endpoint::Https {
+                authority: "10.0.0.1:8501".into()
+            }
+        );
+        assert_eq!(o.consul.token.as_ref().unwrap().expose(), "from-env");
+        assert_eq!(o.consul.tls.ca_cert, Some(PathBuf::from("/ca.pem")));
+        assert!(!o.consul.tls.verify);
+
+        let o = run(
+            &[
+                "-sidecar-for",
+                "web",
+                "-http-addr",
+                "unix:///run/c.sock",
+                "-token",
+                "flag",
+            ],
+            &env,
+        )
+        .unwrap();
+        assert_eq!(
+            o.consul.endpoint,
+            Endpoint::Unix {
+                path: "/run/c.sock".into()
+            }
+        );
+        assert_eq!(o.consul.token.unwrap().expose(), "flag");
+    }
+
+    #[test]
+    fn token_file_from_env_is_read_and_trimmed() {
+        let env = MapEnv {
+            vars: HashMap::from([("CONSUL_HTTP_TOKEN_FILE", "/t")]),
+            files: HashMap::from([("/t", "  secret-token\n")]),
+        };
+        let o = run(&["-sidecar-for", "web"], &env).unwrap();
+        assert_eq!(o.consul.token.unwrap().expose(), "secret-token");
+        let env = MapEnv {
+            vars: HashMap::from([("CONSUL_HTTP_TOKEN_FILE", "/missing")]),
+            ..Default::default()
+        };
+        let err = run(&["-sidecar-for", "web"], &env).unwrap_err();
+        assert!(err.0.contains("CONSUL_HTTP_TOKEN_FILE"), "{err}");
+    }
+
+    #[test]
+    fn bad_usage_is_one_line_naming_the_problem() {
+        let env = MapEnv::default();
+        let cases: &[(&[&str], &str)] = &[
+            (&[], "-sidecar-for"),
+            (&["-sidecar-for", "a", "-sidecar-for-tag", "b"], "exclude"),
+            (&["-sidecar-for", "a", "-bogus"], "--bogus"),
+            (&["-sidecar-for", "a", "-log-level", "loud"], "-log-level"),
+            (&["-sidecar-for", "a", "-stats-addr", "nope"], "-stats-addr"),
+            (
+                &["-sidecar-for", "a", "-http-addr", "ftp://x"],
+                "-http-addr",
+            ),
+            (
+                &["-sidecar-for", "a", "-enable-intentions=maybe"],
+                "enable-intentions",
+            ),
+            (
+                &["-sidecar-for", "a", "-stats-service-register"],
+                "-stats-addr",
+            ),
+            (
+                &["-sidecar-for", "a", "-spoe-threads", "0"],
+                "-spoe-threads",
+            ),
+        ];
+        for (args, needle) in cases {
+            let err = run(args, &env).unwrap_err();
+            assert!(!err.0.contains('\n'), "{args:?}: {err}");
+            assert!(err.0.contains(needle), "{args:?}: {err} lacks {needle}");
+        }
+    }
+
+    #[test]
+    fn version_and_help_need_no_target() {
+        let argv = ["x", "-version"].map(OsString::from);
+        assert!(matches!(
+            parse(argv, &MapEnv::default()),
+            Ok(Command::Version { .. })
+        ));
+        let argv = ["x", "--help"].map(OsString::from);
+        match parse(argv, &MapEnv::default()) {
+            Ok(Command::Help(text)) => assert!(text.contains("-sidecar-for")),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn log_levels_are_case_insensitive() {
+        assert_eq!(parse_log_level("TRACE"), Ok(log::LevelFilter::Trace));
+        assert_eq!(parse_log_level("Warn"), Ok(log::LevelFilter::Warn));
+        assert_eq!(parse_log_level("error"), Ok(log::LevelFilter::Error));
+        assert!(parse_log_level("verbose").is_err());
+    }
+}

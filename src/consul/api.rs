@@ -1,0 +1,210 @@
+//! The shapes of the Consul agent's answers that the sidecar reads. Fields Consul may leave out
+//! or send as `null` are defaulted, so a response from an older or newer agent still parses;
+//! what the sidecar cannot do without is checked in `snapshot`/`model`, with an error naming it.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+/// `/v1/agent/services` values and `/v1/agent/service/:id`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct AgentService {
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub kind: String,
+    #[serde(rename = "ID")]
+    pub id: String,
+    pub service: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub port: u16,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub address: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub datacenter: String,
+    #[serde(default)]
+    pub proxy: Option<ProxyConfig>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub content_hash: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct ProxyConfig {
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub destination_service_name: String,
+    #[serde(
+        rename = "DestinationServiceID",
+        default,
+        deserialize_with = "null_as_default"
+    )]
+    pub destination_service_id: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub local_service_address: String,
+    #[serde(default)]
+    pub local_service_port: u16,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub config: BTreeMap<String, Value>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub upstreams: Vec<Upstream>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct Upstream {
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub destination_type: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub destination_namespace: String,
+    pub destination_name: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub datacenter: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub local_bind_address: String,
+    #[serde(default)]
+    pub local_bind_port: u16,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub config: BTreeMap<String, Value>,
+}
+
+/// `/v1/agent/connect/ca/leaf/:service`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+pub struct LeafCert {
+    #[serde(default)]
+    pub serial_number: String,
+    #[serde(rename = "CertPEM")]
+    pub cert_pem: String,
+    #[serde(rename = "PrivateKeyPEM")]
+    pub private_key_pem: String,
+    #[serde(default)]
+    pub service: String,
+    #[serde(rename = "ServiceURI", default)]
+    pub service_uri: String,
+    #[serde(default)]
+    pub valid_after: String,
+    #[serde(default)]
+    pub valid_before: String,
+    #[serde(default)]
+    pub modify_index: u64,
+}
+
+/// `/v1/agent/connect/ca/roots`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+pub struct CaRoots {
+    #[serde(rename = "ActiveRootID", default)]
+    pub active_root_id: String,
+    #[serde(default)]
+    pub trust_domain: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub roots: Vec<CaRoot>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+pub struct CaRoot {
+    #[serde(rename = "ID", default)]
+    pub id: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub root_cert: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub intermediate_certs: Vec<String>,
+    #[serde(default)]
+    pub active: bool,
+}
+
+/// One entry of `/v1/health/connect/:service` (and of a prepared query's `Nodes`).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct HealthEntry {
+    pub node: HealthNode,
+    pub service: HealthService,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub checks: Vec<HealthCheck>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct HealthNode {
+    #[serde(default)]
+    pub node: String,
+    #[serde(default)]
+    pub address: String,
+    #[serde(default)]
+    pub datacenter: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct HealthService {
+    #[serde(rename = "ID")]
+    pub id: String,
+    pub service: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub address: String,
+    #[serde(default)]
+    pub port: u16,
+    #[serde(default)]
+    pub weights: Option<Weights>,
+    /// Set on connect-proxy instances: which service the instance fronts.
+    #[serde(default)]
+    pub proxy: Option<InstanceProxy>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct InstanceProxy {
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub destination_service_name: String,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+pub struct Weights {
+    #[serde(default)]
+    pub passing: u32,
+    #[serde(default)]
+    pub warning: u32,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct HealthCheck {
+    #[serde(default)]
+    pub status: String,
+}
+
+/// `/v1/query/:name/execute`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct QueryResult {
+    #[serde(default)]
+    pub service: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub nodes: Vec<HealthEntry>,
+    #[serde(default)]
+    pub datacenter: String,
+}
+
+/// Parses a Consul answer, naming the endpoint and the problem when it does not fit.
+pub fn parse<T: serde::de::DeserializeOwned>(what: &str, body: &str) -> crate::error::Result<T> {
+    serde_json::from_str(body).map_err(|e| {
+        crate::error::Error::msg(format!(
+            "Consul's answer to {what} is not what the sidecar expects ({e}); first bytes: {:?}",
+            body.chars().take(120).collect::<String>()
+        ))
+    })
+}

@@ -1,0 +1,193 @@
+//! The Consul agent client: one-shot reads, blocking reads, and finding the proxy to serve.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use super::api::{self, AgentService};
+use super::encode;
+use crate::cli::{ConsulSettings, Target};
+use crate::error::{Context, Error, Result};
+use crate::http::{self, Credential};
+
+const ONE_SHOT_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Clone, Debug)]
+pub struct Consul {
+    http: http::Client,
+}
+
+/// What a (blocking) read returned.
+pub struct Answer {
+    pub status: u16,
+    pub body: String,
+    pub index: Option<u64>,
+    pub content_hash: Option<String>,
+}
+
+/// Why no proxy could be chosen. `Missing` may fix itself (the registration may come later);
+/// `Ambiguous` is a configuration error.
+#[derive(Debug)]
+pub enum LookupError {
+    Missing(String),
+    Ambiguous(String),
+    Consul(Error),
+}
+
+impl std::fmt::Display for LookupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LookupError::Missing(m) | LookupError::Ambiguous(m) => f.write_str(m),
+            LookupError::Consul(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl Consul {
+    pub fn new(settings: &ConsulSettings) -> Result<Consul> {
+        let credential = match &settings.token {
+            Some(t) => Credential::ConsulToken(t.clone()),
+            None => Credential::None,
+        };
+        let http = http::Client::new(settings.endpoint.clone(), &settings.tls, credential)
+            .context("setting up the Consul client")?;
+        Ok(Consul { http })
+    }
+
+    pub fn endpoint(&self) -> String {
+        self.http.endpoint().to_string()
+    }
+
+    /// A GET that may block: Consul holds it until the content changes or `wait` passes.
+    pub fn get(&self, path: &str, wait: Option<Duration>) -> Result<Answer> {
+        // Consul adds up to wait/16 of jitter before answering; the client must outwait it.
+        let timeout = match wait {
+            Some(w) => w + w / 16 + Duration::from_secs(10),
+            None => ONE_SHOT_TIMEOUT,
+        };
+        let resp = self.http.get(path, timeout)?;
+        Ok(Answer {
+            status: resp.status,
+            index: resp
+                .header("X-Consul-Index")
+                .and_then(|v| v.trim().parse().ok()),
+            content_hash: resp.header("X-Consul-ContentHash").map(str::to_string),
+            body: resp.body,
+        })
+    }
+
+    /// A one-shot GET that must answer 200 with JSON of type `T`.
+    pub fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let answer = self.get(path, None).with_context(|| {
+            format!("asking the Consul agent at {} for {path}", self.endpoint())
+        })?;
+        if answer.status != 200 {
+            return Err(Error::msg(format!(
+                "the Consul agent at {} answered {path} with status {}: {}",
+                self.endpoint(),
+                answer.status,
+                answer.body.trim()
+            )));
+        }
+        api::parse(path, &answer.body)
+    }
+
+    /// Finds the ID of the `connect-proxy` to serve, as `consul connect proxy -sidecar-for` does.
+    pub fn find_proxy(&self, target: &Target) -> std::result::Result<String, LookupError> {
+        let services: BTreeMap<String, AgentService> = self
+            .get_json("/v1/agent/services")
+            .map_err(LookupError::Consul)?;
+        choose_proxy(&services, target)
+    }
+
+    pub fn send(&self, method: &str, path: &str, body: Option<&str>) -> Result<Answer> {
+        let resp = self
+            .http
+            .send(method, path, body, ONE_SHOT_TIMEOUT)
+            .with_context(|| format!("{method} {path} on the Consul agent"))?;
+        Ok(Answer {
+            status: resp.status,
+            index: None,
+            content_hash: None,
+            body: resp.body,
+        })
+    }
+}
+
+/// The pure part of the proxy lookup, over the agent's `/v1/agent/services` map.
+pub fn choose_proxy(
+    services: &BTreeMap<String, AgentService>,
+    target: &Target,
+) -> std::result::Result<String, LookupError> {
+    let proxies: Vec<&AgentService> = services
+        .values()
+        .filter(|s| s.kind == "connect-proxy")
+        .collect();
+    let describe = |list: &[&AgentService]| {
+        if list.is_empty() {
+            "none".to_string()
+        } else {
+            list.iter()
+                .map(|p| {
+                    let dest = p
+                        .proxy
+                        .as_ref()
+                        .map_or("?", |c| c.destination_service_id.as_str());
+                    format!("{} (for {dest})", p.id)
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    };
+    let service_id = match target {
+        Target::ServiceId(id) => id.clone(),
+        Target::Tag(tag) => {
+            // BTreeMap order makes the listing, and so the error, deterministic.
+            let tagged: Vec<&AgentService> = services
+                .values()
+                .filter(|s| s.kind.is_empty() && s.tags.iter().any(|t| t == tag))
+                .collect();
+            match tagged.as_slice() {
+                [one] => one.id.clone(),
+                [] => {
+                    return Err(LookupError::Missing(format!(
+                        "no local service carries the tag {tag:?}"
+                    )))
+                }
+                many => {
+                    return Err(LookupError::Ambiguous(format!(
+                        "several local services carry the tag {tag:?}: {}; use -sidecar-for ID",
+                        many.iter()
+                            .map(|s| s.id.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )))
+                }
+            }
+        }
+    };
+    let matching: Vec<&AgentService> = proxies
+        .iter()
+        .copied()
+        .filter(|p| {
+            p.proxy
+                .as_ref()
+                .is_some_and(|c| c.destination_service_id.eq_ignore_ascii_case(&service_id))
+        })
+        .collect();
+    match matching.as_slice() {
+        [one] => Ok(one.id.clone()),
+        [] => Err(LookupError::Missing(format!(
+            "no connect-proxy on this agent has Proxy.DestinationServiceID {service_id:?}; connect-proxy services here: {}",
+            describe(&proxies)
+        ))),
+        many => Err(LookupError::Ambiguous(format!(
+            "several connect-proxy services serve {service_id:?}: {}",
+            describe(many)
+        ))),
+    }
+}
+
+/// Path of the blocking registration read for a proxy ID.
+pub fn registration_path(proxy_id: &str) -> String {
+    format!("/v1/agent/service/{}", encode(proxy_id))
+}

@@ -1,0 +1,455 @@
+//! Blocking-query watchers, one OS thread each. A watcher sends an `Update` only when the content
+//! it watches really changed (an index that moved over the same content sends nothing), survives
+//! an unreachable agent by backing off with jitter, and follows Consul's index rules: an index
+//! that goes backwards resets to 0, and an index of 0 after the first answer is clamped to 1.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::api::{self, AgentService, CaRoots, HealthEntry, LeafCert, QueryResult};
+use super::client::{registration_path, Consul};
+use super::{encode, DestinationKey, DestinationKind};
+
+/// What changed in Consul.
+#[derive(Clone, Debug)]
+pub enum Update {
+    Registration(AgentService),
+    /// The registration is gone (404): the service was deregistered.
+    RegistrationGone,
+    Leaf(LeafCert),
+    Roots(CaRoots),
+    Endpoints(DestinationKey, Vec<HealthEntry>),
+}
+
+/// Where watchers deliver updates and report their health (for metrics and logs).
+pub trait Sink: Send + Sync + 'static {
+    fn update(&self, update: Update);
+    fn watch_error(&self, _endpoint: &str) {}
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    /// The `wait` of blocking queries.
+    pub wait: Duration,
+    /// How often prepared queries, which cannot block, are executed again.
+    pub query_poll: Duration,
+    /// First and largest pause after a failed request.
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            wait: Duration::from_secs(300),
+            query_poll: Duration::from_secs(10),
+            backoff_min: Duration::from_millis(250),
+            backoff_max: Duration::from_secs(15),
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Index,
+    Hash,
+    Poll,
+}
+
+/// A handle that stops its watcher thread at the next return of its query.
+pub struct WatchHandle {
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for WatchHandle {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The watchers of one sidecar: the fixed ones (registration, leaf, roots) and one per upstream
+/// destination, started and stopped as the registration changes.
+pub struct Watchers {
+    consul: Consul,
+    sink: Arc<dyn Sink>,
+    timing: Timing,
+    fixed: Vec<WatchHandle>,
+    leaf_for: Option<(String, WatchHandle)>,
+    destinations: BTreeMap<DestinationKey, WatchHandle>,
+}
+
+impl Watchers {
+    /// Starts the registration and roots watches.
+    pub fn start(consul: Consul, proxy_id: &str, sink: Arc<dyn Sink>, timing: Timing) -> Self {
+        let mut w = Watchers {
+            consul,
+            sink,
+            timing,
+            fixed: Vec::new(),
+            leaf_for: None,
+            destinations: BTreeMap::new(),
+        };
+        let h = w.spawn(
+            format!("registration of {proxy_id}"),
+            registration_path(proxy_id),
+            Mode::Hash,
+            |body| {
+                api::parse::<AgentService>("the proxy registration", body).map(Update::Registration)
+            },
+        );
+        w.fixed.push(h);
+        let h = w.spawn(
+            "CA roots".into(),
+            "/v1/agent/connect/ca/roots".into(),
+            Mode::Index,
+            |body| api::parse::<CaRoots>("the CA roots", body).map(Update::Roots),
+        );
+        w.fixed.push(h);
+        w
+    }
+
+    /// Brings the leaf and destination watches in line with a (new) registration.
+    pub fn follow(&mut self, registration: &AgentService) {
+        let service = registration
+            .proxy
+            .as_ref()
+            .map(|p| p.destination_service_name.clone())
+            .unwrap_or_default();
+        if !service.is_empty() && self.leaf_for.as_ref().map(|(s, _)| s) != Some(&service) {
+            let h = self.spawn(
+                format!("leaf certificate of {service}"),
+                format!("/v1/agent/connect/ca/leaf/{}", encode(&service)),
+                Mode::Index,
+                |body| api::parse::<LeafCert>("the leaf certificate", body).map(Update::Leaf),
+            );
+            self.leaf_for = Some((service, h));
+        }
+
+        let wanted = destinations(registration);
+        self.destinations.retain(|k, _| wanted.contains(k));
+        for key in wanted {
+            if self.destinations.contains_key(&key) {
+                continue;
+            }
+            let h = self.spawn_destination(key.clone());
+            self.destinations.insert(key, h);
+        }
+    }
+
+    fn spawn_destination(&self, key: DestinationKey) -> WatchHandle {
+        let dc = if key.datacenter.is_empty() {
+            String::new()
+        } else {
+            format!("&dc={}", encode(&key.datacenter))
+        };
+        let name = key.to_string();
+        match key.kind {
+            DestinationKind::Service => {
+                let k = key.clone();
+                self.spawn(
+                    format!("healthy instances of {name}"),
+                    format!("/v1/health/connect/{}?passing=1{dc}", encode(&key.name)),
+                    Mode::Index,
+                    move |body| {
+                        api::parse::<Vec<HealthEntry>>("a health/connect query", body)
+                            .map(|entries| Update::Endpoints(k.clone(), entries))
+                    },
+                )
+            }
+            DestinationKind::PreparedQuery => {
+                let k = key.clone();
+                self.spawn(
+                    format!("instances of {name}"),
+                    format!("/v1/query/{}/execute?connect=true{dc}", encode(&key.name)),
+                    Mode::Poll,
+                    move |body| {
+                        api::parse::<QueryResult>("a prepared query", body)
+                            .map(|r| Update::Endpoints(k.clone(), r.nodes))
+                    },
+                )
+            }
+        }
+    }
+
+    fn spawn(
+        &self,
+        what: String,
+        path: String,
+        mode: Mode,
+        parse: impl Fn(&str) -> crate::error::Result<Update> + Send + 'static,
+    ) -> WatchHandle {
+        let stop = Arc::new(AtomicBool::new(false));
+        let watch = Watch {
+            consul: self.consul.clone(),
+            sink: self.sink.clone(),
+            timing: self.timing,
+            what,
+            path,
+            mode,
+            stop: stop.clone(),
+        };
+        let name = format!("watch {}", watch.path);
+        let spawned = std::thread::Builder::new()
+            .name(name.chars().take(15).collect())
+            .stack_size(256 * 1024)
+            .spawn(move || watch.run(parse));
+        if let Err(e) = spawned {
+            log::error!("consul: cannot start a watcher thread for {name}: {e}");
+        }
+        WatchHandle { stop }
+    }
+}
+
+/// The destinations a registration's upstreams need watched.
+pub fn destinations(registration: &AgentService) -> Vec<DestinationKey> {
+    let mut keys: Vec<DestinationKey> = registration
+        .proxy
+        .iter()
+        .flat_map(|p| p.upstreams.iter())
+        .map(|u| DestinationKey {
+            kind: if u.destination_type == "prepared_query" {
+                DestinationKind::PreparedQuery
+            } else {
+                DestinationKind::Service
+            },
+            name: u.destination_name.clone(),
+            datacenter: u.datacenter.clone(),
+        })
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+struct Watch {
+    consul: Consul,
+    sink: Arc<dyn Sink>,
+    timing: Timing,
+    what: String,
+    path: String,
+    mode: Mode,
+    stop: Arc<AtomicBool>,
+}
+
+impl Watch {
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    /// Sleeps in short steps so that a stopped watch ends promptly.
+    fn pause(&self, d: Duration) {
+        let until = Instant::now() + d;
+        while !self.stopped() {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            std::thread::sleep(left.min(Duration::from_millis(200)));
+        }
+    }
+
+    fn run(self, parse: impl Fn(&str) -> crate::error::Result<Update>) {
+        let mut index: u64 = 0;
+        let mut hash: Option<String> = None;
+        let mut last_body: Option<String> = None;
+        let mut failures: u32 = 0;
+        let mut last_error: Option<String> = None;
+        let sep = if self.path.contains('?') { '&' } else { '?' };
+        while !self.stopped() {
+            let started = Instant::now();
+            let (url, wait) = match self.mode {
+                Mode::Index if index > 0 => (
+                    format!(
+                        "{}{sep}index={index}&wait={}s",
+                        self.path,
+                        self.timing.wait.as_secs()
+                    ),
+                    Some(self.timing.wait),
+                ),
+                Mode::Hash if hash.is_some() => (
+                    format!(
+                        "{}{sep}hash={}&wait={}s",
+                        self.path,
+                        encode(hash.as_deref().unwrap_or_default()),
+                        self.timing.wait.as_secs()
+                    ),
+                    Some(self.timing.wait),
+                ),
+                _ => (self.path.clone(), None),
+            };
+            let result = self.consul.get(&url, wait);
+            if self.stopped() {
+                return;
+            }
+            let failure = match result {
+                Ok(answer) if answer.status == 200 => {
+                    if failures > 0 {
+                        log::info!(
+                            "consul: {} readable again after {failures} failed attempt(s)",
+                            self.what
+                        );
+                    }
+                    failures = 0;
+                    last_error = None;
+                    match self.mode {
+                        Mode::Index => index = next_index(index, answer.index),
+                        Mode::Hash => hash = answer.content_hash.clone(),
+                        Mode::Poll => {}
+                    }
+                    if last_body.as_deref() != Some(answer.body.as_str()) {
+                        match parse(&answer.body) {
+                            Ok(update) => {
+                                last_body = Some(answer.body);
+                                self.sink.update(update);
+                            }
+                            Err(e) => {
+                                // Keep serving the last good content; the next change may be good.
+                                log::error!("consul: ignoring a bad answer for {}: {e}", self.what);
+                                self.sink.watch_error(&self.path);
+                            }
+                        }
+                    }
+                    None
+                }
+                Ok(answer) if answer.status == 404 && self.mode == Mode::Hash => {
+                    if last_body.is_some() {
+                        last_body = None;
+                        self.sink.update(Update::RegistrationGone);
+                    }
+                    hash = None;
+                    Some(format!("{} not found (404)", self.path))
+                }
+                Ok(answer) => Some(format!(
+                    "status {} for {}: {}",
+                    answer.status,
+                    self.path,
+                    answer.body.trim().chars().take(200).collect::<String>()
+                )),
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(error) = failure {
+                failures = failures.saturating_add(1);
+                self.sink.watch_error(&self.path);
+                // A failed blocking query starts over without an index, as Consul's watcher does.
+                index = 0;
+                let delay = backoff(&self.timing, failures);
+                if last_error.as_deref() != Some(error.as_str()) {
+                    log::warn!(
+                        "consul: cannot read {} from the agent at {}: {error}; retrying in {:.1}s",
+                        self.what,
+                        self.consul.endpoint(),
+                        delay.as_secs_f64()
+                    );
+                    last_error = Some(error);
+                } else {
+                    log::debug!("consul: {} still failing (attempt {failures})", self.what);
+                }
+                self.pause(delay);
+                continue;
+            }
+            match self.mode {
+                Mode::Poll => self.pause(self.timing.query_poll),
+                // A blocking query that returns at once with nothing new would spin; keep a floor.
+                _ => {
+                    let floor = Duration::from_millis(50);
+                    let took = started.elapsed();
+                    if took < floor {
+                        self.pause(floor - took);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Consul's index rules: backwards resets to 0 (the next read does not block), 0 is clamped to 1.
+pub fn next_index(previous: u64, returned: Option<u64>) -> u64 {
+    match returned {
+        None => 0,
+        Some(i) if i < previous => 0,
+        Some(0) => 1,
+        Some(i) => i,
+    }
+}
+
+/// Exponential backoff with full jitter in [d/2, d].
+pub fn backoff(timing: &Timing, failures: u32) -> Duration {
+    let exp = timing
+        .backoff_min
+        .saturating_mul(1u32 << failures.saturating_sub(1).min(16));
+    let d = exp.min(timing.backoff_max);
+    let half = d / 2;
+    half + half.mul_f64(jitter_fraction())
+}
+
+/// A fraction in [0, 1) from a per-thread xorshift; jitter needs spread, not cryptography.
+fn jitter_fraction() -> f64 {
+    use std::cell::Cell;
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new({
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0x9E37_79B9_7F4A_7C15);
+            (t ^ u64::from(std::process::id()).rotate_left(32)) | 1
+        });
+    }
+    STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.set(x);
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_rules() {
+        assert_eq!(next_index(0, Some(12)), 12);
+        assert_eq!(next_index(12, Some(15)), 15);
+        assert_eq!(next_index(15, Some(15)), 15);
+        assert_eq!(next_index(15, Some(3)), 0, "backwards resets");
+        assert_eq!(next_index(0, Some(0)), 1, "zero is clamped");
+        assert_eq!(next_index(7, None), 0, "no index header: do not block");
+    }
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        let t = Timing::default();
+        for failures in 1..40 {
+            let d = backoff(&t, failures);
+            let cap = t
+                .backoff_min
+                .saturating_mul(1 << (failures - 1).min(16))
+                .min(t.backoff_max);
+            assert!(d >= cap / 2 && d <= cap, "{failures}: {d:?} vs {cap:?}");
+        }
+        assert!(backoff(&t, 30) <= t.backoff_max);
+    }
+
+    #[test]
+    fn destinations_are_deduplicated_and_keep_datacenters_apart() {
+        let reg: AgentService = serde_json::from_str(
+            r#"{"ID":"c-sidecar-proxy","Service":"c-sidecar-proxy","Kind":"connect-proxy",
+               "Proxy":{"DestinationServiceName":"c","Upstreams":[
+                 {"DestinationName":"server","LocalBindPort":9191},
+                 {"DestinationName":"server","LocalBindPort":9192},
+                 {"DestinationName":"server","Datacenter":"dc2","LocalBindPort":9193},
+                 {"DestinationType":"prepared_query","DestinationName":"pq","LocalBindPort":9194}]}}"#,
+        )
+        .unwrap();
+        let keys = destinations(&reg);
+        assert_eq!(keys.len(), 3, "{keys:?}");
+        assert!(keys.iter().any(|k| k.datacenter == "dc2"));
+        assert!(keys
+            .iter()
+            .any(|k| k.kind == DestinationKind::PreparedQuery && k.name == "pq"));
+    }
+}

@@ -1,0 +1,478 @@
+//! The one HTTP client of the sidecar (ureq underneath), for the Consul agent and the Dataplane
+//! API. It reaches a server over TCP, TLS or a unix socket, adds the credential header to every
+//! request, and never treats a non-2xx status as a transport error: callers decide what a 404 or
+//! a 409 means.
+
+use std::fmt;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ureq::unversioned::resolver::DefaultResolver;
+use ureq::unversioned::transport::{
+    Buffers, ConnectionDetails, Connector, LazyBuffers, NextTimeout, RustlsConnector, TcpConnector,
+    Transport,
+};
+
+use crate::error::{Context, Error, Result};
+
+/// Where a server listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    Http { authority: String },
+    Https { authority: String },
+    Unix { path: PathBuf },
+}
+
+impl Endpoint {
+    /// Parses the address forms the consul CLI accepts: `host:port`, `http://host:port`,
+    /// `https://host:port` and `unix:///path/to.sock`.
+    pub fn parse(addr: &str) -> std::result::Result<Endpoint, String> {
+        let addr = addr.trim();
+        if let Some(path) = addr.strip_prefix("unix://") {
+            if path.is_empty() {
+                return Err(format!("unix address {addr:?} names no socket path"));
+            }
+            return Ok(Endpoint::Unix { path: path.into() });
+        }
+        let (https, rest) = if let Some(rest) = addr.strip_prefix("https://") {
+            (true, rest)
+        } else if let Some(rest) = addr.strip_prefix("http://") {
+            (false, rest)
+        } else if addr.contains("://") {
+            return Err(format!(
+                "address {addr:?} has an unknown scheme (expected http, https or unix)"
+            ));
+        } else {
+            (false, addr)
+        };
+        let authority = rest.trim_end_matches('/');
+        if authority.is_empty()
+            || authority.contains('/')
+            || authority.contains(char::is_whitespace)
+        {
+            return Err(format!("address {addr:?} is not host:port"));
+        }
+        let authority = authority.to_string();
+        Ok(if https {
+            Endpoint::Https { authority }
+        } else {
+            Endpoint::Http { authority }
+        })
+    }
+
+    fn base_url(&self) -> String {
+        match self {
+            Endpoint::Http { authority } => format!("http://{authority}"),
+            Endpoint::Https { authority } => format!("https://{authority}"),
+            // The host is never resolved for a unix socket, but the URL must still parse.
+            Endpoint::Unix { .. } => "http://localhost".to_string(),
+        }
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Unix { path } => write!(f, "unix://{}", path.display()),
+            other => f.write_str(&other.base_url()),
+        }
+    }
+}
+
+/// A value that must never be printed: ACL tokens, passwords.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// TLS settings for an https endpoint, as the consul CLI takes them from CONSUL_CACERT etc.
+#[derive(Clone, Debug, Default)]
+pub struct TlsFiles {
+    pub ca_cert: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    pub verify: bool,
+}
+
+#[derive(Clone)]
+pub enum Credential {
+    None,
+    /// `X-Consul-Token`.
+    ConsulToken(Secret),
+    /// HTTP basic auth, for the Dataplane API.
+    Basic {
+        user: String,
+        password: Secret,
+    },
+}
+
+pub struct Response {
+    pub status: u16,
+    pub body: String,
+    headers: Vec<(String, String)>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+}
+
+#[derive(Clone)]
+pub struct Client {
+    agent: ureq::Agent,
+    base: String,
+    endpoint: Endpoint,
+    credential: Credential,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    pub fn new(endpoint: Endpoint, tls: &TlsFiles, credential: Credential) -> Result<Client> {
+        let mut config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .user_agent(concat!(
+                "haproxy-consul-connect/",
+                env!("CARGO_PKG_VERSION")
+            ))
+            // Per-request timeouts are set by the callers (blocking queries need long ones).
+            .timeout_global(Some(Duration::from_secs(30)));
+        if let Endpoint::Https { .. } = endpoint {
+            config = config.tls_config(tls_config(tls)?);
+        }
+        let config = config.build();
+        let agent = match &endpoint {
+            Endpoint::Unix { path } => ureq::Agent::with_parts(
+                config,
+                UnixConnector { path: path.clone() },
+                DefaultResolver::default(),
+            ),
+            _ => ureq::Agent::with_parts(
+                config,
+                ().chain(TcpConnector::default())
+                    .chain(RustlsConnector::default()),
+                DefaultResolver::default(),
+            ),
+        };
+        Ok(Client {
+            base: endpoint.base_url(),
+            agent,
+            endpoint,
+            credential,
+        })
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    pub fn get(&self, path_and_query: &str, timeout: Duration) -> Result<Response> {
+        self.send("GET", path_and_query, None, timeout)
+    }
+
+    /// Sends one request. `body` is sent as JSON when given.
+    pub fn send(
+        &self,
+        method: &str,
+        path_and_query: &str,
+        body: Option<&str>,
+        timeout: Duration,
+    ) -> Result<Response> {
+        let url = format!("{}{}", self.base, path_and_query);
+        let what = || format!("{method} {} at {}", path_and_query, self.endpoint);
+        let mut req = ureq::http::Request::builder().method(method).uri(&url);
+        match &self.credential {
+            Credential::None => {}
+            Credential::ConsulToken(t) => req = req.header("X-Consul-Token", t.expose()),
+            Credential::Basic { user, password } => {
+                let raw = format!("{user}:{}", password.expose());
+                req = req.header("Authorization", format!("Basic {}", base64(raw.as_bytes())));
+            }
+        }
+        let result = if let Some(body) = body {
+            let req = req
+                .header("Content-Type", "application/json")
+                .body(body.to_string())
+                .with_context(what)?;
+            let req = self
+                .agent
+                .configure_request(req)
+                .timeout_global(Some(timeout))
+                .build();
+            self.agent.run(req)
+        } else {
+            let req = req.body(()).with_context(what)?;
+            let req = self
+                .agent
+                .configure_request(req)
+                .timeout_global(Some(timeout))
+                .build();
+            self.agent.run(req)
+        };
+        let mut resp = result.with_context(what)?;
+        let status = resp.status().as_u16();
+        let headers = resp
+            .headers()
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
+            .collect();
+        let body = resp
+            .body_mut()
+            .with_config()
+            .limit(64 * 1024 * 1024)
+            .read_to_string()
+            .with_context(|| format!("reading the body of {}", what()))?;
+        Ok(Response {
+            status,
+            body,
+            headers,
+        })
+    }
+}
+
+fn tls_config(files: &TlsFiles) -> Result<ureq::tls::TlsConfig> {
+    use ureq::tls::{Certificate, ClientCert, PemItem, PrivateKey, RootCerts, TlsConfig};
+    let mut builder = TlsConfig::builder().disable_verification(!files.verify);
+    if let Some(path) = &files.ca_cert {
+        let pem = std::fs::read(path)
+            .with_context(|| format!("reading the Consul CA file {}", path.display()))?;
+        let mut roots = Vec::new();
+        for item in ureq::tls::parse_pem(&pem) {
+            if let PemItem::Certificate(c) =
+                item.with_context(|| format!("parsing the Consul CA file {}", path.display()))?
+            {
+                roots.push(c);
+            }
+        }
+        if roots.is_empty() {
+            return Err(Error::msg(format!(
+                "the Consul CA file {} holds no certificate",
+                path.display()
+            )));
+        }
+        builder = builder.root_certs(RootCerts::new_with_certs(&roots));
+    }
+    match (&files.client_cert, &files.client_key) {
+        (Some(cert), Some(key)) => {
+            let cert_pem = std::fs::read(cert)
+                .with_context(|| format!("reading the Consul client cert {}", cert.display()))?;
+            let chain = ureq::tls::parse_pem(&cert_pem)
+                .filter_map(|i| match i {
+                    Ok(PemItem::Certificate(c)) => Some(c),
+                    _ => None,
+                })
+                .collect::<Vec<Certificate<'static>>>();
+            if chain.is_empty() {
+                return Err(Error::msg(format!(
+                    "the Consul client cert {} holds no certificate",
+                    cert.display()
+                )));
+            }
+            let key_pem = std::fs::read(key)
+                .with_context(|| format!("reading the Consul client key {}", key.display()))?;
+            let key = PrivateKey::from_pem(&key_pem)
+                .with_context(|| format!("parsing the Consul client key {}", key.display()))?;
+            builder = builder.client_cert(Some(ClientCert::new_with_certs(&chain, key)));
+        }
+        (None, None) => {}
+        _ => {
+            return Err(Error::msg(
+                "CONSUL_CLIENT_CERT and CONSUL_CLIENT_KEY must be given together",
+            ))
+        }
+    }
+    Ok(builder.build())
+}
+
+/// Standard base64 with padding, for HTTP basic auth (one header, not worth a dependency).
+pub fn base64(input: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
+    for chunk in input.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for (i, shift) in [18, 12, 6, 0].iter().enumerate() {
+            if i <= chunk.len() {
+                out.push(ALPHABET[((n >> shift) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Connects every request to one unix socket, whatever the URL's host says.
+#[derive(Debug)]
+struct UnixConnector {
+    path: PathBuf,
+}
+
+impl Connector<()> for UnixConnector {
+    type Out = UnixTransport;
+
+    fn connect(
+        &self,
+        details: &ConnectionDetails,
+        _chained: Option<()>,
+    ) -> std::result::Result<Option<Self::Out>, ureq::Error> {
+        let stream = UnixStream::connect(&self.path)?;
+        Ok(Some(UnixTransport {
+            stream: Arc::new(stream),
+            buffers: LazyBuffers::new(
+                details.config.input_buffer_size(),
+                details.config.output_buffer_size(),
+            ),
+        }))
+    }
+}
+
+struct UnixTransport {
+    stream: Arc<UnixStream>,
+    buffers: LazyBuffers,
+}
+
+impl fmt::Debug for UnixTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("UnixTransport")
+    }
+}
+
+fn timeout_error(e: std::io::Error) -> ureq::Error {
+    if matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    ) {
+        ureq::Error::Timeout(ureq::Timeout::Global)
+    } else {
+        ureq::Error::Io(e)
+    }
+}
+
+impl Transport for UnixTransport {
+    fn buffers(&mut self) -> &mut dyn Buffers {
+        &mut self.buffers
+    }
+
+    fn transmit_output(
+        &mut self,
+        amount: usize,
+        timeout: NextTimeout,
+    ) -> std::result::Result<(), ureq::Error> {
+        let timeout = timeout.for_write();
+        self.stream
+            .set_write_timeout(timeout.not_zero().map(|d| *d))?;
+        let output = &self.buffers.output()[..amount];
+        (&*self.stream).write_all(output).map_err(timeout_error)
+    }
+
+    fn await_input(&mut self, timeout: NextTimeout) -> std::result::Result<bool, ureq::Error> {
+        let timeout = timeout.for_read();
+        self.stream
+            .set_read_timeout(timeout.not_zero().map(|d| *d))?;
+        let input = self.buffers.input_append_buf();
+        let amount = loop {
+            match (&*self.stream).read(input) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(timeout_error(e)),
+            }
+        };
+        self.buffers.input_appended(amount);
+        Ok(amount > 0)
+    }
+
+    fn is_open(&mut self) -> bool {
+        // A pooled connection is probed before reuse: any byte or error means the peer closed.
+        if self.stream.set_nonblocking(true).is_err() {
+            return false;
+        }
+        let mut buf = [0u8; 1];
+        let open = matches!((&*self.stream).read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+        open && self.stream.set_nonblocking(false).is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_consul_address_form() {
+        assert_eq!(
+            Endpoint::parse("127.0.0.1:8500"),
+            Ok(Endpoint::Http {
+                authority: "127.0.0.1:8500".into()
+            })
+        );
+        assert_eq!(
+            Endpoint::parse("https://consul.local:8501/"),
+            Ok(Endpoint::Https {
+                authority: "consul.local:8501".into()
+            })
+        );
+        assert_eq!(
+            Endpoint::parse("unix:///run/consul.sock"),
+            Ok(Endpoint::Unix {
+                path: "/run/consul.sock".into()
+            })
+        );
+        assert!(Endpoint::parse("ftp://x:1").is_err());
+        assert!(Endpoint::parse("unix://").is_err());
+        assert!(Endpoint::parse("").is_err());
+    }
+
+    #[test]
+    fn base64_matches_rfc4648_vectors() {
+        for (raw, enc) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64(raw.as_bytes()), enc);
+        }
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let s = Secret::new("hunter2");
+        assert!(!format!("{s:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,448 @@
+//! `Desired`: the HAProxy objects one sidecar wants, built from a complete `Snapshot` by a pure
+//! function. Everything policy-like (names, defaults, which Consul field wins) is decided here
+//! and nowhere else; `render` only formats and `haproxy::diff` only compares.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::consul::api::{HealthEntry, Upstream};
+use crate::consul::{DestinationKey, DestinationKind};
+use crate::error::{Error, Result};
+use crate::snapshot::Snapshot;
+
+/// Consul's defaults for the proxy config keys the sidecar honours.
+const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5000;
+const DEFAULT_PUBLIC_BIND: &str = "0.0.0.0";
+const DEFAULT_UPSTREAM_BIND: &str = "127.0.0.1";
+const DEFAULT_LOCAL_APP: &str = "127.0.0.1";
+
+/// Where one sidecar keeps its files and sockets: a directory of its own.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Paths {
+    pub workdir: PathBuf,
+    pub haproxy_cfg: PathBuf,
+    pub stats_socket: PathBuf,
+    pub master_socket: PathBuf,
+    pub dataplane_socket: PathBuf,
+    pub transactions: PathBuf,
+    pub leaf: PathBuf,
+    pub roots: PathBuf,
+    pub spoe_conf: PathBuf,
+    pub spoe_socket: PathBuf,
+}
+
+impl Paths {
+    pub fn new(workdir: &Path) -> Paths {
+        Paths {
+            workdir: workdir.to_path_buf(),
+            haproxy_cfg: workdir.join("haproxy.cfg"),
+            stats_socket: workdir.join("haproxy.sock"),
+            master_socket: workdir.join("master.sock"),
+            dataplane_socket: workdir.join("dataplane.sock"),
+            transactions: workdir.join("dataplane-tx"),
+            leaf: workdir.join("certs").join("leaf.pem"),
+            roots: workdir.join("certs").join("roots.pem"),
+            spoe_conf: workdir.join("spoe.conf"),
+            spoe_socket: workdir.join("spoe.sock"),
+        }
+    }
+}
+
+/// Settings that come from the command line, not from Consul.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub paths: Paths,
+    pub intentions: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Tcp,
+    Http,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Desired {
+    pub service: String,
+    pub public: Public,
+    /// Sorted by name.
+    pub upstreams: Vec<UpstreamListener>,
+    pub tls: Tls,
+    pub intentions: bool,
+    pub paths: Paths,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Public {
+    pub bind_address: String,
+    pub bind_port: u16,
+    pub mode: Mode,
+    pub app_address: String,
+    pub app_port: u16,
+    pub connect_timeout_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct UpstreamListener {
+    /// The frontend and backend name; unique per listener address.
+    pub name: String,
+    pub destination: String,
+    pub bind_address: String,
+    pub bind_port: u16,
+    pub mode: Mode,
+    pub connect_timeout_ms: u64,
+    /// Sorted by name.
+    pub servers: Vec<Server>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Server {
+    pub name: String,
+    pub address: String,
+    pub port: u16,
+    pub weight: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Tls {
+    /// Leaf chain then private key, as HAProxy's `crt` wants it.
+    pub leaf_pem: String,
+    /// Every CA root, active or not, so that peers on either side of a rotation are trusted.
+    pub roots_pem: String,
+    pub trust_domain: String,
+}
+
+impl Desired {
+    pub fn upstream(&self, name: &str) -> Option<&UpstreamListener> {
+        self.upstreams.iter().find(|u| u.name == name)
+    }
+}
+
+/// Builds the desired state. Fails, naming the problem, when the snapshot is incomplete or holds
+/// something HAProxy cannot be given (no local port, a certificate that does not parse).
+/// Problems confined to one upstream drop that upstream only, with a warning, so one bad
+/// upstream cannot take the others down.
+pub fn build(snapshot: &Snapshot, settings: &Settings) -> Result<Desired> {
+    let missing = snapshot.missing();
+    if !missing.is_empty() {
+        return Err(Error::msg(format!(
+            "waiting for {} from Consul",
+            missing.join(", ")
+        )));
+    }
+    let (Some(reg), Some(leaf), Some(roots)) =
+        (&snapshot.registration, &snapshot.leaf, &snapshot.roots)
+    else {
+        return Err(Error::msg("the Consul snapshot is incomplete"));
+    };
+    let proxy = reg.proxy.as_ref().ok_or_else(|| {
+        Error::msg(format!(
+            "service {:?} is registered without a Proxy block; is it a connect-proxy?",
+            reg.id
+        ))
+    })?;
+    let service = proxy.destination_service_name.clone();
+    if service.is_empty() {
+        return Err(Error::msg(format!(
+            "proxy {:?} names no Proxy.DestinationServiceName",
+            reg.id
+        )));
+    }
+    if !leaf.service.is_empty() && leaf.service != service {
+        return Err(Error::msg(format!(
+            "waiting for the leaf certificate of {service:?} (the one held is for {:?})",
+            leaf.service
+        )));
+    }
+
+    let tls = tls(leaf, roots)?;
+
+    let app_port = proxy.local_service_port;
+    if app_port == 0 {
+        return Err(Error::msg(format!(
+            "proxy {:?} has no Proxy.LocalServicePort: there is no local app to forward to",
+            reg.id
+        )));
+    }
+    let public = Public {
+        bind_address: config_str(&proxy.config, "bind_address")
+            .unwrap_or_else(|| DEFAULT_PUBLIC_BIND.to_string()),
+        bind_port: match config_u64(&proxy.config, "bind_port") {
+            Some(p) => port("bind_port", p)?,
+            None => reg.port,
+        },
+        mode: mode(config_str(&proxy.config, "protocol").as_deref()),
+        app_address: non_empty(&proxy.local_service_address)
+            .unwrap_or_else(|| DEFAULT_LOCAL_APP.to_string()),
+        app_port,
+        connect_timeout_ms: config_u64(&proxy.config, "local_connect_timeout_ms")
+            .unwrap_or(DEFAULT_CONNECT_TIMEOUT_MS),
+    };
+    if public.bind_port == 0 {
+        return Err(Error::msg(format!(
+            "proxy {:?} has no port to listen on (neither Port nor config bind_port)",
+            reg.id
+        )));
+    }
+
+    let mut upstreams: Vec<UpstreamListener> = Vec::new();
+    let mut taken: BTreeSet<(String, u16)> = BTreeSet::new();
+    taken.insert((public.bind_address.clone(), public.bind_port));
+    for u in &proxy.upstreams {
+        match upstream(u, snapshot) {
+            Ok(listener) => {
+                let at = (listener.bind_address.clone(), listener.bind_port);
+                if !taken.insert(at) || upstreams.iter().any(|l| l.name == listener.name) {
+                    log::warn!(
+                        "model: upstream {} wants {}:{}, which another listener of this sidecar already has; skipping it",
+                        listener.destination, listener.bind_address, listener.bind_port
+                    );
+                    continue;
+                }
+                upstreams.push(listener);
+            }
+            Err(e) => log::warn!("model: skipping upstream {:?}: {e}", u.destination_name),
+        }
+    }
+    upstreams.sort_by(|a, b| a.name.cmp(&b.name));
+
+    Ok(Desired {
+        service,
+        public,
+        upstreams,
+        tls,
+        intentions: settings.intentions,
+        paths: settings.paths.clone(),
+    })
+}
+
+fn upstream(u: &Upstream, snapshot: &Snapshot) -> Result<UpstreamListener> {
+    if u.destination_name.is_empty() {
+        return Err(Error::msg("it has no DestinationName"));
+    }
+    if u.local_bind_port == 0 {
+        return Err(Error::msg("it has no LocalBindPort"));
+    }
+    let kind = match u.destination_type.as_str() {
+        "" | "service" => DestinationKind::Service,
+        "prepared_query" => DestinationKind::PreparedQuery,
+        other => return Err(Error::msg(format!("unknown DestinationType {other:?}"))),
+    };
+    let key = DestinationKey {
+        kind,
+        name: u.destination_name.clone(),
+        datacenter: u.datacenter.clone(),
+    };
+    let bind_address =
+        non_empty(&u.local_bind_address).unwrap_or_else(|| DEFAULT_UPSTREAM_BIND.into());
+    // Address and port make a listener unique, and the datacenter keeps two watches of one
+    // destination apart in names and metrics.
+    let name = sanitize(&format!(
+        "up_{}_{}_{}_{}_{}",
+        match kind {
+            DestinationKind::Service => "svc",
+            DestinationKind::PreparedQuery => "pq",
+        },
+        u.destination_name,
+        if u.datacenter.is_empty() {
+            "local"
+        } else {
+            &u.datacenter
+        },
+        bind_address,
+        u.local_bind_port
+    ));
+    let entries = snapshot
+        .endpoints
+        .get(&key)
+        .map_or(&[][..], |v| v.as_slice());
+    Ok(UpstreamListener {
+        name,
+        destination: key.to_string(),
+        bind_address,
+        bind_port: u.local_bind_port,
+        mode: mode(config_str(&u.config, "protocol").as_deref()),
+        connect_timeout_ms: config_u64(&u.config, "connect_timeout_ms")
+            .unwrap_or(DEFAULT_CONNECT_TIMEOUT_MS),
+        servers: servers(entries, &u.destination_name),
+    })
+}
+
+fn servers(entries: &[HealthEntry], destination: &str) -> Vec<Server> {
+    let mut by_name: BTreeMap<String, Server> = BTreeMap::new();
+    for e in entries {
+        let address = non_empty(&e.service.address).unwrap_or_else(|| e.node.address.clone());
+        if address.is_empty() || e.service.port == 0 {
+            log::warn!(
+                "model: instance {} on node {} of {destination} has no address or port; skipping it",
+                e.service.id,
+                e.node.node
+            );
+            continue;
+        }
+        let mut name = sanitize(&format!("{}.{}", e.service.id, e.node.node));
+        let base = name.clone();
+        let mut n = 2;
+        while by_name.contains_key(&name) {
+            name = format!("{base}-{n}");
+            n += 1;
+        }
+        let weight = e.service.weights.map_or(1, |w| w.passing).clamp(1, 256);
+        by_name.insert(
+            name.clone(),
+            Server {
+                name,
+                address,
+                port: e.service.port,
+                weight,
+            },
+        );
+    }
+    by_name.into_values().collect()
+}
+
+fn tls(leaf: &crate::consul::api::LeafCert, roots: &crate::consul::api::CaRoots) -> Result<Tls> {
+    let chain = pem_blocks(&leaf.cert_pem, "CERTIFICATE");
+    if chain.is_empty() {
+        return Err(Error::msg(format!(
+            "the leaf certificate for {:?} (serial {}) holds no PEM certificate",
+            leaf.service, leaf.serial_number
+        )));
+    }
+    for block in &chain {
+        parse_cert(block).map_err(|e| {
+            Error::msg(format!(
+                "the leaf certificate for {:?} (serial {}) does not parse: {e}",
+                leaf.service, leaf.serial_number
+            ))
+        })?;
+    }
+    let key = pem_blocks(&leaf.private_key_pem, "PRIVATE KEY");
+    if key.len() != 1 {
+        return Err(Error::msg(format!(
+            "the leaf certificate for {:?} (serial {}) comes with {} private keys, expected 1",
+            leaf.service,
+            leaf.serial_number,
+            key.len()
+        )));
+    }
+    let mut roots_pem = String::new();
+    for root in &roots.roots {
+        for block in pem_blocks(&root.root_cert, "CERTIFICATE") {
+            parse_cert(&block).map_err(|e| {
+                Error::msg(format!(
+                    "CA root {:?} ({}) does not parse: {e}",
+                    root.name, root.id
+                ))
+            })?;
+            roots_pem.push_str(&block);
+        }
+    }
+    if roots_pem.is_empty() {
+        return Err(Error::msg("Consul's CA roots hold no certificate"));
+    }
+    let mut leaf_pem: String = chain.concat();
+    leaf_pem.push_str(&key[0]);
+    Ok(Tls {
+        leaf_pem,
+        roots_pem,
+        trust_domain: roots.trust_domain.clone(),
+    })
+}
+
+/// The PEM blocks of one label (`CERTIFICATE`, or any `… PRIVATE KEY`), each normalised to end
+/// with a newline and to hold no blank line: HAProxy's runtime API ends a payload at the first
+/// blank line.
+pub fn pem_blocks(text: &str, label_suffix: &str) -> Vec<String> {
+    let mut blocks = Vec::new();
+    let mut current: Option<String> = None;
+    for line in text.lines() {
+        let line = line.trim_end();
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(label) = line
+            .strip_prefix("-----BEGIN ")
+            .and_then(|l| l.strip_suffix("-----"))
+        {
+            current = label.ends_with(label_suffix).then(|| format!("{line}\n"));
+            continue;
+        }
+        if let Some(block) = current.as_mut() {
+            block.push_str(line);
+            block.push('\n');
+            if line.starts_with("-----END ") {
+                blocks.push(std::mem::take(block));
+                current = None;
+            }
+        }
+    }
+    blocks
+}
+
+fn parse_cert(pem_block: &str) -> std::result::Result<(), String> {
+    let (_, pem) =
+        x509_parser::pem::parse_x509_pem(pem_block.as_bytes()).map_err(|e| e.to_string())?;
+    pem.parse_x509().map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+fn mode(protocol: Option<&str>) -> Mode {
+    match protocol.map(str::to_ascii_lowercase).as_deref() {
+        Some("http") => Mode::Http,
+        // http2 and grpc pass through as TCP: HAProxy then carries any protocol unchanged.
+        _ => Mode::Tcp,
+    }
+}
+
+fn config_str(config: &BTreeMap<String, Value>, key: &str) -> Option<String> {
+    match config.get(key)? {
+        Value::String(s) if !s.trim().is_empty() => Some(s.trim().to_string()),
+        _ => None,
+    }
+}
+
+/// Consul passes opaque config through as JSON, so numbers may arrive as numbers or strings.
+fn config_u64(config: &BTreeMap<String, Value>, key: &str) -> Option<u64> {
+    match config.get(key)? {
+        Value::Number(n) => n
+            .as_u64()
+            .or_else(|| n.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64)),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+fn port(key: &str, v: u64) -> Result<u16> {
+    u16::try_from(v)
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| Error::msg(format!("proxy config {key} = {v} is not a port")))
+}
+
+fn non_empty(s: &str) -> Option<String> {
+    let s = s.trim();
+    (!s.is_empty()).then(|| s.to_string())
+}
+
+/// HAProxy proxy and server names take letters, digits and `-_.:`; anything else becomes `_`.
+pub fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+pub(crate) mod fixtures;
+#[cfg(test)]
+mod tests;

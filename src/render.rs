@@ -1,0 +1,221 @@
+//! `Desired` → file contents, through the Tera templates in templates/. Pure: it decides
+//! nothing (names and defaults come from `model`) and writes nothing (`supervisor` does).
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+use tera::{Context, Tera};
+
+use crate::error::{Error, Result};
+use crate::model::Desired;
+
+/// Names of the fixed HAProxy objects; the upstream ones come from `model`.
+pub const PUBLIC_FRONTEND: &str = "public_listener";
+pub const LOCAL_BACKEND: &str = "local_app";
+pub const SPOE_BACKEND: &str = "intentions_agent";
+pub const DATAPLANE_USERLIST: &str = "dataplaneapi";
+
+const HAPROXY_CFG: &str = include_str!("../templates/haproxy.cfg.tera");
+const SPOE_CONF: &str = include_str!("../templates/spoe.conf.tera");
+
+/// The Dataplane API account, generated per run; it lives only in the 0600 haproxy.cfg.
+#[derive(Clone)]
+pub struct DataplaneCredentials {
+    pub user: String,
+    pub password: crate::http::Secret,
+}
+
+impl DataplaneCredentials {
+    pub fn generate() -> Result<DataplaneCredentials> {
+        let mut bytes = [0u8; 24];
+        let mut f = std::fs::File::open("/dev/urandom").map_err(|e| {
+            Error::with_source("opening /dev/urandom for the Dataplane API password", e)
+        })?;
+        std::io::Read::read_exact(&mut f, &mut bytes).map_err(|e| {
+            Error::with_source("reading /dev/urandom for the Dataplane API password", e)
+        })?;
+        let password = bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        Ok(DataplaneCredentials {
+            user: "hcc".into(),
+            password: crate::http::Secret::new(password),
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct File {
+    pub path: PathBuf,
+    pub contents: String,
+}
+
+#[derive(Serialize)]
+struct Globals<'a> {
+    d: &'a Desired,
+    version: &'static str,
+    hard_stop_after: &'a str,
+    public_frontend: &'static str,
+    local_backend: &'static str,
+    spoe_backend: &'static str,
+    dataplane_userlist: &'static str,
+    dataplane_user: &'a str,
+    dataplane_password: &'a str,
+}
+
+/// Every file one sidecar writes, in the order they must be written: certificates before the
+/// configuration that names them, and roots before the leaf they vouch for.
+pub fn render(d: &Desired, creds: &DataplaneCredentials) -> Result<Vec<File>> {
+    let mut tera = Tera::default();
+    tera.add_raw_templates([("haproxy.cfg", HAPROXY_CFG), ("spoe.conf", SPOE_CONF)])
+        .map_err(|e| {
+            Error::msg(format!(
+                "loading the built-in templates: {}",
+                tera_error(&e)
+            ))
+        })?;
+    let globals = Globals {
+        d,
+        version: env!("CARGO_PKG_VERSION"),
+        hard_stop_after: "30s",
+        public_frontend: PUBLIC_FRONTEND,
+        local_backend: LOCAL_BACKEND,
+        spoe_backend: SPOE_BACKEND,
+        dataplane_userlist: DATAPLANE_USERLIST,
+        dataplane_user: &creds.user,
+        dataplane_password: creds.password.expose(),
+    };
+    let ctx = Context::from_serialize(&globals).map_err(|e| {
+        Error::msg(format!(
+            "preparing the template context: {}",
+            tera_error(&e)
+        ))
+    })?;
+    let render = |name: &str| {
+        tera.render(name, &ctx)
+            .map(|mut s| {
+                if !s.ends_with('\n') {
+                    s.push('\n');
+                }
+                s
+            })
+            .map_err(|e| Error::msg(format!("rendering {name}: {}", tera_error(&e))))
+    };
+    let mut files = vec![
+        File {
+            path: d.paths.roots.clone(),
+            contents: d.tls.roots_pem.clone(),
+        },
+        File {
+            path: d.paths.leaf.clone(),
+            contents: d.tls.leaf_pem.clone(),
+        },
+    ];
+    if d.intentions {
+        files.push(File {
+            path: d.paths.spoe_conf.clone(),
+            contents: render("spoe.conf")?,
+        });
+    }
+    files.push(File {
+        path: d.paths.haproxy_cfg.clone(),
+        contents: render("haproxy.cfg")?,
+    });
+    Ok(files)
+}
+
+/// Tera hides the useful part of an error in its source chain.
+fn tera_error(e: &tera::Error) -> String {
+    let mut msg = e.to_string();
+    let mut next = std::error::Error::source(e);
+    while let Some(cause) = next {
+        msg.push_str(": ");
+        msg.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::build;
+    use crate::model::fixtures::{settings_in, snapshot};
+
+    fn creds() -> DataplaneCredentials {
+        DataplaneCredentials {
+            user: "hcc".into(),
+            password: crate::http::Secret::new("pw"),
+        }
+    }
+
+    /// Renders the recorded `proxy` into a fresh directory and returns it with the files.
+    fn render_into(proxy: &str, leaf: &str, intentions: bool) -> (PathBuf, Vec<File>) {
+        static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let dir =
+            std::env::temp_dir().join(format!("hcc-render-{}-{seq}-{proxy}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("certs")).unwrap();
+        let d = build(&snapshot(proxy, leaf), &settings_in(&dir, intentions)).unwrap();
+        let files = render(&d, &creds()).unwrap();
+        for f in &files {
+            std::fs::write(&f.path, &f.contents).unwrap();
+        }
+        (dir, files)
+    }
+
+    fn haproxy_check(cfg: &std::path::Path) -> std::process::Output {
+        std::process::Command::new("haproxy")
+            .args(["-W", "-c", "-f"])
+            .arg(cfg)
+            .output()
+            .expect("haproxy must be installed (scripts/install-deps)")
+    }
+
+    #[test]
+    fn rendered_configs_pass_haproxy_check() {
+        for (proxy, leaf, intentions) in [
+            ("client-sidecar-proxy", "ca-leaf-client.json", false),
+            ("rich-sidecar-proxy", "ca-leaf-rich.json", false),
+            ("server-sidecar-proxy", "ca-leaf-server.json", true),
+        ] {
+            let (dir, files) = render_into(proxy, leaf, intentions);
+            let out = haproxy_check(&dir.join("haproxy.cfg"));
+            assert!(
+                out.status.success(),
+                "{proxy}: haproxy -c failed:\n{}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                files.last().unwrap().contents
+            );
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+
+    #[test]
+    fn a_broken_config_is_caught_by_the_check() {
+        // Guards the test above: the check must be able to fail.
+        let (dir, _) = render_into("client-sidecar-proxy", "ca-leaf-client.json", false);
+        let cfg = dir.join("haproxy.cfg");
+        let text = std::fs::read_to_string(&cfg).unwrap();
+        std::fs::write(
+            &cfg,
+            text.replace("balance roundrobin", "balance no-such-algo"),
+        )
+        .unwrap();
+        assert!(!haproxy_check(&cfg).status.success());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn files_come_roots_first_and_config_last() {
+        let (dir, files) = render_into("client-sidecar-proxy", "ca-leaf-client.json", true);
+        let names: Vec<String> = files
+            .iter()
+            .map(|f| f.path.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["roots.pem", "leaf.pem", "spoe.conf", "haproxy.cfg"]);
+        let cfg = &files[3].contents;
+        assert!(cfg.contains("reject unless { var(sess.hcc.allow) -m bool }"));
+        assert!(cfg.contains("server up_svc") || cfg.contains("server server-sidecar-proxy.node1"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

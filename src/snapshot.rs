@@ -1,0 +1,76 @@
+//! The merged view of everything the sidecar needs from Consul. It changes only by whole
+//! `Update`s from the watchers, and says whether it is complete enough to act on.
+
+use std::collections::BTreeMap;
+
+use crate::consul::api::{AgentService, CaRoots, HealthEntry, LeafCert};
+use crate::consul::watch::{destinations, Update};
+use crate::consul::DestinationKey;
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Snapshot {
+    pub registration: Option<AgentService>,
+    pub leaf: Option<LeafCert>,
+    pub roots: Option<CaRoots>,
+    pub endpoints: BTreeMap<DestinationKey, Vec<HealthEntry>>,
+}
+
+impl Snapshot {
+    /// Merges one update; says whether anything the sidecar acts on changed.
+    pub fn apply(&mut self, update: Update) -> bool {
+        match update {
+            Update::Registration(r) => replace(&mut self.registration, Some(r)),
+            // A deregistered proxy keeps its last configuration serving: removing the listeners
+            // would cut live traffic over what may be a re-registration in progress.
+            Update::RegistrationGone => false,
+            Update::Leaf(l) => replace(&mut self.leaf, Some(l)),
+            Update::Roots(r) => replace(&mut self.roots, Some(r)),
+            Update::Endpoints(k, e) => {
+                if self.endpoints.get(&k) == Some(&e) {
+                    false
+                } else {
+                    self.endpoints.insert(k, e);
+                    true
+                }
+            }
+        }
+    }
+
+    /// What is still unknown before anything may be applied (registration, leaf, roots).
+    pub fn missing(&self) -> Vec<&'static str> {
+        let mut missing = Vec::new();
+        if self.registration.is_none() {
+            missing.push("the proxy registration");
+        }
+        if self.leaf.is_none() {
+            missing.push("the leaf certificate");
+        }
+        if self.roots.as_ref().is_none_or(|r| r.roots.is_empty()) {
+            missing.push("the CA roots");
+        }
+        missing
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.missing().is_empty()
+    }
+
+    /// Whether every upstream destination has answered at least once; the first render waits
+    /// briefly for this so that HAProxy starts with its servers instead of reloading for them.
+    pub fn endpoints_known(&self) -> bool {
+        self.registration.as_ref().is_some_and(|r| {
+            destinations(r)
+                .iter()
+                .all(|k| self.endpoints.contains_key(k))
+        })
+    }
+}
+
+fn replace<T: PartialEq>(slot: &mut Option<T>, value: Option<T>) -> bool {
+    if *slot == value {
+        false
+    } else {
+        *slot = value;
+        true
+    }
+}
