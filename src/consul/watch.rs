@@ -196,7 +196,7 @@ impl Watchers {
             .stack_size(256 * 1024)
             .spawn(move || watch.run(parse));
         if let Err(e) = spawned {
-            log::error!("consul: cannot start a watcher thread for {name}: {e}");
+            log::error!("cannot start a watcher thread for {name}: {e}");
         }
         WatchHandle { stop }
     }
@@ -287,7 +287,7 @@ impl Watch {
                 Ok(answer) if answer.status == 200 => {
                     if failures > 0 {
                         log::info!(
-                            "consul: {} readable again after {failures} failed attempt(s)",
+                            "{} readable again after {failures} failed attempt(s)",
                             self.what
                         );
                     }
@@ -306,7 +306,7 @@ impl Watch {
                             }
                             Err(e) => {
                                 // Keep serving the last good content; the next change may be good.
-                                log::error!("consul: ignoring a bad answer for {}: {e}", self.what);
+                                log::error!("ignoring a bad answer for {}: {e}", self.what);
                                 self.sink.watch_error(&self.path);
                             }
                         }
@@ -337,14 +337,14 @@ impl Watch {
                 let delay = backoff(&self.timing, failures);
                 if last_error.as_deref() != Some(error.as_str()) {
                     log::warn!(
-                        "consul: cannot read {} from the agent at {}: {error}; retrying in {:.1}s",
+                        "cannot read {} from the agent at {}: {error}; retrying in {:.1}s",
                         self.what,
                         self.consul.endpoint(),
                         delay.as_secs_f64()
                     );
                     last_error = Some(error);
                 } else {
-                    log::debug!("consul: {} still failing (attempt {failures})", self.what);
+                    log::debug!("{} still failing (attempt {failures})", self.what);
                 }
                 self.pause(delay);
                 continue;

@@ -198,14 +198,14 @@ pub fn build(snapshot: &Snapshot, settings: &Settings) -> Result<Desired> {
                 let at = (listener.bind_address.clone(), listener.bind_port);
                 if !taken.insert(at) || upstreams.iter().any(|l| l.name == listener.name) {
                     log::warn!(
-                        "model: upstream {} wants {}:{}, which another listener of this sidecar already has; skipping it",
+                        "upstream {} wants {}:{}, which another listener of this sidecar already has; skipping it",
                         listener.destination, listener.bind_address, listener.bind_port
                     );
                     continue;
                 }
                 upstreams.push(listener);
             }
-            Err(e) => log::warn!("model: skipping upstream {:?}: {e}", u.destination_name),
+            Err(e) => log::warn!("skipping upstream {:?}: {e}", u.destination_name),
         }
     }
     upstreams.sort_by(|a, b| a.name.cmp(&b.name));
@@ -278,7 +278,7 @@ fn servers(entries: &[HealthEntry], destination: &str) -> Vec<Server> {
         let address = non_empty(&e.service.address).unwrap_or_else(|| e.node.address.clone());
         if address.is_empty() || e.service.port == 0 {
             log::warn!(
-                "model: instance {} on node {} of {destination} has no address or port; skipping it",
+                "instance {} on node {} of {destination} has no address or port; skipping it",
                 e.service.id,
                 e.node.node
             );

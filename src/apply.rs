@@ -1,0 +1,193 @@
+//! The applier: one thread that takes the newest `Desired` (a mailbox of one, so a burst of
+//! Consul changes collapses into the last one) and brings HAProxy to it: certificates through
+//! the runtime API and files, everything else through one Dataplane API transaction.
+//! The state it holds as applied is only ever replaced by a complete desired state that went
+//! through, so a failure leaves HAProxy serving the last good configuration, retried later.
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::error::{Context, Result};
+use crate::files::write_atomic;
+use crate::haproxy::dataplane::{Committed, Dataplane};
+use crate::haproxy::diff::{plan, Plan};
+use crate::haproxy::runtime;
+use crate::model::Desired;
+
+const RETRY_MIN: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+#[derive(Default)]
+struct Slot {
+    next: Option<Desired>,
+    stop: bool,
+}
+
+/// What the applier did, for the event loop's phase and the logs.
+#[derive(Debug)]
+pub enum Outcome {
+    Applied {
+        ops: usize,
+        reloaded: bool,
+        took: Duration,
+    },
+    Failed(String),
+}
+
+#[derive(Clone)]
+pub struct Applier {
+    slot: Arc<(Mutex<Slot>, Condvar)>,
+}
+
+impl Applier {
+    /// Starts the thread with `applied` as what HAProxy serves now.
+    pub fn start(
+        applied: Desired,
+        dataplane: Dataplane,
+        report: impl Fn(Outcome) + Send + 'static,
+    ) -> Result<Applier> {
+        let slot = Arc::new((Mutex::new(Slot::default()), Condvar::new()));
+        let shared = slot.clone();
+        std::thread::Builder::new()
+            .name("applier".into())
+            .spawn(move || run(shared, applied, dataplane, report))
+            .context("starting the applier thread")?;
+        Ok(Applier { slot })
+    }
+
+    /// Hands over a new desired state; an older one not yet taken is dropped.
+    pub fn submit(&self, desired: Desired) {
+        let (lock, cv) = &*self.slot;
+        if let Ok(mut s) = lock.lock() {
+            s.next = Some(desired);
+            cv.notify_one();
+        }
+    }
+
+    pub fn stop(&self) {
+        let (lock, cv) = &*self.slot;
+        if let Ok(mut s) = lock.lock() {
+            s.stop = true;
+            cv.notify_one();
+        }
+    }
+}
+
+fn run(
+    slot: Arc<(Mutex<Slot>, Condvar)>,
+    mut applied: Desired,
+    dataplane: Dataplane,
+    report: impl Fn(Outcome),
+) {
+    let (lock, cv) = &*slot;
+    let mut pending: Option<Desired> = None;
+    let mut failures: u32 = 0;
+    loop {
+        // Wait for work; while a failed state waits for its retry, a newer one replaces it.
+        let wait = if pending.is_some() {
+            retry_delay(failures)
+        } else {
+            Duration::from_secs(3600)
+        };
+        let deadline = Instant::now() + wait;
+        {
+            let Ok(mut s) = lock.lock() else { return };
+            loop {
+                if s.stop {
+                    return;
+                }
+                if let Some(d) = s.next.take() {
+                    pending = Some(d);
+                    failures = 0;
+                    break;
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() && pending.is_some() {
+                    break;
+                }
+                let Ok((guard, _)) = cv.wait_timeout(s, left.max(Duration::from_millis(1))) else {
+                    return;
+                };
+                s = guard;
+            }
+        }
+        let Some(desired) = pending.take() else {
+            continue;
+        };
+        let started = Instant::now();
+        let p = plan(&applied, &desired);
+        if p.is_empty() {
+            applied = desired;
+            continue;
+        }
+        match apply(&mut applied, &desired, &p, &dataplane) {
+            Ok(reloaded) => {
+                applied = desired;
+                failures = 0;
+                report(Outcome::Applied {
+                    ops: p.ops.len(),
+                    reloaded,
+                    took: started.elapsed(),
+                });
+            }
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                report(Outcome::Failed(e.to_string()));
+                pending = Some(desired);
+            }
+        }
+    }
+}
+
+fn retry_delay(failures: u32) -> Duration {
+    RETRY_MIN
+        .saturating_mul(1 << failures.saturating_sub(1).min(8))
+        .min(RETRY_MAX)
+}
+
+/// Applies one plan. Certificate steps that succeed are recorded in `applied` at once, so a
+/// failure later in the plan does not redo them.
+fn apply(
+    applied: &mut Desired,
+    desired: &Desired,
+    p: &Plan,
+    dataplane: &Dataplane,
+) -> Result<bool> {
+    let paths = &desired.paths;
+    // Roots before the leaf that chains to them: a peer presenting a leaf from a new root is
+    // then trusted as soon as it appears.
+    if p.roots_changed {
+        write_atomic(&paths.roots, desired.tls.roots_pem.as_bytes())?;
+        runtime::set_ssl(
+            &paths.stats_socket,
+            "ca-file",
+            &paths.roots,
+            &desired.tls.roots_pem,
+        )
+        .context("updating the CA roots in HAProxy")?;
+        applied.tls.roots_pem = desired.tls.roots_pem.clone();
+        log::info!("CA roots updated live");
+    }
+    if p.leaf_changed {
+        write_atomic(&paths.leaf, desired.tls.leaf_pem.as_bytes())?;
+        runtime::set_ssl(
+            &paths.stats_socket,
+            "cert",
+            &paths.leaf,
+            &desired.tls.leaf_pem,
+        )
+        .context("updating the leaf certificate in HAProxy")?;
+        applied.tls.leaf_pem = desired.tls.leaf_pem.clone();
+        log::info!("leaf certificate updated live");
+    }
+    if p.ops.is_empty() {
+        return Ok(false);
+    }
+    let committed = dataplane.apply(&p.ops).with_context(|| {
+        format!(
+            "applying {} change(s) through the Dataplane API",
+            p.ops.len()
+        )
+    })?;
+    Ok(matches!(committed, Committed::Reloaded(_)))
+}

@@ -1,0 +1,318 @@
+//! The Dataplane API client (the `/v1` API of dataplaneapi v1.2.5, the version the Go module
+//! proxy serves here). Every change goes through one transaction that is either committed or
+//! deleted: a failed change leaves no transaction behind and HAProxy on its last good state.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use super::diff::{BackendSpec, BindSpec, FrontendSpec, Op, ServerSpec};
+use crate::consul::encode;
+use crate::error::{Context, Error, Result};
+use crate::http::{self, Credential, Endpoint, TlsFiles};
+use crate::render::DataplaneCredentials;
+
+const BASE: &str = "/v1/services/haproxy";
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct Dataplane {
+    http: http::Client,
+}
+
+/// How a committed transaction ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Committed {
+    /// HAProxy reloaded with the new configuration (reload id).
+    Reloaded(String),
+    /// Committed without a reload.
+    Applied,
+}
+
+impl Dataplane {
+    pub fn new(socket: &Path, creds: &DataplaneCredentials) -> Result<Dataplane> {
+        let http = http::Client::new(
+            Endpoint::Unix {
+                path: socket.to_path_buf(),
+            },
+            &TlsFiles::default(),
+            Credential::Basic {
+                user: creds.user.clone(),
+                password: creds.password.clone(),
+            },
+        )?;
+        Ok(Dataplane { http })
+    }
+
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(u16, Value, Option<String>)> {
+        // The API wants a JSON content type on every write, even a bodiless one.
+        let body = match body {
+            Some(v) => Some(v.to_string()),
+            None if method != "GET" && method != "DELETE" => Some(String::new()),
+            None => None,
+        };
+        let resp = self
+            .http
+            .send(method, path, body.as_deref(), TIMEOUT)
+            .with_context(|| format!("calling the Dataplane API: {method} {path}"))?;
+        let value = if resp.body.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&resp.body).unwrap_or(Value::String(resp.body.clone()))
+        };
+        if !resp.is_success() {
+            let message = value
+                .get("message")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .unwrap_or_else(|| resp.body.trim().to_string());
+            return Err(Error::msg(format!(
+                "the Dataplane API refused {method} {path} with status {}: {message}",
+                resp.status
+            )));
+        }
+        Ok((
+            resp.status,
+            value,
+            resp.header("Reload-ID").map(str::to_string),
+        ))
+    }
+
+    /// The configuration version; also serves as the readiness probe.
+    pub fn version(&self) -> Result<u64> {
+        let (_, v, _) = self.call("GET", &format!("{BASE}/configuration/frontends"), None)?;
+        v.get("_version")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| Error::msg("the Dataplane API's answer carries no _version"))
+    }
+
+    pub fn wait_ready(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.version() {
+                Ok(_) => return Ok(()),
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(e.context(format!(
+                        "the Dataplane API did not become ready within {}s",
+                        timeout.as_secs()
+                    )))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+
+    /// Applies `ops` in one transaction. On any error the transaction is deleted.
+    pub fn apply(&self, ops: &[Op]) -> Result<Committed> {
+        let version = self
+            .version()
+            .context("reading the configuration version")?;
+        let (_, tx, _) = self
+            .call(
+                "POST",
+                &format!("{BASE}/transactions?version={version}"),
+                None,
+            )
+            .context("opening a transaction")?;
+        let id = tx
+            .get("id")
+            .and_then(Value::as_str)
+            .ok_or_else(|| Error::msg("the Dataplane API opened a transaction without an id"))?
+            .to_string();
+        let result = self.fill_and_commit(&id, ops);
+        if result.is_err() {
+            // A transaction left open would count against the API's limit and confuse the next
+            // change; it is deleted whatever went wrong. It may already be gone after a failed
+            // commit, hence the ignored result.
+            let _ = self.call(
+                "DELETE",
+                &format!("{BASE}/transactions/{}", encode(&id)),
+                None,
+            );
+        }
+        result
+    }
+
+    fn fill_and_commit(&self, id: &str, ops: &[Op]) -> Result<Committed> {
+        for op in ops {
+            let (method, path, body) = request(op, id);
+            self.call(method, &path, body.as_ref())
+                .with_context(|| format!("applying {}", describe(op)))?;
+        }
+        let (status, _, reload) = self
+            .call("PUT", &format!("{BASE}/transactions/{}", encode(id)), None)
+            .context("committing the transaction")?;
+        match reload {
+            Some(reload_id) => {
+                self.wait_reload(&reload_id)?;
+                Ok(Committed::Reloaded(reload_id))
+            }
+            None if status == 202 => Ok(Committed::Reloaded(String::new())),
+            None => Ok(Committed::Applied),
+        }
+    }
+
+    /// Waits for the API's reload to succeed; our reload command tells it HAProxy's verdict.
+    fn wait_reload(&self, id: &str) -> Result<()> {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let (_, r, _) = self.call("GET", &format!("{BASE}/reloads/{}", encode(id)), None)?;
+            match r.get("status").and_then(Value::as_str) {
+                Some("succeeded") => return Ok(()),
+                Some("failed") => {
+                    return Err(Error::msg(format!(
+                        "HAProxy failed to reload (reload {id}): {}",
+                        r.get("response")
+                            .and_then(Value::as_str)
+                            .unwrap_or("no detail")
+                    )))
+                }
+                _ if Instant::now() >= deadline => {
+                    return Err(Error::msg(format!("reload {id} did not finish in time")))
+                }
+                _ => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+
+    /// The whole configuration file as the API holds it.
+    pub fn raw(&self) -> Result<String> {
+        let (_, v, _) = self.call("GET", &format!("{BASE}/configuration/raw"), None)?;
+        v.get("data")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| Error::msg("the Dataplane API's raw configuration holds no data"))
+    }
+}
+
+fn describe(op: &Op) -> String {
+    match op {
+        Op::DeleteFrontend(n) => format!("delete frontend {n}"),
+        Op::DeleteBackend(n) => format!("delete backend {n}"),
+        Op::DeleteServer { backend, name } => format!("delete server {backend}/{name}"),
+        Op::CreateBackend(b) => format!("create backend {}", b.name),
+        Op::ReplaceBackend(b) => format!("replace backend {}", b.name),
+        Op::CreateServer(s) => format!("create server {}/{}", s.backend, s.name),
+        Op::ReplaceServer(s) => format!("replace server {}/{}", s.backend, s.name),
+        Op::CreateFrontend(f) => format!("create frontend {}", f.name),
+        Op::ReplaceFrontend(f) => format!("replace frontend {}", f.name),
+        Op::CreateBind(b) => format!("create bind {}/{}", b.frontend, b.name),
+        Op::ReplaceBind(b) => format!("replace bind {}/{}", b.frontend, b.name),
+    }
+}
+
+/// The v1 request for one operation inside transaction `tx`.
+fn request(op: &Op, tx: &str) -> (&'static str, String, Option<Value>) {
+    let cfg = format!("{BASE}/configuration");
+    let tx = format!("transaction_id={}", encode(tx));
+    match op {
+        Op::DeleteFrontend(n) => (
+            "DELETE",
+            format!("{cfg}/frontends/{}?{tx}", encode(n)),
+            None,
+        ),
+        Op::DeleteBackend(n) => ("DELETE", format!("{cfg}/backends/{}?{tx}", encode(n)), None),
+        Op::DeleteServer { backend, name } => (
+            "DELETE",
+            format!(
+                "{cfg}/servers/{}?backend={}&{tx}",
+                encode(name),
+                encode(backend)
+            ),
+            None,
+        ),
+        Op::CreateBackend(b) => ("POST", format!("{cfg}/backends?{tx}"), Some(backend(b))),
+        Op::ReplaceBackend(b) => (
+            "PUT",
+            format!("{cfg}/backends/{}?{tx}", encode(&b.name)),
+            Some(backend(b)),
+        ),
+        Op::CreateServer(s) => (
+            "POST",
+            format!("{cfg}/servers?backend={}&{tx}", encode(&s.backend)),
+            Some(server(s)),
+        ),
+        Op::ReplaceServer(s) => (
+            "PUT",
+            format!(
+                "{cfg}/servers/{}?backend={}&{tx}",
+                encode(&s.name),
+                encode(&s.backend)
+            ),
+            Some(server(s)),
+        ),
+        Op::CreateFrontend(f) => ("POST", format!("{cfg}/frontends?{tx}"), Some(frontend(f))),
+        Op::ReplaceFrontend(f) => (
+            "PUT",
+            format!("{cfg}/frontends/{}?{tx}", encode(&f.name)),
+            Some(frontend(f)),
+        ),
+        Op::CreateBind(b) => (
+            "POST",
+            format!("{cfg}/binds?frontend={}&{tx}", encode(&b.frontend)),
+            Some(bind(b)),
+        ),
+        Op::ReplaceBind(b) => (
+            "PUT",
+            format!(
+                "{cfg}/binds/{}?frontend={}&{tx}",
+                encode(&b.name),
+                encode(&b.frontend)
+            ),
+            Some(bind(b)),
+        ),
+    }
+}
+
+fn mode(m: crate::model::Mode) -> &'static str {
+    match m {
+        crate::model::Mode::Tcp => "tcp",
+        crate::model::Mode::Http => "http",
+    }
+}
+
+fn backend(b: &BackendSpec) -> Value {
+    let mut v = json!({
+        "name": b.name,
+        "mode": mode(b.mode),
+        "connect_timeout": b.connect_timeout_ms,
+    });
+    if b.roundrobin {
+        v["balance"] = json!({ "algorithm": "roundrobin" });
+    }
+    v
+}
+
+fn frontend(f: &FrontendSpec) -> Value {
+    json!({ "name": f.name, "mode": mode(f.mode), "default_backend": f.default_backend })
+}
+
+fn bind(b: &BindSpec) -> Value {
+    let mut v = json!({ "name": b.name, "address": b.address, "port": b.port });
+    if let Some(tls) = &b.tls {
+        v["ssl"] = json!(true);
+        v["ssl_certificate"] = json!(tls.crt);
+        v["ssl_cafile"] = json!(tls.ca_file);
+        v["verify"] = json!("required");
+    }
+    v
+}
+
+fn server(s: &ServerSpec) -> Value {
+    let mut v = json!({ "name": s.name, "address": s.address, "port": s.port });
+    if let Some(w) = s.weight {
+        v["weight"] = json!(w);
+    }
+    if let Some(tls) = &s.tls {
+        v["ssl"] = json!("enabled");
+        v["ssl_certificate"] = json!(tls.crt);
+        v["ssl_cafile"] = json!(tls.ca_file);
+        v["verify"] = json!("required");
+    }
+    v
+}

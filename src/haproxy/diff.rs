@@ -1,0 +1,411 @@
+//! The Dataplane API operations that turn one `Desired` into another. Pure; the object fields
+//! here are exactly those the template renders, so a config built by deltas and one rendered
+//! from scratch describe the same HAProxy objects.
+
+use crate::model::{Desired, Mode, Public, Server, UpstreamListener};
+use crate::render::{LOCAL_BACKEND, PUBLIC_FRONTEND};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tls {
+    pub crt: String,
+    pub ca_file: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendSpec {
+    pub name: String,
+    pub mode: Mode,
+    pub roundrobin: bool,
+    pub connect_timeout_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendSpec {
+    pub name: String,
+    pub mode: Mode,
+    pub default_backend: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BindSpec {
+    pub frontend: String,
+    pub name: String,
+    pub address: String,
+    pub port: u16,
+    /// `ssl crt … ca-file … verify required` on the public listener.
+    pub tls: Option<Tls>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerSpec {
+    pub backend: String,
+    pub name: String,
+    pub address: String,
+    pub port: u16,
+    pub weight: Option<u32>,
+    /// `ssl crt … ca-file … verify required` towards another sidecar.
+    pub tls: Option<Tls>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    DeleteFrontend(String),
+    DeleteBackend(String),
+    DeleteServer { backend: String, name: String },
+    CreateBackend(BackendSpec),
+    ReplaceBackend(BackendSpec),
+    CreateServer(ServerSpec),
+    ReplaceServer(ServerSpec),
+    CreateFrontend(FrontendSpec),
+    ReplaceFrontend(FrontendSpec),
+    CreateBind(BindSpec),
+    ReplaceBind(BindSpec),
+}
+
+/// What changes between the applied state and the desired one.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// In an order the Dataplane API accepts inside one transaction: deletions first (frontends
+    /// before the backends they use), then creations (backends before the frontends that use them).
+    pub ops: Vec<Op>,
+    pub roots_changed: bool,
+    pub leaf_changed: bool,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty() && !self.roots_changed && !self.leaf_changed
+    }
+}
+
+fn mesh_tls(d: &Desired) -> Tls {
+    Tls {
+        crt: d.paths.leaf.display().to_string(),
+        ca_file: d.paths.roots.display().to_string(),
+    }
+}
+
+pub fn public_frontend(d: &Desired) -> FrontendSpec {
+    FrontendSpec {
+        name: PUBLIC_FRONTEND.into(),
+        mode: d.public.mode,
+        default_backend: LOCAL_BACKEND.into(),
+    }
+}
+
+pub fn public_bind(d: &Desired) -> BindSpec {
+    BindSpec {
+        frontend: PUBLIC_FRONTEND.into(),
+        name: "public".into(),
+        address: d.public.bind_address.clone(),
+        port: d.public.bind_port,
+        tls: Some(mesh_tls(d)),
+    }
+}
+
+pub fn local_backend(p: &Public) -> BackendSpec {
+    BackendSpec {
+        name: LOCAL_BACKEND.into(),
+        mode: p.mode,
+        roundrobin: false,
+        connect_timeout_ms: p.connect_timeout_ms,
+    }
+}
+
+pub fn local_server(p: &Public) -> ServerSpec {
+    ServerSpec {
+        backend: LOCAL_BACKEND.into(),
+        name: "app".into(),
+        address: p.app_address.clone(),
+        port: p.app_port,
+        weight: None,
+        tls: None,
+    }
+}
+
+pub fn upstream_backend(u: &UpstreamListener) -> BackendSpec {
+    BackendSpec {
+        name: u.name.clone(),
+        mode: u.mode,
+        roundrobin: true,
+        connect_timeout_ms: u.connect_timeout_ms,
+    }
+}
+
+pub fn upstream_frontend(u: &UpstreamListener) -> FrontendSpec {
+    FrontendSpec {
+        name: u.name.clone(),
+        mode: u.mode,
+        default_backend: u.name.clone(),
+    }
+}
+
+pub fn upstream_bind(u: &UpstreamListener) -> BindSpec {
+    BindSpec {
+        frontend: u.name.clone(),
+        name: u.name.clone(),
+        address: u.bind_address.clone(),
+        port: u.bind_port,
+        tls: None,
+    }
+}
+
+pub fn upstream_server(d: &Desired, u: &UpstreamListener, s: &Server) -> ServerSpec {
+    ServerSpec {
+        backend: u.name.clone(),
+        name: s.name.clone(),
+        address: s.address.clone(),
+        port: s.port,
+        weight: Some(s.weight),
+        tls: Some(mesh_tls(d)),
+    }
+}
+
+/// Every operation that builds `d` from an empty configuration; the listeners the template
+/// renders, expressed as Dataplane API objects.
+pub fn from_scratch(d: &Desired) -> Vec<Op> {
+    let mut ops = vec![
+        Op::CreateBackend(local_backend(&d.public)),
+        Op::CreateServer(local_server(&d.public)),
+        Op::CreateFrontend(public_frontend(d)),
+        Op::CreateBind(public_bind(d)),
+    ];
+    for u in &d.upstreams {
+        ops.extend(create_upstream(d, u));
+    }
+    ops
+}
+
+fn create_upstream(d: &Desired, u: &UpstreamListener) -> Vec<Op> {
+    let mut ops = vec![Op::CreateBackend(upstream_backend(u))];
+    ops.extend(
+        u.servers
+            .iter()
+            .map(|s| Op::CreateServer(upstream_server(d, u, s))),
+    );
+    ops.push(Op::CreateFrontend(upstream_frontend(u)));
+    ops.push(Op::CreateBind(upstream_bind(u)));
+    ops
+}
+
+pub fn plan(applied: &Desired, desired: &Desired) -> Plan {
+    let mut deletes = Vec::new();
+    let mut creates = Vec::new();
+
+    // The public listener and the local app: replaced field by field, never removed.
+    if public_frontend(applied) != public_frontend(desired) {
+        creates.push(Op::ReplaceFrontend(public_frontend(desired)));
+    }
+    if public_bind(applied) != public_bind(desired) {
+        creates.push(Op::ReplaceBind(public_bind(desired)));
+    }
+    if local_backend(&applied.public) != local_backend(&desired.public) {
+        creates.push(Op::ReplaceBackend(local_backend(&desired.public)));
+    }
+    if local_server(&applied.public) != local_server(&desired.public) {
+        creates.push(Op::ReplaceServer(local_server(&desired.public)));
+    }
+
+    for old in &applied.upstreams {
+        let Some(new) = desired.upstream(&old.name) else {
+            deletes.push(Op::DeleteFrontend(old.name.clone()));
+            deletes.push(Op::DeleteBackend(old.name.clone()));
+            continue;
+        };
+        let listener_changed = upstream_frontend(old) != upstream_frontend(new)
+            || upstream_bind(old) != upstream_bind(new)
+            || upstream_backend(old) != upstream_backend(new);
+        if listener_changed {
+            // Rare (a protocol or timeout edit): rebuild the pair rather than patch it.
+            deletes.push(Op::DeleteFrontend(old.name.clone()));
+            deletes.push(Op::DeleteBackend(old.name.clone()));
+            creates.extend(create_upstream(desired, new));
+            continue;
+        }
+        for s in &old.servers {
+            if !new.servers.iter().any(|n| n.name == s.name) {
+                deletes.push(Op::DeleteServer {
+                    backend: old.name.clone(),
+                    name: s.name.clone(),
+                });
+            }
+        }
+        for s in &new.servers {
+            let spec = upstream_server(desired, new, s);
+            match old.servers.iter().find(|o| o.name == s.name) {
+                None => creates.push(Op::CreateServer(spec)),
+                Some(o) if upstream_server(applied, old, o) != spec => {
+                    creates.push(Op::ReplaceServer(spec))
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    for new in &desired.upstreams {
+        if applied.upstream(&new.name).is_none() {
+            creates.extend(create_upstream(desired, new));
+        }
+    }
+
+    deletes.extend(creates);
+    Plan {
+        ops: deletes,
+        roots_changed: applied.tls.roots_pem != desired.tls.roots_pem,
+        leaf_changed: applied.tls.leaf_pem != desired.tls.leaf_pem,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::fixtures::{settings, snapshot};
+    use crate::model::{build, Server};
+
+    fn client() -> Desired {
+        build(
+            &snapshot("client-sidecar-proxy", "ca-leaf-client.json"),
+            &settings(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn same_state_plans_nothing() {
+        assert!(plan(&client(), &client()).is_empty());
+    }
+
+    #[test]
+    fn instance_churn_is_server_ops_only() {
+        let a = client();
+        let mut b = a.clone();
+        let up = &mut b.upstreams[0];
+        let gone = up.servers.remove(0).name;
+        up.servers[0].weight = 7;
+        up.servers.push(Server {
+            name: "server-3-sidecar-proxy.node2".into(),
+            address: "127.0.0.9".into(),
+            port: 21009,
+            weight: 1,
+        });
+        let p = plan(&a, &b);
+        assert!(!p.roots_changed && !p.leaf_changed);
+        assert_eq!(p.ops.len(), 3, "{:#?}", p.ops);
+        assert!(matches!(&p.ops[0], Op::DeleteServer { name, .. } if *name == gone));
+        assert!(p
+            .ops
+            .iter()
+            .any(|o| matches!(o, Op::ReplaceServer(s) if s.weight == Some(7))));
+        assert!(p
+            .ops
+            .iter()
+            .any(|o| matches!(o, Op::CreateServer(s) if s.port == 21009)));
+    }
+
+    #[test]
+    fn upstream_added_and_removed_in_transaction_order() {
+        let a = client();
+        let mut b = a.clone();
+        let mut extra = b.upstreams[0].clone();
+        extra.name = "up_svc_other_local_127.0.0.1_9292".into();
+        extra.bind_port = 9292;
+        b.upstreams.push(extra);
+        let p = plan(&a, &b);
+        let kinds: Vec<&str> = p
+            .ops
+            .iter()
+            .map(|o| match o {
+                Op::CreateBackend(_) => "backend",
+                Op::CreateServer(_) => "server",
+                Op::CreateFrontend(_) => "frontend",
+                Op::CreateBind(_) => "bind",
+                _ => "other",
+            })
+            .collect();
+        assert_eq!(kinds, ["backend", "server", "server", "frontend", "bind"]);
+
+        let back = plan(&b, &a);
+        assert_eq!(
+            back.ops,
+            [
+                Op::DeleteFrontend("up_svc_other_local_127.0.0.1_9292".into()),
+                Op::DeleteBackend("up_svc_other_local_127.0.0.1_9292".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn local_app_and_certificates_changes_are_seen() {
+        let a = client();
+        let mut b = a.clone();
+        b.public.app_port = 9999;
+        b.tls.leaf_pem.push_str("# rotated\n");
+        let p = plan(&a, &b);
+        assert_eq!(p.ops.len(), 1);
+        assert!(matches!(&p.ops[0], Op::ReplaceServer(s) if s.port == 9999 && s.name == "app"));
+        assert!(p.leaf_changed && !p.roots_changed);
+    }
+
+    #[test]
+    fn applying_a_plan_to_from_scratch_ops_lands_on_the_target() {
+        // Model the Dataplane API as a set of objects: deltas on top of `a` must give exactly the
+        // objects `b` would have from scratch.
+        let a = client();
+        let mut b = a.clone();
+        b.upstreams[0].servers.pop();
+        b.upstreams[0].servers[0].weight = 3;
+        let mut extra = b.upstreams[0].clone();
+        extra.name = "up_svc_x_local_127.0.0.1_9300".into();
+        extra.bind_port = 9300;
+        b.upstreams.push(extra);
+        b.public.connect_timeout_ms = 1234;
+
+        let mut objects = objects_of(&from_scratch(&a));
+        for op in plan(&a, &b).ops {
+            apply_to_objects(&mut objects, op);
+        }
+        assert_eq!(objects, objects_of(&from_scratch(&b)));
+    }
+
+    type Objects = std::collections::BTreeMap<String, String>;
+
+    fn objects_of(ops: &[Op]) -> Objects {
+        let mut o = Objects::new();
+        for op in ops {
+            apply_to_objects(&mut o, op.clone());
+        }
+        o
+    }
+
+    fn apply_to_objects(o: &mut Objects, op: Op) {
+        match op {
+            Op::CreateBackend(b) | Op::ReplaceBackend(b) => {
+                o.insert(format!("backend/{}", b.name), format!("{b:?}"));
+            }
+            Op::CreateFrontend(f) | Op::ReplaceFrontend(f) => {
+                o.insert(format!("frontend/{}", f.name), format!("{f:?}"));
+            }
+            Op::CreateBind(b) | Op::ReplaceBind(b) => {
+                o.insert(
+                    format!("frontend/{}/bind/{}", b.frontend, b.name),
+                    format!("{b:?}"),
+                );
+            }
+            Op::CreateServer(s) | Op::ReplaceServer(s) => {
+                o.insert(
+                    format!("backend/{}/server/{}", s.backend, s.name),
+                    format!("{s:?}"),
+                );
+            }
+            Op::DeleteServer { backend, name } => {
+                o.remove(&format!("backend/{backend}/server/{name}"));
+            }
+            Op::DeleteFrontend(n) => remove_section(o, &format!("frontend/{n}")),
+            Op::DeleteBackend(n) => remove_section(o, &format!("backend/{n}")),
+        }
+    }
+
+    fn remove_section(o: &mut Objects, key: &str) {
+        let children = format!("{key}/");
+        o.retain(|k, _| k != key && !k.starts_with(&children));
+    }
+}

@@ -1,0 +1,589 @@
+//! The supervisor: one event loop on the main thread owns the lifecycle. Signals, child exits,
+//! Consul updates and apply results arrive as messages on one channel; only this loop changes
+//! the phase or starts and stops children. Slow work (Dataplane API calls) runs on the applier
+//! thread, so a signal is never stuck behind HTTP.
+
+pub mod process;
+pub mod signals;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
+
+use crate::apply::{Applier, Outcome};
+use crate::cli::{Options, EXIT_USAGE};
+use crate::consul::client::{Consul, LookupError};
+use crate::consul::watch::{Sink, Timing, Update, Watchers};
+use crate::error::{Error, Result};
+use crate::files::{check_socket_paths, create_workdir, write_atomic};
+use crate::haproxy::dataplane::Dataplane;
+use crate::haproxy::runtime;
+use crate::model::{self, Desired, Paths, Settings};
+use crate::render::{self, DataplaneCredentials};
+use crate::snapshot::Snapshot;
+use process::{Child, Exit};
+
+/// How long the first render waits for upstream instances once the rest is known.
+const ENDPOINTS_GRACE: Duration = Duration::from_secs(3);
+/// A burst of Consul changes is applied as one, this long after its last change...
+const DEBOUNCE: Duration = Duration::from_millis(30);
+/// ...but never later than this after its first.
+const DEBOUNCE_MAX: Duration = Duration::from_millis(200);
+const CHILD_READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a graceful stop lets HAProxy finish in-flight work.
+const DRAIN_GRACE: Duration = Duration::from_secs(30);
+
+pub enum Event {
+    Signal(i32),
+    Consul(Box<Update>),
+    Applied(Outcome),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Starting,
+    WaitingForConsul,
+    Ready,
+    Draining,
+    Stopped,
+}
+
+struct Lifecycle {
+    phase: Phase,
+}
+
+impl Lifecycle {
+    fn set(&mut self, next: Phase, reason: &str) {
+        if self.phase != next {
+            log::info!("phase: {:?} -> {:?} ({reason})", self.phase, next);
+            self.phase = next;
+        }
+    }
+}
+
+/// Why the run ended early: an exit code and the error to log.
+pub struct Fatal {
+    pub code: i32,
+    pub error: Error,
+}
+
+impl From<Error> for Fatal {
+    fn from(error: Error) -> Self {
+        Fatal { code: 1, error }
+    }
+}
+
+fn usage(error: Error) -> Fatal {
+    Fatal {
+        code: EXIT_USAGE,
+        error,
+    }
+}
+
+struct ChannelSink(Mutex<Sender<Event>>);
+
+impl Sink for ChannelSink {
+    fn update(&self, update: Update) {
+        if let Ok(tx) = self.0.lock() {
+            let _ = tx.send(Event::Consul(Box::new(update)));
+        }
+    }
+}
+
+/// Removes the working directory when the run ends, however it ends.
+struct Workdir(PathBuf);
+
+impl Drop for Workdir {
+    fn drop(&mut self) {
+        if std::env::var_os("HCC_KEEP_WORKDIR").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// Finds the proxy, waiting for the agent and for a registration that is not there yet.
+/// Returns `None` when a stop signal came first.
+fn find_proxy(
+    consul: &Consul,
+    opts: &Options,
+    rx: &Receiver<Event>,
+) -> Result<Option<String>, Fatal> {
+    let timing = Timing::default();
+    let mut failures = 0;
+    let mut last = String::new();
+    loop {
+        let problem = match consul.find_proxy(&opts.target) {
+            Ok(id) => {
+                log::info!(
+                    "serving proxy {id:?} via the agent at {}",
+                    consul.endpoint()
+                );
+                return Ok(Some(id));
+            }
+            Err(LookupError::Ambiguous(m)) => return Err(usage(Error::msg(m))),
+            Err(LookupError::Missing(m)) => m,
+            Err(LookupError::Consul(e)) => format!("waiting for the Consul agent: {e}"),
+        };
+        failures += 1;
+        let delay = crate::consul::watch::backoff(&timing, failures);
+        if problem != last {
+            log::warn!("{problem}; retrying in {:.1}s", delay.as_secs_f64());
+            last = problem;
+        }
+        let until = Instant::now() + delay;
+        while let Some(left) = until.checked_duration_since(Instant::now()) {
+            match rx.recv_timeout(left) {
+                Ok(Event::Signal(SIGTERM | SIGINT)) => return Ok(None),
+                Ok(Event::Signal(SIGCHLD)) => {
+                    process::reap();
+                }
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) => break,
+                Err(RecvTimeoutError::Disconnected) => return Ok(None),
+            }
+        }
+    }
+}
+
+pub fn run(opts: Options) -> Result<i32, Fatal> {
+    let mut life = Lifecycle {
+        phase: Phase::Starting,
+    };
+    process::become_subreaper();
+    let (tx, rx) = channel::<Event>();
+    signals::forward(tx.clone(), Event::Signal)?;
+    let consul = Consul::new(&opts.consul).map_err(usage)?;
+    let reload_exe = std::env::current_exe()
+        .map_err(|e| Error::with_source("finding the path of this executable", e))?;
+
+    let Some(proxy_id) = find_proxy(&consul, &opts, &rx)? else {
+        life.set(Phase::Stopped, "stop signal before start");
+        return Ok(0);
+    };
+    let workdir = Workdir(create_workdir(&opts.base_path, &proxy_id).map_err(usage)?);
+    let paths = Paths::new(&workdir.0);
+    check_socket_paths(&[
+        &paths.stats_socket,
+        &paths.master_socket,
+        &paths.dataplane_socket,
+        &paths.spoe_socket,
+    ])
+    .map_err(usage)?;
+    // The Dataplane API splits its reload command on spaces, without a shell.
+    for p in [reload_exe.as_path(), paths.master_socket.as_path()] {
+        if p.to_string_lossy().contains(char::is_whitespace) {
+            return Err(usage(Error::msg(format!(
+                "{} contains white space, which the Dataplane API's reload command cannot carry",
+                p.display()
+            ))));
+        }
+    }
+    let settings = Settings {
+        paths: paths.clone(),
+        intentions: opts.enable_intentions,
+    };
+
+    let sink = Arc::new(ChannelSink(Mutex::new(tx.clone())));
+    let mut watchers = Watchers::start(consul.clone(), &proxy_id, sink, Timing::default());
+    let mut snapshot = Snapshot::default();
+    life.set(
+        Phase::WaitingForConsul,
+        "watching the registration, leaf, roots and upstreams",
+    );
+
+    // --- wait for a complete snapshot ---------------------------------------------------------
+    let mut complete_since: Option<Instant> = None;
+    let mut last_problem = String::new();
+    let desired = loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(Event::Consul(update)) => {
+                if let Update::Registration(reg) = update.as_ref() {
+                    watchers.follow(reg);
+                }
+                snapshot.apply(*update);
+            }
+            Ok(Event::Signal(SIGTERM | SIGINT)) => {
+                life.set(Phase::Stopped, "stop signal while waiting for Consul");
+                return Ok(0);
+            }
+            Ok(Event::Signal(SIGCHLD)) => {
+                process::reap();
+            }
+            Ok(_) | Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return Ok(0),
+        }
+        if !snapshot.is_complete() {
+            continue;
+        }
+        let since = *complete_since.get_or_insert_with(Instant::now);
+        if !snapshot.endpoints_known() && since.elapsed() < ENDPOINTS_GRACE {
+            continue;
+        }
+        match model::build(&snapshot, &settings) {
+            Ok(d) => break d,
+            Err(e) => {
+                let problem = e.to_string();
+                if problem != last_problem {
+                    log::error!("cannot configure HAProxy yet: {problem}");
+                    last_problem = problem;
+                }
+            }
+        }
+    };
+
+    // --- start HAProxy and the Dataplane API ---------------------------------------------------
+    let creds = DataplaneCredentials::generate()?;
+    for file in render::render(&desired, &creds)? {
+        write_atomic(&file.path, file.contents.as_bytes())?;
+    }
+    let mut children: BTreeMap<i32, Child> = BTreeMap::new();
+    let haproxy = start_haproxy(&opts, &paths, &mut children)?;
+    let dataplane = start_dataplane(&opts, &paths, &creds, &reload_exe, &mut children, &haproxy)?;
+    let mut applier = Some(Applier::start(desired.clone(), dataplane, {
+        let tx = Mutex::new(tx.clone());
+        move |o| {
+            if let Ok(tx) = tx.lock() {
+                let _ = tx.send(Event::Applied(o));
+            }
+        }
+    })?);
+    life.set(
+        Phase::Ready,
+        &format!(
+            "HAProxy serves {} on {}:{} with {} upstream listener(s)",
+            desired.service,
+            desired.public.bind_address,
+            desired.public.bind_port,
+            desired.upstreams.len()
+        ),
+    );
+
+    // --- serve -----------------------------------------------------------------------------------
+    let mut dirty_since: Option<(Instant, Instant)> = None;
+    let mut last_submitted = desired;
+    let mut drain_deadline: Option<Instant> = None;
+    loop {
+        let timeout = match (dirty_since, drain_deadline) {
+            (Some((first, last)), _) => {
+                let due = (last + DEBOUNCE).min(first + DEBOUNCE_MAX);
+                due.saturating_duration_since(Instant::now())
+            }
+            (None, Some(d)) => d.saturating_duration_since(Instant::now()),
+            (None, None) => Duration::from_secs(3600),
+        };
+        let event = match rx.recv_timeout(timeout) {
+            Ok(e) => Some(e),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        match event {
+            Some(Event::Consul(update)) => {
+                if let Update::Registration(reg) = update.as_ref() {
+                    watchers.follow(reg);
+                }
+                if snapshot.apply(*update) && life.phase == Phase::Ready {
+                    let now = Instant::now();
+                    dirty_since = Some((dirty_since.map_or(now, |(f, _)| f), now));
+                }
+            }
+            Some(Event::Signal(SIGHUP)) if life.phase == Phase::Ready => {
+                log::info!("SIGHUP: reconciling with the current Consul state");
+                let now = Instant::now();
+                dirty_since = Some((now, now));
+            }
+            Some(Event::Signal(SIGTERM | SIGINT)) => {
+                if life.phase == Phase::Draining {
+                    life.set(Phase::Draining, "second stop signal: fast stop");
+                    log::warn!("second stop signal: stopping HAProxy now");
+                    for c in children.values() {
+                        c.signal(Signal::SIGTERM);
+                    }
+                } else {
+                    life.set(Phase::Draining, "stop signal: finishing in-flight work");
+                    if let Some(a) = applier.take() {
+                        a.stop();
+                    }
+                    // SIGUSR1 is HAProxy's soft stop: listeners close, live connections finish.
+                    haproxy.signal(Signal::SIGUSR1);
+                    for c in children.values().filter(|c| c.pid != haproxy.pid) {
+                        c.signal(Signal::SIGTERM);
+                    }
+                    drain_deadline = Some(Instant::now() + DRAIN_GRACE);
+                }
+            }
+            Some(Event::Signal(SIGCHLD)) => {
+                for exit in process::reap() {
+                    let Some(child) = children.remove(&exit.pid) else {
+                        continue;
+                    };
+                    if life.phase == Phase::Draining {
+                        log::info!("{} (pid {}) {exit}", child.name, child.pid);
+                        continue;
+                    }
+                    log::error!(
+                        "{} (pid {}) {exit} unexpectedly; stopping",
+                        child.name,
+                        child.pid
+                    );
+                    stop_all(&mut children);
+                    life.set(Phase::Stopped, &format!("{} died", child.name));
+                    return Ok(exit_code(&exit));
+                }
+                if life.phase == Phase::Draining && children.is_empty() {
+                    break;
+                }
+            }
+            Some(Event::Applied(Outcome::Applied {
+                ops,
+                reloaded,
+                took,
+            })) => log::info!(
+                "{ops} change(s) applied in {} ms{}",
+                took.as_millis(),
+                if reloaded { " (HAProxy reloaded)" } else { "" }
+            ),
+            Some(Event::Applied(Outcome::Failed(e))) => {
+                log::error!("{e}; HAProxy keeps its last good configuration, retrying")
+            }
+            Some(Event::Signal(_)) => {}
+            None => {}
+        }
+        if let Some(deadline) = drain_deadline {
+            if Instant::now() >= deadline && !children.is_empty() {
+                log::warn!(
+                    "drain grace of {}s is over; stopping what is left",
+                    DRAIN_GRACE.as_secs()
+                );
+                stop_all(&mut children);
+                break;
+            }
+        }
+        if let Some((first, last)) = dirty_since {
+            let now = Instant::now();
+            if now >= last + DEBOUNCE || now >= first + DEBOUNCE_MAX {
+                dirty_since = None;
+                match model::build(&snapshot, &settings) {
+                    Ok(d) if d != last_submitted => {
+                        if let Some(a) = &applier {
+                            a.submit(d.clone());
+                        }
+                        last_submitted = d;
+                    }
+                    Ok(_) => log::debug!("Consul changed nothing HAProxy serves"),
+                    Err(e) => log::error!(
+                        "ignoring a Consul state HAProxy cannot be given ({e}); the last good configuration keeps serving"
+                    ),
+                }
+            }
+        }
+    }
+    life.set(Phase::Stopped, "all children stopped");
+    Ok(0)
+}
+
+fn exit_code(exit: &Exit) -> i32 {
+    // A child that ended with 0 still ended the run unexpectedly: never report success for it.
+    if exit.code == 0 {
+        1
+    } else {
+        exit.code
+    }
+}
+
+/// Stops every child: SIGTERM, then SIGKILL for what is left after 5 seconds, reaping all.
+fn stop_all(children: &mut BTreeMap<i32, Child>) {
+    for c in children.values() {
+        c.signal(Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !children.is_empty() && Instant::now() < deadline {
+        for exit in process::reap() {
+            children.remove(&exit.pid);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for c in children.values() {
+        c.signal(Signal::SIGKILL);
+        // The group takes HAProxy's workers too.
+        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(c.pid), Signal::SIGKILL);
+    }
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !children.is_empty() && Instant::now() < deadline {
+        for exit in process::reap() {
+            children.remove(&exit.pid);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Polls `probe` until it answers, failing early if one of our children dies meanwhile.
+fn wait_ready<T>(
+    what: &str,
+    children: &mut BTreeMap<i32, Child>,
+    mut probe: impl FnMut() -> Result<T>,
+) -> Result<T, Fatal> {
+    let deadline = Instant::now() + CHILD_READY_TIMEOUT;
+    loop {
+        for exit in process::reap() {
+            if let Some(c) = children.remove(&exit.pid) {
+                stop_all(children);
+                return Err(Fatal {
+                    code: exit_code(&exit),
+                    error: Error::msg(format!(
+                        "{} (pid {}) {exit} while waiting for {what}; its output is above",
+                        c.name, c.pid
+                    )),
+                });
+            }
+        }
+        match probe() {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() >= deadline => {
+                stop_all(children);
+                return Err(e
+                    .context(format!(
+                        "{what} not ready after {}s",
+                        CHILD_READY_TIMEOUT.as_secs()
+                    ))
+                    .into());
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+fn start_haproxy(
+    opts: &Options,
+    paths: &Paths,
+    children: &mut BTreeMap<i32, Child>,
+) -> Result<Child, Fatal> {
+    let args = vec![
+        "-W".to_string(),
+        "-db".into(),
+        "-S".into(),
+        format!("{},mode,600", paths.master_socket.display()),
+        "-f".into(),
+        paths.haproxy_cfg.display().to_string(),
+    ];
+    let child = process::spawn("haproxy", &opts.haproxy_bin, &args, "haproxy")?;
+    children.insert(child.pid, child.clone());
+    wait_ready("HAProxy", children, || {
+        runtime::wait_ready(&paths.master_socket, Duration::from_millis(1))
+    })?;
+    Ok(child)
+}
+
+fn start_dataplane(
+    opts: &Options,
+    paths: &Paths,
+    creds: &DataplaneCredentials,
+    reload_exe: &Path,
+    children: &mut BTreeMap<i32, Child>,
+    _haproxy: &Child,
+) -> Result<Dataplane, Fatal> {
+    let reload = format!(
+        "{} {} {}",
+        reload_exe.display(),
+        crate::RELOAD_SUBCOMMAND,
+        paths.master_socket.display()
+    );
+    let level = match opts.log_level {
+        log::LevelFilter::Trace | log::LevelFilter::Debug => "info",
+        _ => "warning",
+    };
+    let args = vec![
+        "--scheme".to_string(),
+        "unix".into(),
+        "--socket-path".into(),
+        paths.dataplane_socket.display().to_string(),
+        "--config-file".into(),
+        paths.haproxy_cfg.display().to_string(),
+        "--userlist".into(),
+        render::DATAPLANE_USERLIST.into(),
+        "--haproxy-bin".into(),
+        opts.haproxy_bin.display().to_string(),
+        "--reload-cmd".into(),
+        reload.clone(),
+        "--restart-cmd".into(),
+        reload,
+        "--reload-delay".into(),
+        "1".into(),
+        "--transaction-dir".into(),
+        paths.transactions.display().to_string(),
+        "--log-to".into(),
+        "stdout".into(),
+        "--log-level".into(),
+        level.into(),
+    ];
+    let child = process::spawn("dataplaneapi", &opts.dataplane_bin, &args, "dataplaneapi")?;
+    children.insert(child.pid, child);
+    let dataplane = Dataplane::new(&paths.dataplane_socket, creds)?;
+    wait_ready("the Dataplane API", children, || dataplane.version())?;
+    Ok(dataplane)
+}
+
+/// Builds the desired state once, from one-shot reads, for `--dry-run`.
+pub fn dry_run(opts: &Options) -> Result<Vec<render::File>, Fatal> {
+    let consul = Consul::new(&opts.consul).map_err(usage)?;
+    let proxy_id = match consul.find_proxy(&opts.target) {
+        Ok(id) => id,
+        Err(LookupError::Consul(e)) => return Err(e.into()),
+        Err(e) => return Err(usage(Error::msg(e.to_string()))),
+    };
+    let mut snapshot = Snapshot::default();
+    let reg: crate::consul::api::AgentService =
+        consul.get_json(&crate::consul::client::registration_path(&proxy_id))?;
+    for key in crate::consul::watch::destinations(&reg) {
+        let dc = if key.datacenter.is_empty() {
+            String::new()
+        } else {
+            format!("&dc={}", crate::consul::encode(&key.datacenter))
+        };
+        let entries = match key.kind {
+            crate::consul::DestinationKind::Service => consul.get_json(&format!(
+                "/v1/health/connect/{}?passing=1{dc}",
+                crate::consul::encode(&key.name)
+            ))?,
+            crate::consul::DestinationKind::PreparedQuery => {
+                consul
+                    .get_json::<crate::consul::api::QueryResult>(&format!(
+                        "/v1/query/{}/execute?connect=true{dc}",
+                        crate::consul::encode(&key.name)
+                    ))?
+                    .nodes
+            }
+        };
+        snapshot.apply(Update::Endpoints(key, entries));
+    }
+    let service = reg
+        .proxy
+        .as_ref()
+        .map(|p| p.destination_service_name.clone())
+        .unwrap_or_default();
+    snapshot.apply(Update::Registration(reg));
+    snapshot.apply(Update::Leaf(consul.get_json(&format!(
+        "/v1/agent/connect/ca/leaf/{}",
+        crate::consul::encode(&service)
+    ))?));
+    snapshot.apply(Update::Roots(
+        consul.get_json("/v1/agent/connect/ca/roots")?,
+    ));
+    let workdir = opts.base_path.join(format!(
+        "haproxy-consul-connect-{}-dry-run",
+        model::sanitize(&proxy_id)
+    ));
+    let settings = Settings {
+        paths: Paths::new(&workdir),
+        intentions: opts.enable_intentions,
+    };
+    let desired: Desired = model::build(&snapshot, &settings)?;
+    Ok(render::render(
+        &desired,
+        &DataplaneCredentials::generate()?,
+    )?)
+}

@@ -1,0 +1,171 @@
+//! Spawning the children (haproxy, dataplaneapi) and reaping them. Children get a clean
+//! environment (no ACL token, no HAPROXY_* variables), their own process group (so a terminal's
+//! Ctrl-C reaches only the supervisor, which then drains them in order) and a parent-death
+//! signal (so none outlives a killed supervisor). Their output is forwarded to our log, tagged.
+
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+use crate::error::{Context, Result};
+
+/// A running child, known by PID only: reaping is done for every child at once by `reap`.
+#[derive(Debug, Clone)]
+pub struct Child {
+    pub name: &'static str,
+    pub pid: i32,
+}
+
+impl Child {
+    pub fn signal(&self, sig: Signal) {
+        if let Err(e) = kill(Pid::from_raw(self.pid), sig) {
+            log::debug!("{} {} {sig}: {e}", self.name, self.pid);
+        }
+    }
+}
+
+/// How a process ended, as an exit code for our own exit: its code, or 128+signal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exit {
+    pub pid: i32,
+    pub code: i32,
+    pub signal: Option<i32>,
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.signal {
+            Some(s) => write!(f, "killed by signal {s}"),
+            None => write!(f, "exited with code {}", self.code),
+        }
+    }
+}
+
+pub fn spawn(
+    name: &'static str,
+    program: &Path,
+    args: &[String],
+    log_target: &'static str,
+) -> Result<Child> {
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .env_clear()
+        .env(
+            "PATH",
+            std::env::var_os("PATH").unwrap_or_else(|| {
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()
+            }),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    // SAFETY: only async-signal-safe calls between fork and exec (prctl via nix).
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(std::io::Error::from)
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {name} ({})", program.display()))?;
+    let pid = child.id() as i32;
+    if let Some(out) = child.stdout.take() {
+        forward(out, name, log_target);
+    }
+    if let Some(err) = child.stderr.take() {
+        forward(err, name, log_target);
+    }
+    // The std handle is dropped unreaped on purpose: `reap` collects every child by PID.
+    drop(child);
+    log::info!("started {name} (pid {pid})");
+    Ok(Child { name, pid })
+}
+
+fn forward(stream: impl Read + Send + 'static, name: &'static str, target: &'static str) {
+    let spawned = std::thread::Builder::new()
+        .name(format!("{name}-log"))
+        .stack_size(64 * 1024)
+        .spawn(move || {
+            for line in BufReader::new(stream).lines() {
+                let Ok(line) = line else { break };
+                let line = line.trim_end();
+                if line.is_empty() {
+                    continue;
+                }
+                log::log!(target: target, level_of(line), "{line}");
+            }
+        });
+    if let Err(e) = spawned {
+        log::warn!("cannot forward the output of {name}: {e}");
+    }
+}
+
+/// Maps HAProxy's `[ALERT]`/`[WARNING]` and the Dataplane API's `level=…` to our levels.
+fn level_of(line: &str) -> log::Level {
+    let l = line.to_ascii_lowercase();
+    if l.contains("[alert]") || l.contains("level=error") || l.contains("level=fatal") {
+        log::Level::Error
+    } else if l.contains("[warning]") || l.contains("level=warn") {
+        log::Level::Warn
+    } else if l.contains("level=debug") || l.contains("level=trace") {
+        log::Level::Debug
+    } else {
+        log::Level::Info
+    }
+}
+
+/// Reaps every child that has ended, ours and (as PID 1 or subreaper) orphans alike.
+pub fn reap() -> Vec<Exit> {
+    let mut exits = Vec::new();
+    loop {
+        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) => exits.push(Exit {
+                pid: pid.as_raw(),
+                code,
+                signal: None,
+            }),
+            Ok(WaitStatus::Signaled(pid, sig, _)) => exits.push(Exit {
+                pid: pid.as_raw(),
+                code: 128 + sig as i32,
+                signal: Some(sig as i32),
+            }),
+            Ok(WaitStatus::StillAlive) | Err(_) => return exits,
+            Ok(_) => continue,
+        }
+    }
+}
+
+/// As PID 1 the kernel already gives us orphans; otherwise ask for them, so that no
+/// grandchild (an HAProxy worker whose master died) is left a zombie of init.
+pub fn become_subreaper() {
+    if std::process::id() != 1 {
+        if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+            log::warn!("cannot become a child subreaper: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels_follow_the_children_s_own_markers() {
+        assert_eq!(
+            level_of("[ALERT]    (1) : config : parsing"),
+            log::Level::Error
+        );
+        assert_eq!(level_of("[WARNING]  (1) : Former worker"), log::Level::Warn);
+        assert_eq!(level_of("time=x level=warning msg=y"), log::Level::Warn);
+        assert_eq!(
+            level_of("[NOTICE]   (1) : haproxy version"),
+            log::Level::Info
+        );
+    }
+}

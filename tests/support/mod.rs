@@ -1,0 +1,1063 @@
+//! Shared harness for the end-to-end tests: real processes (Consul, the sidecar, HAProxy) on
+//! loopback, each owned by a guard that stops it even when a test panics.
+//!
+//! Every test file includes this with `mod support;` and uses only part of it, hence the
+//! module-wide dead-code allowance below.
+#![allow(dead_code)]
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+/// Fixed so SPIFFE IDs in assertions are constants: trust domain `<CLUSTER_ID>.consul`.
+pub const CLUSTER_ID: &str = "11111111-2222-3333-4444-555555555555";
+pub const TRUST_DOMAIN: &str = "11111111-2222-3333-4444-555555555555.consul";
+
+/// Grace period between SIGTERM and SIGKILL when a guard stops a process.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+// ---------------------------------------------------------------------------------------------
+// Ports, directories, paths
+
+/// A loopback port that nothing listens on right now and that this test process has not
+/// handed out before. The kernel may still give it to someone else before the caller binds it;
+/// remembering what was handed out removes the likelier race, between tests of this binary.
+pub fn free_port() -> u16 {
+    static HANDED_OUT: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
+    let handed_out = HANDED_OUT.get_or_init(|| Mutex::new(HashSet::new()));
+    loop {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let port = listener.local_addr().expect("local_addr").port();
+        if handed_out.lock().unwrap().insert(port) {
+            return port;
+        }
+    }
+}
+
+/// The sidecar binary Cargo built for this test run.
+pub fn bin_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_haproxy-consul-connect"))
+}
+
+/// A fresh directory under the system temp dir, removed on drop unless `KEEP_TEST_DIRS` is set
+/// (then its path is printed, to look at configs and logs after a run).
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new(prefix: &str) -> TempDir {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        loop {
+            let nanos = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0);
+            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+            let path = std::env::temp_dir().join(format!(
+                "hcc-{prefix}-{}-{n}-{nanos:08x}",
+                std::process::id()
+            ));
+            match fs::create_dir(&path) {
+                Ok(()) => return TempDir { path },
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => continue,
+                Err(e) => panic!("create {}: {e}", path.display()),
+            }
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn join(&self, name: impl AsRef<Path>) -> PathBuf {
+        self.path.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::env::var_os("KEEP_TEST_DIRS").is_some() {
+            eprintln!("KEEP_TEST_DIRS: kept {}", self.path.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// Polls `f` every 50 ms until it returns true; the error names `what` so a timeout says which
+/// condition never held.
+pub fn wait_until(
+    timeout: Duration,
+    what: &str,
+    mut f: impl FnMut() -> bool,
+) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("timed out after {timeout:?} waiting for {what}"));
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Child processes
+
+/// A spawned program in its own process group, with stdout/stderr in files. Dropping it stops
+/// the whole group (SIGTERM, then SIGKILL after 5 s) and any descendant that left the group, so
+/// a failing test leaks no HAProxy or Consul; if the test is panicking the logs are printed.
+pub struct Child {
+    name: String,
+    child: std::process::Child,
+    stdout: PathBuf,
+    stderr: PathBuf,
+    stopped: bool,
+}
+
+impl Child {
+    /// Spawns `cmd` with stdin closed and output in `<log_dir>/<name>[.N].stdout|stderr`.
+    pub fn spawn(name: &str, cmd: &mut Command, log_dir: &Path) -> Child {
+        let (stdout, stderr) = log_paths(log_dir, name);
+        let out = File::create(&stdout).unwrap_or_else(|e| panic!("{}: {e}", stdout.display()));
+        let err = File::create(&stderr).unwrap_or_else(|e| panic!("{}: {e}", stderr.display()));
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            // Own group: stopping it reaches the grandchildren without touching the test runner.
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name} ({:?}): {e}", cmd.get_program()));
+        Child {
+            name: name.to_string(),
+            child,
+            stdout,
+            stderr,
+            stopped: false,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Both output files, labelled, for assertion messages.
+    pub fn logs(&self) -> String {
+        format!(
+            "==== {} stdout ====\n{}\n==== {} stderr ====\n{}",
+            self.name,
+            read_lossy(&self.stdout),
+            self.name,
+            read_lossy(&self.stderr)
+        )
+    }
+
+    /// True once `needle` appears in stdout or stderr; for readiness via `wait_until`.
+    pub fn log_contains(&self, needle: &str) -> bool {
+        read_lossy(&self.stdout).contains(needle) || read_lossy(&self.stderr).contains(needle)
+    }
+
+    /// Reaps the process if it has exited; later calls return the same status.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child
+            .try_wait()
+            .unwrap_or_else(|e| panic!("wait for {}: {e}", self.name))
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.try_wait().is_none()
+    }
+
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Signals the process alone (not its group), as an init system or a user would, so tests
+    /// can check how the program itself shuts its children down.
+    pub fn signal(&mut self, signal: Signal) {
+        // A reaped PID may already belong to someone else.
+        if self.try_wait().is_none() {
+            let _ = kill(pid_of(self.pid()), signal);
+        }
+    }
+
+    /// Stops the process group and leftover descendants, reaps the process, returns its exit
+    /// status. Idempotent.
+    pub fn stop(&mut self) -> Option<ExitStatus> {
+        if self.stopped {
+            return self.try_wait();
+        }
+        self.stopped = true;
+        // Taken before signalling: once the parent is gone, orphans are reparented and can no
+        // longer be found from its PID.
+        let tree: Vec<ProcRef> = if self.try_wait().is_none() {
+            descendants(self.pid())
+                .into_iter()
+                .filter_map(ProcRef::new)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let group = pid_of(self.pid());
+        let _ = killpg(group, Signal::SIGTERM);
+        let deadline = Instant::now() + STOP_GRACE;
+        let mut status = None;
+        loop {
+            if status.is_none() {
+                status = self.try_wait();
+            }
+            if status.is_some() && tree.iter().all(|p| !p.is_running()) {
+                break;
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = killpg(group, Signal::SIGKILL);
+        for p in tree.iter().filter(|p| p.is_running()) {
+            let _ = kill(pid_of(p.pid), Signal::SIGKILL);
+        }
+        // SIGKILL is delivered asynchronously; callers assert on "gone" right after stop().
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while tree.iter().any(ProcRef::is_running) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
+        match status {
+            Some(status) => Some(status),
+            None => self.child.wait().ok(),
+        }
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        self.stop();
+        if thread::panicking() {
+            eprintln!(
+                "==== {} (pid {}) last output ====\n-- stdout --\n{}\n-- stderr --\n{}",
+                self.name,
+                self.pid(),
+                tail(&read_lossy(&self.stdout), 80),
+                tail(&read_lossy(&self.stderr), 80)
+            );
+        }
+    }
+}
+
+fn log_paths(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    // A restarted program gets new files, so the first run's output survives for diagnosis.
+    for n in 0.. {
+        let stem = if n == 0 {
+            name.to_string()
+        } else {
+            format!("{name}.{n}")
+        };
+        let stdout = dir.join(format!("{stem}.stdout"));
+        if !stdout.exists() {
+            return (stdout, dir.join(format!("{stem}.stderr")));
+        }
+    }
+    unreachable!()
+}
+
+fn read_lossy(path: &Path) -> String {
+    fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+fn pid_of(pid: u32) -> Pid {
+    Pid::from_raw(i32::try_from(pid).expect("pid fits in i32"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// /proc inspection
+
+struct ProcStat {
+    state: char,
+    ppid: u32,
+    start_time: u64,
+}
+
+fn proc_stat(pid: u32) -> Option<ProcStat> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may itself contain spaces or ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Some(ProcStat {
+        state: fields.first()?.chars().next()?,
+        ppid: fields.get(1)?.parse().ok()?,
+        start_time: fields.get(19)?.parse().ok()?,
+    })
+}
+
+/// A PID plus its start time, so a PID the kernel reused for another process is not mistaken
+/// for ours (pid_max is often only 32768 in containers).
+struct ProcRef {
+    pid: u32,
+    start_time: u64,
+}
+
+impl ProcRef {
+    fn new(pid: u32) -> Option<ProcRef> {
+        proc_stat(pid).map(|s| ProcRef {
+            pid,
+            start_time: s.start_time,
+        })
+    }
+
+    fn is_running(&self) -> bool {
+        proc_stat(self.pid)
+            .is_some_and(|s| s.start_time == self.start_time && !matches!(s.state, 'Z' | 'X'))
+    }
+}
+
+/// True if `pid` exists and is not a zombie (an orphan reparented to a PID 1 that does not reap
+/// stays a zombie forever, and that still counts as stopped).
+pub fn is_running(pid: u32) -> bool {
+    proc_stat(pid).is_some_and(|s| !matches!(s.state, 'Z' | 'X'))
+}
+
+/// The PIDs from `pids` that are still running; empty means everything we started is gone.
+pub fn still_running(pids: &[u32]) -> Vec<u32> {
+    pids.iter().copied().filter(|&p| is_running(p)).collect()
+}
+
+/// The process's short name (`/proc/<pid>/comm`, at most 15 bytes), e.g. "haproxy".
+pub fn process_name(pid: u32) -> Option<String> {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|s| s.trim_end().to_string())
+}
+
+/// All live descendants of `pid` (children, grandchildren, …), found through the parent PIDs
+/// in /proc; used to find the HAProxy and Dataplane API processes a sidecar started.
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(p) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if let Some(stat) = proc_stat(p) {
+            if !matches!(stat.state, 'Z' | 'X') {
+                children.entry(stat.ppid).or_default().push(p);
+            }
+        }
+    }
+    let mut found = Vec::new();
+    let mut queue = vec![pid];
+    while let Some(p) = queue.pop() {
+        for &c in children.get(&p).map(Vec::as_slice).unwrap_or(&[]) {
+            found.push(c);
+            queue.push(c);
+        }
+    }
+    found.sort_unstable();
+    found
+}
+
+/// Descendants of `pid` whose name is `name`, e.g. `descendants_named(sidecar, "haproxy")`.
+pub fn descendants_named(pid: u32, name: &str) -> Vec<u32> {
+    descendants(pid)
+        .into_iter()
+        .filter(|&p| process_name(p).as_deref() == Some(name))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Minimal HTTP/1.1 client (std only, so the tests do not depend on the HTTP stack under test)
+
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// Header value by case-insensitive name (Consul sends `X-Consul-Contenthash`).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One request on a fresh connection (`Connection: close`). `timeout` bounds the whole
+/// exchange, so a stalled peer fails the request instead of hanging the test.
+pub fn http_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<HttpResponse, String> {
+    let deadline = Instant::now() + timeout;
+    let err = |what: &str, e: &dyn std::fmt::Display| {
+        format!("{method} http://{addr}{path}: {what}: {e}")
+    };
+    let targets: Vec<SocketAddr> = addr
+        .to_socket_addrs()
+        .map_err(|e| err("resolve", &e))?
+        .collect();
+    let target = targets
+        .first()
+        .ok_or_else(|| err("resolve", &"no address"))?;
+    let mut stream = TcpStream::connect_timeout(target, timeout).map_err(|e| err("connect", &e))?;
+    stream
+        .set_write_timeout(Some(remaining(deadline)))
+        .map_err(|e| err("set timeout", &e))?;
+    let body = body.unwrap_or_default();
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: hcc-test\r\nAccept: */*\r\nConnection: close\r\n"
+    );
+    if !body.is_empty() || matches!(method, "POST" | "PUT" | "PATCH") {
+        request.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    request.push_str("\r\n");
+    let mut bytes = request.into_bytes();
+    bytes.extend_from_slice(body);
+    stream.write_all(&bytes).map_err(|e| err("send", &e))?;
+
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        let left = remaining(deadline);
+        if left.is_zero() {
+            return Err(err("receive", &format!("timed out after {timeout:?}")));
+        }
+        stream
+            .set_read_timeout(Some(left))
+            .map_err(|e| err("set timeout", &e))?;
+        let n = match stream.read(&mut chunk) {
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Err(err("receive", &format!("timed out after {timeout:?}")))
+            }
+            Err(e) => return Err(err("receive", &e)),
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(done) = parse_response(&buf, n == 0, method == "HEAD") {
+            return done.map_err(|e| err("response", &e));
+        }
+        if n == 0 {
+            return Err(err(
+                "receive",
+                &format!("connection closed after {} bytes", buf.len()),
+            ));
+        }
+    }
+}
+
+/// GET `path` from `addr` ("127.0.0.1:PORT"): status and body, or why it failed.
+pub fn http_get(addr: &str, path: &str, timeout: Duration) -> Result<(u16, String), String> {
+    http_request(addr, "GET", path, None, timeout).map(|r| (r.status, r.body))
+}
+
+fn remaining(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now())
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// `None` while more bytes are needed; parsing as they arrive means a server that keeps the
+/// connection open despite `Connection: close` still works.
+fn parse_response(buf: &[u8], eof: bool, head_only: bool) -> Option<Result<HttpResponse, String>> {
+    let head_end = find(buf, b"\r\n\r\n")? + 4;
+    let head = String::from_utf8_lossy(&buf[..head_end - 4]);
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = match status_line.split_whitespace().nth(1).map(str::parse::<u16>) {
+        Some(Ok(s)) => s,
+        _ => return Some(Err(format!("bad status line {status_line:?}"))),
+    };
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let get = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    };
+    let rest = &buf[head_end..];
+    let body = if head_only || status == 204 || status == 304 || (100..200).contains(&status) {
+        Vec::new()
+    } else if get("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
+        match decode_chunked(rest)? {
+            Ok(b) => b,
+            Err(e) => return Some(Err(e)),
+        }
+    } else if let Some(len) = get("content-length") {
+        let Ok(len) = len.parse::<usize>() else {
+            return Some(Err(format!("bad Content-Length {len:?}")));
+        };
+        if rest.len() < len {
+            return None;
+        }
+        rest[..len].to_vec()
+    } else if eof {
+        rest.to_vec()
+    } else {
+        return None;
+    };
+    Some(Ok(HttpResponse {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }))
+}
+
+fn decode_chunked(mut rest: &[u8]) -> Option<Result<Vec<u8>, String>> {
+    let mut body = Vec::new();
+    loop {
+        let line_end = find(rest, b"\r\n")?;
+        let line = String::from_utf8_lossy(&rest[..line_end]);
+        let size_hex = line.split(';').next().unwrap_or_default().trim();
+        let Ok(size) = usize::from_str_radix(size_hex, 16) else {
+            return Some(Err(format!("bad chunk size {line:?}")));
+        };
+        rest = &rest[line_end + 2..];
+        if size == 0 {
+            // Trailers, if any, end with an empty line; none of them matter here.
+            find(rest, b"\r\n")?;
+            return Some(Ok(body));
+        }
+        if rest.len() < size + 2 {
+            return None;
+        }
+        body.extend_from_slice(&rest[..size]);
+        rest = &rest[size + 2..];
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Consul
+
+/// A `consul agent -dev` of its own: free loopback ports (DNS and WAN off), the fixed
+/// `CLUSTER_ID`, in-memory state in a temp dir. `CONSUL_BIN` overrides the binary.
+pub struct Consul {
+    // Declared before `dir`: the process must stop before its directory is removed.
+    child: Child,
+    http_addr: String,
+    trust_domain: String,
+    dir: TempDir,
+}
+
+impl Consul {
+    pub fn start() -> Consul {
+        let dir = TempDir::new("consul");
+        let http_port = free_port();
+        let config = serde_json::json!({
+            "node_name": "node1",
+            "datacenter": "dc1",
+            "bind_addr": "127.0.0.1",
+            "client_addr": "127.0.0.1",
+            "advertise_addr": "127.0.0.1",
+            "data_dir": dir.join("data"),
+            "log_level": "info",
+            // No checkpoint calls to hashicorp.com: tests stay on loopback.
+            "disable_update_check": true,
+            "disable_anonymous_signature": true,
+            // Every port explicit: -dev defaults (8500, 8502, 8600, …) would collide between
+            // agents of parallel tests.
+            "ports": {
+                "http": http_port,
+                "dns": -1,
+                "serf_lan": free_port(),
+                "serf_wan": -1,
+                "server": free_port(),
+                "grpc": free_port(),
+            },
+            "connect": { "enabled": true, "ca_config": { "cluster_id": CLUSTER_ID } },
+        });
+        let config_path = dir.join("consul.json");
+        fs::write(&config_path, config.to_string()).expect("write consul.json");
+        let bin = std::env::var_os("CONSUL_BIN").unwrap_or_else(|| "consul".into());
+        let mut cmd = Command::new(bin);
+        cmd.arg("agent")
+            .arg("-dev")
+            .arg("-config-file")
+            .arg(&config_path);
+        let child = Child::spawn("consul", &mut cmd, dir.path());
+        let mut consul = Consul {
+            child,
+            http_addr: format!("127.0.0.1:{http_port}"),
+            trust_domain: String::new(),
+            dir,
+        };
+        consul.wait_ready();
+        consul
+    }
+
+    // Ready means what a sidecar needs: a leader, our node in the catalog (so health queries
+    // see registered services) and a CA root (so leaf certificates can be signed).
+    fn wait_ready(&mut self) {
+        let timeout = Duration::from_secs(30);
+        let addr = self.http_addr.clone();
+        let mut trust_domain = String::new();
+        let ready = wait_until(timeout, "consul leader, catalog node and CA root", || {
+            if !self.child.is_running() {
+                return true;
+            }
+            let leader = json_at(&addr, "/v1/status/leader");
+            if leader
+                .as_ref()
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .is_empty()
+            {
+                return false;
+            }
+            let nodes = json_at(&addr, "/v1/catalog/nodes");
+            if nodes
+                .as_ref()
+                .and_then(Value::as_array)
+                .is_none_or(Vec::is_empty)
+            {
+                return false;
+            }
+            let Some(roots) = json_at(&addr, "/v1/agent/connect/ca/roots") else {
+                return false;
+            };
+            if roots["ActiveRootID"]
+                .as_str()
+                .unwrap_or_default()
+                .is_empty()
+            {
+                return false;
+            }
+            trust_domain = roots["TrustDomain"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            true
+        });
+        if let Some(status) = self.child.try_wait() {
+            panic!("consul exited ({status}) while starting\n{}", self.logs());
+        }
+        if let Err(e) = ready {
+            panic!("{e}\n{}", self.logs());
+        }
+        self.trust_domain = trust_domain;
+    }
+
+    /// "127.0.0.1:PORT", the value for `CONSUL_HTTP_ADDR` / `-http-addr`.
+    pub fn http_addr(&self) -> String {
+        self.http_addr.clone()
+    }
+
+    /// `<cluster id>.consul` as the agent reports it; equals `TRUST_DOMAIN`.
+    pub fn trust_domain(&self) -> String {
+        self.trust_domain.clone()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+
+    pub fn logs(&self) -> String {
+        self.child.logs()
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Stops the agent now rather than at drop (e.g. to test a sidecar losing Consul).
+    pub fn stop(&mut self) -> Option<ExitStatus> {
+        self.child.stop()
+    }
+
+    /// Any request, with headers; use for blocking queries (pass a timeout above `wait`).
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        timeout: Duration,
+    ) -> Result<HttpResponse, String> {
+        http_request(
+            &self.http_addr,
+            method,
+            path,
+            body.map(str::as_bytes),
+            timeout,
+        )
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+        match self.request(method, path, body, Duration::from_secs(10)) {
+            Ok(r) => (r.status, r.body),
+            Err(e) => panic!("{e}\n{}", self.logs()),
+        }
+    }
+
+    pub fn get(&self, path: &str) -> (u16, String) {
+        self.call("GET", path, None)
+    }
+
+    pub fn put(&self, path: &str, body: &str) -> (u16, String) {
+        self.call("PUT", path, Some(body))
+    }
+
+    pub fn post(&self, path: &str, body: &str) -> (u16, String) {
+        self.call("POST", path, Some(body))
+    }
+
+    pub fn delete(&self, path: &str) -> (u16, String) {
+        self.call("DELETE", path, None)
+    }
+
+    /// GET that must answer 200 with JSON.
+    pub fn get_json(&self, path: &str) -> Value {
+        let (status, body) = self.get(path);
+        assert_eq!(status, 200, "GET {path}: {body}");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"))
+    }
+
+    /// `PUT /v1/agent/service/register`; panics with Consul's answer unless it is 200
+    /// (1.7+ rejects unknown fields with 400, which is worth seeing verbatim).
+    pub fn register(&self, service_json: &str) {
+        let (status, body) = self.put("/v1/agent/service/register", service_json);
+        assert_eq!(status, 200, "register {service_json}: {body}");
+    }
+
+    pub fn deregister(&self, service_id: &str) {
+        let (status, body) = self.put(&format!("/v1/agent/service/deregister/{service_id}"), "");
+        assert_eq!(status, 200, "deregister {service_id}: {body}");
+    }
+
+    /// How many instances `/v1/health/connect/<service>?passing` lists right now.
+    pub fn passing_connect_instances(&self, service: &str) -> usize {
+        let (status, body) = self.get(&format!("/v1/health/connect/{service}?passing"));
+        if status != 200 {
+            return 0;
+        }
+        serde_json::from_str::<Value>(&body)
+            .ok()
+            .and_then(|v| v.as_array().map(Vec::len))
+            .unwrap_or(0)
+    }
+}
+
+/// The JSON a 200 answer carries, or None for anything else (not up yet, still electing, …).
+fn json_at(addr: &str, path: &str) -> Option<Value> {
+    match http_request(addr, "GET", path, None, Duration::from_secs(2)) {
+        Ok(r) if r.status == 200 => serde_json::from_str(&r.body).ok(),
+        _ => None,
+    }
+}
+
+/// Registration for service `name` (ID `name`) on 127.0.0.1:`port` with a sidecar pinned to
+/// `sidecar_port` and plain service upstreams `(destination, local_bind_port)`.
+///
+/// Pinning matters: auto-assigned sidecar ports start at 21000 in every agent, so concurrent
+/// tests would collide. The sidecar's checks mirror Consul's defaults (TCP on the public port,
+/// alias of the app) but run every second instead of every 10 s, so `?passing` turns true fast.
+pub fn sidecar_registration(
+    name: &str,
+    port: u16,
+    sidecar_port: u16,
+    upstreams: &[(&str, u16)],
+) -> String {
+    let upstreams: Vec<Value> = upstreams
+        .iter()
+        .map(|(dest, bind)| serde_json::json!({ "DestinationName": dest, "LocalBindPort": bind }))
+        .collect();
+    serde_json::json!({
+        "Name": name,
+        "ID": name,
+        "Address": "127.0.0.1",
+        "Port": port,
+        "Connect": { "SidecarService": {
+            "Port": sidecar_port,
+            "Proxy": { "Upstreams": upstreams },
+            "Checks": [
+                {
+                    "Name": "Connect Sidecar Listening",
+                    "TCP": format!("127.0.0.1:{sidecar_port}"),
+                    "Interval": "1s",
+                },
+                { "Name": format!("Connect Sidecar Aliasing {name}"), "AliasService": name },
+            ],
+        } },
+    })
+    .to_string()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Test application
+
+/// A tiny HTTP/1.1 server on 127.0.0.1 that answers every request with 200 and a fixed body,
+/// counting requests and raw bytes received; an optional delay before each answer makes slow
+/// upstreams for timeout tests. Keep-alive is honoured. Stops, closing every connection, on
+/// drop.
+pub struct HttpApp {
+    addr: SocketAddr,
+    requests: Arc<AtomicU64>,
+    bytes: Arc<AtomicU64>,
+    delay_ms: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    conns: Arc<Mutex<HashMap<u64, TcpStream>>>,
+    acceptor: Option<JoinHandle<()>>,
+    handlers: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+#[derive(Clone)]
+struct AppShared {
+    body: Arc<Vec<u8>>,
+    requests: Arc<AtomicU64>,
+    bytes: Arc<AtomicU64>,
+    delay_ms: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    conns: Arc<Mutex<HashMap<u64, TcpStream>>>,
+}
+
+impl HttpApp {
+    /// On a free port.
+    pub fn start(body: &str) -> HttpApp {
+        HttpApp::start_on(free_port(), body)
+    }
+
+    pub fn start_on(port: u16, body: &str) -> HttpApp {
+        let listener = TcpListener::bind(("127.0.0.1", port))
+            .unwrap_or_else(|e| panic!("HttpApp bind 127.0.0.1:{port}: {e}"));
+        let addr = listener.local_addr().expect("local_addr");
+        let shared = AppShared {
+            body: Arc::new(body.as_bytes().to_vec()),
+            requests: Arc::new(AtomicU64::new(0)),
+            bytes: Arc::new(AtomicU64::new(0)),
+            delay_ms: Arc::new(AtomicU64::new(0)),
+            stop: Arc::new(AtomicBool::new(false)),
+            conns: Arc::new(Mutex::new(HashMap::new())),
+        };
+        let handlers: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let acceptor = {
+            let shared = shared.clone();
+            let handlers = handlers.clone();
+            thread::spawn(move || accept_loop(listener, shared, handlers))
+        };
+        HttpApp {
+            addr,
+            requests: shared.requests,
+            bytes: shared.bytes,
+            delay_ms: shared.delay_ms,
+            stop: shared.stop,
+            conns: shared.conns,
+            acceptor: Some(acceptor),
+            handlers,
+        }
+    }
+
+    pub fn with_delay(self, delay: Duration) -> HttpApp {
+        self.set_delay(delay);
+        self
+    }
+
+    /// Applies to requests that arrive from now on.
+    pub fn set_delay(&self, delay: Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.delay_ms.store(ms, Ordering::SeqCst);
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// "127.0.0.1:PORT".
+    pub fn addr(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Complete requests received (counted before the delay, so a slow request counts even if
+    /// the client gave up).
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::SeqCst)
+    }
+
+    pub fn bytes_received(&self) -> u64 {
+        self.bytes.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for HttpApp {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // accept() has no timeout; a connection of our own wakes it to see the stop flag.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        if let Some(acceptor) = self.acceptor.take() {
+            let _ = acceptor.join();
+        }
+        for (_, conn) in self.conns.lock().unwrap().drain() {
+            let _ = conn.shutdown(Shutdown::Both);
+        }
+        for handler in self.handlers.lock().unwrap().drain(..) {
+            let _ = handler.join();
+        }
+    }
+}
+
+fn accept_loop(
+    listener: TcpListener,
+    shared: AppShared,
+    handlers: Arc<Mutex<Vec<JoinHandle<()>>>>,
+) {
+    let mut next_id = 0u64;
+    for conn in listener.incoming() {
+        if shared.stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let Ok(conn) = conn else {
+            // E.g. out of file descriptors: back off instead of spinning.
+            thread::sleep(Duration::from_millis(10));
+            continue;
+        };
+        let id = next_id;
+        next_id += 1;
+        if let Ok(clone) = conn.try_clone() {
+            shared.conns.lock().unwrap().insert(id, clone);
+        }
+        let shared = shared.clone();
+        let handler = thread::spawn(move || {
+            serve_connection(conn, &shared);
+            shared.conns.lock().unwrap().remove(&id);
+        });
+        let mut handlers = handlers.lock().unwrap();
+        // Long benchmark runs open many connections; keep only live handles.
+        handlers.retain(|h| !h.is_finished());
+        handlers.push(handler);
+    }
+}
+
+fn serve_connection(mut conn: TcpStream, shared: &AppShared) {
+    // Bounds how long an idle keep-alive connection pins a thread.
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+    let _ = conn.set_nodelay(true);
+    let mut buf: Vec<u8> = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    let mut read_more = |conn: &mut TcpStream, buf: &mut Vec<u8>| -> bool {
+        match conn.read(&mut chunk) {
+            Ok(0) | Err(_) => false,
+            Ok(n) => {
+                shared.bytes.fetch_add(n as u64, Ordering::SeqCst);
+                buf.extend_from_slice(&chunk[..n]);
+                true
+            }
+        }
+    };
+    loop {
+        let head_end = loop {
+            if let Some(i) = find(&buf, b"\r\n\r\n") {
+                break i + 4;
+            }
+            if !read_more(&mut conn, &mut buf) {
+                return;
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+        let request_line = head.lines().next().unwrap_or_default().to_string();
+        let header = |name: &str| {
+            head.lines()
+                .skip(1)
+                .filter_map(|l| l.split_once(':'))
+                .find(|(k, _)| k.trim() == name)
+                .map(|(_, v)| v.trim().to_string())
+        };
+        let connection = header("connection").unwrap_or_default();
+        let mut close = if request_line.ends_with("http/1.0") {
+            !connection.contains("keep-alive")
+        } else {
+            connection.contains("close")
+        };
+        if header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+            // Enough for tests: read to the last chunk, then close instead of parsing trailers.
+            while find(&buf[head_end - 2..], b"\r\n0\r\n\r\n").is_none() {
+                if !read_more(&mut conn, &mut buf) {
+                    return;
+                }
+            }
+            buf.clear();
+            close = true;
+        } else {
+            let len: usize = header("content-length")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            while buf.len() < head_end + len {
+                if !read_more(&mut conn, &mut buf) {
+                    return;
+                }
+            }
+            buf.drain(..head_end + len);
+        }
+        shared.requests.fetch_add(1, Ordering::SeqCst);
+
+        let delay = Duration::from_millis(shared.delay_ms.load(Ordering::SeqCst));
+        let until = Instant::now() + delay;
+        // Sliced so dropping the app does not wait out a long delay.
+        while Instant::now() < until {
+            if shared.stop.load(Ordering::SeqCst) {
+                return;
+            }
+            thread::sleep(remaining(until).min(Duration::from_millis(10)));
+        }
+
+        let mut response = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n",
+            shared.body.len(),
+            if close { "Connection: close\r\n" } else { "" }
+        )
+        .into_bytes();
+        if !request_line.starts_with("head ") {
+            response.extend_from_slice(&shared.body);
+        }
+        if conn.write_all(&response).is_err() || close {
+            let _ = conn.shutdown(Shutdown::Write);
+            return;
+        }
+    }
+}
