@@ -125,6 +125,7 @@ fn command() -> clap::Command {
     };
     clap::Command::new("haproxy-consul-connect")
         .about("Consul Connect sidecar that runs HAProxy as its data plane")
+        .args_override_self(true)
         .disable_version_flag(true)
         .disable_help_flag(true)
         .arg(value("sidecar-for", "The Consul service ID to proxy").value_name("ID"))

@@ -7,11 +7,12 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Context, Error, Result};
 
-/// Longest unix socket path the kernel takes (`sun_path` is 108 bytes with its NUL).
-const MAX_SOCKET_PATH: usize = 107;
+/// Longest unix socket path HAProxy takes: `sun_path` is 108 bytes and HAProxy keeps room for
+/// the `.<pid>.tmp` suffix it binds under before renaming.
+const MAX_SOCKET_PATH: usize = 97;
 
-/// Creates `<base>/haproxy-consul-connect-<label>-<pid>-<random>` with mode 0700, so two sidecars
-/// on one host never share a file or socket.
+/// Creates `<base>/hcc-<label>-<random>` with mode 0700, so two sidecars on one host never share
+/// a file or socket. The name is short because socket paths inside it are limited.
 pub fn create_workdir(base: &Path, label: &str) -> Result<PathBuf> {
     let meta = fs::metadata(base)
         .with_context(|| format!("-haproxy-cfg-base-path {} is not usable", base.display()))?;
@@ -21,13 +22,9 @@ pub fn create_workdir(base: &Path, label: &str) -> Result<PathBuf> {
             base.display()
         )));
     }
-    let label = crate::model::sanitize(label);
+    let label: String = crate::model::sanitize(label).chars().take(40).collect();
     for _ in 0..16 {
-        let dir = base.join(format!(
-            "haproxy-consul-connect-{label}-{}-{:08x}",
-            std::process::id(),
-            random_u32()?
-        ));
+        let dir = base.join(format!("hcc-{label}-{:08x}", random_u32()?));
         match fs::DirBuilder::new().mode(0o700).create(&dir) {
             Ok(()) => {
                 fs::DirBuilder::new()

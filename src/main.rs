@@ -66,8 +66,12 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(level: log::LevelFilter) {
+    // Libraries speak at WARN at most: their debug output is about HTTP plumbing, not the mesh.
     env_logger::Builder::new()
-        .filter_level(level)
+        .filter_level(level.min(log::LevelFilter::Warn))
+        .filter_module("haproxy_consul_connect", level)
+        .filter_module("haproxy", level)
+        .filter_module("dataplaneapi", level)
         .format(|buf, record| {
             // The component is the first module below the crate, or the child's name for lines
             // forwarded from haproxy and dataplaneapi.

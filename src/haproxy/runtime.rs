@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use crate::error::{Context, Error, Result};
 
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the master CLI may stay unreachable during a reload before the master counts as gone.
+const MASTER_GONE: Duration = Duration::from_secs(3);
 
 /// Sends one command line (and an optional `<<` payload) and returns everything HAProxy answers.
 pub fn command(socket: &Path, line: &str, payload: Option<&str>) -> Result<String> {
@@ -158,9 +160,20 @@ pub fn reload(master: &Path, timeout: Duration) -> Result<u32> {
     let _ = command(master, "reload", None);
     let deadline = Instant::now() + timeout;
     let mut last_error = String::new();
+    let mut unreachable_since: Option<Instant> = None;
     while Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
-        match show_proc(master) {
+        let answer = show_proc(master);
+        if answer.is_ok() {
+            unreachable_since = None;
+        } else if unreachable_since.get_or_insert_with(Instant::now).elapsed() > MASTER_GONE {
+            // A re-exec takes milliseconds; this long without a master means it is gone.
+            return Err(Error::msg(format!(
+                "HAProxy's master CLI at {} stopped answering during the reload",
+                master.display()
+            )));
+        }
+        match answer {
             Ok(now) => {
                 if now.master_failed > before.master_failed
                     || (now.master_reloads > before.master_reloads && now.master_failed > 0)

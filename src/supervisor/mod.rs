@@ -244,6 +244,8 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
     let mut children: BTreeMap<i32, Child> = BTreeMap::new();
     let haproxy = start_haproxy(&opts, &paths, &mut children)?;
     let dataplane = start_dataplane(&opts, &paths, &creds, &reload_exe, &mut children, &haproxy)?;
+    // Each child leads its own process group; what it forks stays in it, even once orphaned.
+    let groups: Vec<i32> = children.keys().copied().collect();
     let mut applier = Some(Applier::start(desired.clone(), dataplane, {
         let tx = Mutex::new(tx.clone());
         move |o| {
@@ -310,8 +312,13 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
                     }
                     // SIGUSR1 is HAProxy's soft stop: listeners close, live connections finish.
                     haproxy.signal(Signal::SIGUSR1);
+                    // The Dataplane API's whole group: a reload command it is running would
+                    // otherwise wait for a verdict a stopping HAProxy never gives.
                     for c in children.values().filter(|c| c.pid != haproxy.pid) {
-                        c.signal(Signal::SIGTERM);
+                        let _ = nix::sys::signal::killpg(
+                            nix::unistd::Pid::from_raw(c.pid),
+                            Signal::SIGTERM,
+                        );
                     }
                     drain_deadline = Some(Instant::now() + DRAIN_GRACE);
                 }
@@ -331,6 +338,7 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
                         child.pid
                     );
                     stop_all(&mut children);
+                    process::drain_orphans(&groups, Instant::now() + Duration::from_secs(5));
                     life.set(Phase::Stopped, &format!("{} died", child.name));
                     return Ok(exit_code(&exit));
                 }
@@ -382,6 +390,10 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
             }
         }
     }
+    process::drain_orphans(
+        &groups,
+        drain_deadline.unwrap_or_else(Instant::now) + Duration::from_secs(1),
+    );
     life.set(Phase::Stopped, "all children stopped");
     Ok(0)
 }
@@ -573,10 +585,9 @@ pub fn dry_run(opts: &Options) -> Result<Vec<render::File>, Fatal> {
     snapshot.apply(Update::Roots(
         consul.get_json("/v1/agent/connect/ca/roots")?,
     ));
-    let workdir = opts.base_path.join(format!(
-        "haproxy-consul-connect-{}-dry-run",
-        model::sanitize(&proxy_id)
-    ));
+    let workdir = opts
+        .base_path
+        .join(format!("hcc-{}-dry-run", model::sanitize(&proxy_id)));
     let settings = Settings {
         paths: Paths::new(&workdir),
         intentions: opts.enable_intentions,

@@ -141,6 +141,39 @@ pub fn reap() -> Vec<Exit> {
     }
 }
 
+/// Whether any child process (ours or an adopted orphan) is still there to be reaped.
+pub fn has_children() -> bool {
+    matches!(
+        waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)),
+        Ok(WaitStatus::StillAlive)
+    )
+}
+
+/// After the direct children have exited, waits for what they left behind (an HAProxy worker
+/// still finishing its connections, a validation run of the Dataplane API), which as subreaper
+/// or PID 1 we have adopted; past `deadline` their process groups are killed.
+pub fn drain_orphans(groups: &[i32], deadline: std::time::Instant) {
+    use std::time::{Duration, Instant};
+    loop {
+        reap();
+        if !has_children() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            for g in groups {
+                let _ = nix::sys::signal::killpg(Pid::from_raw(*g), Signal::SIGKILL);
+            }
+            let until = Instant::now() + Duration::from_secs(2);
+            while has_children() && Instant::now() < until {
+                reap();
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// As PID 1 the kernel already gives us orphans; otherwise ask for them, so that no
 /// grandchild (an HAProxy worker whose master died) is left a zombie of init.
 pub fn become_subreaper() {

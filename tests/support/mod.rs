@@ -5,6 +5,8 @@
 //! module-wide dead-code allowance below.
 #![allow(dead_code)]
 
+pub mod mesh;
+
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{ErrorKind, Read, Write};

@@ -1,0 +1,797 @@
+//! The authorisation decision for one inbound connection: pure, no I/O.
+//!
+//! Input is the DER client certificate HAProxy saw (`ssl_c_der`); output is allow or deny with
+//! a reason. The table holds everything the decision needs (trust domain, CA roots, the
+//! intentions whose destination is our service, the default policy) and is swapped whole when
+//! Consul sends new data, so a decision never sees half an update.
+//!
+//! HAProxy already verified the chain during the handshake, but the agent checks the issuer
+//! again against the *current* roots: a TLS session resumed after a root rotation skips
+//! HAProxy's CA check and still hands us the old certificate.
+
+use std::fmt;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use x509_parser::certificate::X509Certificate;
+use x509_parser::extensions::GeneralName;
+use x509_parser::pem::Pem;
+use x509_parser::prelude::FromDer;
+use x509_parser::time::ASN1Time;
+
+/// What an intention does to a matching source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Action::Allow => "allow",
+            Action::Deny => "deny",
+        })
+    }
+}
+
+/// One L4 intention whose destination is this sidecar's service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Intention {
+    /// Source service name, or `*` for any.
+    pub source: String,
+    pub action: Action,
+    /// Consul's precedence (9 exact→exact … 1 `*`→`*`); higher is evaluated first.
+    pub precedence: i64,
+}
+
+/// The outcome for one connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub allow: bool,
+    /// Names the rule or check that decided, for logs.
+    pub reason: String,
+    /// The identity the client claimed: its first URI SAN, when it had one.
+    pub source: Option<String>,
+}
+
+impl Decision {
+    fn deny(reason: impl Into<String>, source: Option<&str>) -> Self {
+        Decision {
+            allow: false,
+            reason: reason.into(),
+            source: source.map(str::to_owned),
+        }
+    }
+}
+
+/// Why a table could not be built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthzError {
+    /// The PEM text is malformed.
+    Pem(String),
+    /// A PEM block holds something other than a certificate (a key pasted by mistake…).
+    NotCertificate { label: String },
+    /// Root number `index` (0-based) is not a DER X.509 certificate.
+    BadRoot { index: usize, detail: String },
+    /// A table without roots could only deny; use [`AuthzTable::deny_all`] for that.
+    NoRoots,
+}
+
+impl fmt::Display for AuthzError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AuthzError::Pem(e) => write!(f, "CA roots: bad PEM: {e}"),
+            AuthzError::NotCertificate { label } => {
+                write!(f, "CA roots: PEM block \"{label}\" is not a CERTIFICATE")
+            }
+            AuthzError::BadRoot { index, detail } => {
+                write!(f, "CA root #{index} is not an X.509 certificate: {detail}")
+            }
+            AuthzError::NoRoots => f.write_str("no CA roots"),
+        }
+    }
+}
+
+impl std::error::Error for AuthzError {}
+
+#[derive(Debug, Clone)]
+struct Root {
+    der: Vec<u8>,
+    /// Raw DER of the subject, to pick the candidate issuer without re-parsing every root.
+    subject: Vec<u8>,
+}
+
+/// Everything one decision needs. Immutable once built; replace it to change policy.
+#[derive(Debug, Clone)]
+pub struct AuthzTable {
+    trust_domain: String,
+    roots: Vec<Root>,
+    /// Kept in evaluation order, so a decision is a linear scan for the first match.
+    intentions: Vec<Intention>,
+    default_allow: bool,
+    /// Set by [`AuthzTable::deny_all`]: nothing is known yet, so nothing is allowed.
+    unavailable: Option<String>,
+}
+
+impl AuthzTable {
+    /// Builds a table from the roots as PEM (Consul's `RootCert` values, any number of
+    /// certificates concatenated).
+    pub fn new(
+        trust_domain: impl Into<String>,
+        roots_pem: &str,
+        intentions: Vec<Intention>,
+        default_allow: bool,
+    ) -> Result<Self, AuthzError> {
+        let mut roots = Vec::new();
+        for block in Pem::iter_from_buffer(roots_pem.as_bytes()) {
+            let pem = block.map_err(|e| AuthzError::Pem(e.to_string()))?;
+            if pem.label != "CERTIFICATE" {
+                return Err(AuthzError::NotCertificate { label: pem.label });
+            }
+            roots.push(pem.contents);
+        }
+        Self::from_der_roots(trust_domain, roots, intentions, default_allow)
+    }
+
+    /// Builds a table from DER roots.
+    pub fn from_der_roots(
+        trust_domain: impl Into<String>,
+        roots_der: Vec<Vec<u8>>,
+        mut intentions: Vec<Intention>,
+        default_allow: bool,
+    ) -> Result<Self, AuthzError> {
+        if roots_der.is_empty() {
+            return Err(AuthzError::NoRoots);
+        }
+        let mut roots = Vec::with_capacity(roots_der.len());
+        for (index, der) in roots_der.into_iter().enumerate() {
+            let subject = match X509Certificate::from_der(&der) {
+                Ok((_, cert)) => cert.subject().as_raw().to_vec(),
+                Err(e) => {
+                    return Err(AuthzError::BadRoot {
+                        index,
+                        detail: e.to_string(),
+                    })
+                }
+            };
+            roots.push(Root { der, subject });
+        }
+        // Evaluation order: highest precedence; then an exact source before `*`; then deny
+        // before allow, so a tie can only ever err on the closed side. Consul's
+        // intentions/match already returns this order, but sorting here keeps the table
+        // correct whatever order the caller had.
+        intentions.sort_by_key(|i| {
+            (
+                std::cmp::Reverse(i.precedence),
+                i.source == "*",
+                i.action == Action::Allow,
+            )
+        });
+        Ok(AuthzTable {
+            trust_domain: trust_domain.into(),
+            roots,
+            intentions,
+            default_allow,
+            unavailable: None,
+        })
+    }
+
+    /// A table that denies everything, for before the first complete data from Consul (or
+    /// when it can no longer be trusted). `reason` ends up in each decision's reason.
+    pub fn deny_all(reason: impl Into<String>) -> Self {
+        AuthzTable {
+            trust_domain: String::new(),
+            roots: Vec::new(),
+            intentions: Vec::new(),
+            default_allow: false,
+            unavailable: Some(reason.into()),
+        }
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// DER of each CA root, in the order given.
+    pub fn roots(&self) -> impl Iterator<Item = &[u8]> {
+        self.roots.iter().map(|r| r.der.as_slice())
+    }
+
+    /// The intentions in the order they are evaluated.
+    pub fn intentions(&self) -> &[Intention] {
+        &self.intentions
+    }
+
+    pub fn default_allow(&self) -> bool {
+        self.default_allow
+    }
+
+    /// Decides for a client certificate (`None` when HAProxy had none: `ssl_c_der` was NULL).
+    pub fn decide(&self, client_cert_der: Option<&[u8]>) -> Decision {
+        self.decide_at(client_cert_der, SystemTime::now())
+    }
+
+    /// [`decide`](Self::decide) at a given time, so validity checks can be tested.
+    pub fn decide_at(&self, client_cert_der: Option<&[u8]>, now: SystemTime) -> Decision {
+        if let Some(why) = &self.unavailable {
+            return Decision::deny(format!("no authorization data: {why}"), None);
+        }
+        let Some(der) = client_cert_der else {
+            return Decision::deny("no client certificate", None);
+        };
+        let cert = match X509Certificate::from_der(der) {
+            Ok(([], cert)) => cert,
+            Ok((rest, _)) => {
+                return Decision::deny(
+                    format!("client certificate has {} trailing bytes", rest.len()),
+                    None,
+                )
+            }
+            Err(e) => {
+                return Decision::deny(format!("client certificate does not parse: {e}"), None)
+            }
+        };
+
+        // Consul's own proxies identify a peer by the first URI SAN and nothing else (not
+        // the CN, which newer leaves do not even have).
+        let uri = match cert.subject_alternative_name() {
+            Err(e) => {
+                return Decision::deny(format!("client certificate SAN is invalid: {e}"), None)
+            }
+            Ok(None) => return Decision::deny("client certificate has no SAN", None),
+            Ok(Some(san)) => san.value.general_names.iter().find_map(|n| match n {
+                GeneralName::URI(u) => Some(*u),
+                _ => None,
+            }),
+        };
+        let Some(uri) = uri else {
+            return Decision::deny("client certificate has no URI SAN", None);
+        };
+        let src = Some(uri);
+        let id = match SpiffeId::parse(uri) {
+            Ok(id) => id,
+            Err(e) => {
+                return Decision::deny(
+                    format!("URI SAN is not a Consul service identity: {e}"),
+                    src,
+                )
+            }
+        };
+        // Trust domains are DNS names, hence case-insensitive (Consul compares them so too).
+        if !id.trust_domain.eq_ignore_ascii_case(&self.trust_domain) {
+            return Decision::deny(
+                format!(
+                    "trust domain {} is not ours ({})",
+                    id.trust_domain, self.trust_domain
+                ),
+                src,
+            );
+        }
+        // Only the default admin partition exists outside Consul Enterprise, and Consul's own
+        // authorize refuses a source from another partition than the target's.
+        if let Some(p) = &id.partition {
+            if p != "default" {
+                return Decision::deny(format!("admin partition {p} is not ours (default)"), src);
+            }
+        }
+
+        let now = match to_asn1(now) {
+            Some(t) => t,
+            None => return Decision::deny("system clock is out of range", src),
+        };
+        let validity = cert.validity();
+        if now < validity.not_before {
+            return Decision::deny(
+                format!(
+                    "client certificate not valid before {}",
+                    validity.not_before
+                ),
+                src,
+            );
+        }
+        if now > validity.not_after {
+            return Decision::deny(
+                format!("client certificate expired at {}", validity.not_after),
+                src,
+            );
+        }
+        // Consul's verifier requires client-auth usage; an absent extension means any usage.
+        match cert.extended_key_usage() {
+            Err(e) => {
+                return Decision::deny(
+                    format!("client certificate extended key usage is invalid: {e}"),
+                    src,
+                )
+            }
+            Ok(Some(eku)) if !eku.value.client_auth && !eku.value.any => {
+                return Decision::deny("client certificate is not for client authentication", src)
+            }
+            Ok(_) => {}
+        }
+        if let Err(why) = self.check_issuer(&cert, now) {
+            return Decision::deny(why, src);
+        }
+
+        let service = &id.service;
+        for i in &self.intentions {
+            // Consul matches service names case-insensitively.
+            if i.source == "*" || i.source.eq_ignore_ascii_case(service) {
+                return Decision {
+                    allow: i.action == Action::Allow,
+                    reason: format!(
+                        "intention {} => {} (precedence {}) for {service}",
+                        i.source, i.action, i.precedence
+                    ),
+                    source: src.map(str::to_owned),
+                };
+            }
+        }
+        Decision {
+            allow: self.default_allow,
+            reason: format!(
+                "no intention matches {service}; default {}",
+                if self.default_allow { "allow" } else { "deny" }
+            ),
+            source: src.map(str::to_owned),
+        }
+    }
+
+    /// Accepts the certificate only if one of the current roots signed it directly.
+    fn check_issuer(&self, cert: &X509Certificate<'_>, now: ASN1Time) -> Result<(), String> {
+        let issuer = cert.issuer().as_raw();
+        // Roots named as the issuer first; then the rest, in case a CA encodes its name
+        // differently in its own subject than in what it issues.
+        let ordered = self
+            .roots
+            .iter()
+            .filter(|r| r.subject == issuer)
+            .chain(self.roots.iter().filter(|r| r.subject != issuer));
+        let mut root_out_of_date = false;
+        for root in ordered {
+            let Ok((_, root_cert)) = X509Certificate::from_der(&root.der) else {
+                continue;
+            };
+            if cert.verify_signature(Some(root_cert.public_key())).is_ok() {
+                if root_cert.validity().is_valid_at(now) {
+                    return Ok(());
+                }
+                root_out_of_date = true;
+            }
+        }
+        if root_out_of_date {
+            Err("client certificate's CA root is not valid at this time".into())
+        } else {
+            Err(format!(
+                "client certificate (issuer {}) is not signed by a current CA root",
+                cert.issuer()
+            ))
+        }
+    }
+}
+
+fn to_asn1(t: SystemTime) -> Option<ASN1Time> {
+    let secs = match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_secs()).ok()?,
+        Err(e) => i64::try_from(e.duration().as_secs()).ok()?.checked_neg()?,
+    };
+    ASN1Time::from_timestamp(secs).ok()
+}
+
+/// A Consul service identity: `spiffe://<td>[/ap/<partition>]/ns/<ns>/dc/<dc>/svc/<service>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpiffeId {
+    pub trust_domain: String,
+    pub partition: Option<String>,
+    pub namespace: String,
+    pub datacenter: String,
+    pub service: String,
+}
+
+impl SpiffeId {
+    /// Parses a service identity; agent, server and gateway identities are refused since
+    /// only services are sources of intentions.
+    pub fn parse(uri: &str) -> Result<SpiffeId, String> {
+        const SCHEME: &str = "spiffe://";
+        let rest = match uri.get(..SCHEME.len()) {
+            Some(s) if s.eq_ignore_ascii_case(SCHEME) => &uri[SCHEME.len()..],
+            _ => return Err(format!("{uri} is not a spiffe:// URI")),
+        };
+        if rest.contains(['?', '#']) {
+            return Err(format!("{uri} has a query or fragment"));
+        }
+        let (host, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i + 1..]),
+            None => (rest, ""),
+        };
+        if host.is_empty() {
+            return Err(format!("{uri} has no trust domain"));
+        }
+        let segs: Vec<&str> = path.split('/').collect();
+        let (partition, tail) = match segs.as_slice() {
+            ["ap", ap, tail @ ..] => (Some(*ap), tail),
+            all => (None, all),
+        };
+        let ["ns", ns, "dc", dc, "svc", svc] = tail else {
+            return Err(format!("{uri} is not a service identity"));
+        };
+        let part = |s: &str| -> Result<String, String> {
+            let d = percent_decode(s).ok_or_else(|| format!("{uri} has bad percent-encoding"))?;
+            if d.is_empty() {
+                return Err(format!("{uri} has an empty path segment"));
+            }
+            Ok(d)
+        };
+        Ok(SpiffeId {
+            trust_domain: host.to_owned(),
+            partition: partition.map(part).transpose()?,
+            namespace: part(ns)?,
+            datacenter: part(dc)?,
+            service: part(svc)?,
+        })
+    }
+}
+
+/// Consul unescapes the path of an identity before comparing, so we must too.
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = b.get(i + 1..i + 3)?;
+            // Checked by hand: from_str_radix would also take a sign ("%+1").
+            let nibble = |c: u8| (c as char).to_digit(16);
+            out.push((nibble(hex[0])? * 16 + nibble(hex[1])?) as u8);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    const TD: &str = "11111111-2222-3333-4444-555555555555.consul";
+    const CA: &str = include_str!("../../fixtures/spop/certs/ca.crt");
+    const CA2: &str = include_str!("../../fixtures/spop/certs/ca2.crt");
+    const CLIENT: &[u8] = include_bytes!("../../fixtures/spop/certs/client.der");
+    const WEB: &[u8] = include_bytes!("../../fixtures/spop/certs/web.der");
+    const SERVER: &[u8] = include_bytes!("../../fixtures/spop/certs/server.der");
+    const PARTITION: &[u8] = include_bytes!("../../fixtures/spop/certs/partition.der");
+    const OTHER_TD: &[u8] = include_bytes!("../../fixtures/spop/certs/other-td.der");
+    const NO_URI: &[u8] = include_bytes!("../../fixtures/spop/certs/no-uri.der");
+    const NOT_SERVICE: &[u8] = include_bytes!("../../fixtures/spop/certs/not-service.der");
+    const CLIENT_CA2: &[u8] = include_bytes!("../../fixtures/spop/certs/client-ca2.der");
+    const CLIENT_ROGUE: &[u8] = include_bytes!("../../fixtures/spop/certs/client-rogue.der");
+    const EXPIRED: &[u8] = include_bytes!("../../fixtures/spop/certs/expired.der");
+    const CA_DER: &[u8] = include_bytes!("../../fixtures/spop/certs/ca.der");
+
+    fn ixn(source: &str, action: Action, precedence: i64) -> Intention {
+        Intention {
+            source: source.into(),
+            action,
+            precedence,
+        }
+    }
+
+    fn table(intentions: Vec<Intention>, default_allow: bool) -> AuthzTable {
+        AuthzTable::new(TD, CA, intentions, default_allow).unwrap()
+    }
+
+    fn allowed(t: &AuthzTable, cert: &[u8]) -> bool {
+        let d = t.decide(Some(cert));
+        assert!(!d.reason.is_empty());
+        d.allow
+    }
+
+    #[test]
+    fn decision_table() {
+        use Action::{Allow, Deny};
+        // (intentions, default_allow, client allowed?, web allowed?, what it shows)
+        let cases: Vec<(Vec<Intention>, bool, bool, bool, &str)> = vec![
+            (
+                vec![ixn("client", Allow, 9)],
+                false,
+                true,
+                false,
+                "exact allow, default deny",
+            ),
+            (
+                vec![ixn("client", Deny, 9)],
+                true,
+                false,
+                true,
+                "exact deny, default allow",
+            ),
+            (vec![ixn("*", Deny, 8)], true, false, false, "wildcard deny"),
+            (
+                vec![ixn("*", Allow, 8)],
+                false,
+                true,
+                true,
+                "wildcard allow",
+            ),
+            (
+                vec![ixn("*", Deny, 8), ixn("client", Allow, 9)],
+                true,
+                true,
+                false,
+                "exact beats wildcard by precedence",
+            ),
+            (
+                vec![ixn("*", Deny, 9), ixn("client", Allow, 9)],
+                true,
+                true,
+                false,
+                "exact beats wildcard at equal precedence",
+            ),
+            (
+                vec![ixn("client", Allow, 9), ixn("client", Deny, 9)],
+                true,
+                false,
+                true,
+                "deny wins a tie",
+            ),
+            (
+                vec![ixn("client", Deny, 9), ixn("client", Allow, 9)],
+                true,
+                false,
+                true,
+                "deny wins a tie whatever the input order",
+            ),
+            (
+                vec![ixn("*", Allow, 9), ixn("*", Deny, 9)],
+                true,
+                false,
+                false,
+                "deny wins a wildcard tie",
+            ),
+            (
+                vec![ixn("client", Deny, 3), ixn("*", Allow, 8)],
+                false,
+                true,
+                true,
+                "higher precedence first, even a wildcard",
+            ),
+            (
+                vec![ixn("CLIENT", Allow, 9)],
+                false,
+                true,
+                false,
+                "names match case-insensitively",
+            ),
+            (
+                vec![ixn("other", Deny, 9)],
+                true,
+                true,
+                true,
+                "no match: default allow",
+            ),
+            (
+                vec![ixn("other", Allow, 9)],
+                false,
+                false,
+                false,
+                "no match: default deny",
+            ),
+            (vec![], true, true, true, "no intentions: default allow"),
+            (vec![], false, false, false, "no intentions: default deny"),
+        ];
+        for (ixns, default_allow, client, web, what) in cases {
+            let t = table(ixns, default_allow);
+            assert_eq!(allowed(&t, CLIENT), client, "client: {what}");
+            assert_eq!(allowed(&t, WEB), web, "web: {what}");
+        }
+    }
+
+    #[test]
+    fn reasons_and_source_name_what_happened() {
+        let t = table(vec![ixn("client", Action::Deny, 9)], true);
+        let d = t.decide(Some(CLIENT));
+        assert!(!d.allow);
+        assert_eq!(
+            d.reason,
+            "intention client => deny (precedence 9) for client"
+        );
+        assert_eq!(
+            d.source.as_deref(),
+            Some(
+                "spiffe://11111111-2222-3333-4444-555555555555.consul/ns/default/dc/dc1/svc/client"
+            )
+        );
+        let d = t.decide(Some(SERVER));
+        assert!(d.allow);
+        assert_eq!(d.reason, "no intention matches server; default allow");
+    }
+
+    #[test]
+    fn identity_checks_deny() {
+        let t = table(vec![], true);
+        let cases: Vec<(Option<&[u8]>, &str)> = vec![
+            (None, "no client certificate"),
+            (
+                Some(OTHER_TD),
+                "trust domain 99999999-8888-7777-6666-555555555555.consul is not ours",
+            ),
+            (Some(NO_URI), "no URI SAN"),
+            (Some(NOT_SERVICE), "not a service identity"),
+            (Some(PARTITION), "admin partition part1 is not ours"),
+            (Some(CLIENT_CA2), "not signed by a current CA root"),
+            (Some(CLIENT_ROGUE), "not signed by a current CA root"),
+            (Some(EXPIRED), "expired at"),
+            (Some(b""), "does not parse"),
+            (Some(b"\x30\x03\x02\x01\x00"), "does not parse"),
+            (Some(&[0xff; 64]), "does not parse"),
+        ];
+        for (cert, want) in cases {
+            let d = t.decide(cert);
+            assert!(!d.allow, "{want}");
+            assert!(
+                d.reason.contains(want),
+                "{:?} should contain {want:?}",
+                d.reason
+            );
+        }
+        // Trailing garbage after a good certificate is refused too.
+        let mut padded = CLIENT.to_vec();
+        padded.push(0);
+        let d = t.decide(Some(&padded));
+        assert!(!d.allow && d.reason.contains("trailing"), "{}", d.reason);
+    }
+
+    #[test]
+    fn source_is_reported_when_identity_is_refused() {
+        let d = table(vec![], true).decide(Some(OTHER_TD));
+        assert_eq!(
+            d.source.as_deref(),
+            Some(
+                "spiffe://99999999-8888-7777-6666-555555555555.consul/ns/default/dc/dc1/svc/client"
+            )
+        );
+        assert_eq!(table(vec![], true).decide(Some(NO_URI)).source, None);
+    }
+
+    #[test]
+    fn trust_domain_is_case_insensitive() {
+        let t = AuthzTable::new(TD.to_uppercase(), CA, vec![], true).unwrap();
+        assert!(allowed(&t, CLIENT));
+    }
+
+    #[test]
+    fn every_current_root_is_trusted() {
+        let both = format!("{CA}\n{CA2}");
+        let t = AuthzTable::new(TD, &both, vec![], true).unwrap();
+        assert!(allowed(&t, CLIENT));
+        assert!(allowed(&t, CLIENT_CA2));
+        assert!(!allowed(&t, CLIENT_ROGUE), "same issuer name, other key");
+        // After rotation drops the first root, its leaves are refused.
+        let t = AuthzTable::new(TD, CA2, vec![], true).unwrap();
+        assert!(!allowed(&t, CLIENT));
+        assert!(allowed(&t, CLIENT_CA2));
+    }
+
+    #[test]
+    fn validity_is_checked_at_decision_time() {
+        let t = table(vec![], true);
+        let day = Duration::from_secs(86_400);
+        let year = 365 * day;
+        let now = SystemTime::now();
+        assert!(t.decide_at(Some(CLIENT), now).allow);
+        let d = t.decide_at(Some(CLIENT), now + 101 * year);
+        assert!(!d.allow && d.reason.contains("expired"), "{}", d.reason);
+        let d = t.decide_at(Some(CLIENT), now - 2 * day);
+        assert!(
+            !d.allow && d.reason.contains("not valid before"),
+            "{}",
+            d.reason
+        );
+        // In 2000 expired.crt itself was valid, but the root that signed it did not exist yet.
+        let d = t.decide_at(Some(EXPIRED), UNIX_EPOCH + 30 * year + 180 * day);
+        assert!(
+            !d.allow && d.reason.contains("CA root is not valid"),
+            "{}",
+            d.reason
+        );
+    }
+
+    #[test]
+    fn deny_all_denies_everything() {
+        let t = AuthzTable::deny_all("waiting for Consul");
+        let d = t.decide(Some(CLIENT));
+        assert!(!d.allow);
+        assert_eq!(d.reason, "no authorization data: waiting for Consul");
+        assert!(!t.decide(None).allow);
+    }
+
+    #[test]
+    fn constructors_validate_roots() {
+        assert_eq!(
+            AuthzTable::new(TD, "", vec![], true).unwrap_err(),
+            AuthzError::NoRoots
+        );
+        let key = "-----BEGIN EC PRIVATE KEY-----\nAAAA\n-----END EC PRIVATE KEY-----\n";
+        assert!(matches!(
+            AuthzTable::new(TD, key, vec![], true),
+            Err(AuthzError::NotCertificate { .. })
+        ));
+        let bad = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+        assert!(matches!(
+            AuthzTable::new(TD, bad, vec![], true),
+            Err(AuthzError::BadRoot { index: 0, .. })
+        ));
+        let t = AuthzTable::from_der_roots(TD, vec![CA_DER.to_vec()], vec![], false).unwrap();
+        assert_eq!(t.roots().collect::<Vec<_>>(), vec![CA_DER]);
+        assert_eq!(t.trust_domain(), TD);
+        assert!(!t.default_allow());
+    }
+
+    #[test]
+    fn intentions_are_kept_in_evaluation_order() {
+        let t = table(
+            vec![
+                ixn("*", Action::Allow, 8),
+                ixn("a", Action::Allow, 9),
+                ixn("*", Action::Deny, 8),
+                ixn("b", Action::Deny, 9),
+                ixn("x", Action::Deny, 1),
+            ],
+            true,
+        );
+        let order: Vec<(&str, Action)> = t
+            .intentions()
+            .iter()
+            .map(|i| (i.source.as_str(), i.action))
+            .collect();
+        assert_eq!(
+            order,
+            vec![
+                ("b", Action::Deny),
+                ("a", Action::Allow),
+                ("*", Action::Deny),
+                ("*", Action::Allow),
+                ("x", Action::Deny),
+            ]
+        );
+    }
+
+    #[test]
+    fn spiffe_parsing() {
+        let ok = SpiffeId::parse("spiffe://td.consul/ns/default/dc/dc1/svc/web").unwrap();
+        assert_eq!(
+            ok,
+            SpiffeId {
+                trust_domain: "td.consul".into(),
+                partition: None,
+                namespace: "default".into(),
+                datacenter: "dc1".into(),
+                service: "web".into(),
+            }
+        );
+        let ap = SpiffeId::parse("SPIFFE://td.consul/ap/p1/ns/n/dc/d/svc/my%2Dsvc").unwrap();
+        assert_eq!(ap.partition.as_deref(), Some("p1"));
+        assert_eq!(ap.service, "my-svc");
+        for bad in [
+            "",
+            "spiffe:/",
+            "https://td/ns/default/dc/dc1/svc/web",
+            "spiffe:///ns/default/dc/dc1/svc/web",
+            "spiffe://td",
+            "spiffe://td/ns/default/dc/dc1/svc/",
+            "spiffe://td/ns/default/dc/dc1/svc/web/extra",
+            "spiffe://td/ns/default/dc/dc1/svc/web?x=1",
+            "spiffe://td/agent/client/dc/dc1/id/node",
+            "spiffe://td/ns/default/dc/dc1/svc/we%zzb",
+            "spiffe://td/ns/default/dc/dc1/svc/we%",
+            "spiffe://td/ns/default/dc/dc1/svc/%ff",
+            "spiffe://td/ap//ns/default/dc/dc1/svc/web",
+            "spiffé://td/ns/default/dc/dc1/svc/web",
+        ] {
+            assert!(SpiffeId::parse(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+}

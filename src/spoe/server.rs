@@ -1,0 +1,1024 @@
+//! The SPOE agent server: a unix socket HAProxy's `spoe_agents` backend connects to.
+//!
+//! It runs on its own tokio runtime with a fixed number of worker threads, started on a
+//! dedicated OS thread, so neither a slow control plane nor a connection storm can starve the
+//! other. A decision only reads the current [`AuthzTable`] (an `Arc` swapped whole by the
+//! intentions watcher); nothing on this path performs network I/O or holds a lock across I/O.
+//!
+//! Per connection: HAPROXY-HELLO → AGENT-HELLO (a health-check HELLO is answered and the
+//! connection closed), then each NOTIFY is answered, in order, by an ACK that sets
+//! `sess.<var-prefix>.<var_name>` to a BOOL. HAPROXY-DISCONNECT is answered with
+//! AGENT-DISCONNECT, and so is any malformed frame, with the matching status code. Answers go
+//! back on the connection the NOTIFY came from and echo its stream and frame ids, which is all
+//! HAProxy 3.x allows.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use super::authz::{AuthzTable, Decision};
+use super::frame::{
+    self, Disconnect, Frame, FrameError, HaproxyHello, Notify, StatusCode, TypedData, VarScope,
+    AGENT_MAX_FRAME_SIZE,
+};
+
+/// The `spoe-message` the HAProxy configuration must declare, with `args cert=ssl_c_der` and
+/// `event on-frontend-tcp-request`.
+pub const CHECK_MESSAGE: &str = "check-client";
+/// The argument of [`CHECK_MESSAGE`] that carries the client certificate.
+pub const CERT_ARG: &str = "cert";
+
+/// HAProxy sends its HELLO as soon as it connects; a silent peer is not HAProxy.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Must exceed HAProxy's `timeout idle` (2.6) and agent backend `timeout server` (3.x) so
+/// HAProxy, not us, decides when a pooled connection ends; this only reaps leaked peers.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// A peer that stops reading must not pin a task forever.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long shutdown waits for connections to say AGENT-DISCONNECT before they are dropped.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+/// Bounds the memory of the "already logged this denial" set; it is cleared when full.
+const DENIAL_LOG_CAP: usize = 4096;
+/// HAProxy truncates `<scope>.<prefix>.<name>` to 63 bytes, so a longer name can never match.
+const MAX_VAR_NAME: usize = 63;
+
+/// How the agent is started.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Where to listen; a stale socket there is replaced. Created with mode 0600, so HAProxy
+    /// must run as the same user.
+    pub socket_path: PathBuf,
+    /// Tokio worker threads, at least 1.
+    pub worker_threads: usize,
+    /// The ACK sets `sess.<prefix>.<var_name>`, where HAProxy's `option var-prefix` supplies
+    /// the prefix (e.g. `hcc` + `allow` → `var(sess.hcc.allow)`).
+    pub var_name: String,
+}
+
+/// The current decision table, shared between the intentions watcher (writer) and the agent
+/// (readers). The lock is only held to clone or swap the `Arc`.
+#[derive(Clone)]
+pub struct SharedTable {
+    inner: Arc<RwLock<Arc<AuthzTable>>>,
+}
+
+impl SharedTable {
+    pub fn new(table: AuthzTable) -> Self {
+        SharedTable {
+            inner: Arc::new(RwLock::new(Arc::new(table))),
+        }
+    }
+
+    /// Swaps in a new table; decisions already running finish with the old one.
+    pub fn replace(&self, table: AuthzTable) {
+        let new = Arc::new(table);
+        // A poisoned lock only means a panic elsewhere while swapping an Arc, which cannot
+        // leave it half-written, so the value is still good to use.
+        let mut guard = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        *guard = new;
+    }
+
+    pub fn current(&self) -> Arc<AuthzTable> {
+        Arc::clone(&self.inner.read().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl fmt::Debug for SharedTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedTable").finish_non_exhaustive()
+    }
+}
+
+/// Counters for metrics. Monotonic; read with `Ordering::Relaxed`.
+#[derive(Debug, Default)]
+pub struct AgentStats {
+    /// NOTIFYs answered with allow.
+    pub allowed: AtomicU64,
+    /// NOTIFYs answered with deny.
+    pub denied: AtomicU64,
+    /// Connections ended by a protocol or I/O error (malformed frame, timeout, reset…).
+    pub errors: AtomicU64,
+    /// Connections accepted, health checks included.
+    pub connections: AtomicU64,
+    /// `option spop-check` HELLOs answered.
+    pub health_checks: AtomicU64,
+}
+
+/// Why the agent could not start.
+#[derive(Debug)]
+pub enum AgentError {
+    InvalidConfig(String),
+    Socket { path: PathBuf, source: io::Error },
+    Runtime(io::Error),
+    Thread(io::Error),
+}
+
+impl fmt::Display for AgentError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AgentError::InvalidConfig(m) => write!(f, "SPOE agent config: {m}"),
+            AgentError::Socket { path, source } => {
+                write!(f, "SPOE agent socket {}: {source}", path.display())
+            }
+            AgentError::Runtime(e) => write!(f, "SPOE agent runtime: {e}"),
+            AgentError::Thread(e) => write!(f, "SPOE agent thread: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for AgentError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            AgentError::InvalidConfig(_) => None,
+            AgentError::Socket { source, .. } => Some(source),
+            AgentError::Runtime(e) | AgentError::Thread(e) => Some(e),
+        }
+    }
+}
+
+/// A running agent. Dropping it stops the agent like [`AgentHandle::shutdown`].
+pub struct AgentHandle {
+    stats: Arc<AgentStats>,
+    shutdown: watch::Sender<bool>,
+    thread: Option<JoinHandle<()>>,
+    socket_path: PathBuf,
+}
+
+impl AgentHandle {
+    pub fn stats(&self) -> &Arc<AgentStats> {
+        &self.stats
+    }
+
+    pub fn socket_path(&self) -> &Path {
+        &self.socket_path
+    }
+
+    /// Stops accepting, tells every open connection AGENT-DISCONNECT, removes the socket
+    /// file and stops the runtime. Blocks for at most about [`DRAIN_TIMEOUT`] plus a second.
+    /// HAProxy then fails closed: with no agent the variable stays unset and its rule rejects.
+    pub fn shutdown(&mut self) {
+        // send_replace, unlike send, works when every receiver is already gone.
+        self.shutdown.send_replace(true);
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                log::error!("SPOE agent thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for AgentHandle {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl fmt::Debug for AgentHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AgentHandle")
+            .field("socket_path", &self.socket_path)
+            .field("running", &self.thread.is_some())
+            .finish()
+    }
+}
+
+/// Starts the agent: binds the socket and builds the runtime before returning, so every
+/// startup failure is reported here rather than logged later.
+pub fn spawn(cfg: AgentConfig, table: SharedTable) -> Result<AgentHandle, AgentError> {
+    validate(&cfg)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cfg.worker_threads)
+        .thread_name("spoe-worker")
+        .enable_io()
+        .enable_time()
+        .build()
+        .map_err(AgentError::Runtime)?;
+    let (std_listener, identity) =
+        bind_socket(&cfg.socket_path).map_err(|source| AgentError::Socket {
+            path: cfg.socket_path.clone(),
+            source,
+        })?;
+    let listener = {
+        // from_std registers with the reactor of the runtime entered here.
+        let _enter = runtime.enter();
+        UnixListener::from_std(std_listener).map_err(|source| {
+            remove_if_ours(&cfg.socket_path, identity);
+            AgentError::Socket {
+                path: cfg.socket_path.clone(),
+                source,
+            }
+        })?
+    };
+
+    let stats = Arc::new(AgentStats::default());
+    let ctx = Arc::new(Ctx {
+        table,
+        var_name: cfg.var_name.clone(),
+        stats: Arc::clone(&stats),
+        denials: Mutex::new(HashSet::new()),
+    });
+    let (tx, rx) = watch::channel(false);
+    let path = cfg.socket_path.clone();
+    let thread = std::thread::Builder::new()
+        .name("spoe-agent".into())
+        .spawn(move || {
+            runtime.block_on(accept_loop(listener, ctx, rx));
+            remove_if_ours(&path, identity);
+            runtime.shutdown_timeout(Duration::from_secs(1));
+        })
+        .map_err(|e| {
+            remove_if_ours(&cfg.socket_path, identity);
+            AgentError::Thread(e)
+        })?;
+    log::info!(
+        "SPOE agent listening on {} with {} worker threads",
+        cfg.socket_path.display(),
+        cfg.worker_threads
+    );
+    Ok(AgentHandle {
+        stats,
+        shutdown: tx,
+        thread: Some(thread),
+        socket_path: cfg.socket_path,
+    })
+}
+
+fn validate(cfg: &AgentConfig) -> Result<(), AgentError> {
+    // Tokio panics on zero workers; a config error is the better failure.
+    if cfg.worker_threads == 0 {
+        return Err(AgentError::InvalidConfig(
+            "worker_threads must be at least 1".into(),
+        ));
+    }
+    let name = &cfg.var_name;
+    if name.is_empty()
+        || name.len() > MAX_VAR_NAME
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
+    {
+        return Err(AgentError::InvalidConfig(format!(
+            "var_name {name:?} must be 1-{MAX_VAR_NAME} characters of [A-Za-z0-9_.]"
+        )));
+    }
+    if cfg.socket_path.file_name().is_none() {
+        return Err(AgentError::InvalidConfig(format!(
+            "socket_path {} has no file name",
+            cfg.socket_path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// (device, inode) of the socket file we created, so shutdown never removes a socket that a
+/// newer agent has since bound at the same path.
+type FileIdentity = (u64, u64);
+
+/// Binds at a temporary name, restricts it to 0600, then renames it over `path`: the socket
+/// is never reachable with wider permissions, and a stale socket is replaced atomically.
+fn bind_socket(path: &Path) -> io::Result<(std::os::unix::net::UnixListener, FileIdentity)> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_socket() => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "exists and is not a socket; refusing to replace it",
+            ))
+        }
+        Ok(_) => log::debug!("replacing stale SPOE socket {}", path.display()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    // Short on purpose: unix socket paths are limited to 107 bytes.
+    let tmp = path.with_file_name(format!(
+        ".spoe{}-{}.tmp",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = std::os::unix::net::UnixListener::bind(&tmp)?;
+    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .and_then(|()| listener.set_nonblocking(true))
+        .and_then(|()| std::fs::metadata(path));
+    match placed {
+        Ok(m) => Ok((listener, (m.dev(), m.ino()))),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+fn remove_if_ours(path: &Path, identity: FileIdentity) {
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        if (m.dev(), m.ino()) == identity {
+            if let Err(e) = std::fs::remove_file(path) {
+                log::warn!("removing SPOE socket {}: {e}", path.display());
+            }
+        }
+    }
+}
+
+/// What every connection task shares.
+struct Ctx {
+    table: SharedTable,
+    var_name: String,
+    stats: Arc<AgentStats>,
+    /// (identity, reason) pairs already logged at info, so a denied client that retries in a
+    /// loop produces one line, not one per connection.
+    denials: Mutex<HashSet<String>>,
+}
+
+impl Ctx {
+    fn record(&self, d: &Decision) {
+        // Identities and reasons quote certificate contents; escaped, a crafted certificate
+        // cannot forge log lines.
+        let who = d
+            .source
+            .as_deref()
+            .unwrap_or("<no identity>")
+            .escape_debug();
+        let why = d.reason.escape_debug();
+        if d.allow {
+            self.stats.allowed.fetch_add(1, Ordering::Relaxed);
+            log::debug!("SPOE allow {who}: {why}");
+            return;
+        }
+        self.stats.denied.fetch_add(1, Ordering::Relaxed);
+        let key = format!("{}\0{}", d.source.as_deref().unwrap_or(""), d.reason);
+        let first = {
+            let mut seen = self.denials.lock().unwrap_or_else(|e| e.into_inner());
+            if seen.contains(&key) {
+                false
+            } else {
+                if seen.len() >= DENIAL_LOG_CAP {
+                    seen.clear();
+                }
+                seen.insert(key)
+            }
+        };
+        if first {
+            log::info!("SPOE deny {who}: {why} (logged once per identity and reason)");
+        } else {
+            log::debug!("SPOE deny {who}: {why}");
+        }
+    }
+}
+
+async fn accept_loop(listener: UnixListener, ctx: Arc<Ctx>, mut shutdown: watch::Receiver<bool>) {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            () = stopped(&mut shutdown) => break,
+            // Reap finished tasks so the set does not grow with every connection ever made.
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    ctx.stats.connections.fetch_add(1, Ordering::Relaxed);
+                    conns.spawn(serve_connection(stream, Arc::clone(&ctx), shutdown.clone()));
+                }
+                Err(e) => {
+                    // Typically EMFILE; pausing keeps a persistent error from spinning a core.
+                    log::warn!("SPOE accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        log::debug!("SPOE shutdown: dropping {} connections", conns.len());
+        conns.abort_all();
+    }
+    log::info!("SPOE agent stopped");
+}
+
+/// Resolves once shutdown is requested (or the handle is gone). The guard `wait_for` returns
+/// is dropped here because it must not live across the awaits that follow in a task.
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// How a connection ends, decided while handling a frame.
+enum Next {
+    Continue,
+    /// Flush what is queued, then close.
+    Close,
+}
+
+/// A protocol failure: answered with AGENT-DISCONNECT(status) and logged at warn.
+struct Fail {
+    status: StatusCode,
+    problem: String,
+}
+
+impl From<FrameError> for Fail {
+    fn from(e: FrameError) -> Self {
+        Fail {
+            status: e.status_code(),
+            problem: e.to_string(),
+        }
+    }
+}
+
+struct Conn {
+    stream: UnixStream,
+    ctx: Arc<Ctx>,
+    inbuf: Vec<u8>,
+    out: Vec<u8>,
+    /// Before HELLO our own limit; after, the negotiated one.
+    max_frame: usize,
+    ready: bool,
+}
+
+async fn serve_connection(stream: UnixStream, ctx: Arc<Ctx>, mut shutdown: watch::Receiver<bool>) {
+    let mut c = Conn {
+        stream,
+        ctx,
+        inbuf: Vec::with_capacity(4096),
+        out: Vec::with_capacity(256),
+        max_frame: AGENT_MAX_FRAME_SIZE as usize,
+        ready: false,
+    };
+    loop {
+        // Answer every frame already buffered (pipelining: several NOTIFYs may arrive in one
+        // read), in order, then write the answers in one go.
+        let mut next = Next::Continue;
+        loop {
+            match frame::decode(&c.inbuf, c.max_frame) {
+                Ok(None) => break,
+                Ok(Some((f, used))) => {
+                    c.inbuf.drain(..used);
+                    match c.handle(f) {
+                        Ok(Next::Continue) => {}
+                        Ok(Next::Close) => {
+                            next = Next::Close;
+                            break;
+                        }
+                        Err(fail) => return c.fail(fail).await,
+                    }
+                }
+                Err(e) => return c.fail(e.into()).await,
+            }
+        }
+        if let Err(e) = c.flush().await {
+            c.ctx.stats.errors.fetch_add(1, Ordering::Relaxed);
+            log::warn!("SPOE connection: write failed: {e}");
+            return;
+        }
+        if let Next::Close = next {
+            return;
+        }
+
+        let wait = if c.ready { IDLE_TIMEOUT } else { HELLO_TIMEOUT };
+        c.inbuf.reserve(8192);
+        let read = tokio::select! {
+            () = stopped(&mut shutdown) => {
+                c.say_goodbye(StatusCode::Normal, "agent shutting down").await;
+                return;
+            }
+            r = tokio::time::timeout(wait, c.stream.read_buf(&mut c.inbuf)) => r,
+        };
+        match read {
+            Err(_elapsed) => {
+                let what = if c.ready {
+                    "idle timeout"
+                } else {
+                    "no HELLO in time"
+                };
+                return c
+                    .fail(Fail {
+                        status: StatusCode::Timeout,
+                        problem: what.into(),
+                    })
+                    .await;
+            }
+            Ok(Ok(0)) => {
+                if !c.inbuf.is_empty() {
+                    log::debug!(
+                        "SPOE connection closed by HAProxy with {} bytes of a frame unread",
+                        c.inbuf.len()
+                    );
+                }
+                return;
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                c.ctx.stats.errors.fetch_add(1, Ordering::Relaxed);
+                log::warn!("SPOE connection: read failed: {e}");
+                return;
+            }
+        }
+    }
+}
+
+impl Conn {
+    fn handle(&mut self, f: Frame) -> Result<Next, Fail> {
+        match (self.ready, f) {
+            (false, Frame::HaproxyHello(kv)) => {
+                let hello = HaproxyHello::from_kv(&kv)?;
+                let size = hello.negotiate_frame_size(AGENT_MAX_FRAME_SIZE);
+                self.queue(&Frame::agent_hello(size))?;
+                if hello.healthcheck {
+                    // A health check is not a session: HAProxy closes after our HELLO.
+                    self.ctx.stats.health_checks.fetch_add(1, Ordering::Relaxed);
+                    return Ok(Next::Close);
+                }
+                log::debug!(
+                    "SPOE connection from engine {}: max-frame-size {size}, capabilities {:?}",
+                    hello.engine_id.as_deref().unwrap_or("-"),
+                    hello.capabilities
+                );
+                self.max_frame = size as usize;
+                self.ready = true;
+                Ok(Next::Continue)
+            }
+            (true, Frame::Notify(n)) => {
+                let decision = self.decide(&n);
+                self.ctx.record(&decision);
+                let ack = Frame::ack_set_var(
+                    n.stream_id,
+                    n.frame_id,
+                    VarScope::Session,
+                    &self.ctx.var_name,
+                    TypedData::Bool(decision.allow),
+                );
+                self.queue(&ack)?;
+                Ok(Next::Continue)
+            }
+            (_, Frame::HaproxyDisconnect(kv)) => {
+                match Disconnect::from_kv(&kv) {
+                    // 0 is a reload or stop, 2 an idle timeout: routine.
+                    Ok(d) if d.status_code == 0 || d.status_code == 2 => log::debug!(
+                        "SPOE connection: HAProxy disconnected ({} {})",
+                        d.status_code,
+                        d.message.escape_debug()
+                    ),
+                    Ok(d) => log::warn!(
+                        "SPOE connection: HAProxy disconnected with status {}: {}",
+                        d.status_code,
+                        d.message.escape_debug()
+                    ),
+                    Err(e) => log::warn!("SPOE connection: malformed HAPROXY-DISCONNECT: {e}"),
+                }
+                self.queue(&Frame::agent_disconnect(StatusCode::Normal, "normal"))?;
+                Ok(Next::Close)
+            }
+            (ready, other) => Err(Fail {
+                status: StatusCode::Invalid,
+                problem: format!(
+                    "unexpected {} frame {}",
+                    other.frame_type(),
+                    if ready { "after HELLO" } else { "before HELLO" }
+                ),
+            }),
+        }
+    }
+
+    fn decide(&self, n: &Notify) -> Decision {
+        let table = self.ctx.table.current();
+        match n.find_arg(Some(CHECK_MESSAGE), CERT_ARG) {
+            Some(TypedData::Binary(der)) => table.decide(Some(der)),
+            // ssl_c_der is NULL when the client sent no certificate.
+            Some(TypedData::Null) => table.decide(None),
+            Some(other) => Decision {
+                allow: false,
+                reason: format!(
+                    "NOTIFY argument {CERT_ARG} is {}, expected BINARY (ssl_c_der)",
+                    other.type_name()
+                ),
+                source: None,
+            },
+            None => Decision {
+                allow: false,
+                reason: format!(
+                    "NOTIFY has no {CERT_ARG} argument: spoe-message {CHECK_MESSAGE} \
+                     must have args {CERT_ARG}=ssl_c_der"
+                ),
+                source: None,
+            },
+        }
+    }
+
+    fn queue(&mut self, f: &Frame) -> Result<(), Fail> {
+        f.encode(self.max_frame, &mut self.out).map_err(|e| Fail {
+            status: StatusCode::Resource,
+            problem: format!("cannot encode {}: {e}", f.frame_type()),
+        })
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        match tokio::time::timeout(WRITE_TIMEOUT, self.stream.write_all(&self.out)).await {
+            Ok(r) => r?,
+            Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "write timed out")),
+        }
+        self.out.clear();
+        Ok(())
+    }
+
+    async fn fail(mut self, fail: Fail) {
+        self.ctx.stats.errors.fetch_add(1, Ordering::Relaxed);
+        log::warn!(
+            "SPOE connection: {}; sending AGENT-DISCONNECT status {}",
+            fail.problem,
+            fail.status.code()
+        );
+        self.say_goodbye(fail.status, &fail.problem).await;
+    }
+
+    /// Best effort: the peer may already be gone, and we close either way. ACKs still queued
+    /// for earlier frames of the same read go out first, so those streams get their answer.
+    async fn say_goodbye(&mut self, status: StatusCode, message: &str) {
+        // The negotiated size is at least 256 and the message is cut well below that.
+        let _ = Frame::agent_disconnect(status, message).encode(self.max_frame, &mut self.out);
+        let _ = self.flush().await;
+        let _ = self.stream.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spoe::authz::{Action, Intention};
+    use crate::spoe::frame::{Ack, Message, Notify};
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream as StdStream;
+
+    const TD: &str = "11111111-2222-3333-4444-555555555555.consul";
+    const CA: &str = include_str!("../../fixtures/spop/certs/ca.crt");
+    const CLIENT: &[u8] = include_bytes!("../../fixtures/spop/certs/client.der");
+    const WEB: &[u8] = include_bytes!("../../fixtures/spop/certs/web.der");
+    const HELLO: &[u8] = include_bytes!("../../fixtures/spop/haproxy-hello.bin");
+    const HELLO_HC: &[u8] = include_bytes!("../../fixtures/spop/haproxy-hello-healthcheck.bin");
+    const NOTIFY_CERT: &[u8] = include_bytes!("../../fixtures/spop/notify-cert.bin");
+    const NOTIFY_NOCERT: &[u8] = include_bytes!("../../fixtures/spop/notify-nocert.bin");
+    const DISCONNECT: &[u8] = include_bytes!("../../fixtures/spop/haproxy-disconnect.bin");
+
+    struct TestAgent {
+        dir: PathBuf,
+        handle: AgentHandle,
+        table: SharedTable,
+    }
+
+    impl Drop for TestAgent {
+        fn drop(&mut self) {
+            self.handle.shutdown();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn table(deny_web: bool) -> AuthzTable {
+        let ixns = if deny_web {
+            vec![Intention {
+                source: "web".into(),
+                action: Action::Deny,
+                precedence: 9,
+            }]
+        } else {
+            vec![]
+        };
+        AuthzTable::new(TD, CA, ixns, true).unwrap()
+    }
+
+    fn start(name: &str) -> TestAgent {
+        let dir = std::env::temp_dir().join(format!("spoe-srv-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let shared = SharedTable::new(table(true));
+        let handle = spawn(
+            AgentConfig {
+                socket_path: dir.join("agent.sock"),
+                worker_threads: 2,
+                var_name: "allow".into(),
+            },
+            shared.clone(),
+        )
+        .unwrap();
+        TestAgent {
+            dir,
+            handle,
+            table: shared,
+        }
+    }
+
+    fn connect(a: &TestAgent) -> StdStream {
+        let s = StdStream::connect(a.handle.socket_path()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s
+    }
+
+    /// Reads one frame (blocking) or None on EOF.
+    fn read_frame(s: &mut StdStream) -> Option<Frame> {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some((f, used)) = frame::decode(&buf, usize::MAX).unwrap() {
+                assert_eq!(used, buf.len(), "one frame at a time in these tests");
+                return Some(f);
+            }
+            let n = s.read(&mut chunk).unwrap();
+            if n == 0 {
+                assert!(buf.is_empty(), "EOF mid-frame");
+                return None;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    fn notify(sid: u64, fid: u64, cert: TypedData) -> Vec<u8> {
+        let f = Frame::Notify(Notify {
+            stream_id: sid,
+            frame_id: fid,
+            messages: vec![Message {
+                name: CHECK_MESSAGE.into(),
+                args: vec![(CERT_ARG.into(), cert)],
+            }],
+        });
+        let mut out = Vec::new();
+        f.encode(16380, &mut out).unwrap();
+        out
+    }
+
+    fn expect_ack(f: Option<Frame>, sid: u64, fid: u64, allow: bool) {
+        assert_eq!(
+            f,
+            Some(Frame::Ack(Ack {
+                stream_id: sid,
+                frame_id: fid,
+                actions: vec![frame::Action::SetVar {
+                    scope: VarScope::Session,
+                    name: "allow".into(),
+                    value: TypedData::Bool(allow),
+                }],
+            }))
+        );
+    }
+
+    fn disconnect_status(f: Option<Frame>) -> u64 {
+        match f {
+            Some(Frame::AgentDisconnect(kv)) => Disconnect::from_kv(&kv).unwrap().status_code,
+            other => panic!("expected AGENT-DISCONNECT, got {other:?}"),
+        }
+    }
+
+    fn handshake(s: &mut StdStream) {
+        s.write_all(HELLO).unwrap();
+        match read_frame(s) {
+            Some(Frame::AgentHello(kv)) => {
+                let h = frame::AgentHello::from_kv(&kv).unwrap();
+                assert_eq!(h.version, "2.0");
+                assert_eq!(h.max_frame_size, 16380);
+                assert_eq!(h.capabilities, vec!["pipelining"]);
+            }
+            other => panic!("expected AGENT-HELLO, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn captured_session_allow_deny_disconnect() {
+        let a = start("session");
+        let mut s = connect(&a);
+        handshake(&mut s);
+        s.write_all(NOTIFY_CERT).unwrap();
+        expect_ack(read_frame(&mut s), 0, 1, true);
+        s.write_all(NOTIFY_NOCERT).unwrap();
+        expect_ack(read_frame(&mut s), 2, 1, false);
+        s.write_all(&notify(9, 4, TypedData::Binary(WEB.to_vec())))
+            .unwrap();
+        expect_ack(read_frame(&mut s), 9, 4, false);
+        s.write_all(DISCONNECT).unwrap();
+        assert_eq!(disconnect_status(read_frame(&mut s)), 0);
+        assert_eq!(read_frame(&mut s), None, "closed after DISCONNECT");
+        let st = a.handle.stats();
+        assert_eq!(st.allowed.load(Ordering::Relaxed), 1);
+        assert_eq!(st.denied.load(Ordering::Relaxed), 2);
+        assert_eq!(st.errors.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn health_check_is_answered_then_closed() {
+        let a = start("hc");
+        let mut s = connect(&a);
+        s.write_all(HELLO_HC).unwrap();
+        assert!(matches!(read_frame(&mut s), Some(Frame::AgentHello(_))));
+        assert_eq!(read_frame(&mut s), None);
+        assert_eq!(a.handle.stats().health_checks.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn pipelined_notifies_are_answered_in_order() {
+        let a = start("pipeline");
+        let mut s = connect(&a);
+        handshake(&mut s);
+        let mut burst = Vec::new();
+        for i in 0..20u64 {
+            let cert = if i % 2 == 0 { CLIENT } else { WEB };
+            burst.extend(notify(i * 2 + 1, 1, TypedData::Binary(cert.to_vec())));
+        }
+        s.write_all(&burst).unwrap();
+        let mut buf = Vec::new();
+        let mut acks = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while acks.len() < 20 {
+            while let Some((f, used)) = frame::decode(&buf, 16380).unwrap() {
+                buf.drain(..used);
+                acks.push(f);
+            }
+            if acks.len() < 20 {
+                let n = s.read(&mut chunk).unwrap();
+                assert!(n > 0);
+                buf.extend_from_slice(&chunk[..n]);
+            }
+        }
+        for (i, f) in acks.into_iter().enumerate() {
+            expect_ack(Some(f), i as u64 * 2 + 1, 1, i % 2 == 0);
+        }
+    }
+
+    #[test]
+    fn table_replacement_applies_to_next_notify() {
+        let a = start("replace");
+        let mut s = connect(&a);
+        handshake(&mut s);
+        s.write_all(&notify(1, 1, TypedData::Binary(WEB.to_vec())))
+            .unwrap();
+        expect_ack(read_frame(&mut s), 1, 1, false);
+        a.table.replace(table(false));
+        s.write_all(&notify(3, 1, TypedData::Binary(WEB.to_vec())))
+            .unwrap();
+        expect_ack(read_frame(&mut s), 3, 1, true);
+        a.table.replace(AuthzTable::deny_all("test"));
+        s.write_all(&notify(5, 1, TypedData::Binary(CLIENT.to_vec())))
+            .unwrap();
+        expect_ack(read_frame(&mut s), 5, 1, false);
+    }
+
+    #[test]
+    fn malformed_frames_get_the_right_status() {
+        let a = start("malformed");
+        // (frame bytes after a good HELLO, expected status)
+        let oversize = 16381u32.to_be_bytes().to_vec();
+        let cases: Vec<(Vec<u8>, u64)> = vec![
+            (
+                vec![0, 0, 0, 12, 3, 0, 0, 0, 1, 1, 1, 1, b'm', 1, 0, 0x0a],
+                4,
+            ),
+            (vec![0, 0, 0, 5, 3, 0, 0, 0, 1], 4),
+            (oversize, 3),
+            (vec![0, 0, 0, 7, 3, 0, 0, 0, 0, 1, 1], 10),
+            (HELLO.to_vec(), 4),
+            (notify(1, 1, TypedData::Int64(1))[..8].to_vec(), 99),
+        ];
+        for (bytes, status) in cases {
+            let mut s = connect(&a);
+            handshake(&mut s);
+            if status == 99 {
+                // A frame cut off by EOF is not an error to answer: just closed.
+                s.write_all(&bytes).unwrap();
+                s.shutdown(std::net::Shutdown::Write).unwrap();
+                assert_eq!(read_frame(&mut s), None);
+                continue;
+            }
+            s.write_all(&bytes).unwrap();
+            assert_eq!(
+                disconnect_status(read_frame(&mut s)),
+                status,
+                "{bytes:02x?}"
+            );
+            assert_eq!(read_frame(&mut s), None);
+        }
+        // Before HELLO: a NOTIFY is invalid, and a bad HELLO gets its own code.
+        let mut s = connect(&a);
+        s.write_all(NOTIFY_CERT).unwrap();
+        assert_eq!(disconnect_status(read_frame(&mut s)), 4);
+        let mut s = connect(&a);
+        let bad_version = Frame::HaproxyHello(frame::KvList(vec![
+            (
+                "supported-versions".into(),
+                TypedData::String(b"1.0".to_vec()),
+            ),
+            ("max-frame-size".into(), TypedData::Uint32(16380)),
+            ("capabilities".into(), TypedData::String(vec![])),
+        ]));
+        let mut out = Vec::new();
+        bad_version.encode(16380, &mut out).unwrap();
+        s.write_all(&out).unwrap();
+        assert_eq!(disconnect_status(read_frame(&mut s)), 8);
+        assert!(a.handle.stats().errors.load(Ordering::Relaxed) >= 6);
+    }
+
+    #[test]
+    fn acks_before_a_bad_frame_still_go_out() {
+        let a = start("ack-then-bad");
+        let mut s = connect(&a);
+        handshake(&mut s);
+        let mut burst = notify(1, 1, TypedData::Binary(CLIENT.to_vec()));
+        burst.extend_from_slice(&[0, 0, 0, 7, 3, 0, 0, 0, 0, 1, 1]); // no FIN
+        s.write_all(&burst).unwrap();
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).unwrap();
+        let (first, used) = frame::decode(&buf, 16380).unwrap().unwrap();
+        expect_ack(Some(first), 1, 1, true);
+        let (second, rest) = frame::decode(&buf[used..], 16380).unwrap().unwrap();
+        assert_eq!(disconnect_status(Some(second)), 10);
+        assert_eq!(used + rest, buf.len());
+    }
+
+    #[test]
+    fn notify_without_cert_argument_is_denied_not_dropped() {
+        let a = start("noarg");
+        let mut s = connect(&a);
+        handshake(&mut s);
+        let f = Frame::Notify(Notify {
+            stream_id: 1,
+            frame_id: 1,
+            messages: vec![],
+        });
+        let mut out = Vec::new();
+        f.encode(16380, &mut out).unwrap();
+        s.write_all(&out).unwrap();
+        expect_ack(read_frame(&mut s), 1, 1, false);
+        s.write_all(&notify(3, 1, TypedData::String(CLIENT.to_vec())))
+            .unwrap();
+        expect_ack(read_frame(&mut s), 3, 1, false);
+    }
+
+    #[test]
+    fn shutdown_disconnects_and_removes_socket() {
+        let mut a = start("shutdown");
+        let mut s = connect(&a);
+        handshake(&mut s);
+        let path = a.handle.socket_path().to_owned();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        a.handle.shutdown();
+        assert_eq!(disconnect_status(read_frame(&mut s)), 0);
+        assert!(!path.exists(), "socket removed");
+        assert!(StdStream::connect(&path).is_err());
+        a.handle.shutdown(); // idempotent
+    }
+
+    #[test]
+    fn stale_socket_is_replaced_and_other_files_are_not() {
+        let dir = std::env::temp_dir().join(format!("spoe-srv-{}-stale", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("agent.sock");
+        let stale = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        drop(stale);
+        let cfg = |p: &Path| AgentConfig {
+            socket_path: p.to_owned(),
+            worker_threads: 1,
+            var_name: "allow".into(),
+        };
+        let mut h = spawn(cfg(&path), SharedTable::new(table(false))).unwrap();
+        let mut s = StdStream::connect(&path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        handshake(&mut s);
+        h.shutdown();
+        let file = dir.join("plain");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(matches!(
+            spawn(cfg(&file), SharedTable::new(table(false))),
+            Err(AgentError::Socket { .. })
+        ));
+        assert_eq!(std::fs::read(&file).unwrap(), b"x");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn invalid_config_is_refused() {
+        let cfg = |threads: usize, var: &str| AgentConfig {
+            socket_path: std::env::temp_dir().join("never-bound.sock"),
+            worker_threads: threads,
+            var_name: var.into(),
+        };
+        let t = || SharedTable::new(AuthzTable::deny_all("test"));
+        let long = "x".repeat(64);
+        for (threads, var) in [(0, "allow"), (1, ""), (1, "a b"), (1, long.as_str())] {
+            assert!(matches!(
+                spawn(cfg(threads, var), t()),
+                Err(AgentError::InvalidConfig(_))
+            ));
+        }
+    }
+}

@@ -1,0 +1,407 @@
+//! The walking skeleton end to end: real Consul 1.8.7, HAProxy 2.6 and the Dataplane API on
+//! loopback, two sidecars, the original's `case-basic` and more.
+
+mod support;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use support::mesh::{sidecar, Mesh, MeshOptions, APP_BODY};
+use support::*;
+
+fn openssl(args: &[&str], stdin: &[u8]) -> std::process::Output {
+    let mut child = Command::new("openssl")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("openssl installed by scripts/install-deps");
+    if let Some(mut s) = child.stdin.take() {
+        let _ = s.write_all(stdin);
+    }
+    child.wait_with_output().expect("openssl ran")
+}
+
+/// The certificate a TLS server presents, as openssl prints its SANs.
+fn presented_sans(port: u16) -> String {
+    let out = openssl(
+        &[
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+            "-showcerts",
+        ],
+        b"",
+    );
+    let pem = String::from_utf8_lossy(&out.stdout).into_owned();
+    let out = openssl(
+        &["x509", "-noout", "-ext", "subjectAltName"],
+        pem.as_bytes(),
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// An HTTPS request with the given client certificate files; Ok(body) or Err(curl's complaint).
+fn curl_mtls(
+    port: u16,
+    cert: Option<(&std::path::Path, &std::path::Path)>,
+    ca: &std::path::Path,
+) -> Result<String, String> {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--max-time", "5", "-k"])
+        .arg("--cacert")
+        .arg(ca)
+        .arg(format!("https://127.0.0.1:{port}/"));
+    if let Some((c, k)) = cert {
+        cmd.arg("--cert").arg(c).arg("--key").arg(k);
+    }
+    let out = cmd
+        .output()
+        .expect("curl installed by scripts/install-deps");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn traffic_identity_and_refusals_through_two_sidecars() {
+    let nobody_port = free_port();
+    let mesh = Mesh::start(MeshOptions {
+        extra_upstreams: vec![("nobody".into(), nobody_port)],
+        ..Default::default()
+    });
+    eprintln!(
+        "measured: sidecar start to first answer through the mesh: {} ms",
+        mesh.first_answer.as_millis()
+    );
+
+    // 1. A request through the client's upstream port reaches the app and returns its body.
+    let before = mesh.app.requests();
+    let (status, body) = http_get(&mesh.upstream_addr(), "/hello", Duration::from_secs(5)).unwrap();
+    assert_eq!((status, body.as_str()), (200, APP_BODY));
+    assert!(mesh.app.requests() > before, "the app saw the request");
+
+    // 2. The server sidecar's public port presents its SPIFFE identity.
+    let sans = presented_sans(mesh.server_port);
+    let want = format!("URI:spiffe://{TRUST_DOMAIN}/ns/default/dc/dc1/svc/server");
+    assert!(sans.contains(&want), "SANs {sans:?} lack {want}");
+
+    // 3. The public port requires a client certificate from the mesh CA.
+    let dir = TempDir::new("certs");
+    let roots = mesh.consul.get_json("/v1/agent/connect/ca/roots");
+    let root_pem = roots["Roots"][0]["RootCert"].as_str().unwrap().to_string();
+    std::fs::write(dir.join("roots.pem"), &root_pem).unwrap();
+    let leaf = mesh.consul.get_json("/v1/agent/connect/ca/leaf/client");
+    std::fs::write(dir.join("client.pem"), leaf["CertPEM"].as_str().unwrap()).unwrap();
+    std::fs::write(
+        dir.join("client.key"),
+        leaf["PrivateKeyPEM"].as_str().unwrap(),
+    )
+    .unwrap();
+    // Positive control: a mesh leaf gets through, so the refusals below are the sidecar's doing.
+    let ok = curl_mtls(
+        mesh.server_port,
+        Some((&dir.join("client.pem"), &dir.join("client.key"))),
+        &dir.join("roots.pem"),
+    );
+    assert_eq!(ok.as_deref(), Ok(APP_BODY));
+    let seen = mesh.app.requests();
+    let no_cert = curl_mtls(mesh.server_port, None, &dir.join("roots.pem"));
+    assert!(
+        no_cert.is_err(),
+        "a client without a certificate got {no_cert:?}"
+    );
+    let gen = openssl(
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=rogue",
+            "-addext",
+            &format!("subjectAltName=URI:spiffe://{TRUST_DOMAIN}/ns/default/dc/dc1/svc/client"),
+            "-keyout",
+            dir.join("rogue.key").to_str().unwrap(),
+            "-out",
+            dir.join("rogue.pem").to_str().unwrap(),
+        ],
+        b"",
+    );
+    assert!(
+        gen.status.success(),
+        "{}",
+        String::from_utf8_lossy(&gen.stderr)
+    );
+    let rogue = curl_mtls(
+        mesh.server_port,
+        Some((&dir.join("rogue.pem"), &dir.join("rogue.key"))),
+        &dir.join("roots.pem"),
+    );
+    assert!(
+        rogue.is_err(),
+        "a certificate from another CA got {rogue:?}"
+    );
+    assert_eq!(mesh.app.requests(), seen, "refused clients reached the app");
+
+    // 4. An upstream whose destination has no healthy instance fails fast instead of hanging.
+    let t = Instant::now();
+    let nobody = http_get(
+        &format!("127.0.0.1:{nobody_port}"),
+        "/",
+        Duration::from_secs(10),
+    );
+    assert!(nobody.is_err(), "no instance, yet {nobody:?}");
+    assert!(
+        t.elapsed() < Duration::from_secs(9),
+        "the request hung until the client gave up: {nobody:?}"
+    );
+
+    // 5. Secrets never reach a child's command line or environment.
+    for sidecar in [&mesh.server_sidecar, &mesh.client_sidecar] {
+        for pid in descendants(sidecar.pid()) {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            for hay in [&cmdline, &environ] {
+                let text = String::from_utf8_lossy(hay);
+                assert!(!text.contains("insecure-password"), "{pid}: {text}");
+            }
+            // HAProxy sets HAPROXY_* on itself; the Dataplane API must not inherit them, or it
+            // believes it runs as an HAProxy program.
+            if process_name(pid).as_deref() == Some("dataplaneapi") {
+                let text = String::from_utf8_lossy(&environ);
+                assert!(
+                    !text.contains("HAPROXY_"),
+                    "dataplaneapi {pid} inherited: {text}"
+                );
+            }
+        }
+    }
+
+    // Numbers for the closing note.
+    for sidecar in [&mesh.server_sidecar, &mesh.client_sidecar] {
+        let kids: Vec<String> = descendants(sidecar.pid())
+            .into_iter()
+            .map(|p| format!("{}={} kB", process_name(p).unwrap_or_default(), rss_kb(p)))
+            .collect();
+        eprintln!(
+            "measured: {} RSS {} kB; children: {}",
+            sidecar.name(),
+            rss_kb(sidecar.pid()),
+            kids.join(", ")
+        );
+    }
+}
+
+#[test]
+fn sigterm_stops_everything_the_sidecar_started() {
+    let mut mesh = Mesh::start(MeshOptions::default());
+    let workdir = mesh.workdir("client");
+    let started: Vec<u32> = descendants(mesh.client_sidecar.pid());
+    let names: Vec<String> = started.iter().filter_map(|p| process_name(*p)).collect();
+    assert!(names.iter().any(|n| n == "haproxy"), "{names:?}");
+    assert!(names.iter().any(|n| n == "dataplaneapi"), "{names:?}");
+
+    let t = Instant::now();
+    mesh.client_sidecar.signal(Signal::SIGTERM);
+    let status = mesh
+        .client_sidecar
+        .wait_timeout(Duration::from_secs(40))
+        .expect("the sidecar stops after SIGTERM");
+    eprintln!("measured: drain took {} ms", t.elapsed().as_millis());
+    assert_eq!(status.code(), Some(0), "{}", mesh.client_sidecar.logs());
+    assert!(
+        still_running(&started).is_empty(),
+        "left running: {:?}",
+        still_running(&started)
+    );
+    assert!(!workdir.exists(), "{} was not removed", workdir.display());
+    let logs = mesh.client_sidecar.logs();
+    let order: Vec<usize> = [
+        "-> WaitingForConsul",
+        "-> Ready",
+        "-> Draining",
+        "-> Stopped",
+    ]
+    .iter()
+    .map(|p| {
+        logs.find(p)
+            .unwrap_or_else(|| panic!("no phase {p} in\n{logs}"))
+    })
+    .collect();
+    assert!(
+        order.windows(2).all(|w| w[0] < w[1]),
+        "phases out of order:\n{logs}"
+    );
+}
+
+#[test]
+fn dry_run_prints_files_that_haproxy_accepts() {
+    let consul = Consul::start();
+    consul.register(&sidecar_registration(
+        "client",
+        free_port(),
+        free_port(),
+        &[("server", free_port())],
+    ));
+    let base = TempDir::new("dry");
+    let out = Command::new(bin_path())
+        .args([
+            "--dry-run",
+            "-sidecar-for",
+            "client",
+            "-http-addr",
+            &consul.http_addr(),
+        ])
+        .arg("-haproxy-cfg-base-path")
+        .arg(base.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut files: Vec<(String, String)> = Vec::new();
+    for line in text.split_inclusive('\n') {
+        if let Some(path) = line
+            .strip_prefix("==> ")
+            .and_then(|l| l.trim_end().strip_suffix(" <=="))
+        {
+            files.push((path.to_string(), String::new()));
+        } else if let Some((_, body)) = files.last_mut() {
+            body.push_str(line);
+        }
+    }
+    let names: Vec<&str> = files
+        .iter()
+        .map(|(p, _)| p.rsplit('/').next().unwrap())
+        .collect();
+    assert_eq!(names, ["roots.pem", "leaf.pem", "haproxy.cfg"]);
+    assert!(
+        std::fs::read_dir(base.path()).unwrap().next().is_none(),
+        "dry run wrote files"
+    );
+    for (path, body) in &files {
+        let p = std::path::Path::new(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, body).unwrap();
+    }
+    let cfg = &files.last().unwrap().0;
+    let check = Command::new("haproxy")
+        .args(["-W", "-c", "-f", cfg])
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "haproxy -c rejected the dry-run config: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+}
+
+#[test]
+fn consul_over_a_unix_socket_and_token_from_the_environment() {
+    // A relay gives the real agent a unix socket address, as CONSUL_HTTP_ADDR=unix:// users have.
+    let consul = Consul::start();
+    let app = HttpApp::start(APP_BODY);
+    let port = free_port();
+    consul.register(&sidecar_registration("server", app.port(), port, &[]));
+    let base = TempDir::new("unix");
+    let sock = base.join("consul.sock");
+    let _relay = Child::spawn(
+        "relay",
+        Command::new("socat")
+            .arg(format!("UNIX-LISTEN:{},fork,mode=600", sock.display()))
+            .arg(format!("TCP:{}", consul.http_addr())),
+        base.path(),
+    );
+    wait_until(Duration::from_secs(5), "the relay socket", || sock.exists()).unwrap();
+    let token = "0f1e2d3c-token-that-must-not-leak";
+    let sidecar = Child::spawn(
+        "sidecar",
+        Command::new(bin_path())
+            .args(["-sidecar-for", "server", "-log-level", "trace"])
+            .arg("-haproxy-cfg-base-path")
+            .arg(base.path())
+            .env("CONSUL_HTTP_ADDR", format!("unix://{}", sock.display()))
+            .env("CONSUL_HTTP_TOKEN", token),
+        base.path(),
+    );
+    wait_until(Duration::from_secs(30), "the sidecar to be ready", || {
+        sidecar.log_contains("-> Ready")
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", sidecar.logs()));
+    assert!(!sidecar.logs().contains(token), "the token reached the log");
+    for pid in descendants(sidecar.pid()) {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        assert!(
+            !String::from_utf8_lossy(&cmdline).contains(token),
+            "token in argv of {pid}"
+        );
+        assert!(
+            !String::from_utf8_lossy(&environ).contains(token),
+            "token in env of {pid}"
+        );
+    }
+}
+
+#[test]
+fn bad_usage_exits_64_with_one_line() {
+    for args in [
+        &["-bogus"][..],
+        &["-sidecar-for", "x", "-log-level", "chatty"],
+        &[],
+        &["-sidecar-for", "x", "-http-addr", "gopher://x"],
+    ] {
+        let out = Command::new(bin_path()).args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(64), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn a_missing_base_path_is_a_configuration_error() {
+    let consul = Consul::start();
+    consul.register(&sidecar_registration(
+        "server",
+        free_port(),
+        free_port(),
+        &[],
+    ));
+    let base = TempDir::new("nobase");
+    let mut s = sidecar(
+        &consul,
+        &base,
+        "server",
+        false,
+        &["-haproxy-cfg-base-path", "/nonexistent/dir"],
+    );
+    let status = s.wait_timeout(Duration::from_secs(20)).expect("exits");
+    assert_eq!(status.code(), Some(64), "{}", s.logs());
+    assert!(s.logs().contains("/nonexistent/dir"), "{}", s.logs());
+}

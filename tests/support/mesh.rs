@@ -1,0 +1,128 @@
+//! A whole mesh on loopback: Consul, the `server` app, and the sidecars of `server` and
+//! `client` (upstream `server` on a local port), all real programs, all stopped on drop.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use super::{
+    bin_path, free_port, http_get, sidecar_registration, wait_until, Child, Consul, HttpApp,
+    TempDir,
+};
+
+pub const APP_BODY: &str = "hello from the server app";
+
+pub struct Mesh {
+    // Field order is drop order: sidecars stop before the app and Consul they depend on.
+    pub client_sidecar: Child,
+    pub server_sidecar: Child,
+    pub app: HttpApp,
+    pub consul: Consul,
+    pub base: TempDir,
+    pub server_port: u16,
+    pub client_port: u16,
+    pub upstream_port: u16,
+    /// Time from starting the sidecars to the first answer through the upstream.
+    pub first_answer: Duration,
+}
+
+#[derive(Default)]
+pub struct MeshOptions {
+    pub intentions: bool,
+    /// Extra upstreams of `client`: (destination, local port).
+    pub extra_upstreams: Vec<(String, u16)>,
+}
+
+impl Mesh {
+    pub fn start(opts: MeshOptions) -> Mesh {
+        let base = TempDir::new("mesh");
+        let consul = Consul::start();
+        let app = HttpApp::start(APP_BODY);
+        let server_port = free_port();
+        let client_port = free_port();
+        let upstream_port = free_port();
+        consul.register(&sidecar_registration(
+            "server",
+            app.port(),
+            server_port,
+            &[],
+        ));
+        let mut upstreams: Vec<(&str, u16)> = vec![("server", upstream_port)];
+        upstreams.extend(opts.extra_upstreams.iter().map(|(d, p)| (d.as_str(), *p)));
+        consul.register(&sidecar_registration(
+            "client",
+            free_port(),
+            client_port,
+            &upstreams,
+        ));
+
+        let started = Instant::now();
+        let server_sidecar = sidecar(&consul, &base, "server", opts.intentions, &[]);
+        let client_sidecar = sidecar(&consul, &base, "client", opts.intentions, &[]);
+        let addr = format!("127.0.0.1:{upstream_port}");
+        let ok = wait_until(
+            Duration::from_secs(60),
+            "an answer through the mesh",
+            || matches!(http_get(&addr, "/", Duration::from_secs(2)), Ok((200, body)) if body == APP_BODY),
+        );
+        if let Err(e) = ok {
+            panic!(
+                "{e}\n--- server sidecar ---\n{}\n--- client sidecar ---\n{}",
+                server_sidecar.logs(),
+                client_sidecar.logs()
+            );
+        }
+        Mesh {
+            first_answer: started.elapsed(),
+            client_sidecar,
+            server_sidecar,
+            app,
+            consul,
+            base,
+            server_port,
+            client_port,
+            upstream_port,
+        }
+    }
+
+    pub fn upstream_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.upstream_port)
+    }
+
+    /// The working directory a running sidecar made under the base path.
+    pub fn workdir(&self, service: &str) -> PathBuf {
+        let prefix = format!("hcc-{service}-sidecar-proxy-");
+        std::fs::read_dir(self.base.path())
+            .expect("base path readable")
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .find(|p| {
+                let name = p
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                name.starts_with(&prefix) && !name.ends_with("-dry-run")
+            })
+            .unwrap_or_else(|| panic!("no working directory for {service}"))
+    }
+}
+
+/// Starts the sidecar of `service` with the given extra arguments.
+pub fn sidecar(
+    consul: &Consul,
+    base: &TempDir,
+    service: &str,
+    intentions: bool,
+    extra: &[&str],
+) -> Child {
+    let mut cmd = Command::new(bin_path());
+    cmd.args(["-sidecar-for", service, "-http-addr", &consul.http_addr()])
+        .arg("-haproxy-cfg-base-path")
+        .arg(base.path())
+        .args(["-log-level", "debug"])
+        .args(extra);
+    if intentions {
+        cmd.arg("-enable-intentions");
+    }
+    Child::spawn(&format!("sidecar-{service}"), &mut cmd, base.path())
+}
