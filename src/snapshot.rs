@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::consul::api::{AgentService, CaRoots, HealthEntry, LeafCert};
+use crate::consul::api::{AgentService, CaRoots, HealthEntry, IntentionEntry, LeafCert};
 use crate::consul::watch::{destinations, Update};
 use crate::consul::DestinationKey;
 
@@ -13,6 +13,8 @@ pub struct Snapshot {
     pub leaf: Option<LeafCert>,
     pub roots: Option<CaRoots>,
     pub endpoints: BTreeMap<DestinationKey, Vec<HealthEntry>>,
+    pub intentions: Option<Vec<IntentionEntry>>,
+    pub default_allow: Option<bool>,
 }
 
 impl Snapshot {
@@ -25,6 +27,8 @@ impl Snapshot {
             Update::RegistrationGone => false,
             Update::Leaf(l) => replace(&mut self.leaf, Some(l)),
             Update::Roots(r) => replace(&mut self.roots, Some(r)),
+            Update::Intentions(i) => replace(&mut self.intentions, Some(i)),
+            Update::DefaultAllow(a) => replace(&mut self.default_allow, Some(a)),
             Update::Endpoints(k, e) => {
                 if self.endpoints.get(&k) == Some(&e) {
                     false

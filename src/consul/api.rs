@@ -199,6 +199,51 @@ pub struct QueryResult {
     pub datacenter: String,
 }
 
+/// One entry of `/v1/connect/intentions` (the list, which blocks on an index in 1.8).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+pub struct IntentionEntry {
+    #[serde(rename = "SourceNS", default)]
+    pub source_ns: String,
+    #[serde(default)]
+    pub source_name: String,
+    #[serde(rename = "DestinationNS", default)]
+    pub destination_ns: String,
+    #[serde(default)]
+    pub destination_name: String,
+    #[serde(default)]
+    pub action: String,
+    #[serde(default)]
+    pub precedence: i64,
+}
+
+/// The part of `/v1/agent/self` that tells the default intention: the ACL default policy, or
+/// allow when ACLs are off (1.8 sends no X-Consul-Default-ACL-Policy header).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+pub struct AgentSelf {
+    #[serde(default)]
+    pub debug_config: AclConfig,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+pub struct AclConfig {
+    #[serde(rename = "ACLsEnabled", default)]
+    pub acls_enabled: bool,
+    #[serde(rename = "ACLDefaultPolicy", default)]
+    pub acl_default_policy: String,
+}
+
+impl AgentSelf {
+    pub fn default_allow(&self) -> bool {
+        !self.debug_config.acls_enabled
+            || self
+                .debug_config
+                .acl_default_policy
+                .eq_ignore_ascii_case("allow")
+    }
+}
+
 /// Parses a Consul answer, naming the endpoint and the problem when it does not fit.
 pub fn parse<T: serde::de::DeserializeOwned>(what: &str, body: &str) -> crate::error::Result<T> {
     serde_json::from_str(body).map_err(|e| {

@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::api::{self, AgentService, CaRoots, HealthEntry, LeafCert, QueryResult};
+use super::api::{
+    self, AgentSelf, AgentService, CaRoots, HealthEntry, IntentionEntry, LeafCert, QueryResult,
+};
 use super::client::{registration_path, Consul};
 use super::{encode, DestinationKey, DestinationKind};
 
@@ -21,6 +23,10 @@ pub enum Update {
     Leaf(LeafCert),
     Roots(CaRoots),
     Endpoints(DestinationKey, Vec<HealthEntry>),
+    /// Every intention in the cluster; the sidecar keeps those for its own service.
+    Intentions(Vec<IntentionEntry>),
+    /// Whether a connection no intention matches is allowed.
+    DefaultAllow(bool),
 }
 
 /// Where watchers deliver updates and report their health (for metrics and logs).
@@ -108,6 +114,31 @@ impl Watchers {
         );
         w.fixed.push(h);
         w
+    }
+
+    /// Starts the watches intentions need: the intentions list (blocking) and the agent's ACL
+    /// default policy (polled: it only changes with the agent's configuration).
+    pub fn watch_intentions(&mut self) {
+        let h = self.spawn(
+            "intentions".into(),
+            "/v1/connect/intentions".into(),
+            Mode::Index,
+            |body| {
+                api::parse::<Vec<IntentionEntry>>("the intentions list", body)
+                    .map(Update::Intentions)
+            },
+        );
+        self.fixed.push(h);
+        let h = self.spawn(
+            "ACL default policy".into(),
+            "/v1/agent/self".into(),
+            Mode::Poll,
+            |body| {
+                api::parse::<AgentSelf>("the agent's configuration", body)
+                    .map(|s| Update::DefaultAllow(s.default_allow()))
+            },
+        );
+        self.fixed.push(h);
     }
 
     /// Brings the leaf and destination watches in line with a (new) registration.

@@ -191,6 +191,16 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
     let sink = Arc::new(ChannelSink(Mutex::new(tx.clone())));
     let mut watchers = Watchers::start(consul.clone(), &proxy_id, sink, Timing::default());
     let mut snapshot = Snapshot::default();
+    // With intentions on, the agent runs before HAProxy exists and denies until it knows the
+    // intentions, the default policy and the roots.
+    // Intentions are watched even when not enforced, so that ignoring a deny is never silent.
+    watchers.watch_intentions();
+    let mut authz = if opts.enable_intentions {
+        Some(Authz::start(&paths, opts.spoe_threads)?)
+    } else {
+        None
+    };
+    let mut ignored_warning = String::new();
     life.set(
         Phase::WaitingForConsul,
         "watching the registration, leaf, roots and upstreams",
@@ -205,7 +215,12 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
                 if let Update::Registration(reg) = update.as_ref() {
                     watchers.follow(reg);
                 }
-                snapshot.apply(*update);
+                if snapshot.apply(*update) {
+                    match authz.as_mut() {
+                        Some(a) => a.refresh(&snapshot),
+                        None => warn_ignored(&snapshot, &mut ignored_warning),
+                    }
+                }
             }
             Ok(Event::Signal(SIGTERM | SIGINT)) => {
                 life.set(Phase::Stopped, "stop signal while waiting for Consul");
@@ -288,9 +303,15 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
                 if let Update::Registration(reg) = update.as_ref() {
                     watchers.follow(reg);
                 }
-                if snapshot.apply(*update) && life.phase == Phase::Ready {
-                    let now = Instant::now();
-                    dirty_since = Some((dirty_since.map_or(now, |(f, _)| f), now));
+                if snapshot.apply(*update) {
+                    match authz.as_mut() {
+                        Some(a) => a.refresh(&snapshot),
+                        None => warn_ignored(&snapshot, &mut ignored_warning),
+                    }
+                    if life.phase == Phase::Ready {
+                        let now = Instant::now();
+                        dirty_since = Some((dirty_since.map_or(now, |(f, _)| f), now));
+                    }
                 }
             }
             Some(Event::Signal(SIGHUP)) if life.phase == Phase::Ready => {
@@ -394,8 +415,97 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
         &groups,
         drain_deadline.unwrap_or_else(Instant::now) + Duration::from_secs(1),
     );
+    // The agent goes last: HAProxy asked it until its last connection was done.
+    drop(authz);
     life.set(Phase::Stopped, "all children stopped");
     Ok(0)
+}
+
+/// Logs, once per change, the denials Consul holds that this sidecar does not enforce.
+fn warn_ignored(snapshot: &Snapshot, last: &mut String) {
+    if let Some(warning) = crate::intentions::ignored_denials(snapshot) {
+        if warning != *last {
+            if !warning.is_empty() {
+                log::warn!("{warning}");
+            }
+            *last = warning;
+        }
+    }
+}
+
+/// The intentions agent and the inputs its table was last built from.
+struct Authz {
+    agent: crate::spoe::server::AgentHandle,
+    table: crate::spoe::server::SharedTable,
+    built_from: Option<AuthzInputs>,
+}
+
+type AuthzInputs = (
+    Option<Vec<crate::consul::api::IntentionEntry>>,
+    Option<bool>,
+    Option<crate::consul::api::CaRoots>,
+    Option<String>,
+);
+
+impl Authz {
+    fn start(paths: &Paths, threads: usize) -> Result<Authz, Fatal> {
+        use crate::spoe::authz::AuthzTable;
+        use crate::spoe::server::{spawn, AgentConfig, SharedTable};
+        let table = SharedTable::new(AuthzTable::deny_all("intentions not known yet"));
+        let agent = spawn(
+            AgentConfig {
+                socket_path: paths.spoe_socket.clone(),
+                worker_threads: threads,
+                var_name: "allow".into(),
+            },
+            table.clone(),
+        )
+        .map_err(|e| Error::msg(format!("starting the intentions agent: {e}")))?;
+        log::info!(
+            "intentions agent listening on {} with {threads} thread(s)",
+            paths.spoe_socket.display()
+        );
+        Ok(Authz {
+            agent,
+            table,
+            built_from: None,
+        })
+    }
+
+    /// Rebuilds the table when one of its inputs changed; endpoint churn costs nothing here.
+    fn refresh(&mut self, snapshot: &Snapshot) {
+        let inputs: AuthzInputs = (
+            snapshot.intentions.clone(),
+            snapshot.default_allow,
+            snapshot.roots.clone(),
+            snapshot
+                .registration
+                .as_ref()
+                .and_then(|r| r.proxy.as_ref())
+                .map(|p| p.destination_service_name.clone()),
+        );
+        if self.built_from.as_ref() == Some(&inputs) {
+            return;
+        }
+        let table = crate::intentions::table(snapshot);
+        log::info!(
+            "intentions table updated: {} intention(s) for this service, default {}",
+            table.intentions().len(),
+            if table.default_allow() {
+                "allow"
+            } else {
+                "deny"
+            }
+        );
+        self.table.replace(table);
+        self.built_from = Some(inputs);
+    }
+}
+
+impl Drop for Authz {
+    fn drop(&mut self) {
+        self.agent.shutdown();
+    }
 }
 
 fn exit_code(exit: &Exit) -> i32 {

@@ -1,0 +1,245 @@
+//! Intentions enforced by the sidecar's own SPOE agent, against real Consul and HAProxy: the
+//! original's `case-badauthz`, fail-closed behaviour, and agreement with Consul's authorize.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use haproxy_consul_connect::consul::api::IntentionEntry;
+use haproxy_consul_connect::intentions::for_destination;
+use haproxy_consul_connect::spoe::authz::AuthzTable;
+use nix::sys::signal::Signal;
+use support::mesh::{Mesh, MeshOptions, APP_BODY};
+use support::*;
+
+/// The HAProxy master's reload count, from its CLI.
+fn reloads(master: &Path) -> u32 {
+    let mut s = UnixStream::connect(master).expect("master socket");
+    s.write_all(b"show proc\n").unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.lines()
+        .find(|l| l.split_whitespace().nth(1) == Some("master"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no master line in {out}"))
+}
+
+fn allowed(mesh: &Mesh) -> bool {
+    matches!(http_get(&mesh.upstream_addr(), "/", Duration::from_secs(3)), Ok((200, b)) if b == APP_BODY)
+}
+
+#[test]
+fn a_deny_intention_blocks_and_its_removal_lets_traffic_through_without_a_reload() {
+    let mesh = Mesh::start(MeshOptions {
+        intentions: true,
+        ..Default::default()
+    });
+    assert!(
+        allowed(&mesh),
+        "ACLs off and no intention: allowed by default"
+    );
+    let master = mesh.workdir("server").join("master.sock");
+    let reloads_before = reloads(&master);
+
+    let (status, body) = mesh.consul.post(
+        "/v1/connect/intentions",
+        r#"{"SourceName": "client", "DestinationName": "server", "Action": "deny"}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["ID"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let t = Instant::now();
+    wait_until(Duration::from_secs(10), "the deny to take effect", || {
+        !allowed(&mesh)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.server_sidecar.logs()));
+    eprintln!(
+        "measured: deny effective after {} ms",
+        t.elapsed().as_millis()
+    );
+    let bytes = mesh.app.bytes_received();
+    let requests = mesh.app.requests();
+    for _ in 0..5 {
+        assert!(!allowed(&mesh), "a denied request got through");
+    }
+    assert_eq!(
+        mesh.app.bytes_received(),
+        bytes,
+        "the app received bytes from a denied client"
+    );
+    assert_eq!(mesh.app.requests(), requests);
+
+    let (status, body) = mesh.consul.delete(&format!("/v1/connect/intentions/{id}"));
+    assert_eq!(status, 200, "{body}");
+    let t = Instant::now();
+    wait_until(
+        Duration::from_secs(10),
+        "traffic to be allowed again",
+        || allowed(&mesh),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.server_sidecar.logs()));
+    eprintln!(
+        "measured: allowed again after {} ms",
+        t.elapsed().as_millis()
+    );
+    assert_eq!(
+        reloads(&master),
+        reloads_before,
+        "an intention change reloaded HAProxy"
+    );
+}
+
+#[test]
+fn a_stalled_agent_fails_closed() {
+    let mut mesh = Mesh::start(MeshOptions {
+        intentions: true,
+        ..Default::default()
+    });
+    assert!(allowed(&mesh));
+    // Stopping the supervisor stops the agent's threads with it; HAProxy keeps running.
+    mesh.server_sidecar.signal(Signal::SIGSTOP);
+    let requests = mesh.app.requests();
+    let verdict = http_get(&mesh.upstream_addr(), "/", Duration::from_secs(5));
+    mesh.server_sidecar.signal(Signal::SIGCONT);
+    assert!(
+        !matches!(verdict, Ok((200, _))),
+        "a request passed while the agent could not answer: {verdict:?}"
+    );
+    assert_eq!(
+        mesh.app.requests(),
+        requests,
+        "the app was reached without a decision"
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "traffic after the agent is back",
+        || allowed(&mesh),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.server_sidecar.logs()));
+}
+
+/// For a table of intentions, our decisions equal Consul's own `/v1/agent/connect/authorize`.
+#[test]
+fn decisions_agree_with_consul_authorize_on_a_live_agent() {
+    let consul = Consul::start();
+    for (source, action) in [
+        ("client", "deny"),
+        ("*", "allow"),
+        ("db", "deny"),
+        ("web", "allow"),
+    ] {
+        let (status, body) = consul.post(
+            "/v1/connect/intentions",
+            &format!(
+                r#"{{"SourceName": "{source}", "DestinationName": "server", "Action": "{action}"}}"#
+            ),
+        );
+        assert_eq!(status, 200, "{body}");
+    }
+    // An intention for another destination must not count.
+    consul.post(
+        "/v1/connect/intentions",
+        r#"{"SourceName": "other", "DestinationName": "elsewhere", "Action": "deny"}"#,
+    );
+    let all: Vec<IntentionEntry> =
+        serde_json::from_value(consul.get_json("/v1/connect/intentions")).unwrap();
+    let me = consul.get_json("/v1/agent/self");
+    let default_allow = !me["DebugConfig"]["ACLsEnabled"].as_bool().unwrap()
+        || me["DebugConfig"]["ACLDefaultPolicy"] == "allow";
+    let roots = consul.get_json("/v1/agent/connect/ca/roots");
+    let roots_pem: Vec<&str> = roots["Roots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["RootCert"].as_str().unwrap())
+        .collect();
+    let table = AuthzTable::new(
+        roots["TrustDomain"].as_str().unwrap(),
+        &roots_pem.join("\n"),
+        for_destination(&all, "server"),
+        default_allow,
+    )
+    .unwrap();
+
+    let mut compared = 0;
+    for source in ["client", "web", "db", "other", "anything"] {
+        let leaf = consul.get_json(&format!("/v1/agent/connect/ca/leaf/{source}"));
+        let pem = leaf["CertPEM"].as_str().unwrap();
+        let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        let der = decode_base64(&b64);
+        let ours = table.decide(Some(&der));
+        let (status, body) = consul.post(
+            "/v1/agent/connect/authorize",
+            &serde_json::json!({
+                "Target": "server",
+                "ClientCertURI": leaf["ServiceURI"],
+                "ClientCertSerial": leaf["SerialNumber"],
+            })
+            .to_string(),
+        );
+        assert_eq!(status, 200, "{body}");
+        let theirs: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            ours.allow,
+            theirs["Authorized"].as_bool().unwrap(),
+            "{source}: ours {:?}, Consul {:?}",
+            ours.reason,
+            theirs["Reason"]
+        );
+        compared += 1;
+    }
+    assert_eq!(compared, 5);
+}
+
+fn decode_base64(s: &str) -> Vec<u8> {
+    let val = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        b'/' => 63,
+        _ => panic!("not base64: {c}"),
+    };
+    let bytes: Vec<u8> = s.bytes().filter(|b| *b != b'=').collect();
+    let mut out = Vec::new();
+    for chunk in bytes.chunks(4) {
+        let n = chunk.iter().enumerate().fold(0u32, |acc, (i, c)| {
+            acc | (u32::from(val(*c)) << (18 - 6 * i))
+        });
+        out.push((n >> 16) as u8);
+        if chunk.len() > 2 {
+            out.push((n >> 8) as u8);
+        }
+        if chunk.len() > 3 {
+            out.push(n as u8);
+        }
+    }
+    out
+}
+
+#[test]
+fn with_enforcement_off_an_ignored_deny_is_never_silent() {
+    let mesh = Mesh::start(MeshOptions::default());
+    let (status, body) = mesh.consul.post(
+        "/v1/connect/intentions",
+        r#"{"SourceName": "client", "DestinationName": "server", "Action": "deny"}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    wait_until(
+        Duration::from_secs(10),
+        "a warning about the ignored deny",
+        || {
+            mesh.server_sidecar
+                .log_contains("deny intentions from client to server are ignored")
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.server_sidecar.logs()));
+    assert!(allowed(&mesh), "enforcement is off, as the flag says");
+}
