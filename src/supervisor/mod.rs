@@ -505,6 +505,18 @@ impl Authz {
 impl Drop for Authz {
     fn drop(&mut self) {
         self.agent.shutdown();
+        let stats = self.agent.stats();
+        let t = &stats.decision_time;
+        let ms = |q: f64| t.quantile(q).map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+        log::info!(
+            "intentions agent: {} allowed, {} denied, {} connection errors; decision time p50 <= {:.3} ms, p99 <= {:.3} ms over {} decisions",
+            stats.allowed.load(std::sync::atomic::Ordering::Relaxed),
+            stats.denied.load(std::sync::atomic::Ordering::Relaxed),
+            stats.errors.load(std::sync::atomic::Ordering::Relaxed),
+            ms(0.5),
+            ms(0.99),
+            t.count()
+        );
     }
 }
 
