@@ -243,3 +243,99 @@ fn with_enforcement_off_an_ignored_deny_is_never_silent() {
     .unwrap_or_else(|e| panic!("{e}\n{}", mesh.server_sidecar.logs()));
     assert!(allowed(&mesh), "enforcement is off, as the flag says");
 }
+
+#[test]
+fn with_acls_default_deny_the_sidecar_agrees_with_consul_authorize() {
+    let consul = Consul::start_acl_deny();
+    let app = HttpApp::start(APP_BODY);
+    let port = free_port();
+    consul.register(&sidecar_registration("server", app.port(), port, &[]));
+    for (source, action) in [("web", "allow"), ("client", "deny")] {
+        let (status, body) = consul.post(
+            "/v1/connect/intentions",
+            &format!(
+                r#"{{"SourceName": "{source}", "DestinationName": "server", "Action": "{action}"}}"#
+            ),
+        );
+        assert_eq!(status, 200, "{body}");
+    }
+    // The sidecar gets what an operator would give it: a service identity, no agent:read.
+    let (status, body) = consul.put(
+        "/v1/acl/token",
+        r#"{"Description": "server sidecar", "ServiceIdentities": [{"ServiceName": "server"}]}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let token: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let base = TempDir::new("acl");
+    std::fs::write(base.join("token"), token["SecretID"].as_str().unwrap()).unwrap();
+    let sidecar = Child::spawn(
+        "sidecar-server",
+        std::process::Command::new(bin_path())
+            .args([
+                "-sidecar-for",
+                "server",
+                "-enable-intentions",
+                "-http-addr",
+                &consul.http_addr(),
+            ])
+            .arg("-token-file")
+            .arg(base.join("token"))
+            .arg("-haproxy-cfg-base-path")
+            .arg(base.path()),
+        base.path(),
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "the sidecar to know the intentions",
+        || {
+            sidecar.log_contains("-> Ready")
+                && sidecar.log_contains(
+                    "intentions table updated: 2 intention(s) for this service, default deny",
+                )
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", sidecar.logs()));
+
+    let roots = consul.get_json("/v1/agent/connect/ca/roots");
+    std::fs::write(
+        base.join("roots.pem"),
+        roots["Roots"][0]["RootCert"].as_str().unwrap(),
+    )
+    .unwrap();
+    let mut verdicts = Vec::new();
+    for source in ["web", "client", "other"] {
+        let leaf = consul.get_json(&format!("/v1/agent/connect/ca/leaf/{source}"));
+        let (cert, key) = (
+            base.join(format!("{source}.pem")),
+            base.join(format!("{source}.key")),
+        );
+        std::fs::write(&cert, leaf["CertPEM"].as_str().unwrap()).unwrap();
+        std::fs::write(&key, leaf["PrivateKeyPEM"].as_str().unwrap()).unwrap();
+        let ours = curl_mtls(port, Some((&cert, &key)), &base.join("roots.pem")).is_ok();
+        let (status, body) = consul.post(
+            "/v1/agent/connect/authorize",
+            &serde_json::json!({
+                "Target": "server",
+                "ClientCertURI": leaf["ServiceURI"],
+                "ClientCertSerial": leaf["SerialNumber"],
+            })
+            .to_string(),
+        );
+        assert_eq!(status, 200, "{body}");
+        let theirs: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            ours,
+            theirs["Authorized"].as_bool().unwrap(),
+            "{source}: the sidecar {} it, Consul says {}\n{}",
+            if ours { "let through" } else { "refused" },
+            theirs["Reason"],
+            sidecar.logs()
+        );
+        verdicts.push(ours);
+    }
+    assert_eq!(
+        verdicts,
+        [true, false, false],
+        "allow, exact deny, default deny"
+    );
+}

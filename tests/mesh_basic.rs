@@ -44,30 +44,6 @@ fn presented_sans(port: u16) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// An HTTPS request with the given client certificate files; Ok(body) or Err(curl's complaint).
-fn curl_mtls(
-    port: u16,
-    cert: Option<(&std::path::Path, &std::path::Path)>,
-    ca: &std::path::Path,
-) -> Result<String, String> {
-    let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "--max-time", "5", "-k"])
-        .arg("--cacert")
-        .arg(ca)
-        .arg(format!("https://127.0.0.1:{port}/"));
-    if let Some((c, k)) = cert {
-        cmd.arg("--cert").arg(c).arg("--key").arg(k);
-    }
-    let out = cmd
-        .output()
-        .expect("curl installed by scripts/install-deps");
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
-}
-
 fn rss_kb(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()

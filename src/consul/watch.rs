@@ -84,11 +84,20 @@ pub struct Watchers {
     fixed: Vec<WatchHandle>,
     leaf_for: Option<(String, WatchHandle)>,
     destinations: BTreeMap<DestinationKey, WatchHandle>,
+    /// Whether to watch intentions; started once the service name is known.
+    intentions: bool,
+    intentions_started: bool,
 }
 
 impl Watchers {
     /// Starts the registration and roots watches.
-    pub fn start(consul: Consul, proxy_id: &str, sink: Arc<dyn Sink>, timing: Timing) -> Self {
+    pub fn start(
+        consul: Consul,
+        proxy_id: &str,
+        sink: Arc<dyn Sink>,
+        timing: Timing,
+        intentions: bool,
+    ) -> Self {
         let mut w = Watchers {
             consul,
             sink,
@@ -96,6 +105,8 @@ impl Watchers {
             fixed: Vec::new(),
             leaf_for: None,
             destinations: BTreeMap::new(),
+            intentions,
+            intentions_started: false,
         };
         let h = w.spawn(
             format!("registration of {proxy_id}"),
@@ -116,9 +127,8 @@ impl Watchers {
         w
     }
 
-    /// Starts the watches intentions need: the intentions list (blocking) and the agent's ACL
-    /// default policy (polled: it only changes with the agent's configuration).
-    pub fn watch_intentions(&mut self) {
+    /// Starts the intentions list watch (blocking) and the default-policy watch for `service`.
+    fn watch_intentions(&mut self, service: &str) {
         let h = self.spawn(
             "intentions".into(),
             "/v1/connect/intentions".into(),
@@ -129,16 +139,22 @@ impl Watchers {
             },
         );
         self.fixed.push(h);
-        let h = self.spawn(
-            "ACL default policy".into(),
-            "/v1/agent/self".into(),
-            Mode::Poll,
-            |body| {
-                api::parse::<AgentSelf>("the agent's configuration", body)
-                    .map(|s| Update::DefaultAllow(s.default_allow()))
-            },
-        );
-        self.fixed.push(h);
+        let stop = Arc::new(AtomicBool::new(false));
+        let watch = DefaultPolicyWatch {
+            consul: self.consul.clone(),
+            sink: self.sink.clone(),
+            timing: self.timing,
+            service: service.to_string(),
+            stop: stop.clone(),
+        };
+        let spawned = std::thread::Builder::new()
+            .name("watch default".into())
+            .stack_size(256 * 1024)
+            .spawn(move || watch.run());
+        if let Err(e) = spawned {
+            log::error!("cannot start the default-policy watcher: {e}");
+        }
+        self.fixed.push(WatchHandle { stop });
     }
 
     /// Brings the leaf and destination watches in line with a (new) registration.
@@ -155,7 +171,11 @@ impl Watchers {
                 Mode::Index,
                 |body| api::parse::<LeafCert>("the leaf certificate", body).map(Update::Leaf),
             );
-            self.leaf_for = Some((service, h));
+            self.leaf_for = Some((service.clone(), h));
+        }
+        if self.intentions && !self.intentions_started && !service.is_empty() {
+            self.intentions_started = true;
+            self.watch_intentions(&service);
         }
 
         let wanted = destinations(registration);
@@ -230,6 +250,94 @@ impl Watchers {
             log::error!("cannot start a watcher thread for {name}: {e}");
         }
         WatchHandle { stop }
+    }
+}
+
+/// Learns what a connection that no intention names gets: the ACL default policy from
+/// `/v1/agent/self`, or, when the token may not read it (a service identity has no
+/// `agent:read`), Consul's own answer for a source no exact intention can name.
+struct DefaultPolicyWatch {
+    consul: Consul,
+    sink: Arc<dyn Sink>,
+    timing: Timing,
+    service: String,
+    stop: Arc<AtomicBool>,
+}
+
+impl DefaultPolicyWatch {
+    fn run(self) {
+        let mut failures = 0;
+        let mut last: Option<bool> = None;
+        let mut last_error = String::new();
+        while !self.stop.load(Ordering::SeqCst) {
+            let pause = match self.read() {
+                Ok(allow) => {
+                    failures = 0;
+                    if last != Some(allow) {
+                        last = Some(allow);
+                        self.sink.update(Update::DefaultAllow(allow));
+                    }
+                    // It changes only with the agent's configuration or a `*` intention; the
+                    // intentions watch covers the latter.
+                    Duration::from_secs(30)
+                }
+                Err(e) => {
+                    failures += 1;
+                    let e = e.to_string();
+                    if e != last_error {
+                        log::warn!("cannot learn the default intention policy: {e}");
+                        last_error = e;
+                    }
+                    self.sink.watch_error("/v1/agent/self");
+                    backoff(&self.timing, failures)
+                }
+            };
+            let until = Instant::now() + pause;
+            while Instant::now() < until && !self.stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+
+    fn read(&self) -> crate::error::Result<bool> {
+        let answer = self.consul.get("/v1/agent/self", None)?;
+        if answer.status == 200 {
+            return api::parse::<AgentSelf>("the agent's configuration", &answer.body)
+                .map(|s| s.default_allow());
+        }
+        if answer.status != 403 {
+            return Err(crate::error::Error::msg(format!(
+                "status {} for /v1/agent/self: {}",
+                answer.status,
+                answer.body.trim()
+            )));
+        }
+        // A name no intention can match exactly; a `*` intention, if any, applies to it as it
+        // would to any unnamed source, which is all the default is used for.
+        let probe = format!(
+            "hcc-default-policy-probe-{:08x}",
+            crate::files::random_u32()?
+        );
+        let body = serde_json::json!({
+            "Target": self.service,
+            "ClientCertURI": format!("spiffe://probe.consul/ns/default/dc/probe/svc/{probe}"),
+            "ClientCertSerial": "00",
+        })
+        .to_string();
+        let answer = self
+            .consul
+            .send("POST", "/v1/agent/connect/authorize", Some(&body))?;
+        if answer.status != 200 {
+            return Err(crate::error::Error::msg(format!(
+                "status {} for /v1/agent/connect/authorize (and 403 for /v1/agent/self): {}",
+                answer.status,
+                answer.body.trim()
+            )));
+        }
+        let v: serde_json::Value = api::parse("the authorize answer", &answer.body)?;
+        v.get("Authorized")
+            .and_then(serde_json::Value::as_bool)
+            .ok_or_else(|| crate::error::Error::msg("the authorize answer has no Authorized"))
     }
 }
 

@@ -189,12 +189,11 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
     };
 
     let sink = Arc::new(ChannelSink(Mutex::new(tx.clone())));
-    let mut watchers = Watchers::start(consul.clone(), &proxy_id, sink, Timing::default());
+    // Intentions are watched even when not enforced, so that ignoring a deny is never silent.
+    let mut watchers = Watchers::start(consul.clone(), &proxy_id, sink, Timing::default(), true);
     let mut snapshot = Snapshot::default();
     // With intentions on, the agent runs before HAProxy exists and denies until it knows the
     // intentions, the default policy and the roots.
-    // Intentions are watched even when not enforced, so that ignoring a deny is never silent.
-    watchers.watch_intentions();
     let mut authz = if opts.enable_intentions {
         Some(Authz::start(&paths, opts.spoe_threads)?)
     } else {

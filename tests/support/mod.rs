@@ -587,11 +587,33 @@ pub struct Consul {
     child: Child,
     http_addr: String,
     trust_domain: String,
+    /// The management token when ACLs are on; the harness's own calls carry it.
+    token: Option<String>,
     dir: TempDir,
 }
 
+/// The bootstrap ("master" in 1.8) token of `Consul::start_acl_deny`.
+pub const ACL_MASTER_TOKEN: &str = "a1b2c3d4-0000-4000-8000-00000000feed";
+
 impl Consul {
     pub fn start() -> Consul {
+        Consul::start_with(serde_json::json!({}), None)
+    }
+
+    /// An agent with ACLs on and default policy deny; the harness uses `ACL_MASTER_TOKEN`.
+    pub fn start_acl_deny() -> Consul {
+        Consul::start_with(
+            serde_json::json!({"acl": {
+                "enabled": true,
+                "default_policy": "deny",
+                "down_policy": "extend-cache",
+                "tokens": {"master": ACL_MASTER_TOKEN, "agent": ACL_MASTER_TOKEN}
+            }}),
+            Some(ACL_MASTER_TOKEN.to_string()),
+        )
+    }
+
+    fn start_with(extra: Value, token: Option<String>) -> Consul {
         let dir = TempDir::new("consul");
         let http_port = free_port();
         let config = serde_json::json!({
@@ -617,6 +639,12 @@ impl Consul {
             },
             "connect": { "enabled": true, "ca_config": { "cluster_id": CLUSTER_ID } },
         });
+        let mut config = config;
+        if let (Some(c), Some(e)) = (config.as_object_mut(), extra.as_object()) {
+            for (k, v) in e {
+                c.insert(k.clone(), v.clone());
+            }
+        }
         let config_path = dir.join("consul.json");
         fs::write(&config_path, config.to_string()).expect("write consul.json");
         let bin = std::env::var_os("CONSUL_BIN").unwrap_or_else(|| "consul".into());
@@ -630,6 +658,7 @@ impl Consul {
             child,
             http_addr: format!("127.0.0.1:{http_port}"),
             trust_domain: String::new(),
+            token,
             dir,
         };
         consul.wait_ready();
@@ -641,6 +670,11 @@ impl Consul {
     fn wait_ready(&mut self) {
         let timeout = Duration::from_secs(30);
         let addr = self.http_addr.clone();
+        let token = self.token.clone();
+        let with_token = |p: &str| match &token {
+            Some(t) => format!("{p}?token={t}"),
+            None => p.to_string(),
+        };
         let mut trust_domain = String::new();
         let ready = wait_until(timeout, "consul leader, catalog node and CA root", || {
             if !self.child.is_running() {
@@ -655,7 +689,7 @@ impl Consul {
             {
                 return false;
             }
-            let nodes = json_at(&addr, "/v1/catalog/nodes");
+            let nodes = json_at(&addr, &with_token("/v1/catalog/nodes"));
             if nodes
                 .as_ref()
                 .and_then(Value::as_array)
@@ -723,10 +757,18 @@ impl Consul {
         body: Option<&str>,
         timeout: Duration,
     ) -> Result<HttpResponse, String> {
+        // A query parameter keeps the tiny client header-free; fine for a throwaway test token.
+        let path = match &self.token {
+            Some(t) => format!(
+                "{path}{}token={t}",
+                if path.contains('?') { '&' } else { '?' }
+            ),
+            None => path.to_string(),
+        };
         http_request(
             &self.http_addr,
             method,
-            path,
+            &path,
             body.map(str::as_bytes),
             timeout,
         )
@@ -1061,5 +1103,29 @@ fn serve_connection(mut conn: TcpStream, shared: &AppShared) {
             let _ = conn.shutdown(Shutdown::Write);
             return;
         }
+    }
+}
+
+/// An HTTPS request with the given client certificate files; Ok(body) or Err(curl's complaint).
+pub fn curl_mtls(
+    port: u16,
+    cert: Option<(&std::path::Path, &std::path::Path)>,
+    ca: &std::path::Path,
+) -> Result<String, String> {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--max-time", "5", "-k"])
+        .arg("--cacert")
+        .arg(ca)
+        .arg(format!("https://127.0.0.1:{port}/"));
+    if let Some((c, k)) = cert {
+        cmd.arg("--cert").arg(c).arg("--key").arg(k);
+    }
+    let out = cmd
+        .output()
+        .expect("curl installed by scripts/install-deps");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
     }
 }
