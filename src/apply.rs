@@ -125,7 +125,7 @@ fn run(
                 applied = desired;
                 failures = 0;
                 report(Outcome::Applied {
-                    ops: p.ops.len(),
+                    ops: p.ops.len() + p.live.len(),
                     reloaded,
                     took: started.elapsed(),
                 });
@@ -180,8 +180,32 @@ fn apply(
         applied.tls.leaf_pem = desired.tls.leaf_pem.clone();
         log::info!("leaf certificate updated live");
     }
+    let mut reloaded = false;
+    for spec in &p.live {
+        reloaded |= dataplane.replace_server_live(spec)?;
+        // Recorded one by one: a failure half-way retries only what is left.
+        if let Some(u) = applied
+            .upstreams
+            .iter_mut()
+            .find(|u| u.name == spec.backend)
+        {
+            if let (Some(slot), Some(want)) = (
+                u.slots.iter_mut().find(|s| s.name == spec.name),
+                desired
+                    .upstream(&spec.backend)
+                    .and_then(|d| d.slots.iter().find(|s| s.name == spec.name)),
+            ) {
+                *slot = want.clone();
+            }
+        }
+    }
+    if reloaded {
+        log::warn!(
+            "the Dataplane API reloaded HAProxy for a server change it could not apply live"
+        );
+    }
     if p.ops.is_empty() {
-        return Ok(false);
+        return Ok(reloaded);
     }
     let committed = dataplane.apply(&p.ops).with_context(|| {
         format!(
@@ -189,5 +213,5 @@ fn apply(
             p.ops.len()
         )
     })?;
-    Ok(matches!(committed, Committed::Reloaded(_)))
+    Ok(reloaded || matches!(committed, Committed::Reloaded(_)))
 }

@@ -59,6 +59,7 @@ struct Globals<'a> {
     dataplane_userlist: &'static str,
     dataplane_user: &'a str,
     dataplane_password: &'a str,
+    free_slot: String,
 }
 
 /// Every file one sidecar writes, in the order they must be written: certificates before the
@@ -82,6 +83,11 @@ pub fn render(d: &Desired, creds: &DataplaneCredentials) -> Result<Vec<File>> {
         dataplane_userlist: DATAPLANE_USERLIST,
         dataplane_user: &creds.user,
         dataplane_password: creds.password.expose(),
+        free_slot: format!(
+            "{}:{}",
+            crate::model::FREE_SLOT_ADDRESS,
+            crate::model::FREE_SLOT_PORT
+        ),
     };
     let ctx = Context::from_serialize(&globals).map_err(|e| {
         Error::msg(format!(
@@ -155,7 +161,7 @@ mod tests {
             std::env::temp_dir().join(format!("hcc-render-{}-{seq}-{proxy}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("certs")).unwrap();
-        let d = build(&snapshot(proxy, leaf), &settings_in(&dir, intentions)).unwrap();
+        let d = build(&snapshot(proxy, leaf), &settings_in(&dir, intentions), None).unwrap();
         let files = render(&d, &creds()).unwrap();
         for f in &files {
             std::fs::write(&f.path, &f.contents).unwrap();
@@ -215,7 +221,7 @@ mod tests {
         assert_eq!(names, ["roots.pem", "leaf.pem", "spoe.conf", "haproxy.cfg"]);
         let cfg = &files[3].contents;
         assert!(cfg.contains("reject unless { var(sess.hcc.allow) -m bool }"));
-        assert!(cfg.contains("server up_svc") || cfg.contains("server server-sidecar-proxy.node1"));
+        assert!(cfg.contains("server s0 "), "{cfg}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -3,9 +3,6 @@
 
 mod support;
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use haproxy_consul_connect::consul::api::IntentionEntry;
@@ -14,20 +11,6 @@ use haproxy_consul_connect::spoe::authz::AuthzTable;
 use nix::sys::signal::Signal;
 use support::mesh::{Mesh, MeshOptions, APP_BODY};
 use support::*;
-
-/// The HAProxy master's reload count, from its CLI.
-fn reloads(master: &Path) -> u32 {
-    let mut s = UnixStream::connect(master).expect("master socket");
-    s.write_all(b"show proc\n").unwrap();
-    s.shutdown(std::net::Shutdown::Write).unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out.lines()
-        .find(|l| l.split_whitespace().nth(1) == Some("master"))
-        .and_then(|l| l.split_whitespace().nth(2))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no master line in {out}"))
-}
 
 fn allowed(mesh: &Mesh) -> bool {
     matches!(http_get(&mesh.upstream_addr(), "/", Duration::from_secs(3)), Ok((200, b)) if b == APP_BODY)

@@ -12,9 +12,10 @@ use support::*;
 
 /// The proxies of a configuration (frontends and backends) with each line's words as a set, so
 /// option order and the Dataplane API's own formatting do not matter; the workdir is replaced by
-/// a placeholder.
+/// a placeholder. Lines are kept with their count, so free slots count too.
 fn objects(cfg: &str, workdir: &str) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
+    let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     let mut section: Option<String> = None;
     for line in cfg.lines() {
         let line = line
@@ -36,8 +37,17 @@ fn objects(cfg: &str, workdir: &str) -> BTreeSet<String> {
         }
         if let Some(s) = &section {
             let mut words: Vec<&str> = line.split_whitespace().collect();
+            // Which slot an instance sits in depends on history (it keeps its slot; a fresh
+            // render sorts): compare server lines without the slot name.
+            if words.first() == Some(&"server") && words.get(1).is_some_and(|n| n.starts_with('s'))
+            {
+                words.remove(1);
+            }
             words.sort();
-            out.insert(format!("{s} | {}", words.join(" ")));
+            let line = format!("{s} | {}", words.join(" "));
+            let n = seen.entry(line.clone()).or_default();
+            *n += 1;
+            out.insert(format!("{line} #{n}"));
         }
     }
     out

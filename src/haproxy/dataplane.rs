@@ -180,6 +180,24 @@ impl Dataplane {
         }
     }
 
+    /// Replaces one server outside any transaction, which the API applies through HAProxy's
+    /// runtime API when only address, port, weight or maintenance change. Returns whether the
+    /// API had to schedule a reload instead.
+    pub fn replace_server_live(&self, s: &ServerSpec) -> Result<bool> {
+        let version = self
+            .version()
+            .context("reading the configuration version")?;
+        let path = format!(
+            "{BASE}/configuration/servers/{}?backend={}&version={version}",
+            encode(&s.name),
+            encode(&s.backend)
+        );
+        let (status, _, _) = self
+            .call("PUT", &path, Some(&server(s)))
+            .with_context(|| format!("replacing server {}/{} live", s.backend, s.name))?;
+        Ok(status == 202)
+    }
+
     /// The whole configuration file as the API holds it.
     pub fn raw(&self) -> Result<String> {
         let (_, v, _) = self.call("GET", &format!("{BASE}/configuration/raw"), None)?;
@@ -305,6 +323,9 @@ fn bind(b: &BindSpec) -> Value {
 
 fn server(s: &ServerSpec) -> Value {
     let mut v = json!({ "name": s.name, "address": s.address, "port": s.port });
+    if s.maintenance {
+        v["maintenance"] = json!("enabled");
+    }
     if let Some(w) = s.weight {
         v["weight"] = json!(w);
     }

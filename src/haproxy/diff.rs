@@ -2,7 +2,9 @@
 //! here are exactly those the template renders, so a config built by deltas and one rendered
 //! from scratch describe the same HAProxy objects.
 
-use crate::model::{Desired, Mode, Public, Server, UpstreamListener};
+use crate::model::{
+    Desired, Mode, Public, Slot, UpstreamListener, FREE_SLOT_ADDRESS, FREE_SLOT_PORT,
+};
 use crate::render::{LOCAL_BACKEND, PUBLIC_FRONTEND};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,6 +47,8 @@ pub struct ServerSpec {
     pub weight: Option<u32>,
     /// `ssl crt … ca-file … verify required` towards another sidecar.
     pub tls: Option<Tls>,
+    /// A free slot: in maintenance (`disabled`), never sent traffic.
+    pub maintenance: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,14 +71,19 @@ pub enum Op {
 pub struct Plan {
     /// In an order the Dataplane API accepts inside one transaction: deletions first (frontends
     /// before the backends they use), then creations (backends before the frontends that use them).
+    /// Committing them reloads HAProxy.
     pub ops: Vec<Op>,
+    /// Slot changes (address, port, weight, maintenance) the Dataplane API applies through the
+    /// runtime API without a reload, one by one, outside any transaction. Empty when `ops` is
+    /// not: a reload is coming anyway, and one transaction keeps the change atomic.
+    pub live: Vec<ServerSpec>,
     pub roots_changed: bool,
     pub leaf_changed: bool,
 }
 
 impl Plan {
     pub fn is_empty(&self) -> bool {
-        self.ops.is_empty() && !self.roots_changed && !self.leaf_changed
+        self.ops.is_empty() && self.live.is_empty() && !self.roots_changed && !self.leaf_changed
     }
 }
 
@@ -120,6 +129,7 @@ pub fn local_server(p: &Public) -> ServerSpec {
         port: p.app_port,
         weight: None,
         tls: None,
+        maintenance: false,
     }
 }
 
@@ -150,14 +160,19 @@ pub fn upstream_bind(u: &UpstreamListener) -> BindSpec {
     }
 }
 
-pub fn upstream_server(d: &Desired, u: &UpstreamListener, s: &Server) -> ServerSpec {
+pub fn upstream_server(d: &Desired, u: &UpstreamListener, slot: &Slot) -> ServerSpec {
+    let (address, port, weight) = match &slot.instance {
+        Some(s) => (s.address.clone(), s.port, s.weight),
+        None => (FREE_SLOT_ADDRESS.to_string(), FREE_SLOT_PORT, 1),
+    };
     ServerSpec {
         backend: u.name.clone(),
-        name: s.name.clone(),
-        address: s.address.clone(),
-        port: s.port,
-        weight: Some(s.weight),
+        name: slot.name.clone(),
+        address,
+        port,
+        weight: Some(weight),
         tls: Some(mesh_tls(d)),
+        maintenance: slot.instance.is_none(),
     }
 }
 
@@ -179,7 +194,7 @@ pub fn from_scratch(d: &Desired) -> Vec<Op> {
 fn create_upstream(d: &Desired, u: &UpstreamListener) -> Vec<Op> {
     let mut ops = vec![Op::CreateBackend(upstream_backend(u))];
     ops.extend(
-        u.servers
+        u.slots
             .iter()
             .map(|s| Op::CreateServer(upstream_server(d, u, s))),
     );
@@ -191,6 +206,7 @@ fn create_upstream(d: &Desired, u: &UpstreamListener) -> Vec<Op> {
 pub fn plan(applied: &Desired, desired: &Desired) -> Plan {
     let mut deletes = Vec::new();
     let mut creates = Vec::new();
+    let mut live = Vec::new();
 
     // The public listener and the local app: replaced field by field, never removed.
     if public_frontend(applied) != public_frontend(desired) {
@@ -222,21 +238,19 @@ pub fn plan(applied: &Desired, desired: &Desired) -> Plan {
             creates.extend(create_upstream(desired, new));
             continue;
         }
-        for s in &old.servers {
-            if !new.servers.iter().any(|n| n.name == s.name) {
+        for s in &old.slots {
+            if !new.slots.iter().any(|n| n.name == s.name) {
                 deletes.push(Op::DeleteServer {
                     backend: old.name.clone(),
                     name: s.name.clone(),
                 });
             }
         }
-        for s in &new.servers {
+        for s in &new.slots {
             let spec = upstream_server(desired, new, s);
-            match old.servers.iter().find(|o| o.name == s.name) {
+            match old.slots.iter().find(|o| o.name == s.name) {
                 None => creates.push(Op::CreateServer(spec)),
-                Some(o) if upstream_server(applied, old, o) != spec => {
-                    creates.push(Op::ReplaceServer(spec))
-                }
+                Some(o) if upstream_server(applied, old, o) != spec => live.push(spec),
                 Some(_) => {}
             }
         }
@@ -248,8 +262,12 @@ pub fn plan(applied: &Desired, desired: &Desired) -> Plan {
     }
 
     deletes.extend(creates);
+    if !deletes.is_empty() {
+        deletes.extend(live.drain(..).map(Op::ReplaceServer));
+    }
     Plan {
         ops: deletes,
+        live,
         roots_changed: applied.tls.roots_pem != desired.tls.roots_pem,
         leaf_changed: applied.tls.leaf_pem != desired.tls.leaf_pem,
     }
@@ -259,14 +277,28 @@ pub fn plan(applied: &Desired, desired: &Desired) -> Plan {
 mod tests {
     use super::*;
     use crate::model::fixtures::{settings, snapshot};
-    use crate::model::{build, Server};
+    use crate::model::{build, place, Server, MIN_SLOTS};
 
     fn client() -> Desired {
         build(
             &snapshot("client-sidecar-proxy", "ca-leaf-client.json"),
             &settings(),
+            None,
         )
         .unwrap()
+    }
+
+    fn instances(u: &UpstreamListener) -> Vec<Server> {
+        u.instances().cloned().collect()
+    }
+
+    fn server(id: &str, port: u16) -> Server {
+        Server {
+            id: id.into(),
+            address: "127.0.0.9".into(),
+            port,
+            weight: 1,
+        }
     }
 
     #[test]
@@ -275,30 +307,90 @@ mod tests {
     }
 
     #[test]
-    fn instance_churn_is_server_ops_only() {
+    fn instance_churn_within_capacity_is_live_only() {
         let a = client();
         let mut b = a.clone();
         let up = &mut b.upstreams[0];
-        let gone = up.servers.remove(0).name;
-        up.servers[0].weight = 7;
-        up.servers.push(Server {
-            name: "server-3-sidecar-proxy.node2".into(),
-            address: "127.0.0.9".into(),
-            port: 21009,
-            weight: 1,
-        });
+        let mut now = instances(up);
+        now.remove(0);
+        now[0].weight = 7;
+        now.push(server("server-3-sidecar-proxy.node2", 21009));
+        up.slots = place(now, &up.slots);
         let p = plan(&a, &b);
+        assert!(p.ops.is_empty(), "no transaction, no reload: {:#?}", p.ops);
         assert!(!p.roots_changed && !p.leaf_changed);
-        assert_eq!(p.ops.len(), 3, "{:#?}", p.ops);
-        assert!(matches!(&p.ops[0], Op::DeleteServer { name, .. } if *name == gone));
-        assert!(p
+        // The newcomer takes the slot just freed; the weight changes in place.
+        assert_eq!(p.live.len(), 2, "{:#?}", p.live);
+        assert!(p.live.iter().any(|s| s.weight == Some(7) && !s.maintenance));
+        assert!(p.live.iter().any(|s| s.port == 21009 && !s.maintenance));
+
+        // An instance that leaves puts its slot in maintenance, live too.
+        let mut c = b.clone();
+        let mut fewer = instances(&c.upstreams[0]);
+        fewer.retain(|s| s.port != 21009);
+        c.upstreams[0].slots = place(fewer, &c.upstreams[0].slots);
+        let p = plan(&b, &c);
+        assert!(p.ops.is_empty());
+        assert_eq!(p.live.len(), 1);
+        assert!(p.live[0].maintenance && p.live[0].address == "127.0.0.1");
+    }
+
+    #[test]
+    fn growing_past_capacity_is_one_transaction() {
+        let a = client();
+        let mut b = a.clone();
+        let up = &mut b.upstreams[0];
+        let many: Vec<Server> = (0..MIN_SLOTS + 1)
+            .map(|i| server(&format!("i{i}.n"), 22000 + i as u16))
+            .collect();
+        up.slots = place(many, &up.slots);
+        assert_eq!(up.slots.len(), 2 * MIN_SLOTS);
+        let p = plan(&a, &b);
+        assert!(p.live.is_empty(), "everything rides the transaction");
+        let creates = p
             .ops
             .iter()
-            .any(|o| matches!(o, Op::ReplaceServer(s) if s.weight == Some(7))));
-        assert!(p
+            .filter(|o| matches!(o, Op::CreateServer(_)))
+            .count();
+        let replaces = p
             .ops
             .iter()
-            .any(|o| matches!(o, Op::CreateServer(s) if s.port == 21009)));
+            .filter(|o| matches!(o, Op::ReplaceServer(_)))
+            .count();
+        assert_eq!(creates, MIN_SLOTS);
+        assert_eq!(replaces, MIN_SLOTS, "the old slots all changed instance");
+    }
+
+    #[test]
+    fn instances_keep_their_slots_and_the_pool_shrinks_lazily() {
+        let five: Vec<Server> = (0..5)
+            .map(|i| server(&format!("i{i}.n"), 100 + i))
+            .collect();
+        let slots = place(five.clone(), &[]);
+        assert_eq!(slots.len(), MIN_SLOTS);
+        // i1 and i3 leave, i9 arrives: survivors stay put, the newcomer takes the lowest hole.
+        let next: Vec<Server> = vec![
+            five[0].clone(),
+            five[2].clone(),
+            five[4].clone(),
+            server("i9.n", 109),
+        ];
+        let slots2 = place(next, &slots);
+        let at = |s: &[crate::model::Slot], i: usize| s[i].instance.as_ref().map(|x| x.id.clone());
+        assert_eq!(at(&slots2, 0).as_deref(), Some("i0.n"));
+        assert_eq!(at(&slots2, 1).as_deref(), Some("i9.n"));
+        assert_eq!(at(&slots2, 2).as_deref(), Some("i2.n"));
+        assert_eq!(at(&slots2, 4).as_deref(), Some("i4.n"));
+        // 20 instances need 32 slots; back to 9 keeps 32 (more than a quarter); to 3 shrinks.
+        let twenty: Vec<Server> = (0..20)
+            .map(|i| server(&format!("j{i}.n"), 200 + i))
+            .collect();
+        let big = place(twenty.clone(), &slots2);
+        assert_eq!(big.len(), 32);
+        assert_eq!(place(twenty[..9].to_vec(), &big).len(), 32);
+        let small = place(twenty[..3].to_vec(), &big);
+        assert_eq!(small.len(), MIN_SLOTS);
+        assert_eq!(small.iter().filter(|s| s.instance.is_some()).count(), 3);
     }
 
     #[test]
@@ -321,7 +413,10 @@ mod tests {
                 _ => "other",
             })
             .collect();
-        assert_eq!(kinds, ["backend", "server", "server", "frontend", "bind"]);
+        let mut want = vec!["backend"];
+        want.extend(std::iter::repeat_n("server", MIN_SLOTS));
+        want.extend(["frontend", "bind"]);
+        assert_eq!(kinds, want);
 
         let back = plan(&b, &a);
         assert_eq!(
@@ -351,8 +446,10 @@ mod tests {
         // objects `b` would have from scratch.
         let a = client();
         let mut b = a.clone();
-        b.upstreams[0].servers.pop();
-        b.upstreams[0].servers[0].weight = 3;
+        let mut now = instances(&b.upstreams[0]);
+        now.pop();
+        now[0].weight = 3;
+        b.upstreams[0].slots = place(now, &b.upstreams[0].slots);
         let mut extra = b.upstreams[0].clone();
         extra.name = "up_svc_x_local_127.0.0.1_9300".into();
         extra.bind_port = 9300;
@@ -360,7 +457,12 @@ mod tests {
         b.public.connect_timeout_ms = 1234;
 
         let mut objects = objects_of(&from_scratch(&a));
-        for op in plan(&a, &b).ops {
+        let p = plan(&a, &b);
+        for op in p
+            .ops
+            .into_iter()
+            .chain(p.live.into_iter().map(Op::ReplaceServer))
+        {
             apply_to_objects(&mut objects, op);
         }
         assert_eq!(objects, objects_of(&from_scratch(&b)));

@@ -95,16 +95,39 @@ pub struct UpstreamListener {
     pub bind_port: u16,
     pub mode: Mode,
     pub connect_timeout_ms: u64,
-    /// Sorted by name.
-    pub servers: Vec<Server>,
+    /// The backend's server slots, `s0`, `s1`, …: an instance keeps its slot while it lives,
+    /// so churn changes slots in place (live, through the runtime API) instead of adding and
+    /// removing servers (a reload).
+    pub slots: Vec<Slot>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Server {
+pub struct Slot {
     pub name: String,
+    /// `None`: the slot is free and in maintenance.
+    pub instance: Option<Server>,
+}
+
+/// One healthy instance of a destination: its sidecar's address.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Server {
+    /// `<service instance id>.<node>`, unique in a datacenter.
+    pub id: String,
     pub address: String,
     pub port: u16,
     pub weight: u32,
+}
+
+/// Every backend starts with this many slots; most upstreams never need more.
+pub const MIN_SLOTS: usize = 8;
+/// A free slot's address: never used, HAProxy only needs a valid one.
+pub const FREE_SLOT_ADDRESS: &str = "127.0.0.1";
+pub const FREE_SLOT_PORT: u16 = 1;
+
+impl UpstreamListener {
+    pub fn instances(&self) -> impl Iterator<Item = &Server> {
+        self.slots.iter().filter_map(|s| s.instance.as_ref())
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -126,7 +149,13 @@ impl Desired {
 /// something HAProxy cannot be given (no local port, a certificate that does not parse).
 /// Problems confined to one upstream drop that upstream only, with a warning, so one bad
 /// upstream cannot take the others down.
-pub fn build(snapshot: &Snapshot, settings: &Settings) -> Result<Desired> {
+///
+/// `previous` is the state built before this one, if any: instances keep the slots they had.
+pub fn build(
+    snapshot: &Snapshot,
+    settings: &Settings,
+    previous: Option<&Desired>,
+) -> Result<Desired> {
     let missing = snapshot.missing();
     if !missing.is_empty() {
         return Err(Error::msg(format!(
@@ -193,7 +222,7 @@ pub fn build(snapshot: &Snapshot, settings: &Settings) -> Result<Desired> {
     let mut taken: BTreeSet<(String, u16)> = BTreeSet::new();
     taken.insert((public.bind_address.clone(), public.bind_port));
     for u in &proxy.upstreams {
-        match upstream(u, snapshot) {
+        match upstream(u, snapshot, previous) {
             Ok(listener) => {
                 let at = (listener.bind_address.clone(), listener.bind_port);
                 if !taken.insert(at) || upstreams.iter().any(|l| l.name == listener.name) {
@@ -220,7 +249,11 @@ pub fn build(snapshot: &Snapshot, settings: &Settings) -> Result<Desired> {
     })
 }
 
-fn upstream(u: &Upstream, snapshot: &Snapshot) -> Result<UpstreamListener> {
+fn upstream(
+    u: &Upstream,
+    snapshot: &Snapshot,
+    previous: Option<&Desired>,
+) -> Result<UpstreamListener> {
     if u.destination_name.is_empty() {
         return Err(Error::msg("it has no DestinationName"));
     }
@@ -260,6 +293,10 @@ fn upstream(u: &Upstream, snapshot: &Snapshot) -> Result<UpstreamListener> {
         .endpoints
         .get(&key)
         .map_or(&[][..], |v| v.as_slice());
+    let before = previous
+        .and_then(|p| p.upstream(&name))
+        .map_or(&[][..], |l| l.slots.as_slice());
+    let slots = place(servers(entries, &u.destination_name), before);
     Ok(UpstreamListener {
         name,
         destination: key.to_string(),
@@ -268,7 +305,7 @@ fn upstream(u: &Upstream, snapshot: &Snapshot) -> Result<UpstreamListener> {
         mode: mode(config_str(&u.config, "protocol").as_deref()),
         connect_timeout_ms: config_u64(&u.config, "connect_timeout_ms")
             .unwrap_or(DEFAULT_CONNECT_TIMEOUT_MS),
-        servers: servers(entries, &u.destination_name),
+        slots,
     })
 }
 
@@ -284,18 +321,12 @@ fn servers(entries: &[HealthEntry], destination: &str) -> Vec<Server> {
             );
             continue;
         }
-        let mut name = sanitize(&format!("{}.{}", e.service.id, e.node.node));
-        let base = name.clone();
-        let mut n = 2;
-        while by_name.contains_key(&name) {
-            name = format!("{base}-{n}");
-            n += 1;
-        }
+        let id = format!("{}.{}", e.service.id, e.node.node);
         let weight = e.service.weights.map_or(1, |w| w.passing).clamp(1, 256);
         by_name.insert(
-            name.clone(),
+            id.clone(),
             Server {
-                name,
+                id,
                 address,
                 port: e.service.port,
                 weight,
@@ -303,6 +334,49 @@ fn servers(entries: &[HealthEntry], destination: &str) -> Vec<Server> {
         );
     }
     by_name.into_values().collect()
+}
+
+/// Places instances in slots: each keeps its previous slot; newcomers take the lowest free one.
+/// The pool grows (doubling) when full and shrinks only when at most a quarter is used, so a
+/// flapping instance count never resizes it back and forth.
+pub fn place(instances: Vec<Server>, before: &[Slot]) -> Vec<Slot> {
+    let n = instances.len();
+    let fit = |k: usize| k.next_power_of_two().max(MIN_SLOTS);
+    let capacity = match before.len() {
+        0 => fit(n),
+        c if n > c => fit(n),
+        c if c > MIN_SLOTS && n <= c / 4 => fit(2 * n),
+        c => c,
+    };
+    let mut slots: Vec<Option<Server>> = vec![None; capacity];
+    let mut newcomers = Vec::new();
+    for inst in instances {
+        let had = before
+            .iter()
+            .position(|s| s.instance.as_ref().is_some_and(|i| i.id == inst.id))
+            .filter(|i| *i < capacity && slots[*i].is_none());
+        match had {
+            Some(i) => slots[i] = Some(inst),
+            None => newcomers.push(inst),
+        }
+    }
+    let mut free = (0..capacity)
+        .filter(|i| slots[*i].is_none())
+        .collect::<Vec<_>>()
+        .into_iter();
+    for inst in newcomers {
+        if let Some(i) = free.next() {
+            slots[i] = Some(inst);
+        }
+    }
+    slots
+        .into_iter()
+        .enumerate()
+        .map(|(i, instance)| Slot {
+            name: format!("s{i}"),
+            instance,
+        })
+        .collect()
 }
 
 fn tls(leaf: &crate::consul::api::LeafCert, roots: &crate::consul::api::CaRoots) -> Result<Tls> {

@@ -8,6 +8,7 @@ fn client_sidecar_gets_one_upstream_with_both_server_instances() {
     let d = build(
         &snapshot("client-sidecar-proxy", "ca-leaf-client.json"),
         &settings(),
+        None,
     )
     .unwrap();
     assert_eq!(d.service, "client");
@@ -26,9 +27,8 @@ fn client_sidecar_gets_one_upstream_with_both_server_instances() {
         ("127.0.0.1", 9191)
     );
     let servers: Vec<(&str, u16, u32)> = up
-        .servers
-        .iter()
-        .map(|s| (s.name.as_str(), s.port, s.weight))
+        .instances()
+        .map(|s| (s.id.as_str(), s.port, s.weight))
         .collect();
     assert_eq!(
         servers,
@@ -54,6 +54,7 @@ fn rich_sidecar_honours_every_config_key_and_keeps_upstreams_apart() {
     let d = build(
         &snapshot("rich-sidecar-proxy", "ca-leaf-rich.json"),
         &settings(),
+        None,
     )
     .unwrap();
     assert_eq!(
@@ -78,13 +79,13 @@ fn rich_sidecar_honours_every_config_key_and_keeps_upstreams_apart() {
     let local = d.upstream("up_svc_server_local_127.0.0.1_9191").unwrap();
     assert_eq!(local.mode, Mode::Http);
     assert_eq!(local.connect_timeout_ms, 1500);
-    assert_eq!(local.servers.len(), 2);
+    assert_eq!(local.instances().count(), 2);
     let dc2 = d.upstream("up_svc_server_dc2_127.0.0.1_9192").unwrap();
     assert_eq!(dc2.mode, Mode::Tcp);
     assert_eq!(dc2.connect_timeout_ms, 5000);
-    assert!(dc2.servers.is_empty(), "no instance answered in dc2");
+    assert_eq!(dc2.instances().count(), 0, "no instance answered in dc2");
     let pq = d.upstream("up_pq_pq-server_local_127.0.0.1_9193").unwrap();
-    assert_eq!(pq.servers.len(), 2);
+    assert_eq!(pq.instances().count(), 2);
 }
 
 #[test]
@@ -97,7 +98,7 @@ fn nothing_is_built_until_registration_leaf_and_roots_are_known() {
             "leaf" => s.leaf = None,
             _ => s.roots = None,
         }
-        let err = build(&s, &settings()).unwrap_err().to_string();
+        let err = build(&s, &settings(), None).unwrap_err().to_string();
         assert!(err.contains("waiting for"), "{drop}: {err}");
     }
 }
@@ -105,7 +106,7 @@ fn nothing_is_built_until_registration_leaf_and_roots_are_known() {
 #[test]
 fn a_leaf_for_another_service_is_not_used() {
     let s = snapshot("client-sidecar-proxy", "ca-leaf-server.json");
-    let err = build(&s, &settings()).unwrap_err().to_string();
+    let err = build(&s, &settings(), None).unwrap_err().to_string();
     assert!(err.contains("leaf certificate of \"client\""), "{err}");
 }
 
@@ -116,14 +117,14 @@ fn bad_certificates_are_refused_with_a_reason() {
         leaf.cert_pem =
             "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n".into();
     }
-    let err = build(&s, &settings()).unwrap_err().to_string();
+    let err = build(&s, &settings(), None).unwrap_err().to_string();
     assert!(err.contains("does not parse"), "{err}");
 
     let mut s = snapshot("client-sidecar-proxy", "ca-leaf-client.json");
     if let Some(leaf) = s.leaf.as_mut() {
         leaf.private_key_pem.clear();
     }
-    let err = build(&s, &settings()).unwrap_err().to_string();
+    let err = build(&s, &settings(), None).unwrap_err().to_string();
     assert!(err.contains("private key"), "{err}");
 }
 
@@ -138,7 +139,7 @@ fn colliding_and_broken_upstreams_are_skipped_without_harming_the_rest() {
         no_port.local_bind_port = 0;
         p.upstreams.push(no_port);
     }
-    let d = build(&s, &settings()).unwrap();
+    let d = build(&s, &settings(), None).unwrap();
     assert_eq!(d.upstreams.len(), 1);
     assert_eq!(d.upstreams[0].name, "up_svc_server_local_127.0.0.1_9191");
 }
@@ -152,8 +153,8 @@ fn weights_are_clamped_to_haproxy_range() {
             warning: 1,
         });
     }
-    let d = build(&s, &settings()).unwrap();
-    assert_eq!(d.upstreams[0].servers[0].weight, 256);
+    let d = build(&s, &settings(), None).unwrap();
+    assert!(d.upstreams[0].instances().any(|s| s.weight == 256));
 }
 
 #[test]

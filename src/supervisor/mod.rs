@@ -238,7 +238,7 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
         if !snapshot.endpoints_known() && since.elapsed() < ENDPOINTS_GRACE {
             continue;
         }
-        match model::build(&snapshot, &settings) {
+        match model::build(&snapshot, &settings, None) {
             Ok(d) => break d,
             Err(e) => {
                 let problem = e.to_string();
@@ -395,7 +395,7 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
             let now = Instant::now();
             if now >= last + DEBOUNCE || now >= first + DEBOUNCE_MAX {
                 dirty_since = None;
-                match model::build(&snapshot, &settings) {
+                match model::build(&snapshot, &settings, Some(&last_submitted)) {
                     Ok(d) if d != last_submitted => {
                         if let Some(a) = &applier {
                             a.submit(d.clone());
@@ -713,7 +713,7 @@ pub fn dry_run(opts: &Options) -> Result<Vec<render::File>, Fatal> {
         paths: Paths::new(&workdir),
         intentions: opts.enable_intentions,
     };
-    let desired: Desired = model::build(&snapshot, &settings)?;
+    let desired: Desired = model::build(&snapshot, &settings, None)?;
     Ok(render::render(
         &desired,
         &DataplaneCredentials::generate()?,

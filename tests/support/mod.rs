@@ -1129,3 +1129,27 @@ pub fn curl_mtls(
         Err(String::from_utf8_lossy(&out.stderr).into_owned())
     }
 }
+
+/// The HAProxy master's reload count, from its CLI.
+pub fn reloads(master: &Path) -> u32 {
+    let mut s = std::os::unix::net::UnixStream::connect(master).expect("master socket");
+    s.write_all(b"show proc\n").unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.lines()
+        .find(|l| l.split_whitespace().nth(1) == Some("master"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no master line in {out}"))
+}
+
+/// One command on an HAProxy CLI socket (stats or master), its whole answer.
+pub fn haproxy_cli(socket: &Path, command: &str) -> String {
+    let mut s = std::os::unix::net::UnixStream::connect(socket).expect("HAProxy socket");
+    s.write_all(format!("{command}\n").as_bytes()).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}

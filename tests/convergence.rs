@@ -1,0 +1,194 @@
+//! Live convergence: instance churn, weights and certificate rotation reach HAProxy without a
+//! reload and without a failed request (real Consul, HAProxy and Dataplane API).
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use support::mesh::{sidecar, Mesh, MeshOptions, APP_BODY};
+use support::*;
+
+/// Requests through the client's upstream, a new connection each, until stopped (or 120 s).
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    errors: Arc<std::sync::Mutex<Vec<String>>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(addr: String) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (s, o, f, e) = (stop.clone(), ok.clone(), failed.clone(), errors.clone());
+        let thread = thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while !s.load(Ordering::SeqCst) && Instant::now() < deadline {
+                match http_get(&addr, "/", Duration::from_secs(5)) {
+                    Ok((200, _)) => o.fetch_add(1, Ordering::SeqCst),
+                    other => {
+                        e.lock().unwrap().push(format!("{other:?}"));
+                        f.fetch_add(1, Ordering::SeqCst)
+                    }
+                };
+            }
+        });
+        Load {
+            stop,
+            ok,
+            failed,
+            errors,
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> (u64, u64, Vec<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        (
+            self.ok.load(Ordering::SeqCst),
+            self.failed.load(Ordering::SeqCst),
+            self.errors.lock().unwrap().clone(),
+        )
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Another instance of `server`: its own app (answering `body`) and its own sidecar.
+struct Instance {
+    sidecar: Child,
+    app: HttpApp,
+    id: String,
+}
+
+fn add_instance(mesh: &Mesh, id: &str, body: &str) -> Instance {
+    let app = HttpApp::start(body);
+    let mut reg: serde_json::Value =
+        serde_json::from_str(&sidecar_registration(id, app.port(), free_port(), &[])).unwrap();
+    reg["Name"] = "server".into();
+    mesh.consul.register(&reg.to_string());
+    let sidecar = sidecar(&mesh.consul, &mesh.base, id, false, &[]);
+    Instance {
+        sidecar,
+        app,
+        id: id.to_string(),
+    }
+}
+
+/// Waits until `app` is sent requests, or proves it is no longer: no new request for 1.5 s.
+fn wait_serving(app: &HttpApp, what: &str) {
+    let start = app.requests();
+    wait_until(Duration::from_secs(30), what, || app.requests() > start + 3).unwrap();
+}
+
+fn wait_idle(app: &HttpApp, what: &str) {
+    wait_until(Duration::from_secs(30), what, || {
+        let before = app.requests();
+        thread::sleep(Duration::from_millis(1500));
+        app.requests() == before
+    })
+    .unwrap();
+}
+
+#[test]
+fn churn_under_load_fails_no_request_and_reloads_nothing() {
+    let mesh = Mesh::start(MeshOptions::default());
+    let master = mesh.workdir("client").join("master.sock");
+    let reloads_before = reloads(&master);
+    let load = Load::start(mesh.upstream_addr());
+    wait_serving(&mesh.app, "the first instance to serve");
+
+    // 1 → 3 instances.
+    let two = add_instance(&mesh, "server-2", "two");
+    let three = add_instance(&mesh, "server-3", "three");
+    wait_serving(&two.app, "instance 2 to serve");
+    wait_serving(&three.app, "instance 3 to serve");
+
+    // Instance 2 critical, then passing again.
+    let check = r#"{"Name": "flip", "ID": "flip-2", "ServiceID": "server-2-sidecar-proxy", "TTL": "10m", "Status": "passing"}"#;
+    let (status, body) = mesh.consul.put("/v1/agent/check/register", check);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(mesh.consul.put("/v1/agent/check/fail/flip-2", "").0, 200);
+    wait_idle(&two.app, "instance 2 to stop receiving while critical");
+    wait_serving(&mesh.app, "instance 1 still serving");
+    assert_eq!(mesh.consul.put("/v1/agent/check/pass/flip-2", "").0, 200);
+    wait_serving(&two.app, "instance 2 to serve again");
+
+    // 3 → 1: leave Consul first, then stop, as an orchestrator does.
+    for inst in [&three, &two] {
+        mesh.consul.deregister(&inst.id);
+        wait_idle(&inst.app, "a deregistered instance to stop receiving");
+    }
+    let (three_seen, two_seen) = (three.app.requests(), two.app.requests());
+    wait_serving(&mesh.app, "instance 1 serving alone");
+    drop(three);
+    drop(two);
+
+    let (ok, failed, errors) = load.finish();
+    eprintln!("measured: churn under load: {ok} requests ok, {failed} failed");
+    assert_eq!(failed, 0, "failed requests during churn: {errors:?}");
+    assert!(ok > 50, "the load generator barely ran: {ok}");
+    assert!(three_seen > 0 && two_seen > 0);
+    assert_eq!(
+        reloads(&master),
+        reloads_before,
+        "instance churn reloaded HAProxy\n{}",
+        mesh.client_sidecar.logs()
+    );
+}
+
+#[test]
+fn a_weight_change_reaches_haproxy_live() {
+    let mesh = Mesh::start(MeshOptions::default());
+    let workdir = mesh.workdir("client");
+    let master = workdir.join("master.sock");
+    let stats = workdir.join("haproxy.sock");
+    let reloads_before = reloads(&master);
+    let port = mesh.server_port;
+    let weight_of_server = || {
+        // `show servers state`: be_id be_name srv_id srv_name srv_addr op admin uweight …
+        haproxy_cli(&stats, "show servers state")
+            .lines()
+            .filter(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .is_some_and(|b| b.starts_with("up_svc_server"))
+            })
+            .find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.get(18) == Some(&port.to_string().as_str())).then(|| f[7].to_string())
+            })
+    };
+    assert_eq!(weight_of_server().as_deref(), Some("1"));
+
+    let mut reg: serde_json::Value =
+        serde_json::from_str(&sidecar_registration("server", mesh.app.port(), port, &[])).unwrap();
+    reg["Connect"]["SidecarService"]["Weights"] = serde_json::json!({"Passing": 9, "Warning": 1});
+    mesh.consul.register(&reg.to_string());
+    wait_until(
+        Duration::from_secs(30),
+        "HAProxy's runtime weight to follow Consul",
+        || weight_of_server().as_deref() == Some("9"),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.client_sidecar.logs()));
+    assert_eq!(
+        reloads(&master),
+        reloads_before,
+        "a weight change reloaded HAProxy"
+    );
+    let (status, body) = http_get(&mesh.upstream_addr(), "/", Duration::from_secs(5)).unwrap();
+    assert_eq!((status, body.as_str()), (200, APP_BODY));
+}
