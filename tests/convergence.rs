@@ -69,7 +69,8 @@ impl Drop for Load {
 
 /// Another instance of `server`: its own app (answering `body`) and its own sidecar.
 struct Instance {
-    sidecar: Child,
+    // Held for its Drop: the instance's sidecar stops with it.
+    _sidecar: Child,
     app: HttpApp,
     id: String,
 }
@@ -82,7 +83,7 @@ fn add_instance(mesh: &Mesh, id: &str, body: &str) -> Instance {
     mesh.consul.register(&reg.to_string());
     let sidecar = sidecar(&mesh.consul, &mesh.base, id, false, &[]);
     Instance {
-        sidecar,
+        _sidecar: sidecar,
         app,
         id: id.to_string(),
     }
