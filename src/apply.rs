@@ -154,21 +154,20 @@ fn apply(
     dataplane: &Dataplane,
 ) -> Result<bool> {
     let paths = &desired.paths;
-    // Roots before the leaf that chains to them: a peer presenting a leaf from a new root is
-    // then trusted as soon as it appears.
+    let mut reloaded = false;
     if p.roots_changed {
+        // HAProxy 2.6.12 detaches certificates from their listeners on `commit ssl ca-file`
+        // (`show ssl cert` then says "Unused" and later `commit ssl cert` reaches nothing), so
+        // a change of roots, which is rare, is a reload of files written first; the leaf, which
+        // is renewed every few days, stays live below.
         write_atomic(&paths.roots, desired.tls.roots_pem.as_bytes())?;
-        runtime::set_ssl(
-            &paths.stats_socket,
-            "ca-file",
-            &paths.roots,
-            &desired.tls.roots_pem,
-        )
-        .context("updating the CA roots in HAProxy")?;
-        applied.tls.roots_pem = desired.tls.roots_pem.clone();
-        log::info!("CA roots updated live");
-    }
-    if p.leaf_changed {
+        write_atomic(&paths.leaf, desired.tls.leaf_pem.as_bytes())?;
+        runtime::reload(&paths.master_socket, Duration::from_secs(20))
+            .context("reloading HAProxy for new CA roots")?;
+        applied.tls = desired.tls.clone();
+        reloaded = true;
+        log::info!("CA roots (and leaf) updated with one reload");
+    } else if p.leaf_changed {
         write_atomic(&paths.leaf, desired.tls.leaf_pem.as_bytes())?;
         runtime::set_ssl(
             &paths.stats_socket,
@@ -180,7 +179,6 @@ fn apply(
         applied.tls.leaf_pem = desired.tls.leaf_pem.clone();
         log::info!("leaf certificate updated live");
     }
-    let mut reloaded = false;
     for spec in &p.live {
         reloaded |= dataplane.replace_server_live(spec)?;
         // Recorded one by one: a failure half-way retries only what is left.

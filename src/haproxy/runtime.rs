@@ -211,7 +211,9 @@ pub fn reload(master: &Path, timeout: Duration) -> Result<u32> {
 pub fn set_ssl(stats: &Path, kind: &str, path: &Path, pem: &str) -> Result<()> {
     let p = path.display();
     let answer = command(stats, &format!("set ssl {kind} {p}"), Some(pem))?;
-    if !answer.contains("Transaction created") && !answer.contains("Transaction updated") {
+    // "Transaction created for certificate …" but "transaction created for CA …".
+    let lower = answer.to_ascii_lowercase();
+    if !lower.contains("transaction created") && !lower.contains("transaction updated") {
         let _ = command(stats, &format!("abort ssl {kind} {p}"), None);
         return Err(Error::msg(format!(
             "HAProxy refused the new {kind} for {p}: {}",
