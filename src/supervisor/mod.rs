@@ -37,6 +37,14 @@ const DEBOUNCE_MAX: Duration = Duration::from_millis(200);
 const CHILD_READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a graceful stop lets HAProxy finish in-flight work.
 const DRAIN_GRACE: Duration = Duration::from_secs(30);
+/// A crashed child is restarted after a pause that starts here and doubles...
+const RESTART_BACKOFF_MIN: Duration = Duration::from_millis(200);
+/// ...up to this;
+const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// and after this many crashes within `RESTART_WINDOW` the supervisor gives up and exits with
+/// the child's code: a child that cannot stay up is a problem restarts will not solve.
+const RESTART_BUDGET: usize = 5;
+const RESTART_WINDOW: Duration = Duration::from_secs(60);
 
 pub enum Event {
     Signal(i32),
@@ -256,10 +264,12 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
         write_atomic(&file.path, file.contents.as_bytes())?;
     }
     let mut children: BTreeMap<i32, Child> = BTreeMap::new();
-    let haproxy = start_haproxy(&opts, &paths, &mut children)?;
-    let dataplane = start_dataplane(&opts, &paths, &creds, &reload_exe, &mut children, &haproxy)?;
+    let mut haproxy = start_haproxy(&opts, &paths, &mut children)?;
+    let dataplane = start_dataplane(&opts, &paths, &creds, &reload_exe, &mut children)?;
     // Each child leads its own process group; what it forks stays in it, even once orphaned.
-    let groups: Vec<i32> = children.keys().copied().collect();
+    let mut groups: Vec<i32> = children.keys().copied().collect();
+    let mut crashes: Vec<Instant> = Vec::new();
+    let mut restart_due: Vec<(Instant, &'static str)> = Vec::new();
     let mut applier = Some(Applier::start(desired.clone(), dataplane, {
         let tx = Mutex::new(tx.clone());
         move |o| {
@@ -284,7 +294,7 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
     let mut last_submitted = desired;
     let mut drain_deadline: Option<Instant> = None;
     loop {
-        let timeout = match (dirty_since, drain_deadline) {
+        let mut timeout = match (dirty_since, drain_deadline) {
             (Some((first, last)), _) => {
                 let due = (last + DEBOUNCE).min(first + DEBOUNCE_MAX);
                 due.saturating_duration_since(Instant::now())
@@ -292,6 +302,9 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
             (None, Some(d)) => d.saturating_duration_since(Instant::now()),
             (None, None) => Duration::from_secs(3600),
         };
+        if let Some((due, _)) = restart_due.iter().min() {
+            timeout = timeout.min(due.saturating_duration_since(Instant::now()));
+        }
         let event = match rx.recv_timeout(timeout) {
             Ok(e) => Some(e),
             Err(RecvTimeoutError::Timeout) => None,
@@ -352,15 +365,35 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
                         log::info!("{} (pid {}) {exit}", child.name, child.pid);
                         continue;
                     }
+                    let now = Instant::now();
+                    crashes.retain(|t| now.duration_since(*t) < RESTART_WINDOW);
+                    crashes.push(now);
+                    if crashes.len() > RESTART_BUDGET {
+                        log::error!(
+                            "{} (pid {}) {exit} unexpectedly, crash {} within {}s: giving up",
+                            child.name,
+                            child.pid,
+                            crashes.len(),
+                            RESTART_WINDOW.as_secs()
+                        );
+                        stop_all(&mut children);
+                        process::drain_orphans(&groups, Instant::now() + Duration::from_secs(5));
+                        life.set(Phase::Stopped, &format!("{} keeps dying", child.name));
+                        return Ok(exit_code(&exit));
+                    }
+                    let pause = RESTART_BACKOFF_MIN
+                        .saturating_mul(1 << (crashes.len() - 1))
+                        .min(RESTART_BACKOFF_MAX);
                     log::error!(
-                        "{} (pid {}) {exit} unexpectedly; stopping",
+                        "{} (pid {}) {exit} unexpectedly; restarting it in {} ms ({} of {} restarts allowed within {}s)",
                         child.name,
-                        child.pid
+                        child.pid,
+                        pause.as_millis(),
+                        crashes.len(),
+                        RESTART_BUDGET,
+                        RESTART_WINDOW.as_secs()
                     );
-                    stop_all(&mut children);
-                    process::drain_orphans(&groups, Instant::now() + Duration::from_secs(5));
-                    life.set(Phase::Stopped, &format!("{} died", child.name));
-                    return Ok(exit_code(&exit));
+                    restart_due.push((now + pause, child.name));
                 }
                 if life.phase == Phase::Draining && children.is_empty() {
                     break;
@@ -380,6 +413,58 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
             }
             Some(Event::Signal(_)) => {}
             None => {}
+        }
+        if life.phase == Phase::Ready {
+            let now = Instant::now();
+            let (due, later): (Vec<_>, Vec<_>) =
+                restart_due.drain(..).partition(|(t, _)| *t <= now);
+            restart_due = later;
+            for (_, name) in due {
+                // The file on disk is the last applied state (the Dataplane API keeps it in step,
+                // certificates are written before HAProxy hears of them), so a restarted HAProxy
+                // serves exactly what was served before it died.
+                let restarted = if name == "haproxy" {
+                    start_haproxy(&opts, &paths, &mut children).map(|c| {
+                        haproxy = c;
+                    })
+                } else {
+                    start_dataplane(&opts, &paths, &creds, &reload_exe, &mut children).map(|_| ())
+                };
+                match restarted {
+                    Ok(()) => {
+                        groups = children.keys().copied().collect();
+                        log::info!("{name} restarted; serving the last applied state");
+                    }
+                    Err(f) => {
+                        // Dying while starting is one more crash: same backoff, same budget.
+                        crashes.push(Instant::now());
+                        if crashes.len() > RESTART_BUDGET {
+                            log::error!(
+                                "restarting {name}: {}; crash {} within {}s: giving up",
+                                f.error,
+                                crashes.len(),
+                                RESTART_WINDOW.as_secs()
+                            );
+                            stop_all(&mut children);
+                            process::drain_orphans(
+                                &groups,
+                                Instant::now() + Duration::from_secs(5),
+                            );
+                            life.set(Phase::Stopped, &format!("{name} could not be restarted"));
+                            return Ok(f.code);
+                        }
+                        let pause = RESTART_BACKOFF_MIN
+                            .saturating_mul(1 << (crashes.len() - 1))
+                            .min(RESTART_BACKOFF_MAX);
+                        log::error!(
+                            "restarting {name}: {}; trying again in {} ms",
+                            f.error,
+                            pause.as_millis()
+                        );
+                        restart_due.push((Instant::now() + pause, name));
+                    }
+                }
+            }
         }
         if let Some(deadline) = drain_deadline {
             if Instant::now() >= deadline && !children.is_empty() {
@@ -617,7 +702,6 @@ fn start_dataplane(
     creds: &DataplaneCredentials,
     reload_exe: &Path,
     children: &mut BTreeMap<i32, Child>,
-    _haproxy: &Child,
 ) -> Result<Dataplane, Fatal> {
     let reload = format!(
         "{} {} {}",
@@ -653,6 +737,21 @@ fn start_dataplane(
         "--log-level".into(),
         level.into(),
     ];
+    // A killed predecessor leaves its socket file behind, and the API refuses to bind over it.
+    match std::fs::remove_file(&paths.dataplane_socket) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(Error::with_source(
+                format!(
+                    "removing the stale socket {}",
+                    paths.dataplane_socket.display()
+                ),
+                e,
+            )
+            .into())
+        }
+    }
     let child = process::spawn("dataplaneapi", &opts.dataplane_bin, &args, "dataplaneapi")?;
     children.insert(child.pid, child);
     let dataplane = Dataplane::new(&paths.dataplane_socket, creds)?;
