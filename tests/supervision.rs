@@ -150,3 +150,154 @@ fn children_die_with_a_killed_supervisor() {
     )
     .unwrap_or_else(|e| panic!("{e}: {:?}", still_running(&started)));
 }
+
+#[test]
+fn sigterm_lets_an_in_flight_request_finish_and_refuses_new_ones() {
+    let mut mesh = Mesh::start(MeshOptions::default());
+    let started = descendants(mesh.server_sidecar.pid());
+    mesh.app.set_delay(Duration::from_secs(3));
+    let addr = mesh.upstream_addr();
+    let slow = std::thread::spawn(move || http_get(&addr, "/slow", Duration::from_secs(15)));
+    wait_until(
+        Duration::from_secs(5),
+        "the slow request to reach the app",
+        || mesh.app.requests() > 0,
+    )
+    .unwrap();
+    let before = mesh.app.requests();
+    std::thread::sleep(Duration::from_millis(300));
+    mesh.server_sidecar.signal(Signal::SIGTERM);
+    wait_until(
+        Duration::from_secs(5),
+        "the public listener to close",
+        || std::net::TcpStream::connect(("127.0.0.1", mesh.server_port)).is_err(),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.server_sidecar.logs()));
+    assert_eq!(
+        slow.join().unwrap(),
+        Ok((200, APP_BODY.to_string())),
+        "the in-flight request was cut"
+    );
+    assert!(mesh.app.requests() >= before);
+    let status = mesh
+        .server_sidecar
+        .wait_timeout(Duration::from_secs(40))
+        .expect("the sidecar exits after its drain");
+    assert_eq!(status.code(), Some(0), "{}", mesh.server_sidecar.logs());
+    assert!(
+        still_running(&started).is_empty(),
+        "left: {:?}",
+        still_running(&started)
+    );
+}
+
+/// Processes whose parent is `pid` and that are zombies.
+fn zombies_of(pid: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|s| {
+                    let rest = s.rsplit(')').next()?.to_string();
+                    let mut f = rest.split_whitespace();
+                    let state = f.next()?.to_string();
+                    let ppid = f.next()?.parse::<u32>().ok()?;
+                    Some(state == "Z" && ppid == pid)
+                })
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+#[test]
+fn as_pid_1_orphans_are_reaped() {
+    let consul = Consul::start();
+    let app = HttpApp::start(APP_BODY);
+    let port = free_port();
+    consul.register(&sidecar_registration("server", app.port(), port, &[]));
+    let base = TempDir::new("pid1");
+    // HAProxy through a wrapper that leaves an orphan behind on every run (the Dataplane API also
+    // runs it to validate), as a badly behaved child in a container would.
+    let wrapper = base.join("haproxy-orphaning");
+    std::fs::write(
+        &wrapper,
+        "#!/bin/sh\n( sleep 1.5 & )\nexec haproxy \"$@\"\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut unshared = Child::spawn(
+        "pid1",
+        std::process::Command::new("unshare")
+            .args(["--pid", "--fork", "--mount-proc"])
+            .arg(bin_path())
+            .args(["-sidecar-for", "server", "-http-addr", &consul.http_addr()])
+            .arg("-haproxy")
+            .arg(&wrapper)
+            .arg("-haproxy-cfg-base-path")
+            .arg(base.path()),
+        base.path(),
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "the sidecar as PID 1 to be ready",
+        || unshared.log_contains("-> Ready"),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", unshared.logs()));
+    let pid1 = descendants(unshared.pid())
+        .into_iter()
+        .find(|p| process_name(*p).is_some_and(|n| n.starts_with("haproxy-consul")))
+        .expect("the sidecar inside the namespace");
+    let status = std::fs::read_to_string(format!("/proc/{pid1}/status")).unwrap();
+    let nspid = status
+        .lines()
+        .find(|l| l.starts_with("NSpid:"))
+        .unwrap_or("");
+    assert!(
+        nspid.trim_end().ends_with("\t1"),
+        "not PID 1 in its namespace: {nspid}"
+    );
+    // An orphan was adopted by PID 1 (so the check below can fail)...
+    let parent_of = |p: u32| {
+        std::fs::read_to_string(format!("/proc/{p}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit(')')
+                    .next()?
+                    .split_whitespace()
+                    .nth(1)?
+                    .parse::<u32>()
+                    .ok()
+            })
+    };
+    let adopted: Vec<u32> = descendants(unshared.pid())
+        .into_iter()
+        .filter(|p| process_name(*p).as_deref() == Some("sleep") && parent_of(*p) == Some(pid1))
+        .collect();
+    assert!(!adopted.is_empty(), "no orphan was adopted by PID 1");
+    // ...and once it has exited, it was reaped, not left a zombie.
+    wait_until(
+        Duration::from_secs(5),
+        "the adopted orphans to exit",
+        || {
+            adopted
+                .iter()
+                .all(|p| parent_of(*p) != Some(pid1) || zombies_of(pid1).contains(p))
+        },
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        zombies_of(pid1).is_empty(),
+        "zombies: {:?}",
+        zombies_of(pid1)
+    );
+    // unshare does not forward signals; PID 1 gets them from outside since it handles them.
+    kill(Pid::from_raw(pid1 as i32), Signal::SIGTERM).unwrap();
+    let status = unshared
+        .wait_timeout(Duration::from_secs(40))
+        .expect("stops");
+    assert_eq!(status.code(), Some(0), "{}", unshared.logs());
+}
