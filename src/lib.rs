@@ -17,3 +17,4 @@ pub mod supervisor;
 /// The hidden subcommand the Dataplane API runs to reload HAProxy and learn the verdict.
 pub const RELOAD_SUBCOMMAND: &str = "internal-reload-haproxy";
 pub mod intentions;
+pub mod stats;

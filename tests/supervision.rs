@@ -301,3 +301,139 @@ fn as_pid_1_orphans_are_reaped() {
         .expect("stops");
     assert_eq!(status.code(), Some(0), "{}", unshared.logs());
 }
+
+fn http_status(addr: &str, path: &str) -> Option<u16> {
+    http_get(addr, path, Duration::from_secs(2))
+        .ok()
+        .map(|(s, _)| s)
+}
+
+#[test]
+fn ready_is_503_before_the_first_apply_and_while_draining() {
+    let consul = Consul::start();
+    let app = HttpApp::start(APP_BODY);
+    let port = free_port();
+    let base = TempDir::new("ready");
+    let stats = format!("127.0.0.1:{}", free_port());
+    let mut sc = Child::spawn(
+        "sidecar",
+        std::process::Command::new(bin_path())
+            .args(["-sidecar-for", "server", "-http-addr", &consul.http_addr()])
+            .args(["-stats-addr", &stats])
+            .arg("-haproxy-cfg-base-path")
+            .arg(base.path()),
+        base.path(),
+    );
+    wait_until(Duration::from_secs(10), "the stats endpoint", || {
+        http_status(&stats, "/health") == Some(200)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", sc.logs()));
+    assert_eq!(
+        http_status(&stats, "/ready"),
+        Some(503),
+        "ready before any registration"
+    );
+    consul.register(&sidecar_registration("server", app.port(), port, &[]));
+    wait_until(Duration::from_secs(30), "/ready to turn 200", || {
+        http_status(&stats, "/ready") == Some(200)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", sc.logs()));
+    assert!(sc.log_contains("-> Ready"));
+
+    // A slow request keeps the drain going long enough to look at /ready meanwhile.
+    app.set_delay(Duration::from_secs(3));
+    let leaf = consul.get_json("/v1/agent/connect/ca/leaf/client");
+    std::fs::write(base.join("c.pem"), leaf["CertPEM"].as_str().unwrap()).unwrap();
+    std::fs::write(base.join("c.key"), leaf["PrivateKeyPEM"].as_str().unwrap()).unwrap();
+    let roots = consul.get_json("/v1/agent/connect/ca/roots");
+    std::fs::write(
+        base.join("r.pem"),
+        roots["Roots"][0]["RootCert"].as_str().unwrap(),
+    )
+    .unwrap();
+    let (c, k, r) = (base.join("c.pem"), base.join("c.key"), base.join("r.pem"));
+    let slow = std::thread::spawn(move || curl_mtls(port, Some((&c, &k)), &r));
+    wait_until(
+        Duration::from_secs(5),
+        "the slow request at the app",
+        || app.requests() > 0,
+    )
+    .unwrap();
+    sc.signal(Signal::SIGTERM);
+    wait_until(Duration::from_secs(5), "/ready to say draining", || {
+        matches!(http_get(&stats, "/ready", Duration::from_secs(1)), Ok((503, b)) if b.contains("draining"))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", sc.logs()));
+    assert_eq!(slow.join().unwrap().as_deref(), Ok(APP_BODY));
+    assert_eq!(
+        sc.wait_timeout(Duration::from_secs(40))
+            .and_then(|s| s.code()),
+        Some(0)
+    );
+}
+
+#[test]
+fn under_runit_sv_term_stops_gracefully_and_runsv_restarts_it() {
+    let consul = Consul::start();
+    let app = HttpApp::start(APP_BODY);
+    let port = free_port();
+    consul.register(&sidecar_registration("server", app.port(), port, &[]));
+    let base = TempDir::new("runit");
+    let svc = base.join("svc");
+    std::fs::create_dir_all(&svc).unwrap();
+    let log = base.join("sidecar.log");
+    let run = format!(
+        "#!/bin/sh\nexec {} -sidecar-for server -http-addr {} -haproxy-cfg-base-path {} >>{} 2>&1\n",
+        bin_path().display(),
+        consul.http_addr(),
+        base.path().display(),
+        log.display()
+    );
+    std::fs::write(svc.join("run"), run).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(svc.join("run"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let runsv = Child::spawn(
+        "runsv",
+        std::process::Command::new("runsv").arg(&svc),
+        base.path(),
+    );
+    let logs = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_until(
+        Duration::from_secs(30),
+        "the sidecar under runsv to be ready",
+        || logs().matches("-> Ready").count() == 1,
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+
+    let sv = |cmd: &str| {
+        let out = std::process::Command::new("sv")
+            .arg(cmd)
+            .arg(&svc)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    sv("term");
+    wait_until(
+        Duration::from_secs(40),
+        "a graceful stop and a clean restart",
+        || {
+            let l = logs();
+            l.contains("Draining -> Stopped") && l.matches("-> Ready").count() == 2
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+    assert!(sv("status").starts_with("run:"), "{}", sv("status"));
+    sv("down");
+    wait_until(Duration::from_secs(40), "sv down to stop it", || {
+        sv("status").starts_with("down:")
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+    assert_eq!(
+        logs().matches("Draining -> Stopped").count(),
+        2,
+        "{}",
+        logs()
+    );
+    drop(runsv);
+}

@@ -63,6 +63,8 @@ pub enum Phase {
 
 struct Lifecycle {
     phase: Phase,
+    /// What the stats endpoint's /ready reports.
+    published: crate::stats::PhaseCell,
 }
 
 impl Lifecycle {
@@ -70,6 +72,13 @@ impl Lifecycle {
         if self.phase != next {
             log::info!("phase: {:?} -> {:?} ({reason})", self.phase, next);
             self.phase = next;
+            self.published.set(match next {
+                Phase::Starting => crate::stats::STARTING,
+                Phase::WaitingForConsul => crate::stats::WAITING_FOR_CONSUL,
+                Phase::Ready => crate::stats::READY,
+                Phase::Draining => crate::stats::DRAINING,
+                Phase::Stopped => crate::stats::STOPPED,
+            });
         }
     }
 }
@@ -161,7 +170,11 @@ fn find_proxy(
 pub fn run(opts: Options) -> Result<i32, Fatal> {
     let mut life = Lifecycle {
         phase: Phase::Starting,
+        published: crate::stats::PhaseCell::default(),
     };
+    if let Some(addr) = opts.stats_addr {
+        crate::stats::serve(addr, life.published.clone()).map_err(usage)?;
+    }
     process::become_subreaper();
     let (tx, rx) = channel::<Event>();
     signals::forward(tx.clone(), Event::Signal)?;
