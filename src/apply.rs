@@ -13,6 +13,7 @@ use crate::haproxy::dataplane::{Committed, Dataplane};
 use crate::haproxy::diff::{plan, Plan};
 use crate::haproxy::runtime;
 use crate::model::Desired;
+use crate::render::DataplaneCredentials;
 
 const RETRY_MIN: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(30);
@@ -20,6 +21,8 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 #[derive(Default)]
 struct Slot {
     next: Option<Desired>,
+    /// The next state is to be applied whole, not as a delta (SIGHUP).
+    reconcile: bool,
     stop: bool,
 }
 
@@ -44,22 +47,34 @@ impl Applier {
     pub fn start(
         applied: Desired,
         dataplane: Dataplane,
+        creds: DataplaneCredentials,
         report: impl Fn(Outcome) + Send + 'static,
     ) -> Result<Applier> {
         let slot = Arc::new((Mutex::new(Slot::default()), Condvar::new()));
         let shared = slot.clone();
         std::thread::Builder::new()
             .name("applier".into())
-            .spawn(move || run(shared, applied, dataplane, report))
+            .spawn(move || run(shared, applied, dataplane, creds, report))
             .context("starting the applier thread")?;
         Ok(Applier { slot })
     }
 
     /// Hands over a new desired state; an older one not yet taken is dropped.
     pub fn submit(&self, desired: Desired) {
+        self.hand_over(desired, false);
+    }
+
+    /// Hands over a state to be applied whole: every file rendered anew and the complete
+    /// configuration replaced through the Dataplane API, undoing any drift.
+    pub fn reconcile(&self, desired: Desired) {
+        self.hand_over(desired, true);
+    }
+
+    fn hand_over(&self, desired: Desired, reconcile: bool) {
         let (lock, cv) = &*self.slot;
         if let Ok(mut s) = lock.lock() {
             s.next = Some(desired);
+            s.reconcile |= reconcile;
             cv.notify_one();
         }
     }
@@ -77,10 +92,12 @@ fn run(
     slot: Arc<(Mutex<Slot>, Condvar)>,
     mut applied: Desired,
     dataplane: Dataplane,
+    creds: DataplaneCredentials,
     report: impl Fn(Outcome),
 ) {
     let (lock, cv) = &*slot;
     let mut pending: Option<Desired> = None;
+    let mut reconcile = false;
     let mut failures: u32 = 0;
     loop {
         // Wait for work; while a failed state waits for its retry, a newer one replaces it.
@@ -98,6 +115,7 @@ fn run(
                 }
                 if let Some(d) = s.next.take() {
                     pending = Some(d);
+                    reconcile |= std::mem::take(&mut s.reconcile);
                     failures = 0;
                     break;
                 }
@@ -115,6 +133,26 @@ fn run(
             continue;
         };
         let started = Instant::now();
+        if reconcile {
+            match apply_whole(&desired, &dataplane, &creds) {
+                Ok(()) => {
+                    applied = desired;
+                    reconcile = false;
+                    failures = 0;
+                    report(Outcome::Applied {
+                        ops: 1,
+                        reloaded: true,
+                        took: started.elapsed(),
+                    });
+                }
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    report(Outcome::Failed(e.to_string()));
+                    pending = Some(desired);
+                }
+            }
+            continue;
+        }
         let p = plan(&applied, &desired);
         if p.is_empty() {
             applied = desired;
@@ -143,6 +181,31 @@ fn retry_delay(failures: u32) -> Duration {
     RETRY_MIN
         .saturating_mul(1 << failures.saturating_sub(1).min(8))
         .min(RETRY_MAX)
+}
+
+/// The full reconcile: every file rendered from `desired`, certificates written first, the
+/// configuration replaced whole through the Dataplane API (validated, then one reload).
+fn apply_whole(
+    desired: &Desired,
+    dataplane: &Dataplane,
+    creds: &DataplaneCredentials,
+) -> Result<()> {
+    let files = crate::render::render(desired, creds)?;
+    let (cfg, rest): (Vec<_>, Vec<_>) = files
+        .into_iter()
+        .partition(|f| f.path == desired.paths.haproxy_cfg);
+    for f in rest {
+        write_atomic(&f.path, f.contents.as_bytes())?;
+    }
+    let cfg = cfg
+        .into_iter()
+        .next()
+        .ok_or_else(|| crate::error::Error::msg("the render produced no haproxy.cfg"))?;
+    dataplane
+        .replace_raw(&cfg.contents)
+        .context("replacing the whole configuration (SIGHUP reconcile)")?;
+    log::info!("full reconcile applied: configuration rendered anew and reloaded");
+    Ok(())
 }
 
 /// Applies one plan. Certificate steps that succeed are recorded in `applied` at once, so a

@@ -207,6 +207,22 @@ impl Client {
         body: Option<&str>,
         timeout: Duration,
     ) -> Result<Response> {
+        self.send_typed(
+            method,
+            path_and_query,
+            body.map(|b| (b, "application/json")),
+            timeout,
+        )
+    }
+
+    /// Sends one request with a body of the given content type.
+    pub fn send_typed(
+        &self,
+        method: &str,
+        path_and_query: &str,
+        body: Option<(&str, &str)>,
+        timeout: Duration,
+    ) -> Result<Response> {
         let url = format!("{}{}", self.base, path_and_query);
         let what = || format!("{method} {} at {}", path_and_query, self.endpoint);
         let mut req = ureq::http::Request::builder().method(method).uri(&url);
@@ -218,9 +234,9 @@ impl Client {
                 req = req.header("Authorization", format!("Basic {}", base64(raw.as_bytes())));
             }
         }
-        let result = if let Some(body) = body {
+        let result = if let Some((body, content_type)) = body {
             let req = req
-                .header("Content-Type", "application/json")
+                .header("Content-Type", content_type)
                 .body(body.to_string())
                 .with_context(what)?;
             let req = self

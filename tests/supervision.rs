@@ -437,3 +437,60 @@ fn under_runit_sv_term_stops_gracefully_and_runsv_restarts_it() {
     );
     drop(runsv);
 }
+
+#[test]
+fn sighup_reconciles_away_runtime_drift() {
+    let mut mesh = Mesh::start(MeshOptions::default());
+    let stats = mesh.workdir("client").join("haproxy.sock");
+    // Drift: someone puts the serving slot in maintenance by hand.
+    let state = haproxy_cli(&stats, "show servers state");
+    let (backend, slot) = state
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 18 && f[1].starts_with("up_") && f[18] == mesh.server_port.to_string())
+                .then(|| (f[1].to_string(), f[3].to_string()))
+        })
+        .next()
+        .unwrap_or_else(|| panic!("no slot for the server in\n{state}"));
+    haproxy_cli(&stats, &format!("set server {backend}/{slot} state maint"));
+    wait_until(Duration::from_secs(5), "the drift to break traffic", || {
+        !allowed(&mesh)
+    })
+    .unwrap();
+
+    mesh.client_sidecar.signal(Signal::SIGHUP);
+    wait_until(Duration::from_secs(30), "the reconcile to finish", || {
+        mesh.client_sidecar.log_contains("full reconcile applied")
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.client_sidecar.logs()));
+    assert!(allowed(&mesh), "traffic after the reconcile");
+}
+
+#[test]
+fn a_second_stop_signal_stops_at_once() {
+    let mut mesh = Mesh::start(MeshOptions::default());
+    mesh.app.set_delay(Duration::from_secs(20));
+    let addr = mesh.upstream_addr();
+    let _slow = std::thread::spawn(move || http_get(&addr, "/slow", Duration::from_secs(30)));
+    wait_until(
+        Duration::from_secs(5),
+        "the slow request at the app",
+        || mesh.app.requests() > 0,
+    )
+    .unwrap();
+    mesh.server_sidecar.signal(Signal::SIGTERM);
+    wait_until(Duration::from_secs(5), "draining", || {
+        mesh.server_sidecar.log_contains("-> Draining")
+    })
+    .unwrap();
+    let t = Instant::now();
+    mesh.server_sidecar.signal(Signal::SIGTERM);
+    let status = mesh
+        .server_sidecar
+        .wait_timeout(Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("no fast stop\n{}", mesh.server_sidecar.logs()));
+    eprintln!("measured: fast stop took {} ms", t.elapsed().as_millis());
+    assert_eq!(status.code(), Some(0));
+    assert!(mesh.server_sidecar.log_contains("second stop signal"));
+}

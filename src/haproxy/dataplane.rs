@@ -198,6 +198,34 @@ impl Dataplane {
         Ok(status == 202)
     }
 
+    /// Replaces the whole configuration in one validated step, with a reload: the full
+    /// reconcile an operator asks for with SIGHUP, never used for Consul's changes.
+    pub fn replace_raw(&self, cfg: &str) -> Result<Committed> {
+        let version = self
+            .version()
+            .context("reading the configuration version")?;
+        let path = format!("{BASE}/configuration/raw?version={version}");
+        let resp = self
+            .http
+            .send_typed("POST", &path, Some((cfg, "text/plain")), TIMEOUT)
+            .with_context(|| format!("calling the Dataplane API: POST {path}"))?;
+        if !resp.is_success() {
+            return Err(Error::msg(format!(
+                "the Dataplane API refused the full configuration with status {}: {}",
+                resp.status,
+                resp.body.trim()
+            )));
+        }
+        match resp.header("Reload-ID") {
+            Some(id) => {
+                let id = id.to_string();
+                self.wait_reload(&id)?;
+                Ok(Committed::Reloaded(id))
+            }
+            None => Ok(Committed::Applied),
+        }
+    }
+
     /// The whole configuration file as the API holds it.
     pub fn raw(&self) -> Result<String> {
         let (_, v, _) = self.call("GET", &format!("{BASE}/configuration/raw"), None)?;

@@ -283,14 +283,19 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
     let mut groups: Vec<i32> = children.keys().copied().collect();
     let mut crashes: Vec<Instant> = Vec::new();
     let mut restart_due: Vec<(Instant, &'static str)> = Vec::new();
-    let mut applier = Some(Applier::start(desired.clone(), dataplane, {
-        let tx = Mutex::new(tx.clone());
-        move |o| {
-            if let Ok(tx) = tx.lock() {
-                let _ = tx.send(Event::Applied(o));
+    let mut applier = Some(Applier::start(
+        desired.clone(),
+        dataplane,
+        creds.clone(),
+        {
+            let tx = Mutex::new(tx.clone());
+            move |o| {
+                if let Ok(tx) = tx.lock() {
+                    let _ = tx.send(Event::Applied(o));
+                }
             }
-        }
-    })?);
+        },
+    )?);
     life.set(
         Phase::Ready,
         &format!(
@@ -340,9 +345,16 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
                 }
             }
             Some(Event::Signal(SIGHUP)) if life.phase == Phase::Ready => {
-                log::info!("SIGHUP: reconciling with the current Consul state");
-                let now = Instant::now();
-                dirty_since = Some((now, now));
+                log::info!("SIGHUP: full reconcile with the current Consul state");
+                match model::build(&snapshot, &settings, Some(&last_submitted)) {
+                    Ok(d) => {
+                        if let Some(a) = &applier {
+                            a.reconcile(d.clone());
+                        }
+                        last_submitted = d;
+                    }
+                    Err(e) => log::error!("SIGHUP: cannot build the configuration: {e}"),
+                }
             }
             Some(Event::Signal(SIGTERM | SIGINT)) => {
                 if life.phase == Phase::Draining {
