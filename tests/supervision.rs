@@ -221,11 +221,7 @@ fn as_pid_1_orphans_are_reaped() {
     // HAProxy through a wrapper that leaves an orphan behind on every run (the Dataplane API also
     // runs it to validate), as a badly behaved child in a container would.
     let wrapper = base.join("haproxy-orphaning");
-    std::fs::write(
-        &wrapper,
-        "#!/bin/sh\n( sleep 1.5 & )\nexec haproxy \"$@\"\n",
-    )
-    .unwrap();
+    std::fs::write(&wrapper, "#!/bin/sh\n( sleep 4 & )\nexec haproxy \"$@\"\n").unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
     let mut unshared = Child::spawn(
@@ -272,14 +268,24 @@ fn as_pid_1_orphans_are_reaped() {
                     .ok()
             })
     };
-    let adopted: Vec<u32> = descendants(unshared.pid())
-        .into_iter()
-        .filter(|p| process_name(*p).as_deref() == Some("sleep") && parent_of(*p) == Some(pid1))
-        .collect();
-    assert!(!adopted.is_empty(), "no orphan was adopted by PID 1");
+    let mut adopted: Vec<u32> = Vec::new();
+    wait_until(
+        Duration::from_secs(10),
+        "an orphan adopted by PID 1",
+        || {
+            adopted = descendants(unshared.pid())
+                .into_iter()
+                .filter(|p| {
+                    process_name(*p).as_deref() == Some("sleep") && parent_of(*p) == Some(pid1)
+                })
+                .collect();
+            !adopted.is_empty()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", unshared.logs()));
     // ...and once it has exited, it was reaped, not left a zombie.
     wait_until(
-        Duration::from_secs(5),
+        Duration::from_secs(15),
         "the adopted orphans to exit",
         || {
             adopted
