@@ -34,6 +34,7 @@ const LONG_FLAGS: &[&str] = &[
     "help",
     "dry-run",
     "spoe-threads",
+    "grace-period",
 ];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,6 +64,8 @@ pub struct Options {
     pub stats_addr: Option<SocketAddr>,
     pub stats_service_register: bool,
     pub spoe_threads: usize,
+    /// How long a graceful stop lets in-flight work finish (also HAProxy's hard-stop-after).
+    pub grace_period: std::time::Duration,
 }
 
 #[derive(Debug)]
@@ -147,6 +150,7 @@ fn command() -> clap::Command {
         .arg(value("stats-addr", "Listen address of the stats/metrics HTTP server").value_name("ADDR"))
         .arg(bool_flag("stats-service-register", "Register the stats endpoint as a Consul service"))
         .arg(value("spoe-threads", "Worker threads of the intentions (SPOE) agent").default_value("2").value_name("N"))
+        .arg(value("grace-period", "How long a stop lets in-flight connections finish (e.g. 30s, 2m, 500ms)").default_value("30s").value_name("DURATION"))
         .arg(bool_flag("dry-run", "Print the files that would be written for the current Consul state, then exit"))
         .arg(bool_flag("version", "Print the version and the versions of haproxy and dataplaneapi"))
         .arg(bool_flag("help", "Print help"))
@@ -225,6 +229,28 @@ fn env_bool(env: &dyn Env, name: &str, default: bool) -> Result<bool, UsageError
             .map_err(|_| UsageError(format!("invalid boolean value {v:?} in {name}"))),
         None => Ok(default),
     }
+}
+
+/// Go-style durations as operators write them: `30s`, `2m`, `500ms`, `1h`; a bare number is
+/// seconds. At least 1 s and at most 1 h: a drain needs time, but a stuck one must end.
+pub fn parse_duration(v: &str) -> Result<std::time::Duration, String> {
+    let v = v.trim();
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (num, unit) = v.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{v:?} is not a duration like 30s"))?;
+    let d = match unit {
+        "" | "s" => std::time::Duration::from_secs(n),
+        "ms" => std::time::Duration::from_millis(n),
+        "m" => std::time::Duration::from_secs(n.saturating_mul(60)),
+        "h" => std::time::Duration::from_secs(n.saturating_mul(3600)),
+        _ => return Err(format!("{v:?} has an unknown unit (use ms, s, m or h)")),
+    };
+    if d < std::time::Duration::from_secs(1) || d > std::time::Duration::from_secs(3600) {
+        return Err(format!("{v:?} is outside 1s to 1h"));
+    }
+    Ok(d)
 }
 
 pub fn parse_log_level(v: &str) -> Result<log::LevelFilter, UsageError> {
@@ -315,6 +341,12 @@ pub fn parse(
         .ok()
         .filter(|n| (1..=64).contains(n))
         .ok_or_else(|| UsageError("invalid value for -spoe-threads (expected 1 to 64)".into()))?;
+    let grace_period = m
+        .get_one::<String>("grace-period")
+        .map_or(Ok(std::time::Duration::from_secs(30)), |v| {
+            parse_duration(v)
+        })
+        .map_err(|e| UsageError(format!("invalid value for -grace-period: {e}")))?;
     let base_path = path("haproxy-cfg-base-path");
     if base_path.as_os_str().is_empty() {
         return Err(UsageError(
@@ -338,6 +370,7 @@ pub fn parse(
         stats_addr,
         stats_service_register,
         spoe_threads,
+        grace_period,
     };
     if flag_bool(&m, "dry-run")? {
         Ok(Command::DryRun(Box::new(options)))
@@ -600,6 +633,19 @@ mod tests {
             Ok(Command::Help(text)) => assert!(text.contains("-sidecar-for")),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn grace_periods_read_like_go_durations() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
+        assert!(parse_duration("10ms").is_err());
+        assert!(parse_duration("2h").is_err());
+        let o = run(&["-sidecar-for", "a"], &MapEnv::default()).unwrap();
+        assert_eq!(o.grace_period, Duration::from_secs(30));
     }
 
     #[test]

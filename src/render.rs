@@ -52,7 +52,7 @@ pub struct File {
 struct Globals<'a> {
     d: &'a Desired,
     version: &'static str,
-    hard_stop_after: &'a str,
+    hard_stop_after: String,
     public_frontend: &'static str,
     local_backend: &'static str,
     spoe_backend: &'static str,
@@ -76,7 +76,7 @@ pub fn render(d: &Desired, creds: &DataplaneCredentials) -> Result<Vec<File>> {
     let globals = Globals {
         d,
         version: env!("CARGO_PKG_VERSION"),
-        hard_stop_after: "30s",
+        hard_stop_after: format!("{}ms", d.grace_period_ms),
         public_frontend: PUBLIC_FRONTEND,
         local_backend: LOCAL_BACKEND,
         spoe_backend: SPOE_BACKEND,

@@ -291,3 +291,55 @@ fn ca_rotation_under_load_fails_no_request_with_at_most_one_reload() {
         .server_sidecar
         .log_contains("CA roots (and leaf) updated with one reload"));
 }
+
+#[test]
+fn an_upstream_added_and_removed_costs_one_reload_each_and_no_failed_request() {
+    let mesh = Mesh::start(MeshOptions::default());
+    let master = mesh.workdir("client").join("master.sock");
+    let load = Load::start(mesh.upstream_addr());
+    wait_serving(&mesh.app, "traffic on the first upstream");
+
+    let r0 = reloads(&master);
+    let extra = free_port();
+    mesh.consul.register(&sidecar_registration(
+        "client",
+        free_port(),
+        mesh.client_port,
+        &[("server", mesh.upstream_port), ("server", extra)],
+    ));
+    let extra_addr = format!("127.0.0.1:{extra}");
+    wait_until(Duration::from_secs(30), "the new listener", || {
+        matches!(
+            http_get(&extra_addr, "/", Duration::from_secs(2)),
+            Ok((200, _))
+        )
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.client_sidecar.logs()));
+    let r1 = reloads(&master);
+
+    mesh.consul.register(&sidecar_registration(
+        "client",
+        free_port(),
+        mesh.client_port,
+        &[("server", mesh.upstream_port)],
+    ));
+    wait_until(Duration::from_secs(30), "the listener to go", || {
+        std::net::TcpStream::connect(("127.0.0.1", extra)).is_err()
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.client_sidecar.logs()));
+    wait_serving(&mesh.app, "traffic on the first upstream afterwards");
+    let r2 = reloads(&master);
+    let (ok, failed, errors) = load.finish();
+    eprintln!(
+        "measured: upstream add/remove: reloads {} and {}, {ok} ok, {failed} failed",
+        r1 - r0,
+        r2 - r1
+    );
+    assert!(
+        r1 - r0 <= 1 && r2 - r1 <= 1,
+        "reloads: add {}, remove {}",
+        r1 - r0,
+        r2 - r1
+    );
+    assert_eq!(failed, 0, "the other upstream failed requests: {errors:?}");
+}

@@ -25,6 +25,7 @@ pub fn settings_in(workdir: &Path, intentions: bool) -> Settings {
     Settings {
         paths: Paths::new(workdir),
         intentions,
+        grace_period_ms: 30_000,
     }
 }
 

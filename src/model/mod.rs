@@ -56,6 +56,8 @@ impl Paths {
 pub struct Settings {
     pub paths: Paths,
     pub intentions: bool,
+    /// Bounds how long old workers and a stopping HAProxy keep serving (`hard-stop-after`).
+    pub grace_period_ms: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -73,6 +75,7 @@ pub struct Desired {
     pub upstreams: Vec<UpstreamListener>,
     pub tls: Tls,
     pub intentions: bool,
+    pub grace_period_ms: u64,
     pub paths: Paths,
 }
 
@@ -245,6 +248,7 @@ pub fn build(
         upstreams,
         tls,
         intentions: settings.intentions,
+        grace_period_ms: settings.grace_period_ms,
         paths: settings.paths.clone(),
     })
 }

@@ -35,8 +35,6 @@ const DEBOUNCE: Duration = Duration::from_millis(30);
 /// ...but never later than this after its first.
 const DEBOUNCE_MAX: Duration = Duration::from_millis(200);
 const CHILD_READY_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a graceful stop lets HAProxy finish in-flight work.
-const DRAIN_GRACE: Duration = Duration::from_secs(30);
 /// A crashed child is restarted after a pause that starts here and doubles...
 const RESTART_BACKOFF_MIN: Duration = Duration::from_millis(200);
 /// ...up to this;
@@ -207,6 +205,7 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
     let settings = Settings {
         paths: paths.clone(),
         intentions: opts.enable_intentions,
+        grace_period_ms: opts.grace_period.as_millis() as u64,
     };
 
     let sink = Arc::new(ChannelSink(Mutex::new(tx.clone())));
@@ -378,7 +377,7 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
                             Signal::SIGTERM,
                         );
                     }
-                    drain_deadline = Some(Instant::now() + DRAIN_GRACE);
+                    drain_deadline = Some(Instant::now() + opts.grace_period);
                 }
             }
             Some(Event::Signal(SIGCHLD)) => {
@@ -494,8 +493,8 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
         if let Some(deadline) = drain_deadline {
             if Instant::now() >= deadline && !children.is_empty() {
                 log::warn!(
-                    "drain grace of {}s is over; stopping what is left",
-                    DRAIN_GRACE.as_secs()
+                    "drain grace of {:?} is over; stopping what is left",
+                    opts.grace_period
                 );
                 stop_all(&mut children);
                 break;
@@ -836,6 +835,7 @@ pub fn dry_run(opts: &Options) -> Result<Vec<render::File>, Fatal> {
     let settings = Settings {
         paths: Paths::new(&workdir),
         intentions: opts.enable_intentions,
+        grace_period_ms: opts.grace_period.as_millis() as u64,
     };
     let desired: Desired = model::build(&snapshot, &settings, None)?;
     Ok(render::render(
