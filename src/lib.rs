@@ -17,4 +17,5 @@ pub mod supervisor;
 /// The hidden subcommand the Dataplane API runs to reload HAProxy and learn the verdict.
 pub const RELOAD_SUBCOMMAND: &str = "internal-reload-haproxy";
 pub mod intentions;
+pub mod metrics;
 pub mod stats;

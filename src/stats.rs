@@ -39,8 +39,11 @@ fn phase_name(p: u8) -> &'static str {
     }
 }
 
+/// Produces the /metrics body at scrape time.
+pub type MetricsFn = Arc<dyn Fn() -> String + Send + Sync>;
+
 /// Binds `addr` (a failure here is a configuration error) and serves it on its own thread.
-pub fn serve(addr: SocketAddr, phase: PhaseCell) -> Result<SocketAddr> {
+pub fn serve(addr: SocketAddr, phase: PhaseCell, metrics: Option<MetricsFn>) -> Result<SocketAddr> {
     let listener =
         TcpListener::bind(addr).with_context(|| format!("listening on -stats-addr {addr}"))?;
     let bound = listener.local_addr().context("reading the stats address")?;
@@ -50,17 +53,17 @@ pub fn serve(addr: SocketAddr, phase: PhaseCell) -> Result<SocketAddr> {
         .spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
-                if let Err(e) = answer(conn, &phase) {
+                if let Err(e) = answer(conn, &phase, metrics.as_ref()) {
                     log::debug!("stats request: {e}");
                 }
             }
         })
         .context("starting the stats thread")?;
-    log::info!("stats endpoint on http://{bound} (/health, /ready)");
+    log::info!("stats endpoint on http://{bound} (/health, /ready, /metrics)");
     Ok(bound)
 }
 
-fn answer(conn: TcpStream, phase: &PhaseCell) -> std::io::Result<()> {
+fn answer(conn: TcpStream, phase: &PhaseCell, metrics: Option<&MetricsFn>) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(5)))?;
     conn.set_write_timeout(Some(Duration::from_secs(5)))?;
     let mut reader = BufReader::new(conn.try_clone()?);
@@ -73,8 +76,13 @@ fn answer(conn: TcpStream, phase: &PhaseCell) -> std::io::Result<()> {
     }
     let path = line.split_whitespace().nth(1).unwrap_or("/");
     let p = phase.get();
+    let mut content_type = "text/plain";
     let (status, body) = match path {
         "/health" => ("200 OK", "ok\n".to_string()),
+        "/metrics" if metrics.is_some() => {
+            content_type = "text/plain; version=0.0.4";
+            ("200 OK", metrics.map(|m| m()).unwrap_or_default())
+        }
         "/ready" if p == READY => ("200 OK", "ready\n".to_string()),
         "/ready" => (
             "503 Service Unavailable",
@@ -85,7 +93,7 @@ fn answer(conn: TcpStream, phase: &PhaseCell) -> std::io::Result<()> {
     let mut conn = conn;
     write!(
         conn,
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
 }
@@ -106,7 +114,8 @@ mod tests {
     #[test]
     fn ready_follows_the_phase() {
         let phase = PhaseCell::default();
-        let addr = serve("127.0.0.1:0".parse().unwrap(), phase.clone()).unwrap();
+        let metrics: MetricsFn = Arc::new(|| "hcc_ready 1\n".to_string());
+        let addr = serve("127.0.0.1:0".parse().unwrap(), phase.clone(), Some(metrics)).unwrap();
         assert!(get(addr, "/health").starts_with("HTTP/1.1 200"));
         assert!(get(addr, "/ready").starts_with("HTTP/1.1 503"));
         phase.set(READY);
@@ -118,5 +127,6 @@ mod tests {
             "{r}"
         );
         assert!(get(addr, "/nope").starts_with("HTTP/1.1 404"));
+        assert!(get(addr, "/metrics").ends_with("hcc_ready 1\n"));
     }
 }

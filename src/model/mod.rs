@@ -32,6 +32,8 @@ pub struct Paths {
     pub roots: PathBuf,
     pub spoe_conf: PathBuf,
     pub spoe_socket: PathBuf,
+    /// HAProxy's Prometheus exporter, reached only by the sidecar's /metrics.
+    pub metrics_socket: PathBuf,
 }
 
 impl Paths {
@@ -47,6 +49,7 @@ impl Paths {
             roots: workdir.join("certs").join("roots.pem"),
             spoe_conf: workdir.join("spoe.conf"),
             spoe_socket: workdir.join("spoe.sock"),
+            metrics_socket: workdir.join("metrics.sock"),
         }
     }
 }

@@ -23,6 +23,7 @@ use crate::error::{Error, Result};
 use crate::files::{check_socket_paths, create_workdir, write_atomic};
 use crate::haproxy::dataplane::Dataplane;
 use crate::haproxy::runtime;
+use crate::metrics::Registry;
 use crate::model::{self, Desired, Paths, Settings};
 use crate::render::{self, DataplaneCredentials};
 use crate::snapshot::Snapshot;
@@ -100,7 +101,7 @@ fn usage(error: Error) -> Fatal {
     }
 }
 
-struct ChannelSink(Mutex<Sender<Event>>);
+struct ChannelSink(Mutex<Sender<Event>>, Arc<Registry>);
 
 impl Sink for ChannelSink {
     fn update(&self, update: Update) {
@@ -108,6 +109,47 @@ impl Sink for ChannelSink {
             let _ = tx.send(Event::Consul(Box::new(update)));
         }
     }
+    fn watch_error(&self, endpoint: &str) {
+        self.1.watch_error(endpoint);
+    }
+}
+
+/// The /metrics body: our registry plus HAProxy's exporter, both read at scrape time.
+fn scrape(registry: &Registry, phase: &crate::stats::PhaseCell) -> String {
+    let desired = registry.desired.read().ok().and_then(|d| d.clone());
+    let (reloads, haproxy) = match &desired {
+        Some(d) => {
+            let reloads = runtime::show_proc(&d.paths.master_socket)
+                .ok()
+                .map(|p| u64::from(p.master_reloads));
+            let text = crate::http::Client::new(
+                crate::http::Endpoint::Unix {
+                    path: d.paths.metrics_socket.clone(),
+                },
+                &crate::http::TlsFiles::default(),
+                crate::http::Credential::None,
+            )
+            .and_then(|c| c.get("/metrics", Duration::from_secs(5)))
+            .map(|r| r.body)
+            .unwrap_or_else(|e| {
+                log::debug!("scraping HAProxy's exporter: {e}");
+                String::new()
+            });
+            (reloads, text)
+        }
+        None => (None, String::new()),
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    registry.render(
+        &crate::metrics::Live {
+            reloads,
+            ready: phase.get() == crate::stats::READY,
+        },
+        &haproxy,
+        now,
+    )
 }
 
 /// Removes the working directory when the run ends, however it ends.
@@ -170,8 +212,11 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
         phase: Phase::Starting,
         published: crate::stats::PhaseCell::default(),
     };
+    let registry = Arc::new(Registry::default());
     if let Some(addr) = opts.stats_addr {
-        crate::stats::serve(addr, life.published.clone()).map_err(usage)?;
+        let (reg, phase) = (registry.clone(), life.published.clone());
+        let metrics: crate::stats::MetricsFn = Arc::new(move || scrape(&reg, &phase));
+        crate::stats::serve(addr, life.published.clone(), Some(metrics)).map_err(usage)?;
     }
     process::become_subreaper();
     let (tx, rx) = channel::<Event>();
@@ -191,6 +236,7 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
         &paths.master_socket,
         &paths.dataplane_socket,
         &paths.spoe_socket,
+        &paths.metrics_socket,
     ])
     .map_err(usage)?;
     // The Dataplane API splits its reload command on spaces, without a shell.
@@ -208,14 +254,18 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
         grace_period_ms: opts.grace_period.as_millis() as u64,
     };
 
-    let sink = Arc::new(ChannelSink(Mutex::new(tx.clone())));
+    let sink = Arc::new(ChannelSink(Mutex::new(tx.clone()), registry.clone()));
     // Intentions are watched even when not enforced, so that ignoring a deny is never silent.
     let mut watchers = Watchers::start(consul.clone(), &proxy_id, sink, Timing::default(), true);
     let mut snapshot = Snapshot::default();
     // With intentions on, the agent runs before HAProxy exists and denies until it knows the
     // intentions, the default policy and the roots.
     let mut authz = if opts.enable_intentions {
-        Some(Authz::start(&paths, opts.spoe_threads)?)
+        let a = Authz::start(&paths, opts.spoe_threads)?;
+        if let Ok(mut slot) = registry.agent.write() {
+            *slot = Some(a.agent.stats().clone());
+        }
+        Some(a)
     } else {
         None
     };
@@ -271,6 +321,9 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
     };
 
     // --- start HAProxy and the Dataplane API ---------------------------------------------------
+    if let Ok(mut slot) = registry.desired.write() {
+        *slot = Some(desired.clone());
+    }
     let creds = DataplaneCredentials::generate()?;
     for file in render::render(&desired, &creds)? {
         write_atomic(&file.path, file.contents.as_bytes())?;
@@ -350,6 +403,9 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
                         if let Some(a) = &applier {
                             a.reconcile(d.clone());
                         }
+                        if let Ok(mut slot) = registry.desired.write() {
+                            *slot = Some(d.clone());
+                        }
                         last_submitted = d;
                     }
                     Err(e) => log::error!("SIGHUP: cannot build the configuration: {e}"),
@@ -417,6 +473,7 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
                         RESTART_BUDGET,
                         RESTART_WINDOW.as_secs()
                     );
+                    registry.restart(child.name);
                     restart_due.push((now + pause, child.name));
                 }
                 if life.phase == Phase::Draining && children.is_empty() {
@@ -427,12 +484,16 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
                 ops,
                 reloaded,
                 took,
-            })) => log::info!(
-                "{ops} change(s) applied in {} ms{}",
-                took.as_millis(),
-                if reloaded { " (HAProxy reloaded)" } else { "" }
-            ),
+            })) => {
+                registry.applied(true, took);
+                log::info!(
+                    "{ops} change(s) applied in {} ms{}",
+                    took.as_millis(),
+                    if reloaded { " (HAProxy reloaded)" } else { "" }
+                )
+            }
             Some(Event::Applied(Outcome::Failed(e))) => {
+                registry.applied(false, Duration::ZERO);
                 log::error!("{e}; HAProxy keeps its last good configuration, retrying")
             }
             Some(Event::Signal(_)) => {}
@@ -508,6 +569,9 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
                     Ok(d) if d != last_submitted => {
                         if let Some(a) = &applier {
                             a.submit(d.clone());
+                        }
+                        if let Ok(mut slot) = registry.desired.write() {
+                            *slot = Some(d.clone());
                         }
                         last_submitted = d;
                     }

@@ -24,6 +24,9 @@ pub struct Mesh {
     pub upstream_port: u16,
     /// Time from starting the sidecars to the first answer through the upstream.
     pub first_answer: Duration,
+    /// `-stats-addr` of each sidecar, when asked for.
+    pub server_stats: Option<String>,
+    pub client_stats: Option<String>,
 }
 
 #[derive(Default)]
@@ -31,6 +34,8 @@ pub struct MeshOptions {
     pub intentions: bool,
     /// Extra upstreams of `client`: (destination, local port).
     pub extra_upstreams: Vec<(String, u16)>,
+    /// Give both sidecars a `-stats-addr`.
+    pub stats: bool,
 }
 
 impl Mesh {
@@ -57,8 +62,17 @@ impl Mesh {
         ));
 
         let started = Instant::now();
-        let server_sidecar = sidecar(&consul, &base, "server", opts.intentions, &[]);
-        let client_sidecar = sidecar(&consul, &base, "client", opts.intentions, &[]);
+        let stats = |on: bool| on.then(|| format!("127.0.0.1:{}", free_port()));
+        let (server_stats, client_stats) = (stats(opts.stats), stats(opts.stats));
+        let args = |s: &Option<String>| match s {
+            Some(a) => vec!["-stats-addr".to_string(), a.clone()],
+            None => Vec::new(),
+        };
+        let (sa, ca) = (args(&server_stats), args(&client_stats));
+        let sa: Vec<&str> = sa.iter().map(String::as_str).collect();
+        let ca: Vec<&str> = ca.iter().map(String::as_str).collect();
+        let server_sidecar = sidecar(&consul, &base, "server", opts.intentions, &sa);
+        let client_sidecar = sidecar(&consul, &base, "client", opts.intentions, &ca);
         let addr = format!("127.0.0.1:{upstream_port}");
         let ok = wait_until(
             Duration::from_secs(60),
@@ -82,6 +96,8 @@ impl Mesh {
             server_port,
             client_port,
             upstream_port,
+            server_stats,
+            client_stats,
         }
     }
 

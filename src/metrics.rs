@@ -1,0 +1,270 @@
+//! The sidecar's metrics in Prometheus text format: its own counters and gauges, and HAProxy's
+//! built-in exporter relabelled so that upstream series name the destination and the instance
+//! instead of a slot number (free slots are left out). Rendering is pure and tested here; the
+//! scrape in `stats` feeds it.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use crate::model::Desired;
+
+/// What the sidecar counts; shared by the supervisor, watchers and applier, read by a scrape.
+#[derive(Default)]
+pub struct Registry {
+    watch_errors: Mutex<BTreeMap<String, u64>>,
+    restarts: Mutex<BTreeMap<String, u64>>,
+    applies: AtomicU64,
+    apply_failures: AtomicU64,
+    /// f64 bits: seconds since the epoch, and seconds.
+    last_apply_time: AtomicU64,
+    last_apply_duration: AtomicU64,
+    /// The state last handed to HAProxy: slot → instance names, certificates for expiry.
+    pub desired: RwLock<Option<Desired>>,
+    pub agent: RwLock<Option<Arc<crate::spoe::server::AgentStats>>>,
+}
+
+/// Values read live at scrape time (they come from other processes).
+#[derive(Default)]
+pub struct Live {
+    pub reloads: Option<u64>,
+    pub ready: bool,
+}
+
+impl Registry {
+    pub fn watch_error(&self, endpoint: &str) {
+        // The query string carries indexes; the path is the endpoint.
+        let path = endpoint.split('?').next().unwrap_or(endpoint).to_string();
+        if let Ok(mut m) = self.watch_errors.lock() {
+            *m.entry(path).or_default() += 1;
+        }
+    }
+
+    pub fn restart(&self, child: &str) {
+        if let Ok(mut m) = self.restarts.lock() {
+            *m.entry(child.to_string()).or_default() += 1;
+        }
+    }
+
+    pub fn applied(&self, ok: bool, took: std::time::Duration) {
+        if ok {
+            self.applies.fetch_add(1, Ordering::Relaxed);
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            self.last_apply_time.store(now.to_bits(), Ordering::Relaxed);
+            self.last_apply_duration
+                .store(took.as_secs_f64().to_bits(), Ordering::Relaxed);
+        } else {
+            self.apply_failures.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The whole exposition: ours, then HAProxy's relabelled.
+    pub fn render(&self, live: &Live, haproxy: &str, now_unix: f64) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP hcc_ready 1 while HAProxy serves the full configuration.\n# TYPE hcc_ready gauge\nhcc_ready {}",
+            u8::from(live.ready)
+        );
+        if let Some(r) = live.reloads {
+            let _ = writeln!(out, "# HELP hcc_haproxy_reloads_total HAProxy reloads since its master started.\n# TYPE hcc_haproxy_reloads_total counter\nhcc_haproxy_reloads_total {r}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP hcc_applies_total Changes applied to HAProxy.\n# TYPE hcc_applies_total counter\nhcc_applies_total {}",
+            self.applies.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP hcc_apply_failures_total Changes HAProxy or the Dataplane API refused (retried).\n# TYPE hcc_apply_failures_total counter\nhcc_apply_failures_total {}",
+            self.apply_failures.load(Ordering::Relaxed)
+        );
+        let t = f64::from_bits(self.last_apply_time.load(Ordering::Relaxed));
+        let d = f64::from_bits(self.last_apply_duration.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "# HELP hcc_last_apply_timestamp_seconds When the last change was applied.\n# TYPE hcc_last_apply_timestamp_seconds gauge\nhcc_last_apply_timestamp_seconds {t}\n# HELP hcc_last_apply_duration_seconds How long the last change took to apply.\n# TYPE hcc_last_apply_duration_seconds gauge\nhcc_last_apply_duration_seconds {d}"
+        );
+        let _ = writeln!(out, "# HELP hcc_consul_watch_errors_total Failed or unusable Consul reads, by endpoint.\n# TYPE hcc_consul_watch_errors_total counter");
+        if let Ok(m) = self.watch_errors.lock() {
+            for (endpoint, n) in m.iter() {
+                let _ = writeln!(
+                    out,
+                    "hcc_consul_watch_errors_total{{endpoint=\"{}\"}} {n}",
+                    escape(endpoint)
+                );
+            }
+        }
+        let _ = writeln!(out, "# HELP hcc_child_restarts_total Restarts of a crashed child.\n# TYPE hcc_child_restarts_total counter");
+        if let Ok(m) = self.restarts.lock() {
+            for (child, n) in m.iter() {
+                let _ = writeln!(
+                    out,
+                    "hcc_child_restarts_total{{child=\"{}\"}} {n}",
+                    escape(child)
+                );
+            }
+        }
+        if let Ok(agent) = self.agent.read() {
+            if let Some(a) = agent.as_ref() {
+                let _ = writeln!(
+                    out,
+                    "# HELP hcc_intentions_decisions_total Inbound connections decided by the intentions agent.\n# TYPE hcc_intentions_decisions_total counter\nhcc_intentions_decisions_total{{result=\"allow\"}} {}\nhcc_intentions_decisions_total{{result=\"deny\"}} {}",
+                    a.allowed.load(Ordering::Relaxed),
+                    a.denied.load(Ordering::Relaxed)
+                );
+            }
+        }
+        let desired = self.desired.read().ok().and_then(|d| d.clone());
+        if let Some(d) = &desired {
+            let _ = writeln!(out, "# HELP hcc_certificate_expiry_seconds Seconds until a certificate in use expires.\n# TYPE hcc_certificate_expiry_seconds gauge");
+            for (kind, pem) in [("leaf", &d.tls.leaf_pem), ("root", &d.tls.roots_pem)] {
+                for (i, not_after) in not_afters(pem).into_iter().enumerate() {
+                    let _ = writeln!(
+                        out,
+                        "hcc_certificate_expiry_seconds{{cert=\"{kind}\",index=\"{i}\"}} {}",
+                        not_after - now_unix
+                    );
+                }
+            }
+        }
+        out.push_str(&relabel(haproxy, desired.as_ref()));
+        out
+    }
+}
+
+/// The `notAfter` of every certificate in a PEM bundle, in seconds since the epoch.
+fn not_afters(pem: &str) -> Vec<f64> {
+    crate::model::pem_blocks(pem, "CERTIFICATE")
+        .iter()
+        .filter_map(|b| {
+            let (_, p) = x509_parser::pem::parse_x509_pem(b.as_bytes()).ok()?;
+            let c = p.parse_x509().ok()?;
+            Some(c.validity().not_after.timestamp() as f64)
+        })
+        .collect()
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Rewrites HAProxy's upstream series: `server="sN"` becomes the instance id, a `service`
+/// label names the destination, and series of free slots are dropped.
+pub fn relabel(text: &str, desired: Option<&Desired>) -> String {
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        if line.starts_with('#') {
+            out.push_str(line);
+            out.push('\n');
+            continue;
+        }
+        let upstream = label(line, "proxy").and_then(|p| desired?.upstream(&p).cloned());
+        let Some(u) = upstream else {
+            out.push_str(line);
+            out.push('\n');
+            continue;
+        };
+        let service = format!("service=\"{}\"", escape(&u.destination));
+        match label(line, "server") {
+            Some(slot) => {
+                let Some(inst) = u
+                    .slots
+                    .iter()
+                    .find(|s| s.name == slot)
+                    .and_then(|s| s.instance.as_ref())
+                else {
+                    continue;
+                };
+                let from = format!("server=\"{slot}\"");
+                let to = format!("server=\"{}\",{service}", escape(&inst.id));
+                out.push_str(&line.replacen(&from, &to, 1));
+            }
+            None => out.push_str(&line.replacen('{', &format!("{{{service},"), 1)),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+fn label(line: &str, name: &str) -> Option<String> {
+    let key = format!("{name}=\"");
+    let start = line.find(&key)? + key.len();
+    let end = line[start..].find('"')?;
+    Some(line[start..start + end].to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::build;
+    use crate::model::fixtures::{settings, snapshot};
+
+    #[test]
+    fn upstream_series_name_instances_and_free_slots_are_dropped() {
+        let d = build(
+            &snapshot("client-sidecar-proxy", "ca-leaf-client.json"),
+            &settings(),
+            None,
+        )
+        .unwrap();
+        let up = &d.upstreams[0].name;
+        let text = format!(
+            "# HELP haproxy_server_bytes_in_total x\n# TYPE haproxy_server_bytes_in_total counter\n\
+             haproxy_server_bytes_in_total{{proxy=\"{up}\",server=\"s0\"}} 10\n\
+             haproxy_server_bytes_in_total{{proxy=\"{up}\",server=\"s5\"}} 0\n\
+             haproxy_backend_bytes_in_total{{proxy=\"{up}\"}} 10\n\
+             haproxy_frontend_bytes_in_total{{proxy=\"public_listener\"}} 3\n"
+        );
+        let out = relabel(&text, Some(&d));
+        let inst = d.upstreams[0].slots[0]
+            .instance
+            .as_ref()
+            .unwrap()
+            .id
+            .clone();
+        assert!(
+            out.contains(&format!("server=\"{inst}\",service=\"service server\"")),
+            "{out}"
+        );
+        assert!(!out.contains("server=\"s5\""), "a free slot leaked: {out}");
+        assert!(
+            out.contains(&format!(
+                "haproxy_backend_bytes_in_total{{service=\"service server\",proxy=\"{up}\"}} 10"
+            )),
+            "{out}"
+        );
+        assert!(out.contains("proxy=\"public_listener\"} 3"));
+        assert!(out.contains("# TYPE haproxy_server_bytes_in_total counter"));
+    }
+
+    #[test]
+    fn our_metrics_are_typed_and_counters_count() {
+        let r = Registry::default();
+        r.watch_error("/v1/health/connect/server?passing=1&index=5");
+        r.watch_error("/v1/health/connect/server?passing=1&index=9");
+        r.restart("haproxy");
+        r.applied(true, std::time::Duration::from_millis(20));
+        let out = r.render(
+            &Live {
+                reloads: Some(3),
+                ready: true,
+            },
+            "",
+            0.0,
+        );
+        assert!(
+            out.contains("hcc_consul_watch_errors_total{endpoint=\"/v1/health/connect/server\"} 2")
+        );
+        assert!(out.contains("# TYPE hcc_child_restarts_total counter"));
+        assert!(out.contains("hcc_child_restarts_total{child=\"haproxy\"} 1"));
+        assert!(out.contains("hcc_haproxy_reloads_total 3"));
+        assert!(out.contains("hcc_ready 1"));
+        assert!(out.contains("hcc_last_apply_duration_seconds 0.02"));
+    }
+}

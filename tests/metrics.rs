@@ -1,0 +1,97 @@
+//! `/metrics` on `-stats-addr`: valid Prometheus text (promtool), counters that rise with real
+//! traffic, upstream series named by service and instance, and intentions decisions counted.
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use support::mesh::{Mesh, MeshOptions};
+use support::*;
+
+fn scrape(addr: &str) -> String {
+    let (status, body) = http_get(addr, "/metrics", Duration::from_secs(5)).expect("scrape");
+    assert_eq!(status, 200);
+    body
+}
+
+/// The value of the first sample whose line starts with `prefix` and contains every `needle`.
+fn sample(text: &str, prefix: &str, needles: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(prefix) && needles.iter().all(|n| l.contains(n)))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+fn promtool_check(text: &str) {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool installed by scripts/install-deps");
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), text.as_bytes()).unwrap();
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    // promtool exits 1 on errors and 3 on lint warnings only (e.g. HAProxy's own metric names).
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.code() != Some(1) && !report.contains("error"),
+        "promtool: {report}"
+    );
+    for line in report.lines().filter(|l| l.contains("hcc_")) {
+        panic!("promtool finds fault with our own metric: {line}");
+    }
+}
+
+#[test]
+fn metrics_are_valid_and_count_real_traffic() {
+    let mesh = Mesh::start(MeshOptions {
+        intentions: true,
+        stats: true,
+        ..Default::default()
+    });
+    let client = mesh.client_stats.clone().unwrap();
+    let server = mesh.server_stats.clone().unwrap();
+    let before = scrape(&client);
+    promtool_check(&before);
+    let instance = "server=\"server-sidecar-proxy.node1\"";
+    let service = "service=\"service server\"";
+    let sessions = |t: &str| sample(t, "haproxy_server_sessions_total", &[instance, service]);
+    let n0 = sessions(&before).unwrap_or_else(|| panic!("no series for the instance in\n{before}"));
+    assert!(!before.contains("server=\"s1\""), "a free slot is exported");
+    for _ in 0..10 {
+        let (status, _) = http_get(&mesh.upstream_addr(), "/", Duration::from_secs(5)).unwrap();
+        assert_eq!(status, 200);
+    }
+    let after = scrape(&client);
+    assert!(
+        sessions(&after).unwrap() >= n0 + 10.0,
+        "sessions did not rise:\n{after}"
+    );
+    assert_eq!(sample(&after, "hcc_ready", &[]), Some(1.0));
+    assert!(sample(&after, "hcc_certificate_expiry_seconds", &["cert=\"leaf\""]).unwrap() > 3600.0);
+
+    // A deny intention raises the server sidecar's deny counter.
+    let denied = |t: &str| sample(t, "hcc_intentions_decisions_total", &["result=\"deny\""]);
+    let d0 = denied(&scrape(&server)).expect("decisions counted");
+    let (status, body) = mesh.consul.post(
+        "/v1/connect/intentions",
+        r#"{"SourceName": "client", "DestinationName": "server", "Action": "deny"}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    wait_until(
+        Duration::from_secs(10),
+        "a denied request to be counted",
+        || {
+            let _ = http_get(&mesh.upstream_addr(), "/", Duration::from_secs(2));
+            denied(&scrape(&server)).unwrap_or(0.0) > d0
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", scrape(&server)));
+    promtool_check(&scrape(&server));
+}
