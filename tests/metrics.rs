@@ -95,3 +95,58 @@ fn metrics_are_valid_and_count_real_traffic() {
     .unwrap_or_else(|e| panic!("{e}\n{}", scrape(&server)));
     promtool_check(&scrape(&server));
 }
+
+#[test]
+fn the_stats_service_is_registered_with_a_passing_check_and_gone_after_sigterm() {
+    let consul = Consul::start();
+    let app = HttpApp::start("ok");
+    let port = free_port();
+    consul.register(&sidecar_registration("server", app.port(), port, &[]));
+    let base = TempDir::new("statsreg");
+    let stats = format!("127.0.0.1:{}", free_port());
+    let mut sc = Child::spawn(
+        "sidecar",
+        Command::new(bin_path())
+            .args(["-sidecar-for", "server", "-http-addr", &consul.http_addr()])
+            .args(["-stats-addr", &stats, "-stats-service-register"])
+            .arg("-haproxy-cfg-base-path")
+            .arg(base.path()),
+        base.path(),
+    );
+    let passing = || {
+        let list = consul.get_json("/v1/health/service/server-sidecar-stats?passing=1");
+        list.as_array().cloned().unwrap_or_default()
+    };
+    wait_until(
+        Duration::from_secs(30),
+        "the stats service to pass its check",
+        || !passing().is_empty(),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", sc.logs()));
+    let entry = &passing()[0];
+    assert_eq!(
+        entry["Service"]["Port"].as_u64(),
+        stats.rsplit(':').next().unwrap().parse().ok()
+    );
+    assert_eq!(entry["Service"]["Address"], "127.0.0.1");
+    let tags = entry["Service"]["Tags"].to_string();
+    assert!(
+        tags.contains("haproxy-consul-connect") && tags.contains("metrics"),
+        "{tags}"
+    );
+    let check = entry["Checks"].to_string();
+    assert!(check.contains(&format!("http://{stats}/ready")), "{check}");
+
+    sc.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(
+        sc.wait_timeout(Duration::from_secs(40))
+            .and_then(|s| s.code()),
+        Some(0)
+    );
+    let gone = consul.get_json("/v1/catalog/service/server-sidecar-stats");
+    assert_eq!(
+        gone.as_array().map(Vec::len),
+        Some(0),
+        "still registered: {gone}"
+    );
+}

@@ -114,6 +114,53 @@ impl Sink for ChannelSink {
     }
 }
 
+/// The Consul service that advertises the stats endpoint: named after the sidecar's service,
+/// tagged for what it is, checked through `/ready` at the address it really listens on.
+fn stats_registration(
+    consul: &Consul,
+    proxy_id: &str,
+    desired: &Desired,
+    registration_address: &str,
+    stats: std::net::SocketAddr,
+) -> Result<(String, String)> {
+    // An unspecified listen address is reached at the proxy's own address, else the node's.
+    let address = if stats.ip().is_unspecified() {
+        if registration_address.is_empty() {
+            let me: serde_json::Value = consul.get_json("/v1/agent/self")?;
+            me.pointer("/Member/Addr")
+                .and_then(serde_json::Value::as_str)
+                .map(str::to_string)
+                .ok_or_else(|| Error::msg("the agent did not say its address (Member.Addr)"))?
+        } else {
+            registration_address.to_string()
+        }
+    } else {
+        stats.ip().to_string()
+    };
+    let host = if address.contains(':') {
+        format!("[{address}]")
+    } else {
+        address.clone()
+    };
+    let id = format!("{proxy_id}-stats");
+    let body = serde_json::json!({
+        "ID": id,
+        "Name": format!("{}-sidecar-stats", desired.service),
+        "Tags": ["haproxy-consul-connect", "stats", "metrics"],
+        "Meta": {"proxy": proxy_id, "metrics_path": "/metrics"},
+        "Address": address,
+        "Port": stats.port(),
+        "Check": {
+            "Name": "sidecar ready",
+            "HTTP": format!("http://{host}:{}/ready", stats.port()),
+            "Interval": "10s",
+            "Timeout": "2s",
+            "DeregisterCriticalServiceAfter": "10m"
+        }
+    });
+    Ok((id, body.to_string()))
+}
+
 /// The /metrics body: our registry plus HAProxy's exporter, both read at scrape time.
 fn scrape(registry: &Registry, phase: &crate::stats::PhaseCell) -> String {
     let desired = registry.desired.read().ok().and_then(|d| d.clone());
@@ -359,6 +406,35 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
         ),
     );
 
+    let mut stats_service: Option<String> = None;
+    if let (true, Some(addr)) = (opts.stats_service_register, opts.stats_addr) {
+        let reg_address = snapshot
+            .registration
+            .as_ref()
+            .map(|r| r.address.clone())
+            .unwrap_or_default();
+        match stats_registration(&consul, &proxy_id, &desired, &reg_address, addr).and_then(
+            |(id, body)| {
+                let answer = consul.send("PUT", "/v1/agent/service/register", Some(&body))?;
+                if answer.status == 200 {
+                    Ok(id)
+                } else {
+                    Err(Error::msg(format!(
+                        "status {}: {}",
+                        answer.status,
+                        answer.body.trim()
+                    )))
+                }
+            },
+        ) {
+            Ok(id) => {
+                log::info!("registered the stats endpoint in Consul as {id}");
+                stats_service = Some(id);
+            }
+            Err(e) => log::error!("cannot register the stats endpoint in Consul: {e}"),
+        }
+    }
+
     // --- serve -----------------------------------------------------------------------------------
     let mut dirty_since: Option<(Instant, Instant)> = None;
     let mut last_submitted = desired;
@@ -420,6 +496,17 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
                     }
                 } else {
                     life.set(Phase::Draining, "stop signal: finishing in-flight work");
+                    if let Some(id) = stats_service.take() {
+                        let path = format!(
+                            "/v1/agent/service/deregister/{}",
+                            crate::consul::encode(&id)
+                        );
+                        match consul.send("PUT", &path, None) {
+                            Ok(a) if a.status == 200 => log::info!("deregistered {id} from Consul"),
+                            Ok(a) => log::warn!("deregistering {id}: status {}", a.status),
+                            Err(e) => log::warn!("deregistering {id}: {e}"),
+                        }
+                    }
                     if let Some(a) = applier.take() {
                         a.stop();
                     }
