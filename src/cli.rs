@@ -35,6 +35,8 @@ const LONG_FLAGS: &[&str] = &[
     "dry-run",
     "spoe-threads",
     "grace-period",
+    "haproxy-param",
+    "balance",
 ];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,6 +68,61 @@ pub struct Options {
     pub spoe_threads: usize,
     /// How long a graceful stop lets in-flight work finish (also HAProxy's hard-stop-after).
     pub grace_period: std::time::Duration,
+    /// Extra HAProxy `global`/`defaults` settings, in order, last one per key wins.
+    pub haproxy_params: Vec<HaproxyParam>,
+    /// The load-balancing algorithm of upstream backends.
+    pub balance: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct HaproxyParam {
+    pub section: String,
+    pub key: String,
+    pub value: String,
+}
+
+/// Algorithms HAProxy applies to servers changed at runtime; the static ones (static-rr,
+/// hashes without consistent) would turn every instance change into a reload.
+pub const BALANCE_ALGORITHMS: &[&str] = &["roundrobin", "leastconn", "first", "random"];
+
+/// `section.key=value`, as `-haproxy-param global.maxconn=20000`.
+pub fn parse_haproxy_param(v: &str) -> Result<HaproxyParam, String> {
+    let (name, value) = v
+        .split_once('=')
+        .ok_or_else(|| format!("{v:?} is not section.key=value"))?;
+    let (section, key) = name
+        .split_once('.')
+        .ok_or_else(|| format!("{v:?} names no section (global.… or defaults.…)"))?;
+    if section != "global" && section != "defaults" {
+        return Err(format!("{v:?}: section must be global or defaults"));
+    }
+    let key_ok = !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ' '));
+    if !key_ok {
+        return Err(format!("{v:?}: {key:?} is not an HAProxy keyword"));
+    }
+    // One line each: a line break would smuggle in configuration of its own.
+    if value.contains(['\n', '\r', '#']) {
+        return Err(format!("{v:?}: the value may not hold a line break or '#'"));
+    }
+    // Keys the sidecar manages itself cannot be overridden, or it would lose control.
+    const OWNED: &[&str] = &[
+        "master-worker",
+        "stats",
+        "hard-stop-after",
+        "mode",
+        "userlist",
+    ];
+    if OWNED.contains(&key.split(' ').next().unwrap_or(key)) {
+        return Err(format!("{v:?}: {key} is managed by the sidecar"));
+    }
+    Ok(HaproxyParam {
+        section: section.into(),
+        key: key.into(),
+        value: value.trim().into(),
+    })
 }
 
 #[derive(Debug)]
@@ -151,6 +208,8 @@ fn command() -> clap::Command {
         .arg(bool_flag("stats-service-register", "Register the stats endpoint as a Consul service"))
         .arg(value("spoe-threads", "Worker threads of the intentions (SPOE) agent").default_value("2").value_name("N"))
         .arg(value("grace-period", "How long a stop lets in-flight connections finish (e.g. 30s, 2m, 500ms)").default_value("30s").value_name("DURATION"))
+        .arg(Arg::new("haproxy-param").long("haproxy-param").help("An HAProxy global or defaults setting, as section.key=value; repeatable").action(ArgAction::Append).allow_hyphen_values(true).value_name("SECTION.KEY=VALUE"))
+        .arg(value("balance", "Load-balancing algorithm of upstreams: roundrobin, leastconn, first or random").default_value("roundrobin").value_name("ALGORITHM"))
         .arg(bool_flag("dry-run", "Print the files that would be written for the current Consul state, then exit"))
         .arg(bool_flag("version", "Print the version and the versions of haproxy and dataplaneapi"))
         .arg(bool_flag("help", "Print help"))
@@ -347,6 +406,23 @@ pub fn parse(
             parse_duration(v)
         })
         .map_err(|e| UsageError(format!("invalid value for -grace-period: {e}")))?;
+    let mut haproxy_params: Vec<HaproxyParam> = Vec::new();
+    for v in m.get_many::<String>("haproxy-param").into_iter().flatten() {
+        let p = parse_haproxy_param(v)
+            .map_err(|e| UsageError(format!("invalid value for -haproxy-param: {e}")))?;
+        haproxy_params.retain(|q| !(q.section == p.section && q.key == p.key));
+        haproxy_params.push(p);
+    }
+    let balance = m
+        .get_one::<String>("balance")
+        .map_or("roundrobin", |s| s.as_str())
+        .to_ascii_lowercase();
+    if !BALANCE_ALGORITHMS.contains(&balance.as_str()) {
+        return Err(UsageError(format!(
+            "invalid value {balance:?} for -balance (expected {})",
+            BALANCE_ALGORITHMS.join(", ")
+        )));
+    }
     let base_path = path("haproxy-cfg-base-path");
     if base_path.as_os_str().is_empty() {
         return Err(UsageError(
@@ -371,6 +447,8 @@ pub fn parse(
         stats_service_register,
         spoe_threads,
         grace_period,
+        haproxy_params,
+        balance,
     };
     if flag_bool(&m, "dry-run")? {
         Ok(Command::DryRun(Box::new(options)))
@@ -646,6 +724,30 @@ mod tests {
         assert!(parse_duration("2h").is_err());
         let o = run(&["-sidecar-for", "a"], &MapEnv::default()).unwrap();
         assert_eq!(o.grace_period, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn haproxy_params_repeat_and_the_last_one_wins() {
+        let o = run(
+            &[
+                "-sidecar-for",
+                "a",
+                "-haproxy-param",
+                "global.maxconn=1000",
+                "-haproxy-param",
+                "defaults.timeout client=30s",
+                "-haproxy-param",
+                "global.maxconn=2000",
+                "-balance",
+                "LeastConn",
+            ],
+            &MapEnv::default(),
+        )
+        .unwrap();
+        assert_eq!(o.haproxy_params.len(), 2);
+        assert_eq!(o.haproxy_params[1].value, "2000");
+        assert_eq!(o.haproxy_params[0].key, "timeout client");
+        assert_eq!(o.balance, "leastconn");
     }
 
     #[test]

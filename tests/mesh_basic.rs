@@ -235,6 +235,29 @@ fn sigterm_stops_everything_the_sidecar_started() {
 
 #[test]
 fn dry_run_prints_files_that_haproxy_accepts() {
+    dry_run_check(&[], &[]);
+}
+
+#[test]
+fn knobs_change_the_rendered_config_and_haproxy_accepts_it() {
+    dry_run_check(
+        &[
+            "-haproxy-param",
+            "global.maxconn=4096",
+            "-haproxy-param",
+            "defaults.timeout client=45s",
+            "-haproxy-param",
+            "global.maxconn=8192",
+            "-balance",
+            "leastconn",
+        ],
+        &["maxconn 8192", "timeout client 45s", "balance leastconn"],
+    );
+}
+
+/// Runs --dry-run with `args`, checks the output holds `wants`, writes the files it names and
+/// has HAProxy check them.
+fn dry_run_check(args: &[&str], wants: &[&str]) {
     let consul = Consul::start();
     consul.register(&sidecar_registration(
         "client",
@@ -253,6 +276,7 @@ fn dry_run_prints_files_that_haproxy_accepts() {
         ])
         .arg("-haproxy-cfg-base-path")
         .arg(base.path())
+        .args(args)
         .output()
         .unwrap();
     assert!(
@@ -261,6 +285,13 @@ fn dry_run_prints_files_that_haproxy_accepts() {
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8(out.stdout).unwrap();
+    for want in wants {
+        assert!(text.contains(want), "the dry run lacks {want:?}:\n{text}");
+    }
+    assert!(
+        !text.contains("maxconn 4096"),
+        "an overridden value survived"
+    );
     let mut files: Vec<(String, String)> = Vec::new();
     for line in text.split_inclusive('\n') {
         if let Some(path) = line
@@ -352,6 +383,8 @@ fn bad_usage_exits_64_with_one_line() {
         &["-sidecar-for", "x", "-log-level", "chatty"],
         &[],
         &["-sidecar-for", "x", "-http-addr", "gopher://x"],
+        &["-sidecar-for", "x", "-haproxy-param", "global.maxconn"],
+        &["-sidecar-for", "x", "-balance", "source"],
     ] {
         let out = Command::new(bin_path()).args(args).output().unwrap();
         assert_eq!(out.status.code(), Some(64), "{args:?}");

@@ -328,8 +328,8 @@ fn backend(b: &BackendSpec) -> Value {
         "mode": mode(b.mode),
         "connect_timeout": b.connect_timeout_ms,
     });
-    if b.roundrobin {
-        v["balance"] = json!({ "algorithm": "roundrobin" });
+    if let Some(algorithm) = &b.balance {
+        v["balance"] = json!({ "algorithm": algorithm });
     }
     v
 }

@@ -17,7 +17,8 @@ pub struct Tls {
 pub struct BackendSpec {
     pub name: String,
     pub mode: Mode,
-    pub roundrobin: bool,
+    /// `balance <algorithm>`; `None` keeps HAProxy's default (the local app's single server).
+    pub balance: Option<String>,
     pub connect_timeout_ms: u64,
 }
 
@@ -116,7 +117,7 @@ pub fn local_backend(p: &Public) -> BackendSpec {
     BackendSpec {
         name: LOCAL_BACKEND.into(),
         mode: p.mode,
-        roundrobin: false,
+        balance: None,
         connect_timeout_ms: p.connect_timeout_ms,
     }
 }
@@ -133,11 +134,11 @@ pub fn local_server(p: &Public) -> ServerSpec {
     }
 }
 
-pub fn upstream_backend(u: &UpstreamListener) -> BackendSpec {
+pub fn upstream_backend(d: &Desired, u: &UpstreamListener) -> BackendSpec {
     BackendSpec {
         name: u.name.clone(),
         mode: u.mode,
-        roundrobin: true,
+        balance: Some(d.balance.clone()),
         connect_timeout_ms: u.connect_timeout_ms,
     }
 }
@@ -192,7 +193,7 @@ pub fn from_scratch(d: &Desired) -> Vec<Op> {
 }
 
 fn create_upstream(d: &Desired, u: &UpstreamListener) -> Vec<Op> {
-    let mut ops = vec![Op::CreateBackend(upstream_backend(u))];
+    let mut ops = vec![Op::CreateBackend(upstream_backend(d, u))];
     ops.extend(
         u.slots
             .iter()
@@ -230,7 +231,7 @@ pub fn plan(applied: &Desired, desired: &Desired) -> Plan {
         };
         let listener_changed = upstream_frontend(old) != upstream_frontend(new)
             || upstream_bind(old) != upstream_bind(new)
-            || upstream_backend(old) != upstream_backend(new);
+            || upstream_backend(applied, old) != upstream_backend(desired, new);
         if listener_changed {
             // Rare (a protocol or timeout edit): rebuild the pair rather than patch it.
             deletes.push(Op::DeleteFrontend(old.name.clone()));

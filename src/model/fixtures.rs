@@ -26,6 +26,8 @@ pub fn settings_in(workdir: &Path, intentions: bool) -> Settings {
         paths: Paths::new(workdir),
         intentions,
         grace_period_ms: 30_000,
+        haproxy_params: Vec::new(),
+        balance: "roundrobin".into(),
     }
 }
 

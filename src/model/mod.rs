@@ -61,6 +61,8 @@ pub struct Settings {
     pub intentions: bool,
     /// Bounds how long old workers and a stopping HAProxy keep serving (`hard-stop-after`).
     pub grace_period_ms: u64,
+    pub haproxy_params: Vec<crate::cli::HaproxyParam>,
+    pub balance: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -79,6 +81,8 @@ pub struct Desired {
     pub tls: Tls,
     pub intentions: bool,
     pub grace_period_ms: u64,
+    pub haproxy_params: Vec<crate::cli::HaproxyParam>,
+    pub balance: String,
     pub paths: Paths,
 }
 
@@ -252,6 +256,8 @@ pub fn build(
         tls,
         intentions: settings.intentions,
         grace_period_ms: settings.grace_period_ms,
+        haproxy_params: settings.haproxy_params.clone(),
+        balance: settings.balance.clone(),
         paths: settings.paths.clone(),
     })
 }

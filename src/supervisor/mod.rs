@@ -299,6 +299,8 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
         paths: paths.clone(),
         intentions: opts.enable_intentions,
         grace_period_ms: opts.grace_period.as_millis() as u64,
+        haproxy_params: opts.haproxy_params.clone(),
+        balance: opts.balance.clone(),
     };
 
     let sink = Arc::new(ChannelSink(Mutex::new(tx.clone()), registry.clone()));
@@ -987,6 +989,8 @@ pub fn dry_run(opts: &Options) -> Result<Vec<render::File>, Fatal> {
         paths: Paths::new(&workdir),
         intentions: opts.enable_intentions,
         grace_period_ms: opts.grace_period.as_millis() as u64,
+        haproxy_params: opts.haproxy_params.clone(),
+        balance: opts.balance.clone(),
     };
     let desired: Desired = model::build(&snapshot, &settings, None)?;
     Ok(render::render(

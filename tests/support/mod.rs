@@ -1132,7 +1132,17 @@ pub fn curl_mtls(
 
 /// The HAProxy master's reload count, from its CLI.
 pub fn reloads(master: &Path) -> u32 {
-    let mut s = std::os::unix::net::UnixStream::connect(master).expect("master socket");
+    // The master re-executes itself on a reload and its socket is briefly gone.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut s = loop {
+        match std::os::unix::net::UnixStream::connect(master) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() >= deadline => {
+                panic!("master socket {}: {e}", master.display())
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
     s.write_all(b"show proc\n").unwrap();
     s.shutdown(std::net::Shutdown::Write).unwrap();
     let mut out = String::new();
