@@ -37,6 +37,7 @@ const LONG_FLAGS: &[&str] = &[
     "grace-period",
     "haproxy-param",
     "balance",
+    "log-format",
 ];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -72,6 +73,9 @@ pub struct Options {
     pub haproxy_params: Vec<HaproxyParam>,
     /// The load-balancing algorithm of upstream backends.
     pub balance: String,
+    /// HAProxy `log-format` of every listener's access log, already quoted as one HAProxy
+    /// argument; `None` keeps httplog/tcplog.
+    pub log_format: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -210,6 +214,7 @@ fn command() -> clap::Command {
         .arg(value("grace-period", "How long a stop lets in-flight connections finish (e.g. 30s, 2m, 500ms)").default_value("30s").value_name("DURATION"))
         .arg(Arg::new("haproxy-param").long("haproxy-param").help("An HAProxy global or defaults setting, as section.key=value; repeatable").action(ArgAction::Append).allow_hyphen_values(true).value_name("SECTION.KEY=VALUE"))
         .arg(value("balance", "Load-balancing algorithm of upstreams: roundrobin, leastconn, first or random").default_value("roundrobin").value_name("ALGORITHM"))
+        .arg(value("log-format", "HAProxy log-format of the access log lines (default: HAProxy's httplog/tcplog)").value_name("FORMAT"))
         .arg(bool_flag("dry-run", "Print the files that would be written for the current Consul state, then exit"))
         .arg(bool_flag("version", "Print the version and the versions of haproxy and dataplaneapi"))
         .arg(bool_flag("help", "Print help"))
@@ -423,6 +428,19 @@ pub fn parse(
             BALANCE_ALGORITHMS.join(", ")
         )));
     }
+    let log_format = match m.get_one::<String>("log-format") {
+        Some(f) if f.contains(['\n', '\r']) => {
+            return Err(UsageError(
+                "invalid value for -log-format: a line break".into(),
+            ))
+        }
+        // Quoted once here, so the template and the Dataplane API write the same argument.
+        Some(f) if !f.trim().is_empty() => Some(format!(
+            "\"{}\"",
+            f.trim().replace('\\', "\\\\").replace('"', "\\\"")
+        )),
+        _ => None,
+    };
     let base_path = path("haproxy-cfg-base-path");
     if base_path.as_os_str().is_empty() {
         return Err(UsageError(
@@ -449,6 +467,7 @@ pub fn parse(
         grace_period,
         haproxy_params,
         balance,
+        log_format,
     };
     if flag_bool(&m, "dry-run")? {
         Ok(Command::DryRun(Box::new(options)))

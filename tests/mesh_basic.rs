@@ -250,8 +250,15 @@ fn knobs_change_the_rendered_config_and_haproxy_accepts_it() {
             "global.maxconn=8192",
             "-balance",
             "leastconn",
+            "-log-format",
+            "%ci:%cp %ft %b/%s %Tt %B %ts",
         ],
-        &["maxconn 8192", "timeout client 45s", "balance leastconn"],
+        &[
+            "maxconn 8192",
+            "timeout client 45s",
+            "balance leastconn",
+            "log-format \"%ci:%cp %ft %b/%s %Tt %B %ts\"",
+        ],
     );
 }
 

@@ -150,3 +150,48 @@ fn the_stats_service_is_registered_with_a_passing_check_and_gone_after_sigterm()
         "still registered: {gone}"
     );
 }
+
+#[test]
+fn http_access_logs_reach_the_sidecar_log_tagged_at_info() {
+    let consul = Consul::start();
+    let app = HttpApp::start("ok");
+    let server_port = free_port();
+    let up = free_port();
+    consul.register(&sidecar_registration(
+        "server",
+        app.port(),
+        server_port,
+        &[],
+    ));
+    let mut client: serde_json::Value = serde_json::from_str(&sidecar_registration(
+        "client",
+        free_port(),
+        free_port(),
+        &[("server", up)],
+    ))
+    .unwrap();
+    client["Connect"]["SidecarService"]["Proxy"]["Upstreams"][0]["Config"] =
+        serde_json::json!({"protocol": "http"});
+    consul.register(&client.to_string());
+    let base = TempDir::new("access");
+    let _server = support::mesh::sidecar(&consul, &base, "server", false, &[]);
+    let client = support::mesh::sidecar(&consul, &base, "client", false, &["-log-level", "info"]);
+    let addr = format!("127.0.0.1:{up}");
+    wait_until(
+        Duration::from_secs(30),
+        "an answer through the http upstream",
+        || {
+            matches!(
+                http_get(&addr, "/access-probe", Duration::from_secs(2)),
+                Ok((200, _))
+            )
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", client.logs()));
+    wait_until(Duration::from_secs(10), "the access log line", || {
+        client.logs().lines().any(|l| {
+            l.contains("INFO") && l.contains("[haproxy]") && l.contains("GET /access-probe")
+        })
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", client.logs()));
+}

@@ -335,7 +335,14 @@ fn backend(b: &BackendSpec) -> Value {
 }
 
 fn frontend(f: &FrontendSpec) -> Value {
-    json!({ "name": f.name, "mode": mode(f.mode), "default_backend": f.default_backend })
+    let mut v =
+        json!({ "name": f.name, "mode": mode(f.mode), "default_backend": f.default_backend });
+    match (&f.log_format, f.mode) {
+        (Some(format), _) => v["log_format"] = json!(format),
+        (None, crate::model::Mode::Http) => v["httplog"] = json!(true),
+        (None, crate::model::Mode::Tcp) => v["tcplog"] = json!(true),
+    }
+    v
 }
 
 fn bind(b: &BindSpec) -> Value {

@@ -27,6 +27,8 @@ pub struct FrontendSpec {
     pub name: String,
     pub mode: Mode,
     pub default_backend: String,
+    /// Access logs: `option httplog`/`option tcplog` by mode, or a `log-format`.
+    pub log_format: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -100,6 +102,7 @@ pub fn public_frontend(d: &Desired) -> FrontendSpec {
         name: PUBLIC_FRONTEND.into(),
         mode: d.public.mode,
         default_backend: LOCAL_BACKEND.into(),
+        log_format: d.log_format.clone(),
     }
 }
 
@@ -143,11 +146,12 @@ pub fn upstream_backend(d: &Desired, u: &UpstreamListener) -> BackendSpec {
     }
 }
 
-pub fn upstream_frontend(u: &UpstreamListener) -> FrontendSpec {
+pub fn upstream_frontend(d: &Desired, u: &UpstreamListener) -> FrontendSpec {
     FrontendSpec {
         name: u.name.clone(),
         mode: u.mode,
         default_backend: u.name.clone(),
+        log_format: d.log_format.clone(),
     }
 }
 
@@ -199,7 +203,7 @@ fn create_upstream(d: &Desired, u: &UpstreamListener) -> Vec<Op> {
             .iter()
             .map(|s| Op::CreateServer(upstream_server(d, u, s))),
     );
-    ops.push(Op::CreateFrontend(upstream_frontend(u)));
+    ops.push(Op::CreateFrontend(upstream_frontend(d, u)));
     ops.push(Op::CreateBind(upstream_bind(u)));
     ops
 }
@@ -229,7 +233,7 @@ pub fn plan(applied: &Desired, desired: &Desired) -> Plan {
             deletes.push(Op::DeleteBackend(old.name.clone()));
             continue;
         };
-        let listener_changed = upstream_frontend(old) != upstream_frontend(new)
+        let listener_changed = upstream_frontend(applied, old) != upstream_frontend(desired, new)
             || upstream_bind(old) != upstream_bind(new)
             || upstream_backend(applied, old) != upstream_backend(desired, new);
         if listener_changed {

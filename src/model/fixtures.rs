@@ -28,6 +28,7 @@ pub fn settings_in(workdir: &Path, intentions: bool) -> Settings {
         grace_period_ms: 30_000,
         haproxy_params: Vec::new(),
         balance: "roundrobin".into(),
+        log_format: None,
     }
 }
 

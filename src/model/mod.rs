@@ -63,6 +63,7 @@ pub struct Settings {
     pub grace_period_ms: u64,
     pub haproxy_params: Vec<crate::cli::HaproxyParam>,
     pub balance: String,
+    pub log_format: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -83,6 +84,7 @@ pub struct Desired {
     pub grace_period_ms: u64,
     pub haproxy_params: Vec<crate::cli::HaproxyParam>,
     pub balance: String,
+    pub log_format: Option<String>,
     pub paths: Paths,
 }
 
@@ -258,6 +260,7 @@ pub fn build(
         grace_period_ms: settings.grace_period_ms,
         haproxy_params: settings.haproxy_params.clone(),
         balance: settings.balance.clone(),
+        log_format: settings.log_format.clone(),
         paths: settings.paths.clone(),
     })
 }

@@ -301,6 +301,7 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
         grace_period_ms: opts.grace_period.as_millis() as u64,
         haproxy_params: opts.haproxy_params.clone(),
         balance: opts.balance.clone(),
+        log_format: opts.log_format.clone(),
     };
 
     let sink = Arc::new(ChannelSink(Mutex::new(tx.clone()), registry.clone()));
@@ -991,6 +992,7 @@ pub fn dry_run(opts: &Options) -> Result<Vec<render::File>, Fatal> {
         grace_period_ms: opts.grace_period.as_millis() as u64,
         haproxy_params: opts.haproxy_params.clone(),
         balance: opts.balance.clone(),
+        log_format: opts.log_format.clone(),
     };
     let desired: Desired = model::build(&snapshot, &settings, None)?;
     Ok(render::render(
