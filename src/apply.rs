@@ -48,13 +48,14 @@ impl Applier {
         applied: Desired,
         dataplane: Dataplane,
         creds: DataplaneCredentials,
+        templates: crate::render::Templates,
         report: impl Fn(Outcome) + Send + 'static,
     ) -> Result<Applier> {
         let slot = Arc::new((Mutex::new(Slot::default()), Condvar::new()));
         let shared = slot.clone();
         std::thread::Builder::new()
             .name("applier".into())
-            .spawn(move || run(shared, applied, dataplane, creds, report))
+            .spawn(move || run(shared, applied, dataplane, creds, templates, report))
             .context("starting the applier thread")?;
         Ok(Applier { slot })
     }
@@ -93,6 +94,7 @@ fn run(
     mut applied: Desired,
     dataplane: Dataplane,
     creds: DataplaneCredentials,
+    templates: crate::render::Templates,
     report: impl Fn(Outcome),
 ) {
     let (lock, cv) = &*slot;
@@ -134,7 +136,7 @@ fn run(
         };
         let started = Instant::now();
         if reconcile {
-            match apply_whole(&desired, &dataplane, &creds) {
+            match apply_whole(&desired, &dataplane, &creds, &templates) {
                 Ok(()) => {
                     applied = desired;
                     reconcile = false;
@@ -189,8 +191,9 @@ fn apply_whole(
     desired: &Desired,
     dataplane: &Dataplane,
     creds: &DataplaneCredentials,
+    templates: &crate::render::Templates,
 ) -> Result<()> {
-    let files = crate::render::render(desired, creds)?;
+    let files = crate::render::render(desired, creds, templates)?;
     let (cfg, rest): (Vec<_>, Vec<_>) = files
         .into_iter()
         .partition(|f| f.path == desired.paths.haproxy_cfg);

@@ -38,6 +38,7 @@ const LONG_FLAGS: &[&str] = &[
     "haproxy-param",
     "balance",
     "log-format",
+    "template-dir",
 ];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -76,6 +77,8 @@ pub struct Options {
     /// HAProxy `log-format` of every listener's access log, already quoted as one HAProxy
     /// argument; `None` keeps httplog/tcplog.
     pub log_format: Option<String>,
+    /// Tera templates replacing the built-in ones.
+    pub template_dir: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -215,6 +218,7 @@ fn command() -> clap::Command {
         .arg(Arg::new("haproxy-param").long("haproxy-param").help("An HAProxy global or defaults setting, as section.key=value; repeatable").action(ArgAction::Append).allow_hyphen_values(true).value_name("SECTION.KEY=VALUE"))
         .arg(value("balance", "Load-balancing algorithm of upstreams: roundrobin, leastconn, first or random").default_value("roundrobin").value_name("ALGORITHM"))
         .arg(value("log-format", "HAProxy log-format of the access log lines (default: HAProxy's httplog/tcplog)").value_name("FORMAT"))
+        .arg(value("template-dir", "Directory of Tera templates (haproxy.cfg.tera, spoe.conf.tera) replacing the built-in ones; checked with haproxy -c before use").value_name("DIR"))
         .arg(bool_flag("dry-run", "Print the files that would be written for the current Consul state, then exit"))
         .arg(bool_flag("version", "Print the version and the versions of haproxy and dataplaneapi"))
         .arg(bool_flag("help", "Print help"))
@@ -468,6 +472,10 @@ pub fn parse(
         haproxy_params,
         balance,
         log_format,
+        template_dir: m
+            .get_one::<String>("template-dir")
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from),
     };
     if flag_bool(&m, "dry-run")? {
         Ok(Command::DryRun(Box::new(options)))

@@ -41,6 +41,13 @@ impl Registry {
         }
     }
 
+    /// The state handed to HAProxy, for slot names and certificate expiry.
+    pub fn publish(&self, desired: &Desired) {
+        if let Ok(mut slot) = self.desired.write() {
+            *slot = Some(desired.clone());
+        }
+    }
+
     pub fn restart(&self, child: &str) {
         if let Ok(mut m) = self.restarts.lock() {
             *m.entry(child.to_string()).or_default() += 1;

@@ -18,6 +18,81 @@ pub const DATAPLANE_USERLIST: &str = "dataplaneapi";
 const HAPROXY_CFG: &str = include_str!("../templates/haproxy.cfg.tera");
 const SPOE_CONF: &str = include_str!("../templates/spoe.conf.tera");
 
+/// The templates in use: the built-in ones, or those an operator's `-template-dir` overrides.
+#[derive(Clone, Debug)]
+pub struct Templates {
+    haproxy_cfg: String,
+    spoe_conf: String,
+    /// Which files came from the override directory.
+    pub overridden: Vec<PathBuf>,
+}
+
+impl Templates {
+    pub fn builtin() -> Templates {
+        Templates {
+            haproxy_cfg: HAPROXY_CFG.to_string(),
+            spoe_conf: SPOE_CONF.to_string(),
+            overridden: Vec::new(),
+        }
+    }
+
+    /// Takes `haproxy.cfg.tera` and `spoe.conf.tera` from `dir` where present, built-in ones
+    /// otherwise, and checks that they compile.
+    pub fn load(dir: &std::path::Path) -> Result<Templates> {
+        if !dir.is_dir() {
+            return Err(Error::msg(format!(
+                "-template-dir {} is not a directory",
+                dir.display()
+            )));
+        }
+        let mut t = Templates::builtin();
+        for (name, slot) in [
+            ("haproxy.cfg.tera", &mut t.haproxy_cfg),
+            ("spoe.conf.tera", &mut t.spoe_conf),
+        ] {
+            let path = dir.join(name);
+            if path.exists() {
+                *slot = std::fs::read_to_string(&path).map_err(|e| {
+                    Error::with_source(format!("reading the template {}", path.display()), e)
+                })?;
+                t.overridden.push(path);
+            }
+        }
+        if t.overridden.is_empty() {
+            return Err(Error::msg(format!(
+                "-template-dir {} holds neither haproxy.cfg.tera nor spoe.conf.tera",
+                dir.display()
+            )));
+        }
+        t.engine()?;
+        Ok(t)
+    }
+
+    fn engine(&self) -> Result<Tera> {
+        let mut tera = Tera::default();
+        tera.add_raw_templates([
+            ("haproxy.cfg", self.haproxy_cfg.as_str()),
+            ("spoe.conf", self.spoe_conf.as_str()),
+        ])
+        .map_err(|e| {
+            let which = if self.overridden.is_empty() {
+                "the built-in templates".to_string()
+            } else {
+                format!(
+                    "the templates ({})",
+                    self.overridden
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            };
+            Error::msg(format!("loading {which}: {}", tera_error(&e)))
+        })?;
+        Ok(tera)
+    }
+}
+
 /// The Dataplane API account, generated per run; it lives only in the 0600 haproxy.cfg.
 #[derive(Clone)]
 pub struct DataplaneCredentials {
@@ -64,15 +139,12 @@ struct Globals<'a> {
 
 /// Every file one sidecar writes, in the order they must be written: certificates before the
 /// configuration that names them, and roots before the leaf they vouch for.
-pub fn render(d: &Desired, creds: &DataplaneCredentials) -> Result<Vec<File>> {
-    let mut tera = Tera::default();
-    tera.add_raw_templates([("haproxy.cfg", HAPROXY_CFG), ("spoe.conf", SPOE_CONF)])
-        .map_err(|e| {
-            Error::msg(format!(
-                "loading the built-in templates: {}",
-                tera_error(&e)
-            ))
-        })?;
+pub fn render(
+    d: &Desired,
+    creds: &DataplaneCredentials,
+    templates: &Templates,
+) -> Result<Vec<File>> {
+    let tera = templates.engine()?;
     let globals = Globals {
         d,
         version: env!("CARGO_PKG_VERSION"),
@@ -162,7 +234,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("certs")).unwrap();
         let d = build(&snapshot(proxy, leaf), &settings_in(&dir, intentions), None).unwrap();
-        let files = render(&d, &creds()).unwrap();
+        let files = render(&d, &creds(), &Templates::builtin()).unwrap();
         for f in &files {
             std::fs::write(&f.path, &f.contents).unwrap();
         }

@@ -421,3 +421,66 @@ fn a_missing_base_path_is_a_configuration_error() {
     assert_eq!(status.code(), Some(64), "{}", s.logs());
     assert!(s.logs().contains("/nonexistent/dir"), "{}", s.logs());
 }
+
+/// An override directory holding the built-in template with `line` added to `global`.
+fn override_dir(base: &TempDir, line: &str) -> std::path::PathBuf {
+    let builtin = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/templates/haproxy.cfg.tera"
+    ))
+    .unwrap();
+    let dir = base.join("templates");
+    std::fs::create_dir_all(&dir).unwrap();
+    let custom = builtin.replacen("global\n", &format!("global\n    {line}\n"), 1);
+    assert_ne!(custom, builtin, "the template has a global section");
+    std::fs::write(dir.join("haproxy.cfg.tera"), custom).unwrap();
+    dir
+}
+
+#[test]
+fn a_template_override_is_used_and_a_broken_one_is_refused_at_start() {
+    let base = TempDir::new("tpl");
+    let good = override_dir(&base, "maxconn 4321");
+    dry_run_check(
+        &["-template-dir", good.to_str().unwrap()],
+        &["maxconn 4321"],
+    );
+
+    let consul = Consul::start();
+    consul.register(&sidecar_registration(
+        "server",
+        free_port(),
+        free_port(),
+        &[],
+    ));
+    for (name, line, needle) in [
+        (
+            "haproxy-refuses",
+            "no-such-keyword 1",
+            "refused by haproxy -c",
+        ),
+        ("tera-refuses", "{% if %}", "loading the templates"),
+    ] {
+        let dir_base = TempDir::new(name);
+        let dir = override_dir(&dir_base, line);
+        let mut sc = sidecar(
+            &consul,
+            &dir_base,
+            "server",
+            false,
+            &["-template-dir", dir.to_str().unwrap()],
+        );
+        let status = sc.wait_timeout(Duration::from_secs(20)).expect("exits");
+        assert_eq!(status.code(), Some(64), "{name}: {}", sc.logs());
+        assert!(sc.log_contains(needle), "{name}: {}", sc.logs());
+        assert!(
+            sc.log_contains("haproxy.cfg.tera"),
+            "{name} names the template: {}",
+            sc.logs()
+        );
+        assert!(
+            !sc.log_contains("started haproxy"),
+            "{name}: HAProxy was started"
+        );
+    }
+}

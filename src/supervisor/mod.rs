@@ -269,6 +269,7 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
     let (tx, rx) = channel::<Event>();
     signals::forward(tx.clone(), Event::Signal)?;
     let consul = Consul::new(&opts.consul).map_err(usage)?;
+    let templates = load_templates(&opts)?;
     let reload_exe = std::env::current_exe()
         .map_err(|e| Error::with_source("finding the path of this executable", e))?;
 
@@ -331,15 +332,13 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
     let desired = loop {
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(Event::Consul(update)) => {
-                if let Update::Registration(reg) = update.as_ref() {
-                    watchers.follow(reg);
-                }
-                if snapshot.apply(*update) {
-                    match authz.as_mut() {
-                        Some(a) => a.refresh(&snapshot),
-                        None => warn_ignored(&snapshot, &mut ignored_warning),
-                    }
-                }
+                absorb(
+                    *update,
+                    &mut watchers,
+                    &mut snapshot,
+                    authz.as_mut(),
+                    &mut ignored_warning,
+                );
             }
             Ok(Event::Signal(SIGTERM | SIGINT)) => {
                 life.set(Phase::Stopped, "stop signal while waiting for Consul");
@@ -371,24 +370,26 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
     };
 
     // --- start HAProxy and the Dataplane API ---------------------------------------------------
-    if let Ok(mut slot) = registry.desired.write() {
-        *slot = Some(desired.clone());
-    }
+    registry.publish(&desired);
     let creds = DataplaneCredentials::generate()?;
-    for file in render::render(&desired, &creds)? {
+    for file in render::render(&desired, &creds, &templates)? {
         write_atomic(&file.path, file.contents.as_bytes())?;
+    }
+    if !templates.overridden.is_empty() {
+        check_override(&opts, &paths, &templates)?;
     }
     let mut children: BTreeMap<i32, Child> = BTreeMap::new();
     let mut haproxy = start_haproxy(&opts, &paths, &mut children)?;
     let dataplane = start_dataplane(&opts, &paths, &creds, &reload_exe, &mut children)?;
     // Each child leads its own process group; what it forks stays in it, even once orphaned.
     let mut groups: Vec<i32> = children.keys().copied().collect();
-    let mut crashes: Vec<Instant> = Vec::new();
+    let mut crashes = Crashes::default();
     let mut restart_due: Vec<(Instant, &'static str)> = Vec::new();
     let mut applier = Some(Applier::start(
         desired.clone(),
         dataplane,
         creds.clone(),
+        templates.clone(),
         {
             let tx = Mutex::new(tx.clone());
             move |o| {
@@ -461,18 +462,16 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
         };
         match event {
             Some(Event::Consul(update)) => {
-                if let Update::Registration(reg) = update.as_ref() {
-                    watchers.follow(reg);
-                }
-                if snapshot.apply(*update) {
-                    match authz.as_mut() {
-                        Some(a) => a.refresh(&snapshot),
-                        None => warn_ignored(&snapshot, &mut ignored_warning),
-                    }
-                    if life.phase == Phase::Ready {
-                        let now = Instant::now();
-                        dirty_since = Some((dirty_since.map_or(now, |(f, _)| f), now));
-                    }
+                let changed = absorb(
+                    *update,
+                    &mut watchers,
+                    &mut snapshot,
+                    authz.as_mut(),
+                    &mut ignored_warning,
+                );
+                if changed && life.phase == Phase::Ready {
+                    let now = Instant::now();
+                    dirty_since = Some((dirty_since.map_or(now, |(f, _)| f), now));
                 }
             }
             Some(Event::Signal(SIGHUP)) if life.phase == Phase::Ready => {
@@ -482,9 +481,7 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
                         if let Some(a) = &applier {
                             a.reconcile(d.clone());
                         }
-                        if let Ok(mut slot) = registry.desired.write() {
-                            *slot = Some(d.clone());
-                        }
+                        registry.publish(&d);
                         last_submitted = d;
                     }
                     Err(e) => log::error!("SIGHUP: cannot build the configuration: {e}"),
@@ -535,36 +532,30 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
                         log::info!("{} (pid {}) {exit}", child.name, child.pid);
                         continue;
                     }
-                    let now = Instant::now();
-                    crashes.retain(|t| now.duration_since(*t) < RESTART_WINDOW);
-                    crashes.push(now);
-                    if crashes.len() > RESTART_BUDGET {
+                    let Some(pause) = crashes.record() else {
                         log::error!(
                             "{} (pid {}) {exit} unexpectedly, crash {} within {}s: giving up",
                             child.name,
                             child.pid,
-                            crashes.len(),
+                            crashes.count(),
                             RESTART_WINDOW.as_secs()
                         );
                         stop_all(&mut children);
                         process::drain_orphans(&groups, Instant::now() + Duration::from_secs(5));
                         life.set(Phase::Stopped, &format!("{} keeps dying", child.name));
                         return Ok(exit_code(&exit));
-                    }
-                    let pause = RESTART_BACKOFF_MIN
-                        .saturating_mul(1 << (crashes.len() - 1))
-                        .min(RESTART_BACKOFF_MAX);
+                    };
                     log::error!(
                         "{} (pid {}) {exit} unexpectedly; restarting it in {} ms ({} of {} restarts allowed within {}s)",
                         child.name,
                         child.pid,
                         pause.as_millis(),
-                        crashes.len(),
+                        crashes.count(),
                         RESTART_BUDGET,
                         RESTART_WINDOW.as_secs()
                     );
                     registry.restart(child.name);
-                    restart_due.push((now + pause, child.name));
+                    restart_due.push((Instant::now() + pause, child.name));
                 }
                 if life.phase == Phase::Draining && children.is_empty() {
                     break;
@@ -612,12 +603,11 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
                     }
                     Err(f) => {
                         // Dying while starting is one more crash: same backoff, same budget.
-                        crashes.push(Instant::now());
-                        if crashes.len() > RESTART_BUDGET {
+                        let Some(pause) = crashes.record() else {
                             log::error!(
                                 "restarting {name}: {}; crash {} within {}s: giving up",
                                 f.error,
-                                crashes.len(),
+                                crashes.count(),
                                 RESTART_WINDOW.as_secs()
                             );
                             stop_all(&mut children);
@@ -627,10 +617,7 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
                             );
                             life.set(Phase::Stopped, &format!("{name} could not be restarted"));
                             return Ok(f.code);
-                        }
-                        let pause = RESTART_BACKOFF_MIN
-                            .saturating_mul(1 << (crashes.len() - 1))
-                            .min(RESTART_BACKOFF_MAX);
+                        };
                         log::error!(
                             "restarting {name}: {}; trying again in {} ms",
                             f.error,
@@ -660,9 +647,7 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
                         if let Some(a) = &applier {
                             a.submit(d.clone());
                         }
-                        if let Ok(mut slot) = registry.desired.write() {
-                            *slot = Some(d.clone());
-                        }
+                        registry.publish(&d);
                         last_submitted = d;
                     }
                     Ok(_) => log::debug!("Consul changed nothing HAProxy serves"),
@@ -780,6 +765,102 @@ impl Drop for Authz {
             t.count()
         );
     }
+}
+
+/// Merges one Consul update; says whether anything the sidecar acts on changed. The intentions
+/// agent's table (or, with enforcement off, the warning about ignored denials) follows at once.
+fn absorb(
+    update: Update,
+    watchers: &mut Watchers,
+    snapshot: &mut Snapshot,
+    authz: Option<&mut Authz>,
+    ignored_warning: &mut String,
+) -> bool {
+    if let Update::Registration(reg) = &update {
+        watchers.follow(reg);
+    }
+    if !snapshot.apply(update) {
+        return false;
+    }
+    match authz {
+        Some(a) => a.refresh(snapshot),
+        None => warn_ignored(snapshot, ignored_warning),
+    }
+    true
+}
+
+/// Crashes of children within the restart window.
+#[derive(Default)]
+struct Crashes(Vec<Instant>);
+
+impl Crashes {
+    /// Records a crash: the pause before the restart, or `None` once over the budget.
+    fn record(&mut self) -> Option<Duration> {
+        let now = Instant::now();
+        self.0.retain(|t| now.duration_since(*t) < RESTART_WINDOW);
+        self.0.push(now);
+        (self.0.len() <= RESTART_BUDGET).then(|| {
+            RESTART_BACKOFF_MIN
+                .saturating_mul(1 << (self.0.len() - 1))
+                .min(RESTART_BACKOFF_MAX)
+        })
+    }
+
+    fn count(&self) -> usize {
+        self.0.len()
+    }
+}
+
+fn load_templates(opts: &Options) -> Result<render::Templates, Fatal> {
+    match &opts.template_dir {
+        Some(dir) => {
+            let t = render::Templates::load(dir).map_err(usage)?;
+            log::info!(
+                "templates overridden by {}",
+                t.overridden
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            Ok(t)
+        }
+        None => Ok(render::Templates::builtin()),
+    }
+}
+
+/// An operator's templates must give a configuration HAProxy accepts before HAProxy sees it.
+fn check_override(
+    opts: &Options,
+    paths: &Paths,
+    templates: &render::Templates,
+) -> Result<(), Fatal> {
+    let out = std::process::Command::new(&opts.haproxy_bin)
+        .args(["-W", "-c", "-f"])
+        .arg(&paths.haproxy_cfg)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .output()
+        .map_err(|e| Error::with_source("running haproxy -c on the overridden templates", e))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let why: Vec<String> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .chain(String::from_utf8_lossy(&out.stdout).lines())
+        .filter(|l| l.contains("ALERT"))
+        .map(|l| l.trim().to_string())
+        .collect();
+    Err(usage(Error::msg(format!(
+        "the configuration rendered from {} is refused by haproxy -c: {}",
+        templates
+            .overridden
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        why.join(" | ")
+    ))))
 }
 
 fn exit_code(exit: &Exit) -> i32 {
@@ -940,6 +1021,7 @@ fn start_dataplane(
 /// Builds the desired state once, from one-shot reads, for `--dry-run`.
 pub fn dry_run(opts: &Options) -> Result<Vec<render::File>, Fatal> {
     let consul = Consul::new(&opts.consul).map_err(usage)?;
+    let templates = load_templates(opts)?;
     let proxy_id = match consul.find_proxy(&opts.target) {
         Ok(id) => id,
         Err(LookupError::Consul(e)) => return Err(e.into()),
@@ -998,5 +1080,6 @@ pub fn dry_run(opts: &Options) -> Result<Vec<render::File>, Fatal> {
     Ok(render::render(
         &desired,
         &DataplaneCredentials::generate()?,
+        &templates,
     )?)
 }
