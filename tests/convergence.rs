@@ -300,21 +300,7 @@ fn an_upstream_added_and_removed_costs_one_reload_each_and_no_failed_request() {
     wait_serving(&mesh.app, "traffic on the first upstream");
 
     let r0 = reloads(&master);
-    let extra = free_port();
-    mesh.consul.register(&sidecar_registration(
-        "client",
-        free_port(),
-        mesh.client_port,
-        &[("server", mesh.upstream_port), ("server", extra)],
-    ));
-    let extra_addr = format!("127.0.0.1:{extra}");
-    wait_until(Duration::from_secs(30), "the new listener", || {
-        matches!(
-            http_get(&extra_addr, "/", Duration::from_secs(2)),
-            Ok((200, _))
-        )
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.client_sidecar.logs()));
+    let extra = mesh.add_upstream();
     let r1 = reloads(&master);
 
     mesh.consul.register(&sidecar_registration(

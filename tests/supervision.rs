@@ -35,38 +35,25 @@ fn a_killed_haproxy_is_restarted_with_the_applied_state() {
     let master = child_named(&mesh.client_sidecar, "haproxy");
     kill(Pid::from_raw(master as i32), Signal::SIGKILL).unwrap();
     let t = Instant::now();
+    // The killed master's worker may serve a moment longer; what counts is the new HAProxy.
+    wait_until(Duration::from_secs(20), "the restart", || {
+        mesh.client_sidecar.log_contains("haproxy restarted")
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.client_sidecar.logs()));
     wait_until(
         Duration::from_secs(20),
-        "traffic through a restarted HAProxy",
+        "traffic through the restarted HAProxy",
         || allowed(&mesh),
     )
     .unwrap_or_else(|e| panic!("{e}\n{}", mesh.client_sidecar.logs()));
     eprintln!(
-        "measured: traffic flows again {} ms after kill -9 of haproxy",
+        "measured: restarted and serving {} ms after kill -9 of haproxy",
         t.elapsed().as_millis()
     );
     assert_ne!(child_named(&mesh.client_sidecar, "haproxy"), master);
-    assert!(mesh.client_sidecar.log_contains("haproxy restarted"));
 
     // The applier still works against the restarted HAProxy: a new upstream gets its listener.
-    let extra = free_port();
-    mesh.consul.register(&sidecar_registration(
-        "client",
-        free_port(),
-        mesh.client_port,
-        &[("server", mesh.upstream_port), ("server", extra)],
-    ));
-    wait_until(
-        Duration::from_secs(30),
-        "the new upstream after the restart",
-        || {
-            matches!(
-                http_get(&format!("127.0.0.1:{extra}"), "/", Duration::from_secs(2)),
-                Ok((200, _))
-            )
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.client_sidecar.logs()));
+    mesh.add_upstream();
 }
 
 #[test]
@@ -84,24 +71,7 @@ fn a_killed_dataplane_api_is_restarted_and_later_changes_apply() {
         allowed(&mesh),
         "traffic never depended on the Dataplane API"
     );
-    let extra = free_port();
-    mesh.consul.register(&sidecar_registration(
-        "client",
-        free_port(),
-        mesh.client_port,
-        &[("server", mesh.upstream_port), ("server", extra)],
-    ));
-    wait_until(
-        Duration::from_secs(30),
-        "a change applied by the new dataplaneapi",
-        || {
-            matches!(
-                http_get(&format!("127.0.0.1:{extra}"), "/", Duration::from_secs(2)),
-                Ok((200, _))
-            )
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.client_sidecar.logs()));
+    mesh.add_upstream();
 }
 
 #[test]

@@ -105,6 +105,26 @@ impl Mesh {
         format!("127.0.0.1:{}", self.upstream_port)
     }
 
+    /// Re-registers `client` with one more upstream to `server` and waits until its new
+    /// listener answers; returns the listener's port.
+    pub fn add_upstream(&self) -> u16 {
+        let extra = free_port();
+        self.consul.register(&sidecar_registration(
+            "client",
+            free_port(),
+            self.client_port,
+            &[("server", self.upstream_port), ("server", extra)],
+        ));
+        let addr = format!("127.0.0.1:{extra}");
+        wait_until(
+            Duration::from_secs(30),
+            "the added upstream to answer",
+            || matches!(http_get(&addr, "/", Duration::from_secs(2)), Ok((200, _))),
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", self.client_sidecar.logs()));
+        extra
+    }
+
     /// The working directory a running sidecar made under the base path.
     pub fn workdir(&self, service: &str) -> PathBuf {
         let prefix = format!("hcc-{service}-sidecar-proxy-");
