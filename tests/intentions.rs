@@ -29,15 +29,7 @@ fn a_deny_intention_blocks_and_its_removal_lets_traffic_through_without_a_reload
     let master = mesh.workdir("server").join("master.sock");
     let reloads_before = reloads(&master);
 
-    let (status, body) = mesh.consul.post(
-        "/v1/connect/intentions",
-        r#"{"SourceName": "client", "DestinationName": "server", "Action": "deny"}"#,
-    );
-    assert_eq!(status, 200, "{body}");
-    let id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["ID"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = mesh.consul.create_intention("client", "server", "deny");
     let t = Instant::now();
     wait_until(Duration::from_secs(10), "the deny to take effect", || {
         !allowed(&mesh)
@@ -118,13 +110,7 @@ fn decisions_agree_with_consul_authorize_on_a_live_agent() {
         ("db", "deny"),
         ("web", "allow"),
     ] {
-        let (status, body) = consul.post(
-            "/v1/connect/intentions",
-            &format!(
-                r#"{{"SourceName": "{source}", "DestinationName": "server", "Action": "{action}"}}"#
-            ),
-        );
-        assert_eq!(status, 200, "{body}");
+        consul.create_intention(source, "server", action);
     }
     // An intention for another destination must not count.
     consul.post(
@@ -158,17 +144,7 @@ fn decisions_agree_with_consul_authorize_on_a_live_agent() {
         let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
         let der = decode_base64(&b64);
         let ours = table.decide(Some(&der));
-        let (status, body) = consul.post(
-            "/v1/agent/connect/authorize",
-            &serde_json::json!({
-                "Target": "server",
-                "ClientCertURI": leaf["ServiceURI"],
-                "ClientCertSerial": leaf["SerialNumber"],
-            })
-            .to_string(),
-        );
-        assert_eq!(status, 200, "{body}");
-        let theirs: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let theirs = consul.authorize("server", &leaf);
         assert_eq!(
             ours.allow,
             theirs["Authorized"].as_bool().unwrap(),
@@ -210,11 +186,7 @@ fn decode_base64(s: &str) -> Vec<u8> {
 #[test]
 fn with_enforcement_off_an_ignored_deny_is_never_silent() {
     let mesh = Mesh::start(MeshOptions::default());
-    let (status, body) = mesh.consul.post(
-        "/v1/connect/intentions",
-        r#"{"SourceName": "client", "DestinationName": "server", "Action": "deny"}"#,
-    );
-    assert_eq!(status, 200, "{body}");
+    mesh.consul.create_intention("client", "server", "deny");
     wait_until(
         Duration::from_secs(10),
         "a warning about the ignored deny",
@@ -234,13 +206,7 @@ fn with_acls_default_deny_the_sidecar_agrees_with_consul_authorize() {
     let port = free_port();
     consul.register(&sidecar_registration("server", app.port(), port, &[]));
     for (source, action) in [("web", "allow"), ("client", "deny")] {
-        let (status, body) = consul.post(
-            "/v1/connect/intentions",
-            &format!(
-                r#"{{"SourceName": "{source}", "DestinationName": "server", "Action": "{action}"}}"#
-            ),
-        );
-        assert_eq!(status, 200, "{body}");
+        consul.create_intention(source, "server", action);
     }
     // The sidecar gets what an operator would give it: a service identity, no agent:read.
     let (status, body) = consul.put(
@@ -295,17 +261,7 @@ fn with_acls_default_deny_the_sidecar_agrees_with_consul_authorize() {
         std::fs::write(&cert, leaf["CertPEM"].as_str().unwrap()).unwrap();
         std::fs::write(&key, leaf["PrivateKeyPEM"].as_str().unwrap()).unwrap();
         let ours = curl_mtls(port, Some((&cert, &key)), &base.join("roots.pem")).is_ok();
-        let (status, body) = consul.post(
-            "/v1/agent/connect/authorize",
-            &serde_json::json!({
-                "Target": "server",
-                "ClientCertURI": leaf["ServiceURI"],
-                "ClientCertSerial": leaf["SerialNumber"],
-            })
-            .to_string(),
-        );
-        assert_eq!(status, 200, "{body}");
-        let theirs: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let theirs = consul.authorize("server", &leaf);
         assert_eq!(
             ours,
             theirs["Authorized"].as_bool().unwrap(),

@@ -273,25 +273,7 @@ fn dry_run_check(args: &[&str], wants: &[&str]) {
         &[("server", free_port())],
     ));
     let base = TempDir::new("dry");
-    let out = Command::new(bin_path())
-        .args([
-            "--dry-run",
-            "-sidecar-for",
-            "client",
-            "-http-addr",
-            &consul.http_addr(),
-        ])
-        .arg("-haproxy-cfg-base-path")
-        .arg(base.path())
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
+    let text = dry_run(&consul.http_addr(), base.path(), "client", args);
     for want in wants {
         assert!(text.contains(want), "the dry run lacks {want:?}:\n{text}");
     }

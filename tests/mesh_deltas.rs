@@ -4,7 +4,6 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::process::Command;
 use std::time::Duration;
 
 use support::mesh::{sidecar, Mesh, MeshOptions, APP_BODY};
@@ -53,25 +52,8 @@ fn objects(cfg: &str, workdir: &str) -> BTreeSet<String> {
     out
 }
 
-fn dry_run(mesh: &Mesh, service: &str) -> (String, String) {
-    let out = Command::new(bin_path())
-        .args([
-            "--dry-run",
-            "-sidecar-for",
-            service,
-            "-http-addr",
-            &mesh.consul.http_addr(),
-        ])
-        .arg("-haproxy-cfg-base-path")
-        .arg(mesh.base.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
+fn fresh_render(mesh: &Mesh, service: &str) -> (String, String) {
+    let text = dry_run(&mesh.consul.http_addr(), mesh.base.path(), service, &[]);
     let start = text
         .find("haproxy.cfg <==")
         .expect("haproxy.cfg in the dry run");
@@ -154,7 +136,7 @@ fn deltas_and_a_fresh_render_describe_the_same_haproxy() {
         applied.contains("# _version="),
         "the Dataplane API wrote this file"
     );
-    let (fresh, fresh_dir) = dry_run(&mesh, "client");
+    let (fresh, fresh_dir) = fresh_render(&mesh, "client");
     let a = objects(&applied, &workdir.display().to_string());
     let b = objects(&fresh, &fresh_dir);
     let only_applied: Vec<_> = a.difference(&b).collect();

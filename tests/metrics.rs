@@ -79,11 +79,7 @@ fn metrics_are_valid_and_count_real_traffic() {
     // A deny intention raises the server sidecar's deny counter.
     let denied = |t: &str| sample(t, "hcc_intentions_decisions_total", &["result=\"deny\""]);
     let d0 = denied(&scrape(&server)).expect("decisions counted");
-    let (status, body) = mesh.consul.post(
-        "/v1/connect/intentions",
-        r#"{"SourceName": "client", "DestinationName": "server", "Action": "deny"}"#,
-    );
-    assert_eq!(status, 200, "{body}");
+    mesh.consul.create_intention("client", "server", "deny");
     wait_until(
         Duration::from_secs(10),
         "a denied request to be counted",

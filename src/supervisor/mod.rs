@@ -721,19 +721,27 @@ impl Authz {
 
     /// Rebuilds the table when one of its inputs changed; endpoint churn costs nothing here.
     fn refresh(&mut self, snapshot: &Snapshot) {
+        let service = snapshot
+            .registration
+            .as_ref()
+            .and_then(|r| r.proxy.as_ref())
+            .map(|p| &p.destination_service_name);
+        // Compared in place: most snapshot changes are endpoint churn, which must cost nothing.
+        let unchanged = self.built_from.as_ref().is_some_and(|(i, d, r, s)| {
+            *i == snapshot.intentions
+                && *d == snapshot.default_allow
+                && *r == snapshot.roots
+                && s.as_ref() == service
+        });
+        if unchanged {
+            return;
+        }
         let inputs: AuthzInputs = (
             snapshot.intentions.clone(),
             snapshot.default_allow,
             snapshot.roots.clone(),
-            snapshot
-                .registration
-                .as_ref()
-                .and_then(|r| r.proxy.as_ref())
-                .map(|p| p.destination_service_name.clone()),
+            service.cloned(),
         );
-        if self.built_from.as_ref() == Some(&inputs) {
-            return;
-        }
         let table = crate::intentions::table(snapshot);
         log::info!(
             "intentions table updated: {} intention(s) for this service, default {}",

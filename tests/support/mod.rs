@@ -806,6 +806,32 @@ impl Consul {
 
     /// `PUT /v1/agent/service/register`; panics with Consul's answer unless it is 200
     /// (1.7+ rejects unknown fields with 400, which is worth seeing verbatim).
+    /// Creates an intention; asserts Consul took it and returns its ID.
+    pub fn create_intention(&self, source: &str, destination: &str, action: &str) -> String {
+        let body = serde_json::json!({
+            "SourceName": source, "DestinationName": destination, "Action": action
+        });
+        let (status, body) = self.post("/v1/connect/intentions", &body.to_string());
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str::<Value>(&body)
+            .ok()
+            .and_then(|v| v["ID"].as_str().map(str::to_string))
+            .unwrap_or_default()
+    }
+
+    /// Consul's own verdict on the holder of `leaf` (a `/v1/agent/connect/ca/leaf` answer)
+    /// connecting to `target`: the whole `/v1/agent/connect/authorize` answer.
+    pub fn authorize(&self, target: &str, leaf: &Value) -> Value {
+        let body = serde_json::json!({
+            "Target": target,
+            "ClientCertURI": leaf["ServiceURI"],
+            "ClientCertSerial": leaf["SerialNumber"],
+        });
+        let (status, body) = self.post("/v1/agent/connect/authorize", &body.to_string());
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
     pub fn register(&self, service_json: &str) {
         let (status, body) = self.put("/v1/agent/service/register", service_json);
         assert_eq!(status, 200, "register {service_json}: {body}");
@@ -1162,4 +1188,27 @@ pub fn haproxy_cli(socket: &Path, command: &str) -> String {
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     out
+}
+
+/// Runs the sidecar's `--dry-run` for `service`; asserts it succeeded and returns its output.
+pub fn dry_run(consul_addr: &str, base: &Path, service: &str, args: &[&str]) -> String {
+    let out = Command::new(bin_path())
+        .args([
+            "--dry-run",
+            "-sidecar-for",
+            service,
+            "-http-addr",
+            consul_addr,
+        ])
+        .arg("-haproxy-cfg-base-path")
+        .arg(base)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
 }
