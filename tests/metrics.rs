@@ -152,42 +152,74 @@ fn http_access_logs_reach_the_sidecar_log_tagged_at_info() {
     let consul = Consul::start();
     let app = HttpApp::start("ok");
     let server_port = free_port();
-    let up = free_port();
     consul.register(&sidecar_registration(
         "server",
         app.port(),
         server_port,
         &[],
     ));
-    let mut client: serde_json::Value = serde_json::from_str(&sidecar_registration(
-        "client",
-        free_port(),
-        free_port(),
-        &[("server", up)],
-    ))
-    .unwrap();
-    client["Connect"]["SidecarService"]["Proxy"]["Upstreams"][0]["Config"] =
-        serde_json::json!({"protocol": "http"});
-    consul.register(&client.to_string());
+    // Two clients of the same server, one printing INFO and one only WARN and worse.
+    let (up_info, up_warn) = (free_port(), free_port());
+    for (name, up) in [("client", up_info), ("quiet", up_warn)] {
+        let mut reg: serde_json::Value = serde_json::from_str(&sidecar_registration(
+            name,
+            free_port(),
+            free_port(),
+            &[("server", up)],
+        ))
+        .unwrap();
+        reg["Connect"]["SidecarService"]["Proxy"]["Upstreams"][0]["Config"] =
+            serde_json::json!({"protocol": "http"});
+        consul.register(&reg.to_string());
+    }
     let base = TempDir::new("access");
     let _server = support::mesh::sidecar(&consul, &base, "server", false, &[]);
     let client = support::mesh::sidecar(&consul, &base, "client", false, &["-log-level", "info"]);
-    let addr = format!("127.0.0.1:{up}");
-    wait_until(
-        Duration::from_secs(30),
-        "an answer through the http upstream",
-        || {
-            matches!(
-                http_get(&addr, "/access-probe", Duration::from_secs(2)),
-                Ok((200, _))
-            )
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e}\n{}", client.logs()));
+    let mut quiet = support::mesh::sidecar(&consul, &base, "quiet", false, &["-log-level", "warn"]);
+    for (addr, sidecar) in [
+        (format!("127.0.0.1:{up_warn}"), &quiet),
+        (format!("127.0.0.1:{up_info}"), &client),
+    ] {
+        wait_until(
+            Duration::from_secs(30),
+            "an answer through the http upstream",
+            || {
+                matches!(
+                    http_get(&addr, "/access-probe", Duration::from_secs(2)),
+                    Ok((200, _))
+                )
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", sidecar.logs()));
+    }
     wait_until(Duration::from_secs(10), "the access log line", || {
         client.logs().lines().any(|l| {
-            l.contains("INFO") && l.contains("[haproxy]") && l.contains("GET /access-probe")
+            l.contains("INFO")
+                && l.contains("[haproxy]")
+                && l.contains("GET /access-probe")
+                // The syslog priority HAProxy writes is read, not printed.
+                && !l.contains("<134>")
         })
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", client.logs()));
+
+    // At WARN the operator sees no access line (stopping the sidecar flushes whatever its
+    // HAProxy wrote), and the work is saved at the source: HAProxy itself is told to log
+    // only warnings and worse, so it neither formats nor writes a line per request.
+    let rendered = std::fs::read_to_string(
+        std::fs::read_dir(base.path())
+            .unwrap()
+            .filter_map(Result::ok)
+            .map(|e| e.path().join("haproxy.cfg"))
+            .find(|p| p.to_string_lossy().contains("quiet") && p.exists())
+            .expect("the quiet sidecar's haproxy.cfg"),
+    )
+    .unwrap();
+    assert!(
+        rendered.contains("log stdout format short local0 warning"),
+        "{rendered}"
+    );
+    quiet.stop();
+    let logs = quiet.logs();
+    assert!(!logs.contains("/access-probe"), "{logs}");
 }

@@ -29,6 +29,7 @@ pub fn settings_in(workdir: &Path, intentions: bool) -> Settings {
         haproxy_params: Vec::new(),
         balance: "roundrobin".into(),
         log_format: None,
+        haproxy_log_level: "info",
     }
 }
 

@@ -54,6 +54,18 @@ impl Paths {
     }
 }
 
+/// HAProxy's syslog severity for the sidecar's `-log-level`: HAProxy then formats and writes
+/// only lines the sidecar would print (access logs are `info`), instead of a line per
+/// connection that the sidecar reads and throws away.
+pub fn haproxy_log_level(level: log::LevelFilter) -> &'static str {
+    match level {
+        log::LevelFilter::Trace => "debug",
+        log::LevelFilter::Debug | log::LevelFilter::Info => "info",
+        log::LevelFilter::Warn => "warning",
+        log::LevelFilter::Error | log::LevelFilter::Off => "err",
+    }
+}
+
 /// Settings that come from the command line, not from Consul.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -64,6 +76,8 @@ pub struct Settings {
     pub haproxy_params: Vec<crate::cli::HaproxyParam>,
     pub balance: String,
     pub log_format: Option<String>,
+    /// The least severe HAProxy log level the sidecar prints (see [`haproxy_log_level`]).
+    pub haproxy_log_level: &'static str,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -85,6 +99,7 @@ pub struct Desired {
     pub haproxy_params: Vec<crate::cli::HaproxyParam>,
     pub balance: String,
     pub log_format: Option<String>,
+    pub haproxy_log_level: &'static str,
     pub paths: Paths,
 }
 
@@ -261,6 +276,7 @@ pub fn build(
         haproxy_params: settings.haproxy_params.clone(),
         balance: settings.balance.clone(),
         log_format: settings.log_format.clone(),
+        haproxy_log_level: settings.haproxy_log_level,
         paths: settings.paths.clone(),
     })
 }

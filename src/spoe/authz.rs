@@ -8,8 +8,16 @@
 //! HAProxy already verified the chain during the handshake, but the agent checks the issuer
 //! again against the *current* roots: a TLS session resumed after a root rotation skips
 //! HAProxy's CA check and still hands us the old certificate.
+//!
+//! That signature check is an ECDSA verification, more than half of the agent's CPU per
+//! connection when done every time, and its answer for a given certificate and root set never
+//! changes. So a table remembers, per exact certificate (the whole DER, never a digest or a
+//! part an attacker could vary), which of its roots signed it. The memory dies with the table,
+//! which is rebuilt whenever the roots change.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use x509_parser::certificate::X509Certificate;
@@ -97,8 +105,51 @@ impl std::error::Error for AuthzError {}
 #[derive(Debug, Clone)]
 struct Root {
     der: Vec<u8>,
-    /// Raw DER of the subject, to pick the candidate issuer without re-parsing every root.
-    subject: Vec<u8>,
+    not_before: ASN1Time,
+    not_after: ASN1Time,
+}
+
+/// Which roots' keys verified each certificate seen (see the module comment).
+#[derive(Default)]
+struct SignerMemory {
+    signers: Mutex<HashMap<Vec<u8>, Vec<usize>>>,
+}
+
+impl SignerMemory {
+    /// Distinct client certificates a sidecar sees are its callers' leaves, a few per calling
+    /// instance; this bounds the memory (about 1 MB of DER) should something else arrive.
+    const CAPACITY: usize = 1024;
+
+    fn get(&self, der: &[u8]) -> Option<Vec<usize>> {
+        // A poisoned lock only means another decision panicked; the map itself is still valid.
+        let map = self.signers.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(der).cloned()
+    }
+
+    fn put(&self, der: &[u8], signers: Vec<usize>) {
+        let mut map = self.signers.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= Self::CAPACITY {
+            map.clear();
+        }
+        map.insert(der.to_vec(), signers);
+    }
+
+    fn len(&self) -> usize {
+        self.signers.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+impl Clone for SignerMemory {
+    /// A copy starts empty: remembering is an optimisation, never part of the policy.
+    fn clone(&self) -> Self {
+        SignerMemory::default()
+    }
+}
+
+impl fmt::Debug for SignerMemory {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SignerMemory({} certificates)", self.len())
+    }
 }
 
 /// Everything one decision needs. Immutable once built; replace it to change policy.
@@ -111,6 +162,7 @@ pub struct AuthzTable {
     default_allow: bool,
     /// Set by [`AuthzTable::deny_all`]: nothing is known yet, so nothing is allowed.
     unavailable: Option<String>,
+    signers: SignerMemory,
 }
 
 impl AuthzTable {
@@ -145,8 +197,8 @@ impl AuthzTable {
         }
         let mut roots = Vec::with_capacity(roots_der.len());
         for (index, der) in roots_der.into_iter().enumerate() {
-            let subject = match X509Certificate::from_der(&der) {
-                Ok((_, cert)) => cert.subject().as_raw().to_vec(),
+            let validity = match X509Certificate::from_der(&der) {
+                Ok((_, cert)) => cert.validity().clone(),
                 Err(e) => {
                     return Err(AuthzError::BadRoot {
                         index,
@@ -154,7 +206,11 @@ impl AuthzTable {
                     })
                 }
             };
-            roots.push(Root { der, subject });
+            roots.push(Root {
+                der,
+                not_before: validity.not_before,
+                not_after: validity.not_after,
+            });
         }
         // Evaluation order: highest precedence; then an exact source before `*`; then deny
         // before allow, so a tie can only ever err on the closed side. Consul's
@@ -173,6 +229,7 @@ impl AuthzTable {
             intentions,
             default_allow,
             unavailable: None,
+            signers: SignerMemory::default(),
         })
     }
 
@@ -185,6 +242,7 @@ impl AuthzTable {
             intentions: Vec::new(),
             default_allow: false,
             unavailable: Some(reason.into()),
+            signers: SignerMemory::default(),
         }
     }
 
@@ -308,7 +366,7 @@ impl AuthzTable {
             }
             Ok(_) => {}
         }
-        if let Err(why) = self.check_issuer(&cert, now) {
+        if let Err(why) = self.check_issuer(der, &cert, now) {
             return Decision::deny(why, src);
         }
 
@@ -337,35 +395,51 @@ impl AuthzTable {
     }
 
     /// Accepts the certificate only if one of the current roots signed it directly.
-    fn check_issuer(&self, cert: &X509Certificate<'_>, now: ASN1Time) -> Result<(), String> {
-        let issuer = cert.issuer().as_raw();
-        // Roots named as the issuer first; then the rest, in case a CA encodes its name
-        // differently in its own subject than in what it issues.
-        let ordered = self
-            .roots
-            .iter()
-            .filter(|r| r.subject == issuer)
-            .chain(self.roots.iter().filter(|r| r.subject != issuer));
-        let mut root_out_of_date = false;
-        for root in ordered {
-            let Ok((_, root_cert)) = X509Certificate::from_der(&root.der) else {
-                continue;
-            };
-            if cert.verify_signature(Some(root_cert.public_key())).is_ok() {
-                if root_cert.validity().is_valid_at(now) {
-                    return Ok(());
-                }
-                root_out_of_date = true;
+    fn check_issuer(
+        &self,
+        der: &[u8],
+        cert: &X509Certificate<'_>,
+        now: ASN1Time,
+    ) -> Result<(), String> {
+        let signers = match self.signers.get(der) {
+            Some(known) => known,
+            None => {
+                let found = self.signers_of(cert);
+                self.signers.put(der, found.clone());
+                found
             }
-        }
-        if root_out_of_date {
-            Err("client certificate's CA root is not valid at this time".into())
-        } else {
-            Err(format!(
+        };
+        if signers.is_empty() {
+            return Err(format!(
                 "client certificate (issuer {}) is not signed by a current CA root",
                 cert.issuer()
-            ))
+            ));
         }
+        let valid = |r: &Root| r.not_before <= now && now <= r.not_after;
+        if signers
+            .iter()
+            .any(|&i| self.roots.get(i).is_some_and(valid))
+        {
+            Ok(())
+        } else {
+            Err("client certificate's CA root is not valid at this time".into())
+        }
+    }
+
+    /// Indexes of the roots whose key verifies the certificate's signature. Every root is
+    /// tried: after a rotation the old and new roots may share a key (cross-signing), and
+    /// validity is checked per decision, not here.
+    fn signers_of(&self, cert: &X509Certificate<'_>) -> Vec<usize> {
+        self.roots
+            .iter()
+            .enumerate()
+            .filter(|(_, root)| {
+                X509Certificate::from_der(&root.der).is_ok_and(|(_, root_cert)| {
+                    cert.verify_signature(Some(root_cert.public_key())).is_ok()
+                })
+            })
+            .map(|(i, _)| i)
+            .collect()
     }
 }
 
@@ -696,6 +770,55 @@ mod tests {
             !d.allow && d.reason.contains("CA root is not valid"),
             "{}",
             d.reason
+        );
+    }
+
+    #[test]
+    fn remembered_signers_give_the_same_decisions() {
+        let both = format!("{CA}\n{CA2}");
+        let t = AuthzTable::new(TD, &both, vec![], true).unwrap();
+        for _ in 0..3 {
+            assert!(allowed(&t, CLIENT));
+            assert!(allowed(&t, CLIENT_CA2));
+            assert!(!allowed(&t, CLIENT_ROGUE), "same issuer name, other key");
+        }
+        assert_eq!(t.signers.len(), 3, "one entry per distinct certificate");
+
+        // The same to-be-signed part with another signature is another certificate: it must
+        // be verified, not answered from what was remembered for the genuine one.
+        let mut forged = CLIENT.to_vec();
+        let last = forged.len() - 1;
+        forged[last] ^= 0x01;
+        let d = t.decide(Some(&forged));
+        assert!(
+            !d.allow && d.reason.contains("not signed by a current CA root"),
+            "{}",
+            d.reason
+        );
+        assert!(allowed(&t, CLIENT));
+
+        // Root validity is judged at each decision, also for a remembered certificate.
+        let year = Duration::from_secs(365 * 86_400);
+        let t = table(vec![], true);
+        let when = UNIX_EPOCH + 30 * year + Duration::from_secs(180 * 86_400);
+        for _ in 0..2 {
+            let d = t.decide_at(Some(EXPIRED), when);
+            assert!(d.reason.contains("CA root is not valid"), "{}", d.reason);
+        }
+        // A clone (a new table) starts with nothing remembered.
+        assert_eq!(t.clone().signers.len(), 0);
+    }
+
+    #[test]
+    fn signer_memory_is_bounded() {
+        let m = SignerMemory::default();
+        for i in 0..(SignerMemory::CAPACITY + 10) {
+            m.put(&i.to_be_bytes(), vec![0]);
+        }
+        assert!(m.len() <= SignerMemory::CAPACITY, "{}", m.len());
+        assert_eq!(
+            m.get(&(SignerMemory::CAPACITY + 9).to_be_bytes()),
+            Some(vec![0])
         );
     }
 

@@ -303,6 +303,7 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
         haproxy_params: opts.haproxy_params.clone(),
         balance: opts.balance.clone(),
         log_format: opts.log_format.clone(),
+        haproxy_log_level: model::haproxy_log_level(opts.log_level),
     };
 
     let sink = Arc::new(ChannelSink(Mutex::new(tx.clone()), registry.clone()));
@@ -1083,6 +1084,7 @@ pub fn dry_run(opts: &Options) -> Result<Vec<render::File>, Fatal> {
         haproxy_params: opts.haproxy_params.clone(),
         balance: opts.balance.clone(),
         log_format: opts.log_format.clone(),
+        haproxy_log_level: model::haproxy_log_level(opts.log_level),
     };
     let desired: Desired = model::build(&snapshot, &settings, None)?;
     Ok(render::render(

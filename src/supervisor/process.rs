@@ -98,7 +98,8 @@ fn forward(stream: impl Read + Send + 'static, name: &'static str, target: &'sta
                 if line.is_empty() {
                     continue;
                 }
-                log::log!(target: target, level_of(line), "{line}");
+                let (level, line) = level_of(line);
+                log::log!(target: target, level, "{line}");
             }
         });
     if let Err(e) = spawned {
@@ -106,8 +107,33 @@ fn forward(stream: impl Read + Send + 'static, name: &'static str, target: &'sta
     }
 }
 
-/// Maps HAProxy's `[ALERT]`/`[WARNING]` and the Dataplane API's `level=…` to our levels.
-fn level_of(line: &str) -> log::Level {
+/// The level to print a child's line at, and the line without what said so. HAProxy's log
+/// lines (`format short`) start with a syslog priority such as `<134>`; its own start-up
+/// messages carry `[ALERT]`/`[WARNING]`, and the Dataplane API's `level=…`.
+fn level_of(line: &str) -> (log::Level, &str) {
+    if let Some((severity, rest)) = syslog_priority(line) {
+        let level = match severity {
+            0..=3 => log::Level::Error,
+            4 => log::Level::Warn,
+            5 | 6 => log::Level::Info,
+            _ => log::Level::Debug,
+        };
+        return (level, rest);
+    }
+    (marked_level(line), line)
+}
+
+/// `<N>rest` with N a syslog priority (facility * 8 + severity): the severity and the rest.
+fn syslog_priority(line: &str) -> Option<(u8, &str)> {
+    let (digits, rest) = line.strip_prefix('<')?.split_once('>')?;
+    if digits.is_empty() || digits.len() > 3 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let priority: u16 = digits.parse().ok()?;
+    (priority < 192).then_some(((priority % 8) as u8, rest))
+}
+
+fn marked_level(line: &str) -> log::Level {
     let l = line.to_ascii_lowercase();
     if l.contains("[alert]") || l.contains("level=error") || l.contains("level=fatal") {
         log::Level::Error
@@ -190,15 +216,38 @@ mod tests {
 
     #[test]
     fn levels_follow_the_children_s_own_markers() {
+        let level = |l| level_of(l).0;
         assert_eq!(
-            level_of("[ALERT]    (1) : config : parsing"),
+            level("[ALERT]    (1) : config : parsing"),
             log::Level::Error
         );
-        assert_eq!(level_of("[WARNING]  (1) : Former worker"), log::Level::Warn);
-        assert_eq!(level_of("time=x level=warning msg=y"), log::Level::Warn);
-        assert_eq!(
-            level_of("[NOTICE]   (1) : haproxy version"),
-            log::Level::Info
-        );
+        assert_eq!(level("[WARNING]  (1) : Former worker"), log::Level::Warn);
+        assert_eq!(level("time=x level=warning msg=y"), log::Level::Warn);
+        assert_eq!(level("[NOTICE]   (1) : haproxy version"), log::Level::Info);
+    }
+
+    #[test]
+    fn haproxy_log_lines_are_printed_at_their_syslog_severity() {
+        // local0 (16 * 8 = 128) plus the severity, as `log stdout format short local0` writes.
+        let cases = [
+            ("<129>Server up/s0 is DOWN", log::Level::Error),
+            ("<132>Proxy stopped", log::Level::Warn),
+            ("<133>Server up/s0 is UP", log::Level::Info),
+            (
+                "<134>127.0.0.1:1 [26/Nov/2026] public local_app/app 1/0/5 220 -- 1/1/0/0/0 0/0",
+                log::Level::Info,
+            ),
+            ("<135>debug", log::Level::Debug),
+        ];
+        for (line, want) in cases {
+            let (level, rest) = level_of(line);
+            assert_eq!(level, want, "{line}");
+            assert!(!rest.starts_with('<') && line.ends_with(rest), "{rest}");
+        }
+        // Not a priority: printed whole, at the level its markers give.
+        for line in ["<>x", "<1234>x", "<200>x", "<12x", "<a>[WARNING] y"] {
+            assert_eq!(level_of(line).1, line);
+        }
+        assert_eq!(level_of("<a>[WARNING] y").0, log::Level::Warn);
     }
 }
