@@ -50,6 +50,7 @@ pub fn spawn(
     name: &'static str,
     program: &Path,
     args: &[String],
+    env: &[(String, String)],
     log_target: &'static str,
 ) -> Result<Child> {
     let mut cmd = Command::new(program);
@@ -61,6 +62,7 @@ pub fn spawn(
                 "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()
             }),
         )
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
