@@ -36,9 +36,7 @@ impl Registry {
     pub fn watch_error(&self, endpoint: &str) {
         // The query string carries indexes; the path is the endpoint.
         let path = endpoint.split('?').next().unwrap_or(endpoint).to_string();
-        if let Ok(mut m) = self.watch_errors.lock() {
-            *m.entry(path).or_default() += 1;
-        }
+        count(&self.watch_errors, path);
     }
 
     /// The state handed to HAProxy, for slot names and certificate expiry.
@@ -49,9 +47,7 @@ impl Registry {
     }
 
     pub fn restart(&self, child: &str) {
-        if let Ok(mut m) = self.restarts.lock() {
-            *m.entry(child.to_string()).or_default() += 1;
-        }
+        count(&self.restarts, child.to_string());
     }
 
     pub fn applied(&self, ok: bool, took: std::time::Duration) {
@@ -95,26 +91,20 @@ impl Registry {
             out,
             "# HELP hcc_last_apply_timestamp_seconds When the last change was applied.\n# TYPE hcc_last_apply_timestamp_seconds gauge\nhcc_last_apply_timestamp_seconds {t}\n# HELP hcc_last_apply_duration_seconds How long the last change took to apply.\n# TYPE hcc_last_apply_duration_seconds gauge\nhcc_last_apply_duration_seconds {d}"
         );
-        let _ = writeln!(out, "# HELP hcc_consul_watch_errors_total Failed or unusable Consul reads, by endpoint.\n# TYPE hcc_consul_watch_errors_total counter");
-        if let Ok(m) = self.watch_errors.lock() {
-            for (endpoint, n) in m.iter() {
-                let _ = writeln!(
-                    out,
-                    "hcc_consul_watch_errors_total{{endpoint=\"{}\"}} {n}",
-                    escape(endpoint)
-                );
-            }
-        }
-        let _ = writeln!(out, "# HELP hcc_child_restarts_total Restarts of a crashed child.\n# TYPE hcc_child_restarts_total counter");
-        if let Ok(m) = self.restarts.lock() {
-            for (child, n) in m.iter() {
-                let _ = writeln!(
-                    out,
-                    "hcc_child_restarts_total{{child=\"{}\"}} {n}",
-                    escape(child)
-                );
-            }
-        }
+        counters_by(
+            &mut out,
+            "hcc_consul_watch_errors_total",
+            "Failed or unusable Consul reads, by endpoint.",
+            "endpoint",
+            &self.watch_errors,
+        );
+        counters_by(
+            &mut out,
+            "hcc_child_restarts_total",
+            "Restarts of a crashed child.",
+            "child",
+            &self.restarts,
+        );
         if let Ok(agent) = self.agent.read() {
             if let Some(a) = agent.as_ref() {
                 let _ = writeln!(
@@ -153,6 +143,29 @@ fn not_afters(pem: &str) -> Vec<f64> {
             Some(c.validity().not_after.timestamp() as f64)
         })
         .collect()
+}
+
+/// One counter family with a series per key of `counts`, labelled `label`.
+fn counters_by(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    label: &str,
+    counts: &Mutex<BTreeMap<String, u64>>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    if let Ok(m) = counts.lock() {
+        for (key, n) in m.iter() {
+            let _ = writeln!(out, "{name}{{{label}=\"{}\"}} {n}", escape(key));
+        }
+    }
+}
+
+/// Counts one more for `key`.
+fn count(counts: &Mutex<BTreeMap<String, u64>>, key: String) {
+    if let Ok(mut m) = counts.lock() {
+        *m.entry(key).or_default() += 1;
+    }
 }
 
 fn escape(s: &str) -> String {

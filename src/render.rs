@@ -68,6 +68,15 @@ impl Templates {
         Ok(t)
     }
 
+    /// The overriding files, comma-separated, for messages.
+    pub fn overridden_list(&self) -> String {
+        self.overridden
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     fn engine(&self) -> Result<Tera> {
         let mut tera = Tera::default();
         tera.add_raw_templates([
@@ -78,14 +87,7 @@ impl Templates {
             let which = if self.overridden.is_empty() {
                 "the built-in templates".to_string()
             } else {
-                format!(
-                    "the templates ({})",
-                    self.overridden
-                        .iter()
-                        .map(|p| p.display().to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
+                format!("the templates ({})", self.overridden_list())
             };
             Error::msg(format!("loading {which}: {}", tera_error(&e)))
         })?;

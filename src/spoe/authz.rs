@@ -15,9 +15,7 @@
 //! part an attacker could vary), which of its roots signed it. The memory dies with the table,
 //! which is rebuilt whenever the roots change.
 
-use std::collections::HashMap;
 use std::fmt;
-use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use x509_parser::certificate::X509Certificate;
@@ -25,6 +23,8 @@ use x509_parser::extensions::GeneralName;
 use x509_parser::pem::Pem;
 use x509_parser::prelude::FromDer;
 use x509_parser::time::ASN1Time;
+
+use super::ForgetfulMap;
 
 /// What an intention does to a matching source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -109,48 +109,9 @@ struct Root {
     not_after: ASN1Time,
 }
 
-/// Which roots' keys verified each certificate seen (see the module comment).
-#[derive(Default)]
-struct SignerMemory {
-    signers: Mutex<HashMap<Vec<u8>, Vec<usize>>>,
-}
-
-impl SignerMemory {
-    /// Distinct client certificates a sidecar sees are its callers' leaves, a few per calling
-    /// instance; this bounds the memory (about 1 MB of DER) should something else arrive.
-    const CAPACITY: usize = 1024;
-
-    fn get(&self, der: &[u8]) -> Option<Vec<usize>> {
-        // A poisoned lock only means another decision panicked; the map itself is still valid.
-        let map = self.signers.lock().unwrap_or_else(|e| e.into_inner());
-        map.get(der).cloned()
-    }
-
-    fn put(&self, der: &[u8], signers: Vec<usize>) {
-        let mut map = self.signers.lock().unwrap_or_else(|e| e.into_inner());
-        if map.len() >= Self::CAPACITY {
-            map.clear();
-        }
-        map.insert(der.to_vec(), signers);
-    }
-
-    fn len(&self) -> usize {
-        self.signers.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-}
-
-impl Clone for SignerMemory {
-    /// A copy starts empty: remembering is an optimisation, never part of the policy.
-    fn clone(&self) -> Self {
-        SignerMemory::default()
-    }
-}
-
-impl fmt::Debug for SignerMemory {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "SignerMemory({} certificates)", self.len())
-    }
-}
+/// Distinct client certificates a sidecar sees are its callers' leaves, a few per calling
+/// instance; this bounds the remembered signers (about 1 MB of DER) should something else arrive.
+const SIGNER_MEMORY: usize = 1024;
 
 /// Everything one decision needs. Immutable once built; replace it to change policy.
 #[derive(Debug, Clone)]
@@ -162,7 +123,8 @@ pub struct AuthzTable {
     default_allow: bool,
     /// Set by [`AuthzTable::deny_all`]: nothing is known yet, so nothing is allowed.
     unavailable: Option<String>,
-    signers: SignerMemory,
+    /// Which roots' keys verified each certificate seen (see the module comment).
+    signers: ForgetfulMap<Vec<u8>, Vec<usize>>,
 }
 
 impl AuthzTable {
@@ -229,7 +191,7 @@ impl AuthzTable {
             intentions,
             default_allow,
             unavailable: None,
-            signers: SignerMemory::default(),
+            signers: ForgetfulMap::new(SIGNER_MEMORY),
         })
     }
 
@@ -242,7 +204,7 @@ impl AuthzTable {
             intentions: Vec::new(),
             default_allow: false,
             unavailable: Some(reason.into()),
-            signers: SignerMemory::default(),
+            signers: ForgetfulMap::new(SIGNER_MEMORY),
         }
     }
 
@@ -401,29 +363,37 @@ impl AuthzTable {
         cert: &X509Certificate<'_>,
         now: ASN1Time,
     ) -> Result<(), String> {
-        let signers = match self.signers.get(der) {
-            Some(known) => known,
-            None => {
-                let found = self.signers_of(cert);
-                self.signers.put(der, found.clone());
-                found
+        let valid = |r: &Root| r.not_before <= now && now <= r.not_after;
+        // Ok, or whether the certificate was signed by a root at all.
+        let judge = |signers: &Vec<usize>| {
+            if signers
+                .iter()
+                .any(|&i| self.roots.get(i).is_some_and(valid))
+            {
+                Ok(())
+            } else {
+                Err(!signers.is_empty())
             }
         };
-        if signers.is_empty() {
-            return Err(format!(
-                "client certificate (issuer {}) is not signed by a current CA root",
-                cert.issuer()
-            ));
-        }
-        let valid = |r: &Root| r.not_before <= now && now <= r.not_after;
-        if signers
-            .iter()
-            .any(|&i| self.roots.get(i).is_some_and(valid))
-        {
-            Ok(())
-        } else {
-            Err("client certificate's CA root is not valid at this time".into())
-        }
+        let verdict = match self.signers.read(der, judge) {
+            Some(verdict) => verdict,
+            None => {
+                let found = self.signers_of(cert);
+                let verdict = judge(&found);
+                self.signers.insert(der.to_vec(), found);
+                verdict
+            }
+        };
+        verdict.map_err(|signed| {
+            if signed {
+                "client certificate's CA root is not valid at this time".into()
+            } else {
+                format!(
+                    "client certificate (issuer {}) is not signed by a current CA root",
+                    cert.issuer()
+                )
+            }
+        })
     }
 
     /// Indexes of the roots whose key verifies the certificate's signature. Every root is
@@ -811,13 +781,13 @@ mod tests {
 
     #[test]
     fn signer_memory_is_bounded() {
-        let m = SignerMemory::default();
-        for i in 0..(SignerMemory::CAPACITY + 10) {
-            m.put(&i.to_be_bytes(), vec![0]);
+        let m = ForgetfulMap::new(SIGNER_MEMORY);
+        for i in 0..(SIGNER_MEMORY + 10) {
+            m.insert(i.to_be_bytes().to_vec(), vec![0]);
         }
-        assert!(m.len() <= SignerMemory::CAPACITY, "{}", m.len());
+        assert!(m.len() <= SIGNER_MEMORY, "{}", m.len());
         assert_eq!(
-            m.get(&(SignerMemory::CAPACITY + 9).to_be_bytes()),
+            m.read(&(SIGNER_MEMORY + 9).to_be_bytes()[..], Vec::clone),
             Some(vec![0])
         );
     }

@@ -12,13 +12,12 @@
 //! back on the connection the NOTIFY came from and echo its stream and frame ids, which is all
 //! HAProxy 3.x allows.
 
-use std::collections::HashSet;
 use std::fmt;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -32,6 +31,7 @@ use super::frame::{
     self, Disconnect, Frame, FrameError, HaproxyHello, Notify, StatusCode, TypedData, VarScope,
     AGENT_MAX_FRAME_SIZE,
 };
+use super::ForgetfulMap;
 
 /// The `spoe-message` the HAProxy configuration must declare, with `args cert=ssl_c_der` and
 /// `event on-frontend-tcp-request`.
@@ -265,7 +265,7 @@ pub fn spawn(cfg: AgentConfig, table: SharedTable) -> Result<AgentHandle, AgentE
         table,
         var_name: cfg.var_name.clone(),
         stats: Arc::clone(&stats),
-        denials: Mutex::new(HashSet::new()),
+        denials: ForgetfulMap::new(DENIAL_LOG_CAP),
     });
     let (tx, rx) = watch::channel(false);
     let path = cfg.socket_path.clone();
@@ -377,7 +377,7 @@ struct Ctx {
     stats: Arc<AgentStats>,
     /// (identity, reason) pairs already logged at info, so a denied client that retries in a
     /// loop produces one line, not one per connection.
-    denials: Mutex<HashSet<String>>,
+    denials: ForgetfulMap<String, ()>,
 }
 
 impl Ctx {
@@ -397,18 +397,7 @@ impl Ctx {
         }
         self.stats.denied.fetch_add(1, Ordering::Relaxed);
         let key = format!("{}\0{}", d.source.as_deref().unwrap_or(""), d.reason);
-        let first = {
-            let mut seen = self.denials.lock().unwrap_or_else(|e| e.into_inner());
-            if seen.contains(&key) {
-                false
-            } else {
-                if seen.len() >= DENIAL_LOG_CAP {
-                    seen.clear();
-                }
-                seen.insert(key)
-            }
-        };
-        if first {
+        if self.denials.insert(key, ()) {
             log::info!("SPOE deny {who}: {why} (logged once per identity and reason)");
         } else {
             log::debug!("SPOE deny {who}: {why}");

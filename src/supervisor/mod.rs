@@ -94,6 +94,19 @@ impl From<Error> for Fatal {
     }
 }
 
+/// What the model takes from the command line, for a run or a dry run alike.
+fn settings_from(opts: &Options, paths: Paths) -> Settings {
+    Settings {
+        paths,
+        intentions: opts.enable_intentions,
+        grace_period_ms: opts.grace_period.as_millis() as u64,
+        haproxy_params: opts.haproxy_params.clone(),
+        balance: opts.balance.clone(),
+        log_format: opts.log_format.clone(),
+        haproxy_log_level: model::haproxy_log_level(opts.log_level),
+    }
+}
+
 fn usage(error: Error) -> Fatal {
     Fatal {
         code: EXIT_USAGE,
@@ -296,15 +309,7 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
             ))));
         }
     }
-    let settings = Settings {
-        paths: paths.clone(),
-        intentions: opts.enable_intentions,
-        grace_period_ms: opts.grace_period.as_millis() as u64,
-        haproxy_params: opts.haproxy_params.clone(),
-        balance: opts.balance.clone(),
-        log_format: opts.log_format.clone(),
-        haproxy_log_level: model::haproxy_log_level(opts.log_level),
-    };
+    let settings = settings_from(&opts, paths.clone());
 
     let sink = Arc::new(ChannelSink(Mutex::new(tx.clone()), registry.clone()));
     // Intentions are watched even when not enforced, so that ignoring a deny is never silent.
@@ -824,14 +829,7 @@ fn load_templates(opts: &Options) -> Result<render::Templates, Fatal> {
     match &opts.template_dir {
         Some(dir) => {
             let t = render::Templates::load(dir).map_err(usage)?;
-            log::info!(
-                "templates overridden by {}",
-                t.overridden
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
+            log::info!("templates overridden by {}", t.overridden_list());
             Ok(t)
         }
         None => Ok(render::Templates::builtin()),
@@ -844,11 +842,9 @@ fn check_override(
     paths: &Paths,
     templates: &render::Templates,
 ) -> Result<(), Fatal> {
-    let out = std::process::Command::new(&opts.haproxy_bin)
+    let out = process::clean_command(&opts.haproxy_bin)
         .args(["-W", "-c", "-f"])
         .arg(&paths.haproxy_cfg)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .output()
         .map_err(|e| Error::with_source("running haproxy -c on the overridden templates", e))?;
     if out.status.success() {
@@ -862,12 +858,7 @@ fn check_override(
         .collect();
     Err(usage(Error::msg(format!(
         "the configuration rendered from {} is refused by haproxy -c: {}",
-        templates
-            .overridden
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", "),
+        templates.overridden_list(),
         why.join(" | ")
     ))))
 }
@@ -1100,15 +1091,7 @@ pub fn dry_run(opts: &Options) -> Result<Vec<render::File>, Fatal> {
     let workdir = opts
         .base_path
         .join(format!("hcc-{}-dry-run", model::sanitize(&proxy_id)));
-    let settings = Settings {
-        paths: Paths::new(&workdir),
-        intentions: opts.enable_intentions,
-        grace_period_ms: opts.grace_period.as_millis() as u64,
-        haproxy_params: opts.haproxy_params.clone(),
-        balance: opts.balance.clone(),
-        log_format: opts.log_format.clone(),
-        haproxy_log_level: model::haproxy_log_level(opts.log_level),
-    };
+    let settings = settings_from(opts, Paths::new(&workdir));
     let desired: Desired = model::build(&snapshot, &settings, None)?;
     Ok(render::render(
         &desired,

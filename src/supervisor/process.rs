@@ -46,6 +46,19 @@ impl std::fmt::Display for Exit {
     }
 }
 
+/// A command for one of our programs with nothing of our environment but `PATH`: no token, no
+/// `HAPROXY_*` a parent HAProxy may have set.
+pub fn clean_command(program: &Path) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.env_clear().env(
+        "PATH",
+        std::env::var_os("PATH").unwrap_or_else(|| {
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()
+        }),
+    );
+    cmd
+}
+
 pub fn spawn(
     name: &'static str,
     program: &Path,
@@ -53,15 +66,8 @@ pub fn spawn(
     env: &[(String, String)],
     log_target: &'static str,
 ) -> Result<Child> {
-    let mut cmd = Command::new(program);
+    let mut cmd = clean_command(program);
     cmd.args(args)
-        .env_clear()
-        .env(
-            "PATH",
-            std::env::var_os("PATH").unwrap_or_else(|| {
-                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()
-            }),
-        )
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
