@@ -245,8 +245,9 @@ fn apply(
         applied.tls.leaf_pem = desired.tls.leaf_pem.clone();
         log::info!("leaf certificate updated live");
     }
+    let mut live_reloaded = false;
     for spec in &p.live {
-        reloaded |= dataplane.replace_server_live(spec)?;
+        live_reloaded |= dataplane.replace_server_live(spec)?;
         // Recorded one by one: a failure half-way retries only what is left.
         if let Some(u) = applied
             .upstreams
@@ -263,11 +264,12 @@ fn apply(
             }
         }
     }
-    if reloaded {
+    if live_reloaded {
         log::warn!(
             "the Dataplane API reloaded HAProxy for a server change it could not apply live"
         );
     }
+    reloaded |= live_reloaded;
     if p.ops.is_empty() {
         return Ok(reloaded);
     }
