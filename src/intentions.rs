@@ -108,12 +108,19 @@ pub fn table(snapshot: &Snapshot) -> AuthzTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::test_support::inside_validity;
     use crate::consul::api::{CaRoots, LeafCert};
     use crate::model::fixtures::{json, snapshot};
 
     fn der(leaf: &LeafCert) -> Vec<u8> {
         let (_, pem) = x509_parser::pem::parse_x509_pem(leaf.cert_pem.as_bytes()).unwrap();
         pem.contents
+    }
+
+    /// Judges a recorded leaf an hour into its own validity: Consul's leaves live 72 hours,
+    /// so the wall clock would turn these verdicts by the calendar.
+    fn decide(t: &crate::spoe::authz::AuthzTable, der: &[u8]) -> crate::spoe::authz::Decision {
+        t.decide_at(Some(der), inside_validity(der))
     }
 
     fn server_snapshot(default_allow: Option<bool>) -> Snapshot {
@@ -129,7 +136,7 @@ mod tests {
     fn unknown_inputs_deny_everything() {
         let client: LeafCert = json("ca-leaf-client.json");
         let t = table(&server_snapshot(None));
-        let d = t.decide(Some(&der(&client)));
+        let d = decide(&t, &der(&client));
         assert!(!d.allow);
         assert!(d.reason.contains("ACL default policy"), "{}", d.reason);
     }
@@ -146,7 +153,7 @@ mod tests {
             let leaf: LeafCert = json(leaf);
             let consul: serde_json::Value = json(authorize);
             let want = consul["Authorized"].as_bool().unwrap();
-            let d = t.decide(Some(&der(&leaf)));
+            let d = decide(&t, &der(&leaf));
             assert_eq!(
                 d.allow, want,
                 "{}: ours {:?}, Consul {consul}",

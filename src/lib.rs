@@ -3,6 +3,7 @@
 
 pub mod apply;
 pub mod cli;
+pub mod clock;
 pub mod consul;
 pub mod error;
 pub mod files;

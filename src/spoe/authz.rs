@@ -125,6 +125,10 @@ pub struct AuthzTable {
     unavailable: Option<String>,
     /// Which roots' keys verified each certificate seen (see the module comment).
     signers: ForgetfulMap<Vec<u8>, Vec<usize>>,
+    /// Tests that drive [`decide`](Self::decide) through the agent pin its clock here, so
+    /// their verdicts on recorded certificates never depend on the date they run.
+    #[cfg(test)]
+    judged_at: Option<SystemTime>,
 }
 
 impl AuthzTable {
@@ -192,6 +196,8 @@ impl AuthzTable {
             default_allow,
             unavailable: None,
             signers: ForgetfulMap::new(SIGNER_MEMORY),
+            #[cfg(test)]
+            judged_at: None,
         })
     }
 
@@ -205,6 +211,8 @@ impl AuthzTable {
             default_allow: false,
             unavailable: Some(reason.into()),
             signers: ForgetfulMap::new(SIGNER_MEMORY),
+            #[cfg(test)]
+            judged_at: None,
         }
     }
 
@@ -228,7 +236,18 @@ impl AuthzTable {
 
     /// Decides for a client certificate (`None` when HAProxy had none: `ssl_c_der` was NULL).
     pub fn decide(&self, client_cert_der: Option<&[u8]>) -> Decision {
-        self.decide_at(client_cert_der, SystemTime::now())
+        #[cfg(test)]
+        if let Some(t) = self.judged_at {
+            return self.decide_at(client_cert_der, t);
+        }
+        self.decide_at(client_cert_der, crate::clock::now())
+    }
+
+    /// This table with its clock stopped at `t` (tests of code that calls `decide`).
+    #[cfg(test)]
+    pub(crate) fn judged_at(mut self, t: SystemTime) -> AuthzTable {
+        self.judged_at = Some(t);
+        self
     }
 
     /// [`decide`](Self::decide) at a given time, so validity checks can be tested.
@@ -498,6 +517,7 @@ fn percent_decode(s: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::test_support::{inside_validity, validity};
     use std::time::Duration;
 
     const TD: &str = "11111111-2222-3333-4444-555555555555.consul";
@@ -527,8 +547,14 @@ mod tests {
         AuthzTable::new(TD, CA, intentions, default_allow).unwrap()
     }
 
+    /// Decides an hour after the fixture CA and its leaves were made (they were made together),
+    /// never at today's date: `expired.crt` has expired then, every other leaf is valid.
+    fn decide(t: &AuthzTable, cert: Option<&[u8]>) -> Decision {
+        t.decide_at(cert, inside_validity(CLIENT))
+    }
+
     fn allowed(t: &AuthzTable, cert: &[u8]) -> bool {
-        let d = t.decide(Some(cert));
+        let d = decide(t, Some(cert));
         assert!(!d.reason.is_empty());
         d.allow
     }
@@ -636,7 +662,7 @@ mod tests {
     #[test]
     fn reasons_and_source_name_what_happened() {
         let t = table(vec![ixn("client", Action::Deny, 9)], true);
-        let d = t.decide(Some(CLIENT));
+        let d = decide(&t, Some(CLIENT));
         assert!(!d.allow);
         assert_eq!(
             d.reason,
@@ -648,7 +674,7 @@ mod tests {
                 "spiffe://11111111-2222-3333-4444-555555555555.consul/ns/default/dc/dc1/svc/client"
             )
         );
-        let d = t.decide(Some(SERVER));
+        let d = decide(&t, Some(SERVER));
         assert!(d.allow);
         assert_eq!(d.reason, "no intention matches server; default allow");
     }
@@ -673,7 +699,7 @@ mod tests {
             (Some(&[0xff; 64]), "does not parse"),
         ];
         for (cert, want) in cases {
-            let d = t.decide(cert);
+            let d = decide(&t, cert);
             assert!(!d.allow, "{want}");
             assert!(
                 d.reason.contains(want),
@@ -684,20 +710,20 @@ mod tests {
         // Trailing garbage after a good certificate is refused too.
         let mut padded = CLIENT.to_vec();
         padded.push(0);
-        let d = t.decide(Some(&padded));
+        let d = decide(&t, Some(&padded));
         assert!(!d.allow && d.reason.contains("trailing"), "{}", d.reason);
     }
 
     #[test]
     fn source_is_reported_when_identity_is_refused() {
-        let d = table(vec![], true).decide(Some(OTHER_TD));
+        let d = decide(&table(vec![], true), Some(OTHER_TD));
         assert_eq!(
             d.source.as_deref(),
             Some(
                 "spiffe://99999999-8888-7777-6666-555555555555.consul/ns/default/dc/dc1/svc/client"
             )
         );
-        assert_eq!(table(vec![], true).decide(Some(NO_URI)).source, None);
+        assert_eq!(decide(&table(vec![], true), Some(NO_URI)).source, None);
     }
 
     #[test]
@@ -722,20 +748,25 @@ mod tests {
     #[test]
     fn validity_is_checked_at_decision_time() {
         let t = table(vec![], true);
-        let day = Duration::from_secs(86_400);
-        let year = 365 * day;
-        let now = SystemTime::now();
-        assert!(t.decide_at(Some(CLIENT), now).allow);
-        let d = t.decide_at(Some(CLIENT), now + 101 * year);
+        let second = Duration::from_secs(1);
+        // Times come from the certificate's own validity, never from the wall clock.
+        let (not_before, not_after) = validity(CLIENT);
+        assert!(t.decide_at(Some(CLIENT), not_before).allow);
+        assert!(t.decide_at(Some(CLIENT), not_after).allow);
+        let d = t.decide_at(Some(CLIENT), not_after + second);
         assert!(!d.allow && d.reason.contains("expired"), "{}", d.reason);
-        let d = t.decide_at(Some(CLIENT), now - 2 * day);
+        let d = t.decide_at(Some(CLIENT), not_before - second);
         assert!(
             !d.allow && d.reason.contains("not valid before"),
             "{}",
             d.reason
         );
         // In 2000 expired.crt itself was valid, but the root that signed it did not exist yet.
-        let d = t.decide_at(Some(EXPIRED), UNIX_EPOCH + 30 * year + 180 * day);
+        let (expired_from, _) = validity(EXPIRED);
+        let d = t.decide_at(
+            Some(EXPIRED),
+            expired_from + Duration::from_secs(180 * 86_400),
+        );
         assert!(
             !d.allow && d.reason.contains("CA root is not valid"),
             "{}",
@@ -759,7 +790,7 @@ mod tests {
         let mut forged = CLIENT.to_vec();
         let last = forged.len() - 1;
         forged[last] ^= 0x01;
-        let d = t.decide(Some(&forged));
+        let d = decide(&t, Some(&forged));
         assert!(
             !d.allow && d.reason.contains("not signed by a current CA root"),
             "{}",
@@ -768,9 +799,8 @@ mod tests {
         assert!(allowed(&t, CLIENT));
 
         // Root validity is judged at each decision, also for a remembered certificate.
-        let year = Duration::from_secs(365 * 86_400);
         let t = table(vec![], true);
-        let when = UNIX_EPOCH + 30 * year + Duration::from_secs(180 * 86_400);
+        let when = validity(EXPIRED).0 + Duration::from_secs(180 * 86_400);
         for _ in 0..2 {
             let d = t.decide_at(Some(EXPIRED), when);
             assert!(d.reason.contains("CA root is not valid"), "{}", d.reason);
@@ -795,10 +825,10 @@ mod tests {
     #[test]
     fn deny_all_denies_everything() {
         let t = AuthzTable::deny_all("waiting for Consul");
-        let d = t.decide(Some(CLIENT));
+        let d = decide(&t, Some(CLIENT));
         assert!(!d.allow);
         assert_eq!(d.reason, "no authorization data: waiting for Consul");
-        assert!(!t.decide(None).allow);
+        assert!(!decide(&t, None).allow);
     }
 
     #[test]

@@ -726,7 +726,11 @@ mod tests {
         } else {
             vec![]
         };
-        AuthzTable::new(TD, CA, ixns, true).unwrap()
+        // The fixture leaves are judged an hour after they were made, not at today's date.
+        let client = include_bytes!("../../fixtures/spop/certs/client.der");
+        AuthzTable::new(TD, CA, ixns, true)
+            .unwrap()
+            .judged_at(crate::clock::test_support::inside_validity(client))
     }
 
     fn start(name: &str) -> TestAgent {

@@ -199,7 +199,7 @@ fn scrape(registry: &Registry, phase: &crate::stats::PhaseCell) -> String {
         }
         None => (None, String::new()),
     };
-    let now = std::time::SystemTime::now()
+    let now = crate::clock::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64());
     registry.render(
