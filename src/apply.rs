@@ -135,7 +135,13 @@ fn run(
             continue;
         };
         let started = Instant::now();
-        if reconcile {
+        let p = plan(&applied, &desired);
+        if p.needs_full_render() {
+            log::info!(
+                "a new unix socket listener has permissions the Dataplane API cannot set; rendering the whole configuration instead"
+            );
+        }
+        if reconcile || p.needs_full_render() {
             match apply_whole(&desired, &dataplane, &creds, &templates) {
                 Ok(()) => {
                     applied = desired;
@@ -155,7 +161,6 @@ fn run(
             }
             continue;
         }
-        let p = plan(&applied, &desired);
         if p.is_empty() {
             applied = desired;
             continue;

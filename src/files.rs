@@ -9,7 +9,7 @@ use crate::error::{Context, Error, Result};
 
 /// Longest unix socket path HAProxy takes: `sun_path` is 108 bytes and HAProxy keeps room for
 /// the `.<pid>.tmp` suffix it binds under before renaming.
-const MAX_SOCKET_PATH: usize = 97;
+pub const MAX_SOCKET_PATH: usize = 97;
 
 /// Creates `<base>/hcc-<label>-<random>` with mode 0700, so two sidecars on one host never share
 /// a file or socket. The name is short because socket paths inside it are limited.

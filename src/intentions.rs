@@ -3,48 +3,62 @@
 //! with the reason: intentions fail closed.
 
 use crate::consul::api::IntentionEntry;
+use crate::model::{public_mode, Mode};
 use crate::snapshot::Snapshot;
-use crate::spoe::authz::{Action, AuthzTable, Intention};
+use crate::spoe::authz::{Action, AuthzTable, DefaultPolicy, Intention};
 
-/// The intentions whose destination is `service` (or `*`), in Consul's default namespace, the
-/// only one Consul CE has.
+/// The intentions whose destination is `service` (or `*`) in the default namespace and
+/// partition, the only ones Consul CE has. Sources keep their namespace, partition and peer:
+/// the table matches them as Consul does.
 pub fn for_destination(all: &[IntentionEntry], service: &str) -> Vec<Intention> {
-    let default_ns = |ns: &str| ns.is_empty() || ns == "default" || ns == "*";
+    let default = |s: &str| s.is_empty() || s == "default" || s == "*";
     all.iter()
         .filter(|i| i.destination_name == service || i.destination_name == "*")
-        .filter(|i| default_ns(&i.destination_ns) && default_ns(&i.source_ns))
+        .filter(|i| default(&i.destination_ns) && default(&i.destination_partition))
         .map(|i| Intention {
             source: i.source_name.clone(),
-            action: if i.action.eq_ignore_ascii_case("allow") {
-                Action::Allow
-            } else {
-                // Anything but an explicit allow (deny, or an L7 intention 1.8 cannot express
-                // here) denies, as Consul's own authorize does.
-                Action::Deny
-            },
+            source_ns: i.source_ns.clone(),
+            source_partition: i.source_partition.clone(),
+            source_peer: i.source_peer.clone(),
+            action: action(i),
             precedence: i.precedence,
         })
         .collect()
 }
 
-/// With enforcement off: what Consul would deny that this sidecar lets through, for a warning.
-/// `None` while the intentions or the default policy are unknown.
+fn action(i: &IntentionEntry) -> Action {
+    if !i.permissions.is_empty() {
+        return Action::L7 {
+            permissions: i.permissions.len(),
+        };
+    }
+    if i.action.eq_ignore_ascii_case("allow") {
+        Action::Allow
+    } else {
+        // Anything but an explicit allow denies, as Consul's own authorize does.
+        Action::Deny
+    }
+}
+
+/// With enforcement off: what Consul would refuse that this sidecar lets through, for a
+/// warning. `None` while the intentions or the default policy are unknown.
 pub fn ignored_denials(snapshot: &Snapshot) -> Option<String> {
     let service = snapshot
         .registration
         .as_ref()
         .and_then(|r| r.proxy.as_ref())
         .map(|p| p.destination_service_name.as_str())?;
-    let intentions = snapshot.intentions.as_ref()?;
-    let default_allow = snapshot.default_allow?;
-    let denied: Vec<String> = for_destination(intentions, service)
-        .into_iter()
-        .filter(|i| i.action == Action::Deny)
-        .map(|i| i.source)
-        .collect();
-    if denied.is_empty() && default_allow {
-        return Some(String::new());
-    }
+    let intentions = for_destination(snapshot.intentions.as_ref()?, service);
+    let policy = DefaultPolicy::parse(snapshot.acl_default_policy.as_ref()?);
+    let sources = |keep: fn(&Action) -> bool| -> Vec<String> {
+        intentions
+            .iter()
+            .filter(|i| keep(&i.action))
+            .map(Intention::source_label)
+            .collect()
+    };
+    let denied = sources(|a| *a == Action::Deny);
+    let l7 = sources(|a| matches!(a, Action::L7 { .. }));
     let mut what = Vec::new();
     if !denied.is_empty() {
         what.push(format!(
@@ -52,8 +66,19 @@ pub fn ignored_denials(snapshot: &Snapshot) -> Option<String> {
             denied.join(", ")
         ));
     }
-    if !default_allow {
-        what.push("the ACL default policy deny".to_string());
+    if !l7.is_empty() {
+        what.push(format!(
+            "L7 intentions (HTTP permissions) from {} to {service}",
+            l7.join(", ")
+        ));
+    }
+    match &policy {
+        DefaultPolicy::Allow => {}
+        DefaultPolicy::Deny => what.push("the ACL default policy deny".to_string()),
+        DefaultPolicy::Unknown(v) => what.push(format!("the ACL default policy {v:?}")),
+    }
+    if what.is_empty() {
+        return Some(String::new());
     }
     Some(format!(
         "intentions are NOT enforced (-enable-intentions is off), so {} are ignored: every client with a mesh certificate gets through",
@@ -61,23 +86,39 @@ pub fn ignored_denials(snapshot: &Snapshot) -> Option<String> {
     ))
 }
 
+/// The rules in evaluation order, for the log line that announces a new table: at most
+/// `SUMMARY_RULES` of them, then how many more.
+pub fn summary(intentions: &[Intention]) -> String {
+    const SUMMARY_RULES: usize = 12;
+    let mut parts: Vec<String> = intentions
+        .iter()
+        .take(SUMMARY_RULES)
+        .map(|i| format!("{} => {} ({})", i.source_label(), i.action, i.precedence))
+        .collect();
+    if intentions.len() > SUMMARY_RULES {
+        parts.push(format!("and {} more", intentions.len() - SUMMARY_RULES));
+    }
+    parts.join(", ")
+}
+
 pub fn table(snapshot: &Snapshot) -> AuthzTable {
-    let service = snapshot
+    let proxy = snapshot
         .registration
         .as_ref()
-        .and_then(|r| r.proxy.as_ref())
+        .and_then(|r| r.proxy.as_ref());
+    let service = proxy
         .map(|p| p.destination_service_name.as_str())
         .unwrap_or("");
-    let (Some(intentions), Some(default_allow), Some(roots)) = (
+    let (Some(intentions), Some(policy), Some(roots)) = (
         &snapshot.intentions,
-        snapshot.default_allow,
+        &snapshot.acl_default_policy,
         &snapshot.roots,
     ) else {
         let mut missing = Vec::new();
         if snapshot.intentions.is_none() {
             missing.push("the intentions");
         }
-        if snapshot.default_allow.is_none() {
+        if snapshot.acl_default_policy.is_none() {
             missing.push("the ACL default policy");
         }
         if snapshot.roots.is_none() {
@@ -85,9 +126,9 @@ pub fn table(snapshot: &Snapshot) -> AuthzTable {
         }
         return AuthzTable::deny_all(format!("not yet known: {}", missing.join(", ")));
     };
-    if service.is_empty() {
+    let Some(proxy) = proxy.filter(|_| !service.is_empty()) else {
         return AuthzTable::deny_all("the proxy registration is not known yet");
-    }
+    };
     let roots_pem: String = roots
         .roots
         .iter()
@@ -98,9 +139,9 @@ pub fn table(snapshot: &Snapshot) -> AuthzTable {
         roots.trust_domain.clone(),
         &roots_pem,
         for_destination(intentions, service),
-        default_allow,
+        DefaultPolicy::parse(policy),
     ) {
-        Ok(t) => t,
+        Ok(t) => t.for_http_listener(public_mode(proxy) == Mode::Http),
         Err(e) => AuthzTable::deny_all(format!("the CA roots cannot be used: {e}")),
     }
 }
@@ -109,8 +150,9 @@ pub fn table(snapshot: &Snapshot) -> AuthzTable {
 mod tests {
     use super::*;
     use crate::clock::test_support::inside_validity;
-    use crate::consul::api::{CaRoots, LeafCert};
-    use crate::model::fixtures::{json, snapshot};
+    use crate::consul::api::{AgentSelf, LeafCert};
+    use crate::model::fixtures::{json, snapshot, CONSUL_VERSIONS};
+    use crate::spoe::authz::Decision;
 
     fn der(leaf: &LeafCert) -> Vec<u8> {
         let (_, pem) = x509_parser::pem::parse_x509_pem(leaf.cert_pem.as_bytes()).unwrap();
@@ -119,95 +161,219 @@ mod tests {
 
     /// Judges a recorded leaf an hour into its own validity: Consul's leaves live 72 hours,
     /// so the wall clock would turn these verdicts by the calendar.
-    fn decide(t: &crate::spoe::authz::AuthzTable, der: &[u8]) -> crate::spoe::authz::Decision {
+    fn decide(t: &AuthzTable, der: &[u8]) -> Decision {
         t.decide_at(Some(der), inside_validity(der))
     }
 
-    fn server_snapshot(default_allow: Option<bool>) -> Snapshot {
-        let mut s = snapshot("server-sidecar-proxy", "ca-leaf-server.json");
-        let matched: serde_json::Value = json("intentions-match-server.json");
-        let list: Vec<IntentionEntry> = serde_json::from_value(matched["server"].clone()).unwrap();
-        s.intentions = Some(list);
-        s.default_allow = default_allow;
+    /// The recorded sidecar of `server` with the intentions list exactly as the watch reads it
+    /// (`/v1/connect/intentions`), renamed to `destination` when the test needs another one.
+    fn snapshot_for(version: &str, destination: &str, default_policy: Option<&str>) -> Snapshot {
+        let mut s = snapshot(version, "server-sidecar-proxy", "ca-leaf-server.json");
+        s.intentions = Some(json(version, "intentions.json"));
+        s.acl_default_policy = default_policy.map(str::to_string);
+        if let Some(p) = s.registration.as_mut().and_then(|r| r.proxy.as_mut()) {
+            p.destination_service_name = destination.into();
+        }
         s
     }
 
     #[test]
     fn unknown_inputs_deny_everything() {
-        let client: LeafCert = json("ca-leaf-client.json");
-        let t = table(&server_snapshot(None));
-        let d = decide(&t, &der(&client));
-        assert!(!d.allow);
-        assert!(d.reason.contains("ACL default policy"), "{}", d.reason);
+        for v in CONSUL_VERSIONS {
+            let client: LeafCert = json(v, "ca-leaf-client.json");
+            let t = table(&snapshot_for(v, "server", None));
+            let d = decide(&t, &der(&client));
+            assert!(!d.allow);
+            assert!(d.reason.contains("ACL default policy"), "{v}: {}", d.reason);
+        }
     }
 
     /// Agreement with Consul's own answers, recorded from the same agent as the certificates:
     /// client → server is denied by an exact intention, rich → server allowed by `*`.
     #[test]
     fn decisions_agree_with_consul_authorize() {
-        let t = table(&server_snapshot(Some(true)));
-        for (leaf, authorize) in [
-            ("ca-leaf-client.json", "authorize-client-to-server.json"),
-            ("ca-leaf-rich.json", "authorize-rich-to-server.json"),
+        for v in CONSUL_VERSIONS {
+            let t = table(&snapshot_for(v, "server", Some("allow")));
+            for (leaf, authorize) in [
+                ("ca-leaf-client.json", "authorize-client-to-server.json"),
+                ("ca-leaf-rich.json", "authorize-rich-to-server.json"),
+            ] {
+                let leaf: LeafCert = json(v, leaf);
+                let consul: serde_json::Value = json(v, authorize);
+                let want = consul["Authorized"].as_bool().unwrap();
+                let d = decide(&t, &der(&leaf));
+                assert_eq!(
+                    d.allow, want,
+                    "{v} {}: ours {:?}, Consul {consul}",
+                    leaf.service, d.reason
+                );
+            }
+        }
+    }
+
+    /// Consul 1.16.3's `web`: a peer's `client` allowed, `l7c` with HTTP permissions, `*` denied.
+    /// Its authorize refused the local `client` (the peer source is not it) and `l7c` (L7).
+    #[test]
+    fn peer_and_l7_sources_agree_with_consul_1_16() {
+        let v = "1.16.3";
+        let t = table(&snapshot_for(v, "web", Some("allow")));
+        let client: LeafCert = json(v, "ca-leaf-client.json");
+        let id = crate::spoe::authz::SpiffeId::parse(&client.service_uri).unwrap();
+        for (source, authorize) in [
+            ("client", "authorize-client-to-web.json"),
+            ("l7c", "authorize-l7c-to-web.json"),
+            ("other", "authorize-other-to-web.json"),
         ] {
-            let leaf: LeafCert = json(leaf);
-            let consul: serde_json::Value = json(authorize);
-            let want = consul["Authorized"].as_bool().unwrap();
-            let d = decide(&t, &der(&leaf));
+            let consul: serde_json::Value = json(v, authorize);
+            let who = crate::spoe::authz::SpiffeId {
+                service: source.into(),
+                ..id.clone()
+            };
+            let theirs = consul["Authorized"].as_bool().unwrap();
+            let ours = t.intentions().iter().find(|i| i.matches(&who));
+            let allowed = ours.map_or(t.default_policy().allows(), |i| i.action == Action::Allow);
+            assert_eq!(allowed, theirs, "{source}: ours {ours:?}, Consul {consul}");
+        }
+        // The local client itself, through the whole decision (certificate and all).
+        let d = decide(&t, &der(&client));
+        assert!(
+            !d.allow && d.reason.contains("intention * => deny"),
+            "{}",
+            d.reason
+        );
+        let l7 = t.intentions().iter().find(|i| i.source == "l7c").unwrap();
+        assert_eq!(l7.action, Action::L7 { permissions: 2 });
+        let peer = t
+            .intentions()
+            .iter()
+            .find(|i| i.source == "client")
+            .unwrap();
+        assert_eq!(peer.source_peer, "peer1");
+    }
+
+    #[test]
+    fn the_acl_default_policy_is_read_where_each_version_keeps_it() {
+        for v in CONSUL_VERSIONS {
+            let me: AgentSelf = json(v, "agent-self.json");
             assert_eq!(
-                d.allow, want,
-                "{}: ours {:?}, Consul {consul}",
-                leaf.service, d.reason
+                me.default_policy().as_deref(),
+                Some("allow"),
+                "{v}: ACLs off"
             );
+        }
+        // ACLs on: 1.8's key and 1.11+'s nested one; 1.16's wins when both are there.
+        let old: AgentSelf = serde_json::from_str(
+            r#"{"DebugConfig": {"ACLsEnabled": true, "ACLDefaultPolicy": "deny"}}"#,
+        )
+        .unwrap();
+        assert_eq!(old.default_policy().as_deref(), Some("deny"));
+        let new: AgentSelf = serde_json::from_str(
+            r#"{"DebugConfig": {"ACLsEnabled": true, "ACLResolverSettings": {"ACLDefaultPolicy": "allow"}}}"#,
+        )
+        .unwrap();
+        assert_eq!(new.default_policy().as_deref(), Some("allow"));
+        let neither: AgentSelf =
+            serde_json::from_str(r#"{"DebugConfig": {"ACLsEnabled": true}}"#).unwrap();
+        assert_eq!(
+            neither.default_policy(),
+            None,
+            "a missing key is unknown, never deny"
+        );
+        let headers: serde_json::Value = json("1.16.3", "headers.json");
+        assert_eq!(
+            headers["intentions.json"]["X-Consul-Default-Acl-Policy"], "allow",
+            "1.16 sends the policy with every answer"
+        );
+    }
+
+    #[test]
+    fn an_unknown_policy_is_named_not_guessed() {
+        let v = "1.16.3";
+        let t = table(&snapshot_for(v, "server", Some("maybe")));
+        assert_eq!(t.default_policy(), &DefaultPolicy::Unknown("maybe".into()));
+        let warning = ignored_denials(&snapshot_for(v, "server", Some("maybe"))).unwrap();
+        assert!(
+            warning.contains("the ACL default policy \"maybe\""),
+            "{warning}"
+        );
+    }
+
+    #[test]
+    fn ignored_denials_name_what_is_configured_when_enforcement_is_off() {
+        for v in CONSUL_VERSIONS {
+            let warning = ignored_denials(&snapshot_for(v, "server", Some("allow"))).unwrap();
+            assert!(
+                warning.contains("deny intentions from client to server"),
+                "{v}: {warning}"
+            );
+            assert!(!warning.contains("L7"), "{v}: {warning}");
+            let mut s = snapshot_for(v, "server", Some("allow"));
+            s.intentions = Some(Vec::new());
+            assert_eq!(ignored_denials(&s).as_deref(), Some(""));
+            s.acl_default_policy = Some("deny".into());
+            assert!(ignored_denials(&s).unwrap().contains("default policy deny"));
+            s.acl_default_policy = None;
+            assert!(ignored_denials(&s).is_none());
+        }
+        let warning = ignored_denials(&snapshot_for("1.16.3", "web", Some("allow"))).unwrap();
+        assert!(
+            warning.contains("deny intentions from * to web")
+                && warning.contains("L7 intentions (HTTP permissions) from l7c to web")
+                && !warning.contains("peer:peer1/client to web"),
+            "{warning}"
+        );
+    }
+
+    #[test]
+    fn the_table_knows_the_listener_mode_its_l7_denials_describe() {
+        for v in CONSUL_VERSIONS {
+            let mut s = snapshot_for(v, "web", Some("allow"));
+            assert!(!table(&s).http_listener(), "{v}: tcp by default");
+            if let Some(p) = s.registration.as_mut().and_then(|r| r.proxy.as_mut()) {
+                p.config
+                    .insert("protocol".into(), serde_json::Value::String("HTTP".into()));
+            }
+            assert!(table(&s).http_listener(), "{v}: protocol http");
         }
     }
 
     #[test]
-    fn ignored_denials_are_named_when_enforcement_is_off() {
-        let s = server_snapshot(Some(true));
-        let warning = ignored_denials(&s).unwrap();
-        assert!(
-            warning.contains("deny intentions from client to server"),
-            "{warning}"
+    fn the_summary_lists_rules_in_evaluation_order_and_stays_short() {
+        let t = table(&snapshot_for("1.16.3", "web", Some("allow")));
+        assert_eq!(
+            summary(t.intentions()),
+            "l7c => L7 (2 HTTP permission(s)) (9), peer:peer1/client => allow (9), * => deny (8)"
         );
-        let mut s = server_snapshot(Some(true));
-        s.intentions = Some(Vec::new());
-        assert_eq!(ignored_denials(&s).as_deref(), Some(""));
-        s.default_allow = Some(false);
-        assert!(ignored_denials(&s).unwrap().contains("default policy deny"));
-        s.default_allow = None;
-        assert!(ignored_denials(&s).is_none());
+        let many: Vec<Intention> = (0..20)
+            .map(|i| Intention::new(format!("s{i}"), Action::Deny, 9))
+            .collect();
+        let s = summary(&many);
+        assert!(
+            s.ends_with(", and 8 more") && s.starts_with("s0 => deny (9), s1"),
+            "{s}"
+        );
     }
 
     #[test]
-    fn other_destinations_are_ignored() {
+    fn other_destinations_partitions_and_namespaces_are_ignored() {
+        let entry = |dest: &str, dest_ns: &str, dest_ap: &str| IntentionEntry {
+            source_name: "a".into(),
+            destination_name: dest.into(),
+            destination_ns: dest_ns.into(),
+            destination_partition: dest_ap.into(),
+            action: "deny".into(),
+            precedence: 9,
+            ..Default::default()
+        };
         let all = vec![
-            IntentionEntry {
-                source_name: "a".into(),
-                destination_name: "server".into(),
-                action: "deny".into(),
-                precedence: 9,
-                ..Default::default()
-            },
-            IntentionEntry {
-                source_name: "a".into(),
-                destination_name: "other".into(),
-                action: "allow".into(),
-                precedence: 9,
-                ..Default::default()
-            },
-            IntentionEntry {
-                source_name: "*".into(),
-                destination_name: "*".into(),
-                action: "allow".into(),
-                precedence: 5,
-                ..Default::default()
-            },
+            entry("server", "", ""),
+            entry("server", "default", "default"),
+            entry("other", "", ""),
+            entry("*", "", ""),
+            entry("server", "team-a", ""),
+            entry("server", "", "part1"),
         ];
         let mine = for_destination(&all, "server");
-        assert_eq!(mine.len(), 2);
-        assert!(mine.iter().all(|i| i.source == "a" || i.source == "*"));
-        let roots: CaRoots = json("ca-roots.json");
-        assert!(!roots.roots.is_empty());
+        assert_eq!(mine.len(), 3, "{mine:?}");
     }
 }

@@ -223,12 +223,12 @@ fn label(line: &str, name: &str) -> Option<String> {
 mod tests {
     use super::*;
     use crate::model::build;
-    use crate::model::fixtures::{settings, snapshot};
+    use crate::model::fixtures::{settings, snapshot, ANY};
 
     #[test]
     fn upstream_series_name_instances_and_free_slots_are_dropped() {
         let d = build(
-            &snapshot("client-sidecar-proxy", "ca-leaf-client.json"),
+            &snapshot(ANY, "client-sidecar-proxy", "ca-leaf-client.json"),
             &settings(),
             None,
         )

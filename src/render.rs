@@ -218,7 +218,7 @@ fn tera_error(e: &tera::Error) -> String {
 mod tests {
     use super::*;
     use crate::model::build;
-    use crate::model::fixtures::{settings_in, snapshot};
+    use crate::model::fixtures::{settings_in, snapshot, ANY, CONSUL_VERSIONS};
 
     fn creds() -> DataplaneCredentials {
         DataplaneCredentials {
@@ -228,14 +228,26 @@ mod tests {
     }
 
     /// Renders the recorded `proxy` into a fresh directory and returns it with the files.
-    fn render_into(proxy: &str, leaf: &str, intentions: bool) -> (PathBuf, Vec<File>) {
+    fn render_into(
+        version: &str,
+        proxy: &str,
+        leaf: &str,
+        intentions: bool,
+    ) -> (PathBuf, Vec<File>) {
         static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let dir =
-            std::env::temp_dir().join(format!("hcc-render-{}-{seq}-{proxy}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!(
+            "hcc-render-{}-{seq}-{version}-{proxy}",
+            std::process::id()
+        ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("certs")).unwrap();
-        let d = build(&snapshot(proxy, leaf), &settings_in(&dir, intentions), None).unwrap();
+        let d = build(
+            &snapshot(version, proxy, leaf),
+            &settings_in(&dir, intentions),
+            None,
+        )
+        .unwrap();
         let files = render(&d, &creds(), &Templates::builtin()).unwrap();
         for f in &files {
             std::fs::write(&f.path, &f.contents).unwrap();
@@ -253,16 +265,20 @@ mod tests {
 
     #[test]
     fn rendered_configs_pass_haproxy_check() {
-        for (proxy, leaf, intentions) in [
-            ("client-sidecar-proxy", "ca-leaf-client.json", false),
-            ("rich-sidecar-proxy", "ca-leaf-rich.json", false),
-            ("server-sidecar-proxy", "ca-leaf-server.json", true),
-        ] {
-            let (dir, files) = render_into(proxy, leaf, intentions);
+        // Consul 1.16's leaves have no CN and a critical URI SAN: HAProxy must load them too.
+        for (version, (proxy, leaf, intentions)) in CONSUL_VERSIONS.iter().flat_map(|v| {
+            [
+                ("client-sidecar-proxy", "ca-leaf-client.json", false),
+                ("rich-sidecar-proxy", "ca-leaf-rich.json", false),
+                ("server-sidecar-proxy", "ca-leaf-server.json", true),
+            ]
+            .map(|c| (*v, c))
+        }) {
+            let (dir, files) = render_into(version, proxy, leaf, intentions);
             let out = haproxy_check(&dir.join("haproxy.cfg"));
             assert!(
                 out.status.success(),
-                "{proxy}: haproxy -c failed:\n{}\n{}",
+                "{version} {proxy}: haproxy -c failed:\n{}\n{}",
                 String::from_utf8_lossy(&out.stderr),
                 files.last().unwrap().contents
             );
@@ -271,9 +287,33 @@ mod tests {
     }
 
     #[test]
+    fn a_unix_socket_upstream_passes_haproxy_check() {
+        let (dir, _) = render_into(ANY, "client-sidecar-proxy", "ca-leaf-client.json", false);
+        let mut s = snapshot("1.16.3", "client-sidecar-proxy", "ca-leaf-client.json");
+        let u = crate::model::fixtures::first_upstream(&mut s);
+        u.local_bind_socket_path = dir.join("up.sock").display().to_string();
+        u.local_bind_socket_mode = "0660".into();
+        let d = build(&s, &settings_in(&dir, false), None).unwrap();
+        let files = render(&d, &creds(), &Templates::builtin()).unwrap();
+        for f in &files {
+            std::fs::write(&f.path, &f.contents).unwrap();
+        }
+        let cfg = &files.last().unwrap().contents;
+        let want = format!("bind {}/up.sock name ", dir.display());
+        assert!(cfg.contains(&want) && cfg.contains(" mode 0660"), "{cfg}");
+        let out = haproxy_check(&dir.join("haproxy.cfg"));
+        assert!(
+            out.status.success(),
+            "{}\n{cfg}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn a_broken_config_is_caught_by_the_check() {
         // Guards the test above: the check must be able to fail.
-        let (dir, _) = render_into("client-sidecar-proxy", "ca-leaf-client.json", false);
+        let (dir, _) = render_into(ANY, "client-sidecar-proxy", "ca-leaf-client.json", false);
         let cfg = dir.join("haproxy.cfg");
         let text = std::fs::read_to_string(&cfg).unwrap();
         std::fs::write(
@@ -287,7 +327,7 @@ mod tests {
 
     #[test]
     fn files_come_roots_first_and_config_last() {
-        let (dir, files) = render_into("client-sidecar-proxy", "ca-leaf-client.json", true);
+        let (dir, files) = render_into(ANY, "client-sidecar-proxy", "ca-leaf-client.json", true);
         let names: Vec<String> = files
             .iter()
             .map(|f| f.path.file_name().unwrap().to_string_lossy().into_owned())

@@ -14,7 +14,8 @@ pub struct Snapshot {
     pub roots: Option<CaRoots>,
     pub endpoints: BTreeMap<DestinationKey, Vec<HealthEntry>>,
     pub intentions: Option<Vec<IntentionEntry>>,
-    pub default_allow: Option<bool>,
+    /// The ACL default policy as Consul spells it (see `Update::AclDefaultPolicy`).
+    pub acl_default_policy: Option<String>,
 }
 
 impl Snapshot {
@@ -28,7 +29,7 @@ impl Snapshot {
             Update::Leaf(l) => replace(&mut self.leaf, Some(l)),
             Update::Roots(r) => replace(&mut self.roots, Some(r)),
             Update::Intentions(i) => replace(&mut self.intentions, Some(i)),
-            Update::DefaultAllow(a) => replace(&mut self.default_allow, Some(a)),
+            Update::AclDefaultPolicy(p) => replace(&mut self.acl_default_policy, Some(p)),
             Update::Endpoints(k, e) => {
                 if self.endpoints.get(&k) == Some(&e) {
                     false

@@ -188,8 +188,14 @@ fn child_guard_stops_the_whole_tree() {
 }
 
 #[test]
-fn free_ports_are_distinct_and_bin_path_is_set() {
-    let ports: std::collections::HashSet<u16> = (0..200).map(|_| free_port()).collect();
-    assert_eq!(ports.len(), 200);
+fn free_ports_can_all_be_bound_at_once_and_bin_path_is_set() {
+    // Handed out first, bound after: a port handed out twice, or one still taken, fails to bind
+    // (binding while handing out would let the kernel, not free_port, keep them apart).
+    let ports: Vec<u16> = (0..200).map(|_| free_port()).collect();
+    let _held: Vec<TcpListener> = ports
+        .iter()
+        .map(|p| TcpListener::bind(("127.0.0.1", *p)).unwrap_or_else(|e| panic!("port {p}: {e}")))
+        .collect();
+    assert!(bin_path().is_file(), "{}", bin_path().display());
     assert!(bin_path().ends_with("haproxy-consul-connect"));
 }

@@ -56,6 +56,38 @@ fn rss_kb(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// The secrets a running sidecar keeps in its working directory: the Dataplane API password
+/// (from the userlist of haproxy.cfg) and the first line of its leaf's private key.
+fn sidecar_secrets(workdir: &std::path::Path) -> Vec<(&'static str, String)> {
+    let cfg = std::fs::read_to_string(workdir.join("haproxy.cfg")).unwrap();
+    let password = cfg
+        .lines()
+        .find_map(|l| {
+            let mut words = l.split_whitespace();
+            words.find(|w| *w == "insecure-password")?;
+            words.next()
+        })
+        .unwrap_or_else(|| panic!("no Dataplane API password in\n{cfg}"))
+        .to_string();
+    // Short or guessable, it would match by accident or not be worth hiding.
+    assert!(
+        password.len() >= 32 && password.chars().all(|c| c.is_ascii_hexdigit()),
+        "{password:?}"
+    );
+    let leaf = std::fs::read_to_string(workdir.join("certs").join("leaf.pem")).unwrap();
+    let key_line = leaf
+        .lines()
+        .skip_while(|l| !l.contains("PRIVATE KEY-----"))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no private key in the leaf file"))
+        .to_string();
+    assert!(key_line.len() >= 40, "{key_line:?}");
+    vec![
+        ("the Dataplane API password", password),
+        ("the leaf's private key", key_line),
+    ]
+}
+
 #[test]
 fn traffic_identity_and_refusals_through_two_sidecars() {
     let nobody_port = free_port();
@@ -155,14 +187,35 @@ fn traffic_identity_and_refusals_through_two_sidecars() {
         "the request hung until the client gave up: {nobody:?}"
     );
 
-    // 5. Secrets never reach a child's command line or environment.
-    for sidecar in [&mesh.server_sidecar, &mesh.client_sidecar] {
+    // 5. Secrets never reach a log, a child's command line or its environment: the Dataplane
+    // API password each sidecar generated and its leaf's private key, read back from the files
+    // that alone should hold them.
+    for (service, sidecar) in [
+        ("server", &mesh.server_sidecar),
+        ("client", &mesh.client_sidecar),
+    ] {
+        let secrets = sidecar_secrets(&mesh.workdir(service));
+        let logs = sidecar.logs();
+        for (what, secret) in &secrets {
+            assert!(
+                !logs.contains(secret.as_str()),
+                "{service}: {what} in the log"
+            );
+        }
+        let mut looked_at = Vec::new();
         for pid in descendants(sidecar.pid()) {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-            for hay in [&cmdline, &environ] {
-                let text = String::from_utf8_lossy(hay);
-                assert!(!text.contains("insecure-password"), "{pid}: {text}");
+            if !cmdline.is_empty() {
+                looked_at.push(process_name(pid).unwrap_or_default());
+            }
+            for (what, secret) in &secrets {
+                for (place, hay) in [("argv", &cmdline), ("environment", &environ)] {
+                    assert!(
+                        !String::from_utf8_lossy(hay).contains(secret.as_str()),
+                        "{service}: {what} in the {place} of {pid}"
+                    );
+                }
             }
             // HAProxy sets HAPROXY_* on itself; the Dataplane API must not inherit them, or it
             // believes it runs as an HAProxy program.
@@ -179,6 +232,13 @@ fn traffic_identity_and_refusals_through_two_sidecars() {
                 );
             }
         }
+        // A search of nothing proves nothing.
+        assert!(
+            ["dataplaneapi", "haproxy"]
+                .iter()
+                .all(|n| looked_at.iter().any(|l| l == n)),
+            "{service}: searched only {looked_at:?}"
+        );
     }
 
     // Numbers for the closing note.
@@ -325,11 +385,21 @@ fn dry_run_check(args: &[&str], wants: &[&str]) {
 
 #[test]
 fn consul_over_a_unix_socket_and_token_from_the_environment() {
-    // A relay gives the real agent a unix socket address, as CONSUL_HTTP_ADDR=unix:// users have.
-    let consul = Consul::start();
+    // ACLs on with default deny: without the token from the environment the sidecar cannot even
+    // see its registration, so being ready proves the token was used.
+    let consul = Consul::start_acl_deny();
     let app = HttpApp::start(APP_BODY);
     let port = free_port();
     consul.register(&sidecar_registration("server", app.port(), port, &[]));
+    // What an operator would hand the sidecar: a service identity, nothing more.
+    let (status, body) = consul.put(
+        "/v1/acl/token",
+        r#"{"Description": "server sidecar", "ServiceIdentities": [{"ServiceName": "server"}]}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let token: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let token = token["SecretID"].as_str().unwrap().to_string();
+    // A relay gives the real agent a unix socket address, as CONSUL_HTTP_ADDR=unix:// users have.
     let base = TempDir::new("unix");
     let sock = base.join("consul.sock");
     let _relay = Child::spawn(
@@ -340,31 +410,70 @@ fn consul_over_a_unix_socket_and_token_from_the_environment() {
         base.path(),
     );
     wait_until(Duration::from_secs(5), "the relay socket", || sock.exists()).unwrap();
-    let token = "0f1e2d3c-token-that-must-not-leak";
-    let sidecar = Child::spawn(
-        "sidecar",
-        Command::new(bin_path())
-            .args(["-sidecar-for", "server", "-log-level", "trace"])
+    let start = |name: &str, token: Option<&str>| {
+        let dir = base.join(name);
+        std::fs::create_dir(&dir).unwrap();
+        let mut cmd = Command::new(bin_path());
+        cmd.args(["-sidecar-for", "server", "-log-level", "trace"])
             .arg("-haproxy-cfg-base-path")
-            .arg(base.path())
+            .arg(&dir)
             .env("CONSUL_HTTP_ADDR", format!("unix://{}", sock.display()))
-            .env("CONSUL_HTTP_TOKEN", token),
-        base.path(),
-    );
+            .env_remove("CONSUL_HTTP_TOKEN")
+            .env_remove("CONSUL_HTTP_TOKEN_FILE");
+        if let Some(t) = token {
+            cmd.env("CONSUL_HTTP_TOKEN", t);
+        }
+        Child::spawn(name, &mut cmd, &dir)
+    };
+    // Negative control first, so it has had at least as long as the other to get ready.
+    let tokenless = start("sidecar-no-token", None);
+    let sidecar = start("sidecar", Some(&token));
     wait_until(Duration::from_secs(30), "the sidecar to be ready", || {
         sidecar.log_contains("-> Ready")
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", sidecar.logs()));
-    assert!(!sidecar.logs().contains(token), "the token reached the log");
-    for pid in descendants(sidecar.pid()) {
+    let leaf = consul.get_json("/v1/agent/connect/ca/leaf/client");
+    let roots = consul.get_json("/v1/agent/connect/ca/roots");
+    let (cert, key, ca) = (base.join("c.pem"), base.join("c.key"), base.join("r.pem"));
+    std::fs::write(&cert, leaf["CertPEM"].as_str().unwrap()).unwrap();
+    std::fs::write(&key, leaf["PrivateKeyPEM"].as_str().unwrap()).unwrap();
+    std::fs::write(&ca, roots["Roots"][0]["RootCert"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        curl_mtls(port, Some((&cert, &key)), &ca).as_deref(),
+        Ok(APP_BODY),
+        "{}",
+        sidecar.logs()
+    );
+    // Without a token Consul filters the registration out of what the sidecar may see.
+    wait_until(
+        Duration::from_secs(10),
+        "the tokenless sidecar to find no registration",
+        || tokenless.log_contains("connect-proxy services here: none"),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", tokenless.logs()));
+    assert!(
+        !tokenless.log_contains("-> Ready"),
+        "ready without a token, so the token proves nothing\n{}",
+        tokenless.logs()
+    );
+    assert!(
+        !sidecar.logs().contains(&token),
+        "the token reached the log"
+    );
+    let children = descendants(sidecar.pid());
+    assert!(
+        children.len() >= 3,
+        "haproxy and dataplaneapi: {children:?}"
+    );
+    for pid in children {
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
         assert!(
-            !String::from_utf8_lossy(&cmdline).contains(token),
+            !String::from_utf8_lossy(&cmdline).contains(&token),
             "token in argv of {pid}"
         );
         assert!(
-            !String::from_utf8_lossy(&environ).contains(token),
+            !String::from_utf8_lossy(&environ).contains(&token),
             "token in env of {pid}"
         );
     }

@@ -3,18 +3,40 @@
 
 mod support;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use support::mesh::{sidecar, Mesh, MeshOptions, APP_BODY};
 use support::*;
 
-/// The proxies of a configuration (frontends and backends) with each line's words as a set, so
-/// option order and the Dataplane API's own formatting do not matter; the workdir is replaced by
-/// a placeholder. Lines are kept with their count, so free slots count too.
+/// Keywords whose lines HAProxy evaluates in the order written, each keyword's list on its own
+/// (so `tcp-request` before `http-request` or the reverse is the same configuration, but two
+/// `http-request` lines swapped are not).
+const ORDERED: &[&str] = &[
+    "acl",
+    "default_backend",
+    "filter",
+    "http-after-response",
+    "http-check",
+    "http-request",
+    "http-response",
+    "redirect",
+    "tcp-check",
+    "tcp-request",
+    "tcp-response",
+    "use-server",
+    "use_backend",
+];
+
+/// The proxies of a configuration (frontends and backends), one entry per line, so two
+/// configurations can be compared as sets whatever the order of their sections. Rule lines (see
+/// `ORDERED`) keep their words in order and carry their position among their keyword's lines;
+/// every other line has its words sorted, so option order and the Dataplane API's own formatting
+/// do not matter, and carries its count, so free slots count too. The workdir is replaced by a
+/// placeholder.
 fn objects(cfg: &str, workdir: &str) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
-    let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    let mut seen: HashMap<String, usize> = HashMap::new();
     let mut section: Option<String> = None;
     for line in cfg.lines() {
         let line = line
@@ -34,26 +56,38 @@ fn objects(cfg: &str, workdir: &str) -> BTreeSet<String> {
             }
             continue;
         }
-        if let Some(s) = &section {
-            let mut words: Vec<&str> = line.split_whitespace().collect();
+        let Some(s) = &section else { continue };
+        let mut words: Vec<&str> = line.split_whitespace().collect();
+        let keyword = words[0];
+        let line = if ORDERED.contains(&keyword) {
+            let n = seen.entry(format!("{s} | {keyword}")).or_default();
+            *n += 1;
+            format!("{s} | {keyword} #{n}: {}", words.join(" "))
+        } else {
             // Which slot an instance sits in depends on history (it keeps its slot; a fresh
             // render sorts): compare server lines without the slot name.
-            if words.first() == Some(&"server") && words.get(1).is_some_and(|n| n.starts_with('s'))
-            {
+            if keyword == "server" && words.get(1).is_some_and(|n| n.starts_with('s')) {
                 words.remove(1);
             }
             words.sort();
             let line = format!("{s} | {}", words.join(" "));
             let n = seen.entry(line.clone()).or_default();
             *n += 1;
-            out.insert(format!("{line} #{n}"));
-        }
+            format!("{line} (x{n})")
+        };
+        out.insert(line);
     }
     out
 }
 
 fn fresh_render(mesh: &Mesh, service: &str) -> (String, String) {
-    let text = dry_run(&mesh.consul.http_addr(), mesh.base.path(), service, &[]);
+    // The same flags as the running sidecars (see Mesh::start).
+    let text = dry_run(
+        &mesh.consul.http_addr(),
+        mesh.base.path(),
+        service,
+        &["-enable-intentions"],
+    );
     let start = text
         .find("haproxy.cfg <==")
         .expect("haproxy.cfg in the dry run");
@@ -65,9 +99,16 @@ fn fresh_render(mesh: &Mesh, service: &str) -> (String, String) {
     (cfg, dir.display().to_string())
 }
 
+/// `server-2`'s weight in Consul; any value but the default 1 shows it was carried.
+const SECOND_WEIGHT: u32 = 7;
+
 #[test]
 fn deltas_and_a_fresh_render_describe_the_same_haproxy() {
-    let mesh = Mesh::start(MeshOptions::default());
+    // Intentions on: the SPOE filter and the rule that fails closed are in the comparison too.
+    let mesh = Mesh::start(MeshOptions {
+        intentions: true,
+        ..Default::default()
+    });
 
     // A second instance of `server`, with its own sidecar.
     let second_port = free_port();
@@ -79,6 +120,9 @@ fn deltas_and_a_fresh_render_describe_the_same_haproxy() {
     ))
     .unwrap();
     second["Name"] = "server".into();
+    // A weight of its own, which the deltas must carry to HAProxy.
+    second["Connect"]["SidecarService"]["Weights"] =
+        serde_json::json!({"Passing": SECOND_WEIGHT, "Warning": 1});
     mesh.consul.register(&second.to_string());
     let _second_sidecar = sidecar(&mesh.consul, &mesh.base, "server-2", false, &[]);
     wait_until(
@@ -107,7 +151,7 @@ fn deltas_and_a_fresh_render_describe_the_same_haproxy() {
         "client",
         free_port(),
         mesh.client_port,
-        &[("server", mesh.upstream_port), ("server", extra_port)],
+        &[("server", mesh.upstream_port), ("server@dc1", extra_port)],
     ));
 
     wait_until(
@@ -145,11 +189,36 @@ fn deltas_and_a_fresh_render_describe_the_same_haproxy() {
         only_applied.is_empty() && only_fresh.is_empty(),
         "deltas and a fresh render differ\nonly after deltas: {only_applied:#?}\nonly in a fresh render: {only_fresh:#?}"
     );
-    // The comparison must see the servers and the weight, or it proves nothing.
-    assert!(a
-        .iter()
-        .any(|l| l.contains(&format!("127.0.0.1:{second_port}"))));
+    // The comparison must see the servers, their weights and the rules, or it proves nothing.
+    for (port, weight) in [(mesh.server_port, 1), (second_port, SECOND_WEIGHT)] {
+        let addr = format!("127.0.0.1:{port}");
+        let weights: Vec<&str> = applied
+            .lines()
+            .filter_map(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                if w.first() != Some(&"server") || w.get(2) != Some(&addr.as_str()) {
+                    return None;
+                }
+                let at = w.iter().position(|x| *x == "weight")?;
+                w.get(at + 1).copied()
+            })
+            .collect();
+        // One server line in each of the two upstream backends.
+        assert_eq!(
+            weights,
+            [weight.to_string(), weight.to_string()],
+            "weights of {addr}:\n{applied}"
+        );
+    }
     assert!(a.iter().any(|l| l.contains(&format!(":{extra_port}"))));
+    assert!(
+        a.iter().any(|l| l.contains("http-request #2:")),
+        "rule lines compared in order: {a:#?}"
+    );
+    assert!(
+        a.iter().any(|l| l.contains("tcp-request #1:")),
+        "the fail-closed rule compared: {a:#?}"
+    );
 
     // The upstream removed again: its listener goes.
     mesh.consul.register(&sidecar_registration(

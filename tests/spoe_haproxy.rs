@@ -13,14 +13,14 @@ use std::net::{TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::Ordering;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use haproxy_consul_connect::spoe::authz::{Action, AuthzTable, Intention};
+use haproxy_consul_connect::spoe::authz::{Action, AuthzTable, DefaultPolicy, Intention};
 use haproxy_consul_connect::spoe::server::{spawn, AgentConfig, SharedTable};
-use support::{free_port, wait_until, Child, TempDir, TRUST_DOMAIN};
+use support::{free_port, http_get, wait_until, Child, TempDir, TRUST_DOMAIN};
 
 const CERTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/spop/certs");
 
@@ -32,13 +32,17 @@ fn haproxy_bin() -> String {
     std::env::var("HAPROXY").unwrap_or_else(|_| "haproxy".into())
 }
 
-/// A TCP echo server on loopback, for as long as the test process lives.
-fn start_echo() -> u16 {
+/// A TCP echo server on loopback, for as long as the test process lives; the counter is the
+/// connections it accepted.
+fn start_echo() -> (u16, Arc<AtomicU64>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let counter = accepted.clone();
     thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { continue };
+            counter.fetch_add(1, Ordering::SeqCst);
             thread::spawn(move || {
                 let mut buf = [0u8; 4096];
                 while let Ok(n) = conn.read(&mut buf) {
@@ -49,7 +53,7 @@ fn start_echo() -> u16 {
             });
         }
     });
-    port
+    (port, accepted)
 }
 
 /// `openssl s_client`, killed and reaped on drop even if the test panics.
@@ -113,7 +117,7 @@ fn exchange(port: u16, name: &str, log_dir: &Path) -> String {
     String::from_utf8_lossy(&got).into_owned()
 }
 
-fn write_config(dir: &TempDir, port: u16, echo: u16, agent_sock: &Path) -> PathBuf {
+fn write_config(dir: &TempDir, port: u16, stats: u16, echo: u16, agent_sock: &Path) -> PathBuf {
     // The client-facing trust bundle holds both CAs; the agent's table only the first.
     let bundle = [
         fs::read_to_string(cert("ca.crt")).unwrap(),
@@ -164,6 +168,13 @@ frontend fe_mtls
 backend be_echo
     server echo 127.0.0.1:{echo}
 
+# Outside the SPOE path: shows HAProxy itself is still up when fe_mtls refuses.
+listen stats
+    mode http
+    bind 127.0.0.1:{stats}
+    stats enable
+    stats uri /stats
+
 backend spoe_agents
     mode tcp
     timeout connect 1s
@@ -188,12 +199,8 @@ fn haproxy_asks_the_agent_and_fails_closed_without_it() {
     let table = AuthzTable::new(
         TRUST_DOMAIN,
         &roots,
-        vec![Intention {
-            source: "web".into(),
-            action: Action::Deny,
-            precedence: 9,
-        }],
-        true,
+        vec![Intention::new("web", Action::Deny, 9)],
+        DefaultPolicy::Allow,
     )
     .unwrap();
     let mut agent = spawn(
@@ -208,8 +215,9 @@ fn haproxy_asks_the_agent_and_fails_closed_without_it() {
     let stats = agent.stats().clone();
 
     let port = free_port();
-    let echo = start_echo();
-    let cfg = write_config(&dir, port, echo, &sock);
+    let stats_port = free_port();
+    let (echo, echoed) = start_echo();
+    let cfg = write_config(&dir, port, stats_port, echo, &sock);
     let check = Command::new(haproxy_bin())
         .arg("-c")
         .arg("-f")
@@ -222,7 +230,7 @@ fn haproxy_asks_the_agent_and_fails_closed_without_it() {
         String::from_utf8_lossy(&check.stdout),
         String::from_utf8_lossy(&check.stderr)
     );
-    let haproxy = Child::spawn(
+    let mut haproxy = Child::spawn(
         "haproxy",
         Command::new(haproxy_bin()).arg("-db").arg("-f").arg(&cfg),
         dir.path(),
@@ -246,6 +254,11 @@ fn haproxy_asks_the_agent_and_fails_closed_without_it() {
         haproxy.logs()
     );
     assert_eq!(stats.allowed.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        echoed.load(Ordering::SeqCst),
+        1,
+        "the echo counts connections"
+    );
 
     // Each of these completes the TLS handshake and must be stopped by the agent.
     for (name, why) in [
@@ -273,6 +286,11 @@ fn haproxy_asks_the_agent_and_fails_closed_without_it() {
     // Without the agent HAProxy gets no answer, the variable stays unset, and the rule rejects.
     agent.shutdown();
     assert!(!sock.exists());
+    let stats_addr = format!("127.0.0.1:{stats_port}");
+    let denied_before = denied_requests(&stats_addr);
+    let echoed_before = echoed.load(Ordering::SeqCst);
+    // Only log lines from here on are about the connection below.
+    let mark = haproxy.stdout().len();
     let started = Instant::now();
     let out = exchange(port, "client", dir.path());
     assert!(
@@ -280,10 +298,57 @@ fn haproxy_asks_the_agent_and_fails_closed_without_it() {
         "agent down but data went through: {out:?}"
     );
     assert!(started.elapsed() < Duration::from_secs(5));
-    assert!(
-        haproxy.log_contains("fe_mtls"),
-        "HAProxy logged the connections\n{}",
-        haproxy.logs()
+    assert_eq!(
+        echoed.load(Ordering::SeqCst),
+        echoed_before,
+        "agent down but the connection reached the backend"
     );
+    // Refused by the rule, and by nothing else: the handshake completed (`~`), no server was
+    // chosen, and the session ended on a rule (`PR`) after an SPOE exchange that got no answer
+    // (status not 0).
+    let new_lines = || haproxy.stdout()[mark..].to_string();
+    wait_until(
+        Duration::from_secs(5),
+        "HAProxy's log of the refusal",
+        || {
+            let lines = new_lines();
+            lines.contains("fe_mtls~ fe_mtls/<NOSRV>") && lines.contains("SPOE: [hcc-agent]")
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", haproxy.logs()));
+    let lines = new_lines();
+    let ours: Vec<&str> = lines
+        .lines()
+        .filter(|l| l.contains("fe_mtls") || l.starts_with("SPOE:"))
+        .collect();
+    assert_eq!(ours.len(), 2, "one connection, one SPOE event:\n{lines}");
+    let refusal = ours.iter().find(|l| l.contains("fe_mtls~")).unwrap();
+    assert_eq!(
+        refusal.split_whitespace().nth(6),
+        Some("PR"),
+        "not ended by a rule: {refusal}"
+    );
+    let event = ours.iter().find(|l| l.starts_with("SPOE:")).unwrap();
+    assert!(!event.contains(" st=0 "), "the agent answered: {event}");
+    assert_eq!(denied_requests(&stats_addr), denied_before + 1);
+    assert!(haproxy.is_running(), "HAProxy died\n{}", haproxy.logs());
     assert_eq!(stats.errors.load(Ordering::Relaxed), 0);
+}
+
+/// fe_mtls's denied-requests counter (`dreq`), from HAProxy's stats page, which answering at all
+/// shows HAProxy still serves.
+fn denied_requests(stats: &str) -> u64 {
+    let (status, csv) = http_get(stats, "/stats;csv", Duration::from_secs(2))
+        .unwrap_or_else(|e| panic!("HAProxy's stats: {e}"));
+    assert_eq!(status, 200, "{csv}");
+    let header: Vec<&str> = csv.lines().next().unwrap_or_default().split(',').collect();
+    let dreq = header
+        .iter()
+        .position(|h| *h == "dreq")
+        .unwrap_or_else(|| panic!("no dreq in {csv}"));
+    let row = csv
+        .lines()
+        .find(|l| l.starts_with("fe_mtls,FRONTEND,"))
+        .unwrap_or_else(|| panic!("no fe_mtls frontend in {csv}"));
+    row.split(',').nth(dreq).unwrap().parse().unwrap()
 }

@@ -126,15 +126,16 @@ fn sigterm_lets_an_in_flight_request_finish_and_refuses_new_ones() {
     let mut mesh = Mesh::start(MeshOptions::default());
     let started = descendants(mesh.server_sidecar.pid());
     mesh.app.set_delay(Duration::from_secs(3));
+    // Mesh::start's own requests are counted too; only what follows is this test's.
+    let initial = mesh.app.requests();
     let addr = mesh.upstream_addr();
     let slow = std::thread::spawn(move || http_get(&addr, "/slow", Duration::from_secs(15)));
     wait_until(
         Duration::from_secs(5),
         "the slow request to reach the app",
-        || mesh.app.requests() > 0,
+        || mesh.app.requests() == initial + 1,
     )
     .unwrap();
-    let before = mesh.app.requests();
     std::thread::sleep(Duration::from_millis(300));
     mesh.server_sidecar.signal(Signal::SIGTERM);
     wait_until(
@@ -143,12 +144,22 @@ fn sigterm_lets_an_in_flight_request_finish_and_refuses_new_ones() {
         || std::net::TcpStream::connect(("127.0.0.1", mesh.server_port)).is_err(),
     )
     .unwrap_or_else(|e| panic!("{e}\n{}", mesh.server_sidecar.logs()));
+    // A new request while the old one is still being served.
+    let late = http_get(&mesh.upstream_addr(), "/late", Duration::from_secs(5));
+    assert!(
+        !matches!(late, Ok((200, _))),
+        "a request made after SIGTERM was served: {late:?}"
+    );
     assert_eq!(
         slow.join().unwrap(),
         Ok((200, APP_BODY.to_string())),
         "the in-flight request was cut"
     );
-    assert!(mesh.app.requests() >= before);
+    assert_eq!(
+        mesh.app.requests(),
+        initial + 1,
+        "only the in-flight request may reach the app"
+    );
     let status = mesh
         .server_sidecar
         .wait_timeout(Duration::from_secs(40))
@@ -189,9 +200,14 @@ fn as_pid_1_orphans_are_reaped() {
     consul.register(&sidecar_registration("server", app.port(), port, &[]));
     let base = TempDir::new("pid1");
     // HAProxy through a wrapper that leaves an orphan behind on every run (the Dataplane API also
-    // runs it to validate), as a badly behaved child in a container would.
+    // runs it to validate), as a badly behaved child in a container would. The orphan lives long
+    // enough to still be there however slow the start; the test ends it itself.
     let wrapper = base.join("haproxy-orphaning");
-    std::fs::write(&wrapper, "#!/bin/sh\n( sleep 4 & )\nexec haproxy \"$@\"\n").unwrap();
+    std::fs::write(
+        &wrapper,
+        "#!/bin/sh\n( sleep 600 & )\nexec haproxy \"$@\"\n",
+    )
+    .unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
     let mut unshared = Child::spawn(
@@ -225,46 +241,44 @@ fn as_pid_1_orphans_are_reaped() {
         nspid.trim_end().ends_with("\t1"),
         "not PID 1 in its namespace: {nspid}"
     );
-    // An orphan was adopted by PID 1 (so the check below can fail)...
-    let parent_of = |p: u32| {
-        std::fs::read_to_string(format!("/proc/{p}/stat"))
-            .ok()
-            .and_then(|s| {
-                s.rsplit(')')
-                    .next()?
-                    .split_whitespace()
-                    .nth(1)?
-                    .parse::<u32>()
-                    .ok()
-            })
+    // A live orphan, adopted by the sidecar: only its parent can reap it once it dies.
+    let is_adopted_orphan = |p: u32| {
+        std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| c == b"sleep\x00600\x00")
+            && parent_of(p) == Some(pid1)
+            && is_running(p)
     };
     let mut adopted: Vec<u32> = Vec::new();
     wait_until(
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         "an orphan adopted by PID 1",
         || {
             adopted = descendants(unshared.pid())
                 .into_iter()
-                .filter(|p| {
-                    process_name(*p).as_deref() == Some("sleep") && parent_of(*p) == Some(pid1)
-                })
+                .filter(|p| is_adopted_orphan(*p))
                 .collect();
             !adopted.is_empty()
         },
     )
     .unwrap_or_else(|e| panic!("{e}\n{}", unshared.logs()));
-    // ...and once it has exited, it was reaped, not left a zombie.
+    let orphans = PidGuard::new(&adopted);
+    // Its death is PID 1's to collect: unreaped, it would stay a zombie forever.
+    for p in orphans.pids() {
+        kill(Pid::from_raw(p as i32), Signal::SIGKILL).unwrap();
+    }
     wait_until(
-        Duration::from_secs(15),
-        "the adopted orphans to exit",
-        || {
-            adopted
-                .iter()
-                .all(|p| parent_of(*p) != Some(pid1) || zombies_of(pid1).contains(p))
-        },
+        Duration::from_secs(10),
+        "PID 1 to reap the killed orphans",
+        || orphans.reaped().len() == orphans.pids().len(),
     )
-    .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: reaped {:?} of {:?}, zombies of PID 1: {:?}\n{}",
+            orphans.reaped(),
+            orphans.pids(),
+            zombies_of(pid1),
+            unshared.logs()
+        )
+    });
     assert!(
         zombies_of(pid1).is_empty(),
         "zombies: {:?}",

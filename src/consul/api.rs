@@ -57,6 +57,9 @@ pub struct ProxyConfig {
     pub config: BTreeMap<String, Value>,
     #[serde(default, deserialize_with = "null_as_default")]
     pub upstreams: Vec<Upstream>,
+    /// `transparent` (Consul 1.10+) asks the proxy to capture outbound traffic itself.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub mode: String,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
@@ -73,6 +76,15 @@ pub struct Upstream {
     pub local_bind_address: String,
     #[serde(default)]
     pub local_bind_port: u16,
+    /// Consul 1.10+: listen on this unix socket instead of an address and port.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub local_bind_socket_path: String,
+    /// The socket's permissions, octal (`0660`).
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub local_bind_socket_mode: String,
+    /// Consul 1.13+: the destination is a service of this cluster peer.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub destination_peer: String,
     #[serde(default, deserialize_with = "null_as_default")]
     pub config: BTreeMap<String, Value>,
 }
@@ -199,26 +211,42 @@ pub struct QueryResult {
     pub datacenter: String,
 }
 
-/// One entry of `/v1/connect/intentions` (the list, which blocks on an index in 1.8).
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+/// One entry of `/v1/connect/intentions` (the list, which blocks on an index). Consul 1.9+
+/// adds partitions, peers and L7 permissions; entries written as config entries (1.16) have
+/// no `ID`, and an L7 source has `Permissions` and no `Action`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(rename_all = "PascalCase")]
 pub struct IntentionEntry {
-    #[serde(rename = "SourceNS", default)]
+    #[serde(rename = "SourceNS", default, deserialize_with = "null_as_default")]
     pub source_ns: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub source_name: String,
-    #[serde(rename = "DestinationNS", default)]
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub source_partition: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub source_peer: String,
+    #[serde(
+        rename = "DestinationNS",
+        default,
+        deserialize_with = "null_as_default"
+    )]
     pub destination_ns: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub destination_partition: String,
+    #[serde(default, deserialize_with = "null_as_default")]
     pub destination_name: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub action: String,
+    /// HTTP permissions, kept as Consul sent them.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub permissions: Vec<Value>,
     #[serde(default)]
     pub precedence: i64,
 }
 
-/// The part of `/v1/agent/self` that tells the default intention: the ACL default policy, or
-/// allow when ACLs are off (1.8 sends no X-Consul-Default-ACL-Policy header).
+/// The part of `/v1/agent/self` that tells the ACL default policy. Consul 1.8 has it at
+/// `DebugConfig.ACLDefaultPolicy`, 1.11+ at `DebugConfig.ACLResolverSettings.ACLDefaultPolicy`
+/// (and 1.10+ also in the `X-Consul-Default-Acl-Policy` header of every answer).
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "PascalCase")]
 pub struct AgentSelf {
@@ -231,16 +259,29 @@ pub struct AclConfig {
     #[serde(rename = "ACLsEnabled", default)]
     pub acls_enabled: bool,
     #[serde(rename = "ACLDefaultPolicy", default)]
-    pub acl_default_policy: String,
+    pub acl_default_policy: Option<String>,
+    #[serde(rename = "ACLResolverSettings", default)]
+    pub acl_resolver_settings: Option<AclResolverSettings>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+pub struct AclResolverSettings {
+    #[serde(rename = "ACLDefaultPolicy", default)]
+    pub acl_default_policy: Option<String>,
 }
 
 impl AgentSelf {
-    pub fn default_allow(&self) -> bool {
-        !self.debug_config.acls_enabled
-            || self
-                .debug_config
-                .acl_default_policy
-                .eq_ignore_ascii_case("allow")
+    /// The policy as the agent spells it (`allow` with ACLs off), or `None` when this answer
+    /// does not say where either Consul version puts it.
+    pub fn default_policy(&self) -> Option<String> {
+        let c = &self.debug_config;
+        if !c.acls_enabled {
+            return Some("allow".into());
+        }
+        c.acl_resolver_settings
+            .as_ref()
+            .and_then(|r| r.acl_default_policy.clone())
+            .or_else(|| c.acl_default_policy.clone())
     }
 }
 

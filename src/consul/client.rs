@@ -22,6 +22,8 @@ pub struct Answer {
     pub body: String,
     pub index: Option<u64>,
     pub content_hash: Option<String>,
+    /// `X-Consul-Default-Acl-Policy`, sent by Consul 1.10+ with every answer.
+    pub default_acl_policy: Option<String>,
 }
 
 /// Why no proxy could be chosen. `Missing` may fix itself (the registration may come later);
@@ -71,6 +73,9 @@ impl Consul {
                 .header("X-Consul-Index")
                 .and_then(|v| v.trim().parse().ok()),
             content_hash: resp.header("X-Consul-ContentHash").map(str::to_string),
+            default_acl_policy: resp
+                .header("X-Consul-Default-Acl-Policy")
+                .map(str::to_string),
             body: resp.body,
         })
     }
@@ -108,6 +113,9 @@ impl Consul {
             status: resp.status,
             index: None,
             content_hash: None,
+            default_acl_policy: resp
+                .header("X-Consul-Default-Acl-Policy")
+                .map(str::to_string),
             body: resp.body,
         })
     }

@@ -25,8 +25,9 @@ pub enum Update {
     Endpoints(DestinationKey, Vec<HealthEntry>),
     /// Every intention in the cluster; the sidecar keeps those for its own service.
     Intentions(Vec<IntentionEntry>),
-    /// Whether a connection no intention matches is allowed.
-    DefaultAllow(bool),
+    /// The ACL default policy as the agent spells it (`allow`/`deny`; anything else is kept
+    /// as it came): what a connection that no intention matches gets.
+    AclDefaultPolicy(String),
 }
 
 /// Where watchers deliver updates and report their health (for metrics and logs).
@@ -267,15 +268,20 @@ struct DefaultPolicyWatch {
 impl DefaultPolicyWatch {
     fn run(self) {
         let mut failures = 0;
-        let mut last: Option<bool> = None;
+        let mut last: Option<String> = None;
         let mut last_error = String::new();
         while !self.stop.load(Ordering::SeqCst) {
             let pause = match self.read() {
-                Ok(allow) => {
+                Ok(policy) => {
                     failures = 0;
-                    if last != Some(allow) {
-                        last = Some(allow);
-                        self.sink.update(Update::DefaultAllow(allow));
+                    if last.as_ref() != Some(&policy) {
+                        if !matches!(policy.to_ascii_lowercase().as_str(), "allow" | "deny") {
+                            log::warn!(
+                                "the Consul agent reports the ACL default policy {policy:?}, which this sidecar does not know; connections that no intention matches are denied"
+                            );
+                        }
+                        last = Some(policy.clone());
+                        self.sink.update(Update::AclDefaultPolicy(policy));
                     }
                     // It changes only with the agent's configuration or a `*` intention; the
                     // intentions watch covers the latter.
@@ -299,11 +305,22 @@ impl DefaultPolicyWatch {
         }
     }
 
-    fn read(&self) -> crate::error::Result<bool> {
+    /// The policy from the first place that has it: the `X-Consul-Default-Acl-Policy` header
+    /// (Consul 1.10+, on any status), `/v1/agent/self` (1.8's or 1.11's key), and, for a token
+    /// that may not read the agent on a Consul without the header, Consul's own authorize
+    /// answer for a source no intention can name.
+    fn read(&self) -> crate::error::Result<String> {
         let answer = self.consul.get("/v1/agent/self", None)?;
+        if let Some(policy) = &answer.default_acl_policy {
+            return Ok(policy.clone());
+        }
         if answer.status == 200 {
-            return api::parse::<AgentSelf>("the agent's configuration", &answer.body)
-                .map(|s| s.default_allow());
+            let me = api::parse::<AgentSelf>("the agent's configuration", &answer.body)?;
+            return me.default_policy().ok_or_else(|| {
+                crate::error::Error::msg(
+                    "/v1/agent/self says ACLs are enabled but has no ACL default policy (neither DebugConfig.ACLDefaultPolicy nor DebugConfig.ACLResolverSettings.ACLDefaultPolicy)",
+                )
+            });
         }
         if answer.status != 403 {
             return Err(crate::error::Error::msg(format!(
@@ -335,9 +352,11 @@ impl DefaultPolicyWatch {
             )));
         }
         let v: serde_json::Value = api::parse("the authorize answer", &answer.body)?;
-        v.get("Authorized")
+        let allowed = v
+            .get("Authorized")
             .and_then(serde_json::Value::as_bool)
-            .ok_or_else(|| crate::error::Error::msg("the authorize answer has no Authorized"))
+            .ok_or_else(|| crate::error::Error::msg("the authorize answer has no Authorized"))?;
+        Ok(if allowed { "allow" } else { "deny" }.to_string())
     }
 }
 
@@ -347,6 +366,8 @@ pub fn destinations(registration: &AgentService) -> Vec<DestinationKey> {
         .proxy
         .iter()
         .flat_map(|p| p.upstreams.iter())
+        // A peer's service is not ours of the same name; the model refuses such upstreams.
+        .filter(|u| u.destination_peer.is_empty())
         .map(|u| DestinationKey {
             kind: if u.destination_type == "prepared_query" {
                 DestinationKind::PreparedQuery

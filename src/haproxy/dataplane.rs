@@ -346,7 +346,10 @@ fn frontend(f: &FrontendSpec) -> Value {
 }
 
 fn bind(b: &BindSpec) -> Value {
-    let mut v = json!({ "name": b.name, "address": b.address, "port": b.port });
+    let mut v = json!({ "name": b.name, "address": b.address });
+    if let Some(port) = b.port {
+        v["port"] = json!(port);
+    }
     if let Some(tls) = &b.tls {
         v["ssl"] = json!(true);
         v["ssl_certificate"] = json!(tls.crt);

@@ -35,8 +35,12 @@ pub struct FrontendSpec {
 pub struct BindSpec {
     pub frontend: String,
     pub name: String,
+    /// An IP address, or a unix socket's path (then `port` is `None`).
     pub address: String,
-    pub port: u16,
+    pub port: Option<u16>,
+    /// A unix socket's permissions. Dataplane API v1.2.5's bind model cannot carry them, so a
+    /// bind with a mode is only ever created by a full render (see `Plan::needs_full_render`).
+    pub unix_mode: Option<String>,
     /// `ssl crt … ca-file … verify required` on the public listener.
     pub tls: Option<Tls>,
 }
@@ -88,6 +92,15 @@ impl Plan {
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty() && self.live.is_empty() && !self.roots_changed && !self.leaf_changed
     }
+
+    /// Whether the plan creates a listener the Dataplane API's objects cannot describe (a unix
+    /// socket with permissions): then the whole configuration is rendered and replaced in one
+    /// validated reload instead.
+    pub fn needs_full_render(&self) -> bool {
+        self.ops
+            .iter()
+            .any(|op| matches!(op, Op::CreateBind(b) | Op::ReplaceBind(b) if b.unix_mode.is_some()))
+    }
 }
 
 fn mesh_tls(d: &Desired) -> Tls {
@@ -111,7 +124,8 @@ pub fn public_bind(d: &Desired) -> BindSpec {
         frontend: PUBLIC_FRONTEND.into(),
         name: "public".into(),
         address: d.public.bind_address.clone(),
-        port: d.public.bind_port,
+        port: Some(d.public.bind_port),
+        unix_mode: None,
         tls: Some(mesh_tls(d)),
     }
 }
@@ -160,7 +174,8 @@ pub fn upstream_bind(u: &UpstreamListener) -> BindSpec {
         frontend: u.name.clone(),
         name: u.name.clone(),
         address: u.bind_address.clone(),
-        port: u.bind_port,
+        port: u.socket.is_none().then_some(u.bind_port),
+        unix_mode: u.socket.as_ref().and_then(|s| s.mode.clone()),
         tls: None,
     }
 }
@@ -281,12 +296,12 @@ pub fn plan(applied: &Desired, desired: &Desired) -> Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::fixtures::{settings, snapshot};
+    use crate::model::fixtures::{settings, snapshot, ANY};
     use crate::model::{build, place, Server, MIN_SLOTS};
 
     fn client() -> Desired {
         build(
-            &snapshot("client-sidecar-proxy", "ca-leaf-client.json"),
+            &snapshot(ANY, "client-sidecar-proxy", "ca-leaf-client.json"),
             &settings(),
             None,
         )

@@ -1,4 +1,5 @@
-//! Test helpers: snapshots made of the responses recorded from a real Consul agent.
+//! Test helpers: snapshots made of the responses recorded from real Consul agents, one
+//! directory per supported version (`fixtures/consul/<version>/`, by `scripts/record-fixtures`).
 
 use std::path::Path;
 
@@ -8,13 +9,23 @@ use crate::consul::watch::{destinations, Update};
 use crate::consul::DestinationKind;
 use crate::snapshot::Snapshot;
 
-pub fn fixture(name: &str) -> String {
-    let path = format!("{}/fixtures/consul/{name}", env!("CARGO_MANIFEST_DIR"));
+/// Every Consul version the sidecar supports; tests driven by recorded answers run on each.
+pub const CONSUL_VERSIONS: [&str; 2] = ["1.8.7", "1.16.3"];
+
+/// The oldest recorded version, for tests whose subject does not vary with Consul's version.
+pub const ANY: &str = CONSUL_VERSIONS[0];
+
+pub fn fixture(version: &str, name: &str) -> String {
+    let path = format!(
+        "{}/fixtures/consul/{version}/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    );
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
-pub fn json<T: serde::de::DeserializeOwned>(name: &str) -> T {
-    serde_json::from_str(&fixture(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+pub fn json<T: serde::de::DeserializeOwned>(version: &str, name: &str) -> T {
+    serde_json::from_str(&fixture(version, name))
+        .unwrap_or_else(|e| panic!("{version}/{name}: {e}"))
 }
 
 pub fn settings() -> Settings {
@@ -33,24 +44,36 @@ pub fn settings_in(workdir: &Path, intentions: bool) -> Settings {
     }
 }
 
+/// The first upstream of the snapshot's registration, to change in a test.
+pub fn first_upstream(s: &mut Snapshot) -> &mut crate::consul::api::Upstream {
+    &mut s
+        .registration
+        .as_mut()
+        .expect("a fixture snapshot has a registration")
+        .proxy
+        .as_mut()
+        .expect("a sidecar registration has a Proxy")
+        .upstreams[0]
+}
+
 /// A complete snapshot for `proxy` with every destination answered from the recorded fixtures.
-pub fn snapshot(proxy: &str, leaf: &str) -> Snapshot {
+pub fn snapshot(version: &str, proxy: &str, leaf: &str) -> Snapshot {
     let mut s = Snapshot::default();
-    let reg: AgentService = json(&format!("agent-service-{proxy}.json"));
+    let reg: AgentService = json(version, &format!("agent-service-{proxy}.json"));
     for key in destinations(&reg) {
         let entries: Vec<HealthEntry> = match key.kind {
             DestinationKind::Service if key.datacenter.is_empty() => {
-                json("health-connect-server.json")
+                json(version, "health-connect-server.json")
             }
             DestinationKind::Service => Vec::new(),
             DestinationKind::PreparedQuery => {
-                json::<QueryResult>("query-pq-server-execute.json").nodes
+                json::<QueryResult>(version, "query-pq-server-execute.json").nodes
             }
         };
         s.apply(Update::Endpoints(key, entries));
     }
     s.apply(Update::Registration(reg));
-    s.apply(Update::Leaf(json::<LeafCert>(leaf)));
-    s.apply(Update::Roots(json::<CaRoots>("ca-roots.json")));
+    s.apply(Update::Leaf(json::<LeafCert>(version, leaf)));
+    s.apply(Update::Roots(json::<CaRoots>(version, "ca-roots.json")));
     s
 }

@@ -101,6 +101,9 @@ pub struct Desired {
     pub log_format: Option<String>,
     pub haproxy_log_level: &'static str,
     pub paths: Paths,
+    /// What of the registration this sidecar does not serve, one line each; logged when a
+    /// line first appears, not on every rebuild.
+    pub warnings: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -118,14 +121,24 @@ pub struct UpstreamListener {
     /// The frontend and backend name; unique per listener address.
     pub name: String,
     pub destination: String,
+    /// For a unix socket listener: its path, and `bind_port` is 0.
     pub bind_address: String,
     pub bind_port: u16,
+    /// Set when the listener is a unix socket (`LocalBindSocketPath`).
+    pub socket: Option<UnixSocket>,
     pub mode: Mode,
     pub connect_timeout_ms: u64,
     /// The backend's server slots, `s0`, `s1`, …: an instance keeps its slot while it lives,
     /// so churn changes slots in place (live, through the runtime API) instead of adding and
     /// removing servers (a reload).
     pub slots: Vec<Slot>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct UnixSocket {
+    pub path: String,
+    /// Octal permissions as HAProxy's `mode` takes them; `None` leaves HAProxy's default.
+    pub mode: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -231,7 +244,7 @@ pub fn build(
             Some(p) => port("bind_port", p)?,
             None => reg.port,
         },
-        mode: mode(config_str(&proxy.config, "protocol").as_deref()),
+        mode: public_mode(proxy),
         app_address: non_empty(&proxy.local_service_address)
             .unwrap_or_else(|| DEFAULT_LOCAL_APP.to_string()),
         app_port,
@@ -245,6 +258,13 @@ pub fn build(
         )));
     }
 
+    let mut warnings = Vec::new();
+    if proxy.mode.eq_ignore_ascii_case("transparent") {
+        warnings.push(format!(
+            "proxy {:?} asks for transparent mode, which this sidecar does not support (it captures no traffic); only its explicit upstreams get listeners",
+            reg.id
+        ));
+    }
     let mut upstreams: Vec<UpstreamListener> = Vec::new();
     let mut taken: BTreeSet<(String, u16)> = BTreeSet::new();
     taken.insert((public.bind_address.clone(), public.bind_port));
@@ -253,18 +273,23 @@ pub fn build(
             Ok(listener) => {
                 let at = (listener.bind_address.clone(), listener.bind_port);
                 if !taken.insert(at) || upstreams.iter().any(|l| l.name == listener.name) {
-                    log::warn!(
-                        "upstream {} wants {}:{}, which another listener of this sidecar already has; skipping it",
-                        listener.destination, listener.bind_address, listener.bind_port
-                    );
+                    warnings.push(format!(
+                        "upstream {} wants {}, which another listener of this sidecar already has; skipping it",
+                        listener.destination,
+                        listener_address(&listener)
+                    ));
                     continue;
                 }
                 upstreams.push(listener);
             }
-            Err(e) => log::warn!("skipping upstream {:?}: {e}", u.destination_name),
+            Err(e) => warnings.push(format!("skipping upstream {:?}: {e}", u.destination_name)),
         }
     }
     upstreams.sort_by(|a, b| a.name.cmp(&b.name));
+    let already = previous.map_or(&[][..], |p| p.warnings.as_slice());
+    for w in warnings.iter().filter(|w| !already.contains(w)) {
+        log::warn!("{w}");
+    }
 
     Ok(Desired {
         service,
@@ -278,6 +303,7 @@ pub fn build(
         log_format: settings.log_format.clone(),
         haproxy_log_level: settings.haproxy_log_level,
         paths: settings.paths.clone(),
+        warnings,
     })
 }
 
@@ -289,8 +315,17 @@ fn upstream(
     if u.destination_name.is_empty() {
         return Err(Error::msg("it has no DestinationName"));
     }
-    if u.local_bind_port == 0 {
-        return Err(Error::msg("it has no LocalBindPort"));
+    if !u.destination_peer.is_empty() {
+        return Err(Error::msg(format!(
+            "its destination is in cluster peer {:?}, and this sidecar does not support cluster peering (it needs mesh gateways)",
+            u.destination_peer
+        )));
+    }
+    let socket = unix_socket(u)?;
+    if socket.is_none() && u.local_bind_port == 0 {
+        return Err(Error::msg(
+            "it has neither LocalBindPort nor LocalBindSocketPath",
+        ));
     }
     let kind = match u.destination_type.as_str() {
         "" | "service" => DestinationKind::Service,
@@ -302,8 +337,13 @@ fn upstream(
         name: u.destination_name.clone(),
         datacenter: u.datacenter.clone(),
     };
-    let bind_address =
-        non_empty(&u.local_bind_address).unwrap_or_else(|| DEFAULT_UPSTREAM_BIND.into());
+    let (bind_address, bind_port) = match &socket {
+        Some(s) => (s.path.clone(), 0),
+        None => (
+            non_empty(&u.local_bind_address).unwrap_or_else(|| DEFAULT_UPSTREAM_BIND.into()),
+            u.local_bind_port,
+        ),
+    };
     // Address and port make a listener unique, and the datacenter keeps two watches of one
     // destination apart in names and metrics.
     let name = sanitize(&format!(
@@ -318,8 +358,16 @@ fn upstream(
         } else {
             &u.datacenter
         },
-        bind_address,
-        u.local_bind_port
+        if socket.is_some() {
+            "unix"
+        } else {
+            &bind_address
+        },
+        if socket.is_some() {
+            sanitize(&bind_address)
+        } else {
+            bind_port.to_string()
+        }
     ));
     let entries = snapshot
         .endpoints
@@ -333,12 +381,62 @@ fn upstream(
         name,
         destination: key.to_string(),
         bind_address,
-        bind_port: u.local_bind_port,
+        bind_port,
+        socket,
         mode: mode(config_str(&u.config, "protocol").as_deref()),
         connect_timeout_ms: config_u64(&u.config, "connect_timeout_ms")
             .unwrap_or(DEFAULT_CONNECT_TIMEOUT_MS),
         slots,
     })
+}
+
+/// `LocalBindSocketPath` and `LocalBindSocketMode`, checked: an absolute path short enough for
+/// HAProxy, and an octal mode.
+fn unix_socket(u: &Upstream) -> Result<Option<UnixSocket>> {
+    let path = u.local_bind_socket_path.trim();
+    if path.is_empty() {
+        return Ok(None);
+    }
+    if !path.starts_with('/') {
+        return Err(Error::msg(format!(
+            "LocalBindSocketPath {path:?} is not an absolute path"
+        )));
+    }
+    if path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(Error::msg(format!(
+            "LocalBindSocketPath {path:?} has white space or control characters, which HAProxy's configuration cannot carry"
+        )));
+    }
+    if path.len() > crate::files::MAX_SOCKET_PATH {
+        return Err(Error::msg(format!(
+            "LocalBindSocketPath {path:?} is {} bytes, more than the {} HAProxy can bind",
+            path.len(),
+            crate::files::MAX_SOCKET_PATH
+        )));
+    }
+    let mode = match u.local_bind_socket_mode.trim() {
+        "" => None,
+        m if (3..=4).contains(&m.len()) && m.chars().all(|c| ('0'..='7').contains(&c)) => {
+            Some(m.to_string())
+        }
+        m => {
+            return Err(Error::msg(format!(
+                "LocalBindSocketMode {m:?} is not an octal mode such as 0660"
+            )))
+        }
+    };
+    Ok(Some(UnixSocket {
+        path: path.to_string(),
+        mode,
+    }))
+}
+
+/// How a listener's address reads in a message.
+pub fn listener_address(u: &UpstreamListener) -> String {
+    match &u.socket {
+        Some(s) => format!("unix socket {}", s.path),
+        None => format!("{}:{}", u.bind_address, u.bind_port),
+    }
 }
 
 fn servers(entries: &[HealthEntry], destination: &str) -> Vec<Server> {
@@ -495,6 +593,12 @@ fn parse_cert(pem_block: &str) -> std::result::Result<(), String> {
         x509_parser::pem::parse_x509_pem(pem_block.as_bytes()).map_err(|e| e.to_string())?;
     pem.parse_x509().map_err(|e| e.to_string())?;
     Ok(())
+}
+
+/// The mode of the public listener a proxy registration asks for (its `protocol`, which current
+/// Consul fills in from service-defaults).
+pub fn public_mode(proxy: &crate::consul::api::ProxyConfig) -> Mode {
+    mode(config_str(&proxy.config, "protocol").as_deref())
 }
 
 fn mode(protocol: Option<&str>) -> Mode {

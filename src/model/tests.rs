@@ -1,160 +1,267 @@
-//! The model built from responses recorded from a real Consul 1.8.7 agent (fixtures/consul).
+//! The model built from responses recorded from real Consul agents (fixtures/consul/<version>),
+//! each test on every supported version.
 
-use super::fixtures::{settings, snapshot};
+use super::fixtures::{first_upstream as up, settings, snapshot, CONSUL_VERSIONS};
 use super::*;
 
 #[test]
 fn client_sidecar_gets_one_upstream_with_both_server_instances() {
-    let d = build(
-        &snapshot("client-sidecar-proxy", "ca-leaf-client.json"),
-        &settings(),
-        None,
-    )
-    .unwrap();
-    assert_eq!(d.service, "client");
-    assert_eq!(d.public.bind_address, "0.0.0.0");
-    assert_eq!(d.public.bind_port, 21002);
-    assert_eq!(d.public.mode, Mode::Tcp, "Consul's default protocol is tcp");
-    assert_eq!(
-        (d.public.app_address.as_str(), d.public.app_port),
-        ("127.0.0.1", 8080)
-    );
-    assert_eq!(d.upstreams.len(), 1);
-    let up = &d.upstreams[0];
-    assert_eq!(up.name, "up_svc_server_local_127.0.0.1_9191");
-    assert_eq!(
-        (up.bind_address.as_str(), up.bind_port),
-        ("127.0.0.1", 9191)
-    );
-    let servers: Vec<(&str, u16, u32)> = up
-        .instances()
-        .map(|s| (s.id.as_str(), s.port, s.weight))
-        .collect();
-    assert_eq!(
-        servers,
-        [
-            ("server-2-sidecar-proxy.node1", 21001, 1),
-            ("server-sidecar-proxy.node1", 21000, 1)
-        ]
-    );
-    assert_eq!(
-        d.tls.trust_domain,
-        "11111111-2222-3333-4444-555555555555.consul"
-    );
-    assert!(d.tls.leaf_pem.contains("BEGIN CERTIFICATE"));
-    assert!(d.tls.leaf_pem.trim_end().ends_with("PRIVATE KEY-----"));
-    assert!(
-        !d.tls.leaf_pem.contains("\n\n"),
-        "no blank line for the runtime API"
-    );
+    for v in CONSUL_VERSIONS {
+        let d = build(
+            &snapshot(v, "client-sidecar-proxy", "ca-leaf-client.json"),
+            &settings(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(d.service, "client");
+        assert_eq!(d.public.bind_address, "0.0.0.0");
+        assert_eq!(d.public.bind_port, 21002);
+        assert_eq!(d.public.mode, Mode::Tcp, "Consul's default protocol is tcp");
+        assert_eq!(
+            (d.public.app_address.as_str(), d.public.app_port),
+            ("127.0.0.1", 8080)
+        );
+        assert_eq!(d.upstreams.len(), 1);
+        let up = &d.upstreams[0];
+        assert_eq!(up.name, "up_svc_server_local_127.0.0.1_9191");
+        assert_eq!(
+            (up.bind_address.as_str(), up.bind_port),
+            ("127.0.0.1", 9191)
+        );
+        let servers: Vec<(&str, u16, u32)> = up
+            .instances()
+            .map(|s| (s.id.as_str(), s.port, s.weight))
+            .collect();
+        assert_eq!(
+            servers,
+            [
+                ("server-2-sidecar-proxy.node1", 21001, 1),
+                ("server-sidecar-proxy.node1", 21000, 1)
+            ]
+        );
+        assert_eq!(
+            d.tls.trust_domain,
+            "11111111-2222-3333-4444-555555555555.consul"
+        );
+        assert!(d.tls.leaf_pem.contains("BEGIN CERTIFICATE"));
+        assert!(d.tls.leaf_pem.trim_end().ends_with("PRIVATE KEY-----"));
+        assert!(
+            !d.tls.leaf_pem.contains("\n\n"),
+            "no blank line for the runtime API"
+        );
+    }
 }
 
 #[test]
 fn rich_sidecar_honours_every_config_key_and_keeps_upstreams_apart() {
-    let d = build(
-        &snapshot("rich-sidecar-proxy", "ca-leaf-rich.json"),
-        &settings(),
-        None,
-    )
-    .unwrap();
-    assert_eq!(
-        (d.public.bind_address.as_str(), d.public.bind_port),
-        ("127.0.0.2", 21500)
-    );
-    assert_eq!(d.public.mode, Mode::Http);
-    assert_eq!(
-        (d.public.app_address.as_str(), d.public.app_port),
-        ("127.0.0.3", 8282)
-    );
-    assert_eq!(d.public.connect_timeout_ms, 2000);
-    let names: Vec<&str> = d.upstreams.iter().map(|u| u.name.as_str()).collect();
-    assert_eq!(
-        names,
-        [
-            "up_pq_pq-server_local_127.0.0.1_9193",
-            "up_svc_server_dc2_127.0.0.1_9192",
-            "up_svc_server_local_127.0.0.1_9191",
-        ]
-    );
-    let local = d.upstream("up_svc_server_local_127.0.0.1_9191").unwrap();
-    assert_eq!(local.mode, Mode::Http);
-    assert_eq!(local.connect_timeout_ms, 1500);
-    assert_eq!(local.instances().count(), 2);
-    let dc2 = d.upstream("up_svc_server_dc2_127.0.0.1_9192").unwrap();
-    assert_eq!(dc2.mode, Mode::Tcp);
-    assert_eq!(dc2.connect_timeout_ms, 5000);
-    assert_eq!(dc2.instances().count(), 0, "no instance answered in dc2");
-    let pq = d.upstream("up_pq_pq-server_local_127.0.0.1_9193").unwrap();
-    assert_eq!(pq.instances().count(), 2);
+    for v in CONSUL_VERSIONS {
+        let d = build(
+            &snapshot(v, "rich-sidecar-proxy", "ca-leaf-rich.json"),
+            &settings(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            (d.public.bind_address.as_str(), d.public.bind_port),
+            ("127.0.0.2", 21500)
+        );
+        assert_eq!(d.public.mode, Mode::Http);
+        assert_eq!(
+            (d.public.app_address.as_str(), d.public.app_port),
+            ("127.0.0.3", 8282)
+        );
+        assert_eq!(d.public.connect_timeout_ms, 2000);
+        let names: Vec<&str> = d.upstreams.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "up_pq_pq-server_local_127.0.0.1_9193",
+                "up_svc_server_dc2_127.0.0.1_9192",
+                "up_svc_server_local_127.0.0.1_9191",
+            ]
+        );
+        let local = d.upstream("up_svc_server_local_127.0.0.1_9191").unwrap();
+        assert_eq!(local.mode, Mode::Http);
+        assert_eq!(local.connect_timeout_ms, 1500);
+        assert_eq!(local.instances().count(), 2);
+        let dc2 = d.upstream("up_svc_server_dc2_127.0.0.1_9192").unwrap();
+        assert_eq!(dc2.mode, Mode::Tcp);
+        assert_eq!(dc2.connect_timeout_ms, 5000);
+        assert_eq!(dc2.instances().count(), 0, "no instance answered in dc2");
+        let pq = d.upstream("up_pq_pq-server_local_127.0.0.1_9193").unwrap();
+        assert_eq!(pq.instances().count(), 2);
+    }
 }
 
 #[test]
 fn nothing_is_built_until_registration_leaf_and_roots_are_known() {
-    let full = snapshot("client-sidecar-proxy", "ca-leaf-client.json");
-    for drop in ["registration", "leaf", "roots"] {
-        let mut s = full.clone();
-        match drop {
-            "registration" => s.registration = None,
-            "leaf" => s.leaf = None,
-            _ => s.roots = None,
+    for v in CONSUL_VERSIONS {
+        let full = snapshot(v, "client-sidecar-proxy", "ca-leaf-client.json");
+        for drop in ["registration", "leaf", "roots"] {
+            let mut s = full.clone();
+            match drop {
+                "registration" => s.registration = None,
+                "leaf" => s.leaf = None,
+                _ => s.roots = None,
+            }
+            let err = build(&s, &settings(), None).unwrap_err().to_string();
+            assert!(err.contains("waiting for"), "{drop}: {err}");
         }
-        let err = build(&s, &settings(), None).unwrap_err().to_string();
-        assert!(err.contains("waiting for"), "{drop}: {err}");
     }
 }
 
 #[test]
 fn a_leaf_for_another_service_is_not_used() {
-    let s = snapshot("client-sidecar-proxy", "ca-leaf-server.json");
-    let err = build(&s, &settings(), None).unwrap_err().to_string();
-    assert!(err.contains("leaf certificate of \"client\""), "{err}");
+    for v in CONSUL_VERSIONS {
+        let s = snapshot(v, "client-sidecar-proxy", "ca-leaf-server.json");
+        let err = build(&s, &settings(), None).unwrap_err().to_string();
+        assert!(err.contains("leaf certificate of \"client\""), "{err}");
+    }
 }
 
 #[test]
 fn bad_certificates_are_refused_with_a_reason() {
-    let mut s = snapshot("client-sidecar-proxy", "ca-leaf-client.json");
-    if let Some(leaf) = s.leaf.as_mut() {
-        leaf.cert_pem =
-            "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n".into();
-    }
-    let err = build(&s, &settings(), None).unwrap_err().to_string();
-    assert!(err.contains("does not parse"), "{err}");
+    for v in CONSUL_VERSIONS {
+        let mut s = snapshot(v, "client-sidecar-proxy", "ca-leaf-client.json");
+        if let Some(leaf) = s.leaf.as_mut() {
+            leaf.cert_pem =
+                "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n".into();
+        }
+        let err = build(&s, &settings(), None).unwrap_err().to_string();
+        assert!(err.contains("does not parse"), "{err}");
 
-    let mut s = snapshot("client-sidecar-proxy", "ca-leaf-client.json");
-    if let Some(leaf) = s.leaf.as_mut() {
-        leaf.private_key_pem.clear();
+        let mut s = snapshot(v, "client-sidecar-proxy", "ca-leaf-client.json");
+        if let Some(leaf) = s.leaf.as_mut() {
+            leaf.private_key_pem.clear();
+        }
+        let err = build(&s, &settings(), None).unwrap_err().to_string();
+        assert!(err.contains("private key"), "{err}");
     }
-    let err = build(&s, &settings(), None).unwrap_err().to_string();
-    assert!(err.contains("private key"), "{err}");
 }
 
 #[test]
 fn colliding_and_broken_upstreams_are_skipped_without_harming_the_rest() {
-    let mut s = snapshot("client-sidecar-proxy", "ca-leaf-client.json");
-    if let Some(p) = s.registration.as_mut().and_then(|r| r.proxy.as_mut()) {
-        let mut dup = p.upstreams[0].clone();
-        dup.datacenter = "dc9".into(); // same listener address and port
-        p.upstreams.push(dup);
-        let mut no_port = p.upstreams[0].clone();
-        no_port.local_bind_port = 0;
-        p.upstreams.push(no_port);
+    for v in CONSUL_VERSIONS {
+        let mut s = snapshot(v, "client-sidecar-proxy", "ca-leaf-client.json");
+        if let Some(p) = s.registration.as_mut().and_then(|r| r.proxy.as_mut()) {
+            let mut dup = p.upstreams[0].clone();
+            dup.datacenter = "dc9".into(); // same listener address and port
+            p.upstreams.push(dup);
+            let mut no_port = p.upstreams[0].clone();
+            no_port.local_bind_port = 0;
+            p.upstreams.push(no_port);
+        }
+        let d = build(&s, &settings(), None).unwrap();
+        assert_eq!(d.upstreams.len(), 1);
+        assert_eq!(d.upstreams[0].name, "up_svc_server_local_127.0.0.1_9191");
     }
-    let d = build(&s, &settings(), None).unwrap();
-    assert_eq!(d.upstreams.len(), 1);
-    assert_eq!(d.upstreams[0].name, "up_svc_server_local_127.0.0.1_9191");
 }
 
 #[test]
 fn weights_are_clamped_to_haproxy_range() {
-    let mut s = snapshot("client-sidecar-proxy", "ca-leaf-client.json");
-    for entries in s.endpoints.values_mut() {
-        entries[0].service.weights = Some(crate::consul::api::Weights {
-            passing: 1000,
-            warning: 1,
-        });
+    for v in CONSUL_VERSIONS {
+        let mut s = snapshot(v, "client-sidecar-proxy", "ca-leaf-client.json");
+        for entries in s.endpoints.values_mut() {
+            entries[0].service.weights = Some(crate::consul::api::Weights {
+                passing: 1000,
+                warning: 1,
+            });
+        }
+        let d = build(&s, &settings(), None).unwrap();
+        assert!(d.upstreams[0].instances().any(|s| s.weight == 256));
+    }
+}
+
+/// Consul 1.16.3's `modern` sidecar: transparent mode, an upstream on a unix socket with a
+/// mode, one in a cluster peer, and a plain one.
+#[test]
+fn current_consul_registrations_serve_what_they_can_and_name_the_rest() {
+    let d = build(
+        &snapshot("1.16.3", "modern-sidecar-proxy", "ca-leaf-client.json"),
+        &settings(),
+        None,
+    );
+    // The recorded leaf is client's; the model must wait for modern's.
+    assert!(d.unwrap_err().to_string().contains("leaf certificate of"));
+    let mut s = snapshot("1.16.3", "modern-sidecar-proxy", "ca-leaf-client.json");
+    if let Some(leaf) = s.leaf.as_mut() {
+        leaf.service = "modern".into();
     }
     let d = build(&s, &settings(), None).unwrap();
-    assert!(d.upstreams[0].instances().any(|s| s.weight == 256));
+    let names: Vec<&str> = d.upstreams.iter().map(|u| u.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "up_svc_client_local_127.0.0.1_9195",
+            "up_svc_server_local_unix__tmp_hcc-modern-server.sock",
+        ]
+    );
+    let unix = &d.upstreams[1];
+    assert_eq!(
+        unix.socket,
+        Some(UnixSocket {
+            path: "/tmp/hcc-modern-server.sock".into(),
+            mode: Some("0660".into()),
+        })
+    );
+    assert_eq!(unix.instances().count(), 2, "fed by server's instances");
+    assert_eq!(d.warnings.len(), 2, "{:?}", d.warnings);
+    assert!(
+        d.warnings[0].contains("transparent mode"),
+        "{}",
+        d.warnings[0]
+    );
+    assert!(
+        d.warnings[1].contains("cluster peer \"peer1\""),
+        "{}",
+        d.warnings[1]
+    );
+    let watched: Vec<String> = crate::consul::watch::destinations(s.registration.as_ref().unwrap())
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        watched.len(),
+        2,
+        "the peer upstream is not watched: {watched:?}"
+    );
+}
+
+#[test]
+fn unix_socket_upstreams_are_checked() {
+    let mut s = snapshot("1.16.3", "client-sidecar-proxy", "ca-leaf-client.json");
+    up(&mut s).local_bind_port = 0;
+    let d = build(&s, &settings(), None).unwrap();
+    assert!(d.upstreams.is_empty());
+    assert!(d.warnings[0].contains("neither LocalBindPort nor LocalBindSocketPath"));
+    for (path, mode, want) in [
+        ("relative.sock", "", "not an absolute path"),
+        ("/tmp/a b.sock", "", "white space"),
+        ("/tmp/x.sock", "0999", "not an octal mode"),
+        ("/tmp/x.sock", "rw", "not an octal mode"),
+    ] {
+        up(&mut s).local_bind_socket_path = path.into();
+        up(&mut s).local_bind_socket_mode = mode.into();
+        let d = build(&s, &settings(), None).unwrap();
+        assert!(d.upstreams.is_empty(), "{path} {mode}");
+        assert!(
+            d.warnings[0].contains(want),
+            "{path} {mode}: {:?}",
+            d.warnings
+        );
+    }
+    up(&mut s).local_bind_socket_path = format!("/{}", "d".repeat(100));
+    up(&mut s).local_bind_socket_mode = String::new();
+    let d = build(&s, &settings(), None).unwrap();
+    assert!(
+        d.warnings[0].contains("more than the 97"),
+        "{:?}",
+        d.warnings
+    );
+    up(&mut s).local_bind_socket_path = "/tmp/ok.sock".into();
+    let d = build(&s, &settings(), None).unwrap();
+    assert_eq!(d.upstreams[0].socket.as_ref().unwrap().mode, None);
+    assert!(d.warnings.is_empty());
 }
 
 #[test]

@@ -31,25 +31,122 @@ use super::ForgetfulMap;
 pub enum Action {
     Allow,
     Deny,
+    /// An intention with HTTP permissions and no action (Consul 1.9+). Per connection it
+    /// denies, as Consul's own authorize does: the permissions judge requests, not connections.
+    L7 {
+        permissions: usize,
+    },
 }
 
 impl fmt::Display for Action {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Action::Allow => "allow",
-            Action::Deny => "deny",
-        })
+        match self {
+            Action::Allow => f.write_str("allow"),
+            Action::Deny => f.write_str("deny"),
+            Action::L7 { permissions } => write!(f, "L7 ({permissions} HTTP permission(s))"),
+        }
     }
 }
 
-/// One L4 intention whose destination is this sidecar's service.
+/// What a connection that no intention matches gets: Consul's ACL default policy (allow when
+/// ACLs are off).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum DefaultPolicy {
+    Allow,
+    Deny,
+    /// A value this sidecar does not know. Connections no intention matches are denied, and
+    /// the reason quotes the value, so it is never silently read as deny or allow.
+    Unknown(String),
+}
+
+impl DefaultPolicy {
+    /// Consul's spelling (`allow`, `deny`, any case); anything else is kept as `Unknown`.
+    pub fn parse(value: &str) -> DefaultPolicy {
+        match value.trim().to_ascii_lowercase().as_str() {
+            "allow" => DefaultPolicy::Allow,
+            "deny" => DefaultPolicy::Deny,
+            _ => DefaultPolicy::Unknown(value.to_string()),
+        }
+    }
+
+    pub fn allows(&self) -> bool {
+        *self == DefaultPolicy::Allow
+    }
+}
+
+impl fmt::Display for DefaultPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DefaultPolicy::Allow => f.write_str("allow"),
+            DefaultPolicy::Deny => f.write_str("deny"),
+            DefaultPolicy::Unknown(v) => write!(f, "unknown ({v:?}, so deny)"),
+        }
+    }
+}
+
+/// One intention whose destination is this sidecar's service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Intention {
-    /// Source service name, or `*` for any.
+    /// Source service name, or `*` for any. Compared case-sensitively, as Consul does.
     pub source: String,
+    /// Source namespace: empty or `default` for the default one, `*` for any.
+    pub source_ns: String,
+    /// Source admin partition: empty or `default` for the default one, `*` for any.
+    pub source_partition: String,
+    /// Set when the source is a service of a cluster peer: such a source never matches a
+    /// client of this cluster, whatever its name.
+    pub source_peer: String,
     pub action: Action,
     /// Consul's precedence (9 exact→exact … 1 `*`→`*`); higher is evaluated first.
     pub precedence: i64,
+}
+
+impl Intention {
+    /// A source in the default namespace and partition of this cluster.
+    pub fn new(source: impl Into<String>, action: Action, precedence: i64) -> Intention {
+        Intention {
+            source: source.into(),
+            source_ns: String::new(),
+            source_partition: String::new(),
+            source_peer: String::new(),
+            action,
+            precedence,
+        }
+    }
+
+    /// Whether this intention's source is the client `id`, as Consul's
+    /// `AuthorizeIntentionTarget` decides it: peer, partition, namespace, then name.
+    pub fn matches(&self, id: &SpiffeId) -> bool {
+        fn same_or_any(pattern: &str, value: &str) -> bool {
+            let or_default = |s: &str| if s.is_empty() { "default" } else { s }.to_string();
+            pattern == "*" || or_default(pattern) == or_default(value)
+        }
+        // A client whose certificate chains to our roots belongs to this cluster, never a peer.
+        self.source_peer.is_empty()
+            && same_or_any(
+                &self.source_partition,
+                id.partition.as_deref().unwrap_or(""),
+            )
+            && same_or_any(&self.source_ns, &id.namespace)
+            && (self.source == "*" || self.source == id.service)
+    }
+
+    /// How the source reads in a log line: `name`, or `ns/name`, `peer:p/name` where not
+    /// the default.
+    pub fn source_label(&self) -> String {
+        let mut s = String::new();
+        if !self.source_peer.is_empty() {
+            s.push_str(&format!("peer:{}/", self.source_peer));
+        }
+        if !matches!(self.source_partition.as_str(), "" | "default") {
+            s.push_str(&format!("ap:{}/", self.source_partition));
+        }
+        if !matches!(self.source_ns.as_str(), "" | "default") {
+            s.push_str(&format!("{}/", self.source_ns));
+        }
+        s.push_str(&self.source);
+        s
+    }
 }
 
 /// The outcome for one connection.
@@ -120,7 +217,9 @@ pub struct AuthzTable {
     roots: Vec<Root>,
     /// Kept in evaluation order, so a decision is a linear scan for the first match.
     intentions: Vec<Intention>,
-    default_allow: bool,
+    default_policy: DefaultPolicy,
+    /// Whether the public listener is in http mode; only changes what an L7 denial says.
+    http_listener: bool,
     /// Set by [`AuthzTable::deny_all`]: nothing is known yet, so nothing is allowed.
     unavailable: Option<String>,
     /// Which roots' keys verified each certificate seen (see the module comment).
@@ -138,7 +237,7 @@ impl AuthzTable {
         trust_domain: impl Into<String>,
         roots_pem: &str,
         intentions: Vec<Intention>,
-        default_allow: bool,
+        default_policy: DefaultPolicy,
     ) -> Result<Self, AuthzError> {
         let mut roots = Vec::new();
         for block in Pem::iter_from_buffer(roots_pem.as_bytes()) {
@@ -148,7 +247,7 @@ impl AuthzTable {
             }
             roots.push(pem.contents);
         }
-        Self::from_der_roots(trust_domain, roots, intentions, default_allow)
+        Self::from_der_roots(trust_domain, roots, intentions, default_policy)
     }
 
     /// Builds a table from DER roots.
@@ -156,7 +255,7 @@ impl AuthzTable {
         trust_domain: impl Into<String>,
         roots_der: Vec<Vec<u8>>,
         mut intentions: Vec<Intention>,
-        default_allow: bool,
+        default_policy: DefaultPolicy,
     ) -> Result<Self, AuthzError> {
         if roots_der.is_empty() {
             return Err(AuthzError::NoRoots);
@@ -179,9 +278,10 @@ impl AuthzTable {
             });
         }
         // Evaluation order: highest precedence; then an exact source before `*`; then deny
-        // before allow, so a tie can only ever err on the closed side. Consul's
-        // intentions/match already returns this order, but sorting here keeps the table
-        // correct whatever order the caller had.
+        // before allow, so a tie can only ever err on the closed side. Consul derives
+        // precedence from how exact source and destination are, so real ties only arise between
+        // sources that cannot both match one client (a peer's `web` and ours); sorting here
+        // keeps the table correct whatever order the caller had.
         intentions.sort_by_key(|i| {
             (
                 std::cmp::Reverse(i.precedence),
@@ -193,7 +293,8 @@ impl AuthzTable {
             trust_domain: trust_domain.into(),
             roots,
             intentions,
-            default_allow,
+            default_policy,
+            http_listener: false,
             unavailable: None,
             signers: ForgetfulMap::new(SIGNER_MEMORY),
             #[cfg(test)]
@@ -208,7 +309,8 @@ impl AuthzTable {
             trust_domain: String::new(),
             roots: Vec::new(),
             intentions: Vec::new(),
-            default_allow: false,
+            default_policy: DefaultPolicy::Deny,
+            http_listener: false,
             unavailable: Some(reason.into()),
             signers: ForgetfulMap::new(SIGNER_MEMORY),
             #[cfg(test)]
@@ -230,8 +332,18 @@ impl AuthzTable {
         &self.intentions
     }
 
-    pub fn default_allow(&self) -> bool {
-        self.default_allow
+    pub fn default_policy(&self) -> &DefaultPolicy {
+        &self.default_policy
+    }
+
+    pub fn http_listener(&self) -> bool {
+        self.http_listener
+    }
+
+    /// This table for a public listener in http (`true`) or tcp mode.
+    pub fn for_http_listener(mut self, http: bool) -> AuthzTable {
+        self.http_listener = http;
+        self
     }
 
     /// Decides for a client certificate (`None` when HAProxy had none: `ssl_c_der` was NULL).
@@ -352,26 +464,38 @@ impl AuthzTable {
         }
 
         let service = &id.service;
-        for i in &self.intentions {
-            // Consul matches service names case-insensitively.
-            if i.source == "*" || i.source.eq_ignore_ascii_case(service) {
-                return Decision {
-                    allow: i.action == Action::Allow,
-                    reason: format!(
-                        "intention {} => {} (precedence {}) for {service}",
-                        i.source, i.action, i.precedence
-                    ),
-                    source: src.map(str::to_owned),
-                };
-            }
-        }
-        Decision {
-            allow: self.default_allow,
-            reason: format!(
-                "no intention matches {service}; default {}",
-                if self.default_allow { "allow" } else { "deny" }
+        let source = src.map(str::to_owned);
+        let Some(i) = self.intentions.iter().find(|i| i.matches(&id)) else {
+            return Decision {
+                allow: self.default_policy.allows(),
+                reason: format!(
+                    "no intention matches {service}; default {}",
+                    self.default_policy
+                ),
+                source,
+            };
+        };
+        let rule = format!(
+            "intention {} => {} (precedence {})",
+            i.source_label(),
+            i.action,
+            i.precedence
+        );
+        let reason = match i.action {
+            Action::Allow | Action::Deny => format!("{rule} for {service}"),
+            Action::L7 { .. } if self.http_listener => format!(
+                "{rule} for {service} denies the connection: this sidecar does not judge HTTP \
+                 permissions per request yet, and per connection Consul's authorize denies them too"
             ),
-            source: src.map(str::to_owned),
+            Action::L7 { .. } => format!(
+                "{rule} for {service} denies the connection: HTTP permissions need the \
+                 destination's protocol to be http (service-defaults), and this listener is tcp"
+            ),
+        };
+        Decision {
+            allow: i.action == Action::Allow,
+            reason,
+            source,
         }
     }
 
@@ -536,15 +660,34 @@ mod tests {
     const CA_DER: &[u8] = include_bytes!("../../fixtures/spop/certs/ca.der");
 
     fn ixn(source: &str, action: Action, precedence: i64) -> Intention {
-        Intention {
-            source: source.into(),
-            action,
-            precedence,
+        Intention::new(source, action, precedence)
+    }
+
+    fn policy(allow: bool) -> DefaultPolicy {
+        if allow {
+            DefaultPolicy::Allow
+        } else {
+            DefaultPolicy::Deny
         }
     }
 
     fn table(intentions: Vec<Intention>, default_allow: bool) -> AuthzTable {
-        AuthzTable::new(TD, CA, intentions, default_allow).unwrap()
+        AuthzTable::new(TD, CA, intentions, policy(default_allow)).unwrap()
+    }
+
+    fn peer(source: &str, peer: &str, action: Action) -> Intention {
+        Intention {
+            source_peer: peer.into(),
+            ..ixn(source, action, 9)
+        }
+    }
+
+    fn in_ns(source: &str, ns: &str, partition: &str, action: Action) -> Intention {
+        Intention {
+            source_ns: ns.into(),
+            source_partition: partition.into(),
+            ..ixn(source, action, 9)
+        }
     }
 
     /// Decides an hour after the fixture CA and its leaves were made (they were made together),
@@ -631,9 +774,82 @@ mod tests {
             (
                 vec![ixn("CLIENT", Allow, 9)],
                 false,
+                false,
+                false,
+                "names match case-sensitively, as Consul 1.8.7 and 1.16.3 do",
+            ),
+            (
+                vec![peer("client", "peer1", Allow), ixn("*", Deny, 8)],
                 true,
                 false,
-                "names match case-insensitively",
+                false,
+                "a peer's client is not our client",
+            ),
+            (
+                vec![peer("*", "peer1", Allow)],
+                false,
+                false,
+                false,
+                "a peer wildcard matches no local client",
+            ),
+            (
+                vec![peer("client", "peer1", Deny)],
+                true,
+                true,
+                true,
+                "a peer's deny does not touch our client",
+            ),
+            (
+                vec![in_ns("client", "team-a", "", Allow)],
+                false,
+                false,
+                false,
+                "another namespace's client is not ours",
+            ),
+            (
+                vec![in_ns("client", "*", "", Allow)],
+                false,
+                true,
+                false,
+                "a wildcard namespace matches the default one",
+            ),
+            (
+                vec![in_ns("client", "default", "default", Allow)],
+                false,
+                true,
+                false,
+                "default spelled out equals default left empty",
+            ),
+            (
+                vec![in_ns("client", "", "part1", Allow)],
+                false,
+                false,
+                false,
+                "another partition's client is not ours",
+            ),
+            (
+                vec![in_ns("client", "", "*", Allow)],
+                false,
+                true,
+                false,
+                "a wildcard partition matches the default one",
+            ),
+            (
+                vec![ixn("client", Action::L7 { permissions: 2 }, 9)],
+                true,
+                false,
+                true,
+                "an L7 intention denies per connection, as Consul's authorize",
+            ),
+            (
+                vec![
+                    ixn("client", Action::L7 { permissions: 1 }, 9),
+                    ixn("*", Allow, 8),
+                ],
+                true,
+                false,
+                true,
+                "an L7 intention is a match: the wildcard below it does not apply",
             ),
             (
                 vec![ixn("other", Deny, 9)],
@@ -657,6 +873,64 @@ mod tests {
             assert_eq!(allowed(&t, CLIENT), client, "client: {what}");
             assert_eq!(allowed(&t, WEB), web, "web: {what}");
         }
+    }
+
+    #[test]
+    fn l7_denials_say_why_for_the_listener_mode() {
+        let l7 = vec![ixn("client", Action::L7 { permissions: 1 }, 9)];
+        let d = decide(&table(l7.clone(), true), Some(CLIENT));
+        assert!(!d.allow);
+        assert!(
+            d.reason
+                .starts_with("intention client => L7 (1 HTTP permission(s)) (precedence 9)")
+                && d.reason.contains("protocol to be http")
+                && d.reason.contains("this listener is tcp"),
+            "{}",
+            d.reason
+        );
+        let d = decide(&table(l7, true).for_http_listener(true), Some(CLIENT));
+        assert!(!d.allow && d.reason.contains("per request"), "{}", d.reason);
+    }
+
+    #[test]
+    fn an_unknown_default_policy_denies_and_says_so() {
+        let t = AuthzTable::new(
+            TD,
+            CA,
+            vec![ixn("web", Action::Allow, 9)],
+            DefaultPolicy::parse("extend-cache"),
+        )
+        .unwrap();
+        let d = decide(&t, Some(CLIENT));
+        assert!(!d.allow);
+        assert_eq!(
+            d.reason,
+            "no intention matches client; default unknown (\"extend-cache\", so deny)"
+        );
+        assert!(allowed(&t, WEB), "explicit intentions still apply");
+        assert_eq!(DefaultPolicy::parse(" Allow "), DefaultPolicy::Allow);
+        assert_eq!(DefaultPolicy::parse("DENY"), DefaultPolicy::Deny);
+        assert_eq!(
+            DefaultPolicy::parse(""),
+            DefaultPolicy::Unknown(String::new())
+        );
+    }
+
+    #[test]
+    fn source_labels_name_peer_partition_and_namespace() {
+        assert_eq!(ixn("web", Action::Allow, 9).source_label(), "web");
+        assert_eq!(
+            peer("web", "p1", Action::Allow).source_label(),
+            "peer:p1/web"
+        );
+        assert_eq!(
+            in_ns("*", "ns1", "ap1", Action::Deny).source_label(),
+            "ap:ap1/ns1/*"
+        );
+        assert_eq!(
+            in_ns("web", "default", "default", Action::Deny).source_label(),
+            "web"
+        );
     }
 
     #[test]
@@ -728,19 +1002,19 @@ mod tests {
 
     #[test]
     fn trust_domain_is_case_insensitive() {
-        let t = AuthzTable::new(TD.to_uppercase(), CA, vec![], true).unwrap();
+        let t = AuthzTable::new(TD.to_uppercase(), CA, vec![], DefaultPolicy::Allow).unwrap();
         assert!(allowed(&t, CLIENT));
     }
 
     #[test]
     fn every_current_root_is_trusted() {
         let both = format!("{CA}\n{CA2}");
-        let t = AuthzTable::new(TD, &both, vec![], true).unwrap();
+        let t = AuthzTable::new(TD, &both, vec![], DefaultPolicy::Allow).unwrap();
         assert!(allowed(&t, CLIENT));
         assert!(allowed(&t, CLIENT_CA2));
         assert!(!allowed(&t, CLIENT_ROGUE), "same issuer name, other key");
         // After rotation drops the first root, its leaves are refused.
-        let t = AuthzTable::new(TD, CA2, vec![], true).unwrap();
+        let t = AuthzTable::new(TD, CA2, vec![], DefaultPolicy::Allow).unwrap();
         assert!(!allowed(&t, CLIENT));
         assert!(allowed(&t, CLIENT_CA2));
     }
@@ -777,7 +1051,7 @@ mod tests {
     #[test]
     fn remembered_signers_give_the_same_decisions() {
         let both = format!("{CA}\n{CA2}");
-        let t = AuthzTable::new(TD, &both, vec![], true).unwrap();
+        let t = AuthzTable::new(TD, &both, vec![], DefaultPolicy::Allow).unwrap();
         for _ in 0..3 {
             assert!(allowed(&t, CLIENT));
             assert!(allowed(&t, CLIENT_CA2));
@@ -834,23 +1108,24 @@ mod tests {
     #[test]
     fn constructors_validate_roots() {
         assert_eq!(
-            AuthzTable::new(TD, "", vec![], true).unwrap_err(),
+            AuthzTable::new(TD, "", vec![], DefaultPolicy::Allow).unwrap_err(),
             AuthzError::NoRoots
         );
         let key = "-----BEGIN EC PRIVATE KEY-----\nAAAA\n-----END EC PRIVATE KEY-----\n";
         assert!(matches!(
-            AuthzTable::new(TD, key, vec![], true),
+            AuthzTable::new(TD, key, vec![], DefaultPolicy::Allow),
             Err(AuthzError::NotCertificate { .. })
         ));
         let bad = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
         assert!(matches!(
-            AuthzTable::new(TD, bad, vec![], true),
+            AuthzTable::new(TD, bad, vec![], DefaultPolicy::Allow),
             Err(AuthzError::BadRoot { index: 0, .. })
         ));
-        let t = AuthzTable::from_der_roots(TD, vec![CA_DER.to_vec()], vec![], false).unwrap();
+        let t = AuthzTable::from_der_roots(TD, vec![CA_DER.to_vec()], vec![], DefaultPolicy::Deny)
+            .unwrap();
         assert_eq!(t.roots().collect::<Vec<_>>(), vec![CA_DER]);
         assert_eq!(t.trust_domain(), TD);
-        assert!(!t.default_allow());
+        assert_eq!(t.default_policy(), &DefaultPolicy::Deny);
     }
 
     #[test]

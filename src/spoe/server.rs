@@ -688,7 +688,7 @@ impl Conn {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spoe::authz::{Action, Intention};
+    use crate::spoe::authz::{Action, DefaultPolicy, Intention};
     use crate::spoe::frame::{Ack, Message, Notify};
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream as StdStream;
@@ -718,17 +718,13 @@ mod tests {
 
     fn table(deny_web: bool) -> AuthzTable {
         let ixns = if deny_web {
-            vec![Intention {
-                source: "web".into(),
-                action: Action::Deny,
-                precedence: 9,
-            }]
+            vec![Intention::new("web", Action::Deny, 9)]
         } else {
             vec![]
         };
         // The fixture leaves are judged an hour after they were made, not at today's date.
         let client = include_bytes!("../../fixtures/spop/certs/client.der");
-        AuthzTable::new(TD, CA, ixns, true)
+        AuthzTable::new(TD, CA, ixns, DefaultPolicy::Allow)
             .unwrap()
             .judged_at(crate::clock::test_support::inside_validity(client))
     }

@@ -693,11 +693,13 @@ struct Authz {
     built_from: Option<AuthzInputs>,
 }
 
+/// Intentions, ACL default policy, roots, and the service with its listener mode (an L7
+/// denial's reason depends on the mode).
 type AuthzInputs = (
     Option<Vec<crate::consul::api::IntentionEntry>>,
-    Option<bool>,
-    Option<crate::consul::api::CaRoots>,
     Option<String>,
+    Option<crate::consul::api::CaRoots>,
+    Option<(String, crate::model::Mode)>,
 );
 
 impl Authz {
@@ -731,32 +733,34 @@ impl Authz {
             .registration
             .as_ref()
             .and_then(|r| r.proxy.as_ref())
-            .map(|p| &p.destination_service_name);
+            .map(|p| {
+                (
+                    p.destination_service_name.clone(),
+                    crate::model::public_mode(p),
+                )
+            });
         // Compared in place: most snapshot changes are endpoint churn, which must cost nothing.
         let unchanged = self.built_from.as_ref().is_some_and(|(i, d, r, s)| {
             *i == snapshot.intentions
-                && *d == snapshot.default_allow
+                && *d == snapshot.acl_default_policy
                 && *r == snapshot.roots
-                && s.as_ref() == service
+                && *s == service
         });
         if unchanged {
             return;
         }
         let inputs: AuthzInputs = (
             snapshot.intentions.clone(),
-            snapshot.default_allow,
+            snapshot.acl_default_policy.clone(),
             snapshot.roots.clone(),
-            service.cloned(),
+            service,
         );
         let table = crate::intentions::table(snapshot);
         log::info!(
-            "intentions table updated: {} intention(s) for this service, default {}",
+            "intentions table updated: {} intention(s) for this service [{}], default {}",
             table.intentions().len(),
-            if table.default_allow() {
-                "allow"
-            } else {
-                "deny"
-            }
+            crate::intentions::summary(table.intentions()),
+            table.default_policy()
         );
         self.table.replace(table);
         self.built_from = Some(inputs);

@@ -105,15 +105,16 @@ impl Mesh {
         format!("127.0.0.1:{}", self.upstream_port)
     }
 
-    /// Re-registers `client` with one more upstream to `server` and waits until its new
-    /// listener answers; returns the listener's port.
+    /// Re-registers `client` with one more upstream to `server` (named with its datacenter,
+    /// so current Consul does not see a duplicate) and waits until its new listener answers;
+    /// returns the listener's port.
     pub fn add_upstream(&self) -> u16 {
         let extra = free_port();
         self.consul.register(&sidecar_registration(
             "client",
             free_port(),
             self.client_port,
-            &[("server", self.upstream_port), ("server", extra)],
+            &[("server", self.upstream_port), ("server@dc1", extra)],
         ));
         let addr = format!("127.0.0.1:{extra}");
         wait_until(

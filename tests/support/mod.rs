@@ -179,6 +179,12 @@ impl Child {
         read_lossy(&self.stdout).contains(needle) || read_lossy(&self.stderr).contains(needle)
     }
 
+    /// Everything written to stdout so far; its length marks a point that later output can be
+    /// told apart from.
+    pub fn stdout(&self) -> String {
+        read_lossy(&self.stdout)
+    }
+
     /// Reaps the process if it has exited; later calls return the same status.
     pub fn try_wait(&mut self) -> Option<ExitStatus> {
         self.child
@@ -405,6 +411,48 @@ pub fn descendants_named(pid: u32, name: &str) -> Vec<u32> {
         .collect()
 }
 
+/// The parent PID, as seen from this process's PID namespace; None once `pid` is gone.
+pub fn parent_of(pid: u32) -> Option<u32> {
+    proc_stat(pid).map(|s| s.ppid)
+}
+
+/// Processes a test did not spawn itself (say, orphans some child left behind): SIGKILLed on
+/// drop while they still run, so a failing test leaks none of them. Start times are recorded so
+/// a PID the kernel has since reused is left alone.
+pub struct PidGuard {
+    procs: Vec<ProcRef>,
+}
+
+impl PidGuard {
+    pub fn new(pids: &[u32]) -> PidGuard {
+        PidGuard {
+            procs: pids.iter().copied().filter_map(ProcRef::new).collect(),
+        }
+    }
+
+    pub fn pids(&self) -> Vec<u32> {
+        self.procs.iter().map(|p| p.pid).collect()
+    }
+
+    /// The guarded processes that were reaped: gone from /proc, or their PID now names another
+    /// process. A zombie has not been reaped.
+    pub fn reaped(&self) -> Vec<u32> {
+        self.procs
+            .iter()
+            .filter(|p| proc_stat(p.pid).is_none_or(|s| s.start_time != p.start_time))
+            .map(|p| p.pid)
+            .collect()
+    }
+}
+
+impl Drop for PidGuard {
+    fn drop(&mut self) {
+        for p in self.procs.iter().filter(|p| p.is_running()) {
+            let _ = kill(pid_of(p.pid), Signal::SIGKILL);
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Minimal HTTP/1.1 client (std only, so the tests do not depend on the HTTP stack under test)
 
@@ -580,8 +628,66 @@ fn decode_chunked(mut rest: &[u8]) -> Option<Result<Vec<u8>, String>> {
 // ---------------------------------------------------------------------------------------------
 // Consul
 
+/// The Consul binary every test runs: `CONSUL_BIN`, or `consul` on the PATH. scripts/test runs
+/// the whole suite once per supported version by setting it.
+pub fn consul_bin() -> std::ffi::OsString {
+    std::env::var_os("CONSUL_BIN").unwrap_or_else(|| "consul".into())
+}
+
+/// The version of `consul_bin()` as `(major, minor, patch)`, asked once.
+pub fn consul_version() -> String {
+    static VERSION: OnceLock<String> = OnceLock::new();
+    VERSION
+        .get_or_init(|| {
+            let out = Command::new(consul_bin())
+                .arg("version")
+                .output()
+                .expect("consul installed by scripts/install-deps (or CONSUL_BIN)");
+            let text = String::from_utf8_lossy(&out.stdout);
+            text.lines()
+                .next()
+                .and_then(|l| l.strip_prefix("Consul v"))
+                .map(|v| v.split(['-', '+', ' ']).next().unwrap_or(v).to_string())
+                .unwrap_or_else(|| panic!("cannot tell the Consul version from {text:?}"))
+        })
+        .clone()
+}
+
+/// Consul 1.10 or later: config-entry intentions, the gRPC TLS port, no duplicate upstreams.
+pub fn consul_is_current() -> bool {
+    let v: Vec<u32> = consul_version()
+        .split('.')
+        .map(|p| p.parse().unwrap_or(0))
+        .collect();
+    v.as_slice() >= [1, 10].as_slice()
+}
+
+/// One intention as a test wants it, written as Consul's version expects (see
+/// `Consul::set_intentions`).
+#[derive(Clone, Debug)]
+pub struct IntentionSpec {
+    pub source: String,
+    /// `allow` or `deny`; `None` with `permissions` for an L7 intention.
+    pub action: Option<String>,
+    /// A cluster peer's source (Consul 1.13+).
+    pub peer: Option<String>,
+    /// HTTP permissions, as the config entry takes them (Consul 1.9+).
+    pub permissions: Option<Value>,
+}
+
+impl IntentionSpec {
+    pub fn l4(source: &str, action: &str) -> IntentionSpec {
+        IntentionSpec {
+            source: source.into(),
+            action: Some(action.into()),
+            peer: None,
+            permissions: None,
+        }
+    }
+}
+
 /// A `consul agent -dev` of its own: free loopback ports (DNS and WAN off), the fixed
-/// `CLUSTER_ID`, in-memory state in a temp dir. `CONSUL_BIN` overrides the binary.
+/// `CLUSTER_ID`, in-memory state in a temp dir, from `consul_bin()`.
 pub struct Consul {
     // Declared before `dir`: the process must stop before its directory is removed.
     child: Child,
@@ -602,10 +708,15 @@ impl Consul {
 
     /// An agent with ACLs on and default policy deny; the harness uses `ACL_MASTER_TOKEN`.
     pub fn start_acl_deny() -> Consul {
+        Consul::start_acl("deny")
+    }
+
+    /// An agent with ACLs on and the given default policy (`allow` or `deny`).
+    pub fn start_acl(default_policy: &str) -> Consul {
         Consul::start_with(
             serde_json::json!({"acl": {
                 "enabled": true,
-                "default_policy": "deny",
+                "default_policy": default_policy,
                 "down_policy": "extend-cache",
                 "tokens": {"master": ACL_MASTER_TOKEN, "agent": ACL_MASTER_TOKEN}
             }}),
@@ -640,6 +751,10 @@ impl Consul {
             "connect": { "enabled": true, "ca_config": { "cluster_id": CLUSTER_ID } },
         });
         let mut config = config;
+        if consul_is_current() {
+            // 1.14+ opens a gRPC TLS port (8503) unless told not to; 1.8 rejects the key.
+            config["ports"]["grpc_tls"] = (-1).into();
+        }
         if let (Some(c), Some(e)) = (config.as_object_mut(), extra.as_object()) {
             for (k, v) in e {
                 c.insert(k.clone(), v.clone());
@@ -647,8 +762,7 @@ impl Consul {
         }
         let config_path = dir.join("consul.json");
         fs::write(&config_path, config.to_string()).expect("write consul.json");
-        let bin = std::env::var_os("CONSUL_BIN").unwrap_or_else(|| "consul".into());
-        let mut cmd = Command::new(bin);
+        let mut cmd = Command::new(consul_bin());
         cmd.arg("agent")
             .arg("-dev")
             .arg("-config-file")
@@ -804,19 +918,166 @@ impl Consul {
         serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"))
     }
 
-    /// `PUT /v1/agent/service/register`; panics with Consul's answer unless it is 200
-    /// (1.7+ rejects unknown fields with 400, which is worth seeing verbatim).
-    /// Creates an intention; asserts Consul took it and returns its ID.
+    pub fn is_current(&self) -> bool {
+        consul_is_current()
+    }
+
+    /// Creates (or replaces) one intention as an operator of this Consul version would: a
+    /// `service-intentions` config entry on current Consul, `POST /v1/connect/intentions` on
+    /// 1.8. Asserts Consul took it; returns a handle for `delete_intention`.
     pub fn create_intention(&self, source: &str, destination: &str, action: &str) -> String {
-        let body = serde_json::json!({
-            "SourceName": source, "DestinationName": destination, "Action": action
+        if !self.is_current() {
+            let body = serde_json::json!({
+                "SourceName": source, "DestinationName": destination, "Action": action
+            });
+            let (status, body) = self.post("/v1/connect/intentions", &body.to_string());
+            assert_eq!(status, 200, "{body}");
+            return serde_json::from_str::<Value>(&body)
+                .ok()
+                .and_then(|v| v["ID"].as_str().map(str::to_string))
+                .unwrap_or_else(|| panic!("no ID in {body}"));
+        }
+        self.edit_intentions(destination, |sources| {
+            sources.retain(|s| s["Name"] != source || s.get("Peer").is_some());
+            sources.push(serde_json::json!({"Name": source, "Action": action}));
         });
-        let (status, body) = self.post("/v1/connect/intentions", &body.to_string());
-        assert_eq!(status, 200, "{body}");
-        serde_json::from_str::<Value>(&body)
-            .ok()
-            .and_then(|v| v["ID"].as_str().map(str::to_string))
-            .unwrap_or_default()
+        format!("config-entry {destination} {source}")
+    }
+
+    /// Deletes what `create_intention` made.
+    pub fn delete_intention(&self, handle: &str) {
+        match handle.strip_prefix("config-entry ") {
+            Some(rest) => {
+                let (destination, source) = rest.split_once(' ').expect("a handle of ours");
+                self.edit_intentions(destination, |sources| {
+                    sources.retain(|s| s["Name"] != source || s.get("Peer").is_some());
+                });
+            }
+            None => {
+                let (status, body) = self.delete(&format!("/v1/connect/intentions/{handle}"));
+                assert_eq!(status, 200, "{body}");
+            }
+        }
+    }
+
+    /// Makes `intentions` the whole set for `destination`: one config entry written at once on
+    /// current Consul, or the legacy intentions deleted and created one by one on 1.8.
+    pub fn set_intentions(&self, destination: &str, intentions: &[IntentionSpec]) {
+        if self.is_current() {
+            if intentions.is_empty() {
+                let (status, body) =
+                    self.delete(&format!("/v1/config/service-intentions/{destination}"));
+                assert_eq!(status, 200, "{body}");
+                return;
+            }
+            let sources: Vec<Value> = intentions
+                .iter()
+                .map(|i| {
+                    let mut s = serde_json::json!({"Name": i.source});
+                    if let Some(a) = &i.action {
+                        s["Action"] = a.as_str().into();
+                    }
+                    if let Some(p) = &i.peer {
+                        s["Peer"] = p.as_str().into();
+                    }
+                    if let Some(p) = &i.permissions {
+                        s["Permissions"] = p.clone();
+                    }
+                    s
+                })
+                .collect();
+            let entry = serde_json::json!({
+                "Kind": "service-intentions", "Name": destination, "Sources": sources
+            });
+            let (status, body) = self.put("/v1/config", &entry.to_string());
+            assert!(status == 200 && body.trim() == "true", "{status} {body}");
+            return;
+        }
+        let all = self.get_json("/v1/connect/intentions");
+        for old in all.as_array().into_iter().flatten() {
+            if old["DestinationName"] == destination {
+                let id = old["ID"].as_str().expect("1.8 intentions have an ID");
+                self.delete_intention(id);
+            }
+        }
+        for i in intentions {
+            assert!(
+                i.peer.is_none() && i.permissions.is_none(),
+                "Consul {} has no peers or L7 intentions",
+                consul_version()
+            );
+            self.create_intention(&i.source, destination, i.action.as_deref().unwrap_or(""));
+        }
+    }
+
+    /// Reads, changes and writes back (check-and-set) the `service-intentions` entry of
+    /// `destination`, deleting it when no source is left.
+    fn edit_intentions(&self, destination: &str, change: impl Fn(&mut Vec<Value>)) {
+        let path = format!("/v1/config/service-intentions/{destination}");
+        for _ in 0..10 {
+            let (status, body) = self.get(&path);
+            let (mut sources, index) = match status {
+                200 => {
+                    let v: Value = serde_json::from_str(&body).unwrap();
+                    let sources = v["Sources"].as_array().cloned().unwrap_or_default();
+                    (sources, v["ModifyIndex"].as_u64().unwrap_or(0))
+                }
+                404 => (Vec::new(), 0),
+                _ => panic!("GET {path}: {status} {body}"),
+            };
+            change(&mut sources);
+            let (status, body) = if sources.is_empty() {
+                self.delete(&format!("{path}?cas={index}"))
+            } else {
+                // Consul computes these; sending back what it returned is refused.
+                for s in &mut sources {
+                    if let Some(o) = s.as_object_mut() {
+                        for k in [
+                            "Precedence",
+                            "Type",
+                            "LegacyID",
+                            "LegacyMeta",
+                            "LegacyCreateTime",
+                            "LegacyUpdateTime",
+                        ] {
+                            o.remove(k);
+                        }
+                    }
+                }
+                let entry = serde_json::json!({
+                    "Kind": "service-intentions", "Name": destination, "Sources": sources
+                });
+                self.put(&format!("/v1/config?cas={index}"), &entry.to_string())
+            };
+            assert_eq!(status, 200, "{body}");
+            if body.trim() == "true" {
+                return;
+            }
+        }
+        panic!("the intentions of {destination} kept changing under the test");
+    }
+
+    /// Sets `protocol` in the service-defaults config entry of `service` (Consul 1.5+).
+    pub fn set_protocol(&self, service: &str, protocol: &str) {
+        let entry = serde_json::json!({
+            "Kind": "service-defaults", "Name": service, "Protocol": protocol
+        });
+        let (status, body) = self.put("/v1/config", &entry.to_string());
+        assert!(status == 200 && body.trim() == "true", "{status} {body}");
+    }
+
+    /// A leaf certificate for `service` from the agent, written to `<dir>/<service>.pem` and
+    /// `.key` for a client such as curl; returns the paths and Consul's whole answer.
+    pub fn leaf_files(&self, service: &str, dir: &Path) -> (PathBuf, PathBuf, Value) {
+        let leaf = self.get_json(&format!("/v1/agent/connect/ca/leaf/{service}"));
+        let (cert, key) = (
+            dir.join(format!("{service}.pem")),
+            dir.join(format!("{service}.key")),
+        );
+        fs::write(&cert, leaf["CertPEM"].as_str().expect("CertPEM")).expect("write the leaf");
+        fs::write(&key, leaf["PrivateKeyPEM"].as_str().expect("PrivateKeyPEM"))
+            .expect("write the key");
+        (cert, key, leaf)
     }
 
     /// Consul's own verdict on the holder of `leaf` (a `/v1/agent/connect/ca/leaf` answer)
@@ -875,9 +1136,16 @@ pub fn sidecar_registration(
     sidecar_port: u16,
     upstreams: &[(&str, u16)],
 ) -> String {
+    // `name@dc` names a datacenter: Consul 1.10+ refuses two upstreams of one name and
+    // datacenter, and `server@dc1` is a second upstream to the local `server`.
     let upstreams: Vec<Value> = upstreams
         .iter()
-        .map(|(dest, bind)| serde_json::json!({ "DestinationName": dest, "LocalBindPort": bind }))
+        .map(|(dest, bind)| match dest.split_once('@') {
+            Some((name, dc)) => serde_json::json!({
+                "DestinationName": name, "Datacenter": dc, "LocalBindPort": bind
+            }),
+            None => serde_json::json!({ "DestinationName": dest, "LocalBindPort": bind }),
+        })
         .collect();
     serde_json::json!({
         "Name": name,
