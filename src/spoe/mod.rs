@@ -11,6 +11,8 @@
 
 pub mod authz;
 pub mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod server;
 
 use std::borrow::Borrow;

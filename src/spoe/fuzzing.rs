@@ -1,0 +1,152 @@
+//! The invariants the fuzz targets check, in the library so that `fuzz/` (libFuzzer, nightly)
+//! and `tests/fuzz_corpus.rs` (a normal test on stable, replaying the committed corpus) run
+//! the same code: a crash the fuzzer found and minimised stays a failing test once its input
+//! is added to the corpus. Each function panics when an invariant does not hold.
+//!
+//! Not part of the sidecar's API.
+
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime};
+
+use x509_parser::prelude::FromDer;
+
+use super::authz::{Action, AuthzTable, Decision, DefaultPolicy, Intention};
+use super::frame::{
+    self, AgentHello, Disconnect, Frame, FrameError, HaproxyHello, AGENT_MAX_FRAME_SIZE,
+};
+
+/// Any bytes from the SPOE socket: the decoder must return, never panic, and whatever it
+/// accepts must survive an encode/decode round trip unchanged. Returns how many frames the
+/// read loop decoded, so a replay can tell the seeds reach past the decoder's first check.
+pub fn spop_frame(data: &[u8]) -> usize {
+    let mut frames = 0;
+    // As the agent's read loop does: frame after frame until more bytes are needed or an
+    // error ends the connection.
+    let mut buf = data;
+    loop {
+        match frame::decode(buf, AGENT_MAX_FRAME_SIZE as usize) {
+            Ok(Some((f, used))) => {
+                frames += 1;
+                assert!(used >= frame::LENGTH_PREFIX && used <= buf.len());
+                match &f {
+                    Frame::HaproxyHello(kv) => {
+                        if let Ok(h) = HaproxyHello::from_kv(kv) {
+                            let size = h.negotiate_frame_size(AGENT_MAX_FRAME_SIZE);
+                            assert!((frame::MIN_FRAME_SIZE..=AGENT_MAX_FRAME_SIZE).contains(&size));
+                        }
+                    }
+                    Frame::AgentHello(kv) => {
+                        let _ = AgentHello::from_kv(kv);
+                    }
+                    Frame::HaproxyDisconnect(kv) | Frame::AgentDisconnect(kv) => {
+                        let _ = Disconnect::from_kv(kv);
+                    }
+                    Frame::Notify(n) => {
+                        let _ = n.find_arg(Some("check-client"), "cert");
+                    }
+                    Frame::Ack(_) => {}
+                }
+                let mut out = Vec::new();
+                match f.encode(usize::MAX, &mut out) {
+                    Ok(()) => {
+                        let (again, n) = frame::decode(&out, usize::MAX)
+                            .expect("re-encoded frame decodes")
+                            .expect("re-encoded frame is complete");
+                        assert_eq!(n, out.len());
+                        assert_eq!(again, f);
+                    }
+                    // The only frames we refuse to write: an ACK with no action.
+                    Err(e) => assert_eq!(e, FrameError::EmptyAck),
+                }
+                buf = &buf[used..];
+            }
+            Ok(None) => break,
+            Err(e) => {
+                let _ = e.status_code().code();
+                let _ = e.to_string();
+                break;
+            }
+        }
+    }
+
+    // The varint encoding is a bijection: whatever decodes re-encodes to the same bytes.
+    if let Ok((v, n)) = frame::decode_varint(data, "fuzz") {
+        let mut out = Vec::new();
+        frame::encode_varint(v, &mut out);
+        assert_eq!(&out[..], &data[..n]);
+    }
+    frames
+}
+
+const TD: &str = "11111111-2222-3333-4444-555555555555.consul";
+const CA_PEM: &str = include_str!("../../fixtures/spop/certs/ca.crt");
+const CA_DER: &[u8] = include_bytes!("../../fixtures/spop/certs/ca.der");
+/// The one identity the fuzzing table allows.
+pub const ALLOWED: &str =
+    "spiffe://11111111-2222-3333-4444-555555555555.consul/ns/default/dc/dc1/svc/client";
+
+struct Fixture {
+    table: AuthzTable,
+    /// When every decision is judged: a day after the fixture CA's notBefore (the leaves were
+    /// issued a second after it), so a verdict depends on the input only, never on the date the
+    /// fuzzer or the test runs.
+    at: SystemTime,
+}
+
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let ixns = vec![
+            Intention::new("client", Action::Allow, 9),
+            Intention::new("*", Action::Deny, 8),
+        ];
+        let table =
+            AuthzTable::new(TD, CA_PEM, ixns, DefaultPolicy::Deny).expect("fixture CA parses");
+        let (_, ca) = x509_parser::parse_x509_certificate(CA_DER).expect("fixture CA parses");
+        let secs = u64::try_from(ca.validity().not_before.timestamp() + 86_400)
+            .expect("fixture CA starts after 1970");
+        Fixture {
+            table,
+            at: SystemTime::UNIX_EPOCH + Duration::from_secs(secs),
+        }
+    })
+}
+
+/// Any bytes as a client certificate: the decision must return, never panic, give a reason,
+/// and agree with itself when asked again (the second answer comes from the table's memory of
+/// signers, which must never change a verdict). Anything allowed must be the one allowed
+/// SPIFFE identity, a whole certificate valid at that moment and really signed by the fixture
+/// CA, checked here without the table's code. Returns the decision.
+pub fn authz_decide(data: &[u8]) -> Decision {
+    let f = fixture();
+    let d = f.table.decide_at(Some(data), f.at);
+    assert!(!d.reason.is_empty());
+    assert_eq!(
+        f.table.decide_at(Some(data), f.at),
+        d,
+        "a remembered signer changed the verdict"
+    );
+    if d.allow {
+        assert_eq!(d.source.as_deref(), Some(ALLOWED), "{}", d.reason);
+        let (rest, cert) = x509_parser::certificate::X509Certificate::from_der(data)
+            .expect("an allowed certificate parses");
+        assert!(
+            rest.is_empty(),
+            "an allowed certificate has no trailing bytes"
+        );
+        let (_, ca) = x509_parser::parse_x509_certificate(CA_DER).expect("fixture CA parses");
+        cert.verify_signature(Some(ca.public_key()))
+            .expect("an allowed certificate is signed by the fixture CA");
+        let at = x509_parser::time::ASN1Time::from_timestamp(
+            f.at.duration_since(SystemTime::UNIX_EPOCH)
+                .expect("after 1970")
+                .as_secs() as i64,
+        )
+        .expect("a representable time");
+        assert!(
+            cert.validity().is_valid_at(at),
+            "an allowed certificate is valid"
+        );
+    }
+    d
+}
