@@ -19,7 +19,7 @@ const RETRY_MIN: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(30);
 
 #[derive(Default)]
-struct Slot {
+struct Mailbox {
     next: Option<Desired>,
     /// The next state is to be applied whole, not as a delta (SIGHUP).
     reconcile: bool,
@@ -39,7 +39,7 @@ pub enum Outcome {
 
 #[derive(Clone)]
 pub struct Applier {
-    slot: Arc<(Mutex<Slot>, Condvar)>,
+    mailbox: Arc<(Mutex<Mailbox>, Condvar)>,
 }
 
 impl Applier {
@@ -51,13 +51,13 @@ impl Applier {
         templates: crate::render::Templates,
         report: impl Fn(Outcome) + Send + 'static,
     ) -> Result<Applier> {
-        let slot = Arc::new((Mutex::new(Slot::default()), Condvar::new()));
-        let shared = slot.clone();
+        let mailbox = Arc::new((Mutex::new(Mailbox::default()), Condvar::new()));
+        let shared = mailbox.clone();
         std::thread::Builder::new()
             .name("applier".into())
             .spawn(move || run(shared, applied, dataplane, creds, templates, report))
             .context("starting the applier thread")?;
-        Ok(Applier { slot })
+        Ok(Applier { mailbox })
     }
 
     /// Hands over a new desired state; an older one not yet taken is dropped.
@@ -72,7 +72,7 @@ impl Applier {
     }
 
     fn hand_over(&self, desired: Desired, reconcile: bool) {
-        let (lock, cv) = &*self.slot;
+        let (lock, cv) = &*self.mailbox;
         if let Ok(mut s) = lock.lock() {
             s.next = Some(desired);
             s.reconcile |= reconcile;
@@ -81,7 +81,7 @@ impl Applier {
     }
 
     pub fn stop(&self) {
-        let (lock, cv) = &*self.slot;
+        let (lock, cv) = &*self.mailbox;
         if let Ok(mut s) = lock.lock() {
             s.stop = true;
             cv.notify_one();
@@ -90,14 +90,14 @@ impl Applier {
 }
 
 fn run(
-    slot: Arc<(Mutex<Slot>, Condvar)>,
+    mailbox: Arc<(Mutex<Mailbox>, Condvar)>,
     mut applied: Desired,
     dataplane: Dataplane,
     creds: DataplaneCredentials,
     templates: crate::render::Templates,
     report: impl Fn(Outcome),
 ) {
-    let (lock, cv) = &*slot;
+    let (lock, cv) = &*mailbox;
     let mut pending: Option<Desired> = None;
     let mut reconcile = false;
     let mut failures: u32 = 0;
@@ -259,13 +259,13 @@ fn apply(
             .iter_mut()
             .find(|u| u.name == spec.backend)
         {
-            if let (Some(slot), Some(want)) = (
+            if let (Some(mailbox), Some(want)) = (
                 u.slots.iter_mut().find(|s| s.name == spec.name),
                 desired
                     .upstream(&spec.backend)
                     .and_then(|d| d.slots.iter().find(|s| s.name == spec.name)),
             ) {
-                *slot = want.clone();
+                *mailbox = want.clone();
             }
         }
     }

@@ -10,10 +10,13 @@ use std::path::PathBuf;
 
 use clap::{Arg, ArgAction, ArgMatches};
 
-use crate::http::{Endpoint, Secret, TlsFiles};
+use crate::config::{
+    haproxy_log_level, ConsulSettings, Endpoint, HaproxyParam, Knobs, Secret, Target, TlsFiles,
+    BALANCE_ALGORITHMS,
+};
 
 /// Exit code for bad usage or bad configuration (BSD sysexits EX_USAGE).
-pub const EXIT_USAGE: i32 = 64;
+pub use crate::error::EXIT_USAGE;
 
 /// The long flags the Go original had, plus ours. Single-dash spellings are accepted only for
 /// these names so that a value such as `-1` or `-x` is never rewritten.
@@ -41,21 +44,6 @@ const LONG_FLAGS: &[&str] = &[
     "template-dir",
 ];
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Target {
-    /// `-sidecar-for ID`: the service ID of the local application.
-    ServiceId(String),
-    /// `-sidecar-for-tag TAG`: the one local service carrying this tag.
-    Tag(String),
-}
-
-#[derive(Clone, Debug)]
-pub struct ConsulSettings {
-    pub endpoint: Endpoint,
-    pub token: Option<Secret>,
-    pub tls: TlsFiles,
-}
-
 #[derive(Clone, Debug)]
 pub struct Options {
     pub target: Target,
@@ -68,29 +56,10 @@ pub struct Options {
     pub stats_addr: Option<SocketAddr>,
     pub stats_service_register: bool,
     pub spoe_threads: usize,
-    /// How long a graceful stop lets in-flight work finish (also HAProxy's hard-stop-after).
-    pub grace_period: std::time::Duration,
-    /// Extra HAProxy `global`/`defaults` settings, in order, last one per key wins.
-    pub haproxy_params: Vec<HaproxyParam>,
-    /// The load-balancing algorithm of upstream backends.
-    pub balance: String,
-    /// HAProxy `log-format` of every listener's access log, already quoted as one HAProxy
-    /// argument; `None` keeps httplog/tcplog.
-    pub log_format: Option<String>,
+    pub knobs: Knobs,
     /// Tera templates replacing the built-in ones.
     pub template_dir: Option<PathBuf>,
 }
-
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct HaproxyParam {
-    pub section: String,
-    pub key: String,
-    pub value: String,
-}
-
-/// Algorithms HAProxy applies to servers changed at runtime; the static ones (static-rr,
-/// hashes without consistent) would turn every instance change into a reload.
-pub const BALANCE_ALGORITHMS: &[&str] = &["roundrobin", "leastconn", "first", "random"];
 
 /// `section.key=value`, as `-haproxy-param global.maxconn=20000`.
 pub fn parse_haproxy_param(v: &str) -> Result<HaproxyParam, String> {
@@ -468,10 +437,13 @@ pub fn parse(
         stats_addr,
         stats_service_register,
         spoe_threads,
-        grace_period,
-        haproxy_params,
-        balance,
-        log_format,
+        knobs: Knobs {
+            grace_period,
+            haproxy_params,
+            balance,
+            log_format,
+            haproxy_log_level: haproxy_log_level(log_level),
+        },
         template_dir: m
             .get_one::<String>("template-dir")
             .filter(|d| !d.is_empty())
@@ -750,7 +722,7 @@ mod tests {
         assert!(parse_duration("10ms").is_err());
         assert!(parse_duration("2h").is_err());
         let o = run(&["-sidecar-for", "a"], &MapEnv::default()).unwrap();
-        assert_eq!(o.grace_period, Duration::from_secs(30));
+        assert_eq!(o.knobs.grace_period, Duration::from_secs(30));
     }
 
     #[test]
@@ -771,10 +743,10 @@ mod tests {
             &MapEnv::default(),
         )
         .unwrap();
-        assert_eq!(o.haproxy_params.len(), 2);
-        assert_eq!(o.haproxy_params[1].value, "2000");
-        assert_eq!(o.haproxy_params[0].key, "timeout client");
-        assert_eq!(o.balance, "leastconn");
+        assert_eq!(o.knobs.haproxy_params.len(), 2);
+        assert_eq!(o.knobs.haproxy_params[1].value, "2000");
+        assert_eq!(o.knobs.haproxy_params[0].key, "timeout client");
+        assert_eq!(o.knobs.balance, "leastconn");
     }
 
     #[test]

@@ -84,6 +84,29 @@ where
     }
 }
 
+/// Exit code for bad usage or configuration (sysexits' EX_USAGE).
+pub const EXIT_USAGE: i32 = 64;
+
+/// Why a run ended early: the exit code and the error to log.
+pub struct Fatal {
+    pub code: i32,
+    pub error: Error,
+}
+
+impl From<Error> for Fatal {
+    fn from(error: Error) -> Self {
+        Fatal { code: 1, error }
+    }
+}
+
+/// A configuration or usage error: exit code 64.
+pub fn usage(error: Error) -> Fatal {
+    Fatal {
+        code: EXIT_USAGE,
+        error,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,9 +7,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Context, Error, Result};
 
-/// Longest unix socket path HAProxy takes: `sun_path` is 108 bytes and HAProxy keeps room for
-/// the `.<pid>.tmp` suffix it binds under before renaming.
-pub const MAX_SOCKET_PATH: usize = 97;
+use crate::model::MAX_SOCKET_PATH;
 
 /// Creates `<base>/hcc-<label>-<random>` with mode 0700, so two sidecars on one host never share
 /// a file or socket. The name is short because socket paths inside it are limited.
@@ -22,9 +20,9 @@ pub fn create_workdir(base: &Path, label: &str) -> Result<PathBuf> {
             base.display()
         )));
     }
-    let label: String = crate::model::sanitize(label).chars().take(40).collect();
+    let label: String = crate::names::sanitize(label).chars().take(40).collect();
     for _ in 0..16 {
-        let dir = base.join(format!("hcc-{label}-{:08x}", random_u32()?));
+        let dir = base.join(format!("hcc-{label}-{:08x}", crate::random::random_u32()?));
         match fs::DirBuilder::new().mode(0o700).create(&dir) {
             Ok(()) => {
                 fs::DirBuilder::new()
@@ -91,13 +89,6 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
         let _ = fs::remove_file(&tmp);
     }
     result.with_context(|| format!("writing {}", path.display()))
-}
-
-pub fn random_u32() -> Result<u32> {
-    let mut b = [0u8; 4];
-    let mut f = fs::File::open("/dev/urandom").context("opening /dev/urandom")?;
-    std::io::Read::read_exact(&mut f, &mut b).context("reading /dev/urandom")?;
-    Ok(u32::from_ne_bytes(b))
 }
 
 #[cfg(test)]

@@ -16,99 +16,8 @@ use ureq::unversioned::transport::{
     Transport,
 };
 
+pub use crate::config::{Endpoint, Secret, TlsFiles};
 use crate::error::{Context, Error, Result};
-
-/// Where a server listens.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Endpoint {
-    Http { authority: String },
-    Https { authority: String },
-    Unix { path: PathBuf },
-}
-
-impl Endpoint {
-    /// Parses the address forms the consul CLI accepts: `host:port`, `http://host:port`,
-    /// `https://host:port` and `unix:///path/to.sock`.
-    pub fn parse(addr: &str) -> std::result::Result<Endpoint, String> {
-        let addr = addr.trim();
-        if let Some(path) = addr.strip_prefix("unix://") {
-            if path.is_empty() {
-                return Err(format!("unix address {addr:?} names no socket path"));
-            }
-            return Ok(Endpoint::Unix { path: path.into() });
-        }
-        let (https, rest) = if let Some(rest) = addr.strip_prefix("https://") {
-            (true, rest)
-        } else if let Some(rest) = addr.strip_prefix("http://") {
-            (false, rest)
-        } else if addr.contains("://") {
-            return Err(format!(
-                "address {addr:?} has an unknown scheme (expected http, https or unix)"
-            ));
-        } else {
-            (false, addr)
-        };
-        let authority = rest.trim_end_matches('/');
-        if authority.is_empty()
-            || authority.contains('/')
-            || authority.contains(char::is_whitespace)
-        {
-            return Err(format!("address {addr:?} is not host:port"));
-        }
-        let authority = authority.to_string();
-        Ok(if https {
-            Endpoint::Https { authority }
-        } else {
-            Endpoint::Http { authority }
-        })
-    }
-
-    fn base_url(&self) -> String {
-        match self {
-            Endpoint::Http { authority } => format!("http://{authority}"),
-            Endpoint::Https { authority } => format!("https://{authority}"),
-            // The host is never resolved for a unix socket, but the URL must still parse.
-            Endpoint::Unix { .. } => "http://localhost".to_string(),
-        }
-    }
-}
-
-impl fmt::Display for Endpoint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Endpoint::Unix { path } => write!(f, "unix://{}", path.display()),
-            other => f.write_str(&other.base_url()),
-        }
-    }
-}
-
-/// A value that must never be printed: ACL tokens, passwords.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Secret(value.into())
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
-}
-
-/// TLS settings for an https endpoint, as the consul CLI takes them from CONSUL_CACERT etc.
-#[derive(Clone, Debug, Default)]
-pub struct TlsFiles {
-    pub ca_cert: Option<PathBuf>,
-    pub client_cert: Option<PathBuf>,
-    pub client_key: Option<PathBuf>,
-    pub verify: bool,
-}
 
 #[derive(Clone)]
 pub enum Credential {
@@ -440,6 +349,19 @@ impl Transport for UnixTransport {
         let open = matches!((&*self.stream).read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
         open && self.stream.set_nonblocking(false).is_ok()
     }
+}
+
+/// Percent-encodes one path segment or query value.
+pub fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 #[cfg(test)]

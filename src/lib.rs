@@ -1,22 +1,41 @@
 //! haproxy-consul-connect: a Consul Connect sidecar that runs HAProxy as its data plane.
 //! See ARCHITECTURE.md for the map.
+//!
+//! The binary (`src/main.rs`) uses `cli`, `supervisor`, `dry_run` and `reload_haproxy`; fuzz
+//! targets and tests use `spoe`. Everything else is internal to the crate.
 
-pub mod apply;
 pub mod cli;
-pub mod clock;
-pub mod consul;
+pub mod dry_run;
 pub mod error;
-pub mod files;
-pub mod haproxy;
-pub mod http;
-pub mod model;
-pub mod render;
-pub mod snapshot;
 pub mod spoe;
 pub mod supervisor;
 
+pub(crate) mod apply;
+pub(crate) mod clock;
+pub(crate) mod config;
+pub(crate) mod consul;
+pub(crate) mod files;
+pub(crate) mod haproxy;
+pub(crate) mod http;
+pub(crate) mod intentions;
+pub(crate) mod metrics;
+pub(crate) mod model;
+pub(crate) mod names;
+pub(crate) mod objects;
+pub(crate) mod phase;
+pub(crate) mod random;
+pub(crate) mod render;
+pub(crate) mod snapshot;
+pub(crate) mod stats;
+
 /// The hidden subcommand the Dataplane API runs to reload HAProxy and learn the verdict.
 pub const RELOAD_SUBCOMMAND: &str = "internal-reload-haproxy";
-pub mod intentions;
-pub mod metrics;
-pub mod stats;
+
+/// The reload subcommand: reloads the HAProxy behind `master_socket` and waits for the verdict;
+/// the number of the new worker's reload.
+pub fn reload_haproxy(
+    master_socket: &std::path::Path,
+    timeout: std::time::Duration,
+) -> error::Result<u32> {
+    haproxy::runtime::reload(master_socket, timeout)
+}

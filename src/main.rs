@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use haproxy_consul_connect::cli::{self, Command, EXIT_USAGE};
-use haproxy_consul_connect::{haproxy::runtime, supervisor, RELOAD_SUBCOMMAND};
+use haproxy_consul_connect::{reload_haproxy, supervisor, RELOAD_SUBCOMMAND};
 
 fn main() -> ExitCode {
     let args: Vec<_> = std::env::args_os().collect();
@@ -36,7 +36,7 @@ fn main() -> ExitCode {
         }
         Ok(Command::DryRun(opts)) => {
             init_logging(opts.log_level);
-            match supervisor::dry_run(&opts) {
+            match haproxy_consul_connect::dry_run::dry_run(&opts) {
                 Ok(files) => {
                     let mut out = std::io::stdout().lock();
                     for f in files {
@@ -117,7 +117,7 @@ fn reload(master: Option<&Path>) -> ExitCode {
         eprintln!("usage: haproxy-consul-connect {RELOAD_SUBCOMMAND} <master socket>");
         return ExitCode::from(EXIT_USAGE as u8);
     };
-    match runtime::reload(master, Duration::from_secs(20)) {
+    match reload_haproxy(master, Duration::from_secs(20)) {
         Ok(n) => {
             println!("HAProxy reloaded (reload {n})");
             ExitCode::SUCCESS

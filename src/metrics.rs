@@ -1,7 +1,7 @@
 //! The sidecar's metrics in Prometheus text format: its own counters and gauges, and HAProxy's
 //! built-in exporter relabelled so that upstream series name the destination and the instance
-//! instead of a slot number (free slots are left out). Rendering is pure and tested here; the
-//! scrape in `stats` feeds it.
+//! instead of a slot number (free slots are left out). Rendering is pure and tested here;
+//! `scrape` reads HAProxy's exporter and the master CLI when `/metrics` is asked for.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -217,6 +217,44 @@ fn label(line: &str, name: &str) -> Option<String> {
     let start = line.find(&key)? + key.len();
     let end = line[start..].find('"')?;
     Some(line[start..start + end].to_string())
+}
+
+/// The /metrics body: our registry plus HAProxy's exporter, both read at scrape time.
+pub fn scrape(registry: &Registry, phase: &crate::phase::PhaseCell) -> String {
+    let desired = registry.desired.read().ok().and_then(|d| d.clone());
+    let (reloads, haproxy) = match &desired {
+        Some(d) => {
+            let reloads = crate::haproxy::runtime::show_proc(&d.paths.master_socket)
+                .ok()
+                .map(|p| u64::from(p.master_reloads));
+            let text = crate::http::Client::new(
+                crate::http::Endpoint::Unix {
+                    path: d.paths.metrics_socket.clone(),
+                },
+                &crate::http::TlsFiles::default(),
+                crate::http::Credential::None,
+            )
+            .and_then(|c| c.get("/metrics", std::time::Duration::from_secs(5)))
+            .map(|r| r.body)
+            .unwrap_or_else(|e| {
+                log::debug!("scraping HAProxy's exporter: {e}");
+                String::new()
+            });
+            (reloads, text)
+        }
+        None => (None, String::new()),
+    };
+    let now = crate::clock::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    registry.render(
+        &Live {
+            reloads,
+            ready: phase.get() == crate::phase::Phase::Ready,
+        },
+        &haproxy,
+        now,
+    )
 }
 
 #[cfg(test)]

@@ -10,8 +10,6 @@ use crate::error::{Error, Result};
 use crate::model::Desired;
 
 /// Names of the fixed HAProxy objects; the upstream ones come from `model`.
-pub const PUBLIC_FRONTEND: &str = "public_listener";
-pub const LOCAL_BACKEND: &str = "local_app";
 pub const SPOE_BACKEND: &str = "intentions_agent";
 pub const DATAPLANE_USERLIST: &str = "dataplaneapi";
 
@@ -68,6 +66,16 @@ impl Templates {
         Ok(t)
     }
 
+    /// The built-in templates, or those of an operator's `-template-dir`.
+    pub fn chosen(dir: Option<&std::path::Path>) -> Result<Templates> {
+        let Some(dir) = dir else {
+            return Ok(Templates::builtin());
+        };
+        let t = Templates::load(dir)?;
+        log::info!("templates overridden by {}", t.overridden_list());
+        Ok(t)
+    }
+
     /// The overriding files, comma-separated, for messages.
     pub fn overridden_list(&self) -> String {
         self.overridden
@@ -99,7 +107,7 @@ impl Templates {
 #[derive(Clone)]
 pub struct DataplaneCredentials {
     pub user: String,
-    pub password: crate::http::Secret,
+    pub password: crate::config::Secret,
 }
 
 impl DataplaneCredentials {
@@ -114,7 +122,7 @@ impl DataplaneCredentials {
         let password = bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
         Ok(DataplaneCredentials {
             user: "hcc".into(),
-            password: crate::http::Secret::new(password),
+            password: crate::config::Secret::new(password),
         })
     }
 }
@@ -130,13 +138,11 @@ struct Globals<'a> {
     d: &'a Desired,
     version: &'static str,
     hard_stop_after: String,
-    public_frontend: &'static str,
-    local_backend: &'static str,
+    sections: Vec<crate::objects::Section>,
     spoe_backend: &'static str,
     dataplane_userlist: &'static str,
     dataplane_user: &'a str,
     dataplane_password: &'a str,
-    free_slot: String,
 }
 
 /// Every file one sidecar writes, in the order they must be written: certificates before the
@@ -150,18 +156,12 @@ pub fn render(
     let globals = Globals {
         d,
         version: env!("CARGO_PKG_VERSION"),
-        hard_stop_after: format!("{}ms", d.grace_period_ms),
-        public_frontend: PUBLIC_FRONTEND,
-        local_backend: LOCAL_BACKEND,
+        hard_stop_after: format!("{}ms", d.knobs.grace_period.as_millis()),
+        sections: crate::objects::sections(d),
         spoe_backend: SPOE_BACKEND,
         dataplane_userlist: DATAPLANE_USERLIST,
         dataplane_user: &creds.user,
         dataplane_password: creds.password.expose(),
-        free_slot: format!(
-            "{}:{}",
-            crate::model::FREE_SLOT_ADDRESS,
-            crate::model::FREE_SLOT_PORT
-        ),
     };
     let ctx = Context::from_serialize(&globals).map_err(|e| {
         Error::msg(format!(
@@ -223,7 +223,7 @@ mod tests {
     fn creds() -> DataplaneCredentials {
         DataplaneCredentials {
             user: "hcc".into(),
-            password: crate::http::Secret::new("pw"),
+            password: crate::config::Secret::new("pw"),
         }
     }
 

@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 
 use crate::consul::api::{AgentService, CaRoots, HealthEntry, IntentionEntry, LeafCert};
-use crate::consul::watch::{destinations, Update};
 use crate::consul::DestinationKey;
+use crate::consul::{destinations, Update};
 
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {

@@ -4,39 +4,96 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::consul::client::{deregister_path, Consul, AGENT_SELF_PATH, REGISTER_PATH};
 use crate::error::{Context, Result};
+use crate::phase::{Phase, PhaseCell};
 
-/// The lifecycle phase as the endpoint reports it; written only by the supervisor.
-#[derive(Clone, Default)]
-pub struct PhaseCell(Arc<AtomicU8>);
+/// The stats endpoint registered in Consul as a service (`-stats-service-register`): named after
+/// the sidecar's service, tagged for what it is, checked through `/ready` at the address it
+/// really listens on. Deregistered when the drain starts.
+pub struct StatsService {
+    id: String,
+}
 
-pub const STARTING: u8 = 0;
-pub const WAITING_FOR_CONSUL: u8 = 1;
-pub const READY: u8 = 2;
-pub const DRAINING: u8 = 3;
-pub const STOPPED: u8 = 4;
-
-impl PhaseCell {
-    pub fn set(&self, phase: u8) {
-        self.0.store(phase, Ordering::SeqCst);
+impl StatsService {
+    pub fn register(
+        consul: &Consul,
+        proxy_id: &str,
+        service: &str,
+        registration_address: &str,
+        stats: SocketAddr,
+    ) -> Result<StatsService> {
+        let (id, body) = registration(consul, proxy_id, service, registration_address, stats)?;
+        let answer = consul.send("PUT", REGISTER_PATH, Some(&body))?;
+        if answer.status != 200 {
+            return Err(crate::error::Error::msg(format!(
+                "registering {id}: status {}: {}",
+                answer.status,
+                answer.body.trim()
+            )));
+        }
+        log::info!("registered the stats endpoint in Consul as {id}");
+        Ok(StatsService { id })
     }
-    pub fn get(&self) -> u8 {
-        self.0.load(Ordering::SeqCst)
+
+    pub fn deregister(self, consul: &Consul) {
+        let id = self.id;
+        match consul.send("PUT", &deregister_path(&id), None) {
+            Ok(a) if a.status == 200 => log::info!("deregistered {id} from Consul"),
+            Ok(a) => log::warn!("deregistering {id}: status {}", a.status),
+            Err(e) => log::warn!("deregistering {id}: {e}"),
+        }
     }
 }
 
-fn phase_name(p: u8) -> &'static str {
-    match p {
-        STARTING => "starting",
-        WAITING_FOR_CONSUL => "waiting for consul",
-        READY => "ready",
-        DRAINING => "draining",
-        _ => "stopped",
-    }
+fn registration(
+    consul: &Consul,
+    proxy_id: &str,
+    service: &str,
+    registration_address: &str,
+    stats: SocketAddr,
+) -> Result<(String, String)> {
+    // An unspecified listen address is reached at the proxy's own address, else the node's.
+    let address = if stats.ip().is_unspecified() {
+        if registration_address.is_empty() {
+            let me: serde_json::Value = consul.get_json(AGENT_SELF_PATH)?;
+            me.pointer("/Member/Addr")
+                .and_then(serde_json::Value::as_str)
+                .map(str::to_string)
+                .ok_or_else(|| {
+                    crate::error::Error::msg("the agent did not say its address (Member.Addr)")
+                })?
+        } else {
+            registration_address.to_string()
+        }
+    } else {
+        stats.ip().to_string()
+    };
+    let host = if address.contains(':') {
+        format!("[{address}]")
+    } else {
+        address.clone()
+    };
+    let id = format!("{proxy_id}-stats");
+    let body = serde_json::json!({
+        "ID": id,
+        "Name": format!("{service}-sidecar-stats"),
+        "Tags": ["haproxy-consul-connect", "stats", "metrics"],
+        "Meta": {"proxy": proxy_id, "metrics_path": "/metrics"},
+        "Address": address,
+        "Port": stats.port(),
+        "Check": {
+            "Name": "sidecar ready",
+            "HTTP": format!("http://{host}:{}/ready", stats.port()),
+            "Interval": "10s",
+            "Timeout": "2s",
+            "DeregisterCriticalServiceAfter": "10m"
+        }
+    });
+    Ok((id, body.to_string()))
 }
 
 /// Produces the /metrics body at scrape time.
@@ -83,11 +140,8 @@ fn answer(conn: TcpStream, phase: &PhaseCell, metrics: Option<&MetricsFn>) -> st
             content_type = "text/plain; version=0.0.4";
             ("200 OK", metrics.map(|m| m()).unwrap_or_default())
         }
-        "/ready" if p == READY => ("200 OK", "ready\n".to_string()),
-        "/ready" => (
-            "503 Service Unavailable",
-            format!("not ready: {}\n", phase_name(p)),
-        ),
+        "/ready" if p == Phase::Ready => ("200 OK", "ready\n".to_string()),
+        "/ready" => ("503 Service Unavailable", format!("not ready: {p}\n")),
         _ => ("404 Not Found", "not found\n".to_string()),
     };
     let mut conn = conn;
@@ -118,9 +172,9 @@ mod tests {
         let addr = serve("127.0.0.1:0".parse().unwrap(), phase.clone(), Some(metrics)).unwrap();
         assert!(get(addr, "/health").starts_with("HTTP/1.1 200"));
         assert!(get(addr, "/ready").starts_with("HTTP/1.1 503"));
-        phase.set(READY);
+        phase.set(Phase::Ready);
         assert!(get(addr, "/ready").starts_with("HTTP/1.1 200"));
-        phase.set(DRAINING);
+        phase.set(Phase::Draining);
         let r = get(addr, "/ready");
         assert!(
             r.starts_with("HTTP/1.1 503") && r.contains("draining"),

@@ -5,9 +5,6 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use haproxy_consul_connect::consul::api::IntentionEntry;
-use haproxy_consul_connect::intentions::for_destination;
-use haproxy_consul_connect::spoe::authz::{AuthzTable, DefaultPolicy};
 use nix::sys::signal::Signal;
 use support::mesh::{Mesh, MeshOptions, APP_BODY};
 use support::*;
@@ -97,102 +94,6 @@ fn a_stalled_agent_fails_closed() {
         || allowed(&mesh),
     )
     .unwrap_or_else(|e| panic!("{e}\n{}", mesh.server_sidecar.logs()));
-}
-
-/// For a table of intentions, our decisions equal Consul's own `/v1/agent/connect/authorize`.
-#[test]
-fn decisions_agree_with_consul_authorize_on_a_live_agent() {
-    let consul = Consul::start();
-    for (source, action) in [
-        ("client", "deny"),
-        ("*", "allow"),
-        ("db", "deny"),
-        ("web", "allow"),
-    ] {
-        consul.create_intention(source, "server", action);
-    }
-    // An intention for another destination must not count.
-    consul.create_intention("other", "elsewhere", "deny");
-    let all: Vec<IntentionEntry> =
-        serde_json::from_value(consul.get_json("/v1/connect/intentions")).unwrap();
-    let me = consul.get_json("/v1/agent/self");
-    let default_allow = !me["DebugConfig"]["ACLsEnabled"].as_bool().unwrap()
-        || me["DebugConfig"]["ACLDefaultPolicy"] == "allow";
-    let roots = consul.get_json("/v1/agent/connect/ca/roots");
-    let roots_pem: Vec<&str> = roots["Roots"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["RootCert"].as_str().unwrap())
-        .collect();
-    let table = AuthzTable::new(
-        roots["TrustDomain"].as_str().unwrap(),
-        &roots_pem.join("\n"),
-        for_destination(&all, "server"),
-        if default_allow {
-            DefaultPolicy::Allow
-        } else {
-            DefaultPolicy::Deny
-        },
-    )
-    .unwrap();
-
-    let mut verdicts = Vec::new();
-    for source in ["client", "web", "db", "other", "anything"] {
-        let leaf = consul.get_json(&format!("/v1/agent/connect/ca/leaf/{source}"));
-        let pem = leaf["CertPEM"].as_str().unwrap();
-        let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
-        let der = decode_base64(&b64);
-        let ours = table.decide(Some(&der));
-        let theirs = consul.authorize("server", &leaf);
-        assert_eq!(
-            ours.allow,
-            theirs["Authorized"].as_bool().unwrap(),
-            "{source}: ours {:?}, Consul {:?}",
-            ours.reason,
-            theirs["Reason"]
-        );
-        verdicts.push((source, ours.allow));
-    }
-    // Agreement alone would also hold if the intentions never reached Consul: both sides would
-    // then allow everything.
-    assert_eq!(
-        verdicts,
-        [
-            ("client", false),
-            ("web", true),
-            ("db", false),
-            ("other", true),
-            ("anything", true),
-        ],
-        "exact deny, exact allow, exact deny, another destination's deny ignored, wildcard allow"
-    );
-}
-
-fn decode_base64(s: &str) -> Vec<u8> {
-    let val = |c: u8| match c {
-        b'A'..=b'Z' => c - b'A',
-        b'a'..=b'z' => c - b'a' + 26,
-        b'0'..=b'9' => c - b'0' + 52,
-        b'+' => 62,
-        b'/' => 63,
-        _ => panic!("not base64: {c}"),
-    };
-    let bytes: Vec<u8> = s.bytes().filter(|b| *b != b'=').collect();
-    let mut out = Vec::new();
-    for chunk in bytes.chunks(4) {
-        let n = chunk.iter().enumerate().fold(0u32, |acc, (i, c)| {
-            acc | (u32::from(val(*c)) << (18 - 6 * i))
-        });
-        out.push((n >> 16) as u8);
-        if chunk.len() > 2 {
-            out.push((n >> 8) as u8);
-        }
-        if chunk.len() > 3 {
-            out.push(n as u8);
-        }
-    }
-    out
 }
 
 #[test]

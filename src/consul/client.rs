@@ -4,9 +4,10 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::api::{self, AgentService};
-use super::encode;
-use crate::cli::{ConsulSettings, Target};
+use super::{DestinationKey, DestinationKind};
+use crate::config::{ConsulSettings, Target};
 use crate::error::{Context, Error, Result};
+use crate::http::encode;
 use crate::http::{self, Credential};
 
 const ONE_SHOT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -98,9 +99,8 @@ impl Consul {
 
     /// Finds the ID of the `connect-proxy` to serve, as `consul connect proxy -sidecar-for` does.
     pub fn find_proxy(&self, target: &Target) -> std::result::Result<String, LookupError> {
-        let services: BTreeMap<String, AgentService> = self
-            .get_json("/v1/agent/services")
-            .map_err(LookupError::Consul)?;
+        let services: BTreeMap<String, AgentService> =
+            self.get_json(SERVICES_PATH).map_err(LookupError::Consul)?;
         choose_proxy(&services, target)
     }
 
@@ -195,7 +195,44 @@ pub fn choose_proxy(
     }
 }
 
+// The agent endpoints the sidecar reads, in one place for the watchers, `--dry-run` and the
+// stats registration.
+
+pub const SERVICES_PATH: &str = "/v1/agent/services";
+pub const ROOTS_PATH: &str = "/v1/agent/connect/ca/roots";
+/// Every intention; blocks on an index.
+pub const INTENTIONS_PATH: &str = "/v1/connect/intentions";
+pub const AGENT_SELF_PATH: &str = "/v1/agent/self";
+pub const AUTHORIZE_PATH: &str = "/v1/agent/connect/authorize";
+pub const REGISTER_PATH: &str = "/v1/agent/service/register";
+
 /// Path of the blocking registration read for a proxy ID.
 pub fn registration_path(proxy_id: &str) -> String {
     format!("/v1/agent/service/{}", encode(proxy_id))
+}
+
+pub fn deregister_path(service_id: &str) -> String {
+    format!("/v1/agent/service/deregister/{}", encode(service_id))
+}
+
+pub fn leaf_path(service: &str) -> String {
+    format!("/v1/agent/connect/ca/leaf/{}", encode(service))
+}
+
+/// Where a destination's healthy instances are read: the health endpoint (blocking) for a
+/// service, the prepared query's execution (polled) for a query.
+pub fn endpoints_path(key: &DestinationKey) -> String {
+    let dc = if key.datacenter.is_empty() {
+        String::new()
+    } else {
+        format!("&dc={}", encode(&key.datacenter))
+    };
+    match key.kind {
+        DestinationKind::Service => {
+            format!("/v1/health/connect/{}?passing=1{dc}", encode(&key.name))
+        }
+        DestinationKind::PreparedQuery => {
+            format!("/v1/query/{}/execute?connect=true{dc}", encode(&key.name))
+        }
+    }
 }

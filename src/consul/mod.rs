@@ -6,6 +6,8 @@ pub mod api;
 pub mod client;
 pub mod watch;
 
+use api::{AgentService, CaRoots, HealthEntry, IntentionEntry, LeafCert};
+
 /// One upstream destination as Consul resolves it. Two upstreams that name the same destination
 /// in the same datacenter share one watch; the listeners stay apart (see `model`).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -36,15 +38,41 @@ impl std::fmt::Display for DestinationKey {
     }
 }
 
-/// Percent-encodes one path segment or query value.
-pub fn encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+/// What changed in Consul.
+#[derive(Clone, Debug)]
+pub enum Update {
+    Registration(AgentService),
+    /// The registration is gone (404): the service was deregistered.
+    RegistrationGone,
+    Leaf(LeafCert),
+    Roots(CaRoots),
+    Endpoints(DestinationKey, Vec<HealthEntry>),
+    /// Every intention in the cluster; the sidecar keeps those for its own service.
+    Intentions(Vec<IntentionEntry>),
+    /// The ACL default policy as the agent spells it (`allow`/`deny`; anything else is kept
+    /// as it came): what a connection that no intention matches gets.
+    AclDefaultPolicy(String),
+}
+
+/// The destinations a registration's upstreams need watched.
+pub fn destinations(registration: &AgentService) -> Vec<DestinationKey> {
+    let mut keys: Vec<DestinationKey> = registration
+        .proxy
+        .iter()
+        .flat_map(|p| p.upstreams.iter())
+        // A peer's service is not ours of the same name; the model refuses such upstreams.
+        .filter(|u| u.destination_peer.is_empty())
+        .map(|u| DestinationKey {
+            kind: if u.destination_type == "prepared_query" {
+                DestinationKind::PreparedQuery
+            } else {
+                DestinationKind::Service
+            },
+            name: u.destination_name.clone(),
+            datacenter: u.datacenter.clone(),
+        })
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
 }

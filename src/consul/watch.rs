@@ -11,24 +11,12 @@ use std::time::{Duration, Instant};
 use super::api::{
     self, AgentSelf, AgentService, CaRoots, HealthEntry, IntentionEntry, LeafCert, QueryResult,
 };
-use super::client::{registration_path, Consul};
-use super::{encode, DestinationKey, DestinationKind};
-
-/// What changed in Consul.
-#[derive(Clone, Debug)]
-pub enum Update {
-    Registration(AgentService),
-    /// The registration is gone (404): the service was deregistered.
-    RegistrationGone,
-    Leaf(LeafCert),
-    Roots(CaRoots),
-    Endpoints(DestinationKey, Vec<HealthEntry>),
-    /// Every intention in the cluster; the sidecar keeps those for its own service.
-    Intentions(Vec<IntentionEntry>),
-    /// The ACL default policy as the agent spells it (`allow`/`deny`; anything else is kept
-    /// as it came): what a connection that no intention matches gets.
-    AclDefaultPolicy(String),
-}
+use super::client::{
+    endpoints_path, leaf_path, registration_path, Consul, AGENT_SELF_PATH, AUTHORIZE_PATH,
+    INTENTIONS_PATH, ROOTS_PATH,
+};
+use super::{destinations, DestinationKey, DestinationKind, Update};
+use crate::http::encode;
 
 /// Where watchers deliver updates and report their health (for metrics and logs).
 pub trait Sink: Send + Sync + 'static {
@@ -59,7 +47,7 @@ impl Default for Timing {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Mode {
+enum WatchMode {
     Index,
     Hash,
     Poll,
@@ -112,7 +100,7 @@ impl Watchers {
         let h = w.spawn(
             format!("registration of {proxy_id}"),
             registration_path(proxy_id),
-            Mode::Hash,
+            WatchMode::Hash,
             |body| {
                 api::parse::<AgentService>("the proxy registration", body).map(Update::Registration)
             },
@@ -120,8 +108,8 @@ impl Watchers {
         w.fixed.push(h);
         let h = w.spawn(
             "CA roots".into(),
-            "/v1/agent/connect/ca/roots".into(),
-            Mode::Index,
+            ROOTS_PATH.into(),
+            WatchMode::Index,
             |body| api::parse::<CaRoots>("the CA roots", body).map(Update::Roots),
         );
         w.fixed.push(h);
@@ -132,8 +120,8 @@ impl Watchers {
     fn watch_intentions(&mut self, service: &str) {
         let h = self.spawn(
             "intentions".into(),
-            "/v1/connect/intentions".into(),
-            Mode::Index,
+            INTENTIONS_PATH.into(),
+            WatchMode::Index,
             |body| {
                 api::parse::<Vec<IntentionEntry>>("the intentions list", body)
                     .map(Update::Intentions)
@@ -168,8 +156,8 @@ impl Watchers {
         if !service.is_empty() && self.leaf_for.as_ref().map(|(s, _)| s) != Some(&service) {
             let h = self.spawn(
                 format!("leaf certificate of {service}"),
-                format!("/v1/agent/connect/ca/leaf/{}", encode(&service)),
-                Mode::Index,
+                leaf_path(&service),
+                WatchMode::Index,
                 |body| api::parse::<LeafCert>("the leaf certificate", body).map(Update::Leaf),
             );
             self.leaf_for = Some((service.clone(), h));
@@ -191,19 +179,15 @@ impl Watchers {
     }
 
     fn spawn_destination(&self, key: DestinationKey) -> WatchHandle {
-        let dc = if key.datacenter.is_empty() {
-            String::new()
-        } else {
-            format!("&dc={}", encode(&key.datacenter))
-        };
         let name = key.to_string();
+        let path = endpoints_path(&key);
         match key.kind {
             DestinationKind::Service => {
                 let k = key.clone();
                 self.spawn(
                     format!("healthy instances of {name}"),
-                    format!("/v1/health/connect/{}?passing=1{dc}", encode(&key.name)),
-                    Mode::Index,
+                    path,
+                    WatchMode::Index,
                     move |body| {
                         api::parse::<Vec<HealthEntry>>("a health/connect query", body)
                             .map(|entries| Update::Endpoints(k.clone(), entries))
@@ -214,8 +198,8 @@ impl Watchers {
                 let k = key.clone();
                 self.spawn(
                     format!("instances of {name}"),
-                    format!("/v1/query/{}/execute?connect=true{dc}", encode(&key.name)),
-                    Mode::Poll,
+                    path,
+                    WatchMode::Poll,
                     move |body| {
                         api::parse::<QueryResult>("a prepared query", body)
                             .map(|r| Update::Endpoints(k.clone(), r.nodes))
@@ -229,7 +213,7 @@ impl Watchers {
         &self,
         what: String,
         path: String,
-        mode: Mode,
+        mode: WatchMode,
         parse: impl Fn(&str) -> crate::error::Result<Update> + Send + 'static,
     ) -> WatchHandle {
         let stop = Arc::new(AtomicBool::new(false));
@@ -294,7 +278,7 @@ impl DefaultPolicyWatch {
                         log::warn!("cannot learn the default intention policy: {e}");
                         last_error = e;
                     }
-                    self.sink.watch_error("/v1/agent/self");
+                    self.sink.watch_error(AGENT_SELF_PATH);
                     backoff(&self.timing, failures)
                 }
             };
@@ -310,7 +294,7 @@ impl DefaultPolicyWatch {
     /// that may not read the agent on a Consul without the header, Consul's own authorize
     /// answer for a source no intention can name.
     fn read(&self) -> crate::error::Result<String> {
-        let answer = self.consul.get("/v1/agent/self", None)?;
+        let answer = self.consul.get(AGENT_SELF_PATH, None)?;
         if let Some(policy) = &answer.default_acl_policy {
             return Ok(policy.clone());
         }
@@ -333,7 +317,7 @@ impl DefaultPolicyWatch {
         // would to any unnamed source, which is all the default is used for.
         let probe = format!(
             "hcc-default-policy-probe-{:08x}",
-            crate::files::random_u32()?
+            crate::random::random_u32()?
         );
         let body = serde_json::json!({
             "Target": self.service,
@@ -341,9 +325,7 @@ impl DefaultPolicyWatch {
             "ClientCertSerial": "00",
         })
         .to_string();
-        let answer = self
-            .consul
-            .send("POST", "/v1/agent/connect/authorize", Some(&body))?;
+        let answer = self.consul.send("POST", AUTHORIZE_PATH, Some(&body))?;
         if answer.status != 200 {
             return Err(crate::error::Error::msg(format!(
                 "status {} for /v1/agent/connect/authorize (and 403 for /v1/agent/self): {}",
@@ -360,36 +342,13 @@ impl DefaultPolicyWatch {
     }
 }
 
-/// The destinations a registration's upstreams need watched.
-pub fn destinations(registration: &AgentService) -> Vec<DestinationKey> {
-    let mut keys: Vec<DestinationKey> = registration
-        .proxy
-        .iter()
-        .flat_map(|p| p.upstreams.iter())
-        // A peer's service is not ours of the same name; the model refuses such upstreams.
-        .filter(|u| u.destination_peer.is_empty())
-        .map(|u| DestinationKey {
-            kind: if u.destination_type == "prepared_query" {
-                DestinationKind::PreparedQuery
-            } else {
-                DestinationKind::Service
-            },
-            name: u.destination_name.clone(),
-            datacenter: u.datacenter.clone(),
-        })
-        .collect();
-    keys.sort();
-    keys.dedup();
-    keys
-}
-
 struct Watch {
     consul: Consul,
     sink: Arc<dyn Sink>,
     timing: Timing,
     what: String,
     path: String,
-    mode: Mode,
+    mode: WatchMode,
     stop: Arc<AtomicBool>,
 }
 
@@ -420,7 +379,7 @@ impl Watch {
         while !self.stopped() {
             let started = Instant::now();
             let (url, wait) = match self.mode {
-                Mode::Index if index > 0 => (
+                WatchMode::Index if index > 0 => (
                     format!(
                         "{}{sep}index={index}&wait={}s",
                         self.path,
@@ -428,7 +387,7 @@ impl Watch {
                     ),
                     Some(self.timing.wait),
                 ),
-                Mode::Hash if hash.is_some() => (
+                WatchMode::Hash if hash.is_some() => (
                     format!(
                         "{}{sep}hash={}&wait={}s",
                         self.path,
@@ -454,9 +413,9 @@ impl Watch {
                     failures = 0;
                     last_error = None;
                     match self.mode {
-                        Mode::Index => index = next_index(index, answer.index),
-                        Mode::Hash => hash = answer.content_hash.clone(),
-                        Mode::Poll => {}
+                        WatchMode::Index => index = next_index(index, answer.index),
+                        WatchMode::Hash => hash = answer.content_hash.clone(),
+                        WatchMode::Poll => {}
                     }
                     if last_body.as_deref() != Some(answer.body.as_str()) {
                         match parse(&answer.body) {
@@ -473,7 +432,7 @@ impl Watch {
                     }
                     None
                 }
-                Ok(answer) if answer.status == 404 && self.mode == Mode::Hash => {
+                Ok(answer) if answer.status == 404 && self.mode == WatchMode::Hash => {
                     if last_body.is_some() {
                         last_body = None;
                         self.sink.update(Update::RegistrationGone);
@@ -510,7 +469,7 @@ impl Watch {
                 continue;
             }
             match self.mode {
-                Mode::Poll => self.pause(self.timing.query_poll),
+                WatchMode::Poll => self.pause(self.timing.query_poll),
                 // A blocking query that returns at once with nothing new would spin; keep a floor.
                 _ => {
                     let floor = Duration::from_millis(50);
@@ -541,29 +500,7 @@ pub fn backoff(timing: &Timing, failures: u32) -> Duration {
         .saturating_mul(1u32 << failures.saturating_sub(1).min(16));
     let d = exp.min(timing.backoff_max);
     let half = d / 2;
-    half + half.mul_f64(jitter_fraction())
-}
-
-/// A fraction in [0, 1) from a per-thread xorshift; jitter needs spread, not cryptography.
-fn jitter_fraction() -> f64 {
-    use std::cell::Cell;
-    thread_local! {
-        static STATE: Cell<u64> = Cell::new({
-            let t = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0x9E37_79B9_7F4A_7C15);
-            (t ^ u64::from(std::process::id()).rotate_left(32)) | 1
-        });
-    }
-    STATE.with(|s| {
-        let mut x = s.get();
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        s.set(x);
-        (x >> 11) as f64 / (1u64 << 53) as f64
-    })
+    half + half.mul_f64(crate::random::jitter_fraction())
 }
 
 #[cfg(test)]

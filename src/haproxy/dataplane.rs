@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::diff::{BackendSpec, BindSpec, FrontendSpec, Op, ServerSpec};
-use crate::consul::encode;
 use crate::error::{Context, Error, Result};
+use crate::http::encode;
 use crate::http::{self, Credential, Endpoint, TlsFiles};
+use crate::objects::mode;
 use crate::render::DataplaneCredentials;
 
 const BASE: &str = "/v1/services/haproxy";
@@ -89,22 +90,6 @@ impl Dataplane {
         v.get("_version")
             .and_then(Value::as_u64)
             .ok_or_else(|| Error::msg("the Dataplane API's answer carries no _version"))
-    }
-
-    pub fn wait_ready(&self, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            match self.version() {
-                Ok(_) => return Ok(()),
-                Err(e) if Instant::now() >= deadline => {
-                    return Err(e.context(format!(
-                        "the Dataplane API did not become ready within {}s",
-                        timeout.as_secs()
-                    )))
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(100)),
-            }
-        }
     }
 
     /// Applies `ops` in one transaction. On any error the transaction is deleted.
@@ -225,15 +210,6 @@ impl Dataplane {
             None => Ok(Committed::Applied),
         }
     }
-
-    /// The whole configuration file as the API holds it.
-    pub fn raw(&self) -> Result<String> {
-        let (_, v, _) = self.call("GET", &format!("{BASE}/configuration/raw"), None)?;
-        v.get("data")
-            .and_then(Value::as_str)
-            .map(str::to_string)
-            .ok_or_else(|| Error::msg("the Dataplane API's raw configuration holds no data"))
-    }
 }
 
 fn describe(op: &Op) -> String {
@@ -315,13 +291,6 @@ fn request(op: &Op, tx: &str) -> (&'static str, String, Option<Value>) {
     }
 }
 
-fn mode(m: crate::model::Mode) -> &'static str {
-    match m {
-        crate::model::Mode::Tcp => "tcp",
-        crate::model::Mode::Http => "http",
-    }
-}
-
 fn backend(b: &BackendSpec) -> Value {
     let mut v = json!({
         "name": b.name,
@@ -334,6 +303,8 @@ fn backend(b: &BackendSpec) -> Value {
     v
 }
 
+/// The frontend's own fields; its intentions filter and rule are child objects the file holds
+/// from the first render on, which a frontend PUT leaves in place.
 fn frontend(f: &FrontendSpec) -> Value {
     let mut v =
         json!({ "name": f.name, "mode": mode(f.mode), "default_backend": f.default_backend });

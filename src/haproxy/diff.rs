@@ -1,62 +1,13 @@
-//! The Dataplane API operations that turn one `Desired` into another. Pure; the object fields
-//! here are exactly those the template renders, so a config built by deltas and one rendered
-//! from scratch describe the same HAProxy objects.
+//! The Dataplane API operations that turn one `Desired` into another. Pure; the objects are
+//! those of `crate::objects`, which also renders them into the file, so a config built by
+//! deltas and one rendered from scratch describe the same HAProxy objects.
 
-use crate::model::{
-    Desired, Mode, Public, Slot, UpstreamListener, FREE_SLOT_ADDRESS, FREE_SLOT_PORT,
+use crate::model::{Desired, UpstreamListener};
+use crate::objects::{
+    local_backend, local_server, public_bind, public_frontend, upstream_backend, upstream_bind,
+    upstream_frontend, upstream_server,
 };
-use crate::render::{LOCAL_BACKEND, PUBLIC_FRONTEND};
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Tls {
-    pub crt: String,
-    pub ca_file: String,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BackendSpec {
-    pub name: String,
-    pub mode: Mode,
-    /// `balance <algorithm>`; `None` keeps HAProxy's default (the local app's single server).
-    pub balance: Option<String>,
-    pub connect_timeout_ms: u64,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FrontendSpec {
-    pub name: String,
-    pub mode: Mode,
-    pub default_backend: String,
-    /// Access logs: `option httplog`/`option tcplog` by mode, or a `log-format`.
-    pub log_format: Option<String>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BindSpec {
-    pub frontend: String,
-    pub name: String,
-    /// An IP address, or a unix socket's path (then `port` is `None`).
-    pub address: String,
-    pub port: Option<u16>,
-    /// A unix socket's permissions. Dataplane API v1.2.5's bind model cannot carry them, so a
-    /// bind with a mode is only ever created by a full render (see `Plan::needs_full_render`).
-    pub unix_mode: Option<String>,
-    /// `ssl crt … ca-file … verify required` on the public listener.
-    pub tls: Option<Tls>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServerSpec {
-    pub backend: String,
-    pub name: String,
-    pub address: String,
-    pub port: u16,
-    pub weight: Option<u32>,
-    /// `ssl crt … ca-file … verify required` towards another sidecar.
-    pub tls: Option<Tls>,
-    /// A free slot: in maintenance (`disabled`), never sent traffic.
-    pub maintenance: bool,
-}
+pub use crate::objects::{BackendSpec, BindSpec, FrontendSpec, ServerSpec};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
@@ -103,101 +54,9 @@ impl Plan {
     }
 }
 
-fn mesh_tls(d: &Desired) -> Tls {
-    Tls {
-        crt: d.paths.leaf.display().to_string(),
-        ca_file: d.paths.roots.display().to_string(),
-    }
-}
-
-pub fn public_frontend(d: &Desired) -> FrontendSpec {
-    FrontendSpec {
-        name: PUBLIC_FRONTEND.into(),
-        mode: d.public.mode,
-        default_backend: LOCAL_BACKEND.into(),
-        log_format: d.log_format.clone(),
-    }
-}
-
-pub fn public_bind(d: &Desired) -> BindSpec {
-    BindSpec {
-        frontend: PUBLIC_FRONTEND.into(),
-        name: "public".into(),
-        address: d.public.bind_address.clone(),
-        port: Some(d.public.bind_port),
-        unix_mode: None,
-        tls: Some(mesh_tls(d)),
-    }
-}
-
-pub fn local_backend(p: &Public) -> BackendSpec {
-    BackendSpec {
-        name: LOCAL_BACKEND.into(),
-        mode: p.mode,
-        balance: None,
-        connect_timeout_ms: p.connect_timeout_ms,
-    }
-}
-
-pub fn local_server(p: &Public) -> ServerSpec {
-    ServerSpec {
-        backend: LOCAL_BACKEND.into(),
-        name: "app".into(),
-        address: p.app_address.clone(),
-        port: p.app_port,
-        weight: None,
-        tls: None,
-        maintenance: false,
-    }
-}
-
-pub fn upstream_backend(d: &Desired, u: &UpstreamListener) -> BackendSpec {
-    BackendSpec {
-        name: u.name.clone(),
-        mode: u.mode,
-        balance: Some(d.balance.clone()),
-        connect_timeout_ms: u.connect_timeout_ms,
-    }
-}
-
-pub fn upstream_frontend(d: &Desired, u: &UpstreamListener) -> FrontendSpec {
-    FrontendSpec {
-        name: u.name.clone(),
-        mode: u.mode,
-        default_backend: u.name.clone(),
-        log_format: d.log_format.clone(),
-    }
-}
-
-pub fn upstream_bind(u: &UpstreamListener) -> BindSpec {
-    BindSpec {
-        frontend: u.name.clone(),
-        name: u.name.clone(),
-        address: u.bind_address.clone(),
-        port: u.socket.is_none().then_some(u.bind_port),
-        unix_mode: u.socket.as_ref().and_then(|s| s.mode.clone()),
-        tls: None,
-    }
-}
-
-pub fn upstream_server(d: &Desired, u: &UpstreamListener, slot: &Slot) -> ServerSpec {
-    let (address, port, weight) = match &slot.instance {
-        Some(s) => (s.address.clone(), s.port, s.weight),
-        None => (FREE_SLOT_ADDRESS.to_string(), FREE_SLOT_PORT, 1),
-    };
-    ServerSpec {
-        backend: u.name.clone(),
-        name: slot.name.clone(),
-        address,
-        port,
-        weight: Some(weight),
-        tls: Some(mesh_tls(d)),
-        maintenance: slot.instance.is_none(),
-    }
-}
-
 /// Every operation that builds `d` from an empty configuration; the listeners the template
 /// renders, expressed as Dataplane API objects.
+#[cfg(test)]
 pub fn from_scratch(d: &Desired) -> Vec<Op> {
     let mut ops = vec![
         Op::CreateBackend(local_backend(&d.public)),

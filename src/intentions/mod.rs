@@ -1,6 +1,8 @@
 //! The authorisation table the SPOE agent decides from, built from a snapshot by a pure function.
 //! Anything unknown (intentions, default policy, roots) makes a table that denies everything,
-//! with the reason: intentions fail closed.
+//! with the reason: intentions fail closed. `agent` runs it.
+
+pub mod agent;
 
 use crate::consul::api::IntentionEntry;
 use crate::model::{public_mode, Mode};

@@ -5,8 +5,8 @@ use std::path::Path;
 
 use super::{Paths, Settings};
 use crate::consul::api::{AgentService, CaRoots, HealthEntry, LeafCert, QueryResult};
-use crate::consul::watch::{destinations, Update};
 use crate::consul::DestinationKind;
+use crate::consul::{destinations, Update};
 use crate::snapshot::Snapshot;
 
 /// Every Consul version the sidecar supports; tests driven by recorded answers run on each.
@@ -36,11 +36,7 @@ pub fn settings_in(workdir: &Path, intentions: bool) -> Settings {
     Settings {
         paths: Paths::new(workdir),
         intentions,
-        grace_period_ms: 30_000,
-        haproxy_params: Vec::new(),
-        balance: "roundrobin".into(),
-        log_format: None,
-        haproxy_log_level: "info",
+        knobs: crate::config::Knobs::default(),
     }
 }
 

@@ -8,9 +8,11 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::config::Knobs;
 use crate::consul::api::{HealthEntry, Upstream};
 use crate::consul::{DestinationKey, DestinationKind};
 use crate::error::{Error, Result};
+use crate::names::sanitize;
 use crate::snapshot::Snapshot;
 
 /// Consul's defaults for the proxy config keys the sidecar honours.
@@ -54,30 +56,12 @@ impl Paths {
     }
 }
 
-/// HAProxy's syslog severity for the sidecar's `-log-level`: HAProxy then formats and writes
-/// only lines the sidecar would print (access logs are `info`), instead of a line per
-/// connection that the sidecar reads and throws away.
-pub fn haproxy_log_level(level: log::LevelFilter) -> &'static str {
-    match level {
-        log::LevelFilter::Trace => "debug",
-        log::LevelFilter::Debug | log::LevelFilter::Info => "info",
-        log::LevelFilter::Warn => "warning",
-        log::LevelFilter::Error | log::LevelFilter::Off => "err",
-    }
-}
-
 /// Settings that come from the command line, not from Consul.
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub paths: Paths,
     pub intentions: bool,
-    /// Bounds how long old workers and a stopping HAProxy keep serving (`hard-stop-after`).
-    pub grace_period_ms: u64,
-    pub haproxy_params: Vec<crate::cli::HaproxyParam>,
-    pub balance: String,
-    pub log_format: Option<String>,
-    /// The least severe HAProxy log level the sidecar prints (see [`haproxy_log_level`]).
-    pub haproxy_log_level: &'static str,
+    pub knobs: Knobs,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -95,11 +79,7 @@ pub struct Desired {
     pub upstreams: Vec<UpstreamListener>,
     pub tls: Tls,
     pub intentions: bool,
-    pub grace_period_ms: u64,
-    pub haproxy_params: Vec<crate::cli::HaproxyParam>,
-    pub balance: String,
-    pub log_format: Option<String>,
-    pub haproxy_log_level: &'static str,
+    pub knobs: Knobs,
     pub paths: Paths,
     /// What of the registration this sidecar does not serve, one line each; logged when a
     /// line first appears, not on every rebuild.
@@ -158,6 +138,10 @@ pub struct Server {
     pub weight: u32,
 }
 
+/// Longest unix socket path HAProxy takes: `sun_path` is 108 bytes and HAProxy keeps room for
+/// the `.<pid>.tmp` suffix it binds under before renaming.
+pub const MAX_SOCKET_PATH: usize = 97;
+
 /// Every backend starts with this many slots; most upstreams never need more.
 pub const MIN_SLOTS: usize = 8;
 /// A free slot's address: never used, HAProxy only needs a valid one.
@@ -165,6 +149,7 @@ pub const FREE_SLOT_ADDRESS: &str = "127.0.0.1";
 pub const FREE_SLOT_PORT: u16 = 1;
 
 impl UpstreamListener {
+    #[cfg(test)]
     pub fn instances(&self) -> impl Iterator<Item = &Server> {
         self.slots.iter().filter_map(|s| s.instance.as_ref())
     }
@@ -297,11 +282,7 @@ pub fn build(
         upstreams,
         tls,
         intentions: settings.intentions,
-        grace_period_ms: settings.grace_period_ms,
-        haproxy_params: settings.haproxy_params.clone(),
-        balance: settings.balance.clone(),
-        log_format: settings.log_format.clone(),
-        haproxy_log_level: settings.haproxy_log_level,
+        knobs: settings.knobs.clone(),
         paths: settings.paths.clone(),
         warnings,
     })
@@ -407,11 +388,11 @@ fn unix_socket(u: &Upstream) -> Result<Option<UnixSocket>> {
             "LocalBindSocketPath {path:?} has white space or control characters, which HAProxy's configuration cannot carry"
         )));
     }
-    if path.len() > crate::files::MAX_SOCKET_PATH {
+    if path.len() > MAX_SOCKET_PATH {
         return Err(Error::msg(format!(
             "LocalBindSocketPath {path:?} is {} bytes, more than the {} HAProxy can bind",
             path.len(),
-            crate::files::MAX_SOCKET_PATH
+            MAX_SOCKET_PATH
         )));
     }
     let mode = match u.local_bind_socket_mode.trim() {
@@ -637,19 +618,6 @@ fn port(key: &str, v: u64) -> Result<u16> {
 fn non_empty(s: &str) -> Option<String> {
     let s = s.trim();
     (!s.is_empty()).then(|| s.to_string())
-}
-
-/// HAProxy proxy and server names take letters, digits and `-_.:`; anything else becomes `_`.
-pub fn sanitize(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
 }
 
 #[cfg(test)]

@@ -216,7 +216,7 @@ fn current_consul_registrations_serve_what_they_can_and_name_the_rest() {
         "{}",
         d.warnings[1]
     );
-    let watched: Vec<String> = crate::consul::watch::destinations(s.registration.as_ref().unwrap())
+    let watched: Vec<String> = crate::consul::destinations(s.registration.as_ref().unwrap())
         .iter()
         .map(ToString::to_string)
         .collect();
@@ -262,10 +262,4 @@ fn unix_socket_upstreams_are_checked() {
     let d = build(&s, &settings(), None).unwrap();
     assert_eq!(d.upstreams[0].socket.as_ref().unwrap().mode, None);
     assert!(d.warnings.is_empty());
-}
-
-#[test]
-fn sanitize_keeps_haproxy_names_legal() {
-    assert_eq!(sanitize("web/v2 (blue)"), "web_v2__blue_");
-    assert_eq!(sanitize("a.b-c_d:1"), "a.b-c_d:1");
 }

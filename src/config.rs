@@ -1,0 +1,169 @@
+//! What the operator configures, as values: filled by `cli` from flags and environment, read by
+//! everyone else. Nothing here parses a command line or touches the network.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Which local service the sidecar serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// `-sidecar-for ID`: the service ID of the local application.
+    ServiceId(String),
+    /// `-sidecar-for-tag TAG`: the one local service carrying this tag.
+    Tag(String),
+}
+
+/// How to reach the local Consul agent.
+#[derive(Clone, Debug)]
+pub struct ConsulSettings {
+    pub endpoint: Endpoint,
+    pub token: Option<Secret>,
+    pub tls: TlsFiles,
+}
+
+/// One `-haproxy-param section.key=value`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct HaproxyParam {
+    pub section: String,
+    pub key: String,
+    pub value: String,
+}
+
+/// Algorithms HAProxy applies to servers changed at runtime; the static ones (static-rr,
+/// hashes without consistent) would turn every instance change into a reload.
+pub const BALANCE_ALGORITHMS: &[&str] = &["roundrobin", "leastconn", "first", "random"];
+
+/// The operator's HAProxy knobs: they shape the rendered file and the objects the Dataplane API
+/// creates alike, and reach both through `model::Desired`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Knobs {
+    /// How long a graceful stop lets in-flight work finish (also HAProxy's `hard-stop-after`).
+    #[serde(skip)]
+    pub grace_period: Duration,
+    /// Extra HAProxy `global`/`defaults` settings, in order, last one per key wins.
+    pub haproxy_params: Vec<HaproxyParam>,
+    /// The load-balancing algorithm of upstream backends.
+    pub balance: String,
+    /// HAProxy `log-format` of every listener's access log, already quoted as one HAProxy
+    /// argument; `None` keeps httplog/tcplog.
+    pub log_format: Option<String>,
+    /// The least severe HAProxy log level the sidecar prints (see [`haproxy_log_level`]).
+    pub haproxy_log_level: &'static str,
+}
+
+impl Default for Knobs {
+    fn default() -> Self {
+        Knobs {
+            grace_period: Duration::from_secs(30),
+            haproxy_params: Vec::new(),
+            balance: "roundrobin".into(),
+            log_format: None,
+            haproxy_log_level: "info",
+        }
+    }
+}
+
+/// HAProxy's syslog severity for the sidecar's `-log-level`: HAProxy then formats and writes
+/// only lines the sidecar would print (access logs are `info`), instead of a line per
+/// connection that the sidecar reads and throws away.
+pub fn haproxy_log_level(level: log::LevelFilter) -> &'static str {
+    match level {
+        log::LevelFilter::Trace => "debug",
+        log::LevelFilter::Debug | log::LevelFilter::Info => "info",
+        log::LevelFilter::Warn => "warning",
+        log::LevelFilter::Error | log::LevelFilter::Off => "err",
+    }
+}
+
+/// Where a server listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    Http { authority: String },
+    Https { authority: String },
+    Unix { path: PathBuf },
+}
+
+impl Endpoint {
+    /// Parses the address forms the consul CLI accepts: `host:port`, `http://host:port`,
+    /// `https://host:port` and `unix:///path/to.sock`.
+    pub fn parse(addr: &str) -> std::result::Result<Endpoint, String> {
+        let addr = addr.trim();
+        if let Some(path) = addr.strip_prefix("unix://") {
+            if path.is_empty() {
+                return Err(format!("unix address {addr:?} names no socket path"));
+            }
+            return Ok(Endpoint::Unix { path: path.into() });
+        }
+        let (https, rest) = if let Some(rest) = addr.strip_prefix("https://") {
+            (true, rest)
+        } else if let Some(rest) = addr.strip_prefix("http://") {
+            (false, rest)
+        } else if addr.contains("://") {
+            return Err(format!(
+                "address {addr:?} has an unknown scheme (expected http, https or unix)"
+            ));
+        } else {
+            (false, addr)
+        };
+        let authority = rest.trim_end_matches('/');
+        if authority.is_empty()
+            || authority.contains('/')
+            || authority.contains(char::is_whitespace)
+        {
+            return Err(format!("address {addr:?} is not host:port"));
+        }
+        let authority = authority.to_string();
+        Ok(if https {
+            Endpoint::Https { authority }
+        } else {
+            Endpoint::Http { authority }
+        })
+    }
+
+    pub(crate) fn base_url(&self) -> String {
+        match self {
+            Endpoint::Http { authority } => format!("http://{authority}"),
+            Endpoint::Https { authority } => format!("https://{authority}"),
+            // The host is never resolved for a unix socket, but the URL must still parse.
+            Endpoint::Unix { .. } => "http://localhost".to_string(),
+        }
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Unix { path } => write!(f, "unix://{}", path.display()),
+            other => f.write_str(&other.base_url()),
+        }
+    }
+}
+
+/// A value that must never be printed: ACL tokens, passwords.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// TLS settings for an https endpoint, as the consul CLI takes them from CONSUL_CACERT etc.
+#[derive(Clone, Debug, Default)]
+pub struct TlsFiles {
+    pub ca_cert: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    pub verify: bool,
+}

@@ -1,0 +1,153 @@
+//! Intentions at run time: with `-enable-intentions`, the SPOE agent and the table it decides
+//! from, rebuilt whenever one of its inputs changes; without it, the warning that names what
+//! Consul would refuse and this sidecar lets through.
+
+use crate::consul::api::{CaRoots, IntentionEntry};
+use crate::error::Error;
+use crate::metrics::Registry;
+use crate::model::{Mode, Paths};
+use crate::snapshot::Snapshot;
+use crate::spoe::authz::AuthzTable;
+use crate::spoe::server::{spawn, AgentConfig, AgentHandle, SharedTable};
+
+/// Follows the snapshot for intentions, enforcing or warning.
+pub enum Intentions {
+    Enforced(Agent),
+    /// The last warning logged, so each is logged once per change.
+    Warned(String),
+}
+
+impl Intentions {
+    /// Starts the agent when enforcement is on: it runs before HAProxy exists and denies until
+    /// it knows the intentions, the default policy and the roots.
+    pub fn start(
+        enforce: bool,
+        paths: &Paths,
+        threads: usize,
+        registry: &Registry,
+    ) -> Result<Intentions, Error> {
+        if !enforce {
+            return Ok(Intentions::Warned(String::new()));
+        }
+        let agent = Agent::start(paths, threads)?;
+        if let Ok(mut slot) = registry.agent.write() {
+            *slot = Some(agent.handle.stats().clone());
+        }
+        Ok(Intentions::Enforced(agent))
+    }
+
+    /// Called after every snapshot change.
+    pub fn follow(&mut self, snapshot: &Snapshot) {
+        match self {
+            Intentions::Enforced(agent) => agent.refresh(snapshot),
+            Intentions::Warned(last) => {
+                if let Some(warning) = super::ignored_denials(snapshot) {
+                    if warning != *last {
+                        if !warning.is_empty() {
+                            log::warn!("{warning}");
+                        }
+                        *last = warning;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The intentions agent and the inputs its table was last built from.
+pub struct Agent {
+    handle: AgentHandle,
+    table: SharedTable,
+    built_from: Option<Inputs>,
+}
+
+/// What a table is built from: intentions, ACL default policy, roots, and the service with its
+/// listener mode (an L7 denial's reason depends on the mode).
+#[derive(PartialEq)]
+struct Inputs {
+    intentions: Option<Vec<IntentionEntry>>,
+    default_policy: Option<String>,
+    roots: Option<CaRoots>,
+    service: Option<(String, Mode)>,
+}
+
+impl Agent {
+    fn start(paths: &Paths, threads: usize) -> Result<Agent, Error> {
+        let table = SharedTable::new(AuthzTable::deny_all("intentions not known yet"));
+        let handle = spawn(
+            AgentConfig {
+                socket_path: paths.spoe_socket.clone(),
+                worker_threads: threads,
+                var_name: "allow".into(),
+            },
+            table.clone(),
+        )
+        .map_err(|e| Error::msg(format!("starting the intentions agent: {e}")))?;
+        log::info!(
+            "intentions agent listening on {} with {threads} thread(s)",
+            paths.spoe_socket.display()
+        );
+        Ok(Agent {
+            handle,
+            table,
+            built_from: None,
+        })
+    }
+
+    /// Rebuilds the table when one of its inputs changed; endpoint churn costs nothing here.
+    fn refresh(&mut self, snapshot: &Snapshot) {
+        let service = snapshot
+            .registration
+            .as_ref()
+            .and_then(|r| r.proxy.as_ref())
+            .map(|p| {
+                (
+                    p.destination_service_name.clone(),
+                    crate::model::public_mode(p),
+                )
+            });
+        // Compared in place: most snapshot changes are endpoint churn, which must cost nothing.
+        let unchanged = self.built_from.as_ref().is_some_and(|b| {
+            b.intentions == snapshot.intentions
+                && b.default_policy == snapshot.acl_default_policy
+                && b.roots == snapshot.roots
+                && b.service == service
+        });
+        if unchanged {
+            return;
+        }
+        let inputs = Inputs {
+            intentions: snapshot.intentions.clone(),
+            default_policy: snapshot.acl_default_policy.clone(),
+            roots: snapshot.roots.clone(),
+            service,
+        };
+        let table = super::table(snapshot);
+        log::info!(
+            "intentions table updated: {} intention(s) for this service [{}], default {}",
+            table.intentions().len(),
+            super::summary(table.intentions()),
+            table.default_policy()
+        );
+        self.table.replace(table);
+        self.built_from = Some(inputs);
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.handle.shutdown();
+        let stats = self.handle.stats();
+        let t = &stats.decision_time;
+        let ms = |q: f64| t.quantile(q).map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+        log::info!(
+            "intentions agent: {} allowed, {} denied, {} connection errors; decision time p50 <= {:.3} ms, p99 <= {:.3} ms over {} decisions",
+            stats.allowed.load(std::sync::atomic::Ordering::Relaxed),
+            stats.denied.load(std::sync::atomic::Ordering::Relaxed),
+            stats.errors.load(std::sync::atomic::Ordering::Relaxed),
+            ms(0.5),
+            ms(0.99),
+            t.count()
+        );
+    }
+}

@@ -1,0 +1,289 @@
+//! The HAProxy objects the sidecar manages from Consul's data (the public listener and its
+//! local backend, one listener and backend per upstream), each described once from a
+//! `Desired`. `render` writes them into haproxy.cfg as configuration lines (`lines`), and
+//! `haproxy::{diff, dataplane}` send the same descriptions through the Dataplane API, so the
+//! file and the deltas cannot drift apart. Pure.
+
+use serde::Serialize;
+
+use crate::model::{
+    Desired, Mode, Public, Slot, UpstreamListener, FREE_SLOT_ADDRESS, FREE_SLOT_PORT,
+};
+
+pub const PUBLIC_FRONTEND: &str = "public_listener";
+pub const LOCAL_BACKEND: &str = "local_app";
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MeshTls {
+    pub crt: String,
+    pub ca_file: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendSpec {
+    pub name: String,
+    pub mode: Mode,
+    /// `balance <algorithm>`; `None` keeps HAProxy's default (the local app's single server).
+    pub balance: Option<String>,
+    pub connect_timeout_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendSpec {
+    pub name: String,
+    pub mode: Mode,
+    pub default_backend: String,
+    /// Access logs: `option httplog`/`option tcplog` by mode, or a `log-format`.
+    pub log_format: Option<String>,
+    /// The intentions filter (SPOE configuration file) and the rule that rejects what the agent
+    /// did not allow. Rendered only: the Dataplane API keeps a frontend's filters and rules
+    /// when it replaces the frontend, and the sidecar never turns intentions on or off while
+    /// it runs.
+    pub spoe_config: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BindSpec {
+    pub frontend: String,
+    pub name: String,
+    /// An IP address, or a unix socket's path (then `port` is `None`).
+    pub address: String,
+    pub port: Option<u16>,
+    /// A unix socket's permissions. Dataplane API v1.2.5's bind model cannot carry them, so a
+    /// bind with a mode is only ever created by a full render (see `Plan::needs_full_render`).
+    pub unix_mode: Option<String>,
+    /// `ssl crt … ca-file … verify required` on the public listener.
+    pub tls: Option<MeshTls>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerSpec {
+    pub backend: String,
+    pub name: String,
+    pub address: String,
+    pub port: u16,
+    pub weight: Option<u32>,
+    /// `ssl crt … ca-file … verify required` towards another sidecar.
+    pub tls: Option<MeshTls>,
+    /// A free slot: in maintenance (`disabled`), never sent traffic.
+    pub maintenance: bool,
+}
+
+fn mesh_tls(d: &Desired) -> MeshTls {
+    MeshTls {
+        crt: d.paths.leaf.display().to_string(),
+        ca_file: d.paths.roots.display().to_string(),
+    }
+}
+
+pub fn public_frontend(d: &Desired) -> FrontendSpec {
+    FrontendSpec {
+        name: PUBLIC_FRONTEND.into(),
+        mode: d.public.mode,
+        default_backend: LOCAL_BACKEND.into(),
+        log_format: d.knobs.log_format.clone(),
+        spoe_config: d
+            .intentions
+            .then(|| d.paths.spoe_conf.display().to_string()),
+    }
+}
+
+pub fn public_bind(d: &Desired) -> BindSpec {
+    BindSpec {
+        frontend: PUBLIC_FRONTEND.into(),
+        name: "public".into(),
+        address: d.public.bind_address.clone(),
+        port: Some(d.public.bind_port),
+        unix_mode: None,
+        tls: Some(mesh_tls(d)),
+    }
+}
+
+pub fn local_backend(p: &Public) -> BackendSpec {
+    BackendSpec {
+        name: LOCAL_BACKEND.into(),
+        mode: p.mode,
+        balance: None,
+        connect_timeout_ms: p.connect_timeout_ms,
+    }
+}
+
+pub fn local_server(p: &Public) -> ServerSpec {
+    ServerSpec {
+        backend: LOCAL_BACKEND.into(),
+        name: "app".into(),
+        address: p.app_address.clone(),
+        port: p.app_port,
+        weight: None,
+        tls: None,
+        maintenance: false,
+    }
+}
+
+pub fn upstream_backend(d: &Desired, u: &UpstreamListener) -> BackendSpec {
+    BackendSpec {
+        name: u.name.clone(),
+        mode: u.mode,
+        balance: Some(d.knobs.balance.clone()),
+        connect_timeout_ms: u.connect_timeout_ms,
+    }
+}
+
+pub fn upstream_frontend(d: &Desired, u: &UpstreamListener) -> FrontendSpec {
+    FrontendSpec {
+        name: u.name.clone(),
+        mode: u.mode,
+        default_backend: u.name.clone(),
+        log_format: d.knobs.log_format.clone(),
+        spoe_config: None,
+    }
+}
+
+pub fn upstream_bind(u: &UpstreamListener) -> BindSpec {
+    BindSpec {
+        frontend: u.name.clone(),
+        name: u.name.clone(),
+        address: u.bind_address.clone(),
+        port: u.socket.is_none().then_some(u.bind_port),
+        unix_mode: u.socket.as_ref().and_then(|s| s.mode.clone()),
+        tls: None,
+    }
+}
+
+pub fn upstream_server(d: &Desired, u: &UpstreamListener, slot: &Slot) -> ServerSpec {
+    let (address, port, weight) = match &slot.instance {
+        Some(s) => (s.address.clone(), s.port, s.weight),
+        None => (FREE_SLOT_ADDRESS.to_string(), FREE_SLOT_PORT, 1),
+    };
+    ServerSpec {
+        backend: u.name.clone(),
+        name: slot.name.clone(),
+        address,
+        port,
+        weight: Some(weight),
+        tls: Some(mesh_tls(d)),
+        maintenance: slot.instance.is_none(),
+    }
+}
+
+/// One `frontend` or `backend` section of haproxy.cfg.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Section {
+    /// A comment line above the section, if any.
+    pub comment: Option<String>,
+    /// `frontend <name>` or `backend <name>`.
+    pub header: String,
+    pub lines: Vec<String>,
+}
+
+impl FrontendSpec {
+    pub fn lines(&self, bind: &BindSpec) -> Vec<String> {
+        let mut l = vec![format!("mode {}", mode(self.mode))];
+        l.push(match &self.log_format {
+            Some(f) => format!("log-format {f}"),
+            None => format!("option {}log", mode(self.mode)),
+        });
+        l.push(bind.line());
+        if let Some(conf) = &self.spoe_config {
+            l.push(format!("filter spoe engine intentions config {conf}"));
+            // SPOE never rejects by itself: a connection the agent did not explicitly allow
+            // (denied, agent down, timeout) is rejected here. This is what fails closed.
+            l.push("tcp-request content reject unless { var(sess.hcc.allow) -m bool }".into());
+        }
+        l.push(format!("default_backend {}", self.default_backend));
+        l
+    }
+}
+
+impl BindSpec {
+    pub fn line(&self) -> String {
+        let mut s = match self.port {
+            Some(p) => format!("bind {}:{p} name {}", self.address, self.name),
+            None => format!("bind {} name {}", self.address, self.name),
+        };
+        if let Some(m) = &self.unix_mode {
+            s.push_str(&format!(" mode {m}"));
+        }
+        if let Some(t) = &self.tls {
+            s.push_str(&format!(" ssl {}", t.options()));
+        }
+        s
+    }
+}
+
+impl MeshTls {
+    /// The certificate options of a mesh connection, either side.
+    pub fn options(&self) -> String {
+        format!("crt {} ca-file {} verify required", self.crt, self.ca_file)
+    }
+}
+
+impl BackendSpec {
+    pub fn lines(&self, servers: &[ServerSpec]) -> Vec<String> {
+        let mut l = vec![format!("mode {}", mode(self.mode))];
+        if let Some(b) = &self.balance {
+            l.push(format!("balance {b}"));
+        }
+        // Milliseconds, written bare as the Dataplane API writes them.
+        l.push(format!("timeout connect {}", self.connect_timeout_ms));
+        l.extend(servers.iter().map(ServerSpec::line));
+        l
+    }
+}
+
+impl ServerSpec {
+    pub fn line(&self) -> String {
+        let mut s = format!("server {} {}:{}", self.name, self.address, self.port);
+        if self.maintenance {
+            s.push_str(" disabled");
+        }
+        if let Some(t) = &self.tls {
+            s.push_str(" ssl");
+            if let Some(w) = self.weight {
+                s.push_str(&format!(" weight {w}"));
+            }
+            s.push_str(&format!(" {}", t.options()));
+        } else if let Some(w) = self.weight {
+            s.push_str(&format!(" weight {w}"));
+        }
+        s
+    }
+}
+
+pub fn mode(m: Mode) -> &'static str {
+    match m {
+        Mode::Tcp => "tcp",
+        Mode::Http => "http",
+    }
+}
+
+/// The sections `d` asks for, in file order: the public listener, its local backend, then
+/// each upstream's listener and backend.
+pub fn sections(d: &Desired) -> Vec<Section> {
+    let mut out = vec![
+        Section {
+            comment: None,
+            header: format!("frontend {PUBLIC_FRONTEND}"),
+            lines: public_frontend(d).lines(&public_bind(d)),
+        },
+        Section {
+            comment: None,
+            header: format!("backend {LOCAL_BACKEND}"),
+            lines: local_backend(&d.public).lines(&[local_server(&d.public)]),
+        },
+    ];
+    for u in &d.upstreams {
+        let servers: Vec<ServerSpec> = u.slots.iter().map(|s| upstream_server(d, u, s)).collect();
+        out.push(Section {
+            comment: Some(format!("upstream: {}", u.destination)),
+            header: format!("frontend {}", u.name),
+            lines: upstream_frontend(d, u).lines(&upstream_bind(u)),
+        });
+        out.push(Section {
+            comment: None,
+            header: format!("backend {}", u.name),
+            lines: upstream_backend(d, u).lines(&servers),
+        });
+    }
+    out
+}
