@@ -4,6 +4,7 @@
 //! The state it holds as applied is only ever replaced by a complete desired state that went
 //! through, so a failure leaves HAProxy serving the last good configuration, retried later.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,6 +34,8 @@ pub enum Outcome {
         ops: usize,
         reloaded: bool,
         took: Duration,
+        /// Instances now live in HAProxy, per upstream listener: what readiness is judged on.
+        live: BTreeMap<String, usize>,
     },
     Failed(String),
 }
@@ -151,6 +154,7 @@ fn run(
                         ops: 1,
                         reloaded: true,
                         took: started.elapsed(),
+                        live: applied.live_instances(),
                     });
                 }
                 Err(e) => {
@@ -173,6 +177,7 @@ fn run(
                     ops: p.ops.len() + p.live.len(),
                     reloaded,
                     took: started.elapsed(),
+                    live: applied.live_instances(),
                 });
             }
             Err(e) => {

@@ -36,6 +36,7 @@ const LONG_FLAGS: &[&str] = &[
     "version",
     "help",
     "dry-run",
+    "dry-run-show-secrets",
     "spoe-threads",
     "grace-period",
     "haproxy-param",
@@ -104,7 +105,11 @@ pub fn parse_haproxy_param(v: &str) -> Result<HaproxyParam, String> {
 #[derive(Debug)]
 pub enum Command {
     Run(Box<Options>),
-    DryRun(Box<Options>),
+    /// `show_secrets`: print keys and passwords instead of redacting them.
+    DryRun {
+        opts: Box<Options>,
+        show_secrets: bool,
+    },
     Version {
         haproxy_bin: PathBuf,
         dataplane_bin: PathBuf,
@@ -188,7 +193,8 @@ fn command() -> clap::Command {
         .arg(value("balance", "Load-balancing algorithm of upstreams: roundrobin, leastconn, first or random").default_value("roundrobin").value_name("ALGORITHM"))
         .arg(value("log-format", "HAProxy log-format of the access log lines (default: HAProxy's httplog/tcplog)").value_name("FORMAT"))
         .arg(value("template-dir", "Directory of Tera templates (haproxy.cfg.tera, spoe.conf.tera) replacing the built-in ones; checked with haproxy -c before use").value_name("DIR"))
-        .arg(bool_flag("dry-run", "Print the files that would be written for the current Consul state, then exit"))
+        .arg(bool_flag("dry-run", "Print the files that would be written for the current Consul state, then exit; private keys and the Dataplane API password are redacted"))
+        .arg(bool_flag("dry-run-show-secrets", "With -dry-run, print private keys and the Dataplane API password too"))
         .arg(bool_flag("version", "Print the version and the versions of haproxy and dataplaneapi"))
         .arg(bool_flag("help", "Print help"))
 }
@@ -198,6 +204,7 @@ const BOOL_FLAGS: &[&str] = &[
     "enable-intentions",
     "stats-service-register",
     "dry-run",
+    "dry-run-show-secrets",
     "version",
     "help",
 ];
@@ -449,8 +456,17 @@ pub fn parse(
             .filter(|d| !d.is_empty())
             .map(PathBuf::from),
     };
+    let show_secrets = flag_bool(&m, "dry-run-show-secrets")?;
+    if show_secrets && !flag_bool(&m, "dry-run")? {
+        return Err(UsageError(
+            "-dry-run-show-secrets only goes with -dry-run".into(),
+        ));
+    }
     if flag_bool(&m, "dry-run")? {
-        Ok(Command::DryRun(Box::new(options)))
+        Ok(Command::DryRun {
+            opts: Box::new(options),
+            show_secrets,
+        })
     } else {
         Ok(Command::Run(Box::new(options)))
     }
@@ -540,9 +556,35 @@ mod tests {
             .chain(args.iter().copied())
             .map(OsString::from);
         match parse(argv, env)? {
-            Command::Run(o) | Command::DryRun(o) => Ok(*o),
+            Command::Run(o) | Command::DryRun { opts: o, .. } => Ok(*o),
             other => panic!("expected a run command, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn dry_run_secrets_need_dry_run() {
+        let argv = |a: &[&str]| {
+            std::iter::once("haproxy-consul-connect")
+                .chain(a.iter().copied())
+                .map(OsString::from)
+                .collect::<Vec<_>>()
+        };
+        let env = MapEnv::default();
+        match parse(argv(&["-sidecar-for", "x", "-dry-run"]), &env).unwrap() {
+            Command::DryRun { show_secrets, .. } => assert!(!show_secrets),
+            other => panic!("{other:?}"),
+        }
+        match parse(
+            argv(&["-sidecar-for", "x", "-dry-run", "-dry-run-show-secrets"]),
+            &env,
+        )
+        .unwrap()
+        {
+            Command::DryRun { show_secrets, .. } => assert!(show_secrets),
+            other => panic!("{other:?}"),
+        }
+        let e = parse(argv(&["-sidecar-for", "x", "-dry-run-show-secrets"]), &env).unwrap_err();
+        assert!(e.0.contains("only goes with -dry-run"), "{}", e.0);
     }
 
     #[test]

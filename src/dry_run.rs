@@ -54,3 +54,68 @@ pub fn dry_run(opts: &Options) -> Result<Vec<render::File>, Fatal> {
         &templates,
     )?)
 }
+
+/// A file as `--dry-run` prints it: private keys and the Dataplane API password replaced by a
+/// line that says where the real value would be written, since dry-run output gets pasted into
+/// tickets and chats.
+pub fn redacted(file: &render::File) -> String {
+    let mut out = String::with_capacity(file.contents.len());
+    let mut in_key = false;
+    for line in file.contents.lines() {
+        if line.starts_with("-----BEGIN") && line.contains("PRIVATE KEY-----") {
+            in_key = true;
+            out.push_str(&format!(
+                "# (private key redacted: a run writes it to {}; -dry-run-show-secrets prints it)\n",
+                file.path.display()
+            ));
+            continue;
+        }
+        if in_key {
+            in_key = !(line.starts_with("-----END") && line.contains("PRIVATE KEY-----"));
+            continue;
+        }
+        match line.split_once(" insecure-password ") {
+            Some((user, _)) => out.push_str(&format!(
+                "{user} insecure-password <redacted: generated at each start>\n"
+            )),
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_and_passwords_are_redacted_and_the_rest_kept() {
+        let file = render::File {
+            path: "/run/x/certs/leaf.pem".into(),
+            contents: "-----BEGIN CERTIFICATE-----\nQUJD\n-----END CERTIFICATE-----\n-----BEGIN EC PRIVATE KEY-----\nc2VjcmV0\n-----END EC PRIVATE KEY-----\n".into(),
+        };
+        let r = redacted(&file);
+        assert!(r.contains("QUJD") && r.contains("END CERTIFICATE"), "{r}");
+        assert!(
+            !r.contains("c2VjcmV0") && !r.contains("BEGIN EC PRIVATE KEY"),
+            "{r}"
+        );
+        assert!(
+            r.contains("a run writes it to /run/x/certs/leaf.pem"),
+            "{r}"
+        );
+        let cfg = render::File {
+            path: "/run/x/haproxy.cfg".into(),
+            contents: "userlist u\n    user hcc insecure-password 0123abcd\nglobal\n".into(),
+        };
+        let r = redacted(&cfg);
+        assert!(
+            !r.contains("0123abcd") && r.contains("user hcc insecure-password <redacted"),
+            "{r}"
+        );
+        assert!(r.ends_with("global\n"), "{r}");
+    }
+}

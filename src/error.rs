@@ -88,6 +88,7 @@ where
 pub const EXIT_USAGE: i32 = 64;
 
 /// Why a run ended early: the exit code and the error to log.
+#[derive(Debug)]
 pub struct Fatal {
     pub code: i32,
     pub error: Error,

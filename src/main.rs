@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use haproxy_consul_connect::cli::{self, Command, EXIT_USAGE};
-use haproxy_consul_connect::{reload_haproxy, supervisor, RELOAD_SUBCOMMAND};
+use haproxy_consul_connect::{dry_run, reload_haproxy, supervisor, RELOAD_SUBCOMMAND};
 
 fn main() -> ExitCode {
     let args: Vec<_> = std::env::args_os().collect();
@@ -34,14 +34,18 @@ fn main() -> ExitCode {
             );
             0
         }
-        Ok(Command::DryRun(opts)) => {
+        Ok(Command::DryRun { opts, show_secrets }) => {
             init_logging(opts.log_level);
-            match haproxy_consul_connect::dry_run::dry_run(&opts) {
+            match dry_run::dry_run(&opts) {
                 Ok(files) => {
                     let mut out = std::io::stdout().lock();
                     for f in files {
                         let _ = writeln!(out, "==> {} <==", f.path.display());
-                        let _ = out.write_all(f.contents.as_bytes());
+                        if show_secrets {
+                            let _ = out.write_all(f.contents.as_bytes());
+                        } else {
+                            let _ = out.write_all(dry_run::redacted(&f).as_bytes());
+                        }
                     }
                     0
                 }

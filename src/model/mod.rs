@@ -165,6 +165,25 @@ pub struct Tls {
 }
 
 impl Desired {
+    /// How many instances each upstream listener has in its slots.
+    pub fn live_instances(&self) -> std::collections::BTreeMap<String, usize> {
+        self.upstreams
+            .iter()
+            .map(|u| {
+                let n = u.slots.iter().filter(|s| s.instance.is_some()).count();
+                (u.name.clone(), n)
+            })
+            .collect()
+    }
+
+    /// Whether HAProxy, holding `live` instances per upstream, serves every upstream this state
+    /// has instances for; upstreams Consul lists none for ask for nothing.
+    pub fn served_by(&self, live: &std::collections::BTreeMap<String, usize>) -> bool {
+        self.live_instances()
+            .iter()
+            .all(|(name, n)| *n == 0 || live.get(name).is_some_and(|l| *l > 0))
+    }
+
     pub fn upstream(&self, name: &str) -> Option<&UpstreamListener> {
         self.upstreams.iter().find(|u| u.name == name)
     }

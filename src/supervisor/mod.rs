@@ -8,6 +8,7 @@
 //! match over events with one handler each (`on_*`) and the timers after every event.
 
 pub mod children;
+pub mod preflight;
 pub mod process;
 pub mod signals;
 
@@ -75,17 +76,6 @@ impl Sink for ChannelSink {
     }
 }
 
-/// Removes the working directory when the run ends, however it ends.
-struct Workdir(PathBuf);
-
-impl Drop for Workdir {
-    fn drop(&mut self) {
-        if std::env::var_os("HCC_KEEP_WORKDIR").is_none() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
 /// What the supervisor holds for the whole run.
 struct Supervisor {
     opts: Options,
@@ -110,6 +100,8 @@ struct Serving {
     dirty: Option<(Instant, Instant)>,
     drain_deadline: Option<Instant>,
     stats_service: Option<StatsService>,
+    /// Instances live in HAProxy per upstream, as the applier last reported.
+    live: std::collections::BTreeMap<String, usize>,
 }
 
 /// What a handler tells the loop.
@@ -122,6 +114,7 @@ enum Flow {
 }
 
 pub fn run(opts: Options) -> Result<i32, Fatal> {
+    preflight::check(&opts)?;
     let mut life = Lifecycle {
         phase: Phase::Starting,
         published: PhaseCell::default(),
@@ -145,8 +138,9 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
         life.set(Phase::Stopped, "stop signal before start");
         return Ok(0);
     };
-    let workdir = Workdir(create_workdir(&opts.base_path, &proxy_id).map_err(usage)?);
-    let paths = Paths::new(&workdir.0);
+    // Removed when the run ends, however it ends.
+    let workdir = create_workdir(&opts.base_path, &proxy_id).map_err(usage)?;
+    let paths = Paths::new(&workdir.dir);
     check_paths(&paths, &reload_exe)?;
     let settings = Settings {
         paths: paths.clone(),
@@ -343,16 +337,6 @@ impl Supervisor {
                 let _ = tx.send(Event::Applied(o));
             }
         })?;
-        self.life.set(
-            Phase::Ready,
-            &format!(
-                "HAProxy serves {} on {}:{} with {} upstream listener(s)",
-                desired.service,
-                desired.public.bind_address,
-                desired.public.bind_port,
-                desired.upstreams.len()
-            ),
-        );
         let stats_service = match (self.opts.stats_service_register, self.opts.stats_addr) {
             (true, Some(addr)) => {
                 let address = self
@@ -367,14 +351,18 @@ impl Supervisor {
             }
             _ => None,
         };
-        Ok(Serving {
+        let live = desired.live_instances();
+        let mut serving = Serving {
             children,
             applier: Some(applier),
             last_submitted: desired,
             dirty: None,
             drain_deadline: None,
             stats_service,
-        })
+            live,
+        };
+        self.ready_if_serving(&mut serving);
+        Ok(serving)
     }
 
     /// The event loop while HAProxy runs; returns the run's exit code.
@@ -385,7 +373,7 @@ impl Supervisor {
                 Ok(Event::Signal(Sig::Reconcile)) => self.on_reconcile(srv),
                 Ok(Event::Signal(Sig::Stop)) => self.on_stop(srv),
                 Ok(Event::Signal(Sig::ChildExited)) => self.on_child_exited(srv),
-                Ok(Event::Applied(outcome)) => self.on_applied(outcome),
+                Ok(Event::Applied(outcome)) => self.on_applied(srv, outcome),
                 Err(RecvTimeoutError::Timeout) => Flow::Continue,
                 Err(RecvTimeoutError::Disconnected) => Flow::Finish,
             };
@@ -409,7 +397,7 @@ impl Supervisor {
     }
 
     fn on_consul(&mut self, srv: &mut Serving, update: Update) -> Flow {
-        if self.absorb(update) && self.life.phase == Phase::Ready {
+        if self.absorb(update) && self.life.phase != Phase::Draining {
             let now = Instant::now();
             srv.dirty = Some((srv.dirty.map_or(now, |(first, _)| first), now));
         }
@@ -418,7 +406,7 @@ impl Supervisor {
 
     /// SIGHUP: every file rendered anew from the current snapshot and replaced whole.
     fn on_reconcile(&mut self, srv: &mut Serving) -> Flow {
-        if self.life.phase != Phase::Ready {
+        if self.life.phase == Phase::Draining {
             return Flow::Continue;
         }
         log::info!("SIGHUP: full reconcile with the current Consul state");
@@ -474,13 +462,15 @@ impl Supervisor {
         Flow::Continue
     }
 
-    fn on_applied(&mut self, outcome: Outcome) -> Flow {
+    fn on_applied(&mut self, srv: &mut Serving, outcome: Outcome) -> Flow {
         match outcome {
             Outcome::Applied {
                 ops,
                 reloaded,
                 took,
+                live,
             } => {
+                srv.live = live;
                 self.registry.applied(true, took);
                 log::info!(
                     "{ops} change(s) applied in {} ms{}",
@@ -499,7 +489,7 @@ impl Supervisor {
     /// After every event: restarts that are due, the end of the drain's grace, and a debounced
     /// burst of Consul changes handed to the applier.
     fn on_timers(&mut self, srv: &mut Serving) -> Flow {
-        if self.life.phase == Phase::Ready {
+        if self.life.phase != Phase::Draining {
             if let Err((name, code)) = srv.children.restart_due() {
                 self.life
                     .set(Phase::Stopped, &format!("{name} could not be restarted"));
@@ -523,7 +513,34 @@ impl Supervisor {
                 self.submit(srv);
             }
         }
+        self.ready_if_serving(srv);
         Flow::Continue
+    }
+
+    /// Ready means serving: every listener bound (HAProxy runs the file that has them), the
+    /// instances of every upstream read from Consul, and every upstream Consul lists healthy
+    /// instances for with at least one of them live in HAProxy. Once Ready, the phase stays
+    /// (an upstream losing its instances later is the destination's problem, not this sidecar's).
+    fn ready_if_serving(&mut self, srv: &mut Serving) {
+        if self.life.phase != Phase::WaitingForConsul
+            || srv.dirty.is_some()
+            || !self.snapshot.endpoints_known()
+            || !srv.last_submitted.served_by(&srv.live)
+        {
+            return;
+        }
+        let d = &srv.last_submitted;
+        let instances: usize = srv.live.values().sum();
+        self.life.set(
+            Phase::Ready,
+            &format!(
+                "HAProxy serves {} on {}:{} with {} upstream listener(s), {instances} upstream instance(s) live",
+                d.service,
+                d.public.bind_address,
+                d.public.bind_port,
+                d.upstreams.len()
+            ),
+        );
     }
 
     /// Builds the desired state from the snapshot and hands it to the applier if it changed.

@@ -84,10 +84,17 @@ pub fn spawn(
         .with_context(|| format!("starting {name} ({})", program.display()))?;
     let pid = child.id() as i32;
     if let Some(out) = child.stdout.take() {
-        forward(out, name, log_target);
+        forward(out, name, log_target, |_| false);
     }
     if let Some(err) = child.stderr.take() {
-        forward(err, name, log_target);
+        // HAProxy writes its runtime events both to stderr and to its log (stdout), where they
+        // carry their real severity and follow -log-level: print them once, from the log.
+        let skip = if name == "haproxy" {
+            also_in_haproxy_log
+        } else {
+            |_: &str| false
+        };
+        forward(err, name, log_target, skip);
     }
     // The std handle is dropped unreaped on purpose: `reap` collects every child by PID.
     drop(child);
@@ -95,7 +102,12 @@ pub fn spawn(
     Ok(Child { name, pid })
 }
 
-fn forward(stream: impl Read + Send + 'static, name: &'static str, target: &'static str) {
+fn forward(
+    stream: impl Read + Send + 'static,
+    name: &'static str,
+    target: &'static str,
+    skip: fn(&str) -> bool,
+) {
     let spawned = std::thread::Builder::new()
         .name(format!("{name}-log"))
         .stack_size(64 * 1024)
@@ -103,7 +115,7 @@ fn forward(stream: impl Read + Send + 'static, name: &'static str, target: &'sta
             for line in BufReader::new(stream).lines() {
                 let Ok(line) = line else { break };
                 let line = line.trim_end();
-                if line.is_empty() {
+                if line.is_empty() || skip(line) {
                     continue;
                 }
                 let (level, line) = level_of(line);
@@ -129,6 +141,21 @@ fn level_of(line: &str) -> (log::Level, &str) {
         return (level, rest);
     }
     (marked_level(line), line)
+}
+
+/// Whether a line of HAProxy's stderr is one of the runtime events its worker also sends to the
+/// log: server state changes, an empty backend, a proxy stopping. Seen on HAProxy 2.6.12.
+fn also_in_haproxy_log(line: &str) -> bool {
+    // `[WARNING]  (1234) : message`
+    let Some((_, msg)) = line.split_once(") : ") else {
+        return false;
+    };
+    (msg.starts_with("Server ") && msg.contains(" is "))
+        || (msg.starts_with("backend ") && msg.ends_with("has no server available!"))
+        || (msg.starts_with("Proxy ") && msg.contains(" stopped ("))
+        || msg.starts_with("Stopping frontend ")
+        || msg.starts_with("Stopping backend ")
+        || msg.starts_with("Stopping proxy ")
 }
 
 /// `<N>rest` with N a syslog priority (facility * 8 + severity): the severity and the rest.
@@ -232,6 +259,28 @@ mod tests {
         assert_eq!(level("[WARNING]  (1) : Former worker"), log::Level::Warn);
         assert_eq!(level("time=x level=warning msg=y"), log::Level::Warn);
         assert_eq!(level("[NOTICE]   (1) : haproxy version"), log::Level::Info);
+    }
+
+    /// Lines HAProxy 2.6.12 wrote to stderr for a server going down and up and a soft stop.
+    #[test]
+    fn events_that_haproxy_also_logs_are_dropped_from_its_stderr() {
+        for dup in [
+            "[WARNING]  (6472) : Server b/s0 is DOWN, reason: Layer4 connection problem, info: \"Connection refused\", check duration: 0ms. 0 active and 0 backup servers left.",
+            "[ALERT]    (6472) : backend 'b' has no server available!",
+            "[WARNING]  (6472) : Server b/s0 is UP, reason: Layer4 check passed, check duration: 0ms.",
+            "[WARNING]  (6472) : Proxy f stopped (cumulated conns: FE: 0, BE: 0).",
+        ] {
+            assert!(also_in_haproxy_log(dup), "{dup}");
+        }
+        for own in [
+            "[NOTICE]   (6468) : New worker (6472) forked",
+            "[NOTICE]   (6468) : Loading success.",
+            "[WARNING]  (6468) : Current worker (6472) exited with code 0 (Exit)",
+            "[ALERT]    (6468) : config : parsing [/x/haproxy.cfg:12] : unknown keyword 'Server'",
+            "[WARNING]  (6468) : Exiting Master process...",
+        ] {
+            assert!(!also_in_haproxy_log(own), "{own}");
+        }
     }
 
     #[test]
