@@ -2,11 +2,10 @@
 //! `client` (upstream `server` on a local port), all real programs, all stopped on drop.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use super::{
-    bin_path, free_port, http_get, sidecar_registration, wait_until, Child, Consul, HttpApp,
+    free_port, http_get, sidecar_command, sidecar_registration, wait_until, Child, Consul, HttpApp,
     TempDir,
 };
 
@@ -152,7 +151,7 @@ pub fn sidecar(
     intentions: bool,
     extra: &[&str],
 ) -> Child {
-    let mut cmd = Command::new(bin_path());
+    let mut cmd = sidecar_command();
     cmd.args(["-sidecar-for", service, "-http-addr", &consul.http_addr()])
         .arg("-haproxy-cfg-base-path")
         .arg(base.path())
