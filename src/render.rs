@@ -326,6 +326,28 @@ mod tests {
     }
 
     #[test]
+    fn no_frontend_shares_its_name_with_a_backend() {
+        // HAProxy 3.2 warns, and 3.3 refuses, a frontend and a backend of one name.
+        let (dir, files) = render_into(ANY, "rich-sidecar-proxy", "ca-leaf-rich.json", true);
+        let cfg = &files.last().unwrap().contents;
+        let names = |kind: &str| -> Vec<String> {
+            cfg.lines()
+                .filter_map(|l| l.strip_prefix(kind))
+                .map(|n| n.trim().to_string())
+                .collect()
+        };
+        let (frontends, backends) = (names("frontend "), names("backend "));
+        assert!(frontends.len() > 2 && backends.len() > 2, "{cfg}");
+        for f in &frontends {
+            assert!(
+                !backends.contains(f),
+                "{f} is a frontend and a backend:\n{cfg}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn files_come_roots_first_and_config_last() {
         let (dir, files) = render_into(ANY, "client-sidecar-proxy", "ca-leaf-client.json", true);
         let names: Vec<String> = files

@@ -118,8 +118,11 @@ pub struct Public {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct UpstreamListener {
-    /// The frontend and backend name; unique per listener address.
+    /// The frontend's name; unique per listener address.
     pub name: String,
+    /// The backend's name: `name` with `BACKEND_PREFIX`. HAProxy 3.2 warns, and 3.3 refuses, a
+    /// backend named like a frontend.
+    pub backend: String,
     pub destination: String,
     /// For a unix socket listener: its path, and `bind_port` is 0.
     pub bind_address: String,
@@ -158,6 +161,9 @@ pub struct Server {
     pub weight: u32,
 }
 
+/// What sets an upstream's backend name apart from its frontend's.
+pub const BACKEND_PREFIX: &str = "be_";
+
 /// Every backend starts with this many slots; most upstreams never need more.
 pub const MIN_SLOTS: usize = 8;
 /// A free slot's address: never used, HAProxy only needs a valid one.
@@ -182,6 +188,13 @@ pub struct Tls {
 impl Desired {
     pub fn upstream(&self, name: &str) -> Option<&UpstreamListener> {
         self.upstreams.iter().find(|u| u.name == name)
+    }
+
+    /// The upstream whose frontend or backend is the HAProxy proxy `proxy`.
+    pub fn upstream_of_proxy(&self, proxy: &str) -> Option<&UpstreamListener> {
+        self.upstreams
+            .iter()
+            .find(|u| u.name == proxy || u.backend == proxy)
     }
 }
 
@@ -378,6 +391,7 @@ fn upstream(
         .map_or(&[][..], |l| l.slots.as_slice());
     let slots = place(servers(entries, &u.destination_name), before);
     Ok(UpstreamListener {
+        backend: format!("{BACKEND_PREFIX}{name}"),
         name,
         destination: key.to_string(),
         bind_address,

@@ -88,6 +88,25 @@ pub fn sidecar_command() -> Command {
     }
 }
 
+/// The sidecar's own PID for a process started by `sidecar_command`: `pid` itself, or in a
+/// rootfs the launcher's only child (PID 1 of the namespace).
+pub fn sidecar_pid(pid: u32) -> u32 {
+    if haproxy_rootfs().is_none() {
+        return pid;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(p) = descendants(pid)
+            .into_iter()
+            .find(|p| parent_of(*p) == Some(pid))
+        {
+            return p;
+        }
+        assert!(Instant::now() < deadline, "no sidecar under launcher {pid}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A command that runs the HAProxy under test (see `haproxy_rootfs`).
 pub fn haproxy_command() -> Command {
     match haproxy_rootfs() {
