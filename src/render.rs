@@ -348,6 +348,23 @@ mod tests {
     }
 
     #[test]
+    fn the_spoe_backend_follows_the_haproxy_version() {
+        let dir = std::env::temp_dir().join(format!("hcc-render-spop-{}", std::process::id()));
+        let mut settings = settings_in(&dir, true);
+        for (v, mode) in [("3.0.11", "tcp"), ("3.2.26", "spop")] {
+            settings.haproxy =
+                crate::haproxy::version::HaproxyVersion::parse(&format!("HAProxy version {v}"))
+                    .unwrap();
+            let s = snapshot(ANY, "server-sidecar-proxy", "ca-leaf-server.json");
+            let d = build(&s, &settings, None).unwrap();
+            let files = render(&d, &creds(), &Templates::builtin()).unwrap();
+            let cfg = &files.last().unwrap().contents;
+            let want = format!("backend {SPOE_BACKEND}\n    mode {mode}\n");
+            assert!(cfg.contains(&want), "{v}: {cfg}");
+        }
+    }
+
+    #[test]
     fn files_come_roots_first_and_config_last() {
         let (dir, files) = render_into(ANY, "client-sidecar-proxy", "ca-leaf-client.json", true);
         let names: Vec<String> = files

@@ -4,3 +4,4 @@
 pub mod dataplane;
 pub mod diff;
 pub mod runtime;
+pub mod version;

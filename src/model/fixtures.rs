@@ -41,6 +41,7 @@ pub fn settings_in(workdir: &Path, intentions: bool) -> Settings {
         balance: "roundrobin".into(),
         log_format: None,
         haproxy_log_level: "info",
+        haproxy: crate::haproxy::version::HaproxyVersion::V2_6,
     }
 }
 

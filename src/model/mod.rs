@@ -78,6 +78,8 @@ pub struct Settings {
     pub log_format: Option<String>,
     /// The least severe HAProxy log level the sidecar prints (see [`haproxy_log_level`]).
     pub haproxy_log_level: &'static str,
+    /// The HAProxy that will run, read from `haproxy -v` at start.
+    pub haproxy: crate::haproxy::version::HaproxyVersion,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -100,6 +102,8 @@ pub struct Desired {
     pub balance: String,
     pub log_format: Option<String>,
     pub haproxy_log_level: &'static str,
+    /// `mode` of the SPOE agent's backend: `spop` from HAProxy 3.1, `tcp` before.
+    pub spoe_backend_mode: &'static str,
     pub paths: Paths,
     /// What of the registration this sidecar does not serve, one line each; logged when a
     /// line first appears, not on every rebuild.
@@ -315,6 +319,7 @@ pub fn build(
         balance: settings.balance.clone(),
         log_format: settings.log_format.clone(),
         haproxy_log_level: settings.haproxy_log_level,
+        spoe_backend_mode: settings.haproxy.spoe_backend_mode(),
         paths: settings.paths.clone(),
         warnings,
     })

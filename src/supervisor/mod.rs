@@ -23,6 +23,7 @@ use crate::error::{Error, Result};
 use crate::files::{check_socket_paths, create_workdir, write_atomic};
 use crate::haproxy::dataplane::Dataplane;
 use crate::haproxy::runtime;
+use crate::haproxy::version::HaproxyVersion;
 use crate::metrics::Registry;
 use crate::model::{self, Desired, Paths, Settings};
 use crate::render::{self, DataplaneCredentials};
@@ -94,9 +95,11 @@ impl From<Error> for Fatal {
     }
 }
 
-/// What the model takes from the command line, for a run or a dry run alike.
-fn settings_from(opts: &Options, paths: Paths) -> Settings {
-    Settings {
+/// What the model takes from the command line and the HAProxy binary, for a run or a dry run.
+fn settings_from(opts: &Options, paths: Paths) -> Result<Settings, Fatal> {
+    let haproxy = HaproxyVersion::detect(&opts.haproxy_bin).map_err(usage)?;
+    log::info!("HAProxy {haproxy} ({})", opts.haproxy_bin.display());
+    Ok(Settings {
         paths,
         intentions: opts.enable_intentions,
         grace_period_ms: opts.grace_period.as_millis() as u64,
@@ -104,7 +107,8 @@ fn settings_from(opts: &Options, paths: Paths) -> Settings {
         balance: opts.balance.clone(),
         log_format: opts.log_format.clone(),
         haproxy_log_level: model::haproxy_log_level(opts.log_level),
-    }
+        haproxy,
+    })
 }
 
 fn usage(error: Error) -> Fatal {
@@ -309,7 +313,7 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
             ))));
         }
     }
-    let settings = settings_from(&opts, paths.clone());
+    let settings = settings_from(&opts, paths.clone())?;
 
     let sink = Arc::new(ChannelSink(Mutex::new(tx.clone()), registry.clone()));
     // Intentions are watched even when not enforced, so that ignoring a deny is never silent.
@@ -1095,7 +1099,7 @@ pub fn dry_run(opts: &Options) -> Result<Vec<render::File>, Fatal> {
     let workdir = opts
         .base_path
         .join(format!("hcc-{}-dry-run", model::sanitize(&proxy_id)));
-    let settings = settings_from(opts, Paths::new(&workdir));
+    let settings = settings_from(opts, Paths::new(&workdir))?;
     let desired: Desired = model::build(&snapshot, &settings, None)?;
     Ok(render::render(
         &desired,

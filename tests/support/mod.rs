@@ -1522,7 +1522,8 @@ pub fn haproxy_cli(socket: &Path, command: &str) -> String {
 
 /// Runs the sidecar's `--dry-run` for `service`; asserts it succeeded and returns its output.
 pub fn dry_run(consul_addr: &str, base: &Path, service: &str, args: &[&str]) -> String {
-    let out = Command::new(bin_path())
+    // In the rootfs too: the rendered configuration depends on the HAProxy version.
+    let out = sidecar_command()
         .args([
             "--dry-run",
             "-sidecar-for",
