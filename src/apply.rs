@@ -262,12 +262,12 @@ fn apply(
         if let Some(u) = applied
             .upstreams
             .iter_mut()
-            .find(|u| u.name == spec.backend)
+            .find(|u| u.backend == spec.backend)
         {
             if let (Some(mailbox), Some(want)) = (
                 u.slots.iter_mut().find(|s| s.name == spec.name),
                 desired
-                    .upstream(&spec.backend)
+                    .upstream_of_proxy(&spec.backend)
                     .and_then(|d| d.slots.iter().find(|s| s.name == spec.name)),
             ) {
                 *mailbox = want.clone();

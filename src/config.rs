@@ -125,8 +125,9 @@ impl Endpoint {
         match self {
             Endpoint::Http { authority } => format!("http://{authority}"),
             Endpoint::Https { authority } => format!("https://{authority}"),
-            // The host is never resolved for a unix socket, but the URL must still parse.
-            Endpoint::Unix { .. } => "http://localhost".to_string(),
+            // The URL must parse, and ureq resolves its host before our unix connector runs: an
+            // IP literal needs no resolver, so a container without /etc/hosts works too.
+            Endpoint::Unix { .. } => "http://127.0.0.1".to_string(),
         }
     }
 }

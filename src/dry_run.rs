@@ -46,6 +46,7 @@ pub fn dry_run(opts: &Options) -> Result<Vec<render::File>, Fatal> {
         paths: Paths::new(&workdir),
         intentions: opts.enable_intentions,
         knobs: opts.knobs.clone(),
+        haproxy: crate::supervisor::preflight::haproxy_version(&opts.haproxy_bin)?,
     };
     let desired: Desired = model::build(&snapshot, &settings, None)?;
     Ok(render::render(

@@ -16,6 +16,7 @@ pub(crate) mod config;
 pub(crate) mod consul;
 pub(crate) mod files;
 pub(crate) mod haproxy;
+pub(crate) mod haproxy_version;
 pub(crate) mod http;
 pub(crate) mod intentions;
 pub(crate) mod metrics;

@@ -184,7 +184,7 @@ pub fn relabel(text: &str, desired: Option<&Desired>) -> String {
             out.push('\n');
             continue;
         }
-        let upstream = label(line, "proxy").and_then(|p| desired?.upstream(&p).cloned());
+        let upstream = label(line, "proxy").and_then(|p| desired?.upstream_of_proxy(&p).cloned());
         let Some(u) = upstream else {
             out.push_str(line);
             out.push('\n');
@@ -271,12 +271,15 @@ mod tests {
             None,
         )
         .unwrap();
-        let up = &d.upstreams[0].name;
+        // Server and backend series carry the backend's name, frontend series the frontend's.
+        let (up, be) = (&d.upstreams[0].name, &d.upstreams[0].backend);
+        assert_ne!(up, be);
         let text = format!(
             "# HELP haproxy_server_bytes_in_total x\n# TYPE haproxy_server_bytes_in_total counter\n\
-             haproxy_server_bytes_in_total{{proxy=\"{up}\",server=\"s0\"}} 10\n\
-             haproxy_server_bytes_in_total{{proxy=\"{up}\",server=\"s5\"}} 0\n\
-             haproxy_backend_bytes_in_total{{proxy=\"{up}\"}} 10\n\
+             haproxy_server_bytes_in_total{{proxy=\"{be}\",server=\"s0\"}} 10\n\
+             haproxy_server_bytes_in_total{{proxy=\"{be}\",server=\"s5\"}} 0\n\
+             haproxy_backend_bytes_in_total{{proxy=\"{be}\"}} 10\n\
+             haproxy_frontend_bytes_in_total{{proxy=\"{up}\"}} 4\n\
              haproxy_frontend_bytes_in_total{{proxy=\"public_listener\"}} 3\n"
         );
         let out = relabel(&text, Some(&d));
@@ -293,7 +296,13 @@ mod tests {
         assert!(!out.contains("server=\"s5\""), "a free slot leaked: {out}");
         assert!(
             out.contains(&format!(
-                "haproxy_backend_bytes_in_total{{service=\"service server\",proxy=\"{up}\"}} 10"
+                "haproxy_backend_bytes_in_total{{service=\"service server\",proxy=\"{be}\"}} 10"
+            )),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!(
+                "haproxy_frontend_bytes_in_total{{service=\"service server\",proxy=\"{up}\"}} 4"
             )),
             "{out}"
         );

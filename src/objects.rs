@@ -122,7 +122,7 @@ pub fn local_server(p: &Public) -> ServerSpec {
 
 pub fn upstream_backend(d: &Desired, u: &UpstreamListener) -> BackendSpec {
     BackendSpec {
-        name: u.name.clone(),
+        name: u.backend.clone(),
         mode: u.mode,
         balance: Some(d.knobs.balance.clone()),
         connect_timeout_ms: u.connect_timeout_ms,
@@ -133,7 +133,7 @@ pub fn upstream_frontend(d: &Desired, u: &UpstreamListener) -> FrontendSpec {
     FrontendSpec {
         name: u.name.clone(),
         mode: u.mode,
-        default_backend: u.name.clone(),
+        default_backend: u.backend.clone(),
         log_format: d.knobs.log_format.clone(),
         spoe_config: None,
     }
@@ -156,7 +156,7 @@ pub fn upstream_server(d: &Desired, u: &UpstreamListener, slot: &Slot) -> Server
         None => (FREE_SLOT_ADDRESS.to_string(), FREE_SLOT_PORT, 1),
     };
     ServerSpec {
-        backend: u.name.clone(),
+        backend: u.backend.clone(),
         name: slot.name.clone(),
         address,
         port,
@@ -281,7 +281,7 @@ pub fn sections(d: &Desired) -> Vec<Section> {
         });
         out.push(Section {
             comment: None,
-            header: format!("backend {}", u.name),
+            header: format!("backend {}", u.backend),
             lines: upstream_backend(d, u).lines(&servers),
         });
     }

@@ -326,6 +326,45 @@ mod tests {
     }
 
     #[test]
+    fn no_frontend_shares_its_name_with_a_backend() {
+        // HAProxy 3.2 warns, and 3.3 refuses, a frontend and a backend of one name.
+        let (dir, files) = render_into(ANY, "rich-sidecar-proxy", "ca-leaf-rich.json", true);
+        let cfg = &files.last().unwrap().contents;
+        let names = |kind: &str| -> Vec<String> {
+            cfg.lines()
+                .filter_map(|l| l.strip_prefix(kind))
+                .map(|n| n.trim().to_string())
+                .collect()
+        };
+        let (frontends, backends) = (names("frontend "), names("backend "));
+        assert!(frontends.len() > 2 && backends.len() > 2, "{cfg}");
+        for f in &frontends {
+            assert!(
+                !backends.contains(f),
+                "{f} is a frontend and a backend:\n{cfg}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_spoe_backend_follows_the_haproxy_version() {
+        let dir = std::env::temp_dir().join(format!("hcc-render-spop-{}", std::process::id()));
+        let mut settings = settings_in(&dir, true);
+        for (v, mode) in [("3.0.11", "tcp"), ("3.2.26", "spop")] {
+            settings.haproxy =
+                crate::haproxy_version::HaproxyVersion::parse(&format!("HAProxy version {v}"))
+                    .unwrap();
+            let s = snapshot(ANY, "server-sidecar-proxy", "ca-leaf-server.json");
+            let d = build(&s, &settings, None).unwrap();
+            let files = render(&d, &creds(), &Templates::builtin()).unwrap();
+            let cfg = &files.last().unwrap().contents;
+            let want = format!("backend {SPOE_BACKEND}\n    mode {mode}\n");
+            assert!(cfg.contains(&want), "{v}: {cfg}");
+        }
+    }
+
+    #[test]
     fn files_come_roots_first_and_config_last() {
         let (dir, files) = render_into(ANY, "client-sidecar-proxy", "ca-leaf-client.json", true);
         let names: Vec<String> = files

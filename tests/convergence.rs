@@ -166,7 +166,7 @@ fn a_weight_change_reaches_haproxy_live() {
             .filter(|l| {
                 l.split_whitespace()
                     .nth(1)
-                    .is_some_and(|b| b.starts_with("up_svc_server"))
+                    .is_some_and(|b| b.starts_with("be_up_svc_server"))
             })
             .find_map(|l| {
                 let f: Vec<&str> = l.split_whitespace().collect();

@@ -5,7 +5,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::Signal;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use support::mesh::{Mesh, MeshOptions, APP_BODY};
 use support::*;
 
@@ -69,16 +70,18 @@ fn a_deny_intention_blocks_and_its_removal_lets_traffic_through_without_a_reload
 
 #[test]
 fn a_stalled_agent_fails_closed() {
-    let mut mesh = Mesh::start(MeshOptions {
+    let mesh = Mesh::start(MeshOptions {
         intentions: true,
         ..Default::default()
     });
     assert!(allowed(&mesh));
     // Stopping the supervisor stops the agent's threads with it; HAProxy keeps running.
-    mesh.server_sidecar.signal(Signal::SIGSTOP);
+    // The sidecar itself: a launcher (HCC_HAPROXY_ROOTFS) cannot pass SIGSTOP on.
+    let sidecar = Pid::from_raw(sidecar_pid(mesh.server_sidecar.pid()) as i32);
+    kill(sidecar, Signal::SIGSTOP).unwrap();
     let requests = mesh.app.requests();
     let verdict = http_get(&mesh.upstream_addr(), "/", Duration::from_secs(5));
-    mesh.server_sidecar.signal(Signal::SIGCONT);
+    kill(sidecar, Signal::SIGCONT).unwrap();
     assert!(
         !matches!(verdict, Ok((200, _))),
         "a request passed while the agent could not answer: {verdict:?}"

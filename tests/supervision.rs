@@ -12,7 +12,8 @@ use support::*;
 
 fn child_named(sidecar: &Child, name: &str) -> u32 {
     // The direct child: haproxy's master (its workers are its children), or dataplaneapi.
-    descendants(sidecar.pid())
+    let sidecar_pid = sidecar_pid(sidecar.pid());
+    descendants(sidecar_pid)
         .into_iter()
         .find(|p| {
             process_name(*p).as_deref() == Some(name)
@@ -20,7 +21,7 @@ fn child_named(sidecar: &Child, name: &str) -> u32 {
                     .ok()
                     .and_then(|s| s.rsplit(')').next().map(str::to_string))
                     .and_then(|s| s.split_whitespace().nth(1).map(str::to_string))
-                    .is_some_and(|ppid| ppid == sidecar.pid().to_string())
+                    .is_some_and(|ppid| ppid == sidecar_pid.to_string())
         })
         .unwrap_or_else(|| panic!("no {name} under the sidecar"))
 }

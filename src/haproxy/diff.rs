@@ -104,7 +104,7 @@ pub fn plan(applied: &Desired, desired: &Desired) -> Plan {
     for old in &applied.upstreams {
         let Some(new) = desired.upstream(&old.name) else {
             deletes.push(Op::DeleteFrontend(old.name.clone()));
-            deletes.push(Op::DeleteBackend(old.name.clone()));
+            deletes.push(Op::DeleteBackend(old.backend.clone()));
             continue;
         };
         let listener_changed = upstream_frontend(applied, old) != upstream_frontend(desired, new)
@@ -113,14 +113,14 @@ pub fn plan(applied: &Desired, desired: &Desired) -> Plan {
         if listener_changed {
             // Rare (a protocol or timeout edit): rebuild the pair rather than patch it.
             deletes.push(Op::DeleteFrontend(old.name.clone()));
-            deletes.push(Op::DeleteBackend(old.name.clone()));
+            deletes.push(Op::DeleteBackend(old.backend.clone()));
             creates.extend(create_upstream(desired, new));
             continue;
         }
         for s in &old.slots {
             if !new.slots.iter().any(|n| n.name == s.name) {
                 deletes.push(Op::DeleteServer {
-                    backend: old.name.clone(),
+                    backend: old.backend.clone(),
                     name: s.name.clone(),
                 });
             }
@@ -278,6 +278,7 @@ mod tests {
         let mut b = a.clone();
         let mut extra = b.upstreams[0].clone();
         extra.name = "up_svc_other_local_127.0.0.1_9292".into();
+        extra.backend = "be_up_svc_other_local_127.0.0.1_9292".into();
         extra.bind_port = 9292;
         b.upstreams.push(extra);
         let p = plan(&a, &b);
@@ -302,7 +303,7 @@ mod tests {
             back.ops,
             [
                 Op::DeleteFrontend("up_svc_other_local_127.0.0.1_9292".into()),
-                Op::DeleteBackend("up_svc_other_local_127.0.0.1_9292".into())
+                Op::DeleteBackend("be_up_svc_other_local_127.0.0.1_9292".into())
             ]
         );
     }
@@ -331,6 +332,7 @@ mod tests {
         b.upstreams[0].slots = place(now, &b.upstreams[0].slots);
         let mut extra = b.upstreams[0].clone();
         extra.name = "up_svc_x_local_127.0.0.1_9300".into();
+        extra.backend = "be_up_svc_x_local_127.0.0.1_9300".into();
         extra.bind_port = 9300;
         b.upstreams.push(extra);
         b.public.connect_timeout_ms = 1234;

@@ -37,6 +37,7 @@ pub fn settings_in(workdir: &Path, intentions: bool) -> Settings {
         paths: Paths::new(workdir),
         intentions,
         knobs: crate::config::Knobs::default(),
+        haproxy: crate::haproxy_version::HaproxyVersion::V2_6,
     }
 }
 

@@ -12,6 +12,7 @@ use crate::config::Knobs;
 use crate::consul::api::{HealthEntry, Upstream};
 use crate::consul::{DestinationKey, DestinationKind};
 use crate::error::{Error, Result};
+use crate::haproxy_version::HaproxyVersion;
 use crate::names::sanitize;
 use crate::snapshot::Snapshot;
 
@@ -62,6 +63,8 @@ pub struct Settings {
     pub paths: Paths,
     pub intentions: bool,
     pub knobs: Knobs,
+    /// The HAProxy that will run, read from `haproxy -v` at start.
+    pub haproxy: HaproxyVersion,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -80,6 +83,8 @@ pub struct Desired {
     pub tls: Tls,
     pub intentions: bool,
     pub knobs: Knobs,
+    /// `mode` of the SPOE agent's backend: `spop` from HAProxy 3.1, `tcp` before.
+    pub spoe_backend_mode: &'static str,
     pub paths: Paths,
     /// What of the registration this sidecar does not serve, one line each; logged when a
     /// line first appears, not on every rebuild.
@@ -98,8 +103,11 @@ pub struct Public {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct UpstreamListener {
-    /// The frontend and backend name; unique per listener address.
+    /// The frontend's name; unique per listener address.
     pub name: String,
+    /// The backend's name: `name` with `BACKEND_PREFIX`. HAProxy 3.2 warns, and 3.3 refuses, a
+    /// backend named like a frontend.
+    pub backend: String,
     pub destination: String,
     /// For a unix socket listener: its path, and `bind_port` is 0.
     pub bind_address: String,
@@ -141,6 +149,9 @@ pub struct Server {
 /// Longest unix socket path HAProxy takes: `sun_path` is 108 bytes and HAProxy keeps room for
 /// the `.<pid>.tmp` suffix it binds under before renaming.
 pub const MAX_SOCKET_PATH: usize = 97;
+
+/// What sets an upstream's backend name apart from its frontend's.
+pub const BACKEND_PREFIX: &str = "be_";
 
 /// Every backend starts with this many slots; most upstreams never need more.
 pub const MIN_SLOTS: usize = 8;
@@ -186,6 +197,13 @@ impl Desired {
 
     pub fn upstream(&self, name: &str) -> Option<&UpstreamListener> {
         self.upstreams.iter().find(|u| u.name == name)
+    }
+
+    /// The upstream whose frontend or backend is the HAProxy proxy `proxy`.
+    pub fn upstream_of_proxy(&self, proxy: &str) -> Option<&UpstreamListener> {
+        self.upstreams
+            .iter()
+            .find(|u| u.name == proxy || u.backend == proxy)
     }
 }
 
@@ -302,6 +320,7 @@ pub fn build(
         tls,
         intentions: settings.intentions,
         knobs: settings.knobs.clone(),
+        spoe_backend_mode: settings.haproxy.spoe_backend_mode(),
         paths: settings.paths.clone(),
         warnings,
     })
@@ -378,6 +397,7 @@ fn upstream(
         .map_or(&[][..], |l| l.slots.as_slice());
     let slots = place(servers(entries, &u.destination_name), before);
     Ok(UpstreamListener {
+        backend: format!("{BACKEND_PREFIX}{name}"),
         name,
         destination: key.to_string(),
         bind_address,

@@ -114,7 +114,7 @@ enum Flow {
 }
 
 pub fn run(opts: Options) -> Result<i32, Fatal> {
-    preflight::check(&opts)?;
+    let haproxy = preflight::check(&opts)?;
     let mut life = Lifecycle {
         phase: Phase::Starting,
         published: PhaseCell::default(),
@@ -146,6 +146,7 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
         paths: paths.clone(),
         intentions: opts.enable_intentions,
         knobs: opts.knobs.clone(),
+        haproxy,
     };
     let sink = Arc::new(ChannelSink(Mutex::new(tx.clone()), registry.clone()));
     // Intentions are watched even when not enforced, so that ignoring a deny is never silent.

@@ -7,12 +7,34 @@ use std::time::Duration;
 use super::process;
 use crate::cli::Options;
 use crate::error::{usage, Error, Fatal};
+use crate::haproxy_version::HaproxyVersion;
 
-/// The binaries run, the base path is a writable directory (made if missing).
-pub fn check(opts: &Options) -> Result<(), Fatal> {
-    runs("-haproxy", &opts.haproxy_bin, "-v")?;
+/// The binaries run, the base path is a writable directory (made if missing); the version of
+/// the HAProxy that will run.
+pub fn check(opts: &Options) -> Result<HaproxyVersion, Fatal> {
+    let haproxy = haproxy_version(&opts.haproxy_bin)?;
     runs("-dataplane", &opts.dataplane_bin, "--version")?;
-    writable_dir("-haproxy-cfg-base-path", &opts.base_path)
+    writable_dir("-haproxy-cfg-base-path", &opts.base_path)?;
+    Ok(haproxy)
+}
+
+/// `haproxy -v`, read once: every version-dependent choice follows from it.
+pub fn haproxy_version(bin: &Path) -> Result<HaproxyVersion, Fatal> {
+    runs("-haproxy", bin, "-v")?;
+    let out = process::clean_command(bin)
+        .arg("-v")
+        .output()
+        .map_err(|e| {
+            usage(Error::with_source(
+                format!("-haproxy {}: cannot run it", bin.display()),
+                e,
+            ))
+        })?;
+    let version = HaproxyVersion::parse(&String::from_utf8_lossy(&out.stdout)).map_err(|e| {
+        usage(e.context(format!("-haproxy {}: reading its version", bin.display())))
+    })?;
+    log::info!("HAProxy {version} ({})", bin.display());
+    Ok(version)
 }
 
 /// `flag`'s program starts and answers `arg` with success within a few seconds.

@@ -2,11 +2,10 @@
 //! `client` (upstream `server` on a local port), all real programs, all stopped on drop.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use super::{
-    bin_path, free_port, http_get, sidecar_registration, wait_until, Child, Consul, HttpApp,
+    free_port, http_get, sidecar_command, sidecar_registration, wait_until, Child, Consul, HttpApp,
     TempDir,
 };
 
@@ -126,10 +125,11 @@ impl Mesh {
         extra
     }
 
-    /// The working directory a running sidecar made under the base path.
+    /// The working directory a running sidecar made under the base path: the short directory
+    /// its readable `hcc-<proxy id>-…` link points to, as the paths in its files name it.
     pub fn workdir(&self, service: &str) -> PathBuf {
         let prefix = format!("hcc-{service}-sidecar-proxy-");
-        std::fs::read_dir(self.base.path())
+        let link = std::fs::read_dir(self.base.path())
             .expect("base path readable")
             .filter_map(|e| e.ok())
             .map(|e| e.path())
@@ -140,7 +140,8 @@ impl Mesh {
                     .unwrap_or_default();
                 name.starts_with(&prefix) && !name.ends_with("-dry-run")
             })
-            .unwrap_or_else(|| panic!("no working directory for {service}"))
+            .unwrap_or_else(|| panic!("no working directory for {service}"));
+        std::fs::canonicalize(&link).unwrap_or(link)
     }
 }
 
@@ -152,7 +153,7 @@ pub fn sidecar(
     intentions: bool,
     extra: &[&str],
 ) -> Child {
-    let mut cmd = Command::new(bin_path());
+    let mut cmd = sidecar_command();
     cmd.args(["-sidecar-for", service, "-http-addr", &consul.http_addr()])
         .arg("-haproxy-cfg-base-path")
         .arg(base.path())

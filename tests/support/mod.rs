@@ -53,6 +53,68 @@ pub fn bin_path() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_haproxy-consul-connect"))
 }
 
+/// The root filesystem (made by `scripts/rootfs`) whose HAProxy the end-to-end tests use, from
+/// `HCC_HAPROXY_ROOTFS`; unset or empty: the host's HAProxy.
+pub fn haproxy_rootfs() -> Option<PathBuf> {
+    std::env::var_os("HCC_HAPROXY_ROOTFS")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
+/// Where `in_rootfs` puts the sidecar under test inside the rootfs.
+const SIDECAR_IN_ROOTFS: &str = "/usr/local/bin/haproxy-consul-connect";
+
+/// `program` run as PID 1 of its own PID and mount namespaces inside `rootfs`
+/// (`hcc-run-rootfs`), with the system temp dir shared at the same path (every test file lives
+/// there, so paths mean the same on both sides) and this build of the sidecar bind-mounted in.
+fn in_rootfs(rootfs: &Path, program: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hcc-run-rootfs"));
+    cmd.arg(rootfs)
+        .arg("--bind")
+        .arg(std::env::temp_dir())
+        .arg("--bind")
+        .arg(format!("{}:{SIDECAR_IN_ROOTFS}", bin_path().display()))
+        .arg("--")
+        .arg(program);
+    cmd
+}
+
+/// A command that runs the sidecar: the host's binary, or with `HCC_HAPROXY_ROOTFS` the same
+/// binary as PID 1 inside that rootfs, with its HAProxy and Dataplane API.
+pub fn sidecar_command() -> Command {
+    match haproxy_rootfs() {
+        Some(rootfs) => in_rootfs(&rootfs, SIDECAR_IN_ROOTFS),
+        None => Command::new(bin_path()),
+    }
+}
+
+/// The sidecar's own PID for a process started by `sidecar_command`: `pid` itself, or in a
+/// rootfs the launcher's only child (PID 1 of the namespace).
+pub fn sidecar_pid(pid: u32) -> u32 {
+    if haproxy_rootfs().is_none() {
+        return pid;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(p) = descendants(pid)
+            .into_iter()
+            .find(|p| parent_of(*p) == Some(pid))
+        {
+            return p;
+        }
+        assert!(Instant::now() < deadline, "no sidecar under launcher {pid}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A command that runs the HAProxy under test (see `haproxy_rootfs`).
+pub fn haproxy_command() -> Command {
+    match haproxy_rootfs() {
+        Some(rootfs) => in_rootfs(&rootfs, "haproxy"),
+        None => Command::new("haproxy"),
+    }
+}
+
 /// A fresh directory under the system temp dir, removed on drop unless `KEEP_TEST_DIRS` is set
 /// (then its path is printed, to look at configs and logs after a run).
 pub struct TempDir {
@@ -1460,7 +1522,8 @@ pub fn haproxy_cli(socket: &Path, command: &str) -> String {
 
 /// Runs the sidecar's `--dry-run` for `service`; asserts it succeeded and returns its output.
 pub fn dry_run(consul_addr: &str, base: &Path, service: &str, args: &[&str]) -> String {
-    let out = Command::new(bin_path())
+    // In the rootfs too: the rendered configuration depends on the HAProxy version.
+    let out = sidecar_command()
         .args([
             "--dry-run",
             "-sidecar-for",
