@@ -221,6 +221,36 @@ fn apply_whole(
     Ok(())
 }
 
+/// The new roots (and the leaf, if it changed too) through the runtime API, kept only if the
+/// leaf is still attached afterwards; otherwise why not, for the reload that follows.
+fn roots_live(applied: &Desired, desired: &Desired) -> std::result::Result<(), String> {
+    let paths = &desired.paths;
+    runtime::set_ssl(
+        &paths.stats_socket,
+        "ca-file",
+        &paths.roots,
+        &desired.tls.roots_pem,
+    )
+    .map_err(|e| format!("the runtime API refused the roots ({e})"))?;
+    match runtime::cert_in_use(&paths.stats_socket, &paths.leaf) {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err("this HAProxy detached its certificates on commit ssl ca-file".into())
+        }
+        Err(e) => return Err(e.to_string()),
+    }
+    if applied.tls.leaf_pem != desired.tls.leaf_pem {
+        runtime::set_ssl(
+            &paths.stats_socket,
+            "cert",
+            &paths.leaf,
+            &desired.tls.leaf_pem,
+        )
+        .map_err(|e| format!("the leaf did not follow the roots live ({e})"))?;
+    }
+    Ok(())
+}
+
 /// Applies one plan. Certificate steps that succeed are recorded in `applied` at once, so a
 /// failure later in the plan does not redo them.
 fn apply(
@@ -232,17 +262,22 @@ fn apply(
     let paths = &desired.paths;
     let mut reloaded = false;
     if p.roots_changed {
-        // HAProxy 2.6.12 detaches certificates from their listeners on `commit ssl ca-file`
-        // (`show ssl cert` then says "Unused" and later `commit ssl cert` reaches nothing), so
-        // a change of roots, which is rare, is a reload of files written first; the leaf, which
-        // is renewed every few days, stays live below.
+        // Files first: a reload, now or after a crash, must load the new roots and leaf.
         write_atomic(&paths.roots, desired.tls.roots_pem.as_bytes())?;
         write_atomic(&paths.leaf, desired.tls.leaf_pem.as_bytes())?;
-        runtime::reload(&paths.master_socket, Duration::from_secs(20))
-            .context("reloading HAProxy for new CA roots")?;
+        match roots_live(applied, desired) {
+            Ok(()) => log::info!("CA roots updated live"),
+            Err(why) => {
+                // HAProxy 2.6 and 3.0 detach certificates from their listeners on `commit ssl
+                // ca-file` (`show ssl cert` then says Unused, and a later leaf commit reaches
+                // nothing); a reload of the files just written attaches everything again.
+                runtime::reload(&paths.master_socket, Duration::from_secs(20))
+                    .context("reloading HAProxy for new CA roots")?;
+                reloaded = true;
+                log::info!("CA roots (and leaf) updated with one reload: {why}");
+            }
+        }
         applied.tls = desired.tls.clone();
-        reloaded = true;
-        log::info!("CA roots (and leaf) updated with one reload");
     } else if p.leaf_changed {
         write_atomic(&paths.leaf, desired.tls.leaf_pem.as_bytes())?;
         runtime::set_ssl(

@@ -231,9 +231,40 @@ pub fn set_ssl(stats: &Path, kind: &str, path: &Path, pem: &str) -> Result<()> {
     Ok(())
 }
 
+/// Whether the certificate loaded from `path` is still attached to a listener or server
+/// (`show ssl cert`'s `Status: Used`). HAProxy 2.6 and 3.0 detach certificates on
+/// `commit ssl ca-file`; 3.2 does not. Asked after each such commit, never assumed by version.
+pub fn cert_in_use(stats: &Path, path: &Path) -> Result<bool> {
+    let answer = command(stats, &format!("show ssl cert {}", path.display()), None)?;
+    status_used(&answer).ok_or_else(|| {
+        Error::msg(format!(
+            "HAProxy's `show ssl cert {}` has no Status line: {}",
+            path.display(),
+            answer.trim()
+        ))
+    })
+}
+
+fn status_used(show_ssl_cert: &str) -> Option<bool> {
+    show_ssl_cert.lines().find_map(|l| {
+        let status = l.trim().strip_prefix("Status:")?.trim();
+        Some(status.eq_ignore_ascii_case("used"))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `show ssl cert` after `commit ssl ca-file`: 2.6.12 and 3.0.11 detach, 3.2.26 does not.
+    #[test]
+    fn certificate_status_is_read() {
+        let detached = "Filename: /x/certs/leaf.pem\nStatus: Unused\nSerial: 1A\n";
+        let attached = "Filename: /x/certs/leaf.pem\nStatus: Used\nSerial: 1A\n";
+        assert_eq!(status_used(detached), Some(false));
+        assert_eq!(status_used(attached), Some(true));
+        assert_eq!(status_used("Can't display the certificate"), None);
+    }
 
     const SHOW_PROC: &str =
         "#<PID>          <type>          <reloads>       <uptime>        <version>
