@@ -433,10 +433,11 @@ fn run(net: &Net) {
     report("C cut, after Consul noticed (5 s)", &past);
 
     // C comes back with no operator action.
+    // Serf notices the link back on its own schedule: 8-31 s here, so 120 s of slack.
     let restored = load.now();
     net.restore("c");
     wait_until(
-        Duration::from_secs(60),
+        Duration::from_secs(120),
         "C's instance passing and answering again",
         || {
             server.passing("server") == Some(2)
