@@ -12,7 +12,7 @@ use crate::error::{Context, Result};
 use crate::files::write_atomic;
 use crate::haproxy::dataplane::{Committed, Dataplane};
 use crate::haproxy::diff::{plan, Plan};
-use crate::haproxy::runtime;
+use crate::haproxy::{live, runtime};
 use crate::model::Desired;
 use crate::render::DataplaneCredentials;
 
@@ -169,7 +169,7 @@ fn run(
             applied = desired;
             continue;
         }
-        match apply(&mut applied, &desired, &p, &dataplane) {
+        match apply(&mut applied, &desired, &p, &dataplane, &creds, &templates) {
             Ok(reloaded) => {
                 applied = desired;
                 failures = 0;
@@ -258,6 +258,8 @@ fn apply(
     desired: &Desired,
     p: &Plan,
     dataplane: &Dataplane,
+    creds: &DataplaneCredentials,
+    templates: &crate::render::Templates,
 ) -> Result<bool> {
     let paths = &desired.paths;
     let mut reloaded = false;
@@ -290,31 +292,24 @@ fn apply(
         applied.tls.leaf_pem = desired.tls.leaf_pem.clone();
         log::info!("leaf certificate updated live");
     }
-    let mut live_reloaded = false;
-    for spec in &p.live {
-        live_reloaded |= dataplane.replace_server_live(spec)?;
-        // Recorded one by one: a failure half-way retries only what is left.
-        if let Some(u) = applied
-            .upstreams
-            .iter_mut()
-            .find(|u| u.backend == spec.backend)
-        {
-            if let (Some(mailbox), Some(want)) = (
-                u.slots.iter_mut().find(|s| s.name == spec.name),
-                desired
-                    .upstream_of_proxy(&spec.backend)
-                    .and_then(|d| d.slots.iter().find(|s| s.name == spec.name)),
-            ) {
-                *mailbox = want.clone();
+    if !p.live.is_empty() {
+        // Slot changes go live through the runtime API, then the file is written once for the
+        // whole batch (crate::haproxy::live says why not through the Dataplane API).
+        for spec in &p.live {
+            if let Err(e) = live::set_server(&paths.stats_socket, spec) {
+                // The Dataplane API's path still works (a reload if it must); the file written
+                // below holds the change either way.
+                log::warn!("{e}; applying it through the Dataplane API instead");
+                if dataplane.replace_server_live(spec)? {
+                    log::warn!("the Dataplane API reloaded HAProxy for a server change it could not apply live");
+                    reloaded = true;
+                }
             }
         }
+        write_config(desired, dataplane, creds, templates)
+            .context("writing the configuration after live server changes")?;
+        applied.upstreams = desired.upstreams.clone();
     }
-    if live_reloaded {
-        log::warn!(
-            "the Dataplane API reloaded HAProxy for a server change it could not apply live"
-        );
-    }
-    reloaded |= live_reloaded;
     if p.ops.is_empty() {
         return Ok(reloaded);
     }
@@ -325,4 +320,26 @@ fn apply(
         )
     })?;
     Ok(reloaded || matches!(committed, Committed::Reloaded(_)))
+}
+
+/// Writes `haproxy.cfg` as rendered from `desired`, under the version the Dataplane API holds,
+/// so its next transaction (which starts from the file on disk) builds on exactly what HAProxy
+/// runs now. Only called when the plan had no Dataplane API operations: then HAProxy's objects
+/// are the applied ones with the slots of `desired`, which is what rendering `desired` says
+/// (the invariant `tests/mesh_deltas.rs` checks). No reload: HAProxy already runs it.
+fn write_config(
+    desired: &Desired,
+    dataplane: &Dataplane,
+    creds: &DataplaneCredentials,
+    templates: &crate::render::Templates,
+) -> Result<()> {
+    let cfg = crate::render::render(desired, creds, templates)?
+        .into_iter()
+        .find(|f| f.path == desired.paths.haproxy_cfg)
+        .ok_or_else(|| crate::error::Error::msg("the render produced no haproxy.cfg"))?;
+    let version = dataplane
+        .version()
+        .context("reading the configuration version")?;
+    let text = format!("# _version={version}\n{}", cfg.contents);
+    write_atomic(&desired.paths.haproxy_cfg, text.as_bytes())
 }

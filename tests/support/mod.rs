@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod mesh;
+pub mod netns;
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
