@@ -313,6 +313,21 @@ fn apply(
     if p.ops.is_empty() {
         return Ok(reloaded);
     }
+    if p.only_servers() {
+        // A slot pool resized: dynamic servers through the runtime API, then the file once, as
+        // for slot changes. Should HAProxy refuse a step, the transaction below does it all
+        // (its reload starts from the file, so what was half done at runtime does not matter).
+        match servers_live(&paths.stats_socket, &p.ops) {
+            Ok(()) => {
+                write_config(desired, dataplane, creds, templates)
+                    .context("writing the configuration after a slot pool resize")?;
+                applied.upstreams = desired.upstreams.clone();
+                log::info!("slot pools resized live ({} server change(s))", p.ops.len());
+                return Ok(reloaded);
+            }
+            Err(e) => log::warn!("{e}; resizing through the Dataplane API instead"),
+        }
+    }
     let committed = dataplane.apply(&p.ops).with_context(|| {
         format!(
             "applying {} change(s) through the Dataplane API",
@@ -322,11 +337,34 @@ fn apply(
     Ok(reloaded || matches!(committed, Committed::Reloaded(_)))
 }
 
+/// Server operations over the runtime API: new slots first, then changed ones (an instance
+/// moving to a lower slot when a pool shrinks), then removals, so a slot is deleted only once
+/// nothing needs it.
+fn servers_live(stats: &std::path::Path, ops: &[crate::haproxy::diff::Op]) -> Result<()> {
+    use crate::haproxy::diff::Op;
+    for op in ops {
+        if let Op::CreateServer(s) = op {
+            live::add_server(stats, s)?;
+        }
+    }
+    for op in ops {
+        if let Op::ReplaceServer(s) = op {
+            live::set_server(stats, s)?;
+        }
+    }
+    for op in ops {
+        if let Op::DeleteServer { backend, name } = op {
+            live::del_server(stats, backend, name)?;
+        }
+    }
+    Ok(())
+}
+
 /// Writes `haproxy.cfg` as rendered from `desired`, under the version the Dataplane API holds,
 /// so its next transaction (which starts from the file on disk) builds on exactly what HAProxy
-/// runs now. Only called when the plan had no Dataplane API operations: then HAProxy's objects
-/// are the applied ones with the slots of `desired`, which is what rendering `desired` says
-/// (the invariant `tests/mesh_deltas.rs` checks). No reload: HAProxy already runs it.
+/// runs now. Only called once the runtime API brought HAProxy to `desired` (slot changes, or
+/// slots added and removed): then HAProxy's objects are what rendering `desired` says (the
+/// invariant `tests/mesh_deltas.rs` checks). No reload: HAProxy already runs it.
 fn write_config(
     desired: &Desired,
     dataplane: &Dataplane,

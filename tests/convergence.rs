@@ -346,3 +346,88 @@ fn an_upstream_added_and_removed_costs_one_reload_each_and_no_failed_request() {
     );
     assert_eq!(failed, 0, "the other upstream failed requests: {errors:?}");
 }
+
+/// Servers HAProxy itself has in `backend`: (name, address:port) of each, from its stats socket.
+fn servers_in(stats: &std::path::Path, backend: &str) -> Vec<(String, String)> {
+    haproxy_cli(stats, &format!("show servers state {backend}"))
+        .lines()
+        .filter(|l| !l.starts_with('#') && l.split_whitespace().count() > 5)
+        .map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            (w[3].to_string(), format!("{}:{}", w[4], w[18]))
+        })
+        .collect()
+}
+
+/// Ten instances where the pool has eight slots, then one again: the pool doubles and halves
+/// through HAProxy's runtime API (dynamic servers), with the file written once, never reloaded.
+#[test]
+fn a_slot_pool_grows_and_shrinks_live() {
+    let mesh = Mesh::start(MeshOptions::default());
+    let workdir = mesh.workdir("client");
+    let (master, stats) = (workdir.join("master.sock"), workdir.join("haproxy.sock"));
+    let backend = format!("be_up_svc_server_local_127.0.0.1_{}", mesh.upstream_port);
+    let before = reloads(&master);
+    assert_eq!(servers_in(&stats, &backend).len(), 8, "the smallest pool");
+
+    // Nine more instances, each a port that accepts (Consul's TCP check of a sidecar).
+    let listeners: Vec<std::net::TcpListener> = (0..9)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    for (i, l) in listeners.iter().enumerate() {
+        let mut reg: serde_json::Value = serde_json::from_str(&sidecar_registration(
+            &format!("extra-{i}"),
+            free_port(),
+            l.local_addr().unwrap().port(),
+            &[],
+        ))
+        .unwrap();
+        reg["Name"] = "server".into();
+        mesh.consul.register(&reg.to_string());
+    }
+    wait_until(
+        Duration::from_secs(60),
+        "all ten instances in HAProxy",
+        || {
+            let s = servers_in(&stats, &backend);
+            s.len() == 16 && s.iter().filter(|(_, a)| !a.ends_with(":1")).count() == 10
+        },
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: {:?}\n{}",
+            servers_in(&stats, &backend),
+            mesh.client_sidecar.logs()
+        )
+    });
+    assert!(
+        mesh.client_sidecar.log_contains("slot pools resized live"),
+        "{}",
+        mesh.client_sidecar.logs()
+    );
+
+    for i in 0..9 {
+        mesh.consul.deregister(&format!("extra-{i}-sidecar-proxy"));
+        mesh.consul.deregister(&format!("extra-{i}"));
+    }
+    wait_until(
+        Duration::from_secs(60),
+        "the pool back to eight slots",
+        || servers_in(&stats, &backend).len() == 8,
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.client_sidecar.logs()));
+    assert_eq!(reloads(&master), before, "a pool resize reloaded HAProxy");
+    assert!(
+        matches!(http_get(&mesh.upstream_addr(), "/", Duration::from_secs(5)), Ok((200, b)) if b == APP_BODY),
+        "the first instance still serves"
+    );
+    // The Dataplane API's file follows what HAProxy runs: a fresh render agrees (see mesh_deltas).
+    let cfg = std::fs::read_to_string(workdir.join("haproxy.cfg")).unwrap();
+    assert_eq!(
+        cfg.lines()
+            .filter(|l| l.trim_start().starts_with("server s"))
+            .count(),
+        8,
+        "{cfg}"
+    );
+}

@@ -44,6 +44,18 @@ impl Plan {
         self.ops.is_empty() && self.live.is_empty() && !self.roots_changed && !self.leaf_changed
     }
 
+    /// Whether every operation is a server of an existing backend added, removed or changed (a
+    /// slot pool resized): what HAProxy's runtime API can do without a reload.
+    pub fn only_servers(&self) -> bool {
+        !self.ops.is_empty()
+            && self.ops.iter().all(|op| {
+                matches!(
+                    op,
+                    Op::CreateServer(_) | Op::DeleteServer { .. } | Op::ReplaceServer(_)
+                )
+            })
+    }
+
     /// Whether the plan creates a listener the Dataplane API's objects cannot describe (a unix
     /// socket with permissions): then the whole configuration is rendered and replaced in one
     /// validated reload instead.

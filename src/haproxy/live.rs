@@ -60,6 +60,47 @@ pub fn set_server(stats: &Path, s: &ServerSpec) -> Result<()> {
     }
 }
 
+/// A new slot as a dynamic server (HAProxy 2.4+ `add server`, with the same options the file
+/// gives it); HAProxy adds it in maintenance, and it is then brought to `s` like any slot.
+pub fn add_server(stats: &Path, s: &ServerSpec) -> Result<()> {
+    let line = s.line();
+    let options: Vec<&str> = line
+        .split_whitespace()
+        .skip(2) // "server <name>"
+        .filter(|w| *w != "disabled")
+        .collect();
+    let id = format!("{}/{}", s.backend, s.name);
+    let answer = runtime::command(
+        stats,
+        &format!("add server {id} {}", options.join(" ")),
+        None,
+    )?;
+    if !answer.contains("New server registered") {
+        return Err(Error::msg(format!(
+            "HAProxy refused to add server {id}: {}",
+            answer.trim()
+        )));
+    }
+    set_server(stats, s)
+}
+
+/// Removes a slot: into maintenance, then deleted (HAProxy refuses while it has connections).
+pub fn del_server(stats: &Path, backend: &str, name: &str) -> Result<()> {
+    let id = format!("{backend}/{name}");
+    let answer = runtime::command(
+        stats,
+        &format!("set server {id} state maint; del server {id}"),
+        None,
+    )?;
+    if !answer.contains("Server deleted") {
+        return Err(Error::msg(format!(
+            "HAProxy refused to delete server {id}: {}",
+            answer.trim()
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
