@@ -151,7 +151,7 @@ fn each_haproxy_event_is_logged_once() {
     reg["Name"] = "server".into();
     mesh.consul.register(&reg.to_string());
     let _second_sidecar = sidecar(&mesh.consul, &mesh.base, "server-2", false, &[]);
-    let is_up = |l: &&str| l.contains("Server up_") && l.contains(" is UP");
+    let is_up = |l: &&str| l.contains("Server be_up_") && l.contains(" is UP");
     wait_until(Duration::from_secs(30), "a server UP event", || {
         mesh.client_sidecar.logs().lines().any(|l| is_up(&l))
     })
