@@ -421,13 +421,20 @@ fn a_slot_pool_grows_and_shrinks_live() {
         matches!(http_get(&mesh.upstream_addr(), "/", Duration::from_secs(5)), Ok((200, b)) if b == APP_BODY),
         "the first instance still serves"
     );
-    // The Dataplane API's file follows what HAProxy runs: a fresh render agrees (see mesh_deltas).
-    let cfg = std::fs::read_to_string(workdir.join("haproxy.cfg")).unwrap();
-    assert_eq!(
-        cfg.lines()
+    // The Dataplane API's file follows what HAProxy runs (a fresh render agrees, see mesh_deltas);
+    // it is written right after the runtime changes of each batch.
+    let cfg_path = workdir.join("haproxy.cfg");
+    let slots_in_file = || {
+        std::fs::read_to_string(&cfg_path)
+            .unwrap_or_default()
+            .lines()
             .filter(|l| l.trim_start().starts_with("server s"))
-            .count(),
-        8,
-        "{cfg}"
-    );
+            .count()
+    };
+    wait_until(
+        Duration::from_secs(10),
+        "the file to hold eight slots",
+        || slots_in_file() == 8,
+    )
+    .unwrap_or_else(|e| panic!("{e}: {}\n{}", slots_in_file(), mesh.client_sidecar.logs()));
 }
