@@ -439,7 +439,7 @@ fn sighup_reconciles_away_runtime_drift() {
         .lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() > 18 && f[1].starts_with("up_") && f[18] == mesh.server_port.to_string())
+            (f.len() > 18 && f[1].starts_with("be_up_") && f[18] == mesh.server_port.to_string())
                 .then(|| (f[1].to_string(), f[3].to_string()))
         })
         .next()

@@ -20,29 +20,40 @@ pub fn check(opts: &Options) -> Result<HaproxyVersion, Fatal> {
 
 /// `haproxy -v`, read once: every version-dependent choice follows from it.
 pub fn haproxy_version(bin: &Path) -> Result<HaproxyVersion, Fatal> {
-    runs("-haproxy", bin, "-v")?;
-    let out = process::clean_command(bin)
-        .arg("-v")
-        .output()
-        .map_err(|e| {
-            usage(Error::with_source(
-                format!("-haproxy {}: cannot run it", bin.display()),
-                e,
-            ))
-        })?;
-    let version = HaproxyVersion::parse(&String::from_utf8_lossy(&out.stdout)).map_err(|e| {
+    let printed = runs("-haproxy", bin, "-v")?;
+    let version = HaproxyVersion::parse(&printed).map_err(|e| {
         usage(e.context(format!("-haproxy {}: reading its version", bin.display())))
     })?;
     log::info!("HAProxy {version} ({})", bin.display());
     Ok(version)
 }
 
-/// `flag`'s program starts and answers `arg` with success within a few seconds.
-fn runs(flag: &str, bin: &Path, arg: &str) -> Result<(), Fatal> {
+/// `flag`'s program starts and answers `arg` with success within a few seconds; what it
+/// printed. The output goes to a file, not a pipe: a wrapper script that leaves a process
+/// behind (holding the pipe open) would otherwise keep the sidecar waiting for end of file.
+fn runs(flag: &str, bin: &Path, arg: &str) -> Result<String, Fatal> {
+    let out_path = std::env::temp_dir().join(format!(
+        "hcc-preflight-{}-{:08x}",
+        std::process::id(),
+        crate::random::random_u32().map_err(Fatal::from)?
+    ));
+    let out = std::fs::File::create(&out_path).map_err(|e| {
+        usage(Error::with_source(
+            format!("{flag}: creating {} for its output", out_path.display()),
+            e,
+        ))
+    })?;
+    let result = wait_for(flag, bin, arg, out);
+    let printed = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let _ = std::fs::remove_file(&out_path);
+    result.map(|()| printed)
+}
+
+fn wait_for(flag: &str, bin: &Path, arg: &str, out: std::fs::File) -> Result<(), Fatal> {
     let mut child = process::clean_command(bin)
         .arg(arg)
         .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
+        .stdout(out)
         .stderr(std::process::Stdio::null())
         .spawn()
         .map_err(|e| {
@@ -122,6 +133,26 @@ mod tests {
         let e = runs("-dataplane", Path::new("false"), "--version").unwrap_err();
         assert!(e.error.to_string().contains("failed"), "{}", e.error);
         runs("-haproxy", Path::new("true"), "-v").unwrap();
+    }
+
+    /// A wrapper that leaves a process behind holding its output must not hold the start up.
+    #[test]
+    fn a_wrapper_leaving_a_process_behind_does_not_hang_the_check() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("hcc-preflight-wrap-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let wrapper = dir.join("haproxy");
+        std::fs::write(
+            &wrapper,
+            "#!/bin/sh\n( sleep 3 & )\necho 'HAProxy version 2.6.12-1 2026/10/17'\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let started = std::time::Instant::now();
+        let v = haproxy_version(&wrapper).unwrap();
+        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+        assert_eq!((v.major, v.minor), (2, 6));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
