@@ -768,6 +768,17 @@ impl Consul {
         Consul::start_with(serde_json::json!({}), None)
     }
 
+    /// An agent that allocates the listeners of exposed checks from `min_port` (one port, so
+    /// that agents of parallel tests do not all take Consul's default 21500).
+    pub fn start_expose_from(min_port: u16) -> Consul {
+        Consul::start_with(
+            serde_json::json!({"ports": {
+                "expose_min_port": min_port, "expose_max_port": min_port + 1
+            }}),
+            None,
+        )
+    }
+
     /// An agent with ACLs on and default policy deny; the harness uses `ACL_MASTER_TOKEN`.
     pub fn start_acl_deny() -> Consul {
         Consul::start_acl("deny")
@@ -819,7 +830,15 @@ impl Consul {
         }
         if let (Some(c), Some(e)) = (config.as_object_mut(), extra.as_object()) {
             for (k, v) in e {
-                c.insert(k.clone(), v.clone());
+                // One level deep: `ports` from `extra` adds to the free ports above.
+                match (c.get_mut(k).and_then(Value::as_object_mut), v.as_object()) {
+                    (Some(mine), Some(theirs)) => {
+                        mine.extend(theirs.iter().map(|(k, v)| (k.clone(), v.clone())))
+                    }
+                    _ => {
+                        c.insert(k.clone(), v.clone());
+                    }
+                }
             }
         }
         let config_path = dir.join("consul.json");
@@ -1240,6 +1259,8 @@ pub fn sidecar_registration(
 pub struct HttpApp {
     addr: SocketAddr,
     requests: Arc<AtomicU64>,
+    /// Requests per path (query string left out, lower-cased).
+    paths: Arc<Mutex<HashMap<String, u64>>>,
     bytes: Arc<AtomicU64>,
     delay_ms: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
@@ -1252,6 +1273,7 @@ pub struct HttpApp {
 struct AppShared {
     body: Arc<Vec<u8>>,
     requests: Arc<AtomicU64>,
+    paths: Arc<Mutex<HashMap<String, u64>>>,
     bytes: Arc<AtomicU64>,
     delay_ms: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
@@ -1271,6 +1293,7 @@ impl HttpApp {
         let shared = AppShared {
             body: Arc::new(body.as_bytes().to_vec()),
             requests: Arc::new(AtomicU64::new(0)),
+            paths: Arc::default(),
             bytes: Arc::new(AtomicU64::new(0)),
             delay_ms: Arc::new(AtomicU64::new(0)),
             stop: Arc::new(AtomicBool::new(false)),
@@ -1285,6 +1308,7 @@ impl HttpApp {
         HttpApp {
             addr,
             requests: shared.requests,
+            paths: shared.paths,
             bytes: shared.bytes,
             delay_ms: shared.delay_ms,
             stop: shared.stop,
@@ -1318,6 +1342,11 @@ impl HttpApp {
     /// the client gave up).
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::SeqCst)
+    }
+
+    /// Complete requests received for `path` (any query string; `path` in lower case).
+    pub fn requests_for(&self, path: &str) -> u64 {
+        self.paths.lock().unwrap().get(path).copied().unwrap_or(0)
     }
 
     pub fn bytes_received(&self) -> u64 {
@@ -1435,6 +1464,15 @@ fn serve_connection(mut conn: TcpStream, shared: &AppShared) {
             buf.drain(..head_end + len);
         }
         shared.requests.fetch_add(1, Ordering::SeqCst);
+        let path = request_line
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or_default()
+            .split('?')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        *shared.paths.lock().unwrap().entry(path).or_default() += 1;
 
         let delay = Duration::from_millis(shared.delay_ms.load(Ordering::SeqCst));
         let until = Instant::now() + delay;
