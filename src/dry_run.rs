@@ -2,11 +2,13 @@
 //! Consul endpoints the watchers follow. Nothing is started or written.
 
 use crate::cli::Options;
-use crate::consul::api::{AgentService, QueryResult};
+use std::collections::BTreeMap;
+
+use crate::consul::api::{AgentCheck, AgentService, QueryResult};
 use crate::consul::client::{
-    endpoints_path, leaf_path, registration_path, Consul, LookupError, ROOTS_PATH,
+    checks_path, endpoints_path, leaf_path, registration_path, Consul, LookupError, ROOTS_PATH,
 };
-use crate::consul::{destinations, DestinationKind, Update};
+use crate::consul::{checks_update, destinations, exposed_checks_of, DestinationKind, Update};
 use crate::error::{usage, Error, Fatal};
 use crate::model::{self, Desired, Paths};
 use crate::render::{self, DataplaneCredentials};
@@ -36,6 +38,10 @@ pub fn dry_run(opts: &Options) -> Result<Vec<render::File>, Fatal> {
         .as_ref()
         .map(|p| p.destination_service_name.clone())
         .unwrap_or_default();
+    if let Some(id) = exposed_checks_of(&reg) {
+        let checks: BTreeMap<String, AgentCheck> = consul.get_json(&checks_path(&id))?;
+        snapshot.apply(checks_update(checks));
+    }
     snapshot.apply(Update::Registration(reg));
     snapshot.apply(Update::Leaf(consul.get_json(&leaf_path(&service))?));
     snapshot.apply(Update::Roots(consul.get_json(ROOTS_PATH)?));

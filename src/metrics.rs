@@ -175,7 +175,8 @@ fn escape(s: &str) -> String {
 }
 
 /// Rewrites HAProxy's upstream series: `server="sN"` becomes the instance id, a `service`
-/// label names the destination, and series of free slots are dropped.
+/// label names the destination, and series of free slots are dropped. Series of an exposed
+/// path's listener get an `exposed_path` label.
 pub fn relabel(text: &str, desired: Option<&Desired>) -> String {
     let mut out = String::with_capacity(text.len());
     for line in text.lines() {
@@ -184,7 +185,14 @@ pub fn relabel(text: &str, desired: Option<&Desired>) -> String {
             out.push('\n');
             continue;
         }
-        let upstream = label(line, "proxy").and_then(|p| desired?.upstream_of_proxy(&p).cloned());
+        let proxy = label(line, "proxy");
+        if let Some(e) = proxy.as_deref().and_then(|p| desired?.exposed_of_proxy(p)) {
+            let path = format!("exposed_path=\"{}\"", escape(&e.path));
+            out.push_str(&line.replacen('{', &format!("{{{path},"), 1));
+            out.push('\n');
+            continue;
+        }
+        let upstream = proxy.and_then(|p| desired?.upstream_of_proxy(&p).cloned());
         let Some(u) = upstream else {
             out.push_str(line);
             out.push('\n');
@@ -308,6 +316,24 @@ mod tests {
         );
         assert!(out.contains("proxy=\"public_listener\"} 3"));
         assert!(out.contains("# TYPE haproxy_server_bytes_in_total counter"));
+    }
+
+    #[test]
+    fn exposed_path_series_name_the_path() {
+        let d = build(
+            &snapshot(ANY, "paths-sidecar-proxy", "ca-leaf-paths.json"),
+            &settings(),
+            None,
+        )
+        .unwrap();
+        let text = "haproxy_frontend_http_requests_total{proxy=\"exp_21600\"} 4\n\
+                    haproxy_server_bytes_in_total{proxy=\"be_exp_21600\",server=\"app\"} 9\n";
+        let out = relabel(text, Some(&d));
+        assert!(out.contains("haproxy_frontend_http_requests_total{exposed_path=\"/metrics\",proxy=\"exp_21600\"} 4"), "{out}");
+        assert!(
+            out.contains("{exposed_path=\"/metrics\",proxy=\"be_exp_21600\",server=\"app\"} 9"),
+            "{out}"
+        );
     }
 
     #[test]

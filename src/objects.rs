@@ -7,7 +7,8 @@
 use serde::Serialize;
 
 use crate::model::{
-    Desired, Mode, Public, Slot, UpstreamListener, FREE_SLOT_ADDRESS, FREE_SLOT_PORT,
+    Desired, ExposedListener, Mode, Public, Slot, UpstreamListener, FREE_SLOT_ADDRESS,
+    FREE_SLOT_PORT,
 };
 
 pub const PUBLIC_FRONTEND: &str = "public_listener";
@@ -40,6 +41,11 @@ pub struct FrontendSpec {
     /// when it replaces the frontend, and the sidecar never turns intentions on or off while
     /// it runs.
     pub spoe_config: Option<String>,
+    /// An exposed path's listener: the one path it serves (`path` matches it with any query
+    /// string); every other request gets 404 from HAProxy. Dataplane API v1.2.5's rule models
+    /// cannot carry `http-request return`, so such a frontend is only ever created by a full
+    /// render (see `Plan::needs_full_render`).
+    pub only_path: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -54,6 +60,9 @@ pub struct BindSpec {
     pub unix_mode: Option<String>,
     /// `ssl crt … ca-file … verify required` on the public listener.
     pub tls: Option<MeshTls>,
+    /// `proto h2`: HTTP/2 without TLS (h2c), for an exposed `http2` path. Not in v1.2.5's bind
+    /// model either; full render only.
+    pub h2: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,6 +76,8 @@ pub struct ServerSpec {
     pub tls: Option<MeshTls>,
     /// A free slot: in maintenance (`disabled`), never sent traffic.
     pub maintenance: bool,
+    /// `proto h2` towards the app (h2c), for an exposed `http2` path; full render only.
+    pub h2: bool,
 }
 
 fn mesh_tls(d: &Desired) -> MeshTls {
@@ -85,6 +96,7 @@ pub fn public_frontend(d: &Desired) -> FrontendSpec {
         spoe_config: d
             .intentions
             .then(|| d.paths.spoe_conf.display().to_string()),
+        only_path: None,
     }
 }
 
@@ -96,6 +108,7 @@ pub fn public_bind(d: &Desired) -> BindSpec {
         port: Some(d.public.bind_port),
         unix_mode: None,
         tls: Some(mesh_tls(d)),
+        h2: false,
     }
 }
 
@@ -117,6 +130,7 @@ pub fn local_server(p: &Public) -> ServerSpec {
         weight: None,
         tls: None,
         maintenance: false,
+        h2: false,
     }
 }
 
@@ -136,6 +150,7 @@ pub fn upstream_frontend(d: &Desired, u: &UpstreamListener) -> FrontendSpec {
         default_backend: u.backend.clone(),
         log_format: d.knobs.log_format.clone(),
         spoe_config: None,
+        only_path: None,
     }
 }
 
@@ -147,6 +162,7 @@ pub fn upstream_bind(u: &UpstreamListener) -> BindSpec {
         port: u.socket.is_none().then_some(u.bind_port),
         unix_mode: u.socket.as_ref().and_then(|s| s.mode.clone()),
         tls: None,
+        h2: false,
     }
 }
 
@@ -163,6 +179,52 @@ pub fn upstream_server(d: &Desired, u: &UpstreamListener, slot: &Slot) -> Server
         weight: Some(weight),
         tls: Some(mesh_tls(d)),
         maintenance: slot.instance.is_none(),
+        h2: false,
+    }
+}
+
+pub fn exposed_frontend(d: &Desired, e: &ExposedListener) -> FrontendSpec {
+    FrontendSpec {
+        name: e.name.clone(),
+        mode: Mode::Http,
+        default_backend: e.backend.clone(),
+        log_format: d.knobs.log_format.clone(),
+        spoe_config: None,
+        only_path: Some(e.path.clone()),
+    }
+}
+
+pub fn exposed_bind(e: &ExposedListener) -> BindSpec {
+    BindSpec {
+        frontend: e.name.clone(),
+        name: e.name.clone(),
+        address: e.bind_address.clone(),
+        port: Some(e.bind_port),
+        unix_mode: None,
+        tls: None,
+        h2: e.http2,
+    }
+}
+
+pub fn exposed_backend(e: &ExposedListener) -> BackendSpec {
+    BackendSpec {
+        name: e.backend.clone(),
+        mode: Mode::Http,
+        balance: None,
+        connect_timeout_ms: e.connect_timeout_ms,
+    }
+}
+
+pub fn exposed_server(e: &ExposedListener) -> ServerSpec {
+    ServerSpec {
+        backend: e.backend.clone(),
+        name: "app".into(),
+        address: e.app_address.clone(),
+        port: e.app_port,
+        weight: None,
+        tls: None,
+        maintenance: false,
+        h2: e.http2,
     }
 }
 
@@ -184,6 +246,11 @@ impl FrontendSpec {
             None => format!("option {}log", mode(self.mode)),
         });
         l.push(bind.line());
+        if let Some(p) = &self.only_path {
+            l.push(format!(
+                "http-request return status 404 unless {{ path {p} }}"
+            ));
+        }
         if let Some(conf) = &self.spoe_config {
             l.push(format!("filter spoe engine intentions config {conf}"));
             // SPOE never rejects by itself: a connection the agent did not explicitly allow
@@ -206,6 +273,9 @@ impl BindSpec {
         }
         if let Some(t) = &self.tls {
             s.push_str(&format!(" ssl {}", t.options()));
+        }
+        if self.h2 {
+            s.push_str(" proto h2");
         }
         s
     }
@@ -246,6 +316,9 @@ impl ServerSpec {
         } else if let Some(w) = self.weight {
             s.push_str(&format!(" weight {w}"));
         }
+        if self.h2 {
+            s.push_str(" proto h2");
+        }
         s
     }
 }
@@ -257,8 +330,8 @@ pub fn mode(m: Mode) -> &'static str {
     }
 }
 
-/// The sections `d` asks for, in file order: the public listener, its local backend, then
-/// each upstream's listener and backend.
+/// The sections `d` asks for, in file order: the public listener, its local backend, each
+/// upstream's listener and backend, then each exposed path's.
 pub fn sections(d: &Desired) -> Vec<Section> {
     let mut out = vec![
         Section {
@@ -285,5 +358,26 @@ pub fn sections(d: &Desired) -> Vec<Section> {
             lines: upstream_backend(d, u).lines(&servers),
         });
     }
+    for e in &d.exposed {
+        out.push(Section {
+            comment: Some(exposed_comment(e)),
+            header: format!("frontend {}", e.name),
+            lines: exposed_frontend(d, e).lines(&exposed_bind(e)),
+        });
+        out.push(Section {
+            comment: None,
+            header: format!("backend {}", e.backend),
+            lines: exposed_backend(e).lines(&[exposed_server(e)]),
+        });
+    }
     out
+}
+
+/// The comment above an exposed path's listener: the path, and the check it serves.
+pub fn exposed_comment(e: &ExposedListener) -> String {
+    let proto = if e.http2 { "http2" } else { "http" };
+    match &e.check {
+        Some(c) => format!("exposed path: {} ({proto}, check {c})", e.path),
+        None => format!("exposed path: {} ({proto})", e.path),
+    }
 }

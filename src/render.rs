@@ -271,6 +271,8 @@ mod tests {
                 ("client-sidecar-proxy", "ca-leaf-client.json", false),
                 ("rich-sidecar-proxy", "ca-leaf-rich.json", false),
                 ("server-sidecar-proxy", "ca-leaf-server.json", true),
+                ("paths-sidecar-proxy", "ca-leaf-paths.json", false),
+                ("checked-sidecar-proxy", "ca-leaf-checked.json", true),
             ]
             .map(|c| (*v, c))
         }) {
@@ -308,6 +310,51 @@ mod tests {
             String::from_utf8_lossy(&out.stderr)
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn exposed_paths_answer_their_path_only_and_speak_h2_where_asked() {
+        for version in CONSUL_VERSIONS {
+            let (dir, files) =
+                render_into(version, "paths-sidecar-proxy", "ca-leaf-paths.json", false);
+            let cfg = &files.last().unwrap().contents;
+            let section = |name: &str| -> Vec<String> {
+                let start = cfg
+                    .find(&format!("\n{name}"))
+                    .unwrap_or_else(|| panic!("{name}:\n{cfg}"));
+                cfg[start + 1..]
+                    .lines()
+                    .skip(1)
+                    .take_while(|l| l.starts_with(char::is_whitespace))
+                    .map(|l| l.trim().to_string())
+                    .collect()
+            };
+            let fe = section("frontend exp_21600\n");
+            assert!(fe.contains(&"mode http".to_string()), "{fe:?}");
+            assert!(
+                fe.contains(&"bind 0.0.0.0:21600 name exp_21600".to_string()),
+                "{fe:?}"
+            );
+            assert!(
+                fe.contains(&"http-request return status 404 unless { path /metrics }".to_string()),
+                "{fe:?}"
+            );
+            assert!(
+                fe.contains(&"default_backend be_exp_21600".to_string()),
+                "{fe:?}"
+            );
+            assert!(section("backend be_exp_21600\n")
+                .contains(&"server app 127.0.0.1:8585".to_string()));
+            let h2 = section("frontend exp_21601\n");
+            assert!(
+                h2.contains(&"bind 0.0.0.0:21601 name exp_21601 proto h2".to_string()),
+                "{h2:?}"
+            );
+            assert!(section("backend be_exp_21601\n")
+                .contains(&"server app 127.0.0.1:8586 proto h2".to_string()));
+            assert!(cfg.contains("# exposed path: /metrics (http)"), "{cfg}");
+            let _ = std::fs::remove_dir_all(&dir);
+        }
     }
 
     #[test]

@@ -3,7 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use crate::consul::api::{AgentService, CaRoots, HealthEntry, IntentionEntry, LeafCert};
+use crate::consul::api::{
+    AgentCheck, AgentService, CaRoots, HealthEntry, IntentionEntry, LeafCert,
+};
 use crate::consul::DestinationKey;
 use crate::consul::{destinations, Update};
 
@@ -16,6 +18,9 @@ pub struct Snapshot {
     pub intentions: Option<Vec<IntentionEntry>>,
     /// The ACL default policy as Consul spells it (see `Update::AclDefaultPolicy`).
     pub acl_default_policy: Option<String>,
+    /// The agent's checks of the proxied service, read only when the registration asks for
+    /// `Expose.Checks`; `None` until first read.
+    pub checks: Option<Vec<AgentCheck>>,
 }
 
 impl Snapshot {
@@ -30,6 +35,7 @@ impl Snapshot {
             Update::Roots(r) => replace(&mut self.roots, Some(r)),
             Update::Intentions(i) => replace(&mut self.intentions, Some(i)),
             Update::AclDefaultPolicy(p) => replace(&mut self.acl_default_policy, Some(p)),
+            Update::Checks(c) => replace(&mut self.checks, Some(c)),
             Update::Endpoints(k, e) => {
                 if self.endpoints.get(&k) == Some(&e) {
                     false

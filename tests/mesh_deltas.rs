@@ -235,4 +235,55 @@ fn deltas_and_a_fresh_render_describe_the_same_haproxy() {
     .unwrap_or_else(|e| panic!("{e}\n{}", mesh.client_sidecar.logs()));
     let (status, _) = http_get(&mesh.upstream_addr(), "/", Duration::from_secs(5)).unwrap();
     assert_eq!(status, 200, "the remaining upstream still serves");
+
+    // Exposed paths: two added (one full render: v1.2.5 cannot create their rules), then one
+    // removed by a delta; the result is still what a fresh render describes.
+    let (kept, removed) = (free_port(), free_port());
+    let client_with = |paths: serde_json::Value| {
+        let mut reg: serde_json::Value = serde_json::from_str(&sidecar_registration(
+            "client",
+            mesh.app.port(),
+            mesh.client_port,
+            &[("server", mesh.upstream_port)],
+        ))
+        .unwrap();
+        reg["Connect"]["SidecarService"]["Proxy"]["Expose"] = serde_json::json!({ "Paths": paths });
+        mesh.consul.register(&reg.to_string());
+    };
+    let path = |p: &str, port: u16, proto: &str| serde_json::json!({"Path": p, "LocalPathPort": mesh.app.port(), "ListenerPort": port, "Protocol": proto});
+    client_with(serde_json::json!([
+        path("/metrics", kept, "http"),
+        path("/grpc.health.v1.Health/Check", removed, "http2")
+    ]));
+    let listening = |port: u16| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+    wait_until(Duration::from_secs(30), "both exposed listeners", || {
+        listening(kept) && listening(removed)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.client_sidecar.logs()));
+    client_with(serde_json::json!([path("/metrics", kept, "http")]));
+    wait_until(
+        Duration::from_secs(30),
+        "the removed exposed listener to close",
+        || !listening(removed),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.client_sidecar.logs()));
+    let applied = std::fs::read_to_string(&cfg_path).unwrap();
+    let (fresh, fresh_dir) = fresh_render(&mesh, "client");
+    let a = objects(&applied, &workdir.display().to_string());
+    let b = objects(&fresh, &fresh_dir);
+    assert_eq!(a, b, "exposed paths: deltas and a fresh render differ");
+    assert!(
+        a.iter().any(|l| l
+            .contains("http-request #1: http-request return status 404 unless { path /metrics }")),
+        "{a:#?}"
+    );
+    assert_eq!(
+        http_get(
+            &format!("127.0.0.1:{kept}"),
+            "/metrics",
+            Duration::from_secs(5)
+        )
+        .unwrap(),
+        (200, APP_BODY.to_string())
+    );
 }

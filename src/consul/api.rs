@@ -60,6 +60,59 @@ pub struct ProxyConfig {
     /// `transparent` (Consul 1.10+) asks the proxy to capture outbound traffic itself.
     #[serde(default, deserialize_with = "null_as_default")]
     pub mode: String,
+    /// Paths of the local app served without mTLS (health checks, metrics). 1.16.3 sends
+    /// `"Expose": {}` when nothing is exposed, 1.8.7 leaves it out.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub expose: Expose,
+}
+
+/// `Proxy.Expose`. With `Checks`, neither 1.8.7 nor 1.16.3 lists the checks' paths here (both
+/// send `{"Checks": true}` only): they are read from the agent's checks (`AgentCheck`).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+pub struct Expose {
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub checks: bool,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub paths: Vec<ExposePath>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+pub struct ExposePath {
+    #[serde(default)]
+    pub listener_port: u16,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub path: String,
+    #[serde(default)]
+    pub local_path_port: u16,
+    /// `http` (the default) or `http2`.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub protocol: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub parsed_from_check: bool,
+}
+
+/// One value of `/v1/agent/checks`. With `Expose.Checks` the agent runs an HTTP/gRPC check
+/// against the sidecar's exposed listener, but says where only partly: 1.16.3 gives the
+/// listener's port (`ExposedPort`), 1.8.7 nothing, and neither the check's target (`Definition`
+/// is `{}` in both); the URL the check last requested appears in its `Output`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+pub struct AgentCheck {
+    #[serde(rename = "CheckID", default, deserialize_with = "null_as_default")]
+    pub check_id: String,
+    #[serde(rename = "ServiceID", default, deserialize_with = "null_as_default")]
+    pub service_id: String,
+    #[serde(rename = "Type", default, deserialize_with = "null_as_default")]
+    pub kind: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub status: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub output: String,
+    /// Consul 1.10+; `0` or absent before.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub exposed_port: u16,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]

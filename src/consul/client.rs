@@ -215,6 +215,12 @@ pub fn deregister_path(service_id: &str) -> String {
     format!("/v1/agent/service/deregister/{}", encode(service_id))
 }
 
+/// The agent's checks of one service instance (`Expose.Checks`); not a blocking endpoint.
+pub fn checks_path(service_id: &str) -> String {
+    let filter = format!("ServiceID == \"{service_id}\"");
+    format!("/v1/agent/checks?filter={}", encode(&filter))
+}
+
 pub fn leaf_path(service: &str) -> String {
     format!("/v1/agent/connect/ca/leaf/{}", encode(service))
 }

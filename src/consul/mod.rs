@@ -6,6 +6,8 @@ pub mod api;
 pub mod client;
 pub mod watch;
 
+use std::collections::BTreeMap;
+
 use api::{AgentService, CaRoots, HealthEntry, IntentionEntry, LeafCert};
 
 /// One upstream destination as Consul resolves it. Two upstreams that name the same destination
@@ -52,6 +54,24 @@ pub enum Update {
     /// The ACL default policy as the agent spells it (`allow`/`deny`; anything else is kept
     /// as it came): what a connection that no intention matches gets.
     AclDefaultPolicy(String),
+    /// The agent's checks of the proxied service (`Expose.Checks`), sorted by check ID.
+    Checks(Vec<api::AgentCheck>),
+}
+
+/// The service instance whose agent checks the registration asks to expose
+/// (`Proxy.Expose.Checks`), if any.
+pub fn exposed_checks_of(registration: &AgentService) -> Option<String> {
+    registration
+        .proxy
+        .as_ref()
+        .filter(|p| p.expose.checks && !p.destination_service_id.is_empty())
+        .map(|p| p.destination_service_id.clone())
+}
+
+/// The agent's checks as an update: sorted by check ID, so that their order in the answer
+/// (a JSON object) never reads as a change.
+pub fn checks_update(checks: BTreeMap<String, api::AgentCheck>) -> Update {
+    Update::Checks(checks.into_values().collect())
 }
 
 /// The destinations a registration's upstreams need watched.

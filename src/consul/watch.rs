@@ -9,13 +9,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::api::{
-    self, AgentSelf, AgentService, CaRoots, HealthEntry, IntentionEntry, LeafCert, QueryResult,
+    self, AgentCheck, AgentSelf, AgentService, CaRoots, HealthEntry, IntentionEntry, LeafCert,
+    QueryResult,
 };
 use super::client::{
-    endpoints_path, leaf_path, registration_path, Consul, AGENT_SELF_PATH, AUTHORIZE_PATH,
-    INTENTIONS_PATH, ROOTS_PATH,
+    checks_path, endpoints_path, leaf_path, registration_path, Consul, AGENT_SELF_PATH,
+    AUTHORIZE_PATH, INTENTIONS_PATH, ROOTS_PATH,
 };
-use super::{destinations, DestinationKey, DestinationKind, Update};
+use super::{
+    checks_update, destinations, exposed_checks_of, DestinationKey, DestinationKind, Update,
+};
 use crate::http::encode;
 
 /// Where watchers deliver updates and report their health (for metrics and logs).
@@ -30,6 +33,8 @@ pub struct Timing {
     pub wait: Duration,
     /// How often prepared queries, which cannot block, are executed again.
     pub query_poll: Duration,
+    /// How often the agent's checks (`Expose.Checks`), which cannot block, are read again.
+    pub checks_poll: Duration,
     /// First and largest pause after a failed request.
     pub backoff_min: Duration,
     pub backoff_max: Duration,
@@ -40,6 +45,7 @@ impl Default for Timing {
         Timing {
             wait: Duration::from_secs(300),
             query_poll: Duration::from_secs(10),
+            checks_poll: Duration::from_secs(2),
             backoff_min: Duration::from_millis(250),
             backoff_max: Duration::from_secs(15),
         }
@@ -50,7 +56,8 @@ impl Default for Timing {
 enum WatchMode {
     Index,
     Hash,
-    Poll,
+    /// Read again after this pause: the endpoint cannot block.
+    Poll(Duration),
 }
 
 /// A handle that stops its watcher thread at the next return of its query.
@@ -73,6 +80,8 @@ pub struct Watchers {
     fixed: Vec<WatchHandle>,
     leaf_for: Option<(String, WatchHandle)>,
     destinations: BTreeMap<DestinationKey, WatchHandle>,
+    /// The agent's checks of this service instance, while `Expose.Checks` asks for them.
+    checks_for: Option<(String, WatchHandle)>,
     /// Whether to watch intentions; started once the service name is known.
     intentions: bool,
     intentions_started: bool,
@@ -94,6 +103,7 @@ impl Watchers {
             fixed: Vec::new(),
             leaf_for: None,
             destinations: BTreeMap::new(),
+            checks_for: None,
             intentions,
             intentions_started: false,
         };
@@ -167,6 +177,23 @@ impl Watchers {
             self.watch_intentions(&service);
         }
 
+        match exposed_checks_of(registration) {
+            None => self.checks_for = None,
+            Some(id) if self.checks_for.as_ref().map(|(s, _)| s) != Some(&id) => {
+                let h = self.spawn(
+                    format!("checks of {id}"),
+                    checks_path(&id),
+                    WatchMode::Poll(self.timing.checks_poll),
+                    |body| {
+                        api::parse::<BTreeMap<String, AgentCheck>>("the agent's checks", body)
+                            .map(checks_update)
+                    },
+                );
+                self.checks_for = Some((id, h));
+            }
+            Some(_) => {}
+        }
+
         let wanted = destinations(registration);
         self.destinations.retain(|k, _| wanted.contains(k));
         for key in wanted {
@@ -199,7 +226,7 @@ impl Watchers {
                 self.spawn(
                     format!("instances of {name}"),
                     path,
-                    WatchMode::Poll,
+                    WatchMode::Poll(self.timing.query_poll),
                     move |body| {
                         api::parse::<QueryResult>("a prepared query", body)
                             .map(|r| Update::Endpoints(k.clone(), r.nodes))
@@ -415,7 +442,7 @@ impl Watch {
                     match self.mode {
                         WatchMode::Index => index = next_index(index, answer.index),
                         WatchMode::Hash => hash = answer.content_hash.clone(),
-                        WatchMode::Poll => {}
+                        WatchMode::Poll(_) => {}
                     }
                     if last_body.as_deref() != Some(answer.body.as_str()) {
                         match parse(&answer.body) {
@@ -469,7 +496,7 @@ impl Watch {
                 continue;
             }
             match self.mode {
-                WatchMode::Poll => self.pause(self.timing.query_poll),
+                WatchMode::Poll(every) => self.pause(every),
                 // A blocking query that returns at once with nothing new would spin; keep a floor.
                 _ => {
                     let floor = Duration::from_millis(50);

@@ -2,10 +2,11 @@
 //! those of `crate::objects`, which also renders them into the file, so a config built by
 //! deltas and one rendered from scratch describe the same HAProxy objects.
 
-use crate::model::{Desired, UpstreamListener};
+use crate::model::{Desired, ExposedListener, UpstreamListener};
 use crate::objects::{
-    local_backend, local_server, public_bind, public_frontend, upstream_backend, upstream_bind,
-    upstream_frontend, upstream_server,
+    exposed_backend, exposed_bind, exposed_frontend, exposed_server, local_backend, local_server,
+    public_bind, public_frontend, upstream_backend, upstream_bind, upstream_frontend,
+    upstream_server,
 };
 pub use crate::objects::{BackendSpec, BindSpec, FrontendSpec, ServerSpec};
 
@@ -56,13 +57,29 @@ impl Plan {
             })
     }
 
-    /// Whether the plan creates a listener the Dataplane API's objects cannot describe (a unix
-    /// socket with permissions): then the whole configuration is rendered and replaced in one
-    /// validated reload instead.
+    /// Whether the plan creates an object the Dataplane API's v1.2.5 models cannot describe:
+    /// then the whole configuration is rendered and replaced in one validated reload instead.
     pub fn needs_full_render(&self) -> bool {
-        self.ops
-            .iter()
-            .any(|op| matches!(op, Op::CreateBind(b) | Op::ReplaceBind(b) if b.unix_mode.is_some()))
+        self.full_render_reason().is_some()
+    }
+
+    /// Why the plan needs a full render (see `needs_full_render`), for the log.
+    pub fn full_render_reason(&self) -> Option<&'static str> {
+        self.ops.iter().find_map(|op| match op {
+            Op::CreateBind(b) | Op::ReplaceBind(b) if b.unix_mode.is_some() => Some(
+                "a new unix socket listener has permissions the Dataplane API cannot set",
+            ),
+            Op::CreateFrontend(f) | Op::ReplaceFrontend(f) if f.only_path.is_some() => Some(
+                "an exposed path's listener needs an `http-request return` rule the Dataplane API cannot create",
+            ),
+            Op::CreateBind(b) | Op::ReplaceBind(b) if b.h2 => {
+                Some("an http2 exposed path needs `proto h2`, which the Dataplane API cannot set")
+            }
+            Op::CreateServer(s) | Op::ReplaceServer(s) if s.h2 => {
+                Some("an http2 exposed path needs `proto h2`, which the Dataplane API cannot set")
+            }
+            _ => None,
+        })
     }
 }
 
@@ -79,7 +96,46 @@ pub fn from_scratch(d: &Desired) -> Vec<Op> {
     for u in &d.upstreams {
         ops.extend(create_upstream(d, u));
     }
+    for e in &d.exposed {
+        ops.extend(create_exposed(d, e));
+    }
     ops
+}
+
+fn create_exposed(d: &Desired, e: &ExposedListener) -> Vec<Op> {
+    vec![
+        Op::CreateBackend(exposed_backend(e)),
+        Op::CreateServer(exposed_server(e)),
+        Op::CreateFrontend(exposed_frontend(d, e)),
+        Op::CreateBind(exposed_bind(e)),
+    ]
+}
+
+/// Exposed listeners: removed ones deleted (the Dataplane API can), new and changed ones
+/// (re)created, which `Plan::needs_full_render` turns into one full render.
+fn plan_exposed(
+    applied: &Desired,
+    desired: &Desired,
+    deletes: &mut Vec<Op>,
+    creates: &mut Vec<Op>,
+) {
+    for old in &applied.exposed {
+        match desired.exposed_listener(&old.name) {
+            Some(new) if create_exposed(applied, old) == create_exposed(desired, new) => {}
+            new => {
+                deletes.push(Op::DeleteFrontend(old.name.clone()));
+                deletes.push(Op::DeleteBackend(old.backend.clone()));
+                if let Some(new) = new {
+                    creates.extend(create_exposed(desired, new));
+                }
+            }
+        }
+    }
+    for new in &desired.exposed {
+        if applied.exposed_listener(&new.name).is_none() {
+            creates.extend(create_exposed(desired, new));
+        }
+    }
 }
 
 fn create_upstream(d: &Desired, u: &UpstreamListener) -> Vec<Op> {
@@ -151,6 +207,8 @@ pub fn plan(applied: &Desired, desired: &Desired) -> Plan {
             creates.extend(create_upstream(desired, new));
         }
     }
+
+    plan_exposed(applied, desired, &mut deletes, &mut creates);
 
     deletes.extend(creates);
     if !deletes.is_empty() {
@@ -318,6 +376,42 @@ mod tests {
                 Op::DeleteBackend("be_up_svc_other_local_127.0.0.1_9292".into())
             ]
         );
+    }
+
+    fn paths() -> Desired {
+        build(
+            &snapshot(ANY, "paths-sidecar-proxy", "ca-leaf-paths.json"),
+            &settings(),
+            None,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_new_exposed_path_is_a_full_render_and_a_removed_one_a_transaction() {
+        let with = paths();
+        let mut without = with.clone();
+        let gone = without.exposed.remove(0);
+        let p = plan(&without, &with);
+        assert!(p.needs_full_render(), "{:#?}", p.ops);
+        assert!(p.full_render_reason().unwrap().contains("exposed path"));
+
+        let back = plan(&with, &without);
+        assert!(!back.needs_full_render());
+        assert_eq!(
+            back.ops,
+            [
+                Op::DeleteFrontend(gone.name.clone()),
+                Op::DeleteBackend(gone.backend.clone())
+            ]
+        );
+        // A changed path rebuilds its listener, through a full render too.
+        let mut moved = with.clone();
+        moved.exposed[0].path = "/stats".into();
+        let p = plan(&with, &moved);
+        assert!(p.needs_full_render());
+        assert_eq!(p.ops[0], Op::DeleteFrontend(gone.name));
+        assert!(plan(&with, &with.clone()).is_empty());
     }
 
     #[test]

@@ -114,6 +114,7 @@ mod tests {
             weight: Some(7),
             tls: None,
             maintenance,
+            h2: false,
         }
     }
 

@@ -1,12 +1,13 @@
 //! Test helpers: snapshots made of the responses recorded from real Consul agents, one
 //! directory per supported version (`fixtures/consul/<version>/`, by `scripts/record-fixtures`).
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use super::{Paths, Settings};
-use crate::consul::api::{AgentService, CaRoots, HealthEntry, LeafCert, QueryResult};
+use crate::consul::api::{AgentCheck, AgentService, CaRoots, HealthEntry, LeafCert, QueryResult};
 use crate::consul::DestinationKind;
-use crate::consul::{destinations, Update};
+use crate::consul::{checks_update, destinations, exposed_checks_of, Update};
 use crate::snapshot::Snapshot;
 
 /// Every Consul version the sidecar supports; tests driven by recorded answers run on each.
@@ -68,6 +69,12 @@ pub fn snapshot(version: &str, proxy: &str, leaf: &str) -> Snapshot {
             }
         };
         s.apply(Update::Endpoints(key, entries));
+    }
+    if let Some(id) = exposed_checks_of(&reg) {
+        // What the watcher's `filter=ServiceID == "<id>"` leaves of the recorded checks.
+        let mut checks: BTreeMap<String, AgentCheck> = json(version, "agent-checks.json");
+        checks.retain(|_, c| c.service_id == id);
+        s.apply(checks_update(checks));
     }
     s.apply(Update::Registration(reg));
     s.apply(Update::Leaf(json::<LeafCert>(version, leaf)));

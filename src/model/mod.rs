@@ -80,6 +80,9 @@ pub struct Desired {
     pub public: Public,
     /// Sorted by name.
     pub upstreams: Vec<UpstreamListener>,
+    /// Plain listeners that each serve one path of the local app (`Proxy.Expose`); sorted by
+    /// port.
+    pub exposed: Vec<ExposedListener>,
     pub tls: Tls,
     pub intentions: bool,
     pub knobs: Knobs,
@@ -195,6 +198,17 @@ impl Desired {
             .all(|(name, n)| *n == 0 || live.get(name).is_some_and(|l| *l > 0))
     }
 
+    pub fn exposed_listener(&self, name: &str) -> Option<&ExposedListener> {
+        self.exposed.iter().find(|e| e.name == name)
+    }
+
+    /// The exposed listener whose frontend or backend is the HAProxy proxy `proxy`.
+    pub fn exposed_of_proxy(&self, proxy: &str) -> Option<&ExposedListener> {
+        self.exposed
+            .iter()
+            .find(|e| e.name == proxy || e.backend == proxy)
+    }
+
     pub fn upstream(&self, name: &str) -> Option<&UpstreamListener> {
         self.upstreams.iter().find(|u| u.name == name)
     }
@@ -308,6 +322,22 @@ pub fn build(
         }
     }
     upstreams.sort_by(|a, b| a.name.cmp(&b.name));
+    for u in &upstreams {
+        taken.insert((u.bind_address.clone(), u.bind_port));
+    }
+    let mut exposed: Vec<ExposedListener> = Vec::new();
+    for w in expose::wanted(proxy, snapshot.checks.as_deref(), &public, &mut warnings) {
+        let l = expose::listener(&w, &public);
+        if !taken.insert((l.bind_address.clone(), l.bind_port)) {
+            warnings.push(format!(
+                "exposed path {} wants port {}, which another listener of this sidecar already has; skipping it",
+                l.path, l.bind_port
+            ));
+            continue;
+        }
+        exposed.push(l);
+    }
+    exposed.sort_by_key(|l| l.bind_port);
     let already = previous.map_or(&[][..], |p| p.warnings.as_slice());
     for w in warnings.iter().filter(|w| !already.contains(w)) {
         log::warn!("{w}");
@@ -317,6 +347,7 @@ pub fn build(
         service,
         public,
         upstreams,
+        exposed,
         tls,
         intentions: settings.intentions,
         knobs: settings.knobs.clone(),
@@ -658,6 +689,9 @@ fn non_empty(s: &str) -> Option<String> {
     let s = s.trim();
     (!s.is_empty()).then(|| s.to_string())
 }
+
+mod expose;
+pub use expose::ExposedListener;
 
 #[cfg(test)]
 pub(crate) mod fixtures;

@@ -263,3 +263,131 @@ fn unix_socket_upstreams_are_checked() {
     assert_eq!(d.upstreams[0].socket.as_ref().unwrap().mode, None);
     assert!(d.warnings.is_empty());
 }
+
+#[test]
+fn explicit_expose_paths_become_plain_listeners_on_the_public_address() {
+    // Both versions register `Proxy.Expose.Paths` as given (ParsedFromCheck false).
+    for v in CONSUL_VERSIONS {
+        let d = build(
+            &snapshot(v, "paths-sidecar-proxy", "ca-leaf-paths.json"),
+            &settings(),
+            None,
+        )
+        .unwrap();
+        let got: Vec<(&str, &str, &str, u16, &str, u16, bool)> = d
+            .exposed
+            .iter()
+            .map(|e| {
+                (
+                    e.name.as_str(),
+                    e.backend.as_str(),
+                    e.path.as_str(),
+                    e.bind_port,
+                    e.app_address.as_str(),
+                    e.app_port,
+                    e.http2,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    "exp_21600",
+                    "be_exp_21600",
+                    "/metrics",
+                    21600,
+                    "127.0.0.1",
+                    8585,
+                    false
+                ),
+                (
+                    "exp_21601",
+                    "be_exp_21601",
+                    "/grpc.health.v1.Health/Check",
+                    21601,
+                    "127.0.0.1",
+                    8586,
+                    true
+                ),
+            ],
+            "{v}"
+        );
+        assert!(d
+            .exposed
+            .iter()
+            .all(|e| e.bind_address == d.public.bind_address && e.check.is_none()));
+        assert!(d.warnings.is_empty(), "{v}: {:?}", d.warnings);
+    }
+}
+
+#[test]
+fn exposed_checks_are_read_from_the_agents_checks_on_both_versions() {
+    // Neither version lists the checks' paths in the registration (`{"Checks": true}` only);
+    // 1.16.3 tells each check's listener port (`ExposedPort`), 1.8.7 only in the check's
+    // output, which also carries the HTTP check's path on both.
+    for v in CONSUL_VERSIONS {
+        let s = snapshot(v, "checked-sidecar-proxy", "ca-leaf-checked.json");
+        let expose = &s
+            .registration
+            .as_ref()
+            .unwrap()
+            .proxy
+            .as_ref()
+            .unwrap()
+            .expose;
+        assert!(expose.checks && expose.paths.is_empty(), "{v}: {expose:?}");
+        let checks = s.checks.as_ref().unwrap();
+        assert_eq!(checks.len(), 2, "{v}");
+        let exposed_ports: Vec<u16> = checks.iter().map(|c| c.exposed_port).collect();
+        match v {
+            "1.8.7" => assert_eq!(exposed_ports, [0, 0]),
+            _ => assert_eq!(exposed_ports, [21500, 21501]),
+        }
+        let d = build(&s, &settings(), None).unwrap();
+        let got: Vec<(&str, u16, u16, bool, Option<&str>)> = d
+            .exposed
+            .iter()
+            .map(|e| {
+                (
+                    e.path.as_str(),
+                    e.bind_port,
+                    e.app_port,
+                    e.http2,
+                    e.check.as_deref(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("/health", 21500, 8484, false, Some("service:checked:1")),
+                (
+                    "/grpc.health.v1.Health/Check",
+                    21501,
+                    8484,
+                    true,
+                    Some("service:checked:2")
+                ),
+            ],
+            "{v}"
+        );
+    }
+}
+
+#[test]
+fn an_exposed_port_taken_by_another_listener_is_skipped_with_a_warning() {
+    let mut s = snapshot(fixtures::ANY, "paths-sidecar-proxy", "ca-leaf-paths.json");
+    let proxy = s.registration.as_mut().unwrap().proxy.as_mut().unwrap();
+    proxy.expose.paths[1].listener_port = proxy.expose.paths[0].listener_port;
+    let mut bad = proxy.expose.paths[0].clone();
+    bad.path = "/no space".into();
+    bad.listener_port = 21700;
+    proxy.expose.paths.push(bad);
+    let d = build(&s, &settings(), None).unwrap();
+    assert_eq!(d.exposed.len(), 1, "{:?}", d.exposed);
+    assert_eq!(d.exposed[0].path, "/metrics");
+    assert_eq!(d.warnings.len(), 2, "{:?}", d.warnings);
+    assert!(d.warnings.iter().any(|w| w.contains("already has")));
+    assert!(d.warnings.iter().any(|w| w.contains("\"/no space\"")));
+}

@@ -150,7 +150,11 @@ mod tests {
         std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
         let started = std::time::Instant::now();
         let v = haproxy_version(&wrapper).unwrap();
-        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
         assert_eq!((v.major, v.minor), (2, 6));
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -9,6 +9,8 @@ use super::*;
 pub struct HttpApp {
     addr: SocketAddr,
     requests: Arc<AtomicU64>,
+    /// Requests per path (query string left out).
+    paths: Arc<Mutex<HashMap<String, u64>>>,
     bytes: Arc<AtomicU64>,
     delay_ms: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
@@ -21,6 +23,7 @@ pub struct HttpApp {
 struct AppShared {
     body: Arc<Vec<u8>>,
     requests: Arc<AtomicU64>,
+    paths: Arc<Mutex<HashMap<String, u64>>>,
     bytes: Arc<AtomicU64>,
     delay_ms: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
@@ -40,6 +43,7 @@ impl HttpApp {
         let shared = AppShared {
             body: Arc::new(body.as_bytes().to_vec()),
             requests: Arc::new(AtomicU64::new(0)),
+            paths: Arc::default(),
             bytes: Arc::new(AtomicU64::new(0)),
             delay_ms: Arc::new(AtomicU64::new(0)),
             stop: Arc::new(AtomicBool::new(false)),
@@ -54,6 +58,7 @@ impl HttpApp {
         HttpApp {
             addr,
             requests: shared.requests,
+            paths: shared.paths,
             bytes: shared.bytes,
             delay_ms: shared.delay_ms,
             stop: shared.stop,
@@ -87,6 +92,11 @@ impl HttpApp {
     /// the client gave up).
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::SeqCst)
+    }
+
+    /// Complete requests received for `path` (any query string).
+    pub fn requests_for(&self, path: &str) -> u64 {
+        self.paths.lock().unwrap().get(path).copied().unwrap_or(0)
     }
 
     pub fn bytes_received(&self) -> u64 {
@@ -204,6 +214,15 @@ fn serve_connection(mut conn: TcpStream, shared: &AppShared) {
             buf.drain(..head_end + len);
         }
         shared.requests.fetch_add(1, Ordering::SeqCst);
+        let path = request_line
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or_default()
+            .split('?')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        *shared.paths.lock().unwrap().entry(path).or_default() += 1;
 
         let delay = Duration::from_millis(shared.delay_ms.load(Ordering::SeqCst));
         let until = Instant::now() + delay;

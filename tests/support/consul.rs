@@ -80,6 +80,17 @@ impl Consul {
         Consul::start_with(serde_json::json!({}), None)
     }
 
+    /// An agent that allocates the listeners of exposed checks from `min_port` (one port, so
+    /// that agents of parallel tests do not all take Consul's default 21500).
+    pub fn start_expose_from(min_port: u16) -> Consul {
+        Consul::start_with(
+            serde_json::json!({"ports": {
+                "expose_min_port": min_port, "expose_max_port": min_port + 1
+            }}),
+            None,
+        )
+    }
+
     /// An agent with ACLs on and default policy deny; the harness uses `ACL_MASTER_TOKEN`.
     pub fn start_acl_deny() -> Consul {
         Consul::start_acl("deny")
@@ -131,7 +142,15 @@ impl Consul {
         }
         if let (Some(c), Some(e)) = (config.as_object_mut(), extra.as_object()) {
             for (k, v) in e {
-                c.insert(k.clone(), v.clone());
+                // One level deep: `ports` from `extra` adds to the free ports above.
+                match (c.get_mut(k).and_then(Value::as_object_mut), v.as_object()) {
+                    (Some(mine), Some(theirs)) => {
+                        mine.extend(theirs.iter().map(|(k, v)| (k.clone(), v.clone())))
+                    }
+                    _ => {
+                        c.insert(k.clone(), v.clone());
+                    }
+                }
             }
         }
         let config_path = dir.join("consul.json");
