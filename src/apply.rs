@@ -139,10 +139,8 @@ fn run(
         };
         let started = Instant::now();
         let p = plan(&applied, &desired);
-        if p.needs_full_render() {
-            log::info!(
-                "a new unix socket listener has permissions the Dataplane API cannot set; rendering the whole configuration instead"
-            );
+        if let Some(why) = p.full_render_reason() {
+            log::info!("{why}; rendering the whole configuration instead");
         }
         if reconcile || p.needs_full_render() {
             match apply_whole(&desired, &dataplane, &creds, &templates) {

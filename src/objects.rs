@@ -35,10 +35,12 @@ pub struct FrontendSpec {
     pub default_backend: String,
     /// Access logs: `option httplog`/`option tcplog` by mode, or a `log-format`.
     pub log_format: Option<String>,
-    /// The intentions filter (SPOE configuration file) and the rule that rejects what the agent
-    /// did not allow. Rendered only: the Dataplane API keeps a frontend's filters and rules
-    /// when it replaces the frontend, and the sidecar never turns intentions on or off while
-    /// it runs.
+    /// The intentions filter (SPOE configuration file), the rule that rejects what the agent
+    /// did not allow and, in http mode, the per-request rule of L7 intentions. Rendered only:
+    /// the Dataplane API keeps a frontend's filters and rules when it replaces the frontend,
+    /// and the sidecar never turns intentions on or off while it runs; since the per-request
+    /// rule depends on the mode, replacing this frontend goes through a full render
+    /// (`Plan::needs_full_render`).
     pub spoe_config: Option<String>,
 }
 
@@ -189,6 +191,16 @@ impl FrontendSpec {
             // SPOE never rejects by itself: a connection the agent did not explicitly allow
             // (denied, agent down, timeout) is rejected here. This is what fails closed.
             l.push("tcp-request content reject unless { var(sess.hcc.allow) -m bool }".into());
+            if self.mode == Mode::Http {
+                // A connection let in for its HTTP permissions (sess.hcc.l7) has each request
+                // judged by the agent; what it did not explicitly allow (denied, agent stalled,
+                // timeout) gets 403. Only in http mode: a tcp frontend ignores http-request
+                // rules with a warning, and a mode change re-renders (`needs_full_render`).
+                l.push(
+                    "http-request deny deny_status 403 if { var(sess.hcc.l7) -m bool } !{ var(txn.hcc.req_allow) -m bool }"
+                        .into(),
+                );
+            }
         }
         l.push(format!("default_backend {}", self.default_backend));
         l

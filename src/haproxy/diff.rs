@@ -44,13 +44,24 @@ impl Plan {
         self.ops.is_empty() && self.live.is_empty() && !self.roots_changed && !self.leaf_changed
     }
 
-    /// Whether the plan creates a listener the Dataplane API's objects cannot describe (a unix
-    /// socket with permissions): then the whole configuration is rendered and replaced in one
-    /// validated reload instead.
+    /// Whether the plan changes what the Dataplane API's objects cannot describe: then the
+    /// whole configuration is rendered and replaced in one validated reload instead.
     pub fn needs_full_render(&self) -> bool {
-        self.ops
-            .iter()
-            .any(|op| matches!(op, Op::CreateBind(b) | Op::ReplaceBind(b) if b.unix_mode.is_some()))
+        self.full_render_reason().is_some()
+    }
+
+    /// Why the plan needs a full render, for the log line; `None` when it does not.
+    pub fn full_render_reason(&self) -> Option<&'static str> {
+        self.ops.iter().find_map(|op| match op {
+            Op::CreateBind(b) | Op::ReplaceBind(b) if b.unix_mode.is_some() => {
+                Some("a new unix socket listener has permissions the Dataplane API cannot set")
+            }
+            // Its intentions rules are rendered only, and which ones depends on the mode.
+            Op::ReplaceFrontend(f) if f.spoe_config.is_some() => {
+                Some("the public listener with intentions changes (mode or log format)")
+            }
+            _ => None,
+        })
     }
 }
 

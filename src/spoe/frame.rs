@@ -594,6 +594,39 @@ impl Notify {
     }
 }
 
+/// One header field of `req.hdrs_bin`: name and value, as bytes.
+pub type HeaderField<'a> = (&'a [u8], &'a [u8]);
+
+/// Decodes HAProxy's `req.hdrs_bin`: `<str:name><str:value>` per header field, in request
+/// order, ended by an empty name and an empty value, where `<str>` is a varint length and the
+/// bytes. Names are as the client sent them (HTTP/1) or lower case (HTTP/2).
+pub fn decode_hdrs_bin(buf: &[u8]) -> Result<Vec<HeaderField<'_>>, FrameError> {
+    fn text<'a>(buf: &'a [u8], at: &mut usize) -> Result<&'a [u8], FrameError> {
+        let (len, n) = decode_varint(&buf[*at..], "header length")?;
+        *at += n;
+        let end = usize::try_from(len)
+            .ok()
+            .and_then(|l| at.checked_add(l))
+            .filter(|&e| e <= buf.len())
+            .ok_or(FrameError::Truncated {
+                what: "header field",
+            })?;
+        let s = &buf[*at..end];
+        *at = end;
+        Ok(s)
+    }
+    let mut fields = Vec::new();
+    let mut at = 0;
+    loop {
+        let name = text(buf, &mut at)?;
+        let value = text(buf, &mut at)?;
+        if name.is_empty() && value.is_empty() {
+            return Ok(fields);
+        }
+        fields.push((name, value));
+    }
+}
+
 /// Variable scopes of SET-VAR/UNSET-VAR.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum VarScope {

@@ -128,20 +128,7 @@ impl Mesh {
     /// The working directory a running sidecar made under the base path: the short directory
     /// its readable `hcc-<proxy id>-…` link points to, as the paths in its files name it.
     pub fn workdir(&self, service: &str) -> PathBuf {
-        let prefix = format!("hcc-{service}-sidecar-proxy-");
-        let link = std::fs::read_dir(self.base.path())
-            .expect("base path readable")
-            .filter_map(|e| e.ok())
-            .map(|e| e.path())
-            .find(|p| {
-                let name = p
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                name.starts_with(&prefix) && !name.ends_with("-dry-run")
-            })
-            .unwrap_or_else(|| panic!("no working directory for {service}"));
-        std::fs::canonicalize(&link).unwrap_or(link)
+        super::sidecar_workdir(self.base.path(), service)
     }
 }
 

@@ -1486,6 +1486,40 @@ pub fn curl_mtls(
     }
 }
 
+/// Waits until the server `sidecar` is Ready, then writes Consul's first CA root to
+/// `<dir>/roots.pem` for clients such as curl, and returns that path.
+pub fn ready_with_ca(sidecar: &Child, consul: &Consul, dir: &Path) -> PathBuf {
+    wait_until(
+        Duration::from_secs(30),
+        "the server sidecar to be ready",
+        || sidecar.log_contains("-> Ready"),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", sidecar.logs()));
+    let roots = consul.get_json("/v1/agent/connect/ca/roots");
+    let ca = dir.join("roots.pem");
+    std::fs::write(&ca, roots["Roots"][0]["RootCert"].as_str().unwrap()).unwrap();
+    ca
+}
+
+/// The working directory the sidecar of `service` made under `base` (its master socket,
+/// rendered files), resolved.
+pub fn sidecar_workdir(base: &Path, service: &str) -> PathBuf {
+    let prefix = format!("hcc-{service}-sidecar-proxy-");
+    let link = std::fs::read_dir(base)
+        .expect("base path readable")
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| {
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            name.starts_with(&prefix) && !name.ends_with("-dry-run")
+        })
+        .unwrap_or_else(|| panic!("no working directory for {service}"));
+    std::fs::canonicalize(&link).unwrap_or(link)
+}
+
 /// The HAProxy master's reload count, from its CLI.
 pub fn reloads(master: &Path) -> u32 {
     // The master re-executes itself on a reload and its socket is briefly gone.
