@@ -1462,14 +1462,15 @@ fn serve_connection(mut conn: TcpStream, shared: &AppShared) {
     }
 }
 
-/// An HTTPS request with the given client certificate files; Ok(body) or Err(curl's complaint).
+/// An HTTPS request with the given client certificate files; Ok(body) or Err(curl's complaint),
+/// which includes an HTTP error status (a request an L7 intention refused gets 403).
 pub fn curl_mtls(
     port: u16,
     cert: Option<(&std::path::Path, &std::path::Path)>,
     ca: &std::path::Path,
 ) -> Result<String, String> {
     let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "--max-time", "5", "-k"])
+    cmd.args(["-sS", "--fail", "--max-time", "5", "-k"])
         .arg("--cacert")
         .arg(ca)
         .arg(format!("https://127.0.0.1:{port}/"));
