@@ -194,12 +194,16 @@ impl FrontendSpec {
             if self.mode == Mode::Http {
                 // A connection let in for its HTTP permissions (sess.hcc.l7) has each request
                 // judged by the agent; what it did not explicitly allow (denied, agent stalled,
-                // timeout) gets 403. Only in http mode: a tcp frontend ignores http-request
-                // rules with a warning, and a mode change re-renders (`needs_full_render`).
+                // timeout) gets 403.
                 l.push(
                     "http-request deny deny_status 403 if { var(sess.hcc.l7) -m bool } !{ var(txn.hcc.req_allow) -m bool }"
                         .into(),
                 );
+            } else {
+                // A tcp frontend cannot judge requests, so a connection the agent let in for
+                // HTTP permissions is refused here whatever the agent's table believed the
+                // mode to be (the table and this file change mode at different moments).
+                l.push("tcp-request content reject if { var(sess.hcc.l7) -m bool }".into());
             }
         }
         l.push(format!("default_backend {}", self.default_backend));

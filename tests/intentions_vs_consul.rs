@@ -202,6 +202,7 @@ fn compare(acl: &'static str) -> Vec<Row> {
         }
         if s.http {
             consul.set_protocol("server", "http");
+            wait_public_mode(base.path(), "server", "http");
         }
         consul.set_intentions("server", &s.intentions);
         let want = expected_rules(&s.intentions);
@@ -247,6 +248,7 @@ fn compare(acl: &'static str) -> Vec<Row> {
         if s.http {
             consul.set_intentions("server", &[]);
             consul.set_protocol("server", "tcp");
+            wait_public_mode(base.path(), "server", "tcp");
         }
     }
     rows

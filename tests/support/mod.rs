@@ -1521,6 +1521,31 @@ pub fn sidecar_workdir(base: &Path, service: &str) -> PathBuf {
     std::fs::canonicalize(&link).unwrap_or(link)
 }
 
+/// The mode (`tcp`, `http`) HAProxy runs the public listener of the sidecar whose working
+/// directory is `workdir` in, from `show stat` on its stats socket.
+pub fn public_listener_mode(workdir: &Path) -> Option<String> {
+    let out = haproxy_cli(&workdir.join("haproxy.sock"), "show stat");
+    let mut lines = out.lines();
+    let header: Vec<&str> = lines.next()?.trim_start_matches("# ").split(',').collect();
+    let col = header.iter().position(|h| *h == "mode")?;
+    lines
+        .map(|l| l.split(',').collect::<Vec<_>>())
+        .find(|f| f.first() == Some(&"public_listener") && f.get(1) == Some(&"FRONTEND"))
+        .and_then(|f| f.get(col).map(|m| m.to_string()))
+}
+
+/// Waits until the public listener under `base` of `service` runs in `mode`: a protocol
+/// change reaches HAProxy by a reload, after the intentions table already knows it.
+pub fn wait_public_mode(base: &Path, service: &str, mode: &str) {
+    let dir = sidecar_workdir(base, service);
+    wait_until(
+        Duration::from_secs(20),
+        &format!("the public listener of {service} in {mode} mode"),
+        || public_listener_mode(&dir).as_deref() == Some(mode),
+    )
+    .unwrap_or_else(|e| panic!("{e}: {:?}", public_listener_mode(&dir)));
+}
+
 /// The HAProxy master's reload count, from its CLI.
 pub fn reloads(master: &Path) -> u32 {
     // The master re-executes itself on a reload and its socket is briefly gone.
