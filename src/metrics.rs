@@ -109,10 +109,20 @@ impl Registry {
             if let Some(a) = agent.as_ref() {
                 let _ = writeln!(
                     out,
-                    "# HELP hcc_intentions_decisions_total Inbound connections decided by the intentions agent.\n# TYPE hcc_intentions_decisions_total counter\nhcc_intentions_decisions_total{{result=\"allow\"}} {}\nhcc_intentions_decisions_total{{result=\"deny\"}} {}",
-                    a.allowed.load(Ordering::Relaxed),
-                    a.denied.load(Ordering::Relaxed)
+                    "# HELP hcc_intentions_decisions_total Decisions of the intentions agent: kind l4 per inbound connection, l7 per HTTP request judged by an L7 intention's permissions.\n# TYPE hcc_intentions_decisions_total counter"
                 );
+                for (result, kind, n) in [
+                    ("allow", "l4", &a.allowed),
+                    ("deny", "l4", &a.denied),
+                    ("allow", "l7", &a.requests_allowed),
+                    ("deny", "l7", &a.requests_denied),
+                ] {
+                    let _ = writeln!(
+                        out,
+                        "hcc_intentions_decisions_total{{result=\"{result}\",kind=\"{kind}\"}} {}",
+                        n.load(Ordering::Relaxed)
+                    );
+                }
             }
         }
         let desired = self.desired.read().ok().and_then(|d| d.clone());

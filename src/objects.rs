@@ -36,10 +36,12 @@ pub struct FrontendSpec {
     pub default_backend: String,
     /// Access logs: `option httplog`/`option tcplog` by mode, or a `log-format`.
     pub log_format: Option<String>,
-    /// The intentions filter (SPOE configuration file) and the rule that rejects what the agent
-    /// did not allow. Rendered only: the Dataplane API keeps a frontend's filters and rules
-    /// when it replaces the frontend, and the sidecar never turns intentions on or off while
-    /// it runs.
+    /// The intentions filter (SPOE configuration file), the rule that rejects what the agent
+    /// did not allow and, in http mode, the per-request rule of L7 intentions. Rendered only:
+    /// the Dataplane API keeps a frontend's filters and rules when it replaces the frontend,
+    /// and the sidecar never turns intentions on or off while it runs; since the per-request
+    /// rule depends on the mode, replacing this frontend goes through a full render
+    /// (`Plan::needs_full_render`).
     pub spoe_config: Option<String>,
     /// An exposed path's listener: the one path it serves (`path` matches it with any query
     /// string); every other request gets 404 from HAProxy. Dataplane API v1.2.5's rule models
@@ -256,6 +258,20 @@ impl FrontendSpec {
             // SPOE never rejects by itself: a connection the agent did not explicitly allow
             // (denied, agent down, timeout) is rejected here. This is what fails closed.
             l.push("tcp-request content reject unless { var(sess.hcc.allow) -m bool }".into());
+            if self.mode == Mode::Http {
+                // A connection let in for its HTTP permissions (sess.hcc.l7) has each request
+                // judged by the agent; what it did not explicitly allow (denied, agent stalled,
+                // timeout) gets 403.
+                l.push(
+                    "http-request deny deny_status 403 if { var(sess.hcc.l7) -m bool } !{ var(txn.hcc.req_allow) -m bool }"
+                        .into(),
+                );
+            } else {
+                // A tcp frontend cannot judge requests, so a connection the agent let in for
+                // HTTP permissions is refused here whatever the agent's table believed the
+                // mode to be (the table and this file change mode at different moments).
+                l.push("tcp-request content reject if { var(sess.hcc.l7) -m bool }".into());
+            }
         }
         l.push(format!("default_backend {}", self.default_backend));
         l

@@ -57,6 +57,8 @@ fn spop_frame_seeds_and_corpus() {
     // The captured frames are whole frames: the replay reached past the decoder's first check.
     let notify = fs::read(root().join("fixtures/spop/notify-cert.bin")).expect("fixture");
     assert_eq!(fuzzing::spop_frame(&notify), 1);
+    let request = fs::read(root().join("fixtures/spop/notify-request.bin")).expect("fixture");
+    assert_eq!(fuzzing::spop_frame(&request), 1);
 }
 
 #[test]

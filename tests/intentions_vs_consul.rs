@@ -166,6 +166,13 @@ fn expected_rules(intentions: &[IntentionSpec]) -> BTreeSet<(String, String)> {
         .collect()
 }
 
+/// Whether `source`'s own intention (not a wildcard) in `intentions` has HTTP permissions.
+fn l7_source(intentions: &[IntentionSpec], source: &str) -> bool {
+    intentions
+        .iter()
+        .any(|i| i.source == source && i.peer.is_none() && i.permissions.is_some())
+}
+
 /// Runs every scenario this Consul supports against one server sidecar with intentions on.
 fn compare(acl: &'static str) -> Vec<Row> {
     let consul = match acl {
@@ -185,16 +192,7 @@ fn compare(acl: &'static str) -> Vec<Row> {
         cmd.args(["-token", ACL_MASTER_TOKEN]);
     }
     let sidecar = Child::spawn("sidecar-server", &mut cmd, base.path());
-    wait_until(
-        Duration::from_secs(30),
-        "the server sidecar to be ready",
-        || sidecar.log_contains("-> Ready"),
-    )
-    .unwrap_or_else(|e| panic!("{e}\n{}", sidecar.logs()));
-
-    let roots = consul.get_json("/v1/agent/connect/ca/roots");
-    let ca = base.join("roots.pem");
-    std::fs::write(&ca, roots["Roots"][0]["RootCert"].as_str().unwrap()).unwrap();
+    let ca = ready_with_ca(&sidecar, &consul, base.path());
     let want_default = if acl == "deny" { "deny" } else { "allow" };
 
     let mut rows = Vec::new();
@@ -204,6 +202,7 @@ fn compare(acl: &'static str) -> Vec<Row> {
         }
         if s.http {
             consul.set_protocol("server", "http");
+            wait_public_mode(base.path(), "server", "http");
         }
         consul.set_intentions("server", &s.intentions);
         let want = expected_rules(&s.intentions);
@@ -223,18 +222,33 @@ fn compare(acl: &'static str) -> Vec<Row> {
             let (cert, key, leaf) = consul.leaf_files(source, base.path());
             let sidecar_allows = curl_mtls(port, Some((&cert, &key)), &ca).is_ok();
             let theirs = consul.authorize("server", &leaf);
+            let (consul_verdict, consul_reason) = if l7_source(&s.intentions, source) {
+                // Consul's authorize refuses every L7 intention (it judges connections); its
+                // proxies judge each request. `GET /` matches no permission of the scenario,
+                // so Consul's Envoy lets the default policy decide, and so must we.
+                (
+                    want_default == "allow",
+                    format!("per request (authorize says {}): GET / matches no permission, default {want_default}", theirs["Authorized"]),
+                )
+            } else {
+                (
+                    theirs["Authorized"].as_bool().unwrap(),
+                    theirs["Reason"].as_str().unwrap_or_default().to_string(),
+                )
+            };
             rows.push(Row {
                 acl,
                 scenario: s.name,
                 source: source.to_string(),
                 sidecar: sidecar_allows,
-                consul: theirs["Authorized"].as_bool().unwrap(),
-                consul_reason: theirs["Reason"].as_str().unwrap_or_default().to_string(),
+                consul: consul_verdict,
+                consul_reason,
             });
         }
         if s.http {
             consul.set_intentions("server", &[]);
             consul.set_protocol("server", "tcp");
+            wait_public_mode(base.path(), "server", "tcp");
         }
     }
     rows

@@ -78,6 +78,10 @@ impl Plan {
             Op::CreateServer(s) | Op::ReplaceServer(s) if s.h2 => {
                 Some("an http2 exposed path needs `proto h2`, which the Dataplane API cannot set")
             }
+            // Its intentions rules are rendered only, and which ones depends on the mode.
+            Op::ReplaceFrontend(f) if f.spoe_config.is_some() => {
+                Some("the public listener with intentions changes (mode or log format)")
+            }
             _ => None,
         })
     }

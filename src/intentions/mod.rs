@@ -7,7 +7,7 @@ pub mod agent;
 use crate::consul::api::IntentionEntry;
 use crate::model::{public_mode, Mode};
 use crate::snapshot::Snapshot;
-use crate::spoe::authz::{Action, AuthzTable, DefaultPolicy, Intention};
+use crate::spoe::authz::{l7, Action, AuthzTable, DefaultPolicy, Intention};
 
 /// The intentions whose destination is `service` (or `*`) in the default namespace and
 /// partition, the only ones Consul CE has. Sources keep their namespace, partition and peer:
@@ -23,6 +23,7 @@ pub fn for_destination(all: &[IntentionEntry], service: &str) -> Vec<Intention> 
             source_partition: i.source_partition.clone(),
             source_peer: i.source_peer.clone(),
             action: action(i),
+            permissions: l7::parse_all(&i.permissions),
             precedence: i.precedence,
         })
         .collect()

@@ -594,6 +594,39 @@ impl Notify {
     }
 }
 
+/// One header field of `req.hdrs_bin`: name and value, as bytes.
+pub type HeaderField<'a> = (&'a [u8], &'a [u8]);
+
+/// Decodes HAProxy's `req.hdrs_bin`: `<str:name><str:value>` per header field, in request
+/// order, ended by an empty name and an empty value, where `<str>` is a varint length and the
+/// bytes. Names are as the client sent them (HTTP/1) or lower case (HTTP/2).
+pub fn decode_hdrs_bin(buf: &[u8]) -> Result<Vec<HeaderField<'_>>, FrameError> {
+    fn text<'a>(buf: &'a [u8], at: &mut usize) -> Result<&'a [u8], FrameError> {
+        let (len, n) = decode_varint(&buf[*at..], "header length")?;
+        *at += n;
+        let end = usize::try_from(len)
+            .ok()
+            .and_then(|l| at.checked_add(l))
+            .filter(|&e| e <= buf.len())
+            .ok_or(FrameError::Truncated {
+                what: "header field",
+            })?;
+        let s = &buf[*at..end];
+        *at = end;
+        Ok(s)
+    }
+    let mut fields = Vec::new();
+    let mut at = 0;
+    loop {
+        let name = text(buf, &mut at)?;
+        let value = text(buf, &mut at)?;
+        if name.is_empty() && value.is_empty() {
+            return Ok(fields);
+        }
+        fields.push((name, value));
+    }
+}
+
 /// Variable scopes of SET-VAR/UNSET-VAR.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum VarScope {
@@ -1641,5 +1674,86 @@ mod tests {
         assert_eq!(code(base("max-frame-size", small)), 9);
         let wrong = vec![("max-frame-size".to_string(), TypedData::Null)];
         assert_eq!(code(base("max-frame-size", wrong)), 4);
+    }
+
+    const NOTIFY_L7_CONN: &[u8] = include_bytes!("../../fixtures/spop/notify-l7-connection.bin");
+    const NOTIFY_REQUEST: &[u8] = include_bytes!("../../fixtures/spop/notify-request.bin");
+
+    /// HAProxy 2.6's per-request NOTIFY (`check-request` on on-frontend-http-request) for
+    /// `POST /api/x?q=1` with `X-Test-Debug: a` and `x-test-debug: b`, captured by
+    /// scripts/capture-spop after its agent answered the connection with allow + l7 + src.
+    #[test]
+    fn captured_notify_request() {
+        let Frame::Notify(n) = decode_all(NOTIFY_REQUEST) else {
+            panic!("not a NOTIFY");
+        };
+        assert_eq!(enc(&Frame::Notify(n.clone())), NOTIFY_REQUEST);
+        assert_eq!(n.messages.len(), 1);
+        let m = &n.messages[0];
+        assert_eq!(m.name, "check-request");
+        let names: Vec<&str> = m.args.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(names, ["src", "method", "path", "headers"]);
+        assert_eq!(
+            m.arg("src").and_then(TypedData::as_str),
+            Some(
+                "spiffe://11111111-2222-3333-4444-555555555555.consul/ns/default/dc/dc1/svc/client"
+            )
+        );
+        assert_eq!(m.arg("method").and_then(TypedData::as_str), Some("POST"));
+        // `path` has no query string.
+        assert_eq!(m.arg("path").and_then(TypedData::as_str), Some("/api/x"));
+        let Some(TypedData::Binary(h)) = m.arg("headers") else {
+            panic!("headers is not BINARY: {:?}", m.arg("headers"));
+        };
+        let fields = decode_hdrs_bin(h).unwrap();
+        let text: Vec<(String, String)> = fields
+            .iter()
+            .map(|(k, v)| {
+                (
+                    String::from_utf8_lossy(k).into_owned(),
+                    String::from_utf8_lossy(v).into_owned(),
+                )
+            })
+            .collect();
+        let debug: Vec<&(String, String)> = text
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case("x-test-debug"))
+            .collect();
+        assert_eq!(debug.len(), 2, "{text:?}");
+        assert_eq!((debug[0].1.as_str(), debug[1].1.as_str()), ("a", "b"));
+        assert!(
+            text.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")),
+            "{text:?}"
+        );
+    }
+
+    /// The http listener's per-connection NOTIFY is the same `check-client` message as tcp's.
+    #[test]
+    fn captured_l7_connection_notify_is_check_client() {
+        let Frame::Notify(n) = decode_all(NOTIFY_L7_CONN) else {
+            panic!("not a NOTIFY");
+        };
+        assert_eq!(
+            n.find_arg(Some("check-client"), "cert"),
+            Some(&TypedData::Binary(CLIENT_DER.to_vec()))
+        );
+    }
+
+    #[test]
+    fn hdrs_bin_edge_cases() {
+        let mut ok = Vec::new();
+        for part in [&b"a"[..], b"1", b"", b""] {
+            encode_varint(part.len() as u64, &mut ok);
+            ok.extend_from_slice(part);
+        }
+        assert_eq!(decode_hdrs_bin(&ok).unwrap(), vec![(&b"a"[..], &b"1"[..])]);
+        // Without its end marker, cut inside a field, or a length past the end: errors.
+        assert!(decode_hdrs_bin(&ok[..4]).is_err());
+        assert!(decode_hdrs_bin(&ok[..1]).is_err());
+        assert!(decode_hdrs_bin(&[5, b'a']).is_err());
+        assert!(
+            decode_hdrs_bin(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]).is_err()
+        );
+        assert_eq!(decode_hdrs_bin(&[0, 0]).unwrap(), vec![]);
     }
 }

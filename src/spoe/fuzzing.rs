@@ -10,9 +10,10 @@ use std::time::{Duration, SystemTime};
 
 use x509_parser::prelude::FromDer;
 
-use super::authz::{Action, AuthzTable, Decision, DefaultPolicy, Intention};
+use super::authz::{l7, Action, AuthzTable, Decision, DefaultPolicy, Intention};
 use super::frame::{
-    self, AgentHello, Disconnect, Frame, FrameError, HaproxyHello, AGENT_MAX_FRAME_SIZE,
+    self, AgentHello, Disconnect, Frame, FrameError, HaproxyHello, Notify, TypedData,
+    AGENT_MAX_FRAME_SIZE,
 };
 
 /// Any bytes from the SPOE socket: the decoder must return, never panic, and whatever it
@@ -43,6 +44,7 @@ pub fn spop_frame(data: &[u8]) -> usize {
                     }
                     Frame::Notify(n) => {
                         let _ = n.find_arg(Some("check-client"), "cert");
+                        l7_request(n);
                     }
                     Frame::Ack(_) => {}
                 }
@@ -76,6 +78,68 @@ pub fn spop_frame(data: &[u8]) -> usize {
         assert_eq!(&out[..], &data[..n]);
     }
     frames
+}
+
+/// A per-request NOTIFY (`check-request`, as HAProxy sends it for an L7 connection): its
+/// `req.hdrs_bin` must decode or fail cleanly, and the decision from the fuzzing L7 table
+/// (client: deny `/api/admin…`, allow GET on `/api`, default deny) must return, give a reason,
+/// and only ever allow what those permissions allow, checked here without the matcher.
+fn l7_request(n: &Notify) {
+    let arg = |k: &str| n.find_arg(Some("check-request"), k);
+    let text = |k: &str| match arg(k) {
+        Some(TypedData::String(b)) => std::str::from_utf8(b).ok(),
+        _ => None,
+    };
+    let Some(TypedData::Binary(h)) = arg("headers") else {
+        return;
+    };
+    let Ok(fields) = frame::decode_hdrs_bin(h) else {
+        return;
+    };
+    let (Some(src), Some(method), Some(path)) = (text("src"), text("method"), text("path")) else {
+        return;
+    };
+    let req = l7::SimpleRequest {
+        method: method.into(),
+        path: l7::url_path(path).into(),
+        headers: fields
+            .iter()
+            .map(|(k, v)| {
+                (
+                    String::from_utf8_lossy(k).into_owned(),
+                    String::from_utf8_lossy(v).into_owned(),
+                )
+            })
+            .collect(),
+    };
+    let d = l7_fixture().decide_request(src, &req);
+    assert!(!d.reason.is_empty());
+    if d.allow {
+        assert_eq!(src, ALLOWED, "{}", d.reason);
+        assert!(
+            method == "GET" && req.path.starts_with("/api") && !req.path.starts_with("/api/admin"),
+            "{method} {}: {}",
+            req.path,
+            d.reason
+        );
+    }
+}
+
+fn l7_fixture() -> &'static AuthzTable {
+    static T: OnceLock<AuthzTable> = OnceLock::new();
+    T.get_or_init(|| {
+        let permissions = serde_json::json!([
+            {"Action": "deny", "HTTP": {"PathRegex": "/api/admin.*"}},
+            {"Action": "allow", "HTTP": {"PathPrefix": "/api", "Methods": ["GET"]}}
+        ]);
+        let client = Intention {
+            permissions: l7::parse_all(permissions.as_array().expect("a list")),
+            ..Intention::new("client", Action::L7 { permissions: 2 }, 9)
+        };
+        AuthzTable::new(TD, CA_PEM, vec![client], DefaultPolicy::Deny)
+            .expect("fixture CA parses")
+            .for_http_listener(true)
+    })
 }
 
 const TD: &str = "11111111-2222-3333-4444-555555555555.consul";

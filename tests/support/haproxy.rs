@@ -2,14 +2,15 @@
 
 use super::*;
 
-/// An HTTPS request with the given client certificate files; Ok(body) or Err(curl's complaint).
+/// An HTTPS request with the given client certificate files; Ok(body) or Err(curl's complaint),
+/// which includes an HTTP error status (a request an L7 intention refused gets 403).
 pub fn curl_mtls(
     port: u16,
     cert: Option<(&std::path::Path, &std::path::Path)>,
     ca: &std::path::Path,
 ) -> Result<String, String> {
     let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "--max-time", "5", "-k"])
+    cmd.args(["-sS", "--fail", "--max-time", "5", "-k"])
         .arg("--cacert")
         .arg(ca)
         .arg(format!("https://127.0.0.1:{port}/"));
@@ -24,6 +25,66 @@ pub fn curl_mtls(
     } else {
         Err(String::from_utf8_lossy(&out.stderr).into_owned())
     }
+}
+
+/// Waits until the server `sidecar` is Ready, then writes Consul's first CA root to
+/// `<dir>/roots.pem` for clients such as curl, and returns that path.
+pub fn ready_with_ca(sidecar: &Child, consul: &Consul, dir: &Path) -> PathBuf {
+    wait_until(
+        Duration::from_secs(30),
+        "the server sidecar to be ready",
+        || sidecar.log_contains("-> Ready"),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", sidecar.logs()));
+    let roots = consul.get_json("/v1/agent/connect/ca/roots");
+    let ca = dir.join("roots.pem");
+    std::fs::write(&ca, roots["Roots"][0]["RootCert"].as_str().unwrap()).unwrap();
+    ca
+}
+
+/// The working directory the sidecar of `service` made under `base` (its master socket,
+/// rendered files): the short directory its readable `hcc-<proxy id>-…` link points to, as the
+/// paths in its files name it.
+pub fn sidecar_workdir(base: &Path, service: &str) -> PathBuf {
+    let prefix = format!("hcc-{service}-sidecar-proxy-");
+    let link = std::fs::read_dir(base)
+        .expect("base path readable")
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| {
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            name.starts_with(&prefix) && !name.ends_with("-dry-run")
+        })
+        .unwrap_or_else(|| panic!("no working directory for {service}"));
+    std::fs::canonicalize(&link).unwrap_or(link)
+}
+
+/// The mode (`tcp`, `http`) HAProxy runs the public listener of the sidecar whose working
+/// directory is `workdir` in, from `show stat` on its stats socket.
+pub fn public_listener_mode(workdir: &Path) -> Option<String> {
+    let out = haproxy_cli(&workdir.join("haproxy.sock"), "show stat");
+    let mut lines = out.lines();
+    let header: Vec<&str> = lines.next()?.trim_start_matches("# ").split(',').collect();
+    let col = header.iter().position(|h| *h == "mode")?;
+    lines
+        .map(|l| l.split(',').collect::<Vec<_>>())
+        .find(|f| f.first() == Some(&"public_listener") && f.get(1) == Some(&"FRONTEND"))
+        .and_then(|f| f.get(col).map(|m| m.to_string()))
+}
+
+/// Waits until the public listener under `base` of `service` runs in `mode`: a protocol
+/// change reaches HAProxy by a reload, after the intentions table already knows it.
+pub fn wait_public_mode(base: &Path, service: &str, mode: &str) {
+    let dir = sidecar_workdir(base, service);
+    wait_until(
+        Duration::from_secs(20),
+        &format!("the public listener of {service} in {mode} mode"),
+        || public_listener_mode(&dir).as_deref() == Some(mode),
+    )
+    .unwrap_or_else(|e| panic!("{e}: {:?}", public_listener_mode(&dir)));
 }
 
 /// The HAProxy master's reload count, from its CLI.

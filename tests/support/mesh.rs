@@ -155,18 +155,5 @@ pub fn sidecar(
 /// The working directory a running sidecar of `service` made under `base`: the short directory
 /// its readable `hcc-<proxy id>-…` link points to, as the paths in its files name it.
 pub fn workdir(base: &TempDir, service: &str) -> PathBuf {
-    let prefix = format!("hcc-{service}-sidecar-proxy-");
-    let link = std::fs::read_dir(base.path())
-        .expect("base path readable")
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .find(|p| {
-            let name = p
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            name.starts_with(&prefix) && !name.ends_with("-dry-run")
-        })
-        .unwrap_or_else(|| panic!("no working directory for {service}"));
-    std::fs::canonicalize(&link).unwrap_or(link)
+    super::sidecar_workdir(base.path(), service)
 }

@@ -26,13 +26,16 @@ use x509_parser::time::ASN1Time;
 
 use super::ForgetfulMap;
 
+pub mod l7;
+
 /// What an intention does to a matching source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Action {
     Allow,
     Deny,
-    /// An intention with HTTP permissions and no action (Consul 1.9+). Per connection it
-    /// denies, as Consul's own authorize does: the permissions judge requests, not connections.
+    /// An intention with HTTP permissions and no action (Consul 1.9+). On an http listener the
+    /// connection is let in and each request judged by the permissions (`decide_request`); on a
+    /// tcp listener it denies, as Consul does.
     L7 {
         permissions: usize,
     },
@@ -97,6 +100,9 @@ pub struct Intention {
     /// client of this cluster, whatever its name.
     pub source_peer: String,
     pub action: Action,
+    /// The HTTP permissions of an `Action::L7` intention, in order; the error says why they
+    /// cannot be judged (then every request from this source is denied).
+    pub permissions: Result<Vec<l7::Permission>, String>,
     /// Consul's precedence (9 exact→exact … 1 `*`→`*`); higher is evaluated first.
     pub precedence: i64,
 }
@@ -110,6 +116,7 @@ impl Intention {
             source_partition: String::new(),
             source_peer: String::new(),
             action,
+            permissions: Ok(Vec::new()),
             precedence,
         }
     }
@@ -157,14 +164,17 @@ pub struct Decision {
     pub reason: String,
     /// The identity the client claimed: its first URI SAN, when it had one.
     pub source: Option<String>,
+    /// An allowed connection whose requests are each judged by HTTP permissions.
+    pub per_request: bool,
 }
 
 impl Decision {
-    fn deny(reason: impl Into<String>, source: Option<&str>) -> Self {
+    pub fn deny(reason: impl Into<String>, source: Option<&str>) -> Self {
         Decision {
             allow: false,
             reason: reason.into(),
             source: source.map(str::to_owned),
+            per_request: false,
         }
     }
 }
@@ -408,15 +418,8 @@ impl AuthzTable {
                 )
             }
         };
-        // Trust domains are DNS names, hence case-insensitive (Consul compares them so too).
-        if !id.trust_domain.eq_ignore_ascii_case(&self.trust_domain) {
-            return Decision::deny(
-                format!(
-                    "trust domain {} is not ours ({})",
-                    id.trust_domain, self.trust_domain
-                ),
-                src,
-            );
+        if let Err(why) = self.check_trust_domain(&id) {
+            return Decision::deny(why, src);
         }
         // Only the default admin partition exists outside Consul Enterprise, and Consul's own
         // authorize refuses a source from another partition than the target's.
@@ -473,6 +476,7 @@ impl AuthzTable {
                     self.default_policy
                 ),
                 source,
+                per_request: false,
             };
         };
         let rule = format!(
@@ -481,22 +485,104 @@ impl AuthzTable {
             i.action,
             i.precedence
         );
-        let reason = match i.action {
-            Action::Allow | Action::Deny => format!("{rule} for {service}"),
-            Action::L7 { .. } if self.http_listener => format!(
-                "{rule} for {service} denies the connection: this sidecar does not judge HTTP \
-                 permissions per request yet, and per connection Consul's authorize denies them too"
+        let (allow, per_request, reason) = match i.action {
+            Action::Allow | Action::Deny => (
+                i.action == Action::Allow,
+                false,
+                format!("{rule} for {service}"),
             ),
-            Action::L7 { .. } => format!(
-                "{rule} for {service} denies the connection: HTTP permissions need the \
-                 destination's protocol to be http (service-defaults), and this listener is tcp"
+            Action::L7 { .. } if self.http_listener => (
+                true,
+                true,
+                format!("{rule} for {service}: each request is judged by its HTTP permissions"),
+            ),
+            Action::L7 { .. } => (
+                false,
+                false,
+                format!(
+                    "{rule} for {service} denies the connection: HTTP permissions need the \
+                     destination's protocol to be http (service-defaults), and this listener is tcp"
+                ),
             ),
         };
         Decision {
-            allow: i.action == Action::Allow,
+            allow,
             reason,
             source,
+            per_request,
         }
+    }
+
+    /// Decides one HTTP request on a connection whose certificate `decide` accepted as
+    /// `source_uri` (the SPIFFE ID it returned) with `per_request`. Judged against this table,
+    /// which may be newer than the one that let the connection in: the source's first matching
+    /// intention now decides, its permissions in order when it is L7, the default policy when
+    /// none of them (or no intention) matches.
+    pub fn decide_request(&self, source_uri: &str, req: &dyn l7::Request) -> Decision {
+        let src = Some(source_uri);
+        if let Some(why) = &self.unavailable {
+            return Decision::deny(format!("no authorization data: {why}"), src);
+        }
+        let id = match SpiffeId::parse(source_uri) {
+            Ok(id) => id,
+            Err(e) => return Decision::deny(format!("request source: {e}"), src),
+        };
+        if let Err(why) = self.check_trust_domain(&id) {
+            return Decision::deny(why, src);
+        }
+        let what = format!("{} {}", req.method(), req.path());
+        let service = &id.service;
+        let default = |why: String| Decision {
+            allow: self.default_policy.allows(),
+            reason: format!("{why}; default {} for {what}", self.default_policy),
+            source: src.map(str::to_owned),
+            per_request: true,
+        };
+        let Some(i) = self.intentions.iter().find(|i| i.matches(&id)) else {
+            return default(format!("no intention matches {service}"));
+        };
+        let rule = format!(
+            "intention {} => {} (precedence {})",
+            i.source_label(),
+            i.action,
+            i.precedence
+        );
+        let (allow, reason) = match (&i.action, &i.permissions) {
+            (Action::Allow | Action::Deny, _) => {
+                (i.action == Action::Allow, format!("{rule} for {what}"))
+            }
+            (Action::L7 { .. }, Err(e)) => (
+                false,
+                format!("{rule}: its permissions cannot be judged ({e}), so {what} is denied"),
+            ),
+            (Action::L7 { .. }, Ok(perms)) => match l7::first_match(perms, req) {
+                Some((allow, n)) => (
+                    allow,
+                    format!(
+                        "{rule}: permission #{n} {} {what}",
+                        if allow { "allows" } else { "denies" }
+                    ),
+                ),
+                None => return default(format!("{rule}: no permission matches")),
+            },
+        };
+        Decision {
+            allow,
+            reason,
+            source: src.map(str::to_owned),
+            per_request: true,
+        }
+    }
+
+    /// Trust domains are DNS names, hence case-insensitive (Consul compares them so too).
+    fn check_trust_domain(&self, id: &SpiffeId) -> Result<(), String> {
+        if id.trust_domain.eq_ignore_ascii_case(&self.trust_domain) {
+            return Ok(());
+        }
+        Err(format!(
+            "trust domain {} is not ours ({})",
+            id.trust_domain, self.trust_domain
+        ))
     }
 
     /// Accepts the certificate only if one of the current roots signed it directly.

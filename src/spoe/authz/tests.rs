@@ -82,7 +82,7 @@ fn decision_table() {
         ),
         (vec![ixn("*", Deny, 8)], true, false, false, "wildcard deny"),
         (
-            vec![ixn("*", Allow, 8)],
+            vec![ixn("*", Action::Allow, 8)],
             false,
             true,
             true,
@@ -124,7 +124,7 @@ fn decision_table() {
             "deny wins a wildcard tie",
         ),
         (
-            vec![ixn("client", Deny, 3), ixn("*", Allow, 8)],
+            vec![ixn("client", Deny, 3), ixn("*", Action::Allow, 8)],
             false,
             true,
             true,
@@ -248,7 +248,98 @@ fn l7_denials_say_why_for_the_listener_mode() {
         d.reason
     );
     let d = decide(&table(l7, true).for_http_listener(true), Some(CLIENT));
-    assert!(!d.allow && d.reason.contains("per request"), "{}", d.reason);
+    assert!(d.allow && d.per_request, "{d:?}");
+    assert!(d.reason.contains("each request is judged"), "{}", d.reason);
+}
+
+fn l7_ixn(source: &str, permissions: serde_json::Value, precedence: i64) -> Intention {
+    let p = l7::parse_all(permissions.as_array().unwrap());
+    Intention {
+        permissions: p,
+        ..ixn(source, Action::L7 { permissions: 2 }, precedence)
+    }
+}
+
+fn get(path: &str) -> l7::SimpleRequest {
+    l7::SimpleRequest {
+        method: "GET".into(),
+        path: path.into(),
+        headers: vec![],
+    }
+}
+
+/// Requests on a connection the L7 intention let in: the permissions in order, then the
+/// default policy, never a lower-precedence wildcard; a table that changed since the
+/// connection was let in decides by its own rules.
+#[test]
+fn requests_are_judged_by_the_permissions_then_the_default_policy() {
+    let perms = serde_json::json!([
+        {"Action": "allow", "HTTP": {"PathPrefix": "/api", "Methods": ["GET"]}},
+        {"Action": "deny", "HTTP": {"PathExact": "/admin"}}
+    ]);
+    let l7_over_wildcard = |default_allow| {
+        table(
+            vec![
+                l7_ixn("client", perms.clone(), 9),
+                ixn("*", Action::Allow, 8),
+            ],
+            default_allow,
+        )
+        .for_http_listener(true)
+    };
+    let t = l7_over_wildcard(false);
+    let conn = decide(&t, Some(CLIENT));
+    assert!(conn.allow && conn.per_request, "{conn:?}");
+    let src = conn.source.clone().unwrap();
+    let d = t.decide_request(&src, &get("/api/x"));
+    assert!(
+        d.allow && d.reason.contains("permission #0 allows GET /api/x"),
+        "{d:?}"
+    );
+    let d = t.decide_request(&src, &get("/admin"));
+    assert!(
+        !d.allow && d.reason.contains("permission #1 denies"),
+        "{d:?}"
+    );
+    // No permission matches: the default policy, not the wildcard allow below.
+    let d = t.decide_request(&src, &get("/other"));
+    assert!(
+        !d.allow && d.reason.contains("no permission matches; default deny"),
+        "{d:?}"
+    );
+    let d = l7_over_wildcard(true).decide_request(&src, &get("/other"));
+    assert!(d.allow, "{d:?}");
+
+    // The intention became an L4 deny, or vanished, since the connection was let in.
+    let t = table(vec![ixn("client", Action::Deny, 9)], true);
+    assert!(!t.decide_request(&src, &get("/api/x")).allow);
+    let t = table(vec![], false);
+    assert!(!t.decide_request(&src, &get("/api/x")).allow);
+    // Permissions that cannot be judged deny; so do no data, and a foreign identity.
+    let bad = l7_ixn(
+        "client",
+        serde_json::json!([{"Action": "allow", "JWT": {"x": 1}}]),
+        9,
+    );
+    let t = table(vec![bad], true).for_http_listener(true);
+    let d = t.decide_request(&src, &get("/api/x"));
+    assert!(!d.allow && d.reason.contains("cannot be judged"), "{d:?}");
+    assert!(
+        !AuthzTable::deny_all("x")
+            .decide_request(&src, &get("/api/x"))
+            .allow
+    );
+    let foreign = "spiffe://other.consul/ns/default/dc/dc1/svc/client";
+    assert!(
+        !l7_over_wildcard(true)
+            .decide_request(foreign, &get("/api/x"))
+            .allow
+    );
+    assert!(
+        !l7_over_wildcard(true)
+            .decide_request("nonsense", &get("/api/x"))
+            .allow
+    );
 }
 
 #[test]

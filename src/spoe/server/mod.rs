@@ -26,7 +26,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use super::authz::{AuthzTable, Decision};
+use super::authz::{l7, AuthzTable, Decision};
 use super::frame::{
     self, Disconnect, Frame, FrameError, HaproxyHello, Notify, StatusCode, TypedData, VarScope,
     AGENT_MAX_FRAME_SIZE,
@@ -38,6 +38,17 @@ use super::ForgetfulMap;
 pub const CHECK_MESSAGE: &str = "check-client";
 /// The argument of [`CHECK_MESSAGE`] that carries the client certificate.
 pub const CERT_ARG: &str = "cert";
+/// The per-request `spoe-message` of an http listener, sent only for connections whose
+/// [`CHECK_MESSAGE`] answer set `sess.<prefix>.`[`L7_VAR`]: `args src=var(sess.hcc.src)
+/// method=method path=path headers=req.hdrs_bin`, `event on-frontend-http-request`.
+pub const REQUEST_MESSAGE: &str = "check-request";
+/// Session variable set (BOOL true) on a connection whose requests are each judged.
+pub const L7_VAR: &str = "l7";
+/// Session variable holding the connection's source identity (its SPIFFE ID) for
+/// [`REQUEST_MESSAGE`].
+pub const SRC_VAR: &str = "src";
+/// Transaction variable [`REQUEST_MESSAGE`]'s answer sets (BOOL): whether the request may go on.
+pub const REQUEST_VAR: &str = "req_allow";
 
 /// HAProxy sends its HELLO as soon as it connects; a silent peer is not HAProxy.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -107,6 +118,10 @@ pub struct AgentStats {
     pub allowed: AtomicU64,
     /// NOTIFYs answered with deny.
     pub denied: AtomicU64,
+    /// Per-request NOTIFYs ([`REQUEST_MESSAGE`]) answered with allow.
+    pub requests_allowed: AtomicU64,
+    /// Per-request NOTIFYs answered with deny.
+    pub requests_denied: AtomicU64,
     /// Connections ended by a protocol or I/O error (malformed frame, timeout, reset…).
     pub errors: AtomicU64,
     /// Connections accepted, health checks included.
@@ -381,7 +396,7 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn record(&self, d: &Decision) {
+    fn record(&self, d: &Decision, request: bool) {
         // Identities and reasons quote certificate contents; escaped, a crafted certificate
         // cannot forge log lines.
         let who = d
@@ -390,12 +405,17 @@ impl Ctx {
             .unwrap_or("<no identity>")
             .escape_debug();
         let why = d.reason.escape_debug();
+        let (allowed, denied) = if request {
+            (&self.stats.requests_allowed, &self.stats.requests_denied)
+        } else {
+            (&self.stats.allowed, &self.stats.denied)
+        };
         if d.allow {
-            self.stats.allowed.fetch_add(1, Ordering::Relaxed);
+            allowed.fetch_add(1, Ordering::Relaxed);
             log::debug!("SPOE allow {who}: {why}");
             return;
         }
-        self.stats.denied.fetch_add(1, Ordering::Relaxed);
+        denied.fetch_add(1, Ordering::Relaxed);
         let key = format!("{}\0{}", d.source.as_deref().unwrap_or(""), d.reason);
         if self.denials.insert(key, ()) {
             log::info!("SPOE deny {who}: {why} (logged once per identity and reason)");
@@ -579,15 +599,21 @@ impl Conn {
             }
             (true, Frame::Notify(n)) => {
                 let started = std::time::Instant::now();
-                let decision = self.decide(&n);
-                self.ctx.record(&decision);
-                let ack = Frame::ack_set_var(
-                    n.stream_id,
-                    n.frame_id,
-                    VarScope::Session,
-                    &self.ctx.var_name,
-                    TypedData::Bool(decision.allow),
-                );
+                let ack = if n.messages.iter().any(|m| m.name == REQUEST_MESSAGE) {
+                    let decision = self.decide_request(&n);
+                    self.ctx.record(&decision, true);
+                    Frame::ack_set_var(
+                        n.stream_id,
+                        n.frame_id,
+                        VarScope::Transaction,
+                        REQUEST_VAR,
+                        TypedData::Bool(decision.allow),
+                    )
+                } else {
+                    let decision = self.decide(&n);
+                    self.ctx.record(&decision, false);
+                    self.connection_ack(&n, decision)
+                };
                 self.queue(&ack)?;
                 self.ctx.stats.decision_time.record(started.elapsed());
                 Ok(Next::Continue)
@@ -621,28 +647,95 @@ impl Conn {
         }
     }
 
+    /// The answer to [`CHECK_MESSAGE`]: `allow`, and for a connection whose requests are each
+    /// judged also `l7` and `src`, all session variables.
+    fn connection_ack(&self, n: &Notify, d: Decision) -> Frame {
+        let mut actions = vec![frame::Action::SetVar {
+            scope: VarScope::Session,
+            name: self.ctx.var_name.clone(),
+            value: TypedData::Bool(d.allow),
+        }];
+        if d.allow && d.per_request {
+            if let Some(src) = d.source {
+                actions.push(frame::Action::SetVar {
+                    scope: VarScope::Session,
+                    name: L7_VAR.into(),
+                    value: TypedData::Bool(true),
+                });
+                actions.push(frame::Action::SetVar {
+                    scope: VarScope::Session,
+                    name: SRC_VAR.into(),
+                    value: TypedData::String(src.into_bytes()),
+                });
+            }
+        }
+        Frame::Ack(frame::Ack {
+            stream_id: n.stream_id,
+            frame_id: n.frame_id,
+            actions,
+        })
+    }
+
+    /// Decides one request of a connection [`CHECK_MESSAGE`] let in with `l7`. Anything
+    /// missing or malformed denies.
+    fn decide_request(&self, n: &Notify) -> Decision {
+        let arg = |name: &str| n.find_arg(Some(REQUEST_MESSAGE), name);
+        let text = |name: &str| match arg(name) {
+            Some(TypedData::String(b)) => std::str::from_utf8(b).ok(),
+            _ => None,
+        };
+        let Some(src) = text("src") else {
+            return Decision::deny(
+                format!("{REQUEST_MESSAGE} has no src string (var(sess.hcc.src))"),
+                None,
+            );
+        };
+        let (Some(method), Some(path)) = (text("method"), text("path")) else {
+            return Decision::deny(
+                format!("{REQUEST_MESSAGE} needs method and path strings"),
+                Some(src),
+            );
+        };
+        let fields = match arg("headers") {
+            Some(TypedData::Binary(b)) => match frame::decode_hdrs_bin(b) {
+                Ok(f) => f,
+                Err(e) => return Decision::deny(format!("request headers: {e}"), Some(src)),
+            },
+            _ => {
+                return Decision::deny(
+                    format!("{REQUEST_MESSAGE} has no headers (req.hdrs_bin)"),
+                    Some(src),
+                )
+            }
+        };
+        let req = HdrsRequest {
+            method,
+            path: l7::url_path(path),
+            fields,
+        };
+        self.ctx.table.current().decide_request(src, &req)
+    }
+
     fn decide(&self, n: &Notify) -> Decision {
         let table = self.ctx.table.current();
         match n.find_arg(Some(CHECK_MESSAGE), CERT_ARG) {
             Some(TypedData::Binary(der)) => table.decide(Some(der)),
             // ssl_c_der is NULL when the client sent no certificate.
             Some(TypedData::Null) => table.decide(None),
-            Some(other) => Decision {
-                allow: false,
-                reason: format!(
+            Some(other) => Decision::deny(
+                format!(
                     "NOTIFY argument {CERT_ARG} is {}, expected BINARY (ssl_c_der)",
                     other.type_name()
                 ),
-                source: None,
-            },
-            None => Decision {
-                allow: false,
-                reason: format!(
+                None,
+            ),
+            None => Decision::deny(
+                format!(
                     "NOTIFY has no {CERT_ARG} argument: spoe-message {CHECK_MESSAGE} \
                      must have args {CERT_ARG}=ssl_c_der"
                 ),
-                source: None,
-            },
+                None,
+            ),
         }
     }
 
@@ -682,6 +775,25 @@ impl Conn {
         let _ = Frame::agent_disconnect(status, message).encode(self.max_frame, &mut self.out);
         let _ = self.flush().await;
         let _ = self.stream.shutdown().await;
+    }
+}
+
+/// A request as [`REQUEST_MESSAGE`] carries it: header fields straight from `req.hdrs_bin`.
+struct HdrsRequest<'a> {
+    method: &'a str,
+    path: &'a str,
+    fields: Vec<frame::HeaderField<'a>>,
+}
+
+impl l7::Request for HdrsRequest<'_> {
+    fn method(&self) -> &str {
+        self.method
+    }
+    fn path(&self) -> &str {
+        self.path
+    }
+    fn header(&self, lower_name: &str) -> Option<String> {
+        l7::join_fields(self.fields.iter().copied(), lower_name)
     }
 }
 

@@ -14,6 +14,8 @@ const HELLO_HC: &[u8] = include_bytes!("../../../fixtures/spop/haproxy-hello-hea
 const NOTIFY_CERT: &[u8] = include_bytes!("../../../fixtures/spop/notify-cert.bin");
 const NOTIFY_NOCERT: &[u8] = include_bytes!("../../../fixtures/spop/notify-nocert.bin");
 const DISCONNECT: &[u8] = include_bytes!("../../../fixtures/spop/haproxy-disconnect.bin");
+const NOTIFY_L7_CONN: &[u8] = include_bytes!("../../../fixtures/spop/notify-l7-connection.bin");
+const NOTIFY_REQUEST: &[u8] = include_bytes!("../../../fixtures/spop/notify-request.bin");
 
 struct TestAgent {
     dir: PathBuf,
@@ -383,4 +385,82 @@ fn latency_histogram_quantiles() {
         h.quantile(1.0),
         Some(std::time::Duration::from_micros(8192))
     );
+}
+
+/// A table where `client` has an L7 intention with `permissions`, on an http listener.
+fn l7_table(permissions: serde_json::Value) -> AuthzTable {
+    let client = include_bytes!("../../../fixtures/spop/certs/client.der");
+    let ixn = Intention {
+        permissions: super::l7::parse_all(permissions.as_array().unwrap()),
+        ..Intention::new("client", Action::L7 { permissions: 1 }, 9)
+    };
+    AuthzTable::new(TD, CA, vec![ixn], DefaultPolicy::Deny)
+        .unwrap()
+        .for_http_listener(true)
+        .judged_at(crate::clock::test_support::inside_validity(client))
+}
+
+/// The captured http connection and request: the connection's ACK marks it l7 with its
+/// source, the request's ACK sets txn req_allow from the permissions, and a new table decides
+/// the next request of the same connection.
+#[test]
+fn captured_l7_connection_then_request() {
+    let a = start("l7");
+    a.table.replace(l7_table(
+        serde_json::json!([{"Action": "allow", "HTTP": {"PathPrefix": "/api", "Methods": ["POST"]}}]),
+    ));
+    let mut s = connect(&a);
+    handshake(&mut s);
+    s.write_all(NOTIFY_L7_CONN).unwrap();
+    let src = "spiffe://11111111-2222-3333-4444-555555555555.consul/ns/default/dc/dc1/svc/client";
+    let set = |scope, name: &str, value| frame::Action::SetVar {
+        scope,
+        name: name.into(),
+        value,
+    };
+    match read_frame(&mut s) {
+        Some(Frame::Ack(ack)) => assert_eq!(
+            ack.actions,
+            vec![
+                set(VarScope::Session, "allow", TypedData::Bool(true)),
+                set(VarScope::Session, L7_VAR, TypedData::Bool(true)),
+                set(VarScope::Session, SRC_VAR, TypedData::String(src.into())),
+            ]
+        ),
+        other => panic!("expected an ACK, got {other:?}"),
+    }
+    let request_ack = |s: &mut StdStream| match read_frame(s) {
+        Some(Frame::Ack(ack)) => {
+            assert_eq!(ack.actions.len(), 1);
+            ack.actions[0].clone()
+        }
+        other => panic!("expected an ACK, got {other:?}"),
+    };
+    s.write_all(NOTIFY_REQUEST).unwrap();
+    assert_eq!(
+        request_ack(&mut s),
+        set(VarScope::Transaction, REQUEST_VAR, TypedData::Bool(true))
+    );
+    // Only GET now: the same POST is refused (no permission matches, default deny).
+    a.table.replace(l7_table(
+        serde_json::json!([{"Action": "allow", "HTTP": {"PathPrefix": "/api", "Methods": ["GET"]}}]),
+    ));
+    s.write_all(NOTIFY_REQUEST).unwrap();
+    assert_eq!(
+        request_ack(&mut s),
+        set(VarScope::Transaction, REQUEST_VAR, TypedData::Bool(false))
+    );
+    // A header permission sees the two captured fields joined.
+    a.table
+        .replace(l7_table(serde_json::json!([{"Action": "allow", "HTTP": {
+            "Header": [{"Name": "X-TEST-DEBUG", "Exact": "a,b"}]
+        }}])));
+    s.write_all(NOTIFY_REQUEST).unwrap();
+    assert_eq!(
+        request_ack(&mut s),
+        set(VarScope::Transaction, REQUEST_VAR, TypedData::Bool(true))
+    );
+    let stats = a.handle.stats();
+    assert_eq!(stats.requests_allowed.load(Ordering::Relaxed), 2);
+    assert_eq!(stats.requests_denied.load(Ordering::Relaxed), 1);
 }

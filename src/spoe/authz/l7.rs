@@ -1,0 +1,323 @@
+//! HTTP permissions of L7 intentions (Consul 1.9+) and how one request is matched against
+//! them. Pure.
+//!
+//! Semantics are those Consul gives Envoy (`agent/xds/rbac.go`) and documents for the
+//! `service-intentions` config entry:
+//! - permissions are evaluated in order and the first that matches decides (its `Action`);
+//!   a request that matches none is decided by the ACL default policy, never by an intention of
+//!   lower precedence (the source's intention already matched: a wildcard source does not
+//!   apply);
+//! - within one permission every given condition must hold: the path matcher (at most one of
+//!   `PathExact`, `PathPrefix`, `PathRegex`), one of the `Methods` if any, and every `Header`;
+//! - paths are compared without the query string (Envoy's `url_path`), case-sensitively;
+//!   `PathRegex` must match the whole path (RE2 full match);
+//! - header names are case-insensitive; several fields of one name are joined with `,`; a
+//!   header matcher other than `Present` never matches an absent header, inverted or not, and
+//!   `Present` + `Invert` matches exactly when the header is absent (Envoy's `matchHeaders`);
+//!   `Regex` must match the whole value.
+//!
+//! A permission with a field this sidecar does not know (a newer Consul's `JWT`, …) cannot be
+//! judged; `Permission::from_consul` refuses it and the table denies that source's requests.
+
+use std::fmt;
+
+use regex::Regex;
+use serde_json::Value;
+
+/// One permission of an L7 intention.
+#[derive(Clone, Debug)]
+pub struct Permission {
+    pub allow: bool,
+    path: Option<PathMatch>,
+    /// Empty: any method.
+    methods: Vec<String>,
+    headers: Vec<HeaderMatch>,
+    /// Consul's JSON, compact: what `PartialEq` and log lines use.
+    source: String,
+}
+
+#[derive(Clone, Debug)]
+enum PathMatch {
+    Exact(String),
+    Prefix(String),
+    Regex(Regex),
+}
+
+#[derive(Clone, Debug)]
+struct HeaderMatch {
+    /// Lower case.
+    name: String,
+    kind: HeaderKind,
+    invert: bool,
+}
+
+#[derive(Clone, Debug)]
+enum HeaderKind {
+    Present,
+    Exact(String),
+    Prefix(String),
+    Suffix(String),
+    Regex(Regex),
+}
+
+impl PartialEq for Permission {
+    fn eq(&self, other: &Self) -> bool {
+        self.source == other.source
+    }
+}
+impl Eq for Permission {}
+
+impl fmt::Display for Permission {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.source)
+    }
+}
+
+/// The parts of a request the permissions look at.
+pub trait Request {
+    fn method(&self) -> &str;
+    /// Without the query string.
+    fn path(&self) -> &str;
+    /// Every field named `lower_name` (already lower case), joined with `,`; `None` if absent.
+    fn header(&self, lower_name: &str) -> Option<String>;
+}
+
+/// A request held as plain values (tests, fuzzing).
+#[derive(Clone, Debug, Default)]
+pub struct SimpleRequest {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Request for SimpleRequest {
+    fn method(&self) -> &str {
+        &self.method
+    }
+    fn path(&self) -> &str {
+        &self.path
+    }
+    fn header(&self, lower_name: &str) -> Option<String> {
+        join_fields(
+            self.headers
+                .iter()
+                .map(|(n, v)| (n.as_bytes(), v.as_bytes())),
+            lower_name,
+        )
+    }
+}
+
+/// The fields named `lower_name` (compared case-insensitively) joined with `,`, as Envoy's
+/// `getAllOfHeaderAsString` does; bytes that are not UTF-8 are replaced.
+pub fn join_fields<'a>(
+    fields: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+    lower_name: &str,
+) -> Option<String> {
+    let mut out: Option<String> = None;
+    for (n, v) in fields {
+        if n.eq_ignore_ascii_case(lower_name.as_bytes()) {
+            let v = String::from_utf8_lossy(v);
+            match &mut out {
+                None => out = Some(v.into_owned()),
+                Some(s) => {
+                    s.push(',');
+                    s.push_str(&v);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Strips the query string (and a fragment, which a client should not send) from a path.
+pub fn url_path(path: &str) -> &str {
+    path.find(['?', '#']).map_or(path, |i| &path[..i])
+}
+
+/// A regex that must match the whole subject, as RE2's FullMatch in Envoy's `safe_regex`.
+fn full_regex(pattern: &str) -> Result<Regex, String> {
+    Regex::new(&format!("^(?:{pattern})$")).map_err(|e| format!("regex {pattern:?}: {e}"))
+}
+
+impl Permission {
+    /// Parses one element of an intention's `Permissions` as Consul's API returns it (zero
+    /// values omitted). Anything it cannot judge exactly is an error.
+    pub fn from_consul(v: &Value) -> Result<Permission, String> {
+        let source = v.to_string();
+        let obj = v.as_object().ok_or("a permission is not an object")?;
+        for k in obj.keys() {
+            if !matches!(k.as_str(), "Action" | "HTTP") && !is_zero(&obj[k]) {
+                return Err(format!("unsupported permission field {k}"));
+            }
+        }
+        let allow = match obj.get("Action").and_then(Value::as_str) {
+            Some(a) if a.eq_ignore_ascii_case("allow") => true,
+            Some(a) if a.eq_ignore_ascii_case("deny") => false,
+            other => {
+                return Err(format!(
+                    "permission Action {other:?} is neither allow nor deny"
+                ))
+            }
+        };
+        let empty = serde_json::Map::new();
+        let http = match obj.get("HTTP") {
+            None | Some(Value::Null) => &empty,
+            Some(Value::Object(h)) => h,
+            Some(_) => return Err("permission HTTP is not an object".into()),
+        };
+        let text = |k: &str| -> Result<Option<String>, String> {
+            match http.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) if s.is_empty() => Ok(None),
+                Some(Value::String(s)) => Ok(Some(s.clone())),
+                Some(_) => Err(format!("HTTP.{k} is not a string")),
+            }
+        };
+        let mut path = None;
+        let mut paths = 0;
+        if let Some(p) = text("PathExact")? {
+            path = Some(PathMatch::Exact(p));
+            paths += 1;
+        }
+        if let Some(p) = text("PathPrefix")? {
+            path = Some(PathMatch::Prefix(p));
+            paths += 1;
+        }
+        if let Some(p) = text("PathRegex")? {
+            path = Some(PathMatch::Regex(full_regex(&p)?));
+            paths += 1;
+        }
+        if paths > 1 {
+            return Err("more than one of PathExact, PathPrefix, PathRegex".into());
+        }
+        let mut methods = Vec::new();
+        let mut headers = Vec::new();
+        for (k, val) in http {
+            match k.as_str() {
+                "PathExact" | "PathPrefix" | "PathRegex" => {}
+                "Methods" => {
+                    for m in val.as_array().into_iter().flatten() {
+                        let m = m.as_str().ok_or("HTTP.Methods holds a non-string")?;
+                        methods.push(m.to_string());
+                    }
+                }
+                "Header" => {
+                    for h in val.as_array().into_iter().flatten() {
+                        headers.push(HeaderMatch::from_consul(h)?);
+                    }
+                }
+                other if is_zero(val) => log::trace!("ignoring empty HTTP.{other}"),
+                other => return Err(format!("unsupported HTTP field {other}")),
+            }
+        }
+        Ok(Permission {
+            allow,
+            path,
+            methods,
+            headers,
+            source,
+        })
+    }
+
+    /// Whether every condition of this permission holds for `req`.
+    pub fn matches(&self, req: &dyn Request) -> bool {
+        let path_ok = match &self.path {
+            None => true,
+            Some(PathMatch::Exact(p)) => req.path() == p,
+            Some(PathMatch::Prefix(p)) => req.path().starts_with(p.as_str()),
+            Some(PathMatch::Regex(r)) => r.is_match(req.path()),
+        };
+        path_ok
+            && (self.methods.is_empty() || self.methods.iter().any(|m| m == req.method()))
+            && self.headers.iter().all(|h| h.matches(req))
+    }
+}
+
+/// What Consul's omitempty would have left out anyway.
+fn is_zero(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::Bool(b) => !b,
+        Value::String(s) => s.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.values().all(is_zero),
+        Value::Number(n) => n.as_f64() == Some(0.0),
+    }
+}
+
+impl HeaderMatch {
+    fn from_consul(v: &Value) -> Result<HeaderMatch, String> {
+        let obj = v.as_object().ok_or("a Header entry is not an object")?;
+        let name = obj
+            .get("Name")
+            .and_then(Value::as_str)
+            .filter(|n| !n.is_empty())
+            .ok_or("a Header entry has no Name")?
+            .to_ascii_lowercase();
+        let mut kinds = Vec::new();
+        let mut invert = false;
+        for (k, val) in obj {
+            let s = || {
+                val.as_str()
+                    .map(str::to_string)
+                    .ok_or(format!("Header.{k} is not a string"))
+            };
+            match k.as_str() {
+                "Name" => {}
+                "Invert" => invert = val.as_bool().ok_or("Header.Invert is not a boolean")?,
+                "Present" => {
+                    if val.as_bool().ok_or("Header.Present is not a boolean")? {
+                        kinds.push(HeaderKind::Present);
+                    }
+                }
+                _ if is_zero(val) => {}
+                "Exact" => kinds.push(HeaderKind::Exact(s()?)),
+                "Prefix" => kinds.push(HeaderKind::Prefix(s()?)),
+                "Suffix" => kinds.push(HeaderKind::Suffix(s()?)),
+                "Regex" => kinds.push(HeaderKind::Regex(full_regex(&s()?)?)),
+                other => return Err(format!("unsupported Header field {other}")),
+            }
+        }
+        let kind = match kinds.len() {
+            1 => kinds.remove(0),
+            0 => return Err(format!("Header {name} has no matcher")),
+            _ => return Err(format!("Header {name} has more than one matcher")),
+        };
+        Ok(HeaderMatch { name, kind, invert })
+    }
+
+    fn matches(&self, req: &dyn Request) -> bool {
+        let Some(value) = req.header(&self.name) else {
+            return matches!(self.kind, HeaderKind::Present) && self.invert;
+        };
+        let hit = match &self.kind {
+            HeaderKind::Present => true,
+            HeaderKind::Exact(s) => value == *s,
+            HeaderKind::Prefix(s) => value.starts_with(s.as_str()),
+            HeaderKind::Suffix(s) => value.ends_with(s.as_str()),
+            HeaderKind::Regex(r) => r.is_match(&value),
+        };
+        hit != self.invert
+    }
+}
+
+/// The outcome of an L7 source's permissions for one request: `Some((allow, index))` of the
+/// first permission that matched, `None` when none did (the default policy decides).
+pub fn first_match(permissions: &[Permission], req: &dyn Request) -> Option<(bool, usize)> {
+    permissions
+        .iter()
+        .position(|p| p.matches(req))
+        .map(|i| (permissions[i].allow, i))
+}
+
+/// Parses an intention's whole `Permissions` list.
+pub fn parse_all(values: &[Value]) -> Result<Vec<Permission>, String> {
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| Permission::from_consul(v).map_err(|e| format!("permission #{i}: {e}")))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;
