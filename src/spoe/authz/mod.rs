@@ -124,8 +124,15 @@ impl Intention {
     /// Whether this intention's source is the client `id`, as Consul's
     /// `AuthorizeIntentionTarget` decides it: peer, partition, namespace, then name.
     pub fn matches(&self, id: &SpiffeId) -> bool {
+        // On the decision path: compared in place, no allocation.
         fn same_or_any(pattern: &str, value: &str) -> bool {
-            let or_default = |s: &str| if s.is_empty() { "default" } else { s }.to_string();
+            fn or_default(s: &str) -> &str {
+                if s.is_empty() {
+                    "default"
+                } else {
+                    s
+                }
+            }
             pattern == "*" || or_default(pattern) == or_default(value)
         }
         // A client whose certificate chains to our roots belongs to this cluster, never a peer.
