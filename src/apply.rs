@@ -193,6 +193,23 @@ fn retry_delay(failures: u32) -> Duration {
         .min(RETRY_MAX)
 }
 
+/// Every file rendered from `desired`: haproxy.cfg, and the others (certificates, SPOE) in
+/// write order.
+fn rendered(
+    desired: &Desired,
+    creds: &DataplaneCredentials,
+    templates: &crate::render::Templates,
+) -> Result<(crate::render::File, Vec<crate::render::File>)> {
+    let (cfg, rest): (Vec<_>, Vec<_>) = crate::render::render(desired, creds, templates)?
+        .into_iter()
+        .partition(|f| f.path == desired.paths.haproxy_cfg);
+    let cfg = cfg
+        .into_iter()
+        .next()
+        .ok_or_else(|| crate::error::Error::msg("the render produced no haproxy.cfg"))?;
+    Ok((cfg, rest))
+}
+
 /// The full reconcile: every file rendered from `desired`, certificates written first, the
 /// configuration replaced whole through the Dataplane API (validated, then one reload).
 fn apply_whole(
@@ -201,17 +218,10 @@ fn apply_whole(
     creds: &DataplaneCredentials,
     templates: &crate::render::Templates,
 ) -> Result<()> {
-    let files = crate::render::render(desired, creds, templates)?;
-    let (cfg, rest): (Vec<_>, Vec<_>) = files
-        .into_iter()
-        .partition(|f| f.path == desired.paths.haproxy_cfg);
+    let (cfg, rest) = rendered(desired, creds, templates)?;
     for f in rest {
         write_atomic(&f.path, f.contents.as_bytes())?;
     }
-    let cfg = cfg
-        .into_iter()
-        .next()
-        .ok_or_else(|| crate::error::Error::msg("the render produced no haproxy.cfg"))?;
     dataplane
         .replace_raw(&cfg.contents)
         .context("replacing the whole configuration (SIGHUP reconcile)")?;
@@ -369,10 +379,7 @@ fn write_config(
     creds: &DataplaneCredentials,
     templates: &crate::render::Templates,
 ) -> Result<()> {
-    let cfg = crate::render::render(desired, creds, templates)?
-        .into_iter()
-        .find(|f| f.path == desired.paths.haproxy_cfg)
-        .ok_or_else(|| crate::error::Error::msg("the render produced no haproxy.cfg"))?;
+    let (cfg, _) = rendered(desired, creds, templates)?;
     let version = dataplane
         .version()
         .context("reading the configuration version")?;

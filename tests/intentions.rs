@@ -161,16 +161,11 @@ fn with_acls_default_deny_the_sidecar_agrees_with_consul_authorize() {
     )
     .unwrap_or_else(|e| panic!("{e}\n{}", sidecar.logs()));
 
-    let roots = consul.get_json("/v1/agent/connect/ca/roots");
-    std::fs::write(
-        base.join("roots.pem"),
-        roots["Roots"][0]["RootCert"].as_str().unwrap(),
-    )
-    .unwrap();
+    let ca = ready_with_ca(&sidecar, &consul, base.path());
     let mut verdicts = Vec::new();
     for source in ["web", "client", "other"] {
         let (cert, key, leaf) = consul.leaf_files(source, base.path());
-        let ours = curl_mtls(port, Some((&cert, &key)), &base.join("roots.pem")).is_ok();
+        let ours = curl_mtls(port, Some((&cert, &key)), &ca).is_ok();
         let theirs = consul.authorize("server", &leaf);
         assert_eq!(
             ours,

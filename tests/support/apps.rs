@@ -8,13 +8,7 @@ use super::*;
 /// drop.
 pub struct HttpApp {
     addr: SocketAddr,
-    requests: Arc<AtomicU64>,
-    /// Requests per path (query string left out).
-    paths: Arc<Mutex<HashMap<String, u64>>>,
-    bytes: Arc<AtomicU64>,
-    delay_ms: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    conns: Arc<Mutex<HashMap<u64, TcpStream>>>,
+    shared: AppShared,
     acceptor: Option<JoinHandle<()>>,
     handlers: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
@@ -23,6 +17,7 @@ pub struct HttpApp {
 struct AppShared {
     body: Arc<Vec<u8>>,
     requests: Arc<AtomicU64>,
+    /// Requests per path (query string left out).
     paths: Arc<Mutex<HashMap<String, u64>>>,
     bytes: Arc<AtomicU64>,
     delay_ms: Arc<AtomicU64>,
@@ -57,12 +52,7 @@ impl HttpApp {
         };
         HttpApp {
             addr,
-            requests: shared.requests,
-            paths: shared.paths,
-            bytes: shared.bytes,
-            delay_ms: shared.delay_ms,
-            stop: shared.stop,
-            conns: shared.conns,
+            shared,
             acceptor: Some(acceptor),
             handlers,
         }
@@ -76,7 +66,7 @@ impl HttpApp {
     /// Applies to requests that arrive from now on.
     pub fn set_delay(&self, delay: Duration) {
         let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
-        self.delay_ms.store(ms, Ordering::SeqCst);
+        self.shared.delay_ms.store(ms, Ordering::SeqCst);
     }
 
     pub fn port(&self) -> u16 {
@@ -91,28 +81,34 @@ impl HttpApp {
     /// Complete requests received (counted before the delay, so a slow request counts even if
     /// the client gave up).
     pub fn requests(&self) -> u64 {
-        self.requests.load(Ordering::SeqCst)
+        self.shared.requests.load(Ordering::SeqCst)
     }
 
     /// Complete requests received for `path` (any query string).
     pub fn requests_for(&self, path: &str) -> u64 {
-        self.paths.lock().unwrap().get(path).copied().unwrap_or(0)
+        self.shared
+            .paths
+            .lock()
+            .unwrap()
+            .get(path)
+            .copied()
+            .unwrap_or(0)
     }
 
     pub fn bytes_received(&self) -> u64 {
-        self.bytes.load(Ordering::SeqCst)
+        self.shared.bytes.load(Ordering::SeqCst)
     }
 }
 
 impl Drop for HttpApp {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
+        self.shared.stop.store(true, Ordering::SeqCst);
         // accept() has no timeout; a connection of our own wakes it to see the stop flag.
         let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
         if let Some(acceptor) = self.acceptor.take() {
             let _ = acceptor.join();
         }
-        for (_, conn) in self.conns.lock().unwrap().drain() {
+        for (_, conn) in self.shared.conns.lock().unwrap().drain() {
             let _ = conn.shutdown(Shutdown::Both);
         }
         for handler in self.handlers.lock().unwrap().drain(..) {
