@@ -48,6 +48,9 @@ pub struct FrontendSpec {
     /// cannot carry `http-request return`, so such a frontend is only ever created by a full
     /// render (see `Plan::needs_full_render`).
     pub only_path: Option<String>,
+    /// The only sources a connection may come from (an exposed check's listener); empty admits
+    /// any. Rendered only, like `only_path`, on the frontends that carry `only_path`.
+    pub only_sources: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -99,6 +102,7 @@ pub fn public_frontend(d: &Desired) -> FrontendSpec {
             .intentions
             .then(|| d.paths.spoe_conf.display().to_string()),
         only_path: None,
+        only_sources: Vec::new(),
     }
 }
 
@@ -153,6 +157,7 @@ pub fn upstream_frontend(d: &Desired, u: &UpstreamListener) -> FrontendSpec {
         log_format: d.knobs.log_format.clone(),
         spoe_config: None,
         only_path: None,
+        only_sources: Vec::new(),
     }
 }
 
@@ -193,6 +198,7 @@ pub fn exposed_frontend(d: &Desired, e: &ExposedListener) -> FrontendSpec {
         log_format: d.knobs.log_format.clone(),
         spoe_config: None,
         only_path: Some(e.path.clone()),
+        only_sources: e.sources.clone(),
     }
 }
 
@@ -248,6 +254,13 @@ impl FrontendSpec {
             None => format!("option {}log", mode(self.mode)),
         });
         l.push(bind.line());
+        if !self.only_sources.is_empty() {
+            // At connection time, before a byte is read: a refused source learns nothing.
+            l.push(format!(
+                "tcp-request connection reject unless {{ src {} }}",
+                self.only_sources.join(" ")
+            ));
+        }
         if let Some(p) = &self.only_path {
             l.push(format!(
                 "http-request return status 404 unless {{ path {p} }}"

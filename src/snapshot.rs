@@ -21,6 +21,9 @@ pub struct Snapshot {
     /// The agent's checks of the proxied service, read only when the registration asks for
     /// `Expose.Checks`; `None` until first read.
     pub checks: Option<Vec<AgentCheck>>,
+    /// The local agent's own address (`/v1/agent/self` Member.Addr), read only for
+    /// `Expose.Checks`: a check's listener admits it.
+    pub agent_address: Option<String>,
 }
 
 impl Snapshot {
@@ -36,6 +39,7 @@ impl Snapshot {
             Update::Intentions(i) => replace(&mut self.intentions, Some(i)),
             Update::AclDefaultPolicy(p) => replace(&mut self.acl_default_policy, Some(p)),
             Update::Checks(c) => replace(&mut self.checks, Some(c)),
+            Update::AgentAddress(a) => replace(&mut self.agent_address, Some(a)),
             Update::Endpoints(k, e) => {
                 if self.endpoints.get(&k) == Some(&e) {
                     false

@@ -262,3 +262,84 @@ fn case_expose_checks() {
     assert_eq!(http_get(&probe, "/debug/x", T).unwrap().0, 404);
     assert_eq!(s2_app.requests_for("/debug/x"), 0);
 }
+
+/// `case-expose-checks` also asserts that a check's listener admits only the local agent
+/// (Envoy's filter chain matches loopback and the agent's address). The node runs in a
+/// network namespace of its own (tests/support/netns.rs) so that another host can try: its
+/// connection to the check's listener is refused before a byte is read, while the node itself
+/// and, for the other host, an explicit `Expose.Paths` listener still serve.
+#[test]
+fn exposed_check_listeners_refuse_other_hosts() {
+    use support::netns::{can_create_namespaces, Net};
+    if !can_create_namespaces() {
+        eprintln!("expose: SKIPPED: network namespaces need root (CI runs as root)");
+        return;
+    }
+    let net = Net::new(&["node", "outsider"]);
+    let (node, outsider) = (net.host("node"), net.host("outsider"));
+    // Everything of the node starts on this thread, inside its namespace, so every child
+    // process inherits it; all of it is dropped (and stopped by PID) before the thread ends.
+    node.run(|| {
+        let exposed = free_port();
+        let consul = Consul::start_expose_from(exposed);
+        let app = HttpApp::start("healthy");
+        let (sidecar_port, metrics_port) = (free_port(), free_port());
+        consul.register(&registration(
+            "web",
+            app.port(),
+            sidecar_port,
+            &[],
+            serde_json::json!({"Checks": true, "Paths": [{
+                "Path": "/metrics", "LocalPathPort": app.port(), "ListenerPort": metrics_port
+            }]}),
+            serde_json::json!([{
+                "Name": "web health", "HTTP": format!("http://127.0.0.1:{}/health", app.port()),
+                "Interval": "1s", "Timeout": "1s"
+            }]),
+        ));
+        let base = TempDir::new("expose-sources");
+        let web = sidecar(&consul, &base, "web", false, &[]);
+        wait_check_passes_through_sidecar(&consul, "web", exposed, &web);
+
+        // The agent's address is 127.0.0.1 here, already in the rule.
+        let cfg_path = workdir(&base, "web").join("haproxy.cfg");
+        let rule = "tcp-request connection reject unless { src 127.0.0.0/8 ::1 }";
+        wait_until(
+            Duration::from_secs(20),
+            "the check listener's source rule",
+            || std::fs::read_to_string(&cfg_path).is_ok_and(|c| c.contains(rule)),
+        )
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}\n{}\n{}",
+                std::fs::read_to_string(&cfg_path).unwrap_or_default(),
+                web.logs()
+            )
+        });
+        let cfg = std::fs::read_to_string(&cfg_path).unwrap();
+        assert_eq!(
+            cfg.matches("tcp-request connection reject").count(),
+            1,
+            "{cfg}"
+        );
+
+        // This host: admitted.
+        assert_eq!(
+            http_get(&format!("127.0.0.1:{exposed}"), "/health", T).unwrap(),
+            (200, "healthy".into())
+        );
+        // Another host: refused; its explicit path is open to it.
+        let (refused, open) = outsider.run(|| {
+            (
+                http_get(&node.at(exposed), "/health", T),
+                http_get(&node.at(metrics_port), "/metrics", T),
+            )
+        });
+        assert!(
+            refused.is_err(),
+            "another host reached the check listener: {refused:?}\n{cfg}"
+        );
+        assert_eq!(open.unwrap(), (200, "healthy".into()));
+    });
+    net.remove_and_check();
+}

@@ -56,6 +56,8 @@ pub enum Update {
     AclDefaultPolicy(String),
     /// The agent's checks of the proxied service (`Expose.Checks`), sorted by check ID.
     Checks(Vec<api::AgentCheck>),
+    /// The local agent's address (`/v1/agent/self` Member.Addr).
+    AgentAddress(String),
 }
 
 /// The service instance whose agent checks the registration asks to expose
