@@ -211,13 +211,19 @@ fn case_expose_checks() {
     let s2 = sidecar(&consul, &base, "s2", false, &[]);
 
     // "s1 proxy listener should be up and have right cert" / "s2 …": the mesh listeners serve
-    // mTLS (a plain request is refused by the TLS handshake, not answered).
-    for (port, sidecar) in [(s1_port, &s1), (s2_port, &s2)] {
+    // mTLS (a plain request is refused by the TLS handshake, not answered) and present their
+    // service's SPIFFE ID.
+    for (name, port, sidecar) in [("s1", s1_port, &s1), ("s2", s2_port, &s2)] {
         wait_until(Duration::from_secs(60), "the public listener", || {
             listening(port)
         })
         .unwrap_or_else(|e| panic!("{e}\n{}", sidecar.logs()));
         assert!(http_get(&format!("127.0.0.1:{port}"), "/", T).is_err());
+        let sans = presented_sans(port);
+        assert!(
+            sans.contains("URI:spiffe://") && sans.contains(&format!("/svc/{name}\n")),
+            "{name} presents {sans:?}"
+        );
     }
     // "s2 proxy should be healthy": its check passes through the exposed listener.
     wait_check_passes_through_sidecar(&consul, "s2", exposed, &s2);
