@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::admission::Verdicts;
 use crate::consul::api::{
     AgentCheck, AgentService, CaRoots, HealthEntry, IntentionEntry, LeafCert,
 };
@@ -21,6 +22,9 @@ pub struct Snapshot {
     /// The agent's checks of the proxied service, read only when the registration asks for
     /// `Expose.Checks`; `None` until first read.
     pub checks: Option<Vec<AgentCheck>>,
+    /// Not Consul's: the identity checker's verdicts on upstream endpoints (`admission`),
+    /// merged here so that the model is built from one input.
+    pub admission: Verdicts,
 }
 
 impl Snapshot {
@@ -44,6 +48,16 @@ impl Snapshot {
                     true
                 }
             }
+        }
+    }
+
+    /// Takes the identity checker's verdicts; says whether they changed.
+    pub fn admit(&mut self, verdicts: Verdicts) -> bool {
+        if self.admission == verdicts {
+            false
+        } else {
+            self.admission = verdicts;
+            true
         }
     }
 
