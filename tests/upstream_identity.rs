@@ -14,10 +14,12 @@ use support::*;
 
 const T: Duration = Duration::from_secs(5);
 
-/// Requests through an upstream, a new connection each, until stopped (or 120 s).
+/// Requests through an upstream, a new connection each, until stopped (or 120 s): answered by
+/// the server app (`ok`), by another app (`other`), or failed.
 struct Load {
     stop: Arc<AtomicBool>,
     ok: Arc<AtomicU64>,
+    other: Arc<AtomicU64>,
     failed: Arc<AtomicU64>,
     errors: Arc<Mutex<Vec<String>>>,
     thread: Option<thread::JoinHandle<()>>,
@@ -27,14 +29,22 @@ impl Load {
     fn start(addr: String) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let ok = Arc::new(AtomicU64::new(0));
+        let other = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicU64::new(0));
         let errors = Arc::new(Mutex::new(Vec::new()));
-        let (s, o, f, e) = (stop.clone(), ok.clone(), failed.clone(), errors.clone());
+        let (s, o, x, f, e) = (
+            stop.clone(),
+            ok.clone(),
+            other.clone(),
+            failed.clone(),
+            errors.clone(),
+        );
         let thread = thread::spawn(move || {
             let deadline = Instant::now() + Duration::from_secs(120);
             while !s.load(Ordering::SeqCst) && Instant::now() < deadline {
                 match http_get(&addr, "/", T) {
                     Ok((200, body)) if body == APP_BODY => o.fetch_add(1, Ordering::SeqCst),
+                    Ok((200, _)) => x.fetch_add(1, Ordering::SeqCst),
                     other => {
                         e.lock().unwrap().push(format!("{other:?}"));
                         f.fetch_add(1, Ordering::SeqCst)
@@ -45,12 +55,14 @@ impl Load {
         Load {
             stop,
             ok,
+            other,
             failed,
             errors,
             thread: Some(thread),
         }
     }
 
+    /// (server app's answers, failed requests, what failed); another app's answer is a failure.
     fn finish(mut self) -> (u64, u64, Vec<String>) {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
@@ -58,9 +70,13 @@ impl Load {
         }
         (
             self.ok.load(Ordering::SeqCst),
-            self.failed.load(Ordering::SeqCst),
+            self.failed.load(Ordering::SeqCst) + self.other.load(Ordering::SeqCst),
             self.errors.lock().unwrap().clone(),
         )
+    }
+
+    fn answered_by_another(&self) -> u64 {
+        self.other.load(Ordering::SeqCst)
     }
 }
 
@@ -297,4 +313,76 @@ fn an_endpoint_whose_sidecar_starts_late_is_admitted_within_one_recheck() {
         "admitted {:.1}s after its sidecar served (re-check interval {recheck:?})",
         took.as_secs_f64()
     );
+}
+
+/// The window the per-endpoint check leaves, and where HAProxy closes it per connection: an
+/// admitted endpoint's address is taken over by another service's sidecar (a reused address).
+/// With Consul 1.8.7's leaves HAProxy refuses the newcomer on every connection (`verifyhost`
+/// on their CN), so it never decrypts a request; with current Consul's (no CN) it gets
+/// requests until the next re-check refuses it, and none after.
+#[test]
+fn an_endpoint_taken_over_by_another_service_is_refused() {
+    let recheck = Duration::from_secs(5);
+    let mesh = Mesh::start(MeshOptions {
+        client_args: vec!["-upstream-identity-recheck".into(), "5s".into()],
+        ..MeshOptions::default()
+    });
+    let legacy_cn = !mesh.consul.is_current();
+    let second = HttpApp::start(APP_BODY);
+    let port = free_port();
+    register_bare_proxy(
+        &mesh.consul,
+        "server2-sidecar-proxy",
+        "server",
+        "server2",
+        port,
+        second.port(),
+    );
+    let mut second_sidecar = sidecar(&mesh.consul, &mesh.base, "server2", false, &[]);
+    let load = Load::start(mesh.upstream_addr());
+    let start = second.requests();
+    wait_until(
+        Duration::from_secs(30),
+        "the second instance to serve",
+        || second.requests() > start + 3,
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.client_sidecar.logs()));
+
+    // The address changes hands; Consul still lists it as server's.
+    second_sidecar.stop();
+    let rogue = start_rogue(&mesh.consul, &mesh.base, port);
+    let took_over = Instant::now();
+    let warning = format!("127.0.0.1:{port} (expected /ns/default/dc/dc1/svc/server) presented");
+    wait_until(recheck + T, "the re-check to refuse the newcomer", || {
+        mesh.client_sidecar.log_contains(&warning)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.client_sidecar.logs()));
+    let refused_after = took_over.elapsed();
+    // The slot's change reaches HAProxy within a debounce and one runtime API exchange.
+    thread::sleep(Duration::from_secs(1));
+    let decrypted_in_window = rogue.app.requests();
+    let answered_in_window = load.answered_by_another();
+    thread::sleep(Duration::from_secs(5));
+    let decrypted_after = rogue.app.requests() - decrypted_in_window;
+    let (ok, failed, errors) = load.finish();
+    eprintln!(
+        "Consul {}: refused {:.1}s after the takeover; the newcomer decrypted {decrypted_in_window} request(s) before, {decrypted_after} after",
+        consul_version(),
+        refused_after.as_secs_f64()
+    );
+    assert_eq!(decrypted_after, 0, "requests after the refusal");
+    assert!(ok > 50, "the load ran: {ok}");
+    if legacy_cn {
+        assert_eq!(
+            decrypted_in_window, 0,
+            "verifyhost refuses it per connection"
+        );
+        assert_eq!(failed, 0, "failed requests: {errors:?}");
+    } else {
+        // Current Consul: the window is real, and this test keeps it visible.
+        assert_eq!(
+            failed, answered_in_window,
+            "only the window's answers from the newcomer count as failed: {errors:?}"
+        );
+    }
 }
