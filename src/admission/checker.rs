@@ -67,6 +67,7 @@ impl Drop for Checker {
 }
 
 /// What the thread knows.
+#[derive(Default)]
 struct State {
     leaf_pem: String,
     roots_pem: String,
@@ -79,15 +80,7 @@ struct State {
 }
 
 fn run(rx: &Receiver<Wanted>, interval: Duration, report: &dyn Report) {
-    let mut st = State {
-        leaf_pem: String::new(),
-        roots_pem: String::new(),
-        creds: None,
-        roots: None,
-        due: BTreeMap::new(),
-        verdicts: Verdicts::new(),
-        logged: BTreeMap::new(),
-    };
+    let mut st = State::default();
     loop {
         let now = Instant::now();
         let wait = st
@@ -255,4 +248,81 @@ pub fn check_once(wanted: &Wanted) -> Result<Verdicts> {
             Outcome::Inconclusive(_) => None,
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admission::Identity;
+    use crate::consul::api::{CaRoots, LeafCert};
+    use crate::model::fixtures::{json, CONSUL_VERSIONS};
+    use std::net::TcpListener;
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Counted(Mutex<Vec<&'static str>>);
+
+    impl Report for Counted {
+        fn verdicts(&self, _: Verdicts) {}
+        fn checked(&self, result: &'static str) {
+            self.0.lock().unwrap().push(result);
+        }
+    }
+
+    fn endpoint(port: u16) -> Endpoint {
+        Endpoint {
+            address: "127.0.0.1".into(),
+            port,
+            identity: Identity::service("server", "dc1"),
+        }
+    }
+
+    #[test]
+    fn a_check_that_cannot_complete_changes_no_verdict() {
+        for v in CONSUL_VERSIONS {
+            // Fault injection: FakeStalledEndpoint accepts and never answers (a check times
+            // out); the other port has nothing listening (refused).
+            let fake_stalled_endpoint = TcpListener::bind("127.0.0.1:0").unwrap();
+            let stalled = endpoint(fake_stalled_endpoint.local_addr().unwrap().port());
+            let closed = {
+                let l = TcpListener::bind("127.0.0.1:0").unwrap();
+                endpoint(l.local_addr().unwrap().port())
+            };
+            let leaf: LeafCert = json(v, "ca-leaf-client.json");
+            let roots: CaRoots = json(v, "ca-roots.json");
+            let mut st = State::default();
+            st.follow(Wanted {
+                endpoints: [stalled.clone(), closed.clone()].into_iter().collect(),
+                leaf_pem: format!("{}{}", leaf.cert_pem, leaf.private_key_pem),
+                roots_pem: roots.roots.iter().map(|r| r.root_cert.clone()).collect(),
+            });
+            assert!(st.creds.is_some() && st.roots.is_some(), "{v}");
+            let proven = Verdict::Proven { common_name: None };
+            st.verdicts.insert(stalled.clone(), proven.clone());
+            st.verdicts.insert(closed.clone(), proven.clone());
+            let report = Counted::default();
+            let before = Instant::now();
+            assert!(!st.check_due(Duration::from_secs(30), &report), "{v}");
+            assert_eq!(st.verdicts.get(&stalled), Some(&proven));
+            assert_eq!(st.verdicts.get(&closed), Some(&proven));
+            assert_eq!(*report.0.lock().unwrap(), ["inconclusive", "inconclusive"]);
+            // Retried soon, not a whole interval later.
+            for e in [&stalled, &closed] {
+                assert!(st.due[e] <= Instant::now() + RETRY, "{v}");
+            }
+            assert!(
+                before.elapsed() >= CHECK_TIMEOUT,
+                "the stalled check waited"
+            );
+
+            // An endpoint no longer wanted loses its verdict.
+            assert!(st.follow(Wanted {
+                endpoints: [stalled.clone()].into_iter().collect(),
+                leaf_pem: st.leaf_pem.clone(),
+                roots_pem: st.roots_pem.clone(),
+            }));
+            assert_eq!(st.verdicts.len(), 1);
+            drop(fake_stalled_endpoint);
+        }
+    }
 }
