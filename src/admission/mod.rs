@@ -132,20 +132,22 @@ pub enum Verdict {
 /// complete changes nothing here: the slot stays as it was.
 pub type Verdicts = BTreeMap<Endpoint, Verdict>;
 
-/// Judges a presented end-entity certificate against `expected`; `Ok` with its CN, or `Err`
-/// with what it presented.
+/// Judges a presented end-entity certificate (and the intermediates sent with it) against
+/// `expected`; `Ok` with its CN, or `Err` with what it presented.
 pub fn judge(
     roots: &crate::spoe::authz::AuthzTable,
     der: &[u8],
+    intermediates: &[&[u8]],
     expected: &Identity,
     now: std::time::SystemTime,
 ) -> Result<Option<String>, String> {
-    let (uri, id) = roots
-        .certify_server(der, now)
-        .map_err(|(why, uri)| match uri {
-            Some(uri) => format!("{uri} ({why})"),
-            None => why,
-        })?;
+    let (uri, id) =
+        roots
+            .certify_server(der, intermediates, now)
+            .map_err(|(why, uri)| match uri {
+                Some(uri) => format!("{uri} ({why})"),
+                None => why,
+            })?;
     if !expected.matches(&id) {
         return Err(uri);
     }
@@ -248,7 +250,7 @@ mod tests {
                 .1
                 .contents;
             let at = crate::clock::test_support::inside_validity(&der);
-            let cn = judge(&table, &der, &Identity::service("server", "dc1"), at);
+            let cn = judge(&table, &der, &[], &Identity::service("server", "dc1"), at);
             match v {
                 "1.8.7" => assert_eq!(
                     cn,
@@ -257,7 +259,7 @@ mod tests {
                 ),
                 _ => assert_eq!(cn, Ok(None), "{v}: current leaves carry no CN"),
             }
-            let wrong = judge(&table, &der, &Identity::service("web", "dc1"), at).unwrap_err();
+            let wrong = judge(&table, &der, &[], &Identity::service("web", "dc1"), at).unwrap_err();
             assert!(wrong.ends_with("/ns/default/dc/dc1/svc/server"), "{wrong}");
             // A certificate no current root signed is refused, whatever it claims.
             let other = AuthzTable::new(
@@ -267,7 +269,7 @@ mod tests {
                 DefaultPolicy::Deny,
             )
             .unwrap();
-            let unsigned = judge(&other, &der, &Identity::service("server", "dc1"), at);
+            let unsigned = judge(&other, &der, &[], &Identity::service("server", "dc1"), at);
             assert!(
                 unsigned
                     .as_ref()
@@ -275,5 +277,46 @@ mod tests {
                 "{unsigned:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_leaf_signed_by_an_intermediate_of_a_current_root_is_judged_by_its_path() {
+        use crate::spoe::authz::{AuthzTable, DefaultPolicy};
+        // fixtures/identity: root -> intermediate -> leaf of server in dc2, as a secondary
+        // datacenter's leaves are signed (see fixtures/identity/README.md).
+        let read = |name: &str| {
+            let path = format!("{}/fixtures/identity/{name}", env!("CARGO_MANIFEST_DIR"));
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+        };
+        let der = |pem: &str| {
+            x509_parser::pem::parse_x509_pem(pem.as_bytes())
+                .unwrap()
+                .1
+                .contents
+        };
+        let (root, inter, leaf) = (read("root.pem"), read("intermediate.pem"), read("leaf.pem"));
+        let (inter_der, leaf_der) = (der(&inter), der(&leaf));
+        let table = AuthzTable::new("", &root, vec![], DefaultPolicy::Deny).unwrap();
+        let at = crate::clock::test_support::inside_validity(&leaf_der);
+        let dc2 = Identity::service("server", "dc2");
+        assert_eq!(judge(&table, &leaf_der, &[&inter_der], &dc2, at), Ok(None));
+        let alone = judge(&table, &leaf_der, &[], &dc2, at).unwrap_err();
+        assert!(alone.contains("not signed by a current CA root"), "{alone}");
+        // The intermediate must itself come from a current root, and be a CA.
+        let consul: crate::consul::api::CaRoots =
+            crate::model::fixtures::json(crate::model::fixtures::ANY, "ca-roots.json");
+        let unrelated =
+            AuthzTable::new("", &consul.roots[0].root_cert, vec![], DefaultPolicy::Deny).unwrap();
+        assert!(
+            judge(&unrelated, &leaf_der, &[&inter_der], &dc2, at).is_err(),
+            "an intermediate of another root"
+        );
+        assert!(
+            judge(&table, &leaf_der, &[&leaf_der], &dc2, at).is_err(),
+            "a leaf is no CA"
+        );
+        let dc1 = Identity::service("server", "dc1");
+        let wrong = judge(&table, &leaf_der, &[&inter_der], &dc1, at).unwrap_err();
+        assert!(wrong.ends_with("/ns/default/dc/dc2/svc/server"), "{wrong}");
     }
 }

@@ -387,7 +387,7 @@ impl AuthzTable {
         let Some(der) = client_cert_der else {
             return Decision::deny("no client certificate", None);
         };
-        let (uri, id) = match self.certified(der, now, Peer::Client, |id| {
+        let (uri, id) = match self.certified(der, now, Peer::Client, &[], |id| {
             self.check_trust_domain(id)?;
             // Only the default admin partition exists outside Consul Enterprise, and Consul's
             // own authorize refuses a source from another partition than the target's.
@@ -510,19 +510,22 @@ impl AuthzTable {
         }
     }
 
-    /// The service identity a server presented (`der`, its end-entity certificate), as
-    /// `(URI SAN, parsed)`, if the certificate is valid now, is for server authentication and
-    /// was signed by a current root; else why not, with the URI it carried if any. The trust
-    /// domain is not compared: a server is judged by its path (the upstream identity check).
+    /// The service identity a server presented (`der`, its end-entity certificate, and the
+    /// `intermediates` it sent with it), as `(URI SAN, parsed)`, if the certificate is valid
+    /// now, is for server authentication and was signed by a current root, or by one of those
+    /// intermediates that a current root signed (leaves of a secondary datacenter); else why
+    /// not, with the URI it carried if any. The trust domain is not compared: a server is
+    /// judged by its path (the upstream identity check).
     pub fn certify_server(
         &self,
         der: &[u8],
+        intermediates: &[&[u8]],
         now: SystemTime,
     ) -> Result<(String, SpiffeId), (String, Option<String>)> {
         if let Some(why) = &self.unavailable {
             return Err((format!("no CA roots: {why}"), None));
         }
-        self.certified(der, now, Peer::Server, |_| Ok(()))
+        self.certified(der, now, Peer::Server, intermediates, |_| Ok(()))
             .map(|(uri, id)| (uri.to_owned(), id))
             .map_err(|(why, uri)| (why, uri.map(str::to_owned)))
     }
@@ -530,12 +533,13 @@ impl AuthzTable {
     /// What both sides of a mesh connection check of the other's certificate, in the order a
     /// denial names the first problem: it parses, its first URI SAN is a service identity that
     /// `check_id` accepts, it is valid at `now`, it is for `peer`'s usage, a current root
-    /// signed it.
+    /// signed it (or one of `intermediates` that a current root signed).
     fn certified<'a>(
         &self,
         der: &'a [u8],
         now: SystemTime,
         peer: Peer,
+        intermediates: &[&[u8]],
         check_id: impl Fn(&SpiffeId) -> Result<(), String>,
     ) -> Result<(&'a str, SpiffeId), (String, Option<&'a str>)> {
         let role = peer.word();
@@ -605,9 +609,39 @@ impl AuthzTable {
             }
             Ok(_) => {}
         }
-        self.check_issuer(der, &cert, now, role)
-            .map_err(|why| (why, src))?;
+        if let Err(why) = self.check_issuer(der, &cert, now, role) {
+            let via = intermediates
+                .iter()
+                .any(|i| self.signed_via(&cert, i, now).is_ok());
+            if !via {
+                return Err((why, src));
+            }
+        }
         Ok((uri, id))
+    }
+
+    /// Whether `intermediate` is a CA valid at `now`, signed by a current root, that signed
+    /// `cert`.
+    fn signed_via(
+        &self,
+        cert: &X509Certificate<'_>,
+        intermediate: &[u8],
+        now: ASN1Time,
+    ) -> Result<(), String> {
+        let inter = match X509Certificate::from_der(intermediate) {
+            Ok(([], c)) => c,
+            _ => return Err("the intermediate does not parse".into()),
+        };
+        let v = inter.validity();
+        if now < v.not_before || now > v.not_after {
+            return Err("the intermediate is not valid at this time".into());
+        }
+        if !inter.is_ca() {
+            return Err("the intermediate is not a CA".into());
+        }
+        cert.verify_signature(Some(inter.public_key()))
+            .map_err(|e| format!("the intermediate did not sign it: {e}"))?;
+        self.check_issuer(intermediate, &inter, now, "intermediate")
     }
 
     /// Trust domains are DNS names, hence case-insensitive (Consul compares them so too).
