@@ -322,6 +322,24 @@ mod tests {
                 roots_pem: st.roots_pem.clone(),
             }));
             assert_eq!(st.verdicts.len(), 1);
+
+            // New roots: every endpoint is due at once, and keeps its verdict until checked.
+            let later = Instant::now() + Duration::from_secs(1);
+            st.due
+                .insert(stalled.clone(), Instant::now() + Duration::from_secs(600));
+            let mut rotated = roots.clone();
+            rotated.roots.reverse();
+            rotated.roots.push(rotated.roots[0].clone());
+            st.follow(Wanted {
+                endpoints: [stalled.clone()].into_iter().collect(),
+                leaf_pem: st.leaf_pem.clone(),
+                roots_pem: rotated.roots.iter().map(|r| r.root_cert.clone()).collect(),
+            });
+            assert!(
+                st.due[&stalled] < later,
+                "{v}: re-checked when the roots change"
+            );
+            assert_eq!(st.verdicts.get(&stalled), Some(&proven));
             drop(fake_stalled_endpoint);
         }
     }
