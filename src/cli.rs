@@ -43,6 +43,8 @@ const LONG_FLAGS: &[&str] = &[
     "balance",
     "log-format",
     "template-dir",
+    "upstream-identity-check",
+    "upstream-identity-recheck",
 ];
 
 #[derive(Clone, Debug)]
@@ -60,6 +62,8 @@ pub struct Options {
     pub knobs: Knobs,
     /// Tera templates replacing the built-in ones.
     pub template_dir: Option<PathBuf>,
+    /// How often each upstream endpoint's identity is checked again; `None`: not checked.
+    pub identity_recheck: Option<std::time::Duration>,
 }
 
 /// `section.key=value`, as `-haproxy-param global.maxconn=20000`.
@@ -193,6 +197,8 @@ fn command() -> clap::Command {
         .arg(value("balance", "Load-balancing algorithm of upstreams: roundrobin, leastconn, first or random").default_value("roundrobin").value_name("ALGORITHM"))
         .arg(value("log-format", "HAProxy log-format of the access log lines (default: HAProxy's httplog/tcplog)").value_name("FORMAT"))
         .arg(value("template-dir", "Directory of Tera templates (haproxy.cfg.tera, spoe.conf.tera) replacing the built-in ones; checked with haproxy -c before use").value_name("DIR"))
+        .arg(bool_flag("upstream-identity-check", "Admit an upstream endpoint only once it proved, in an mTLS handshake, that it is the destination [default: true]"))
+        .arg(value("upstream-identity-recheck", "How often each upstream endpoint's identity is checked again (e.g. 30s, 2m)").default_value("30s").value_name("DURATION"))
         .arg(bool_flag("dry-run", "Print the files that would be written for the current Consul state, then exit; private keys and the Dataplane API password are redacted"))
         .arg(bool_flag("dry-run-show-secrets", "With -dry-run, print private keys and the Dataplane API password too"))
         .arg(bool_flag("version", "Print the version and the versions of haproxy and dataplaneapi"))
@@ -202,6 +208,7 @@ fn command() -> clap::Command {
 /// Flags that take no separate value argument (Go bools), so the word after them is a flag.
 const BOOL_FLAGS: &[&str] = &[
     "enable-intentions",
+    "upstream-identity-check",
     "stats-service-register",
     "dry-run",
     "dry-run-show-secrets",
@@ -391,6 +398,17 @@ pub fn parse(
             parse_duration(v)
         })
         .map_err(|e| UsageError(format!("invalid value for -grace-period: {e}")))?;
+    let identity_recheck = m
+        .get_one::<String>("upstream-identity-recheck")
+        .map_or(Ok(std::time::Duration::from_secs(30)), |v| {
+            parse_duration(v)
+        })
+        .map_err(|e| UsageError(format!("invalid value for -upstream-identity-recheck: {e}")))?;
+    // On unless turned off: a drop-in that silently trusted any mesh member would be worse.
+    let identity_check = match m.get_one::<String>("upstream-identity-check") {
+        Some(v) => parse_bool("upstream-identity-check", v)?,
+        None => true,
+    };
     let mut haproxy_params: Vec<HaproxyParam> = Vec::new();
     for v in m.get_many::<String>("haproxy-param").into_iter().flatten() {
         let p = parse_haproxy_param(v)
@@ -455,6 +473,7 @@ pub fn parse(
             .get_one::<String>("template-dir")
             .filter(|d| !d.is_empty())
             .map(PathBuf::from),
+        identity_recheck: identity_check.then_some(identity_recheck),
     };
     let show_secrets = flag_bool(&m, "dry-run-show-secrets")?;
     if show_secrets && !flag_bool(&m, "dry-run")? {

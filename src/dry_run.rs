@@ -53,8 +53,16 @@ pub fn dry_run(opts: &Options) -> Result<Vec<render::File>, Fatal> {
         intentions: opts.enable_intentions,
         knobs: opts.knobs.clone(),
         haproxy: crate::supervisor::preflight::haproxy_version(&opts.haproxy_bin)?,
+        identity_check: opts.identity_recheck.is_some(),
     };
-    let desired: Desired = model::build(&snapshot, &settings, None)?;
+    let mut desired: Desired = model::build(&snapshot, &settings, None)?;
+    // What a run admits at start: each endpoint checked once, as the run's first render waits
+    // for (an endpoint whose check cannot complete is printed in maintenance).
+    let wanted = desired.identity_checks();
+    if !wanted.endpoints.is_empty() {
+        snapshot.admit(crate::admission::checker::check_once(&wanted)?);
+        desired = model::build(&snapshot, &settings, None)?;
+    }
     Ok(render::render(
         &desired,
         &DataplaneCredentials::generate()?,

@@ -10,6 +10,7 @@ pub mod error;
 pub mod spoe;
 pub mod supervisor;
 
+pub(crate) mod admission;
 pub(crate) mod apply;
 pub(crate) mod clock;
 pub(crate) mod config;

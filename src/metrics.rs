@@ -15,6 +15,7 @@ use crate::model::Desired;
 pub struct Registry {
     watch_errors: Mutex<BTreeMap<String, u64>>,
     restarts: Mutex<BTreeMap<String, u64>>,
+    identity_checks: Mutex<BTreeMap<String, u64>>,
     applies: AtomicU64,
     apply_failures: AtomicU64,
     /// f64 bits: seconds since the epoch, and seconds.
@@ -44,6 +45,11 @@ impl Registry {
         if let Ok(mut slot) = self.desired.write() {
             *slot = Some(desired.clone());
         }
+    }
+
+    /// One upstream identity check done, by result (`proven`, `refused`, `inconclusive`).
+    pub fn identity_checked(&self, result: &str) {
+        count(&self.identity_checks, result.to_string());
     }
 
     pub fn restart(&self, child: &str) {
@@ -105,6 +111,13 @@ impl Registry {
             "child",
             &self.restarts,
         );
+        counters_by(
+            &mut out,
+            "hcc_upstream_identity_checks_total",
+            "Identity checks of upstream endpoints (an mTLS handshake each), by result.",
+            "result",
+            &self.identity_checks,
+        );
         if let Ok(agent) = self.agent.read() {
             if let Some(a) = agent.as_ref() {
                 let _ = writeln!(
@@ -127,6 +140,7 @@ impl Registry {
         }
         let desired = self.desired.read().ok().and_then(|d| d.clone());
         if let Some(d) = &desired {
+            endpoints_by_identity(&mut out, d);
             let _ = writeln!(out, "# HELP hcc_certificate_expiry_seconds Seconds until a certificate in use expires.\n# TYPE hcc_certificate_expiry_seconds gauge");
             for (kind, pem) in [("leaf", &d.tls.leaf_pem), ("root", &d.tls.roots_pem)] {
                 for (i, not_after) in not_afters(pem).into_iter().enumerate() {
@@ -140,6 +154,35 @@ impl Registry {
         }
         out.push_str(&relabel(haproxy, desired.as_ref()));
         out
+    }
+}
+
+/// How many instances of each upstream stand where with the identity check: a refused one is
+/// an endpoint at an address Consul lists for the destination that is someone else.
+fn endpoints_by_identity(out: &mut String, d: &Desired) {
+    use crate::model::Admission;
+    let _ = writeln!(out, "# HELP hcc_upstream_endpoints Upstream instances by identity check state (proven, unproven, refused; unchecked with the check off).\n# TYPE hcc_upstream_endpoints gauge");
+    for u in &d.upstreams {
+        let mut n: BTreeMap<&str, usize> = [("proven", 0), ("unproven", 0), ("refused", 0)]
+            .into_iter()
+            .collect();
+        for i in u.slots.iter().filter_map(|s| s.instance.as_ref()) {
+            let state = match i.admission {
+                Admission::Unchecked => "unchecked",
+                Admission::Unproven => "unproven",
+                Admission::Proven { .. } => "proven",
+                Admission::Refused => "refused",
+            };
+            *n.entry(state).or_default() += 1;
+        }
+        for (state, count) in n {
+            let _ = writeln!(
+                out,
+                "hcc_upstream_endpoints{{service=\"{}\",proxy=\"{}\",state=\"{state}\"}} {count}",
+                escape(&u.destination),
+                escape(&u.backend)
+            );
+        }
     }
 }
 

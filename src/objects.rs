@@ -7,7 +7,7 @@
 use serde::Serialize;
 
 use crate::model::{
-    Desired, ExposedListener, Mode, Public, Slot, UpstreamListener, FREE_SLOT_ADDRESS,
+    Desired, ExposedListener, Mode, Public, Server, Slot, UpstreamListener, FREE_SLOT_ADDRESS,
     FREE_SLOT_PORT,
 };
 
@@ -27,6 +27,10 @@ pub struct BackendSpec {
     /// `balance <algorithm>`; `None` keeps HAProxy's default (the local app's single server).
     pub balance: Option<String>,
     pub connect_timeout_ms: u64,
+    /// `default-server verifyhost <name>`: every server's certificate must carry this name.
+    /// Dataplane API v1.2.5 cannot set it, so a backend with it is only ever created by a full
+    /// render (see `Plan::full_render_reason`); later server edits through the API keep it.
+    pub verifyhost: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -83,6 +87,9 @@ pub struct ServerSpec {
     pub maintenance: bool,
     /// `proto h2` towards the app (h2c), for an exposed `http2` path; full render only.
     pub h2: bool,
+    /// The backend's `verifyhost`, which a server of the file inherits from its
+    /// `default-server` line but a dynamic server (`add server`) must be given itself.
+    pub verifyhost: Option<String>,
 }
 
 fn mesh_tls(d: &Desired) -> MeshTls {
@@ -124,6 +131,7 @@ pub fn local_backend(p: &Public) -> BackendSpec {
         mode: p.mode,
         balance: None,
         connect_timeout_ms: p.connect_timeout_ms,
+        verifyhost: None,
     }
 }
 
@@ -137,6 +145,7 @@ pub fn local_server(p: &Public) -> ServerSpec {
         tls: None,
         maintenance: false,
         h2: false,
+        verifyhost: None,
     }
 }
 
@@ -146,6 +155,7 @@ pub fn upstream_backend(d: &Desired, u: &UpstreamListener) -> BackendSpec {
         mode: u.mode,
         balance: Some(d.knobs.balance.clone()),
         connect_timeout_ms: u.connect_timeout_ms,
+        verifyhost: u.verifyhost.clone(),
     }
 }
 
@@ -178,6 +188,8 @@ pub fn upstream_server(d: &Desired, u: &UpstreamListener, slot: &Slot) -> Server
         Some(s) => (s.address.clone(), s.port, s.weight),
         None => (FREE_SLOT_ADDRESS.to_string(), FREE_SLOT_PORT, 1),
     };
+    // An instance that has not proven its identity keeps its slot, in maintenance: it enters
+    // service the moment it does, with no slot change.
     ServerSpec {
         backend: u.backend.clone(),
         name: slot.name.clone(),
@@ -185,8 +197,9 @@ pub fn upstream_server(d: &Desired, u: &UpstreamListener, slot: &Slot) -> Server
         port,
         weight: Some(weight),
         tls: Some(mesh_tls(d)),
-        maintenance: slot.instance.is_none(),
+        maintenance: !slot.instance.as_ref().is_some_and(Server::in_service),
         h2: false,
+        verifyhost: u.verifyhost.clone(),
     }
 }
 
@@ -220,6 +233,7 @@ pub fn exposed_backend(e: &ExposedListener) -> BackendSpec {
         mode: Mode::Http,
         balance: None,
         connect_timeout_ms: e.connect_timeout_ms,
+        verifyhost: None,
     }
 }
 
@@ -233,6 +247,7 @@ pub fn exposed_server(e: &ExposedListener) -> ServerSpec {
         tls: None,
         maintenance: false,
         h2: e.http2,
+        verifyhost: None,
     }
 }
 
@@ -325,6 +340,11 @@ impl BackendSpec {
         }
         // Milliseconds, written bare as the Dataplane API writes them.
         l.push(format!("timeout connect {}", self.connect_timeout_ms));
+        if let Some(name) = &self.verifyhost {
+            // No `sni` on the servers: without SNI, HAProxy checks the certificate against
+            // this name (its DNS SANs, then its CN).
+            l.push(format!("default-server verifyhost {name}"));
+        }
         l.extend(servers.iter().map(ServerSpec::line));
         l
     }

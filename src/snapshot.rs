@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::admission::Verdicts;
 use crate::consul::api::{
     AgentCheck, AgentService, CaRoots, HealthEntry, IntentionEntry, LeafCert,
 };
@@ -24,6 +25,9 @@ pub struct Snapshot {
     /// The local agent's own address (`/v1/agent/self` Member.Addr), read only for
     /// `Expose.Checks`: a check's listener admits it.
     pub agent_address: Option<String>,
+    /// Not Consul's: the identity checker's verdicts on upstream endpoints (`admission`),
+    /// merged here so that the model is built from one input.
+    pub admission: Verdicts,
 }
 
 impl Snapshot {
@@ -48,6 +52,16 @@ impl Snapshot {
                     true
                 }
             }
+        }
+    }
+
+    /// Takes the identity checker's verdicts; says whether they changed.
+    pub fn admit(&mut self, verdicts: Verdicts) -> bool {
+        if self.admission == verdicts {
+            false
+        } else {
+            self.admission = verdicts;
+            true
         }
     }
 

@@ -114,6 +114,23 @@ const FORBIDDEN: &[(&str, &[&str], &str)] = &[
         "config holds values",
     ),
     (
+        "admission",
+        &[
+            "haproxy",
+            "model",
+            "objects",
+            "render",
+            "apply",
+            "supervisor",
+            "snapshot",
+            "consul",
+            "intentions",
+            "metrics",
+            "stats",
+        ],
+        "the identity checker probes endpoints and reports verdicts; it knows nothing of HAProxy, Consul or the model",
+    ),
+    (
         "stats",
         &["supervisor", "apply", "model", "render"],
         "stats owns no state anyone else needs",

@@ -78,6 +78,9 @@ impl Plan {
             Op::CreateServer(s) | Op::ReplaceServer(s) if s.h2 => {
                 Some("an http2 exposed path needs `proto h2`, which the Dataplane API cannot set")
             }
+            Op::CreateBackend(b) | Op::ReplaceBackend(b) if b.verifyhost.is_some() => Some(
+                "an upstream's servers get a certificate name to check (verifyhost), which the Dataplane API cannot set",
+            ),
             // Its intentions rules are rendered only, and which ones depends on the mode.
             Op::ReplaceFrontend(f) if f.spoe_config.is_some() => {
                 Some("the public listener with intentions changes (mode or log format)")
@@ -251,6 +254,8 @@ mod tests {
             address: "127.0.0.9".into(),
             port,
             weight: 1,
+            identity: crate::admission::Identity::service("server", "dc1"),
+            admission: crate::model::Admission::Unchecked,
         }
     }
 

@@ -69,6 +69,9 @@ pub fn add_server(stats: &Path, s: &ServerSpec) -> Result<()> {
         .skip(2) // "server <name>"
         .filter(|w| *w != "disabled")
         .collect();
+    // A dynamic server inherits nothing from the backend's `default-server` line.
+    let verifyhost = s.verifyhost.iter().flat_map(|v| ["verifyhost", v.as_str()]);
+    let options: Vec<&str> = options.into_iter().chain(verifyhost).collect();
     let id = format!("{}/{}", s.backend, s.name);
     let answer = runtime::command(
         stats,
@@ -115,6 +118,7 @@ mod tests {
             tls: None,
             maintenance,
             h2: false,
+            verifyhost: None,
         }
     }
 

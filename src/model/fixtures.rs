@@ -39,6 +39,7 @@ pub fn settings_in(workdir: &Path, intentions: bool) -> Settings {
         intentions,
         knobs: crate::config::Knobs::default(),
         haproxy: crate::haproxy_version::HaproxyVersion::V2_6,
+        identity_check: false,
     }
 }
 

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::admission::{self, Endpoint, Identity, Verdict};
 use crate::config::Knobs;
 use crate::consul::api::{HealthEntry, Upstream};
 use crate::consul::{DestinationKey, DestinationKind};
@@ -65,6 +66,9 @@ pub struct Settings {
     pub knobs: Knobs,
     /// The HAProxy that will run, read from `haproxy -v` at start.
     pub haproxy: HaproxyVersion,
+    /// Whether upstream endpoints must prove their identity (`crate::admission`) before their
+    /// slot takes traffic.
+    pub identity_check: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -123,6 +127,14 @@ pub struct UpstreamListener {
     /// so churn changes slots in place (live, through the runtime API) instead of adding and
     /// removing servers (a reload).
     pub slots: Vec<Slot>,
+    /// Who the backend's servers must prove to be: the destination service. `None` for a
+    /// prepared query, whose instances each must be the service the query's answer lists them
+    /// as (`Server::identity`).
+    pub identity: Option<Identity>,
+    /// The CN every server certificate must carry, checked by HAProxy on each connection
+    /// (`verifyhost`): set only while every admitted instance presented its legacy CN (Consul
+    /// before 1.11), since pinning a name a leaf does not carry would refuse it.
+    pub verifyhost: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -147,6 +159,43 @@ pub struct Server {
     pub address: String,
     pub port: u16,
     pub weight: u32,
+    /// The identity the instance must prove.
+    pub identity: Identity,
+    pub admission: Admission,
+}
+
+/// Where an instance stands with the identity check; only an admitted one takes traffic.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum Admission {
+    /// The check is off (`-upstream-identity-check=false`).
+    Unchecked,
+    /// No check has completed yet.
+    Unproven,
+    /// It proved its identity; with the CN its certificate carried, if any.
+    Proven { common_name: Option<String> },
+    /// It presented another identity (or none); kept out of service.
+    Refused,
+}
+
+impl Admission {
+    pub fn admits(&self) -> bool {
+        matches!(self, Admission::Unchecked | Admission::Proven { .. })
+    }
+}
+
+impl Server {
+    /// Whether the slot holding this instance may take traffic.
+    pub fn in_service(&self) -> bool {
+        self.admission.admits()
+    }
+
+    pub fn endpoint(&self) -> Endpoint {
+        Endpoint {
+            address: self.address.clone(),
+            port: self.port,
+            identity: self.identity.clone(),
+        }
+    }
 }
 
 /// Longest unix socket path HAProxy takes: `sun_path` is 108 bytes and HAProxy keeps room for
@@ -184,7 +233,11 @@ impl Desired {
         self.upstreams
             .iter()
             .map(|u| {
-                let n = u.slots.iter().filter(|s| s.instance.is_some()).count();
+                let n = u
+                    .slots
+                    .iter()
+                    .filter(|s| s.instance.as_ref().is_some_and(Server::in_service))
+                    .count();
                 (u.name.clone(), n)
             })
             .collect()
@@ -207,6 +260,22 @@ impl Desired {
         self.exposed
             .iter()
             .find(|e| e.name == proxy || e.backend == proxy)
+    }
+
+    /// What the identity checker must check: the endpoint of every instance in a slot (none
+    /// when the check is off), with this state's leaf and roots.
+    pub fn identity_checks(&self) -> admission::Wanted {
+        admission::Wanted {
+            endpoints: self
+                .upstreams
+                .iter()
+                .flat_map(|u| u.slots.iter().filter_map(|s| s.instance.as_ref()))
+                .filter(|i| i.admission != Admission::Unchecked)
+                .map(Server::endpoint)
+                .collect(),
+            leaf_pem: self.tls.leaf_pem.clone(),
+            roots_pem: self.tls.roots_pem.clone(),
+        }
     }
 
     pub fn upstream(&self, name: &str) -> Option<&UpstreamListener> {
@@ -304,8 +373,13 @@ pub fn build(
     let mut upstreams: Vec<UpstreamListener> = Vec::new();
     let mut taken: BTreeSet<(String, u16)> = BTreeSet::new();
     taken.insert((public.bind_address.clone(), public.bind_port));
+    let here = Here {
+        datacenter: local_datacenter(&leaf.service_uri, &reg.datacenter),
+        trust_domain: &tls.trust_domain,
+        identity_check: settings.identity_check,
+    };
     for u in &proxy.upstreams {
-        match upstream(u, snapshot, previous) {
+        match upstream(u, snapshot, previous, &here) {
             Ok(listener) => {
                 let at = (listener.bind_address.clone(), listener.bind_port);
                 if !taken.insert(at) || upstreams.iter().any(|l| l.name == listener.name) {
@@ -363,10 +437,26 @@ pub fn build(
     })
 }
 
+/// What every upstream's identity depends on.
+struct Here<'a> {
+    /// Our own datacenter: the default of a destination's.
+    datacenter: String,
+    trust_domain: &'a str,
+    identity_check: bool,
+}
+
+/// The datacenter of our own leaf's SPIFFE ID, or else of the registration.
+fn local_datacenter(leaf_uri: &str, registration_dc: &str) -> String {
+    crate::spoe::authz::SpiffeId::parse(leaf_uri)
+        .map(|id| id.datacenter)
+        .unwrap_or_else(|_| registration_dc.to_string())
+}
+
 fn upstream(
     u: &Upstream,
     snapshot: &Snapshot,
     previous: Option<&Desired>,
+    here: &Here<'_>,
 ) -> Result<UpstreamListener> {
     if u.destination_name.is_empty() {
         return Err(Error::msg("it has no DestinationName"));
@@ -429,10 +519,32 @@ fn upstream(
         .endpoints
         .get(&key)
         .map_or(&[][..], |v| v.as_slice());
-    let before = previous
-        .and_then(|p| p.upstream(&name))
-        .map_or(&[][..], |l| l.slots.as_slice());
-    let slots = place(servers(entries, &u.destination_name), before);
+    let previous = previous.and_then(|p| p.upstream(&name));
+    let before = previous.map_or(&[][..], |l| l.slots.as_slice());
+    let identity = (kind == DestinationKind::Service).then(|| Identity {
+        namespace: non_empty(&u.destination_namespace)
+            .unwrap_or_else(|| admission::DEFAULT.to_string()),
+        ..Identity::service(
+            &u.destination_name,
+            if u.datacenter.is_empty() {
+                &here.datacenter
+            } else {
+                &u.datacenter
+            },
+        )
+    });
+    let mut instances = servers(
+        entries,
+        &u.destination_name,
+        identity.as_ref(),
+        &here.datacenter,
+    );
+    for i in &mut instances {
+        i.admission = admission_of(i, snapshot, here.identity_check);
+    }
+    let slots = place(instances, before);
+    let verifyhost = pinned_name(&slots, here.trust_domain)
+        .unwrap_or_else(|| previous.and_then(|p| p.verifyhost.clone()));
     Ok(UpstreamListener {
         backend: format!("{BACKEND_PREFIX}{name}"),
         name,
@@ -444,7 +556,45 @@ fn upstream(
         connect_timeout_ms: config_u64(&u.config, "connect_timeout_ms")
             .unwrap_or(DEFAULT_CONNECT_TIMEOUT_MS),
         slots,
+        identity,
+        verifyhost,
     })
+}
+
+fn admission_of(i: &Server, snapshot: &Snapshot, check: bool) -> Admission {
+    if !check {
+        return Admission::Unchecked;
+    }
+    match snapshot.admission.get(&i.endpoint()) {
+        None => Admission::Unproven,
+        Some(Verdict::Proven { common_name }) => Admission::Proven {
+            common_name: common_name.clone(),
+        },
+        Some(Verdict::Refused { .. }) => Admission::Refused,
+    }
+}
+
+/// The name HAProxy can check on every connection of a backend: the legacy CN, when every
+/// admitted instance presented exactly the CN its identity has in leaves before Consul 1.11.
+/// `Some(None)`: never pin (one instance's leaf has no such CN, or the check is off);
+/// `None`: nothing admitted to judge by, so the backend keeps what it had.
+fn pinned_name(slots: &[Slot], trust_domain: &str) -> Option<Option<String>> {
+    let mut pinned: Option<String> = None;
+    for i in slots.iter().filter_map(|s| s.instance.as_ref()) {
+        let cn = match &i.admission {
+            Admission::Unchecked => return Some(None),
+            Admission::Proven { common_name } => common_name,
+            Admission::Unproven | Admission::Refused => continue,
+        };
+        let legacy = i.identity.legacy_common_name(trust_domain);
+        match (cn, &pinned) {
+            (Some(cn), _) if legacy.as_ref() != Some(cn) => return Some(None),
+            (None, _) => return Some(None),
+            (Some(cn), Some(p)) if p != cn => return Some(None),
+            (Some(cn), _) => pinned = Some(cn.clone()),
+        }
+    }
+    pinned.map(Some)
 }
 
 /// `LocalBindSocketPath` and `LocalBindSocketMode`, checked: an absolute path short enough for
@@ -496,7 +646,15 @@ pub fn listener_address(u: &UpstreamListener) -> String {
     }
 }
 
-fn servers(entries: &[HealthEntry], destination: &str) -> Vec<Server> {
+/// The instances of a destination. A service's instances must all be `identity`; a prepared
+/// query's each the service its answer lists it as (the service a sidecar fronts), in the
+/// datacenter of its node.
+fn servers(
+    entries: &[HealthEntry],
+    destination: &str,
+    identity: Option<&Identity>,
+    local_dc: &str,
+) -> Vec<Server> {
     let mut by_name: BTreeMap<String, Server> = BTreeMap::new();
     for e in entries {
         let address = non_empty(&e.service.address).unwrap_or_else(|| e.node.address.clone());
@@ -510,6 +668,16 @@ fn servers(entries: &[HealthEntry], destination: &str) -> Vec<Server> {
         }
         let id = format!("{}.{}", e.service.id, e.node.node);
         let weight = e.service.weights.map_or(1, |w| w.passing).clamp(1, 256);
+        let identity = identity.cloned().unwrap_or_else(|| {
+            let fronted = e
+                .service
+                .proxy
+                .as_ref()
+                .and_then(|p| non_empty(&p.destination_service_name))
+                .unwrap_or_else(|| e.service.service.clone());
+            let dc = non_empty(&e.node.datacenter).unwrap_or_else(|| local_dc.to_string());
+            Identity::service(&fronted, &dc)
+        });
         by_name.insert(
             id.clone(),
             Server {
@@ -517,6 +685,8 @@ fn servers(entries: &[HealthEntry], destination: &str) -> Vec<Server> {
                 address,
                 port: e.service.port,
                 weight,
+                identity,
+                admission: Admission::Unproven,
             },
         );
     }

@@ -416,3 +416,196 @@ fn an_exposed_port_taken_by_another_listener_is_skipped_with_a_warning() {
     assert!(d.warnings.iter().any(|w| w.contains("already has")));
     assert!(d.warnings.iter().any(|w| w.contains("\"/no space\"")));
 }
+
+fn checked() -> Settings {
+    Settings {
+        identity_check: true,
+        ..settings()
+    }
+}
+
+fn client(v: &str) -> Snapshot {
+    snapshot(v, "client-sidecar-proxy", "ca-leaf-client.json")
+}
+
+/// The verdict `verdict` for every endpoint `d` wants checked.
+fn admit_all(s: &mut Snapshot, d: &Desired, verdict: Verdict) {
+    s.admit(
+        d.identity_checks()
+            .endpoints
+            .into_iter()
+            .map(|e| (e, verdict.clone()))
+            .collect(),
+    );
+}
+
+#[test]
+fn unproven_and_refused_instances_keep_their_slots_in_maintenance() {
+    for v in CONSUL_VERSIONS {
+        let mut s = client(v);
+        let d = build(&s, &checked(), None).unwrap();
+        let wanted = d.identity_checks();
+        assert_eq!(wanted.endpoints.len(), 2, "{v}");
+        for e in &wanted.endpoints {
+            assert_eq!(e.identity.path(), "/ns/default/dc/dc1/svc/server", "{v}");
+        }
+        let up = &d.upstreams[0];
+        assert_eq!(up.instances().count(), 2);
+        assert!(up.instances().all(|i| i.admission == Admission::Unproven));
+        assert_eq!(d.live_instances()[&up.name], 0, "nothing in service yet");
+        let servers = |d: &Desired| -> Vec<(u16, bool)> {
+            let up = &d.upstreams[0];
+            up.slots
+                .iter()
+                .filter(|s| s.instance.is_some())
+                .map(|s| {
+                    let spec = crate::objects::upstream_server(d, up, s);
+                    (spec.port, spec.maintenance)
+                })
+                .collect()
+        };
+        assert!(servers(&d).iter().all(|(_, m)| *m), "{v}");
+
+        // One proven, one refused: only the proven one serves, and nothing moved.
+        let (a, b) = {
+            let mut it = wanted.endpoints.iter().cloned();
+            (it.next().unwrap(), it.next().unwrap())
+        };
+        s.admit(
+            [
+                (a.clone(), Verdict::Proven { common_name: None }),
+                (
+                    b.clone(),
+                    Verdict::Refused {
+                        presented: "spiffe://x/ns/default/dc/dc1/svc/rogue".into(),
+                    },
+                ),
+            ]
+            .into_iter()
+            .collect(),
+        );
+        let d2 = build(&s, &checked(), Some(&d)).unwrap();
+        assert_eq!(d2.upstreams[0].slots.len(), d.upstreams[0].slots.len());
+        for ((p1, _), (p2, m2)) in servers(&d).iter().zip(servers(&d2)) {
+            assert_eq!(*p1, p2, "instances keep their slots");
+            assert_eq!(m2, p2 != a.port, "{v}: only {} serves", a.port);
+        }
+        assert_eq!(d2.live_instances()[&d2.upstreams[0].name], 1);
+        // A diff of it is live slot changes only: no reload.
+        let p = crate::haproxy::diff::plan(&d, &d2);
+        assert!(p.ops.is_empty() && p.live.len() == 1, "{p:#?}");
+
+        // With the check off, nothing waits for a verdict.
+        let off = build(&client(v), &settings(), None).unwrap();
+        assert!(off.identity_checks().endpoints.is_empty());
+        assert_eq!(off.live_instances()[&off.upstreams[0].name], 2);
+    }
+}
+
+#[test]
+fn the_legacy_cn_is_pinned_only_while_every_proven_instance_carries_it() {
+    let cn = "server.svc.default.11111111.consul";
+    for v in CONSUL_VERSIONS {
+        let mut s = client(v);
+        let d0 = build(&s, &checked(), None).unwrap();
+        assert_eq!(
+            d0.upstreams[0].verifyhost, None,
+            "nothing proven, nothing pinned"
+        );
+
+        admit_all(
+            &mut s,
+            &d0,
+            Verdict::Proven {
+                common_name: Some(cn.into()),
+            },
+        );
+        let d1 = build(&s, &checked(), Some(&d0)).unwrap();
+        assert_eq!(d1.upstreams[0].verifyhost.as_deref(), Some(cn), "{v}");
+        let be = crate::objects::upstream_backend(&d1, &d1.upstreams[0]);
+        let lines = be.lines(&[]);
+        assert!(
+            lines.contains(&format!("default-server verifyhost {cn}")),
+            "{lines:?}"
+        );
+        let p = crate::haproxy::diff::plan(&d0, &d1);
+        assert!(
+            p.full_render_reason()
+                .is_some_and(|r| r.contains("verifyhost")),
+            "{p:#?}"
+        );
+        // A new slot added at runtime gets the name itself.
+        let spec =
+            crate::objects::upstream_server(&d1, &d1.upstreams[0], &d1.upstreams[0].slots[0]);
+        assert_eq!(spec.verifyhost.as_deref(), Some(cn));
+
+        // Everything unproven again (say, roots changed and no check completed): kept.
+        s.admit(Default::default());
+        let d2 = build(&s, &checked(), Some(&d1)).unwrap();
+        assert_eq!(d2.upstreams[0].verifyhost.as_deref(), Some(cn));
+
+        // One proven instance without the CN (a current leaf) unpins.
+        let mut it = d0.identity_checks().endpoints.into_iter();
+        let (a, b) = (it.next().unwrap(), it.next().unwrap());
+        s.admit(
+            [
+                (
+                    a,
+                    Verdict::Proven {
+                        common_name: Some(cn.into()),
+                    },
+                ),
+                (b, Verdict::Proven { common_name: None }),
+            ]
+            .into_iter()
+            .collect(),
+        );
+        let d3 = build(&s, &checked(), Some(&d2)).unwrap();
+        assert_eq!(d3.upstreams[0].verifyhost, None, "{v}");
+
+        // A CN other than the destination's legacy name is never pinned.
+        let mut t = client(v);
+        admit_all(
+            &mut t,
+            &d0,
+            Verdict::Proven {
+                common_name: Some("web.svc.default.11111111.consul".into()),
+            },
+        );
+        assert_eq!(
+            build(&t, &checked(), None).unwrap().upstreams[0].verifyhost,
+            None
+        );
+    }
+}
+
+#[test]
+fn a_prepared_query_expects_each_instance_to_be_the_service_it_is_listed_as() {
+    for v in CONSUL_VERSIONS {
+        let d = build(
+            &snapshot(v, "rich-sidecar-proxy", "ca-leaf-rich.json"),
+            &checked(),
+            None,
+        )
+        .unwrap();
+        let pq = d
+            .upstreams
+            .iter()
+            .find(|u| u.name.starts_with("up_pq_"))
+            .expect("the rich sidecar has a prepared query upstream");
+        assert_eq!(pq.identity, None, "a query has no one identity");
+        assert!(pq.instances().count() > 0);
+        for i in pq.instances() {
+            assert_eq!(i.identity.path(), "/ns/default/dc/dc1/svc/server", "{v}");
+        }
+        let svc = d
+            .upstreams
+            .iter()
+            .find(|u| u.name.starts_with("up_svc_server_local"))
+            .unwrap();
+        assert_eq!(
+            svc.identity.as_ref().map(Identity::path).as_deref(),
+            Some("/ns/default/dc/dc1/svc/server")
+        );
+    }
+}

@@ -17,6 +17,8 @@ use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::admission::checker::{Checker, Report};
+use crate::admission::Verdicts;
 use crate::apply::{Applier, Outcome};
 use crate::cli::Options;
 use crate::consul::client::{Consul, LookupError};
@@ -36,6 +38,9 @@ use signals::Sig;
 
 /// How long the first render waits for upstream instances once the rest is known.
 const ENDPOINTS_GRACE: Duration = Duration::from_secs(3);
+/// How long the first render then waits for the identity checks of those instances, so that
+/// HAProxy starts with its proven servers in service rather than reloading or changing them.
+const ADMISSION_GRACE: Duration = Duration::from_secs(2);
 /// A burst of Consul changes is applied as one, this long after its last change...
 const DEBOUNCE: Duration = Duration::from_millis(30);
 /// ...but never later than this after its first.
@@ -45,6 +50,8 @@ pub enum Event {
     Signal(Sig),
     Consul(Box<Update>),
     Applied(Outcome),
+    /// The identity checker's verdicts changed.
+    Admission(Verdicts),
 }
 
 /// The phase, logged on every change and published for `/ready`.
@@ -76,6 +83,19 @@ impl Sink for ChannelSink {
     }
 }
 
+struct CheckerSink(Mutex<Sender<Event>>, Arc<Registry>);
+
+impl Report for CheckerSink {
+    fn verdicts(&self, verdicts: Verdicts) {
+        if let Ok(tx) = self.0.lock() {
+            let _ = tx.send(Event::Admission(verdicts));
+        }
+    }
+    fn checked(&self, result: &'static str) {
+        self.1.identity_checked(result);
+    }
+}
+
 /// What the supervisor holds for the whole run.
 struct Supervisor {
     opts: Options,
@@ -88,6 +108,8 @@ struct Supervisor {
     watchers: Watchers,
     snapshot: Snapshot,
     intentions: Intentions,
+    /// `None` with `-upstream-identity-check=false`.
+    checker: Option<Checker>,
 }
 
 /// What exists only once HAProxy runs.
@@ -147,12 +169,20 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
         intentions: opts.enable_intentions,
         knobs: opts.knobs.clone(),
         haproxy,
+        identity_check: opts.identity_recheck.is_some(),
     };
     let sink = Arc::new(ChannelSink(Mutex::new(tx.clone()), registry.clone()));
     // Intentions are watched even when not enforced, so that ignoring a deny is never silent.
     let watchers = Watchers::start(consul.clone(), &proxy_id, sink, Timing::default(), true);
     let intentions =
         Intentions::start(opts.enable_intentions, &paths, opts.spoe_threads, &registry)?;
+    let checker = match opts.identity_recheck {
+        Some(every) => Some(Checker::start(
+            every,
+            Arc::new(CheckerSink(Mutex::new(tx.clone()), registry.clone())),
+        )?),
+        None => None,
+    };
     life.set(
         Phase::WaitingForConsul,
         "watching the registration, leaf, roots and upstreams",
@@ -168,6 +198,7 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
         watchers,
         snapshot: Snapshot::default(),
         intentions,
+        checker,
     };
     let Some(desired) = s.wait_for_snapshot()? else {
         return Ok(0);
@@ -258,15 +289,27 @@ impl Supervisor {
         true
     }
 
-    /// Waits until the snapshot has everything HAProxy needs (upstream instances get a short
-    /// grace) and builds the first desired state; `None` when a stop signal came first.
+    /// Hands the identity checker what `d` needs checked.
+    fn want_checked(&self, d: &Desired) {
+        if let Some(c) = &self.checker {
+            c.want(d.identity_checks());
+        }
+    }
+
+    /// Waits until the snapshot has everything HAProxy needs (upstream instances and their
+    /// identity checks get a short grace each) and builds the first desired state; `None` when
+    /// a stop signal came first.
     fn wait_for_snapshot(&mut self) -> Result<Option<Desired>, Fatal> {
         let mut complete_since: Option<Instant> = None;
+        let mut built_since: Option<Instant> = None;
         let mut last_problem = String::new();
         loop {
             match self.rx.recv_timeout(Duration::from_millis(100)) {
                 Ok(Event::Consul(update)) => {
                     self.absorb(*update);
+                }
+                Ok(Event::Admission(verdicts)) => {
+                    self.snapshot.admit(verdicts);
                 }
                 Ok(Event::Signal(Sig::Stop)) => {
                     self.life
@@ -287,7 +330,19 @@ impl Supervisor {
                 continue;
             }
             match model::build(&self.snapshot, &self.settings, None) {
-                Ok(d) => return Ok(Some(d)),
+                Ok(d) => {
+                    let wanted = d.identity_checks();
+                    let unchecked = wanted
+                        .endpoints
+                        .iter()
+                        .any(|e| !self.snapshot.admission.contains_key(e));
+                    let since = *built_since.get_or_insert_with(Instant::now);
+                    if unchecked && since.elapsed() < ADMISSION_GRACE {
+                        self.want_checked(&d);
+                        continue;
+                    }
+                    return Ok(Some(d));
+                }
                 Err(e) => {
                     let problem = e.to_string();
                     if problem != last_problem {
@@ -352,6 +407,7 @@ impl Supervisor {
             }
             _ => None,
         };
+        self.want_checked(&desired);
         let live = desired.live_instances();
         let mut serving = Serving {
             children,
@@ -375,6 +431,7 @@ impl Supervisor {
                 Ok(Event::Signal(Sig::Stop)) => self.on_stop(srv),
                 Ok(Event::Signal(Sig::ChildExited)) => self.on_child_exited(srv),
                 Ok(Event::Applied(outcome)) => self.on_applied(srv, outcome),
+                Ok(Event::Admission(verdicts)) => self.on_admission(srv, verdicts),
                 Err(RecvTimeoutError::Timeout) => Flow::Continue,
                 Err(RecvTimeoutError::Disconnected) => Flow::Finish,
             };
@@ -405,6 +462,15 @@ impl Supervisor {
         Flow::Continue
     }
 
+    /// New identity verdicts: applied like a Consul change (debounced with them).
+    fn on_admission(&mut self, srv: &mut Serving, verdicts: Verdicts) -> Flow {
+        if self.snapshot.admit(verdicts) && self.life.phase != Phase::Draining {
+            let now = Instant::now();
+            srv.dirty = Some((srv.dirty.map_or(now, |(first, _)| first), now));
+        }
+        Flow::Continue
+    }
+
     /// SIGHUP: every file rendered anew from the current snapshot and replaced whole.
     fn on_reconcile(&mut self, srv: &mut Serving) -> Flow {
         if self.life.phase == Phase::Draining {
@@ -416,6 +482,7 @@ impl Supervisor {
                 if let Some(a) = &srv.applier {
                     a.reconcile(d.clone());
                 }
+                self.want_checked(&d);
                 self.registry.publish(&d);
                 srv.last_submitted = d;
             }
@@ -551,6 +618,7 @@ impl Supervisor {
                 if let Some(a) = &srv.applier {
                     a.submit(d.clone());
                 }
+                self.want_checked(&d);
                 self.registry.publish(&d);
                 srv.last_submitted = d;
             }

@@ -35,6 +35,8 @@ pub struct MeshOptions {
     pub extra_upstreams: Vec<(String, u16)>,
     /// Give both sidecars a `-stats-addr`.
     pub stats: bool,
+    /// More arguments for the client's sidecar.
+    pub client_args: Vec<String>,
 }
 
 impl Mesh {
@@ -67,7 +69,8 @@ impl Mesh {
             Some(a) => vec!["-stats-addr".to_string(), a.clone()],
             None => Vec::new(),
         };
-        let (sa, ca) = (args(&server_stats), args(&client_stats));
+        let (sa, mut ca) = (args(&server_stats), args(&client_stats));
+        ca.extend(opts.client_args.iter().cloned());
         let sa: Vec<&str> = sa.iter().map(String::as_str).collect();
         let ca: Vec<&str> = ca.iter().map(String::as_str).collect();
         let server_sidecar = sidecar(&consul, &base, "server", opts.intentions, &sa);

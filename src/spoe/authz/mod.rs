@@ -387,92 +387,21 @@ impl AuthzTable {
         let Some(der) = client_cert_der else {
             return Decision::deny("no client certificate", None);
         };
-        let cert = match X509Certificate::from_der(der) {
-            Ok(([], cert)) => cert,
-            Ok((rest, _)) => {
-                return Decision::deny(
-                    format!("client certificate has {} trailing bytes", rest.len()),
-                    None,
-                )
+        let (uri, id) = match self.certified(der, now, Peer::Client, &[], |id| {
+            self.check_trust_domain(id)?;
+            // Only the default admin partition exists outside Consul Enterprise, and Consul's
+            // own authorize refuses a source from another partition than the target's.
+            match &id.partition {
+                Some(p) if p != "default" => {
+                    Err(format!("admin partition {p} is not ours (default)"))
+                }
+                _ => Ok(()),
             }
-            Err(e) => {
-                return Decision::deny(format!("client certificate does not parse: {e}"), None)
-            }
-        };
-
-        // Consul's own proxies identify a peer by the first URI SAN and nothing else (not
-        // the CN, which newer leaves do not even have).
-        let uri = match cert.subject_alternative_name() {
-            Err(e) => {
-                return Decision::deny(format!("client certificate SAN is invalid: {e}"), None)
-            }
-            Ok(None) => return Decision::deny("client certificate has no SAN", None),
-            Ok(Some(san)) => san.value.general_names.iter().find_map(|n| match n {
-                GeneralName::URI(u) => Some(*u),
-                _ => None,
-            }),
-        };
-        let Some(uri) = uri else {
-            return Decision::deny("client certificate has no URI SAN", None);
+        }) {
+            Ok(found) => found,
+            Err((why, src)) => return Decision::deny(why, src),
         };
         let src = Some(uri);
-        let id = match SpiffeId::parse(uri) {
-            Ok(id) => id,
-            Err(e) => {
-                return Decision::deny(
-                    format!("URI SAN is not a Consul service identity: {e}"),
-                    src,
-                )
-            }
-        };
-        if let Err(why) = self.check_trust_domain(&id) {
-            return Decision::deny(why, src);
-        }
-        // Only the default admin partition exists outside Consul Enterprise, and Consul's own
-        // authorize refuses a source from another partition than the target's.
-        if let Some(p) = &id.partition {
-            if p != "default" {
-                return Decision::deny(format!("admin partition {p} is not ours (default)"), src);
-            }
-        }
-
-        let now = match to_asn1(now) {
-            Some(t) => t,
-            None => return Decision::deny("system clock is out of range", src),
-        };
-        let validity = cert.validity();
-        if now < validity.not_before {
-            return Decision::deny(
-                format!(
-                    "client certificate not valid before {}",
-                    validity.not_before
-                ),
-                src,
-            );
-        }
-        if now > validity.not_after {
-            return Decision::deny(
-                format!("client certificate expired at {}", validity.not_after),
-                src,
-            );
-        }
-        // Consul's verifier requires client-auth usage; an absent extension means any usage.
-        match cert.extended_key_usage() {
-            Err(e) => {
-                return Decision::deny(
-                    format!("client certificate extended key usage is invalid: {e}"),
-                    src,
-                )
-            }
-            Ok(Some(eku)) if !eku.value.client_auth && !eku.value.any => {
-                return Decision::deny("client certificate is not for client authentication", src)
-            }
-            Ok(_) => {}
-        }
-        if let Err(why) = self.check_issuer(der, &cert, now) {
-            return Decision::deny(why, src);
-        }
-
         let service = &id.service;
         let source = src.map(str::to_owned);
         let Some(i) = self.intentions.iter().find(|i| i.matches(&id)) else {
@@ -581,6 +510,140 @@ impl AuthzTable {
         }
     }
 
+    /// The service identity a server presented (`der`, its end-entity certificate, and the
+    /// `intermediates` it sent with it), as `(URI SAN, parsed)`, if the certificate is valid
+    /// now, is for server authentication and was signed by a current root, or by one of those
+    /// intermediates that a current root signed (leaves of a secondary datacenter); else why
+    /// not, with the URI it carried if any. The trust domain is not compared: a server is
+    /// judged by its path (the upstream identity check).
+    pub fn certify_server(
+        &self,
+        der: &[u8],
+        intermediates: &[&[u8]],
+        now: SystemTime,
+    ) -> Result<(String, SpiffeId), (String, Option<String>)> {
+        if let Some(why) = &self.unavailable {
+            return Err((format!("no CA roots: {why}"), None));
+        }
+        self.certified(der, now, Peer::Server, intermediates, |_| Ok(()))
+            .map(|(uri, id)| (uri.to_owned(), id))
+            .map_err(|(why, uri)| (why, uri.map(str::to_owned)))
+    }
+
+    /// What both sides of a mesh connection check of the other's certificate, in the order a
+    /// denial names the first problem: it parses, its first URI SAN is a service identity that
+    /// `check_id` accepts, it is valid at `now`, it is for `peer`'s usage, a current root
+    /// signed it (or one of `intermediates` that a current root signed).
+    fn certified<'a>(
+        &self,
+        der: &'a [u8],
+        now: SystemTime,
+        peer: Peer,
+        intermediates: &[&[u8]],
+        check_id: impl Fn(&SpiffeId) -> Result<(), String>,
+    ) -> Result<(&'a str, SpiffeId), (String, Option<&'a str>)> {
+        let role = peer.word();
+        let cert = match X509Certificate::from_der(der) {
+            Ok(([], cert)) => cert,
+            Ok((rest, _)) => {
+                return Err((
+                    format!("{role} certificate has {} trailing bytes", rest.len()),
+                    None,
+                ))
+            }
+            Err(e) => return Err((format!("{role} certificate does not parse: {e}"), None)),
+        };
+
+        // Consul's own proxies identify a peer by the first URI SAN and nothing else (not
+        // the CN, which newer leaves do not even have).
+        let uri = match cert.subject_alternative_name() {
+            Err(e) => return Err((format!("{role} certificate SAN is invalid: {e}"), None)),
+            Ok(None) => return Err((format!("{role} certificate has no SAN"), None)),
+            Ok(Some(san)) => san.value.general_names.iter().find_map(|n| match n {
+                GeneralName::URI(u) => Some(*u),
+                _ => None,
+            }),
+        };
+        let Some(uri) = uri else {
+            return Err((format!("{role} certificate has no URI SAN"), None));
+        };
+        let src = Some(uri);
+        let id = SpiffeId::parse(uri).map_err(|e| {
+            (
+                format!("URI SAN is not a Consul service identity: {e}"),
+                src,
+            )
+        })?;
+        check_id(&id).map_err(|why| (why, src))?;
+
+        let now = to_asn1(now).ok_or_else(|| ("system clock is out of range".to_string(), src))?;
+        let validity = cert.validity();
+        if now < validity.not_before {
+            return Err((
+                format!(
+                    "{role} certificate not valid before {}",
+                    validity.not_before
+                ),
+                src,
+            ));
+        }
+        if now > validity.not_after {
+            return Err((
+                format!("{role} certificate expired at {}", validity.not_after),
+                src,
+            ));
+        }
+        // Consul's verifier requires the usage of the side; an absent extension means any.
+        match cert.extended_key_usage() {
+            Err(e) => {
+                return Err((
+                    format!("{role} certificate extended key usage is invalid: {e}"),
+                    src,
+                ))
+            }
+            Ok(Some(eku)) if !eku.value.any && !peer.usage_in(eku.value) => {
+                return Err((
+                    format!("{role} certificate is not for {role} authentication"),
+                    src,
+                ))
+            }
+            Ok(_) => {}
+        }
+        if let Err(why) = self.check_issuer(der, &cert, now, role) {
+            let via = intermediates
+                .iter()
+                .any(|i| self.signed_via(&cert, i, now).is_ok());
+            if !via {
+                return Err((why, src));
+            }
+        }
+        Ok((uri, id))
+    }
+
+    /// Whether `intermediate` is a CA valid at `now`, signed by a current root, that signed
+    /// `cert`.
+    fn signed_via(
+        &self,
+        cert: &X509Certificate<'_>,
+        intermediate: &[u8],
+        now: ASN1Time,
+    ) -> Result<(), String> {
+        let inter = match X509Certificate::from_der(intermediate) {
+            Ok(([], c)) => c,
+            _ => return Err("the intermediate does not parse".into()),
+        };
+        let v = inter.validity();
+        if now < v.not_before || now > v.not_after {
+            return Err("the intermediate is not valid at this time".into());
+        }
+        if !inter.is_ca() {
+            return Err("the intermediate is not a CA".into());
+        }
+        cert.verify_signature(Some(inter.public_key()))
+            .map_err(|e| format!("the intermediate did not sign it: {e}"))?;
+        self.check_issuer(intermediate, &inter, now, "intermediate")
+    }
+
     /// Trust domains are DNS names, hence case-insensitive (Consul compares them so too).
     fn check_trust_domain(&self, id: &SpiffeId) -> Result<(), String> {
         if id.trust_domain.eq_ignore_ascii_case(&self.trust_domain) {
@@ -598,6 +661,7 @@ impl AuthzTable {
         der: &[u8],
         cert: &X509Certificate<'_>,
         now: ASN1Time,
+        role: &str,
     ) -> Result<(), String> {
         let valid = |r: &Root| r.not_before <= now && now <= r.not_after;
         // Ok, or whether the certificate was signed by a root at all.
@@ -622,10 +686,10 @@ impl AuthzTable {
         };
         verdict.map_err(|signed| {
             if signed {
-                "client certificate's CA root is not valid at this time".into()
+                format!("{role} certificate's CA root is not valid at this time")
             } else {
                 format!(
-                    "client certificate (issuer {}) is not signed by a current CA root",
+                    "{role} certificate (issuer {}) is not signed by a current CA root",
                     cert.issuer()
                 )
             }
@@ -646,6 +710,29 @@ impl AuthzTable {
             })
             .map(|(i, _)| i)
             .collect()
+    }
+}
+
+/// Which side of a connection presented the certificate being checked.
+#[derive(Clone, Copy)]
+enum Peer {
+    Client,
+    Server,
+}
+
+impl Peer {
+    fn word(self) -> &'static str {
+        match self {
+            Peer::Client => "client",
+            Peer::Server => "server",
+        }
+    }
+
+    fn usage_in(self, eku: &x509_parser::extensions::ExtendedKeyUsage<'_>) -> bool {
+        match self {
+            Peer::Client => eku.client_auth,
+            Peer::Server => eku.server_auth,
+        }
     }
 }
 
