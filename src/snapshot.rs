@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 use crate::consul::api::{
     AgentCheck, AgentService, CaRoots, HealthEntry, IntentionEntry, LeafCert,
 };
-use crate::consul::DestinationKey;
+use crate::consul::chain::{targets_to_watch, DiscoveryChain, TargetKey};
 use crate::consul::{destinations, Update};
+use crate::consul::{DestinationKey, DestinationKind};
 
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
@@ -21,6 +22,11 @@ pub struct Snapshot {
     /// The agent's checks of the proxied service, read only when the registration asks for
     /// `Expose.Checks`; `None` until first read.
     pub checks: Option<Vec<AgentCheck>>,
+    /// The discovery chain of each service destination, once read.
+    pub chains: BTreeMap<DestinationKey, DiscoveryChain>,
+    /// The instances of chain targets other than a destination itself (that one is in
+    /// `endpoints`).
+    pub targets: BTreeMap<TargetKey, Vec<HealthEntry>>,
 }
 
 impl Snapshot {
@@ -36,14 +42,9 @@ impl Snapshot {
             Update::Intentions(i) => replace(&mut self.intentions, Some(i)),
             Update::AclDefaultPolicy(p) => replace(&mut self.acl_default_policy, Some(p)),
             Update::Checks(c) => replace(&mut self.checks, Some(c)),
-            Update::Endpoints(k, e) => {
-                if self.endpoints.get(&k) == Some(&e) {
-                    false
-                } else {
-                    self.endpoints.insert(k, e);
-                    true
-                }
-            }
+            Update::Endpoints(k, e) => insert(&mut self.endpoints, k, e),
+            Update::Chain(k, c) => insert(&mut self.chains, k, c),
+            Update::TargetEndpoints(k, e) => insert(&mut self.targets, k, e),
         }
     }
 
@@ -66,14 +67,30 @@ impl Snapshot {
         self.missing().is_empty()
     }
 
-    /// Whether every upstream destination has answered at least once; the first render waits
-    /// briefly for this so that HAProxy starts with its servers instead of reloading for them.
+    /// Whether every upstream destination has answered at least once, with its discovery
+    /// chain and the instances of every target of it; the first render waits briefly for this
+    /// so that HAProxy starts with its servers and routes instead of reloading for them.
     pub fn endpoints_known(&self) -> bool {
         self.registration.as_ref().is_some_and(|r| {
-            destinations(r)
-                .iter()
-                .all(|k| self.endpoints.contains_key(k))
+            destinations(r).iter().all(|k| {
+                self.endpoints.contains_key(k)
+                    && (k.kind != DestinationKind::Service
+                        || self.chains.get(k).is_some_and(|c| {
+                            targets_to_watch(c, k)
+                                .iter()
+                                .all(|t| self.targets.contains_key(t))
+                        }))
+            })
         })
+    }
+}
+
+fn insert<K: Ord, V: PartialEq>(map: &mut BTreeMap<K, V>, k: K, v: V) -> bool {
+    if map.get(&k) == Some(&v) {
+        false
+    } else {
+        map.insert(k, v);
+        true
     }
 }
 

@@ -3,6 +3,7 @@
 //! This module knows nothing about HAProxy.
 
 pub mod api;
+pub mod chain;
 pub mod client;
 pub mod watch;
 
@@ -56,6 +57,10 @@ pub enum Update {
     AclDefaultPolicy(String),
     /// The agent's checks of the proxied service (`Expose.Checks`), sorted by check ID.
     Checks(Vec<api::AgentCheck>),
+    /// The compiled discovery chain of a service destination.
+    Chain(DestinationKey, chain::DiscoveryChain),
+    /// The serving instances of one chain target other than the destination itself.
+    TargetEndpoints(chain::TargetKey, Vec<HealthEntry>),
 }
 
 /// The service instance whose agent checks the registration asks to expose
