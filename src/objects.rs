@@ -6,6 +6,7 @@
 
 use serde::Serialize;
 
+use crate::model::chain::{Match, Route, TargetBackend, ValueMatch, SPLIT_SCALE};
 use crate::model::{
     Desired, ExposedListener, Mode, Public, Slot, UpstreamListener, FREE_SLOT_ADDRESS,
     FREE_SLOT_PORT,
@@ -27,6 +28,9 @@ pub struct BackendSpec {
     /// `balance <algorithm>`; `None` keeps HAProxy's default (the local app's single server).
     pub balance: Option<String>,
     pub connect_timeout_ms: u64,
+    /// A chain target's settings (hashing, request timeout, retries). Rendered only: a target
+    /// backend is only ever created by a full render (see `Plan::needs_full_render`).
+    pub target: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -48,6 +52,10 @@ pub struct FrontendSpec {
     /// cannot carry `http-request return`, so such a frontend is only ever created by a full
     /// render (see `Plan::needs_full_render`).
     pub only_path: Option<String>,
+    /// An upstream's discovery-chain routing (`model::chain`): rules that pick a target's
+    /// backend per request or connection. Rendered only, like `spoe_config`: a frontend with
+    /// routing is only ever created by a full render (see `Plan::needs_full_render`).
+    pub routing: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -99,6 +107,7 @@ pub fn public_frontend(d: &Desired) -> FrontendSpec {
             .intentions
             .then(|| d.paths.spoe_conf.display().to_string()),
         only_path: None,
+        routing: Vec::new(),
     }
 }
 
@@ -120,6 +129,7 @@ pub fn local_backend(p: &Public) -> BackendSpec {
         mode: p.mode,
         balance: None,
         connect_timeout_ms: p.connect_timeout_ms,
+        target: Vec::new(),
     }
 }
 
@@ -142,6 +152,7 @@ pub fn upstream_backend(d: &Desired, u: &UpstreamListener) -> BackendSpec {
         mode: u.mode,
         balance: Some(d.knobs.balance.clone()),
         connect_timeout_ms: u.connect_timeout_ms,
+        target: Vec::new(),
     }
 }
 
@@ -153,6 +164,10 @@ pub fn upstream_frontend(d: &Desired, u: &UpstreamListener) -> FrontendSpec {
         log_format: d.knobs.log_format.clone(),
         spoe_config: None,
         only_path: None,
+        routing: u
+            .routing
+            .as_ref()
+            .map_or_else(Vec::new, |r| routing_lines(u.mode, &r.routes)),
     }
 }
 
@@ -168,13 +183,43 @@ pub fn upstream_bind(u: &UpstreamListener) -> BindSpec {
     }
 }
 
+/// The backend of one discovery-chain target.
+pub fn target_backend(u: &UpstreamListener, t: &TargetBackend) -> BackendSpec {
+    let mut target = Vec::new();
+    if t.hash_consistent {
+        target.push("hash-type consistent".to_string());
+    }
+    if let Some(ms) = t.request_timeout_ms {
+        target.push(format!("timeout server {ms}"));
+    }
+    if let Some(r) = &t.retries {
+        target.push(format!("retries {}", r.count));
+        target.push(format!("retry-on {}", r.on.join(" ")));
+    }
+    BackendSpec {
+        name: t.backend.clone(),
+        mode: u.mode,
+        balance: Some(t.balance.clone()),
+        connect_timeout_ms: t.connect_timeout_ms,
+        target,
+    }
+}
+
+pub fn target_server(d: &Desired, t: &TargetBackend, slot: &Slot) -> ServerSpec {
+    slot_server(d, &t.backend, slot)
+}
+
 pub fn upstream_server(d: &Desired, u: &UpstreamListener, slot: &Slot) -> ServerSpec {
+    slot_server(d, &u.backend, slot)
+}
+
+fn slot_server(d: &Desired, backend: &str, slot: &Slot) -> ServerSpec {
     let (address, port, weight) = match &slot.instance {
         Some(s) => (s.address.clone(), s.port, s.weight),
         None => (FREE_SLOT_ADDRESS.to_string(), FREE_SLOT_PORT, 1),
     };
     ServerSpec {
-        backend: u.backend.clone(),
+        backend: backend.to_string(),
         name: slot.name.clone(),
         address,
         port,
@@ -193,6 +238,7 @@ pub fn exposed_frontend(d: &Desired, e: &ExposedListener) -> FrontendSpec {
         log_format: d.knobs.log_format.clone(),
         spoe_config: None,
         only_path: Some(e.path.clone()),
+        routing: Vec::new(),
     }
 }
 
@@ -214,6 +260,7 @@ pub fn exposed_backend(e: &ExposedListener) -> BackendSpec {
         mode: Mode::Http,
         balance: None,
         connect_timeout_ms: e.connect_timeout_ms,
+        target: Vec::new(),
     }
 }
 
@@ -273,8 +320,110 @@ impl FrontendSpec {
                 l.push("tcp-request content reject if { var(sess.hcc.l7) -m bool }".into());
             }
         }
+        l.extend(self.routing.iter().cloned());
         l.push(format!("default_backend {}", self.default_backend));
         l
+    }
+}
+
+/// The rules that follow a chain: the route is decided once (the first whose matchers all
+/// match), then the split by one random draw, then the first backend of the split's group
+/// that has a usable server (`nbsrv`): failover in order, decided per request, so a target
+/// that loses its last instance stops getting requests as soon as its slot leaves service.
+/// A group whose every backend is empty still goes to its first one, which answers 503.
+pub fn routing_lines(mode: Mode, routes: &[Route]) -> Vec<String> {
+    let mut l = Vec::new();
+    // Per request in http mode, per connection in tcp mode (a tcp stream is one connection).
+    let rule = match mode {
+        Mode::Http => "http-request",
+        Mode::Tcp => "tcp-request content",
+    };
+    if routes.iter().any(|r| r.splits.len() > 1) {
+        l.push(format!("{rule} set-var(txn.hcc_split) rand({SPLIT_SCALE})"));
+    }
+    let routed = routes.len() > 1 || routes.iter().any(|r| !r.matches.is_empty());
+    if routed {
+        for (i, r) in routes.iter().enumerate() {
+            let mut cond = String::from("!{ var(txn.hcc_route) -m found }");
+            for m in &r.matches {
+                cond.push(' ');
+                cond.push_str(&acl(m));
+            }
+            l.push(format!("{rule} set-var(txn.hcc_route) int({i}) if {cond}"));
+        }
+        for (i, r) in routes.iter().enumerate() {
+            if let (Some((prefix, with)), Mode::Http) = (&r.prefix_rewrite, mode) {
+                l.push(format!(
+                    "http-request set-path {with}%[path,bytes({})] if {{ var(txn.hcc_route) -m int {i} }}",
+                    prefix.len()
+                ));
+            }
+        }
+    }
+    for (i, r) in routes.iter().enumerate() {
+        let route = if routed {
+            format!(" {{ var(txn.hcc_route) -m int {i} }}")
+        } else {
+            String::new()
+        };
+        for s in &r.splits {
+            let split = if r.splits.len() > 1 && s.upto < SPLIT_SCALE {
+                format!(" {{ var(txn.hcc_split) -m int lt {} }}", s.upto)
+            } else {
+                String::new()
+            };
+            let Some(first) = s.group.first() else {
+                continue;
+            };
+            if s.group.len() > 1 {
+                for b in &s.group {
+                    l.push(format!(
+                        "use_backend {b} if{route}{split} {{ nbsrv({b}) gt 0 }}"
+                    ));
+                }
+            }
+            if route.is_empty() && split.is_empty() {
+                l.push(format!("use_backend {first}"));
+            } else {
+                l.push(format!("use_backend {first} if{route}{split}"));
+            }
+        }
+    }
+    l
+}
+
+/// One matcher as an HAProxy condition. Envoy matches whole header values and whole paths
+/// for regexes, so regexes are anchored and headers read as full lines (`req.fhdr`).
+fn acl(m: &Match) -> String {
+    let value = |fetch: &str, v: &ValueMatch| match v {
+        ValueMatch::Present => format!("{{ {fetch} -m found }}"),
+        ValueMatch::Exact(x) => format!("{{ {fetch} -m str {x} }}"),
+        ValueMatch::Prefix(x) => format!("{{ {fetch} -m beg {x} }}"),
+        ValueMatch::Suffix(x) => format!("{{ {fetch} -m end {x} }}"),
+        ValueMatch::Regex(x) => format!("{{ {fetch} -m reg ^(?:{x})$ }}"),
+    };
+    match m {
+        Match::PathExact(p) => format!("{{ path -m str {p} }}"),
+        Match::PathPrefix(p) => format!("{{ path -m beg {p} }}"),
+        Match::PathRegex(p) => format!("{{ path -m reg ^(?:{p})$ }}"),
+        Match::Methods(ms) => format!("{{ method {} }}", ms.join(" ")),
+        Match::Header {
+            name,
+            value: v,
+            invert,
+        } => {
+            let fetch = match v {
+                ValueMatch::Present => format!("req.hdr({name})"),
+                _ => format!("req.fhdr({name})"),
+            };
+            let c = value(&fetch, v);
+            if *invert {
+                format!("!{c}")
+            } else {
+                c
+            }
+        }
+        Match::Query { name, value: v } => value(&format!("url_param({name})"), v),
     }
 }
 
@@ -312,6 +461,7 @@ impl BackendSpec {
         }
         // Milliseconds, written bare as the Dataplane API writes them.
         l.push(format!("timeout connect {}", self.connect_timeout_ms));
+        l.extend(self.target.iter().cloned());
         l.extend(servers.iter().map(ServerSpec::line));
         l
     }
@@ -373,6 +523,14 @@ pub fn sections(d: &Desired) -> Vec<Section> {
             header: format!("backend {}", u.backend),
             lines: upstream_backend(d, u).lines(&servers),
         });
+        for t in u.routing.iter().flat_map(|r| r.targets.iter()) {
+            let servers: Vec<ServerSpec> = t.slots.iter().map(|s| target_server(d, t, s)).collect();
+            out.push(Section {
+                comment: Some(target_comment(t)),
+                header: format!("backend {}", t.backend),
+                lines: target_backend(u, t).lines(&servers),
+            });
+        }
     }
     for e in &d.exposed {
         out.push(Section {
@@ -387,6 +545,24 @@ pub fn sections(d: &Desired) -> Vec<Section> {
         });
     }
     out
+}
+
+/// The comment above a chain target's backend: the target and whom its servers must be.
+pub fn target_comment(t: &TargetBackend) -> String {
+    let i = &t.identity;
+    format!(
+        "chain target {}: service {}{} in {} (namespace {}, partition {})",
+        t.id,
+        i.service,
+        if t.subset.is_empty() {
+            String::new()
+        } else {
+            format!(" subset {}", t.subset)
+        },
+        i.datacenter,
+        i.namespace,
+        i.partition
+    )
 }
 
 /// The comment above an exposed path's listener: the path, and the check it serves.

@@ -313,6 +313,48 @@ mod tests {
     }
 
     #[test]
+    fn every_recorded_chain_renders_a_config_haproxy_accepts() {
+        for version in CONSUL_VERSIONS {
+            for chain in ["web", "old", "dcweb", "tcpold", "split", "front"] {
+                let (dir, _) = render_into(
+                    version,
+                    "client-sidecar-proxy",
+                    "ca-leaf-client.json",
+                    false,
+                );
+                let mut s = snapshot(version, "client-sidecar-proxy", "ca-leaf-client.json");
+                let key = crate::consul::destinations(s.registration.as_ref().unwrap())[0].clone();
+                let body = crate::model::fixtures::fixture(
+                    version,
+                    &format!("discovery-chain-{chain}.json"),
+                );
+                let c = crate::consul::chain::parse_chain(&body).unwrap();
+                s.apply(crate::consul::Update::Chain(key, c));
+                let d = build(&s, &settings_in(&dir, false), None).unwrap();
+                let files = render(&d, &creds(), &Templates::builtin()).unwrap();
+                for f in &files {
+                    std::fs::write(&f.path, &f.contents).unwrap();
+                }
+                let cfg = &files.last().unwrap().contents;
+                assert!(
+                    cfg.contains(".t."),
+                    "{version} {chain}: no target backend\n{cfg}"
+                );
+                let out = haproxy_check(&dir.join("haproxy.cfg"));
+                assert!(
+                    out.status.success(),
+                    "{version} {chain}: {}\n{cfg}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                if std::env::var_os("HCC_SHOW_CHAIN_CFG").is_some() {
+                    eprintln!("==> {version} {chain}\n{cfg}");
+                }
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+        }
+    }
+
+    #[test]
     fn exposed_paths_answer_their_path_only_and_speak_h2_where_asked() {
         for version in CONSUL_VERSIONS {
             let (dir, files) =

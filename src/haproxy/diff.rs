@@ -5,8 +5,8 @@
 use crate::model::{Desired, ExposedListener, UpstreamListener};
 use crate::objects::{
     exposed_backend, exposed_bind, exposed_frontend, exposed_server, local_backend, local_server,
-    public_bind, public_frontend, upstream_backend, upstream_bind, upstream_frontend,
-    upstream_server,
+    public_bind, public_frontend, target_backend, target_server, upstream_backend, upstream_bind,
+    upstream_frontend, upstream_server,
 };
 pub use crate::objects::{BackendSpec, BindSpec, FrontendSpec, ServerSpec};
 
@@ -78,6 +78,12 @@ impl Plan {
             Op::CreateServer(s) | Op::ReplaceServer(s) if s.h2 => {
                 Some("an http2 exposed path needs `proto h2`, which the Dataplane API cannot set")
             }
+            Op::CreateFrontend(f) | Op::ReplaceFrontend(f) if !f.routing.is_empty() => Some(
+                "an upstream's discovery-chain routing changes, and the Dataplane API cannot write its rules in order",
+            ),
+            Op::CreateBackend(b) | Op::ReplaceBackend(b) if !b.target.is_empty() => Some(
+                "a discovery-chain target's settings (hashing, timeouts, retries) are not in the Dataplane API's models",
+            ),
             // Its intentions rules are rendered only, and which ones depends on the mode.
             Op::ReplaceFrontend(f) if f.spoe_config.is_some() => {
                 Some("the public listener with intentions changes (mode or log format)")
@@ -149,9 +155,60 @@ fn create_upstream(d: &Desired, u: &UpstreamListener) -> Vec<Op> {
             .iter()
             .map(|s| Op::CreateServer(upstream_server(d, u, s))),
     );
+    for t in targets(u) {
+        ops.push(Op::CreateBackend(target_backend(u, t)));
+        ops.extend(
+            t.slots
+                .iter()
+                .map(|s| Op::CreateServer(target_server(d, t, s))),
+        );
+    }
     ops.push(Op::CreateFrontend(upstream_frontend(d, u)));
     ops.push(Op::CreateBind(upstream_bind(u)));
     ops
+}
+
+fn targets(u: &UpstreamListener) -> impl Iterator<Item = &crate::model::chain::TargetBackend> {
+    u.routing.iter().flat_map(|r| r.targets.iter())
+}
+
+fn delete_upstream(u: &UpstreamListener, deletes: &mut Vec<Op>) {
+    deletes.push(Op::DeleteFrontend(u.name.clone()));
+    deletes.push(Op::DeleteBackend(u.backend.clone()));
+    deletes.extend(targets(u).map(|t| Op::DeleteBackend(t.backend.clone())));
+}
+
+/// How a slot reads as a server on one side of the plan.
+type SlotSpec<'a> = &'a dyn Fn(&crate::model::Slot) -> ServerSpec;
+
+/// Slot changes of one backend: servers added or removed when its pool was resized, the rest
+/// changed in place (live).
+fn plan_slots(
+    old: (&str, &[crate::model::Slot]),
+    new: &[crate::model::Slot],
+    spec: (SlotSpec<'_>, SlotSpec<'_>),
+    deletes: &mut Vec<Op>,
+    creates: &mut Vec<Op>,
+    live: &mut Vec<ServerSpec>,
+) {
+    let (backend, old_slots) = old;
+    let (old_spec, new_spec) = spec;
+    for s in old_slots {
+        if !new.iter().any(|n| n.name == s.name) {
+            deletes.push(Op::DeleteServer {
+                backend: backend.to_string(),
+                name: s.name.clone(),
+            });
+        }
+    }
+    for s in new {
+        let spec = new_spec(s);
+        match old_slots.iter().find(|o| o.name == s.name) {
+            None => creates.push(Op::CreateServer(spec)),
+            Some(o) if old_spec(o) != spec => live.push(spec),
+            Some(_) => {}
+        }
+    }
 }
 
 pub fn plan(applied: &Desired, desired: &Desired) -> Plan {
@@ -175,35 +232,45 @@ pub fn plan(applied: &Desired, desired: &Desired) -> Plan {
 
     for old in &applied.upstreams {
         let Some(new) = desired.upstream(&old.name) else {
-            deletes.push(Op::DeleteFrontend(old.name.clone()));
-            deletes.push(Op::DeleteBackend(old.backend.clone()));
+            delete_upstream(old, &mut deletes);
             continue;
+        };
+        let target_specs = |u: &UpstreamListener| -> Vec<BackendSpec> {
+            targets(u).map(|t| target_backend(u, t)).collect()
         };
         let listener_changed = upstream_frontend(applied, old) != upstream_frontend(desired, new)
             || upstream_bind(old) != upstream_bind(new)
-            || upstream_backend(applied, old) != upstream_backend(desired, new);
+            || upstream_backend(applied, old) != upstream_backend(desired, new)
+            || target_specs(old) != target_specs(new);
         if listener_changed {
-            // Rare (a protocol or timeout edit): rebuild the pair rather than patch it.
-            deletes.push(Op::DeleteFrontend(old.name.clone()));
-            deletes.push(Op::DeleteBackend(old.backend.clone()));
+            // Rare (a protocol, timeout or routing edit): rebuild the listener rather than
+            // patch it.
+            delete_upstream(old, &mut deletes);
             creates.extend(create_upstream(desired, new));
             continue;
         }
-        for s in &old.slots {
-            if !new.slots.iter().any(|n| n.name == s.name) {
-                deletes.push(Op::DeleteServer {
-                    backend: old.backend.clone(),
-                    name: s.name.clone(),
-                });
-            }
-        }
-        for s in &new.slots {
-            let spec = upstream_server(desired, new, s);
-            match old.slots.iter().find(|o| o.name == s.name) {
-                None => creates.push(Op::CreateServer(spec)),
-                Some(o) if upstream_server(applied, old, o) != spec => live.push(spec),
-                Some(_) => {}
-            }
+        plan_slots(
+            (&old.backend, &old.slots),
+            &new.slots,
+            (&|s| upstream_server(applied, old, s), &|s| {
+                upstream_server(desired, new, s)
+            }),
+            &mut deletes,
+            &mut creates,
+            &mut live,
+        );
+        // Same routing: each target's backend exists on both sides.
+        for (ot, nt) in targets(old).zip(targets(new)) {
+            plan_slots(
+                (&ot.backend, &ot.slots),
+                &nt.slots,
+                (&|s| target_server(applied, ot, s), &|s| {
+                    target_server(desired, nt, s)
+                }),
+                &mut deletes,
+                &mut creates,
+                &mut live,
+            );
         }
     }
     for new in &desired.upstreams {

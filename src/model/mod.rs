@@ -123,6 +123,9 @@ pub struct UpstreamListener {
     /// so churn changes slots in place (live, through the runtime API) instead of adding and
     /// removing servers (a reload).
     pub slots: Vec<Slot>,
+    /// The destination's discovery chain when it does more than reach the destination itself
+    /// (see `chain`); `None` serves `slots` alone, as before chains were read.
+    pub routing: Option<Routing>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -184,7 +187,13 @@ impl Desired {
         self.upstreams
             .iter()
             .map(|u| {
-                let n = u.slots.iter().filter(|s| s.instance.is_some()).count();
+                let targets = u.routing.iter().flat_map(|r| r.targets.iter());
+                let n = u
+                    .slots
+                    .iter()
+                    .chain(targets.flat_map(|t| t.slots.iter()))
+                    .filter(|s| s.instance.is_some())
+                    .count();
                 (u.name.clone(), n)
             })
             .collect()
@@ -305,7 +314,13 @@ pub fn build(
     let mut taken: BTreeSet<(String, u16)> = BTreeSet::new();
     taken.insert((public.bind_address.clone(), public.bind_port));
     for u in &proxy.upstreams {
-        match upstream(u, snapshot, previous) {
+        match upstream(
+            u,
+            snapshot,
+            previous,
+            &settings.knobs.balance,
+            &mut warnings,
+        ) {
             Ok(listener) => {
                 let at = (listener.bind_address.clone(), listener.bind_port);
                 if !taken.insert(at) || upstreams.iter().any(|l| l.name == listener.name) {
@@ -361,6 +376,8 @@ fn upstream(
     u: &Upstream,
     snapshot: &Snapshot,
     previous: Option<&Desired>,
+    balance: &str,
+    warnings: &mut Vec<String>,
 ) -> Result<UpstreamListener> {
     if u.destination_name.is_empty() {
         return Err(Error::msg("it has no DestinationName"));
@@ -427,17 +444,56 @@ fn upstream(
         .and_then(|p| p.upstream(&name))
         .map_or(&[][..], |l| l.slots.as_slice());
     let slots = place(servers(entries, &u.destination_name), before);
+    let backend = format!("{BACKEND_PREFIX}{name}");
+    let chain = snapshot.chains.get(&key);
+    // The upstream's own protocol wins; without one, the chain's (service-defaults) applies.
+    let protocol = config_str(&u.config, "protocol")
+        .or_else(|| chain.map(|c| c.protocol.clone()).filter(|p| !p.is_empty()));
+    let listener_mode = mode(protocol.as_deref());
+    let connect_timeout = config_u64(&u.config, "connect_timeout_ms");
+    let routing = match chain {
+        Some(c) => {
+            let before = previous
+                .and_then(|p| p.upstream(&name))
+                .and_then(|l| l.routing.as_ref());
+            let mut chain_warnings = Vec::new();
+            match chain::routing(
+                c,
+                &key,
+                &backend,
+                listener_mode,
+                connect_timeout,
+                balance,
+                snapshot,
+                before,
+                &mut chain_warnings,
+            ) {
+                Ok(r) => {
+                    warnings.extend(chain_warnings);
+                    r
+                }
+                // The routing that served before keeps serving (or the destination itself).
+                Err(e) => {
+                    warnings.push(format!(
+                        "upstream {key}: its discovery chain cannot be followed, keeping the routing it had: {e}"
+                    ));
+                    before.cloned()
+                }
+            }
+        }
+        None => None,
+    };
     Ok(UpstreamListener {
-        backend: format!("{BACKEND_PREFIX}{name}"),
+        backend,
         name,
         destination: key.to_string(),
         bind_address,
         bind_port,
         socket,
-        mode: mode(config_str(&u.config, "protocol").as_deref()),
-        connect_timeout_ms: config_u64(&u.config, "connect_timeout_ms")
-            .unwrap_or(DEFAULT_CONNECT_TIMEOUT_MS),
+        mode: listener_mode,
+        connect_timeout_ms: connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT_MS),
         slots,
+        routing,
     })
 }
 
@@ -690,7 +746,9 @@ fn non_empty(s: &str) -> Option<String> {
     (!s.is_empty()).then(|| s.to_string())
 }
 
+pub mod chain;
 mod expose;
+pub use chain::Routing;
 pub use expose::ExposedListener;
 
 #[cfg(test)]
