@@ -6,11 +6,10 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use support::load::Load;
 use support::mesh::{sidecar, workdir};
 use support::*;
 
@@ -219,72 +218,6 @@ fn subsets() -> Value {
     })
 }
 
-/// Requests through `addr` from a thread until stopped; counts failures (non-200, socket error,
-/// timeout).
-struct Load {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-    errors: Arc<std::sync::Mutex<Vec<String>>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(addr: &str) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicU64::new(0));
-        let failed = Arc::new(AtomicU64::new(0));
-        let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let thread = {
-            let (stop, ok, failed, errors) =
-                (stop.clone(), ok.clone(), failed.clone(), errors.clone());
-            let addr = addr.to_string();
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::SeqCst) {
-                    match http_request(&addr, "GET", "/", None, Duration::from_secs(10)) {
-                        Ok(r) if r.status == 200 => {
-                            ok.fetch_add(1, Ordering::SeqCst);
-                        }
-                        other => {
-                            failed.fetch_add(1, Ordering::SeqCst);
-                            if let Ok(mut e) = errors.lock() {
-                                e.push(format!("{other:?}"));
-                            }
-                        }
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-            })
-        };
-        Load {
-            stop,
-            ok,
-            failed,
-            errors,
-            thread: Some(thread),
-        }
-    }
-
-    fn finish(mut self) -> (u64, u64, Vec<String>) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        let errors = self.errors.lock().map(|e| e.clone()).unwrap_or_default();
-        (
-            self.ok.load(Ordering::SeqCst),
-            self.failed.load(Ordering::SeqCst),
-            errors,
-        )
-    }
-}
-
-impl Drop for Load {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-    }
-}
-
 /// The resolver cases in tcp mode (no service-defaults yet), then http, the failover under
 /// load, the splitter and the router, on one mesh: each step is a config entry change the
 /// running sidecar follows.
@@ -386,7 +319,7 @@ fn discovery_chain_cases() {
         &["web-v1", "web-v2"],
         "failover configured, primary up",
     );
-    let load = Load::start(&web);
+    let load = Load::start(web.clone());
     std::thread::sleep(Duration::from_secs(1));
     let backup_before = m.app("backup").requests();
     for id in ["web-v1", "web-v2"] {
