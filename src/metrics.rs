@@ -202,17 +202,35 @@ pub fn relabel(text: &str, desired: Option<&Desired>) -> String {
             out.push('\n');
             continue;
         }
+        // A chain target's series say which target (service, subset, datacenter) they are.
+        let target = proxy
+            .as_deref()
+            .and_then(|p| desired?.target_of_proxy(p))
+            .map(|(u, t)| {
+                let i = &t.identity;
+                let labels = format!(
+                    "service=\"{}\",target=\"{}\",target_service=\"{}\",target_subset=\"{}\",target_datacenter=\"{}\"",
+                    escape(&u.destination),
+                    escape(&t.id),
+                    escape(&i.service),
+                    escape(&t.subset),
+                    escape(&i.datacenter)
+                );
+                (labels, t.slots.clone())
+            });
         let upstream = proxy.and_then(|p| desired?.upstream_of_proxy(&p).cloned());
-        let Some(u) = upstream else {
-            out.push_str(line);
-            out.push('\n');
-            continue;
+        let (service, slots) = match (target, upstream) {
+            (Some(t), _) => t,
+            (None, Some(u)) => (format!("service=\"{}\"", escape(&u.destination)), u.slots),
+            (None, None) => {
+                out.push_str(line);
+                out.push('\n');
+                continue;
+            }
         };
-        let service = format!("service=\"{}\"", escape(&u.destination));
         match label(line, "server") {
             Some(slot) => {
-                let Some(inst) = u
-                    .slots
+                let Some(inst) = slots
                     .iter()
                     .find(|s| s.name == slot)
                     .and_then(|s| s.instance.as_ref())
@@ -326,6 +344,45 @@ mod tests {
         );
         assert!(out.contains("proxy=\"public_listener\"} 3"));
         assert!(out.contains("# TYPE haproxy_server_bytes_in_total counter"));
+    }
+
+    #[test]
+    fn chain_target_series_name_the_target() {
+        for version in crate::model::fixtures::CONSUL_VERSIONS {
+            let mut s = snapshot(version, "client-sidecar-proxy", "ca-leaf-client.json");
+            let key = crate::consul::destinations(s.registration.as_ref().unwrap())[0].clone();
+            let chain = crate::consul::chain::parse_chain(&crate::model::fixtures::fixture(
+                version,
+                "discovery-chain-old.json",
+            ))
+            .unwrap();
+            let instances: Vec<crate::consul::api::HealthEntry> =
+                crate::model::fixtures::json(version, "health-connect-server.json");
+            for t in crate::consul::chain::targets_to_watch(&chain, &key) {
+                s.apply(crate::consul::Update::TargetEndpoints(t, instances.clone()));
+            }
+            s.apply(crate::consul::Update::Chain(key, chain));
+            let d = build(&s, &settings(), None).unwrap();
+            let t = &d.upstreams[0].routing.as_ref().unwrap().targets[0];
+            let be = &t.backend;
+            let text = format!(
+                "haproxy_backend_bytes_in_total{{proxy=\"{be}\"}} 10\n\
+                 haproxy_server_bytes_in_total{{proxy=\"{be}\",server=\"s0\"}} 7\n"
+            );
+            let out = relabel(&text, Some(&d));
+            assert!(
+                out.contains(&format!(
+                    "haproxy_backend_bytes_in_total{{service=\"service server\",target=\"{}\",target_service=\"web\",target_subset=\"v1\",target_datacenter=\"dc1\",proxy=\"{be}\"}} 10",
+                    t.id
+                )),
+                "{version}: {out}"
+            );
+            let inst = t.slots[0].instance.as_ref().unwrap().id.clone();
+            assert!(
+                out.contains(&format!("server=\"{inst}\",service=")),
+                "{out}"
+            );
+        }
     }
 
     #[test]

@@ -341,6 +341,9 @@ pub fn routing_lines(mode: Mode, routes: &[Route]) -> Vec<String> {
     if routes.iter().any(|r| r.splits.len() > 1) {
         l.push(format!("{rule} set-var(txn.hcc_split) rand({SPLIT_SCALE})"));
     }
+    for (i, r) in routes.iter().enumerate() {
+        l.push(format!("# route {i}: {}", describe(r)));
+    }
     let routed = routes.len() > 1 || routes.iter().any(|r| !r.matches.is_empty());
     if routed {
         for (i, r) in routes.iter().enumerate() {
@@ -390,6 +393,41 @@ pub fn routing_lines(mode: Mode, routes: &[Route]) -> Vec<String> {
         }
     }
     l
+}
+
+/// A route as `--dry-run` readers want it: what it matches and where it goes, failover
+/// included.
+fn describe(r: &Route) -> String {
+    let matches = if r.matches.is_empty() {
+        "everything".to_string()
+    } else {
+        r.matches.iter().map(acl).collect::<Vec<_>>().join(" ")
+    };
+    let mut from = 0;
+    let to: Vec<String> = r
+        .splits
+        .iter()
+        .map(|s| {
+            let share = f64::from(s.upto - from) / f64::from(SPLIT_SCALE) * 100.0;
+            from = s.upto;
+            let group = s
+                .group
+                .iter()
+                .map(|b| b.rsplit_once(".t.").map_or(b.as_str(), |(_, t)| t))
+                .collect::<Vec<_>>()
+                .join(", failover ");
+            if r.splits.len() > 1 {
+                format!("{share}% to {group}")
+            } else {
+                group
+            }
+        })
+        .collect();
+    let rewrite = match &r.prefix_rewrite {
+        Some((p, w)) => format!(", {p} rewritten to {w}"),
+        None => String::new(),
+    };
+    format!("{matches} -> {}{rewrite}", to.join("; "))
 }
 
 /// One matcher as an HAProxy condition. Envoy matches whole header values and whole paths

@@ -30,6 +30,8 @@ struct ChainMesh {
     base: TempDir,
     web: String,
     old: String,
+    /// The client sidecar's `-stats-addr`.
+    stats: String,
 }
 
 /// A registration of instance `id` of `service` with a TTL check (so a test can turn it
@@ -79,7 +81,8 @@ impl ChainMesh {
             free_port(),
             &[("web", web), ("old", old)],
         ));
-        let client = sidecar(&consul, &base, "client", false, &[]);
+        let stats = format!("127.0.0.1:{}", free_port());
+        let client = sidecar(&consul, &base, "client", false, &["-stats-addr", &stats]);
         let mesh = ChainMesh {
             client,
             instances,
@@ -87,6 +90,7 @@ impl ChainMesh {
             base,
             web: format!("127.0.0.1:{web}"),
             old: format!("127.0.0.1:{old}"),
+            stats,
         };
         mesh.eventually(
             &mesh.web.clone(),
@@ -483,6 +487,25 @@ fn discovery_chain_cases() {
     assert!(took < Duration::from_secs(4), "timed out after {took:?}");
     let cfg = m.client_cfg();
     assert!(cfg.contains("retry-on conn-failure 500"), "{cfg}");
+
+    // --dry-run shows the routing, and /metrics names the target of each backend's series.
+    let dry = dry_run(&m.consul.http_addr(), m.base.path(), "client", &[]);
+    assert!(
+        dry.contains("# route 0: { path -m str /exact/debug } -> v2.web.dc1, /exact/debug rewritten to /debug"),
+        "{dry}"
+    );
+    assert!(dry.contains("# chain target v2.web."), "{dry}");
+    let (status, metrics) = http_get(&m.stats, "/metrics", Duration::from_secs(5)).expect("scrape");
+    assert_eq!(status, 200);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("haproxy_backend_http_requests_total{")
+                && l.contains(
+                    "target_service=\"web\",target_subset=\"v2\",target_datacenter=\"dc1\""
+                )),
+        "{metrics}"
+    );
 
     // Back to no entries: the plain upstream again.
     m.delete_entry("service-router", "web");

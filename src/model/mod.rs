@@ -222,6 +222,21 @@ impl Desired {
         self.upstreams.iter().find(|u| u.name == name)
     }
 
+    /// The chain target whose backend is the HAProxy proxy `proxy`, with its upstream.
+    pub fn target_of_proxy(
+        &self,
+        proxy: &str,
+    ) -> Option<(&UpstreamListener, &chain::TargetBackend)> {
+        self.upstreams.iter().find_map(|u| {
+            u.routing
+                .as_ref()?
+                .targets
+                .iter()
+                .find(|t| t.backend == proxy)
+                .map(|t| (u, t))
+        })
+    }
+
     /// The upstream whose frontend or backend is the HAProxy proxy `proxy`.
     pub fn upstream_of_proxy(&self, proxy: &str) -> Option<&UpstreamListener> {
         self.upstreams
