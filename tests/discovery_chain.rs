@@ -30,6 +30,9 @@ struct ChainMesh {
     base: TempDir,
     web: String,
     old: String,
+    web_port: u16,
+    old_port: u16,
+    client_port: u16,
     /// The client sidecar's `-stats-addr`.
     stats: String,
 }
@@ -74,11 +77,11 @@ impl ChainMesh {
                 },
             ));
         }
-        let (web, old) = (free_port(), free_port());
+        let (web, old, client_port) = (free_port(), free_port(), free_port());
         consul.register(&sidecar_registration(
             "client",
             free_port(),
-            free_port(),
+            client_port,
             &[("web", web), ("old", old)],
         ));
         let stats = format!("127.0.0.1:{}", free_port());
@@ -90,6 +93,9 @@ impl ChainMesh {
             base,
             web: format!("127.0.0.1:{web}"),
             old: format!("127.0.0.1:{old}"),
+            web_port: web,
+            old_port: old,
+            client_port,
             stats,
         };
         mesh.eventually(
@@ -488,6 +494,59 @@ fn discovery_chain_cases() {
     let cfg = m.client_cfg();
     assert!(cfg.contains("retry-on conn-failure 500"), "{cfg}");
 
+    // A Dataplane API transaction (a new plain upstream) rewrites the file from its own model
+    // of it: the routing rules must come through it in order.
+    let extra = free_port();
+    let renders = m
+        .client
+        .logs()
+        .matches("rendering the whole configuration")
+        .count();
+    m.consul.register(&sidecar_registration(
+        "client",
+        free_port(),
+        m.client_port,
+        &[
+            ("web", m.web_port),
+            ("old", m.old_port),
+            ("web-backup", extra),
+        ],
+    ));
+    m.eventually(
+        &format!("127.0.0.1:{extra}"),
+        "/",
+        &[],
+        &["backup"],
+        "a new upstream",
+    );
+    assert_eq!(
+        m.client
+            .logs()
+            .matches("rendering the whole configuration")
+            .count(),
+        renders,
+        "a plain upstream is added by a transaction, not a full render"
+    );
+    let before = m.client_cfg();
+    for (path, headers, want) in &cases {
+        m.eventually(
+            &web,
+            path,
+            headers,
+            &[want],
+            &format!("after a transaction: {path}"),
+        );
+    }
+    let after = m.client_cfg();
+    let rules = |c: &str| -> Vec<String> {
+        c.lines()
+            .map(str::trim)
+            .filter(|l| l.starts_with("http-request set-") || l.starts_with("use_backend"))
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(rules(&before), rules(&after));
+
     // --dry-run shows the routing, and /metrics names the target of each backend's series.
     let dry = dry_run(&m.consul.http_addr(), m.base.path(), "client", &[]);
     assert!(
@@ -512,11 +571,15 @@ fn discovery_chain_cases() {
     m.delete_entry("service-resolver", "web");
     m.delete_entry("service-resolver", "old");
     m.eventually(&web, "/", &[], &["web-v1", "web-v2"], "no entries left");
-    assert!(
-        !m.client_cfg().contains(".t."),
-        "no target backend is left:\n{}",
-        m.client_cfg()
-    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while m.client_cfg().contains(".t.") {
+        assert!(
+            Instant::now() < deadline,
+            "no target backend is left:\n{}",
+            m.client_cfg()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// Extra request headers of one request.
