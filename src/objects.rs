@@ -164,10 +164,14 @@ pub fn upstream_frontend(d: &Desired, u: &UpstreamListener) -> FrontendSpec {
         log_format: d.knobs.log_format.clone(),
         spoe_config: None,
         only_path: None,
-        routing: u
-            .routing
-            .as_ref()
-            .map_or_else(Vec::new, |r| routing_lines(u.mode, &r.routes)),
+        routing: u.routing.as_ref().map_or_else(Vec::new, |r| {
+            routing_lines(
+                &u.name,
+                u.mode,
+                &r.routes,
+                &d.paths.splits_map.display().to_string(),
+            )
+        }),
     }
 }
 
@@ -331,7 +335,7 @@ impl FrontendSpec {
 /// that has a usable server (`nbsrv`): failover in order, decided per request, so a target
 /// that loses its last instance stops getting requests as soon as its slot leaves service.
 /// A group whose every backend is empty still goes to its first one, which answers 503.
-pub fn routing_lines(mode: Mode, routes: &[Route]) -> Vec<String> {
+pub fn routing_lines(frontend: &str, mode: Mode, routes: &[Route], map: &str) -> Vec<String> {
     let mut l = Vec::new();
     // Per request in http mode, per connection in tcp mode (a tcp stream is one connection).
     let rule = match mode {
@@ -343,6 +347,15 @@ pub fn routing_lines(mode: Mode, routes: &[Route]) -> Vec<String> {
     }
     for (i, r) in routes.iter().enumerate() {
         l.push(format!("# route {i}: {}", describe(r)));
+    }
+    // Each split's threshold comes from the map, by key, so new weights need no new rules.
+    for (i, r) in routes.iter().enumerate() {
+        for j in 0..r.splits.len().saturating_sub(1) {
+            l.push(format!(
+                "{rule} set-var(txn.hcc_t{i}_{j}) str({}),map_str_int({map},{SPLIT_SCALE})",
+                split_key(frontend, i, j)
+            ));
+        }
     }
     let routed = routes.len() > 1 || routes.iter().any(|r| !r.matches.is_empty());
     if routed {
@@ -369,9 +382,10 @@ pub fn routing_lines(mode: Mode, routes: &[Route]) -> Vec<String> {
         } else {
             String::new()
         };
-        for s in &r.splits {
-            let split = if r.splits.len() > 1 && s.upto < SPLIT_SCALE {
-                format!(" {{ var(txn.hcc_split) -m int lt {} }}", s.upto)
+        for (j, s) in r.splits.iter().enumerate() {
+            // The last split takes whatever the others left, so a draw always lands.
+            let split = if j + 1 < r.splits.len() {
+                format!(" {{ var(txn.hcc_split),sub(txn.hcc_t{i}_{j}) -m int lt 0 }}")
             } else {
                 String::new()
             };
@@ -395,6 +409,29 @@ pub fn routing_lines(mode: Mode, routes: &[Route]) -> Vec<String> {
     l
 }
 
+fn split_key(frontend: &str, route: usize, split: usize) -> String {
+    format!("{frontend}/{route}/{split}")
+}
+
+/// Every split threshold `d` asks for, as the splits map holds it: key, then the draw
+/// (`rand(SPLIT_SCALE)`) below which the split takes a request. Empty without splitters.
+pub fn split_thresholds(d: &Desired) -> Vec<(String, u32)> {
+    let mut out = Vec::new();
+    for u in &d.upstreams {
+        for (i, r) in u.routing.iter().flat_map(|r| r.routes.iter()).enumerate() {
+            for (j, s) in r
+                .splits
+                .iter()
+                .enumerate()
+                .take(r.splits.len().saturating_sub(1))
+            {
+                out.push((split_key(&u.name, i, j), s.upto));
+            }
+        }
+    }
+    out
+}
+
 /// A route as `--dry-run` readers want it: what it matches and where it goes, failover
 /// included.
 fn describe(r: &Route) -> String {
@@ -403,31 +440,29 @@ fn describe(r: &Route) -> String {
     } else {
         r.matches.iter().map(acl).collect::<Vec<_>>().join(" ")
     };
-    let mut from = 0;
     let to: Vec<String> = r
         .splits
         .iter()
         .map(|s| {
-            let share = f64::from(s.upto - from) / f64::from(SPLIT_SCALE) * 100.0;
-            from = s.upto;
-            let group = s
-                .group
+            s.group
                 .iter()
                 .map(|b| b.rsplit_once(".t.").map_or(b.as_str(), |(_, t)| t))
                 .collect::<Vec<_>>()
-                .join(", failover ");
-            if r.splits.len() > 1 {
-                format!("{share}% to {group}")
-            } else {
-                group
-            }
+                .join(", failover ")
         })
         .collect();
+    // Weights stay out of the rules (and so out of this comment): they live in the splits
+    // map, which changes without a reload.
+    let to = if to.len() > 1 {
+        format!("split by the splits map between {}", to.join("; "))
+    } else {
+        to.concat()
+    };
     let rewrite = match &r.prefix_rewrite {
         Some((p, w)) => format!(", {p} rewritten to {w}"),
         None => String::new(),
     };
-    format!("{matches} -> {}{rewrite}", to.join("; "))
+    format!("{matches} -> {to}{rewrite}")
 }
 
 /// One matcher as an HAProxy condition. Envoy matches whole header values and whole paths

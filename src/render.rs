@@ -195,11 +195,23 @@ pub fn render(
             contents: render("spoe.conf")?,
         });
     }
+    let splits = crate::objects::split_thresholds(d);
+    if !splits.is_empty() {
+        files.push(File {
+            path: d.paths.splits_map.clone(),
+            contents: splits_map(&splits),
+        });
+    }
     files.push(File {
         path: d.paths.haproxy_cfg.clone(),
         contents: render("haproxy.cfg")?,
     });
     Ok(files)
+}
+
+/// The splits map's contents: one `key threshold` line per split.
+pub fn splits_map(splits: &[(String, u32)]) -> String {
+    splits.iter().map(|(k, v)| format!("{k} {v}\n")).collect()
 }
 
 /// Tera hides the useful part of an error in its source chain.

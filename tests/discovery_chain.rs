@@ -186,20 +186,30 @@ impl ChainMesh {
         );
     }
 
+    /// How many full renders (validated reloads) the client sidecar has logged.
+    fn full_renders(&self) -> usize {
+        self.client
+            .logs()
+            .matches("rendering the whole configuration")
+            .count()
+    }
+
     fn client_cfg(&self) -> String {
         std::fs::read_to_string(workdir(&self.base, "client").join("haproxy.cfg"))
             .expect("the client sidecar's haproxy.cfg")
     }
 
-    /// Waits until the client sidecar's haproxy.cfg holds `needle` (a change that went through
-    /// a reload: HAProxy runs what the file says once the applier wrote it).
-    fn wait_cfg(&self, needle: &str, what: &str) {
+    /// Waits until the client sidecar's file `name` holds `needle`, and a second more.
+    fn wait_file(&self, name: &str, needle: &str, what: &str) {
+        let read = || {
+            std::fs::read_to_string(workdir(&self.base, "client").join(name)).unwrap_or_default()
+        };
         let deadline = Instant::now() + Duration::from_secs(60);
-        while !self.client_cfg().contains(needle) {
+        while !read().contains(needle) {
             assert!(
                 Instant::now() < deadline,
-                "{what}: the config never held {needle:?}:\n{}\n--- client sidecar ---\n{}",
-                self.client_cfg(),
+                "{what}: {name} never held {needle:?}:\n{}\n--- client sidecar ---\n{}",
+                read(),
                 self.client.logs()
             );
             std::thread::sleep(Duration::from_millis(200));
@@ -362,16 +372,19 @@ fn discovery_chain_cases() {
         json!({"Kind": "service-splitter", "Name": "web", "Splits": [
         {"Weight": 90, "ServiceSubset": "v1"}, {"Weight": 10, "ServiceSubset": "v2"}]}),
     );
-    m.wait_cfg("lt 9000", "the 90/10 split");
+    m.wait_file("splits.map", "/0/0 9000", "the 90/10 split");
     m.eventually(&web, "/", &[], &["web-v1", "web-v2"], "split 90/10");
     let t = m.tally(&web, 2000);
     let v1 = *t.get("web-v1").unwrap_or(&0) as f64 / 20.0;
     eprintln!("split 90/10 over 2000 requests: {t:?} ({v1:.1}% to v1)");
     assert!((87.0..=93.0).contains(&v1), "{t:?}");
+    // New weights, same subsets: live, through the splits map, no reload.
+    let renders = m.full_renders();
     m.put_entry(
         json!({"Kind": "service-splitter", "Name": "web", "Splits": [
-        {"Weight": 50, "ServiceSubset": "v2"}, {"Weight": 50, "ServiceSubset": "v1"}]}),
+        {"Weight": 50, "ServiceSubset": "v1"}, {"Weight": 50, "ServiceSubset": "v2"}]}),
     );
+    m.wait_file("splits.map", "/0/0 5000", "the 50/50 split");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let t = m.tally(&web, 400);
@@ -385,6 +398,8 @@ fn discovery_chain_cases() {
             "the split never became 50/50: {t:?}"
         );
     }
+    assert!(m.client.logs().contains("split weight(s) changed live"));
+    assert_eq!(m.full_renders(), renders, "new weights cost no reload");
     m.delete_entry("service-splitter", "web");
 
     // case-cfg-router-features (resolver default subset v1, routes to v2 by every matcher).
@@ -497,11 +512,7 @@ fn discovery_chain_cases() {
     // A Dataplane API transaction (a new plain upstream) rewrites the file from its own model
     // of it: the routing rules must come through it in order.
     let extra = free_port();
-    let renders = m
-        .client
-        .logs()
-        .matches("rendering the whole configuration")
-        .count();
+    let renders = m.full_renders();
     m.consul.register(&sidecar_registration(
         "client",
         free_port(),
@@ -520,10 +531,7 @@ fn discovery_chain_cases() {
         "a new upstream",
     );
     assert_eq!(
-        m.client
-            .logs()
-            .matches("rendering the whole configuration")
-            .count(),
+        m.full_renders(),
         renders,
         "a plain upstream is added by a transaction, not a full render"
     );

@@ -36,13 +36,20 @@ pub struct Plan {
     /// runtime API without a reload, one by one, outside any transaction. Empty when `ops` is
     /// not: a reload is coming anyway, and one transaction keeps the change atomic.
     pub live: Vec<ServerSpec>,
+    /// Split thresholds that changed (key, new value): new splitter weights, applied live with
+    /// `set map` after the splits map file is written. Their rules are the same either way.
+    pub live_splits: Vec<(String, u32)>,
     pub roots_changed: bool,
     pub leaf_changed: bool,
 }
 
 impl Plan {
     pub fn is_empty(&self) -> bool {
-        self.ops.is_empty() && self.live.is_empty() && !self.roots_changed && !self.leaf_changed
+        self.ops.is_empty()
+            && self.live.is_empty()
+            && self.live_splits.is_empty()
+            && !self.roots_changed
+            && !self.leaf_changed
     }
 
     /// Whether every operation is a server of an existing backend added, removed or changed (a
@@ -285,9 +292,16 @@ pub fn plan(applied: &Desired, desired: &Desired) -> Plan {
     if !deletes.is_empty() {
         deletes.extend(live.drain(..).map(Op::ReplaceServer));
     }
+    let before = crate::objects::split_thresholds(applied);
+    let live_splits = crate::objects::split_thresholds(desired)
+        .into_iter()
+        // A key new to the map comes with new rules, and so with a full render that writes it.
+        .filter(|(k, v)| before.iter().any(|(bk, bv)| bk == k && bv != v))
+        .collect();
     Plan {
         ops: deletes,
         live,
+        live_splits,
         roots_changed: applied.tls.roots_pem != desired.tls.roots_pem,
         leaf_changed: applied.tls.leaf_pem != desired.tls.leaf_pem,
     }
@@ -447,6 +461,55 @@ mod tests {
                 Op::DeleteBackend("be_up_svc_other_local_127.0.0.1_9292".into())
             ]
         );
+    }
+
+    /// `client` with its upstream following the recorded chain `name`.
+    fn chained(name: &str) -> Desired {
+        let mut s = snapshot(ANY, "client-sidecar-proxy", "ca-leaf-client.json");
+        let key = crate::consul::destinations(s.registration.as_ref().unwrap())[0].clone();
+        let chain = crate::consul::chain::parse_chain(&crate::model::fixtures::fixture(
+            ANY,
+            &format!("discovery-chain-{name}.json"),
+        ))
+        .unwrap();
+        s.apply(crate::consul::Update::Chain(key, chain));
+        build(&s, &settings(), None).unwrap()
+    }
+
+    #[test]
+    fn new_split_weights_are_live_and_new_routes_a_full_render() {
+        let a = chained("split");
+        let mut b = a.clone();
+        let r = b.upstreams[0].routing.as_mut().unwrap();
+        r.routes[0].splits[0].upto = 5000;
+        let p = plan(&a, &b);
+        assert!(p.ops.is_empty() && p.live.is_empty(), "{p:#?}");
+        assert_eq!(p.live_splits.len(), 1);
+        assert_eq!(p.live_splits[0].1, 5000);
+
+        let p = plan(&client(), &a);
+        assert!(p.needs_full_render(), "{:#?}", p.ops);
+        assert!(p.full_render_reason().unwrap().contains("discovery-chain"));
+        // Back to the plain upstream: routing rules go, so the frontend is rebuilt.
+        let back = plan(&a, &client());
+        assert!(back
+            .ops
+            .iter()
+            .any(|o| matches!(o, Op::DeleteBackend(n) if n.contains(".t."))));
+        assert!(plan(&a, &a.clone()).is_empty());
+    }
+
+    #[test]
+    fn instance_churn_of_a_chain_target_is_live() {
+        let a = chained("old");
+        let mut b = a.clone();
+        let t = &mut b.upstreams[0].routing.as_mut().unwrap().targets[0];
+        t.slots = place(vec![server("web-v1-sidecar-proxy.node1", 21444)], &t.slots);
+        let backend = t.backend.clone();
+        let p = plan(&a, &b);
+        assert!(p.ops.is_empty(), "{:#?}", p.ops);
+        assert_eq!(p.live.len(), 1);
+        assert_eq!(p.live[0].backend, backend);
     }
 
     fn paths() -> Desired {

@@ -37,6 +37,9 @@ pub struct Paths {
     pub spoe_socket: PathBuf,
     /// HAProxy's Prometheus exporter, reached only by the sidecar's /metrics.
     pub metrics_socket: PathBuf,
+    /// The splitters' thresholds (`objects::split_thresholds`), a map HAProxy reads per
+    /// request, so that new weights go live through `set map` without a reload.
+    pub splits_map: PathBuf,
 }
 
 impl Paths {
@@ -53,6 +56,7 @@ impl Paths {
             spoe_conf: workdir.join("spoe.conf"),
             spoe_socket: workdir.join("spoe.sock"),
             metrics_socket: workdir.join("metrics.sock"),
+            splits_map: workdir.join("splits.map"),
         }
     }
 }
