@@ -601,3 +601,73 @@ fn merge(mut a: Value, b: Value) -> Value {
     }
     a
 }
+
+/// case-cfg-resolver-dc-failover-gateways-none: `web` fails over to its instance in the other
+/// datacenter (no mesh gateway: the client's sidecar connects to it directly) when the local
+/// one turns critical, under continuous load, and comes back.
+#[test]
+fn datacenter_failover() {
+    let (dc1, dc2) = Consul::start_federated();
+    let base = TempDir::new("chain-dc");
+    let mut instances = Vec::new();
+    for (consul, id) in [(&dc1, "web-dc1"), (&dc2, "web-dc2")] {
+        let app = HttpApp::start(id);
+        consul.register(&instance_registration(
+            id,
+            "web",
+            "v1",
+            app.port(),
+            free_port(),
+        ));
+        let sidecar = sidecar(consul, &base, id, false, &[]);
+        instances.push((sidecar, app));
+    }
+    let port = free_port();
+    dc1.register(&sidecar_registration(
+        "client",
+        free_port(),
+        free_port(),
+        &[("web", port)],
+    ));
+    let client = sidecar(&dc1, &base, "client", false, &[]);
+    let web = format!("127.0.0.1:{port}");
+    let (s, b) = dc1.put(
+        "/v1/config",
+        &json!({"Kind": "service-resolver", "Name": "web",
+            "Failover": {"*": {"Datacenters": ["dc2"]}}})
+        .to_string(),
+    );
+    assert!(s == 200 && b.trim() == "true", "{s} {b}");
+    let answers = |want: &str| {
+        wait_until(Duration::from_secs(60), want, || {
+            (0..4).all(|_| {
+                matches!(http_get(&web, "/", Duration::from_secs(5)), Ok((200, body)) if body == want)
+            })
+        })
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}\n--- client ---\n{}\n--- dc2 sidecar ---\n{}",
+                client.logs(),
+                instances[1].0.logs()
+            )
+        })
+    };
+    answers("web-dc1");
+    let workdir_cfg = std::fs::read_to_string(workdir(&base, "client").join("haproxy.cfg"))
+        .expect("the client's haproxy.cfg");
+    assert!(workdir_cfg.contains("service web in dc2"), "{workdir_cfg}");
+
+    let load = Load::start(web.clone());
+    std::thread::sleep(Duration::from_secs(1));
+    let (s, b) = dc1.put("/v1/agent/check/fail/ttl-web-dc1", "");
+    assert_eq!(s, 200, "{b}");
+    answers("web-dc2");
+    std::thread::sleep(Duration::from_secs(1));
+    let (s, b) = dc1.put("/v1/agent/check/pass/ttl-web-dc1", "");
+    assert_eq!(s, 200, "{b}");
+    answers("web-dc1");
+    let (ok, failed, errors) = load.finish();
+    eprintln!("datacenter failover under load: {ok} ok, {failed} failed");
+    assert_eq!(failed, 0, "{:?}", &errors[..errors.len().min(5)]);
+    assert!(instances[1].1.requests() > 0);
+}
