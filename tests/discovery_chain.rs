@@ -199,6 +199,11 @@ impl ChainMesh {
             .expect("the client sidecar's haproxy.cfg")
     }
 
+    /// Waits until the client sidecar's haproxy.cfg holds `needle`.
+    fn wait_cfg(&self, needle: &str, what: &str) {
+        self.wait_file("haproxy.cfg", needle, what)
+    }
+
     /// Waits until the client sidecar's file `name` holds `needle`, and a second more.
     fn wait_file(&self, name: &str, needle: &str, what: &str) {
         let read = || {
@@ -327,6 +332,43 @@ fn discovery_chain_cases() {
     );
     let (s, b) = m.consul.put("/v1/agent/check/pass/ttl-web-v1", "");
     assert_eq!(s, 200, "{b}");
+
+    // LoadBalancer (Consul 1.9+): ring_hash on a header is HAProxy's consistent hashing on
+    // it, so one user sticks to one instance; least_request is leastconn.
+    if m.consul.is_current() {
+        m.put_entry(json!({"Kind": "service-resolver", "Name": "web",
+            "LoadBalancer": {"Policy": "ring_hash",
+                "HashPolicies": [{"Field": "header", "FieldValue": "x-user"}]}}));
+        m.wait_cfg("balance hdr(x-user)", "ring_hash");
+        let mut seen = std::collections::BTreeSet::new();
+        for user in ["alice", "bob", "carol", "dave", "erin", "frank"] {
+            let bodies: std::collections::BTreeSet<String> = (0..10)
+                .map(|_| {
+                    let r = http_request_with(
+                        &web,
+                        "GET",
+                        "/",
+                        &[("x-user", user)],
+                        None,
+                        Duration::from_secs(5),
+                    )
+                    .expect("request");
+                    assert_eq!(r.status, 200);
+                    r.body
+                })
+                .collect();
+            assert_eq!(bodies.len(), 1, "{user} went to {bodies:?}");
+            seen.extend(bodies);
+        }
+        assert_eq!(
+            seen.len(),
+            2,
+            "six users all hashed to one instance: {seen:?}"
+        );
+        m.put_entry(json!({"Kind": "service-resolver", "Name": "web",
+            "LoadBalancer": {"Policy": "least_request"}}));
+        m.wait_cfg("balance leastconn", "least_request");
+    }
 
     // case-cfg-resolver-svc-failover, under continuous load: web fails over to web-backup when
     // its last instance turns critical, with no failed request during the switch.
