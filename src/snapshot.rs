@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use crate::consul::api::{
     AgentCheck, AgentService, CaRoots, HealthEntry, IntentionEntry, LeafCert,
 };
-use crate::consul::chain::{targets_to_watch, DiscoveryChain, TargetKey};
+use crate::consul::chain::{DiscoveryChain, TargetKey};
 use crate::consul::{destinations, Update};
 use crate::consul::{DestinationKey, DestinationKind};
 
@@ -67,19 +67,16 @@ impl Snapshot {
         self.missing().is_empty()
     }
 
-    /// Whether every upstream destination has answered at least once, with its discovery
-    /// chain and the instances of every target of it; the first render waits briefly for this
-    /// so that HAProxy starts with its servers and routes instead of reloading for them.
+    /// Whether every upstream destination has answered at least once, and every service
+    /// destination's discovery chain; the first render waits briefly for this so that HAProxy
+    /// starts with its servers and routes instead of reloading for them. A chain target's
+    /// instances are not waited for: they fill their backend's slots live, and a failover
+    /// target in an unreachable datacenter must not hold back the rest.
     pub fn endpoints_known(&self) -> bool {
         self.registration.as_ref().is_some_and(|r| {
             destinations(r).iter().all(|k| {
                 self.endpoints.contains_key(k)
-                    && (k.kind != DestinationKind::Service
-                        || self.chains.get(k).is_some_and(|c| {
-                            targets_to_watch(c, k)
-                                .iter()
-                                .all(|t| self.targets.contains_key(t))
-                        }))
+                    && (k.kind != DestinationKind::Service || self.chains.contains_key(k))
             })
         })
     }

@@ -297,7 +297,7 @@ impl Builder<'_> {
             .ok_or_else(|| Error::msg(format!("resolver node {:?} has no Resolver", n.name)))?;
         let timeout = self
             .connect_timeout_override
-            .or_else(|| duration_ms(&r.connect_timeout))
+            .or_else(|| duration_ms(&r.connect_timeout).filter(|ms| *ms > 0))
             .unwrap_or(super::DEFAULT_CONNECT_TIMEOUT_MS);
         let mut ids = vec![r.target.clone()];
         ids.extend(r.failover.iter().flat_map(|f| f.targets.iter().cloned()));
@@ -328,7 +328,10 @@ impl Builder<'_> {
             format!("{}.{}.{}", t.service_subset, t.service, t.datacenter)
         };
         let backend = sanitize(&format!("{}.t.{short}", self.backend));
-        let timeout = route.and_then(|d| duration_ms(&d.request_timeout));
+        // 0 is Consul's "unset"; HAProxy would read it as no timeout at all.
+        let timeout = route
+            .and_then(|d| duration_ms(&d.request_timeout))
+            .filter(|ms| *ms > 0);
         let retries = route.and_then(|d| retries(d, self.warnings));
         if let Some(existing) = self.targets.iter_mut().find(|x| x.backend == backend) {
             // Timeouts and retries are the backend's, so two routes to one target share them.
