@@ -331,10 +331,11 @@ impl FrontendSpec {
 }
 
 /// The rules that follow a chain: the route is decided once (the first whose matchers all
-/// match), then the split by one random draw, then the first backend of the split's group
-/// that has a usable server (`nbsrv`): failover in order, decided per request, so a target
-/// that loses its last instance stops getting requests as soon as its slot leaves service.
-/// A group whose every backend is empty still goes to its first one, which answers 503.
+/// match), then the split leg by one random draw against thresholds read from the splits map,
+/// then the first backend of the leg's group that has a usable server (`nbsrv`): failover in
+/// order, decided per request, so a target that loses its last instance stops getting requests
+/// as soon as its slot leaves service. A group whose every backend is empty still goes to its
+/// first one, which answers 503.
 pub fn routing_lines(frontend: &str, mode: Mode, routes: &[Route], map: &str) -> Vec<String> {
     let mut l = Vec::new();
     // Per request in http mode, per connection in tcp mode (a tcp stream is one connection).
@@ -342,22 +343,21 @@ pub fn routing_lines(frontend: &str, mode: Mode, routes: &[Route], map: &str) ->
         Mode::Http => "http-request",
         Mode::Tcp => "tcp-request content",
     };
-    if routes.iter().any(|r| r.splits.len() > 1) {
-        l.push(format!("{rule} set-var(txn.hcc_split) rand({SPLIT_SCALE})"));
-    }
     for (i, r) in routes.iter().enumerate() {
         l.push(format!("# route {i}: {}", describe(r)));
     }
-    // Each split's threshold comes from the map, by key, so new weights need no new rules.
-    for (i, r) in routes.iter().enumerate() {
-        for j in 0..r.splits.len().saturating_sub(1) {
-            l.push(format!(
-                "{rule} set-var(txn.hcc_t{i}_{j}) str({}),map_str_int({map},{SPLIT_SCALE})",
-                split_key(frontend, i, j)
-            ));
-        }
-    }
-    let routed = routes.len() > 1 || routes.iter().any(|r| !r.matches.is_empty());
+    let http = mode == Mode::Http;
+    let has_headers = |r: &Route| {
+        !r.request_headers.is_empty()
+            || !r.response_headers.is_empty()
+            || r.splits
+                .iter()
+                .any(|s| !s.request_headers.is_empty() || !s.response_headers.is_empty())
+    };
+    let routed = routes.len() > 1
+        || routes
+            .iter()
+            .any(|r| !r.matches.is_empty() || (http && has_headers(r)));
     if routed {
         for (i, r) in routes.iter().enumerate() {
             let mut cond = String::from("!{ var(txn.hcc_route) -m found }");
@@ -367,46 +367,122 @@ pub fn routing_lines(frontend: &str, mode: Mode, routes: &[Route], map: &str) ->
             }
             l.push(format!("{rule} set-var(txn.hcc_route) int({i}) if {cond}"));
         }
-        for (i, r) in routes.iter().enumerate() {
-            if let (Some((prefix, with)), Mode::Http) = (&r.prefix_rewrite, mode) {
-                l.push(format!(
-                    "http-request set-path {with}%[path,bytes({})] if {{ var(txn.hcc_route) -m int {i} }}",
-                    prefix.len()
-                ));
-            }
-        }
     }
-    for (i, r) in routes.iter().enumerate() {
-        let route = if routed {
+    let route_cond = |i: usize| {
+        if routed {
             format!(" {{ var(txn.hcc_route) -m int {i} }}")
         } else {
             String::new()
-        };
-        for (j, s) in r.splits.iter().enumerate() {
-            // The last split takes whatever the others left, so a draw always lands.
-            let split = if j + 1 < r.splits.len() {
+        }
+    };
+    if routes.iter().any(|r| r.splits.len() > 1) {
+        l.push(format!("{rule} set-var(txn.hcc_split) rand({SPLIT_SCALE})"));
+    }
+    for (i, r) in routes.iter().enumerate() {
+        let last = r.splits.len().saturating_sub(1);
+        if last == 0 {
+            continue;
+        }
+        // Each leg's threshold comes from the map, by key, so new weights need no new rules.
+        for j in 0..last {
+            l.push(format!(
+                "{rule} set-var(txn.hcc_t{i}_{j}) str({}),map_str_int({map},{SPLIT_SCALE})",
+                split_key(frontend, i, j)
+            ));
+        }
+        // The first leg whose threshold is above the draw; the last takes what is left, so a
+        // draw always lands.
+        for j in 0..=last {
+            let below = if j < last {
                 format!(" {{ var(txn.hcc_split),sub(txn.hcc_t{i}_{j}) -m int lt 0 }}")
             } else {
                 String::new()
             };
+            l.push(format!(
+                "{rule} set-var(txn.hcc_leg) int({j}) if{} !{{ var(txn.hcc_leg) -m found }}{below}",
+                route_cond(i)
+            ));
+        }
+    }
+    if http {
+        for (i, r) in routes.iter().enumerate() {
+            if let Some((prefix, with)) = &r.prefix_rewrite {
+                l.push(format!(
+                    "http-request set-path {}%[path,bytes({})]{}",
+                    log_format_literal(with),
+                    prefix.len(),
+                    when(&route_cond(i))
+                ));
+            }
+            header_lines(
+                &mut l,
+                &r.request_headers,
+                &r.response_headers,
+                &route_cond(i),
+            );
+            if r.splits.len() > 1 {
+                for (j, s) in r.splits.iter().enumerate() {
+                    let cond = format!("{} {{ var(txn.hcc_leg) -m int {j} }}", route_cond(i));
+                    header_lines(&mut l, &s.request_headers, &s.response_headers, &cond);
+                }
+            }
+        }
+    }
+    for (i, r) in routes.iter().enumerate() {
+        for (j, s) in r.splits.iter().enumerate() {
+            let mut cond = route_cond(i);
+            if r.splits.len() > 1 {
+                cond.push_str(&format!(" {{ var(txn.hcc_leg) -m int {j} }}"));
+            }
             let Some(first) = s.group.first() else {
                 continue;
             };
             if s.group.len() > 1 {
                 for b in &s.group {
-                    l.push(format!(
-                        "use_backend {b} if{route}{split} {{ nbsrv({b}) gt 0 }}"
-                    ));
+                    l.push(format!("use_backend {b} if{cond} {{ nbsrv({b}) gt 0 }}"));
                 }
             }
-            if route.is_empty() && split.is_empty() {
-                l.push(format!("use_backend {first}"));
-            } else {
-                l.push(format!("use_backend {first} if{route}{split}"));
-            }
+            l.push(format!("use_backend {first}{}", when(&cond)));
         }
     }
     l
+}
+
+/// ` if <cond>` for a condition that starts with a space, nothing for none.
+fn when(cond: &str) -> String {
+    if cond.is_empty() {
+        String::new()
+    } else {
+        format!(" if{cond}")
+    }
+}
+
+/// A literal in a log-format argument (`set-path`, `set-header`): `%` starts a sample there.
+fn log_format_literal(s: &str) -> String {
+    s.replace('%', "%%")
+}
+
+/// A route's or leg's header changes, removals first, as Envoy applies them.
+fn header_lines(
+    l: &mut Vec<String>,
+    request: &crate::model::chain::Headers,
+    response: &crate::model::chain::Headers,
+    cond: &str,
+) {
+    for (side, h) in [("http-request", request), ("http-response", response)] {
+        for name in &h.remove {
+            l.push(format!("{side} del-header {name}{}", when(cond)));
+        }
+        for (verb, list) in [("set-header", &h.set), ("add-header", &h.add)] {
+            for (name, value) in list {
+                l.push(format!(
+                    "{side} {verb} {name} {}{}",
+                    log_format_literal(value),
+                    when(cond)
+                ));
+            }
+        }
+    }
 }
 
 fn split_key(frontend: &str, route: usize, split: usize) -> String {

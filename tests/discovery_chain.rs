@@ -407,13 +407,21 @@ fn discovery_chain_cases() {
     );
     assert!(ok > 100, "the load ran ({ok} requests)");
 
-    // The splitter: 90/10 over 2,000 requests within ±3 points, then 50/50 live
-    // (case-cfg-splitter-features' split; its header manipulation is not honoured).
+    // The splitter: 90/10 over 2,000 requests within ±3 points, then 50/50 live, and
+    // case-cfg-splitter-features' header changes per leg (Consul 1.10+).
+    let current = m.consul.is_current();
+    let leg = |weight: u32, subset: &str| {
+        let mut l = json!({"Weight": weight, "ServiceSubset": subset});
+        if current {
+            l["RequestHeaders"] = json!({"Set": {"x-split-leg": subset}, "Remove": ["x-bad-req"]});
+            l["ResponseHeaders"] =
+                json!({"Add": {"x-svc-version": subset}, "Remove": ["x-bad-resp"]});
+        }
+        l
+    };
     m.put_entry(json!({"Kind": "service-resolver", "Name": "web", "Subsets": subsets()}));
-    m.put_entry(
-        json!({"Kind": "service-splitter", "Name": "web", "Splits": [
-        {"Weight": 90, "ServiceSubset": "v1"}, {"Weight": 10, "ServiceSubset": "v2"}]}),
-    );
+    m.put_entry(json!({"Kind": "service-splitter", "Name": "web",
+        "Splits": [leg(90, "v1"), leg(10, "v2")]}));
     m.wait_file("splits.map", "/0/0 9000", "the 90/10 split");
     m.eventually(&web, "/", &[], &["web-v1", "web-v2"], "split 90/10");
     let t = m.tally(&web, 2000);
@@ -422,10 +430,8 @@ fn discovery_chain_cases() {
     assert!((87.0..=93.0).contains(&v1), "{t:?}");
     // New weights, same subsets: live, through the splits map, no reload.
     let renders = m.full_renders();
-    m.put_entry(
-        json!({"Kind": "service-splitter", "Name": "web", "Splits": [
-        {"Weight": 50, "ServiceSubset": "v1"}, {"Weight": 50, "ServiceSubset": "v2"}]}),
-    );
+    m.put_entry(json!({"Kind": "service-splitter", "Name": "web",
+        "Splits": [leg(50, "v1"), leg(50, "v2")]}));
     m.wait_file("splits.map", "/0/0 5000", "the 50/50 split");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -442,6 +448,28 @@ fn discovery_chain_cases() {
     }
     assert!(m.client.logs().contains("split weight(s) changed live"));
     assert_eq!(m.full_renders(), renders, "new weights cost no reload");
+    if current {
+        for id in ["web-v1", "web-v2"] {
+            m.app(id).set_response_header("X-Bad-Resp", "true");
+        }
+        for _ in 0..10 {
+            let r = http_request_with(
+                &web,
+                "GET",
+                "/",
+                &[("X-Bad-Req", "true")],
+                None,
+                Duration::from_secs(5),
+            )
+            .expect("a request through the split");
+            let subset = r.body.trim_start_matches("web-");
+            assert_eq!(r.header("x-svc-version"), Some(subset), "{r:?}");
+            assert_eq!(r.header("x-bad-resp"), None, "{r:?}");
+            let head = m.app(&r.body).last_request_head();
+            assert!(head.contains(&format!("x-split-leg: {subset}")), "{head}");
+            assert!(!head.contains("x-bad-req"), "{head}");
+        }
+    }
     m.delete_entry("service-splitter", "web");
 
     // case-cfg-router-features (resolver default subset v1, routes to v2 by every matcher).
@@ -450,7 +478,7 @@ fn discovery_chain_cases() {
     let to =
         |subset: &str, rewrite: &str| json!({"ServiceSubset": subset, "PrefixRewrite": rewrite});
     let hdr = |h: Value| json!({"Header": [h]});
-    m.put_entry(json!({"Kind": "service-router", "Name": "web", "Routes": [
+    let mut routes = json!([
         {"Match": {"HTTP": {"PathExact": "/exact/debug"}}, "Destination": to("v2", "/debug")},
         {"Match": {"HTTP": {"PathExact": "/exact-alt/debug"}}, "Destination": to("v1", "/debug")},
         {"Match": {"HTTP": {"PathPrefix": "/prefix/"}}, "Destination": to("v2", "/")},
@@ -477,7 +505,23 @@ fn discovery_chain_cases() {
         {"Match": {"HTTP": {"PathExact": "/qp-regex/debug", "QueryParam": [{"Name": "env", "Regex": "du[mp]{2}"}]}}, "Destination": to("v2", "/debug")},
         {"Match": {"HTTP": {"PathExact": "/method-match/debug", "Methods": ["GET", "PUT"]}}, "Destination": to("v2", "/debug")},
         {"Match": {"HTTP": {"PathPrefix": "/timeout/"}}, "Destination": {"ServiceSubset": "v2", "RequestTimeout": "2s", "NumRetries": 2}}
-    ]}));
+    ]);
+    if current {
+        // Header changes are Consul 1.10+; 1.8.7 refuses the keys.
+        if let Some(r) = routes.as_array_mut() {
+            r.push(
+                json!({"Match": {"HTTP": {"PathExact": "/header-manip/debug"}},
+                "Destination": merge(to("v2", "/debug"), json!({"RequestHeaders":
+                    {"Set": {"x-foo": "request-bar"}, "Remove": ["x-bad-req"]}}))}),
+            );
+            r.push(
+                json!({"Match": {"HTTP": {"PathExact": "/header-manip/echo"}},
+                "Destination": merge(to("v2", "/"), json!({"ResponseHeaders":
+                    {"Add": {"x-foo": "response-bar"}, "Remove": ["x-bad-resp"]}}))}),
+            );
+        }
+    }
+    m.put_entry(json!({"Kind": "service-router", "Name": "web", "Routes": routes}));
     let h = |v: &'static str| vec![("x-test-debug", v)];
     let none: Vec<(&str, &str)> = Vec::new();
     // The verify.bats requests: path, then the x-test-debug header (if any), want.
@@ -531,6 +575,33 @@ fn discovery_chain_cases() {
         &["web-v1"],
         "router POST falls through",
     );
+    if current {
+        // The router's request and response header changes (Consul 1.10+).
+        m.eventually(
+            &web,
+            "/header-manip/debug",
+            &[("X-Bad-Req", "true")],
+            &["web-v2"],
+            "header-manip",
+        );
+        let head = m.app("web-v2").last_request_head();
+        assert!(head.starts_with("get /debug "), "{head}");
+        assert!(
+            head.contains("x-foo: request-bar") && !head.contains("x-bad-req"),
+            "{head}"
+        );
+        let r = http_request(
+            &web,
+            "PUT",
+            "/header-manip/echo",
+            None,
+            Duration::from_secs(5),
+        )
+        .expect("header-manip/echo");
+        assert_eq!(r.body, "web-v2");
+        assert_eq!(r.header("x-foo"), Some("response-bar"), "{r:?}");
+        assert_eq!(r.header("x-bad-resp"), None, "{r:?}");
+    }
     // PrefixRewrite: what the app saw.
     assert!(m.app("web-v2").requests_for("/debug") > 0);
     let before = m.app("web-v2").requests_for("/");

@@ -144,6 +144,32 @@ pub struct RouteDestination {
     pub retry_on_connect_failure: bool,
     #[serde(default, deserialize_with = "null_as_default")]
     pub retry_on_status_codes: Vec<u32>,
+    /// Consul 1.10+.
+    #[serde(flatten)]
+    pub headers: HeaderChanges,
+}
+
+/// A route's or split's header changes (Consul 1.10+).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct HeaderModifiers {
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub add: BTreeMap<String, String>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub set: BTreeMap<String, String>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub remove: Vec<String>,
+}
+
+/// The header changes of a route's destination or a split: what 1.16.3 keeps of a split's
+/// config entry beside its weight (1.8.7 sends none).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct HeaderChanges {
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub request_headers: HeaderModifiers,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub response_headers: HeaderModifiers,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
@@ -152,6 +178,8 @@ pub struct ChainSplit {
     /// Percent, with up to two decimals (Consul keeps it as a float32).
     pub weight: f64,
     pub next_node: String,
+    #[serde(default)]
+    pub definition: Option<HeaderChanges>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]

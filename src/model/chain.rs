@@ -13,8 +13,8 @@ use serde::Serialize;
 
 use super::{place, servers, Mode, Slot};
 use crate::consul::chain::{
-    is_destination_itself, ChainNode, ChainTarget, DiscoveryChain, HttpMatch, LoadBalancer,
-    ParamMatch, RouteDestination, TargetKey,
+    is_destination_itself, ChainNode, ChainTarget, DiscoveryChain, HeaderModifiers, HttpMatch,
+    LoadBalancer, ParamMatch, RouteDestination, TargetKey,
 };
 use crate::consul::DestinationKey;
 use crate::error::{Error, Result};
@@ -76,6 +76,23 @@ pub struct Route {
     /// The path prefix matched (`PathPrefix` or `PathExact`) and what replaces it.
     pub prefix_rewrite: Option<(String, String)>,
     pub splits: Vec<Split>,
+    /// The route's header changes, on requests and on their responses.
+    pub request_headers: Headers,
+    pub response_headers: Headers,
+}
+
+/// Header changes, applied in this order: removals, then values set, then values added.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Headers {
+    pub remove: Vec<String>,
+    pub set: Vec<(String, String)>,
+    pub add: Vec<(String, String)>,
+}
+
+impl Headers {
+    pub fn is_empty(&self) -> bool {
+        self.remove.is_empty() && self.set.is_empty() && self.add.is_empty()
+    }
 }
 
 /// One share of a route: requests whose draw is below `upto` (and not below the previous
@@ -85,6 +102,9 @@ pub struct Split {
     pub upto: u32,
     /// Backend names: the resolver's target, then its failover targets in order.
     pub group: Vec<String>,
+    /// The split leg's header changes (Consul 1.10+).
+    pub request_headers: Headers,
+    pub response_headers: Headers,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -201,10 +221,13 @@ pub fn routing(
                         }
                     }
                 };
+                let what = format!("upstream {dest}: route {}", i + 1);
                 routes.push(Route {
                     matches,
                     prefix_rewrite,
                     splits,
+                    request_headers: headers(&d.headers.request_headers, &what, b.warnings),
+                    response_headers: headers(&d.headers.response_headers, &what, b.warnings),
                 });
             }
         }
@@ -214,6 +237,8 @@ pub fn routing(
                 matches: Vec::new(),
                 prefix_rewrite: None,
                 splits,
+                request_headers: Headers::default(),
+                response_headers: Headers::default(),
             });
         }
     }
@@ -255,6 +280,8 @@ impl Builder<'_> {
             "resolver" => Ok(vec![Split {
                 upto: SPLIT_SCALE,
                 group: self.group(n, route)?,
+                request_headers: Headers::default(),
+                response_headers: Headers::default(),
             }]),
             "splitter" => {
                 let mut out = Vec::new();
@@ -272,9 +299,13 @@ impl Builder<'_> {
                             n.name, s.next_node
                         )));
                     }
+                    let def = s.definition.clone().unwrap_or_default();
+                    let what = format!("upstream {}: split to {}", self.dest, s.next_node);
                     out.push(Split {
                         upto,
                         group: self.group(inner, route)?,
+                        request_headers: headers(&def.request_headers, &what, self.warnings),
+                        response_headers: headers(&def.response_headers, &what, self.warnings),
                     });
                 }
                 // Float sums of two-decimal percents may miss 100 by a rounding step.
@@ -388,6 +419,33 @@ impl Builder<'_> {
         });
         backend
     }
+}
+
+/// Header changes HAProxy's configuration can carry; the others are named in a warning.
+fn headers(h: &HeaderModifiers, what: &str, warnings: &mut Vec<String>) -> Headers {
+    let mut out = Headers::default();
+    let mut refuse = |name: &str| {
+        warnings.push(format!(
+            "{what}: header change of {name:?} skipped: its name or value holds white space, a quote, '#' or a backslash"
+        ))
+    };
+    for name in &h.remove {
+        if plain(name) {
+            out.remove.push(name.clone());
+        } else {
+            refuse(name);
+        }
+    }
+    for (list, from) in [(&mut out.set, &h.set), (&mut out.add, &h.add)] {
+        for (name, value) in from {
+            if plain(name) && plain(value) {
+                list.push((name.clone(), value.clone()));
+            } else {
+                refuse(name);
+            }
+        }
+    }
+    out
 }
 
 fn or_default(s: &str) -> String {
