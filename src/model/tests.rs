@@ -391,3 +391,64 @@ fn an_exposed_port_taken_by_another_listener_is_skipped_with_a_warning() {
     assert!(d.warnings.iter().any(|w| w.contains("already has")));
     assert!(d.warnings.iter().any(|w| w.contains("\"/no space\"")));
 }
+
+/// `client`'s snapshot with the recorded chain `name` compiled for its upstream `server`
+/// (the chain's own service renamed to `server`, as if recorded for it).
+fn with_chain(v: &str, name: &str, as_server: bool) -> Snapshot {
+    let mut s = snapshot(v, "client-sidecar-proxy", "ca-leaf-client.json");
+    let key = crate::consul::destinations(s.registration.as_ref().unwrap())[0].clone();
+    let mut body = super::fixtures::fixture(v, &format!("discovery-chain-{name}.json"));
+    if as_server {
+        body = body
+            .replace(&format!("\"{name}"), "\"server")
+            .replace(&format!(":{name}."), ":server.");
+    }
+    let chain = crate::consul::chain::parse_chain(&body).unwrap();
+    s.apply(crate::consul::Update::Chain(key, chain));
+    s
+}
+
+#[test]
+fn a_chain_that_is_the_destination_itself_gives_exactly_the_config_without_chains() {
+    for v in CONSUL_VERSIONS {
+        let plain = build(
+            &snapshot(v, "client-sidecar-proxy", "ca-leaf-client.json"),
+            &settings(),
+            None,
+        )
+        .unwrap();
+        let chained = build(&with_chain(v, "plain", true), &settings(), None).unwrap();
+        assert_eq!(chained, plain, "{v}");
+        assert!(chained.upstreams[0].routing.is_none());
+    }
+}
+
+#[test]
+fn a_chain_that_cannot_be_followed_keeps_the_routing_that_served() {
+    for v in CONSUL_VERSIONS {
+        let s = with_chain(v, "split", false);
+        let good = build(&s, &settings(), None).unwrap();
+        assert!(good.upstreams[0].routing.is_some());
+        let mut broken = s.clone();
+        let key = crate::consul::destinations(broken.registration.as_ref().unwrap())[0].clone();
+        let chain = broken.chains.get_mut(&key).unwrap();
+        // A splitter leading to a node the chain does not define.
+        for n in chain.nodes.values_mut() {
+            for split in &mut n.splits {
+                split.next_node = "resolver:nowhere".into();
+            }
+        }
+        let d = build(&broken, &settings(), Some(&good)).unwrap();
+        assert_eq!(d.upstreams[0].routing, good.upstreams[0].routing, "{v}");
+        assert!(
+            d.warnings
+                .iter()
+                .any(|w| w.contains("cannot be followed") && w.contains("resolver:nowhere")),
+            "{:?}",
+            d.warnings
+        );
+        // Without a routing before it, the destination itself serves.
+        let d = build(&broken, &settings(), None).unwrap();
+        assert!(d.upstreams[0].routing.is_none());
+    }
+}
