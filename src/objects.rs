@@ -52,6 +52,9 @@ pub struct FrontendSpec {
     /// cannot carry `http-request return`, so such a frontend is only ever created by a full
     /// render (see `Plan::needs_full_render`).
     pub only_path: Option<String>,
+    /// The only sources a connection may come from (an exposed check's listener); empty admits
+    /// any. Rendered only, like `only_path`, on the frontends that carry `only_path`.
+    pub only_sources: Vec<String>,
     /// An upstream's discovery-chain routing (`model::chain`): rules that pick a target's
     /// backend per request or connection. Rendered only, like `spoe_config`: a frontend with
     /// routing is only ever created by a full render (see `Plan::needs_full_render`).
@@ -107,6 +110,7 @@ pub fn public_frontend(d: &Desired) -> FrontendSpec {
             .intentions
             .then(|| d.paths.spoe_conf.display().to_string()),
         only_path: None,
+        only_sources: Vec::new(),
         routing: Vec::new(),
     }
 }
@@ -164,6 +168,7 @@ pub fn upstream_frontend(d: &Desired, u: &UpstreamListener) -> FrontendSpec {
         log_format: d.knobs.log_format.clone(),
         spoe_config: None,
         only_path: None,
+        only_sources: Vec::new(),
         routing: u.routing.as_ref().map_or_else(Vec::new, |r| {
             routing_lines(
                 &u.name,
@@ -242,6 +247,7 @@ pub fn exposed_frontend(d: &Desired, e: &ExposedListener) -> FrontendSpec {
         log_format: d.knobs.log_format.clone(),
         spoe_config: None,
         only_path: Some(e.path.clone()),
+        only_sources: e.sources.clone(),
         routing: Vec::new(),
     }
 }
@@ -299,6 +305,13 @@ impl FrontendSpec {
             None => format!("option {}log", mode(self.mode)),
         });
         l.push(bind.line());
+        if !self.only_sources.is_empty() {
+            // At connection time, before a byte is read: a refused source learns nothing.
+            l.push(format!(
+                "tcp-request connection reject unless {{ src {} }}",
+                self.only_sources.join(" ")
+            ));
+        }
         if let Some(p) = &self.only_path {
             l.push(format!(
                 "http-request return status 404 unless {{ path {p} }}"

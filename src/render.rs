@@ -407,6 +407,32 @@ mod tests {
             assert!(section("backend be_exp_21601\n")
                 .contains(&"server app 127.0.0.1:8586 proto h2".to_string()));
             assert!(cfg.contains("# exposed path: /metrics (http)"), "{cfg}");
+            assert!(
+                !cfg.contains("tcp-request connection reject"),
+                "explicit paths admit any source: {cfg}"
+            );
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+
+    #[test]
+    fn exposed_check_listeners_admit_local_sources_only_and_pass_haproxy_check() {
+        for version in CONSUL_VERSIONS {
+            let (dir, files) = render_into(
+                version,
+                "checked-sidecar-proxy",
+                "ca-leaf-checked.json",
+                false,
+            );
+            let cfg = &files.last().unwrap().contents;
+            let rule = "tcp-request connection reject unless { src 127.0.0.0/8 ::1 }";
+            assert_eq!(cfg.matches(rule).count(), 2, "{version}: {cfg}");
+            let out = haproxy_check(&dir.join("haproxy.cfg"));
+            assert!(
+                out.status.success(),
+                "{version}: {}\n{cfg}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             let _ = std::fs::remove_dir_all(&dir);
         }
     }

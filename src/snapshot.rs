@@ -22,6 +22,9 @@ pub struct Snapshot {
     /// The agent's checks of the proxied service, read only when the registration asks for
     /// `Expose.Checks`; `None` until first read.
     pub checks: Option<Vec<AgentCheck>>,
+    /// The local agent's own address (`/v1/agent/self` Member.Addr), read only for
+    /// `Expose.Checks`: a check's listener admits it.
+    pub agent_address: Option<String>,
     /// The discovery chain of each service destination, once read.
     pub chains: BTreeMap<DestinationKey, DiscoveryChain>,
     /// The instances of chain targets other than a destination itself (that one is in
@@ -42,6 +45,7 @@ impl Snapshot {
             Update::Intentions(i) => replace(&mut self.intentions, Some(i)),
             Update::AclDefaultPolicy(p) => replace(&mut self.acl_default_policy, Some(p)),
             Update::Checks(c) => replace(&mut self.checks, Some(c)),
+            Update::AgentAddress(a) => replace(&mut self.agent_address, Some(a)),
             Update::Endpoints(k, e) => insert(&mut self.endpoints, k, e),
             Update::Chain(k, c) => insert(&mut self.chains, k, c),
             Update::TargetEndpoints(k, e) => insert(&mut self.targets, k, e),

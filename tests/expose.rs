@@ -211,13 +211,19 @@ fn case_expose_checks() {
     let s2 = sidecar(&consul, &base, "s2", false, &[]);
 
     // "s1 proxy listener should be up and have right cert" / "s2 …": the mesh listeners serve
-    // mTLS (a plain request is refused by the TLS handshake, not answered).
-    for (port, sidecar) in [(s1_port, &s1), (s2_port, &s2)] {
+    // mTLS (a plain request is refused by the TLS handshake, not answered) and present their
+    // service's SPIFFE ID.
+    for (name, port, sidecar) in [("s1", s1_port, &s1), ("s2", s2_port, &s2)] {
         wait_until(Duration::from_secs(60), "the public listener", || {
             listening(port)
         })
         .unwrap_or_else(|e| panic!("{e}\n{}", sidecar.logs()));
         assert!(http_get(&format!("127.0.0.1:{port}"), "/", T).is_err());
+        let sans = presented_sans(port);
+        assert!(
+            sans.contains("URI:spiffe://") && sans.contains(&format!("/svc/{name}\n")),
+            "{name} presents {sans:?}"
+        );
     }
     // "s2 proxy should be healthy": its check passes through the exposed listener.
     wait_check_passes_through_sidecar(&consul, "s2", exposed, &s2);
@@ -261,4 +267,85 @@ fn case_expose_checks() {
     );
     assert_eq!(http_get(&probe, "/debug/x", T).unwrap().0, 404);
     assert_eq!(s2_app.requests_for("/debug/x"), 0);
+}
+
+/// `case-expose-checks` also asserts that a check's listener admits only the local agent
+/// (Envoy's filter chain matches loopback and the agent's address). The node runs in a
+/// network namespace of its own (tests/support/netns.rs) so that another host can try: its
+/// connection to the check's listener is refused before a byte is read, while the node itself
+/// and, for the other host, an explicit `Expose.Paths` listener still serve.
+#[test]
+fn exposed_check_listeners_refuse_other_hosts() {
+    use support::netns::{can_create_namespaces, Net};
+    if !can_create_namespaces() {
+        eprintln!("expose: SKIPPED: network namespaces need root (CI runs as root)");
+        return;
+    }
+    let net = Net::new(&["node", "outsider"]);
+    let (node, outsider) = (net.host("node"), net.host("outsider"));
+    // Everything of the node starts on this thread, inside its namespace, so every child
+    // process inherits it; all of it is dropped (and stopped by PID) before the thread ends.
+    node.run(|| {
+        let exposed = free_port();
+        let consul = Consul::start_expose_from(exposed);
+        let app = HttpApp::start("healthy");
+        let (sidecar_port, metrics_port) = (free_port(), free_port());
+        consul.register(&registration(
+            "web",
+            app.port(),
+            sidecar_port,
+            &[],
+            serde_json::json!({"Checks": true, "Paths": [{
+                "Path": "/metrics", "LocalPathPort": app.port(), "ListenerPort": metrics_port
+            }]}),
+            serde_json::json!([{
+                "Name": "web health", "HTTP": format!("http://127.0.0.1:{}/health", app.port()),
+                "Interval": "1s", "Timeout": "1s"
+            }]),
+        ));
+        let base = TempDir::new("expose-sources");
+        let web = sidecar(&consul, &base, "web", false, &[]);
+        wait_check_passes_through_sidecar(&consul, "web", exposed, &web);
+
+        // The agent's address is 127.0.0.1 here, already in the rule.
+        let cfg_path = workdir(&base, "web").join("haproxy.cfg");
+        let rule = "tcp-request connection reject unless { src 127.0.0.0/8 ::1 }";
+        wait_until(
+            Duration::from_secs(20),
+            "the check listener's source rule",
+            || std::fs::read_to_string(&cfg_path).is_ok_and(|c| c.contains(rule)),
+        )
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}\n{}\n{}",
+                std::fs::read_to_string(&cfg_path).unwrap_or_default(),
+                web.logs()
+            )
+        });
+        let cfg = std::fs::read_to_string(&cfg_path).unwrap();
+        assert_eq!(
+            cfg.matches("tcp-request connection reject").count(),
+            1,
+            "{cfg}"
+        );
+
+        // This host: admitted.
+        assert_eq!(
+            http_get(&format!("127.0.0.1:{exposed}"), "/health", T).unwrap(),
+            (200, "healthy".into())
+        );
+        // Another host: refused; its explicit path is open to it.
+        let (refused, open) = outsider.run(|| {
+            (
+                http_get(&node.at(exposed), "/health", T),
+                http_get(&node.at(metrics_port), "/metrics", T),
+            )
+        });
+        assert!(
+            refused.is_err(),
+            "another host reached the check listener: {refused:?}\n{cfg}"
+        );
+        assert_eq!(open.unwrap(), (200, "healthy".into()));
+    });
+    net.remove_and_check();
 }

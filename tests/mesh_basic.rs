@@ -3,46 +3,12 @@
 
 mod support;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use support::mesh::{sidecar, Mesh, MeshOptions, APP_BODY};
 use support::*;
-
-fn openssl(args: &[&str], stdin: &[u8]) -> std::process::Output {
-    let mut child = Command::new("openssl")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("openssl installed by scripts/install-deps");
-    if let Some(mut s) = child.stdin.take() {
-        let _ = s.write_all(stdin);
-    }
-    child.wait_with_output().expect("openssl ran")
-}
-
-/// The certificate a TLS server presents, as openssl prints its SANs.
-fn presented_sans(port: u16) -> String {
-    let out = openssl(
-        &[
-            "s_client",
-            "-connect",
-            &format!("127.0.0.1:{port}"),
-            "-showcerts",
-        ],
-        b"",
-    );
-    let pem = String::from_utf8_lossy(&out.stdout).into_owned();
-    let out = openssl(
-        &["x509", "-noout", "-ext", "subjectAltName"],
-        pem.as_bytes(),
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn rss_kb(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

@@ -14,7 +14,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::netns::{can_create_namespaces, enter, existing_namespaces, Host, Net};
+use support::netns::{can_create_namespaces, enter, Host, Net};
 use support::{bin_path, consul_bin, consul_is_current, http_request, wait_until, Child, HttpApp};
 
 const HTTP: &str = "127.0.0.1:8500";
@@ -325,16 +325,8 @@ fn consul_cluster_across_hosts_host_loss_and_server_outage() {
         return;
     }
     let net = Net::new(&["a", "b", "c", "d"]);
-    let ours = net.namespaces();
-    {
-        run(&net);
-    }
-    drop(net);
-    let left: Vec<String> = existing_namespaces()
-        .into_iter()
-        .filter(|n| ours.contains(n))
-        .collect();
-    assert!(left.is_empty(), "namespaces left behind: {left:?}");
+    run(&net);
+    net.remove_and_check();
 }
 
 fn run(net: &Net) {

@@ -2,7 +2,9 @@
 //! 2.6 in `fixtures/spop/`, 3.0 and 3.2 in `fixtures/spop/<version>/`. Every frame decodes,
 //! re-encodes to the same bytes, and says what the agent relies on.
 
-use haproxy_consul_connect::spoe::frame::{decode, Frame, HaproxyHello, TypedData};
+use haproxy_consul_connect::spoe::frame::{
+    decode, decode_hdrs_bin, Frame, HaproxyHello, TypedData,
+};
 
 const CLIENT_DER: &[u8] = include_bytes!("../fixtures/spop/certs/client.der");
 
@@ -139,5 +141,76 @@ fn disconnects_say_normal_where_haproxy_sends_them() {
             panic!("{}: not a HAPROXY-DISCONNECT", c.version);
         };
         assert_eq!(kv.get("status-code").and_then(TypedData::as_u64), Some(0));
+    }
+}
+
+/// The per-request NOTIFY of L7 intentions (`check-request` on on-frontend-http-request) and
+/// the http listener's connection NOTIFY, as 2.6, 3.0 and 3.2 send them for
+/// `POST /api/x?q=1` with `X-Test-Debug: a` and `x-test-debug: b`.
+#[test]
+fn per_request_notifies_of_every_version_carry_method_path_and_headers() {
+    let captured: [(&str, &[u8], &[u8]); 3] = [
+        (
+            "2.6",
+            include_bytes!("../fixtures/spop/notify-l7-connection.bin"),
+            include_bytes!("../fixtures/spop/notify-request.bin"),
+        ),
+        (
+            "3.0",
+            include_bytes!("../fixtures/spop/3.0/notify-l7-connection.bin"),
+            include_bytes!("../fixtures/spop/3.0/notify-request.bin"),
+        ),
+        (
+            "3.2",
+            include_bytes!("../fixtures/spop/3.2/notify-l7-connection.bin"),
+            include_bytes!("../fixtures/spop/3.2/notify-request.bin"),
+        ),
+    ];
+    for (version, connection, request) in captured {
+        let Frame::Notify(n) = one_frame(version, "notify-l7-connection", connection) else {
+            panic!("{version}: not a NOTIFY");
+        };
+        assert_eq!(
+            n.find_arg(Some("check-client"), "cert"),
+            Some(&TypedData::Binary(CLIENT_DER.to_vec())),
+            "{version}"
+        );
+        let Frame::Notify(n) = one_frame(version, "notify-request", request) else {
+            panic!("{version}: not a NOTIFY");
+        };
+        let m = &n.messages[0];
+        assert_eq!(
+            (n.messages.len(), m.name.as_str()),
+            (1, "check-request"),
+            "{version}"
+        );
+        let names: Vec<&str> = m.args.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(names, ["src", "method", "path", "headers"], "{version}");
+        assert!(
+            m.arg("src")
+                .and_then(TypedData::as_str)
+                .is_some_and(|s| s.ends_with("/svc/client")),
+            "{version}: {m:?}"
+        );
+        assert_eq!(
+            m.arg("method").and_then(TypedData::as_str),
+            Some("POST"),
+            "{version}"
+        );
+        assert_eq!(
+            m.arg("path").and_then(TypedData::as_str),
+            Some("/api/x"),
+            "{version}"
+        );
+        let Some(TypedData::Binary(h)) = m.arg("headers") else {
+            panic!("{version}: headers is not BINARY: {:?}", m.arg("headers"));
+        };
+        let fields = decode_hdrs_bin(h).unwrap_or_else(|e| panic!("{version}: {e}"));
+        let debug: Vec<&[u8]> = fields
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(b"x-test-debug"))
+            .map(|(_, v)| *v)
+            .collect();
+        assert_eq!(debug, [&b"a"[..], &b"b"[..]], "{version}");
     }
 }

@@ -57,6 +57,8 @@ pub enum Update {
     AclDefaultPolicy(String),
     /// The agent's checks of the proxied service (`Expose.Checks`), sorted by check ID.
     Checks(Vec<api::AgentCheck>),
+    /// The local agent's address (`/v1/agent/self` Member.Addr).
+    AgentAddress(String),
     /// The compiled discovery chain of a service destination.
     Chain(DestinationKey, chain::DiscoveryChain),
     /// The serving instances of one chain target other than the destination itself.

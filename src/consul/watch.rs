@@ -90,6 +90,8 @@ pub struct Watchers {
     targets: BTreeMap<TargetKey, WatchHandle>,
     /// The agent's checks of this service instance, while `Expose.Checks` asks for them.
     checks_for: Option<(String, WatchHandle)>,
+    /// Whether the agent's address was asked for (once, for `Expose.Checks`).
+    agent_address_started: bool,
     /// Whether to watch intentions; started once the service name is known.
     intentions: bool,
     intentions_started: bool,
@@ -114,6 +116,7 @@ impl Watchers {
             chains: BTreeMap::new(),
             targets: BTreeMap::new(),
             checks_for: None,
+            agent_address_started: false,
             intentions,
             intentions_started: false,
         };
@@ -200,6 +203,10 @@ impl Watchers {
                     },
                 );
                 self.checks_for = Some((id, h));
+                if !self.agent_address_started {
+                    self.agent_address_started = true;
+                    self.read_agent_address();
+                }
             }
             Some(_) => {}
         }
@@ -311,6 +318,76 @@ impl Watchers {
         }
         WatchHandle { stop }
     }
+}
+
+impl Watchers {
+    /// Reads the agent's address once, on its own thread, retrying until the agent answers:
+    /// it changes only when the agent restarts with another address, and a check listener that
+    /// does not know it still admits loopback and this sidecar's own addresses.
+    fn read_agent_address(&mut self) {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (consul, sink, timing, halt) = (
+            self.consul.clone(),
+            self.sink.clone(),
+            self.timing,
+            stop.clone(),
+        );
+        let spawned = std::thread::Builder::new()
+            .name("watch agent".into())
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                let mut failures = 0;
+                while !halt.load(Ordering::SeqCst) {
+                    match agent_address(&consul) {
+                        Ok(Some(a)) => {
+                            sink.update(Update::AgentAddress(a));
+                            return;
+                        }
+                        Ok(None) => {
+                            log::info!(
+                                "the token may not read /v1/agent/self: exposed check listeners admit loopback and this sidecar's own addresses only"
+                            );
+                            return;
+                        }
+                        Err(e) => {
+                            failures += 1;
+                            if failures == 1 {
+                                log::warn!("cannot learn the agent's address: {e}");
+                            }
+                            let until = Instant::now() + backoff(&timing, failures);
+                            while Instant::now() < until && !halt.load(Ordering::SeqCst) {
+                                std::thread::sleep(Duration::from_millis(200));
+                            }
+                        }
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            log::error!("cannot start the agent address reader: {e}");
+        }
+        self.fixed.push(WatchHandle { stop });
+    }
+}
+
+/// The agent's `Member.Addr`; `None` when the token may not read the agent (403).
+fn agent_address(consul: &Consul) -> crate::error::Result<Option<String>> {
+    let answer = consul.get(AGENT_SELF_PATH, None)?;
+    match answer.status {
+        200 => {}
+        403 => return Ok(None),
+        s => {
+            return Err(crate::error::Error::msg(format!(
+                "status {s} for {AGENT_SELF_PATH}: {}",
+                answer.body.trim()
+            )))
+        }
+    }
+    let me: serde_json::Value = api::parse("the agent's configuration", &answer.body)?;
+    me.pointer("/Member/Addr")
+        .and_then(serde_json::Value::as_str)
+        .filter(|a| !a.is_empty())
+        .map(|a| Some(a.to_string()))
+        .ok_or_else(|| crate::error::Error::msg(format!("{AGENT_SELF_PATH} has no Member.Addr")))
 }
 
 /// Learns what a connection that no intention names gets: the ACL default policy from

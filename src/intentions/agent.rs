@@ -12,7 +12,8 @@ use crate::spoe::server::{spawn, AgentConfig, AgentHandle, SharedTable};
 
 /// Follows the snapshot for intentions, enforcing or warning.
 pub enum Intentions {
-    Enforced(Agent),
+    /// Boxed: the agent is much larger than a warning, and there is one of these per run.
+    Enforced(Box<Agent>),
     /// The last warning logged, so each is logged once per change.
     Warned(String),
 }
@@ -33,7 +34,7 @@ impl Intentions {
         if let Ok(mut slot) = registry.agent.write() {
             *slot = Some(agent.handle.stats().clone());
         }
-        Ok(Intentions::Enforced(agent))
+        Ok(Intentions::Enforced(Box::new(agent)))
     }
 
     /// Called after every snapshot change.

@@ -30,6 +30,11 @@ pub struct ExposedListener {
     pub http2: bool,
     /// The check this path was generated for (`Expose.Checks`), if any.
     pub check: Option<String>,
+    /// The only sources a connection may come from (addresses or CIDR blocks); empty admits
+    /// any. A check's listener admits this host only, as Envoy's does: the agent that runs the
+    /// check is local, and anyone else reaching a health endpoint unauthenticated is what the
+    /// mesh exists to prevent. An explicit `Expose.Paths` entry is open on purpose (scrapers).
+    pub sources: Vec<String>,
     pub connect_timeout_ms: u64,
 }
 
@@ -41,6 +46,8 @@ pub struct Wanted {
     pub local_port: u16,
     pub http2: bool,
     pub check: Option<String>,
+    /// The address the agent's check requested, when its output tells it.
+    pub check_host: Option<String>,
 }
 
 /// The exposed paths `proxy` asks for: its explicit `Expose.Paths`, then (with
@@ -95,6 +102,7 @@ fn explicit(p: &ExposePath) -> Result<Wanted, String> {
         local_port: p.local_path_port,
         http2,
         check: None,
+        check_host: None,
     })
 }
 
@@ -103,7 +111,7 @@ fn explicit(p: &ExposePath) -> Result<Wanted, String> {
 /// URL in its output (after its first run); the check's own target port is told nowhere, so
 /// the path is served from the local service's port.
 fn from_check(c: &AgentCheck, local_port: u16) -> Result<Option<Wanted>, String> {
-    let (path, http2, port) = match c.kind.as_str() {
+    let (path, http2, port, host) = match c.kind.as_str() {
         "http" => {
             let Some(url) = check_url(&c.output) else {
                 return Ok(None);
@@ -120,12 +128,14 @@ fn from_check(c: &AgentCheck, local_port: u16) -> Result<Option<Wanted>, String>
                 if path.is_empty() { "/" } else { path }.to_string(),
                 false,
                 port_of(authority),
+                host_of(authority),
             )
         }
         "grpc" => (
             GRPC_HEALTH_PATH.to_string(),
             true,
             grpc_target_port(&c.output),
+            None,
         ),
         _ => return Ok(None),
     };
@@ -141,6 +151,7 @@ fn from_check(c: &AgentCheck, local_port: u16) -> Result<Option<Wanted>, String>
         local_port,
         http2,
         check: Some(c.check_id.clone()),
+        check_host: host,
     }))
 }
 
@@ -164,6 +175,15 @@ fn grpc_target_port(output: &str) -> Option<u16> {
         .or_else(|| output.find("gRPC check ").map(|i| i + "gRPC check ".len()))?;
     let target = output[at..].split(|c: char| c.is_whitespace()).next()?;
     port_of(target.trim_end_matches(':').split('/').next()?)
+}
+
+/// The IP address of `host:port` or `[v6]:port`; a name is not an address a source can match.
+fn host_of(authority: &str) -> Option<String> {
+    let host = authority.rsplit_once(':')?.0;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.parse::<std::net::IpAddr>()
+        .ok()
+        .map(|ip| ip.to_string())
 }
 
 fn port_of(authority: &str) -> Option<u16> {
@@ -192,8 +212,43 @@ fn check_path(path: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The listener for one wanted path, bound where the public listener is.
-pub fn listener(w: &Wanted, public: &Public) -> ExposedListener {
+/// Where the local agent's checks can come from: loopback, and every address of this host the
+/// sidecar knows (the agent's own, the proxy's registered address, the public listener's, the
+/// one the check dialled). A connection to a local address leaves from a local address, so
+/// these cover an agent on this host whichever address it dials; an agent in another network
+/// namespace of the host dials from its advertised address, which Envoy admits for the same
+/// reason.
+pub fn local_sources(
+    agent_address: Option<&str>,
+    registration_address: &str,
+    public: &Public,
+    check_host: Option<&str>,
+) -> Vec<String> {
+    let mut out = vec!["127.0.0.0/8".to_string(), "::1".to_string()];
+    let known = [
+        agent_address,
+        Some(registration_address),
+        Some(public.bind_address.as_str()),
+        check_host,
+    ];
+    for a in known.into_iter().flatten() {
+        let Ok(ip) = a.parse::<std::net::IpAddr>() else {
+            continue;
+        };
+        if ip.is_unspecified() || ip.is_loopback() {
+            continue;
+        }
+        let ip = ip.to_string();
+        if !out.contains(&ip) {
+            out.push(ip);
+        }
+    }
+    out
+}
+
+/// The listener for one wanted path, bound where the public listener is. `sources` is what a
+/// check's listener admits (see `local_sources`); explicit paths admit anyone.
+pub fn listener(w: &Wanted, public: &Public, sources: Vec<String>) -> ExposedListener {
     let name = sanitize(&format!("exp_{}", w.listener_port));
     ExposedListener {
         backend: format!("{BACKEND_PREFIX}{name}"),
@@ -205,6 +260,11 @@ pub fn listener(w: &Wanted, public: &Public) -> ExposedListener {
         app_port: w.local_port,
         http2: w.http2,
         check: w.check.clone(),
+        sources: if w.check.is_some() {
+            sources
+        } else {
+            Vec::new()
+        },
         connect_timeout_ms: public.connect_timeout_ms,
     }
 }
@@ -249,6 +309,42 @@ mod tests {
         assert_eq!(from_check(&c, 8080).unwrap().unwrap().listener_port, 21510);
         c.output = "Get \"https://127.0.0.1:21500/health\": x".into();
         assert!(from_check(&c, 8080).is_err());
+    }
+
+    #[test]
+    fn check_sources_are_loopback_and_this_hosts_addresses() {
+        let public = Public {
+            bind_address: "0.0.0.0".into(),
+            bind_port: 21000,
+            mode: super::super::Mode::Tcp,
+            app_address: "127.0.0.1".into(),
+            app_port: 8080,
+            connect_timeout_ms: 5000,
+        };
+        assert_eq!(
+            local_sources(None, "", &public, None),
+            ["127.0.0.0/8", "::1"]
+        );
+        // Unspecified and loopback addresses add nothing; names are not addresses; no repeats.
+        assert_eq!(
+            local_sources(
+                Some("10.0.0.5"),
+                "10.0.0.5",
+                &Public {
+                    bind_address: "10.0.0.6".into(),
+                    ..public.clone()
+                },
+                Some("fd00::1")
+            ),
+            ["127.0.0.0/8", "::1", "10.0.0.5", "10.0.0.6", "fd00::1"]
+        );
+        assert_eq!(
+            local_sources(Some("node.example"), "127.0.0.2", &public, Some("::")),
+            ["127.0.0.0/8", "::1"]
+        );
+        assert_eq!(host_of("[fd00::1]:21500").as_deref(), Some("fd00::1"));
+        assert_eq!(host_of("10.0.0.7:21500").as_deref(), Some("10.0.0.7"));
+        assert_eq!(host_of("localhost:21500"), None);
     }
 
     #[test]

@@ -361,7 +361,13 @@ pub fn build(
     }
     let mut exposed: Vec<ExposedListener> = Vec::new();
     for w in expose::wanted(proxy, snapshot.checks.as_deref(), &public, &mut warnings) {
-        let l = expose::listener(&w, &public);
+        let sources = expose::local_sources(
+            snapshot.agent_address.as_deref(),
+            &reg.address,
+            &public,
+            w.check_host.as_deref(),
+        );
+        let l = expose::listener(&w, &public, sources);
         if !taken.insert((l.bind_address.clone(), l.bind_port)) {
             warnings.push(format!(
                 "exposed path {} wants port {}, which another listener of this sidecar already has; skipping it",

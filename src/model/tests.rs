@@ -372,6 +372,31 @@ fn exposed_checks_are_read_from_the_agents_checks_on_both_versions() {
             ],
             "{v}"
         );
+        // Check listeners admit this host only; the agent's address joins when known.
+        for e in &d.exposed {
+            assert_eq!(e.sources, ["127.0.0.0/8", "::1"], "{v}: {e:?}");
+        }
+        let mut s = s.clone();
+        s.agent_address = Some("10.1.2.3".into());
+        let d = build(&s, &settings(), None).unwrap();
+        assert!(
+            d.exposed
+                .iter()
+                .all(|e| e.sources == ["127.0.0.0/8", "::1", "10.1.2.3"]),
+            "{v}: {:?}",
+            d.exposed
+        );
+    }
+}
+
+#[test]
+fn explicit_exposed_paths_admit_any_source() {
+    for v in CONSUL_VERSIONS {
+        let mut s = snapshot(v, "paths-sidecar-proxy", "ca-leaf-paths.json");
+        s.agent_address = Some("10.1.2.3".into());
+        let d = build(&s, &settings(), None).unwrap();
+        assert!(!d.exposed.is_empty());
+        assert!(d.exposed.iter().all(|e| e.sources.is_empty()), "{v}");
     }
 }
 

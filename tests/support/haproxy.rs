@@ -144,3 +144,37 @@ pub fn dry_run(consul_addr: &str, base: &Path, service: &str, args: &[&str]) -> 
     );
     String::from_utf8(out.stdout).unwrap()
 }
+
+/// Runs `openssl` with `stdin`, for what the tests check of certificates.
+pub fn openssl(args: &[&str], stdin: &[u8]) -> std::process::Output {
+    let mut child = Command::new("openssl")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("openssl installed by scripts/install-deps");
+    if let Some(mut s) = child.stdin.take() {
+        let _ = s.write_all(stdin);
+    }
+    child.wait_with_output().expect("openssl ran")
+}
+
+/// The certificate a TLS server presents, as openssl prints its SANs.
+pub fn presented_sans(port: u16) -> String {
+    let out = openssl(
+        &[
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+            "-showcerts",
+        ],
+        b"",
+    );
+    let pem = String::from_utf8_lossy(&out.stdout).into_owned();
+    let out = openssl(
+        &["x509", "-noout", "-ext", "subjectAltName"],
+        pem.as_bytes(),
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -219,6 +219,20 @@ pub fn existing_namespaces() -> Vec<String> {
         .unwrap_or_default()
 }
 
+impl Net {
+    /// Deletes the net now and checks that none of its namespaces is left (a test's last step;
+    /// on a panic before it, `Drop` still deletes them).
+    pub fn remove_and_check(self) {
+        let ours = self.namespaces();
+        drop(self);
+        let left: Vec<String> = existing_namespaces()
+            .into_iter()
+            .filter(|n| ours.contains(n))
+            .collect();
+        assert!(left.is_empty(), "namespaces left behind: {left:?}");
+    }
+}
+
 impl Drop for Net {
     fn drop(&mut self) {
         for ns in self.namespaces() {

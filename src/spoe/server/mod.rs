@@ -1,8 +1,8 @@
 //! The SPOE agent server: a unix socket HAProxy's `spoe_agents` backend connects to.
 //!
-//! It runs on its own tokio runtime with a fixed number of worker threads, started on a
-//! dedicated OS thread, so neither a slow control plane nor a connection storm can starve the
-//! other. A decision only reads the current [`AuthzTable`] (an `Arc` swapped whole by
+//! It runs on its own fixed set of OS threads, each with a single-threaded tokio runtime that
+//! serves the connections it accepted (see [`spawn`]), apart from the control plane, so neither
+//! a slow control plane nor a connection storm can starve the other. A decision only reads the current [`AuthzTable`] (an `Arc` swapped whole by
 //! `intentions::agent` when Consul's data changes); nothing on this path performs network I/O or holds a lock across I/O.
 //!
 //! Per connection: HAPROXY-HELLO → AGENT-HELLO (a health-check HELLO is answered and the
@@ -205,8 +205,9 @@ impl std::error::Error for AgentError {
 pub struct AgentHandle {
     stats: Arc<AgentStats>,
     shutdown: watch::Sender<bool>,
-    thread: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
     socket_path: PathBuf,
+    identity: Option<FileIdentity>,
 }
 
 impl AgentHandle {
@@ -219,15 +220,18 @@ impl AgentHandle {
     }
 
     /// Stops accepting, tells every open connection AGENT-DISCONNECT, removes the socket
-    /// file and stops the runtime. Blocks for at most about [`DRAIN_TIMEOUT`] plus a second.
+    /// file and stops the runtimes. Blocks for at most about [`DRAIN_TIMEOUT`] plus a second.
     /// HAProxy then fails closed: with no agent the variable stays unset and its rule rejects.
     pub fn shutdown(&mut self) {
         // send_replace, unlike send, works when every receiver is already gone.
         self.shutdown.send_replace(true);
-        if let Some(t) = self.thread.take() {
+        for t in self.threads.drain(..) {
             if t.join().is_err() {
                 log::error!("SPOE agent thread panicked");
             }
+        }
+        if let Some(identity) = self.identity.take() {
+            remove_if_ours(&self.socket_path, identity);
         }
     }
 }
@@ -242,39 +246,27 @@ impl fmt::Debug for AgentHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AgentHandle")
             .field("socket_path", &self.socket_path)
-            .field("running", &self.thread.is_some())
+            .field("running", &!self.threads.is_empty())
             .finish()
     }
 }
 
-/// Starts the agent: binds the socket and builds the runtime before returning, so every
+/// Starts the agent: binds the socket and builds the runtimes before returning, so every
 /// startup failure is reported here rather than logged later.
+///
+/// Each worker is an OS thread with a single-threaded runtime of its own that accepts on the
+/// shared socket and serves the connections it accepted, start to end. A NOTIFY and its ACK
+/// therefore never cross threads: with a work-stealing runtime every wake-up could also wake
+/// an idle worker (a futex call and a context switch per frame), which measured as most of the
+/// agent's CPU per request, since HAProxy's agent connections are few and long-lived and
+/// need no balancing between threads after they are accepted.
 pub fn spawn(cfg: AgentConfig, table: SharedTable) -> Result<AgentHandle, AgentError> {
     validate(&cfg)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cfg.worker_threads)
-        .thread_name("spoe-worker")
-        .enable_io()
-        .enable_time()
-        .build()
-        .map_err(AgentError::Runtime)?;
     let (std_listener, identity) =
         bind_socket(&cfg.socket_path).map_err(|source| AgentError::Socket {
             path: cfg.socket_path.clone(),
             source,
         })?;
-    let listener = {
-        // from_std registers with the reactor of the runtime entered here.
-        let _enter = runtime.enter();
-        UnixListener::from_std(std_listener).map_err(|source| {
-            remove_if_ours(&cfg.socket_path, identity);
-            AgentError::Socket {
-                path: cfg.socket_path.clone(),
-                source,
-            }
-        })?
-    };
-
     let stats = Arc::new(AgentStats::default());
     let ctx = Arc::new(Ctx {
         table,
@@ -283,29 +275,45 @@ pub fn spawn(cfg: AgentConfig, table: SharedTable) -> Result<AgentHandle, AgentE
         denials: ForgetfulMap::new(DENIAL_LOG_CAP),
     });
     let (tx, rx) = watch::channel(false);
-    let path = cfg.socket_path.clone();
-    let thread = std::thread::Builder::new()
-        .name("spoe-agent".into())
-        .spawn(move || {
-            runtime.block_on(accept_loop(listener, ctx, rx));
-            remove_if_ours(&path, identity);
-            runtime.shutdown_timeout(Duration::from_secs(1));
-        })
-        .map_err(|e| {
-            remove_if_ours(&cfg.socket_path, identity);
-            AgentError::Thread(e)
-        })?;
+    let mut handle = AgentHandle {
+        stats,
+        shutdown: tx,
+        threads: Vec::new(),
+        socket_path: cfg.socket_path.clone(),
+        identity: Some(identity),
+    };
+    let socket_error = |source| AgentError::Socket {
+        path: cfg.socket_path.clone(),
+        source,
+    };
+    for i in 0..cfg.worker_threads {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(AgentError::Runtime)?;
+        let listener = {
+            let std = std_listener.try_clone().map_err(socket_error)?;
+            // from_std registers with the reactor of the runtime entered here.
+            let _enter = runtime.enter();
+            UnixListener::from_std(std).map_err(socket_error)?
+        };
+        let (ctx, rx) = (Arc::clone(&ctx), rx.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("spoe-worker-{i}"))
+            .spawn(move || {
+                runtime.block_on(accept_loop(listener, ctx, rx));
+                runtime.shutdown_timeout(Duration::from_secs(1));
+            })
+            .map_err(AgentError::Thread)?;
+        handle.threads.push(thread);
+    }
     log::info!(
         "SPOE agent listening on {} with {} worker threads",
         cfg.socket_path.display(),
         cfg.worker_threads
     );
-    Ok(AgentHandle {
-        stats,
-        shutdown: tx,
-        thread: Some(thread),
-        socket_path: cfg.socket_path,
-    })
+    Ok(handle)
 }
 
 fn validate(cfg: &AgentConfig) -> Result<(), AgentError> {
