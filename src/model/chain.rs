@@ -211,6 +211,14 @@ pub fn routing(
                         None
                     };
                     match prefix {
+                        Some(_) if !plain(&d.prefix_rewrite) => {
+                            b.warnings.push(format!(
+                                "upstream {dest}: route {} has PrefixRewrite {:?}, which holds white space, a quote, '#' or a backslash; ignored",
+                                i + 1,
+                                d.prefix_rewrite
+                            ));
+                            None
+                        }
                         Some(p) => Some((p, d.prefix_rewrite.clone())),
                         None => {
                             b.warnings.push(format!(
