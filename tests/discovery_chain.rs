@@ -621,6 +621,23 @@ fn discovery_chain_cases() {
     assert!(took < Duration::from_secs(4), "timed out after {took:?}");
     let cfg = m.client_cfg();
     assert!(cfg.contains("retry-on conn-failure 500"), "{cfg}");
+    // RetryOnStatusCodes: v2's backend retries a 500 (from the regex route's policy, which
+    // every route to v2 shares); v1's has no such policy and passes it on.
+    let before = m.app("web-v2").requests();
+    m.app("web-v2").fail_next(1, 500);
+    let r = http_request(&web, "GET", "/exact/debug", None, Duration::from_secs(10)).unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, "web-v2"), "{r:?}");
+    assert_eq!(m.app("web-v2").requests() - before, 2, "one retry");
+    m.app("web-v1").fail_next(1, 500);
+    let r = http_request(
+        &web,
+        "GET",
+        "/exact-alt/debug",
+        None,
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert_eq!(r.status, 500, "{r:?}");
 
     // A Dataplane API transaction (a new plain upstream) rewrites the file from its own model
     // of it: the routing rules must come through it in order.
