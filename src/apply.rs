@@ -300,6 +300,24 @@ fn apply(
         applied.tls.leaf_pem = desired.tls.leaf_pem.clone();
         log::info!("leaf certificate updated live");
     }
+    if !p.live_splits.is_empty() {
+        // The file first, so that a reload from here on reads the new weights too.
+        write_atomic(
+            &desired.paths.splits_map,
+            crate::render::splits_map(&crate::objects::split_thresholds(desired)).as_bytes(),
+        )?;
+        for (key, value) in &p.live_splits {
+            live::set_map(
+                &paths.stats_socket,
+                &paths.splits_map,
+                key,
+                &value.to_string(),
+            )
+            .context("changing a split's weight")?;
+        }
+        log::info!("{} split weight(s) changed live", p.live_splits.len());
+        applied.upstreams = desired.upstreams.clone();
+    }
     if !p.live.is_empty() {
         // Slot changes go live through the runtime API, then the file is written once for the
         // whole batch (crate::haproxy::live says why not through the Dataplane API).

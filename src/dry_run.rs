@@ -5,6 +5,9 @@ use crate::cli::Options;
 use std::collections::BTreeMap;
 
 use crate::consul::api::{AgentCheck, AgentService, QueryResult};
+use crate::consul::chain::{
+    chain_path, parse_chain, serving, target_health_path, targets_to_watch,
+};
 use crate::consul::client::{
     checks_path, endpoints_path, leaf_path, registration_path, Consul, LookupError, ROOTS_PATH,
 };
@@ -31,6 +34,14 @@ pub fn dry_run(opts: &Options) -> Result<Vec<render::File>, Fatal> {
             DestinationKind::Service => consul.get_json(&path)?,
             DestinationKind::PreparedQuery => consul.get_json::<QueryResult>(&path)?.nodes,
         };
+        if key.kind == DestinationKind::Service {
+            let chain = parse_chain(&consul.get_ok(&chain_path(&key))?)?;
+            for target in targets_to_watch(&chain, &key) {
+                let entries = consul.get_json(&target_health_path(&target))?;
+                snapshot.apply(Update::TargetEndpoints(target, serving(entries)));
+            }
+            snapshot.apply(Update::Chain(key.clone(), chain));
+        }
         snapshot.apply(Update::Endpoints(key, entries));
     }
     let service = reg

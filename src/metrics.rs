@@ -162,11 +162,11 @@ impl Registry {
 fn endpoints_by_identity(out: &mut String, d: &Desired) {
     use crate::model::Admission;
     let _ = writeln!(out, "# HELP hcc_upstream_endpoints Upstream instances by identity check state (proven, unproven, refused; unchecked with the check off).\n# TYPE hcc_upstream_endpoints gauge");
-    for u in &d.upstreams {
+    for (u, backend, slots) in d.server_pools() {
         let mut n: BTreeMap<&str, usize> = [("proven", 0), ("unproven", 0), ("refused", 0)]
             .into_iter()
             .collect();
-        for i in u.slots.iter().filter_map(|s| s.instance.as_ref()) {
+        for i in slots.iter().filter_map(|s| s.instance.as_ref()) {
             let state = match i.admission {
                 Admission::Unchecked => "unchecked",
                 Admission::Unproven => "unproven",
@@ -180,7 +180,7 @@ fn endpoints_by_identity(out: &mut String, d: &Desired) {
                 out,
                 "hcc_upstream_endpoints{{service=\"{}\",proxy=\"{}\",state=\"{state}\"}} {count}",
                 escape(&u.destination),
-                escape(&u.backend)
+                escape(backend)
             );
         }
     }
@@ -245,17 +245,35 @@ pub fn relabel(text: &str, desired: Option<&Desired>) -> String {
             out.push('\n');
             continue;
         }
+        // A chain target's series say which target (service, subset, datacenter) they are.
+        let target = proxy
+            .as_deref()
+            .and_then(|p| desired?.target_of_proxy(p))
+            .map(|(u, t)| {
+                let i = &t.identity;
+                let labels = format!(
+                    "service=\"{}\",target=\"{}\",target_service=\"{}\",target_subset=\"{}\",target_datacenter=\"{}\"",
+                    escape(&u.destination),
+                    escape(&t.id),
+                    escape(&i.service),
+                    escape(&t.subset),
+                    escape(&i.datacenter)
+                );
+                (labels, t.slots.clone())
+            });
         let upstream = proxy.and_then(|p| desired?.upstream_of_proxy(&p).cloned());
-        let Some(u) = upstream else {
-            out.push_str(line);
-            out.push('\n');
-            continue;
+        let (service, slots) = match (target, upstream) {
+            (Some(t), _) => t,
+            (None, Some(u)) => (format!("service=\"{}\"", escape(&u.destination)), u.slots),
+            (None, None) => {
+                out.push_str(line);
+                out.push('\n');
+                continue;
+            }
         };
-        let service = format!("service=\"{}\"", escape(&u.destination));
         match label(line, "server") {
             Some(slot) => {
-                let Some(inst) = u
-                    .slots
+                let Some(inst) = slots
                     .iter()
                     .find(|s| s.name == slot)
                     .and_then(|s| s.instance.as_ref())
@@ -369,6 +387,45 @@ mod tests {
         );
         assert!(out.contains("proxy=\"public_listener\"} 3"));
         assert!(out.contains("# TYPE haproxy_server_bytes_in_total counter"));
+    }
+
+    #[test]
+    fn chain_target_series_name_the_target() {
+        for version in crate::model::fixtures::CONSUL_VERSIONS {
+            let mut s = snapshot(version, "client-sidecar-proxy", "ca-leaf-client.json");
+            let key = crate::consul::destinations(s.registration.as_ref().unwrap())[0].clone();
+            let chain = crate::consul::chain::parse_chain(&crate::model::fixtures::fixture(
+                version,
+                "discovery-chain-old.json",
+            ))
+            .unwrap();
+            let instances: Vec<crate::consul::api::HealthEntry> =
+                crate::model::fixtures::json(version, "health-connect-server.json");
+            for t in crate::consul::chain::targets_to_watch(&chain, &key) {
+                s.apply(crate::consul::Update::TargetEndpoints(t, instances.clone()));
+            }
+            s.apply(crate::consul::Update::Chain(key, chain));
+            let d = build(&s, &settings(), None).unwrap();
+            let t = &d.upstreams[0].routing.as_ref().unwrap().targets[0];
+            let be = &t.backend;
+            let text = format!(
+                "haproxy_backend_bytes_in_total{{proxy=\"{be}\"}} 10\n\
+                 haproxy_server_bytes_in_total{{proxy=\"{be}\",server=\"s0\"}} 7\n"
+            );
+            let out = relabel(&text, Some(&d));
+            assert!(
+                out.contains(&format!(
+                    "haproxy_backend_bytes_in_total{{service=\"service server\",target=\"{}\",target_service=\"web\",target_subset=\"v1\",target_datacenter=\"dc1\",proxy=\"{be}\"}} 10",
+                    t.id
+                )),
+                "{version}: {out}"
+            );
+            let inst = t.slots[0].instance.as_ref().unwrap().id.clone();
+            assert!(
+                out.contains(&format!("server=\"{inst}\",service=")),
+                "{out}"
+            );
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 use serde::Serialize;
 
+use crate::model::chain::{Match, Route, TargetBackend, ValueMatch, SPLIT_SCALE};
 use crate::model::{
     Desired, ExposedListener, Mode, Public, Server, Slot, UpstreamListener, FREE_SLOT_ADDRESS,
     FREE_SLOT_PORT,
@@ -31,6 +32,9 @@ pub struct BackendSpec {
     /// Dataplane API v1.2.5 cannot set it, so a backend with it is only ever created by a full
     /// render (see `Plan::full_render_reason`); later server edits through the API keep it.
     pub verifyhost: Option<String>,
+    /// A chain target's settings (hashing, request timeout, retries). Rendered only: a target
+    /// backend is only ever created by a full render (see `Plan::needs_full_render`).
+    pub target: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -55,6 +59,10 @@ pub struct FrontendSpec {
     /// The only sources a connection may come from (an exposed check's listener); empty admits
     /// any. Rendered only, like `only_path`, on the frontends that carry `only_path`.
     pub only_sources: Vec<String>,
+    /// An upstream's discovery-chain routing (`model::chain`): rules that pick a target's
+    /// backend per request or connection. Rendered only, like `spoe_config`: a frontend with
+    /// routing is only ever created by a full render (see `Plan::needs_full_render`).
+    pub routing: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -110,6 +118,7 @@ pub fn public_frontend(d: &Desired) -> FrontendSpec {
             .then(|| d.paths.spoe_conf.display().to_string()),
         only_path: None,
         only_sources: Vec::new(),
+        routing: Vec::new(),
     }
 }
 
@@ -132,6 +141,7 @@ pub fn local_backend(p: &Public) -> BackendSpec {
         balance: None,
         connect_timeout_ms: p.connect_timeout_ms,
         verifyhost: None,
+        target: Vec::new(),
     }
 }
 
@@ -156,6 +166,7 @@ pub fn upstream_backend(d: &Desired, u: &UpstreamListener) -> BackendSpec {
         balance: Some(d.knobs.balance.clone()),
         connect_timeout_ms: u.connect_timeout_ms,
         verifyhost: u.verifyhost.clone(),
+        target: Vec::new(),
     }
 }
 
@@ -168,6 +179,14 @@ pub fn upstream_frontend(d: &Desired, u: &UpstreamListener) -> FrontendSpec {
         spoe_config: None,
         only_path: None,
         only_sources: Vec::new(),
+        routing: u.routing.as_ref().map_or_else(Vec::new, |r| {
+            routing_lines(
+                &u.name,
+                u.mode,
+                &r.routes,
+                &d.paths.splits_map.display().to_string(),
+            )
+        }),
     }
 }
 
@@ -183,7 +202,38 @@ pub fn upstream_bind(u: &UpstreamListener) -> BindSpec {
     }
 }
 
+/// The backend of one discovery-chain target.
+pub fn target_backend(u: &UpstreamListener, t: &TargetBackend) -> BackendSpec {
+    let mut target = Vec::new();
+    if t.hash_consistent {
+        target.push("hash-type consistent".to_string());
+    }
+    if let Some(ms) = t.request_timeout_ms {
+        target.push(format!("timeout server {ms}"));
+    }
+    if let Some(r) = &t.retries {
+        target.push(format!("retries {}", r.count));
+        target.push(format!("retry-on {}", r.on.join(" ")));
+    }
+    BackendSpec {
+        name: t.backend.clone(),
+        mode: u.mode,
+        balance: Some(t.balance.clone()),
+        connect_timeout_ms: t.connect_timeout_ms,
+        verifyhost: t.verifyhost.clone(),
+        target,
+    }
+}
+
+pub fn target_server(d: &Desired, t: &TargetBackend, slot: &Slot) -> ServerSpec {
+    slot_server(d, &t.backend, slot, t.verifyhost.as_ref())
+}
+
 pub fn upstream_server(d: &Desired, u: &UpstreamListener, slot: &Slot) -> ServerSpec {
+    slot_server(d, &u.backend, slot, u.verifyhost.as_ref())
+}
+
+fn slot_server(d: &Desired, backend: &str, slot: &Slot, verifyhost: Option<&String>) -> ServerSpec {
     let (address, port, weight) = match &slot.instance {
         Some(s) => (s.address.clone(), s.port, s.weight),
         None => (FREE_SLOT_ADDRESS.to_string(), FREE_SLOT_PORT, 1),
@@ -191,7 +241,7 @@ pub fn upstream_server(d: &Desired, u: &UpstreamListener, slot: &Slot) -> Server
     // An instance that has not proven its identity keeps its slot, in maintenance: it enters
     // service the moment it does, with no slot change.
     ServerSpec {
-        backend: u.backend.clone(),
+        backend: backend.to_string(),
         name: slot.name.clone(),
         address,
         port,
@@ -199,7 +249,7 @@ pub fn upstream_server(d: &Desired, u: &UpstreamListener, slot: &Slot) -> Server
         tls: Some(mesh_tls(d)),
         maintenance: !slot.instance.as_ref().is_some_and(Server::in_service),
         h2: false,
-        verifyhost: u.verifyhost.clone(),
+        verifyhost: verifyhost.cloned(),
     }
 }
 
@@ -212,6 +262,7 @@ pub fn exposed_frontend(d: &Desired, e: &ExposedListener) -> FrontendSpec {
         spoe_config: None,
         only_path: Some(e.path.clone()),
         only_sources: e.sources.clone(),
+        routing: Vec::new(),
     }
 }
 
@@ -234,6 +285,7 @@ pub fn exposed_backend(e: &ExposedListener) -> BackendSpec {
         balance: None,
         connect_timeout_ms: e.connect_timeout_ms,
         verifyhost: None,
+        target: Vec::new(),
     }
 }
 
@@ -301,8 +353,255 @@ impl FrontendSpec {
                 l.push("tcp-request content reject if { var(sess.hcc.l7) -m bool }".into());
             }
         }
+        l.extend(self.routing.iter().cloned());
         l.push(format!("default_backend {}", self.default_backend));
         l
+    }
+}
+
+/// The rules that follow a chain: the route is decided once (the first whose matchers all
+/// match), then the split leg by one random draw against thresholds read from the splits map,
+/// then the first backend of the leg's group that has a usable server (`nbsrv`): failover in
+/// order, decided per request, so a target that loses its last instance stops getting requests
+/// as soon as its slot leaves service. A group whose every backend is empty still goes to its
+/// first one, which answers 503.
+pub fn routing_lines(frontend: &str, mode: Mode, routes: &[Route], map: &str) -> Vec<String> {
+    let mut l = Vec::new();
+    // Per request in http mode, per connection in tcp mode (a tcp stream is one connection).
+    let rule = match mode {
+        Mode::Http => "http-request",
+        Mode::Tcp => "tcp-request content",
+    };
+    for (i, r) in routes.iter().enumerate() {
+        l.push(format!("# route {i}: {}", describe(r)));
+    }
+    let http = mode == Mode::Http;
+    let has_headers = |r: &Route| {
+        !r.request_headers.is_empty()
+            || !r.response_headers.is_empty()
+            || r.splits
+                .iter()
+                .any(|s| !s.request_headers.is_empty() || !s.response_headers.is_empty())
+    };
+    let routed = routes.len() > 1
+        || routes
+            .iter()
+            .any(|r| !r.matches.is_empty() || (http && has_headers(r)));
+    if routed {
+        for (i, r) in routes.iter().enumerate() {
+            let mut cond = String::from("!{ var(txn.hcc_route) -m found }");
+            for m in &r.matches {
+                cond.push(' ');
+                cond.push_str(&acl(m));
+            }
+            l.push(format!("{rule} set-var(txn.hcc_route) int({i}) if {cond}"));
+        }
+    }
+    let route_cond = |i: usize| {
+        if routed {
+            format!(" {{ var(txn.hcc_route) -m int {i} }}")
+        } else {
+            String::new()
+        }
+    };
+    if routes.iter().any(|r| r.splits.len() > 1) {
+        l.push(format!("{rule} set-var(txn.hcc_split) rand({SPLIT_SCALE})"));
+    }
+    for (i, r) in routes.iter().enumerate() {
+        let last = r.splits.len().saturating_sub(1);
+        if last == 0 {
+            continue;
+        }
+        // Each leg's threshold comes from the map, by key, so new weights need no new rules.
+        for j in 0..last {
+            l.push(format!(
+                "{rule} set-var(txn.hcc_t{i}_{j}) str({}),map_str_int({map},{SPLIT_SCALE})",
+                split_key(frontend, i, j)
+            ));
+        }
+        // The first leg whose threshold is above the draw; the last takes what is left, so a
+        // draw always lands.
+        for j in 0..=last {
+            let below = if j < last {
+                format!(" {{ var(txn.hcc_split),sub(txn.hcc_t{i}_{j}) -m int lt 0 }}")
+            } else {
+                String::new()
+            };
+            l.push(format!(
+                "{rule} set-var(txn.hcc_leg) int({j}) if{} !{{ var(txn.hcc_leg) -m found }}{below}",
+                route_cond(i)
+            ));
+        }
+    }
+    if http {
+        for (i, r) in routes.iter().enumerate() {
+            if let Some((prefix, with)) = &r.prefix_rewrite {
+                l.push(format!(
+                    "http-request set-path {}%[path,bytes({})]{}",
+                    log_format_literal(with),
+                    prefix.len(),
+                    when(&route_cond(i))
+                ));
+            }
+            header_lines(
+                &mut l,
+                &r.request_headers,
+                &r.response_headers,
+                &route_cond(i),
+            );
+            if r.splits.len() > 1 {
+                for (j, s) in r.splits.iter().enumerate() {
+                    let cond = format!("{} {{ var(txn.hcc_leg) -m int {j} }}", route_cond(i));
+                    header_lines(&mut l, &s.request_headers, &s.response_headers, &cond);
+                }
+            }
+        }
+    }
+    for (i, r) in routes.iter().enumerate() {
+        for (j, s) in r.splits.iter().enumerate() {
+            let mut cond = route_cond(i);
+            if r.splits.len() > 1 {
+                cond.push_str(&format!(" {{ var(txn.hcc_leg) -m int {j} }}"));
+            }
+            let Some(first) = s.group.first() else {
+                continue;
+            };
+            if s.group.len() > 1 {
+                for b in &s.group {
+                    l.push(format!("use_backend {b} if{cond} {{ nbsrv({b}) gt 0 }}"));
+                }
+            }
+            l.push(format!("use_backend {first}{}", when(&cond)));
+        }
+    }
+    l
+}
+
+/// ` if <cond>` for a condition that starts with a space, nothing for none.
+fn when(cond: &str) -> String {
+    if cond.is_empty() {
+        String::new()
+    } else {
+        format!(" if{cond}")
+    }
+}
+
+/// A literal in a log-format argument (`set-path`, `set-header`): `%` starts a sample there.
+fn log_format_literal(s: &str) -> String {
+    s.replace('%', "%%")
+}
+
+/// A route's or leg's header changes, removals first, as Envoy applies them.
+fn header_lines(
+    l: &mut Vec<String>,
+    request: &crate::model::chain::Headers,
+    response: &crate::model::chain::Headers,
+    cond: &str,
+) {
+    for (side, h) in [("http-request", request), ("http-response", response)] {
+        for name in &h.remove {
+            l.push(format!("{side} del-header {name}{}", when(cond)));
+        }
+        for (verb, list) in [("set-header", &h.set), ("add-header", &h.add)] {
+            for (name, value) in list {
+                l.push(format!(
+                    "{side} {verb} {name} {}{}",
+                    log_format_literal(value),
+                    when(cond)
+                ));
+            }
+        }
+    }
+}
+
+fn split_key(frontend: &str, route: usize, split: usize) -> String {
+    format!("{frontend}/{route}/{split}")
+}
+
+/// Every split threshold `d` asks for, as the splits map holds it: key, then the draw
+/// (`rand(SPLIT_SCALE)`) below which the split takes a request. Empty without splitters.
+pub fn split_thresholds(d: &Desired) -> Vec<(String, u32)> {
+    let mut out = Vec::new();
+    for u in &d.upstreams {
+        for (i, r) in u.routing.iter().flat_map(|r| r.routes.iter()).enumerate() {
+            for (j, s) in r
+                .splits
+                .iter()
+                .enumerate()
+                .take(r.splits.len().saturating_sub(1))
+            {
+                out.push((split_key(&u.name, i, j), s.upto));
+            }
+        }
+    }
+    out
+}
+
+/// A route as `--dry-run` readers want it: what it matches and where it goes, failover
+/// included.
+fn describe(r: &Route) -> String {
+    let matches = if r.matches.is_empty() {
+        "everything".to_string()
+    } else {
+        r.matches.iter().map(acl).collect::<Vec<_>>().join(" ")
+    };
+    let to: Vec<String> = r
+        .splits
+        .iter()
+        .map(|s| {
+            s.group
+                .iter()
+                .map(|b| b.rsplit_once(".t.").map_or(b.as_str(), |(_, t)| t))
+                .collect::<Vec<_>>()
+                .join(", failover ")
+        })
+        .collect();
+    // Weights stay out of the rules (and so out of this comment): they live in the splits
+    // map, which changes without a reload.
+    let to = if to.len() > 1 {
+        format!("split by the splits map between {}", to.join("; "))
+    } else {
+        to.concat()
+    };
+    let rewrite = match &r.prefix_rewrite {
+        Some((p, w)) => format!(", {p} rewritten to {w}"),
+        None => String::new(),
+    };
+    format!("{matches} -> {to}{rewrite}")
+}
+
+/// One matcher as an HAProxy condition. Envoy matches whole header values and whole paths
+/// for regexes, so regexes are anchored and headers read as full lines (`req.fhdr`).
+fn acl(m: &Match) -> String {
+    let value = |fetch: &str, v: &ValueMatch| match v {
+        ValueMatch::Present => format!("{{ {fetch} -m found }}"),
+        ValueMatch::Exact(x) => format!("{{ {fetch} -m str {x} }}"),
+        ValueMatch::Prefix(x) => format!("{{ {fetch} -m beg {x} }}"),
+        ValueMatch::Suffix(x) => format!("{{ {fetch} -m end {x} }}"),
+        ValueMatch::Regex(x) => format!("{{ {fetch} -m reg ^(?:{x})$ }}"),
+    };
+    match m {
+        Match::PathExact(p) => format!("{{ path -m str {p} }}"),
+        Match::PathPrefix(p) => format!("{{ path -m beg {p} }}"),
+        Match::PathRegex(p) => format!("{{ path -m reg ^(?:{p})$ }}"),
+        Match::Methods(ms) => format!("{{ method {} }}", ms.join(" ")),
+        Match::Header {
+            name,
+            value: v,
+            invert,
+        } => {
+            let fetch = match v {
+                ValueMatch::Present => format!("req.hdr({name})"),
+                _ => format!("req.fhdr({name})"),
+            };
+            let c = value(&fetch, v);
+            if *invert {
+                format!("!{c}")
+            } else {
+                c
+            }
+        }
+        Match::Query { name, value: v } => value(&format!("url_param({name})"), v),
     }
 }
 
@@ -345,6 +644,7 @@ impl BackendSpec {
             // this name (its DNS SANs, then its CN).
             l.push(format!("default-server verifyhost {name}"));
         }
+        l.extend(self.target.iter().cloned());
         l.extend(servers.iter().map(ServerSpec::line));
         l
     }
@@ -406,6 +706,14 @@ pub fn sections(d: &Desired) -> Vec<Section> {
             header: format!("backend {}", u.backend),
             lines: upstream_backend(d, u).lines(&servers),
         });
+        for t in u.routing.iter().flat_map(|r| r.targets.iter()) {
+            let servers: Vec<ServerSpec> = t.slots.iter().map(|s| target_server(d, t, s)).collect();
+            out.push(Section {
+                comment: Some(target_comment(t)),
+                header: format!("backend {}", t.backend),
+                lines: target_backend(u, t).lines(&servers),
+            });
+        }
     }
     for e in &d.exposed {
         out.push(Section {
@@ -420,6 +728,24 @@ pub fn sections(d: &Desired) -> Vec<Section> {
         });
     }
     out
+}
+
+/// The comment above a chain target's backend: the target and whom its servers must be.
+pub fn target_comment(t: &TargetBackend) -> String {
+    let i = &t.identity;
+    format!(
+        "chain target {}: service {}{} in {} (namespace {}, partition {})",
+        t.id,
+        i.service,
+        if t.subset.is_empty() {
+            String::new()
+        } else {
+            format!(" subset {}", t.subset)
+        },
+        i.datacenter,
+        i.namespace,
+        i.partition
+    )
 }
 
 /// The comment above an exposed path's listener: the path, and the check it serves.

@@ -195,11 +195,23 @@ pub fn render(
             contents: render("spoe.conf")?,
         });
     }
+    let splits = crate::objects::split_thresholds(d);
+    if !splits.is_empty() {
+        files.push(File {
+            path: d.paths.splits_map.clone(),
+            contents: splits_map(&splits),
+        });
+    }
     files.push(File {
         path: d.paths.haproxy_cfg.clone(),
         contents: render("haproxy.cfg")?,
     });
     Ok(files)
+}
+
+/// The splits map's contents: one `key threshold` line per split.
+pub fn splits_map(splits: &[(String, u32)]) -> String {
+    splits.iter().map(|(k, v)| format!("{k} {v}\n")).collect()
 }
 
 /// Tera hides the useful part of an error in its source chain.
@@ -310,6 +322,48 @@ mod tests {
             String::from_utf8_lossy(&out.stderr)
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn every_recorded_chain_renders_a_config_haproxy_accepts() {
+        for version in CONSUL_VERSIONS {
+            for chain in ["web", "old", "dcweb", "tcpold", "split", "front"] {
+                let (dir, _) = render_into(
+                    version,
+                    "client-sidecar-proxy",
+                    "ca-leaf-client.json",
+                    false,
+                );
+                let mut s = snapshot(version, "client-sidecar-proxy", "ca-leaf-client.json");
+                let key = crate::consul::destinations(s.registration.as_ref().unwrap())[0].clone();
+                let body = crate::model::fixtures::fixture(
+                    version,
+                    &format!("discovery-chain-{chain}.json"),
+                );
+                let c = crate::consul::chain::parse_chain(&body).unwrap();
+                s.apply(crate::consul::Update::Chain(key, c));
+                let d = build(&s, &settings_in(&dir, false), None).unwrap();
+                let files = render(&d, &creds(), &Templates::builtin()).unwrap();
+                for f in &files {
+                    std::fs::write(&f.path, &f.contents).unwrap();
+                }
+                let cfg = &files.last().unwrap().contents;
+                assert!(
+                    cfg.contains(".t."),
+                    "{version} {chain}: no target backend\n{cfg}"
+                );
+                let out = haproxy_check(&dir.join("haproxy.cfg"));
+                assert!(
+                    out.status.success(),
+                    "{version} {chain}: {}\n{cfg}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                if std::env::var_os("HCC_SHOW_CHAIN_CFG").is_some() {
+                    eprintln!("==> {version} {chain}\n{cfg}");
+                }
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+        }
     }
 
     #[test]

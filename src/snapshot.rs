@@ -7,8 +7,9 @@ use crate::admission::Verdicts;
 use crate::consul::api::{
     AgentCheck, AgentService, CaRoots, HealthEntry, IntentionEntry, LeafCert,
 };
-use crate::consul::DestinationKey;
+use crate::consul::chain::{DiscoveryChain, TargetKey};
 use crate::consul::{destinations, Update};
+use crate::consul::{DestinationKey, DestinationKind};
 
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
@@ -28,6 +29,11 @@ pub struct Snapshot {
     /// Not Consul's: the identity checker's verdicts on upstream endpoints (`admission`),
     /// merged here so that the model is built from one input.
     pub admission: Verdicts,
+    /// The discovery chain of each service destination, once read.
+    pub chains: BTreeMap<DestinationKey, DiscoveryChain>,
+    /// The instances of chain targets other than a destination itself (that one is in
+    /// `endpoints`).
+    pub targets: BTreeMap<TargetKey, Vec<HealthEntry>>,
 }
 
 impl Snapshot {
@@ -44,14 +50,9 @@ impl Snapshot {
             Update::AclDefaultPolicy(p) => replace(&mut self.acl_default_policy, Some(p)),
             Update::Checks(c) => replace(&mut self.checks, Some(c)),
             Update::AgentAddress(a) => replace(&mut self.agent_address, Some(a)),
-            Update::Endpoints(k, e) => {
-                if self.endpoints.get(&k) == Some(&e) {
-                    false
-                } else {
-                    self.endpoints.insert(k, e);
-                    true
-                }
-            }
+            Update::Endpoints(k, e) => insert(&mut self.endpoints, k, e),
+            Update::Chain(k, c) => insert(&mut self.chains, k, c),
+            Update::TargetEndpoints(k, e) => insert(&mut self.targets, k, e),
         }
     }
 
@@ -84,14 +85,27 @@ impl Snapshot {
         self.missing().is_empty()
     }
 
-    /// Whether every upstream destination has answered at least once; the first render waits
-    /// briefly for this so that HAProxy starts with its servers instead of reloading for them.
+    /// Whether every upstream destination has answered at least once, and every service
+    /// destination's discovery chain; the first render waits briefly for this so that HAProxy
+    /// starts with its servers and routes instead of reloading for them. A chain target's
+    /// instances are not waited for: they fill their backend's slots live, and a failover
+    /// target in an unreachable datacenter must not hold back the rest.
     pub fn endpoints_known(&self) -> bool {
         self.registration.as_ref().is_some_and(|r| {
-            destinations(r)
-                .iter()
-                .all(|k| self.endpoints.contains_key(k))
+            destinations(r).iter().all(|k| {
+                self.endpoints.contains_key(k)
+                    && (k.kind != DestinationKind::Service || self.chains.contains_key(k))
+            })
         })
+    }
+}
+
+fn insert<K: Ord, V: PartialEq>(map: &mut BTreeMap<K, V>, k: K, v: V) -> bool {
+    if map.get(&k) == Some(&v) {
+        false
+    } else {
+        map.insert(k, v);
+        true
     }
 }
 

@@ -83,6 +83,11 @@ impl Consul {
 
     /// A one-shot GET that must answer 200 with JSON of type `T`.
     pub fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T> {
+        api::parse(path, &self.get_ok(path)?)
+    }
+
+    /// A one-shot GET that must answer 200; its body.
+    pub fn get_ok(&self, path: &str) -> Result<String> {
         let answer = self.get(path, None).with_context(|| {
             format!("asking the Consul agent at {} for {path}", self.endpoint())
         })?;
@@ -94,7 +99,7 @@ impl Consul {
                 answer.body.trim()
             )));
         }
-        api::parse(path, &answer.body)
+        Ok(answer.body)
     }
 
     /// Finds the ID of the `connect-proxy` to serve, as `consul connect proxy -sidecar-for` does.

@@ -3,6 +3,7 @@
 //! This module knows nothing about HAProxy.
 
 pub mod api;
+pub mod chain;
 pub mod client;
 pub mod watch;
 
@@ -58,6 +59,10 @@ pub enum Update {
     Checks(Vec<api::AgentCheck>),
     /// The local agent's address (`/v1/agent/self` Member.Addr).
     AgentAddress(String),
+    /// The compiled discovery chain of a service destination.
+    Chain(DestinationKey, chain::DiscoveryChain),
+    /// The serving instances of one chain target other than the destination itself.
+    TargetEndpoints(chain::TargetKey, Vec<HealthEntry>),
 }
 
 /// The service instance whose agent checks the registration asks to expose

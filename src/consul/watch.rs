@@ -12,6 +12,10 @@ use super::api::{
     self, AgentCheck, AgentSelf, AgentService, CaRoots, HealthEntry, IntentionEntry, LeafCert,
     QueryResult,
 };
+use super::chain::{
+    chain_path, parse_chain, serving, target_health_path, targets_to_watch, DiscoveryChain,
+    TargetKey,
+};
 use super::client::{
     checks_path, endpoints_path, leaf_path, registration_path, Consul, AGENT_SELF_PATH,
     AUTHORIZE_PATH, INTENTIONS_PATH, ROOTS_PATH,
@@ -80,6 +84,10 @@ pub struct Watchers {
     fixed: Vec<WatchHandle>,
     leaf_for: Option<(String, WatchHandle)>,
     destinations: BTreeMap<DestinationKey, WatchHandle>,
+    /// The discovery chain of each service destination.
+    chains: BTreeMap<DestinationKey, WatchHandle>,
+    /// The instances of each chain target that is not a destination itself.
+    targets: BTreeMap<TargetKey, WatchHandle>,
     /// The agent's checks of this service instance, while `Expose.Checks` asks for them.
     checks_for: Option<(String, WatchHandle)>,
     /// Whether the agent's address was asked for (once, for `Expose.Checks`).
@@ -105,6 +113,8 @@ impl Watchers {
             fixed: Vec::new(),
             leaf_for: None,
             destinations: BTreeMap::new(),
+            chains: BTreeMap::new(),
+            targets: BTreeMap::new(),
             checks_for: None,
             agent_address_started: false,
             intentions,
@@ -203,12 +213,50 @@ impl Watchers {
 
         let wanted = destinations(registration);
         self.destinations.retain(|k, _| wanted.contains(k));
+        self.chains.retain(|k, _| wanted.contains(k));
         for key in wanted {
+            if key.kind == DestinationKind::Service && !self.chains.contains_key(&key) {
+                let k = key.clone();
+                let h = self.spawn(
+                    format!("discovery chain of {key}"),
+                    chain_path(&key),
+                    WatchMode::Index,
+                    move |body| parse_chain(body).map(|c| Update::Chain(k.clone(), c)),
+                );
+                self.chains.insert(key.clone(), h);
+            }
             if self.destinations.contains_key(&key) {
                 continue;
             }
             let h = self.spawn_destination(key.clone());
             self.destinations.insert(key, h);
+        }
+    }
+
+    /// Brings the target watches in line with the chains read so far: one blocking health
+    /// watch per target that is not a destination itself, stopped when no chain names it.
+    pub fn follow_chains(&mut self, chains: &BTreeMap<DestinationKey, DiscoveryChain>) {
+        let wanted: Vec<TargetKey> = chains
+            .iter()
+            .filter(|(k, _)| self.chains.contains_key(k))
+            .flat_map(|(k, c)| targets_to_watch(c, k))
+            .collect();
+        self.targets.retain(|k, _| wanted.contains(k));
+        for key in wanted {
+            if self.targets.contains_key(&key) {
+                continue;
+            }
+            let k = key.clone();
+            let h = self.spawn(
+                format!("instances of chain target {key}"),
+                target_health_path(&key),
+                WatchMode::Index,
+                move |body| {
+                    api::parse::<Vec<HealthEntry>>("a chain target's health query", body)
+                        .map(|entries| Update::TargetEndpoints(k.clone(), serving(entries)))
+                },
+            );
+            self.targets.insert(key, h);
         }
     }
 

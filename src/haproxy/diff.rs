@@ -5,8 +5,8 @@
 use crate::model::{Desired, ExposedListener, UpstreamListener};
 use crate::objects::{
     exposed_backend, exposed_bind, exposed_frontend, exposed_server, local_backend, local_server,
-    public_bind, public_frontend, upstream_backend, upstream_bind, upstream_frontend,
-    upstream_server,
+    public_bind, public_frontend, target_backend, target_server, upstream_backend, upstream_bind,
+    upstream_frontend, upstream_server,
 };
 pub use crate::objects::{BackendSpec, BindSpec, FrontendSpec, ServerSpec};
 
@@ -36,13 +36,20 @@ pub struct Plan {
     /// runtime API without a reload, one by one, outside any transaction. Empty when `ops` is
     /// not: a reload is coming anyway, and one transaction keeps the change atomic.
     pub live: Vec<ServerSpec>,
+    /// Split thresholds that changed (key, new value): new splitter weights, applied live with
+    /// `set map` after the splits map file is written. Their rules are the same either way.
+    pub live_splits: Vec<(String, u32)>,
     pub roots_changed: bool,
     pub leaf_changed: bool,
 }
 
 impl Plan {
     pub fn is_empty(&self) -> bool {
-        self.ops.is_empty() && self.live.is_empty() && !self.roots_changed && !self.leaf_changed
+        self.ops.is_empty()
+            && self.live.is_empty()
+            && self.live_splits.is_empty()
+            && !self.roots_changed
+            && !self.leaf_changed
     }
 
     /// Whether every operation is a server of an existing backend added, removed or changed (a
@@ -80,6 +87,12 @@ impl Plan {
             }
             Op::CreateBackend(b) | Op::ReplaceBackend(b) if b.verifyhost.is_some() => Some(
                 "an upstream's servers get a certificate name to check (verifyhost), which the Dataplane API cannot set",
+            ),
+            Op::CreateFrontend(f) | Op::ReplaceFrontend(f) if !f.routing.is_empty() => Some(
+                "an upstream's discovery-chain routing changes, and the Dataplane API cannot write its rules in order",
+            ),
+            Op::CreateBackend(b) | Op::ReplaceBackend(b) if !b.target.is_empty() => Some(
+                "a discovery-chain target's settings (hashing, timeouts, retries) are not in the Dataplane API's models",
             ),
             // Its intentions rules are rendered only, and which ones depends on the mode.
             Op::ReplaceFrontend(f) if f.spoe_config.is_some() => {
@@ -152,9 +165,60 @@ fn create_upstream(d: &Desired, u: &UpstreamListener) -> Vec<Op> {
             .iter()
             .map(|s| Op::CreateServer(upstream_server(d, u, s))),
     );
+    for t in targets(u) {
+        ops.push(Op::CreateBackend(target_backend(u, t)));
+        ops.extend(
+            t.slots
+                .iter()
+                .map(|s| Op::CreateServer(target_server(d, t, s))),
+        );
+    }
     ops.push(Op::CreateFrontend(upstream_frontend(d, u)));
     ops.push(Op::CreateBind(upstream_bind(u)));
     ops
+}
+
+fn targets(u: &UpstreamListener) -> impl Iterator<Item = &crate::model::chain::TargetBackend> {
+    u.routing.iter().flat_map(|r| r.targets.iter())
+}
+
+fn delete_upstream(u: &UpstreamListener, deletes: &mut Vec<Op>) {
+    deletes.push(Op::DeleteFrontend(u.name.clone()));
+    deletes.push(Op::DeleteBackend(u.backend.clone()));
+    deletes.extend(targets(u).map(|t| Op::DeleteBackend(t.backend.clone())));
+}
+
+/// How a slot reads as a server on one side of the plan.
+type SlotSpec<'a> = &'a dyn Fn(&crate::model::Slot) -> ServerSpec;
+
+/// Slot changes of one backend: servers added or removed when its pool was resized, the rest
+/// changed in place (live).
+fn plan_slots(
+    old: (&str, &[crate::model::Slot]),
+    new: &[crate::model::Slot],
+    spec: (SlotSpec<'_>, SlotSpec<'_>),
+    deletes: &mut Vec<Op>,
+    creates: &mut Vec<Op>,
+    live: &mut Vec<ServerSpec>,
+) {
+    let (backend, old_slots) = old;
+    let (old_spec, new_spec) = spec;
+    for s in old_slots {
+        if !new.iter().any(|n| n.name == s.name) {
+            deletes.push(Op::DeleteServer {
+                backend: backend.to_string(),
+                name: s.name.clone(),
+            });
+        }
+    }
+    for s in new {
+        let spec = new_spec(s);
+        match old_slots.iter().find(|o| o.name == s.name) {
+            None => creates.push(Op::CreateServer(spec)),
+            Some(o) if old_spec(o) != spec => live.push(spec),
+            Some(_) => {}
+        }
+    }
 }
 
 pub fn plan(applied: &Desired, desired: &Desired) -> Plan {
@@ -178,35 +242,45 @@ pub fn plan(applied: &Desired, desired: &Desired) -> Plan {
 
     for old in &applied.upstreams {
         let Some(new) = desired.upstream(&old.name) else {
-            deletes.push(Op::DeleteFrontend(old.name.clone()));
-            deletes.push(Op::DeleteBackend(old.backend.clone()));
+            delete_upstream(old, &mut deletes);
             continue;
+        };
+        let target_specs = |u: &UpstreamListener| -> Vec<BackendSpec> {
+            targets(u).map(|t| target_backend(u, t)).collect()
         };
         let listener_changed = upstream_frontend(applied, old) != upstream_frontend(desired, new)
             || upstream_bind(old) != upstream_bind(new)
-            || upstream_backend(applied, old) != upstream_backend(desired, new);
+            || upstream_backend(applied, old) != upstream_backend(desired, new)
+            || target_specs(old) != target_specs(new);
         if listener_changed {
-            // Rare (a protocol or timeout edit): rebuild the pair rather than patch it.
-            deletes.push(Op::DeleteFrontend(old.name.clone()));
-            deletes.push(Op::DeleteBackend(old.backend.clone()));
+            // Rare (a protocol, timeout or routing edit): rebuild the listener rather than
+            // patch it.
+            delete_upstream(old, &mut deletes);
             creates.extend(create_upstream(desired, new));
             continue;
         }
-        for s in &old.slots {
-            if !new.slots.iter().any(|n| n.name == s.name) {
-                deletes.push(Op::DeleteServer {
-                    backend: old.backend.clone(),
-                    name: s.name.clone(),
-                });
-            }
-        }
-        for s in &new.slots {
-            let spec = upstream_server(desired, new, s);
-            match old.slots.iter().find(|o| o.name == s.name) {
-                None => creates.push(Op::CreateServer(spec)),
-                Some(o) if upstream_server(applied, old, o) != spec => live.push(spec),
-                Some(_) => {}
-            }
+        plan_slots(
+            (&old.backend, &old.slots),
+            &new.slots,
+            (&|s| upstream_server(applied, old, s), &|s| {
+                upstream_server(desired, new, s)
+            }),
+            &mut deletes,
+            &mut creates,
+            &mut live,
+        );
+        // Same routing: each target's backend exists on both sides.
+        for (ot, nt) in targets(old).zip(targets(new)) {
+            plan_slots(
+                (&ot.backend, &ot.slots),
+                &nt.slots,
+                (&|s| target_server(applied, ot, s), &|s| {
+                    target_server(desired, nt, s)
+                }),
+                &mut deletes,
+                &mut creates,
+                &mut live,
+            );
         }
     }
     for new in &desired.upstreams {
@@ -221,9 +295,16 @@ pub fn plan(applied: &Desired, desired: &Desired) -> Plan {
     if !deletes.is_empty() {
         deletes.extend(live.drain(..).map(Op::ReplaceServer));
     }
+    let before = crate::objects::split_thresholds(applied);
+    let live_splits = crate::objects::split_thresholds(desired)
+        .into_iter()
+        // A key new to the map comes with new rules, and so with a full render that writes it.
+        .filter(|(k, v)| before.iter().any(|(bk, bv)| bk == k && bv != v))
+        .collect();
     Plan {
         ops: deletes,
         live,
+        live_splits,
         roots_changed: applied.tls.roots_pem != desired.tls.roots_pem,
         leaf_changed: applied.tls.leaf_pem != desired.tls.leaf_pem,
     }
@@ -385,6 +466,55 @@ mod tests {
                 Op::DeleteBackend("be_up_svc_other_local_127.0.0.1_9292".into())
             ]
         );
+    }
+
+    /// `client` with its upstream following the recorded chain `name`.
+    fn chained(name: &str) -> Desired {
+        let mut s = snapshot(ANY, "client-sidecar-proxy", "ca-leaf-client.json");
+        let key = crate::consul::destinations(s.registration.as_ref().unwrap())[0].clone();
+        let chain = crate::consul::chain::parse_chain(&crate::model::fixtures::fixture(
+            ANY,
+            &format!("discovery-chain-{name}.json"),
+        ))
+        .unwrap();
+        s.apply(crate::consul::Update::Chain(key, chain));
+        build(&s, &settings(), None).unwrap()
+    }
+
+    #[test]
+    fn new_split_weights_are_live_and_new_routes_a_full_render() {
+        let a = chained("split");
+        let mut b = a.clone();
+        let r = b.upstreams[0].routing.as_mut().unwrap();
+        r.routes[0].splits[0].upto = 5000;
+        let p = plan(&a, &b);
+        assert!(p.ops.is_empty() && p.live.is_empty(), "{p:#?}");
+        assert_eq!(p.live_splits.len(), 1);
+        assert_eq!(p.live_splits[0].1, 5000);
+
+        let p = plan(&client(), &a);
+        assert!(p.needs_full_render(), "{:#?}", p.ops);
+        assert!(p.full_render_reason().unwrap().contains("discovery-chain"));
+        // Back to the plain upstream: routing rules go, so the frontend is rebuilt.
+        let back = plan(&a, &client());
+        assert!(back
+            .ops
+            .iter()
+            .any(|o| matches!(o, Op::DeleteBackend(n) if n.contains(".t."))));
+        assert!(plan(&a, &a.clone()).is_empty());
+    }
+
+    #[test]
+    fn instance_churn_of_a_chain_target_is_live() {
+        let a = chained("old");
+        let mut b = a.clone();
+        let t = &mut b.upstreams[0].routing.as_mut().unwrap().targets[0];
+        t.slots = place(vec![server("web-v1-sidecar-proxy.node1", 21444)], &t.slots);
+        let backend = t.backend.clone();
+        let p = plan(&a, &b);
+        assert!(p.ops.is_empty(), "{:#?}", p.ops);
+        assert_eq!(p.live.len(), 1);
+        assert_eq!(p.live[0].backend, backend);
     }
 
     fn paths() -> Desired {

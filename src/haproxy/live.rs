@@ -87,6 +87,25 @@ pub fn add_server(stats: &Path, s: &ServerSpec) -> Result<()> {
     set_server(stats, s)
 }
 
+/// Sets one key of a map HAProxy has loaded (the splits map): `set map` answers nothing when
+/// it went through.
+pub fn set_map(stats: &Path, map: &Path, key: &str, value: &str) -> Result<()> {
+    let answer = runtime::command(
+        stats,
+        &format!("set map {} {key} {value}", map.display()),
+        None,
+    )?;
+    if answer.trim().is_empty() {
+        Ok(())
+    } else {
+        Err(Error::msg(format!(
+            "HAProxy refused to set {key} in map {}: {}",
+            map.display(),
+            answer.trim()
+        )))
+    }
+}
+
 /// Removes a slot: into maintenance, then deleted (HAProxy refuses while it has connections).
 pub fn del_server(stats: &Path, backend: &str, name: &str) -> Result<()> {
     let id = format!("{backend}/{name}");

@@ -38,6 +38,9 @@ pub struct Paths {
     pub spoe_socket: PathBuf,
     /// HAProxy's Prometheus exporter, reached only by the sidecar's /metrics.
     pub metrics_socket: PathBuf,
+    /// The splitters' thresholds (`objects::split_thresholds`), a map HAProxy reads per
+    /// request, so that new weights go live through `set map` without a reload.
+    pub splits_map: PathBuf,
 }
 
 impl Paths {
@@ -54,6 +57,7 @@ impl Paths {
             spoe_conf: workdir.join("spoe.conf"),
             spoe_socket: workdir.join("spoe.sock"),
             metrics_socket: workdir.join("metrics.sock"),
+            splits_map: workdir.join("splits.map"),
         }
     }
 }
@@ -135,6 +139,9 @@ pub struct UpstreamListener {
     /// (`verifyhost`): set only while every admitted instance presented its legacy CN (Consul
     /// before 1.11), since pinning a name a leaf does not carry would refuse it.
     pub verifyhost: Option<String>,
+    /// The destination's discovery chain when it does more than reach the destination itself
+    /// (see `chain`); `None` serves `slots` alone, as before chains were read.
+    pub routing: Option<Routing>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -233,9 +240,11 @@ impl Desired {
         self.upstreams
             .iter()
             .map(|u| {
+                let targets = u.routing.iter().flat_map(|r| r.targets.iter());
                 let n = u
                     .slots
                     .iter()
+                    .chain(targets.flat_map(|t| t.slots.iter()))
                     .filter(|s| s.instance.as_ref().is_some_and(Server::in_service))
                     .count();
                 (u.name.clone(), n)
@@ -267,9 +276,8 @@ impl Desired {
     pub fn identity_checks(&self) -> admission::Wanted {
         admission::Wanted {
             endpoints: self
-                .upstreams
-                .iter()
-                .flat_map(|u| u.slots.iter().filter_map(|s| s.instance.as_ref()))
+                .server_pools()
+                .flat_map(|(_, _, slots)| slots.iter().filter_map(|s| s.instance.as_ref()))
                 .filter(|i| i.admission != Admission::Unchecked)
                 .map(Server::endpoint)
                 .collect(),
@@ -278,8 +286,33 @@ impl Desired {
         }
     }
 
+    /// Every backend of upstream servers, as (its upstream, its name, its slots): each
+    /// upstream's own and each of its discovery-chain targets'.
+    pub fn server_pools(&self) -> impl Iterator<Item = (&UpstreamListener, &str, &[Slot])> {
+        self.upstreams.iter().flat_map(|u| {
+            let targets = u.routing.iter().flat_map(|r| r.targets.iter());
+            std::iter::once((u, u.backend.as_str(), u.slots.as_slice()))
+                .chain(targets.map(move |t| (u, t.backend.as_str(), t.slots.as_slice())))
+        })
+    }
+
     pub fn upstream(&self, name: &str) -> Option<&UpstreamListener> {
         self.upstreams.iter().find(|u| u.name == name)
+    }
+
+    /// The chain target whose backend is the HAProxy proxy `proxy`, with its upstream.
+    pub fn target_of_proxy(
+        &self,
+        proxy: &str,
+    ) -> Option<(&UpstreamListener, &chain::TargetBackend)> {
+        self.upstreams.iter().find_map(|u| {
+            u.routing
+                .as_ref()?
+                .targets
+                .iter()
+                .find(|t| t.backend == proxy)
+                .map(|t| (u, t))
+        })
     }
 
     /// The upstream whose frontend or backend is the HAProxy proxy `proxy`.
@@ -377,9 +410,10 @@ pub fn build(
         datacenter: local_datacenter(&leaf.service_uri, &reg.datacenter),
         trust_domain: &tls.trust_domain,
         identity_check: settings.identity_check,
+        balance: &settings.knobs.balance,
     };
     for u in &proxy.upstreams {
-        match upstream(u, snapshot, previous, &here) {
+        match upstream(u, snapshot, previous, &here, &mut warnings) {
             Ok(listener) => {
                 let at = (listener.bind_address.clone(), listener.bind_port);
                 if !taken.insert(at) || upstreams.iter().any(|l| l.name == listener.name) {
@@ -437,12 +471,14 @@ pub fn build(
     })
 }
 
-/// What every upstream's identity depends on.
-struct Here<'a> {
+/// What every upstream's backends depend on besides the snapshot.
+pub(crate) struct Here<'a> {
     /// Our own datacenter: the default of a destination's.
-    datacenter: String,
-    trust_domain: &'a str,
-    identity_check: bool,
+    pub datacenter: String,
+    pub trust_domain: &'a str,
+    pub identity_check: bool,
+    /// `-balance`: every backend's algorithm unless a resolver asks for another.
+    pub balance: &'a str,
 }
 
 /// The datacenter of our own leaf's SPIFFE ID, or else of the registration.
@@ -457,6 +493,7 @@ fn upstream(
     snapshot: &Snapshot,
     previous: Option<&Desired>,
     here: &Here<'_>,
+    warnings: &mut Vec<String>,
 ) -> Result<UpstreamListener> {
     if u.destination_name.is_empty() {
         return Err(Error::msg("it has no DestinationName"));
@@ -519,8 +556,8 @@ fn upstream(
         .endpoints
         .get(&key)
         .map_or(&[][..], |v| v.as_slice());
-    let previous = previous.and_then(|p| p.upstream(&name));
-    let before = previous.map_or(&[][..], |l| l.slots.as_slice());
+    let previous_listener = previous.and_then(|p| p.upstream(&name));
+    let before = previous_listener.map_or(&[][..], |l| l.slots.as_slice());
     let identity = (kind == DestinationKind::Service).then(|| Identity {
         namespace: non_empty(&u.destination_namespace)
             .unwrap_or_else(|| admission::DEFAULT.to_string()),
@@ -533,32 +570,88 @@ fn upstream(
             },
         )
     });
-    let mut instances = servers(
+    let (slots, verifyhost) = pool(
         entries,
         &u.destination_name,
         identity.as_ref(),
-        &here.datacenter,
+        here,
+        snapshot,
+        before,
+        previous_listener.and_then(|p| p.verifyhost.as_ref()),
     );
-    for i in &mut instances {
-        i.admission = admission_of(i, snapshot, here.identity_check);
-    }
-    let slots = place(instances, before);
-    let verifyhost = pinned_name(&slots, here.trust_domain)
-        .unwrap_or_else(|| previous.and_then(|p| p.verifyhost.clone()));
+    let backend = format!("{BACKEND_PREFIX}{name}");
+    let chain = snapshot.chains.get(&key);
+    // The upstream's own protocol wins; without one, the chain's (service-defaults) applies.
+    let protocol = config_str(&u.config, "protocol")
+        .or_else(|| chain.map(|c| c.protocol.clone()).filter(|p| !p.is_empty()));
+    let listener_mode = mode(protocol.as_deref());
+    let connect_timeout = config_u64(&u.config, "connect_timeout_ms");
+    let routing = match chain {
+        Some(c) => {
+            let before = previous_listener.and_then(|l| l.routing.as_ref());
+            let mut chain_warnings = Vec::new();
+            match chain::routing(
+                c,
+                &key,
+                &backend,
+                listener_mode,
+                connect_timeout,
+                here,
+                snapshot,
+                before,
+                &mut chain_warnings,
+            ) {
+                Ok(r) => {
+                    warnings.extend(chain_warnings);
+                    r
+                }
+                // The routing that served before keeps serving (or the destination itself).
+                Err(e) => {
+                    warnings.push(format!(
+                        "upstream {key}: its discovery chain cannot be followed, keeping the routing it had: {e}"
+                    ));
+                    before.cloned()
+                }
+            }
+        }
+        None => None,
+    };
     Ok(UpstreamListener {
-        backend: format!("{BACKEND_PREFIX}{name}"),
+        backend,
         name,
         destination: key.to_string(),
         bind_address,
         bind_port,
         socket,
-        mode: mode(config_str(&u.config, "protocol").as_deref()),
-        connect_timeout_ms: config_u64(&u.config, "connect_timeout_ms")
-            .unwrap_or(DEFAULT_CONNECT_TIMEOUT_MS),
+        mode: listener_mode,
+        connect_timeout_ms: connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT_MS),
         slots,
         identity,
         verifyhost,
+        routing,
     })
+}
+
+/// A backend's slots and the certificate name its servers are pinned to (`verifyhost`): the
+/// instances in `entries`, each admitted as the identity checker judged it, placed in the
+/// slots they had (`before`).
+pub(crate) fn pool(
+    entries: &[HealthEntry],
+    destination: &str,
+    identity: Option<&Identity>,
+    here: &Here<'_>,
+    snapshot: &Snapshot,
+    before: &[Slot],
+    pinned_before: Option<&String>,
+) -> (Vec<Slot>, Option<String>) {
+    let mut instances = servers(entries, destination, identity, &here.datacenter);
+    for i in &mut instances {
+        i.admission = admission_of(i, snapshot, here.identity_check);
+    }
+    let slots = place(instances, before);
+    let verifyhost =
+        pinned_name(&slots, here.trust_domain).unwrap_or_else(|| pinned_before.cloned());
+    (slots, verifyhost)
 }
 
 fn admission_of(i: &Server, snapshot: &Snapshot, check: bool) -> Admission {
@@ -866,7 +959,9 @@ fn non_empty(s: &str) -> Option<String> {
     (!s.is_empty()).then(|| s.to_string())
 }
 
+pub mod chain;
 mod expose;
+pub use chain::Routing;
 pub use expose::ExposedListener;
 
 #[cfg(test)]

@@ -609,3 +609,123 @@ fn a_prepared_query_expects_each_instance_to_be_the_service_it_is_listed_as() {
         );
     }
 }
+
+/// `client`'s snapshot with the recorded chain `name` compiled for its upstream `server`
+/// (the chain's own service renamed to `server`, as if recorded for it).
+fn with_chain(v: &str, name: &str, as_server: bool) -> Snapshot {
+    let mut s = snapshot(v, "client-sidecar-proxy", "ca-leaf-client.json");
+    let key = crate::consul::destinations(s.registration.as_ref().unwrap())[0].clone();
+    let mut body = super::fixtures::fixture(v, &format!("discovery-chain-{name}.json"));
+    if as_server {
+        body = body
+            .replace(&format!("\"{name}"), "\"server")
+            .replace(&format!(":{name}."), ":server.");
+    }
+    let chain = crate::consul::chain::parse_chain(&body).unwrap();
+    s.apply(crate::consul::Update::Chain(key, chain));
+    s
+}
+
+#[test]
+fn a_chain_that_is_the_destination_itself_gives_exactly_the_config_without_chains() {
+    for v in CONSUL_VERSIONS {
+        let plain = build(
+            &snapshot(v, "client-sidecar-proxy", "ca-leaf-client.json"),
+            &settings(),
+            None,
+        )
+        .unwrap();
+        let chained = build(&with_chain(v, "plain", true), &settings(), None).unwrap();
+        assert_eq!(chained, plain, "{v}");
+        assert!(chained.upstreams[0].routing.is_none());
+    }
+}
+
+#[test]
+fn a_chain_that_cannot_be_followed_keeps_the_routing_that_served() {
+    for v in CONSUL_VERSIONS {
+        let s = with_chain(v, "split", false);
+        let good = build(&s, &settings(), None).unwrap();
+        assert!(good.upstreams[0].routing.is_some());
+        let mut broken = s.clone();
+        let key = crate::consul::destinations(broken.registration.as_ref().unwrap())[0].clone();
+        let chain = broken.chains.get_mut(&key).unwrap();
+        // A splitter leading to a node the chain does not define.
+        for n in chain.nodes.values_mut() {
+            for split in &mut n.splits {
+                split.next_node = "resolver:nowhere".into();
+            }
+        }
+        let d = build(&broken, &settings(), Some(&good)).unwrap();
+        assert_eq!(d.upstreams[0].routing, good.upstreams[0].routing, "{v}");
+        assert!(
+            d.warnings
+                .iter()
+                .any(|w| w.contains("cannot be followed") && w.contains("resolver:nowhere")),
+            "{:?}",
+            d.warnings
+        );
+        // Without a routing before it, the destination itself serves.
+        let d = build(&broken, &settings(), None).unwrap();
+        assert!(d.upstreams[0].routing.is_none());
+    }
+}
+
+#[test]
+fn chain_targets_are_admitted_by_their_own_services_identity() {
+    for v in CONSUL_VERSIONS {
+        let mut s = with_chain(v, "split", false);
+        let dest = crate::consul::destinations(s.registration.as_ref().unwrap())[0].clone();
+        let entries = s.endpoints.get(&dest).cloned().unwrap_or_default();
+        assert!(!entries.is_empty(), "{v}: the fixture has instances");
+        let chain = s.chains.get(&dest).unwrap().clone();
+        for t in chain.targets.values() {
+            s.targets
+                .insert(crate::consul::chain::TargetKey::of(t), entries.clone());
+        }
+        let d = build(&s, &checked(), None).unwrap();
+        let targets = &d.upstreams[0].routing.as_ref().unwrap().targets;
+        assert!(!targets.is_empty(), "{v}");
+        for t in targets {
+            let want = chain
+                .targets
+                .values()
+                .find(|c| c.id == t.id)
+                .map(|c| c.service.clone())
+                .unwrap();
+            assert_eq!(t.identity.service, want, "{v}: {}", t.backend);
+            for slot in t.slots.iter().filter(|s| s.instance.is_some()) {
+                let i = slot.instance.as_ref().unwrap();
+                assert_eq!(i.identity, t.identity, "{v}");
+                assert_eq!(i.admission, Admission::Unproven, "{v}");
+                assert!(
+                    crate::objects::target_server(&d, t, slot).maintenance,
+                    "{v}"
+                );
+            }
+        }
+        // Every target's endpoints are checked, each against its target's identity.
+        let wanted = d.identity_checks();
+        for t in targets {
+            let n = t.slots.iter().filter(|s| s.instance.is_some()).count();
+            let checked = wanted
+                .endpoints
+                .iter()
+                .filter(|e| e.identity == t.identity)
+                .count();
+            assert!(checked >= n && n > 0, "{v}: {}", t.backend);
+        }
+        // Proven: in service, with no slot moved.
+        admit_all(&mut s, &d, Verdict::Proven { common_name: None });
+        let d2 = build(&s, &checked(), Some(&d)).unwrap();
+        for t in &d2.upstreams[0].routing.as_ref().unwrap().targets {
+            for slot in t.slots.iter().filter(|s| s.instance.is_some()) {
+                assert!(
+                    !crate::objects::target_server(&d2, t, slot).maintenance,
+                    "{v}"
+                );
+            }
+        }
+        assert!(d2.live_instances()[&d2.upstreams[0].name] > 0);
+    }
+}

@@ -282,8 +282,12 @@ impl Supervisor {
         if let Update::Registration(reg) = &update {
             self.watchers.follow(reg);
         }
+        let chain = matches!(update, Update::Chain(..) | Update::Registration(_));
         if !self.snapshot.apply(update) {
             return false;
+        }
+        if chain {
+            self.watchers.follow_chains(&self.snapshot.chains);
         }
         self.intentions.follow(&self.snapshot);
         true

@@ -23,6 +23,12 @@ struct AppShared {
     delay_ms: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     conns: Arc<Mutex<HashMap<u64, TcpStream>>>,
+    /// The head of the last request, lower-cased.
+    last_head: Arc<Mutex<String>>,
+    /// A header line every answer carries, set by `set_response_header`.
+    response_header: Arc<Mutex<String>>,
+    /// How many of the next answers fail, and with which status (`fail_next`).
+    failing: Arc<Mutex<(u32, u16)>>,
 }
 
 impl HttpApp {
@@ -43,6 +49,9 @@ impl HttpApp {
             delay_ms: Arc::new(AtomicU64::new(0)),
             stop: Arc::new(AtomicBool::new(false)),
             conns: Arc::new(Mutex::new(HashMap::new())),
+            last_head: Arc::default(),
+            response_header: Arc::default(),
+            failing: Arc::default(),
         };
         let handlers: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let acceptor = {
@@ -93,6 +102,21 @@ impl HttpApp {
             .get(path)
             .copied()
             .unwrap_or(0)
+    }
+
+    /// The head (request line and headers) of the last request, lower-cased.
+    pub fn last_request_head(&self) -> String {
+        self.shared.last_head.lock().unwrap().clone()
+    }
+
+    /// Every answer from now on carries the header `name: value`.
+    pub fn set_response_header(&self, name: &str, value: &str) {
+        *self.shared.response_header.lock().unwrap() = format!("{name}: {value}\r\n");
+    }
+
+    /// The next `n` requests are answered with `status` (an injected fault, for retries).
+    pub fn fail_next(&self, n: u32, status: u16) {
+        *self.shared.failing.lock().unwrap() = (n, status);
     }
 
     pub fn bytes_received(&self) -> u64 {
@@ -210,6 +234,7 @@ fn serve_connection(mut conn: TcpStream, shared: &AppShared) {
             buf.drain(..head_end + len);
         }
         shared.requests.fetch_add(1, Ordering::SeqCst);
+        *shared.last_head.lock().unwrap() = head.clone();
         let path = request_line
             .split_whitespace()
             .nth(1)
@@ -230,9 +255,19 @@ fn serve_connection(mut conn: TcpStream, shared: &AppShared) {
             thread::sleep(remaining(until).min(Duration::from_millis(10)));
         }
 
+        let status = {
+            let mut f = shared.failing.lock().unwrap();
+            if f.0 > 0 {
+                f.0 -= 1;
+                format!("{} Injected", f.1)
+            } else {
+                "200 OK".to_string()
+            }
+        };
         let mut response = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n",
+            "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}{}\r\n",
             shared.body.len(),
+            shared.response_header.lock().unwrap(),
             if close { "Connection: close\r\n" } else { "" }
         )
         .into_bytes();

@@ -91,6 +91,25 @@ impl Consul {
         )
     }
 
+    /// Two datacenters on loopback, each one dev agent: `dc1` (the primary) and `dc2`, joined
+    /// over the WAN, so that `dc2` signs its leaves under `dc1`'s roots.
+    pub fn start_federated() -> (Consul, Consul) {
+        let wan = free_port();
+        let dc1 = Consul::start_with(
+            serde_json::json!({"primary_datacenter": "dc1", "ports": {"serf_wan": wan}}),
+            None,
+        );
+        let dc2 = Consul::start_with(
+            serde_json::json!({
+                "datacenter": "dc2", "primary_datacenter": "dc1",
+                "ports": {"serf_wan": free_port()},
+                "retry_join_wan": [format!("127.0.0.1:{wan}")]
+            }),
+            None,
+        );
+        (dc1, dc2)
+    }
+
     /// An agent with ACLs on and default policy deny; the harness uses `ACL_MASTER_TOKEN`.
     pub fn start_acl_deny() -> Consul {
         Consul::start_acl("deny")

@@ -28,6 +28,18 @@ pub fn http_request(
     body: Option<&[u8]>,
     timeout: Duration,
 ) -> Result<HttpResponse, String> {
+    http_request_with(addr, method, path, &[], body, timeout)
+}
+
+/// `http_request` with extra request header lines `(name, value)`.
+pub fn http_request_with(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<HttpResponse, String> {
     let deadline = Instant::now() + timeout;
     let err = |what: &str, e: &dyn std::fmt::Display| {
         format!("{method} http://{addr}{path}: {what}: {e}")
@@ -47,6 +59,9 @@ pub fn http_request(
     let mut request = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: hcc-test\r\nAccept: */*\r\nConnection: close\r\n"
     );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
     if !body.is_empty() || matches!(method, "POST" | "PUT" | "PATCH") {
         request.push_str(&format!("Content-Length: {}\r\n", body.len()));
     }

@@ -14,6 +14,7 @@ pub mod apps;
 pub mod consul;
 pub mod haproxy;
 pub mod http;
+pub mod load;
 pub mod mesh;
 pub mod netns;
 pub mod processes;

@@ -1,0 +1,61 @@
+//! Continuous load on a listener: a new connection per request, failures counted, so a test
+//! can show that a change under way fails no request.
+
+use super::*;
+
+/// Requests to `addr`, a new connection each, until stopped (or 120 s).
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    errors: Arc<std::sync::Mutex<Vec<String>>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(addr: String) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (s, o, f, e) = (stop.clone(), ok.clone(), failed.clone(), errors.clone());
+        let thread = thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while !s.load(Ordering::SeqCst) && Instant::now() < deadline {
+                match http_get(&addr, "/", Duration::from_secs(5)) {
+                    Ok((200, _)) => o.fetch_add(1, Ordering::SeqCst),
+                    other => {
+                        e.lock().unwrap().push(format!("{other:?}"));
+                        f.fetch_add(1, Ordering::SeqCst)
+                    }
+                };
+            }
+        });
+        Load {
+            stop,
+            ok,
+            failed,
+            errors,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the load; requests that went through, failed, and how each failure looked.
+    pub fn finish(mut self) -> (u64, u64, Vec<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        (
+            self.ok.load(Ordering::SeqCst),
+            self.failed.load(Ordering::SeqCst),
+            self.errors.lock().unwrap().clone(),
+        )
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
