@@ -4,87 +4,14 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use support::load::Load;
 use support::mesh::{sidecar, Mesh, MeshOptions, APP_BODY};
 use support::*;
 
 const T: Duration = Duration::from_secs(5);
-
-/// Requests through an upstream, a new connection each, until stopped (or 120 s): answered by
-/// the server app (`ok`), by another app (`other`), or failed.
-struct Load {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicU64>,
-    other: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-    errors: Arc<Mutex<Vec<String>>>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(addr: String) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicU64::new(0));
-        let other = Arc::new(AtomicU64::new(0));
-        let failed = Arc::new(AtomicU64::new(0));
-        let errors = Arc::new(Mutex::new(Vec::new()));
-        let (s, o, x, f, e) = (
-            stop.clone(),
-            ok.clone(),
-            other.clone(),
-            failed.clone(),
-            errors.clone(),
-        );
-        let thread = thread::spawn(move || {
-            let deadline = Instant::now() + Duration::from_secs(120);
-            while !s.load(Ordering::SeqCst) && Instant::now() < deadline {
-                match http_get(&addr, "/", T) {
-                    Ok((200, body)) if body == APP_BODY => o.fetch_add(1, Ordering::SeqCst),
-                    Ok((200, _)) => x.fetch_add(1, Ordering::SeqCst),
-                    other => {
-                        e.lock().unwrap().push(format!("{other:?}"));
-                        f.fetch_add(1, Ordering::SeqCst)
-                    }
-                };
-            }
-        });
-        Load {
-            stop,
-            ok,
-            other,
-            failed,
-            errors,
-            thread: Some(thread),
-        }
-    }
-
-    /// (server app's answers, failed requests, what failed); another app's answer is a failure.
-    fn finish(mut self) -> (u64, u64, Vec<String>) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        (
-            self.ok.load(Ordering::SeqCst),
-            self.failed.load(Ordering::SeqCst) + self.other.load(Ordering::SeqCst),
-            self.errors.lock().unwrap().clone(),
-        )
-    }
-
-    fn answered_by_another(&self) -> u64 {
-        self.other.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for Load {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-    }
-}
 
 /// A connect-proxy registered on its own, with no health check, so Consul lists it as an
 /// instance of `destination` whether or not anything listens on `port`.
@@ -169,7 +96,7 @@ fn a_rogue_endpoint_decrypts_no_request_and_the_client_sees_no_failure() {
         consul_version()
     );
 
-    let load = Load::start(mesh.upstream_addr());
+    let load = Load::expecting(mesh.upstream_addr(), APP_BODY);
     let registered = Instant::now();
     register_bare_proxy(
         &mesh.consul,
@@ -339,7 +266,7 @@ fn an_endpoint_taken_over_by_another_service_is_refused() {
         second.port(),
     );
     let mut second_sidecar = sidecar(&mesh.consul, &mesh.base, "server2", false, &[]);
-    let load = Load::start(mesh.upstream_addr());
+    let load = Load::expecting(mesh.upstream_addr(), APP_BODY);
     let start = second.requests();
     wait_until(
         Duration::from_secs(30),
