@@ -256,10 +256,9 @@ impl fmt::Debug for AgentHandle {
 ///
 /// Each worker is an OS thread with a single-threaded runtime of its own that accepts on the
 /// shared socket and serves the connections it accepted, start to end. A NOTIFY and its ACK
-/// therefore never cross threads: with a work-stealing runtime every wake-up could also wake
-/// an idle worker (a futex call and a context switch per frame), which measured as most of the
-/// agent's CPU per request, since HAProxy's agent connections are few and long-lived and
-/// need no balancing between threads after they are accepted.
+/// therefore never cross threads (a work-stealing runtime may wake an idle worker for a
+/// frame: a futex call and a context switch), and nothing is lost by it: HAProxy's agent
+/// connections are few and long-lived, so there is nothing to balance after the accept.
 pub fn spawn(cfg: AgentConfig, table: SharedTable) -> Result<AgentHandle, AgentError> {
     validate(&cfg)?;
     let (std_listener, identity) =
