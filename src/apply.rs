@@ -225,6 +225,12 @@ fn apply_whole(
     dataplane
         .replace_raw(&cfg.contents)
         .context("replacing the whole configuration (SIGHUP reconcile)")?;
+    // What a reconcile repairs is also the running state (a server put in maintenance by
+    // hand), which only a reload resets, and the Dataplane API may not reload: not for a file
+    // equal to the one on disk (the last full render wrote exactly this), and a reload it has
+    // already scheduled answers for ours too. SIGHUP is rare; one sure reload is worth it.
+    runtime::reload(&desired.paths.master_socket, Duration::from_secs(20))
+        .context("reloading HAProxy for the full reconcile")?;
     log::info!("full reconcile applied: configuration rendered anew and reloaded");
     Ok(())
 }

@@ -433,6 +433,12 @@ fn under_runit_sv_term_stops_gracefully_and_runsv_restarts_it() {
 fn sighup_reconciles_away_runtime_drift() {
     let mut mesh = Mesh::start(MeshOptions::default());
     let stats = mesh.workdir("client").join("haproxy.sock");
+    // Traffic flows first (the server's identity proven, its name pinned on 1.8.7), so that
+    // what breaks it below is the drift and nothing else.
+    wait_until(Duration::from_secs(20), "traffic before the drift", || {
+        allowed(&mesh)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.client_sidecar.logs()));
     // Drift: someone puts the serving slot in maintenance by hand.
     let state = haproxy_cli(&stats, "show servers state");
     let (backend, slot) = state
