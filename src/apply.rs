@@ -143,7 +143,7 @@ fn run(
             log::info!("{why}; rendering the whole configuration instead");
         }
         if reconcile || p.needs_full_render() {
-            match apply_whole(&desired, &dataplane, &creds, &templates) {
+            match apply_whole(&desired, &dataplane, &creds, &templates, reconcile) {
                 Ok(()) => {
                     applied = desired;
                     reconcile = false;
@@ -210,13 +210,15 @@ fn rendered(
     Ok((cfg, rest))
 }
 
-/// The full reconcile: every file rendered from `desired`, certificates written first, the
-/// configuration replaced whole through the Dataplane API (validated, then one reload).
+/// A full render: every file rendered from `desired`, certificates written first, the
+/// configuration replaced whole through the Dataplane API (validated, then one reload). For a
+/// SIGHUP `reconcile`, HAProxy is also reloaded through its master socket in any case.
 fn apply_whole(
     desired: &Desired,
     dataplane: &Dataplane,
     creds: &DataplaneCredentials,
     templates: &crate::render::Templates,
+    reconcile: bool,
 ) -> Result<()> {
     let (cfg, rest) = rendered(desired, creds, templates)?;
     for f in rest {
@@ -225,6 +227,10 @@ fn apply_whole(
     dataplane
         .replace_raw(&cfg.contents)
         .context("replacing the whole configuration (SIGHUP reconcile)")?;
+    if !reconcile {
+        log::info!("configuration rendered anew and reloaded");
+        return Ok(());
+    }
     // What a reconcile repairs is also the running state (a server put in maintenance by
     // hand), which only a reload resets, and the Dataplane API may not reload: not for a file
     // equal to the one on disk (the last full render wrote exactly this), and a reload it has
