@@ -191,7 +191,7 @@ fn command() -> clap::Command {
         .arg(bool_flag("enable-intentions", "Enforce Consul intentions on inbound connections"))
         .arg(value("stats-addr", "Listen address of the stats/metrics HTTP server").value_name("ADDR"))
         .arg(bool_flag("stats-service-register", "Register the stats endpoint as a Consul service"))
-        .arg(value("spoe-threads", "Worker threads of the intentions (SPOE) agent").default_value("1").value_name("N"))
+        .arg(value("spoe-threads", "Worker threads of the intentions (SPOE) agent").default_value("2").value_name("N"))
         .arg(value("grace-period", "How long a stop lets in-flight connections finish (e.g. 30s, 2m, 500ms)").default_value("30s").value_name("DURATION"))
         .arg(Arg::new("haproxy-param").long("haproxy-param").help("An HAProxy global or defaults setting, as section.key=value; repeatable").action(ArgAction::Append).allow_hyphen_values(true).value_name("SECTION.KEY=VALUE"))
         .arg(value("balance", "Load-balancing algorithm of upstreams: roundrobin, leastconn, first or random").default_value("roundrobin").value_name("ALGORITHM"))
