@@ -59,13 +59,11 @@ fn registration(
     // An unspecified listen address is reached at the proxy's own address, else the node's.
     let address = if stats.ip().is_unspecified() {
         if registration_address.is_empty() {
-            let me: serde_json::Value = consul.get_json(AGENT_SELF_PATH)?;
-            me.pointer("/Member/Addr")
-                .and_then(serde_json::Value::as_str)
-                .map(str::to_string)
-                .ok_or_else(|| {
-                    crate::error::Error::msg("the agent did not say its address (Member.Addr)")
-                })?
+            consul.agent_address()?.ok_or_else(|| {
+                crate::error::Error::msg(format!(
+                    "the token may not read {AGENT_SELF_PATH}, so the agent did not say its address (Member.Addr)"
+                ))
+            })?
         } else {
             registration_address.to_string()
         }

@@ -81,6 +81,28 @@ impl Consul {
         })
     }
 
+    /// The agent's own address (`/v1/agent/self` `Member.Addr`); `None` when the token may
+    /// not read the agent (403).
+    pub fn agent_address(&self) -> Result<Option<String>> {
+        let answer = self.get(AGENT_SELF_PATH, None)?;
+        match answer.status {
+            200 => {}
+            403 => return Ok(None),
+            s => {
+                return Err(Error::msg(format!(
+                    "status {s} for {AGENT_SELF_PATH}: {}",
+                    answer.body.trim()
+                )))
+            }
+        }
+        let me: serde_json::Value = api::parse("the agent's configuration", &answer.body)?;
+        me.pointer("/Member/Addr")
+            .and_then(serde_json::Value::as_str)
+            .filter(|a| !a.is_empty())
+            .map(|a| Some(a.to_string()))
+            .ok_or_else(|| Error::msg(format!("{AGENT_SELF_PATH} has no Member.Addr")))
+    }
+
     /// A one-shot GET that must answer 200 with JSON of type `T`.
     pub fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T> {
         api::parse(path, &self.get_ok(path)?)

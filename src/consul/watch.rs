@@ -338,7 +338,7 @@ impl Watchers {
             .spawn(move || {
                 let mut failures = 0;
                 while !halt.load(Ordering::SeqCst) {
-                    match agent_address(&consul) {
+                    match consul.agent_address() {
                         Ok(Some(a)) => {
                             sink.update(Update::AgentAddress(a));
                             return;
@@ -367,27 +367,6 @@ impl Watchers {
         }
         self.fixed.push(WatchHandle { stop });
     }
-}
-
-/// The agent's `Member.Addr`; `None` when the token may not read the agent (403).
-fn agent_address(consul: &Consul) -> crate::error::Result<Option<String>> {
-    let answer = consul.get(AGENT_SELF_PATH, None)?;
-    match answer.status {
-        200 => {}
-        403 => return Ok(None),
-        s => {
-            return Err(crate::error::Error::msg(format!(
-                "status {s} for {AGENT_SELF_PATH}: {}",
-                answer.body.trim()
-            )))
-        }
-    }
-    let me: serde_json::Value = api::parse("the agent's configuration", &answer.body)?;
-    me.pointer("/Member/Addr")
-        .and_then(serde_json::Value::as_str)
-        .filter(|a| !a.is_empty())
-        .map(|a| Some(a.to_string()))
-        .ok_or_else(|| crate::error::Error::msg(format!("{AGENT_SELF_PATH} has no Member.Addr")))
 }
 
 /// Learns what a connection that no intention names gets: the ACL default policy from
