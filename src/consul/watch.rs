@@ -535,14 +535,22 @@ impl Watch {
             }
             let failure = match result {
                 Ok(answer) if answer.status == 200 => {
-                    if failures > 0 {
+                    // After a failure the read starts over without an index, and the agent may
+                    // answer that from its cache while its servers are gone; only a blocking read
+                    // (or a poll) proves the path works again. Counting the cached answer as a
+                    // recovery would reset the backoff and log a warning and a recovery every
+                    // 0.2 s for as long as the outage lasts.
+                    let recovered = wait.is_some() || matches!(self.mode, WatchMode::Poll(_));
+                    if failures > 0 && recovered {
                         log::info!(
                             "{} readable again after {failures} failed attempt(s)",
                             self.what
                         );
                     }
-                    failures = 0;
-                    last_error = None;
+                    if recovered {
+                        failures = 0;
+                        last_error = None;
+                    }
                     match self.mode {
                         WatchMode::Index => index = next_index(index, answer.index),
                         WatchMode::Hash => hash = answer.content_hash.clone(),
