@@ -312,6 +312,24 @@ fn apply(
         applied.tls.leaf_pem = desired.tls.leaf_pem.clone();
         log::info!("leaf certificate updated live");
     }
+    if p.intentions_map_changed {
+        // The file first, so that a reload from here on loads the new entries too.
+        write_atomic(
+            &paths.intentions_map,
+            crate::render::intentions_map(&desired.intentions_map).as_bytes(),
+        )?;
+        live::replace_map(
+            &paths.stats_socket,
+            &paths.intentions_map,
+            &desired.intentions_map,
+        )
+        .context("replacing the intentions fast map")?;
+        applied.intentions_map = desired.intentions_map.clone();
+        log::info!(
+            "intentions fast map replaced live ({} entries)",
+            desired.intentions_map.len()
+        );
+    }
     if !p.live_splits.is_empty() {
         // The file first, so that a reload from here on reads the new weights too.
         write_atomic(

@@ -51,6 +51,9 @@ pub struct FrontendSpec {
     /// rule depends on the mode, replacing this frontend goes through a full render
     /// (`Plan::needs_full_render`).
     pub spoe_config: Option<String>,
+    /// With `spoe_config` in http mode: the fast map of L7 decisions (`AuthzTable::fast_map`),
+    /// looked up per request of an L7 connection before asking the agent.
+    pub intentions_map: Option<String>,
     /// An exposed path's listener: the one path it serves (`path` matches it with any query
     /// string); every other request gets 404 from HAProxy. Dataplane API v1.2.5's rule models
     /// cannot carry `http-request return`, so such a frontend is only ever created by a full
@@ -116,6 +119,9 @@ pub fn public_frontend(d: &Desired) -> FrontendSpec {
         spoe_config: d
             .intentions
             .then(|| d.paths.spoe_conf.display().to_string()),
+        intentions_map: d
+            .intentions
+            .then(|| d.paths.intentions_map.display().to_string()),
         only_path: None,
         only_sources: Vec::new(),
         routing: Vec::new(),
@@ -177,6 +183,7 @@ pub fn upstream_frontend(d: &Desired, u: &UpstreamListener) -> FrontendSpec {
         default_backend: u.backend.clone(),
         log_format: d.knobs.log_format.clone(),
         spoe_config: None,
+        intentions_map: None,
         only_path: None,
         only_sources: Vec::new(),
         routing: u.routing.as_ref().map_or_else(Vec::new, |r| {
@@ -260,6 +267,7 @@ pub fn exposed_frontend(d: &Desired, e: &ExposedListener) -> FrontendSpec {
         default_backend: e.backend.clone(),
         log_format: d.knobs.log_format.clone(),
         spoe_config: None,
+        intentions_map: None,
         only_path: Some(e.path.clone()),
         only_sources: e.sources.clone(),
         routing: Vec::new(),
@@ -303,6 +311,14 @@ pub fn exposed_server(e: &ExposedListener) -> ServerSpec {
     }
 }
 
+/// The SPOE filter's engine id (`[intentions]` in spoe.conf) and the group of the per-request
+/// message (`spoe-group` there), as `send-spoe-group` names them.
+pub const SPOE_ENGINE: &str = "intentions";
+/// The backend of the intentions agent (rendered by the template) and its one server.
+pub const SPOE_BACKEND: &str = "intentions_agent";
+pub const SPOE_SERVER: &str = "agent";
+pub const SPOE_REQUEST_GROUP: &str = "l7-request";
+
 /// One `frontend` or `backend` section of haproxy.cfg.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Section {
@@ -334,23 +350,47 @@ impl FrontendSpec {
             ));
         }
         if let Some(conf) = &self.spoe_config {
-            l.push(format!("filter spoe engine intentions config {conf}"));
+            l.push(format!("filter spoe engine {SPOE_ENGINE} config {conf}"));
             // SPOE never rejects by itself: a connection the agent did not explicitly allow
             // (denied, agent down, timeout) is rejected here. This is what fails closed.
             l.push("tcp-request content reject unless { var(sess.hcc.allow) -m bool }".into());
             if self.mode == Mode::Http {
                 // A connection let in for its HTTP permissions (sess.hcc.l7) has each request
-                // judged by the agent; what it did not explicitly allow (denied, agent stalled,
-                // timeout) gets 403.
+                // judged: first by the fast map, under the key the agent gave the connection
+                // (sess.hcc.l7key), which says `allow` only where the agent would; any other
+                // request is sent to the agent. What neither allowed (denied, agent stalled,
+                // timeout, no map) gets 403.
+                //
+                // The map is HAProxy's copy of the agent's table, so it is trusted only while the
+                // agent answers its health checks (`srv_is_up`): a stalled agent fails them
+                // within about 2 s, and from then on every request asks it and is refused
+                // (fail closed), as when every request asked it.
+                l.push("acl hcc_l7 var(sess.hcc.l7) -m bool".into());
+                l.push("acl hcc_fast var(txn.hcc_l7) -m str allow".into());
+                if let Some(map) = &self.intentions_map {
+                    // `<key>:<method>:<path>`; set-var and concat, which Dataplane API v1.2.5's
+                    // parser knows (set-var-fmt came later), so its transactions keep the rules.
+                    let up = format!("{{ srv_is_up({SPOE_BACKEND}/{SPOE_SERVER}) }}");
+                    l.push(format!(
+                        "http-request set-var(txn.hcc_l7m) method if hcc_l7 {up}"
+                    ));
+                    l.push(format!(
+                        "http-request set-var(txn.hcc_l7p) path if hcc_l7 {up}"
+                    ));
+                    l.push(format!(
+                        "http-request set-var(txn.hcc_l7key) var(sess.hcc.l7key),concat(:,txn.hcc_l7m,:),concat(,txn.hcc_l7p,) if hcc_l7 {up}"
+                    ));
+                    l.push(format!(
+                        "http-request set-var(txn.hcc_l7) var(txn.hcc_l7key),map_reg({map},agent) if {{ var(txn.hcc_l7key) -m found }}"
+                    ));
+                }
+                l.push(format!(
+                    "http-request send-spoe-group {SPOE_ENGINE} {SPOE_REQUEST_GROUP} if hcc_l7 !hcc_fast"
+                ));
                 l.push(
-                    "http-request deny deny_status 403 if { var(sess.hcc.l7) -m bool } !{ var(txn.hcc.req_allow) -m bool }"
+                    "http-request deny deny_status 403 if hcc_l7 !hcc_fast !{ var(txn.hcc.req_allow) -m bool }"
                         .into(),
                 );
-            } else {
-                // A tcp frontend cannot judge requests, so a connection the agent let in for
-                // HTTP permissions is refused here whatever the agent's table believed the
-                // mode to be (the table and this file change mode at different moments).
-                l.push("tcp-request content reject if { var(sess.hcc.l7) -m bool }".into());
             }
         }
         l.extend(self.routing.iter().cloned());

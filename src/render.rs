@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::model::Desired;
 
 /// Names of the fixed HAProxy objects; the upstream ones come from `model`.
-pub const SPOE_BACKEND: &str = "intentions_agent";
+pub use crate::objects::SPOE_BACKEND;
 pub const DATAPLANE_USERLIST: &str = "dataplaneapi";
 
 const HAPROXY_CFG: &str = include_str!("../templates/haproxy.cfg.tera");
@@ -194,6 +194,12 @@ pub fn render(
             path: d.paths.spoe_conf.clone(),
             contents: render("spoe.conf")?,
         });
+        // Written even when empty: the public frontend names it, and HAProxy refuses to load a
+        // configuration whose map file is missing.
+        files.push(File {
+            path: d.paths.intentions_map.clone(),
+            contents: intentions_map(&d.intentions_map),
+        });
     }
     let splits = crate::objects::split_thresholds(d);
     if !splits.is_empty() {
@@ -212,6 +218,13 @@ pub fn render(
 /// The splits map's contents: one `key threshold` line per split.
 pub fn splits_map(splits: &[(String, u32)]) -> String {
     splits.iter().map(|(k, v)| format!("{k} {v}\n")).collect()
+}
+
+/// The intentions fast map's contents: one `regex value` line per entry, in lookup order
+/// (HAProxy's `map_reg` takes the first that matches). The regexes hold no space or backslash
+/// (`spoe::authz::l7::FastPattern`).
+pub fn intentions_map(entries: &[(String, String)]) -> String {
+    entries.iter().map(|(k, v)| format!("{k} {v}\n")).collect()
 }
 
 /// Tera hides the useful part of an error in its source chain.
@@ -498,8 +511,17 @@ mod tests {
             .iter()
             .map(|f| f.path.file_name().unwrap().to_string_lossy().into_owned())
             .collect();
-        assert_eq!(names, ["roots.pem", "leaf.pem", "spoe.conf", "haproxy.cfg"]);
-        let cfg = &files[3].contents;
+        assert_eq!(
+            names,
+            [
+                "roots.pem",
+                "leaf.pem",
+                "spoe.conf",
+                "intentions.map",
+                "haproxy.cfg"
+            ]
+        );
+        let cfg = &files[4].contents;
         assert!(cfg.contains("reject unless { var(sess.hcc.allow) -m bool }"));
         assert!(cfg.contains("server s0 "), "{cfg}");
         let _ = std::fs::remove_dir_all(&dir);

@@ -37,6 +37,8 @@ struct Server {
     base: TempDir,
     port: u16,
     ca: PathBuf,
+    /// The sidecar's `-stats-addr` (its `/metrics`).
+    stats: String,
 }
 
 const APP_BODY: &str = "hello from the l7 app";
@@ -50,12 +52,13 @@ impl Server {
         let port = free_port();
         consul.register(&sidecar_registration("server", app.port(), port, &[]));
         let base = TempDir::new("l7");
+        let stats = format!("127.0.0.1:{}", free_port());
         let sidecar = sidecar(
             &consul,
             &base,
             "server",
             true,
-            &["-token", ACL_MASTER_TOKEN],
+            &["-token", ACL_MASTER_TOKEN, "-stats-addr", &stats],
         );
         let ca = ready_with_ca(&sidecar, &consul, base.path());
         Server {
@@ -65,7 +68,22 @@ impl Server {
             base,
             port,
             ca,
+            stats,
         }
+    }
+
+    /// The agent's count of `kind` decisions with `result` (`/metrics`).
+    fn decisions(&self, result: &str, kind: &str) -> u64 {
+        let needle =
+            format!("hcc_intentions_decisions_total{{result=\"{result}\",kind=\"{kind}\"}} ");
+        http_get(&self.stats, "/metrics", Duration::from_secs(5))
+            .ok()
+            .and_then(|(_, body)| {
+                body.lines()
+                    .find_map(|l| l.strip_prefix(needle.as_str()).map(str::to_string))
+            })
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
     }
 
     fn master(&self) -> PathBuf {
@@ -120,6 +138,48 @@ impl Server {
         )
         .unwrap_or_else(|e| panic!("{e} (last {last})\n{}", self.sidecar.logs()));
     }
+}
+
+/// Starts one curl from `source` that sends a GET for each of `paths` on one kept-alive
+/// connection, at 4 per second, printing `<status> <new connections>` per request.
+fn paced_curl(s: &Server, paths: &[String]) -> std::process::Child {
+    let mut cmd = s.curl("client");
+    cmd.args(["--rate", "4/s", "-w", "%{http_code} %{num_connects}\n"]);
+    for (i, path) in paths.iter().enumerate() {
+        // curl pairs each -o with one URL; `curl` gave the first.
+        if i > 0 {
+            cmd.args(["-o", "/dev/null"]);
+        }
+        cmd.arg(format!("https://127.0.0.1:{}{path}", s.port));
+    }
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("curl")
+}
+
+/// What `paced_curl` printed: `(status, new connections)` per request.
+fn statuses(out: &std::process::Output) -> (String, Vec<(u16, u32)>) {
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let codes = text
+        .lines()
+        .filter_map(|l| {
+            let (c, n) = l.split_once(' ')?;
+            Some((c.parse().ok()?, n.parse().ok()?))
+        })
+        .collect();
+    (text, codes)
+}
+
+/// On current Consul: the server with one L7 intention, `client`'s `permissions`.
+fn server_for_client(permissions: Value) -> Option<Server> {
+    if skip_on_old_consul() {
+        return None;
+    }
+    let s = Server::start();
+    s.consul
+        .set_intentions("server", &[l7("client", permissions)]);
+    Some(s)
 }
 
 fn l7(source: &str, permissions: Value) -> IntentionSpec {
@@ -186,6 +246,87 @@ fn permissions_decide_each_request_and_change_live_without_a_reload() {
         metrics.contains("SPOE deny") && metrics.contains("permission"),
         "denied requests are logged:\n{metrics}"
     );
+}
+
+/// A request the permissions allow is let through by HAProxy's copy of the agent's table (the
+/// fast map, looked up under the key the agent gave the connection) without a round trip to
+/// the agent; a request they refuse still goes to the agent, which denies it, logs and counts
+/// it; a change of the permissions reaches a connection kept alive across it.
+#[test]
+fn allowed_requests_take_the_fast_map_and_denials_the_agent() {
+    let Some(s) = server_for_client(json!([
+        {"Action": "deny", "HTTP": {"PathExact": "/api/secret"}},
+        {"Action": "allow", "HTTP": {"PathPrefix": "/api", "Methods": ["GET"]}}
+    ])) else {
+        return;
+    };
+    s.wait_status("client", "GET", "/api/x", 200);
+    let agent_allowed = s.decisions("allow", "l7");
+    let agent_denied = s.decisions("deny", "l7");
+    // One kept-alive connection: 20 allowed requests, then 5 refused ones (a deny permission
+    // and no permission at all).
+    let mut cmd = s.curl("client");
+    cmd.args(["-w", "%{http_code} %{num_connects}\n"]);
+    for i in 0..25 {
+        if i > 0 {
+            cmd.args(["-o", "/dev/null"]);
+        }
+        let path = match i {
+            0..=19 => format!("/api/r{i}"),
+            20..=22 => "/api/secret".to_string(),
+            _ => "/admin".to_string(),
+        };
+        cmd.arg(format!("https://127.0.0.1:{}{path}", s.port));
+    }
+    let out = cmd.stderr(Stdio::null()).output().expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let codes: Vec<&str> = text
+        .lines()
+        .map(|l| l.split(' ').next().unwrap_or(""))
+        .collect();
+    assert_eq!(codes.len(), 25, "{text}");
+    assert!(codes[..20].iter().all(|c| *c == "200"), "{text}");
+    assert!(codes[20..].iter().all(|c| *c == "403"), "{text}");
+    let judged = s.decisions("allow", "l7") - agent_allowed;
+    let denied = s.decisions("deny", "l7") - agent_denied;
+    eprintln!("the agent judged {judged} of 20 allowed requests and denied {denied} of 5");
+    assert!(
+        judged <= 1,
+        "allowed requests went to the agent ({judged} of 20): the fast map is not used\n{}",
+        s.sidecar.logs()
+    );
+    assert_eq!(
+        denied,
+        5,
+        "every denial is the agent's\n{}",
+        s.sidecar.logs()
+    );
+
+    // The map follows a change: GET on /api is no longer allowed, on a connection that stays
+    // open across the change (curl --rate spaces the requests out).
+    let paths: Vec<String> = (0..24).map(|i| format!("/api/k{i}")).collect();
+    let curl = paced_curl(&s, &paths);
+    std::thread::sleep(Duration::from_secs(1));
+    s.consul.set_intentions(
+        "server",
+        &[l7(
+            "client",
+            json!([{"Action": "allow", "HTTP": {"PathPrefix": "/api", "Methods": ["POST"]}}]),
+        )],
+    );
+    let (text, lines) = statuses(&curl.wait_with_output().unwrap());
+    assert_eq!(lines.len(), 24, "{text}");
+    assert_eq!(
+        lines.iter().map(|l| l.1).sum::<u32>(),
+        1,
+        "one connection: {text}"
+    );
+    let first = lines
+        .iter()
+        .position(|l| l.0 == 403)
+        .unwrap_or_else(|| panic!("the change never reached the kept-alive connection: {text}"));
+    assert!(first > 0, "denied before the change: {text}");
+    assert!(lines[first..].iter().all(|l| l.0 == 403), "{text}");
 }
 
 /// Consul's Envoy integration case `test/integration/connect/envoy/case-l7-intentions`: its
@@ -268,36 +409,21 @@ fn consul_envoy_case_l7_intentions() {
 }
 
 /// An agent that stops answering: requests on a connection it let in get 403 once HAProxy's
-/// SPOE processing timeout passes, never 200; new connections are refused.
+/// health check of the agent has failed (HAProxy's fast map of the agent's decisions is
+/// trusted only while the agent answers: two missed checks of 500 ms, about 2 s), never 200
+/// after that; new connections are refused.
 #[test]
 fn a_stalled_agent_gets_403_never_200() {
-    if skip_on_old_consul() {
+    let Some(s) = server_for_client(json!([{"Action": "allow", "HTTP": {"PathPrefix": "/"}}]))
+    else {
         return;
-    }
-    let s = Server::start();
-    s.consul.set_intentions(
-        "server",
-        &[l7(
-            "client",
-            json!([{"Action": "allow", "HTTP": {"PathPrefix": "/"}}]),
-        )],
-    );
+    };
     s.wait_status("client", "GET", "/x", 200);
-    // One curl, one kept-alive connection, 16 requests at 4 per second.
-    let mut cmd = s.curl("client");
-    cmd.args(["--rate", "4/s", "-w", "%{http_code} %{num_connects}\n"]);
-    for i in 0..16 {
-        // curl pairs each -o with one URL; the helper gave the first.
-        if i > 0 {
-            cmd.args(["-o", "/dev/null"]);
-        }
-        cmd.arg(format!("https://127.0.0.1:{}/r{i}", s.port));
-    }
-    let curl = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    // One curl, one kept-alive connection, 28 requests at 4 per second: 1.5 s before the stall,
+    // 5.5 s after it.
+    const REQUESTS: usize = 28;
+    let paths: Vec<String> = (0..REQUESTS).map(|i| format!("/r{i}")).collect();
+    let curl = paced_curl(&s, &paths);
     std::thread::sleep(Duration::from_millis(1500));
     // The agent runs inside the sidecar; HAProxy is its own process and keeps serving.
     let pid = Pid::from_raw(s.sidecar.pid() as i32);
@@ -305,16 +431,9 @@ fn a_stalled_agent_gets_403_never_200() {
     let out = curl.wait_with_output().unwrap();
     let fresh = s.status("client", "GET", "/x", &[]);
     kill(pid, Signal::SIGCONT).unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let (text, codes) = statuses(&out);
     eprintln!("{text}");
-    let codes: Vec<(u16, u32)> = text
-        .lines()
-        .filter_map(|l| {
-            let (c, n) = l.split_once(' ')?;
-            Some((c.parse().ok()?, n.parse().ok()?))
-        })
-        .collect();
-    assert_eq!(codes.len(), 16, "{text}");
+    assert_eq!(codes.len(), REQUESTS, "{text}");
     assert_eq!(
         codes.iter().map(|c| c.1).sum::<u32>(),
         1,
@@ -331,6 +450,13 @@ fn a_stalled_agent_gets_403_never_200() {
     assert!(
         codes[first_denied..].iter().all(|c| c.0 == 403),
         "after the stall only 403: {text}"
+    );
+    // Requests 0-5 came before the stall; the health check must have noticed it within about
+    // 3 s (12 requests), leaving at least 10 refused.
+    assert!(
+        first_denied <= 18,
+        "the fast map kept allowing for {} requests after the stall: {text}",
+        first_denied.saturating_sub(6)
     );
     assert_eq!(
         fresh, 0,

@@ -39,6 +39,9 @@ pub struct Plan {
     /// Split thresholds that changed (key, new value): new splitter weights, applied live with
     /// `set map` after the splits map file is written. Their rules are the same either way.
     pub live_splits: Vec<(String, u32)>,
+    /// The intentions fast map changed: replaced whole and atomically through the runtime API
+    /// (`prepare map`, `add map`, `commit map`) after its file is written. No rule changes.
+    pub intentions_map_changed: bool,
     pub roots_changed: bool,
     pub leaf_changed: bool,
 }
@@ -48,6 +51,7 @@ impl Plan {
         self.ops.is_empty()
             && self.live.is_empty()
             && self.live_splits.is_empty()
+            && !self.intentions_map_changed
             && !self.roots_changed
             && !self.leaf_changed
     }
@@ -305,6 +309,7 @@ pub fn plan(applied: &Desired, desired: &Desired) -> Plan {
         ops: deletes,
         live,
         live_splits,
+        intentions_map_changed: applied.intentions_map != desired.intentions_map,
         roots_changed: applied.tls.roots_pem != desired.tls.roots_pem,
         leaf_changed: applied.tls.leaf_pem != desired.tls.leaf_pem,
     }

@@ -106,6 +106,43 @@ pub fn set_map(stats: &Path, map: &Path, key: &str, value: &str) -> Result<()> {
     }
 }
 
+/// Replaces every entry of a map HAProxy has loaded, atomically: a new version is prepared,
+/// filled in order (the order `map_reg` looks entries up in) and committed, so a lookup sees
+/// either the old entries or the new ones, never a mix. Each step answers nothing when it went
+/// through.
+pub fn replace_map(stats: &Path, map: &Path, entries: &[(String, String)]) -> Result<()> {
+    let map_name = map.display();
+    let refused = |step: &str, answer: &str| {
+        Error::msg(format!(
+            "HAProxy refused to {step} map {map_name}: {}",
+            answer.trim()
+        ))
+    };
+    let answer = runtime::command(stats, &format!("prepare map {map_name}"), None)?;
+    let version = answer
+        .trim()
+        .strip_prefix("New version created:")
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .ok_or_else(|| refused("prepare a new version of", &answer))?;
+    if !entries.is_empty() {
+        let payload: String = entries.iter().map(|(k, v)| format!("{k} {v}\n")).collect();
+        let answer = runtime::command(
+            stats,
+            &format!("add map @{version} {map_name}"),
+            Some(&payload),
+        )?;
+        if !answer.trim().is_empty() {
+            return Err(refused("fill the new version of", &answer));
+        }
+    }
+    let answer = runtime::command(stats, &format!("commit map @{version} {map_name}"), None)?;
+    if answer.trim().is_empty() {
+        Ok(())
+    } else {
+        Err(refused("commit the new version of", &answer))
+    }
+}
+
 /// Removes a slot: into maintenance, then deleted (HAProxy refuses while it has connections).
 pub fn del_server(stats: &Path, backend: &str, name: &str) -> Result<()> {
     let id = format!("{backend}/{name}");

@@ -37,6 +37,15 @@ impl Intentions {
         Ok(Intentions::Enforced(Box::new(agent)))
     }
 
+    /// The fast map of the table the agent decides from now (`AuthzTable::fast_map`); empty
+    /// without enforcement.
+    pub fn fast_map(&self) -> Vec<(String, String)> {
+        match self {
+            Intentions::Enforced(agent) => agent.table.current().fast_map(),
+            Intentions::Warned(_) => Vec::new(),
+        }
+    }
+
     /// Called after every snapshot change.
     pub fn follow(&mut self, snapshot: &Snapshot) {
         match self {

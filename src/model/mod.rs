@@ -41,6 +41,9 @@ pub struct Paths {
     /// The splitters' thresholds (`objects::split_thresholds`), a map HAProxy reads per
     /// request, so that new weights go live through `set map` without a reload.
     pub splits_map: PathBuf,
+    /// The intentions agent's fast map of L7 decisions (`AuthzTable::fast_map`), replaced live
+    /// through `prepare map`/`commit map` when the intentions change.
+    pub intentions_map: PathBuf,
 }
 
 impl Paths {
@@ -58,6 +61,7 @@ impl Paths {
             spoe_socket: workdir.join("spoe.sock"),
             metrics_socket: workdir.join("metrics.sock"),
             splits_map: workdir.join("splits.map"),
+            intentions_map: workdir.join("intentions.map"),
         }
     }
 }
@@ -93,6 +97,10 @@ pub struct Desired {
     pub exposed: Vec<ExposedListener>,
     pub tls: Tls,
     pub intentions: bool,
+    /// The fast map's entries (`(regex, value)` in lookup order) of the table the intentions
+    /// agent decides from. Not built here (the model knows no intentions): the supervisor
+    /// sets it from the agent's current table.
+    pub intentions_map: Vec<(String, String)>,
     pub knobs: Knobs,
     /// `mode` of the SPOE agent's backend: `spop` from HAProxy 3.1, `tcp` before.
     pub spoe_backend_mode: &'static str,
@@ -464,6 +472,7 @@ pub fn build(
         exposed,
         tls,
         intentions: settings.intentions,
+        intentions_map: Vec::new(),
         knobs: settings.knobs.clone(),
         spoe_backend_mode: settings.haproxy.spoe_backend_mode(),
         paths: settings.paths.clone(),

@@ -293,6 +293,15 @@ impl Supervisor {
         true
     }
 
+    /// The desired state of the current snapshot, with the fast map of the intentions table
+    /// the agent decides from now (the model knows no intentions; `absorb` has already given
+    /// the agent this snapshot).
+    fn build(&self, previous: Option<&Desired>) -> crate::error::Result<Desired> {
+        let mut d = model::build(&self.snapshot, &self.settings, previous)?;
+        d.intentions_map = self.intentions.fast_map();
+        Ok(d)
+    }
+
     /// Hands the identity checker what `d` needs checked.
     fn want_checked(&self, d: &Desired) {
         if let Some(c) = &self.checker {
@@ -333,7 +342,7 @@ impl Supervisor {
             if !self.snapshot.endpoints_known() && since.elapsed() < ENDPOINTS_GRACE {
                 continue;
             }
-            match model::build(&self.snapshot, &self.settings, None) {
+            match self.build(None) {
                 Ok(d) => {
                     let wanted = d.identity_checks();
                     let unchecked = wanted
@@ -481,7 +490,7 @@ impl Supervisor {
             return Flow::Continue;
         }
         log::info!("SIGHUP: full reconcile with the current Consul state");
-        match model::build(&self.snapshot, &self.settings, Some(&srv.last_submitted)) {
+        match self.build(Some(&srv.last_submitted)) {
             Ok(d) => {
                 if let Some(a) = &srv.applier {
                     a.reconcile(d.clone());
@@ -617,7 +626,7 @@ impl Supervisor {
 
     /// Builds the desired state from the snapshot and hands it to the applier if it changed.
     fn submit(&mut self, srv: &mut Serving) {
-        match model::build(&self.snapshot, &self.settings, Some(&srv.last_submitted)) {
+        match self.build(Some(&srv.last_submitted)) {
             Ok(d) if d != srv.last_submitted => {
                 if let Some(a) = &srv.applier {
                     a.submit(d.clone());

@@ -233,6 +233,71 @@ impl Permission {
     }
 }
 
+/// How HAProxy can judge one permission without asking the agent: a `map_reg` pattern over
+/// `<method>:<path>` (see `AuthzTable::fast_map`), and whether a request it matches is allowed
+/// right there. `pattern` is `None` when HAProxy cannot tell which requests the permission
+/// matches (a path regex: HAProxy's PCRE is not RE2; a method or path with a character outside
+/// the plain set below); then every request from here on must ask the agent. A permission with
+/// header conditions, or one that denies, gives its pattern with `allow: false`: a request it
+/// may match asks the agent, which judges it in full and logs a denial.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FastPattern {
+    pub pattern: Option<String>,
+    pub allow: bool,
+}
+
+impl Permission {
+    pub fn fast_pattern(&self) -> FastPattern {
+        let allow = self.allow && self.headers.is_empty();
+        let methods = if self.methods.is_empty() {
+            Some("[^:]*".to_string())
+        } else if self.methods.iter().all(|m| {
+            !m.is_empty()
+                && m.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        }) {
+            Some(format!("({})", self.methods.join("|")))
+        } else {
+            None
+        };
+        let path = match &self.path {
+            None => Some(String::new()),
+            // The agent compares the path before any `#` (`url_path`); HAProxy's `path` stops
+            // at `?` only.
+            Some(PathMatch::Exact(p)) => literal(p).map(|l| format!("{l}($|#)")),
+            Some(PathMatch::Prefix(p)) => literal(p),
+            Some(PathMatch::Regex(_)) => None,
+        };
+        FastPattern {
+            pattern: methods.zip(path).map(|(m, p)| format!("{m}:{p}")),
+            allow,
+        }
+    }
+}
+
+/// `s` as a PCRE literal made of plain characters and one-character classes, or `None` if it
+/// holds anything else. No backslash is ever written (HAProxy's CLI would read it as an escape),
+/// and no space (it ends a map key). A path with `?` or `#` never matches in the agent (it
+/// compares the path without them), and so it never takes the fast path either.
+fn literal(s: &str) -> Option<String> {
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            'a'..='z' | 'A'..='Z' | '0'..='9' => out.push(c),
+            '-' | '_' | '~' | '/' | '%' | ':' | '@' | '!' | '&' | '\'' | '=' | ',' | ';' => {
+                out.push(c)
+            }
+            '.' | '+' | '*' | '(' | ')' | '$' => {
+                out.push('[');
+                out.push(c);
+                out.push(']');
+            }
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
 /// What Consul's omitempty would have left out anyway.
 fn is_zero(v: &Value) -> bool {
     match v {

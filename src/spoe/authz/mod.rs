@@ -173,6 +173,9 @@ pub struct Decision {
     pub source: Option<String>,
     /// An allowed connection whose requests are each judged by HTTP permissions.
     pub per_request: bool,
+    /// For such a connection: the key of the rule that now governs its source in this table's
+    /// fast map (`AuthzTable::fast_map`), which HAProxy looks its requests up under.
+    pub fast_key: Option<String>,
 }
 
 impl Decision {
@@ -182,6 +185,7 @@ impl Decision {
             reason: reason.into(),
             source: source.map(str::to_owned),
             per_request: false,
+            fast_key: None,
         }
     }
 }
@@ -239,6 +243,10 @@ pub struct AuthzTable {
     http_listener: bool,
     /// Set by [`AuthzTable::deny_all`]: nothing is known yet, so nothing is allowed.
     unavailable: Option<String>,
+    /// Names this table's content in fast-map keys (`fast_map`): a digest of everything a
+    /// request decision reads, so that a connection keyed by an older table misses the map and
+    /// asks the agent, which answers with a key of the current one.
+    generation: String,
     /// Which roots' keys verified each certificate seen (see the module comment).
     signers: ForgetfulMap<Vec<u8>, Vec<usize>>,
     /// Tests that drive [`decide`](Self::decide) through the agent pin its clock here, so
@@ -306,17 +314,20 @@ impl AuthzTable {
                 i.action == Action::Allow,
             )
         });
-        Ok(AuthzTable {
+        let mut table = AuthzTable {
             trust_domain: trust_domain.into(),
             roots,
             intentions,
             default_policy,
             http_listener: false,
             unavailable: None,
+            generation: String::new(),
             signers: ForgetfulMap::new(SIGNER_MEMORY),
             #[cfg(test)]
             judged_at: None,
-        })
+        };
+        table.generation = table.digest();
+        Ok(table)
     }
 
     /// A table that denies everything, for before the first complete data from Consul (or
@@ -329,6 +340,7 @@ impl AuthzTable {
             default_policy: DefaultPolicy::Deny,
             http_listener: false,
             unavailable: Some(reason.into()),
+            generation: String::new(),
             signers: ForgetfulMap::new(SIGNER_MEMORY),
             #[cfg(test)]
             judged_at: None,
@@ -360,7 +372,93 @@ impl AuthzTable {
     /// This table for a public listener in http (`true`) or tcp mode.
     pub fn for_http_listener(mut self, http: bool) -> AuthzTable {
         self.http_listener = http;
+        self.generation = self.digest();
         self
+    }
+
+    /// FNV-1a over a canonical description of what `decide_request` reads (roots aside: a
+    /// request is judged by its connection's source, whose certificate was judged at connect).
+    /// Only this process compares two of these, so the hash need not be a standard one.
+    fn digest(&self) -> String {
+        let mut text = format!(
+            "{}|{}|{}",
+            self.trust_domain, self.default_policy, self.http_listener
+        );
+        for i in &self.intentions {
+            text.push_str(&format!(
+                "|{}/{}/{}/{}/{}/{}",
+                i.source, i.source_ns, i.source_partition, i.source_peer, i.action, i.precedence
+            ));
+            match &i.permissions {
+                Ok(perms) => perms.iter().for_each(|p| text.push_str(&format!("/{p}"))),
+                Err(e) => text.push_str(&format!("/error {e}")),
+            }
+        }
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in text.bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        format!("{h:016x}")
+    }
+
+    /// The fast-map key of the rule that governs a source: intention `index` of the evaluation
+    /// order, or the default policy (`None`).
+    pub fn fast_key(&self, index: Option<usize>) -> String {
+        match index {
+            Some(i) => format!("{}_{i}", self.generation),
+            None => format!("{}_d", self.generation),
+        }
+    }
+
+    /// What HAProxy may decide about a request of an L7 connection without asking the agent:
+    /// `(regex, value)` pairs for HAProxy's `map_reg` over `<key>:<method>:<path>`, where
+    /// `<key>` is the connection's `fast_key` (set by the agent's answers). HAProxy takes the
+    /// first entry that matches, which is the first permission that could match, as the
+    /// agent's own order; `allow` lets the request through, anything else (a permission that
+    /// denies or names headers, one HAProxy cannot match exactly, a default that denies, or no
+    /// entry at all because the key is from an older table) sends it to the agent, which judges
+    /// it in full. So every denial is the agent's (logged and counted), and the map only ever
+    /// says yes where the agent would. Empty while nothing is known or the listener is tcp.
+    pub fn fast_map(&self) -> Vec<(String, String)> {
+        const ALLOW: &str = "allow";
+        const AGENT: &str = "agent";
+        if self.unavailable.is_some() || !self.http_listener {
+            return Vec::new();
+        }
+        let verdict = |allow: bool| if allow { ALLOW } else { AGENT }.to_string();
+        let mut map = Vec::new();
+        for (index, i) in self.intentions.iter().enumerate() {
+            let key = self.fast_key(Some(index));
+            match (&i.action, &i.permissions) {
+                (Action::Allow, _) => map.push((format!("^{key}:"), verdict(true))),
+                (Action::Deny, _) | (Action::L7 { .. }, Err(_)) => {
+                    map.push((format!("^{key}:"), verdict(false)))
+                }
+                (Action::L7 { .. }, Ok(perms)) => {
+                    for p in perms {
+                        let fast = p.fast_pattern();
+                        match fast.pattern {
+                            Some(pattern) => {
+                                map.push((format!("^{key}:{pattern}"), verdict(fast.allow)))
+                            }
+                            None => {
+                                // Which requests it matches is the agent's to say, so every
+                                // request that gets this far asks.
+                                map.push((format!("^{key}:"), verdict(false)));
+                                break;
+                            }
+                        }
+                    }
+                    map.push((format!("^{key}:"), verdict(self.default_policy.allows())));
+                }
+            }
+        }
+        map.push((
+            format!("^{}:", self.fast_key(None)),
+            verdict(self.default_policy.allows()),
+        ));
+        map
     }
 
     /// Decides for a client certificate (`None` when HAProxy had none: `ssl_c_der` was NULL).
@@ -404,7 +502,7 @@ impl AuthzTable {
         let src = Some(uri);
         let service = &id.service;
         let source = src.map(str::to_owned);
-        let Some(i) = self.intentions.iter().find(|i| i.matches(&id)) else {
+        let Some(index) = self.intentions.iter().position(|i| i.matches(&id)) else {
             return Decision {
                 allow: self.default_policy.allows(),
                 reason: format!(
@@ -413,8 +511,10 @@ impl AuthzTable {
                 ),
                 source,
                 per_request: false,
+                fast_key: None,
             };
         };
+        let i = &self.intentions[index];
         let rule = format!(
             "intention {} => {} (precedence {})",
             i.source_label(),
@@ -446,6 +546,7 @@ impl AuthzTable {
             reason,
             source,
             per_request,
+            fast_key: per_request.then(|| self.fast_key(Some(index))),
         }
     }
 
@@ -468,15 +569,21 @@ impl AuthzTable {
         }
         let what = format!("{} {}", req.method(), req.path());
         let service = &id.service;
-        let default = |why: String| Decision {
+        let default = |why: String, key: String| Decision {
             allow: self.default_policy.allows(),
             reason: format!("{why}; default {} for {what}", self.default_policy),
             source: src.map(str::to_owned),
             per_request: true,
+            fast_key: Some(key),
         };
-        let Some(i) = self.intentions.iter().find(|i| i.matches(&id)) else {
-            return default(format!("no intention matches {service}"));
+        let Some(index) = self.intentions.iter().position(|i| i.matches(&id)) else {
+            return default(
+                format!("no intention matches {service}"),
+                self.fast_key(None),
+            );
         };
+        let i = &self.intentions[index];
+        let key = self.fast_key(Some(index));
         let rule = format!(
             "intention {} => {} (precedence {})",
             i.source_label(),
@@ -499,7 +606,7 @@ impl AuthzTable {
                         if allow { "allows" } else { "denies" }
                     ),
                 ),
-                None => return default(format!("{rule}: no permission matches")),
+                None => return default(format!("{rule}: no permission matches"), key),
             },
         };
         Decision {
@@ -507,6 +614,7 @@ impl AuthzTable {
             reason,
             source: src.map(str::to_owned),
             per_request: true,
+            fast_key: Some(key),
         }
     }
 

@@ -39,8 +39,9 @@ pub const CHECK_MESSAGE: &str = "check-client";
 /// The argument of [`CHECK_MESSAGE`] that carries the client certificate.
 pub const CERT_ARG: &str = "cert";
 /// The per-request `spoe-message` of an http listener, sent only for connections whose
-/// [`CHECK_MESSAGE`] answer set `sess.<prefix>.`[`L7_VAR`]: `args src=var(sess.hcc.src)
-/// method=method path=path headers=req.hdrs_bin`, `event on-frontend-http-request`.
+/// [`CHECK_MESSAGE`] answer set `sess.<prefix>.`[`L7_VAR`] and whose request HAProxy's fast map
+/// did not allow: `args src=var(sess.hcc.src) method=method path=path headers=req.hdrs_bin`,
+/// in a `spoe-group` the frontend sends with `send-spoe-group`.
 pub const REQUEST_MESSAGE: &str = "check-request";
 /// Session variable set (BOOL true) on a connection whose requests are each judged.
 pub const L7_VAR: &str = "l7";
@@ -49,6 +50,9 @@ pub const L7_VAR: &str = "l7";
 pub const SRC_VAR: &str = "src";
 /// Transaction variable [`REQUEST_MESSAGE`]'s answer sets (BOOL): whether the request may go on.
 pub const REQUEST_VAR: &str = "req_allow";
+/// Session variable (STRING) both answers set on an L7 connection: the key its next requests
+/// are looked up under in HAProxy's fast map (`AuthzTable::fast_map`).
+pub const FAST_KEY_VAR: &str = "l7key";
 
 /// HAProxy sends its HELLO as soon as it connects; a silent peer is not HAProxy.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -609,13 +613,18 @@ impl Conn {
                 let ack = if n.messages.iter().any(|m| m.name == REQUEST_MESSAGE) {
                     let decision = self.decide_request(&n);
                     self.ctx.record(&decision, true);
-                    Frame::ack_set_var(
-                        n.stream_id,
-                        n.frame_id,
-                        VarScope::Transaction,
-                        REQUEST_VAR,
-                        TypedData::Bool(decision.allow),
-                    )
+                    let mut actions = vec![frame::Action::SetVar {
+                        scope: VarScope::Transaction,
+                        name: REQUEST_VAR.into(),
+                        value: TypedData::Bool(decision.allow),
+                    }];
+                    // The connection's later requests look up the current table's rules.
+                    actions.extend(decision.fast_key.map(fast_key_action));
+                    Frame::Ack(frame::Ack {
+                        stream_id: n.stream_id,
+                        frame_id: n.frame_id,
+                        actions,
+                    })
                 } else {
                     let decision = self.decide(&n);
                     self.ctx.record(&decision, false);
@@ -674,6 +683,7 @@ impl Conn {
                     name: SRC_VAR.into(),
                     value: TypedData::String(src.into_bytes()),
                 });
+                actions.extend(d.fast_key.map(fast_key_action));
             }
         }
         Frame::Ack(frame::Ack {
@@ -782,6 +792,15 @@ impl Conn {
         let _ = Frame::agent_disconnect(status, message).encode(self.max_frame, &mut self.out);
         let _ = self.flush().await;
         let _ = self.stream.shutdown().await;
+    }
+}
+
+/// Sets [`FAST_KEY_VAR`]: the key an L7 connection's requests are looked up under.
+fn fast_key_action(key: String) -> frame::Action {
+    frame::Action::SetVar {
+        scope: VarScope::Session,
+        name: FAST_KEY_VAR.into(),
+        value: TypedData::String(key.into_bytes()),
     }
 }
 

@@ -409,6 +409,7 @@ fn captured_l7_connection_then_request() {
     a.table.replace(l7_table(
         serde_json::json!([{"Action": "allow", "HTTP": {"PathPrefix": "/api", "Methods": ["POST"]}}]),
     ));
+    let first_key = a.table.current().fast_key(Some(0));
     let mut s = connect(&a);
     handshake(&mut s);
     s.write_all(NOTIFY_L7_CONN).unwrap();
@@ -418,6 +419,7 @@ fn captured_l7_connection_then_request() {
         name: name.into(),
         value,
     };
+    let key = |k: &str| set(VarScope::Session, FAST_KEY_VAR, TypedData::String(k.into()));
     match read_frame(&mut s) {
         Some(Frame::Ack(ack)) => assert_eq!(
             ack.actions,
@@ -425,30 +427,37 @@ fn captured_l7_connection_then_request() {
                 set(VarScope::Session, "allow", TypedData::Bool(true)),
                 set(VarScope::Session, L7_VAR, TypedData::Bool(true)),
                 set(VarScope::Session, SRC_VAR, TypedData::String(src.into())),
+                key(&first_key),
             ]
         ),
         other => panic!("expected an ACK, got {other:?}"),
     }
     let request_ack = |s: &mut StdStream| match read_frame(s) {
-        Some(Frame::Ack(ack)) => {
-            assert_eq!(ack.actions.len(), 1);
-            ack.actions[0].clone()
-        }
+        Some(Frame::Ack(ack)) => ack.actions,
         other => panic!("expected an ACK, got {other:?}"),
     };
     s.write_all(NOTIFY_REQUEST).unwrap();
     assert_eq!(
         request_ack(&mut s),
-        set(VarScope::Transaction, REQUEST_VAR, TypedData::Bool(true))
+        vec![
+            set(VarScope::Transaction, REQUEST_VAR, TypedData::Bool(true)),
+            key(&first_key)
+        ]
     );
-    // Only GET now: the same POST is refused (no permission matches, default deny).
+    // Only GET now: the same POST is refused (no permission matches, default deny), and the
+    // connection is given the new table's key, so its next requests miss no change.
     a.table.replace(l7_table(
         serde_json::json!([{"Action": "allow", "HTTP": {"PathPrefix": "/api", "Methods": ["GET"]}}]),
     ));
+    let second_key = a.table.current().fast_key(Some(0));
+    assert_ne!(first_key, second_key, "a new table's keys are new");
     s.write_all(NOTIFY_REQUEST).unwrap();
     assert_eq!(
         request_ack(&mut s),
-        set(VarScope::Transaction, REQUEST_VAR, TypedData::Bool(false))
+        vec![
+            set(VarScope::Transaction, REQUEST_VAR, TypedData::Bool(false)),
+            key(&second_key)
+        ]
     );
     // A header permission sees the two captured fields joined.
     a.table
@@ -457,7 +466,7 @@ fn captured_l7_connection_then_request() {
         }}])));
     s.write_all(NOTIFY_REQUEST).unwrap();
     assert_eq!(
-        request_ack(&mut s),
+        request_ack(&mut s)[0],
         set(VarScope::Transaction, REQUEST_VAR, TypedData::Bool(true))
     );
     let stats = a.handle.stats();
