@@ -122,7 +122,7 @@ impl Registry {
             if let Some(a) = agent.as_ref() {
                 let _ = writeln!(
                     out,
-                    "# HELP hcc_intentions_decisions_total Decisions of the intentions agent: kind l4 per inbound connection, l7 per HTTP request judged by an L7 intention's permissions.\n# TYPE hcc_intentions_decisions_total counter"
+                    "# HELP hcc_intentions_decisions_total Decisions of the intentions agent: kind l4 per inbound connection, l7 per HTTP request it judged by an L7 intention's permissions (HAProxy's fast map allows the others without asking it).\n# TYPE hcc_intentions_decisions_total counter"
                 );
                 for (result, kind, n) in [
                     ("allow", "l4", &a.allowed),

@@ -426,7 +426,8 @@ fn a_stalled_agent_gets_403_never_200() {
     let curl = paced_curl(&s, &paths);
     std::thread::sleep(Duration::from_millis(1500));
     // The agent runs inside the sidecar; HAProxy is its own process and keeps serving.
-    let pid = Pid::from_raw(s.sidecar.pid() as i32);
+    // The sidecar itself: a launcher (HCC_HAPROXY_ROOTFS) cannot pass SIGSTOP on.
+    let pid = Pid::from_raw(sidecar_pid(s.sidecar.pid()) as i32);
     kill(pid, Signal::SIGSTOP).unwrap();
     let out = curl.wait_with_output().unwrap();
     let fresh = s.status("client", "GET", "/x", &[]);

@@ -233,52 +233,64 @@ impl Permission {
     }
 }
 
-/// How HAProxy can judge one permission without asking the agent: a `map_reg` pattern over
-/// `<method>:<path>` (see `AuthzTable::fast_map`), and whether a request it matches is allowed
-/// right there. `pattern` is `None` when HAProxy cannot tell which requests the permission
-/// matches (a path regex: HAProxy's PCRE is not RE2; a method or path with a character outside
-/// the plain set below); then every request from here on must ask the agent. A permission with
-/// header conditions, or one that denies, gives its pattern with `allow: false`: a request it
-/// may match asks the agent, which judges it in full and logs a denial.
+/// How HAProxy can judge one permission without asking the agent, for the fast map
+/// (`AuthzTable::fast_map`, a `map_reg` over `<key>:<method>:<path>`).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FastPattern {
-    pub pattern: Option<String>,
-    pub allow: bool,
+pub enum FastPattern {
+    /// The pattern over `<method>:<path>` of the requests the permission may match, and
+    /// whether such a request is allowed right there. A permission with header conditions, or
+    /// one that denies, is not (`allow: false`): a request it may match asks the agent, which
+    /// judges it in full and logs a denial.
+    Match { pattern: String, allow: bool },
+    /// It matches no request the agent could see: a path with `?` or `#` (the agent compares
+    /// the path without them).
+    Never,
+    /// HAProxy cannot tell which requests it matches: a path regex (HAProxy's PCRE is not
+    /// RE2), a method or a path with a character outside the plain set of `literal`. Every
+    /// request from here on must ask the agent.
+    Unknown,
 }
 
 impl Permission {
     pub fn fast_pattern(&self) -> FastPattern {
-        let allow = self.allow && self.headers.is_empty();
         let methods = if self.methods.is_empty() {
-            Some("[^:]*".to_string())
+            "[^:]*".to_string()
         } else if self.methods.iter().all(|m| {
             !m.is_empty()
                 && m.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         }) {
-            Some(format!("({})", self.methods.join("|")))
+            format!("({})", self.methods.join("|"))
         } else {
-            None
+            return FastPattern::Unknown;
         };
         let path = match &self.path {
-            None => Some(String::new()),
+            None => String::new(),
+            Some(PathMatch::Exact(p) | PathMatch::Prefix(p)) if p.contains(['?', '#']) => {
+                return FastPattern::Never
+            }
             // The agent compares the path before any `#` (`url_path`); HAProxy's `path` stops
             // at `?` only.
-            Some(PathMatch::Exact(p)) => literal(p).map(|l| format!("{l}($|#)")),
-            Some(PathMatch::Prefix(p)) => literal(p),
-            Some(PathMatch::Regex(_)) => None,
+            Some(PathMatch::Exact(p)) => match literal(p) {
+                Some(l) => format!("{l}($|#)"),
+                None => return FastPattern::Unknown,
+            },
+            Some(PathMatch::Prefix(p)) => match literal(p) {
+                Some(l) => l,
+                None => return FastPattern::Unknown,
+            },
+            Some(PathMatch::Regex(_)) => return FastPattern::Unknown,
         };
-        FastPattern {
-            pattern: methods.zip(path).map(|(m, p)| format!("{m}:{p}")),
-            allow,
+        FastPattern::Match {
+            pattern: format!("{methods}:{path}"),
+            allow: self.allow && self.headers.is_empty(),
         }
     }
 }
 
 /// `s` as a PCRE literal made of plain characters and one-character classes, or `None` if it
 /// holds anything else. No backslash is ever written (HAProxy's CLI would read it as an escape),
-/// and no space (it ends a map key). A path with `?` or `#` never matches in the agent (it
-/// compares the path without them), and so it never takes the fast path either.
+/// and no space (it ends a map key).
 fn literal(s: &str) -> Option<String> {
     let mut out = String::with_capacity(s.len() + 8);
     for c in s.chars() {

@@ -437,12 +437,12 @@ impl AuthzTable {
                 }
                 (Action::L7 { .. }, Ok(perms)) => {
                     for p in perms {
-                        let fast = p.fast_pattern();
-                        match fast.pattern {
-                            Some(pattern) => {
-                                map.push((format!("^{key}:{pattern}"), verdict(fast.allow)))
+                        match p.fast_pattern() {
+                            l7::FastPattern::Match { pattern, allow } => {
+                                map.push((format!("^{key}:{pattern}"), verdict(allow)))
                             }
-                            None => {
+                            l7::FastPattern::Never => {}
+                            l7::FastPattern::Unknown => {
                                 // Which requests it matches is the agent's to say, so every
                                 // request that gets this far asks.
                                 map.push((format!("^{key}:"), verdict(false)));

@@ -638,3 +638,203 @@ fn spiffe_parsing() {
         assert!(SpiffeId::parse(bad).is_err(), "{bad:?} should be refused");
     }
 }
+
+/// HAProxy's `map_reg` lookup, emulated: the value of the first entry whose regex matches
+/// `<key>:<method>:<path>`, `agent` when none does (the frontend's default). The map's regexes
+/// use only what PCRE and the `regex` crate read alike: literals, one-character classes,
+/// `[^:]*`, a group of alternatives and `($|#)`.
+fn fast_lookup(map: &[(String, String)], key: &str, method: &str, path: &str) -> String {
+    let sample = format!("{key}:{method}:{path}");
+    map.iter()
+        .find(|(re, _)| regex::Regex::new(re).unwrap().is_match(&sample))
+        .map_or("agent".to_string(), |(_, v)| v.clone())
+}
+
+/// The fast map never allows a request the agent would refuse, and takes every request it can
+/// judge exactly (no header, no path regex) off the agent when the agent would allow it.
+#[test]
+fn the_fast_map_allows_only_what_the_agent_allows() {
+    let perm =
+        |action: &str, http: serde_json::Value| serde_json::json!({"Action": action, "HTTP": http});
+    let lists: Vec<(&str, serde_json::Value)> = vec![
+        (
+            "issue example",
+            serde_json::json!([
+                perm(
+                    "allow",
+                    serde_json::json!({"PathPrefix": "/api", "Methods": ["GET"]})
+                ),
+                perm("deny", serde_json::json!({"PathExact": "/admin"}))
+            ]),
+        ),
+        (
+            "deny first",
+            serde_json::json!([
+                perm("deny", serde_json::json!({"PathPrefix": "/api/private"})),
+                perm("allow", serde_json::json!({"PathPrefix": "/api"}))
+            ]),
+        ),
+        (
+            "regex in the middle",
+            serde_json::json!([
+                perm("allow", serde_json::json!({"PathExact": "/a.b"})),
+                perm("deny", serde_json::json!({"PathRegex": "/v[0-9]+/.*"})),
+                perm("allow", serde_json::json!({"PathPrefix": "/v"}))
+            ]),
+        ),
+        (
+            "header in the middle",
+            serde_json::json!([
+                perm(
+                    "deny",
+                    serde_json::json!({"PathPrefix": "/h", "Header": [{"Name": "x-a", "Present": true}]})
+                ),
+                perm("allow", serde_json::json!({"PathPrefix": "/"}))
+            ]),
+        ),
+        (
+            "metacharacters",
+            serde_json::json!([
+                perm("allow", serde_json::json!({"PathExact": "/a+b(c)$d*e.f"})),
+                perm(
+                    "allow",
+                    serde_json::json!({"PathPrefix": "/x:y,z;w=1&k@l~m'n!o%2F"})
+                )
+            ]),
+        ),
+        (
+            "unplain path and method",
+            serde_json::json!([
+                perm("allow", serde_json::json!({"PathPrefix": "/[ok]"})),
+                perm(
+                    "allow",
+                    serde_json::json!({"PathPrefix": "/m", "Methods": ["M.X"]})
+                ),
+                perm("allow", serde_json::json!({"PathPrefix": "/"}))
+            ]),
+        ),
+        (
+            "query and fragment in a permission",
+            serde_json::json!([
+                perm("allow", serde_json::json!({"PathExact": "/q?x=1"})),
+                perm("allow", serde_json::json!({"PathPrefix": "/f#"}))
+            ]),
+        ),
+        (
+            "any request",
+            serde_json::json!([perm("allow", serde_json::json!({}))]),
+        ),
+    ];
+    let requests = [
+        ("GET", "/api/x"),
+        ("POST", "/api/x"),
+        ("GET", "/api"),
+        ("GET", "/admin"),
+        ("GET", "/admin/"),
+        ("GET", "/api/private/k"),
+        ("GET", "/a.b"),
+        ("GET", "/aXb"),
+        ("GET", "/v2/x"),
+        ("GET", "/vx"),
+        ("GET", "/h/1"),
+        ("GET", "/other"),
+        ("GET", "/a+b(c)$d*e.f"),
+        ("GET", "/a+b(c)$d*e.f#frag"),
+        ("GET", "/aab(c)$d*e.f"),
+        ("GET", "/a+b(c)$d*e.fg"),
+        ("GET", "/x:y,z;w=1&k@l~m'n!o%2F/p"),
+        ("GET", "/[ok]"),
+        ("M.X", "/m"),
+        ("MAX", "/m"),
+        ("GET", "/q"),
+        ("GET", "/f"),
+        ("DELETE", "/"),
+        ("get", "/api/x"),
+    ];
+    let client =
+        "spiffe://11111111-2222-3333-4444-555555555555.consul/ns/default/dc/dc1/svc/client";
+    let mut wrong = Vec::new();
+    let mut taken = 0;
+    for (name, perms) in &lists {
+        for default_allow in [false, true] {
+            let t = table(vec![l7_ixn("client", perms.clone(), 9)], default_allow)
+                .for_http_listener(true);
+            let map = t.fast_map();
+            let conn = decide(&t, Some(CLIENT));
+            let key = conn.fast_key.clone().expect("an L7 connection has a key");
+            for (method, path) in requests {
+                let agent = t.decide_request(
+                    client,
+                    &l7::SimpleRequest {
+                        method: method.into(),
+                        path: l7::url_path(path).into(),
+                        headers: vec![],
+                    },
+                );
+                let fast = fast_lookup(&map, &key, method, path);
+                if fast == "allow" {
+                    taken += 1;
+                    if !agent.allow {
+                        wrong.push(format!("{name} (default allow {default_allow}): {method} {path}: map allows, agent: {}", agent.reason));
+                    }
+                }
+                let exact = !matches!(
+                    *name,
+                    "regex in the middle" | "header in the middle" | "unplain path and method"
+                );
+                if exact && agent.allow && fast != "allow" {
+                    wrong.push(format!("{name} (default allow {default_allow}): {method} {path}: agent allows, map says {fast}"));
+                }
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    assert!(taken > 50, "the map took only {taken} requests");
+}
+
+/// The connection's key names the table's content: a new table with other rules gives other
+/// keys (old keys miss the map and ask the agent), the same rules the same keys; an L4 rule
+/// and the default policy have keys too (a source whose intention changed kind), and what
+/// cannot be known yet has no map at all.
+#[test]
+fn fast_keys_follow_the_table_content() {
+    let perms = serde_json::json!([{"Action": "allow", "HTTP": {"PathPrefix": "/api"}}]);
+    let t = |p: serde_json::Value, default_allow| {
+        table(vec![l7_ixn("client", p, 9)], default_allow).for_http_listener(true)
+    };
+    assert_eq!(
+        t(perms.clone(), false).fast_key(Some(0)),
+        t(perms.clone(), false).fast_key(Some(0))
+    );
+    assert_ne!(
+        t(perms.clone(), false).fast_key(Some(0)),
+        t(perms.clone(), true).fast_key(Some(0))
+    );
+    let other = serde_json::json!([{"Action": "allow", "HTTP": {"PathPrefix": "/ap"}}]);
+    assert_ne!(
+        t(perms.clone(), false).fast_key(Some(0)),
+        t(other, false).fast_key(Some(0))
+    );
+    let stale = t(perms.clone(), false).fast_key(Some(0));
+    let new = table(vec![l7_ixn("client", perms, 9)], false).for_http_listener(true);
+    let newer = table(vec![ixn("client", Action::Allow, 9)], false).for_http_listener(true);
+    assert_eq!(
+        fast_lookup(&newer.fast_map(), &stale, "GET", "/api/x"),
+        "agent"
+    );
+    assert_eq!(
+        fast_lookup(&new.fast_map(), &stale, "GET", "/api/x"),
+        "allow"
+    );
+    let d = newer.decide_request(
+        "spiffe://11111111-2222-3333-4444-555555555555.consul/ns/default/dc/dc1/svc/client",
+        &get("/x"),
+    );
+    let key = d.fast_key.expect("an L4 rule's key");
+    assert_eq!(fast_lookup(&newer.fast_map(), &key, "POST", "/x"), "allow");
+    assert!(AuthzTable::deny_all("x").fast_map().is_empty());
+    assert!(
+        table(vec![], true).fast_map().is_empty(),
+        "a tcp listener has no map"
+    );
+}
