@@ -72,6 +72,21 @@ impl Server {
         }
     }
 
+    /// Waits until `client`'s `method path` (allowed) no longer reaches the agent: HAProxy's
+    /// fast map has the current table.
+    fn wait_fast_map(&self, method: &str, path: &str) {
+        wait_until(
+            Duration::from_secs(20),
+            "the fast map to allow the request",
+            || {
+                let before = self.decisions("allow", "l7");
+                self.status("client", method, path, &[]) == 200
+                    && self.decisions("allow", "l7") == before
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", self.sidecar.logs()));
+    }
+
     /// The agent's count of `kind` decisions with `result` (`/metrics`).
     fn decisions(&self, result: &str, kind: &str) -> u64 {
         let needle =
@@ -261,6 +276,8 @@ fn allowed_requests_take_the_fast_map_and_denials_the_agent() {
         return;
     };
     s.wait_status("client", "GET", "/api/x", 200);
+    // The agent's table changes first; the map follows through the applier moments later.
+    s.wait_fast_map("GET", "/api/x");
     let agent_allowed = s.decisions("allow", "l7");
     let agent_denied = s.decisions("deny", "l7");
     // One kept-alive connection: 20 allowed requests, then 5 refused ones (a deny permission
@@ -327,6 +344,48 @@ fn allowed_requests_take_the_fast_map_and_denials_the_agent() {
         .unwrap_or_else(|| panic!("the change never reached the kept-alive connection: {text}"));
     assert!(first > 0, "denied before the change: {text}");
     assert!(lines[first..].iter().all(|l| l.0 == 403), "{text}");
+
+    // A Dataplane API transaction (a new upstream: a frontend and a backend) rewrites
+    // haproxy.cfg from its own parse of it; the public frontend's per-request rules must come
+    // through, and the fast map still carry allowed requests.
+    let cfg = sidecar_workdir(s.base.path(), "server").join("haproxy.cfg");
+    let reloads_before = reloads(&s.master());
+    s.consul.register(&sidecar_registration(
+        "server",
+        s.app.port(),
+        s.port,
+        &[("elsewhere", free_port())],
+    ));
+    wait_until(
+        Duration::from_secs(30),
+        "the upstream's frontend in haproxy.cfg",
+        || std::fs::read_to_string(&cfg).is_ok_and(|c| c.contains("up_svc_elsewhere")),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.sidecar.logs()));
+    let text = std::fs::read_to_string(&cfg).unwrap_or_default();
+    for rule in [
+        "send-spoe-group intentions l7-request",
+        "map_reg(",
+        "concat(:,txn.hcc_l7m,:)",
+    ] {
+        assert!(
+            text.contains(rule),
+            "{rule} lost in the transaction:\n{text}"
+        );
+    }
+    // What follows must be judged by HAProxy running the rewritten file.
+    wait_until(Duration::from_secs(30), "HAProxy reloaded with it", || {
+        reloads(&s.master()) > reloads_before
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.sidecar.logs()));
+    s.wait_fast_map("POST", "/api/after");
+    let judged = s.decisions("allow", "l7");
+    assert_eq!(s.status("client", "POST", "/api/after", &[]), 200);
+    assert_eq!(s.status("client", "GET", "/api/after", &[]), 403);
+    assert!(
+        s.decisions("allow", "l7") <= judged + 1,
+        "after the transaction allowed requests went to the agent"
+    );
 }
 
 /// Consul's Envoy integration case `test/integration/connect/envoy/case-l7-intentions`: its

@@ -346,7 +346,10 @@ fn dry_run_check(args: &[&str], wants: &[&str]) {
         .map(|(p, _)| p.rsplit('/').next().unwrap())
         .collect();
     if args.contains(&"-enable-intentions") {
-        assert_eq!(names, ["roots.pem", "leaf.pem", "spoe.conf", "haproxy.cfg"]);
+        assert_eq!(
+            names,
+            ["roots.pem", "leaf.pem", "spoe.conf", "intentions.map", "haproxy.cfg"]
+        );
     } else {
         assert_eq!(names, ["roots.pem", "leaf.pem", "haproxy.cfg"]);
     }
