@@ -348,7 +348,13 @@ fn dry_run_check(args: &[&str], wants: &[&str]) {
     if args.contains(&"-enable-intentions") {
         assert_eq!(
             names,
-            ["roots.pem", "leaf.pem", "spoe.conf", "intentions.map", "haproxy.cfg"]
+            [
+                "roots.pem",
+                "leaf.pem",
+                "spoe.conf",
+                "intentions.map",
+                "haproxy.cfg"
+            ]
         );
     } else {
         assert_eq!(names, ["roots.pem", "leaf.pem", "haproxy.cfg"]);
