@@ -787,17 +787,38 @@ fn datacenter_failover() {
         .expect("the client's haproxy.cfg");
     assert!(workdir_cfg.contains("service web in dc2"), "{workdir_cfg}");
 
+    // The failover target must be ready before the switch is measured: its instances come
+    // from a cross-datacenter query, which a WAN federation formed seconds ago may refuse
+    // ("No path to datacenter") until gossip converges, and the watch then backs off.
+    let client_dir = workdir(&base, "client");
+    wait_until(
+        Duration::from_secs(60),
+        "dc2's instance up in the client's HAProxy",
+        || servers_up(&client_dir, ".web.dc2") > 0,
+    )
+    .unwrap_or_else(|e| panic!("{e}\n--- client ---\n{}", client.logs()));
     let load = Load::start(web.clone());
     std::thread::sleep(Duration::from_secs(1));
     let (s, b) = dc1.put("/v1/agent/check/fail/ttl-web-dc1", "");
     assert_eq!(s, 200, "{b}");
     answers("web-dc2");
+    assert_eq!(
+        servers_up(&client_dir, ".web.dc1"),
+        0,
+        "dc2 answers only once dc1's backend has no server left"
+    );
     std::thread::sleep(Duration::from_secs(1));
     let (s, b) = dc1.put("/v1/agent/check/pass/ttl-web-dc1", "");
     assert_eq!(s, 200, "{b}");
     answers("web-dc1");
     let (ok, failed, errors) = load.finish();
     eprintln!("datacenter failover under load: {ok} ok, {failed} failed");
-    assert_eq!(failed, 0, "{:?}", &errors[..errors.len().min(5)]);
+    assert_eq!(
+        failed,
+        0,
+        "{:?}\n--- client ---\n{}",
+        &errors[..errors.len().min(5)],
+        client.logs()
+    );
     assert!(instances[1].1.requests() > 0);
 }

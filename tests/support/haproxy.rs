@@ -75,6 +75,31 @@ pub fn public_listener_mode(workdir: &Path) -> Option<String> {
         .and_then(|f| f.get(col).map(|m| m.to_string()))
 }
 
+/// How many servers of the backends whose name ends with `suffix` take traffic in HAProxy (UP,
+/// or `no check`: the sidecar's slots have no health check of their own; a slot in maintenance
+/// is `MAINT`), from `show stat` on the stats socket under `workdir`.
+pub fn servers_up(workdir: &Path, suffix: &str) -> usize {
+    let out = haproxy_cli(&workdir.join("haproxy.sock"), "show stat");
+    let mut lines = out.lines();
+    let Some(header) = lines.next() else {
+        return 0;
+    };
+    let header: Vec<&str> = header.trim_start_matches("# ").split(',').collect();
+    let Some(status) = header.iter().position(|h| *h == "status") else {
+        return 0;
+    };
+    lines
+        .map(|l| l.split(',').collect::<Vec<_>>())
+        .filter(|f| {
+            f.first().is_some_and(|b| b.ends_with(suffix))
+                && f.get(1)
+                    .is_some_and(|s| *s != "FRONTEND" && *s != "BACKEND")
+                && f.get(status)
+                    .is_some_and(|s| s.starts_with("UP") || *s == "no check")
+        })
+        .count()
+}
+
 /// Waits until the public listener under `base` of `service` runs in `mode`: a protocol
 /// change reaches HAProxy by a reload, after the intentions table already knows it.
 pub fn wait_public_mode(base: &Path, service: &str, mode: &str) {
