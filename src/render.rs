@@ -313,6 +313,60 @@ mod tests {
         }
     }
 
+    /// An http public listener with intentions: HAProxy loads the per-request rules and
+    /// compiles every regex of a fast map made from permissions full of metacharacters.
+    #[test]
+    fn the_intentions_fast_map_passes_haproxy_check() {
+        use crate::spoe::authz::{l7, Action, AuthzTable, DefaultPolicy, Intention};
+        let (dir, _) = render_into(ANY, "server-sidecar-proxy", "ca-leaf-server.json", true);
+        let mut d = build(
+            &snapshot(ANY, "server-sidecar-proxy", "ca-leaf-server.json"),
+            &settings_in(&dir, true),
+            None,
+        )
+        .unwrap();
+        d.public.mode = crate::model::Mode::Http;
+        let permissions = serde_json::json!([
+            {"Action": "deny", "HTTP": {"PathExact": "/a+b(c)$d*e.f", "Methods": ["GET", "PUT"]}},
+            {"Action": "allow", "HTTP": {"PathPrefix": "/x:y,z;w=1&k@l~m'n!o%2F"}},
+            {"Action": "allow", "HTTP": {"PathPrefix": "/h", "Header": [{"Name": "x", "Present": true}]}},
+            {"Action": "allow", "HTTP": {"PathRegex": "/v[0-9]+"}}
+        ]);
+        let ixn = Intention {
+            permissions: l7::parse_all(permissions.as_array().unwrap()),
+            ..Intention::new("client", Action::L7 { permissions: 4 }, 9)
+        };
+        let ca = include_str!("../fixtures/spop/certs/ca.crt");
+        let td = "11111111-2222-3333-4444-555555555555.consul";
+        d.intentions_map = AuthzTable::new(td, ca, vec![ixn], DefaultPolicy::Allow)
+            .unwrap()
+            .for_http_listener(true)
+            .fast_map();
+        assert_eq!(d.intentions_map.len(), 6, "{:#?}", d.intentions_map);
+        let files = render(&d, &creds(), &Templates::builtin()).unwrap();
+        for f in &files {
+            std::fs::write(&f.path, &f.contents).unwrap();
+        }
+        let map = files
+            .iter()
+            .find(|f| f.path == d.paths.intentions_map)
+            .unwrap();
+        assert_eq!(map.contents.lines().count(), 6, "{}", map.contents);
+        let cfg = &files.last().unwrap().contents;
+        assert!(
+            cfg.contains("send-spoe-group intentions l7-request"),
+            "{cfg}"
+        );
+        let out = haproxy_check(&dir.join("haproxy.cfg"));
+        assert!(
+            out.status.success(),
+            "haproxy -c failed:\n{}\n{}\n{cfg}",
+            String::from_utf8_lossy(&out.stderr),
+            map.contents
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn a_unix_socket_upstream_passes_haproxy_check() {
         let (dir, _) = render_into(ANY, "client-sidecar-proxy", "ca-leaf-client.json", false);

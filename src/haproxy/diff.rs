@@ -486,6 +486,18 @@ mod tests {
         build(&s, &settings(), None).unwrap()
     }
 
+    /// A new intentions fast map is one live replacement: no operation, no full render.
+    #[test]
+    fn a_new_intentions_fast_map_is_applied_live() {
+        let a = client();
+        let mut b = a.clone();
+        b.intentions_map = vec![("^k_0:".into(), "allow".into())];
+        let p = plan(&a, &b);
+        assert!(p.intentions_map_changed && !p.is_empty(), "{p:#?}");
+        assert!(p.ops.is_empty() && p.live.is_empty() && !p.needs_full_render());
+        assert!(!plan(&b, &b).intentions_map_changed);
+    }
+
     #[test]
     fn new_split_weights_are_live_and_new_routes_a_full_render() {
         let a = chained("split");
