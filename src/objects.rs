@@ -44,16 +44,12 @@ pub struct FrontendSpec {
     pub default_backend: String,
     /// Access logs: `option httplog`/`option tcplog` by mode, or a `log-format`.
     pub log_format: Option<String>,
-    /// The intentions filter (SPOE configuration file), the rule that rejects what the agent
-    /// did not allow and, in http mode, the per-request rule of L7 intentions. Rendered only:
-    /// the Dataplane API keeps a frontend's filters and rules when it replaces the frontend,
-    /// and the sidecar never turns intentions on or off while it runs; since the per-request
-    /// rule depends on the mode, replacing this frontend goes through a full render
-    /// (`Plan::needs_full_render`).
-    pub spoe_config: Option<String>,
-    /// With `spoe_config` in http mode: the fast map of L7 decisions (`AuthzTable::fast_map`),
-    /// looked up per request of an L7 connection before asking the agent.
-    pub intentions_map: Option<String>,
+    /// The intentions filter, the rule that rejects what the agent did not allow and, in http
+    /// mode, the per-request rules of L7 intentions. Rendered only: the Dataplane API keeps a
+    /// frontend's filters and rules when it replaces the frontend, and the sidecar never turns
+    /// intentions on or off while it runs; since the per-request rules depend on the mode,
+    /// replacing this frontend goes through a full render (`Plan::needs_full_render`).
+    pub intentions: Option<IntentionsFilter>,
     /// An exposed path's listener: the one path it serves (`path` matches it with any query
     /// string); every other request gets 404 from HAProxy. Dataplane API v1.2.5's rule models
     /// cannot carry `http-request return`, so such a frontend is only ever created by a full
@@ -63,9 +59,19 @@ pub struct FrontendSpec {
     /// any. Rendered only, like `only_path`, on the frontends that carry `only_path`.
     pub only_sources: Vec<String>,
     /// An upstream's discovery-chain routing (`model::chain`): rules that pick a target's
-    /// backend per request or connection. Rendered only, like `spoe_config`: a frontend with
+    /// backend per request or connection. Rendered only, like `intentions`: a frontend with
     /// routing is only ever created by a full render (see `Plan::needs_full_render`).
     pub routing: Vec<String>,
+}
+
+/// The files the public frontend's intentions rules name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IntentionsFilter {
+    /// The SPOE configuration (`filter spoe … config`).
+    pub spoe_config: String,
+    /// The fast map of L7 decisions (`AuthzTable::fast_map`), looked up per request of an L7
+    /// connection before asking the agent (http mode).
+    pub fast_map: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -116,12 +122,10 @@ pub fn public_frontend(d: &Desired) -> FrontendSpec {
         mode: d.public.mode,
         default_backend: LOCAL_BACKEND.into(),
         log_format: d.knobs.log_format.clone(),
-        spoe_config: d
-            .intentions
-            .then(|| d.paths.spoe_conf.display().to_string()),
-        intentions_map: d
-            .intentions
-            .then(|| d.paths.intentions_map.display().to_string()),
+        intentions: d.intentions.then(|| IntentionsFilter {
+            spoe_config: d.paths.spoe_conf.display().to_string(),
+            fast_map: d.paths.intentions_map.display().to_string(),
+        }),
         only_path: None,
         only_sources: Vec::new(),
         routing: Vec::new(),
@@ -182,8 +186,7 @@ pub fn upstream_frontend(d: &Desired, u: &UpstreamListener) -> FrontendSpec {
         mode: u.mode,
         default_backend: u.backend.clone(),
         log_format: d.knobs.log_format.clone(),
-        spoe_config: None,
-        intentions_map: None,
+        intentions: None,
         only_path: None,
         only_sources: Vec::new(),
         routing: u.routing.as_ref().map_or_else(Vec::new, |r| {
@@ -266,8 +269,7 @@ pub fn exposed_frontend(d: &Desired, e: &ExposedListener) -> FrontendSpec {
         mode: Mode::Http,
         default_backend: e.backend.clone(),
         log_format: d.knobs.log_format.clone(),
-        spoe_config: None,
-        intentions_map: None,
+        intentions: None,
         only_path: Some(e.path.clone()),
         only_sources: e.sources.clone(),
         routing: Vec::new(),
@@ -349,8 +351,11 @@ impl FrontendSpec {
                 "http-request return status 404 unless {{ path {p} }}"
             ));
         }
-        if let Some(conf) = &self.spoe_config {
-            l.push(format!("filter spoe engine {SPOE_ENGINE} config {conf}"));
+        if let Some(intentions) = &self.intentions {
+            l.push(format!(
+                "filter spoe engine {SPOE_ENGINE} config {}",
+                intentions.spoe_config
+            ));
             // SPOE never rejects by itself: a connection the agent did not explicitly allow
             // (denied, agent down, timeout) is rejected here. This is what fails closed.
             l.push("tcp-request content reject unless { var(sess.hcc.allow) -m bool }".into());
@@ -367,23 +372,22 @@ impl FrontendSpec {
                 // (fail closed), as when every request asked it.
                 l.push("acl hcc_l7 var(sess.hcc.l7) -m bool".into());
                 l.push("acl hcc_fast var(txn.hcc_l7) -m str allow".into());
-                if let Some(map) = &self.intentions_map {
-                    // `<key>:<method>:<path>`; set-var and concat, which Dataplane API v1.2.5's
-                    // parser knows (set-var-fmt came later), so its transactions keep the rules.
-                    let up = format!("{{ srv_is_up({SPOE_BACKEND}/{SPOE_SERVER}) }}");
-                    l.push(format!(
-                        "http-request set-var(txn.hcc_l7m) method if hcc_l7 {up}"
-                    ));
-                    l.push(format!(
-                        "http-request set-var(txn.hcc_l7p) path if hcc_l7 {up}"
-                    ));
-                    l.push(format!(
-                        "http-request set-var(txn.hcc_l7key) var(sess.hcc.l7key),concat(:,txn.hcc_l7m,:),concat(,txn.hcc_l7p,) if hcc_l7 {up}"
-                    ));
-                    l.push(format!(
-                        "http-request set-var(txn.hcc_l7) var(txn.hcc_l7key),map_reg({map},agent) if {{ var(txn.hcc_l7key) -m found }}"
-                    ));
-                }
+                // `<key>:<method>:<path>`; set-var and concat, which Dataplane API v1.2.5's
+                // parser knows (set-var-fmt came later), so its transactions keep the rules.
+                let up = format!("{{ srv_is_up({SPOE_BACKEND}/{SPOE_SERVER}) }}");
+                l.push(format!(
+                    "http-request set-var(txn.hcc_l7m) method if hcc_l7 {up}"
+                ));
+                l.push(format!(
+                    "http-request set-var(txn.hcc_l7p) path if hcc_l7 {up}"
+                ));
+                l.push(format!(
+                    "http-request set-var(txn.hcc_l7key) var(sess.hcc.l7key),concat(:,txn.hcc_l7m,:),concat(,txn.hcc_l7p,) if hcc_l7 {up}"
+                ));
+                l.push(format!(
+                    "http-request set-var(txn.hcc_l7) var(txn.hcc_l7key),map_reg({},agent) if {{ var(txn.hcc_l7key) -m found }}",
+                    intentions.fast_map
+                ));
                 l.push(format!(
                     "http-request send-spoe-group {SPOE_ENGINE} {SPOE_REQUEST_GROUP} if hcc_l7 !hcc_fast"
                 ));
@@ -391,6 +395,11 @@ impl FrontendSpec {
                     "http-request deny deny_status 403 if hcc_l7 !hcc_fast !{ var(txn.hcc.req_allow) -m bool }"
                         .into(),
                 );
+            } else {
+                // A tcp frontend cannot judge requests, so a connection the agent let in for
+                // HTTP permissions is refused here whatever the agent's table believed the
+                // mode to be (the table and this file change mode at different moments).
+                l.push("tcp-request content reject if { var(sess.hcc.l7) -m bool }".into());
             }
         }
         l.extend(self.routing.iter().cloned());
@@ -794,5 +803,41 @@ pub fn exposed_comment(e: &ExposedListener) -> String {
     match &e.check {
         Some(c) => format!("exposed path: {} ({proto}, check {c})", e.path),
         None => format!("exposed path: {} ({proto})", e.path),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::fixtures::{settings_in, snapshot, ANY};
+
+    /// The public frontend with intentions: in http mode the per-request rules (fast map
+    /// lookup while the agent is up, the agent for the rest, 403 for what neither allowed); in
+    /// tcp mode an L7-marked connection is refused, since nothing there can judge its requests.
+    #[test]
+    fn the_public_frontend_judges_l7_requests_in_http_and_refuses_them_in_tcp() {
+        let dir = std::path::Path::new("/hcc-test");
+        let s = snapshot(ANY, "server-sidecar-proxy", "ca-leaf-server.json");
+        let mut d = crate::model::build(&s, &settings_in(dir, true), None).unwrap();
+        let lines = |d: &Desired| public_frontend(d).lines(&public_bind(d)).join("\n");
+        d.public.mode = Mode::Tcp;
+        let tcp = lines(&d);
+        assert!(
+            tcp.contains("tcp-request content reject if { var(sess.hcc.l7) -m bool }"),
+            "{tcp}"
+        );
+        assert!(!tcp.contains("http-request"), "{tcp}");
+        d.public.mode = Mode::Http;
+        let http = lines(&d);
+        for want in [
+            "tcp-request content reject unless { var(sess.hcc.allow) -m bool }",
+            "map_reg(/hcc-test/intentions.map,agent)",
+            "srv_is_up(intentions_agent/agent)",
+            "http-request send-spoe-group intentions l7-request if hcc_l7 !hcc_fast",
+            "http-request deny deny_status 403 if hcc_l7 !hcc_fast !{ var(txn.hcc.req_allow) -m bool }",
+        ] {
+            assert!(http.contains(want), "{want} missing:\n{http}");
+        }
+        assert!(!http.contains("reject if { var(sess.hcc.l7)"), "{http}");
     }
 }

@@ -99,7 +99,7 @@ impl Plan {
                 "a discovery-chain target's settings (hashing, timeouts, retries) are not in the Dataplane API's models",
             ),
             // Its intentions rules are rendered only, and which ones depends on the mode.
-            Op::ReplaceFrontend(f) if f.spoe_config.is_some() => {
+            Op::ReplaceFrontend(f) if f.intentions.is_some() => {
                 Some("the public listener with intentions changes (mode or log format)")
             }
             _ => None,

@@ -41,7 +41,7 @@ impl Intentions {
     /// without enforcement.
     pub fn fast_map(&self) -> Vec<(String, String)> {
         match self {
-            Intentions::Enforced(agent) => agent.table.current().fast_map(),
+            Intentions::Enforced(agent) => agent.fast_map.clone(),
             Intentions::Warned(_) => Vec::new(),
         }
     }
@@ -68,6 +68,8 @@ impl Intentions {
 pub struct Agent {
     handle: AgentHandle,
     table: SharedTable,
+    /// The current table's fast map, made once per table: every desired state carries it.
+    fast_map: Vec<(String, String)>,
     built_from: Option<Inputs>,
 }
 
@@ -100,6 +102,7 @@ impl Agent {
         Ok(Agent {
             handle,
             table,
+            fast_map: Vec::new(),
             built_from: None,
         })
     }
@@ -139,6 +142,7 @@ impl Agent {
             super::summary(table.intentions()),
             table.default_policy()
         );
+        self.fast_map = table.fast_map();
         self.table.replace(table);
         self.built_from = Some(inputs);
     }

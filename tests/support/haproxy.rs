@@ -62,40 +62,52 @@ pub fn sidecar_workdir(base: &Path, service: &str) -> PathBuf {
     std::fs::canonicalize(&link).unwrap_or(link)
 }
 
+/// `show stat` on the stats socket under `workdir`: each row as `(column, value)` pairs.
+fn show_stat(workdir: &Path) -> Vec<Vec<(String, String)>> {
+    let out = haproxy_cli(&workdir.join("haproxy.sock"), "show stat");
+    let mut lines = out.lines();
+    let Some(header) = lines.next() else {
+        return Vec::new();
+    };
+    let header: Vec<&str> = header.trim_start_matches("# ").split(',').collect();
+    lines
+        .map(|l| {
+            header
+                .iter()
+                .zip(l.split(','))
+                .map(|(h, v)| (h.to_string(), v.to_string()))
+                .collect()
+        })
+        .collect()
+}
+
+/// One column of a `show_stat` row.
+fn column<'a>(row: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    row.iter().find(|(h, _)| h == name).map(|(_, v)| v.as_str())
+}
+
 /// The mode (`tcp`, `http`) HAProxy runs the public listener of the sidecar whose working
 /// directory is `workdir` in, from `show stat` on its stats socket.
 pub fn public_listener_mode(workdir: &Path) -> Option<String> {
-    let out = haproxy_cli(&workdir.join("haproxy.sock"), "show stat");
-    let mut lines = out.lines();
-    let header: Vec<&str> = lines.next()?.trim_start_matches("# ").split(',').collect();
-    let col = header.iter().position(|h| *h == "mode")?;
-    lines
-        .map(|l| l.split(',').collect::<Vec<_>>())
-        .find(|f| f.first() == Some(&"public_listener") && f.get(1) == Some(&"FRONTEND"))
-        .and_then(|f| f.get(col).map(|m| m.to_string()))
+    show_stat(workdir)
+        .iter()
+        .find(|r| {
+            column(r, "pxname") == Some("public_listener")
+                && column(r, "svname") == Some("FRONTEND")
+        })
+        .and_then(|r| column(r, "mode").map(str::to_string))
 }
 
 /// How many servers of the backends whose name ends with `suffix` take traffic in HAProxy (UP,
 /// or `no check`: the sidecar's slots have no health check of their own; a slot in maintenance
 /// is `MAINT`), from `show stat` on the stats socket under `workdir`.
 pub fn servers_up(workdir: &Path, suffix: &str) -> usize {
-    let out = haproxy_cli(&workdir.join("haproxy.sock"), "show stat");
-    let mut lines = out.lines();
-    let Some(header) = lines.next() else {
-        return 0;
-    };
-    let header: Vec<&str> = header.trim_start_matches("# ").split(',').collect();
-    let Some(status) = header.iter().position(|h| *h == "status") else {
-        return 0;
-    };
-    lines
-        .map(|l| l.split(',').collect::<Vec<_>>())
-        .filter(|f| {
-            f.first().is_some_and(|b| b.ends_with(suffix))
-                && f.get(1)
-                    .is_some_and(|s| *s != "FRONTEND" && *s != "BACKEND")
-                && f.get(status)
-                    .is_some_and(|s| s.starts_with("UP") || *s == "no check")
+    show_stat(workdir)
+        .iter()
+        .filter(|r| {
+            column(r, "pxname").is_some_and(|b| b.ends_with(suffix))
+                && column(r, "svname").is_some_and(|s| s != "FRONTEND" && s != "BACKEND")
+                && column(r, "status").is_some_and(|s| s.starts_with("UP") || s == "no check")
         })
         .count()
 }
