@@ -13,7 +13,7 @@ use crate::files::write_atomic;
 use crate::haproxy::dataplane::{Committed, Dataplane};
 use crate::haproxy::diff::{plan, Plan};
 use crate::haproxy::{live, runtime};
-use crate::model::Desired;
+use crate::model::{Desired, UpstreamListener};
 use crate::render::DataplaneCredentials;
 
 const RETRY_MIN: Duration = Duration::from_millis(500);
@@ -40,6 +40,9 @@ pub enum Outcome {
     Failed(String),
 }
 
+/// Checks a configuration file as HAProxy would load it (`haproxy -c`); the reason on refusal.
+pub type ConfigCheck = Box<dyn Fn(&std::path::Path) -> std::result::Result<(), String> + Send>;
+
 #[derive(Clone)]
 pub struct Applier {
     mailbox: Arc<(Mutex<Mailbox>, Condvar)>,
@@ -52,13 +55,20 @@ impl Applier {
         dataplane: Dataplane,
         creds: DataplaneCredentials,
         templates: crate::render::Templates,
+        check: ConfigCheck,
         report: impl Fn(Outcome) + Send + 'static,
     ) -> Result<Applier> {
         let mailbox = Arc::new((Mutex::new(Mailbox::default()), Condvar::new()));
         let shared = mailbox.clone();
+        let tools = Tools {
+            dataplane,
+            creds,
+            templates,
+            check,
+        };
         std::thread::Builder::new()
             .name("applier".into())
-            .spawn(move || run(shared, applied, dataplane, creds, templates, report))
+            .spawn(move || run(shared, applied, tools, report))
             .context("starting the applier thread")?;
         Ok(Applier { mailbox })
     }
@@ -92,15 +102,149 @@ impl Applier {
     }
 }
 
-fn run(
-    mailbox: Arc<(Mutex<Mailbox>, Condvar)>,
-    mut applied: Desired,
+/// What the applier thread works with.
+struct Tools {
     dataplane: Dataplane,
     creds: DataplaneCredentials,
     templates: crate::render::Templates,
+    check: ConfigCheck,
+}
+
+/// Upstream listeners whose configuration HAProxy refused, each as the version refused (its
+/// configuration without its instances: `shape`). While Consul still asks for that version,
+/// the listener keeps serving as it was applied (or stays absent, if it is new), so that one
+/// object HAProxy cannot load never holds back every other change (Envoy likewise rejects one
+/// resource and keeps the rest). A change of its configuration lifts it.
+#[derive(Default)]
+struct Quarantine {
+    refused: BTreeMap<String, UpstreamListener>,
+}
+
+/// A listener's configuration without its instances, which come and go without changing what
+/// HAProxy might refuse.
+fn shape(u: &UpstreamListener) -> UpstreamListener {
+    let mut s = u.clone();
+    s.slots.clear();
+    if let Some(r) = &mut s.routing {
+        for t in &mut r.targets {
+            t.slots.clear();
+        }
+    }
+    s
+}
+
+impl Quarantine {
+    /// `desired` as the applier will apply it: each refused listener as `applied` has it.
+    fn filter(&mut self, applied: &Desired, desired: &Desired) -> Desired {
+        self.refused.retain(|name, bad| {
+            let still = desired
+                .upstream(name)
+                .is_some_and(|u| shape(u) == *bad);
+            if !still {
+                log::info!("upstream listener {name}: its refused configuration is no longer asked for; applying it again");
+            }
+            still
+        });
+        let mut out = desired.clone();
+        out.upstreams = desired
+            .upstreams
+            .iter()
+            .filter_map(|u| {
+                if self.refused.contains_key(&u.name) {
+                    applied.upstream(&u.name).cloned()
+                } else {
+                    Some(u.clone())
+                }
+            })
+            .collect();
+        out
+    }
+}
+
+/// The upstream listeners of `desired` that HAProxy refuses: each one that differs from
+/// `applied` is put alone into the applied configuration and checked with `haproxy -c`.
+/// Empty when the applied configuration itself does not pass or no single listener is to blame
+/// (then the failure is not an object's, and the whole state is retried).
+fn isolate(applied: &Desired, desired: &Desired, tools: &Tools) -> Vec<(UpstreamListener, String)> {
+    let dir = desired.paths.workdir.join("isolate");
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        log::warn!("cannot look for the refused object: {e}");
+        return Vec::new();
+    }
+    let file = dir.join("candidate.cfg");
+    let check = |d: &Desired| -> std::result::Result<(), String> {
+        let (cfg, _) = rendered(d, &tools.creds, &tools.templates).map_err(|e| e.to_string())?;
+        write_atomic(&file, cfg.contents.as_bytes()).map_err(|e| e.to_string())?;
+        (tools.check)(&file)
+    };
+    if let Err(why) = check(applied) {
+        log::warn!("the applied configuration itself does not pass haproxy -c here: {why}");
+        return Vec::new();
+    }
+    let mut bad = unbindable(applied, desired);
+    for u in &desired.upstreams {
+        if applied.upstream(&u.name) == Some(u) || bad.iter().any(|(b, _)| b.name == u.name) {
+            continue;
+        }
+        let mut candidate = applied.clone();
+        match candidate.upstreams.iter_mut().find(|x| x.name == u.name) {
+            Some(x) => *x = u.clone(),
+            None => {
+                candidate.upstreams.push(u.clone());
+                candidate.upstreams.sort_by(|a, b| a.name.cmp(&b.name));
+            }
+        }
+        if let Err(why) = check(&candidate) {
+            bad.push((u.clone(), why));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    bad
+}
+
+/// The new listeners of `desired` on a port another process holds. `haproxy -c` binds
+/// nothing, so such a listener passes it, and the reload then fails after HAProxy 2.6 paused
+/// every listener for about 2 s waiting for the port (every new connection refused meanwhile):
+/// the port is tried here, before HAProxy is asked, by binding it for a moment.
+fn unbindable(applied: &Desired, desired: &Desired) -> Vec<(UpstreamListener, String)> {
+    desired
+        .upstreams
+        .iter()
+        .filter(|u| u.socket.is_none() && applied.upstream(&u.name).is_none())
+        .filter(|u| {
+            // A listener of the applied state on the same address is HAProxy's own.
+            !applied
+                .upstreams
+                .iter()
+                .any(|a| a.bind_address == u.bind_address && a.bind_port == u.bind_port)
+        })
+        .filter_map(|u| {
+            std::net::TcpListener::bind((u.bind_address.as_str(), u.bind_port))
+                .err()
+                .map(|e| {
+                    (
+                        u.clone(),
+                        format!("cannot listen on {}:{}: {e}", u.bind_address, u.bind_port),
+                    )
+                })
+        })
+        .collect()
+}
+
+fn run(
+    mailbox: Arc<(Mutex<Mailbox>, Condvar)>,
+    mut applied: Desired,
+    tools: Tools,
     report: impl Fn(Outcome),
 ) {
+    let Tools {
+        dataplane,
+        creds,
+        templates,
+        ..
+    } = &tools;
     let (lock, cv) = &*mailbox;
+    let mut quarantine = Quarantine::default();
     let mut pending: Option<Desired> = None;
     let mut reconcile = false;
     let mut failures: u32 = 0;
@@ -134,16 +278,22 @@ fn run(
                 s = guard;
             }
         }
-        let Some(desired) = pending.take() else {
+        let Some(wanted) = pending.take() else {
             continue;
         };
         let started = Instant::now();
+        let mut desired = quarantine.filter(&applied, &wanted);
+        let taken = unbindable(&applied, &desired);
+        if !taken.is_empty() {
+            set_aside(&taken, &mut quarantine);
+            desired = quarantine.filter(&applied, &wanted);
+        }
         let p = plan(&applied, &desired);
         if let Some(why) = p.full_render_reason() {
             log::info!("{why}; rendering the whole configuration instead");
         }
         if reconcile || p.needs_full_render() {
-            match apply_whole(&desired, &dataplane, &creds, &templates, reconcile) {
+            match apply_whole(&desired, dataplane, creds, templates, reconcile) {
                 Ok(()) => {
                     applied = desired;
                     reconcile = false;
@@ -156,9 +306,11 @@ fn run(
                     });
                 }
                 Err(e) => {
-                    failures = failures.saturating_add(1);
                     report(Outcome::Failed(e.to_string()));
-                    pending = Some(desired);
+                    if !refuse_culprits(&applied, &desired, &tools, &mut quarantine) {
+                        failures = failures.saturating_add(1);
+                    }
+                    pending = Some(wanted);
                 }
             }
             continue;
@@ -167,7 +319,7 @@ fn run(
             applied = desired;
             continue;
         }
-        match apply(&mut applied, &desired, &p, &dataplane, &creds, &templates) {
+        match apply(&mut applied, &desired, &p, dataplane, creds, templates) {
             Ok(reloaded) => {
                 applied = desired;
                 failures = 0;
@@ -179,11 +331,39 @@ fn run(
                 });
             }
             Err(e) => {
-                failures = failures.saturating_add(1);
                 report(Outcome::Failed(e.to_string()));
-                pending = Some(desired);
+                if !refuse_culprits(&applied, &desired, &tools, &mut quarantine) {
+                    failures = failures.saturating_add(1);
+                }
+                pending = Some(wanted);
             }
         }
+    }
+}
+
+/// After a failed change: finds the listeners HAProxy refuses and quarantines them, with one
+/// warning each; whether any was found (then the rest is retried at once).
+fn refuse_culprits(
+    applied: &Desired,
+    desired: &Desired,
+    tools: &Tools,
+    quarantine: &mut Quarantine,
+) -> bool {
+    let bad = isolate(applied, desired, tools);
+    set_aside(&bad, quarantine);
+    !bad.is_empty()
+}
+
+/// Quarantines each refused listener, with one warning.
+fn set_aside(bad: &[(UpstreamListener, String)], quarantine: &mut Quarantine) {
+    for (u, why) in bad {
+        log::warn!(
+            "upstream {} (listener {}): HAProxy refuses its new configuration, so it keeps serving as it was and every other change is applied; until Consul's data for it changes: {}",
+            u.destination,
+            u.name,
+            crate::value::comment(why.lines().find(|l| l.contains("ALERT")).unwrap_or(why))
+        );
+        quarantine.refused.insert(u.name.clone(), shape(u));
     }
 }
 
@@ -283,6 +463,7 @@ fn apply(
 ) -> Result<bool> {
     let paths = &desired.paths;
     let mut reloaded = false;
+    let upstreams_before = applied.upstreams.clone();
     if p.roots_changed {
         // Files first: a reload, now or after a crash, must load the new roots and leaf.
         write_atomic(&paths.roots, desired.tls.roots_pem.as_bytes())?;
@@ -384,12 +565,21 @@ fn apply(
             Err(e) => log::warn!("{e}; resizing through the Dataplane API instead"),
         }
     }
-    let committed = dataplane.apply(&p.ops).with_context(|| {
-        format!(
-            "applying {} change(s) through the Dataplane API",
-            p.ops.len()
-        )
-    })?;
+    let committed = match dataplane.apply(&p.ops) {
+        Ok(c) => c,
+        Err(e) => {
+            // The live steps above recorded the upstreams as applied; the transaction's part
+            // of them was not, so the retry must plan against what HAProxy has: the live
+            // changes are redone (they are idempotent) along with the transaction's.
+            applied.upstreams = upstreams_before;
+            return Err(e).with_context(|| {
+                format!(
+                    "applying {} change(s) through the Dataplane API",
+                    p.ops.len()
+                )
+            });
+        }
+    };
     Ok(reloaded || matches!(committed, Committed::Reloaded(_)))
 }
 
@@ -433,4 +623,58 @@ fn write_config(
         .context("reading the configuration version")?;
     let text = format!("# _version={version}\n{}", cfg.contents);
     write_atomic(&desired.paths.haproxy_cfg, text.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Slot;
+
+    fn client() -> Desired {
+        crate::model::fixtures::client_desired()
+    }
+
+    #[test]
+    fn a_refused_listener_serves_as_applied_and_a_change_of_it_lifts_the_refusal() {
+        let applied = client();
+        let mut refused = applied.clone();
+        let name = refused.upstreams[0].name.clone();
+        refused.upstreams[0].connect_timeout_ms = crate::value::Millis::constant(4321);
+        let mut q = Quarantine::default();
+        q.refused.insert(name.clone(), shape(&refused.upstreams[0]));
+
+        // Its instances may churn: the refused configuration is still refused.
+        let mut churned = refused.clone();
+        churned.upstreams[0].slots.push(Slot {
+            name: "s99".into(),
+            instance: None,
+        });
+        let effective = q.filter(&applied, &churned);
+        assert_eq!(effective.upstream(&name), applied.upstream(&name));
+        assert_eq!(q.refused.len(), 1);
+
+        // A new listener that is refused stays out; one Consul changes again is applied.
+        let mut changed = refused.clone();
+        changed.upstreams[0].connect_timeout_ms = crate::value::Millis::constant(1234);
+        let effective = q.filter(&applied, &changed);
+        assert_eq!(effective.upstream(&name), changed.upstream(&name));
+        assert!(q.refused.is_empty());
+    }
+
+    #[test]
+    fn a_new_listener_on_a_port_another_process_holds_is_found_before_haproxy_is_asked() {
+        let applied = client();
+        let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut desired = applied.clone();
+        let mut extra = desired.upstreams[0].clone();
+        extra.name = "up_extra".into();
+        extra.bind_address = "127.0.0.1".into();
+        extra.bind_port = held.local_addr().unwrap().port();
+        desired.upstreams.push(extra);
+        let found = unbindable(&applied, &desired);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].0.name, "up_extra");
+        drop(held);
+        assert!(unbindable(&applied, &desired).is_empty());
+    }
 }

@@ -74,6 +74,9 @@ pub fn dry_run(opts: &Options) -> Result<Vec<render::File>, Fatal> {
         snapshot.admit(crate::admission::checker::check_once(&wanted)?);
         desired = model::build(&snapshot, &settings, None)?;
     }
+    for w in &desired.warnings {
+        log::warn!("{w}");
+    }
     if settings.intentions {
         // What the running agent's first complete table would give HAProxy.
         desired.intentions_map = crate::intentions::table(&snapshot).fast_map();

@@ -108,6 +108,12 @@ pub fn usage(error: Error) -> Fatal {
     }
 }
 
+impl From<crate::value::Refused> for Error {
+    fn from(r: crate::value::Refused) -> Self {
+        Error::msg(r.to_string())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

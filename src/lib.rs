@@ -9,6 +9,7 @@ pub mod dry_run;
 pub mod error;
 pub mod spoe;
 pub mod supervisor;
+pub mod value;
 
 pub(crate) mod admission;
 pub(crate) mod apply;

@@ -18,6 +18,7 @@ pub struct Registry {
     identity_checks: Mutex<BTreeMap<String, u64>>,
     applies: AtomicU64,
     apply_failures: AtomicU64,
+    refused_values: AtomicU64,
     /// f64 bits: seconds since the epoch, and seconds.
     last_apply_time: AtomicU64,
     last_apply_duration: AtomicU64,
@@ -50,6 +51,11 @@ impl Registry {
     /// One upstream identity check done, by result (`proven`, `refused`, `inconclusive`).
     pub fn identity_checked(&self, result: &str) {
         count(&self.identity_checks, result.to_string());
+    }
+
+    /// Values from Consul or the registration refused at the model's boundary (`value`).
+    pub fn refused_values(&self, n: u64) {
+        self.refused_values.fetch_add(n, Ordering::Relaxed);
     }
 
     pub fn restart(&self, child: &str) {
@@ -90,6 +96,11 @@ impl Registry {
             out,
             "# HELP hcc_apply_failures_total Changes HAProxy or the Dataplane API refused (retried).\n# TYPE hcc_apply_failures_total counter\nhcc_apply_failures_total {}",
             self.apply_failures.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP hcc_refused_values_total Values from Consul or the registration refused before they reached HAProxy (each logged once, naming it).\n# TYPE hcc_refused_values_total counter\nhcc_refused_values_total {}",
+            self.refused_values.load(Ordering::Relaxed)
         );
         let t = f64::from_bits(self.last_apply_time.load(Ordering::Relaxed));
         let d = f64::from_bits(self.last_apply_duration.load(Ordering::Relaxed));

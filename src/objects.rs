@@ -11,6 +11,7 @@ use crate::model::{
     Desired, ExposedListener, Mode, Public, Server, Slot, UpstreamListener, FREE_SLOT_ADDRESS,
     FREE_SLOT_PORT,
 };
+use crate::value::{comment, Millis, Word};
 
 pub const PUBLIC_FRONTEND: &str = "public_listener";
 pub const LOCAL_BACKEND: &str = "local_app";
@@ -27,7 +28,7 @@ pub struct BackendSpec {
     pub mode: Mode,
     /// `balance <algorithm>`; `None` keeps HAProxy's default (the local app's single server).
     pub balance: Option<String>,
-    pub connect_timeout_ms: u64,
+    pub connect_timeout_ms: Millis,
     /// `default-server verifyhost <name>`: every server's certificate must carry this name.
     /// Dataplane API v1.2.5 cannot set it, so a backend with it is only ever created by a full
     /// render (see `Plan::full_render_reason`); later server edits through the API keep it.
@@ -136,7 +137,7 @@ pub fn public_bind(d: &Desired) -> BindSpec {
     BindSpec {
         frontend: PUBLIC_FRONTEND.into(),
         name: "public".into(),
-        address: d.public.bind_address.clone(),
+        address: d.public.bind_address.to_string(),
         port: Some(d.public.bind_port),
         unix_mode: None,
         tls: Some(mesh_tls(d)),
@@ -159,7 +160,7 @@ pub fn local_server(p: &Public) -> ServerSpec {
     ServerSpec {
         backend: LOCAL_BACKEND.into(),
         name: "app".into(),
-        address: p.app_address.clone(),
+        address: p.app_address.to_string(),
         port: p.app_port,
         weight: None,
         tls: None,
@@ -245,7 +246,7 @@ pub fn upstream_server(d: &Desired, u: &UpstreamListener, slot: &Slot) -> Server
 
 fn slot_server(d: &Desired, backend: &str, slot: &Slot, verifyhost: Option<&String>) -> ServerSpec {
     let (address, port, weight) = match &slot.instance {
-        Some(s) => (s.address.clone(), s.port, s.weight),
+        Some(s) => (s.address.to_string(), s.port, s.weight),
         None => (FREE_SLOT_ADDRESS.to_string(), FREE_SLOT_PORT, 1),
     };
     // An instance that has not proven its identity keeps its slot, in maintenance: it enters
@@ -280,7 +281,7 @@ pub fn exposed_bind(e: &ExposedListener) -> BindSpec {
     BindSpec {
         frontend: e.name.clone(),
         name: e.name.clone(),
-        address: e.bind_address.clone(),
+        address: e.bind_address.to_string(),
         port: Some(e.bind_port),
         unix_mode: None,
         tls: None,
@@ -303,7 +304,7 @@ pub fn exposed_server(e: &ExposedListener) -> ServerSpec {
     ServerSpec {
         backend: e.backend.clone(),
         name: "app".into(),
-        address: e.app_address.clone(),
+        address: e.app_address.to_string(),
         port: e.app_port,
         weight: None,
         tls: None,
@@ -324,7 +325,8 @@ pub const SPOE_REQUEST_GROUP: &str = "l7-request";
 /// One `frontend` or `backend` section of haproxy.cfg.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Section {
-    /// A comment line above the section, if any.
+    /// A comment line above the section, if any: always made by `value::comment`, so it is
+    /// one line of printable ASCII whatever names it quotes.
     pub comment: Option<String>,
     /// `frontend <name>` or `backend <name>`.
     pub header: String,
@@ -422,7 +424,7 @@ pub fn routing_lines(frontend: &str, mode: Mode, routes: &[Route], map: &str) ->
         Mode::Tcp => "tcp-request content",
     };
     for (i, r) in routes.iter().enumerate() {
-        l.push(format!("# route {i}: {}", describe(r)));
+        l.push(format!("# route {i}: {}", comment(&describe(r))));
     }
     let http = mode == Mode::Http;
     let has_headers = |r: &Route| {
@@ -487,8 +489,8 @@ pub fn routing_lines(frontend: &str, mode: Mode, routes: &[Route], map: &str) ->
             if let Some((prefix, with)) = &r.prefix_rewrite {
                 l.push(format!(
                     "http-request set-path {}%[path,bytes({})]{}",
-                    log_format_literal(with),
-                    prefix.len(),
+                    log_format_literal(with.as_str()),
+                    prefix.as_str().len(),
                     when(&route_cond(i))
                 ));
             }
@@ -555,7 +557,7 @@ fn header_lines(
             for (name, value) in list {
                 l.push(format!(
                     "{side} {verb} {name} {}{}",
-                    log_format_literal(value),
+                    log_format_literal(value.as_str()),
                     when(cond)
                 ));
             }
@@ -633,7 +635,10 @@ fn acl(m: &Match) -> String {
         Match::PathExact(p) => format!("{{ path -m str {p} }}"),
         Match::PathPrefix(p) => format!("{{ path -m beg {p} }}"),
         Match::PathRegex(p) => format!("{{ path -m reg ^(?:{p})$ }}"),
-        Match::Methods(ms) => format!("{{ method {} }}", ms.join(" ")),
+        Match::Methods(ms) => {
+            let ms: Vec<&str> = ms.iter().map(Word::as_str).collect();
+            format!("{{ method {} }}", ms.join(" "))
+        }
         Match::Header {
             name,
             value: v,
@@ -746,7 +751,7 @@ pub fn sections(d: &Desired) -> Vec<Section> {
     for u in &d.upstreams {
         let servers: Vec<ServerSpec> = u.slots.iter().map(|s| upstream_server(d, u, s)).collect();
         out.push(Section {
-            comment: Some(format!("upstream: {}", u.destination)),
+            comment: Some(comment(&format!("upstream: {}", u.destination))),
             header: format!("frontend {}", u.name),
             lines: upstream_frontend(d, u).lines(&upstream_bind(u)),
         });
@@ -758,7 +763,7 @@ pub fn sections(d: &Desired) -> Vec<Section> {
         for t in u.routing.iter().flat_map(|r| r.targets.iter()) {
             let servers: Vec<ServerSpec> = t.slots.iter().map(|s| target_server(d, t, s)).collect();
             out.push(Section {
-                comment: Some(target_comment(t)),
+                comment: Some(comment(&target_comment(t))),
                 header: format!("backend {}", t.backend),
                 lines: target_backend(u, t).lines(&servers),
             });
@@ -766,7 +771,7 @@ pub fn sections(d: &Desired) -> Vec<Section> {
     }
     for e in &d.exposed {
         out.push(Section {
-            comment: Some(exposed_comment(e)),
+            comment: Some(comment(&exposed_comment(e))),
             header: format!("frontend {}", e.name),
             lines: exposed_frontend(d, e).lines(&exposed_bind(e)),
         });

@@ -90,3 +90,31 @@ fn authz_decide_seeds_and_corpus() {
         assert!(!d.allow, "{denied}: {}", d.reason);
     }
 }
+
+#[test]
+fn values_corpus() {
+    let corpus = files(&root().join("fuzz/corpus/values"), &|_| true);
+    let accepted: usize = corpus
+        .iter()
+        .map(|p| {
+            let data = fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            haproxy_consul_connect::value::fuzz_check(&data)
+        })
+        .sum();
+    assert!(!corpus.is_empty(), "fuzz/corpus/values is empty or missing");
+    // The corpus holds values each parser takes, not only refusals.
+    assert!(accepted >= 5, "only {accepted} values accepted");
+    // The payloads of issue 24 are refused by every parser.
+    for hostile in [
+        "newline-address",
+        "semicolon-address",
+        "redirect-datacenter",
+    ] {
+        let data = fs::read(root().join("fuzz/corpus/values").join(hostile)).expect("seed");
+        assert_eq!(
+            haproxy_consul_connect::value::fuzz_check(&data),
+            0,
+            "{hostile} was accepted by a parser"
+        );
+    }
+}

@@ -322,12 +322,7 @@ mod tests {
     use crate::model::{build, place, Server, MIN_SLOTS};
 
     fn client() -> Desired {
-        build(
-            &snapshot(ANY, "client-sidecar-proxy", "ca-leaf-client.json"),
-            &settings(),
-            None,
-        )
-        .unwrap()
+        crate::model::fixtures::client_desired()
     }
 
     fn instances(u: &UpstreamListener) -> Vec<Server> {
@@ -597,7 +592,7 @@ mod tests {
         extra.backend = "be_up_svc_x_local_127.0.0.1_9300".into();
         extra.bind_port = 9300;
         b.upstreams.push(extra);
-        b.public.connect_timeout_ms = 1234;
+        b.public.connect_timeout_ms = crate::value::Millis::constant(1234);
 
         let mut objects = objects_of(&from_scratch(&a));
         let p = plan(&a, &b);

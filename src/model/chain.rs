@@ -21,6 +21,7 @@ use crate::consul::DestinationKey;
 use crate::error::{Error, Result};
 use crate::names::sanitize;
 use crate::snapshot::Snapshot;
+use crate::value::{HeaderName, Millis, Name, Refused, Word};
 
 /// A split's draw is `rand(SPLIT_SCALE)`: Consul's weights are percents with two decimals.
 pub const SPLIT_SCALE: u32 = 10_000;
@@ -47,12 +48,12 @@ pub struct TargetBackend {
     pub verifyhost: Option<String>,
     /// Empty for the whole service.
     pub subset: String,
-    pub connect_timeout_ms: u64,
+    pub connect_timeout_ms: Millis,
     /// `balance` and, for hashing, `hash-type consistent`.
     pub balance: String,
     pub hash_consistent: bool,
     /// `timeout server` from the route's `RequestTimeout`.
-    pub request_timeout_ms: Option<u64>,
+    pub request_timeout_ms: Option<Millis>,
     pub retries: Option<Retries>,
     pub slots: Vec<Slot>,
 }
@@ -69,7 +70,7 @@ pub struct Route {
     /// All must match; empty matches everything.
     pub matches: Vec<Match>,
     /// The path prefix matched (`PathPrefix` or `PathExact`) and what replaces it.
-    pub prefix_rewrite: Option<(String, String)>,
+    pub prefix_rewrite: Option<(Word, Word)>,
     pub splits: Vec<Split>,
     /// The route's header changes, on requests and on their responses.
     pub request_headers: Headers,
@@ -79,9 +80,9 @@ pub struct Route {
 /// Header changes, applied in this order: removals, then values set, then values added.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Headers {
-    pub remove: Vec<String>,
-    pub set: Vec<(String, String)>,
-    pub add: Vec<(String, String)>,
+    pub remove: Vec<HeaderName>,
+    pub set: Vec<(HeaderName, Word)>,
+    pub add: Vec<(HeaderName, Word)>,
 }
 
 impl Headers {
@@ -104,17 +105,17 @@ pub struct Split {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub enum Match {
-    PathExact(String),
-    PathPrefix(String),
-    PathRegex(String),
-    Methods(Vec<String>),
+    PathExact(Word),
+    PathPrefix(Word),
+    PathRegex(Word),
+    Methods(Vec<Word>),
     Header {
-        name: String,
+        name: HeaderName,
         value: ValueMatch,
         invert: bool,
     },
     Query {
-        name: String,
+        name: HeaderName,
         value: ValueMatch,
     },
 }
@@ -122,10 +123,10 @@ pub enum Match {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub enum ValueMatch {
     Present,
-    Exact(String),
-    Prefix(String),
-    Suffix(String),
-    Regex(String),
+    Exact(Word),
+    Prefix(Word),
+    Suffix(Word),
+    Regex(Word),
 }
 
 /// What the listener needs to follow `chain`; `None` when the chain is the destination itself
@@ -136,7 +137,7 @@ pub fn routing(
     dest: &DestinationKey,
     backend: &str,
     mode: Mode,
-    connect_timeout_override: Option<u64>,
+    connect_timeout_override: Option<Millis>,
     here: &Here<'_>,
     snapshot: &Snapshot,
     previous: Option<&Routing>,
@@ -205,17 +206,19 @@ pub fn routing(
                     } else {
                         None
                     };
-                    match prefix {
-                        Some(_) if !plain(&d.prefix_rewrite) => {
-                            b.warnings.push(format!(
-                                "upstream {dest}: route {} has PrefixRewrite {:?}, which holds white space, a quote, '#' or a backslash; ignored",
-                                i + 1,
-                                d.prefix_rewrite
-                            ));
+                    let rewrite = Word::path("PrefixRewrite", &d.prefix_rewrite);
+                    match (prefix, rewrite) {
+                        (Some(_), Err(e)) => {
+                            b.warnings
+                                .push(format!("upstream {dest}: route {}: {e}; ignored", i + 1));
                             None
                         }
-                        Some(p) => Some((p, d.prefix_rewrite.clone())),
-                        None => {
+                        // The prefix matched is already a checked matcher of this route.
+                        (Some(p), Ok(w)) => match Word::path("PathPrefix", &p) {
+                            Ok(p) => Some((p, w)),
+                            Err(_) => None,
+                        },
+                        (None, _) => {
                             b.warnings.push(format!(
                                 "upstream {dest}: route {} has PrefixRewrite without a path prefix or exact path to replace; ignored",
                                 i + 1
@@ -267,7 +270,7 @@ struct Builder<'a> {
     chain: &'a DiscoveryChain,
     dest: &'a DestinationKey,
     backend: &'a str,
-    connect_timeout_override: Option<u64>,
+    connect_timeout_override: Option<Millis>,
     here: &'a Here<'a>,
     snapshot: &'a Snapshot,
     previous: Option<&'a Routing>,
@@ -329,10 +332,22 @@ impl Builder<'_> {
             .resolver
             .as_ref()
             .ok_or_else(|| Error::msg(format!("resolver node {:?} has no Resolver", n.name)))?;
-        let timeout = self
-            .connect_timeout_override
-            .or_else(|| duration_ms(&r.connect_timeout).filter(|ms| *ms > 0))
-            .unwrap_or(super::DEFAULT_CONNECT_TIMEOUT_MS);
+        let timeout = match self.connect_timeout_override {
+            Some(t) => t,
+            None => match duration_ms(&r.connect_timeout).filter(|ms| *ms > 0) {
+                None => super::DEFAULT_CONNECT_TIMEOUT,
+                Some(ms) => match Millis::new("ConnectTimeout", ms) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        self.warnings.push(format!(
+                            "upstream {}: resolver {:?}: {e}; Consul's default applies",
+                            self.dest, n.name
+                        ));
+                        super::DEFAULT_CONNECT_TIMEOUT
+                    }
+                },
+            },
+        };
         let mut ids = vec![r.target.clone()];
         ids.extend(r.failover.iter().flat_map(|f| f.targets.iter().cloned()));
         let mut group = Vec::new();
@@ -343,7 +358,7 @@ impl Builder<'_> {
                     self.chain.service_name
                 ))
             })?;
-            group.push(self.target(t, timeout, n.load_balancer.as_ref(), route));
+            group.push(self.target(t, timeout, n.load_balancer.as_ref(), route)?);
         }
         Ok(group)
     }
@@ -352,20 +367,51 @@ impl Builder<'_> {
     fn target(
         &mut self,
         t: &ChainTarget,
-        connect_timeout_ms: u64,
+        connect_timeout_ms: Millis,
         lb: Option<&LoadBalancer>,
         route: Option<&RouteDestination>,
-    ) -> String {
+    ) -> Result<String> {
+        // Every name of the target reaches a backend name, a comment and the identity its
+        // servers must prove: one that is not a Consul name refuses the whole chain (the
+        // routing it had keeps serving), since a route without its target means nothing.
+        let refused =
+            |e: Refused| Error::msg(format!("target {:?}: {e}", t.id.escape_debug().to_string()));
+        Name::parse("Target.ID", &t.id).map_err(refused)?;
+        Name::parse("Target.Service", &t.service).map_err(refused)?;
+        for (field, v) in [
+            ("Target.ServiceSubset", &t.service_subset),
+            ("Target.Datacenter", &t.datacenter),
+            ("Target.Namespace", &t.tenancy.namespace),
+            ("Target.Partition", &t.tenancy.partition),
+        ] {
+            if !v.is_empty() {
+                Name::parse(field, v).map_err(refused)?;
+            }
+        }
         let short = if t.service_subset.is_empty() {
             format!("{}.{}", t.service, t.datacenter)
         } else {
             format!("{}.{}.{}", t.service_subset, t.service, t.datacenter)
         };
         let backend = sanitize(&format!("{}.t.{short}", self.backend));
-        // 0 is Consul's "unset"; HAProxy would read it as no timeout at all.
-        let timeout = route
+        // 0 is Consul's "unset"; HAProxy would read it as no timeout at all. One above
+        // HAProxy's largest is dropped with a warning (the route keeps serving without it).
+        let timeout = match route
             .and_then(|d| duration_ms(&d.request_timeout))
-            .filter(|ms| *ms > 0);
+            .filter(|ms| *ms > 0)
+        {
+            None => None,
+            Some(ms) => match Millis::new("RequestTimeout", ms) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    self.warnings.push(format!(
+                        "upstream {}: route to target {}: {e}; the route applies without it",
+                        self.dest, t.id
+                    ));
+                    None
+                }
+            },
+        };
         let retries = route.and_then(|d| retries(d, self.warnings));
         if let Some(existing) = self.targets.iter_mut().find(|x| x.backend == backend) {
             // Timeouts and retries are the backend's, so two routes to one target share them.
@@ -385,7 +431,7 @@ impl Builder<'_> {
                 )),
                 _ => {}
             }
-            return backend;
+            return Ok(backend);
         }
         let (balance, hash_consistent) = match lb {
             Some(lb) => lb_policy(lb, self.here.balance, self.dest, self.warnings),
@@ -419,6 +465,7 @@ impl Builder<'_> {
             self.snapshot,
             previous.map_or(&[][..], |x| x.slots.as_slice()),
             previous.and_then(|x| x.verifyhost.as_ref()),
+            self.warnings,
         );
         self.targets.push(TargetBackend {
             id: t.id.clone(),
@@ -433,31 +480,28 @@ impl Builder<'_> {
             retries,
             slots,
         });
-        backend
+        Ok(backend)
     }
 }
 
 /// Header changes HAProxy's configuration can carry; the others are named in a warning.
 fn headers(h: &HeaderModifiers, what: &str, warnings: &mut Vec<String>) -> Headers {
     let mut out = Headers::default();
-    let mut refuse = |name: &str| {
-        warnings.push(format!(
-            "{what}: header change of {name:?} skipped: its name or value holds white space, a quote, '#' or a backslash"
-        ))
-    };
+    let mut refuse = |e: Refused| warnings.push(format!("{what}: header change skipped: {e}"));
     for name in &h.remove {
-        if plain(name) {
-            out.remove.push(name.clone());
-        } else {
-            refuse(name);
+        match HeaderName::parse("RequestHeaders.Remove", name) {
+            Ok(n) => out.remove.push(n),
+            Err(e) => refuse(e),
         }
     }
     for (list, from) in [(&mut out.set, &h.set), (&mut out.add, &h.add)] {
         for (name, value) in from {
-            if plain(name) && plain(value) {
-                list.push((name.clone(), value.clone()));
-            } else {
-                refuse(name);
+            match (
+                HeaderName::parse("header name", name),
+                Word::parse("header value", value),
+            ) {
+                (Ok(n), Ok(v)) => list.push((n, v)),
+                (Err(e), _) | (_, Err(e)) => refuse(e),
             }
         }
     }
@@ -496,11 +540,15 @@ fn lb_policy(
             }
             let on = match first {
                 Some(h) if h.source_ip => Some("source".to_string()),
-                Some(h) if h.field == "header" && plain(&h.field_value) => {
-                    Some(format!("hdr({})", h.field_value))
+                Some(h) if h.field == "header" => {
+                    HeaderName::parse("HashPolicies.FieldValue", &h.field_value)
+                        .ok()
+                        .map(|n| format!("hdr({n})"))
                 }
-                Some(h) if h.field == "query_parameter" && plain(&h.field_value) => {
-                    Some(format!("url_param {}", h.field_value))
+                Some(h) if h.field == "query_parameter" => {
+                    HeaderName::parse("HashPolicies.FieldValue", &h.field_value)
+                        .ok()
+                        .map(|n| format!("url_param {n}"))
                 }
                 _ => None,
             };
@@ -554,65 +602,47 @@ fn retries(d: &RouteDestination, warnings: &mut Vec<String>) -> Option<Retries> 
     })
 }
 
-/// Whether a value can stand in an HAProxy configuration word as it is (and survives the
-/// Dataplane API's parser, which splits on white space and knows no quoting).
-fn plain(s: &str) -> bool {
-    !s.is_empty()
-        && !s
-            .chars()
-            .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '"' | '\'' | '#' | '\\'))
-}
-
-fn matches(m: &HttpMatch) -> std::result::Result<Vec<Match>, String> {
+fn matches(m: &HttpMatch) -> std::result::Result<Vec<Match>, Refused> {
     let mut out = Vec::new();
-    let check = |what: &str, v: &str| {
-        if plain(v) {
-            Ok(v.to_string())
-        } else {
-            Err(format!(
-                "{what} {v:?} holds white space, a quote, '#' or a backslash, which this sidecar does not write into HAProxy's configuration"
-            ))
-        }
-    };
     if !m.path_exact.is_empty() {
-        out.push(Match::PathExact(check("PathExact", &m.path_exact)?));
+        out.push(Match::PathExact(Word::path("PathExact", &m.path_exact)?));
     }
     if !m.path_prefix.is_empty() && m.path_prefix != "/" {
-        out.push(Match::PathPrefix(check("PathPrefix", &m.path_prefix)?));
+        out.push(Match::PathPrefix(Word::path("PathPrefix", &m.path_prefix)?));
     }
     if !m.path_regex.is_empty() {
-        out.push(Match::PathRegex(check("PathRegex", &m.path_regex)?));
+        out.push(Match::PathRegex(Word::regex("PathRegex", &m.path_regex)?));
     }
     if !m.methods.is_empty() {
         let mut ms = Vec::new();
         for x in &m.methods {
-            ms.push(check("method", x)?);
+            ms.push(Word::parse("Methods", x)?);
         }
         out.push(Match::Methods(ms));
     }
-    let value = |p: &ParamMatch| -> std::result::Result<ValueMatch, String> {
+    let value = |p: &ParamMatch| -> std::result::Result<ValueMatch, Refused> {
         Ok(if !p.exact.is_empty() {
-            ValueMatch::Exact(check("value", &p.exact)?)
+            ValueMatch::Exact(Word::parse("Exact", &p.exact)?)
         } else if !p.prefix.is_empty() {
-            ValueMatch::Prefix(check("prefix", &p.prefix)?)
+            ValueMatch::Prefix(Word::parse("Prefix", &p.prefix)?)
         } else if !p.suffix.is_empty() {
-            ValueMatch::Suffix(check("suffix", &p.suffix)?)
+            ValueMatch::Suffix(Word::parse("Suffix", &p.suffix)?)
         } else if !p.regex.is_empty() {
-            ValueMatch::Regex(check("regex", &p.regex)?)
+            ValueMatch::Regex(Word::regex("Regex", &p.regex)?)
         } else {
             ValueMatch::Present
         })
     };
     for h in &m.header {
         out.push(Match::Header {
-            name: check("header name", &h.name)?,
+            name: HeaderName::parse("Header.Name", &h.name)?,
             value: value(h)?,
             invert: h.invert,
         });
     }
     for q in &m.query_param {
         out.push(Match::Query {
-            name: check("query parameter", &q.name)?,
+            name: HeaderName::parse("QueryParam.Name", &q.name)?,
             value: value(q)?,
         });
     }
@@ -786,7 +816,10 @@ mod tests {
                 Some(("/api/".into(), "/".into()))
             );
             let v1 = r.targets.iter().find(|t| t.subset == "v1").unwrap();
-            assert_eq!(v1.request_timeout_ms, Some(2000));
+            assert_eq!(
+                v1.request_timeout_ms,
+                Some(crate::value::Millis::constant(2000))
+            );
             assert_eq!(
                 v1.retries,
                 Some(Retries {

@@ -22,9 +22,9 @@ pub struct ExposedListener {
     pub backend: String,
     /// The only path served; every other path gets 404 from HAProxy.
     pub path: String,
-    pub bind_address: String,
+    pub bind_address: crate::value::Address,
     pub bind_port: u16,
-    pub app_address: String,
+    pub app_address: crate::value::Address,
     pub app_port: u16,
     /// `http2`: h2c on both sides (gRPC health checks), else HTTP/1.1.
     pub http2: bool,
@@ -35,7 +35,7 @@ pub struct ExposedListener {
     /// check is local, and anyone else reaching a health endpoint unauthenticated is what the
     /// mesh exists to prevent. An explicit `Expose.Paths` entry is open on purpose (scrapers).
     pub sources: Vec<String>,
-    pub connect_timeout_ms: u64,
+    pub connect_timeout_ms: crate::value::Millis,
 }
 
 /// One exposed path as the model reads it, before it becomes a listener.
@@ -228,7 +228,7 @@ pub fn local_sources(
     let known = [
         agent_address,
         Some(registration_address),
-        Some(public.bind_address.as_str()),
+        Some(&*public.bind_address.to_string()),
         check_host,
     ];
     for a in known.into_iter().flatten() {
@@ -319,7 +319,7 @@ mod tests {
             mode: super::super::Mode::Tcp,
             app_address: "127.0.0.1".into(),
             app_port: 8080,
-            connect_timeout_ms: 5000,
+            connect_timeout_ms: crate::value::Millis::constant(5000),
         };
         assert_eq!(
             local_sources(None, "", &public, None),

@@ -82,3 +82,13 @@ pub fn snapshot(version: &str, proxy: &str, leaf: &str) -> Snapshot {
     s.apply(Update::Roots(json::<CaRoots>(version, "ca-roots.json")));
     s
 }
+
+/// The client's desired state from the recorded registration (any Consul version).
+pub fn client_desired() -> super::Desired {
+    super::build(
+        &snapshot(ANY, "client-sidecar-proxy", "ca-leaf-client.json"),
+        &settings(),
+        None,
+    )
+    .expect("the recorded client state builds")
+}

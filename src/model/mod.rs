@@ -16,12 +16,15 @@ use crate::error::{Error, Result};
 use crate::haproxy_version::HaproxyVersion;
 use crate::names::sanitize;
 use crate::snapshot::Snapshot;
+use crate::value::{Address, Millis, Name, Refused, Word};
 
 /// Consul's defaults for the proxy config keys the sidecar honours.
-const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5000;
-const DEFAULT_PUBLIC_BIND: &str = "0.0.0.0";
-const DEFAULT_UPSTREAM_BIND: &str = "127.0.0.1";
-const DEFAULT_LOCAL_APP: &str = "127.0.0.1";
+const DEFAULT_CONNECT_TIMEOUT: Millis = Millis::constant(5000);
+const DEFAULT_PUBLIC_BIND: Address =
+    Address::Ip(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+const DEFAULT_UPSTREAM_BIND: Address =
+    Address::Ip(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+const DEFAULT_LOCAL_APP: Address = Address::Ip(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
 
 /// Where one sidecar keeps its files and sockets: a directory of its own.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -112,12 +115,12 @@ pub struct Desired {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Public {
-    pub bind_address: String,
+    pub bind_address: Address,
     pub bind_port: u16,
     pub mode: Mode,
-    pub app_address: String,
+    pub app_address: Address,
     pub app_port: u16,
-    pub connect_timeout_ms: u64,
+    pub connect_timeout_ms: Millis,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -134,7 +137,7 @@ pub struct UpstreamListener {
     /// Set when the listener is a unix socket (`LocalBindSocketPath`).
     pub socket: Option<UnixSocket>,
     pub mode: Mode,
-    pub connect_timeout_ms: u64,
+    pub connect_timeout_ms: Millis,
     /// The backend's server slots, `s0`, `s1`, …: an instance keeps its slot while it lives,
     /// so churn changes slots in place (live, through the runtime API) instead of adding and
     /// removing servers (a reload).
@@ -171,7 +174,7 @@ pub struct Slot {
 pub struct Server {
     /// `<service instance id>.<node>`, unique in a datacenter.
     pub id: String,
-    pub address: String,
+    pub address: Address,
     pub port: u16,
     pub weight: u32,
     /// The identity the instance must prove.
@@ -206,7 +209,7 @@ impl Server {
 
     pub fn endpoint(&self) -> Endpoint {
         Endpoint {
-            address: self.address.clone(),
+            address: self.address.to_string(),
             port: self.port,
             identity: self.identity.clone(),
         }
@@ -367,6 +370,15 @@ pub fn build(
             reg.id
         )));
     }
+    // The sidecar's own registration: a value that cannot be served refuses the whole state,
+    // so the last good one keeps serving (there is nothing smaller to drop).
+    let refused = |e: Refused| {
+        Error::msg(format!(
+            "proxy {:?}: {e}",
+            reg.id.escape_debug().to_string()
+        ))
+    };
+    Name::parse("Proxy.DestinationServiceName", &service).map_err(refused)?;
     if !leaf.service.is_empty() && leaf.service != service {
         return Err(Error::msg(format!(
             "waiting for the leaf certificate of {service:?} (the one held is for {:?})",
@@ -383,19 +395,29 @@ pub fn build(
             reg.id
         )));
     }
+    let mut warnings = Vec::new();
     let public = Public {
-        bind_address: config_str(&proxy.config, "bind_address")
-            .unwrap_or_else(|| DEFAULT_PUBLIC_BIND.to_string()),
+        bind_address: match config_str(&proxy.config, "bind_address") {
+            Some(a) => Address::parse_ip("Proxy.Config.bind_address", &a).map_err(refused)?,
+            None => DEFAULT_PUBLIC_BIND,
+        },
         bind_port: match config_u64(&proxy.config, "bind_port") {
             Some(p) => port("bind_port", p)?,
             None => reg.port,
         },
         mode: public_mode(proxy),
-        app_address: non_empty(&proxy.local_service_address)
-            .unwrap_or_else(|| DEFAULT_LOCAL_APP.to_string()),
+        app_address: match non_empty(&proxy.local_service_address) {
+            Some(a) => Address::parse("Proxy.LocalServiceAddress", &a).map_err(refused)?,
+            None => DEFAULT_LOCAL_APP,
+        },
         app_port,
-        connect_timeout_ms: config_u64(&proxy.config, "local_connect_timeout_ms")
-            .unwrap_or(DEFAULT_CONNECT_TIMEOUT_MS),
+        connect_timeout_ms: timeout_setting(
+            &proxy.config,
+            "local_connect_timeout_ms",
+            &format!("proxy {:?}", reg.id),
+            &mut warnings,
+        )
+        .unwrap_or(DEFAULT_CONNECT_TIMEOUT),
     };
     if public.bind_port == 0 {
         return Err(Error::msg(format!(
@@ -404,7 +426,6 @@ pub fn build(
         )));
     }
 
-    let mut warnings = Vec::new();
     if proxy.mode.eq_ignore_ascii_case("transparent") {
         warnings.push(format!(
             "proxy {:?} asks for transparent mode, which this sidecar does not support (it captures no traffic); only its explicit upstreams get listeners",
@@ -413,9 +434,14 @@ pub fn build(
     }
     let mut upstreams: Vec<UpstreamListener> = Vec::new();
     let mut taken: BTreeSet<(String, u16)> = BTreeSet::new();
-    taken.insert((public.bind_address.clone(), public.bind_port));
+    taken.insert((public.bind_address.to_string(), public.bind_port));
     let here = Here {
-        datacenter: local_datacenter(&leaf.service_uri, &reg.datacenter),
+        datacenter: Name::parse(
+            "Datacenter",
+            &local_datacenter(&leaf.service_uri, &reg.datacenter),
+        )
+        .map_err(refused)?
+        .to_string(),
         trust_domain: &tls.trust_domain,
         identity_check: settings.identity_check,
         balance: &settings.knobs.balance,
@@ -450,7 +476,7 @@ pub fn build(
             w.check_host.as_deref(),
         );
         let l = expose::listener(&w, &public, sources);
-        if !taken.insert((l.bind_address.clone(), l.bind_port)) {
+        if !taken.insert((l.bind_address.to_string(), l.bind_port)) {
             warnings.push(format!(
                 "exposed path {} wants port {}, which another listener of this sidecar already has; skipping it",
                 l.path, l.bind_port
@@ -460,10 +486,6 @@ pub fn build(
         exposed.push(l);
     }
     exposed.sort_by_key(|l| l.bind_port);
-    let already = previous.map_or(&[][..], |p| p.warnings.as_slice());
-    for w in warnings.iter().filter(|w| !already.contains(w)) {
-        log::warn!("{w}");
-    }
 
     Ok(Desired {
         service,
@@ -507,6 +529,16 @@ fn upstream(
     if u.destination_name.is_empty() {
         return Err(Error::msg("it has no DestinationName"));
     }
+    // Each value below reaches a name, a comment or a bind line: a bad one skips this upstream.
+    Name::parse("DestinationName", &u.destination_name)?;
+    for (field, v) in [
+        ("Datacenter", &u.datacenter),
+        ("DestinationNamespace", &u.destination_namespace),
+    ] {
+        if !v.is_empty() {
+            Name::parse(field, v)?;
+        }
+    }
     if !u.destination_peer.is_empty() {
         return Err(Error::msg(format!(
             "its destination is in cluster peer {:?}, and this sidecar does not support cluster peering (it needs mesh gateways)",
@@ -532,7 +564,10 @@ fn upstream(
     let (bind_address, bind_port) = match &socket {
         Some(s) => (s.path.clone(), 0),
         None => (
-            non_empty(&u.local_bind_address).unwrap_or_else(|| DEFAULT_UPSTREAM_BIND.into()),
+            match non_empty(&u.local_bind_address) {
+                Some(a) => Address::parse_ip("LocalBindAddress", &a)?.to_string(),
+                None => DEFAULT_UPSTREAM_BIND.to_string(),
+            },
             u.local_bind_port,
         ),
     };
@@ -587,6 +622,7 @@ fn upstream(
         snapshot,
         before,
         previous_listener.and_then(|p| p.verifyhost.as_ref()),
+        warnings,
     );
     let backend = format!("{BACKEND_PREFIX}{name}");
     let chain = snapshot.chains.get(&key);
@@ -594,7 +630,12 @@ fn upstream(
     let protocol = config_str(&u.config, "protocol")
         .or_else(|| chain.map(|c| c.protocol.clone()).filter(|p| !p.is_empty()));
     let listener_mode = mode(protocol.as_deref());
-    let connect_timeout = config_u64(&u.config, "connect_timeout_ms");
+    let connect_timeout = timeout_setting(
+        &u.config,
+        "connect_timeout_ms",
+        &format!("upstream {key}"),
+        warnings,
+    );
     let routing = match chain {
         Some(c) => {
             let before = previous_listener.and_then(|l| l.routing.as_ref());
@@ -633,7 +674,7 @@ fn upstream(
         bind_port,
         socket,
         mode: listener_mode,
-        connect_timeout_ms: connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT_MS),
+        connect_timeout_ms: connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
         slots,
         identity,
         verifyhost,
@@ -644,6 +685,7 @@ fn upstream(
 /// A backend's slots and the certificate name its servers are pinned to (`verifyhost`): the
 /// instances in `entries`, each admitted as the identity checker judged it, placed in the
 /// slots they had (`before`).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn pool(
     entries: &[HealthEntry],
     destination: &str,
@@ -652,8 +694,9 @@ pub(crate) fn pool(
     snapshot: &Snapshot,
     before: &[Slot],
     pinned_before: Option<&String>,
+    warnings: &mut Vec<String>,
 ) -> (Vec<Slot>, Option<String>) {
-    let mut instances = servers(entries, destination, identity, &here.datacenter);
+    let mut instances = servers(entries, destination, identity, &here.datacenter, warnings);
     for i in &mut instances {
         i.admission = admission_of(i, snapshot, here.identity_check);
     }
@@ -711,11 +754,7 @@ fn unix_socket(u: &Upstream) -> Result<Option<UnixSocket>> {
             "LocalBindSocketPath {path:?} is not an absolute path"
         )));
     }
-    if path.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(Error::msg(format!(
-            "LocalBindSocketPath {path:?} has white space or control characters, which HAProxy's configuration cannot carry"
-        )));
-    }
+    Word::parse("LocalBindSocketPath", path)?;
     if path.len() > MAX_SOCKET_PATH {
         return Err(Error::msg(format!(
             "LocalBindSocketPath {path:?} is {} bytes, more than the {} HAProxy can bind",
@@ -756,27 +795,54 @@ fn servers(
     destination: &str,
     identity: Option<&Identity>,
     local_dc: &str,
+    warnings: &mut Vec<String>,
 ) -> Vec<Server> {
     let mut by_name: BTreeMap<String, Server> = BTreeMap::new();
     for e in entries {
-        let address = non_empty(&e.service.address).unwrap_or_else(|| e.node.address.clone());
+        let (address, field) = match non_empty(&e.service.address) {
+            Some(a) => (a, "Service.Address"),
+            None => (e.node.address.trim().to_string(), "Node.Address"),
+        };
         if address.is_empty() || e.service.port == 0 {
-            log::warn!(
-                "instance {} on node {} of {destination} has no address or port; skipping it",
-                e.service.id,
-                e.node.node
-            );
+            warnings.push(format!(
+                "instance {:?} on node {:?} of {destination} has no address or port; skipping it",
+                e.service.id, e.node.node
+            ));
             continue;
         }
+        // Everything of an instance that reaches HAProxy: its address (a server line, a
+        // runtime-API command) and the names that make its slot's identity. A refused value
+        // drops this instance only.
+        let fronted = e
+            .service
+            .proxy
+            .as_ref()
+            .and_then(|p| non_empty(&p.destination_service_name))
+            .unwrap_or_else(|| e.service.service.clone());
+        let typed = Name::parse("Service.ID", &e.service.id).and_then(|_| {
+            Name::parse("Node.Node", &e.node.node)?;
+            if identity.is_none() {
+                Name::parse("Service.Proxy.DestinationServiceName", &fronted)?;
+                if !e.node.datacenter.is_empty() {
+                    Name::parse("Node.Datacenter", &e.node.datacenter)?;
+                }
+            }
+            Address::parse(field, &address)
+        });
+        let address = match typed {
+            Ok(a) => a,
+            Err(e2) => {
+                warnings.push(format!(
+                    "instance {:?} on node {:?} of {destination}: {e2}; skipping it",
+                    e.service.id.escape_debug().to_string(),
+                    e.node.node.escape_debug().to_string()
+                ));
+                continue;
+            }
+        };
         let id = format!("{}.{}", e.service.id, e.node.node);
         let weight = e.service.weights.map_or(1, |w| w.passing).clamp(1, 256);
         let identity = identity.cloned().unwrap_or_else(|| {
-            let fronted = e
-                .service
-                .proxy
-                .as_ref()
-                .and_then(|p| non_empty(&p.destination_service_name))
-                .unwrap_or_else(|| e.service.service.clone());
             let dc = non_empty(&e.node.datacenter).unwrap_or_else(|| local_dc.to_string());
             Identity::service(&fronted, &dc)
         });
@@ -878,6 +944,8 @@ fn tls(leaf: &crate::consul::api::LeafCert, roots: &crate::consul::api::CaRoots)
     if roots_pem.is_empty() {
         return Err(Error::msg("Consul's CA roots hold no certificate"));
     }
+    // It makes the legacy CN a backend pins (`verifyhost`).
+    Name::parse("CARoots.TrustDomain", &roots.trust_domain)?;
     let mut leaf_pem: String = chain.concat();
     leaf_pem.push_str(&key[0]);
     Ok(Tls {
@@ -953,6 +1021,24 @@ fn config_u64(config: &BTreeMap<String, Value>, key: &str) -> Option<u64> {
             .or_else(|| n.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64)),
         Value::String(s) => s.trim().parse().ok(),
         _ => None,
+    }
+}
+
+/// A timeout setting of a proxy or upstream config (`*_timeout_ms`): `None` when unset, and
+/// when HAProxy cannot take it (0, or above its largest), with a warning naming it.
+fn timeout_setting(
+    config: &BTreeMap<String, Value>,
+    key: &'static str,
+    whose: &str,
+    warnings: &mut Vec<String>,
+) -> Option<Millis> {
+    let ms = config_u64(config, key)?;
+    match Millis::new(key, ms) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            warnings.push(format!("{whose}: {e}; Consul's default applies"));
+            None
+        }
     }
 }
 

@@ -18,14 +18,14 @@ fn client_sidecar_gets_one_upstream_with_both_server_instances() {
         assert_eq!(d.public.bind_port, 21002);
         assert_eq!(d.public.mode, Mode::Tcp, "Consul's default protocol is tcp");
         assert_eq!(
-            (d.public.app_address.as_str(), d.public.app_port),
+            (d.public.app_address.to_string().as_str(), d.public.app_port),
             ("127.0.0.1", 8080)
         );
         assert_eq!(d.upstreams.len(), 1);
         let up = &d.upstreams[0];
         assert_eq!(up.name, "up_svc_server_local_127.0.0.1_9191");
         assert_eq!(
-            (up.bind_address.as_str(), up.bind_port),
+            (up.bind_address.to_string().as_str(), up.bind_port),
             ("127.0.0.1", 9191)
         );
         let servers: Vec<(&str, u16, u32)> = up
@@ -62,12 +62,15 @@ fn rich_sidecar_honours_every_config_key_and_keeps_upstreams_apart() {
         )
         .unwrap();
         assert_eq!(
-            (d.public.bind_address.as_str(), d.public.bind_port),
+            (
+                d.public.bind_address.to_string().as_str(),
+                d.public.bind_port
+            ),
             ("127.0.0.2", 21500)
         );
         assert_eq!(d.public.mode, Mode::Http);
         assert_eq!(
-            (d.public.app_address.as_str(), d.public.app_port),
+            (d.public.app_address.to_string().as_str(), d.public.app_port),
             ("127.0.0.3", 8282)
         );
         assert_eq!(d.public.connect_timeout_ms, 2000);
@@ -274,7 +277,7 @@ fn explicit_expose_paths_become_plain_listeners_on_the_public_address() {
             None,
         )
         .unwrap();
-        let got: Vec<(&str, &str, &str, u16, &str, u16, bool)> = d
+        let got: Vec<(&str, &str, &str, u16, String, u16, bool)> = d
             .exposed
             .iter()
             .map(|e| {
@@ -283,7 +286,7 @@ fn explicit_expose_paths_become_plain_listeners_on_the_public_address() {
                     e.backend.as_str(),
                     e.path.as_str(),
                     e.bind_port,
-                    e.app_address.as_str(),
+                    e.app_address.to_string(),
                     e.app_port,
                     e.http2,
                 )
@@ -297,7 +300,7 @@ fn explicit_expose_paths_become_plain_listeners_on_the_public_address() {
                     "be_exp_21600",
                     "/metrics",
                     21600,
-                    "127.0.0.1",
+                    "127.0.0.1".to_string(),
                     8585,
                     false
                 ),
@@ -306,7 +309,7 @@ fn explicit_expose_paths_become_plain_listeners_on_the_public_address() {
                     "be_exp_21601",
                     "/grpc.health.v1.Health/Check",
                     21601,
-                    "127.0.0.1",
+                    "127.0.0.1".to_string(),
                     8586,
                     true
                 ),

@@ -110,6 +110,14 @@ struct Supervisor {
     intentions: Intentions,
     /// `None` with `-upstream-identity-check=false`.
     checker: Option<Checker>,
+    /// Why the last Consul state could not be built, so that a state that stays unusable is
+    /// reported once, not on every change.
+    last_build_error: Option<String>,
+    /// Whether the last `build` failed for a reason other than the one before it.
+    build_error_new: bool,
+    /// The warnings of the last state built, each logged when it first appeared (however
+    /// often the state is rebuilt while it holds).
+    warned: Vec<String>,
 }
 
 /// What exists only once HAProxy runs.
@@ -198,6 +206,9 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
         watchers,
         snapshot: Snapshot::default(),
         intentions,
+        last_build_error: None,
+        build_error_new: false,
+        warned: Vec::new(),
         checker,
     };
     let Some(desired) = s.wait_for_snapshot()? else {
@@ -296,8 +307,30 @@ impl Supervisor {
     /// The desired state of the current snapshot, with the fast map of the intentions table
     /// the agent decides from now (the model knows no intentions; `absorb` has already given
     /// the agent this snapshot).
-    fn build(&self, previous: Option<&Desired>) -> crate::error::Result<Desired> {
-        let mut d = model::build(&self.snapshot, &self.settings, previous)?;
+    fn build(&mut self, previous: Option<&Desired>) -> crate::error::Result<Desired> {
+        let built = model::build(&self.snapshot, &self.settings, previous);
+        let mut d = match built {
+            Ok(d) => d,
+            Err(e) => {
+                let why = e.to_string();
+                self.build_error_new = self.last_build_error.as_ref() != Some(&why);
+                if self.build_error_new && crate::value::is_refusal(&why) {
+                    self.registry.refused_values(1);
+                }
+                self.last_build_error = Some(why);
+                return Err(e);
+            }
+        };
+        self.last_build_error = None;
+        // Each warning is logged, and each value refused from Consul's data counted, once:
+        // when it first shows.
+        let mut refused = 0;
+        for w in d.warnings.iter().filter(|w| !self.warned.contains(w)) {
+            log::warn!("{w}");
+            refused += u64::from(crate::value::is_refusal(w));
+        }
+        self.registry.refused_values(refused);
+        self.warned = d.warnings.clone();
         d.intentions_map = self.intentions.fast_map();
         Ok(d)
     }
@@ -401,11 +434,21 @@ impl Supervisor {
         children.start_haproxy()?;
         let dataplane = children.start_dataplane()?;
         let tx = Mutex::new(self.tx.clone());
-        let applier = Applier::start(desired.clone(), dataplane, creds, templates, move |o| {
-            if let Ok(tx) = tx.lock() {
-                let _ = tx.send(Event::Applied(o));
-            }
-        })?;
+        let haproxy_bin = self.opts.haproxy_bin.clone();
+        let check: crate::apply::ConfigCheck =
+            Box::new(move |cfg| children::check_config(&haproxy_bin, cfg));
+        let applier = Applier::start(
+            desired.clone(),
+            dataplane,
+            creds,
+            templates,
+            check,
+            move |o| {
+                if let Ok(tx) = tx.lock() {
+                    let _ = tx.send(Event::Applied(o));
+                }
+            },
+        )?;
         let stats_service = match (self.opts.stats_service_register, self.opts.stats_addr) {
             (true, Some(addr)) => {
                 let address = self
@@ -636,9 +679,11 @@ impl Supervisor {
                 srv.last_submitted = d;
             }
             Ok(_) => log::debug!("Consul changed nothing HAProxy serves"),
-            Err(e) => log::error!(
+            // Logged once per distinct reason (`build` forgets it when a state builds again).
+            Err(e) if self.build_error_new => log::error!(
                 "ignoring a Consul state HAProxy cannot be given ({e}); the last good configuration keeps serving"
             ),
+            Err(_) => {}
         }
     }
 }
