@@ -472,6 +472,17 @@ mod tests {
                 Ok(0) => break,
                 Ok(n) => out.extend_from_slice(&buf[..n]),
                 Err(e) if e.kind() == io::ErrorKind::ConnectionReset => break,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    panic!(
+                        "the server neither answered nor closed within {GUARD:?} ({} bytes so far)",
+                        out.len()
+                    )
+                }
                 Err(e) => panic!("reading the answer ({} bytes so far): {e}", out.len()),
             }
         }
@@ -573,7 +584,8 @@ mod tests {
         let release_rx = std::sync::Mutex::new(release_rx);
         let metrics: MetricsFn = Arc::new(move || {
             let _ = entered_tx.send(());
-            let _ = release_rx.lock().unwrap().recv_timeout(GUARD);
+            // Until released, or until the test ends and drops the sender (also on failure).
+            let _ = release_rx.lock().unwrap().recv();
             "scraped\n".to_string()
         });
         let addr = start(phase, Some(metrics), Limits::DEFAULT);
