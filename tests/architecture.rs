@@ -135,6 +135,28 @@ const FORBIDDEN: &[(&str, &[&str], &str)] = &[
         &["supervisor", "apply", "model", "render"],
         "stats owns no state anyone else needs",
     ),
+    (
+        "value",
+        &[
+            "admission",
+            "apply",
+            "cli",
+            "config",
+            "consul",
+            "haproxy",
+            "http",
+            "intentions",
+            "metrics",
+            "model",
+            "objects",
+            "render",
+            "snapshot",
+            "spoe",
+            "stats",
+            "supervisor",
+        ],
+        "value is the typed vocabulary of the trust boundary: it depends on nothing of the crate",
+    ),
 ];
 
 fn src() -> PathBuf {
