@@ -313,6 +313,107 @@ mod tests {
         }
     }
 
+    /// The recorded states the golden files are rendered from: (name, snapshot, intentions).
+    fn golden_cases(v: &str) -> Vec<(String, crate::snapshot::Snapshot, bool)> {
+        use crate::model::fixtures::with_chain;
+        let mut cases = vec![
+            (
+                "client",
+                snapshot(v, "client-sidecar-proxy", "ca-leaf-client.json"),
+                false,
+            ),
+            (
+                "rich",
+                snapshot(v, "rich-sidecar-proxy", "ca-leaf-rich.json"),
+                false,
+            ),
+            (
+                "server-intentions",
+                snapshot(v, "server-sidecar-proxy", "ca-leaf-server.json"),
+                true,
+            ),
+            (
+                "paths",
+                snapshot(v, "paths-sidecar-proxy", "ca-leaf-paths.json"),
+                false,
+            ),
+            (
+                "checked-intentions",
+                snapshot(v, "checked-sidecar-proxy", "ca-leaf-checked.json"),
+                true,
+            ),
+        ];
+        for chain in ["web", "split", "front", "dcweb"] {
+            cases.push((chain, with_chain(v, chain, true), false));
+        }
+        cases
+            .into_iter()
+            .map(|(n, s, i)| (n.to_string(), s, i))
+            .collect()
+    }
+
+    /// Every recorded state rendered per HAProxy line and compared with `fixtures/golden/`, so
+    /// that any change of what HAProxy is given shows as a reviewed diff of those files.
+    /// `UPDATE_GOLDEN=1 cargo test --lib golden` rewrites them.
+    #[test]
+    fn golden_configs_match_the_committed_renders() {
+        use crate::haproxy_version::HaproxyVersion;
+        let update = std::env::var_os("UPDATE_GOLDEN").is_some();
+        use std::path::Path;
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/golden");
+        let lines = [
+            ("haproxy-2.6", HaproxyVersion::V2_6),
+            (
+                "haproxy-3.0",
+                HaproxyVersion::parse("HAProxy version 3.0.11").unwrap(),
+            ),
+            (
+                "haproxy-3.2",
+                HaproxyVersion::parse("HAProxy version 3.2.26").unwrap(),
+            ),
+        ];
+        let (mut compared, mut differ) = (0, Vec::new());
+        for v in CONSUL_VERSIONS {
+            for (case, snap, intentions) in golden_cases(v) {
+                for (line, haproxy) in lines {
+                    let mut settings = settings_in(Path::new("/run/hcc"), intentions);
+                    settings.haproxy = haproxy;
+                    let mut d = build(&snap, &settings, None).unwrap();
+                    if intentions {
+                        d.intentions_map = crate::intentions::table(&snap).fast_map();
+                    }
+                    let dir = root.join(v).join(line).join(&case);
+                    for f in render(&d, &creds(), &Templates::builtin()).unwrap() {
+                        let Some(name) = f.path.file_name().and_then(|n| n.to_str()) else {
+                            continue;
+                        };
+                        // The certificates are Consul's recorded answers already.
+                        if name.ends_with(".pem") {
+                            continue;
+                        }
+                        let golden = dir.join(name);
+                        if update {
+                            std::fs::create_dir_all(&dir).unwrap();
+                            std::fs::write(&golden, &f.contents).unwrap();
+                        } else if std::fs::read_to_string(&golden).ok().as_ref()
+                            != Some(&f.contents)
+                        {
+                            differ.push(golden.display().to_string());
+                        }
+                        compared += 1;
+                    }
+                }
+            }
+        }
+        // At least haproxy.cfg for each state and HAProxy line.
+        assert!(compared >= 54, "only {compared} files compared");
+        assert!(
+            differ.is_empty(),
+            "rendered files differ from the golden ones (review, then UPDATE_GOLDEN=1 cargo test --lib golden):\n{}",
+            differ.join("\n")
+        );
+    }
+
     /// An http public listener with intentions: HAProxy loads the per-request rules and
     /// compiles every regex of a fast map made from permissions full of metacharacters.
     #[test]

@@ -92,3 +92,19 @@ pub fn client_desired() -> super::Desired {
     )
     .expect("the recorded client state builds")
 }
+
+/// `client`'s snapshot with the recorded chain `name` compiled for its upstream `server`
+/// (the chain's own service renamed to `server`, as if recorded for it).
+pub fn with_chain(v: &str, name: &str, as_server: bool) -> Snapshot {
+    let mut s = snapshot(v, "client-sidecar-proxy", "ca-leaf-client.json");
+    let key = crate::consul::destinations(s.registration.as_ref().unwrap())[0].clone();
+    let mut body = fixture(v, &format!("discovery-chain-{name}.json"));
+    if as_server {
+        body = body
+            .replace(&format!("\"{name}"), "\"server")
+            .replace(&format!(":{name}."), ":server.");
+    }
+    let chain = crate::consul::chain::parse_chain(&body).unwrap();
+    s.apply(crate::consul::Update::Chain(key, chain));
+    s
+}

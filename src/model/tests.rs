@@ -1,7 +1,7 @@
 //! The model built from responses recorded from real Consul agents (fixtures/consul/<version>),
 //! each test on every supported version.
 
-use super::fixtures::{first_upstream as up, settings, snapshot, CONSUL_VERSIONS};
+use super::fixtures::{first_upstream as up, settings, snapshot, with_chain, CONSUL_VERSIONS};
 use super::*;
 
 #[test]
@@ -611,22 +611,6 @@ fn a_prepared_query_expects_each_instance_to_be_the_service_it_is_listed_as() {
             Some("/ns/default/dc/dc1/svc/server")
         );
     }
-}
-
-/// `client`'s snapshot with the recorded chain `name` compiled for its upstream `server`
-/// (the chain's own service renamed to `server`, as if recorded for it).
-fn with_chain(v: &str, name: &str, as_server: bool) -> Snapshot {
-    let mut s = snapshot(v, "client-sidecar-proxy", "ca-leaf-client.json");
-    let key = crate::consul::destinations(s.registration.as_ref().unwrap())[0].clone();
-    let mut body = super::fixtures::fixture(v, &format!("discovery-chain-{name}.json"));
-    if as_server {
-        body = body
-            .replace(&format!("\"{name}"), "\"server")
-            .replace(&format!(":{name}."), ":server.");
-    }
-    let chain = crate::consul::chain::parse_chain(&body).unwrap();
-    s.apply(crate::consul::Update::Chain(key, chain));
-    s
 }
 
 #[test]
