@@ -63,6 +63,11 @@ pub struct FrontendSpec {
     /// backend per request or connection. Rendered only, like `intentions`: a frontend with
     /// routing is only ever created by a full render (see `Plan::needs_full_render`).
     pub routing: Vec<String>,
+    /// The public listener in http mode: a request whose path cannot be judged in one form is
+    /// refused with 400 (`PATH_REFUSALS`), every other goes on with its path in normal form
+    /// (`NORMALIZE`), whether or not intentions are enforced. Rendered only, like
+    /// `intentions`: replacing the public frontend is a full render.
+    pub path_rules: bool,
 }
 
 /// The files the public frontend's intentions rules name.
@@ -130,6 +135,7 @@ pub fn public_frontend(d: &Desired) -> FrontendSpec {
         only_path: None,
         only_sources: Vec::new(),
         routing: Vec::new(),
+        path_rules: d.public.mode == Mode::Http,
     }
 }
 
@@ -198,6 +204,7 @@ pub fn upstream_frontend(d: &Desired, u: &UpstreamListener) -> FrontendSpec {
                 &d.paths.splits_map.display().to_string(),
             )
         }),
+        path_rules: false,
     }
 }
 
@@ -274,6 +281,7 @@ pub fn exposed_frontend(d: &Desired, e: &ExposedListener) -> FrontendSpec {
         only_path: Some(e.path.clone()),
         only_sources: e.sources.clone(),
         routing: Vec::new(),
+        path_rules: false,
     }
 }
 
@@ -322,6 +330,43 @@ pub const SPOE_BACKEND: &str = "intentions_agent";
 pub const SPOE_SERVER: &str = "agent";
 pub const SPOE_REQUEST_GROUP: &str = "l7-request";
 
+/// The public http listener's first rules: a request whose path cannot be judged in one form
+/// gets 400 before anything else looks at it. No path starting with `/` (`GET *`, an
+/// absolute-form target with no path, `http:/x`: HAProxy's `path` is then absent, which no
+/// `-m beg` matches); an encoded slash or backslash, or a raw backslash (servers disagree on
+/// whether they separate segments); a `%` not followed by two hex digits (the normalizers'
+/// `strict` would refuse it too, but only after the intentions rules, which would send it to
+/// the agent first). `l7::normalize_path` refuses the same paths. Actions Dataplane API
+/// v1.2.5 knows, so its transactions keep them in place. (`\\` is one backslash to HAProxy.)
+pub const PATH_REFUSALS: [&str; 3] = [
+    "http-request deny deny_status 400 unless { path -m beg / }",
+    r"http-request deny deny_status 400 if { path -m sub -i %2F %5C \\ }",
+    "http-request deny deny_status 400 if { path -m reg %([0-9A-Fa-f]?[^0-9A-Fa-f]|[0-9A-Fa-f]?$) }",
+];
+
+/// The public http listener's last rules: the request goes on with its path in normal form
+/// (RFC 3986 §6.2.2: unreserved characters decoded, escapes upper-cased, dot segments
+/// removed; then slashes merged), so the app serves the path the intentions judged. Last,
+/// because Dataplane API v1.2.5 does not know `normalize-uri` and moves the lines it does not
+/// know to the end of their section in every transaction: rendered anywhere else, the file
+/// would mean something else after the first transaction. So the rules before them see the
+/// path as sent, and whatever judges it normalizes it the same way first (the fast map takes
+/// only paths already in normal form, `ODD_PATH_PARTS`; the agent runs `l7::normalize_path`).
+/// HAProxy marks `normalize-uri` experimental: the template's global section allows it.
+pub const NORMALIZE: [&str; 5] = [
+    "http-request normalize-uri percent-decode-unreserved strict",
+    "http-request normalize-uri percent-to-uppercase strict",
+    "http-request normalize-uri path-strip-dot",
+    "http-request normalize-uri path-strip-dotdot full",
+    "http-request normalize-uri path-merge-slashes",
+];
+
+/// A path that starts with `/` and holds none of these, nor ends with one of `ODD_PATH_ENDS`,
+/// is its own normal form (`NORMALIZE` leaves it as it is): every `.` or `..` segment is
+/// followed by `/` or ends the path, merging needs `//`, decoding needs `%`.
+pub const ODD_PATH_PARTS: &str = "// /./ /../ %";
+pub const ODD_PATH_ENDS: &str = "/. /..";
+
 /// One `frontend` or `backend` section of haproxy.cfg.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Section {
@@ -361,6 +406,13 @@ impl FrontendSpec {
             // SPOE never rejects by itself: a connection the agent did not explicitly allow
             // (denied, agent down, timeout) is rejected here. This is what fails closed.
             l.push("tcp-request content reject unless { var(sess.hcc.allow) -m bool }".into());
+        }
+        // After the tcp-request rules, which HAProxy runs first wherever they are written
+        // (and warns of one written after an http-request rule).
+        if self.path_rules {
+            l.extend(PATH_REFUSALS.iter().map(|r| r.to_string()));
+        }
+        if let Some(intentions) = &self.intentions {
             if self.mode == Mode::Http {
                 // A connection let in for its HTTP permissions (sess.hcc.l7) has each request
                 // judged: first by the fast map, under the key the agent gave the connection
@@ -383,8 +435,14 @@ impl FrontendSpec {
                 l.push(format!(
                     "http-request set-var(txn.hcc_l7p) path if hcc_l7 {up}"
                 ));
+                // Only a path already in normal form is looked up: the map's patterns are
+                // for the normal form, which the path here is not yet when it could change
+                // (see `NORMALIZE`); any other request asks the agent, which normalizes it
+                // exactly as HAProxy will (`l7::normalize_path`).
+                l.push(format!("acl hcc_odd_path path -m sub {ODD_PATH_PARTS}"));
+                l.push(format!("acl hcc_odd_path path -m end {ODD_PATH_ENDS}"));
                 l.push(format!(
-                    "http-request set-var(txn.hcc_l7key) var(sess.hcc.l7key),concat(:,txn.hcc_l7m,:),concat(,txn.hcc_l7p,) if hcc_l7 {up}"
+                    "http-request set-var(txn.hcc_l7key) var(sess.hcc.l7key),concat(:,txn.hcc_l7m,:),concat(,txn.hcc_l7p,) if hcc_l7 {up} !hcc_odd_path"
                 ));
                 l.push(format!(
                     "http-request set-var(txn.hcc_l7) var(txn.hcc_l7key),map_reg({},agent) if {{ var(txn.hcc_l7key) -m found }}",
@@ -403,6 +461,9 @@ impl FrontendSpec {
                 // mode to be (the table and this file change mode at different moments).
                 l.push("tcp-request content reject if { var(sess.hcc.l7) -m bool }".into());
             }
+        }
+        if self.path_rules {
+            l.extend(NORMALIZE.iter().map(|r| r.to_string()));
         }
         l.extend(self.routing.iter().cloned());
         l.push(format!("default_backend {}", self.default_backend));
@@ -844,5 +905,229 @@ mod tests {
             assert!(http.contains(want), "{want} missing:\n{http}");
         }
         assert!(!http.contains("reject if { var(sess.hcc.l7)"), "{http}");
+    }
+
+    /// An http public listener, with intentions or without: paths that cannot be judged in
+    /// one form are refused before any other rule, and the normalizers come after every rule
+    /// that reads the path (where Dataplane API v1.2.5's transactions move them anyway); the
+    /// fast map is looked up only for a path already in normal form. A tcp listener has none
+    /// of it.
+    #[test]
+    fn an_http_public_listener_refuses_odd_paths_first_and_normalizes_last() {
+        let dir = std::path::Path::new("/hcc-test");
+        let s = snapshot(ANY, "server-sidecar-proxy", "ca-leaf-server.json");
+        for intentions in [true, false] {
+            let mut d = crate::model::build(&s, &settings_in(dir, intentions), None).unwrap();
+            d.public.mode = Mode::Http;
+            let lines = public_frontend(&d).lines(&public_bind(&d));
+            let at = |want: &str| {
+                lines
+                    .iter()
+                    .position(|l| l == want)
+                    .unwrap_or_else(|| panic!("{want} missing:\n{}", lines.join("\n")))
+            };
+            let first_http = lines
+                .iter()
+                .position(|l| l.starts_with("http-request"))
+                .unwrap();
+            for (i, r) in PATH_REFUSALS.iter().enumerate() {
+                assert_eq!(at(r), first_http + i, "{}", lines.join("\n"));
+            }
+            let first_normalizer = at(NORMALIZE[0]);
+            assert_eq!(
+                &lines[first_normalizer..first_normalizer + NORMALIZE.len()],
+                NORMALIZE.as_slice()
+            );
+            let reads_path = lines
+                .iter()
+                .rposition(|l| l.contains("path") && !l.contains("normalize-uri"))
+                .unwrap();
+            assert!(reads_path < first_normalizer, "{}", lines.join("\n"));
+            assert_eq!(lines.last().unwrap(), "default_backend local_app");
+            let key = lines.iter().find(|l| l.contains("set-var(txn.hcc_l7key)"));
+            assert_eq!(key.is_some(), intentions);
+            if let Some(key) = key {
+                assert!(key.ends_with(" !hcc_odd_path"), "{key}");
+            }
+            d.public.mode = Mode::Tcp;
+            let tcp = public_frontend(&d).lines(&public_bind(&d)).join("\n");
+            assert!(!tcp.contains("http-request"), "{tcp}");
+        }
+    }
+
+    /// A path HAProxy's fast map may look up (one no `hcc_odd_path` test matches) is its own
+    /// normal form, so the map and the agent judge the same path.
+    #[test]
+    fn a_path_the_fast_map_sees_is_its_own_normal_form() {
+        use crate::spoe::authz::l7::normalize_path;
+        let parts: Vec<&str> = ODD_PATH_PARTS.split(' ').collect();
+        let ends: Vec<&str> = ODD_PATH_ENDS.split(' ').collect();
+        let mut seen = 0;
+        for p in sample_paths(50_000) {
+            let odd = parts.iter().any(|x| p.contains(x)) || ends.iter().any(|x| p.ends_with(x));
+            if odd {
+                continue;
+            }
+            if let Ok(n) = normalize_path(&p) {
+                seen += 1;
+                assert_eq!(n, p, "the fast map would judge {p:?}, the agent {n:?}");
+            }
+        }
+        assert!(seen > 1_000, "only {seen} plain paths");
+    }
+
+    /// Paths made of the characters normalization cares about, `/`-first, deterministic.
+    fn sample_paths(n: usize) -> Vec<String> {
+        let alphabet = [
+            '/', '/', '.', '.', '%', '2', 'e', 'E', 'f', 'F', '6', '1', 'a', '5', 'c', '\\',
+        ];
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let mut y = x;
+                let mut p = String::from("/");
+                for _ in 0..1 + (x % 10) {
+                    p.push(alphabet[(y % alphabet.len() as u64) as usize]);
+                    y /= alphabet.len() as u64;
+                }
+                p
+            })
+            .collect()
+    }
+
+    /// Stops the HAProxy a test started, by its PID.
+    struct Haproxy(std::process::Child);
+    impl Drop for Haproxy {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// The agent's `normalize_path` is what a real HAProxy running the public listener's path
+    /// rules does: the same refusals (400) and the same normal form forwarded, over the
+    /// issue's paths, `l7`'s table and a few hundred made-up ones.
+    #[test]
+    fn haproxy_normalizes_paths_as_the_agent_does() {
+        use crate::spoe::authz::l7::normalize_path;
+        use std::io::{Read, Write};
+        let dir = std::env::temp_dir().join(format!("hcc-normalize-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let f = FrontendSpec {
+            name: "t".into(),
+            mode: Mode::Http,
+            default_backend: "be".into(),
+            log_format: None,
+            intentions: None,
+            only_path: None,
+            only_sources: Vec::new(),
+            routing: Vec::new(),
+            path_rules: true,
+        };
+        let bind = BindSpec {
+            frontend: "t".into(),
+            name: "t".into(),
+            address: "127.0.0.1".into(),
+            port: Some(port),
+            unix_mode: None,
+            tls: None,
+            h2: false,
+        };
+        let mut lines = f.lines(&bind);
+        // What the app would be sent: the path after every rule, echoed.
+        lines.insert(
+            lines.len() - 1,
+            "http-request return status 200 content-type text/plain lf-string \"[%[path]]\"".into(),
+        );
+        let cfg = format!(
+            "global\n    expose-experimental-directives\ndefaults\n    timeout connect 5s\n    \
+             timeout client 5s\n    timeout server 5s\nfrontend t\n    {}\nbackend be\n    mode http\n",
+            lines.join("\n    ")
+        );
+        let path = dir.join("haproxy.cfg");
+        std::fs::write(&path, &cfg).unwrap();
+        let _haproxy = Haproxy(
+            std::process::Command::new("haproxy")
+                .args(["-db", "-f"])
+                .arg(&path)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("haproxy must be installed (scripts/install-deps)"),
+        );
+        let ask = |target: &str| -> Option<(u16, String)> {
+            let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+            c.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                .ok()?;
+            // One write: pieces would wait on Nagle and the delayed ACK, 40 ms each request.
+            c.write_all(format!("GET {target} HTTP/1.1\r\nConnection: close\r\n\r\n").as_bytes())
+                .ok()?;
+            let mut out = String::new();
+            c.read_to_string(&mut out).ok()?;
+            let status = out.get(9..12)?.parse().ok()?;
+            let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+            Some((status, body))
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while ask("/").is_none() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "haproxy never answered\n{cfg}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let mut targets: Vec<String> = [
+            "//admin",
+            "/./admin",
+            "/x/../admin",
+            "/%61dmin",
+            "/x/%2e%2e/admin",
+            "/admin%2Fx",
+            "/admin%5c",
+            "/a\\b",
+            "/%zz",
+            "/a%",
+            "http://host",
+            "*",
+            "http://h/x/../admin",
+            "/a//../b",
+            "/a/..//b",
+            "/.../a/..",
+            "/%c3%a9",
+            "/%2561dmin",
+            "//ok",
+            "/%6Fk",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        targets.extend(sample_paths(400));
+        let mut wrong = Vec::new();
+        for t in &targets {
+            let got = ask(t);
+            // An absolute-form target's path is the part after the authority.
+            let p = t.strip_prefix("http://h").unwrap_or(t);
+            let want = match normalize_path(p) {
+                Ok(n) => Some((200, format!("[{n}]"))),
+                Err(_) => Some((400, String::new())),
+            };
+            let same = match (&got, &want) {
+                (Some((400, _)), Some((400, _))) => true,
+                _ => got == want,
+            };
+            if !same {
+                wrong.push(format!("{t:?}: haproxy {got:?}, agent {want:?}"));
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(wrong.is_empty(), "{}\n{cfg}", wrong.join("\n"));
     }
 }

@@ -458,6 +458,12 @@ mod tests {
             cfg.contains("send-spoe-group intentions l7-request"),
             "{cfg}"
         );
+        for rule in crate::objects::PATH_REFUSALS
+            .iter()
+            .chain(crate::objects::NORMALIZE.iter())
+        {
+            assert!(cfg.contains(rule), "{rule} missing:\n{cfg}");
+        }
         let out = haproxy_check(&dir.join("haproxy.cfg"));
         assert!(
             out.status.success(),
@@ -465,6 +471,9 @@ mod tests {
             String::from_utf8_lossy(&out.stderr),
             map.contents
         );
+        // `expose-experimental-directives` and the path rules cost no warning.
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(!said.contains("[WARNING]"), "{said}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

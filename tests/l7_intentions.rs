@@ -525,3 +525,190 @@ fn a_stalled_agent_gets_403_never_200() {
     // Answers again once it runs.
     s.wait_status("client", "GET", "/x", 200);
 }
+
+/// The HAProxy line the sidecars run (`2.6`, `3.0`, …), from `haproxy -v`.
+fn haproxy_line() -> String {
+    let out = haproxy_command().arg("-v").output().expect("haproxy -v");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    text.split_whitespace()
+        .skip_while(|w| *w != "version")
+        .nth(1)
+        .and_then(|v| v.rsplit_once('.').map(|(line, _)| line.to_string()))
+        .unwrap_or_else(|| panic!("no version in haproxy -v: {text}"))
+}
+
+/// The path of a request target: after the authority of an absolute-form target, before the
+/// query string.
+fn target_path(target: &str) -> &str {
+    let path = match target.split_once("://") {
+        Some((_, rest)) => rest.find('/').map_or("", |i| &rest[i..]),
+        None => target,
+    };
+    path.split('?').next().unwrap_or_default()
+}
+
+/// One request written as raw bytes to `addr` (no HTTP library to rewrite its target), on a
+/// connection of its own: the status, 0 when none came back.
+fn raw_request(addr: &str, target: &str, host: Option<&str>) -> u16 {
+    use std::io::{Read, Write};
+    let Ok(mut c) = std::net::TcpStream::connect(addr) else {
+        return 0;
+    };
+    let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
+    let host = host.map_or(String::new(), |h| format!("Host: {h}\r\n"));
+    let req = format!("GET {target} HTTP/1.1\r\n{host}Connection: close\r\n\r\n");
+    if c.write_all(req.as_bytes()).is_err() {
+        return 0;
+    }
+    let mut out = Vec::new();
+    let _ = c.read_to_end(&mut out);
+    String::from_utf8_lossy(&out)
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The paths of CVE-2024-10005 through a real client sidecar, over mTLS, to the server
+/// sidecar, whose public listener judges: with `deny PathPrefix /admin` and everything else
+/// allowed, nothing that normalizes to `/admin` reaches the app, whatever form it was sent in;
+/// a target that cannot be judged in one form (an encoded slash, no path) gets 400; an allowed
+/// odd path reaches the app in normal form, the form that was judged.
+#[test]
+fn odd_paths_are_judged_and_served_in_normal_form() {
+    use haproxy_consul_connect::spoe::authz::l7::normalize_path;
+    let Some(s) = server_for_client(json!([
+        {"Action": "deny", "HTTP": {"PathPrefix": "/admin"}},
+        {"Action": "allow", "HTTP": {"PathPrefix": "/"}}
+    ])) else {
+        return;
+    };
+    let upstream = free_port();
+    s.consul.register(&sidecar_registration(
+        "client",
+        free_port(),
+        free_port(),
+        &[("server", upstream)],
+    ));
+    let client = sidecar(
+        &s.consul,
+        &s.base,
+        "client",
+        false,
+        &["-token", ACL_MASTER_TOKEN],
+    );
+    let addr = format!("127.0.0.1:{upstream}");
+    wait_until(
+        Duration::from_secs(60),
+        "GET /ok through the client's sidecar",
+        || raw_request(&addr, "/ok", Some("server")) == 200,
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", client.logs(), s.sidecar.logs()));
+    // (target, Host header, status, what the app must see)
+    let host = Some("server");
+    // An absolute-form target with an empty path: HAProxy 2.6's `path` is absent (400), while
+    // 3.x reads the target as `http://host/` (RFC 9110 §4.2.3: an empty path is `/`), so there
+    // the request is judged and served as `/`.
+    let (no_path, no_path_app) = if haproxy_line() == "2.6" {
+        (400, None)
+    } else {
+        (200, Some("http://host/"))
+    };
+    #[rustfmt::skip]
+    let cases: &[(&str, Option<&str>, u16, Option<&str>)] = &[
+        ("/admin", host, 403, None),
+        ("//admin", host, 403, None),
+        ("/./admin", host, 403, None),
+        ("/x/../admin", host, 403, None),
+        ("/%61dmin", host, 403, None),
+        ("/x/%2e%2e/admin", host, 403, None),
+        ("/x/%2E%2E/%61dmin/", host, 403, None),
+        ("/admin%2Fx", host, 400, None),
+        ("/admin%2fx", host, 400, None),
+        ("/x%5C..%5Cadmin", host, 400, None),
+        ("/x\\..\\admin", host, 400, None),
+        ("/%zz", host, 400, None),
+        // HAProxy refuses an absolute-form target whose authority is not the Host header, so
+        // these go without one (HTTP/1.1 allows that through HAProxy).
+        ("http:/admin", None, 400, None),
+        ("http://host", None, no_path, no_path_app),
+        ("http://host", Some("host"), no_path, no_path_app),
+        ("*", host, 400, None),
+        ("http://server/x/../admin", host, 403, None),
+        ("http://server//ok", host, 200, Some("http://server/ok")),
+        ("/ok", host, 200, Some("/ok")),
+        ("//ok", host, 200, Some("/ok")),
+        ("/%6Fk", host, 200, Some("/ok")),
+        ("/x/../ok", host, 200, Some("/ok")),
+        ("/admin/../ok/./", host, 200, Some("/ok/")),
+        ("/%7Euser//a%2db", host, 200, Some("/~user/a-b")),
+        ("/ok?next=/../admin", host, 200, Some("/ok?next=/../admin")),
+    ];
+    const TIMES: usize = 3;
+    let mut wrong = Vec::new();
+    let mut run = |when: &str| {
+        for (target, host, want, app_sees) in cases {
+            let before = s.app.request_targets().len();
+            let mut got = std::collections::BTreeMap::new();
+            for _ in 0..TIMES {
+                *got.entry(raw_request(&addr, target, *host)).or_insert(0) += 1;
+            }
+            let seen: Vec<String> = s.app.request_targets()[before..].to_vec();
+            eprintln!("{when}: {target:?} host {host:?}: statuses {got:?}, the app saw {seen:?}");
+            if got != std::collections::BTreeMap::from([(*want, TIMES)]) {
+                wrong.push(format!(
+                    "{when}: {target:?}: {got:?}, want {TIMES} x {want}"
+                ));
+            }
+            let want_seen: Vec<String> = app_sees.map_or(vec![], |p| vec![p.to_string(); TIMES]);
+            if seen != want_seen {
+                wrong.push(format!(
+                    "{when}: {target:?}: the app saw {seen:?}, want {TIMES} x {app_sees:?}"
+                ));
+            }
+        }
+    };
+    run("rendered");
+    // A Dataplane API transaction (a new upstream) rewrites haproxy.cfg from its own parse,
+    // which moves the `normalize-uri` rules it does not know to the end of the frontend: the
+    // same paths must get the same answers from HAProxy running that file.
+    let cfg = sidecar_workdir(s.base.path(), "server").join("haproxy.cfg");
+    let reloads_before = reloads(&s.master());
+    s.consul.register(&sidecar_registration(
+        "server",
+        s.app.port(),
+        s.port,
+        &[("elsewhere", free_port())],
+    ));
+    wait_until(
+        Duration::from_secs(30),
+        "the upstream's frontend in haproxy.cfg, and HAProxy reloaded with it",
+        || {
+            std::fs::read_to_string(&cfg).is_ok_and(|c| c.contains("up_svc_elsewhere"))
+                && reloads(&s.master()) > reloads_before
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.sidecar.logs()));
+    let text = std::fs::read_to_string(&cfg).unwrap_or_default();
+    assert!(
+        text.contains("normalize-uri path-merge-slashes") && text.contains("path -m beg /"),
+        "the path rules were lost in the transaction:\n{text}"
+    );
+    run("after a transaction");
+    // Whatever reached the app, in any form, never names the denied prefix.
+    let leaked: Vec<String> = s
+        .app
+        .request_targets()
+        .into_iter()
+        .filter(|t| {
+            let path = target_path(t);
+            normalize_path(path).map_or(true, |p| p.starts_with("/admin"))
+        })
+        .collect();
+    assert!(
+        wrong.is_empty() && leaked.is_empty(),
+        "{}\nthe app saw {leaked:?}\n--- server ---\n{}\n--- client ---\n{}",
+        wrong.join("\n"),
+        s.sidecar.logs(),
+        client.logs()
+    );
+}

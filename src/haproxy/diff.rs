@@ -98,9 +98,11 @@ impl Plan {
             Op::CreateBackend(b) | Op::ReplaceBackend(b) if !b.target.is_empty() => Some(
                 "a discovery-chain target's settings (hashing, timeouts, retries) are not in the Dataplane API's models",
             ),
-            // Its intentions rules are rendered only, and which ones depends on the mode.
-            Op::ReplaceFrontend(f) if f.intentions.is_some() => {
-                Some("the public listener with intentions changes (mode or log format)")
+            // Its rules (paths refused and normalized in http mode, intentions) are rendered
+            // only, and which ones depends on the mode: a replacement through the Dataplane
+            // API would keep the old mode's rules.
+            Op::ReplaceFrontend(f) if f.name == crate::objects::PUBLIC_FRONTEND => {
+                Some("the public listener changes (mode or log format), and its rules are rendered only")
             }
             _ => None,
         })
@@ -563,6 +565,25 @@ mod tests {
         assert!(p.needs_full_render());
         assert_eq!(p.ops[0], Op::DeleteFrontend(gone.name));
         assert!(plan(&with, &with.clone()).is_empty());
+    }
+
+    /// The public listener's rules are rendered only and differ by mode (paths refused and
+    /// normalized in http): a Dataplane API replacement would keep the old mode's, so a mode
+    /// change either way is a full render.
+    #[test]
+    fn a_public_listener_mode_change_is_a_full_render() {
+        let tcp = client();
+        let mut http = tcp.clone();
+        http.public.mode = crate::model::Mode::Http;
+        for (a, b) in [(&tcp, &http), (&http, &tcp)] {
+            let p = plan(a, b);
+            assert!(
+                p.full_render_reason()
+                    .is_some_and(|r| r.contains("public listener")),
+                "{:#?}",
+                p.ops
+            );
+        }
     }
 
     #[test]

@@ -25,6 +25,8 @@ struct AppShared {
     conns: Arc<Mutex<HashMap<u64, TcpStream>>>,
     /// The head of the last request, lower-cased.
     last_head: Arc<Mutex<String>>,
+    /// Every request's target as it arrived (case kept, query included), in order.
+    targets: Arc<Mutex<Vec<String>>>,
     /// A header line every answer carries, set by `set_response_header`.
     response_header: Arc<Mutex<String>>,
     /// How many of the next answers fail, and with which status (`fail_next`).
@@ -50,6 +52,7 @@ impl HttpApp {
             stop: Arc::new(AtomicBool::new(false)),
             conns: Arc::new(Mutex::new(HashMap::new())),
             last_head: Arc::default(),
+            targets: Arc::default(),
             response_header: Arc::default(),
             failing: Arc::default(),
         };
@@ -107,6 +110,12 @@ impl HttpApp {
     /// The head (request line and headers) of the last request, lower-cased.
     pub fn last_request_head(&self) -> String {
         self.shared.last_head.lock().unwrap().clone()
+    }
+
+    /// Every request's target (the request line's second word) exactly as it arrived, in
+    /// order: what a proxy in front really forwarded.
+    pub fn request_targets(&self) -> Vec<String> {
+        self.shared.targets.lock().unwrap().clone()
     }
 
     /// Every answer from now on carries the header `name: value`.
@@ -198,7 +207,14 @@ fn serve_connection(mut conn: TcpStream, shared: &AppShared) {
                 return;
             }
         };
-        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+        let raw_head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+        let target = raw_head
+            .lines()
+            .next()
+            .and_then(|l| l.split(' ').nth(1))
+            .unwrap_or_default()
+            .to_string();
+        let head = raw_head.to_ascii_lowercase();
         let request_line = head.lines().next().unwrap_or_default().to_string();
         let header = |name: &str| {
             head.lines()
@@ -235,6 +251,7 @@ fn serve_connection(mut conn: TcpStream, shared: &AppShared) {
         }
         shared.requests.fetch_add(1, Ordering::SeqCst);
         *shared.last_head.lock().unwrap() = head.clone();
+        shared.targets.lock().unwrap().push(target);
         let path = request_line
             .split_whitespace()
             .nth(1)

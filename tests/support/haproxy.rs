@@ -126,21 +126,28 @@ pub fn wait_public_mode(base: &Path, service: &str, mode: &str) {
 
 /// The HAProxy master's reload count, from its CLI.
 pub fn reloads(master: &Path) -> u32 {
-    // The master re-executes itself on a reload and its socket is briefly gone.
+    // The master re-executes itself on a reload: its socket is briefly gone, or a connection
+    // made just before is closed unanswered. Either way, ask again.
     let deadline = Instant::now() + Duration::from_secs(5);
-    let mut s = loop {
-        match std::os::unix::net::UnixStream::connect(master) {
-            Ok(s) => break s,
+    let out = loop {
+        let asked = std::os::unix::net::UnixStream::connect(master).and_then(|mut s| {
+            s.write_all(b"show proc\n")?;
+            s.shutdown(std::net::Shutdown::Write)?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        });
+        match asked {
+            Ok(out) if out.lines().any(|l| l.contains("master")) => break out,
+            Ok(out) if Instant::now() >= deadline => {
+                panic!("no master line from {}: {out}", master.display())
+            }
             Err(e) if Instant::now() >= deadline => {
                 panic!("master socket {}: {e}", master.display())
             }
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            _ => std::thread::sleep(Duration::from_millis(20)),
         }
     };
-    s.write_all(b"show proc\n").unwrap();
-    s.shutdown(std::net::Shutdown::Write).unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
     out.lines()
         .find(|l| l.split_whitespace().nth(1) == Some("master"))
         .and_then(|l| l.split_whitespace().nth(2))

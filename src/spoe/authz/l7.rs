@@ -134,6 +134,139 @@ pub fn url_path(path: &str) -> &str {
     path.find(['?', '#']).map_or(path, |i| &path[..i])
 }
 
+/// Why a request's path is refused (HTTP 400 in HAProxy, a denial in the agent) before any
+/// permission is looked at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PathRefusal {
+    /// It does not start with `/`: an absolute-form request with no path, `*`, `http:/x`.
+    NotAbsolute,
+    /// A `%` not followed by two hexadecimal digits.
+    BadEscape,
+    /// An encoded `/` or `\` (`%2F`, `%5C`, any case): servers disagree on whether it
+    /// separates segments, so no single form can be judged. Consul 1.20.1+ rejects it too
+    /// (`PathWithEscapedSlashesAction`: REJECT).
+    EscapedSlash,
+    /// A raw `\`, which some servers (WHATWG URL parsers, Windows ones) read as `/`.
+    Backslash,
+}
+
+impl fmt::Display for PathRefusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PathRefusal::NotAbsolute => "the path does not start with /",
+            PathRefusal::BadEscape => "the path has a % not followed by two hex digits",
+            PathRefusal::EscapedSlash => "the path has an encoded slash or backslash (%2F, %5C)",
+            PathRefusal::Backslash => "the path has a backslash",
+        })
+    }
+}
+
+/// The normal form a path is judged and served in, as the public listener's rules make it
+/// (`objects::FrontendSpec::lines`, HAProxy's `normalize-uri`, in this order): percent-encoded
+/// unreserved characters decoded and the other encodings' hex digits upper-cased (RFC 3986
+/// §6.2.2.1-2), `.` and `..` segments removed (§5.2.4, a `..` above the root dropped, a `..`
+/// taking an empty segment as any other), then runs of `/` merged into one, as Envoy does
+/// after `normalize_path` with `merge_slashes`. The result is its own normal form. Input is
+/// the path without the query string.
+pub fn normalize_path(path: &str) -> Result<String, PathRefusal> {
+    if !path.starts_with('/') {
+        return Err(PathRefusal::NotAbsolute);
+    }
+    // Percent-encoding: every `%` begins a valid escape (else refused), so after this pass a
+    // `%` in the output is always one the input had, and `%2F`/`%5C` cannot be made up.
+    let b = path.as_bytes();
+    let mut decoded = String::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let hex = |j: usize| b.get(j).and_then(|c| (*c as char).to_digit(16));
+                let (Some(hi), Some(lo)) = (hex(i + 1), hex(i + 2)) else {
+                    return Err(PathRefusal::BadEscape);
+                };
+                let c = (hi * 16 + lo) as u8;
+                if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
+                    decoded.push(c as char);
+                } else if c == b'/' || c == b'\\' {
+                    return Err(PathRefusal::EscapedSlash);
+                } else {
+                    decoded.push('%');
+                    decoded.push_str(&format!("{c:02X}"));
+                }
+                i += 3;
+            }
+            b'\\' => return Err(PathRefusal::Backslash),
+            _ => {
+                // Copy the run up to the next byte of interest whole: `path` is UTF-8 and
+                // both stops are ASCII, so the run is too.
+                let end = b[i..]
+                    .iter()
+                    .position(|c| matches!(c, b'%' | b'\\'))
+                    .map_or(b.len(), |n| i + n);
+                decoded.push_str(&path[i..end]);
+                i = end;
+            }
+        }
+    }
+    // Dot segments: a stack of the segments after the leading `/`. A final `.` or `..` leaves
+    // a trailing slash (`/a/b/..` is `/a/`).
+    let mut kept: Vec<&str> = Vec::new();
+    let mut trailing = false;
+    let segments: Vec<&str> = decoded[1..].split('/').collect();
+    let last = segments.len() - 1;
+    for (n, seg) in segments.into_iter().enumerate() {
+        match seg {
+            "." => trailing = n == last,
+            ".." => {
+                kept.pop();
+                trailing = n == last;
+            }
+            s => kept.push(s),
+        }
+    }
+    let mut out = String::with_capacity(decoded.len());
+    for seg in &kept {
+        // Merging slashes: an empty segment adds nothing.
+        if !seg.is_empty() {
+            out.push('/');
+            out.push_str(seg);
+        }
+    }
+    // A path that ended in `/` (its last segment empty), or in a dot segment, keeps one.
+    if out.is_empty() || trailing || kept.last().is_some_and(|s| s.is_empty()) {
+        out.push('/');
+    }
+    Ok(out)
+}
+
+/// A request as the permissions judge it: its path in normal form (`normalize_path`), the
+/// rest as it came.
+pub struct Normalized<'a> {
+    req: &'a dyn Request,
+    path: String,
+}
+
+impl<'a> Normalized<'a> {
+    pub fn new(req: &'a dyn Request) -> Result<Normalized<'a>, PathRefusal> {
+        Ok(Normalized {
+            path: normalize_path(req.path())?,
+            req,
+        })
+    }
+}
+
+impl Request for Normalized<'_> {
+    fn method(&self) -> &str {
+        self.req.method()
+    }
+    fn path(&self) -> &str {
+        &self.path
+    }
+    fn header(&self, lower_name: &str) -> Option<String> {
+        self.req.header(lower_name)
+    }
+}
+
 /// A regex that must match the whole subject, as RE2's FullMatch in Envoy's `safe_regex`.
 fn full_regex(pattern: &str) -> Result<Regex, String> {
     Regex::new(&format!("^(?:{pattern})$")).map_err(|e| format!("regex {pattern:?}: {e}"))

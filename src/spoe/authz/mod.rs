@@ -567,7 +567,22 @@ impl AuthzTable {
         if let Err(why) = self.check_trust_domain(&id) {
             return Decision::deny(why, src);
         }
-        let what = format!("{} {}", req.method(), req.path());
+        // Judged in the form the app is given (the public listener forwards the path
+        // normalized), whatever form HAProxy sent: a path it could not be judged in is denied,
+        // as the listener refuses it with 400 before asking.
+        let sent = req.path();
+        let normalized = match l7::Normalized::new(req) {
+            Ok(n) => n,
+            Err(why) => {
+                return Decision::deny(format!("{} {sent}: {why}", req.method()), src);
+            }
+        };
+        let req: &dyn l7::Request = &normalized;
+        let what = if req.path() == sent {
+            format!("{} {sent}", req.method())
+        } else {
+            format!("{} {sent} (as {})", req.method(), req.path())
+        };
         let service = &id.service;
         let default = |why: String, key: String| Decision {
             allow: self.default_policy.allows(),

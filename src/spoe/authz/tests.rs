@@ -733,6 +733,14 @@ fn the_fast_map_allows_only_what_the_agent_allows() {
             true,
             serde_json::json!([perm("allow", serde_json::json!({}))]),
         ),
+        (
+            "deny a prefix, allow the rest",
+            true,
+            serde_json::json!([
+                perm("deny", serde_json::json!({"PathPrefix": "/admin"})),
+                perm("allow", serde_json::json!({"PathPrefix": "/"}))
+            ]),
+        ),
     ];
     let requests = [
         ("GET", "/api/x"),
@@ -759,7 +767,36 @@ fn the_fast_map_allows_only_what_the_agent_allows() {
         ("GET", "/f"),
         ("DELETE", "/"),
         ("get", "/api/x"),
+        // Paths not in normal form: HAProxy forwards their normal form, so that is what both
+        // judge; or refuses them with 400 (the agent denies them).
+        ("GET", "//admin"),
+        ("GET", "/./admin"),
+        ("GET", "/x/../admin"),
+        ("GET", "/%61dmin"),
+        ("GET", "/x/%2e%2e/admin"),
+        ("GET", "/api/../admin"),
+        ("GET", "//api/x"),
+        ("GET", "/%61pi/x"),
+        ("GET", "/api/./x"),
+        ("GET", "/api/x/.."),
+        ("GET", "/a%2Eb"),
+        ("GET", "/v2/../vx"),
+        ("GET", "/q/."),
+        ("GET", "/admin%2Fx"),
+        ("GET", "/api%5cx"),
+        ("GET", "/api\\x"),
+        ("GET", "/api/%zz"),
+        ("GET", "*"),
+        ("GET", ""),
     ];
+    // What HAProxy does before it looks the map up (`objects::FrontendSpec::lines`): paths
+    // that cannot be judged in one form get 400; one that may not be in normal form skips the
+    // map (`hcc_odd_path`), so the map only ever sees a path equal to its normal form.
+    let odd = |p: &str| {
+        use crate::objects::{ODD_PATH_ENDS, ODD_PATH_PARTS};
+        ODD_PATH_PARTS.split(' ').any(|x| p.contains(x))
+            || ODD_PATH_ENDS.split(' ').any(|x| p.ends_with(x))
+    };
     let client =
         "spiffe://11111111-2222-3333-4444-555555555555.consul/ns/default/dc/dc1/svc/client";
     let mut wrong = Vec::new();
@@ -780,14 +817,38 @@ fn the_fast_map_allows_only_what_the_agent_allows() {
                         headers: vec![],
                     },
                 );
-                let fast = fast_lookup(&map, &key, method, path);
+                let normal = l7::normalize_path(l7::url_path(path));
+                let Ok(normal) = normal else {
+                    // Refused with 400 by HAProxy; the agent must not allow it either.
+                    if agent.allow {
+                        wrong.push(format!("{name}: {method} {path:?}: refused by HAProxy, allowed by the agent: {}", agent.reason));
+                    }
+                    continue;
+                };
+                // The decision never depends on the form the path came in.
+                let as_forwarded = t.decide_request(
+                    client,
+                    &l7::SimpleRequest {
+                        method: method.into(),
+                        path: normal.clone(),
+                        headers: vec![],
+                    },
+                );
+                if as_forwarded.allow != agent.allow {
+                    wrong.push(format!("{name}: {method} {path:?}: the agent allows it {} and its normal form {normal:?} {}", agent.allow, as_forwarded.allow));
+                }
+                let fast = if odd(path) {
+                    "agent".to_string()
+                } else {
+                    fast_lookup(&map, &key, method, path)
+                };
                 if fast == "allow" {
                     taken += 1;
                     if !agent.allow {
                         wrong.push(format!("{name} (default allow {default_allow}): {method} {path}: map allows, agent: {}", agent.reason));
                     }
                 }
-                if *exact && agent.allow && fast != "allow" {
+                if *exact && agent.allow && fast != "allow" && !odd(path) {
                     wrong.push(format!("{name} (default allow {default_allow}): {method} {path}: agent allows, map says {fast}"));
                 }
             }

@@ -165,3 +165,131 @@ fn url_path_drops_the_query() {
     assert_eq!(url_path("/a#f"), "/a");
     assert_eq!(url_path("/a"), "/a");
 }
+
+/// Each path and the normal form HAProxy 2.6's `normalize-uri` chain (`objects::NORMALIZE`)
+/// gave it on a real HAProxy (and `objects::tests::haproxy_normalizes_paths_as_the_agent_does`
+/// keeps checking).
+#[test]
+fn normal_forms() {
+    #[rustfmt::skip]
+    let cases = [
+        ("/", "/"),
+        ("/admin", "/admin"),
+        ("//admin", "/admin"),
+        ("/./admin", "/admin"),
+        ("/x/../admin", "/admin"),
+        ("/%61dmin", "/admin"),
+        ("/x/%2e%2e/admin", "/admin"),
+        ("/x/%2E./admin", "/admin"),
+        ("/.%2e/admin", "/admin"),
+        ("/../../admin", "/admin"),
+        ("/a/b/./../c/./d/..", "/a/c/"),
+        ("/./../.", "/"),
+        ("//../a", "/a"),
+        // A `..` takes the empty segment before it, then slashes merge.
+        ("/a//../b", "/a/b"),
+        ("/a/..//b", "/b"),
+        ("/a/.//..", "/a/"),
+        ("/a//b/../c", "/a/c"),
+        ("/a/./", "/a/"),
+        ("/a/.", "/a/"),
+        ("/a/..", "/"),
+        ("/..", "/"),
+        ("/./", "/"),
+        ("//", "/"),
+        ("/a//", "/a/"),
+        ("/a/b/c/../../..", "/"),
+        ("/a/b/c/../../../..", "/"),
+        // Dots that are not whole segments stay.
+        ("/...", "/..."),
+        ("/.../a/..", "/.../"),
+        ("/a/.b/..", "/a/"),
+        ("/a.", "/a."),
+        ("/.a", "/.a"),
+        ("/a/%2e.%2E", "/a/..."),
+        ("/~user/..%2e/x", "/~user/.../x"),
+        ("/%2E", "/"),
+        ("/%2e%2E", "/"),
+        ("/%2e/%2e%2e/", "/"),
+        // Unreserved characters decoded, other escapes upper-cased and kept.
+        ("/%41%5a%7a%30", "/AZz0"),
+        ("/%7e%7E%2d%5F", "/~~-_"),
+        ("/a/%7Eb", "/a/~b"),
+        ("/a%3a%3A", "/a%3A%3A"),
+        ("/%c3%a9", "/%C3%A9"),
+        ("/%7F", "/%7F"),
+        ("/a%00b", "/a%00b"),
+        ("/a%20b", "/a%20b"),
+        // Not decoded twice: `%25` is `%`, reserved.
+        ("/%2561dmin", "/%2561dmin"),
+        ("/a%252F", "/a%252F"),
+        ("/a/'b'", "/a/'b'"),
+        ("/a;b=c/d", "/a;b=c/d"),
+    ];
+    let mut wrong = Vec::new();
+    for (path, want) in cases {
+        match normalize_path(path) {
+            Ok(got) if got == want => {}
+            other => wrong.push(format!("{path:?}: {other:?}, want {want:?}")),
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+#[test]
+fn paths_that_cannot_be_judged_in_one_form_are_refused() {
+    use PathRefusal::*;
+    #[rustfmt::skip]
+    let cases = [
+        ("", NotAbsolute),
+        ("*", NotAbsolute),
+        ("admin", NotAbsolute),
+        ("http://host", NotAbsolute),
+        ("http:/admin", NotAbsolute),
+        ("/admin%2Fx", EscapedSlash),
+        ("/admin%2fx", EscapedSlash),
+        ("/a/..%2F..%2Fadmin", EscapedSlash),
+        ("/admin%5Cx", EscapedSlash),
+        ("/admin%5cx", EscapedSlash),
+        ("/a\\..\\admin", Backslash),
+        ("/%zz", BadEscape),
+        ("/a%", BadEscape),
+        ("/a%2", BadEscape),
+        ("/a%2g", BadEscape),
+        ("/a%g2", BadEscape),
+        ("/%u0061", BadEscape),
+        ("/%+1", BadEscape),
+    ];
+    for (path, want) in cases {
+        assert_eq!(normalize_path(path), Err(want), "{path:?}");
+    }
+}
+
+/// The normal form is a fixed point, so judging a path HAProxy already normalized changes
+/// nothing; over the table and over paths made of the characters that matter.
+#[test]
+fn a_normal_form_is_its_own_normal_form() {
+    let alphabet = [
+        '/', '/', '.', '.', '%', '2', 'e', 'E', 'f', 'F', '6', '1', 'a', '5', 'c',
+    ];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut normalized = 0;
+    for _ in 0..20_000 {
+        let mut p = String::from("/");
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let len = 1 + (x % 12) as usize;
+        let mut y = x;
+        for _ in 0..len {
+            p.push(alphabet[(y % alphabet.len() as u64) as usize]);
+            y /= alphabet.len() as u64;
+        }
+        if let Ok(n) = normalize_path(&p) {
+            normalized += 1;
+            assert_eq!(normalize_path(&n), Ok(n.clone()), "{p:?} gave {n:?}");
+            assert!(n.starts_with('/'), "{p:?} gave {n:?}");
+        }
+    }
+    assert!(normalized > 5_000, "only {normalized} paths were normal");
+}
