@@ -95,6 +95,9 @@ pub struct BindSpec {
     /// `proto h2`: HTTP/2 without TLS (h2c), for an exposed `http2` path. Not in v1.2.5's bind
     /// model either; full render only.
     pub h2: bool,
+    /// `alpn h2,http/1.1` on an http public listener: a peer sidecar may speak HTTP/2 (gRPC
+    /// over the mesh), any other HTTP/1.1. In v1.2.5's bind model.
+    pub alpn: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -113,6 +116,10 @@ pub struct ServerSpec {
     /// The backend's `verifyhost`, which a server of the file inherits from its
     /// `default-server` line but a dynamic server (`add server`) must be given itself.
     pub verifyhost: Option<String>,
+    /// `alpn h2` towards a peer sidecar of an HTTP/2 destination. Not in v1.2.5's server
+    /// model: a server with it is only ever created or replaced by a full render or the
+    /// runtime API (`add server` takes it).
+    pub alpn: Option<String>,
 }
 
 fn mesh_tls(d: &Desired) -> MeshTls {
@@ -148,6 +155,7 @@ pub fn public_bind(d: &Desired) -> BindSpec {
         unix_mode: None,
         tls: Some(mesh_tls(d)),
         h2: false,
+        alpn: (d.public.mode == Mode::Http).then(|| "h2,http/1.1".to_string()),
     }
 }
 
@@ -171,8 +179,10 @@ pub fn local_server(p: &Public) -> ServerSpec {
         weight: None,
         tls: None,
         maintenance: false,
-        h2: false,
+        // gRPC servers speak HTTP/2 in clear text only (h2c with prior knowledge).
+        h2: p.h2,
         verifyhost: None,
+        alpn: None,
     }
 }
 
@@ -216,7 +226,10 @@ pub fn upstream_bind(u: &UpstreamListener) -> BindSpec {
         port: u.socket.is_none().then_some(u.bind_port),
         unix_mode: u.socket.as_ref().and_then(|s| s.mode.clone()),
         tls: None,
+        // A local gRPC client's h2c preface is recognised by HAProxy's http mode by itself,
+        // and HTTP/1.1 clients keep working on the same port.
         h2: false,
+        alpn: None,
     }
 }
 
@@ -243,15 +256,26 @@ pub fn target_backend(u: &UpstreamListener, t: &TargetBackend) -> BackendSpec {
     }
 }
 
-pub fn target_server(d: &Desired, t: &TargetBackend, slot: &Slot) -> ServerSpec {
-    slot_server(d, &t.backend, slot, t.verifyhost.as_ref())
+pub fn target_server(
+    d: &Desired,
+    u: &UpstreamListener,
+    t: &TargetBackend,
+    slot: &Slot,
+) -> ServerSpec {
+    slot_server(d, &t.backend, slot, t.verifyhost.as_ref(), u.h2)
 }
 
 pub fn upstream_server(d: &Desired, u: &UpstreamListener, slot: &Slot) -> ServerSpec {
-    slot_server(d, &u.backend, slot, u.verifyhost.as_ref())
+    slot_server(d, &u.backend, slot, u.verifyhost.as_ref(), u.h2)
 }
 
-fn slot_server(d: &Desired, backend: &str, slot: &Slot, verifyhost: Option<&String>) -> ServerSpec {
+fn slot_server(
+    d: &Desired,
+    backend: &str,
+    slot: &Slot,
+    verifyhost: Option<&String>,
+    h2: bool,
+) -> ServerSpec {
     let (address, port, weight) = match &slot.instance {
         Some(s) => (s.address.to_string(), s.port, s.weight),
         None => (FREE_SLOT_ADDRESS.to_string(), FREE_SLOT_PORT, 1),
@@ -268,6 +292,7 @@ fn slot_server(d: &Desired, backend: &str, slot: &Slot, verifyhost: Option<&Stri
         maintenance: !slot.instance.as_ref().is_some_and(Server::in_service),
         h2: false,
         verifyhost: verifyhost.cloned(),
+        alpn: h2.then(|| "h2".to_string()),
     }
 }
 
@@ -294,6 +319,7 @@ pub fn exposed_bind(e: &ExposedListener) -> BindSpec {
         unix_mode: None,
         tls: None,
         h2: e.http2,
+        alpn: None,
     }
 }
 
@@ -319,6 +345,7 @@ pub fn exposed_server(e: &ExposedListener) -> ServerSpec {
         maintenance: false,
         h2: e.http2,
         verifyhost: None,
+        alpn: None,
     }
 }
 
@@ -732,6 +759,9 @@ impl BindSpec {
         if let Some(t) = &self.tls {
             s.push_str(&format!(" ssl {}", t.options()));
         }
+        if let Some(a) = &self.alpn {
+            s.push_str(&format!(" alpn {a}"));
+        }
         if self.h2 {
             s.push_str(" proto h2");
         }
@@ -777,6 +807,9 @@ impl ServerSpec {
                 s.push_str(&format!(" weight {w}"));
             }
             s.push_str(&format!(" {}", t.options()));
+            if let Some(a) = &self.alpn {
+                s.push_str(&format!(" alpn {a}"));
+            }
         } else if let Some(w) = self.weight {
             s.push_str(&format!(" weight {w}"));
         }
@@ -822,7 +855,8 @@ pub fn sections(d: &Desired) -> Vec<Section> {
             lines: upstream_backend(d, u).lines(&servers),
         });
         for t in u.routing.iter().flat_map(|r| r.targets.iter()) {
-            let servers: Vec<ServerSpec> = t.slots.iter().map(|s| target_server(d, t, s)).collect();
+            let servers: Vec<ServerSpec> =
+                t.slots.iter().map(|s| target_server(d, u, t, s)).collect();
             out.push(Section {
                 comment: Some(comment(&target_comment(t))),
                 header: format!("backend {}", t.backend),
@@ -1040,6 +1074,7 @@ mod tests {
             unix_mode: None,
             tls: None,
             h2: false,
+            alpn: None,
         };
         let mut lines = f.lines(&bind);
         // What the app would be sent: the path after every rule, echoed.

@@ -259,6 +259,16 @@ mod tests {
         leaf: &str,
         intentions: bool,
     ) -> (PathBuf, Vec<File>) {
+        render_snapshot_into(version, proxy, &snapshot(version, proxy, leaf), intentions)
+    }
+
+    /// `snap` rendered into a fresh directory, files written; the directory and the files.
+    fn render_snapshot_into(
+        version: &str,
+        proxy: &str,
+        snap: &crate::snapshot::Snapshot,
+        intentions: bool,
+    ) -> (PathBuf, Vec<File>) {
         static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let dir = std::env::temp_dir().join(format!(
@@ -267,12 +277,7 @@ mod tests {
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("certs")).unwrap();
-        let d = build(
-            &snapshot(version, proxy, leaf),
-            &settings_in(&dir, intentions),
-            None,
-        )
-        .unwrap();
+        let d = build(snap, &settings_in(&dir, intentions), None).unwrap();
         let files = render(&d, &creds(), &Templates::builtin()).unwrap();
         for f in &files {
             std::fs::write(&f.path, &f.contents).unwrap();
@@ -412,6 +417,34 @@ mod tests {
             "rendered files differ from the golden ones (review, then UPDATE_GOLDEN=1 cargo test --lib golden):\n{}",
             differ.join("\n")
         );
+    }
+
+    /// gRPC on both sides (h2 offered on the public listener, h2c to the app, `alpn h2` to
+    /// the upstream's sidecars), with intentions: HAProxy loads it, without a warning.
+    #[test]
+    fn a_grpc_sidecar_passes_haproxy_check() {
+        for v in CONSUL_VERSIONS {
+            let mut snap = snapshot(v, "client-sidecar-proxy", "ca-leaf-client.json");
+            let proxy = snap.registration.as_mut().unwrap().proxy.as_mut().unwrap();
+            proxy.config.insert("protocol".into(), "grpc".into());
+            proxy.upstreams[0]
+                .config
+                .insert("protocol".into(), "grpc".into());
+            let (dir, files) = render_snapshot_into(v, "grpc-client", &snap, true);
+            let cfg = &files.last().unwrap().contents;
+            assert!(
+                cfg.contains(" alpn h2 ") || cfg.contains(" alpn h2\n"),
+                "{cfg}"
+            );
+            let out = haproxy_check(&dir.join("haproxy.cfg"));
+            let said = String::from_utf8_lossy(&out.stderr).into_owned()
+                + &String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && !said.contains("WARNING"),
+                "{v}: {said}\n{cfg}"
+            );
+            let _ = std::fs::remove_dir_all(&dir);
+        }
     }
 
     /// An http public listener with intentions: HAProxy loads the per-request rules and

@@ -327,6 +327,9 @@ fn bind(b: &BindSpec) -> Value {
         v["ssl_cafile"] = json!(tls.ca_file);
         v["verify"] = json!("required");
     }
+    if let Some(alpn) = &b.alpn {
+        v["alpn"] = json!(alpn);
+    }
     v
 }
 

@@ -86,9 +86,12 @@ impl Plan {
             Op::CreateBind(b) | Op::ReplaceBind(b) if b.h2 => {
                 Some("an http2 exposed path needs `proto h2`, which the Dataplane API cannot set")
             }
-            Op::CreateServer(s) | Op::ReplaceServer(s) if s.h2 => {
-                Some("an http2 exposed path needs `proto h2`, which the Dataplane API cannot set")
-            }
+            Op::CreateServer(s) | Op::ReplaceServer(s) if s.h2 => Some(
+                "an HTTP/2 app or exposed path needs `proto h2`, which the Dataplane API cannot set",
+            ),
+            Op::CreateServer(s) | Op::ReplaceServer(s) if s.alpn.is_some() => Some(
+                "an HTTP/2 upstream's servers need `alpn h2`, which the Dataplane API cannot set",
+            ),
             Op::CreateBackend(b) | Op::ReplaceBackend(b) if b.verifyhost.is_some() => Some(
                 "an upstream's servers get a certificate name to check (verifyhost), which the Dataplane API cannot set",
             ),
@@ -176,7 +179,7 @@ fn create_upstream(d: &Desired, u: &UpstreamListener) -> Vec<Op> {
         ops.extend(
             t.slots
                 .iter()
-                .map(|s| Op::CreateServer(target_server(d, t, s))),
+                .map(|s| Op::CreateServer(target_server(d, u, t, s))),
         );
     }
     ops.push(Op::CreateFrontend(upstream_frontend(d, u)));
@@ -280,8 +283,8 @@ pub fn plan(applied: &Desired, desired: &Desired) -> Plan {
             plan_slots(
                 (&ot.backend, &ot.slots),
                 &nt.slots,
-                (&|s| target_server(applied, ot, s), &|s| {
-                    target_server(desired, nt, s)
+                (&|s| target_server(applied, old, ot, s), &|s| {
+                    target_server(desired, new, nt, s)
                 }),
                 &mut deletes,
                 &mut creates,

@@ -175,6 +175,7 @@ mod tests {
             maintenance,
             h2: false,
             verifyhost: None,
+            alpn: None,
         }
     }
 

@@ -317,6 +317,7 @@ mod tests {
             bind_address: "0.0.0.0".into(),
             bind_port: 21000,
             mode: super::super::Mode::Tcp,
+            h2: false,
             app_address: "127.0.0.1".into(),
             app_port: 8080,
             connect_timeout_ms: crate::value::Millis::constant(5000),

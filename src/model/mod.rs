@@ -118,6 +118,8 @@ pub struct Public {
     pub bind_address: Address,
     pub bind_port: u16,
     pub mode: Mode,
+    /// The app speaks HTTP/2 in clear text (h2c), as gRPC servers do: `protocol` http2 or grpc.
+    pub h2: bool,
     pub app_address: Address,
     pub app_port: u16,
     pub connect_timeout_ms: Millis,
@@ -137,6 +139,9 @@ pub struct UpstreamListener {
     /// Set when the listener is a unix socket (`LocalBindSocketPath`).
     pub socket: Option<UnixSocket>,
     pub mode: Mode,
+    /// The destination speaks HTTP/2 (`protocol` http2 or grpc): its servers are asked for h2
+    /// by ALPN, so one client connection's requests go each to an instance of their own.
+    pub h2: bool,
     pub connect_timeout_ms: Millis,
     /// The backend's server slots, `s0`, `s1`, …: an instance keeps its slot while it lives,
     /// so churn changes slots in place (live, through the runtime API) instead of adding and
@@ -406,6 +411,7 @@ pub fn build(
             None => reg.port,
         },
         mode: public_mode(proxy),
+        h2: protocol_of(&proxy.config).h2(),
         app_address: match non_empty(&proxy.local_service_address) {
             Some(a) => Address::parse("Proxy.LocalServiceAddress", &a).map_err(refused)?,
             None => DEFAULT_LOCAL_APP,
@@ -629,7 +635,8 @@ fn upstream(
     // The upstream's own protocol wins; without one, the chain's (service-defaults) applies.
     let protocol = config_str(&u.config, "protocol")
         .or_else(|| chain.map(|c| c.protocol.clone()).filter(|p| !p.is_empty()));
-    let listener_mode = mode(protocol.as_deref());
+    let listener_protocol = Protocol::parse(protocol.as_deref());
+    let listener_mode = listener_protocol.mode();
     let connect_timeout = timeout_setting(
         &u.config,
         "connect_timeout_ms",
@@ -674,6 +681,7 @@ fn upstream(
         bind_port,
         socket,
         mode: listener_mode,
+        h2: listener_protocol.h2(),
         connect_timeout_ms: connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
         slots,
         identity,
@@ -995,14 +1003,44 @@ fn parse_cert(pem_block: &str) -> std::result::Result<(), String> {
 /// The mode of the public listener a proxy registration asks for (its `protocol`, which current
 /// Consul fills in from service-defaults).
 pub fn public_mode(proxy: &crate::consul::api::ProxyConfig) -> Mode {
-    mode(config_str(&proxy.config, "protocol").as_deref())
+    protocol_of(&proxy.config).mode()
 }
 
-fn mode(protocol: Option<&str>) -> Mode {
-    match protocol.map(str::to_ascii_lowercase).as_deref() {
-        Some("http") => Mode::Http,
-        // http2 and grpc pass through as TCP: HAProxy then carries any protocol unchanged.
-        _ => Mode::Tcp,
+fn protocol_of(config: &BTreeMap<String, Value>) -> Protocol {
+    Protocol::parse(config_str(config, "protocol").as_deref())
+}
+
+/// What Consul says a service speaks (`protocol` of the proxy, the upstream or the chain).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Tcp,
+    Http,
+    Http2,
+    Grpc,
+}
+
+impl Protocol {
+    /// Consul's names; anything else is carried as opaque TCP, as Consul's default.
+    pub fn parse(protocol: Option<&str>) -> Protocol {
+        match protocol.map(str::to_ascii_lowercase).as_deref() {
+            Some("http") => Protocol::Http,
+            Some("http2") => Protocol::Http2,
+            Some("grpc") => Protocol::Grpc,
+            _ => Protocol::Tcp,
+        }
+    }
+
+    /// HTTP/2 and gRPC are HTTP to HAProxy: requests balanced, routed and judged one by one.
+    pub fn mode(self) -> Mode {
+        match self {
+            Protocol::Tcp => Mode::Tcp,
+            Protocol::Http | Protocol::Http2 | Protocol::Grpc => Mode::Http,
+        }
+    }
+
+    /// Whether the service speaks HTTP/2 only (h2c towards a local app, h2 between sidecars).
+    pub fn h2(self) -> bool {
+        matches!(self, Protocol::Http2 | Protocol::Grpc)
     }
 }
 

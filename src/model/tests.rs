@@ -686,7 +686,7 @@ fn chain_targets_are_admitted_by_their_own_services_identity() {
                 assert_eq!(i.identity, t.identity, "{v}");
                 assert_eq!(i.admission, Admission::Unproven, "{v}");
                 assert!(
-                    crate::objects::target_server(&d, t, slot).maintenance,
+                    crate::objects::target_server(&d, &d.upstreams[0], t, slot).maintenance,
                     "{v}"
                 );
             }
@@ -708,11 +708,49 @@ fn chain_targets_are_admitted_by_their_own_services_identity() {
         for t in &d2.upstreams[0].routing.as_ref().unwrap().targets {
             for slot in t.slots.iter().filter(|s| s.instance.is_some()) {
                 assert!(
-                    !crate::objects::target_server(&d2, t, slot).maintenance,
+                    !crate::objects::target_server(&d2, &d2.upstreams[0], t, slot).maintenance,
                     "{v}"
                 );
             }
         }
         assert!(d2.live_instances()[&d2.upstreams[0].name] > 0);
+    }
+}
+
+/// `protocol` http2 or grpc: HTTP mode on both sides, h2c towards the app, `alpn h2` towards
+/// the destination's sidecars, h2 offered on the public listener; http keeps HTTP/1.1 towards
+/// the app and its upstreams; tcp stays tcp. HAProxy loads the result (`render`'s tests check
+/// every rendered file with `haproxy -c`; this one checks the lines).
+#[test]
+fn grpc_and_http2_are_http_with_h2_on_each_hop() {
+    for (protocol, mode, h2) in [
+        ("grpc", Mode::Http, true),
+        ("http2", Mode::Http, true),
+        ("http", Mode::Http, false),
+        ("tcp", Mode::Tcp, false),
+        ("redis", Mode::Tcp, false),
+    ] {
+        let mut s = snapshot(
+            super::fixtures::ANY,
+            "client-sidecar-proxy",
+            "ca-leaf-client.json",
+        );
+        let proxy = s.registration.as_mut().unwrap().proxy.as_mut().unwrap();
+        proxy.config.insert("protocol".into(), protocol.into());
+        up(&mut s).config.insert("protocol".into(), protocol.into());
+        let d = build(&s, &settings(), None).unwrap();
+        assert_eq!((d.public.mode, d.public.h2), (mode, h2), "{protocol}");
+        let u = &d.upstreams[0];
+        assert_eq!((u.mode, u.h2), (mode, h2), "{protocol}");
+        let app = crate::objects::local_server(&d.public).line();
+        assert_eq!(app.ends_with(" proto h2"), h2, "{protocol}: {app}");
+        let server = crate::objects::upstream_server(&d, u, &u.slots[0]).line();
+        assert_eq!(server.contains(" alpn h2"), h2, "{protocol}: {server}");
+        let bind = crate::objects::public_bind(&d).line();
+        assert_eq!(
+            bind.contains(" alpn h2,http/1.1"),
+            mode == Mode::Http,
+            "{protocol}: {bind}"
+        );
     }
 }
