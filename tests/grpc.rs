@@ -146,6 +146,24 @@ impl GrpcMesh {
     }
 }
 
+/// An L7 intention from `client` to `server` that allows `methods` and denies every other.
+fn allow_only(consul: &Consul, methods: &[&str]) {
+    let mut permissions: Vec<Value> = methods
+        .iter()
+        .map(|m| serde_json::json!({"Action": "allow", "HTTP": {"PathExact": m}}))
+        .collect();
+    permissions.push(serde_json::json!({"Action": "deny", "HTTP": {"PathPrefix": "/"}}));
+    consul.set_intentions(
+        "server",
+        &[IntentionSpec {
+            source: "client".into(),
+            action: None,
+            peer: None,
+            permissions: Some(Value::Array(permissions)),
+        }],
+    );
+}
+
 #[test]
 fn the_calls_of_one_channel_are_balanced_over_every_instance() {
     let mesh = GrpcMesh::start(false);
@@ -213,19 +231,7 @@ fn l7_intentions_allow_one_method_deny_another_and_streams_survive_churn() {
         return;
     }
     let mesh = GrpcMesh::start(true);
-    mesh.consul.set_intentions(
-        "server",
-        &[IntentionSpec {
-            source: "client".into(),
-            action: None,
-            peer: None,
-            permissions: Some(serde_json::json!([
-                {"Action": "allow", "HTTP": {"PathExact": "/hcc.Test/Echo"}},
-                {"Action": "allow", "HTTP": {"PathExact": "/hcc.Test/Stream"}},
-                {"Action": "deny", "HTTP": {"PathPrefix": "/"}},
-            ])),
-        }],
-    );
+    allow_only(&mesh.consul, &["/hcc.Test/Echo", "/hcc.Test/Stream"]);
     wait_until(Duration::from_secs(30), "Other to be denied", || {
         calls(&mesh.upstream, "/hcc.Test/Other", 2).1 == vec![("PERMISSION_DENIED".to_string(), 2)]
     })
@@ -271,18 +277,7 @@ fn l7_intentions_allow_one_method_deny_another_and_streams_survive_churn() {
     );
 
     // A change that denies the stream's method: a new stream ends with PERMISSION_DENIED.
-    mesh.consul.set_intentions(
-        "server",
-        &[IntentionSpec {
-            source: "client".into(),
-            action: None,
-            peer: None,
-            permissions: Some(serde_json::json!([
-                {"Action": "allow", "HTTP": {"PathExact": "/hcc.Test/Echo"}},
-                {"Action": "deny", "HTTP": {"PathPrefix": "/"}},
-            ])),
-        }],
-    );
+    allow_only(&mesh.consul, &["/hcc.Test/Echo"]);
     wait_until(Duration::from_secs(30), "a new stream to be denied", || {
         let out = Command::new(grpc_python())
             .arg(grpc_app())
