@@ -144,6 +144,10 @@ pub struct RouteDestination {
     pub retry_on_connect_failure: bool,
     #[serde(default, deserialize_with = "null_as_default")]
     pub retry_on_status_codes: Vec<u32>,
+    /// Envoy's retry conditions by name (Consul 1.15+): `reset`, `gateway-error`, the gRPC
+    /// statuses `unavailable`, `cancelled`, ….
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub retry_on: Vec<String>,
     /// Consul 1.10+.
     #[serde(flatten)]
     pub headers: HeaderChanges,

@@ -576,14 +576,44 @@ fn lb_policy(
 const RETRYABLE_STATUSES: [u32; 10] = [401, 403, 404, 408, 425, 500, 501, 502, 503, 504];
 
 fn retries(d: &RouteDestination, warnings: &mut Vec<String>) -> Option<Retries> {
-    if d.num_retries == 0 && !d.retry_on_connect_failure && d.retry_on_status_codes.is_empty() {
+    if d.num_retries == 0
+        && !d.retry_on_connect_failure
+        && d.retry_on_status_codes.is_empty()
+        && d.retry_on.is_empty()
+    {
         return None;
     }
     let mut on = Vec::new();
     if d.retry_on_connect_failure {
         on.push("conn-failure".to_string());
     }
+    for condition in &d.retry_on {
+        let keywords: &[&str] = match condition.as_str() {
+            "connect-failure" => &["conn-failure"],
+            // Envoy's reset: the connection failed, was reset or timed out before the
+            // response began.
+            "reset" => &["conn-failure", "empty-response", "response-timeout"],
+            "gateway-error" => &["502", "503", "504"],
+            // gRPC statuses travel in trailers, which HAProxy's retry-on cannot read; the
+            // others have no HAProxy condition either.
+            other => {
+                warnings.push(format!(
+                    "RetryOn {:?} has no HAProxy retry condition (gRPC statuses arrive in trailers HAProxy cannot retry on); ignored",
+                    crate::value::comment(other)
+                ));
+                &[]
+            }
+        };
+        for k in keywords {
+            if !on.iter().any(|o| o == k) {
+                on.push(k.to_string());
+            }
+        }
+    }
     for s in &d.retry_on_status_codes {
+        if on.contains(&s.to_string()) {
+            continue;
+        }
         if RETRYABLE_STATUSES.contains(s) {
             on.push(s.to_string());
         } else {
@@ -859,5 +889,34 @@ mod tests {
         assert_eq!(duration_ms("1.5s"), Some(1500));
         assert_eq!(duration_ms(""), None);
         assert_eq!(duration_ms("5x"), None);
+    }
+
+    #[test]
+    fn retry_conditions_map_to_haproxys_and_grpc_statuses_are_named() {
+        let d = RouteDestination {
+            num_retries: 2,
+            retry_on: ["reset", "gateway-error", "unavailable", "cancelled"]
+                .map(String::from)
+                .to_vec(),
+            retry_on_status_codes: vec![503, 418],
+            ..RouteDestination::default()
+        };
+        let mut warnings = Vec::new();
+        let r = retries(&d, &mut warnings).unwrap();
+        assert_eq!(r.count, 2);
+        assert_eq!(
+            r.on,
+            [
+                "conn-failure",
+                "empty-response",
+                "response-timeout",
+                "502",
+                "503",
+                "504"
+            ]
+        );
+        assert_eq!(warnings.len(), 3, "{warnings:?}");
+        assert!(warnings[0].contains("\"unavailable\""), "{warnings:?}");
+        assert!(warnings[2].contains("418"), "{warnings:?}");
     }
 }
