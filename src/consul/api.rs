@@ -293,6 +293,10 @@ pub struct IntentionEntry {
     /// HTTP permissions, kept as Consul sent them.
     #[serde(default, deserialize_with = "null_as_default")]
     pub permissions: Vec<Value>,
+    /// The service-intentions entry's top-level `JWT` requirement (Consul 1.16), which the
+    /// list copies onto each of its intentions; `null` when none.
+    #[serde(rename = "JWT", default)]
+    pub jwt: Value,
     #[serde(default)]
     pub precedence: i64,
 }
