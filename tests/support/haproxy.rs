@@ -124,8 +124,8 @@ pub fn wait_public_mode(base: &Path, service: &str, mode: &str) {
     .unwrap_or_else(|e| panic!("{e}: {:?}", public_listener_mode(&dir)));
 }
 
-/// The HAProxy master's reload count, from its CLI.
-pub fn reloads(master: &Path) -> u32 {
+/// `show proc` on the HAProxy master CLI socket, its whole answer.
+fn show_proc(master: &Path) -> String {
     // The master re-executes itself on a reload and its socket is briefly gone.
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut s = loop {
@@ -141,11 +141,77 @@ pub fn reloads(master: &Path) -> u32 {
     s.shutdown(std::net::Shutdown::Write).unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// The HAProxy master's reload count, from its CLI.
+pub fn reloads(master: &Path) -> u32 {
+    let out = show_proc(master);
     out.lines()
         .find(|l| l.split_whitespace().nth(1) == Some("master"))
         .and_then(|l| l.split_whitespace().nth(2))
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no master line in {out}"))
+}
+
+/// The pids of HAProxy's current workers (not old ones still draining), from the master CLI:
+/// a reload has completed once a worker not in an earlier answer is current.
+pub fn current_workers(master: &Path) -> Vec<u32> {
+    let out = show_proc(master);
+    let mut section = "";
+    let mut pids = Vec::new();
+    for line in out.lines() {
+        if let Some(header) = line.trim().strip_prefix('#') {
+            section = if header.trim().starts_with("workers") {
+                "workers"
+            } else {
+                ""
+            };
+            continue;
+        }
+        if section == "workers" {
+            if let Some(pid) = line.split_whitespace().next().and_then(|p| p.parse().ok()) {
+                pids.push(pid);
+            }
+        }
+    }
+    pids
+}
+
+/// The mode (`tcp`, `http`) HAProxy runs the frontend listening on `port` in (the upstream
+/// listeners are named `up_…_<port>`), from `show stat` on the stats socket under `workdir`.
+pub fn frontend_mode(workdir: &Path, port: u16) -> Option<String> {
+    let suffix = format!("_{port}");
+    show_stat(workdir)
+        .iter()
+        .find(|r| {
+            column(r, "pxname").is_some_and(|p| p.starts_with("up_") && p.ends_with(&suffix))
+                && column(r, "svname") == Some("FRONTEND")
+        })
+        .and_then(|r| column(r, "mode").map(str::to_string))
+}
+
+/// The entries HAProxy holds in memory for the map loaded from a file whose path ends with
+/// `file_name` (`show map` on the stats socket under `workdir`), as (key, value); empty when
+/// no such map is loaded.
+pub fn map_entries(workdir: &Path, file_name: &str) -> Vec<(String, String)> {
+    let socket = workdir.join("haproxy.sock");
+    // `show map` lists the maps as `<id> (<file>) pattern loaded from file '<file>' …`.
+    let listing = haproxy_cli(&socket, "show map");
+    let Some(file) = listing.split_whitespace().find_map(|w| {
+        let w = w.trim_matches(|c| c == '(' || c == ')' || c == '\'');
+        w.ends_with(file_name).then(|| w.to_string())
+    }) else {
+        return Vec::new();
+    };
+    haproxy_cli(&socket, &format!("show map {file}"))
+        .lines()
+        .filter_map(|l| {
+            // `<entry id> <key> <value>`
+            let mut f = l.split_whitespace().skip(1);
+            Some((f.next()?.to_string(), f.next()?.to_string()))
+        })
+        .collect()
 }
 
 /// One command on an HAProxy CLI socket (stats or master), its whole answer.
