@@ -112,6 +112,28 @@ pub fn servers_up(workdir: &Path, suffix: &str) -> usize {
         .count()
 }
 
+/// The status HAProxy gives the server slot whose address is `addr` (`UP`, `MAINT`, `no check`,
+/// …), from `show stat` on the stats socket under `workdir`; `None` when no slot has it.
+pub fn server_status(workdir: &Path, addr: &str) -> Option<String> {
+    show_stat(workdir)
+        .iter()
+        .find(|r| {
+            column(r, "addr") == Some(addr)
+                && column(r, "svname").is_some_and(|s| s != "FRONTEND" && s != "BACKEND")
+        })
+        .and_then(|r| column(r, "status").map(str::to_string))
+}
+
+/// The time of day, in seconds, of the first line of a sidecar's log holding `needle` (lines
+/// start with an RFC 3339 UTC time, `2026-12-07T09:47:07.163Z`).
+pub fn log_time(logs: &str, needle: &str) -> Option<f64> {
+    let line = logs.lines().find(|l| l.contains(needle))?;
+    let time = line.split_whitespace().next()?.split_once('T')?.1;
+    let mut parts = time.trim_end_matches('Z').split(':');
+    let (h, m, s) = (parts.next()?, parts.next()?, parts.next()?);
+    Some(h.parse::<f64>().ok()? * 3600.0 + m.parse::<f64>().ok()? * 60.0 + s.parse::<f64>().ok()?)
+}
+
 /// Waits until the public listener under `base` of `service` runs in `mode`: a protocol
 /// change reaches HAProxy by a reload, after the intentions table already knows it.
 pub fn wait_public_mode(base: &Path, service: &str, mode: &str) {
