@@ -12,6 +12,22 @@ use support::*;
 
 const T: Duration = Duration::from_secs(5);
 
+/// A pair of ports for a range a program allocates from itself: both free, both reserved.
+#[test]
+fn a_port_pair_is_reserved_whole() {
+    let p = free_port_pair();
+    for port in [p, p + 1] {
+        assert!(
+            was_handed_out(port),
+            "{port} of the pair {p} is not reserved"
+        );
+        assert!(
+            TcpListener::bind(("127.0.0.1", port)).is_ok(),
+            "{port} of the pair {p} is taken"
+        );
+    }
+}
+
 /// scripts/test names the Consul of each leg twice, as a binary (`CONSUL_BIN`) and as a version
 /// (`HCC_EXPECT_CONSUL_VERSION`): the agent the harness starts must be that version.
 #[test]

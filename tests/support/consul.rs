@@ -100,9 +100,14 @@ impl Consul {
         Consul::start_with(serde_json::json!({}), None)
     }
 
-    /// An agent that allocates the listeners of exposed checks from `min_port` (one port, so
-    /// that agents of parallel tests do not all take Consul's default 21500).
+    /// An agent that allocates the listeners of exposed checks from `min_port` (so that agents
+    /// of parallel tests do not all take Consul's default 21500). Consul's range ends at
+    /// `min_port + 1`, so `min_port` must come from `free_port_pair`, which reserves both.
     pub fn start_expose_from(min_port: u16) -> Consul {
+        assert!(
+            was_handed_out(min_port) && min_port.checked_add(1).is_some_and(was_handed_out),
+            "start_expose_from({min_port}): take the port from free_port_pair()"
+        );
         Consul::start_with(
             serde_json::json!({"ports": {
                 "expose_min_port": min_port, "expose_max_port": min_port + 1
