@@ -148,22 +148,34 @@ pub fn wait_public_mode(base: &Path, service: &str, mode: &str) {
 
 /// `show proc` on the HAProxy master CLI socket, its whole answer.
 fn show_proc(master: &Path) -> String {
-    // The master re-executes itself on a reload and its socket is briefly gone.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut s = loop {
-        match std::os::unix::net::UnixStream::connect(master) {
-            Ok(s) => break s,
-            Err(e) if Instant::now() >= deadline => {
-                panic!("master socket {}: {e}", master.display())
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
+    // The master re-executes itself on a reload: its socket is briefly gone, and a connection
+    // made just before may be reset mid-answer (seen on HAProxy 3.0). The whole exchange is
+    // tried again until an answer has the master's line.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let ask = || -> std::io::Result<String> {
+        let mut s = std::os::unix::net::UnixStream::connect(master)?;
+        s.write_all(b"show proc\n")?;
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
     };
-    s.write_all(b"show proc\n").unwrap();
-    s.shutdown(std::net::Shutdown::Write).unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
+    loop {
+        let answer = ask();
+        match &answer {
+            Ok(out)
+                if out
+                    .lines()
+                    .any(|l| l.split_whitespace().nth(1) == Some("master")) =>
+            {
+                return out.clone();
+            }
+            _ if Instant::now() >= deadline => {
+                panic!("master socket {}: {answer:?}", master.display())
+            }
+            _ => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
 }
 
 /// The HAProxy master's reload count, from its CLI.
