@@ -125,16 +125,35 @@ fn peer_upstreams_and_transparent_mode_are_named_once_and_the_rest_serves() {
             && mesh.client_sidecar.log_contains("transparent mode")
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", mesh.client_sidecar.logs()));
-    // Churn on the destination rebuilds the model many times; each warning stays one line.
+    // Churn on the destination the client watches (a second instance of `server`, then its
+    // removal) rebuilds the model; each warning stays one line. Each step is waited for in
+    // HAProxy before counting, so the rebuilds have happened.
+    let client_dir = mesh.workdir("client");
+    let slots = format!("_{}", mesh.upstream_port);
+    let up = || servers_up(&client_dir, &slots);
     let second = HttpApp::start(APP_BODY);
-    mesh.consul.register(&sidecar_registration(
+    let mut reg: Value = serde_json::from_str(&sidecar_registration(
         "server-2",
         second.port(),
         free_port(),
         &[],
-    ));
+    ))
+    .expect("a registration");
+    reg["Name"] = "server".into();
+    mesh.consul.register(&reg.to_string());
+    let second_sidecar = support::mesh::sidecar(&mesh.consul, &mesh.base, "server-2", false, &[]);
+    wait_until(
+        Duration::from_secs(30),
+        "the second instance in service",
+        || up() == 2,
+    )
+    .unwrap_or_else(|e| panic!("{e}: {} up\n{}", up(), mesh.client_sidecar.logs()));
     mesh.consul.deregister("server-2");
-    std::thread::sleep(Duration::from_secs(3));
+    wait_until(Duration::from_secs(30), "the second instance gone", || {
+        up() == 1
+    })
+    .unwrap_or_else(|e| panic!("{e}: {} up\n{}", up(), mesh.client_sidecar.logs()));
+    drop(second_sidecar);
     let logs = mesh.client_sidecar.logs();
     assert_eq!(logs.matches(peer_warning).count(), 1, "{logs}");
     assert_eq!(

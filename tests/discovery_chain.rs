@@ -199,28 +199,63 @@ impl ChainMesh {
             .expect("the client sidecar's haproxy.cfg")
     }
 
-    /// Waits until the client sidecar's haproxy.cfg holds `needle`.
-    fn wait_cfg(&self, needle: &str, what: &str) {
-        self.wait_file("haproxy.cfg", needle, what)
+    fn master(&self) -> std::path::PathBuf {
+        workdir(&self.base, "client").join("master.sock")
     }
 
-    /// Waits until the client sidecar's file `name` holds `needle`, and a second more.
-    fn wait_file(&self, name: &str, needle: &str, what: &str) {
-        let read = || {
-            std::fs::read_to_string(workdir(&self.base, "client").join(name)).unwrap_or_default()
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !read().contains(needle) {
-            assert!(
-                Instant::now() < deadline,
-                "{what}: {name} never held {needle:?}:\n{}\n--- client sidecar ---\n{}",
-                read(),
+    /// The client's current HAProxy workers, before a change that reloads (`wait_reloaded`).
+    fn workers(&self) -> Vec<u32> {
+        current_workers(&self.master())
+    }
+
+    /// Waits until the client's haproxy.cfg holds `needle` and HAProxy runs a worker that was
+    /// not among `before`: the reload that goes with the file has completed.
+    fn wait_reloaded(&self, before: &[u32], needle: &str, what: &str) {
+        wait_until(Duration::from_secs(60), what, || {
+            self.client_cfg().contains(needle)
+                && self.workers().iter().any(|w| !before.contains(w))
+        })
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}: haproxy.cfg holds {needle:?}: {}; workers {before:?} then {:?}\n--- client sidecar ---\n{}",
+                self.client_cfg().contains(needle),
+                self.workers(),
                 self.client.logs()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        // The file is written before the reload it goes with completes.
-        std::thread::sleep(Duration::from_secs(1));
+            )
+        });
+    }
+
+    /// Waits until the running HAProxy's splits map (`show map`, not the file) has a key
+    /// ending with `key` (after the listener's name) at `value`.
+    fn wait_split(&self, key: &str, value: &str, what: &str) {
+        let dir = workdir(&self.base, "client");
+        let has = || {
+            map_entries(&dir, "splits.map")
+                .iter()
+                .any(|(k, v)| k.ends_with(key) && v == value)
+        };
+        wait_until(Duration::from_secs(60), what, has).unwrap_or_else(|e| {
+            panic!(
+                "{e}: HAProxy's splits map is {:?}\n--- client sidecar ---\n{}",
+                map_entries(&dir, "splits.map"),
+                self.client.logs()
+            )
+        });
+    }
+
+    /// Waits until HAProxy runs the upstream listener on `port` in `mode` (`show stat`).
+    fn wait_listener_mode(&self, port: u16, mode: &str, what: &str) {
+        let dir = workdir(&self.base, "client");
+        wait_until(Duration::from_secs(60), what, || {
+            frontend_mode(&dir, port).as_deref() == Some(mode)
+        })
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}: the listener on {port} runs in mode {:?}\n--- client sidecar ---\n{}",
+                frontend_mode(&dir, port),
+                self.client.logs()
+            )
+        });
     }
 
     /// Answers of `n` requests to `addr` by body.
@@ -262,7 +297,9 @@ fn discovery_chain_cases() {
     m.put_entry(json!({"Kind": "service-resolver", "Name": "old",
         "Redirect": {"Service": "web-backup"}}));
     m.eventually(&old, "/", &[], &["backup"], "svc-redirect-tcp");
-    assert!(m.client_cfg().contains("mode tcp"), "{}", m.client_cfg());
+    // HAProxy's own answer for that listener (the file holds `mode tcp` and `mode http`
+    // elsewhere: the defaults section, the metrics frontend).
+    m.wait_listener_mode(m.old_port, "tcp", "old's listener in tcp mode");
 
     // From here on every service speaks http (proxy-defaults, as the Envoy cases set it).
     m.put_entry(json!({"Kind": "proxy-defaults", "Name": "global",
@@ -272,10 +309,10 @@ fn discovery_chain_cases() {
     }
     // case-cfg-resolver-svc-redirect-http
     m.eventually(&old, "/", &[], &["backup"], "svc-redirect-http");
-    assert!(
-        m.client_cfg().contains("mode http"),
-        "the chain's protocol makes the listener http:\n{}",
-        m.client_cfg()
+    m.wait_listener_mode(
+        m.old_port,
+        "http",
+        "the chain's protocol makes old's listener http",
     );
 
     // case-cfg-resolver-defaultsubset and -features: the default subset v2 only, with the
@@ -336,10 +373,11 @@ fn discovery_chain_cases() {
     // LoadBalancer (Consul 1.9+): ring_hash on a header is HAProxy's consistent hashing on
     // it, so one user sticks to one instance; least_request is leastconn.
     if m.consul.is_current() {
+        let workers = m.workers();
         m.put_entry(json!({"Kind": "service-resolver", "Name": "web",
             "LoadBalancer": {"Policy": "ring_hash",
                 "HashPolicies": [{"Field": "header", "FieldValue": "x-user"}]}}));
-        m.wait_cfg("balance hdr(x-user)", "ring_hash");
+        m.wait_reloaded(&workers, "balance hdr(x-user)", "ring_hash");
         let mut seen = std::collections::BTreeSet::new();
         for user in ["alice", "bob", "carol", "dave", "erin", "frank"] {
             let bodies: std::collections::BTreeSet<String> = (0..10)
@@ -365,9 +403,10 @@ fn discovery_chain_cases() {
             2,
             "six users all hashed to one instance: {seen:?}"
         );
+        let workers = m.workers();
         m.put_entry(json!({"Kind": "service-resolver", "Name": "web",
             "LoadBalancer": {"Policy": "least_request"}}));
-        m.wait_cfg("balance leastconn", "least_request");
+        m.wait_reloaded(&workers, "balance leastconn", "least_request");
     }
 
     // case-cfg-resolver-svc-failover, under continuous load: web fails over to web-backup when
@@ -422,7 +461,7 @@ fn discovery_chain_cases() {
     m.put_entry(json!({"Kind": "service-resolver", "Name": "web", "Subsets": subsets()}));
     m.put_entry(json!({"Kind": "service-splitter", "Name": "web",
         "Splits": [leg(90, "v1"), leg(10, "v2")]}));
-    m.wait_file("splits.map", "/0/0 9000", "the 90/10 split");
+    m.wait_split("/0/0", "9000", "the 90/10 split");
     m.eventually(&web, "/", &[], &["web-v1", "web-v2"], "split 90/10");
     let t = m.tally(&web, 2000);
     let v1 = *t.get("web-v1").unwrap_or(&0) as f64 / 20.0;
@@ -430,9 +469,10 @@ fn discovery_chain_cases() {
     assert!((87.0..=93.0).contains(&v1), "{t:?}");
     // New weights, same subsets: live, through the splits map, no reload.
     let renders = m.full_renders();
+    let reloads_before = reloads(&m.master());
     m.put_entry(json!({"Kind": "service-splitter", "Name": "web",
         "Splits": [leg(50, "v1"), leg(50, "v2")]}));
-    m.wait_file("splits.map", "/0/0 5000", "the 50/50 split");
+    m.wait_split("/0/0", "5000", "the 50/50 split");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let t = m.tally(&web, 400);
@@ -447,7 +487,14 @@ fn discovery_chain_cases() {
         );
     }
     assert!(m.client.logs().contains("split weight(s) changed live"));
-    assert_eq!(m.full_renders(), renders, "new weights cost no reload");
+    assert_eq!(m.full_renders(), renders, "new weights cost no full render");
+    // Nor a reload of any kind (a Dataplane API transaction reloads too): HAProxy's own count.
+    assert_eq!(
+        reloads(&m.master()),
+        reloads_before,
+        "new weights cost no reload (the master's reload count)\n--- client sidecar ---\n{}",
+        m.client.logs()
+    );
     if current {
         for id in ["web-v1", "web-v2"] {
             m.app(id).set_response_header("X-Bad-Resp", "true");
@@ -641,6 +688,16 @@ fn discovery_chain_cases() {
 
     // A Dataplane API transaction (a new plain upstream) rewrites the file from its own model
     // of it: the routing rules must come through it in order.
+    let rules = |c: &str| -> Vec<String> {
+        c.lines()
+            .map(str::trim)
+            .filter(|l| l.starts_with("http-request set-") || l.starts_with("use_backend"))
+            .map(str::to_string)
+            .collect()
+    };
+    // The rules as the full render wrote them, before the transaction rewrites the file.
+    let before = m.client_cfg();
+    assert!(!rules(&before).is_empty(), "no routing rules:\n{before}");
     let extra = free_port();
     let renders = m.full_renders();
     m.consul.register(&sidecar_registration(
@@ -665,7 +722,16 @@ fn discovery_chain_cases() {
         renders,
         "a plain upstream is added by a transaction, not a full render"
     );
-    let before = m.client_cfg();
+    let after = m.client_cfg();
+    assert!(
+        after.contains(&format!(":{extra}")),
+        "the transaction's new listener is in the file:\n{after}"
+    );
+    assert_eq!(
+        rules(&before),
+        rules(&after),
+        "the routing rules after the transaction rewrote the file"
+    );
     for (path, headers, want) in &cases {
         m.eventually(
             &web,
@@ -675,15 +741,6 @@ fn discovery_chain_cases() {
             &format!("after a transaction: {path}"),
         );
     }
-    let after = m.client_cfg();
-    let rules = |c: &str| -> Vec<String> {
-        c.lines()
-            .map(str::trim)
-            .filter(|l| l.starts_with("http-request set-") || l.starts_with("use_backend"))
-            .map(str::to_string)
-            .collect()
-    };
-    assert_eq!(rules(&before), rules(&after));
 
     // --dry-run shows the routing, and /metrics names the target of each backend's series.
     let dry = dry_run(&m.consul.http_addr(), m.base.path(), "client", &[]);

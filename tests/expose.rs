@@ -137,7 +137,7 @@ fn wait_check_passes_through_sidecar(consul: &Consul, service: &str, port: u16, 
 
 #[test]
 fn exposed_checks_pass_through_the_sidecar_and_nothing_else_reaches_the_app() {
-    let exposed = free_port();
+    let exposed = free_port_pair();
     let consul = Consul::start_expose_from(exposed);
     let app = HttpApp::start("healthy");
     let sidecar_port = free_port();
@@ -183,7 +183,7 @@ fn exposed_checks_pass_through_the_sidecar_and_nothing_else_reaches_the_app() {
 /// listener, whose only route is the path `/debug`.
 #[test]
 fn case_expose_checks() {
-    let exposed = free_port();
+    let exposed = free_port_pair();
     let consul = Consul::start_expose_from(exposed);
     let (s1_app, s2_app) = (HttpApp::start("s1"), HttpApp::start("hello"));
     let (s1_port, s2_port, upstream) = (free_port(), free_port(), free_port());
@@ -286,7 +286,7 @@ fn exposed_check_listeners_refuse_other_hosts() {
     // Everything of the node starts on this thread, inside its namespace, so every child
     // process inherits it; all of it is dropped (and stopped by PID) before the thread ends.
     node.run(|| {
-        let exposed = free_port();
+        let exposed = free_port_pair();
         let consul = Consul::start_expose_from(exposed);
         let app = HttpApp::start("healthy");
         let (sidecar_port, metrics_port) = (free_port(), free_port());

@@ -56,9 +56,23 @@ fn spop_frame_seeds_and_corpus() {
     );
     // The captured frames are whole frames: the replay reached past the decoder's first check.
     let notify = fs::read(root().join("fixtures/spop/notify-cert.bin")).expect("fixture");
-    assert_eq!(fuzzing::spop_frame(&notify), 1);
+    assert_eq!(fuzzing::spop_frame(&notify).frames, 1);
     let request = fs::read(root().join("fixtures/spop/notify-request.bin")).expect("fixture");
-    assert_eq!(fuzzing::spop_frame(&request), 1);
+    let reached = fuzzing::spop_frame(&request);
+    assert_eq!(
+        (reached.frames, reached.l7_allowed + reached.l7_denied),
+        (1, 1)
+    );
+    // The committed corpus reaches the L7 decision and both its outcomes, so the invariant on
+    // allowed requests runs, not only the early returns on missing arguments.
+    let mut total = fuzzing::Reached::default();
+    for p in &corpus {
+        total += fuzzing::spop_frame(&fs::read(p).expect("corpus file"));
+    }
+    assert!(
+        total.l7_allowed > 0 && total.l7_denied > 0,
+        "fuzz/corpus/spop_frame never reaches both L7 outcomes: {total:?}"
+    );
 }
 
 #[test]

@@ -12,6 +12,41 @@ use support::*;
 
 const T: Duration = Duration::from_secs(5);
 
+/// A pair of ports for a range a program allocates from itself: both free, both reserved.
+#[test]
+fn a_port_pair_is_reserved_whole() {
+    let p = free_port_pair();
+    for port in [p, p + 1] {
+        assert!(
+            was_handed_out(port),
+            "{port} of the pair {p} is not reserved"
+        );
+        assert!(
+            TcpListener::bind(("127.0.0.1", port)).is_ok(),
+            "{port} of the pair {p} is taken"
+        );
+    }
+}
+
+/// scripts/test names the Consul of each leg twice, as a binary (`CONSUL_BIN`) and as a version
+/// (`HCC_EXPECT_CONSUL_VERSION`): the agent the harness starts must be that version.
+#[test]
+fn the_consul_under_test_is_the_one_asked_for() {
+    let consul = Consul::start();
+    let (status, body) = consul.get("/v1/agent/self");
+    assert_eq!(status, 200, "{body}");
+    let me: serde_json::Value = serde_json::from_str(&body).expect("agent/self is JSON");
+    let running = me["Config"]["Version"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(running, consul_version(), "{body}");
+    match expected_consul_version() {
+        Some(want) => assert_eq!(running, want),
+        None => eprintln!("HCC_EXPECT_CONSUL_VERSION unset: running Consul {running}"),
+    }
+}
+
 #[test]
 fn consul_starts_registers_and_stops() {
     let consul = Consul::start();

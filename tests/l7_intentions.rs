@@ -256,11 +256,18 @@ fn permissions_decide_each_request_and_change_live_without_a_reload() {
     assert_eq!(s.status("other", "GET", "/admin", &[]), 200);
     assert!(s.app.requests() > app_requests);
 
-    let metrics = s.sidecar.logs();
-    assert!(
-        metrics.contains("SPOE deny") && metrics.contains("permission"),
-        "denied requests are logged:\n{metrics}"
-    );
+    // Each L7 denial is logged naming the source, the method, the path and why (not only the
+    // L4 refusal of `other`, nor the table update that mentions permissions).
+    let logs = s.sidecar.logs();
+    let client = format!("spiffe://{TRUST_DOMAIN}/ns/default/dc/dc1/svc/client");
+    for what in ["GET /admin", "POST /api/x"] {
+        assert!(
+            logs.lines().any(|l| l.contains("SPOE deny ")
+                && l.contains(&format!("{client}: "))
+                && l.contains(&format!("no permission matches; default deny for {what}"))),
+            "the L7 denial of {what} is logged:\n{logs}"
+        );
+    }
 }
 
 /// A request the permissions allow is let through by HAProxy's copy of the agent's table (the
@@ -323,7 +330,13 @@ fn allowed_requests_take_the_fast_map_and_denials_the_agent() {
     // open across the change (curl --rate spaces the requests out).
     let paths: Vec<String> = (0..24).map(|i| format!("/api/k{i}")).collect();
     let curl = paced_curl(&s, &paths);
-    std::thread::sleep(Duration::from_secs(1));
+    // The connection is open and served before the change.
+    wait_until(
+        Duration::from_secs(30),
+        "the first paced request served",
+        || s.app.requests_for("/api/k0") > 0,
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.sidecar.logs()));
     s.consul.set_intentions(
         "server",
         &[l7(

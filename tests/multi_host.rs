@@ -511,6 +511,18 @@ fn run(net: &Net) {
     );
     drop(load);
 
+    // Zero failures in a window prove something only if the load ran in it. (Requests started
+    // while the link went down, `in_flight`, are counted apart and may be none.)
+    for (what, w) in [
+        ("steady state", &steady),
+        ("C cut, before Consul noticed", &during),
+        ("C cut, after Consul noticed", &past),
+        ("C rejoining", &rejoin),
+        ("Consul server stopped", &stopped),
+        ("after the Consul server came back", &after_outage),
+    ] {
+        assert!(w.requests > 0, "no request measured in the window {what:?}");
+    }
     assert_eq!(
         past.failed,
         0,
@@ -549,9 +561,11 @@ fn run(net: &Net) {
     let warnings = client_log.matches("cannot read CA roots").count();
     let recoveries = client_log.matches("CA roots readable again").count();
     println!("multi_host: the client's CA roots watch: {warnings} warning(s), {recoveries} recovery line(s)");
+    // A 30 s outage of the only server is noticed (at least one warning) and its end too (at
+    // least one recovery); none of either would mean the watch never saw it.
     assert!(
-        warnings <= 4 && recoveries <= 2,
-        "the CA roots watch flapped through the Consul outage: {warnings} warnings, {recoveries} recoveries"
+        (1..=4).contains(&warnings) && (1..=2).contains(&recoveries),
+        "the CA roots watch through the Consul outage: {warnings} warnings (want 1 to 4), {recoveries} recoveries (want 1 to 2)\n{client_log}"
     );
     let _ = agent_b;
 }

@@ -156,7 +156,25 @@ fn each_haproxy_event_is_logged_once() {
         mesh.client_sidecar.logs().lines().any(|l| is_up(&l))
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", mesh.client_sidecar.logs()));
-    std::thread::sleep(Duration::from_secs(1));
+    // A duplicate would be the stderr copy, which HAProxy writes before the log copy seen
+    // above. A marker written into the same stderr pipe after it, once the sidecar prints it,
+    // shows that everything before it on that pipe has been read.
+    let master = mesh.workdir("client").join("master.sock");
+    let worker = current_workers(&master)
+        .into_iter()
+        .next()
+        .expect("a current HAProxy worker");
+    let marker = format!("hcc-test-marker-{}", free_port());
+    let mut stderr = std::fs::OpenOptions::new()
+        .write(true)
+        .open(format!("/proc/{worker}/fd/2"))
+        .expect("HAProxy's stderr");
+    std::io::Write::write_all(&mut stderr, format!("{marker}\n").as_bytes())
+        .expect("a marker into HAProxy's stderr");
+    wait_until(Duration::from_secs(30), "the marker forwarded", || {
+        mesh.client_sidecar.log_contains(&marker)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.client_sidecar.logs()));
     let logs = mesh.client_sidecar.logs();
     let events: Vec<&str> = logs.lines().filter(is_up).collect();
     for e in &events {

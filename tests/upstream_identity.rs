@@ -211,9 +211,26 @@ fn an_endpoint_whose_sidecar_starts_late_is_admitted_within_one_recheck() {
     )
     .unwrap_or_else(|e| panic!("{e}\n{}", client.logs()));
     let addr = format!("127.0.0.1:{upstream_port}");
+    // Nothing listens there yet, so a refused request proves little: the slot itself must be
+    // out of service in HAProxy until the endpoint proves its identity.
+    let endpoint = format!("127.0.0.1:{server_port}");
+    let client_dir = sidecar_workdir(base.path(), "client");
+    // HAProxy may not be up yet: its stats socket must answer first.
+    let socket = client_dir.join("haproxy.sock");
+    wait_until(
+        Duration::from_secs(30),
+        "the endpoint's slot in HAProxy",
+        || {
+            std::os::unix::net::UnixStream::connect(&socket).is_ok()
+                && server_status(&client_dir, &endpoint).is_some()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", client.logs()));
+    let status = server_status(&client_dir, &endpoint);
     assert!(
-        !matches!(http_get(&addr, "/", T), Ok((200, _))),
-        "nothing proven, nothing served"
+        status.as_deref().is_some_and(|s| s.starts_with("MAINT")),
+        "nothing proven, nothing served: the slot of {endpoint} is {status:?}\n{}",
+        client.logs()
     );
 
     let server = sidecar(&consul, &base, "server", false, &[]);
@@ -231,14 +248,25 @@ fn an_endpoint_whose_sidecar_starts_late_is_admitted_within_one_recheck() {
     )
     .unwrap_or_else(|e| panic!("{e}\n{}", client.logs()));
     let took = serving.elapsed();
-    assert!(
-        client.log_contains(&format!("upstream endpoint 127.0.0.1:{server_port} (expected /ns/default/dc/dc1/svc/server) proved its identity")),
-        "{}",
-        client.logs()
-    );
+    let proved = format!("upstream endpoint 127.0.0.1:{server_port} (expected /ns/default/dc/dc1/svc/server) proved its identity");
+    assert!(client.log_contains(&proved), "{}", client.logs());
     eprintln!(
         "admitted {:.1}s after its sidecar served (re-check interval {recheck:?})",
         took.as_secs_f64()
+    );
+    // Within one re-check, by the sidecars' own log times (not this test's polling): from the
+    // server sidecar's readiness to the client's check that proved it.
+    let (client_logs, server_logs) = (client.logs(), server.logs());
+    let (Some(ready_at), Some(proved_at)) = (
+        log_time(&server_logs, "-> Ready"),
+        log_time(&client_logs, &proved),
+    ) else {
+        panic!("no log times:\n{server_logs}\n{client_logs}");
+    };
+    let checked = (proved_at - ready_at).rem_euclid(86_400.0);
+    assert!(
+        checked <= recheck.as_secs_f64(),
+        "proved {checked:.1}s after the server was ready, more than one re-check ({recheck:?})\n{client_logs}"
     );
 }
 

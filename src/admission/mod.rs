@@ -311,9 +311,19 @@ mod tests {
             judge(&unrelated, &leaf_der, &[&inter_der], &dc2, at).is_err(),
             "an intermediate of another root"
         );
+        // A certificate that is no CA, though signed by the root, really signed this leaf
+        // (fixtures/identity/not-a-ca): only the CA check refuses it, not the signature.
+        let (nc_root, nc_signer, nc_leaf) = (
+            read("not-a-ca/root.pem"),
+            read("not-a-ca/signer.pem"),
+            read("not-a-ca/leaf.pem"),
+        );
+        let (nc_signer_der, nc_leaf_der) = (der(&nc_signer), der(&nc_leaf));
+        let nc_table = AuthzTable::new("", &nc_root, vec![], DefaultPolicy::Deny).unwrap();
+        let nc_at = crate::clock::test_support::inside_validity(&nc_leaf_der);
         assert!(
-            judge(&table, &leaf_der, &[&leaf_der], &dc2, at).is_err(),
-            "a leaf is no CA"
+            judge(&nc_table, &nc_leaf_der, &[&nc_signer_der], &dc2, nc_at).is_err(),
+            "a leaf signed by a certificate that is no CA"
         );
         let dc1 = Identity::service("server", "dc1");
         let wrong = judge(&table, &leaf_der, &[&inter_der], &dc1, at).unwrap_err();

@@ -44,6 +44,10 @@ pub struct Timing {
     pub backoff_max: Duration,
 }
 
+/// How long a blocking read waits while a watch is failing: short, so that the first one to
+/// return (the proof the agent reaches its servers again) comes soon after they are back.
+const RECOVERY_WAIT: Duration = Duration::from_secs(2);
+
 impl Default for Timing {
     fn default() -> Self {
         Timing {
@@ -509,23 +513,27 @@ impl Watch {
         let sep = if self.path.contains('?') { '&' } else { '?' };
         while !self.stopped() {
             let started = Instant::now();
+            // After a failure only a blocking read that returns proves the path works again (see
+            // below); it blocks briefly so that the recovery is noticed within seconds, not after
+            // a whole `wait` with nothing changing.
+            let block = if failures > 0 {
+                self.timing.wait.min(RECOVERY_WAIT)
+            } else {
+                self.timing.wait
+            };
             let (url, wait) = match self.mode {
                 WatchMode::Index if index > 0 => (
-                    format!(
-                        "{}{sep}index={index}&wait={}s",
-                        self.path,
-                        self.timing.wait.as_secs()
-                    ),
-                    Some(self.timing.wait),
+                    format!("{}{sep}index={index}&wait={}s", self.path, block.as_secs()),
+                    Some(block),
                 ),
                 WatchMode::Hash if hash.is_some() => (
                     format!(
                         "{}{sep}hash={}&wait={}s",
                         self.path,
                         encode(hash.as_deref().unwrap_or_default()),
-                        self.timing.wait.as_secs()
+                        block.as_secs()
                     ),
-                    Some(self.timing.wait),
+                    Some(block),
                 ),
                 _ => (self.path.clone(), None),
             };

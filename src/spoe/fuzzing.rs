@@ -16,18 +16,37 @@ use super::frame::{
     AGENT_MAX_FRAME_SIZE,
 };
 
+/// How far one input got, so a replay can tell its inputs reach the code the invariants are
+/// about rather than returning early.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reached {
+    /// Frames the read loop decoded.
+    pub frames: usize,
+    /// Per-request NOTIFYs that reached `decide_request` and were allowed.
+    pub l7_allowed: usize,
+    /// Per-request NOTIFYs that reached `decide_request` and were denied.
+    pub l7_denied: usize,
+}
+
+impl std::ops::AddAssign for Reached {
+    fn add_assign(&mut self, o: Reached) {
+        self.frames += o.frames;
+        self.l7_allowed += o.l7_allowed;
+        self.l7_denied += o.l7_denied;
+    }
+}
+
 /// Any bytes from the SPOE socket: the decoder must return, never panic, and whatever it
-/// accepts must survive an encode/decode round trip unchanged. Returns how many frames the
-/// read loop decoded, so a replay can tell the seeds reach past the decoder's first check.
-pub fn spop_frame(data: &[u8]) -> usize {
-    let mut frames = 0;
+/// accepts must survive an encode/decode round trip unchanged. Returns how far it got.
+pub fn spop_frame(data: &[u8]) -> Reached {
+    let mut reached = Reached::default();
     // As the agent's read loop does: frame after frame until more bytes are needed or an
     // error ends the connection.
     let mut buf = data;
     loop {
         match frame::decode(buf, AGENT_MAX_FRAME_SIZE as usize) {
             Ok(Some((f, used))) => {
-                frames += 1;
+                reached.frames += 1;
                 assert!(used >= frame::LENGTH_PREFIX && used <= buf.len());
                 match &f {
                     Frame::HaproxyHello(kv) => {
@@ -44,7 +63,11 @@ pub fn spop_frame(data: &[u8]) -> usize {
                     }
                     Frame::Notify(n) => {
                         let _ = n.find_arg(Some("check-client"), "cert");
-                        l7_request(n);
+                        match l7_request(n) {
+                            Some(true) => reached.l7_allowed += 1,
+                            Some(false) => reached.l7_denied += 1,
+                            None => {}
+                        }
                     }
                     Frame::Ack(_) => {}
                 }
@@ -77,28 +100,26 @@ pub fn spop_frame(data: &[u8]) -> usize {
         frame::encode_varint(v, &mut out);
         assert_eq!(&out[..], &data[..n]);
     }
-    frames
+    reached
 }
 
 /// A per-request NOTIFY (`check-request`, as HAProxy sends it for an L7 connection): its
 /// `req.hdrs_bin` must decode or fail cleanly, and the decision from the fuzzing L7 table
 /// (client: deny `/api/admin…`, allow GET on `/api`, default deny) must return, give a reason,
 /// and only ever allow what those permissions allow, checked here without the matcher.
-fn l7_request(n: &Notify) {
+/// `Some(allowed)` when the request reached the decision, `None` when an argument was missing
+/// or unreadable (the replay counts both, so a corpus that never gets that far fails).
+fn l7_request(n: &Notify) -> Option<bool> {
     let arg = |k: &str| n.find_arg(Some("check-request"), k);
     let text = |k: &str| match arg(k) {
         Some(TypedData::String(b)) => std::str::from_utf8(b).ok(),
         _ => None,
     };
     let Some(TypedData::Binary(h)) = arg("headers") else {
-        return;
+        return None;
     };
-    let Ok(fields) = frame::decode_hdrs_bin(h) else {
-        return;
-    };
-    let (Some(src), Some(method), Some(path)) = (text("src"), text("method"), text("path")) else {
-        return;
-    };
+    let fields = frame::decode_hdrs_bin(h).ok()?;
+    let (src, method, path) = (text("src")?, text("method")?, text("path")?);
     let req = l7::SimpleRequest {
         method: method.into(),
         path: l7::url_path(path).into(),
@@ -123,6 +144,7 @@ fn l7_request(n: &Notify) {
             d.reason
         );
     }
+    Some(d.allow)
 }
 
 fn l7_fixture() -> &'static AuthzTable {

@@ -8,7 +8,10 @@ pub fn consul_bin() -> std::ffi::OsString {
     std::env::var_os("CONSUL_BIN").unwrap_or_else(|| "consul".into())
 }
 
-/// The version of `consul_bin()` as `(major, minor, patch)`, asked once.
+/// The version of `consul_bin()` as `(major, minor, patch)`, asked once. When
+/// `HCC_EXPECT_CONSUL_VERSION` is set (scripts/test sets it per leg) and the binary is another
+/// version, this panics: a leg must not silently test the Consul the environment happened to
+/// name instead of the one it was told to.
 pub fn consul_version() -> String {
     static VERSION: OnceLock<String> = OnceLock::new();
     VERSION
@@ -18,13 +21,30 @@ pub fn consul_version() -> String {
                 .output()
                 .expect("consul installed by scripts/install-deps (or CONSUL_BIN)");
             let text = String::from_utf8_lossy(&out.stdout);
-            text.lines()
+            let version = text
+                .lines()
                 .next()
                 .and_then(|l| l.strip_prefix("Consul v"))
                 .map(|v| v.split(['-', '+', ' ']).next().unwrap_or(v).to_string())
-                .unwrap_or_else(|| panic!("cannot tell the Consul version from {text:?}"))
+                .unwrap_or_else(|| panic!("cannot tell the Consul version from {text:?}"));
+            if let Some(want) = expected_consul_version() {
+                assert_eq!(
+                    version,
+                    want,
+                    "{:?} is Consul {version}, but HCC_EXPECT_CONSUL_VERSION asks for {want}",
+                    consul_bin()
+                );
+            }
+            version
         })
         .clone()
+}
+
+/// The Consul version this run was told to test (`HCC_EXPECT_CONSUL_VERSION`), if any.
+pub fn expected_consul_version() -> Option<String> {
+    std::env::var("HCC_EXPECT_CONSUL_VERSION")
+        .ok()
+        .filter(|v| !v.is_empty())
 }
 
 /// Consul 1.10 or later: config-entry intentions, the gRPC TLS port, no duplicate upstreams.
@@ -80,9 +100,14 @@ impl Consul {
         Consul::start_with(serde_json::json!({}), None)
     }
 
-    /// An agent that allocates the listeners of exposed checks from `min_port` (one port, so
-    /// that agents of parallel tests do not all take Consul's default 21500).
+    /// An agent that allocates the listeners of exposed checks from `min_port` (so that agents
+    /// of parallel tests do not all take Consul's default 21500). Consul's range ends at
+    /// `min_port + 1`, so `min_port` must come from `free_port_pair`, which reserves both.
     pub fn start_expose_from(min_port: u16) -> Consul {
+        assert!(
+            was_handed_out(min_port) && min_port.checked_add(1).is_some_and(was_handed_out),
+            "start_expose_from({min_port}): take the port from free_port_pair()"
+        );
         Consul::start_with(
             serde_json::json!({"ports": {
                 "expose_min_port": min_port, "expose_max_port": min_port + 1

@@ -112,6 +112,28 @@ pub fn servers_up(workdir: &Path, suffix: &str) -> usize {
         .count()
 }
 
+/// The status HAProxy gives the server slot whose address is `addr` (`UP`, `MAINT`, `no check`,
+/// …), from `show stat` on the stats socket under `workdir`; `None` when no slot has it.
+pub fn server_status(workdir: &Path, addr: &str) -> Option<String> {
+    show_stat(workdir)
+        .iter()
+        .find(|r| {
+            column(r, "addr") == Some(addr)
+                && column(r, "svname").is_some_and(|s| s != "FRONTEND" && s != "BACKEND")
+        })
+        .and_then(|r| column(r, "status").map(str::to_string))
+}
+
+/// The time of day, in seconds, of the first line of a sidecar's log holding `needle` (lines
+/// start with an RFC 3339 UTC time, `2026-12-07T09:47:07.163Z`).
+pub fn log_time(logs: &str, needle: &str) -> Option<f64> {
+    let line = logs.lines().find(|l| l.contains(needle))?;
+    let time = line.split_whitespace().next()?.split_once('T')?.1;
+    let mut parts = time.trim_end_matches('Z').split(':');
+    let (h, m, s) = (parts.next()?, parts.next()?, parts.next()?);
+    Some(h.parse::<f64>().ok()? * 3600.0 + m.parse::<f64>().ok()? * 60.0 + s.parse::<f64>().ok()?)
+}
+
 /// Waits until the public listener under `base` of `service` runs in `mode`: a protocol
 /// change reaches HAProxy by a reload, after the intentions table already knows it.
 pub fn wait_public_mode(base: &Path, service: &str, mode: &str) {
@@ -124,35 +146,106 @@ pub fn wait_public_mode(base: &Path, service: &str, mode: &str) {
     .unwrap_or_else(|e| panic!("{e}: {:?}", public_listener_mode(&dir)));
 }
 
-/// The HAProxy master's reload count, from its CLI.
-pub fn reloads(master: &Path) -> u32 {
-    // The master re-executes itself on a reload: its socket is briefly gone, or a connection
-    // made just before is closed unanswered. Either way, ask again.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let out = loop {
-        let asked = std::os::unix::net::UnixStream::connect(master).and_then(|mut s| {
-            s.write_all(b"show proc\n")?;
-            s.shutdown(std::net::Shutdown::Write)?;
-            let mut out = String::new();
-            s.read_to_string(&mut out)?;
+/// `show proc` on the HAProxy master CLI socket, its whole answer.
+fn show_proc(master: &Path) -> String {
+    // The master re-executes itself on a reload: its socket is briefly gone, and a connection
+    // made just before may be reset mid-answer (seen on HAProxy 3.0). The whole exchange is
+    // tried again until an answer has the master's line.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let ask = || -> std::io::Result<String> {
+        let mut s = std::os::unix::net::UnixStream::connect(master)?;
+        s.write_all(b"show proc\n")?;
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    };
+    loop {
+        let answer = ask();
+        match &answer {
             Ok(out)
-        });
-        match asked {
-            Ok(out) if out.lines().any(|l| l.contains("master")) => break out,
-            Ok(out) if Instant::now() >= deadline => {
-                panic!("no master line from {}: {out}", master.display())
+                if out
+                    .lines()
+                    .any(|l| l.split_whitespace().nth(1) == Some("master")) =>
+            {
+                return out.clone();
             }
-            Err(e) if Instant::now() >= deadline => {
-                panic!("master socket {}: {e}", master.display())
+            _ if Instant::now() >= deadline => {
+                panic!("master socket {}: {answer:?}", master.display())
             }
             _ => std::thread::sleep(Duration::from_millis(20)),
         }
-    };
+    }
+}
+
+/// The HAProxy master's reload count, from its CLI.
+pub fn reloads(master: &Path) -> u32 {
+    let out = show_proc(master);
     out.lines()
         .find(|l| l.split_whitespace().nth(1) == Some("master"))
         .and_then(|l| l.split_whitespace().nth(2))
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no master line in {out}"))
+}
+
+/// The pids of HAProxy's current workers (not old ones still draining), from the master CLI:
+/// a reload has completed once a worker not in an earlier answer is current.
+pub fn current_workers(master: &Path) -> Vec<u32> {
+    let out = show_proc(master);
+    let mut section = "";
+    let mut pids = Vec::new();
+    for line in out.lines() {
+        if let Some(header) = line.trim().strip_prefix('#') {
+            section = if header.trim().starts_with("workers") {
+                "workers"
+            } else {
+                ""
+            };
+            continue;
+        }
+        if section == "workers" {
+            if let Some(pid) = line.split_whitespace().next().and_then(|p| p.parse().ok()) {
+                pids.push(pid);
+            }
+        }
+    }
+    pids
+}
+
+/// The mode (`tcp`, `http`) HAProxy runs the frontend listening on `port` in (the upstream
+/// listeners are named `up_…_<port>`), from `show stat` on the stats socket under `workdir`.
+pub fn frontend_mode(workdir: &Path, port: u16) -> Option<String> {
+    let suffix = format!("_{port}");
+    show_stat(workdir)
+        .iter()
+        .find(|r| {
+            column(r, "pxname").is_some_and(|p| p.starts_with("up_") && p.ends_with(&suffix))
+                && column(r, "svname") == Some("FRONTEND")
+        })
+        .and_then(|r| column(r, "mode").map(str::to_string))
+}
+
+/// The entries HAProxy holds in memory for the map loaded from a file whose path ends with
+/// `file_name` (`show map` on the stats socket under `workdir`), as (key, value); empty when
+/// no such map is loaded.
+pub fn map_entries(workdir: &Path, file_name: &str) -> Vec<(String, String)> {
+    let socket = workdir.join("haproxy.sock");
+    // `show map` lists the maps as `<id> (<file>) pattern loaded from file '<file>' …`.
+    let listing = haproxy_cli(&socket, "show map");
+    let Some(file) = listing.split_whitespace().find_map(|w| {
+        let w = w.trim_matches(|c| c == '(' || c == ')' || c == '\'');
+        w.ends_with(file_name).then(|| w.to_string())
+    }) else {
+        return Vec::new();
+    };
+    haproxy_cli(&socket, &format!("show map {file}"))
+        .lines()
+        .filter_map(|l| {
+            // `<entry id> <key> <value>`
+            let mut f = l.split_whitespace().skip(1);
+            Some((f.next()?.to_string(), f.next()?.to_string()))
+        })
+        .collect()
 }
 
 /// One command on an HAProxy CLI socket (stats or master), its whole answer.

@@ -53,15 +53,40 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 /// handed out before. The kernel may still give it to someone else before the caller binds it;
 /// remembering what was handed out removes the likelier race, between tests of this binary.
 pub fn free_port() -> u16 {
-    static HANDED_OUT: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
-    let handed_out = HANDED_OUT.get_or_init(|| Mutex::new(HashSet::new()));
     loop {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
         let port = listener.local_addr().expect("local_addr").port();
-        if handed_out.lock().unwrap().insert(port) {
+        if handed_out().lock().unwrap().insert(port) {
             return port;
         }
     }
+}
+
+/// Two consecutive free loopback ports, `p` and `p + 1`, both remembered as handed out (so no
+/// `free_port` of this process gives either to another test); returns `p`. For a range a
+/// program allocates from itself, such as Consul's exposed-check ports.
+pub fn free_port_pair() -> u16 {
+    loop {
+        let p = free_port();
+        let Some(next) = p.checked_add(1) else {
+            continue;
+        };
+        if TcpListener::bind(("127.0.0.1", next)).is_ok()
+            && handed_out().lock().unwrap().insert(next)
+        {
+            return p;
+        }
+    }
+}
+
+/// Whether this process handed `port` out (`free_port`, `free_port_pair`).
+pub fn was_handed_out(port: u16) -> bool {
+    handed_out().lock().unwrap().contains(&port)
+}
+
+fn handed_out() -> &'static Mutex<HashSet<u16>> {
+    static HANDED_OUT: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
+    HANDED_OUT.get_or_init(|| Mutex::new(HashSet::new()))
 }
 
 /// The sidecar binary Cargo built for this test run.
