@@ -11,6 +11,7 @@ use crate::model::{
     Desired, ExposedListener, Mode, Public, Server, Slot, UpstreamListener, FREE_SLOT_ADDRESS,
     FREE_SLOT_PORT,
 };
+use crate::spoe::authz::GENERATION_PROBE;
 use crate::value::{comment, Millis, Word};
 
 pub const PUBLIC_FRONTEND: &str = "public_listener";
@@ -356,6 +357,9 @@ pub const SPOE_ENGINE: &str = "intentions";
 pub const SPOE_BACKEND: &str = "intentions_agent";
 pub const SPOE_SERVER: &str = "agent";
 pub const SPOE_REQUEST_GROUP: &str = "l7-request";
+/// The group of the per-connection message on an http listener, sent by the frontend
+/// (`FrontendSpec::lines`), as the spoe.conf template names it.
+pub const SPOE_CONNECTION_GROUP: &str = "l4-check";
 
 /// The public http listener's first rules: a request whose path cannot be judged in one form
 /// gets 400 before anything else looks at it. No path starting with `/` (`GET *`, an
@@ -430,9 +434,32 @@ impl FrontendSpec {
                 "filter spoe engine {SPOE_ENGINE} config {}",
                 intentions.spoe_config
             ));
-            // SPOE never rejects by itself: a connection the agent did not explicitly allow
-            // (denied, agent down, timeout) is rejected here. This is what fails closed.
-            l.push("tcp-request content reject unless { var(sess.hcc.allow) -m bool }".into());
+            if self.mode == Mode::Http {
+                // The connection's verdict is asked for once, and again only when the table's
+                // generation (the fast map's `GENERATION_PROBE` entry) is not the one the
+                // verdict was made under: one agent round trip per connection while nothing
+                // changes, and a revoked intention or a new root reaches the next request.
+                // No generation (no map, agent answered nothing) asks every time.
+                l.push(format!(
+                    "http-request set-var(txn.hcc_gen) str({GENERATION_PROBE}),map_reg({})",
+                    intentions.fast_map
+                ));
+                l.push(format!(
+                    "http-request send-spoe-group {SPOE_ENGINE} {SPOE_CONNECTION_GROUP} if !{{ var(sess.hcc.l7) -m bool }} !{{ var(sess.hcc.gen),strcmp(txn.hcc_gen) eq 0 }}"
+                ));
+                // SPOE never rejects by itself: a request the agent did not explicitly allow
+                // the connection of (denied, agent down, timeout) is refused here, as Envoy's
+                // RBAC answers on an http listener. This is what fails closed; it comes before
+                // anything else reads the request, so a refused client learns nothing more.
+                l.push(
+                    "http-request deny deny_status 403 unless { var(sess.hcc.allow) -m bool }"
+                        .into(),
+                );
+            } else {
+                // SPOE never rejects by itself: a connection the agent did not explicitly allow
+                // (denied, agent down, timeout) is rejected here. This is what fails closed.
+                l.push("tcp-request content reject unless { var(sess.hcc.allow) -m bool }".into());
+            }
         }
         // After the tcp-request rules, which HAProxy runs first wherever they are written
         // (and warns of one written after an http-request rule).
@@ -927,10 +954,19 @@ mod tests {
             "{tcp}"
         );
         assert!(!tcp.contains("http-request"), "{tcp}");
+        assert!(
+            tcp.contains("tcp-request content reject unless { var(sess.hcc.allow) -m bool }"),
+            "{tcp}"
+        );
         d.public.mode = Mode::Http;
         let http = lines(&d);
+        assert!(!http.contains("tcp-request content reject"), "{http}");
         for want in [
-            "tcp-request content reject unless { var(sess.hcc.allow) -m bool }",
+            // The connection's verdict: asked for while the table's generation is not the one
+            // it was made under, then every request refused without it.
+            "http-request set-var(txn.hcc_gen) str(generation),map_reg(/hcc-test/intentions.map)",
+            "http-request send-spoe-group intentions l4-check if !{ var(sess.hcc.l7) -m bool } !{ var(sess.hcc.gen),strcmp(txn.hcc_gen) eq 0 }",
+            "http-request deny deny_status 403 unless { var(sess.hcc.allow) -m bool }",
             "map_reg(/hcc-test/intentions.map,agent)",
             "srv_is_up(intentions_agent/agent)",
             "http-request send-spoe-group intentions l7-request if hcc_l7 !hcc_fast",
@@ -964,8 +1000,15 @@ mod tests {
                 .iter()
                 .position(|l| l.starts_with("http-request"))
                 .unwrap();
+            // Before the refusals only the connection's verdict (with intentions), which
+            // reads no path.
+            let first_refusal = at(PATH_REFUSALS[0]);
+            assert_eq!(first_refusal - first_http, if intentions { 3 } else { 0 });
+            assert!(lines[first_http..first_refusal]
+                .iter()
+                .all(|l| !l.contains("path")));
             for (i, r) in PATH_REFUSALS.iter().enumerate() {
-                assert_eq!(at(r), first_http + i, "{}", lines.join("\n"));
+                assert_eq!(at(r), first_refusal + i, "{}", lines.join("\n"));
             }
             let first_normalizer = at(NORMALIZE[0]);
             assert_eq!(

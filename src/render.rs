@@ -332,6 +332,12 @@ mod tests {
                 snapshot(v, "rich-sidecar-proxy", "ca-leaf-rich.json"),
                 false,
             ),
+            // An http public listener with intentions: the per-connection and per-request rules.
+            (
+                "rich-intentions",
+                snapshot(v, "rich-sidecar-proxy", "ca-leaf-rich.json"),
+                true,
+            ),
             (
                 "server-intentions",
                 snapshot(v, "server-sidecar-proxy", "ca-leaf-server.json"),
@@ -476,7 +482,8 @@ mod tests {
             .unwrap()
             .for_http_listener(true)
             .fast_map();
-        assert_eq!(d.intentions_map.len(), 6, "{:#?}", d.intentions_map);
+        // The generation, then the permissions' entries.
+        assert_eq!(d.intentions_map.len(), 7, "{:#?}", d.intentions_map);
         let files = render(&d, &creds(), &Templates::builtin()).unwrap();
         for f in &files {
             std::fs::write(&f.path, &f.contents).unwrap();
@@ -485,12 +492,20 @@ mod tests {
             .iter()
             .find(|f| f.path == d.paths.intentions_map)
             .unwrap();
-        assert_eq!(map.contents.lines().count(), 6, "{}", map.contents);
+        assert_eq!(map.contents.lines().count(), 7, "{}", map.contents);
         let cfg = &files.last().unwrap().contents;
         assert!(
             cfg.contains("send-spoe-group intentions l7-request"),
             "{cfg}"
         );
+        // The http listener's spoe.conf: the connection check is a group the frontend sends.
+        let spoe = &files
+            .iter()
+            .find(|f| f.path == d.paths.spoe_conf)
+            .unwrap()
+            .contents;
+        assert!(spoe.contains("groups l4-check l7-request"), "{spoe}");
+        assert!(!spoe.contains("event on-frontend-tcp-request"), "{spoe}");
         for rule in crate::objects::PATH_REFUSALS
             .iter()
             .chain(crate::objects::NORMALIZE.iter())

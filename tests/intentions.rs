@@ -183,3 +183,99 @@ fn with_acls_default_deny_the_sidecar_agrees_with_consul_authorize() {
         "allow, exact deny, default deny"
     );
 }
+
+/// The intentions agent's decisions of `kind` (`l4`, `l7`), allowed and denied, from the
+/// sidecar's `/metrics` at `stats`.
+fn decisions(stats: &str, kind: &str) -> u64 {
+    let (_, body) = http_get(stats, "/metrics", Duration::from_secs(5)).expect("/metrics");
+    body.lines()
+        .filter(|l| {
+            l.starts_with("hcc_intentions_decisions_total{")
+                && l.contains(&format!("kind=\"{kind}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// On an http listener a connection is judged once while the intentions stay as they are:
+/// the client's sidecar pools its mTLS connections (`http-reuse always`), so hundreds of
+/// requests cost the server's agent a decision or two, not one each (issue 31). A revoked
+/// intention still reaches a kept-alive connection: its next request is judged again and
+/// refused.
+#[test]
+fn on_an_http_listener_a_kept_alive_connection_is_judged_once_and_a_revocation_reaches_it() {
+    let mesh = Mesh::start(MeshOptions {
+        intentions: true,
+        stats: true,
+        ..Default::default()
+    });
+    mesh.consul.set_protocol("server", "http");
+    // Consul 1.8 does not fill a registration's protocol from service-defaults.
+    let mut reg: serde_json::Value = serde_json::from_str(&sidecar_registration(
+        "server",
+        mesh.app.port(),
+        mesh.server_port,
+        &[],
+    ))
+    .unwrap();
+    reg["Connect"]["SidecarService"]["Proxy"]["Config"] = serde_json::json!({"protocol": "http"});
+    mesh.consul.register(&reg.to_string());
+    wait_public_mode(mesh.base.path(), "server", "http");
+    let client = mesh.workdir("client");
+    wait_until(
+        Duration::from_secs(30),
+        "the client's upstream in http mode",
+        || frontend_mode(&client, mesh.upstream_port).as_deref() == Some("http"),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.client_sidecar.logs()));
+    wait_until(Duration::from_secs(30), "an answer in http mode", || {
+        allowed(&mesh)
+    })
+    .unwrap();
+
+    let stats = mesh
+        .server_stats
+        .clone()
+        .expect("the server's stats address");
+    let server = mesh.workdir("server");
+    let (l4_before, conns_before) = (
+        decisions(&stats, "l4"),
+        frontend_connections(&server, "public_listener"),
+    );
+    for i in 0..200 {
+        assert!(allowed(&mesh), "request {i} refused");
+    }
+    let (l4, conns) = (
+        decisions(&stats, "l4") - l4_before,
+        frontend_connections(&server, "public_listener") - conns_before,
+    );
+    eprintln!("measured: 200 requests over {conns} connection(s), {l4} connection decision(s)");
+    assert!(
+        l4 <= conns.max(1),
+        "{l4} connection decisions for 200 requests over {conns} connection(s)"
+    );
+    assert!(
+        conns <= 4,
+        "the client's sidecar pooled its connections: {conns}"
+    );
+
+    // Revoked: the next request on the kept-alive connection is judged again and refused.
+    let conns_before = frontend_connections(&server, "public_listener");
+    let id = mesh.consul.create_intention("client", "server", "deny");
+    wait_until(
+        Duration::from_secs(10),
+        "the deny to reach the pooled connection",
+        || !allowed(&mesh),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.server_sidecar.logs()));
+    assert_eq!(
+        frontend_connections(&server, "public_listener"),
+        conns_before,
+        "the first refused request came on a connection that was already open"
+    );
+    mesh.consul.delete_intention(&id);
+    wait_until(Duration::from_secs(10), "traffic allowed again", || {
+        allowed(&mesh)
+    })
+    .unwrap();
+}

@@ -229,9 +229,10 @@ fn permissions_decide_each_request_and_change_live_without_a_reload() {
     assert_eq!(s.status("client", "GET", "/admin", &[]), 403);
     assert_eq!(s.status("client", "POST", "/api/x", &[]), 403);
     assert_eq!(s.status("client", "GET", "/api", &[]), 200);
-    // An L4 source: any request; a source with no intention: refused per connection.
+    // An L4 source: any request; a source with no intention: each request refused with 403,
+    // as Envoy's HTTP RBAC filter answers on an http listener.
     assert_eq!(s.status("web", "POST", "/admin", &[]), 200);
-    assert_eq!(s.status("other", "GET", "/api/x", &[]), 0);
+    assert_eq!(s.status("other", "GET", "/api/x", &[]), 403);
     let app_requests = s.app.requests();
 
     let reloads_before = reloads(&s.master());
@@ -532,8 +533,8 @@ fn a_stalled_agent_gets_403_never_200() {
         first_denied.saturating_sub(6)
     );
     assert_eq!(
-        fresh, 0,
-        "a new connection is refused while the agent is stopped"
+        fresh, 403,
+        "a new connection's request is refused while the agent is stopped"
     );
     // Answers again once it runs.
     s.wait_status("client", "GET", "/x", 200);

@@ -212,6 +212,17 @@ pub fn current_workers(master: &Path) -> Vec<u32> {
     pids
 }
 
+/// A frontend's cumulative connection count (`conn_tot` of `show stat`) in the HAProxy
+/// under `workdir`.
+pub fn frontend_connections(workdir: &Path, frontend: &str) -> u64 {
+    show_stat(workdir)
+        .iter()
+        .find(|r| column(r, "pxname") == Some(frontend) && column(r, "svname") == Some("FRONTEND"))
+        .and_then(|r| column(r, "conn_tot"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no conn_tot for frontend {frontend}"))
+}
+
 /// The mode (`tcp`, `http`) HAProxy runs the frontend listening on `port` in (the upstream
 /// listeners are named `up_…_<port>`), from `show stat` on the stats socket under `workdir`.
 pub fn frontend_mode(workdir: &Path, port: u16) -> Option<String> {

@@ -164,6 +164,12 @@ impl Intention {
 }
 
 /// The outcome for one connection.
+/// The key whose fast-map entry is the table's generation (`AuthzTable::generation`): HAProxy
+/// looks it up per request of an http listener and asks the agent about the connection again
+/// only when it differs from the one the agent gave the connection. Made of characters no
+/// generation key (`<hex>_…`) starts with.
+pub const GENERATION_PROBE: &str = "generation";
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
     pub allow: bool,
@@ -376,8 +382,8 @@ impl AuthzTable {
         self
     }
 
-    /// FNV-1a over a canonical description of what `decide_request` reads (roots aside: a
-    /// request is judged by its connection's source, whose certificate was judged at connect).
+    /// FNV-1a over a canonical description of what `decide` and `decide_request` read: the
+    /// intentions, the policy, the listener's mode and the roots.
     /// Only this process compares two of these, so the hash need not be a standard one.
     fn digest(&self) -> String {
         let mut text = format!(
@@ -395,11 +401,18 @@ impl AuthzTable {
             }
         }
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in text.bytes() {
+        // The roots too: a connection's verdict (see `GENERATION_PROBE`) was made under them.
+        let roots = self.roots.iter().flat_map(|r| r.der.iter().copied());
+        for b in text.bytes().chain(roots) {
             h ^= u64::from(b);
             h = h.wrapping_mul(0x0100_0000_01b3);
         }
         format!("{h:016x}")
+    }
+
+    /// The table's content digest: what a connection's verdict was made under.
+    pub fn generation(&self) -> &str {
+        &self.generation
     }
 
     /// The fast-map key of the rule that governs a source: intention `index` of the evaluation
@@ -427,7 +440,9 @@ impl AuthzTable {
             return Vec::new();
         }
         let verdict = |allow: bool| if allow { ALLOW } else { AGENT }.to_string();
-        let mut map = Vec::new();
+        // First, the generation: an http listener asks the agent about a connection again only
+        // once this differs from the one the connection's verdict was made under.
+        let mut map = vec![(format!("^{GENERATION_PROBE}$"), self.generation.clone())];
         for (index, i) in self.intentions.iter().enumerate() {
             let key = self.fast_key(Some(index));
             match (&i.action, &i.permissions) {

@@ -53,6 +53,9 @@ pub const REQUEST_VAR: &str = "req_allow";
 /// Session variable (STRING) both answers set on an L7 connection: the key its next requests
 /// are looked up under in HAProxy's fast map (`AuthzTable::fast_map`).
 pub const FAST_KEY_VAR: &str = "l7key";
+/// `sess.<prefix>.gen`: the generation of the table that judged the connection
+/// (`AuthzTable::generation`); an http listener asks again once the table's differs.
+pub const GENERATION_VAR: &str = "gen";
 
 /// HAProxy sends its HELLO as soon as it connects; a silent peer is not HAProxy.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -626,9 +629,9 @@ impl Conn {
                         actions,
                     })
                 } else {
-                    let decision = self.decide(&n);
+                    let (decision, generation) = self.decide(&n);
                     self.ctx.record(&decision, false);
-                    self.connection_ack(&n, decision)
+                    self.connection_ack(&n, decision, generation)
                 };
                 self.queue(&ack)?;
                 self.ctx.stats.decision_time.record(started.elapsed());
@@ -665,12 +668,20 @@ impl Conn {
 
     /// The answer to [`CHECK_MESSAGE`]: `allow`, and for a connection whose requests are each
     /// judged also `l7` and `src`, all session variables.
-    fn connection_ack(&self, n: &Notify, d: Decision) -> Frame {
+    fn connection_ack(&self, n: &Notify, d: Decision, generation: String) -> Frame {
         let mut actions = vec![frame::Action::SetVar {
             scope: VarScope::Session,
             name: self.ctx.var_name.clone(),
             value: TypedData::Bool(d.allow),
         }];
+        // A table that can only deny has none: the connection is then asked about again.
+        if !generation.is_empty() {
+            actions.push(frame::Action::SetVar {
+                scope: VarScope::Session,
+                name: GENERATION_VAR.into(),
+                value: TypedData::String(generation.into_bytes()),
+            });
+        }
         if d.allow && d.per_request {
             if let Some(src) = d.source {
                 actions.push(frame::Action::SetVar {
@@ -733,9 +744,10 @@ impl Conn {
         self.ctx.table.current().decide_request(src, &req)
     }
 
-    fn decide(&self, n: &Notify) -> Decision {
+    /// The connection's decision, and the generation of the table that made it.
+    fn decide(&self, n: &Notify) -> (Decision, String) {
         let table = self.ctx.table.current();
-        match n.find_arg(Some(CHECK_MESSAGE), CERT_ARG) {
+        let decision = match n.find_arg(Some(CHECK_MESSAGE), CERT_ARG) {
             Some(TypedData::Binary(der)) => table.decide(Some(der)),
             // ssl_c_der is NULL when the client sent no certificate.
             Some(TypedData::Null) => table.decide(None),
@@ -753,7 +765,8 @@ impl Conn {
                 ),
                 None,
             ),
-        }
+        };
+        (decision, table.generation().to_string())
     }
 
     fn queue(&mut self, f: &Frame) -> Result<(), Fail> {

@@ -102,19 +102,31 @@ fn notify(sid: u64, fid: u64, cert: TypedData) -> Vec<u8> {
     out
 }
 
+/// A connection's ACK: `allow`, then the generation of the table that judged it.
 fn expect_ack(f: Option<Frame>, sid: u64, fid: u64, allow: bool) {
+    let Some(Frame::Ack(ack)) = f else {
+        panic!("expected an ACK, got {f:?}");
+    };
+    assert_eq!((ack.stream_id, ack.frame_id), (sid, fid));
     assert_eq!(
-        f,
-        Some(Frame::Ack(Ack {
-            stream_id: sid,
-            frame_id: fid,
-            actions: vec![frame::Action::SetVar {
-                scope: VarScope::Session,
-                name: "allow".into(),
-                value: TypedData::Bool(allow),
-            }],
-        }))
+        ack.actions.first(),
+        Some(&frame::Action::SetVar {
+            scope: VarScope::Session,
+            name: "allow".into(),
+            value: TypedData::Bool(allow),
+        })
     );
+    // A table that can only deny (nothing known yet) has no generation to give.
+    match ack.actions.get(1) {
+        None => {}
+        Some(frame::Action::SetVar {
+            scope: VarScope::Session,
+            name,
+            value: TypedData::String(g),
+        }) if name == GENERATION_VAR && g.len() == 16 => {}
+        other => panic!("not a generation: {other:?} in {:?}", ack.actions),
+    }
+    assert!(ack.actions.len() <= 2, "{:?}", ack.actions);
 }
 
 fn disconnect_status(f: Option<Frame>) -> u64 {
@@ -425,6 +437,11 @@ fn captured_l7_connection_then_request() {
             ack.actions,
             vec![
                 set(VarScope::Session, "allow", TypedData::Bool(true)),
+                set(
+                    VarScope::Session,
+                    GENERATION_VAR,
+                    TypedData::String(a.table.current().generation().into())
+                ),
                 set(VarScope::Session, L7_VAR, TypedData::Bool(true)),
                 set(VarScope::Session, SRC_VAR, TypedData::String(src.into())),
                 key(&first_key),
