@@ -1,7 +1,7 @@
 //! Unit tests of `spoe::server`: a real agent on a socket, fed frames captured from HAProxy.
 use super::*;
 use crate::spoe::authz::{Action, DefaultPolicy, Intention};
-use crate::spoe::frame::{Ack, Message, Notify};
+use crate::spoe::frame::{Message, Notify};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream as StdStream;
 
