@@ -21,7 +21,8 @@ use super::client::{
     AUTHORIZE_PATH, INTENTIONS_PATH, ROOTS_PATH,
 };
 use super::{
-    checks_update, destinations, exposed_checks_of, DestinationKey, DestinationKind, Update,
+    checks_update, destinations, exposed_checks_of, poll_intervals, DestinationKey,
+    DestinationKind, Update,
 };
 use crate::http::encode;
 
@@ -83,7 +84,9 @@ pub struct Watchers {
     timing: Timing,
     fixed: Vec<WatchHandle>,
     leaf_for: Option<(String, WatchHandle)>,
-    destinations: BTreeMap<DestinationKey, WatchHandle>,
+    /// Each destination's watch, with the poll interval it was started with (prepared
+    /// queries; a new `poll_interval` restarts the watch).
+    destinations: BTreeMap<DestinationKey, (WatchHandle, Duration)>,
     /// The discovery chain of each service destination.
     chains: BTreeMap<DestinationKey, WatchHandle>,
     /// The instances of each chain target that is not a destination itself.
@@ -212,6 +215,7 @@ impl Watchers {
         }
 
         let wanted = destinations(registration);
+        let intervals = poll_intervals(registration);
         self.destinations.retain(|k, _| wanted.contains(k));
         self.chains.retain(|k, _| wanted.contains(k));
         for key in wanted {
@@ -225,11 +229,19 @@ impl Watchers {
                 );
                 self.chains.insert(key.clone(), h);
             }
-            if self.destinations.contains_key(&key) {
+            let every = intervals
+                .get(&key)
+                .map_or(self.timing.query_poll, |ms| Duration::from_millis(ms.get()));
+            if self
+                .destinations
+                .get(&key)
+                .is_some_and(|(_, was)| key.kind == DestinationKind::Service || *was == every)
+            {
                 continue;
             }
-            let h = self.spawn_destination(key.clone());
-            self.destinations.insert(key, h);
+            // Dropping the old handle (if any) stops that watch at its next return.
+            let h = self.spawn_destination(key.clone(), every);
+            self.destinations.insert(key, (h, every));
         }
     }
 
@@ -260,7 +272,7 @@ impl Watchers {
         }
     }
 
-    fn spawn_destination(&self, key: DestinationKey) -> WatchHandle {
+    fn spawn_destination(&self, key: DestinationKey, poll: Duration) -> WatchHandle {
         let name = key.to_string();
         let path = endpoints_path(&key);
         match key.kind {
@@ -281,7 +293,7 @@ impl Watchers {
                 self.spawn(
                     format!("instances of {name}"),
                     path,
-                    WatchMode::Poll(self.timing.query_poll),
+                    WatchMode::Poll(poll),
                     move |body| {
                         api::parse::<QueryResult>("a prepared query", body)
                             .map(|r| Update::Endpoints(k.clone(), r.nodes))

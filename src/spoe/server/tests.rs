@@ -1,7 +1,7 @@
 //! Unit tests of `spoe::server`: a real agent on a socket, fed frames captured from HAProxy.
 use super::*;
 use crate::spoe::authz::{Action, DefaultPolicy, Intention};
-use crate::spoe::frame::{Ack, Message, Notify};
+use crate::spoe::frame::{Message, Notify};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream as StdStream;
 
@@ -103,18 +103,39 @@ fn notify(sid: u64, fid: u64, cert: TypedData) -> Vec<u8> {
 }
 
 fn expect_ack(f: Option<Frame>, sid: u64, fid: u64, allow: bool) {
-    assert_eq!(
-        f,
-        Some(Frame::Ack(Ack {
-            stream_id: sid,
-            frame_id: fid,
-            actions: vec![frame::Action::SetVar {
+    let allow_var = frame::Action::SetVar {
+        scope: VarScope::Session,
+        name: "allow".into(),
+        value: TypedData::Bool(allow),
+    };
+    let Some(Frame::Ack(ack)) = f else {
+        panic!("expected an ACK, got {f:?}");
+    };
+    assert_eq!((ack.stream_id, ack.frame_id), (sid, fid));
+    assert_eq!(ack.actions.first(), Some(&allow_var), "{:?}", ack.actions);
+    // An allowed connection also learns its caller's service name (for `appname_header`);
+    // a denied one learns nothing more.
+    let rest: Vec<String> = ack.actions[1..]
+        .iter()
+        .map(|a| match a {
+            frame::Action::SetVar {
                 scope: VarScope::Session,
-                name: "allow".into(),
-                value: TypedData::Bool(allow),
-            }],
-        }))
-    );
+                name,
+                value: TypedData::String(v),
+            } if name == APP_VAR => String::from_utf8_lossy(v).into_owned(),
+            other => panic!("unexpected action {other:?}"),
+        })
+        .collect();
+    if allow {
+        assert_eq!(rest.len(), 1, "{:?}", ack.actions);
+        assert!(
+            crate::value::Name::parse("t", &rest[0]).is_ok(),
+            "{:?}",
+            rest
+        );
+    } else {
+        assert!(rest.is_empty(), "{:?}", ack.actions);
+    }
 }
 
 fn disconnect_status(f: Option<Frame>) -> u64 {
@@ -425,6 +446,11 @@ fn captured_l7_connection_then_request() {
             ack.actions,
             vec![
                 set(VarScope::Session, "allow", TypedData::Bool(true)),
+                set(
+                    VarScope::Session,
+                    APP_VAR,
+                    TypedData::String("client".into())
+                ),
                 set(VarScope::Session, L7_VAR, TypedData::Bool(true)),
                 set(VarScope::Session, SRC_VAR, TypedData::String(src.into())),
                 key(&first_key),
