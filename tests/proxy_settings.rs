@@ -1,0 +1,240 @@
+//! The proxy settings a drop-in replacement of the Go original must honour, on a real mesh:
+//! Consul's `local_request_timeout_ms` (504 from HAProxy for a slow app),
+//! `max_inbound_connections` (the public listener's `maxconn`), the original's
+//! `enable_forwardfor` and `appname_header` as the app sees them, and an upstream's
+//! `read_timeout` closing an idle connection. Each is set by re-registering a running sidecar,
+//! so each also reaches a running HAProxy.
+
+mod support;
+
+use std::io::Read;
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::mesh::{Mesh, MeshOptions, APP_BODY};
+use support::*;
+
+/// `sidecar_registration` with a `Proxy.Config` and, on every upstream, a `Config`.
+fn registration(
+    name: &str,
+    port: u16,
+    sidecar_port: u16,
+    upstreams: &[(&str, u16)],
+    proxy_config: Value,
+    upstream_config: Value,
+) -> String {
+    let mut r: Value =
+        serde_json::from_str(&sidecar_registration(name, port, sidecar_port, upstreams)).unwrap();
+    let proxy = &mut r["Connect"]["SidecarService"]["Proxy"];
+    proxy["Config"] = proxy_config;
+    if let Some(ups) = proxy["Upstreams"].as_array_mut() {
+        for u in ups {
+            u["Config"] = upstream_config.clone();
+        }
+    }
+    r.to_string()
+}
+
+/// Re-registers `server`'s sidecar with `config` plus a `local_connect_timeout_ms` of
+/// `marker` and waits until the change was applied (HAProxy reloaded with it). The marker, not
+/// the setting under test, tells that the change arrived: a test whose setting is broken then
+/// fails on what the traffic shows, not on a missing line.
+fn configure_server(mesh: &Mesh, mut config: Value, marker: u64) {
+    config["local_connect_timeout_ms"] = json!(marker);
+    let before = applied(&mesh.server_sidecar);
+    mesh.consul.register(&registration(
+        "server",
+        mesh.app.port(),
+        mesh.server_port,
+        &[],
+        config,
+        Value::Null,
+    ));
+    wait_for_lines(
+        mesh,
+        "server",
+        &[&format!("timeout connect {marker}")],
+        &mesh.server_sidecar,
+        before,
+    );
+}
+
+/// How many batches of changes the sidecar has applied so far (its log says so once each).
+fn applied(sidecar: &Child) -> usize {
+    sidecar.logs().matches(" applied in ").count()
+}
+
+/// Waits until `service`'s haproxy.cfg holds every line of `want` and the sidecar applied a
+/// batch after `before`: the file is written before HAProxy reloads with it.
+fn wait_for_lines(mesh: &Mesh, service: &str, want: &[&str], sidecar: &Child, before: usize) {
+    let cfg = mesh.workdir(service).join("haproxy.cfg");
+    wait_until(
+        Duration::from_secs(60),
+        &format!("{want:?} in {service}'s haproxy.cfg, applied"),
+        || {
+            let text = std::fs::read_to_string(&cfg).unwrap_or_default();
+            want.iter().all(|w| text.contains(w)) && applied(sidecar) > before
+        },
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}\n{}\n{}",
+            std::fs::read_to_string(&cfg).unwrap_or_default(),
+            sidecar.logs()
+        )
+    });
+}
+
+/// Waits until a request through the client's upstream is answered by the app again (a
+/// re-registration can make Consul re-check the instance).
+fn wait_served(mesh: &Mesh) {
+    let addr = mesh.upstream_addr();
+    wait_until(
+        Duration::from_secs(60),
+        "an answer through the mesh",
+        || matches!(http_get(&addr, "/", Duration::from_secs(5)), Ok((200, b)) if b == APP_BODY),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.server_sidecar.logs()));
+}
+
+/// An http public listener with `local_request_timeout_ms`, `enable_forwardfor` and
+/// `appname_header` (intentions on, so the agent names the caller): the app sees
+/// `X-Forwarded-For` and the caller's service in the header (never what the client sent under
+/// that name), and a slow app is answered 504 by HAProxy. A key the sidecar does not read is
+/// logged once, however often the registration changes.
+#[test]
+fn http_settings_reach_the_app_and_a_slow_app_gets_504() {
+    let mesh = Mesh::start(MeshOptions {
+        intentions: true,
+        ..Default::default()
+    });
+    let config = |request_ms: u64| {
+        json!({
+            "protocol": "http",
+            "local_request_timeout_ms": request_ms,
+            "enable_forwardfor": true,
+            "appname_header": "X-Hcc-App",
+            "envoy_stats_bind_addr": "0.0.0.0:9102",
+        })
+    };
+    configure_server(&mesh, config(1000), 4001);
+    wait_served(&mesh);
+
+    let addr = mesh.upstream_addr();
+    let r = http_request_with(
+        &addr,
+        "GET",
+        "/",
+        &[("X-Hcc-App", "forged")],
+        None,
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    let head = mesh.app.last_request_head();
+    assert!(head.contains("x-forwarded-for: 127.0.0.1"), "{head}");
+    assert!(head.contains("x-hcc-app: client\r\n"), "{head}");
+    assert!(!head.contains("forged"), "{head}");
+
+    // Slower than the request timeout: HAProxy answers 504 itself.
+    mesh.app.set_delay(Duration::from_secs(5));
+    let r = http_request(&addr, "GET", "/", None, Duration::from_secs(30)).unwrap();
+    assert_eq!(r.status, 504, "{r:?}");
+    mesh.app.set_delay(Duration::ZERO);
+
+    // A changed timeout reaches the running HAProxy; the unknown key is still named once.
+    configure_server(&mesh, config(1500), 4002);
+    let cfg = std::fs::read_to_string(mesh.workdir("server").join("haproxy.cfg")).unwrap();
+    assert!(cfg.contains("timeout server 1500"), "{cfg}");
+    wait_served(&mesh);
+    let logs = mesh.server_sidecar.logs();
+    let named = logs
+        .matches("\"envoy_stats_bind_addr\" is Envoy's; ignored")
+        .count();
+    assert_eq!(named, 1, "{logs}");
+}
+
+/// `max_inbound_connections 1`: while one connection is served, HAProxy accepts no other on
+/// the public listener; the second connection waits in the kernel's backlog and is served
+/// once the first ends (HAProxy's `maxconn` refuses nothing).
+#[test]
+fn max_inbound_connections_holds_the_second_connection_until_the_first_ends() {
+    let mesh = Mesh::start(MeshOptions::default());
+    configure_server(&mesh, json!({ "max_inbound_connections": 1 }), 4001);
+    wait_served(&mesh);
+
+    let addr = mesh.upstream_addr();
+    let finished = Arc::new(AtomicU64::new(0));
+    let request = |name: &'static str| {
+        let (addr, finished) = (addr.clone(), finished.clone());
+        std::thread::spawn(move || {
+            let r = http_get(&addr, "/", Duration::from_secs(120));
+            (name, r, finished.fetch_add(1, Ordering::SeqCst))
+        })
+    };
+    // The first is slow at the app; the second would be answered at once if it got in.
+    mesh.app.set_delay(Duration::from_secs(10));
+    let before = mesh.app.requests();
+    let first = request("first");
+    wait_until(
+        Duration::from_secs(30),
+        "the first request at the app",
+        || mesh.app.requests() > before,
+    )
+    .unwrap();
+    mesh.app.set_delay(Duration::ZERO);
+    let second = request("second");
+    let (a, b) = (first.join().unwrap(), second.join().unwrap());
+    for (name, r, _) in [&a, &b] {
+        assert!(
+            matches!(r, Ok((200, body)) if body == APP_BODY),
+            "{name}: {r:?}"
+        );
+    }
+    assert!(
+        a.2 < b.2,
+        "the second connection was served while the first held the only slot"
+    );
+}
+
+/// An upstream's `read_timeout` (the Go original's key): an idle connection to the upstream
+/// listener is closed by HAProxy after it, not kept for the defaults section's hour.
+#[test]
+fn an_upstreams_read_timeout_closes_an_idle_connection() {
+    let mesh = Mesh::start(MeshOptions::default());
+    let before = applied(&mesh.client_sidecar);
+    mesh.consul.register(&registration(
+        "client",
+        free_port(),
+        mesh.client_port,
+        &[("server", mesh.upstream_port)],
+        Value::Null,
+        // connect_timeout_ms tells that the change arrived (see `configure_server`).
+        json!({ "read_timeout": "1s", "connect_timeout_ms": 4001 }),
+    ));
+    wait_for_lines(
+        &mesh,
+        "client",
+        &["timeout connect 4001"],
+        &mesh.client_sidecar,
+        before,
+    );
+    wait_served(&mesh);
+
+    let mut idle = TcpStream::connect(mesh.upstream_addr()).unwrap();
+    // A guard only: HAProxy closes the connection after 1 s of silence.
+    idle.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    match idle.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!(
+            "the idle connection was not closed by HAProxy: {other:?}\n{}",
+            mesh.client_sidecar.logs()
+        ),
+    }
+}
