@@ -7,7 +7,7 @@
 
 mod support;
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -44,7 +44,6 @@ fn registration(
 /// fails on what the traffic shows, not on a missing line.
 fn configure_server(mesh: &Mesh, mut config: Value, marker: u64) {
     config["local_connect_timeout_ms"] = json!(marker);
-    let before = applied(&mesh.server_sidecar);
     mesh.consul.register(&registration(
         "server",
         mesh.app.port(),
@@ -58,7 +57,6 @@ fn configure_server(mesh: &Mesh, mut config: Value, marker: u64) {
         "server",
         &[&format!("timeout connect {marker}")],
         &mesh.server_sidecar,
-        before,
     );
 }
 
@@ -67,25 +65,37 @@ fn applied(sidecar: &Child) -> usize {
     sidecar.logs().matches(" applied in ").count()
 }
 
-/// Waits until `service`'s haproxy.cfg holds every line of `want` and the sidecar applied a
-/// batch after `before`: the file is written before HAProxy reloads with it.
-fn wait_for_lines(mesh: &Mesh, service: &str, want: &[&str], sidecar: &Child, before: usize) {
+/// Waits until `service`'s haproxy.cfg holds every line of `want`, then until the sidecar
+/// logs one more applied batch than it had when the file first held them: the file is written
+/// before HAProxy reloads with it, and the batch is logged after the reload (an earlier,
+/// unrelated batch must not count, or a connection could reach the old worker, which keeps it
+/// with the old settings).
+fn wait_for_lines(mesh: &Mesh, service: &str, want: &[&str], sidecar: &Child) {
     let cfg = mesh.workdir(service).join("haproxy.cfg");
-    wait_until(
-        Duration::from_secs(60),
-        &format!("{want:?} in {service}'s haproxy.cfg, applied"),
-        || {
-            let text = std::fs::read_to_string(&cfg).unwrap_or_default();
-            want.iter().all(|w| text.contains(w)) && applied(sidecar) > before
-        },
-    )
-    .unwrap_or_else(|e| {
+    let fail = |e: String| -> ! {
         panic!(
             "{e}\n{}\n{}",
             std::fs::read_to_string(&cfg).unwrap_or_default(),
             sidecar.logs()
         )
-    });
+    };
+    let mut seen = 0;
+    wait_until(
+        Duration::from_secs(60),
+        &format!("{want:?} in {service}'s haproxy.cfg"),
+        || {
+            let text = std::fs::read_to_string(&cfg).unwrap_or_default();
+            seen = applied(sidecar);
+            want.iter().all(|w| text.contains(w))
+        },
+    )
+    .unwrap_or_else(|e| fail(e));
+    wait_until(
+        Duration::from_secs(60),
+        &format!("{service}'s sidecar to apply {want:?}"),
+        || applied(sidecar) > seen,
+    )
+    .unwrap_or_else(|e| fail(e));
 }
 
 /// Waits until a request through the client's upstream is answered by the app again (a
@@ -205,7 +215,6 @@ fn max_inbound_connections_holds_the_second_connection_until_the_first_ends() {
 #[test]
 fn an_upstreams_read_timeout_closes_an_idle_connection() {
     let mesh = Mesh::start(MeshOptions::default());
-    let before = applied(&mesh.client_sidecar);
     mesh.consul.register(&registration(
         "client",
         free_port(),
@@ -220,21 +229,44 @@ fn an_upstreams_read_timeout_closes_an_idle_connection() {
         "client",
         &["timeout connect 4001"],
         &mesh.client_sidecar,
-        before,
     );
     wait_served(&mesh);
 
     let mut idle = TcpStream::connect(mesh.upstream_addr()).unwrap();
-    // A guard only: HAProxy closes the connection after 1 s of silence.
-    idle.set_read_timeout(Some(Duration::from_secs(30)))
+    // A request head never finished: the app waits for the rest, and the connection carries
+    // data, so HAProxy logs it (`option dontlognull` leaves out connections that carry none).
+    idle.write_all(b"GET / HTTP/1.1\r\n").unwrap();
+    // A guard only, past the test app's own 30 s idle limit: something closes the connection
+    // in the end either way, and HAProxy's log says who.
+    idle.set_read_timeout(Some(Duration::from_secs(90)))
         .unwrap();
     let mut buf = [0u8; 64];
     match idle.read(&mut buf) {
         Ok(0) => {}
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
         other => panic!(
-            "the idle connection was not closed by HAProxy: {other:?}\n{}",
+            "the idle connection was not closed: {other:?}\n{}",
             mesh.client_sidecar.logs()
         ),
     }
+    // The upstream listener's access log: termination state `cD`, the client-side timeout
+    // during the data phase, which only `timeout client` (the read_timeout) gives here. Were it
+    // the app's own idle limit, the log would say the server side closed (`SD`).
+    let closed_by_timeout = |logs: &str| {
+        logs.lines()
+            .any(|l| l.contains("[haproxy]") && l.contains(" up_svc_server_") && l.contains(" cD "))
+    };
+    wait_until(
+        Duration::from_secs(10),
+        "the access log of the idle connection",
+        || closed_by_timeout(&mesh.client_sidecar.logs()),
+    )
+    .unwrap_or_else(|e| {
+        let logs = mesh.client_sidecar.logs();
+        let access: Vec<&str> = logs
+            .lines()
+            .filter(|l| l.contains(" up_svc_server_"))
+            .collect();
+        panic!("{e}: HAProxy did not close it for the read timeout\n{access:#?}")
+    });
 }
