@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::mesh::{Mesh, MeshOptions, APP_BODY};
+use support::mesh::{config_objects, fresh_render, Mesh, MeshOptions, APP_BODY};
 use support::*;
 
 /// `sidecar_registration` with a `Proxy.Config` and, on every upstream, a `Config`.
@@ -269,4 +269,53 @@ fn an_upstreams_read_timeout_closes_an_idle_connection() {
             .collect();
         panic!("{e}: HAProxy did not close it for the read timeout\n{access:#?}")
     });
+}
+
+/// Timeouts, the connection cap and `option forwardfor` reach HAProxy through one Dataplane
+/// API transaction (fields of the v1.2.5 models), and the file those deltas give describes the
+/// same HAProxy objects as a from-scratch render of the same registration (as
+/// `tests/mesh_deltas.rs` checks for the rest).
+#[test]
+fn local_settings_through_the_dataplane_api_match_a_fresh_render() {
+    let mesh = Mesh::start(MeshOptions::default());
+    configure_server(
+        &mesh,
+        json!({
+            "protocol": "http",
+            "local_request_timeout_ms": 700,
+            "read_timeout": "20s",
+            "max_inbound_connections": 64,
+            "enable_forwardfor": true,
+        }),
+        4001,
+    );
+    let workdir = mesh.workdir("server");
+    let applied = std::fs::read_to_string(workdir.join("haproxy.cfg")).unwrap();
+    assert!(
+        applied.contains("# _version="),
+        "the Dataplane API wrote this file"
+    );
+    for want in [
+        "maxconn 64",
+        "timeout client 20000",
+        "timeout server 700",
+        "option forwardfor",
+    ] {
+        assert!(applied.contains(want), "{want} missing:\n{applied}");
+    }
+    let logs = mesh.server_sidecar.logs();
+    assert!(
+        !logs.contains("rendering the whole configuration instead"),
+        "a transaction, not a full render:\n{logs}"
+    );
+    let (fresh, fresh_dir) = fresh_render(&mesh, "server", &[]);
+    let a = config_objects(&applied, &workdir.display().to_string());
+    let b = config_objects(&fresh, &fresh_dir);
+    let only_applied: Vec<_> = a.difference(&b).collect();
+    let only_fresh: Vec<_> = b.difference(&a).collect();
+    assert!(
+        only_applied.is_empty() && only_fresh.is_empty(),
+        "deltas and a fresh render differ\nonly after deltas: {only_applied:#?}\nonly in a fresh render: {only_fresh:#?}"
+    );
+    wait_served(&mesh);
 }
