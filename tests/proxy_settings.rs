@@ -319,3 +319,51 @@ fn local_settings_through_the_dataplane_api_match_a_fresh_render() {
     );
     wait_served(&mesh);
 }
+
+/// An upstream's `poll_interval` (the Go original's key) sets how often its prepared query is
+/// executed again, and a new value restarts the poll at once.
+#[test]
+fn a_prepared_querys_poll_interval_is_followed_and_restarted_when_changed() {
+    let mesh = Mesh::start(MeshOptions::default());
+    let (status, body) = mesh.consul.post(
+        "/v1/query",
+        &json!({ "Name": "pq-server", "Service": { "Service": "server" } }).to_string(),
+    );
+    assert_eq!(status, 200, "{body}");
+    let pq_port = free_port();
+    let register = |every: &str| {
+        let mut r: Value = serde_json::from_str(&sidecar_registration(
+            "client",
+            free_port(),
+            mesh.client_port,
+            &[("server", mesh.upstream_port)],
+        ))
+        .unwrap();
+        let ups = &mut r["Connect"]["SidecarService"]["Proxy"]["Upstreams"];
+        ups.as_array_mut().unwrap().push(json!({
+            "DestinationType": "prepared_query",
+            "DestinationName": "pq-server",
+            "LocalBindPort": pq_port,
+            "Config": { "poll_interval": every },
+        }));
+        mesh.consul.register(&r.to_string());
+    };
+    let polling = |ms: u64| {
+        let line = format!("polling prepared query pq-server every {ms} ms");
+        wait_until(Duration::from_secs(60), &line, || {
+            mesh.client_sidecar.logs().contains(&line)
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", mesh.client_sidecar.logs()));
+    };
+    register("700ms");
+    polling(700);
+    let addr = format!("127.0.0.1:{pq_port}");
+    wait_until(
+        Duration::from_secs(60),
+        "an answer through the prepared query",
+        || matches!(http_get(&addr, "/", Duration::from_secs(5)), Ok((200, b)) if b == APP_BODY),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.client_sidecar.logs()));
+    register("900ms");
+    polling(900);
+}

@@ -290,6 +290,8 @@ impl Watchers {
             }
             DestinationKind::PreparedQuery => {
                 let k = key.clone();
+                // Once per start: a new poll_interval restarts the watch, and says so.
+                log::info!("polling {name} every {} ms", poll.as_millis());
                 self.spawn(
                     format!("instances of {name}"),
                     path,
@@ -680,6 +682,42 @@ mod tests {
             assert!(d >= cap / 2 && d <= cap, "{failures}: {d:?} vs {cap:?}");
         }
         assert!(backoff(&t, 30) <= t.backoff_max);
+    }
+
+    /// A prepared query is polled at the shortest valid `poll_interval` of the upstreams that
+    /// name it; a bad one, or one on a service upstream, asks for nothing (the default).
+    #[test]
+    fn poll_intervals_take_the_shortest_valid_one_per_query() {
+        let reg: AgentService = serde_json::from_str(
+            r#"{"ID":"c-sidecar-proxy","Service":"c-sidecar-proxy","Kind":"connect-proxy",
+               "Proxy":{"DestinationServiceName":"c","Upstreams":[
+                 {"DestinationType":"prepared_query","DestinationName":"pq","LocalBindPort":1,
+                  "Config":{"poll_interval":"2s"}},
+                 {"DestinationType":"prepared_query","DestinationName":"pq","LocalBindPort":2,
+                  "Config":{"poll_interval":"500ms"}},
+                 {"DestinationType":"prepared_query","DestinationName":"pq","LocalBindPort":3,
+                  "Config":{"poll_interval":"1ms"}},
+                 {"DestinationType":"prepared_query","DestinationName":"other","LocalBindPort":4,
+                  "Config":{"poll_interval":30}},
+                 {"DestinationName":"server","LocalBindPort":5,
+                  "Config":{"poll_interval":"1s"}}]}}"#,
+        )
+        .unwrap();
+        let polls = poll_intervals(&reg);
+        let got: Vec<(String, u64)> = polls
+            .iter()
+            .map(|(k, v)| (k.name.clone(), v.get()))
+            .collect();
+        assert_eq!(got, [("pq".to_string(), 500)]);
+        let bad = |v: serde_json::Value| {
+            let c = BTreeMap::from([("poll_interval".to_string(), v)]);
+            super::super::poll_interval(&c).map(|r| r.is_err())
+        };
+        assert_eq!(bad("99ms".into()), Some(true));
+        assert_eq!(bad("1000h".into()), Some(true));
+        assert_eq!(bad("30s\nx".into()), Some(true));
+        assert_eq!(bad("30s".into()), Some(false));
+        assert_eq!(bad(serde_json::Value::Null), None);
     }
 
     #[test]
