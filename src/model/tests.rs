@@ -1004,3 +1004,27 @@ fn the_readme_lists_every_key_the_sidecar_reads() {
         }
     }
 }
+
+/// An upstream's read_timeout reaches each chain target's backend that has no request timeout
+/// of its own (the route's `RequestTimeout` wins there).
+#[test]
+fn an_upstreams_read_timeout_reaches_its_chain_targets() {
+    for v in CONSUL_VERSIONS {
+        let mut s = with_chain(v, "split", false);
+        up(&mut s)
+            .config
+            .insert("read_timeout".into(), serde_json::json!("7s"));
+        let d = build(&s, &settings(), None).unwrap();
+        let u = &d.upstreams[0];
+        let targets = &u.routing.as_ref().expect("the split chain routes").targets;
+        assert!(!targets.is_empty());
+        for t in targets {
+            let lines = crate::objects::target_backend(u, t).lines(&[]);
+            let want = format!(
+                "timeout server {}",
+                t.request_timeout_ms.map_or(7000, Millis::get)
+            );
+            assert!(lines.contains(&want), "{v} {}: {lines:?}", t.backend);
+        }
+    }
+}
