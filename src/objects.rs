@@ -8,11 +8,11 @@ use serde::Serialize;
 
 use crate::model::chain::{Match, Route, TargetBackend, ValueMatch, SPLIT_SCALE};
 use crate::model::{
-    Desired, ExposedListener, Mode, Public, Server, Slot, UpstreamListener, FREE_SLOT_ADDRESS,
-    FREE_SLOT_PORT,
+    AppHeader, Desired, ExposedListener, Mode, Public, Server, Slot, UpstreamListener,
+    FREE_SLOT_ADDRESS, FREE_SLOT_PORT,
 };
 use crate::spoe::authz::GENERATION_PROBE;
-use crate::value::{comment, Millis, Word};
+use crate::value::{comment, Limit, Millis, Word};
 
 pub const PUBLIC_FRONTEND: &str = "public_listener";
 pub const LOCAL_BACKEND: &str = "local_app";
@@ -30,6 +30,12 @@ pub struct BackendSpec {
     /// `balance <algorithm>`; `None` keeps HAProxy's default (the local app's single server).
     pub balance: Option<String>,
     pub connect_timeout_ms: Millis,
+    /// `timeout server`; `None` keeps the defaults section's. Dataplane API v1.2.5 carries
+    /// it (`server_timeout`).
+    pub server_timeout_ms: Option<Millis>,
+    /// `option forwardfor` (the local app's backend in http mode, `enable_forwardfor`); v1.2.5
+    /// carries it (`forwardfor`).
+    pub forwardfor: bool,
     /// `default-server verifyhost <name>`: every server's certificate must carry this name.
     /// Dataplane API v1.2.5 cannot set it, so a backend with it is only ever created by a full
     /// render (see `Plan::full_render_reason`); later server edits through the API keep it.
@@ -46,6 +52,15 @@ pub struct FrontendSpec {
     pub default_backend: String,
     /// Access logs: `option httplog`/`option tcplog` by mode, or a `log-format`.
     pub log_format: Option<String>,
+    /// `timeout client`; `None` keeps the defaults section's. v1.2.5 carries it
+    /// (`client_timeout`).
+    pub client_timeout_ms: Option<Millis>,
+    /// `maxconn` (`max_inbound_connections`); v1.2.5 carries it.
+    pub maxconn: Option<Limit>,
+    /// The public listener's `appname_header` rules. Rendered only, like `intentions`: the
+    /// Dataplane API keeps a frontend's rules when it replaces the frontend, so a change of
+    /// them goes through a full render (`Plan::full_render_reason`).
+    pub app_header: Option<AppHeader>,
     /// The intentions filter, the rule that rejects what the agent did not allow and, in http
     /// mode, the per-request rules of L7 intentions. Rendered only: the Dataplane API keeps a
     /// frontend's filters and rules when it replaces the frontend, and the sidecar never turns
@@ -136,6 +151,9 @@ pub fn public_frontend(d: &Desired) -> FrontendSpec {
         mode: d.public.mode,
         default_backend: LOCAL_BACKEND.into(),
         log_format: d.knobs.log_format.clone(),
+        client_timeout_ms: d.public.client_timeout_ms,
+        maxconn: d.public.max_connections,
+        app_header: d.public.app_header.clone(),
         intentions: d.intentions.then(|| IntentionsFilter {
             spoe_config: d.paths.spoe_conf.display().to_string(),
             fast_map: d.paths.intentions_map.display().to_string(),
@@ -166,6 +184,8 @@ pub fn local_backend(p: &Public) -> BackendSpec {
         mode: p.mode,
         balance: None,
         connect_timeout_ms: p.connect_timeout_ms,
+        server_timeout_ms: p.server_timeout_ms,
+        forwardfor: p.forwardfor,
         verifyhost: None,
         target: Vec::new(),
     }
@@ -193,6 +213,8 @@ pub fn upstream_backend(d: &Desired, u: &UpstreamListener) -> BackendSpec {
         mode: u.mode,
         balance: Some(d.knobs.balance.clone()),
         connect_timeout_ms: u.connect_timeout_ms,
+        server_timeout_ms: u.read_timeout_ms,
+        forwardfor: false,
         verifyhost: u.verifyhost.clone(),
         target: Vec::new(),
     }
@@ -204,6 +226,9 @@ pub fn upstream_frontend(d: &Desired, u: &UpstreamListener) -> FrontendSpec {
         mode: u.mode,
         default_backend: u.backend.clone(),
         log_format: d.knobs.log_format.clone(),
+        client_timeout_ms: u.read_timeout_ms,
+        maxconn: None,
+        app_header: None,
         intentions: None,
         only_path: None,
         only_sources: Vec::new(),
@@ -240,7 +265,8 @@ pub fn target_backend(u: &UpstreamListener, t: &TargetBackend) -> BackendSpec {
     if t.hash_consistent {
         target.push("hash-type consistent".to_string());
     }
-    if let Some(ms) = t.request_timeout_ms {
+    // The route's request timeout, else the upstream's read_timeout, as on its own backend.
+    if let Some(ms) = t.request_timeout_ms.or(u.read_timeout_ms) {
         target.push(format!("timeout server {ms}"));
     }
     if let Some(r) = &t.retries {
@@ -252,6 +278,8 @@ pub fn target_backend(u: &UpstreamListener, t: &TargetBackend) -> BackendSpec {
         mode: u.mode,
         balance: Some(t.balance.clone()),
         connect_timeout_ms: t.connect_timeout_ms,
+        server_timeout_ms: None,
+        forwardfor: false,
         verifyhost: t.verifyhost.clone(),
         target,
     }
@@ -303,6 +331,9 @@ pub fn exposed_frontend(d: &Desired, e: &ExposedListener) -> FrontendSpec {
         mode: Mode::Http,
         default_backend: e.backend.clone(),
         log_format: d.knobs.log_format.clone(),
+        client_timeout_ms: None,
+        maxconn: None,
+        app_header: None,
         intentions: None,
         only_path: Some(e.path.clone()),
         only_sources: e.sources.clone(),
@@ -330,6 +361,8 @@ pub fn exposed_backend(e: &ExposedListener) -> BackendSpec {
         mode: Mode::Http,
         balance: None,
         connect_timeout_ms: e.connect_timeout_ms,
+        server_timeout_ms: None,
+        forwardfor: false,
         verifyhost: None,
         target: Vec::new(),
     }
@@ -412,10 +445,18 @@ pub struct Section {
 impl FrontendSpec {
     pub fn lines(&self, bind: &BindSpec) -> Vec<String> {
         let mut l = vec![format!("mode {}", mode(self.mode))];
+        if let Some(n) = self.maxconn {
+            // Past it HAProxy stops accepting on this listener: further connections wait in
+            // the kernel's backlog until one ends.
+            l.push(format!("maxconn {n}"));
+        }
         l.push(match &self.log_format {
             Some(f) => format!("log-format {f}"),
             None => format!("option {}log", mode(self.mode)),
         });
+        if let Some(ms) = self.client_timeout_ms {
+            l.push(format!("timeout client {ms}"));
+        }
         l.push(bind.line());
         if !self.only_sources.is_empty() {
             // At connection time, before a byte is read: a refused source learns nothing.
@@ -514,6 +555,17 @@ impl FrontendSpec {
                 // HTTP permissions is refused here whatever the agent's table believed the
                 // mode to be (the table and this file change mode at different moments).
                 l.push("tcp-request content reject if { var(sess.hcc.l7) -m bool }".into());
+            }
+        }
+        if let Some(h) = &self.app_header {
+            // Whatever the client sent under this name is dropped: only the agent's word
+            // (the caller's service, from its certificate) reaches the app.
+            l.push(format!("http-request del-header {}", h.name));
+            if h.from_agent {
+                l.push(format!(
+                    "http-request set-header {} %[var(sess.hcc.app)] if {{ var(sess.hcc.app) -m found }}",
+                    h.name
+                ));
             }
         }
         if self.path_rules {
@@ -811,6 +863,12 @@ impl BackendSpec {
         }
         // Milliseconds, written bare as the Dataplane API writes them.
         l.push(format!("timeout connect {}", self.connect_timeout_ms));
+        if let Some(ms) = self.server_timeout_ms {
+            l.push(format!("timeout server {ms}"));
+        }
+        if self.forwardfor {
+            l.push("option forwardfor".into());
+        }
         if let Some(name) = &self.verifyhost {
             // No `sni` on the servers: without SNI, HAProxy checks the certificate against
             // this name (its DNS SANs, then its CN).
@@ -1108,6 +1166,9 @@ mod tests {
             only_sources: Vec::new(),
             routing: Vec::new(),
             path_rules: true,
+            app_header: None,
+            client_timeout_ms: None,
+            maxconn: None,
         };
         let bind = BindSpec {
             frontend: "t".into(),

@@ -549,6 +549,34 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// Every local setting, in http (with and without intentions) and tcp: HAProxy accepts
+    /// the lines, the appname rules included.
+    #[test]
+    fn local_settings_pass_haproxy_check() {
+        let (dir, _) = render_into(ANY, "client-sidecar-proxy", "ca-leaf-client.json", false);
+        for (protocol, intentions) in [("http", true), ("http", false), ("tcp", false)] {
+            let mut s = crate::model::fixtures::rich_with_settings(ANY);
+            crate::model::fixtures::proxy_config(&mut s).insert("protocol".into(), protocol.into());
+            let d = build(&s, &settings_in(&dir, intentions), None).unwrap();
+            let files = render(&d, &creds(), &Templates::builtin()).unwrap();
+            for f in &files {
+                std::fs::write(&f.path, &f.contents).unwrap();
+            }
+            let cfg = &files.last().unwrap().contents;
+            assert!(
+                cfg.contains("maxconn 64") && cfg.contains("timeout server"),
+                "{cfg}"
+            );
+            let out = haproxy_check(&dir.join("haproxy.cfg"));
+            assert!(
+                out.status.success(),
+                "{protocol} {intentions}: {}\n{cfg}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn every_recorded_chain_renders_a_config_haproxy_accepts() {
         for version in CONSUL_VERSIONS {

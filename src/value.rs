@@ -183,6 +183,19 @@ impl Millis {
         })
     }
 
+    /// A Go duration string (`"5s"`, `"1m30s"`, `"250ms"`), as the Go original's
+    /// `connect_timeout`, `read_timeout` and `poll_interval` take them.
+    pub fn parse_go(field: &'static str, s: &str) -> Result<Millis, Refused> {
+        let Some(ms) = go_duration_ms(s) else {
+            return refuse(field, s, "not a Go duration such as \"5s\" or \"1m30s\"");
+        };
+        // The refusal names the value as the operator wrote it, not its milliseconds.
+        Millis::new(field, ms).map_err(|e| Refused {
+            value: s.to_string(),
+            ..e
+        })
+    }
+
     /// A value that is ours, not Consul's (a default): checked all the same.
     pub const fn constant(ms: u32) -> Millis {
         Millis(ms)
@@ -197,6 +210,69 @@ impl fmt::Display for Millis {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.0)
     }
+}
+
+/// A connection count HAProxy can take as a `maxconn`: 1 to `i32::MAX` (HAProxy keeps it in an
+/// `int`, and 0 would mean "no limit" to some of its keywords and "nothing" to others).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(transparent)]
+pub struct Limit(u32);
+
+impl Limit {
+    pub fn new(field: &'static str, n: u64) -> Result<Limit, Refused> {
+        if n == 0 {
+            return refuse(field, "0", "a limit of 0 would refuse every connection");
+        }
+        match u32::try_from(n) {
+            Ok(v) if u64::from(v) <= MAX_MILLIS => Ok(Limit(v)),
+            _ => refuse(
+                field,
+                &n.to_string(),
+                "above HAProxy's largest (2147483647)",
+            ),
+        }
+    }
+
+    pub fn get(self) -> u64 {
+        u64::from(self.0)
+    }
+}
+
+impl fmt::Display for Limit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// A Go duration as Consul prints it (`5s`, `1m30s`, `250ms`, `1.5s`) in milliseconds.
+pub fn go_duration_ms(s: &str) -> Option<u64> {
+    let mut total = 0f64;
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let num_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let n: f64 = rest[..num_end].parse().ok()?;
+        rest = &rest[num_end..];
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let factor = match &rest[..unit_end] {
+            "h" => 3_600_000.0,
+            "m" => 60_000.0,
+            "s" => 1000.0,
+            "ms" => 1.0,
+            "us" | "µs" => 0.001,
+            "ns" => 0.000_001,
+            _ => return None,
+        };
+        total += n * factor;
+        rest = &rest[unit_end..];
+    }
+    Some(total.round() as u64)
 }
 
 /// Whether `b` can stand in an HAProxy configuration word, a map line, a runtime-API command
@@ -357,6 +433,16 @@ pub fn fuzz_check(data: &[u8]) -> usize {
             check(Some(m.to_string()));
         }
     }
+    if let Ok(m) = Millis::parse_go("f", &s) {
+        assert!((1..=MAX_MILLIS).contains(&m.get()));
+        check(Some(m.to_string()));
+    }
+    if let Some(n) = data.get(..8).and_then(|b| b.try_into().ok()) {
+        if let Ok(l) = Limit::new("f", u64::from_le_bytes(n)) {
+            assert!((1..=MAX_MILLIS).contains(&l.get()));
+            check(Some(l.to_string()));
+        }
+    }
     let c = comment(&s);
     assert!(
         c.chars().all(|ch| ch == ' ' || ch.is_ascii_graphic()),
@@ -484,6 +570,32 @@ mod tests {
         let e = Millis::new("RequestTimeout", 2_592_000_000).unwrap_err();
         assert!(e.to_string().contains("2592000000 ms"), "{e}");
         assert!(Millis::new("t", 0).is_err());
+    }
+
+    #[test]
+    fn go_durations_and_limits_fit_haproxy() {
+        assert_eq!(Millis::parse_go("t", "5s").map(Millis::get), Ok(5000));
+        assert_eq!(Millis::parse_go("t", "1m30s").map(Millis::get), Ok(90_000));
+        assert_eq!(Millis::parse_go("t", "250ms").map(Millis::get), Ok(250));
+        for bad in [
+            "0s",
+            "5",
+            "-5s",
+            "5x",
+            "",
+            "5s;",
+            "1000h",
+            "100us",
+            "5s\nlisten x",
+        ] {
+            let e = Millis::parse_go("read_timeout", bad).unwrap_err();
+            assert_eq!(e.value, bad, "the refusal shows what was written");
+            assert!(!e.to_string().contains('\n'), "{e}");
+        }
+        assert_eq!(Limit::new("m", 1).map(Limit::get), Ok(1));
+        assert!(Limit::new("m", 0).is_err());
+        assert!(Limit::new("m", MAX_MILLIS + 1).is_err());
+        assert_eq!(Limit::new("m", MAX_MILLIS).map(Limit::get), Ok(MAX_MILLIS));
     }
 
     #[test]

@@ -3,101 +3,10 @@
 
 mod support;
 
-use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
-use support::mesh::{sidecar, Mesh, MeshOptions, APP_BODY};
+use support::mesh::{config_objects, fresh_render, sidecar, Mesh, MeshOptions, APP_BODY};
 use support::*;
-
-/// Keywords whose lines HAProxy evaluates in the order written, each keyword's list on its own
-/// (so `tcp-request` before `http-request` or the reverse is the same configuration, but two
-/// `http-request` lines swapped are not).
-const ORDERED: &[&str] = &[
-    "acl",
-    "default_backend",
-    "filter",
-    "http-after-response",
-    "http-check",
-    "http-request",
-    "http-response",
-    "redirect",
-    "tcp-check",
-    "tcp-request",
-    "tcp-response",
-    "use-server",
-    "use_backend",
-];
-
-/// The proxies of a configuration (frontends and backends), one entry per line, so two
-/// configurations can be compared as sets whatever the order of their sections. Rule lines (see
-/// `ORDERED`) keep their words in order and carry their position among their keyword's lines;
-/// every other line has its words sorted, so option order and the Dataplane API's own formatting
-/// do not matter, and carries its count, so free slots count too. The workdir is replaced by a
-/// placeholder.
-fn objects(cfg: &str, workdir: &str) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    let mut seen: HashMap<String, usize> = HashMap::new();
-    let mut section: Option<String> = None;
-    for line in cfg.lines() {
-        let line = line
-            .split('#')
-            .next()
-            .unwrap_or("")
-            .replace(workdir, "<dir>");
-        if line.trim().is_empty() {
-            continue;
-        }
-        if !line.starts_with(char::is_whitespace) {
-            let head = line.trim().to_string();
-            section =
-                (head.starts_with("frontend ") || head.starts_with("backend ")).then_some(head);
-            if let Some(s) = &section {
-                out.insert(s.clone());
-            }
-            continue;
-        }
-        let Some(s) = &section else { continue };
-        let mut words: Vec<&str> = line.split_whitespace().collect();
-        let keyword = words[0];
-        let line = if ORDERED.contains(&keyword) {
-            let n = seen.entry(format!("{s} | {keyword}")).or_default();
-            *n += 1;
-            format!("{s} | {keyword} #{n}: {}", words.join(" "))
-        } else {
-            // Which slot an instance sits in depends on history (it keeps its slot; a fresh
-            // render sorts): compare server lines without the slot name.
-            if keyword == "server" && words.get(1).is_some_and(|n| n.starts_with('s')) {
-                words.remove(1);
-            }
-            words.sort();
-            let line = format!("{s} | {}", words.join(" "));
-            let n = seen.entry(line.clone()).or_default();
-            *n += 1;
-            format!("{line} (x{n})")
-        };
-        out.insert(line);
-    }
-    out
-}
-
-fn fresh_render(mesh: &Mesh, service: &str) -> (String, String) {
-    // The same flags as the running sidecars (see Mesh::start).
-    let text = dry_run(
-        &mesh.consul.http_addr(),
-        mesh.base.path(),
-        service,
-        &["-enable-intentions"],
-    );
-    let start = text
-        .find("haproxy.cfg <==")
-        .expect("haproxy.cfg in the dry run");
-    let cfg = text[start..].split_once('\n').unwrap().1.to_string();
-    let dir = mesh
-        .base
-        .path()
-        .join(format!("hcc-{service}-sidecar-proxy-dry-run"));
-    (cfg, dir.display().to_string())
-}
 
 /// `server-2`'s weight in Consul; any value but the default 1 shows it was carried.
 const SECOND_WEIGHT: u32 = 7;
@@ -180,9 +89,9 @@ fn deltas_and_a_fresh_render_describe_the_same_haproxy() {
         applied.contains("# _version="),
         "the Dataplane API wrote this file"
     );
-    let (fresh, fresh_dir) = fresh_render(&mesh, "client");
-    let a = objects(&applied, &workdir.display().to_string());
-    let b = objects(&fresh, &fresh_dir);
+    let (fresh, fresh_dir) = fresh_render(&mesh, "client", &["-enable-intentions"]);
+    let a = config_objects(&applied, &workdir.display().to_string());
+    let b = config_objects(&fresh, &fresh_dir);
     let only_applied: Vec<_> = a.difference(&b).collect();
     let only_fresh: Vec<_> = b.difference(&a).collect();
     assert!(
@@ -268,9 +177,9 @@ fn deltas_and_a_fresh_render_describe_the_same_haproxy() {
     )
     .unwrap_or_else(|e| panic!("{e}\n{}", mesh.client_sidecar.logs()));
     let applied = std::fs::read_to_string(&cfg_path).unwrap();
-    let (fresh, fresh_dir) = fresh_render(&mesh, "client");
-    let a = objects(&applied, &workdir.display().to_string());
-    let b = objects(&fresh, &fresh_dir);
+    let (fresh, fresh_dir) = fresh_render(&mesh, "client", &["-enable-intentions"]);
+    let a = config_objects(&applied, &workdir.display().to_string());
+    let b = config_objects(&fresh, &fresh_dir);
     assert_eq!(a, b, "exposed paths: deltas and a fresh render differ");
     assert!(
         a.iter().any(|l| l

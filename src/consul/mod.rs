@@ -10,6 +10,9 @@ pub mod watch;
 use std::collections::BTreeMap;
 
 use api::{AgentService, CaRoots, HealthEntry, IntentionEntry, LeafCert};
+use serde_json::Value;
+
+use crate::value::{Millis, Refused};
 
 /// One upstream destination as Consul resolves it. Two upstreams that name the same destination
 /// in the same datacenter share one watch; the listeners stay apart (see `model`).
@@ -102,4 +105,58 @@ pub fn destinations(registration: &AgentService) -> Vec<DestinationKey> {
     keys.sort();
     keys.dedup();
     keys
+}
+
+/// Polling a prepared query more often than this would load the agent for nothing.
+pub const MIN_POLL_INTERVAL_MS: u64 = 100;
+
+/// An upstream's `poll_interval` (the Go original's key: a Go duration such as `"30s"`), how
+/// often its prepared query is executed again: `None` when unset, an error when it is not a
+/// duration from `MIN_POLL_INTERVAL_MS` up to HAProxy's largest timeout (the model names it in
+/// a warning, the watcher then polls at its default).
+pub fn poll_interval(config: &BTreeMap<String, Value>) -> Option<Result<Millis, Refused>> {
+    const KEY: &str = "poll_interval";
+    let parsed = match config.get(KEY)? {
+        Value::Null => return None,
+        Value::String(s) => Millis::parse_go(KEY, s.trim()),
+        other => Err(Refused {
+            field: KEY,
+            value: other.to_string(),
+            reason: "not a Go duration string such as \"30s\"",
+        }),
+    };
+    Some(parsed.and_then(|ms| {
+        if ms.get() < MIN_POLL_INTERVAL_MS {
+            Err(Refused {
+                field: KEY,
+                value: format!("{} ms", ms.get()),
+                reason: "below 100 ms, which would poll the agent for nothing",
+            })
+        } else {
+            Ok(ms)
+        }
+    }))
+}
+
+/// The poll interval each prepared-query destination asks for: the shortest of the valid
+/// `poll_interval`s of the upstreams that name it; absent when none sets one.
+pub fn poll_intervals(registration: &AgentService) -> BTreeMap<DestinationKey, Millis> {
+    let mut out: BTreeMap<DestinationKey, Millis> = BTreeMap::new();
+    for u in registration.proxy.iter().flat_map(|p| p.upstreams.iter()) {
+        if u.destination_type != "prepared_query" || !u.destination_peer.is_empty() {
+            continue;
+        }
+        let Some(Ok(every)) = poll_interval(&u.config) else {
+            continue;
+        };
+        let key = DestinationKey {
+            kind: DestinationKind::PreparedQuery,
+            name: u.destination_name.clone(),
+            datacenter: u.datacenter.clone(),
+        };
+        out.entry(key)
+            .and_modify(|m| *m = (*m).min(every))
+            .or_insert(every);
+    }
+    out
 }

@@ -21,7 +21,8 @@ use super::client::{
     AUTHORIZE_PATH, INTENTIONS_PATH, ROOTS_PATH,
 };
 use super::{
-    checks_update, destinations, exposed_checks_of, DestinationKey, DestinationKind, Update,
+    checks_update, destinations, exposed_checks_of, poll_intervals, DestinationKey,
+    DestinationKind, Update,
 };
 use crate::http::encode;
 
@@ -87,7 +88,9 @@ pub struct Watchers {
     timing: Timing,
     fixed: Vec<WatchHandle>,
     leaf_for: Option<(String, WatchHandle)>,
-    destinations: BTreeMap<DestinationKey, WatchHandle>,
+    /// Each destination's watch, with the poll interval it was started with (prepared
+    /// queries; a new `poll_interval` restarts the watch).
+    destinations: BTreeMap<DestinationKey, (WatchHandle, Duration)>,
     /// The discovery chain of each service destination.
     chains: BTreeMap<DestinationKey, WatchHandle>,
     /// The instances of each chain target that is not a destination itself.
@@ -216,6 +219,7 @@ impl Watchers {
         }
 
         let wanted = destinations(registration);
+        let intervals = poll_intervals(registration);
         self.destinations.retain(|k, _| wanted.contains(k));
         self.chains.retain(|k, _| wanted.contains(k));
         for key in wanted {
@@ -229,11 +233,19 @@ impl Watchers {
                 );
                 self.chains.insert(key.clone(), h);
             }
-            if self.destinations.contains_key(&key) {
+            let every = intervals
+                .get(&key)
+                .map_or(self.timing.query_poll, |ms| Duration::from_millis(ms.get()));
+            if self
+                .destinations
+                .get(&key)
+                .is_some_and(|(_, was)| key.kind == DestinationKind::Service || *was == every)
+            {
                 continue;
             }
-            let h = self.spawn_destination(key.clone());
-            self.destinations.insert(key, h);
+            // Dropping the old handle (if any) stops that watch at its next return.
+            let h = self.spawn_destination(key.clone(), every);
+            self.destinations.insert(key, (h, every));
         }
     }
 
@@ -264,7 +276,7 @@ impl Watchers {
         }
     }
 
-    fn spawn_destination(&self, key: DestinationKey) -> WatchHandle {
+    fn spawn_destination(&self, key: DestinationKey, poll: Duration) -> WatchHandle {
         let name = key.to_string();
         let path = endpoints_path(&key);
         match key.kind {
@@ -282,10 +294,12 @@ impl Watchers {
             }
             DestinationKind::PreparedQuery => {
                 let k = key.clone();
+                // Once per start: a new poll_interval restarts the watch, and says so.
+                log::info!("polling {name} every {} ms", poll.as_millis());
                 self.spawn(
                     format!("instances of {name}"),
                     path,
-                    WatchMode::Poll(self.timing.query_poll),
+                    WatchMode::Poll(poll),
                     move |body| {
                         api::parse::<QueryResult>("a prepared query", body)
                             .map(|r| Update::Endpoints(k.clone(), r.nodes))
@@ -676,6 +690,42 @@ mod tests {
             assert!(d >= cap / 2 && d <= cap, "{failures}: {d:?} vs {cap:?}");
         }
         assert!(backoff(&t, 30) <= t.backoff_max);
+    }
+
+    /// A prepared query is polled at the shortest valid `poll_interval` of the upstreams that
+    /// name it; a bad one, or one on a service upstream, asks for nothing (the default).
+    #[test]
+    fn poll_intervals_take_the_shortest_valid_one_per_query() {
+        let reg: AgentService = serde_json::from_str(
+            r#"{"ID":"c-sidecar-proxy","Service":"c-sidecar-proxy","Kind":"connect-proxy",
+               "Proxy":{"DestinationServiceName":"c","Upstreams":[
+                 {"DestinationType":"prepared_query","DestinationName":"pq","LocalBindPort":1,
+                  "Config":{"poll_interval":"2s"}},
+                 {"DestinationType":"prepared_query","DestinationName":"pq","LocalBindPort":2,
+                  "Config":{"poll_interval":"500ms"}},
+                 {"DestinationType":"prepared_query","DestinationName":"pq","LocalBindPort":3,
+                  "Config":{"poll_interval":"1ms"}},
+                 {"DestinationType":"prepared_query","DestinationName":"other","LocalBindPort":4,
+                  "Config":{"poll_interval":30}},
+                 {"DestinationName":"server","LocalBindPort":5,
+                  "Config":{"poll_interval":"1s"}}]}}"#,
+        )
+        .unwrap();
+        let polls = poll_intervals(&reg);
+        let got: Vec<(String, u64)> = polls
+            .iter()
+            .map(|(k, v)| (k.name.clone(), v.get()))
+            .collect();
+        assert_eq!(got, [("pq".to_string(), 500)]);
+        let bad = |v: serde_json::Value| {
+            let c = BTreeMap::from([("poll_interval".to_string(), v)]);
+            super::super::poll_interval(&c).map(|r| r.is_err())
+        };
+        assert_eq!(bad("99ms".into()), Some(true));
+        assert_eq!(bad("1000h".into()), Some(true));
+        assert_eq!(bad("30s\nx".into()), Some(true));
+        assert_eq!(bad("30s".into()), Some(false));
+        assert_eq!(bad(serde_json::Value::Null), None);
     }
 
     #[test]

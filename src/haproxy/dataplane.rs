@@ -300,6 +300,12 @@ fn backend(b: &BackendSpec) -> Value {
     if let Some(algorithm) = &b.balance {
         v["balance"] = json!({ "algorithm": algorithm });
     }
+    if let Some(ms) = b.server_timeout_ms {
+        v["server_timeout"] = json!(ms);
+    }
+    if b.forwardfor {
+        v["forwardfor"] = json!({ "enabled": "enabled" });
+    }
     v
 }
 
@@ -312,6 +318,12 @@ fn frontend(f: &FrontendSpec) -> Value {
         (Some(format), _) => v["log_format"] = json!(format),
         (None, crate::model::Mode::Http) => v["httplog"] = json!(true),
         (None, crate::model::Mode::Tcp) => v["tcplog"] = json!(true),
+    }
+    if let Some(ms) = f.client_timeout_ms {
+        v["client_timeout"] = json!(ms);
+    }
+    if let Some(n) = f.maxconn {
+        v["maxconn"] = json!(n);
     }
     v
 }
@@ -348,4 +360,45 @@ fn server(s: &ServerSpec) -> Value {
         v["verify"] = json!("required");
     }
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::objects::{local_backend, public_frontend, upstream_backend, upstream_frontend};
+
+    /// The local settings travel in v1.2.5's own fields, as numbers and an enabled flag,
+    /// never as raw text; unset, the fields are absent (a PUT then removes them).
+    #[test]
+    fn local_settings_are_fields_of_the_v1_models() {
+        let s = crate::model::fixtures::rich_with_settings(crate::model::fixtures::ANY);
+        let d = crate::model::build(&s, &crate::model::fixtures::settings(), None).unwrap();
+        let fe = frontend(&public_frontend(&d));
+        assert_eq!(fe["client_timeout"], json!(9000));
+        assert_eq!(fe["maxconn"], json!(64));
+        let be = backend(&local_backend(&d.public));
+        assert_eq!(be["server_timeout"], json!(700));
+        assert_eq!(be["connect_timeout"], json!(2000));
+        assert_eq!(be["forwardfor"], json!({ "enabled": "enabled" }));
+        let u = &d.upstreams[0];
+        assert_eq!(
+            frontend(&upstream_frontend(&d, u))["client_timeout"],
+            json!(7000)
+        );
+        assert_eq!(
+            backend(&upstream_backend(&d, u))["server_timeout"],
+            json!(7000)
+        );
+        let plain = crate::model::fixtures::client_desired();
+        let fe = frontend(&public_frontend(&plain));
+        let be = backend(&local_backend(&plain.public));
+        for (v, k) in [
+            (&fe, "client_timeout"),
+            (&fe, "maxconn"),
+            (&be, "server_timeout"),
+            (&be, "forwardfor"),
+        ] {
+            assert!(v.get(k).is_none(), "{k} in {v}");
+        }
+    }
 }

@@ -44,6 +44,14 @@ pub struct Plan {
     pub intentions_map_changed: bool,
     pub roots_changed: bool,
     pub leaf_changed: bool,
+    /// The public frontend's `appname_header` rules changed (added, renamed or removed): they
+    /// are rendered only, and a frontend PUT keeps the rules the file had, so it takes a full
+    /// render (`full_render_reason`).
+    pub app_header_changed: bool,
+    /// The public frontend's mode changed: its rules (paths refused and normalized in http
+    /// mode, the intentions rules of either mode) are rendered only, and a Dataplane API
+    /// replacement would keep the old mode's, so it takes a full render.
+    pub public_mode_changed: bool,
 }
 
 impl Plan {
@@ -76,6 +84,16 @@ impl Plan {
 
     /// Why the plan needs a full render (see `needs_full_render`), for the log.
     pub fn full_render_reason(&self) -> Option<&'static str> {
+        if self.app_header_changed {
+            return Some(
+                "the public listener's appname_header rules change, which a Dataplane API frontend replace would keep as they were",
+            );
+        }
+        if self.public_mode_changed {
+            return Some(
+                "the public listener's mode changes, and its rules for either mode are rendered only",
+            );
+        }
         self.ops.iter().find_map(|op| match op {
             Op::CreateBind(b) | Op::ReplaceBind(b) if b.unix_mode.is_some() => Some(
                 "a new unix socket listener has permissions the Dataplane API cannot set",
@@ -101,12 +119,6 @@ impl Plan {
             Op::CreateBackend(b) | Op::ReplaceBackend(b) if !b.target.is_empty() => Some(
                 "a discovery-chain target's settings (hashing, timeouts, retries) are not in the Dataplane API's models",
             ),
-            // Its rules (paths refused and normalized in http mode, intentions) are rendered
-            // only, and which ones depends on the mode: a replacement through the Dataplane
-            // API would keep the old mode's rules.
-            Op::ReplaceFrontend(f) if f.name == crate::objects::PUBLIC_FRONTEND => {
-                Some("the public listener changes (mode or log format), and its rules are rendered only")
-            }
             _ => None,
         })
     }
@@ -317,6 +329,8 @@ pub fn plan(applied: &Desired, desired: &Desired) -> Plan {
         intentions_map_changed: applied.intentions_map != desired.intentions_map,
         roots_changed: applied.tls.roots_pem != desired.tls.roots_pem,
         leaf_changed: applied.tls.leaf_pem != desired.tls.leaf_pem,
+        app_header_changed: applied.public.app_header != desired.public.app_header,
+        public_mode_changed: applied.public.mode != desired.public.mode,
     }
 }
 
@@ -617,6 +631,11 @@ mod tests {
         extra.bind_port = 9300;
         b.upstreams.push(extra);
         b.public.connect_timeout_ms = crate::value::Millis::constant(1234);
+        b.public.server_timeout_ms = Some(crate::value::Millis::constant(700));
+        b.public.client_timeout_ms = Some(crate::value::Millis::constant(9000));
+        b.public.max_connections = crate::value::Limit::new("t", 2).ok();
+        b.public.forwardfor = true;
+        b.upstreams[0].read_timeout_ms = Some(crate::value::Millis::constant(7000));
 
         let mut objects = objects_of(&from_scratch(&a));
         let p = plan(&a, &b);
@@ -628,6 +647,49 @@ mod tests {
             apply_to_objects(&mut objects, op);
         }
         assert_eq!(objects, objects_of(&from_scratch(&b)));
+    }
+
+    /// The local settings' changes: timeouts, the connection cap and `option forwardfor` are
+    /// fields of v1.2.5's models, so one transaction; `appname_header` rules are not, so any
+    /// change of them (removal included) is a full render.
+    #[test]
+    fn local_settings_ride_a_transaction_and_app_header_rules_a_full_render() {
+        let s = crate::model::fixtures::rich_with_settings(ANY);
+        let with = build(&s, &settings(), None).unwrap();
+        let mut faster = s.clone();
+        crate::model::fixtures::proxy_config(&mut faster)
+            .insert("local_request_timeout_ms".into(), 300.into());
+        let faster = build(&faster, &settings(), Some(&with)).unwrap();
+        let p = plan(&with, &faster);
+        assert!(!p.needs_full_render(), "{p:#?}");
+        assert!(
+            matches!(&p.ops[..], [Op::ReplaceBackend(b)] if b.server_timeout_ms == Some(crate::value::Millis::constant(300))),
+            "{:#?}",
+            p.ops
+        );
+        let mut capped = s.clone();
+        crate::model::fixtures::proxy_config(&mut capped)
+            .insert("max_inbound_connections".into(), 1.into());
+        let capped = build(&capped, &settings(), Some(&with)).unwrap();
+        let p = plan(&with, &capped);
+        assert!(!p.needs_full_render(), "{p:#?}");
+        assert!(
+            matches!(&p.ops[..], [Op::ReplaceFrontend(f)] if f.maxconn.map(crate::value::Limit::get) == Some(1)),
+            "{:#?}",
+            p.ops
+        );
+        let mut without = s.clone();
+        crate::model::fixtures::proxy_config(&mut without).remove("appname_header");
+        let without = build(&without, &settings(), Some(&with)).unwrap();
+        for (a, b) in [(&with, &without), (&without, &with)] {
+            let p = plan(a, b);
+            assert!(
+                p.full_render_reason()
+                    .is_some_and(|r| r.contains("appname_header")),
+                "{p:#?}"
+            );
+        }
+        assert!(plan(&with, &with.clone()).is_empty());
     }
 
     type Objects = std::collections::BTreeMap<String, String>;

@@ -679,36 +679,9 @@ fn matches(m: &HttpMatch) -> std::result::Result<Vec<Match>, Refused> {
     Ok(out)
 }
 
-/// A Go duration as Consul prints it (`5s`, `1m30s`, `250ms`, `1.5s`) in milliseconds.
-pub fn duration_ms(s: &str) -> Option<u64> {
-    let mut total = 0f64;
-    let mut rest = s.trim();
-    if rest.is_empty() {
-        return None;
-    }
-    while !rest.is_empty() {
-        let num_end = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
-        let n: f64 = rest[..num_end].parse().ok()?;
-        rest = &rest[num_end..];
-        let unit_end = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let factor = match &rest[..unit_end] {
-            "h" => 3_600_000.0,
-            "m" => 60_000.0,
-            "s" => 1000.0,
-            "ms" => 1.0,
-            "us" | "µs" => 0.001,
-            "ns" => 0.000_001,
-            _ => return None,
-        };
-        total += n * factor;
-        rest = &rest[unit_end..];
-    }
-    Some(total.round() as u64)
-}
+/// A Go duration as Consul prints it, in milliseconds: the one parser, shared with the
+/// watchers (`poll_interval`), lives with the other typed values.
+pub use crate::value::go_duration_ms as duration_ms;
 
 #[cfg(test)]
 mod tests {

@@ -321,6 +321,11 @@ mod tests {
             app_address: "127.0.0.1".into(),
             app_port: 8080,
             connect_timeout_ms: crate::value::Millis::constant(5000),
+            client_timeout_ms: None,
+            server_timeout_ms: None,
+            max_connections: None,
+            forwardfor: false,
+            app_header: None,
         };
         assert_eq!(
             local_sources(None, "", &public, None),

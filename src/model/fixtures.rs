@@ -55,6 +55,55 @@ pub fn first_upstream(s: &mut Snapshot) -> &mut crate::consul::api::Upstream {
         .upstreams[0]
 }
 
+/// The registration's `Proxy.Config`, to change in a test.
+pub fn proxy_config(s: &mut Snapshot) -> &mut BTreeMap<String, serde_json::Value> {
+    &mut s
+        .registration
+        .as_mut()
+        .expect("a fixture snapshot has a registration")
+        .proxy
+        .as_mut()
+        .expect("a sidecar registration has a Proxy")
+        .config
+}
+
+/// The recorded `rich` sidecar (http, two service upstreams and a prepared query) with every
+/// setting of the Go original and Consul's local timeouts and connection cap, each with a value
+/// HAProxy can take.
+pub fn rich_with_settings(version: &str) -> Snapshot {
+    let mut s = snapshot(version, "rich-sidecar-proxy", "ca-leaf-rich.json");
+    let config = proxy_config(&mut s);
+    for (k, v) in [
+        ("enable_forwardfor", serde_json::json!(true)),
+        ("appname_header", serde_json::json!("X-App")),
+        // Loses to the recorded local_connect_timeout_ms (2000).
+        ("connect_timeout", serde_json::json!("3s")),
+        ("read_timeout", serde_json::json!("20s")),
+        ("local_request_timeout_ms", serde_json::json!(700)),
+        ("local_idle_timeout_ms", serde_json::json!("9000")),
+        ("max_inbound_connections", serde_json::json!(64)),
+    ] {
+        config.insert(k.into(), v);
+    }
+    let proxy = s
+        .registration
+        .as_mut()
+        .and_then(|r| r.proxy.as_mut())
+        .expect("a sidecar registration has a Proxy");
+    for u in &mut proxy.upstreams {
+        u.config
+            .insert("read_timeout".into(), serde_json::json!("7s"));
+        // Loses to connect_timeout_ms where the upstream has one (1500 on the first).
+        u.config
+            .insert("connect_timeout".into(), serde_json::json!("4s"));
+        if u.destination_type == "prepared_query" {
+            u.config
+                .insert("poll_interval".into(), serde_json::json!("2s"));
+        }
+    }
+    s
+}
+
 /// A complete snapshot for `proxy` with every destination answered from the recorded fixtures.
 pub fn snapshot(version: &str, proxy: &str, leaf: &str) -> Snapshot {
     let mut s = Snapshot::default();

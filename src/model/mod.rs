@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::haproxy_version::HaproxyVersion;
 use crate::names::sanitize;
 use crate::snapshot::Snapshot;
-use crate::value::{Address, Millis, Name, Refused, Word};
+use crate::value::{Address, HeaderName, Limit, Millis, Name, Refused, Word};
 
 /// Consul's defaults for the proxy config keys the sidecar honours.
 const DEFAULT_CONNECT_TIMEOUT: Millis = Millis::constant(5000);
@@ -123,6 +123,25 @@ pub struct Public {
     pub app_address: Address,
     pub app_port: u16,
     pub connect_timeout_ms: Millis,
+    /// The public frontend's `timeout client`; `None` keeps the defaults section's.
+    pub client_timeout_ms: Option<Millis>,
+    /// The local app's backend's `timeout server`; `None` keeps the defaults section's.
+    pub server_timeout_ms: Option<Millis>,
+    /// The public frontend's `maxconn` (`max_inbound_connections`).
+    pub max_connections: Option<Limit>,
+    /// `option forwardfor` on the local app's backend (http only).
+    pub forwardfor: bool,
+    /// The request header naming the calling service (`appname_header`, http only).
+    pub app_header: Option<AppHeader>,
+}
+
+/// `appname_header`: the header the local app reads the calling service's name from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct AppHeader {
+    pub name: HeaderName,
+    /// Whether the intentions agent tells HAProxy the caller's name (`sess.hcc.app`); without
+    /// it the header is only removed, so a client can never set it itself.
+    pub from_agent: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -143,6 +162,9 @@ pub struct UpstreamListener {
     /// by ALPN, so one client connection's requests go each to an instance of their own.
     pub h2: bool,
     pub connect_timeout_ms: Millis,
+    /// `read_timeout`: the frontend's `timeout client` and the backend's (and, without a
+    /// request timeout of their own, every chain target's) `timeout server`.
+    pub read_timeout_ms: Option<Millis>,
     /// The backend's server slots, `s0`, `s1`, …: an instance keeps its slot while it lives,
     /// so churn changes slots in place (live, through the runtime API) instead of adding and
     /// removing servers (a reload).
@@ -401,6 +423,16 @@ pub fn build(
         )));
     }
     let mut warnings = Vec::new();
+    let whose = format!("proxy {:?}", reg.id.escape_debug().to_string());
+    keys::warn_unknown(&proxy.config, keys::PROXY, &whose, &mut warnings);
+    let mode = public_mode(proxy);
+    let local = keys::local_app(
+        &proxy.config,
+        mode,
+        settings.intentions,
+        &whose,
+        &mut warnings,
+    );
     let public = Public {
         bind_address: match config_str(&proxy.config, "bind_address") {
             Some(a) => Address::parse_ip("Proxy.Config.bind_address", &a).map_err(refused)?,
@@ -410,20 +442,19 @@ pub fn build(
             Some(p) => port("bind_port", p)?,
             None => reg.port,
         },
-        mode: public_mode(proxy),
+        mode,
         h2: protocol_of(&proxy.config).h2(),
         app_address: match non_empty(&proxy.local_service_address) {
             Some(a) => Address::parse("Proxy.LocalServiceAddress", &a).map_err(refused)?,
             None => DEFAULT_LOCAL_APP,
         },
         app_port,
-        connect_timeout_ms: timeout_setting(
-            &proxy.config,
-            "local_connect_timeout_ms",
-            &format!("proxy {:?}", reg.id),
-            &mut warnings,
-        )
-        .unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+        connect_timeout_ms: local.connect_timeout_ms.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+        client_timeout_ms: local.client_timeout_ms,
+        server_timeout_ms: local.server_timeout_ms,
+        max_connections: local.max_connections,
+        forwardfor: local.forwardfor,
+        app_header: local.app_header,
     };
     if public.bind_port == 0 {
         return Err(Error::msg(format!(
@@ -637,12 +668,12 @@ fn upstream(
         .or_else(|| chain.map(|c| c.protocol.clone()).filter(|p| !p.is_empty()));
     let listener_protocol = Protocol::parse(protocol.as_deref());
     let listener_mode = listener_protocol.mode();
-    let connect_timeout = timeout_setting(
-        &u.config,
-        "connect_timeout_ms",
-        &format!("upstream {key}"),
-        warnings,
-    );
+    let whose = format!("upstream {key}");
+    keys::warn_unknown(&u.config, keys::UPSTREAM, &whose, warnings);
+    let connect_timeout = timeout_setting(&u.config, "connect_timeout_ms", &whose, warnings)
+        .or_else(|| keys::go_timeout(&u.config, "connect_timeout", &whose, warnings));
+    let read_timeout = keys::go_timeout(&u.config, "read_timeout", &whose, warnings);
+    keys::check_poll_interval(&u.config, kind, &whose, warnings);
     let routing = match chain {
         Some(c) => {
             let before = previous_listener.and_then(|l| l.routing.as_ref());
@@ -683,6 +714,7 @@ fn upstream(
         mode: listener_mode,
         h2: listener_protocol.h2(),
         connect_timeout_ms: connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+        read_timeout_ms: read_timeout,
         slots,
         identity,
         verifyhost,
@@ -1070,7 +1102,15 @@ fn timeout_setting(
     whose: &str,
     warnings: &mut Vec<String>,
 ) -> Option<Millis> {
-    let ms = config_u64(config, key)?;
+    let Some(ms) = config_u64(config, key) else {
+        if config.get(key).is_some_and(|v| !v.is_null()) {
+            warnings.push(format!(
+                "{whose}: {}; Consul's default applies",
+                keys::not_a(key, config.get(key), "number of milliseconds")
+            ));
+        }
+        return None;
+    };
     match Millis::new(key, ms) {
         Ok(t) => Some(t),
         Err(e) => {
@@ -1094,6 +1134,7 @@ fn non_empty(s: &str) -> Option<String> {
 
 pub mod chain;
 mod expose;
+pub mod keys;
 pub use chain::Routing;
 pub use expose::ExposedListener;
 

@@ -1,12 +1,13 @@
 //! A whole mesh on loopback: Consul, the `server` app, and the sidecars of `server` and
 //! `client` (upstream `server` on a local port), all real programs, all stopped on drop.
 
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use super::{
-    free_port, http_get, sidecar_command, sidecar_registration, wait_until, Child, Consul, HttpApp,
-    TempDir,
+    dry_run, free_port, http_get, sidecar_command, sidecar_registration, wait_until, Child, Consul,
+    HttpApp, TempDir,
 };
 
 pub const APP_BODY: &str = "hello from the server app";
@@ -159,4 +160,90 @@ pub fn sidecar(
 /// its readable `hcc-<proxy id>-…` link points to, as the paths in its files name it.
 pub fn workdir(base: &TempDir, service: &str) -> PathBuf {
     super::sidecar_workdir(base.path(), service)
+}
+
+/// Keywords whose lines HAProxy evaluates in the order written, each keyword's list on its own
+/// (so `tcp-request` before `http-request` or the reverse is the same configuration, but two
+/// `http-request` lines swapped are not).
+const ORDERED: &[&str] = &[
+    "acl",
+    "default_backend",
+    "filter",
+    "http-after-response",
+    "http-check",
+    "http-request",
+    "http-response",
+    "redirect",
+    "tcp-check",
+    "tcp-request",
+    "tcp-response",
+    "use-server",
+    "use_backend",
+];
+
+/// The proxies of a configuration (frontends and backends), one entry per line, so two
+/// configurations can be compared as sets whatever the order of their sections. Rule lines (see
+/// `ORDERED`) keep their words in order and carry their position among their keyword's lines;
+/// every other line has its words sorted, so option order and the Dataplane API's own formatting
+/// do not matter, and carries its count, so free slots count too. The workdir is replaced by a
+/// placeholder.
+pub fn config_objects(cfg: &str, workdir: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut section: Option<String> = None;
+    for line in cfg.lines() {
+        let line = line
+            .split('#')
+            .next()
+            .unwrap_or("")
+            .replace(workdir, "<dir>");
+        if line.trim().is_empty() {
+            continue;
+        }
+        if !line.starts_with(char::is_whitespace) {
+            let head = line.trim().to_string();
+            section =
+                (head.starts_with("frontend ") || head.starts_with("backend ")).then_some(head);
+            if let Some(s) = &section {
+                out.insert(s.clone());
+            }
+            continue;
+        }
+        let Some(s) = &section else { continue };
+        let mut words: Vec<&str> = line.split_whitespace().collect();
+        let keyword = words[0];
+        let line = if ORDERED.contains(&keyword) {
+            let n = seen.entry(format!("{s} | {keyword}")).or_default();
+            *n += 1;
+            format!("{s} | {keyword} #{n}: {}", words.join(" "))
+        } else {
+            // Which slot an instance sits in depends on history (it keeps its slot; a fresh
+            // render sorts): compare server lines without the slot name.
+            if keyword == "server" && words.get(1).is_some_and(|n| n.starts_with('s')) {
+                words.remove(1);
+            }
+            words.sort();
+            let line = format!("{s} | {}", words.join(" "));
+            let n = seen.entry(line.clone()).or_default();
+            *n += 1;
+            format!("{line} (x{n})")
+        };
+        out.insert(line);
+    }
+    out
+}
+
+/// `service`'s haproxy.cfg rendered from scratch by a dry run against the mesh's Consul, with
+/// `flags` (those of the running sidecar), and the working directory its paths name.
+pub fn fresh_render(mesh: &Mesh, service: &str, flags: &[&str]) -> (String, String) {
+    let text = dry_run(&mesh.consul.http_addr(), mesh.base.path(), service, flags);
+    let start = text
+        .find("haproxy.cfg <==")
+        .expect("haproxy.cfg in the dry run");
+    let cfg = text[start..].split_once('\n').unwrap().1.to_string();
+    let dir = mesh
+        .base
+        .path()
+        .join(format!("hcc-{service}-sidecar-proxy-dry-run"));
+    (cfg, dir.display().to_string())
 }

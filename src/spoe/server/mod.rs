@@ -48,6 +48,9 @@ pub const L7_VAR: &str = "l7";
 /// Session variable holding the connection's source identity (its SPIFFE ID) for
 /// [`REQUEST_MESSAGE`].
 pub const SRC_VAR: &str = "src";
+/// Session variable (STRING) set on every allowed connection whose certificate names a
+/// service: that service's name, which the public frontend puts in the `appname_header`.
+pub const APP_VAR: &str = "app";
 /// Transaction variable [`REQUEST_MESSAGE`]'s answer sets (BOOL): whether the request may go on.
 pub const REQUEST_VAR: &str = "req_allow";
 /// Session variable (STRING) both answers set on an L7 connection: the key its next requests
@@ -666,8 +669,9 @@ impl Conn {
         }
     }
 
-    /// The answer to [`CHECK_MESSAGE`]: `allow`, and for a connection whose requests are each
-    /// judged also `l7` and `src`, all session variables.
+    /// The answer to [`CHECK_MESSAGE`]: `allow`, the generation of the table that decided,
+    /// the caller's service ([`APP_VAR`]) on an allowed connection, and for a connection whose
+    /// requests are each judged also `l7` and `src`, all session variables.
     fn connection_ack(&self, n: &Notify, d: Decision, generation: String) -> Frame {
         let mut actions = vec![frame::Action::SetVar {
             scope: VarScope::Session,
@@ -680,6 +684,21 @@ impl Conn {
                 scope: VarScope::Session,
                 name: GENERATION_VAR.into(),
                 value: TypedData::String(generation.into_bytes()),
+            });
+        }
+        // Only a name a service can have reaches a header: the certificate is the mesh CA's,
+        // but its path is percent-decoded and could hold anything.
+        let app = d
+            .source
+            .as_deref()
+            .filter(|_| d.allow)
+            .and_then(|src| super::authz::SpiffeId::parse(src).ok())
+            .and_then(|id| crate::value::Name::parse("source service", &id.service).ok());
+        if let Some(app) = app {
+            actions.push(frame::Action::SetVar {
+                scope: VarScope::Session,
+                name: APP_VAR.into(),
+                value: TypedData::String(app.as_str().as_bytes().to_vec()),
             });
         }
         if d.allow && d.per_request {

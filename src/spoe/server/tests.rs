@@ -114,19 +114,37 @@ fn expect_ack(f: Option<Frame>, sid: u64, fid: u64, allow: bool) {
             scope: VarScope::Session,
             name: "allow".into(),
             value: TypedData::Bool(allow),
-        })
+        }),
+        "{:?}",
+        ack.actions
     );
-    // A table that can only deny (nothing known yet) has no generation to give.
-    match ack.actions.get(1) {
-        None => {}
-        Some(frame::Action::SetVar {
-            scope: VarScope::Session,
-            name,
-            value: TypedData::String(g),
-        }) if name == GENERATION_VAR && g.len() == 16 => {}
-        other => panic!("not a generation: {other:?} in {:?}", ack.actions),
+    // Then the generation of the table that judged it (none from a table that can only deny,
+    // nothing known yet), and on an allowed connection its caller's service name (for
+    // `appname_header`); a denied one learns nothing more.
+    let mut generations = 0;
+    let mut apps = Vec::new();
+    for a in &ack.actions[1..] {
+        match a {
+            frame::Action::SetVar {
+                scope: VarScope::Session,
+                name,
+                value: TypedData::String(g),
+            } if name == GENERATION_VAR && g.len() == 16 => generations += 1,
+            frame::Action::SetVar {
+                scope: VarScope::Session,
+                name,
+                value: TypedData::String(v),
+            } if name == APP_VAR => apps.push(String::from_utf8_lossy(v).into_owned()),
+            other => panic!("unexpected action {other:?} in {:?}", ack.actions),
+        }
     }
-    assert!(ack.actions.len() <= 2, "{:?}", ack.actions);
+    assert!(generations <= 1, "{:?}", ack.actions);
+    if allow {
+        assert_eq!(apps.len(), 1, "{:?}", ack.actions);
+        assert!(crate::value::Name::parse("t", &apps[0]).is_ok(), "{apps:?}");
+    } else {
+        assert!(apps.is_empty(), "{:?}", ack.actions);
+    }
 }
 
 fn disconnect_status(f: Option<Frame>) -> u64 {
@@ -441,6 +459,11 @@ fn captured_l7_connection_then_request() {
                     VarScope::Session,
                     GENERATION_VAR,
                     TypedData::String(a.table.current().generation().into())
+                ),
+                set(
+                    VarScope::Session,
+                    APP_VAR,
+                    TypedData::String("client".into())
                 ),
                 set(VarScope::Session, L7_VAR, TypedData::Bool(true)),
                 set(VarScope::Session, SRC_VAR, TypedData::String(src.into())),

@@ -1,0 +1,369 @@
+//! The proxy settings a drop-in replacement of the Go original must honour, on a real mesh:
+//! Consul's `local_request_timeout_ms` (504 from HAProxy for a slow app),
+//! `max_inbound_connections` (the public listener's `maxconn`), the original's
+//! `enable_forwardfor` and `appname_header` as the app sees them, and an upstream's
+//! `read_timeout` closing an idle connection. Each is set by re-registering a running sidecar,
+//! so each also reaches a running HAProxy.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::mesh::{config_objects, fresh_render, Mesh, MeshOptions, APP_BODY};
+use support::*;
+
+/// `sidecar_registration` with a `Proxy.Config` and, on every upstream, a `Config`.
+fn registration(
+    name: &str,
+    port: u16,
+    sidecar_port: u16,
+    upstreams: &[(&str, u16)],
+    proxy_config: Value,
+    upstream_config: Value,
+) -> String {
+    let mut r: Value =
+        serde_json::from_str(&sidecar_registration(name, port, sidecar_port, upstreams)).unwrap();
+    let proxy = &mut r["Connect"]["SidecarService"]["Proxy"];
+    proxy["Config"] = proxy_config;
+    if let Some(ups) = proxy["Upstreams"].as_array_mut() {
+        for u in ups {
+            u["Config"] = upstream_config.clone();
+        }
+    }
+    r.to_string()
+}
+
+/// Re-registers `server`'s sidecar with `config` plus a `local_connect_timeout_ms` of
+/// `marker` and waits until the change was applied (HAProxy reloaded with it). The marker, not
+/// the setting under test, tells that the change arrived: a test whose setting is broken then
+/// fails on what the traffic shows, not on a missing line.
+fn configure_server(mesh: &Mesh, mut config: Value, marker: u64) {
+    config["local_connect_timeout_ms"] = json!(marker);
+    mesh.consul.register(&registration(
+        "server",
+        mesh.app.port(),
+        mesh.server_port,
+        &[],
+        config,
+        Value::Null,
+    ));
+    wait_for_lines(
+        mesh,
+        "server",
+        &[&format!("timeout connect {marker}")],
+        &mesh.server_sidecar,
+    );
+}
+
+/// How many batches of changes the sidecar has applied so far (its log says so once each).
+fn applied(sidecar: &Child) -> usize {
+    sidecar.logs().matches(" applied in ").count()
+}
+
+/// Waits until `service`'s haproxy.cfg holds every line of `want`, then until the sidecar
+/// logs one more applied batch than it had when the file first held them: the file is written
+/// before HAProxy reloads with it, and the batch is logged after the reload (an earlier,
+/// unrelated batch must not count, or a connection could reach the old worker, which keeps it
+/// with the old settings).
+fn wait_for_lines(mesh: &Mesh, service: &str, want: &[&str], sidecar: &Child) {
+    let cfg = mesh.workdir(service).join("haproxy.cfg");
+    let fail = |e: String| -> ! {
+        panic!(
+            "{e}\n{}\n{}",
+            std::fs::read_to_string(&cfg).unwrap_or_default(),
+            sidecar.logs()
+        )
+    };
+    let mut seen = 0;
+    wait_until(
+        Duration::from_secs(60),
+        &format!("{want:?} in {service}'s haproxy.cfg"),
+        || {
+            let text = std::fs::read_to_string(&cfg).unwrap_or_default();
+            seen = applied(sidecar);
+            want.iter().all(|w| text.contains(w))
+        },
+    )
+    .unwrap_or_else(|e| fail(e));
+    wait_until(
+        Duration::from_secs(60),
+        &format!("{service}'s sidecar to apply {want:?}"),
+        || applied(sidecar) > seen,
+    )
+    .unwrap_or_else(|e| fail(e));
+}
+
+/// Waits until a request through the client's upstream is answered by the app again (a
+/// re-registration can make Consul re-check the instance).
+fn wait_served(mesh: &Mesh) {
+    let addr = mesh.upstream_addr();
+    wait_until(
+        Duration::from_secs(60),
+        "an answer through the mesh",
+        || matches!(http_get(&addr, "/", Duration::from_secs(5)), Ok((200, b)) if b == APP_BODY),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.server_sidecar.logs()));
+}
+
+/// An http public listener with `local_request_timeout_ms`, `enable_forwardfor` and
+/// `appname_header` (intentions on, so the agent names the caller): the app sees
+/// `X-Forwarded-For` and the caller's service in the header (never what the client sent under
+/// that name), and a slow app is answered 504 by HAProxy. A key the sidecar does not read is
+/// logged once, however often the registration changes.
+#[test]
+fn http_settings_reach_the_app_and_a_slow_app_gets_504() {
+    let mesh = Mesh::start(MeshOptions {
+        intentions: true,
+        ..Default::default()
+    });
+    let config = |request_ms: u64| {
+        json!({
+            "protocol": "http",
+            "local_request_timeout_ms": request_ms,
+            "enable_forwardfor": true,
+            "appname_header": "X-Hcc-App",
+            "envoy_stats_bind_addr": "0.0.0.0:9102",
+        })
+    };
+    configure_server(&mesh, config(1000), 4001);
+    wait_served(&mesh);
+
+    let addr = mesh.upstream_addr();
+    let r = http_request_with(
+        &addr,
+        "GET",
+        "/",
+        &[("X-Hcc-App", "forged")],
+        None,
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    let head = mesh.app.last_request_head();
+    assert!(head.contains("x-forwarded-for: 127.0.0.1"), "{head}");
+    assert!(head.contains("x-hcc-app: client\r\n"), "{head}");
+    assert!(!head.contains("forged"), "{head}");
+
+    // Slower than the request timeout: HAProxy answers 504 itself.
+    mesh.app.set_delay(Duration::from_secs(5));
+    let r = http_request(&addr, "GET", "/", None, Duration::from_secs(30)).unwrap();
+    assert_eq!(r.status, 504, "{r:?}");
+    mesh.app.set_delay(Duration::ZERO);
+
+    // A changed timeout reaches the running HAProxy; the unknown key is still named once.
+    configure_server(&mesh, config(1500), 4002);
+    let cfg = std::fs::read_to_string(mesh.workdir("server").join("haproxy.cfg")).unwrap();
+    assert!(cfg.contains("timeout server 1500"), "{cfg}");
+    wait_served(&mesh);
+    let logs = mesh.server_sidecar.logs();
+    let named = logs
+        .matches("\"envoy_stats_bind_addr\" is Envoy's; ignored")
+        .count();
+    assert_eq!(named, 1, "{logs}");
+}
+
+/// `max_inbound_connections 1`: while one connection is served, HAProxy accepts no other on
+/// the public listener; the second connection waits in the kernel's backlog and is served
+/// once the first ends (HAProxy's `maxconn` refuses nothing).
+#[test]
+fn max_inbound_connections_holds_the_second_connection_until_the_first_ends() {
+    let mesh = Mesh::start(MeshOptions::default());
+    configure_server(&mesh, json!({ "max_inbound_connections": 1 }), 4001);
+    wait_served(&mesh);
+
+    let addr = mesh.upstream_addr();
+    let finished = Arc::new(AtomicU64::new(0));
+    let request = |name: &'static str| {
+        let (addr, finished) = (addr.clone(), finished.clone());
+        std::thread::spawn(move || {
+            let r = http_get(&addr, "/", Duration::from_secs(120));
+            (name, r, finished.fetch_add(1, Ordering::SeqCst))
+        })
+    };
+    // The first is slow at the app; the second would be answered at once if it got in.
+    mesh.app.set_delay(Duration::from_secs(10));
+    let before = mesh.app.requests();
+    let first = request("first");
+    wait_until(
+        Duration::from_secs(30),
+        "the first request at the app",
+        || mesh.app.requests() > before,
+    )
+    .unwrap();
+    mesh.app.set_delay(Duration::ZERO);
+    let second = request("second");
+    let (a, b) = (first.join().unwrap(), second.join().unwrap());
+    for (name, r, _) in [&a, &b] {
+        assert!(
+            matches!(r, Ok((200, body)) if body == APP_BODY),
+            "{name}: {r:?}"
+        );
+    }
+    assert!(
+        a.2 < b.2,
+        "the second connection was served while the first held the only slot"
+    );
+}
+
+/// An upstream's `read_timeout` (the Go original's key): an idle connection to the upstream
+/// listener is closed by HAProxy after it, not kept for the defaults section's hour.
+#[test]
+fn an_upstreams_read_timeout_closes_an_idle_connection() {
+    let mesh = Mesh::start(MeshOptions::default());
+    mesh.consul.register(&registration(
+        "client",
+        free_port(),
+        mesh.client_port,
+        &[("server", mesh.upstream_port)],
+        Value::Null,
+        // connect_timeout_ms tells that the change arrived (see `configure_server`).
+        json!({ "read_timeout": "1s", "connect_timeout_ms": 4001 }),
+    ));
+    wait_for_lines(
+        &mesh,
+        "client",
+        &["timeout connect 4001"],
+        &mesh.client_sidecar,
+    );
+    wait_served(&mesh);
+
+    let mut idle = TcpStream::connect(mesh.upstream_addr()).unwrap();
+    // A request head never finished: the app waits for the rest, and the connection carries
+    // data, so HAProxy logs it (`option dontlognull` leaves out connections that carry none).
+    idle.write_all(b"GET / HTTP/1.1\r\n").unwrap();
+    // A guard only, past the test app's own 30 s idle limit: something closes the connection
+    // in the end either way, and HAProxy's log says who.
+    idle.set_read_timeout(Some(Duration::from_secs(90)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    match idle.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!(
+            "the idle connection was not closed: {other:?}\n{}",
+            mesh.client_sidecar.logs()
+        ),
+    }
+    // The upstream listener's access log: termination state `cD`, the client-side timeout
+    // during the data phase, which only `timeout client` (the read_timeout) gives here. Were it
+    // the app's own idle limit, the log would say the server side closed (`SD`).
+    let closed_by_timeout = |logs: &str| {
+        logs.lines()
+            .any(|l| l.contains("[haproxy]") && l.contains(" up_svc_server_") && l.contains(" cD "))
+    };
+    wait_until(
+        Duration::from_secs(10),
+        "the access log of the idle connection",
+        || closed_by_timeout(&mesh.client_sidecar.logs()),
+    )
+    .unwrap_or_else(|e| {
+        let logs = mesh.client_sidecar.logs();
+        let access: Vec<&str> = logs
+            .lines()
+            .filter(|l| l.contains(" up_svc_server_"))
+            .collect();
+        panic!("{e}: HAProxy did not close it for the read timeout\n{access:#?}")
+    });
+}
+
+/// Timeouts, the connection cap and `option forwardfor` reach HAProxy through one Dataplane
+/// API transaction (fields of the v1.2.5 models), and the file those deltas give describes the
+/// same HAProxy objects as a from-scratch render of the same registration (as
+/// `tests/mesh_deltas.rs` checks for the rest).
+#[test]
+fn local_settings_through_the_dataplane_api_match_a_fresh_render() {
+    let mesh = Mesh::start(MeshOptions::default());
+    configure_server(
+        &mesh,
+        json!({
+            "protocol": "http",
+            "local_request_timeout_ms": 700,
+            "read_timeout": "20s",
+            "max_inbound_connections": 64,
+            "enable_forwardfor": true,
+        }),
+        4001,
+    );
+    let workdir = mesh.workdir("server");
+    let applied = std::fs::read_to_string(workdir.join("haproxy.cfg")).unwrap();
+    assert!(
+        applied.contains("# _version="),
+        "the Dataplane API wrote this file"
+    );
+    for want in [
+        "maxconn 64",
+        "timeout client 20000",
+        "timeout server 700",
+        "option forwardfor",
+    ] {
+        assert!(applied.contains(want), "{want} missing:\n{applied}");
+    }
+    let logs = mesh.server_sidecar.logs();
+    assert!(
+        !logs.contains("rendering the whole configuration instead"),
+        "a transaction, not a full render:\n{logs}"
+    );
+    let (fresh, fresh_dir) = fresh_render(&mesh, "server", &[]);
+    let a = config_objects(&applied, &workdir.display().to_string());
+    let b = config_objects(&fresh, &fresh_dir);
+    let only_applied: Vec<_> = a.difference(&b).collect();
+    let only_fresh: Vec<_> = b.difference(&a).collect();
+    assert!(
+        only_applied.is_empty() && only_fresh.is_empty(),
+        "deltas and a fresh render differ\nonly after deltas: {only_applied:#?}\nonly in a fresh render: {only_fresh:#?}"
+    );
+    wait_served(&mesh);
+}
+
+/// An upstream's `poll_interval` (the Go original's key) sets how often its prepared query is
+/// executed again, and a new value restarts the poll at once.
+#[test]
+fn a_prepared_querys_poll_interval_is_followed_and_restarted_when_changed() {
+    let mesh = Mesh::start(MeshOptions::default());
+    let (status, body) = mesh.consul.post(
+        "/v1/query",
+        &json!({ "Name": "pq-server", "Service": { "Service": "server" } }).to_string(),
+    );
+    assert_eq!(status, 200, "{body}");
+    let pq_port = free_port();
+    let register = |every: &str| {
+        let mut r: Value = serde_json::from_str(&sidecar_registration(
+            "client",
+            free_port(),
+            mesh.client_port,
+            &[("server", mesh.upstream_port)],
+        ))
+        .unwrap();
+        let ups = &mut r["Connect"]["SidecarService"]["Proxy"]["Upstreams"];
+        ups.as_array_mut().unwrap().push(json!({
+            "DestinationType": "prepared_query",
+            "DestinationName": "pq-server",
+            "LocalBindPort": pq_port,
+            "Config": { "poll_interval": every },
+        }));
+        mesh.consul.register(&r.to_string());
+    };
+    let polling = |ms: u64| {
+        let line = format!("polling prepared query pq-server every {ms} ms");
+        wait_until(Duration::from_secs(60), &line, || {
+            mesh.client_sidecar.logs().contains(&line)
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", mesh.client_sidecar.logs()));
+    };
+    register("700ms");
+    polling(700);
+    let addr = format!("127.0.0.1:{pq_port}");
+    wait_until(
+        Duration::from_secs(60),
+        "an answer through the prepared query",
+        || matches!(http_get(&addr, "/", Duration::from_secs(5)), Ok((200, b)) if b == APP_BODY),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.client_sidecar.logs()));
+    register("900ms");
+    polling(900);
+}
