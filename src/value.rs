@@ -277,9 +277,28 @@ pub fn go_duration_ms(s: &str) -> Option<u64> {
 
 /// Whether `b` can stand in an HAProxy configuration word, a map line, a runtime-API command
 /// and a Dataplane API rule as it is: printable ASCII without white space, quotes, `#`
-/// (comment), `;` (the runtime API's command separator), `\` (escape), braces (ACL blocks).
+/// (comment), `;` (the runtime API's command separator), `\` (escape). Braces are bytes of a
+/// word too (a regex's `{2}`), but only balanced: see `balanced`.
 fn word_byte(b: u8) -> bool {
-    b.is_ascii_graphic() && !matches!(b, b'"' | b'\'' | b'#' | b';' | b'\\' | b'{' | b'}')
+    b.is_ascii_graphic() && !matches!(b, b'"' | b'\'' | b'#' | b';' | b'\\')
+}
+
+/// Whether every `}` closes a `{` before it and none is left open: an anonymous ACL block is
+/// a `{` word and a `}` word, so a value that is one of them (or could be read as one after a
+/// split) must not reach a rule, while a regex's `[a-z]{2}` is harmless.
+fn balanced(s: &str) -> bool {
+    let mut depth = 0usize;
+    for b in s.bytes() {
+        match b {
+            b'{' => depth += 1,
+            b'}' => match depth.checked_sub(1) {
+                Some(d) => depth = d,
+                None => return false,
+            },
+            _ => {}
+        }
+    }
+    depth == 0
 }
 
 /// One word of HAProxy configuration taken from Consul: a header or query value to match or
@@ -300,7 +319,14 @@ impl Word {
             return refuse(
                 field,
                 s,
-                "holds white space, a control or non-ASCII character, a quote, '#', ';', a backslash or a brace, which HAProxy's configuration cannot carry as one word",
+                "holds white space, a control or non-ASCII character, a quote, '#', ';' or a backslash, which HAProxy's configuration cannot carry as one word",
+            );
+        }
+        if !balanced(s) {
+            return refuse(
+                field,
+                s,
+                "holds an unbalanced brace, which HAProxy's configuration would read as the end or start of a rule's condition",
             );
         }
         Ok(Word(s.to_string()))
@@ -402,14 +428,15 @@ pub fn comment(s: &str) -> String {
 
 /// The fuzz target's invariants (`fuzz/fuzz_targets/values.rs`; `tests/fuzz_corpus.rs` replays
 /// its corpus on stable): whatever string goes in, every value a parser accepts prints as one
-/// word with no line break, `;`, `#`, quote, backslash or brace, and a comment as one line.
+/// word with no line break, `;`, `#`, quote, backslash or unbalanced brace, and a comment as
+/// one line.
 /// Returns how many parsers accepted the input.
 pub fn fuzz_check(data: &[u8]) -> usize {
     let s = String::from_utf8_lossy(data);
     let word_ok = |out: &str| {
         assert!(!out.is_empty(), "an empty value was accepted from {s:?}");
         assert!(
-            out.bytes().all(word_byte),
+            out.bytes().all(word_byte) && balanced(out),
             "{out:?} (from {s:?}) cannot stand as one word"
         );
     };
@@ -601,8 +628,9 @@ mod tests {
     #[test]
     fn words_and_header_names() {
         assert!(Word::parse("v", "a,b)c$d%e").is_ok());
+        assert!(Word::regex("r", "/deb[ug]{2}").is_ok(), "a regex's braces");
         for bad in [
-            "{", "}", "a b", "a#", "a;b", "a'b", "a\"b", "a\\b", "a\nb", "é", "",
+            "{", "}", "}{", "a{", "a b", "a#", "a;b", "a'b", "a\"b", "a\\b", "a\nb", "é", "",
         ] {
             assert!(Word::parse("v", bad).is_err(), "{bad:?}");
         }

@@ -7,7 +7,7 @@ mod support;
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 use support::mesh::sidecar;
@@ -242,18 +242,26 @@ fn l7_intentions_allow_one_method_deny_another_and_streams_survive_churn() {
         "{answers:?} {errors:?}"
     );
 
-    // A server stream of 5 s over instance churn (a third instance comes and goes).
+    // A server stream of 15 s (300 messages) across instance churn (a third instance comes
+    // and goes), a change of permissions that still allows it, and a reload of the client's
+    // HAProxy (a router written for `server`: its old worker keeps the stream).
     let mut cmd = Command::new(grpc_python());
-    cmd.arg(grpc_app()).args(["stream", &mesh.upstream, "100"]);
-    let stream = Child::spawn("grpc-stream", &mut cmd, mesh.base.path());
+    cmd.arg(grpc_app()).args(["stream", &mesh.upstream, "300"]);
+    let mut stream = Child::spawn("grpc-stream", &mut cmd, mesh.base.path());
     wait_until(Duration::from_secs(10), "the stream to start", || {
         stream.stdout().contains("msg ")
     })
     .unwrap();
+    let running = |stream: &Child, after: &str| {
+        let out = stream.stdout();
+        assert!(
+            !out.contains("end "),
+            "the stream ended before {after} was done, so it proves nothing: {out}"
+        );
+    };
     let third = GrpcServer::start(&mesh.base, "three");
     register_instance(&mesh.consul, "server-3", third.port, "3");
     let third_sidecar = sidecar(&mesh.consul, &mesh.base, "server-3", true, &[]);
-    let t = Instant::now();
     wait_until(
         Duration::from_secs(30),
         "the third instance to answer",
@@ -267,13 +275,50 @@ fn l7_intentions_allow_one_method_deny_another_and_streams_survive_churn() {
     .unwrap_or_else(|e| panic!("{e}\n{}", mesh.client.logs()));
     mesh.consul.deregister("server-3");
     drop(third_sidecar);
-    let mut stream = stream;
-    stream.wait_timeout(Duration::from_secs(30));
+    running(&stream, "the churn");
+
+    allow_only(
+        &mesh.consul,
+        &["/hcc.Test/Echo", "/hcc.Test/Stream", "/hcc.Test/Other"],
+    );
+    wait_until(Duration::from_secs(30), "Other to be allowed", || {
+        calls(&mesh.upstream, "/hcc.Test/Other", 2).1.is_empty()
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.client.logs()));
+    running(&stream, "the change of permissions");
+
+    let master = mesh
+        .base
+        .join(
+            std::fs::read_dir(mesh.base.path())
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .find(|n| n.starts_with("hcc-client-sidecar-proxy-"))
+                .expect("the client's working directory"),
+        )
+        .join("master.sock");
+    let reloads_before = reloads(&master);
+    let router = serde_json::json!({
+        "Kind": "service-router", "Name": "server",
+        "Routes": [{"Match": {"HTTP": {"PathExact": "/hcc.Test/Other"}},
+                    "Destination": {"Service": "server"}}],
+    });
+    let (status, body) = mesh.consul.put("/v1/config", &router.to_string());
+    assert!(status == 200 && body.trim() == "true", "{status} {body}");
+    wait_until(
+        Duration::from_secs(30),
+        "the client's HAProxy to reload",
+        || reloads(&master) > reloads_before,
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.client.logs()));
+    running(&stream, "the reload");
+
+    stream.wait_timeout(Duration::from_secs(60));
     let out = stream.stdout();
     assert!(
-        out.contains("end OK") && out.matches("msg ").count() == 100,
-        "the stream survived churn ({:?} after the churn began): {out}",
-        t.elapsed()
+        out.contains("end OK") && out.matches("msg ").count() == 300,
+        "the stream survived churn, a permission change and a reload: {out}"
     );
 
     // A change that denies the stream's method: a new stream ends with PERMISSION_DENIED.
