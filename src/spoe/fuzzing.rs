@@ -137,10 +137,17 @@ fn l7_request(n: &Notify) -> Option<bool> {
     assert!(!d.reason.is_empty());
     if d.allow {
         // Intentions match a source by trust domain, partition, namespace and service, as
-        // Consul's authorize does: its datacenter is not part of it.
+        // Consul's authorize does (a name's case aside): its datacenter is not part of it.
         let who = |uri: &str| {
-            crate::spoe::authz::SpiffeId::parse(uri)
-                .map(|id| (id.trust_domain, id.partition, id.namespace, id.service))
+            crate::spoe::authz::SpiffeId::parse(uri).map(|id| {
+                let lower = |s: String| s.to_ascii_lowercase();
+                (
+                    lower(id.trust_domain),
+                    id.partition.map(lower),
+                    lower(id.namespace),
+                    lower(id.service),
+                )
+            })
         };
         assert_eq!(who(src), who(ALLOWED), "{src}: {}", d.reason);
         assert!(
