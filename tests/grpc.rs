@@ -176,14 +176,7 @@ fn the_calls_of_one_channel_are_balanced_over_every_instance() {
         "round robin per call: {answers:?}"
     );
     // The listeners are HTTP on both hops.
-    let workdir = mesh.base.join(
-        std::fs::read_dir(mesh.base.path())
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .find(|n| n.starts_with("hcc-client-sidecar-proxy-"))
-            .expect("the client's working directory"),
-    );
+    let workdir = sidecar_workdir(mesh.base.path(), "client");
     let cfg = std::fs::read_to_string(workdir.join("haproxy.cfg")).unwrap();
     assert!(cfg.contains(" alpn h2"), "{cfg}");
 }
@@ -287,17 +280,7 @@ fn l7_intentions_allow_one_method_deny_another_and_streams_survive_churn() {
     .unwrap_or_else(|e| panic!("{e}\n{}", mesh.client.logs()));
     running(&stream, "the change of permissions");
 
-    let master = mesh
-        .base
-        .join(
-            std::fs::read_dir(mesh.base.path())
-                .unwrap()
-                .filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .find(|n| n.starts_with("hcc-client-sidecar-proxy-"))
-                .expect("the client's working directory"),
-        )
-        .join("master.sock");
+    let master = sidecar_workdir(mesh.base.path(), "client").join("master.sock");
     let reloads_before = reloads(&master);
     let router = serde_json::json!({
         "Kind": "service-router", "Name": "server",
