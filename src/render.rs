@@ -431,7 +431,7 @@ mod tests {
     fn a_grpc_sidecar_passes_haproxy_check() {
         for v in CONSUL_VERSIONS {
             let mut snap = snapshot(v, "client-sidecar-proxy", "ca-leaf-client.json");
-            let proxy = snap.registration.as_mut().unwrap().proxy.as_mut().unwrap();
+            let proxy = crate::model::fixtures::proxy(&mut snap);
             proxy.config.insert("protocol".into(), "grpc".into());
             proxy.upstreams[0]
                 .config

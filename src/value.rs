@@ -196,6 +196,23 @@ impl Millis {
         })
     }
 
+    /// A Go duration as a JSON config value (`"5s"`): `None` for `null` (unset), a refusal for
+    /// anything but a string that `parse_go` takes.
+    pub fn from_go_json(
+        field: &'static str,
+        v: &serde_json::Value,
+    ) -> Option<Result<Millis, Refused>> {
+        match v {
+            serde_json::Value::Null => None,
+            serde_json::Value::String(s) => Some(Millis::parse_go(field, s.trim())),
+            other => Some(Err(Refused {
+                field,
+                value: other.to_string(),
+                reason: "not a Go duration string such as \"5s\"",
+            })),
+        }
+    }
+
     /// A value that is ours, not Consul's (a default): checked all the same.
     pub const fn constant(ms: u32) -> Millis {
         Millis(ms)

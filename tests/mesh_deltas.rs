@@ -5,7 +5,9 @@ mod support;
 
 use std::time::Duration;
 
-use support::mesh::{config_objects, fresh_render, sidecar, Mesh, MeshOptions, APP_BODY};
+use support::mesh::{
+    config_objects, fresh_render, same_as_fresh_render, sidecar, Mesh, MeshOptions, APP_BODY,
+};
 use support::*;
 
 /// `server-2`'s weight in Consul; any value but the default 1 shows it was carried.
@@ -89,15 +91,7 @@ fn deltas_and_a_fresh_render_describe_the_same_haproxy() {
         applied.contains("# _version="),
         "the Dataplane API wrote this file"
     );
-    let (fresh, fresh_dir) = fresh_render(&mesh, "client", &["-enable-intentions"]);
-    let a = config_objects(&applied, &workdir.display().to_string());
-    let b = config_objects(&fresh, &fresh_dir);
-    let only_applied: Vec<_> = a.difference(&b).collect();
-    let only_fresh: Vec<_> = b.difference(&a).collect();
-    assert!(
-        only_applied.is_empty() && only_fresh.is_empty(),
-        "deltas and a fresh render differ\nonly after deltas: {only_applied:#?}\nonly in a fresh render: {only_fresh:#?}"
-    );
+    let a = same_as_fresh_render(&mesh, "client", &["-enable-intentions"], &applied, &workdir);
     // The comparison must see the servers, their weights and the rules, or it proves nothing.
     for (port, weight) in [(mesh.server_port, 1), (second_port, SECOND_WEIGHT)] {
         let addr = format!("127.0.0.1:{port}");

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::mesh::{config_objects, fresh_render, Mesh, MeshOptions, APP_BODY};
+use support::mesh::{same_as_fresh_render, Mesh, MeshOptions, APP_BODY};
 use support::*;
 
 /// `sidecar_registration` with a `Proxy.Config` and, on every upstream, a `Config`.
@@ -318,15 +318,7 @@ fn local_settings_through_the_dataplane_api_match_a_fresh_render() {
         renders,
         "a transaction, not a full render:\n{logs}"
     );
-    let (fresh, fresh_dir) = fresh_render(&mesh, "server", &[]);
-    let a = config_objects(&applied, &workdir.display().to_string());
-    let b = config_objects(&fresh, &fresh_dir);
-    let only_applied: Vec<_> = a.difference(&b).collect();
-    let only_fresh: Vec<_> = b.difference(&a).collect();
-    assert!(
-        only_applied.is_empty() && only_fresh.is_empty(),
-        "deltas and a fresh render differ\nonly after deltas: {only_applied:#?}\nonly in a fresh render: {only_fresh:#?}"
-    );
+    same_as_fresh_render(&mesh, "server", &[], &applied, &workdir);
     wait_served(&mesh);
 }
 

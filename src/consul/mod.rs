@@ -116,15 +116,7 @@ pub const MIN_POLL_INTERVAL_MS: u64 = 100;
 /// a warning, the watcher then polls at its default).
 pub fn poll_interval(config: &BTreeMap<String, Value>) -> Option<Result<Millis, Refused>> {
     const KEY: &str = "poll_interval";
-    let parsed = match config.get(KEY)? {
-        Value::Null => return None,
-        Value::String(s) => Millis::parse_go(KEY, s.trim()),
-        other => Err(Refused {
-            field: KEY,
-            value: other.to_string(),
-            reason: "not a Go duration string such as \"30s\"",
-        }),
-    };
+    let parsed = Millis::from_go_json(KEY, config.get(KEY)?)?;
     Some(parsed.and_then(|ms| {
         if ms.get() < MIN_POLL_INTERVAL_MS {
             Err(Refused {

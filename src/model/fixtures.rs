@@ -43,28 +43,24 @@ pub fn settings_in(workdir: &Path, intentions: bool) -> Settings {
     }
 }
 
-/// The first upstream of the snapshot's registration, to change in a test.
-pub fn first_upstream(s: &mut Snapshot) -> &mut crate::consul::api::Upstream {
-    &mut s
-        .registration
+/// The registration's `Proxy`, to change in a test.
+pub fn proxy(s: &mut Snapshot) -> &mut crate::consul::api::ProxyConfig {
+    s.registration
         .as_mut()
         .expect("a fixture snapshot has a registration")
         .proxy
         .as_mut()
         .expect("a sidecar registration has a Proxy")
-        .upstreams[0]
+}
+
+/// The first upstream of the snapshot's registration, to change in a test.
+pub fn first_upstream(s: &mut Snapshot) -> &mut crate::consul::api::Upstream {
+    &mut proxy(s).upstreams[0]
 }
 
 /// The registration's `Proxy.Config`, to change in a test.
 pub fn proxy_config(s: &mut Snapshot) -> &mut BTreeMap<String, serde_json::Value> {
-    &mut s
-        .registration
-        .as_mut()
-        .expect("a fixture snapshot has a registration")
-        .proxy
-        .as_mut()
-        .expect("a sidecar registration has a Proxy")
-        .config
+    &mut proxy(s).config
 }
 
 /// The recorded `rich` sidecar (http, two service upstreams and a prepared query) with every

@@ -96,10 +96,13 @@ fn shown(s: &str) -> String {
     format!("{:?}{more}", comment(&short))
 }
 
-/// The warning for a value of the wrong JSON type or form.
-pub(crate) fn not_a(key: &str, v: Option<&Value>, what: &str) -> String {
-    let v = v.map(Value::to_string).unwrap_or_default();
-    format!("{key} {} refused by the sidecar: not a {what}", shown(&v))
+/// The refusal of a value of the wrong JSON type or form.
+pub(crate) fn not_a(key: &'static str, v: Option<&Value>, reason: &'static str) -> Refused {
+    Refused {
+        field: key,
+        value: v.map(Value::to_string).unwrap_or_default(),
+        reason,
+    }
 }
 
 /// What the registration asks of the public listener and the local app's backend.
@@ -163,7 +166,7 @@ pub(crate) fn local_app(
                     not_a(
                         "max_inbound_connections",
                         config.get("max_inbound_connections"),
-                        "number"
+                        "not a number"
                     )
                 ));
             }
@@ -178,7 +181,7 @@ pub(crate) fn local_app(
         v => {
             warnings.push(format!(
                 "{whose}: {}; X-Forwarded-For is not added",
-                not_a("enable_forwardfor", v, "boolean")
+                not_a("enable_forwardfor", v, "not a boolean")
             ));
             false
         }
@@ -198,7 +201,7 @@ pub(crate) fn local_app(
         v => {
             warnings.push(format!(
                 "{whose}: {}; no header is set",
-                not_a("appname_header", v, "header name")
+                not_a("appname_header", v, "not a header name")
             ));
             None
         }
@@ -239,16 +242,7 @@ pub(crate) fn go_timeout(
     whose: &str,
     warnings: &mut Vec<String>,
 ) -> Option<Millis> {
-    let parsed = match config.get(key)? {
-        Value::Null => return None,
-        Value::String(s) => Millis::parse_go(key, s.trim()),
-        other => Err(Refused {
-            field: key,
-            value: other.to_string(),
-            reason: "not a Go duration string such as \"5s\"",
-        }),
-    };
-    match parsed {
+    match Millis::from_go_json(key, config.get(key)?)? {
         Ok(ms) => Some(ms),
         Err(e) => {
             warnings.push(format!("{whose}: {e}; the default applies"));

@@ -1106,7 +1106,7 @@ fn timeout_setting(
         if config.get(key).is_some_and(|v| !v.is_null()) {
             warnings.push(format!(
                 "{whose}: {}; Consul's default applies",
-                keys::not_a(key, config.get(key), "number of milliseconds")
+                keys::not_a(key, config.get(key), "not a number of milliseconds")
             ));
         }
         return None;

@@ -731,8 +731,7 @@ fn grpc_and_http2_are_http_with_h2_on_each_hop() {
         ("redis", Mode::Tcp, false),
     ] {
         let mut s = snapshot(ANY, "client-sidecar-proxy", "ca-leaf-client.json");
-        let proxy = s.registration.as_mut().unwrap().proxy.as_mut().unwrap();
-        proxy.config.insert("protocol".into(), protocol.into());
+        super::fixtures::proxy_config(&mut s).insert("protocol".into(), protocol.into());
         up(&mut s).config.insert("protocol".into(), protocol.into());
         let d = build(&s, &settings(), None).unwrap();
         assert_eq!((d.public.mode, d.public.h2), (mode, h2), "{protocol}");

@@ -2,7 +2,7 @@
 //! `client` (upstream `server` on a local port), all real programs, all stopped on drop.
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::{
@@ -235,6 +235,28 @@ pub fn config_objects(cfg: &str, workdir: &str) -> BTreeSet<String> {
 
 /// `service`'s haproxy.cfg rendered from scratch by a dry run against the mesh's Consul, with
 /// `flags` (those of the running sidecar), and the working directory its paths name.
+/// Asserts that `applied` (the haproxy.cfg the deltas left in `workdir`) and a fresh render of
+/// `service`'s current state (`--dry-run` with `flags`) describe the same HAProxy objects;
+/// those objects (`config_objects`), for more checks.
+pub fn same_as_fresh_render(
+    mesh: &Mesh,
+    service: &str,
+    flags: &[&str],
+    applied: &str,
+    workdir: &Path,
+) -> BTreeSet<String> {
+    let (fresh, fresh_dir) = fresh_render(mesh, service, flags);
+    let a = config_objects(applied, &workdir.display().to_string());
+    let b = config_objects(&fresh, &fresh_dir);
+    let only_applied: Vec<_> = a.difference(&b).collect();
+    let only_fresh: Vec<_> = b.difference(&a).collect();
+    assert!(
+        only_applied.is_empty() && only_fresh.is_empty(),
+        "deltas and a fresh render differ\nonly after deltas: {only_applied:#?}\nonly in a fresh render: {only_fresh:#?}"
+    );
+    a
+}
+
 pub fn fresh_render(mesh: &Mesh, service: &str, flags: &[&str]) -> (String, String) {
     let text = dry_run(&mesh.consul.http_addr(), mesh.base.path(), service, flags);
     let start = text
