@@ -134,8 +134,9 @@ fn shape(u: &UpstreamListener) -> UpstreamListener {
 }
 
 impl Quarantine {
-    /// `desired` as the applier will apply it: each refused listener as `applied` has it.
-    fn filter(&mut self, applied: &Desired, desired: &Desired) -> Desired {
+    /// `desired` as the applier will apply it, each refused listener as `applied` has it;
+    /// `None` when nothing is refused (then `desired` is applied as it is, with no copy).
+    fn filter(&mut self, applied: &Desired, desired: &Desired) -> Option<Desired> {
         self.refused.retain(|name, bad| {
             let still = desired
                 .upstream(name)
@@ -145,19 +146,24 @@ impl Quarantine {
             }
             still
         });
+        if self.refused.is_empty() {
+            return None;
+        }
         let mut out = desired.clone();
-        out.upstreams = desired
-            .upstreams
-            .iter()
-            .filter_map(|u| {
-                if self.refused.contains_key(&u.name) {
-                    applied.upstream(&u.name).cloned()
-                } else {
-                    Some(u.clone())
+        out.upstreams.retain_mut(|u| {
+            match (
+                self.refused.contains_key(&u.name),
+                applied.upstream(&u.name),
+            ) {
+                (false, _) => true,
+                (true, Some(served)) => {
+                    *u = served.clone();
+                    true
                 }
-            })
-            .collect();
-        out
+                (true, None) => false,
+            }
+        });
+        Some(out)
     }
 }
 
@@ -282,12 +288,17 @@ fn run(
             continue;
         };
         let started = Instant::now();
-        let mut desired = quarantine.filter(&applied, &wanted);
-        let taken = unbindable(&applied, &desired);
+        let mut filtered = quarantine.filter(&applied, &wanted);
+        let taken = unbindable(&applied, filtered.as_ref().unwrap_or(&wanted));
         if !taken.is_empty() {
             set_aside(&taken, &mut quarantine);
-            desired = quarantine.filter(&applied, &wanted);
+            filtered = quarantine.filter(&applied, &wanted);
         }
+        // What is applied, and what a retry starts from again (Consul's state, unfiltered).
+        let (desired, wanted) = match filtered {
+            Some(d) => (d, Some(wanted)),
+            None => (wanted, None),
+        };
         let p = plan(&applied, &desired);
         if let Some(why) = p.full_render_reason() {
             log::info!("{why}; rendering the whole configuration instead");
@@ -310,7 +321,7 @@ fn run(
                     if !refuse_culprits(&applied, &desired, &tools, &mut quarantine) {
                         failures = failures.saturating_add(1);
                     }
-                    pending = Some(wanted);
+                    pending = Some(wanted.unwrap_or(desired));
                 }
             }
             continue;
@@ -335,7 +346,7 @@ fn run(
                 if !refuse_culprits(&applied, &desired, &tools, &mut quarantine) {
                     failures = failures.saturating_add(1);
                 }
-                pending = Some(wanted);
+                pending = Some(wanted.unwrap_or(desired));
             }
         }
     }
@@ -649,14 +660,16 @@ mod tests {
             name: "s99".into(),
             instance: None,
         });
-        let effective = q.filter(&applied, &churned);
+        let effective = q.filter(&applied, &churned).expect("a refused listener");
         assert_eq!(effective.upstream(&name), applied.upstream(&name));
         assert_eq!(q.refused.len(), 1);
 
         // A new listener that is refused stays out; one Consul changes again is applied.
         let mut changed = refused.clone();
         changed.upstreams[0].connect_timeout_ms = crate::value::Millis::constant(1234);
-        let effective = q.filter(&applied, &changed);
+        let effective = q
+            .filter(&applied, &changed)
+            .unwrap_or_else(|| changed.clone());
         assert_eq!(effective.upstream(&name), changed.upstream(&name));
         assert!(q.refused.is_empty());
     }
