@@ -641,3 +641,96 @@ fn the_checks_see_real_references() {
     assert!(g["model"].contains("consul"), "{g:?}");
     assert!(g.len() > 15, "{g:?}");
 }
+
+/// Every module of the crate, as ARCHITECTURE.md's code map must name it: `a` for src/a.rs or
+/// src/a/mod.rs, `a::b` for src/a/b.rs or src/a/b/mod.rs. Test-only files are not modules a
+/// newcomer looks for.
+fn modules() -> Vec<String> {
+    let mut out = Vec::new();
+    let mut entries: Vec<_> = fs::read_dir(src()).expect("src/ lists").flatten().collect();
+    entries.sort_by_key(|e| e.path());
+    for e in entries {
+        let p = e.path();
+        let name = p
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("")
+            .to_string();
+        if p.is_dir() {
+            if !p.join("mod.rs").exists() {
+                continue; // src/bin: programs, not modules
+            }
+            out.push(name.clone());
+            let mut subs: Vec<_> = fs::read_dir(&p)
+                .expect("module dir lists")
+                .flatten()
+                .collect();
+            subs.sort_by_key(|e| e.path());
+            for s in subs {
+                let sp = s.path();
+                let sub = sp
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .unwrap_or("")
+                    .to_string();
+                let is_module = sp.is_dir() && sp.join("mod.rs").exists()
+                    || sp.extension().is_some_and(|x| x == "rs");
+                if is_module && !["mod", "tests", "fixtures"].contains(&sub.as_str()) {
+                    out.push(format!("{name}::{sub}"));
+                }
+            }
+        } else if p.extension().is_some_and(|x| x == "rs")
+            && !["lib", "main"].contains(&name.as_str())
+        {
+            out.push(name);
+        }
+    }
+    out
+}
+
+/// The names ARCHITECTURE.md's code map gives in its `###` headings: `a`, `a::b`, and each of
+/// `a::{b, c}` as `a::b`, `a::c`.
+fn code_map_names(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for line in text.lines().filter(|l| l.starts_with("### ")) {
+        for quoted in line.split('`').skip(1).step_by(2) {
+            match quoted.split_once("::{") {
+                Some((parent, rest)) => {
+                    for child in rest.trim_end_matches('}').split(',') {
+                        names.insert(format!("{parent}::{}", child.trim()));
+                    }
+                    names.insert(parent.to_string());
+                }
+                None => {
+                    names.insert(quoted.trim_end_matches('/').to_string());
+                }
+            }
+        }
+    }
+    names
+}
+
+#[test]
+fn every_module_has_a_code_map_entry() {
+    let path = src().join("../ARCHITECTURE.md");
+    let text = fs::read_to_string(&path).expect("ARCHITECTURE.md reads");
+    let named = code_map_names(&text);
+    let missing: Vec<String> = modules()
+        .into_iter()
+        .filter(|m| !named.contains(m))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "modules without a `###` entry in ARCHITECTURE.md's code map: {missing:?}"
+    );
+}
+
+#[test]
+fn the_code_map_reader_expands_grouped_names() {
+    let names = code_map_names("### `a::{b, c}` and `d`\ntext `e`\n### `render` + `templates/`\n");
+    let want: BTreeSet<String> = ["a", "a::b", "a::c", "d", "render", "templates"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(names, want);
+}
