@@ -415,9 +415,11 @@ fn apply_whole(
     for f in rest {
         write_atomic(&f.path, f.contents.as_bytes())?;
     }
-    dataplane
-        .replace_raw(&cfg.contents)
-        .context("replacing the whole configuration (SIGHUP reconcile)")?;
+    dataplane.replace_raw(&cfg.contents).context(if reconcile {
+        "replacing the whole configuration (SIGHUP reconcile)"
+    } else {
+        "replacing the whole configuration"
+    })?;
     if !reconcile {
         log::info!("configuration rendered anew and reloaded");
         return Ok(());

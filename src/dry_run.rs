@@ -83,7 +83,7 @@ pub fn dry_run(opts: &Options) -> Result<Vec<render::File>, Fatal> {
     }
     Ok(render::render(
         &desired,
-        &DataplaneCredentials::generate()?,
+        &DataplaneCredentials::from_secret(&crate::random::bytes()?),
         &templates,
     )?)
 }

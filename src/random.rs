@@ -5,12 +5,17 @@ use std::fs;
 
 use crate::error::{Context, Result};
 
-/// Four bytes from `/dev/urandom`.
-pub fn random_u32() -> Result<u32> {
-    let mut b = [0u8; 4];
+/// `N` bytes from `/dev/urandom`: the kernel's randomness, fit for credentials.
+pub fn bytes<const N: usize>() -> Result<[u8; N]> {
+    let mut b = [0u8; N];
     let mut f = fs::File::open("/dev/urandom").context("opening /dev/urandom")?;
     std::io::Read::read_exact(&mut f, &mut b).context("reading /dev/urandom")?;
-    Ok(u32::from_ne_bytes(b))
+    Ok(b)
+}
+
+/// Four bytes from `/dev/urandom`.
+pub fn random_u32() -> Result<u32> {
+    Ok(u32::from_ne_bytes(bytes::<4>()?))
 }
 
 /// A fraction in [0, 1) from a per-thread xorshift; jitter needs spread, not cryptography.

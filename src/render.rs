@@ -1,5 +1,7 @@
-//! `Desired` → file contents, through the Tera templates in templates/. Pure: it decides
-//! nothing (names and defaults come from `model`) and writes nothing (`supervisor` does).
+//! `Desired` → file contents, through the Tera templates in templates/. It decides nothing
+//! (names and defaults come from `model`) and writes nothing (`supervisor` and `apply` do).
+//! Rendering is a function of `Desired`, the loaded templates and the credentials it is given;
+//! the only I/O here is loading the templates (`Templates::load`).
 
 use std::path::PathBuf;
 
@@ -10,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::model::Desired;
 
 /// Names of the fixed HAProxy objects; the upstream ones come from `model`.
-pub use crate::objects::SPOE_BACKEND;
+pub use crate::objects::{SPOE_BACKEND, SPOE_SERVER};
 pub const DATAPLANE_USERLIST: &str = "dataplaneapi";
 
 const HAPROXY_CFG: &str = include_str!("../templates/haproxy.cfg.tera");
@@ -111,19 +113,16 @@ pub struct DataplaneCredentials {
 }
 
 impl DataplaneCredentials {
-    pub fn generate() -> Result<DataplaneCredentials> {
-        let mut bytes = [0u8; 24];
-        let mut f = std::fs::File::open("/dev/urandom").map_err(|e| {
-            Error::with_source("opening /dev/urandom for the Dataplane API password", e)
-        })?;
-        std::io::Read::read_exact(&mut f, &mut bytes).map_err(|e| {
-            Error::with_source("reading /dev/urandom for the Dataplane API password", e)
-        })?;
-        let password = bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
-        Ok(DataplaneCredentials {
+    /// The account whose password is `secret` in hex; the caller draws it (`random::bytes`).
+    pub fn from_secret(secret: &[u8; 24]) -> DataplaneCredentials {
+        let password = secret
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>();
+        DataplaneCredentials {
             user: "hcc".into(),
             password: crate::config::Secret::new(password),
-        })
+        }
     }
 }
 
@@ -140,6 +139,7 @@ struct Globals<'a> {
     hard_stop_after: String,
     sections: Vec<crate::objects::Section>,
     spoe_backend: &'static str,
+    spoe_server: &'static str,
     dataplane_userlist: &'static str,
     dataplane_user: &'a str,
     dataplane_password: &'a str,
@@ -159,6 +159,7 @@ pub fn render(
         hard_stop_after: format!("{}ms", d.knobs.grace_period.as_millis()),
         sections: crate::objects::sections(d),
         spoe_backend: SPOE_BACKEND,
+        spoe_server: SPOE_SERVER,
         dataplane_userlist: DATAPLANE_USERLIST,
         dataplane_user: &creds.user,
         dataplane_password: creds.password.expose(),

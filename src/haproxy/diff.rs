@@ -32,8 +32,9 @@ pub struct Plan {
     /// before the backends they use), then creations (backends before the frontends that use them).
     /// Committing them reloads HAProxy.
     pub ops: Vec<Op>,
-    /// Slot changes (address, port, weight, maintenance) the Dataplane API applies through the
-    /// runtime API without a reload, one by one, outside any transaction. Empty when `ops` is
+    /// Slot changes (address, port, weight, maintenance) the applier sends over HAProxy's
+    /// runtime API (`haproxy::live`, the stats socket) without a reload, one by one, outside any
+    /// transaction. Empty when `ops` is
     /// not: a reload is coming anyway, and one transaction keeps the change atomic.
     pub live: Vec<ServerSpec>,
     /// Split thresholds that changed (key, new value): new splitter weights, applied live with

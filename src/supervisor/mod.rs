@@ -411,7 +411,7 @@ impl Supervisor {
     ) -> Result<Serving, Fatal> {
         let paths = &self.settings.paths;
         self.registry.publish(&desired);
-        let creds = DataplaneCredentials::generate()?;
+        let creds = DataplaneCredentials::from_secret(&crate::random::bytes()?);
         for file in render::render(&desired, &creds, &templates)? {
             write_atomic(&file.path, file.contents.as_bytes())?;
         }
