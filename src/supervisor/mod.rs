@@ -14,7 +14,7 @@ pub mod signals;
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::admission::checker::{Checker, Report};
@@ -70,26 +70,23 @@ impl Lifecycle {
     }
 }
 
-struct ChannelSink(Mutex<Sender<Event>>, Arc<Registry>);
+// `Sender` is `Sync` (Rust 1.72+): watcher and checker threads share it without a lock.
+struct ChannelSink(Sender<Event>, Arc<Registry>);
 
 impl Sink for ChannelSink {
     fn update(&self, update: Update) {
-        if let Ok(tx) = self.0.lock() {
-            let _ = tx.send(Event::Consul(Box::new(update)));
-        }
+        let _ = self.0.send(Event::Consul(Box::new(update)));
     }
     fn watch_error(&self, endpoint: &str) {
         self.1.watch_error(endpoint);
     }
 }
 
-struct CheckerSink(Mutex<Sender<Event>>, Arc<Registry>);
+struct CheckerSink(Sender<Event>, Arc<Registry>);
 
 impl Report for CheckerSink {
     fn verdicts(&self, verdicts: Verdicts) {
-        if let Ok(tx) = self.0.lock() {
-            let _ = tx.send(Event::Admission(verdicts));
-        }
+        let _ = self.0.send(Event::Admission(verdicts));
     }
     fn checked(&self, result: &'static str) {
         self.1.identity_checked(result);
@@ -179,7 +176,7 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
         haproxy,
         identity_check: opts.identity_recheck.is_some(),
     };
-    let sink = Arc::new(ChannelSink(Mutex::new(tx.clone()), registry.clone()));
+    let sink = Arc::new(ChannelSink(tx.clone(), registry.clone()));
     // Intentions are watched even when not enforced, so that ignoring a deny is never silent.
     let watchers = Watchers::start(consul.clone(), &proxy_id, sink, Timing::default(), true);
     let intentions =
@@ -187,7 +184,7 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
     let checker = match opts.identity_recheck {
         Some(every) => Some(Checker::start(
             every,
-            Arc::new(CheckerSink(Mutex::new(tx.clone()), registry.clone())),
+            Arc::new(CheckerSink(tx.clone(), registry.clone())),
         )?),
         None => None,
     };
@@ -433,7 +430,7 @@ impl Supervisor {
         });
         children.start_haproxy()?;
         let dataplane = children.start_dataplane()?;
-        let tx = Mutex::new(self.tx.clone());
+        let tx = self.tx.clone();
         let haproxy_bin = self.opts.haproxy_bin.clone();
         let check: crate::apply::ConfigCheck =
             Box::new(move |cfg| children::check_config(&haproxy_bin, cfg));
@@ -444,9 +441,7 @@ impl Supervisor {
             templates,
             check,
             move |o| {
-                if let Ok(tx) = tx.lock() {
-                    let _ = tx.send(Event::Applied(o));
-                }
+                let _ = tx.send(Event::Applied(o));
             },
         )?;
         let stats_service = match (self.opts.stats_service_register, self.opts.stats_addr) {
