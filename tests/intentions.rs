@@ -278,4 +278,46 @@ fn on_an_http_listener_a_kept_alive_connection_is_judged_once_and_a_revocation_r
         allowed(&mesh)
     })
     .unwrap();
+
+    // A change the agent cannot judge: the table changes (an unrelated allow) while the pooled
+    // connection's verdict was made under the old one, then the agent stalls. The next request
+    // must wait for a verdict that never comes and be refused, not pass on the stale one.
+    let generation = || {
+        map_entries(&server, "intentions.map")
+            .into_iter()
+            .find(|(k, _)| k == "^generation$")
+            .map(|(_, v)| v)
+    };
+    let before = generation().expect("the fast map's generation entry");
+    mesh.consul.create_intention("other", "server", "allow");
+    wait_until(
+        Duration::from_secs(10),
+        "the new table's generation in HAProxy's map",
+        || generation().is_some_and(|g| g != before),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.server_sidecar.logs()));
+    let conns_before = frontend_connections(&server, "public_listener");
+    let requests = mesh.app.requests();
+    // The sidecar itself: a launcher (HCC_HAPROXY_ROOTFS) cannot pass SIGSTOP on.
+    let sidecar = Pid::from_raw(sidecar_pid(mesh.server_sidecar.pid()) as i32);
+    kill(sidecar, Signal::SIGSTOP).unwrap();
+    let verdict = http_get(&mesh.upstream_addr(), "/", Duration::from_secs(5));
+    eprintln!("measured: with the agent stalled after a change: {verdict:?}");
+    let conns = frontend_connections(&server, "public_listener");
+    kill(sidecar, Signal::SIGCONT).unwrap();
+    assert!(
+        !matches!(verdict, Ok((200, _))),
+        "a request passed on a verdict made under the old table while the agent was stalled: {verdict:?}"
+    );
+    assert_eq!(mesh.app.requests(), requests, "the app was reached");
+    assert_eq!(
+        conns, conns_before,
+        "the refused request came on a connection that was already open"
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "traffic after the agent is back",
+        || allowed(&mesh),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.server_sidecar.logs()));
 }
