@@ -132,6 +132,7 @@ fn l7_request(n: &Notify) -> Option<bool> {
                 )
             })
             .collect(),
+        query: text("query").map(str::to_string),
     };
     let d = l7_fixture().decide_request(src, &req);
     assert!(!d.reason.is_empty());
