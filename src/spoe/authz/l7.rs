@@ -393,8 +393,8 @@ impl Permission {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FastPattern {
     /// The pattern over `<method>:<path>` of the requests the permission may match, and
-    /// whether such a request is allowed right there. A permission with header conditions, or
-    /// one that denies, is not (`allow: false`): a request it may match asks the agent, which
+    /// whether such a request is allowed right there. A permission with header conditions or
+    /// a JWT, or one that denies, is not (`allow: false`): a request it may match asks the agent, which
     /// judges it in full and logs a denial.
     Match { pattern: String, allow: bool },
     /// It matches no request the agent could see: a path with `?` or `#` (the agent compares
