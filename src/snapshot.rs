@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use crate::admission::Verdicts;
 use crate::consul::api::{
-    AgentCheck, AgentService, CaRoots, HealthEntry, IntentionEntry, LeafCert,
+    AgentCheck, AgentService, CaRoots, HealthEntry, IntentionEntry, JwtProviders, LeafCert,
 };
 use crate::consul::chain::{DiscoveryChain, TargetKey};
 use crate::consul::{destinations, Update};
@@ -18,6 +18,8 @@ pub struct Snapshot {
     pub roots: Option<CaRoots>,
     pub endpoints: BTreeMap<DestinationKey, Vec<HealthEntry>>,
     pub intentions: Option<Vec<IntentionEntry>>,
+    /// The `jwt-provider` config entries, read only once an intention requires a JWT.
+    pub jwt_providers: Option<JwtProviders>,
     /// The ACL default policy as Consul spells it (see `Update::AclDefaultPolicy`).
     pub acl_default_policy: Option<String>,
     /// The agent's checks of the proxied service, read only when the registration asks for
@@ -47,6 +49,7 @@ impl Snapshot {
             Update::Leaf(l) => replace(&mut self.leaf, Some(l)),
             Update::Roots(r) => replace(&mut self.roots, Some(r)),
             Update::Intentions(i) => replace(&mut self.intentions, Some(i)),
+            Update::JwtProviders(p) => replace(&mut self.jwt_providers, Some(p)),
             Update::AclDefaultPolicy(p) => replace(&mut self.acl_default_policy, Some(p)),
             Update::Checks(c) => replace(&mut self.checks, Some(c)),
             Update::AgentAddress(a) => replace(&mut self.agent_address, Some(a)),

@@ -132,3 +132,26 @@ fn values_corpus() {
         );
     }
 }
+
+#[test]
+fn jwt_corpus() {
+    let corpus = files(&root().join("fuzz/corpus/jwt"), &|_| true);
+    assert!(!corpus.is_empty(), "fuzz/corpus/jwt is empty or missing");
+    let mut providers = 0;
+    let mut tokens = 0;
+    for p in &corpus {
+        let data = fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        let run = std::panic::catch_unwind(|| fuzzing::jwt(&data));
+        let r = run.unwrap_or_else(|e| {
+            eprintln!("invariant violated by {}", p.display());
+            std::panic::resume_unwind(e)
+        });
+        providers += r.providers;
+        tokens += r.tokens;
+    }
+    // The corpus reaches both parsers' success paths, not only their refusals.
+    assert!(
+        providers >= 2 && tokens >= 5,
+        "{providers} providers, {tokens} tokens"
+    );
+}

@@ -301,6 +301,31 @@ pub struct IntentionEntry {
     pub precedence: i64,
 }
 
+impl IntentionEntry {
+    /// Whether this intention or one of its permissions names a JWT provider (Consul 1.16).
+    pub fn needs_jwt(&self) -> bool {
+        let named = |v: &Value| {
+            v.get("Providers")
+                .and_then(Value::as_array)
+                .is_some_and(|p| !p.is_empty())
+        };
+        named(&self.jwt)
+            || self
+                .permissions
+                .iter()
+                .any(|p| p.get("JWT").is_some_and(named))
+    }
+}
+
+/// `/v1/config/jwt-provider`: the entries as Consul sent them (parsed, and judged, by
+/// `spoe::authz::jwt::Provider`), and each local JWKS file they name, read by the watcher:
+/// its text, or why it could not be read.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct JwtProviders {
+    pub entries: Vec<Value>,
+    pub files: BTreeMap<String, Result<String, String>>,
+}
+
 /// The part of `/v1/agent/self` that tells the ACL default policy. Consul 1.8 has it at
 /// `DebugConfig.ACLDefaultPolicy`, 1.11+ at `DebugConfig.ACLResolverSettings.ACLDefaultPolicy`
 /// (and 1.10+ also in the `X-Consul-Default-Acl-Policy` header of every answer).

@@ -229,6 +229,8 @@ pub const SERVICES_PATH: &str = "/v1/agent/services";
 pub const ROOTS_PATH: &str = "/v1/agent/connect/ca/roots";
 /// Every intention; blocks on an index.
 pub const INTENTIONS_PATH: &str = "/v1/connect/intentions";
+/// Every `jwt-provider` config entry (Consul 1.16+), for the intentions' `JWT` requirements.
+pub const JWT_PROVIDERS_PATH: &str = "/v1/config/jwt-provider";
 pub const AGENT_SELF_PATH: &str = "/v1/agent/self";
 pub const AUTHORIZE_PATH: &str = "/v1/agent/connect/authorize";
 pub const REGISTER_PATH: &str = "/v1/agent/service/register";

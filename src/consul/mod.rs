@@ -55,6 +55,8 @@ pub enum Update {
     Endpoints(DestinationKey, Vec<HealthEntry>),
     /// Every intention in the cluster; the sidecar keeps those for its own service.
     Intentions(Vec<IntentionEntry>),
+    /// Every `jwt-provider` config entry, with the local JWKS files they name, as read.
+    JwtProviders(api::JwtProviders),
     /// The ACL default policy as the agent spells it (`allow`/`deny`; anything else is kept
     /// as it came): what a connection that no intention matches gets.
     AclDefaultPolicy(String),

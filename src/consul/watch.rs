@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::api::{
-    self, AgentCheck, AgentSelf, AgentService, CaRoots, HealthEntry, IntentionEntry, LeafCert,
-    QueryResult,
+    self, AgentCheck, AgentSelf, AgentService, CaRoots, HealthEntry, IntentionEntry, JwtProviders,
+    LeafCert, QueryResult,
 };
 use super::chain::{
     chain_path, parse_chain, serving, target_health_path, targets_to_watch, DiscoveryChain,
@@ -18,7 +18,7 @@ use super::chain::{
 };
 use super::client::{
     checks_path, endpoints_path, leaf_path, registration_path, Consul, AGENT_SELF_PATH,
-    AUTHORIZE_PATH, INTENTIONS_PATH, ROOTS_PATH,
+    AUTHORIZE_PATH, INTENTIONS_PATH, JWT_PROVIDERS_PATH, ROOTS_PATH,
 };
 use super::{
     checks_update, destinations, exposed_checks_of, poll_intervals, DestinationKey,
@@ -102,6 +102,9 @@ pub struct Watchers {
     /// Whether to watch intentions; started once the service name is known.
     intentions: bool,
     intentions_started: bool,
+    /// Whether the `jwt-provider` entries are watched: from the first intention that names a
+    /// JWT provider on (Consul 1.8 has no such entries, and no such intentions).
+    jwt_started: bool,
 }
 
 impl Watchers {
@@ -126,6 +129,7 @@ impl Watchers {
             agent_address_started: false,
             intentions,
             intentions_started: false,
+            jwt_started: false,
         };
         let h = w.spawn(
             format!("registration of {proxy_id}"),
@@ -174,6 +178,26 @@ impl Watchers {
             log::error!("cannot start the default-policy watcher: {e}");
         }
         self.fixed.push(WatchHandle { stop });
+    }
+
+    /// Starts the `jwt-provider` watch the first time an intention of the cluster names a JWT
+    /// provider; it then runs for the rest of the run.
+    pub fn follow_intentions(&mut self, intentions: &[IntentionEntry]) {
+        if self.jwt_started || !intentions.iter().any(IntentionEntry::needs_jwt) {
+            return;
+        }
+        self.jwt_started = true;
+        let h = self.spawn(
+            "jwt-provider config entries".into(),
+            JWT_PROVIDERS_PATH.into(),
+            WatchMode::Index,
+            |body| {
+                let entries = api::parse::<Vec<serde_json::Value>>("the jwt-provider list", body)?;
+                let files = read_jwks_files(&entries);
+                Ok(Update::JwtProviders(JwtProviders { entries, files }))
+            },
+        );
+        self.fixed.push(h);
     }
 
     /// Brings the leaf and destination watches in line with a (new) registration.
@@ -662,6 +686,33 @@ pub fn backoff(timing: &Timing, failures: u32) -> Duration {
     let d = exp.min(timing.backoff_max);
     let half = d / 2;
     half + half.mul_f64(crate::random::jitter_fraction())
+}
+
+/// The largest local JWKS file read (bytes).
+const MAX_JWKS_FILE: u64 = 256 * 1024;
+
+/// Each local JWKS file the `jwt-provider` entries name (`JSONWebKeySet.Local.Filename`),
+/// read now: its text, or why not (then that provider verifies nothing).
+fn read_jwks_files(entries: &[serde_json::Value]) -> BTreeMap<String, Result<String, String>> {
+    entries
+        .iter()
+        .filter_map(|e| e.pointer("/JSONWebKeySet/Local/Filename")?.as_str())
+        .filter(|f| !f.is_empty())
+        .map(|f| {
+            let read = std::fs::metadata(f)
+                .and_then(|m| {
+                    if m.len() > MAX_JWKS_FILE {
+                        Err(std::io::Error::other(format!(
+                            "larger than {MAX_JWKS_FILE} bytes"
+                        )))
+                    } else {
+                        std::fs::read_to_string(f)
+                    }
+                })
+                .map_err(|e| e.to_string());
+            (f.to_string(), read)
+        })
+        .collect()
 }
 
 #[cfg(test)]

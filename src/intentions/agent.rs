@@ -2,7 +2,7 @@
 //! from, rebuilt whenever one of its inputs changes; without it, the warning that names what
 //! Consul would refuse and this sidecar lets through.
 
-use crate::consul::api::{CaRoots, IntentionEntry};
+use crate::consul::api::{CaRoots, IntentionEntry, JwtProviders};
 use crate::error::Error;
 use crate::metrics::Registry;
 use crate::model::{Mode, Paths};
@@ -81,6 +81,7 @@ struct Inputs {
     default_policy: Option<String>,
     roots: Option<CaRoots>,
     service: Option<(String, Mode)>,
+    jwt_providers: Option<JwtProviders>,
 }
 
 impl Agent {
@@ -125,6 +126,7 @@ impl Agent {
                 && b.default_policy == snapshot.acl_default_policy
                 && b.roots == snapshot.roots
                 && b.service == service
+                && b.jwt_providers == snapshot.jwt_providers
         });
         if unchanged {
             return;
@@ -134,7 +136,14 @@ impl Agent {
             default_policy: snapshot.acl_default_policy.clone(),
             roots: snapshot.roots.clone(),
             service,
+            jwt_providers: snapshot.jwt_providers.clone(),
         };
+        if self.built_from.as_ref().map(|b| &b.jwt_providers) != Some(&snapshot.jwt_providers) {
+            // Once per change of the entries (or their files).
+            for w in super::jwt_providers(snapshot).1 {
+                log::warn!("{w}");
+            }
+        }
         let table = super::table(snapshot);
         log::info!(
             "intentions table updated: {} intention(s) for this service [{}], default {}",

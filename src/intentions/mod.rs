@@ -7,7 +7,7 @@ pub mod agent;
 use crate::consul::api::IntentionEntry;
 use crate::model::{public_mode, Mode};
 use crate::snapshot::Snapshot;
-use crate::spoe::authz::{l7, Action, AuthzTable, DefaultPolicy, Intention};
+use crate::spoe::authz::{jwt, l7, Action, AuthzTable, DefaultPolicy, Intention};
 
 /// The intentions whose destination is `service` (or `*`) in the default namespace and
 /// partition, the only ones Consul CE has. Sources keep their namespace, partition and peer:
@@ -17,26 +17,69 @@ pub fn for_destination(all: &[IntentionEntry], service: &str) -> Vec<Intention> 
     all.iter()
         .filter(|i| i.destination_name == service || i.destination_name == "*")
         .filter(|i| default(&i.destination_ns) && default(&i.destination_partition))
-        .map(|i| Intention {
-            source: i.source_name.clone(),
-            source_ns: i.source_ns.clone(),
-            source_partition: i.source_partition.clone(),
-            source_peer: i.source_peer.clone(),
-            action: action(i),
-            permissions: if requires_jwt(i) && action(i) != Action::Deny {
-                Err(JWT_UNSUPPORTED.to_string())
-            } else {
-                l7::parse_all(&i.permissions)
-            },
-            precedence: i.precedence,
+        .map(|i| {
+            // The entry's JWT applies to an allow (judged per request) or an L7 source; a
+            // deny stays a deny. One that cannot be read denies every request of the source.
+            let (jwt, bad_jwt) = match action(i) {
+                Action::Deny | Action::Allow => (None, None),
+                Action::L7 { .. } => match jwt::Requirement::from_consul(&i.jwt) {
+                    Ok(r) => (r, None),
+                    Err(e) => (None, Some(format!("the intention's JWT: {e}"))),
+                },
+            };
+            Intention {
+                source: i.source_name.clone(),
+                source_ns: i.source_ns.clone(),
+                source_partition: i.source_partition.clone(),
+                source_peer: i.source_peer.clone(),
+                action: action(i),
+                permissions: match bad_jwt {
+                    Some(e) => Err(e),
+                    None => l7::parse_all(&i.permissions),
+                },
+                precedence: i.precedence,
+                jwt,
+            }
         })
         .collect()
 }
 
-/// Why an intention that requires a JWT denies: the sidecar does not verify tokens yet, and a
-/// security setting it cannot honour fails closed.
-const JWT_UNSUPPORTED: &str =
-    "it requires a JWT (the service-intentions entry's JWT, Consul 1.16), which this sidecar does not verify yet";
+/// The `jwt-provider` entries as the table judges them, with what each cannot honour; the
+/// warnings name every provider an intention of `service` needs that verifies nothing, and
+/// what was ignored, for the log.
+pub fn jwt_providers(snapshot: &Snapshot) -> (jwt::Providers, Vec<String>) {
+    let Some(known) = &snapshot.jwt_providers else {
+        return (jwt::Providers::unknown(), Vec::new());
+    };
+    let read = |f: &str| match known.files.get(f) {
+        Some(r) => r.clone(),
+        None => Err("not read".to_string()),
+    };
+    let mut warnings = Vec::new();
+    let mut providers = Vec::new();
+    for e in &known.entries {
+        match jwt::Provider::from_consul(e, &read) {
+            Ok(p) => {
+                if let Some(why) = p.unusable() {
+                    warnings.push(format!(
+                        "jwt-provider {}: {why}; requests that need its tokens are denied",
+                        p.name
+                    ));
+                }
+                if !p.ignored.is_empty() {
+                    warnings.push(format!(
+                        "jwt-provider {}: ignored {}",
+                        p.name,
+                        p.ignored.join(", ")
+                    ));
+                }
+                providers.push(p);
+            }
+            Err(e) => warnings.push(format!("a jwt-provider entry is refused: {e}")),
+        }
+    }
+    (jwt::Providers::known(providers), warnings)
+}
 
 /// Whether the intention's entry requires a JWT for every request (its top-level `JWT`).
 fn requires_jwt(i: &IntentionEntry) -> bool {
@@ -169,7 +212,9 @@ pub fn table(snapshot: &Snapshot) -> AuthzTable {
         for_destination(intentions, service),
         DefaultPolicy::parse(policy),
     ) {
-        Ok(t) => t.for_http_listener(public_mode(proxy) == Mode::Http),
+        Ok(t) => t
+            .with_jwt_providers(jwt_providers(snapshot).0)
+            .for_http_listener(public_mode(proxy) == Mode::Http),
         Err(e) => AuthzTable::deny_all(format!("the CA roots cannot be used: {e}")),
     }
 }
@@ -407,10 +452,11 @@ mod tests {
 
     /// Consul 1.16's `/v1/connect/intentions` copies a service-intentions entry's top-level
     /// `JWT` onto each intention (as recorded from 1.16.3): an allow that needs a token is never
-    /// let through unverified. On an http listener each request is denied naming the JWT, on a
-    /// tcp one the connection; a deny stays a deny; an entry without JWT is unchanged.
+    /// let through unverified. On an http listener each request is judged (here denied, the
+    /// providers not being known), on a tcp one the connection denied; a deny stays a deny; an
+    /// entry without JWT is unchanged.
     #[test]
-    fn an_intention_that_requires_a_jwt_denies_until_tokens_are_verified() {
+    fn an_intention_that_requires_a_jwt_is_judged_per_request() {
         let listed: Vec<IntentionEntry> = serde_json::from_str(
             r#"[{"SourceNS": "default", "SourceName": "client", "DestinationNS": "default",
                  "DestinationName": "server", "SourceType": "consul", "Action": "allow",
@@ -425,10 +471,14 @@ mod tests {
         .unwrap();
         let intentions = for_destination(&listed, "server");
         assert_eq!(intentions[0].action, Action::L7 { permissions: 0 });
-        assert!(intentions[0]
-            .permissions
-            .as_ref()
-            .is_err_and(|e| e.contains("JWT")));
+        assert_eq!(
+            intentions[0]
+                .jwt
+                .as_ref()
+                .map(ToString::to_string)
+                .as_deref(),
+            Some("a JWT from okta")
+        );
         assert_eq!(intentions[1].action, Action::Deny);
         assert_eq!(intentions[2].action, Action::Allow);
 
@@ -445,6 +495,7 @@ mod tests {
             method: "GET".into(),
             path: "/".into(),
             headers: Vec::new(),
+            query: None,
         };
         let r = http.decide_request(&client.service_uri, &req);
         assert!(!r.allow && r.reason.contains("JWT"), "{}", r.reason);

@@ -132,6 +132,7 @@ fn l7_request(n: &Notify) -> Option<bool> {
                 )
             })
             .collect(),
+        query: text("query").map(str::to_string),
     };
     let d = l7_fixture().decide_request(src, &req);
     assert!(!d.reason.is_empty());
@@ -248,4 +249,70 @@ pub fn authz_decide(data: &[u8]) -> Decision {
         );
     }
     d
+}
+
+/// How far one input of the `jwt` target got.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct JwtReached {
+    /// A jwt-provider entry (the input was JSON) that parsed into a provider.
+    pub providers: usize,
+    /// A token that split and decoded (header, payload, signature).
+    pub tokens: usize,
+}
+
+/// Any bytes as a `jwt-provider` entry (input starting with `{`) or as a bearer token: the
+/// parsers return, never panic; a token is never longer than `jwt::MAX_TOKEN` once parsed,
+/// and never accepted by a provider whose key was made for this run (nobody else holds it).
+pub fn jwt(data: &[u8]) -> JwtReached {
+    use super::authz::jwt;
+    let mut reached = JwtReached::default();
+    if data.first() == Some(&b'{') {
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) {
+            let p = jwt::Provider::from_consul(&v, &|f: &str| Ok(f.to_string()));
+            reached.providers += usize::from(p.is_ok());
+        }
+        return reached;
+    }
+    let token = String::from_utf8_lossy(data);
+    if jwt::parse(&token).is_ok() {
+        assert!(token.len() <= jwt::MAX_TOKEN);
+        reached.tokens += 1;
+    }
+    let (providers, needed) = jwt_fixture();
+    let req = l7::SimpleRequest {
+        method: "GET".into(),
+        path: "/".into(),
+        headers: vec![("authorization".into(), format!("Bearer {token}"))],
+        query: Some(format!("access_token={token}")),
+    };
+    assert!(needed.check(providers, &req, 1_700_000_000).is_err());
+    reached
+}
+
+fn jwt_fixture() -> &'static (super::authz::jwt::Providers, super::authz::jwt::Requirement) {
+    use super::authz::jwt;
+    use base64::Engine;
+    use ring::signature::KeyPair;
+    static F: OnceLock<(jwt::Providers, jwt::Requirement)> = OnceLock::new();
+    F.get_or_init(|| {
+        let alg = &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING;
+        let rng = ring::rand::SystemRandom::new();
+        let pk8 = ring::signature::EcdsaKeyPair::generate_pkcs8(alg, &rng).expect("a key");
+        let pair =
+            ring::signature::EcdsaKeyPair::from_pkcs8(alg, pk8.as_ref(), &rng).expect("a key");
+        let p = pair.public_key().as_ref();
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let jwks = serde_json::json!({"keys": [
+            {"kty": "EC", "crv": "P-256", "x": b64(&p[1..33]), "y": b64(&p[33..])}]});
+        let entry = serde_json::json!({"Name": "fuzz", "Issuer": "fuzz",
+            "JSONWebKeySet": {"Local": {"JWKS":
+                base64::engine::general_purpose::STANDARD.encode(jwks.to_string())}}});
+        let provider = jwt::Provider::from_consul(&entry, &|_| Err("no files".into()))
+            .expect("the fixture provider parses");
+        let needed =
+            jwt::Requirement::from_consul(&serde_json::json!({"Providers": [{"Name": "fuzz"}]}))
+                .expect("the fixture requirement parses")
+                .expect("it names a provider");
+        (jwt::Providers::known([provider]), needed)
+    })
 }

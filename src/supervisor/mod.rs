@@ -290,6 +290,9 @@ impl Supervisor {
         if let Update::Registration(reg) = &update {
             self.watchers.follow(reg);
         }
+        if let Update::Intentions(all) = &update {
+            self.watchers.follow_intentions(all);
+        }
         let chain = matches!(update, Update::Chain(..) | Update::Registration(_));
         if !self.snapshot.apply(update) {
             return false;

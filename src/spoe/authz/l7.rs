@@ -16,13 +16,19 @@
 //!   `Present` + `Invert` matches exactly when the header is absent (Envoy's `matchHeaders`);
 //!   `Regex` must match the whole value.
 //!
-//! A permission with a field this sidecar does not know (a newer Consul's `JWT`, …) cannot be
-//! judged; `Permission::from_consul` refuses it and the table denies that source's requests.
+//! - a permission's `JWT` (Consul 1.16) is one more condition: the permission matches only a
+//!   request that also carries a token one of its providers accepts (`jwt::Requirement`), as
+//!   Consul's Envoy ANDs the token's claims into the permission.
+//!
+//! A permission with a field this sidecar does not know cannot be judged;
+//! `Permission::from_consul` refuses it and the table denies that source's requests.
 
 use std::fmt;
 
 use regex::Regex;
 use serde_json::Value;
+
+use super::jwt;
 
 /// One permission of an L7 intention.
 #[derive(Clone, Debug)]
@@ -32,6 +38,8 @@ pub struct Permission {
     /// Empty: any method.
     methods: Vec<String>,
     headers: Vec<HeaderMatch>,
+    /// The token the request must also carry (the permission's `JWT`).
+    pub jwt: Option<jwt::Requirement>,
     /// Consul's JSON, compact: what `PartialEq` and log lines use.
     source: String,
 }
@@ -80,6 +88,10 @@ pub trait Request {
     fn path(&self) -> &str;
     /// Every field named `lower_name` (already lower case), joined with `,`; `None` if absent.
     fn header(&self, lower_name: &str) -> Option<String>;
+    /// The query string (after `?`), where a token may be; `None` when there is none.
+    fn query(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// A request held as plain values (tests, fuzzing).
@@ -88,6 +100,7 @@ pub struct SimpleRequest {
     pub method: String,
     pub path: String,
     pub headers: Vec<(String, String)>,
+    pub query: Option<String>,
 }
 
 impl Request for SimpleRequest {
@@ -104,6 +117,9 @@ impl Request for SimpleRequest {
                 .map(|(n, v)| (n.as_bytes(), v.as_bytes())),
             lower_name,
         )
+    }
+    fn query(&self) -> Option<&str> {
+        self.query.as_deref()
     }
 }
 
@@ -265,6 +281,9 @@ impl Request for Normalized<'_> {
     fn header(&self, lower_name: &str) -> Option<String> {
         self.req.header(lower_name)
     }
+    fn query(&self) -> Option<&str> {
+        self.req.query()
+    }
 }
 
 /// A regex that must match the whole subject, as RE2's FullMatch in Envoy's `safe_regex`.
@@ -279,7 +298,7 @@ impl Permission {
         let source = v.to_string();
         let obj = v.as_object().ok_or("a permission is not an object")?;
         for k in obj.keys() {
-            if !matches!(k.as_str(), "Action" | "HTTP") && !is_zero(&obj[k]) {
+            if !matches!(k.as_str(), "Action" | "HTTP" | "JWT") && !is_zero(&obj[k]) {
                 return Err(format!("unsupported permission field {k}"));
             }
         }
@@ -343,17 +362,19 @@ impl Permission {
                 other => return Err(format!("unsupported HTTP field {other}")),
             }
         }
+        let jwt = jwt::Requirement::from_consul(obj.get("JWT").unwrap_or(&Value::Null))?;
         Ok(Permission {
             allow,
             path,
             methods,
             headers,
+            jwt,
             source,
         })
     }
 
-    /// Whether every condition of this permission holds for `req`.
-    pub fn matches(&self, req: &dyn Request) -> bool {
+    /// Whether every condition of this permission holds for `req`; `token` judges its `JWT`.
+    pub fn matches(&self, req: &dyn Request, token: &dyn Fn(&jwt::Requirement) -> bool) -> bool {
         let path_ok = match &self.path {
             None => true,
             Some(PathMatch::Exact(p)) => req.path() == p,
@@ -363,6 +384,7 @@ impl Permission {
         path_ok
             && (self.methods.is_empty() || self.methods.iter().any(|m| m == req.method()))
             && self.headers.iter().all(|h| h.matches(req))
+            && self.jwt.as_ref().is_none_or(token)
     }
 }
 
@@ -371,8 +393,8 @@ impl Permission {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FastPattern {
     /// The pattern over `<method>:<path>` of the requests the permission may match, and
-    /// whether such a request is allowed right there. A permission with header conditions, or
-    /// one that denies, is not (`allow: false`): a request it may match asks the agent, which
+    /// whether such a request is allowed right there. A permission with header conditions or
+    /// a JWT, or one that denies, is not (`allow: false`): a request it may match asks the agent, which
     /// judges it in full and logs a denial.
     Match { pattern: String, allow: bool },
     /// It matches no request the agent could see: a path with `?` or `#` (the agent compares
@@ -416,7 +438,7 @@ impl Permission {
         };
         FastPattern::Match {
             pattern: format!("{methods}:{path}"),
-            allow: self.allow && self.headers.is_empty(),
+            allow: self.allow && self.headers.is_empty() && self.jwt.is_none(),
         }
     }
 }
@@ -512,11 +534,16 @@ impl HeaderMatch {
 }
 
 /// The outcome of an L7 source's permissions for one request: `Some((allow, index))` of the
-/// first permission that matched, `None` when none did (the default policy decides).
-pub fn first_match(permissions: &[Permission], req: &dyn Request) -> Option<(bool, usize)> {
+/// first permission that matched, `None` when none did (the default policy decides). `token`
+/// judges a permission's `JWT`.
+pub fn first_match(
+    permissions: &[Permission],
+    req: &dyn Request,
+    token: &dyn Fn(&jwt::Requirement) -> bool,
+) -> Option<(bool, usize)> {
     permissions
         .iter()
-        .position(|p| p.matches(req))
+        .position(|p| p.matches(req, token))
         .map(|i| (permissions[i].allow, i))
 }
 

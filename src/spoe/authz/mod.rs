@@ -26,6 +26,7 @@ use x509_parser::time::ASN1Time;
 
 use super::ForgetfulMap;
 
+pub mod jwt;
 pub mod l7;
 
 /// What an intention does to a matching source.
@@ -105,6 +106,10 @@ pub struct Intention {
     pub permissions: Result<Vec<l7::Permission>, String>,
     /// Consul's precedence (9 exact→exact … 1 `*`→`*`); higher is evaluated first.
     pub precedence: i64,
+    /// The service-intentions entry's top-level `JWT` (Consul 1.16): every request of this
+    /// source must carry a token it accepts, before any permission is looked at. Only on an
+    /// `Action::L7` intention (an allow that needs a token is judged per request).
+    pub jwt: Option<jwt::Requirement>,
 }
 
 impl Intention {
@@ -118,6 +123,7 @@ impl Intention {
             action,
             permissions: Ok(Vec::new()),
             precedence,
+            jwt: None,
         }
     }
 
@@ -253,6 +259,8 @@ pub struct AuthzTable {
     /// request decision reads, so that a connection keyed by an older table misses the map and
     /// asks the agent, which answers with a key of the current one.
     generation: String,
+    /// The `jwt-provider` config entries the intentions' `JWT` requirements name.
+    jwt_providers: jwt::Providers,
     /// Which roots' keys verified each certificate seen (see the module comment).
     signers: ForgetfulMap<Vec<u8>, Vec<usize>>,
     /// Tests that drive [`decide`](Self::decide) through the agent pin its clock here, so
@@ -328,6 +336,7 @@ impl AuthzTable {
             http_listener: false,
             unavailable: None,
             generation: String::new(),
+            jwt_providers: jwt::Providers::unknown(),
             signers: ForgetfulMap::new(SIGNER_MEMORY),
             #[cfg(test)]
             judged_at: None,
@@ -347,6 +356,7 @@ impl AuthzTable {
             http_listener: false,
             unavailable: Some(reason.into()),
             generation: String::new(),
+            jwt_providers: jwt::Providers::unknown(),
             signers: ForgetfulMap::new(SIGNER_MEMORY),
             #[cfg(test)]
             judged_at: None,
@@ -375,6 +385,17 @@ impl AuthzTable {
         self.http_listener
     }
 
+    /// This table with the `jwt-provider` entries its intentions' `JWT` requirements name.
+    pub fn with_jwt_providers(mut self, providers: jwt::Providers) -> AuthzTable {
+        self.jwt_providers = providers;
+        self.generation = self.digest();
+        self
+    }
+
+    pub fn jwt_providers(&self) -> &jwt::Providers {
+        &self.jwt_providers
+    }
+
     /// This table for a public listener in http (`true`) or tcp mode.
     pub fn for_http_listener(mut self, http: bool) -> AuthzTable {
         self.http_listener = http;
@@ -399,7 +420,11 @@ impl AuthzTable {
                 Ok(perms) => perms.iter().for_each(|p| text.push_str(&format!("/{p}"))),
                 Err(e) => text.push_str(&format!("/error {e}")),
             }
+            if let Some(j) = &i.jwt {
+                text.push_str(&format!("/jwt {j:?}"));
+            }
         }
+        text.push_str(&self.jwt_providers.describe());
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         // The roots too: a connection's verdict (see `GENERATION_PROBE`) was made under them.
         let roots = self.roots.iter().flat_map(|r| r.der.iter().copied());
@@ -445,6 +470,11 @@ impl AuthzTable {
         let mut map = vec![(format!("^{GENERATION_PROBE}$"), self.generation.clone())];
         for (index, i) in self.intentions.iter().enumerate() {
             let key = self.fast_key(Some(index));
+            if i.jwt.is_some() {
+                // Only the agent verifies tokens.
+                map.push((format!("^{key}:"), verdict(false)));
+                continue;
+            }
             match (&i.action, &i.permissions) {
                 (Action::Allow, _) => map.push((format!("^{key}:"), verdict(true))),
                 (Action::Deny, _) | (Action::L7 { .. }, Err(_)) => {
@@ -571,7 +601,22 @@ impl AuthzTable {
     /// intention now decides, its permissions in order when it is L7, the default policy when
     /// none of them (or no intention) matches.
     pub fn decide_request(&self, source_uri: &str, req: &dyn l7::Request) -> Decision {
+        #[cfg(test)]
+        if let Some(t) = self.judged_at {
+            return self.decide_request_at(source_uri, req, t);
+        }
+        self.decide_request_at(source_uri, req, crate::clock::now())
+    }
+
+    /// [`decide_request`](Self::decide_request) at a given time (a token's expiry).
+    pub fn decide_request_at(
+        &self,
+        source_uri: &str,
+        req: &dyn l7::Request,
+        now: SystemTime,
+    ) -> Decision {
         let src = Some(source_uri);
+        let now_secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         if let Some(why) = &self.unavailable {
             return Decision::deny(format!("no authorization data: {why}"), src);
         }
@@ -620,15 +665,35 @@ impl AuthzTable {
             i.action,
             i.precedence
         );
+        if let (Action::L7 { .. }, Some(needed)) = (&i.action, &i.jwt) {
+            if let Err(why) = needed.check(&self.jwt_providers, req, now_secs) {
+                return Decision {
+                    allow: false,
+                    reason: format!("{rule} requires {needed}, so {what} is denied: {why}"),
+                    source: src.map(str::to_owned),
+                    per_request: true,
+                    fast_key: Some(key),
+                };
+            }
+        }
+        let token = |r: &jwt::Requirement| r.check(&self.jwt_providers, req, now_secs).is_ok();
         let (allow, reason) = match (&i.action, &i.permissions) {
             (Action::Allow | Action::Deny, _) => {
                 (i.action == Action::Allow, format!("{rule} for {what}"))
             }
+            // An allow whose entry requires a JWT, and the token was accepted above.
+            (Action::L7 { .. }, Ok(perms)) if perms.is_empty() && i.jwt.is_some() => (
+                true,
+                format!(
+                    "{rule} with {} for {what}",
+                    i.jwt.as_ref().map_or(String::new(), |j| j.to_string())
+                ),
+            ),
             (Action::L7 { .. }, Err(e)) => (
                 false,
                 format!("{rule}: its permissions cannot be judged ({e}), so {what} is denied"),
             ),
-            (Action::L7 { .. }, Ok(perms)) => match l7::first_match(perms, req) {
+            (Action::L7 { .. }, Ok(perms)) => match l7::first_match(perms, req, &token) {
                 Some((allow, n)) => (
                     allow,
                     format!(

@@ -265,6 +265,7 @@ fn get(path: &str) -> l7::SimpleRequest {
         method: "GET".into(),
         path: path.into(),
         headers: vec![],
+        query: None,
     }
 }
 
@@ -815,6 +816,7 @@ fn the_fast_map_allows_only_what_the_agent_allows() {
                         method: method.into(),
                         path: l7::url_path(path).into(),
                         headers: vec![],
+                        query: None,
                     },
                 );
                 let normal = l7::normalize_path(l7::url_path(path));
@@ -832,6 +834,7 @@ fn the_fast_map_allows_only_what_the_agent_allows() {
                         method: method.into(),
                         path: normal.clone(),
                         headers: vec![],
+                        query: None,
                     },
                 );
                 if as_forwarded.allow != agent.allow {

@@ -40,7 +40,8 @@ pub const CHECK_MESSAGE: &str = "check-client";
 pub const CERT_ARG: &str = "cert";
 /// The per-request `spoe-message` of an http listener, sent only for connections whose
 /// [`CHECK_MESSAGE`] answer set `sess.<prefix>.`[`L7_VAR`] and whose request HAProxy's fast map
-/// did not allow: `args src=var(sess.hcc.src) method=method path=path headers=req.hdrs_bin`,
+/// did not allow: `args src=var(sess.hcc.src) method=method path=path query=query
+/// headers=req.hdrs_bin`,
 /// in a `spoe-group` the frontend sends with `send-spoe-group`.
 pub const REQUEST_MESSAGE: &str = "check-request";
 /// Session variable set (BOOL true) on a connection whose requests are each judged.
@@ -755,9 +756,11 @@ impl Conn {
                 )
             }
         };
+        // HAProxy sends no query (NULL) for a path without `?`; only a JWT location reads it.
         let req = HdrsRequest {
             method,
             path: l7::url_path(path),
+            query: text("query"),
             fields,
         };
         self.ctx.table.current().decide_request(src, &req)
@@ -840,6 +843,7 @@ fn fast_key_action(key: String) -> frame::Action {
 struct HdrsRequest<'a> {
     method: &'a str,
     path: &'a str,
+    query: Option<&'a str>,
     fields: Vec<frame::HeaderField<'a>>,
 }
 
@@ -852,6 +856,9 @@ impl l7::Request for HdrsRequest<'_> {
     }
     fn header(&self, lower_name: &str) -> Option<String> {
         l7::join_fields(self.fields.iter().copied(), lower_name)
+    }
+    fn query(&self) -> Option<&str> {
+        self.query
     }
 }
 

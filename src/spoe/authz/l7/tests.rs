@@ -13,13 +13,14 @@ fn req(method: &str, path: &str, headers: &[(&str, &str)]) -> SimpleRequest {
             .iter()
             .map(|(n, v)| (n.to_string(), v.to_string()))
             .collect(),
+        query: None,
     }
 }
 
 /// `Some(true)` allow, `Some(false)` deny, `None` no permission matched (default policy).
 fn judge(permissions: &Value, r: &SimpleRequest) -> Option<bool> {
     let p = parse_all(permissions.as_array().unwrap()).unwrap();
-    first_match(&p, r).map(|(allow, _)| allow)
+    first_match(&p, r, &|_| false).map(|(allow, _)| allow)
 }
 
 fn allow(http: Value) -> Value {
@@ -123,8 +124,8 @@ fn what_cannot_be_judged_is_refused() {
             "regex",
         ),
         (
-            json!({"Action": "allow", "JWT": {"Providers": [{"Name": "okta"}]}}),
-            "unsupported permission field JWT",
+            json!({"Action": "allow", "JWT": {"Providers": [{"Name": "okta", "Other": 1}]}}),
+            "provider okta: unsupported field Other",
         ),
         (
             json!({"Action": "allow", "HTTP": {"Header": [{"Name": "x"}]}}),
@@ -156,7 +157,7 @@ fn what_cannot_be_judged_is_refused() {
         "HTTP": {"PathExact": "", "PathPrefix": "/a", "Methods": [], "Header": []}
     }))
     .unwrap();
-    assert!(p.matches(&req("GET", "/ab", &[])));
+    assert!(p.matches(&req("GET", "/ab", &[]), &|_| false));
 }
 
 #[test]
@@ -292,4 +293,29 @@ fn a_normal_form_is_its_own_normal_form() {
         }
     }
     assert!(normalized > 5_000, "only {normalized} paths were normal");
+}
+
+/// A permission's `JWT` is one more condition (Consul's Envoy ANDs it in): without an accepted
+/// token the permission does not match and the next one (or the default) decides; HAProxy's
+/// fast map never allows what it would match, since only the agent verifies tokens.
+#[test]
+fn a_permission_with_a_jwt_matches_only_with_an_accepted_token() {
+    let perms = json!([
+        {"Action": "allow", "HTTP": {"PathPrefix": "/admin"},
+         "JWT": {"Providers": [{"Name": "okta"}]}},
+        {"Action": "deny", "HTTP": {"PathPrefix": "/admin"}},
+    ]);
+    let p = parse_all(perms.as_array().unwrap()).unwrap();
+    let r = req("GET", "/admin/x", &[]);
+    assert_eq!(first_match(&p, &r, &|_| true), Some((true, 0)));
+    assert_eq!(first_match(&p, &r, &|_| false), Some((false, 1)));
+    let other = req("GET", "/other", &[]);
+    assert_eq!(first_match(&p, &other, &|_| panic!("not asked")), None);
+    assert_eq!(
+        p[0].fast_pattern(),
+        FastPattern::Match {
+            pattern: "[^:]*:/admin".into(),
+            allow: false
+        }
+    );
 }

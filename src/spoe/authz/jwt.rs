@@ -1,0 +1,699 @@
+//! JSON Web Tokens as Consul 1.16's intentions require them (`JWT` on a service-intentions
+//! entry or on one of its permissions) and its `jwt-provider` config entries describe them.
+//! Pure: parsing, signature checks with ring, claims.
+//!
+//! Semantics are those Consul gives Envoy (`agent/xds/jwt_authn.go` for the providers,
+//! `agent/xds/rbac.go` for the requirements):
+//! - a requirement names providers; it holds when one of them (any) verifies a token of the
+//!   request and that token's `iss` is exactly the provider's `Issuer` and every one of the
+//!   provider reference's `VerifyClaims` holds: the payload's value at `Path` (object keys) is
+//!   a string equal to `Value` (Envoy's metadata matcher with an exact string matcher);
+//! - a provider takes its token from its `Locations` (a header with an optional value prefix,
+//!   a query parameter, a cookie), or by default from `Authorization: Bearer …` and the
+//!   `access_token` query parameter; its keys are its local JWKS (inline, base64, or a file);
+//!   `Audiences`, when given, must share one value with the token's `aud`; `exp` and `nbf`
+//!   are judged with the provider's `ClockSkewSeconds` (Consul's default 30);
+//! - signatures: RS256/384/512, PS256/384/512, ES256, ES384, EdDSA (Ed25519). `none`, HS*
+//!   and anything else are refused: a key set is public, so a symmetric algorithm would let
+//!   anyone sign.
+//!
+//! What this sidecar cannot honour makes the provider unusable, named in its error, so every
+//! requirement naming only it denies: a remote JWKS (the agent never touches the network),
+//! `Forwarding` (the payload header would need a rendered rule per provider), a JWKS that does
+//! not parse. `CacheConfig` only tunes Envoy's cache of verified tokens and is ignored.
+//!
+//! A token is untrusted input: its size is bounded (`MAX_TOKEN`) before anything is decoded,
+//! and `parse` never panics (`fuzz/fuzz_targets/jwt.rs`).
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD};
+use base64::engine::DecodePaddingMode;
+use base64::Engine;
+use ring::signature::{self, RsaPublicKeyComponents, UnparsedPublicKey};
+use serde_json::{Map, Value};
+
+use super::l7;
+
+/// The longest token looked at (bytes). Real tokens are a few hundred bytes to a few KiB.
+pub const MAX_TOKEN: usize = 8 * 1024;
+/// The most keys one JWKS may hold, and the longest JWKS text (bytes).
+const MAX_KEYS: usize = 64;
+const MAX_JWKS: usize = 256 * 1024;
+/// Consul's default `ClockSkewSeconds`.
+const DEFAULT_CLOCK_SKEW: u64 = 30;
+
+/// base64url as JWTs use it: no padding, tolerated if present (some signers add it).
+const B64URL: GeneralPurpose = GeneralPurpose::new(
+    &base64::alphabet::URL_SAFE,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+
+/// Where a provider looks for its token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Location {
+    /// A header (name in lower case); the token is what follows `prefix` in its value.
+    Header {
+        name: String,
+        prefix: String,
+    },
+    QueryParam(String),
+    Cookie(String),
+}
+
+/// One key of a JWKS that this sidecar can verify with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Jwk {
+    kid: Option<String>,
+    /// The key's `alg`, when it names one: then only that algorithm may use it.
+    alg: Option<String>,
+    key: Key,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Key {
+    Rsa {
+        n: Vec<u8>,
+        e: Vec<u8>,
+    },
+    /// An uncompressed point (0x04 ‖ x ‖ y).
+    P256(Vec<u8>),
+    P384(Vec<u8>),
+    Ed25519(Vec<u8>),
+}
+
+/// A `jwt-provider` config entry as far as verification goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Provider {
+    pub name: String,
+    issuer: String,
+    audiences: Vec<String>,
+    locations: Vec<Location>,
+    clock_skew: u64,
+    /// The keys, or why this provider cannot verify anything (then it never does).
+    keys: Result<Vec<Jwk>, String>,
+    /// What was ignored, for one warning.
+    pub ignored: Vec<String>,
+}
+
+/// The providers a table knows, by name; `None` while the entries are not known yet.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Providers(Option<BTreeMap<String, Provider>>);
+
+impl Providers {
+    pub fn unknown() -> Providers {
+        Providers(None)
+    }
+
+    pub fn known(providers: impl IntoIterator<Item = Provider>) -> Providers {
+        Providers(Some(
+            providers.into_iter().map(|p| (p.name.clone(), p)).collect(),
+        ))
+    }
+
+    /// For the table's digest: every provider with what it verifies with.
+    pub fn describe(&self) -> String {
+        format!("{:?}", self.0)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Provider> {
+        self.0.iter().flat_map(|m| m.values())
+    }
+}
+
+/// One reference to a provider in a requirement, with the claims it demands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProviderRef {
+    pub name: String,
+    claims: Vec<(Vec<String>, String)>,
+}
+
+/// An intention's or a permission's `JWT`: one of its providers must accept the request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Requirement {
+    pub providers: Vec<ProviderRef>,
+}
+
+impl fmt::Display for Requirement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.providers.iter().map(|p| p.name.as_str()).collect();
+        write!(f, "a JWT from {}", names.join(" or "))
+    }
+}
+
+impl Requirement {
+    /// An intention's or permission's `JWT` as Consul's API returns it: `None` when it is
+    /// absent, null or names no provider (Consul's Envoy then checks nothing either).
+    pub fn from_consul(v: &Value) -> Result<Option<Requirement>, String> {
+        let obj = match v {
+            Value::Null => return Ok(None),
+            Value::Object(o) => o,
+            _ => return Err("JWT is not an object".into()),
+        };
+        for k in obj.keys() {
+            if k != "Providers" && !obj[k].is_null() {
+                return Err(format!("unsupported JWT field {k}"));
+            }
+        }
+        let mut providers = Vec::new();
+        for p in obj
+            .get("Providers")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let p = p.as_object().ok_or("a JWT provider is not an object")?;
+            let name = p
+                .get("Name")
+                .and_then(Value::as_str)
+                .filter(|n| !n.is_empty())
+                .ok_or("a JWT provider has no Name")?
+                .to_string();
+            let mut claims = Vec::new();
+            for c in p
+                .get("VerifyClaims")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let path: Vec<String> = c
+                    .get("Path")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .map(|s| s.as_str().map(str::to_string))
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| {
+                        format!("provider {name}: a VerifyClaims Path is not strings")
+                    })?;
+                if path.is_empty() {
+                    return Err(format!("provider {name}: a VerifyClaims has no Path"));
+                }
+                let value = c
+                    .get("Value")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string();
+                claims.push((path, value));
+            }
+            for k in p.keys() {
+                if !matches!(k.as_str(), "Name" | "VerifyClaims") && !p[k].is_null() {
+                    return Err(format!("provider {name}: unsupported field {k}"));
+                }
+            }
+            providers.push(ProviderRef { name, claims });
+        }
+        Ok((!providers.is_empty()).then_some(Requirement { providers }))
+    }
+
+    /// Whether the request carries a token that one of the providers accepts, with its claims;
+    /// `Ok(provider)` or why not (every provider's reason). `now` is in Unix seconds.
+    pub fn check(
+        &self,
+        providers: &Providers,
+        req: &dyn l7::Request,
+        now: u64,
+    ) -> Result<String, String> {
+        let Some(known) = &providers.0 else {
+            return Err("the jwt-provider config entries are not known yet".into());
+        };
+        let mut why = Vec::new();
+        for r in &self.providers {
+            let Some(p) = known.get(&r.name) else {
+                why.push(format!(
+                    "{}: no jwt-provider config entry of that name",
+                    r.name
+                ));
+                continue;
+            };
+            match p
+                .accepts(req, now)
+                .and_then(|payload| r.claims_hold(&payload))
+            {
+                Ok(()) => return Ok(r.name.clone()),
+                Err(e) => why.push(format!("{}: {e}", r.name)),
+            }
+        }
+        Err(why.join("; "))
+    }
+}
+
+impl ProviderRef {
+    fn claims_hold(&self, payload: &Map<String, Value>) -> Result<(), String> {
+        for (path, want) in &self.claims {
+            let mut at: Option<&Value> = payload.get(&path[0]);
+            for key in &path[1..] {
+                at = at.and_then(Value::as_object).and_then(|o| o.get(key));
+            }
+            if at.and_then(Value::as_str) != Some(want.as_str()) {
+                return Err(format!("claim {} is not {want:?}", path.join(".")));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Provider {
+    /// A `jwt-provider` entry as `/v1/config/jwt-provider` returns it. `read_file` reads a
+    /// local JWKS's `Filename` (the caller's I/O; its error makes the provider unusable).
+    /// Refuses only an entry without a name; anything else it cannot honour is kept as the
+    /// provider's error.
+    pub fn from_consul(
+        v: &Value,
+        read_file: &dyn Fn(&str) -> Result<String, String>,
+    ) -> Result<Provider, String> {
+        let obj = v
+            .as_object()
+            .ok_or("a jwt-provider entry is not an object")?;
+        let name = obj
+            .get("Name")
+            .and_then(Value::as_str)
+            .filter(|n| !n.is_empty())
+            .ok_or("a jwt-provider entry has no Name")?
+            .to_string();
+        let text = |k: &str| obj.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+        let mut ignored = Vec::new();
+        let mut problems = Vec::new();
+        let audiences: Vec<String> = obj
+            .get("Audiences")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a.as_str().map(str::to_string))
+            .collect();
+        let clock_skew = match obj.get("ClockSkewSeconds").and_then(Value::as_i64) {
+            None | Some(0) => DEFAULT_CLOCK_SKEW,
+            Some(s) if s > 0 => s as u64,
+            Some(s) => {
+                problems.push(format!("ClockSkewSeconds {s} is negative"));
+                0
+            }
+        };
+        let mut locations = Vec::new();
+        for l in obj
+            .get("Locations")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let named = |k: &str| {
+                l.get(k).filter(|v| !v.is_null()).map(|o| {
+                    o.get("Name")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string()
+                })
+            };
+            if let Some(h) = named("Header") {
+                let prefix = l["Header"]
+                    .get("ValuePrefix")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string();
+                if l["Header"].get("Forward").and_then(Value::as_bool) == Some(true) {
+                    // Envoy keeps the token header only with Forward; this sidecar always
+                    // forwards it.
+                    ignored.push(format!("Locations Header {h} Forward (always forwarded)"));
+                }
+                locations.push(Location::Header {
+                    name: h.to_ascii_lowercase(),
+                    prefix,
+                });
+            } else if let Some(q) = named("QueryParam") {
+                locations.push(Location::QueryParam(q));
+            } else if let Some(c) = named("Cookie") {
+                locations.push(Location::Cookie(c));
+            } else {
+                problems.push(format!(
+                    "a Location that is none of Header, QueryParam, Cookie: {l}"
+                ));
+            }
+        }
+        if locations.iter().any(|l| match l {
+            Location::Header { name, .. } | Location::QueryParam(name) | Location::Cookie(name) => {
+                name.is_empty()
+            }
+        }) {
+            problems.push("a Location without a Name".into());
+        }
+        if locations.is_empty() {
+            locations = vec![
+                Location::Header {
+                    name: "authorization".into(),
+                    prefix: "Bearer ".into(),
+                },
+                Location::QueryParam("access_token".into()),
+            ];
+        }
+        if obj.get("Forwarding").is_some_and(|f| !is_empty(f)) {
+            problems.push("Forwarding (the payload header) is not supported".into());
+        }
+        if obj.get("CacheConfig").is_some_and(|c| !is_empty(c)) {
+            ignored.push("CacheConfig".into());
+        }
+        let jwks = obj.get("JSONWebKeySet").cloned().unwrap_or(Value::Null);
+        let keys = if let Some(local) = jwks.get("Local").filter(|l| !l.is_null()) {
+            let inline = local.get("JWKS").and_then(Value::as_str).unwrap_or("");
+            let file = local.get("Filename").and_then(Value::as_str).unwrap_or("");
+            let doc = if !inline.is_empty() {
+                STANDARD
+                    .decode(inline.trim())
+                    .map_err(|e| format!("JSONWebKeySet.Local.JWKS is not base64: {e}"))
+                    .and_then(|b| {
+                        String::from_utf8(b)
+                            .map_err(|_| "JSONWebKeySet.Local.JWKS is not UTF-8".to_string())
+                    })
+            } else if !file.is_empty() {
+                read_file(file).map_err(|e| format!("JSONWebKeySet.Local.Filename {file}: {e}"))
+            } else {
+                Err("JSONWebKeySet.Local has neither JWKS nor Filename".into())
+            };
+            doc.and_then(|d| parse_jwks(&d))
+        } else if jwks.get("Remote").is_some_and(|r| !r.is_null()) {
+            Err("JSONWebKeySet.Remote is not supported (only a local JWKS)".into())
+        } else {
+            Err("no JSONWebKeySet".into())
+        };
+        let keys = match (keys, problems.is_empty()) {
+            (Ok(k), true) => Ok(k),
+            (Ok(_), false) => Err(problems.join("; ")),
+            (Err(e), _) => Err(std::iter::once(e)
+                .chain(problems)
+                .collect::<Vec<_>>()
+                .join("; ")),
+        };
+        Ok(Provider {
+            name,
+            issuer: text("Issuer"),
+            audiences,
+            locations,
+            clock_skew,
+            keys,
+            ignored,
+        })
+    }
+
+    /// Why this provider verifies nothing, if so.
+    pub fn unusable(&self) -> Option<&str> {
+        self.keys.as_ref().err().map(String::as_str)
+    }
+
+    /// The payload of the first token found where this provider looks, if this provider
+    /// verifies it and its registered claims hold at `now`.
+    fn accepts(&self, req: &dyn l7::Request, now: u64) -> Result<Map<String, Value>, String> {
+        let keys = self
+            .keys
+            .as_ref()
+            .map_err(|e| format!("unusable provider: {e}"))?;
+        let token = self
+            .locations
+            .iter()
+            .find_map(|l| find_token(l, req))
+            .ok_or("no token")?;
+        let t = parse(&token)?;
+        t.verify(keys)?;
+        self.check_claims(&t.payload, now)?;
+        Ok(t.payload)
+    }
+
+    fn check_claims(&self, p: &Map<String, Value>, now: u64) -> Result<(), String> {
+        let time = |k: &str| -> Result<Option<u64>, String> {
+            match p.get(k) {
+                None => Ok(None),
+                Some(v) => v
+                    .as_f64()
+                    .filter(|t| *t >= 0.0)
+                    .map(|t| Some(t as u64))
+                    .ok_or(format!("{k} is not a time")),
+            }
+        };
+        if let Some(exp) = time("exp")? {
+            if now > exp.saturating_add(self.clock_skew) {
+                return Err(format!("expired at {exp}"));
+            }
+        }
+        if let Some(nbf) = time("nbf")? {
+            if now.saturating_add(self.clock_skew) < nbf {
+                return Err(format!("not valid before {nbf}"));
+            }
+        }
+        // Consul's RBAC compares the payload's `iss` with the provider's `Issuer` exactly.
+        if p.get("iss").and_then(Value::as_str) != Some(self.issuer.as_str()) {
+            return Err(format!("issuer is not {:?}", self.issuer));
+        }
+        if !self.audiences.is_empty() {
+            let aud: Vec<&str> = match p.get("aud") {
+                Some(Value::String(s)) => vec![s.as_str()],
+                Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
+                _ => Vec::new(),
+            };
+            if !aud.iter().any(|a| self.audiences.iter().any(|w| w == a)) {
+                return Err("audience is not one of the provider's".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The token at one location of the request, if there is one there.
+fn find_token(l: &Location, req: &dyn l7::Request) -> Option<String> {
+    match l {
+        Location::Header { name, prefix } => {
+            let v = req.header(name)?;
+            let v = v.trim();
+            let rest = if prefix.is_empty() {
+                v
+            } else if v.len() >= prefix.len()
+                && v.is_char_boundary(prefix.len())
+                && v[..prefix.len()].eq_ignore_ascii_case(prefix)
+            {
+                &v[prefix.len()..]
+            } else {
+                return None;
+            };
+            Some(rest.trim().to_string()).filter(|t| !t.is_empty())
+        }
+        Location::QueryParam(name) => req
+            .query()?
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(name.as_str())?.strip_prefix('='))
+            .filter(|t| !t.is_empty())
+            .map(str::to_string),
+        Location::Cookie(name) => {
+            let cookies = req.header("cookie")?;
+            cookies
+                .split([';', ','])
+                .find_map(|c| c.trim().strip_prefix(name.as_str())?.strip_prefix('='))
+                .map(|t| t.trim().trim_matches('"').to_string())
+                .filter(|t| !t.is_empty())
+        }
+    }
+}
+
+fn is_empty(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::Object(o) => o.values().all(is_empty),
+        Value::String(s) => s.is_empty(),
+        Value::Bool(b) => !b,
+        Value::Number(n) => n.as_f64() == Some(0.0),
+        Value::Array(a) => a.is_empty(),
+    }
+}
+
+/// A JWKS document's keys that this sidecar can use; the others (symmetric, unknown curves,
+/// encryption keys) are skipped. No usable key at all is an error.
+fn parse_jwks(doc: &str) -> Result<Vec<Jwk>, String> {
+    if doc.len() > MAX_JWKS {
+        return Err(format!("the JWKS is larger than {MAX_JWKS} bytes"));
+    }
+    let v: Value = serde_json::from_str(doc).map_err(|e| format!("the JWKS is not JSON: {e}"))?;
+    let list = v
+        .get("keys")
+        .and_then(Value::as_array)
+        .ok_or("the JWKS has no keys array")?;
+    if list.len() > MAX_KEYS {
+        return Err(format!("the JWKS has more than {MAX_KEYS} keys"));
+    }
+    let keys: Vec<Jwk> = list.iter().filter_map(|k| parse_jwk(k).ok()).collect();
+    if keys.is_empty() {
+        return Err("the JWKS has no RSA, EC P-256/P-384 or Ed25519 signing key".into());
+    }
+    Ok(keys)
+}
+
+fn parse_jwk(k: &Value) -> Result<Jwk, String> {
+    let s = |f: &str| k.get(f).and_then(Value::as_str);
+    let b = |f: &str| -> Result<Vec<u8>, String> {
+        B64URL
+            .decode(s(f).ok_or(format!("no {f}"))?)
+            .map_err(|e| format!("{f}: {e}"))
+    };
+    if s("use").is_some_and(|u| u != "sig") {
+        return Err("not a signing key".into());
+    }
+    let key = match (s("kty"), s("crv")) {
+        (Some("RSA"), _) => Key::Rsa {
+            n: strip_zeros(b("n")?),
+            e: strip_zeros(b("e")?),
+        },
+        (Some("EC"), Some(crv @ ("P-256" | "P-384"))) => {
+            let (x, y) = (b("x")?, b("y")?);
+            let len = if crv == "P-256" { 32 } else { 48 };
+            if x.len() != len || y.len() != len {
+                return Err("bad EC coordinates".into());
+            }
+            let mut point = vec![4u8];
+            point.extend_from_slice(&x);
+            point.extend_from_slice(&y);
+            if crv == "P-256" {
+                Key::P256(point)
+            } else {
+                Key::P384(point)
+            }
+        }
+        (Some("OKP"), Some("Ed25519")) => Key::Ed25519(b("x")?),
+        _ => return Err("unsupported key type".into()),
+    };
+    Ok(Jwk {
+        kid: s("kid").map(str::to_string),
+        alg: s("alg").map(str::to_string),
+        key,
+    })
+}
+
+fn strip_zeros(mut v: Vec<u8>) -> Vec<u8> {
+    let zeros = v.iter().take_while(|b| **b == 0).count();
+    v.drain(..zeros.min(v.len().saturating_sub(1)));
+    v
+}
+
+/// A token split and decoded, not yet verified.
+#[derive(Debug)]
+pub struct Token {
+    pub alg: String,
+    pub kid: Option<String>,
+    pub payload: Map<String, Value>,
+    signing_input: Vec<u8>,
+    signature: Vec<u8>,
+}
+
+/// Splits and decodes a compact JWS (`header.payload.signature`); refuses anything larger
+/// than `MAX_TOKEN`, a header or payload that is not a JSON object, an unknown `crit`.
+pub fn parse(token: &str) -> Result<Token, String> {
+    if token.len() > MAX_TOKEN {
+        return Err(format!("token longer than {MAX_TOKEN} bytes"));
+    }
+    let mut parts = token.split('.');
+    let (Some(h), Some(p), Some(s), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err("token is not three base64url parts".into());
+    };
+    let object = |part: &str, what: &str| -> Result<Map<String, Value>, String> {
+        let raw = B64URL
+            .decode(part)
+            .map_err(|_| format!("token {what} is not base64url"))?;
+        match serde_json::from_slice(&raw) {
+            Ok(Value::Object(o)) => Ok(o),
+            _ => Err(format!("token {what} is not a JSON object")),
+        }
+    };
+    let header = object(h, "header")?;
+    let payload = object(p, "payload")?;
+    let signature = B64URL
+        .decode(s)
+        .map_err(|_| "token signature is not base64url".to_string())?;
+    if header.get("crit").is_some() {
+        return Err("token header has crit".into());
+    }
+    let alg = header
+        .get("alg")
+        .and_then(Value::as_str)
+        .ok_or("token header has no alg")?
+        .to_string();
+    let kid = header
+        .get("kid")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    Ok(Token {
+        alg,
+        kid,
+        payload,
+        signing_input: token.as_bytes()[..h.len() + 1 + p.len()].to_vec(),
+        signature,
+    })
+}
+
+impl Token {
+    /// Whether one of `keys` (those with the token's `kid`, if it names one) signed it with
+    /// its `alg`.
+    fn verify(&self, keys: &[Jwk]) -> Result<(), String> {
+        let alg = self.alg.as_str();
+        if !matches!(
+            alg,
+            "RS256" | "RS384" | "RS512" | "PS256" | "PS384" | "PS512" | "ES256" | "ES384" | "EdDSA"
+        ) {
+            return Err(format!("algorithm {alg:?} is not accepted"));
+        }
+        let mut tried = 0;
+        for k in keys {
+            if self.kid.is_some() && k.kid.is_some() && self.kid != k.kid {
+                continue;
+            }
+            if k.alg.as_deref().is_some_and(|a| a != alg) {
+                continue;
+            }
+            let msg = self.signing_input.as_slice();
+            let sig = self.signature.as_slice();
+            let ok = match (&k.key, alg) {
+                (Key::Rsa { n, e }, _) if alg.starts_with("RS") || alg.starts_with("PS") => {
+                    let params = match alg {
+                        "RS256" => &signature::RSA_PKCS1_2048_8192_SHA256,
+                        "RS384" => &signature::RSA_PKCS1_2048_8192_SHA384,
+                        "RS512" => &signature::RSA_PKCS1_2048_8192_SHA512,
+                        "PS256" => &signature::RSA_PSS_2048_8192_SHA256,
+                        "PS384" => &signature::RSA_PSS_2048_8192_SHA384,
+                        _ => &signature::RSA_PSS_2048_8192_SHA512,
+                    };
+                    RsaPublicKeyComponents { n, e }
+                        .verify(params, msg, sig)
+                        .is_ok()
+                }
+                (Key::P256(pt), "ES256") => {
+                    UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, pt)
+                        .verify(msg, sig)
+                        .is_ok()
+                }
+                (Key::P384(pt), "ES384") => {
+                    UnparsedPublicKey::new(&signature::ECDSA_P384_SHA384_FIXED, pt)
+                        .verify(msg, sig)
+                        .is_ok()
+                }
+                (Key::Ed25519(x), "EdDSA") => UnparsedPublicKey::new(&signature::ED25519, x)
+                    .verify(msg, sig)
+                    .is_ok(),
+                _ => continue,
+            };
+            tried += 1;
+            if ok {
+                return Ok(());
+            }
+        }
+        if tried == 0 {
+            Err(format!(
+                "no key for {alg}{}",
+                self.kid
+                    .as_deref()
+                    .map(|k| format!(" with kid {k:?}"))
+                    .unwrap_or_default()
+            ))
+        } else {
+            Err("bad signature".into())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
