@@ -9,20 +9,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::api::{
-    self, AgentCheck, AgentSelf, AgentService, CaRoots, HealthEntry, IntentionEntry, LeafCert,
-    QueryResult,
+    self, AgentSelf, AgentService, CaRoots, HealthEntry, IntentionEntry, LeafCert, QueryResult,
 };
 use super::chain::{
     chain_path, parse_chain, serving, target_health_path, targets_to_watch, DiscoveryChain,
     TargetKey,
 };
 use super::client::{
-    checks_path, endpoints_path, leaf_path, registration_path, Consul, AGENT_SELF_PATH,
-    AUTHORIZE_PATH, INTENTIONS_PATH, ROOTS_PATH,
+    endpoints_path, leaf_path, Consul, AGENT_SELF_PATH, AUTHORIZE_PATH, INTENTIONS_PATH, ROOTS_PATH,
 };
 use super::{
-    checks_update, destinations, exposed_checks_of, poll_intervals, DestinationKey,
-    DestinationKind, Update,
+    destinations, exposed_checks_of, poll_intervals, DestinationKey, DestinationKind, Update,
 };
 use crate::http::encode;
 
@@ -127,13 +124,17 @@ impl Watchers {
             intentions,
             intentions_started: false,
         };
+        let source = w.consul.source().clone();
+        let id = proxy_id.to_string();
         let h = w.spawn(
             format!("registration of {proxy_id}"),
-            registration_path(proxy_id),
-            WatchMode::Hash,
-            |body| {
-                api::parse::<AgentService>("the proxy registration", body).map(Update::Registration)
+            source.registration_path(proxy_id),
+            if source.registration_by_hash() {
+                WatchMode::Hash
+            } else {
+                WatchMode::Index
             },
+            move |body| source.parse_registration(&id, body),
         );
         w.fixed.push(h);
         let h = w.spawn(
@@ -200,17 +201,20 @@ impl Watchers {
         match exposed_checks_of(registration) {
             None => self.checks_for = None,
             Some(id) if self.checks_for.as_ref().map(|(s, _)| s) != Some(&id) => {
+                let source = self.consul.source().clone();
                 let h = self.spawn(
                     format!("checks of {id}"),
-                    checks_path(&id),
-                    WatchMode::Poll(self.timing.checks_poll),
-                    |body| {
-                        api::parse::<BTreeMap<String, AgentCheck>>("the agent's checks", body)
-                            .map(checks_update)
+                    source.checks_path(&id),
+                    if source.checks_block() {
+                        WatchMode::Index
+                    } else {
+                        WatchMode::Poll(self.timing.checks_poll)
                     },
+                    move |body| source.parse_checks(body),
                 );
                 self.checks_for = Some((id, h));
-                if !self.agent_address_started {
+                // Agentless, no agent runs the checks: nothing to learn the address of.
+                if !self.agent_address_started && !self.consul.source().is_agentless() {
                     self.agent_address_started = true;
                     self.read_agent_address();
                 }
