@@ -115,8 +115,20 @@ fn make_auth_method(consul: &Consul, public_key: &str, replace: bool) {
     assert_eq!(status, 200, "{body}");
 }
 
+/// What the registration helpers need of Consul: the harness's dev server, or a server of
+/// the three-server cluster below.
+trait Put {
+    fn put(&self, path: &str, body: &str) -> (u16, String);
+}
+
+impl Put for Consul {
+    fn put(&self, path: &str, body: &str) -> (u16, String) {
+        Consul::put(self, path, body)
+    }
+}
+
 /// One catalog registration on `NODE`, which no agent runs.
-fn catalog_register(consul: &Consul, service: Value, check: Option<Value>) {
+fn catalog_register(consul: &dyn Put, service: Value, check: Option<Value>) {
     let mut reg = json!({
         "Node": NODE, "Address": "127.0.0.1", "Service": service,
     });
@@ -129,7 +141,14 @@ fn catalog_register(consul: &Consul, service: Value, check: Option<Value>) {
 
 /// The proxy of instance `id` of `service` and its app, with the check that says whether the
 /// proxy is serving (as consul-k8s registers a pod's readiness).
-fn register_instance(consul: &Consul, service: &str, id: &str, app_port: u16, upstreams: Value) {
+fn register_instance(
+    consul: &dyn Put,
+    service: &str,
+    id: &str,
+    app_port: u16,
+    upstreams: Value,
+) -> u16 {
+    let port = free_port();
     catalog_register(
         consul,
         json!({"ID": id, "Service": service, "Port": app_port, "Address": "127.0.0.1"}),
@@ -137,7 +156,7 @@ fn register_instance(consul: &Consul, service: &str, id: &str, app_port: u16, up
     );
     let proxy = json!({
         "ID": format!("{id}-sidecar-proxy"), "Service": format!("{service}-sidecar-proxy"),
-        "Kind": "connect-proxy", "Port": free_port(), "Address": "127.0.0.1",
+        "Kind": "connect-proxy", "Port": port, "Address": "127.0.0.1",
         "Proxy": {
             "DestinationServiceName": service, "DestinationServiceID": id,
             "LocalServiceAddress": "127.0.0.1", "LocalServicePort": app_port,
@@ -145,6 +164,7 @@ fn register_instance(consul: &Consul, service: &str, id: &str, app_port: u16, up
         },
     });
     catalog_register(consul, proxy, Some(proxy_check(id, "passing")));
+    port
 }
 
 fn proxy_check(id: &str, status: &str) -> Value {
@@ -154,7 +174,7 @@ fn proxy_check(id: &str, status: &str) -> Value {
     })
 }
 
-fn set_check(consul: &Consul, id: &str, status: &str) {
+fn set_check(consul: &dyn Put, id: &str, status: &str) {
     let reg = json!({
         "Node": NODE, "Address": "127.0.0.1", "SkipNodeUpdate": true,
         "Check": proxy_check(id, status),
@@ -175,19 +195,16 @@ fn login_tokens(consul: &Consul) -> Vec<String> {
 }
 
 /// A sidecar started with consul-dataplane's flags: the proxy by ID on `NODE`, the server list,
-/// a login with the bearer file.
-fn agentless_sidecar(base: &TempDir, proxy_id: &str, servers: &str, bearer: &Path) -> Child {
+/// and a login with the bearer file when given.
+fn agentless_sidecar(
+    base: &TempDir,
+    proxy_id: &str,
+    servers: &str,
+    bearer: Option<&Path>,
+) -> Child {
     let mut cmd = sidecar_command();
     cmd.args(["-proxy-service-id", proxy_id, "-service-node-name", NODE])
         .args(["-http-addr", servers])
-        .args([
-            "-login-auth-method",
-            METHOD,
-            "-login-meta",
-            &format!("pod={proxy_id}"),
-        ])
-        .arg("-login-bearer-token-path")
-        .arg(bearer)
         .arg("-haproxy-cfg-base-path")
         .arg(base.path())
         .args([
@@ -197,6 +214,12 @@ fn agentless_sidecar(base: &TempDir, proxy_id: &str, servers: &str, bearer: &Pat
             "-grace-period",
             "5s",
         ]);
+    if let Some(bearer) = bearer {
+        let meta = format!("pod={proxy_id}");
+        cmd.args(["-login-auth-method", METHOD, "-login-meta", &meta])
+            .arg("-login-bearer-token-path")
+            .arg(bearer);
+    }
     Child::spawn(&format!("sidecar-{proxy_id}"), &mut cmd, base.path())
 }
 
@@ -212,13 +235,21 @@ fn answers(addr: &str, n: usize) -> Vec<String> {
     seen
 }
 
+/// Agentless is tested on current Consul only; says so on another.
+fn skipped() -> bool {
+    if consul_is_current() {
+        return false;
+    }
+    eprintln!(
+        "skipped on Consul {}: agentless runs against Consul 1.14+ servers",
+        consul_version()
+    );
+    true
+}
+
 #[test]
 fn catalog_only_sidecars_logged_in_through_jwt_serve_follow_checks_and_leave_no_token() {
-    if !consul_is_current() {
-        eprintln!(
-            "skipped on Consul {}: agentless runs against Consul 1.14+ servers",
-            consul_version()
-        );
+    if skipped() {
         return;
     }
     let base = TempDir::new("agentless");
@@ -261,7 +292,7 @@ fn catalog_only_sidecars_logged_in_through_jwt_serve_follow_checks_and_leave_no_
             &base,
             &format!("{id}-sidecar-proxy"),
             &servers,
-            &bearer,
+            Some(&bearer),
         ));
     }
     let upstream = format!("127.0.0.1:{upstream_port}");
@@ -368,4 +399,208 @@ fn catalog_only_sidecars_logged_in_through_jwt_serve_follow_checks_and_leave_no_
         "tokens left behind\n{}",
         logs(&sidecars)
     );
+}
+
+/// Three Consul servers on loopback, each on ports of its own, no agent beside them.
+struct Cluster {
+    // Declared before `_dir`: the processes stop before their directories go.
+    servers: Vec<Option<Child>>,
+    http: Vec<String>,
+    _dir: TempDir,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let dir = TempDir::new("cluster");
+        let serf: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let mut servers = Vec::new();
+        let mut http = Vec::new();
+        for i in 0..3 {
+            let port = free_port();
+            let config = json!({
+                "node_name": format!("server{i}"), "datacenter": "dc1", "server": true,
+                "bootstrap_expect": 3, "bind_addr": "127.0.0.1", "client_addr": "127.0.0.1",
+                "advertise_addr": "127.0.0.1",
+                "data_dir": dir.join(format!("data{i}")),
+                "disable_update_check": true, "log_level": "info",
+                "ports": {"http": port, "dns": -1, "serf_lan": serf[i], "serf_wan": -1,
+                          "server": free_port(), "grpc": -1, "grpc_tls": -1},
+                "retry_join": serf.iter().map(|p| format!("127.0.0.1:{p}")).collect::<Vec<_>>(),
+                "connect": {"enabled": true, "ca_config": {"cluster_id": CLUSTER_ID}},
+                // Raft timings of a dev agent: a new leader within a second or two.
+                "performance": {"raft_multiplier": 1},
+            });
+            let path = dir.join(format!("server{i}.json"));
+            std::fs::write(&path, config.to_string()).unwrap();
+            let mut cmd = Command::new(consul_bin());
+            cmd.arg("agent").arg("-config-file").arg(&path);
+            servers.push(Some(Child::spawn(
+                &format!("consul{i}"),
+                &mut cmd,
+                dir.path(),
+            )));
+            http.push(format!("127.0.0.1:{port}"));
+        }
+        let cluster = Cluster {
+            servers,
+            http,
+            _dir: dir,
+        };
+        cluster.wait_for_roots();
+        cluster
+    }
+
+    /// The indices of the servers still running.
+    fn up(&self) -> Vec<usize> {
+        (0..3).filter(|i| self.servers[*i].is_some()).collect()
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+        let mut last = String::new();
+        for i in self.up() {
+            match http_request(
+                &self.http[i],
+                method,
+                path,
+                body.map(str::as_bytes),
+                Duration::from_secs(10),
+            ) {
+                Ok(r) => return (r.status, r.body),
+                Err(e) => last = e,
+            }
+        }
+        panic!(
+            "no server answered {method} {path}: {last}\n{}",
+            self.logs()
+        )
+    }
+
+    /// A leader on every running server and a CA root: what the sidecars need.
+    fn wait_for_roots(&self) {
+        wait_until(Duration::from_secs(60), "a leader and CA roots on every server", || {
+            self.up().into_iter().all(|i| {
+                matches!(
+                    http_request(&self.http[i], "GET", "/v1/agent/connect/ca/roots", None, Duration::from_secs(2)),
+                    Ok(r) if r.status == 200 && r.body.contains("RootCert")
+                )
+            })
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", self.logs()));
+    }
+
+    fn leader(&self) -> String {
+        self.call("GET", "/v1/status/leader", None).1
+    }
+
+    fn logs(&self) -> String {
+        self.servers
+            .iter()
+            .flatten()
+            .map(Child::logs)
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Put for Cluster {
+    /// Retried while the servers elect a new leader (a write then answers 500).
+    fn put(&self, path: &str, body: &str) -> (u16, String) {
+        let mut answer = (0, String::new());
+        let _ = wait_until(Duration::from_secs(30), "a leader taking writes", || {
+            answer = self.call("PUT", path, Some(body));
+            answer.0 != 500
+        });
+        answer
+    }
+}
+
+/// Three servers, the sidecars given all three: the server they use is stopped (the leader
+/// too, when it is the one), and a change made afterwards reaches them through another.
+#[test]
+fn the_sidecars_move_to_another_server_when_theirs_stops() {
+    if skipped() {
+        return;
+    }
+    let base = TempDir::new("agentless-failover");
+    let mut cluster = Cluster::start();
+    let apps = [HttpApp::start("server-1"), HttpApp::start("server-2")];
+    let public = register_instance(&cluster, "server", "server-1", apps[0].port(), json!([]));
+    let upstream_port = free_port();
+    register_instance(
+        &cluster,
+        "client",
+        "client-1",
+        free_port(),
+        json!([{"DestinationName": "server", "LocalBindPort": upstream_port}]),
+    );
+    // Each sidecar starts on server 0.
+    let servers = cluster.http.join(",");
+    let mut sidecars: Vec<Child> = ["server-1", "client-1"]
+        .iter()
+        .map(|id| agentless_sidecar(&base, &format!("{id}-sidecar-proxy"), &servers, None))
+        .collect();
+    let upstream = format!("127.0.0.1:{upstream_port}");
+    let logs = |sidecars: &[Child]| {
+        sidecars
+            .iter()
+            .map(Child::logs)
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    wait_until(Duration::from_secs(60), "server-1 through the mesh", || {
+        answers(&upstream, 4) == ["server-1"]
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs(&sidecars)));
+
+    assert!(asks_for_client_certificate(public));
+    let leader_before = cluster.leader();
+    if let Some(mut first) = cluster.servers[0].take() {
+        first.stop();
+    }
+    cluster.wait_for_roots();
+    let load = Load::start(upstream.clone());
+    // The second instance and its sidecar, registered through a server still up.
+    register_instance(&cluster, "server", "server-2", apps[1].port(), json!([]));
+    sidecars.push(agentless_sidecar(
+        &base,
+        "server-2-sidecar-proxy",
+        &cluster.http[1..].join(","),
+        None,
+    ));
+    let r = wait_until(
+        Duration::from_secs(60),
+        "server-2 through the mesh after the stop",
+        || answers(&upstream, 8).len() == 2,
+    );
+    r.unwrap_or_else(|e| panic!("{e}\n{}\n{}", logs(&sidecars), cluster.logs()));
+    let (ok, failed, errors) = load.finish();
+    assert!(
+        ok > 0 && failed == 0,
+        "{ok} ok, {failed} failed: {errors:?}"
+    );
+    for s in &sidecars[..2] {
+        assert!(s.log_contains("now using"), "{}", s.logs());
+    }
+    // The other server signed new leaves; the listener still demands a client certificate.
+    assert!(
+        sidecars[0].log_contains("leaf certificate updated"),
+        "{}",
+        sidecars[0].logs()
+    );
+    assert!(
+        asks_for_client_certificate(public),
+        "mTLS kept after the new leaf"
+    );
+    eprintln!(
+        "the leader before the stop was {leader_before}; server 0 was {}",
+        cluster.http[0]
+    );
+    for s in &mut sidecars {
+        s.signal(Signal::SIGTERM);
+        assert_eq!(
+            s.wait_timeout(Duration::from_secs(60))
+                .and_then(|s| s.code()),
+            Some(0)
+        );
+    }
 }
