@@ -194,14 +194,14 @@ fn login_tokens(consul: &Consul) -> Vec<String> {
         .collect()
 }
 
-/// A sidecar started with consul-dataplane's flags: the proxy by ID on `NODE`, the server list,
-/// and a login with the bearer file when given.
-fn agentless_sidecar(
+/// The sidecar's command with consul-dataplane's flags: the proxy by ID on `NODE`, the server
+/// list, and a login with the bearer file when given.
+fn agentless_command(
     base: &TempDir,
     proxy_id: &str,
     servers: &str,
     bearer: Option<&Path>,
-) -> Child {
+) -> Command {
     let mut cmd = sidecar_command();
     cmd.args(["-proxy-service-id", proxy_id, "-service-node-name", NODE])
         .args(["-http-addr", servers])
@@ -220,6 +220,16 @@ fn agentless_sidecar(
             .arg("-login-bearer-token-path")
             .arg(bearer);
     }
+    cmd
+}
+
+fn agentless_sidecar(
+    base: &TempDir,
+    proxy_id: &str,
+    servers: &str,
+    bearer: Option<&Path>,
+) -> Child {
+    let mut cmd = agentless_command(base, proxy_id, servers, bearer);
     Child::spawn(&format!("sidecar-{proxy_id}"), &mut cmd, base.path())
 }
 
@@ -276,6 +286,30 @@ fn catalog_only_sidecars_logged_in_through_jwt_serve_follow_checks_and_leave_no_
         json!([{"DestinationName": "server", "LocalBindPort": upstream_port}]),
     );
     consul.set_intentions("server", &[IntentionSpec::l4("client", "allow")]);
+
+    // A dry run logs in, prints the configuration, and logs out.
+    let bearer = base.join("dry-run.jwt");
+    write_jwt(base.path(), "client", &bearer);
+    let out = agentless_command(
+        &base,
+        "client-1-sidecar-proxy",
+        &consul.http_addr(),
+        Some(&bearer),
+    )
+    .arg("-dry-run")
+    .output()
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains(&format!("bind 127.0.0.1:{upstream_port}")),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        login_tokens(&consul),
+        Vec::<String>::new(),
+        "the dry run logged out"
+    );
 
     let mut sidecars = Vec::new();
     for id in ["server-1", "server-2", "client-1"] {

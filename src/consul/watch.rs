@@ -621,7 +621,7 @@ impl Watch {
                 let delay = backoff(&self.timing, failures);
                 if last_error.as_deref() != Some(error.as_str()) {
                     log::warn!(
-                        "cannot read {} from the agent at {}: {error}; retrying in {:.1}s",
+                        "cannot read {} from Consul at {}: {error}; retrying in {:.1}s",
                         self.what,
                         self.consul.endpoint(),
                         delay.as_secs_f64()
