@@ -10,7 +10,7 @@ use crate::consul::chain::{
 use crate::consul::client::{
     endpoints_path, leaf_path, Consul, LogoutOnDrop, LookupError, ROOTS_PATH,
 };
-use crate::consul::{destinations, exposed_checks_of, DestinationKind, Update};
+use crate::consul::{destinations, exposed_checks_of, DestinationKey, DestinationKind, Update};
 use crate::error::{usage, Error, Fatal};
 use crate::model::{self, Desired, Paths};
 use crate::render::{self, DataplaneCredentials};
@@ -59,6 +59,15 @@ pub fn dry_run(opts: &Options) -> Result<Vec<render::File>, Fatal> {
         .unwrap_or_default();
     if let Some(id) = exposed_checks_of(&reg) {
         snapshot.apply(source.parse_checks(&consul.get_ok(&source.checks_path(&id))?)?);
+    }
+    if source.is_agentless() && !service.is_empty() {
+        let own = DestinationKey {
+            kind: DestinationKind::Service,
+            name: service.clone(),
+            datacenter: String::new(),
+        };
+        let chain = parse_chain(&consul.get_ok(&chain_path(&own))?)?;
+        snapshot.apply(Update::ServiceProtocol(chain.protocol));
     }
     snapshot.apply(Update::Registration(reg));
     snapshot.apply(Update::Leaf(consul.get_json(&leaf_path(&service))?));

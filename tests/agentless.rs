@@ -286,6 +286,10 @@ fn catalog_only_sidecars_logged_in_through_jwt_serve_follow_checks_and_leave_no_
         json!([{"DestinationName": "server", "LocalBindPort": upstream_port}]),
     );
     consul.set_intentions("server", &[IntentionSpec::l4("client", "allow")]);
+    // An agent merges this into the registration; agentless, the sidecar resolves it itself.
+    let defaults = json!({"Kind": "service-defaults", "Name": "server", "Protocol": "http"});
+    let (status, body) = consul.put("/v1/config", &defaults.to_string());
+    assert_eq!((status, body.trim()), (200, "true"));
 
     // A dry run logs in, prints the configuration, and logs out.
     let bearer = base.join("dry-run.jwt");
@@ -344,6 +348,11 @@ fn catalog_only_sidecars_logged_in_through_jwt_serve_follow_checks_and_leave_no_
     )
     .unwrap_or_else(|e| panic!("{e}\n{}\n{}", logs(&sidecars), consul.logs()));
     assert_eq!(login_tokens(&consul).len(), 3, "one login per sidecar");
+    assert_eq!(
+        public_listener_mode(&sidecar_workdir(base.path(), "server-1")).as_deref(),
+        Some("http"),
+        "service-defaults' protocol reached the catalog-registered proxy"
+    );
     assert!(
         sidecars[2].log_contains("now using"),
         "the client moved past the dead address\n{}",

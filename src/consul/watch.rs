@@ -96,6 +96,9 @@ pub struct Watchers {
     checks_for: Option<(String, WatchHandle)>,
     /// Whether the agent's address was asked for (once, for `Expose.Checks`).
     agent_address_started: bool,
+    /// Agentless: the proxied service's own discovery chain, for the protocol an agent would
+    /// have merged into the registration.
+    protocol_for: Option<(String, WatchHandle)>,
     /// Whether to watch intentions; started once the service name is known.
     intentions: bool,
     intentions_started: bool,
@@ -120,6 +123,7 @@ impl Watchers {
             chains: BTreeMap::new(),
             targets: BTreeMap::new(),
             checks_for: None,
+            protocol_for: None,
             agent_address_started: false,
             intentions,
             intentions_started: false,
@@ -192,6 +196,23 @@ impl Watchers {
                 |body| api::parse::<LeafCert>("the leaf certificate", body).map(Update::Leaf),
             );
             self.leaf_for = Some((service.clone(), h));
+        }
+        if self.consul.source().is_agentless()
+            && !service.is_empty()
+            && self.protocol_for.as_ref().map(|(s, _)| s) != Some(&service)
+        {
+            let key = DestinationKey {
+                kind: DestinationKind::Service,
+                name: service.clone(),
+                datacenter: String::new(),
+            };
+            let h = self.spawn(
+                format!("protocol of {service}"),
+                chain_path(&key),
+                WatchMode::Index,
+                |body| parse_chain(body).map(|c| Update::ServiceProtocol(c.protocol)),
+            );
+            self.protocol_for = Some((service.clone(), h));
         }
         if self.intentions && !self.intentions_started && !service.is_empty() {
             self.intentions_started = true;
