@@ -140,13 +140,14 @@ fn catalog_register(consul: &dyn Put, service: Value, check: Option<Value>) {
 }
 
 /// The proxy of instance `id` of `service` and its app, with the check that says whether the
-/// proxy is serving (as consul-k8s registers a pod's readiness).
+/// proxy is serving (as consul-k8s registers a pod's readiness), in `status`.
 fn register_instance(
     consul: &dyn Put,
     service: &str,
     id: &str,
     app_port: u16,
     upstreams: Value,
+    status: &str,
 ) -> u16 {
     let port = free_port();
     catalog_register(
@@ -163,7 +164,7 @@ fn register_instance(
             "Upstreams": upstreams,
         },
     });
-    catalog_register(consul, proxy, Some(proxy_check(id, "passing")));
+    catalog_register(consul, proxy, Some(proxy_check(id, status)));
     port
 }
 
@@ -275,6 +276,7 @@ fn catalog_only_sidecars_logged_in_through_jwt_serve_follow_checks_and_leave_no_
             &format!("server-{}", i + 1),
             app.port(),
             json!([]),
+            "passing",
         );
     }
     let upstream_port = free_port();
@@ -284,6 +286,7 @@ fn catalog_only_sidecars_logged_in_through_jwt_serve_follow_checks_and_leave_no_
         "client-1",
         free_port(),
         json!([{"DestinationName": "server", "LocalBindPort": upstream_port}]),
+        "passing",
     );
     consul.set_intentions("server", &[IntentionSpec::l4("client", "allow")]);
     // An agent merges this into the registration; agentless, the sidecar resolves it itself.
@@ -567,7 +570,14 @@ fn the_sidecars_move_to_another_server_when_theirs_stops() {
     let base = TempDir::new("agentless-failover");
     let mut cluster = Cluster::start();
     let apps = [HttpApp::start("server-1"), HttpApp::start("server-2")];
-    let public = register_instance(&cluster, "server", "server-1", apps[0].port(), json!([]));
+    let public = register_instance(
+        &cluster,
+        "server",
+        "server-1",
+        apps[0].port(),
+        json!([]),
+        "passing",
+    );
     let upstream_port = free_port();
     register_instance(
         &cluster,
@@ -575,6 +585,7 @@ fn the_sidecars_move_to_another_server_when_theirs_stops() {
         "client-1",
         free_port(),
         json!([{"DestinationName": "server", "LocalBindPort": upstream_port}]),
+        "passing",
     );
     // Each sidecar starts on server 0.
     let servers = cluster.http.join(",");
@@ -602,14 +613,29 @@ fn the_sidecars_move_to_another_server_when_theirs_stops() {
     }
     cluster.wait_for_roots();
     let load = Load::start(upstream.clone());
-    // The second instance and its sidecar, registered through a server still up.
-    register_instance(&cluster, "server", "server-2", apps[1].port(), json!([]));
+    // The second instance and its sidecar, registered through a server still up, and passing
+    // once its sidecar knows whom to let in (as a pod's readiness gates it).
+    register_instance(
+        &cluster,
+        "server",
+        "server-2",
+        apps[1].port(),
+        json!([]),
+        "critical",
+    );
     sidecars.push(agentless_sidecar(
         &base,
         "server-2-sidecar-proxy",
         &cluster.http[1..].join(","),
         None,
     ));
+    wait_until(
+        Duration::from_secs(60),
+        "server-2's sidecar to know its intentions",
+        || sidecars[2].log_contains("default allow"),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", sidecars[2].logs()));
+    set_check(&cluster, "server-2", "passing");
     let r = wait_until(
         Duration::from_secs(60),
         "server-2 through the mesh after the stop",
