@@ -27,7 +27,10 @@ pub fn dry_run(opts: &Options) -> Result<Vec<render::File>, Fatal> {
         Err(LookupError::Consul(e)) => return Err(e.into()),
         Err(e) => return Err(usage(Error::msg(e.to_string()))),
     };
-    let mut snapshot = Snapshot::default();
+    let mut snapshot = Snapshot {
+        agentless: consul.source().is_agentless(),
+        ..Snapshot::default()
+    };
     let source = consul.source();
     let reg: AgentService = match source.parse_registration(
         &proxy_id,

@@ -38,6 +38,9 @@ pub struct Snapshot {
     /// protocol; `registration` is the two merged (`consul::with_service_protocol`).
     pub catalog_registration: Option<AgentService>,
     pub service_protocol: Option<String>,
+    /// Set once by the supervisor: agentless, the first render also waits for
+    /// `service_protocol`, so the public listener starts in its mode.
+    pub agentless: bool,
 }
 
 impl Snapshot {
@@ -95,6 +98,9 @@ impl Snapshot {
         }
         if self.roots.as_ref().is_none_or(|r| r.roots.is_empty()) {
             missing.push("the CA roots");
+        }
+        if self.agentless && self.service_protocol.is_none() {
+            missing.push("the service's protocol (its discovery chain)");
         }
         missing
     }

@@ -198,6 +198,7 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
         Phase::WaitingForConsul,
         "watching the registration, leaf, roots and upstreams",
     );
+    let agentless = consul.source().is_agentless();
     let mut s = Supervisor {
         opts,
         life,
@@ -207,7 +208,10 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
         tx,
         settings,
         watchers,
-        snapshot: Snapshot::default(),
+        snapshot: Snapshot {
+            agentless,
+            ..Snapshot::default()
+        },
         intentions,
         last_build_error: None,
         build_error_new: false,
