@@ -453,13 +453,8 @@ fn roots_live(applied: &Desired, desired: &Desired) -> std::result::Result<(), S
         Err(e) => return Err(e.to_string()),
     }
     if applied.tls.leaf_pem != desired.tls.leaf_pem {
-        runtime::set_ssl(
-            &paths.stats_socket,
-            "cert",
-            &paths.leaf,
-            &desired.tls.leaf_pem,
-        )
-        .map_err(|e| format!("the leaf did not follow the roots live ({e})"))?;
+        // See the leaf's own step in `apply`: a live commit of it loses `verify required`.
+        return Err("a new leaf is loaded by a reload, never committed live".into());
     }
     Ok(())
 }
@@ -495,16 +490,16 @@ fn apply(
         }
         applied.tls = desired.tls.clone();
     } else if p.leaf_changed {
+        // Never `set/commit ssl cert`: HAProxy 2.6.12, committing a certificate with no
+        // subject name (Consul's leaves carry only a URI SAN), leaves the listener's new
+        // context without `verify required`, so the public listener stops asking clients for
+        // a certificate. A reload of the file loads it with the listener's settings.
         write_atomic(&paths.leaf, desired.tls.leaf_pem.as_bytes())?;
-        runtime::set_ssl(
-            &paths.stats_socket,
-            "cert",
-            &paths.leaf,
-            &desired.tls.leaf_pem,
-        )
-        .context("updating the leaf certificate in HAProxy")?;
+        runtime::reload(&paths.master_socket, Duration::from_secs(20))
+            .context("reloading HAProxy for a new leaf certificate")?;
+        reloaded = true;
         applied.tls.leaf_pem = desired.tls.leaf_pem.clone();
-        log::info!("leaf certificate updated live");
+        log::info!("leaf certificate updated with one reload");
     }
     if p.intentions_map_changed {
         // The file first, so that a reload from here on loads the new entries too.

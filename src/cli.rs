@@ -11,9 +11,10 @@ use std::path::PathBuf;
 use clap::{Arg, ArgAction, ArgMatches};
 
 use crate::config::{
-    haproxy_log_level, ConsulSettings, Endpoint, HaproxyParam, Knobs, Secret, Target, TlsFiles,
-    BALANCE_ALGORITHMS,
+    haproxy_log_level, ConsulSettings, Endpoint, HaproxyParam, Knobs, Login, Secret, Target,
+    TlsFiles, BALANCE_ALGORITHMS,
 };
+use crate::value::Name;
 
 /// Exit code for bad usage or bad configuration (BSD sysexits EX_USAGE).
 pub use crate::error::EXIT_USAGE;
@@ -45,6 +46,14 @@ const LONG_FLAGS: &[&str] = &[
     "template-dir",
     "upstream-identity-check",
     "upstream-identity-recheck",
+    "service-node-name",
+    "proxy-service-id",
+    "login-auth-method",
+    "login-bearer-token-path",
+    "login-meta",
+    "login-namespace",
+    "login-partition",
+    "login-datacenter",
 ];
 
 #[derive(Clone, Debug)]
@@ -181,7 +190,15 @@ fn command() -> clap::Command {
             )
             .value_name("TAG"),
         )
-        .arg(value("http-addr", "Consul agent address (host:port, http://, https://, unix://) [default: 127.0.0.1:8500, or CONSUL_HTTP_ADDR]").value_name("ADDR"))
+        .arg(value("http-addr", "Consul agent address (host:port, http://, https://, unix://) [default: 127.0.0.1:8500, or CONSUL_HTTP_ADDR]; with -service-node-name, the servers: comma-separated or repeated, tried in turn").value_name("ADDR").action(ArgAction::Append))
+        .arg(value("proxy-service-id", "The service ID of the proxy itself (instead of -sidecar-for)").value_name("ID"))
+        .arg(value("service-node-name", "Agentless: the catalog node the proxy is registered on; the sidecar then talks to the Consul servers of -http-addr and writes nothing to an agent").value_name("NODE"))
+        .arg(value("login-auth-method", "Log in with this ACL auth method instead of -token (needs -login-bearer-token-path)").value_name("NAME"))
+        .arg(value("login-bearer-token-path", "File holding the bearer token (a JWT) of the login, read again at every login").value_name("PATH"))
+        .arg(Arg::new("login-meta").long("login-meta").help("Metadata of the login token, as key=value; repeatable").action(ArgAction::Append).allow_hyphen_values(true).value_name("KEY=VALUE"))
+        .arg(value("login-namespace", "Namespace of the auth method (Consul Enterprise)").value_name("NAMESPACE"))
+        .arg(value("login-partition", "Admin partition of the auth method (Consul Enterprise)").value_name("PARTITION"))
+        .arg(value("login-datacenter", "Datacenter of the auth method").value_name("DC"))
         .arg(value("token", "Consul ACL token [default: CONSUL_HTTP_TOKEN]").value_name("TOKEN"))
         .arg(value("token-file", "File holding the Consul ACL token [default: CONSUL_HTTP_TOKEN_FILE]").value_name("PATH"))
         .arg(value("haproxy", "HAProxy binary path").default_value("haproxy").value_name("PATH"))
@@ -350,25 +367,7 @@ pub fn parse(
         });
     }
 
-    let target = match (
-        m.get_one::<String>("sidecar-for"),
-        m.get_one::<String>("sidecar-for-tag"),
-    ) {
-        (Some(_), Some(_)) => {
-            return Err(UsageError(
-                "-sidecar-for and -sidecar-for-tag exclude each other; give one".into(),
-            ))
-        }
-        (Some(id), None) if !id.trim().is_empty() => Target::ServiceId(id.trim().to_string()),
-        (None, Some(tag)) if !tag.trim().is_empty() => Target::Tag(tag.trim().to_string()),
-        (Some(_), None) => return Err(UsageError("-sidecar-for needs a service ID".into())),
-        (None, Some(_)) => return Err(UsageError("-sidecar-for-tag needs a tag".into())),
-        (None, None) => {
-            return Err(UsageError(
-                "please specify -sidecar-for ID or -sidecar-for-tag TAG".into(),
-            ))
-        }
-    };
+    let target = target(&m)?;
 
     let consul = consul_settings(&m, env)?;
     let log_level = parse_log_level(m.get_one::<String>("log-level").map_or("INFO", |s| s))?;
@@ -384,6 +383,13 @@ pub fn parse(
     if stats_service_register && stats_addr.is_none() {
         return Err(UsageError(
             "-stats-service-register needs -stats-addr".into(),
+        ));
+    }
+    if stats_service_register && consul.catalog_node.is_some() {
+        // Its check is an HTTP check, which no agent would run on a node that has none.
+        return Err(UsageError(
+            "-stats-service-register needs a local agent; it does not go with -service-node-name"
+                .into(),
         ));
     }
     let spoe_threads = m
@@ -491,23 +497,162 @@ pub fn parse(
     }
 }
 
-fn consul_settings(m: &ArgMatches, env: &dyn Env) -> Result<ConsulSettings, UsageError> {
-    let (addr, source) = match m.get_one::<String>("http-addr") {
-        Some(a) => (a.clone(), "-http-addr"),
+/// Exactly one of `-sidecar-for`, `-sidecar-for-tag` and `-proxy-service-id`.
+fn target(m: &ArgMatches) -> Result<Target, UsageError> {
+    let given: Vec<(&str, &String)> = ["sidecar-for", "sidecar-for-tag", "proxy-service-id"]
+        .into_iter()
+        .filter_map(|f| m.get_one::<String>(f).map(|v| (f, v)))
+        .collect();
+    let (flag, v) = match given.as_slice() {
+        [one] => *one,
+        [] => {
+            return Err(UsageError(
+                "please specify -sidecar-for ID, -sidecar-for-tag TAG or -proxy-service-id ID"
+                    .into(),
+            ))
+        }
+        many => {
+            return Err(UsageError(format!(
+                "{} exclude each other; give one",
+                many.iter()
+                    .map(|(f, _)| format!("-{f}"))
+                    .collect::<Vec<_>>()
+                    .join(" and ")
+            )))
+        }
+    };
+    let v = v.trim().to_string();
+    if v.is_empty() {
+        return Err(UsageError(format!("-{flag} needs a value")));
+    }
+    Ok(match flag {
+        "sidecar-for" => Target::ServiceId(v),
+        "sidecar-for-tag" => Target::Tag(v),
+        _ => Target::ProxyId(v),
+    })
+}
+
+/// A Consul name given as a flag's value.
+fn name_flag(m: &ArgMatches, flag: &'static str) -> Result<Option<Name>, UsageError> {
+    m.get_one::<String>(flag)
+        .map(|v| {
+            Name::parse(flag, v.trim())
+                .map_err(|e| UsageError(format!("invalid value for -{flag}: {e}")))
+        })
+        .transpose()
+}
+
+/// `-http-addr` (each value comma-separated, the flag repeatable) or `CONSUL_HTTP_ADDR`, in
+/// order, duplicates dropped.
+fn endpoints(m: &ArgMatches, env: &dyn Env) -> Result<Vec<Endpoint>, UsageError> {
+    let (given, source): (Vec<String>, &str) = match m.get_many::<String>("http-addr") {
+        Some(v) => (v.cloned().collect(), "-http-addr"),
         None => match env.var("CONSUL_HTTP_ADDR") {
-            Some(a) => (a, "CONSUL_HTTP_ADDR"),
-            None => ("127.0.0.1:8500".to_string(), "the default -http-addr"),
+            Some(a) => (vec![a], "CONSUL_HTTP_ADDR"),
+            None => (vec!["127.0.0.1:8500".to_string()], "the default -http-addr"),
         },
     };
-    let mut endpoint = Endpoint::parse(&addr).map_err(|e| UsageError(format!("{source}: {e}")))?;
     // As in the consul CLI, CONSUL_HTTP_SSL=true upgrades a scheme-less address to https.
-    if env_bool(env, "CONSUL_HTTP_SSL", false)? && !addr.contains("://") {
-        if let Endpoint::Http { authority } = endpoint {
-            endpoint = Endpoint::Https { authority };
+    let ssl = env_bool(env, "CONSUL_HTTP_SSL", false)?;
+    let mut out: Vec<Endpoint> = Vec::new();
+    for addr in given.iter().flat_map(|a| a.split(',')) {
+        let addr = addr.trim();
+        if addr.is_empty() {
+            return Err(UsageError(format!(
+                "{source}: an empty address in the list"
+            )));
+        }
+        let mut endpoint =
+            Endpoint::parse(addr).map_err(|e| UsageError(format!("{source}: {e}")))?;
+        if ssl && !addr.contains("://") {
+            if let Endpoint::Http { authority } = endpoint {
+                endpoint = Endpoint::Https { authority };
+            }
+        }
+        if !out.contains(&endpoint) {
+            out.push(endpoint);
         }
     }
+    Ok(out)
+}
 
-    let token = if let Some(t) = m.get_one::<String>("token").filter(|t| !t.is_empty()) {
+/// `-login-*`: all or nothing of the method and the bearer file; the rest needs them.
+fn login(m: &ArgMatches) -> Result<Option<Login>, UsageError> {
+    let method = name_flag(m, "login-auth-method")?;
+    let path = m
+        .get_one::<String>("login-bearer-token-path")
+        .filter(|p| !p.trim().is_empty());
+    let mut meta = std::collections::BTreeMap::new();
+    for kv in m.get_many::<String>("login-meta").into_iter().flatten() {
+        let (k, v) = kv
+            .split_once('=')
+            .filter(|(k, _)| !k.trim().is_empty())
+            .ok_or_else(|| {
+                UsageError(format!(
+                    "invalid value {kv:?} for -login-meta (expected key=value)"
+                ))
+            })?;
+        if kv.chars().any(char::is_control) {
+            return Err(UsageError(format!(
+                "invalid value {kv:?} for -login-meta: a control character"
+            )));
+        }
+        meta.insert(k.trim().to_string(), v.to_string());
+    }
+    let namespace = name_flag(m, "login-namespace")?;
+    let partition = name_flag(m, "login-partition")?;
+    let datacenter = name_flag(m, "login-datacenter")?;
+    match (method, path) {
+        (Some(auth_method), Some(path)) => Ok(Some(Login {
+            auth_method,
+            bearer_token_path: PathBuf::from(path.trim()),
+            meta,
+            namespace,
+            partition,
+            datacenter,
+        })),
+        (Some(_), None) => Err(UsageError(
+            "-login-auth-method needs -login-bearer-token-path".into(),
+        )),
+        (None, Some(_)) => Err(UsageError(
+            "-login-bearer-token-path needs -login-auth-method".into(),
+        )),
+        (None, None) => {
+            let stray = [
+                "login-meta",
+                "login-namespace",
+                "login-partition",
+                "login-datacenter",
+            ]
+            .into_iter()
+            .find(|f| m.contains_id(f));
+            match stray {
+                Some(f) => Err(UsageError(format!("-{f} needs -login-auth-method"))),
+                None => Ok(None),
+            }
+        }
+    }
+}
+
+fn consul_settings(m: &ArgMatches, env: &dyn Env) -> Result<ConsulSettings, UsageError> {
+    let endpoints = endpoints(m, env)?;
+    let catalog_node = name_flag(m, "service-node-name")?;
+    let login = login(m)?;
+    if login.is_some() && (m.contains_id("token") || m.contains_id("token-file")) {
+        return Err(UsageError(
+            "-login-auth-method and -token/-token-file exclude each other; give one".into(),
+        ));
+    }
+    if endpoints.len() > 1 && catalog_node.is_none() {
+        return Err(UsageError(
+            "several -http-addr name Consul servers, which only -service-node-name (agentless) uses; a local agent is one address".into(),
+        ));
+    }
+
+    let token = if login.is_some() {
+        // The login's token replaces any from the environment.
+        None
+    } else if let Some(t) = m.get_one::<String>("token").filter(|t| !t.is_empty()) {
         Some(Secret::new(t.trim()))
     } else if let Some(f) = m.get_one::<String>("token-file").filter(|t| !t.is_empty()) {
         Some(read_token(env, f, "-token-file")?)
@@ -531,9 +676,11 @@ fn consul_settings(m: &ArgMatches, env: &dyn Env) -> Result<ConsulSettings, Usag
         ));
     }
     Ok(ConsulSettings {
-        endpoint,
+        endpoints,
         token,
         tls,
+        catalog_node,
+        login,
     })
 }
 
@@ -615,7 +762,7 @@ mod tests {
         assert_eq!(o.base_path, PathBuf::from("/tmp"));
         assert_eq!(o.log_level, log::LevelFilter::Info);
         assert_eq!(
-            o.consul.endpoint,
+            o.consul.endpoints[0],
             Endpoint::Http {
                 authority: "127.0.0.1:8500".into()
             }
@@ -680,7 +827,7 @@ mod tests {
         };
         let o = run(&["-sidecar-for", "web"], &env).unwrap();
         assert_eq!(
-            o.consul.endpoint,
+            o.consul.endpoints[0],
             Endpoint::Https {
                 authority: "10.0.0.1:8501".into()
             }
@@ -702,7 +849,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            o.consul.endpoint,
+            o.consul.endpoints[0],
             Endpoint::Unix {
                 path: "/run/c.sock".into()
             }
@@ -808,6 +955,97 @@ mod tests {
         assert_eq!(o.knobs.haproxy_params[1].value, "2000");
         assert_eq!(o.knobs.haproxy_params[0].key, "timeout client");
         assert_eq!(o.knobs.balance, "leastconn");
+    }
+
+    #[test]
+    fn agentless_flags_read_as_consul_dataplane_names_them() {
+        let env = MapEnv {
+            files: HashMap::from([("/t", "static")]),
+            ..Default::default()
+        };
+        let o = run(
+            &[
+                "-proxy-service-id",
+                "web-1-sidecar-proxy",
+                "-service-node-name",
+                "pod-node",
+                "-http-addr",
+                "10.0.0.1:8500,10.0.0.2:8500",
+                "-http-addr=https://10.0.0.3:8501",
+                "-http-addr",
+                "10.0.0.1:8500",
+                "-login-auth-method",
+                "k8s",
+                "-login-bearer-token-path",
+                "/var/run/token",
+                "-login-meta",
+                "pod=web-0",
+                "-login-meta=ns=a=b",
+                "-login-datacenter",
+                "dc2",
+            ],
+            &env,
+        )
+        .unwrap();
+        assert_eq!(o.target, Target::ProxyId("web-1-sidecar-proxy".into()));
+        assert_eq!(o.consul.catalog_node.as_ref().unwrap().as_str(), "pod-node");
+        let addrs: Vec<String> = o.consul.endpoints.iter().map(|e| e.to_string()).collect();
+        assert_eq!(
+            addrs,
+            [
+                "http://10.0.0.1:8500",
+                "http://10.0.0.2:8500",
+                "https://10.0.0.3:8501"
+            ]
+        );
+        let login = o.consul.login.unwrap();
+        assert_eq!(login.auth_method.as_str(), "k8s");
+        assert_eq!(login.bearer_token_path, PathBuf::from("/var/run/token"));
+        assert_eq!(login.meta.get("pod").map(String::as_str), Some("web-0"));
+        assert_eq!(login.meta.get("ns").map(String::as_str), Some("a=b"));
+        assert_eq!(login.datacenter.unwrap().as_str(), "dc2");
+        assert!(login.namespace.is_none() && login.partition.is_none());
+        assert!(o.consul.token.is_none());
+    }
+
+    #[test]
+    fn agentless_misuse_is_a_usage_error() {
+        let env = MapEnv::default();
+        let login = "-sidecar-for a -login-auth-method m -login-bearer-token-path /t";
+        // Each case's words, split at spaces, and what its message must name.
+        let cases: &[(String, &str)] = &[
+            ("-sidecar-for a -proxy-service-id b".into(), "exclude"),
+            ("-proxy-service-id=".into(), "-proxy-service-id"),
+            ("-sidecar-for a -service-node-name bad;node".into(), "-service-node-name"),
+            ("-sidecar-for a -http-addr a:1,b:2".into(), "-service-node-name"),
+            ("-sidecar-for a -http-addr a:1,,b:2".into(), "empty address"),
+            (
+                "-sidecar-for a -service-node-name n -stats-addr 127.0.0.1:1 -stats-service-register".into(),
+                "-stats-service-register",
+            ),
+            ("-sidecar-for a -login-auth-method m".into(), "-login-bearer-token-path"),
+            ("-sidecar-for a -login-bearer-token-path /t".into(), "-login-auth-method"),
+            ("-sidecar-for a -login-meta k=v".into(), "-login-auth-method"),
+            (format!("{login} -login-meta novalue"), "-login-meta"),
+            (format!("{login} -token x"), "exclude"),
+            (login.replace(" m ", " m;x "), "-login-auth-method"),
+        ];
+        for (args, needle) in cases {
+            let args: Vec<&str> = args.split(' ').collect();
+            let err = run(&args, &env).unwrap_err();
+            assert!(!err.0.contains('\n'), "{args:?}: {err}");
+            assert!(err.0.contains(needle), "{args:?}: {err} lacks {needle}");
+        }
+        // Several servers are fine once the sidecar is agentless.
+        let args = [
+            "-sidecar-for",
+            "a",
+            "-http-addr",
+            "a:1,b:2",
+            "-service-node-name",
+            "n",
+        ];
+        assert_eq!(run(&args, &env).unwrap().consul.endpoints.len(), 2);
     }
 
     #[test]

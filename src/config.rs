@@ -1,9 +1,12 @@
 //! What the operator configures, as values: filled by `cli` from flags and environment, read by
 //! everyone else. Nothing here parses a command line or touches the network.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
+
+use crate::value::Name;
 
 /// Which local service the sidecar serves.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -12,14 +15,35 @@ pub enum Target {
     ServiceId(String),
     /// `-sidecar-for-tag TAG`: the one local service carrying this tag.
     Tag(String),
+    /// `-proxy-service-id ID` (consul-dataplane's name): the proxy's own service ID.
+    ProxyId(String),
 }
 
-/// How to reach the local Consul agent.
+/// How to reach Consul: a local agent, or (agentless, with `catalog_node`) the servers.
 #[derive(Clone, Debug)]
 pub struct ConsulSettings {
-    pub endpoint: Endpoint,
+    /// Tried in this order, the next one when a request to the current one fails; never empty.
+    pub endpoints: Vec<Endpoint>,
     pub token: Option<Secret>,
     pub tls: TlsFiles,
+    /// `-service-node-name`: the catalog node the proxy is registered on, which no agent
+    /// runs. Set, the sidecar reads the catalog and writes nothing to an agent.
+    pub catalog_node: Option<Name>,
+    /// `-login-*`: the token comes from an ACL auth method instead of `-token`.
+    pub login: Option<Login>,
+}
+
+/// An ACL login (`/v1/acl/login`) as consul-dataplane's `-login-*` flags describe it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Login {
+    pub auth_method: Name,
+    /// Read again at every login: Kubernetes rotates the projected token.
+    pub bearer_token_path: PathBuf,
+    /// `-login-meta k=v`, sent as the login's `Meta`.
+    pub meta: BTreeMap<String, String>,
+    pub namespace: Option<Name>,
+    pub partition: Option<Name>,
+    pub datacenter: Option<Name>,
 }
 
 /// One `-haproxy-param section.key=value`.

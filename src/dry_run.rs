@@ -2,16 +2,15 @@
 //! Consul endpoints the watchers follow. Nothing is started or written.
 
 use crate::cli::Options;
-use std::collections::BTreeMap;
 
-use crate::consul::api::{AgentCheck, AgentService, QueryResult};
+use crate::consul::api::{AgentService, QueryResult};
 use crate::consul::chain::{
     chain_path, parse_chain, serving, target_health_path, targets_to_watch,
 };
 use crate::consul::client::{
-    checks_path, endpoints_path, leaf_path, registration_path, Consul, LookupError, ROOTS_PATH,
+    endpoints_path, leaf_path, Consul, LogoutOnDrop, LookupError, ROOTS_PATH,
 };
-use crate::consul::{checks_update, destinations, exposed_checks_of, DestinationKind, Update};
+use crate::consul::{destinations, exposed_checks_of, DestinationKey, DestinationKind, Update};
 use crate::error::{usage, Error, Fatal};
 use crate::model::{self, Desired, Paths};
 use crate::render::{self, DataplaneCredentials};
@@ -20,14 +19,26 @@ use crate::snapshot::Snapshot;
 /// The files a run would write, in write order.
 pub fn dry_run(opts: &Options) -> Result<Vec<render::File>, Fatal> {
     let consul = Consul::new(&opts.consul).map_err(usage)?;
+    // A login's token is destroyed however the dry run ends.
+    let _logout = LogoutOnDrop(consul.clone());
     let templates = render::Templates::chosen(opts.template_dir.as_deref()).map_err(usage)?;
     let proxy_id = match consul.find_proxy(&opts.target) {
         Ok(id) => id,
         Err(LookupError::Consul(e)) => return Err(e.into()),
         Err(e) => return Err(usage(Error::msg(e.to_string()))),
     };
-    let mut snapshot = Snapshot::default();
-    let reg: AgentService = consul.get_json(&registration_path(&proxy_id))?;
+    let mut snapshot = Snapshot {
+        agentless: consul.source().is_agentless(),
+        ..Snapshot::default()
+    };
+    let source = consul.source();
+    let reg: AgentService = match source.parse_registration(
+        &proxy_id,
+        &consul.get_ok(&source.registration_path(&proxy_id))?,
+    )? {
+        Update::Registration(reg) => reg,
+        _ => return Err(Error::msg(format!("the proxy {proxy_id:?} was deregistered")).into()),
+    };
     for key in destinations(&reg) {
         let path = endpoints_path(&key);
         let entries = match key.kind {
@@ -50,8 +61,16 @@ pub fn dry_run(opts: &Options) -> Result<Vec<render::File>, Fatal> {
         .map(|p| p.destination_service_name.clone())
         .unwrap_or_default();
     if let Some(id) = exposed_checks_of(&reg) {
-        let checks: BTreeMap<String, AgentCheck> = consul.get_json(&checks_path(&id))?;
-        snapshot.apply(checks_update(checks));
+        snapshot.apply(source.parse_checks(&consul.get_ok(&source.checks_path(&id))?)?);
+    }
+    if source.is_agentless() && !service.is_empty() {
+        let own = DestinationKey {
+            kind: DestinationKind::Service,
+            name: service.clone(),
+            datacenter: String::new(),
+        };
+        let chain = parse_chain(&consul.get_ok(&chain_path(&own))?)?;
+        snapshot.apply(Update::ServiceProtocol(chain.protocol));
     }
     snapshot.apply(Update::Registration(reg));
     snapshot.apply(Update::Leaf(consul.get_json(&leaf_path(&service))?));

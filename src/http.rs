@@ -132,10 +132,39 @@ impl Client {
         body: Option<(&str, &str)>,
         timeout: Duration,
     ) -> Result<Response> {
+        self.exchange(method, path_and_query, body, timeout, &self.credential)
+    }
+
+    /// Sends one request (a JSON body when given) as the holder of `token`, whatever the
+    /// client's own credential: for a token that changes during the run (an ACL login).
+    pub fn send_as(
+        &self,
+        method: &str,
+        path_and_query: &str,
+        body: Option<&str>,
+        timeout: Duration,
+        token: Option<&Secret>,
+    ) -> Result<Response> {
+        let credential = match token {
+            Some(t) => Credential::ConsulToken(t.clone()),
+            None => Credential::None,
+        };
+        let body = body.map(|b| (b, "application/json"));
+        self.exchange(method, path_and_query, body, timeout, &credential)
+    }
+
+    fn exchange(
+        &self,
+        method: &str,
+        path_and_query: &str,
+        body: Option<(&str, &str)>,
+        timeout: Duration,
+        credential: &Credential,
+    ) -> Result<Response> {
         let url = format!("{}{}", self.base, path_and_query);
         let what = || format!("{method} {} at {}", path_and_query, self.endpoint);
         let mut req = ureq::http::Request::builder().method(method).uri(&url);
-        match &self.credential {
+        match credential {
             Credential::None => {}
             Credential::ConsulToken(t) => req = req.header("X-Consul-Token", t.expose()),
             Credential::Basic { user, password } => {

@@ -8,7 +8,7 @@ use crate::consul::api::{
     AgentCheck, AgentService, CaRoots, HealthEntry, IntentionEntry, JwtProviders, LeafCert,
 };
 use crate::consul::chain::{DiscoveryChain, TargetKey};
-use crate::consul::{destinations, Update};
+use crate::consul::{destinations, with_service_protocol, Update};
 use crate::consul::{DestinationKey, DestinationKind};
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -36,13 +36,34 @@ pub struct Snapshot {
     /// The instances of chain targets other than a destination itself (that one is in
     /// `endpoints`).
     pub targets: BTreeMap<TargetKey, Vec<HealthEntry>>,
+    /// Agentless: the registration as the catalog holds it, and the service's resolved
+    /// protocol; `registration` is the two merged (`consul::with_service_protocol`).
+    pub catalog_registration: Option<AgentService>,
+    pub service_protocol: Option<String>,
+    /// Set once by the supervisor: agentless, the first render also waits for
+    /// `service_protocol`, so the public listener starts in its mode.
+    pub agentless: bool,
 }
 
 impl Snapshot {
     /// Merges one update; says whether anything the sidecar acts on changed.
     pub fn apply(&mut self, update: Update) -> bool {
         match update {
-            Update::Registration(r) => replace(&mut self.registration, Some(r)),
+            Update::Registration(r) => {
+                self.catalog_registration = Some(r.clone());
+                let merged = with_service_protocol(r, self.service_protocol.as_deref());
+                replace(&mut self.registration, Some(merged))
+            }
+            Update::ServiceProtocol(p) => {
+                self.service_protocol = Some(p);
+                match self.catalog_registration.clone() {
+                    Some(r) => {
+                        let merged = with_service_protocol(r, self.service_protocol.as_deref());
+                        replace(&mut self.registration, Some(merged))
+                    }
+                    None => false,
+                }
+            }
             // A deregistered proxy keeps its last configuration serving: removing the listeners
             // would cut live traffic over what may be a re-registration in progress.
             Update::RegistrationGone => false,
@@ -81,6 +102,9 @@ impl Snapshot {
         if self.roots.as_ref().is_none_or(|r| r.roots.is_empty()) {
             missing.push("the CA roots");
         }
+        if self.agentless && self.service_protocol.is_none() {
+            missing.push("the service's protocol (its discovery chain)");
+        }
         missing
     }
 
@@ -118,5 +142,46 @@ fn replace<T: PartialEq>(slot: &mut Option<T>, value: Option<T>) -> bool {
     } else {
         *slot = value;
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registration(config: &str) -> AgentService {
+        serde_json::from_str(&format!(
+            r#"{{"ID":"web-1-sidecar-proxy","Service":"web-sidecar-proxy","Kind":"connect-proxy",
+               "Proxy":{{"DestinationServiceName":"web","Config":{config}}}}}"#
+        ))
+        .unwrap()
+    }
+
+    fn protocol(s: &Snapshot) -> Option<&str> {
+        s.registration
+            .as_ref()?
+            .proxy
+            .as_ref()?
+            .config
+            .get("protocol")?
+            .as_str()
+    }
+
+    /// Agentless: the service's resolved protocol fills in what the catalog's registration does
+    /// not say, whichever comes first; a protocol of the registration's own wins.
+    #[test]
+    fn the_service_protocol_fills_in_the_catalog_registration() {
+        let mut s = Snapshot::default();
+        assert!(!s.apply(Update::ServiceProtocol("http".into())));
+        assert!(s.apply(Update::Registration(registration("{}"))));
+        assert_eq!(protocol(&s), Some("http"));
+        assert!(s.apply(Update::ServiceProtocol("grpc".into())));
+        assert_eq!(protocol(&s), Some("grpc"));
+        assert!(
+            !s.apply(Update::ServiceProtocol("grpc".into())),
+            "no change"
+        );
+        assert!(s.apply(Update::Registration(registration(r#"{"protocol":"tcp"}"#))));
+        assert_eq!(protocol(&s), Some("tcp"));
     }
 }

@@ -38,6 +38,15 @@ pub struct AgentService {
     pub content_hash: String,
 }
 
+/// `/v1/catalog/node-services/<node>`: a node's services in the catalog (null for a node the
+/// catalog does not hold).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct NodeServices {
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub services: Vec<AgentService>,
+}
+
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(rename_all = "PascalCase")]
 pub struct ProxyConfig {

@@ -1,20 +1,56 @@
 //! The Consul agent client: one-shot reads, blocking reads, and finding the proxy to serve.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use super::api::{self, AgentService};
+use super::source::Source;
 use super::{DestinationKey, DestinationKind};
-use crate::config::{ConsulSettings, Target};
+use crate::config::{ConsulSettings, Login, Secret, Target};
 use crate::error::{Context, Error, Result};
 use crate::http::encode;
 use crate::http::{self, Credential};
 
 const ONE_SHOT_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// The Consul client the whole run shares (clones share the server list, the current server
+/// and the token): one local agent, or agentless, the servers of `-http-addr` in turn.
 #[derive(Clone, Debug)]
 pub struct Consul {
-    http: http::Client,
+    servers: Arc<Servers>,
+    auth: Arc<Auth>,
+    source: Source,
+}
+
+#[derive(Debug)]
+struct Servers {
+    clients: Vec<http::Client>,
+    /// The server requests go to first; moved on when a request to it fails.
+    current: AtomicUsize,
+}
+
+/// The token requests carry: fixed (`-token`), or an ACL login's, replaced when Consul no
+/// longer knows it.
+#[derive(Debug)]
+struct Auth {
+    token: RwLock<Option<Secret>>,
+    login: Option<Login>,
+    /// Held while logging in, so that threads whose token failed at once log in once.
+    logging_in: Mutex<()>,
+    /// Set by `logout`: a watcher still running then must not log in again.
+    logged_out: AtomicBool,
+}
+
+/// Logs out (`Consul::logout`) when dropped: held for a whole run, so that every way out of
+/// it, an error included, destroys the login's token.
+pub struct LogoutOnDrop(pub Consul);
+
+impl Drop for LogoutOnDrop {
+    fn drop(&mut self) {
+        self.0.logout();
+    }
 }
 
 /// What a (blocking) read returned.
@@ -25,6 +61,22 @@ pub struct Answer {
     pub content_hash: Option<String>,
     /// `X-Consul-Default-Acl-Policy`, sent by Consul 1.10+ with every answer.
     pub default_acl_policy: Option<String>,
+}
+
+impl Answer {
+    fn from(resp: http::Response) -> Answer {
+        Answer {
+            status: resp.status,
+            index: resp
+                .header("X-Consul-Index")
+                .and_then(|v| v.trim().parse().ok()),
+            content_hash: resp.header("X-Consul-ContentHash").map(str::to_string),
+            default_acl_policy: resp
+                .header("X-Consul-Default-Acl-Policy")
+                .map(str::to_string),
+            body: resp.body,
+        }
+    }
 }
 
 /// Why no proxy could be chosen. `Missing` may fix itself (the registration may come later);
@@ -45,19 +97,78 @@ impl std::fmt::Display for LookupError {
     }
 }
 
+/// Consul's answer to a request whose token it does not know (revoked, expired, logged out).
+pub fn token_unknown(status: u16, body: &str) -> bool {
+    status == 403 && body.contains("ACL not found")
+}
+
+/// The body of `/v1/acl/login`.
+pub fn login_body(login: &Login, bearer: &str) -> String {
+    let mut body = serde_json::json!({
+        "AuthMethod": login.auth_method.as_str(),
+        "BearerToken": bearer,
+    });
+    if !login.meta.is_empty() {
+        body["Meta"] = serde_json::json!(login.meta);
+    }
+    body.to_string()
+}
+
+/// The query of `/v1/acl/login` and `/v1/acl/logout`: the auth method's datacenter,
+/// namespace and partition.
+pub fn login_query(login: &Login) -> String {
+    let params: Vec<String> = [
+        ("dc", &login.datacenter),
+        ("ns", &login.namespace),
+        ("partition", &login.partition),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", encode(v.as_str()))))
+    .collect();
+    if params.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", params.join("&"))
+    }
+}
+
 impl Consul {
     pub fn new(settings: &ConsulSettings) -> Result<Consul> {
-        let credential = match &settings.token {
-            Some(t) => Credential::ConsulToken(t.clone()),
-            None => Credential::None,
-        };
-        let http = http::Client::new(settings.endpoint.clone(), &settings.tls, credential)
-            .context("setting up the Consul client")?;
-        Ok(Consul { http })
+        let clients = settings
+            .endpoints
+            .iter()
+            .map(|e| {
+                http::Client::new(e.clone(), &settings.tls, Credential::None)
+                    .with_context(|| format!("setting up the Consul client for {e}"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if clients.is_empty() {
+            return Err(Error::msg("no Consul address to talk to"));
+        }
+        Ok(Consul {
+            servers: Arc::new(Servers {
+                clients,
+                current: AtomicUsize::new(0),
+            }),
+            auth: Arc::new(Auth {
+                token: RwLock::new(settings.token.clone()),
+                login: settings.login.clone(),
+                logging_in: Mutex::new(()),
+                logged_out: AtomicBool::new(false),
+            }),
+            source: Source::new(settings.catalog_node.as_ref()),
+        })
     }
 
+    /// Where the registration is read from, and which paths that takes.
+    pub fn source(&self) -> &Source {
+        &self.source
+    }
+
+    /// The server requests go to now.
     pub fn endpoint(&self) -> String {
-        self.http.endpoint().to_string()
+        let i = self.servers.current.load(Ordering::SeqCst) % self.servers.clients.len();
+        self.servers.clients[i].endpoint().to_string()
     }
 
     /// A GET that may block: Consul holds it until the content changes or `wait` passes.
@@ -67,18 +178,182 @@ impl Consul {
             Some(w) => w + w / 16 + Duration::from_secs(10),
             None => ONE_SHOT_TIMEOUT,
         };
-        let resp = self.http.get(path, timeout)?;
-        Ok(Answer {
-            status: resp.status,
-            index: resp
-                .header("X-Consul-Index")
-                .and_then(|v| v.trim().parse().ok()),
-            content_hash: resp.header("X-Consul-ContentHash").map(str::to_string),
-            default_acl_policy: resp
-                .header("X-Consul-Default-Acl-Policy")
-                .map(str::to_string),
-            body: resp.body,
-        })
+        self.request("GET", path, None, timeout).map(Answer::from)
+    }
+
+    pub fn send(&self, method: &str, path: &str, body: Option<&str>) -> Result<Answer> {
+        self.request(method, path, body, ONE_SHOT_TIMEOUT)
+            .with_context(|| format!("{method} {path} on Consul"))
+            .map(Answer::from)
+    }
+
+    /// One request with the current token; with a login, a token Consul no longer knows is
+    /// replaced by a new login and the request sent once more.
+    fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        timeout: Duration,
+    ) -> Result<http::Response> {
+        let token = self.token()?;
+        let resp = self.exchange(method, path, body, timeout, token.as_ref())?;
+        if self.auth.login.is_none() || !token_unknown(resp.status, &resp.body) {
+            return Ok(resp);
+        }
+        let token = self.login(token.as_ref())?;
+        self.exchange(method, path, body, timeout, Some(&token))
+    }
+
+    /// Sends to the current server, and on a transport error to each next one in turn; the
+    /// first that answers becomes the current one. A blocking query keeps its index: every
+    /// server of a cluster counts the same Raft index.
+    fn exchange(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        timeout: Duration,
+        token: Option<&Secret>,
+    ) -> Result<http::Response> {
+        let clients = &self.servers.clients;
+        let first = self.servers.current.load(Ordering::SeqCst) % clients.len();
+        let mut failed: Option<(usize, Error)> = None;
+        for k in 0..clients.len() {
+            let i = (first + k) % clients.len();
+            match clients[i].send_as(method, path, body, timeout, token) {
+                Ok(resp) => {
+                    if let Some((f, e)) = failed {
+                        // Only the first thread to notice moves the list on, and logs it.
+                        if self
+                            .servers
+                            .current
+                            .compare_exchange(first, i, Ordering::SeqCst, Ordering::SeqCst)
+                            .is_ok()
+                        {
+                            log::warn!(
+                                "Consul server {} failed ({e}); now using {}",
+                                clients[f].endpoint(),
+                                clients[i].endpoint()
+                            );
+                        }
+                    }
+                    return Ok(resp);
+                }
+                Err(e) => {
+                    if failed.is_none() {
+                        failed = Some((i, e));
+                    }
+                }
+            }
+        }
+        Err(failed.map_or_else(|| Error::msg("no Consul server"), |(_, e)| e))
+    }
+
+    /// The token to send: the fixed one, the login's, or a new login's when none is held.
+    fn token(&self) -> Result<Option<Secret>> {
+        let held = self.auth.token.read().map(|t| t.clone()).unwrap_or(None);
+        if held.is_some() || self.auth.login.is_none() {
+            return Ok(held);
+        }
+        self.login(None).map(Some)
+    }
+
+    /// Logs in, unless another thread already replaced `failed` (the token that did not work,
+    /// or `None` before the first login). The bearer file is read each time: it is rotated.
+    fn login(&self, failed: Option<&Secret>) -> Result<Secret> {
+        let login = self
+            .auth
+            .login
+            .as_ref()
+            .ok_or_else(|| Error::msg("no -login-auth-method to log in with"))?;
+        let _one = self
+            .auth
+            .logging_in
+            .lock()
+            .map_err(|_| Error::msg("the login lock is poisoned"))?;
+        if self.auth.logged_out.load(Ordering::SeqCst) {
+            return Err(Error::msg("logged out of Consul: the run is ending"));
+        }
+        let held = self.auth.token.read().map(|t| t.clone()).unwrap_or(None);
+        if let Some(t) = held.filter(|t| Some(t) != failed) {
+            return Ok(t);
+        }
+        if failed.is_some() {
+            log::warn!(
+                "Consul no longer knows the login token (revoked or expired); logging in again with {}",
+                login.auth_method
+            );
+        }
+        let path = &login.bearer_token_path;
+        let bearer = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the bearer token {}", path.display()))?;
+        let bearer = bearer.trim();
+        if bearer.is_empty() {
+            return Err(Error::msg(format!(
+                "the bearer token file {} is empty",
+                path.display()
+            )));
+        }
+        let url = format!("/v1/acl/login{}", login_query(login));
+        let resp = self.exchange(
+            "POST",
+            &url,
+            Some(&login_body(login, bearer)),
+            ONE_SHOT_TIMEOUT,
+            None,
+        )?;
+        if resp.status != 200 {
+            return Err(Error::msg(format!(
+                "logging in with the auth method {}: status {}: {}",
+                login.auth_method,
+                resp.status,
+                resp.body.trim().chars().take(200).collect::<String>()
+            )));
+        }
+        let v: serde_json::Value = api::parse("the login's token", &resp.body)?;
+        let secret = v
+            .get("SecretID")
+            .and_then(serde_json::Value::as_str)
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| Error::msg("the login's answer has no SecretID"))?;
+        let accessor = v
+            .get("AccessorID")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("?");
+        log::info!(
+            "logged in to Consul with the auth method {} (token accessor {accessor})",
+            login.auth_method
+        );
+        let token = Secret::new(secret);
+        if let Ok(mut t) = self.auth.token.write() {
+            *t = Some(token.clone());
+        }
+        Ok(token)
+    }
+
+    /// Destroys the login's token (`/v1/acl/logout`), so that no token outlives the run. Does
+    /// nothing without a login or before one; a failure is logged, never fatal.
+    pub fn logout(&self) {
+        let Some(login) = &self.auth.login else {
+            return;
+        };
+        // Under the login lock: a login under way finishes first, and none starts after.
+        let _one = self.auth.logging_in.lock();
+        self.auth.logged_out.store(true, Ordering::SeqCst);
+        let Some(token) = self.auth.token.write().ok().and_then(|mut t| t.take()) else {
+            return;
+        };
+        let url = format!("/v1/acl/logout{}", login_query(login));
+        match self.exchange("POST", &url, None, ONE_SHOT_TIMEOUT, Some(&token)) {
+            Ok(r) if r.status == 200 => log::info!("logged out of Consul"),
+            Ok(r) => log::warn!(
+                "logging out of Consul: status {}: {}",
+                r.status,
+                r.body.trim().chars().take(200).collect::<String>()
+            ),
+            Err(e) => log::warn!("logging out of Consul: {e}"),
+        }
     }
 
     /// The agent's own address (`/v1/agent/self` `Member.Addr`); `None` when the token may
@@ -110,12 +385,12 @@ impl Consul {
 
     /// A one-shot GET that must answer 200; its body.
     pub fn get_ok(&self, path: &str) -> Result<String> {
-        let answer = self.get(path, None).with_context(|| {
-            format!("asking the Consul agent at {} for {path}", self.endpoint())
-        })?;
+        let answer = self
+            .get(path, None)
+            .with_context(|| format!("asking Consul at {} for {path}", self.endpoint()))?;
         if answer.status != 200 {
             return Err(Error::msg(format!(
-                "the Consul agent at {} answered {path} with status {}: {}",
+                "Consul at {} answered {path} with status {}: {}",
                 self.endpoint(),
                 answer.status,
                 answer.body.trim()
@@ -124,27 +399,16 @@ impl Consul {
         Ok(answer.body)
     }
 
-    /// Finds the ID of the `connect-proxy` to serve, as `consul connect proxy -sidecar-for` does.
+    /// Finds the ID of the `connect-proxy` to serve, as `consul connect proxy -sidecar-for`
+    /// does, among the agent's services or, agentless, the catalog node's.
     pub fn find_proxy(&self, target: &Target) -> std::result::Result<String, LookupError> {
-        let services: BTreeMap<String, AgentService> =
-            self.get_json(SERVICES_PATH).map_err(LookupError::Consul)?;
+        let path = self.source.services_path();
+        let body = self.get_ok(&path).map_err(LookupError::Consul)?;
+        let services = self
+            .source
+            .parse_services(&body)
+            .map_err(LookupError::Consul)?;
         choose_proxy(&services, target)
-    }
-
-    pub fn send(&self, method: &str, path: &str, body: Option<&str>) -> Result<Answer> {
-        let resp = self
-            .http
-            .send(method, path, body, ONE_SHOT_TIMEOUT)
-            .with_context(|| format!("{method} {path} on the Consul agent"))?;
-        Ok(Answer {
-            status: resp.status,
-            index: None,
-            content_hash: None,
-            default_acl_policy: resp
-                .header("X-Consul-Default-Acl-Policy")
-                .map(str::to_string),
-            body: resp.body,
-        })
     }
 }
 
@@ -174,6 +438,19 @@ pub fn choose_proxy(
         }
     };
     let service_id = match target {
+        Target::ProxyId(id) => {
+            return match services.get(id) {
+                Some(s) if s.kind == "connect-proxy" => Ok(s.id.clone()),
+                Some(s) => Err(LookupError::Ambiguous(format!(
+                    "the service {id:?} is not a connect-proxy (its kind is {:?})",
+                    s.kind
+                ))),
+                None => Err(LookupError::Missing(format!(
+                    "no service has the ID {id:?}; connect-proxy services here: {}",
+                    describe(&proxies)
+                ))),
+            }
+        }
         Target::ServiceId(id) => id.clone(),
         Target::Tag(tag) => {
             // BTreeMap order makes the listing, and so the error, deterministic.
@@ -212,7 +489,7 @@ pub fn choose_proxy(
     match matching.as_slice() {
         [one] => Ok(one.id.clone()),
         [] => Err(LookupError::Missing(format!(
-            "no connect-proxy on this agent has Proxy.DestinationServiceID {service_id:?}; connect-proxy services here: {}",
+            "no connect-proxy here has Proxy.DestinationServiceID {service_id:?}; connect-proxy services here: {}",
             describe(&proxies)
         ))),
         many => Err(LookupError::Ambiguous(format!(
@@ -225,7 +502,6 @@ pub fn choose_proxy(
 // The agent endpoints the sidecar reads, in one place for the watchers, `--dry-run` and the
 // stats registration.
 
-pub const SERVICES_PATH: &str = "/v1/agent/services";
 pub const ROOTS_PATH: &str = "/v1/agent/connect/ca/roots";
 /// Every intention; blocks on an index.
 pub const INTENTIONS_PATH: &str = "/v1/connect/intentions";
@@ -235,19 +511,8 @@ pub const AGENT_SELF_PATH: &str = "/v1/agent/self";
 pub const AUTHORIZE_PATH: &str = "/v1/agent/connect/authorize";
 pub const REGISTER_PATH: &str = "/v1/agent/service/register";
 
-/// Path of the blocking registration read for a proxy ID.
-pub fn registration_path(proxy_id: &str) -> String {
-    format!("/v1/agent/service/{}", encode(proxy_id))
-}
-
 pub fn deregister_path(service_id: &str) -> String {
     format!("/v1/agent/service/deregister/{}", encode(service_id))
-}
-
-/// The agent's checks of one service instance (`Expose.Checks`); not a blocking endpoint.
-pub fn checks_path(service_id: &str) -> String {
-    let filter = format!("ServiceID == \"{service_id}\"");
-    format!("/v1/agent/checks?filter={}", encode(&filter))
 }
 
 pub fn leaf_path(service: &str) -> String {
@@ -269,5 +534,66 @@ pub fn endpoints_path(key: &DestinationKey) -> String {
         DestinationKind::PreparedQuery => {
             format!("/v1/query/{}/execute?connect=true{dc}", encode(&key.name))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::value::Name;
+
+    fn login() -> Login {
+        Login {
+            auth_method: Name::parse("m", "k8s").unwrap(),
+            bearer_token_path: "/t".into(),
+            meta: BTreeMap::from([("pod".to_string(), "web-0".to_string())]),
+            namespace: None,
+            partition: None,
+            datacenter: None,
+        }
+    }
+
+    #[test]
+    fn the_login_says_its_method_token_meta_and_place() {
+        let l = login();
+        let body: serde_json::Value = serde_json::from_str(&login_body(&l, "jwt")).unwrap();
+        assert_eq!(body["AuthMethod"], "k8s");
+        assert_eq!(body["BearerToken"], "jwt");
+        assert_eq!(body["Meta"]["pod"], "web-0");
+        assert_eq!(login_query(&l), "");
+        let l = Login {
+            datacenter: Some(Name::parse("dc", "dc2").unwrap()),
+            partition: Some(Name::parse("p", "part").unwrap()),
+            meta: BTreeMap::new(),
+            ..login()
+        };
+        assert_eq!(login_query(&l), "?dc=dc2&partition=part");
+        let body: serde_json::Value = serde_json::from_str(&login_body(&l, "jwt")).unwrap();
+        assert!(body.get("Meta").is_none());
+    }
+
+    #[test]
+    fn only_an_unknown_token_calls_for_a_new_login() {
+        assert!(token_unknown(403, "ACL not found"));
+        assert!(token_unknown(403, "rpc error making call: ACL not found"));
+        assert!(!token_unknown(
+            403,
+            "Permission denied: token lacks service:write"
+        ));
+        assert!(!token_unknown(500, "ACL not found"));
+    }
+
+    #[test]
+    fn a_proxy_is_chosen_by_its_own_id() {
+        let services: BTreeMap<String, AgentService> = serde_json::from_str(
+            r#"{"web-1-sidecar-proxy":{"ID":"web-1-sidecar-proxy","Service":"web-sidecar-proxy",
+                 "Kind":"connect-proxy","Proxy":{"DestinationServiceID":"web-1"}},
+                "web-1":{"ID":"web-1","Service":"web"}}"#,
+        )
+        .unwrap();
+        let pick = |id: &str| choose_proxy(&services, &Target::ProxyId(id.into()));
+        assert_eq!(pick("web-1-sidecar-proxy").unwrap(), "web-1-sidecar-proxy");
+        assert!(matches!(pick("web-1"), Err(LookupError::Ambiguous(_))));
+        assert!(matches!(pick("nope"), Err(LookupError::Missing(_))));
     }
 }

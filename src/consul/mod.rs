@@ -5,6 +5,7 @@
 pub mod api;
 pub mod chain;
 pub mod client;
+pub mod source;
 pub mod watch;
 
 use std::collections::BTreeMap;
@@ -68,6 +69,27 @@ pub enum Update {
     Chain(DestinationKey, chain::DiscoveryChain),
     /// The serving instances of one chain target other than the destination itself.
     TargetEndpoints(chain::TargetKey, Vec<HealthEntry>),
+    /// Agentless only: the protocol Consul resolves for the proxied service (its own discovery
+    /// chain's, from service-defaults and proxy-defaults), which an agent would have merged
+    /// into the registration and the catalog's registration lacks.
+    ServiceProtocol(String),
+}
+
+/// The registration with the service's resolved protocol where it names none itself, as an
+/// agent merges central defaults into a registration.
+pub fn with_service_protocol(
+    mut registration: AgentService,
+    protocol: Option<&str>,
+) -> AgentService {
+    if let (Some(proxy), Some(p)) = (registration.proxy.as_mut(), protocol) {
+        if !p.is_empty() {
+            proxy
+                .config
+                .entry("protocol".to_string())
+                .or_insert_with(|| Value::String(p.to_string()));
+        }
+    }
+    registration
 }
 
 /// The service instance whose agent checks the registration asks to expose

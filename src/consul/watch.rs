@@ -9,20 +9,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::api::{
-    self, AgentCheck, AgentSelf, AgentService, CaRoots, HealthEntry, IntentionEntry, JwtProviders,
-    LeafCert, QueryResult,
+    self, AgentSelf, AgentService, CaRoots, HealthEntry, IntentionEntry, JwtProviders, LeafCert,
+    QueryResult,
 };
 use super::chain::{
     chain_path, parse_chain, serving, target_health_path, targets_to_watch, DiscoveryChain,
     TargetKey,
 };
 use super::client::{
-    checks_path, endpoints_path, leaf_path, registration_path, Consul, AGENT_SELF_PATH,
-    AUTHORIZE_PATH, INTENTIONS_PATH, JWT_PROVIDERS_PATH, ROOTS_PATH,
+    endpoints_path, leaf_path, Consul, AGENT_SELF_PATH, AUTHORIZE_PATH, INTENTIONS_PATH,
+    JWT_PROVIDERS_PATH, ROOTS_PATH,
 };
 use super::{
-    checks_update, destinations, exposed_checks_of, poll_intervals, DestinationKey,
-    DestinationKind, Update,
+    destinations, exposed_checks_of, poll_intervals, DestinationKey, DestinationKind, Update,
 };
 use crate::http::encode;
 
@@ -99,6 +98,9 @@ pub struct Watchers {
     checks_for: Option<(String, WatchHandle)>,
     /// Whether the agent's address was asked for (once, for `Expose.Checks`).
     agent_address_started: bool,
+    /// Agentless: the proxied service's own discovery chain, for the protocol an agent would
+    /// have merged into the registration.
+    protocol_for: Option<(String, WatchHandle)>,
     /// Whether to watch intentions; started once the service name is known.
     intentions: bool,
     intentions_started: bool,
@@ -126,18 +128,23 @@ impl Watchers {
             chains: BTreeMap::new(),
             targets: BTreeMap::new(),
             checks_for: None,
+            protocol_for: None,
             agent_address_started: false,
             intentions,
             intentions_started: false,
             jwt_started: false,
         };
+        let source = w.consul.source().clone();
+        let id = proxy_id.to_string();
         let h = w.spawn(
             format!("registration of {proxy_id}"),
-            registration_path(proxy_id),
-            WatchMode::Hash,
-            |body| {
-                api::parse::<AgentService>("the proxy registration", body).map(Update::Registration)
+            source.registration_path(proxy_id),
+            if source.registration_by_hash() {
+                WatchMode::Hash
+            } else {
+                WatchMode::Index
             },
+            move |body| source.parse_registration(&id, body),
         );
         w.fixed.push(h);
         let h = w.spawn(
@@ -216,6 +223,23 @@ impl Watchers {
             );
             self.leaf_for = Some((service.clone(), h));
         }
+        if self.consul.source().is_agentless()
+            && !service.is_empty()
+            && self.protocol_for.as_ref().map(|(s, _)| s) != Some(&service)
+        {
+            let key = DestinationKey {
+                kind: DestinationKind::Service,
+                name: service.clone(),
+                datacenter: String::new(),
+            };
+            let h = self.spawn(
+                format!("protocol of {service}"),
+                chain_path(&key),
+                WatchMode::Index,
+                |body| parse_chain(body).map(|c| Update::ServiceProtocol(c.protocol)),
+            );
+            self.protocol_for = Some((service.clone(), h));
+        }
         if self.intentions && !self.intentions_started && !service.is_empty() {
             self.intentions_started = true;
             self.watch_intentions(&service);
@@ -224,17 +248,20 @@ impl Watchers {
         match exposed_checks_of(registration) {
             None => self.checks_for = None,
             Some(id) if self.checks_for.as_ref().map(|(s, _)| s) != Some(&id) => {
+                let source = self.consul.source().clone();
                 let h = self.spawn(
                     format!("checks of {id}"),
-                    checks_path(&id),
-                    WatchMode::Poll(self.timing.checks_poll),
-                    |body| {
-                        api::parse::<BTreeMap<String, AgentCheck>>("the agent's checks", body)
-                            .map(checks_update)
+                    source.checks_path(&id),
+                    if source.checks_block() {
+                        WatchMode::Index
+                    } else {
+                        WatchMode::Poll(self.timing.checks_poll)
                     },
+                    move |body| source.parse_checks(body),
                 );
                 self.checks_for = Some((id, h));
-                if !self.agent_address_started {
+                // Agentless, no agent runs the checks: nothing to learn the address of.
+                if !self.agent_address_started && !self.consul.source().is_agentless() {
                     self.agent_address_started = true;
                     self.read_agent_address();
                 }
@@ -641,7 +668,7 @@ impl Watch {
                 let delay = backoff(&self.timing, failures);
                 if last_error.as_deref() != Some(error.as_str()) {
                     log::warn!(
-                        "cannot read {} from the agent at {}: {error}; retrying in {:.1}s",
+                        "cannot read {} from Consul at {}: {error}; retrying in {:.1}s",
                         self.what,
                         self.consul.endpoint(),
                         delay.as_secs_f64()

@@ -21,7 +21,7 @@ use crate::admission::checker::{Checker, Report};
 use crate::admission::Verdicts;
 use crate::apply::{Applier, Outcome};
 use crate::cli::Options;
-use crate::consul::client::{Consul, LookupError};
+use crate::consul::client::{Consul, LogoutOnDrop, LookupError};
 use crate::consul::watch::{Sink, Timing, Watchers};
 use crate::consul::Update;
 use crate::error::{usage, Error, Fatal, Result};
@@ -157,6 +157,9 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
     let (tx, rx) = channel::<Event>();
     signals::forward(tx.clone(), Event::Signal)?;
     let consul = Consul::new(&opts.consul).map_err(usage)?;
+    // Dropped last: a login's token is destroyed however the run ends (stop signal, fatal
+    // error), after the stats service is deregistered with it.
+    let _logout = LogoutOnDrop(consul.clone());
     let templates = Templates::chosen(opts.template_dir.as_deref()).map_err(usage)?;
     let reload_exe = std::env::current_exe()
         .map_err(|e| Error::with_source("finding the path of this executable", e))?;
@@ -192,6 +195,7 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
         Phase::WaitingForConsul,
         "watching the registration, leaf, roots and upstreams",
     );
+    let agentless = consul.source().is_agentless();
     let mut s = Supervisor {
         opts,
         life,
@@ -201,7 +205,10 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
         tx,
         settings,
         watchers,
-        snapshot: Snapshot::default(),
+        snapshot: Snapshot {
+            agentless,
+            ..Snapshot::default()
+        },
         intentions,
         last_build_error: None,
         build_error_new: false,
@@ -253,7 +260,8 @@ fn find_proxy(
         let problem = match consul.find_proxy(&opts.target) {
             Ok(id) => {
                 log::info!(
-                    "serving proxy {id:?} via the agent at {}",
+                    "serving proxy {id:?} of {} via Consul at {}",
+                    consul.source().describe(),
                     consul.endpoint()
                 );
                 return Ok(Some(id));

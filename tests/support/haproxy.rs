@@ -308,6 +308,18 @@ pub fn openssl(args: &[&str], stdin: &[u8]) -> std::process::Output {
     child.wait_with_output().expect("openssl ran")
 }
 
+/// Whether the TLS listener on `port` asks a client for its certificate (mTLS), as openssl's
+/// trace of the handshake shows.
+pub fn asks_for_client_certificate(port: u16) -> bool {
+    let addr = format!("127.0.0.1:{port}");
+    let out = openssl(&["s_client", "-connect", &addr, "-state"], b"Q");
+    [&out.stdout, &out.stderr].iter().any(|o| {
+        String::from_utf8_lossy(o)
+            .to_lowercase()
+            .contains("certificate request")
+    })
+}
+
 /// The certificate a TLS server presents, as openssl prints its SANs.
 pub fn presented_sans(port: u16) -> String {
     let out = openssl(
