@@ -19,6 +19,9 @@ use crate::snapshot::Snapshot;
 
 /// The files a run would write, in write order.
 pub fn dry_run(opts: &Options) -> Result<Vec<render::File>, Fatal> {
+    if matches!(opts.target, crate::config::Target::MeshGateway(_)) {
+        return Err(usage(Error::msg("-dry-run does not support -gateway yet")));
+    }
     let consul = Consul::new(&opts.consul).map_err(usage)?;
     let templates = render::Templates::chosen(opts.template_dir.as_deref()).map_err(usage)?;
     let proxy_id = match consul.find_proxy(&opts.target) {
@@ -65,6 +68,7 @@ pub fn dry_run(opts: &Options) -> Result<Vec<render::File>, Fatal> {
         knobs: opts.knobs.clone(),
         haproxy: crate::supervisor::preflight::haproxy_version(&opts.haproxy_bin)?,
         identity_check: opts.identity_recheck.is_some(),
+        gateway: None,
     };
     let mut desired: Desired = model::build(&snapshot, &settings, None)?;
     // What a run admits at start: each endpoint checked once, as the run's first render waits

@@ -174,6 +174,20 @@ pub fn choose_proxy(
         }
     };
     let service_id = match target {
+        // A gateway is its own service: Consul's gateways take the service name as their ID.
+        Target::MeshGateway(g) => {
+            return match services.get(g.service.as_str()) {
+                Some(s) if s.kind == "mesh-gateway" => Ok(s.id.clone()),
+                Some(s) => Err(LookupError::Ambiguous(format!(
+                    "the local service {:?} is of kind {:?}, not mesh-gateway",
+                    s.id, s.kind
+                ))),
+                None => Err(LookupError::Missing(format!(
+                "no mesh-gateway service {:?} on this agent (start with -register to register it)",
+                g.service.as_str()
+            ))),
+            }
+        }
         Target::ServiceId(id) => id.clone(),
         Target::Tag(tag) => {
             // BTreeMap order makes the listing, and so the error, deterministic.
@@ -232,6 +246,8 @@ pub const INTENTIONS_PATH: &str = "/v1/connect/intentions";
 pub const AGENT_SELF_PATH: &str = "/v1/agent/self";
 pub const AUTHORIZE_PATH: &str = "/v1/agent/connect/authorize";
 pub const REGISTER_PATH: &str = "/v1/agent/service/register";
+/// Every `exported-services` config entry (one per partition); blocks on an index.
+pub const EXPORTED_SERVICES_PATH: &str = "/v1/config/exported-services";
 
 /// Path of the blocking registration read for a proxy ID.
 pub fn registration_path(proxy_id: &str) -> String {

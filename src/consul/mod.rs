@@ -66,6 +66,49 @@ pub enum Update {
     Chain(DestinationKey, chain::DiscoveryChain),
     /// The serving instances of one chain target other than the destination itself.
     TargetEndpoints(chain::TargetKey, Vec<HealthEntry>),
+    /// Every `exported-services` config entry (a mesh gateway's routes).
+    ExportedServices(Vec<api::ExportedServicesEntry>),
+}
+
+/// A mesh gateway's registration as Consul's own `-register` makes it: kind `mesh-gateway`,
+/// its service name as its ID, the LAN address as its address and both addresses tagged (the
+/// WAN one is what peers and other datacenters dial). Returns the ID and the JSON body.
+pub fn gateway_registration(g: &crate::config::MeshGateway) -> (String, String) {
+    let wan = g.wan.unwrap_or(g.lan);
+    let tagged = |l: crate::config::Listen| serde_json::json!({ "Address": l.ip.to_string(), "Port": l.port });
+    let body = serde_json::json!({
+        "Kind": "mesh-gateway",
+        "ID": g.service.as_str(),
+        "Name": g.service.as_str(),
+        "Address": g.lan.ip.to_string(),
+        "Port": g.lan.port,
+        "TaggedAddresses": { "lan": tagged(g.lan), "wan": tagged(wan) },
+    });
+    (g.service.to_string(), body.to_string())
+}
+
+/// The registration is a mesh gateway's, not a sidecar's.
+pub fn is_mesh_gateway(registration: &AgentService) -> bool {
+    registration.kind == "mesh-gateway"
+}
+
+/// The local services a mesh gateway carries: every service an `exported-services` entry names
+/// (its local instances are read as a sidecar reads an upstream's). A wildcard (`*`) is left to
+/// the model, which warns of it.
+pub fn exported_destinations(entries: &[api::ExportedServicesEntry]) -> Vec<DestinationKey> {
+    let mut keys: Vec<DestinationKey> = entries
+        .iter()
+        .flat_map(|e| e.services.iter())
+        .filter(|s| !s.name.is_empty() && s.name != "*")
+        .map(|s| DestinationKey {
+            kind: DestinationKind::Service,
+            name: s.name.clone(),
+            datacenter: String::new(),
+        })
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
 }
 
 /// The service instance whose agent checks the registration asks to expose
