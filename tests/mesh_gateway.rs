@@ -26,6 +26,7 @@ struct Peered {
     gateway: Child,
     lan: u16,
     wan: u16,
+    stats: String,
 }
 
 fn export(dc2: &Consul, services: &[&str]) {
@@ -55,11 +56,13 @@ impl Peered {
         let server = sidecar(&dc2, &base, "server", false, &[]);
         export(&dc2, &["server"]);
         let (lan, wan) = (free_port(), free_port());
+        let stats = format!("127.0.0.1:{}", free_port());
         let mut cmd = sidecar_command();
         cmd.args(["-gateway", "mesh", "-register", "-service", "gw"])
             .args(["-address", &format!("127.0.0.1:{lan}")])
             .args(["-wan-address", &format!("127.0.0.1:{wan}")])
             .args(["-http-addr", &dc2.http_addr(), "-log-level", "debug"])
+            .args(["-stats-addr", &stats])
             .arg("-haproxy-cfg-base-path")
             .arg(base.path());
         let gateway = Child::spawn("gateway", &mut cmd, base.path());
@@ -72,6 +75,7 @@ impl Peered {
             gateway,
             lan,
             wan,
+            stats,
         }
     }
 
@@ -153,6 +157,16 @@ fn a_peer_reaches_an_exported_service_through_the_gateway_and_nothing_else() {
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", p.gateway.logs()));
     let served = p.app.requests();
+
+    // Ready (it serves every export it has instances for), with metrics per routed service.
+    let ready = http_get(&p.stats, "/ready", Duration::from_secs(5));
+    assert_eq!(ready.map(|r| r.0), Ok(200), "{}", p.gateway.logs());
+    let (_, metrics) = http_get(&p.stats, "/metrics", Duration::from_secs(5)).expect("/metrics");
+    assert!(
+        metrics
+            .contains("haproxy_backend_bytes_in_total{service=\"server\",proxy=\"be_gw_server\"}"),
+        "{metrics}"
+    );
 
     // An SNI that names no exported service, a service's SNI for another peer and a non-TLS
     // hello are closed by the gateway: nothing reaches the app.

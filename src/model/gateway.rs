@@ -414,6 +414,13 @@ mod build_tests {
                 );
             }
             assert!(d.warnings.is_empty(), "{v}: {:?}", d.warnings);
+            // Readiness counts the routes: serving means every export's instances are live.
+            assert_eq!(d.live_instances()["be_gw_server"], live.len(), "{v}");
+            let nothing_live = std::collections::BTreeMap::new();
+            assert!(
+                !d.served_by(&nothing_live) && d.served_by(&d.live_instances()),
+                "{v}"
+            );
         }
     }
 

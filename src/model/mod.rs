@@ -295,20 +295,23 @@ impl Desired {
 }
 
 impl Desired {
-    /// How many instances each upstream listener has in its slots.
+    /// How many instances each upstream listener (or a gateway's route) has in its slots.
     pub fn live_instances(&self) -> std::collections::BTreeMap<String, usize> {
+        let in_service = |slots: &[Slot]| {
+            slots
+                .iter()
+                .filter(|s| s.instance.as_ref().is_some_and(Server::in_service))
+                .count()
+        };
+        let routes = self.gateway.iter().flat_map(|g| g.routes.iter());
         self.upstreams
             .iter()
             .map(|u| {
                 let targets = u.routing.iter().flat_map(|r| r.targets.iter());
-                let n = u
-                    .slots
-                    .iter()
-                    .chain(targets.flat_map(|t| t.slots.iter()))
-                    .filter(|s| s.instance.as_ref().is_some_and(Server::in_service))
-                    .count();
+                let n = in_service(&u.slots) + targets.map(|t| in_service(&t.slots)).sum::<usize>();
                 (u.name.clone(), n)
             })
+            .chain(routes.map(|r| (r.backend.clone(), in_service(&r.slots))))
             .collect()
     }
 
