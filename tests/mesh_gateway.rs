@@ -143,6 +143,9 @@ fn a_peer_reaches_an_exported_service_through_the_gateway_and_nothing_else() {
     // The gateway registered itself: dc1 learns server's instance at the gateway, with the
     // SNI its sidecars are to send, in dc2's trust domain.
     let listed = p.imported();
+    let checks = p.dc2.get_json("/v1/health/checks/gw");
+    assert_eq!(checks[0]["Name"], "mesh-gateway listening", "{checks}");
+    assert_eq!(checks[0]["Status"], "passing", "{checks}");
     let meta = &listed[0]["Service"]["Connect"]["PeerMeta"];
     let sni = meta["SNI"][0].as_str().expect("PeerMeta.SNI").to_string();
     let dc2_domain = format!("{PEER_CLUSTER_ID}.consul");

@@ -73,9 +73,18 @@ pub enum Update {
 /// A mesh gateway's registration as Consul's own `-register` makes it: kind `mesh-gateway`,
 /// its service name as its ID, the LAN address as its address and both addresses tagged (the
 /// WAN one is what peers and other datacenters dial). Returns the ID and the JSON body.
+///
+/// Like Consul's, it carries a TCP check of the LAN listener every 10 s (a gateway that died
+/// without deregistering turns critical, and peers stop being sent to it), deregistered after
+/// 6 h critical.
 pub fn gateway_registration(g: &crate::config::MeshGateway) -> (String, String) {
     let wan = g.wan.unwrap_or(g.lan);
     let tagged = |l: crate::config::Listen| serde_json::json!({ "Address": l.ip.to_string(), "Port": l.port });
+    let checked = if g.lan.ip.is_unspecified() {
+        std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), g.lan.port)
+    } else {
+        std::net::SocketAddr::new(g.lan.ip, g.lan.port)
+    };
     let body = serde_json::json!({
         "Kind": "mesh-gateway",
         "ID": g.service.as_str(),
@@ -83,6 +92,12 @@ pub fn gateway_registration(g: &crate::config::MeshGateway) -> (String, String) 
         "Address": g.lan.ip.to_string(),
         "Port": g.lan.port,
         "TaggedAddresses": { "lan": tagged(g.lan), "wan": tagged(wan) },
+        "Check": {
+            "Name": "mesh-gateway listening",
+            "TCP": checked.to_string(),
+            "Interval": "10s",
+            "DeregisterCriticalServiceAfter": "6h",
+        },
     });
     (g.service.to_string(), body.to_string())
 }
