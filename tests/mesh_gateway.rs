@@ -41,6 +41,26 @@ fn export(dc2: &Consul, services: &[&str]) {
     assert!(status == 200 && body.trim() == "true", "{status} {body}");
 }
 
+/// The flags of `dc2`'s gateway `gw` (a run adds `-register`).
+fn gateway_flags(dc2: &Consul, base: &TempDir, lan: u16, wan: u16) -> Vec<String> {
+    [
+        "-gateway",
+        "mesh",
+        "-service",
+        "gw",
+        "-address",
+        &format!("127.0.0.1:{lan}"),
+        "-wan-address",
+        &format!("127.0.0.1:{wan}"),
+        "-http-addr",
+        &dc2.http_addr(),
+        "-haproxy-cfg-base-path",
+        &base.path().display().to_string(),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 impl Peered {
     fn start() -> Peered {
         let (dc1, dc2) = Consul::start_peered();
@@ -58,13 +78,13 @@ impl Peered {
         let (lan, wan) = (free_port(), free_port());
         let stats = format!("127.0.0.1:{}", free_port());
         let mut cmd = sidecar_command();
-        cmd.args(["-gateway", "mesh", "-register", "-service", "gw"])
-            .args(["-address", &format!("127.0.0.1:{lan}")])
-            .args(["-wan-address", &format!("127.0.0.1:{wan}")])
-            .args(["-http-addr", &dc2.http_addr(), "-log-level", "debug"])
-            .args(["-stats-addr", &stats])
-            .arg("-haproxy-cfg-base-path")
-            .arg(base.path());
+        cmd.args(gateway_flags(&dc2, &base, lan, wan)).args([
+            "-register",
+            "-log-level",
+            "debug",
+            "-stats-addr",
+            &stats,
+        ]);
         let gateway = Child::spawn("gateway", &mut cmd, base.path());
         Peered {
             dc1,
@@ -199,16 +219,45 @@ fn a_peer_reaches_an_exported_service_through_the_gateway_and_nothing_else() {
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", p.gateway.logs()));
 
-    // Its listeners have no default route, and no TLS is terminated anywhere in it.
-    let cfg = std::fs::read_dir(p.base.path())
+    // After those changes (transactions and live map replacements), the gateway's HAProxy is
+    // what a fresh render (`-dry-run`) of the same state describes; its listeners have no
+    // default route, and no TLS is terminated anywhere in it.
+    let workdir = std::fs::read_dir(p.base.path())
         .expect("the base path")
         .filter_map(|e| e.ok())
-        .find(|e| e.file_name().to_string_lossy().starts_with("hcc-gw-"))
-        .map(|e| std::fs::read_to_string(e.path().join("haproxy.cfg")).expect("haproxy.cfg"))
+        .map(|e| e.path())
+        .find(|e| {
+            let name = e.file_name().unwrap_or_default().to_string_lossy();
+            name.starts_with("hcc-gw-") && !name.ends_with("-dry-run")
+        })
         .expect("the gateway's working directory");
-    assert!(cfg.contains("frontend mesh_gateway_wan"), "{cfg}");
-    assert!(!cfg.contains("default_backend"), "{cfg}");
-    assert!(!cfg.contains(" ssl crt"), "{cfg}");
+    let workdir = std::fs::canonicalize(&workdir).unwrap_or(workdir);
+    let applied = std::fs::read_to_string(workdir.join("haproxy.cfg")).expect("haproxy.cfg");
+    let out = sidecar_command()
+        .arg("-dry-run")
+        .args(gateway_flags(&p.dc2, &p.base, p.lan, p.wan))
+        .output()
+        .expect("a dry run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let fresh = text
+        .split_once("haproxy.cfg <==")
+        .and_then(|(_, rest)| rest.split_once('\n'))
+        .expect("haproxy.cfg in the dry run")
+        .1;
+    let fresh_dir = p.base.path().join("hcc-gw-dry-run").display().to_string();
+    assert_eq!(
+        support::mesh::config_objects(&applied, &workdir.display().to_string()),
+        support::mesh::config_objects(fresh, &fresh_dir),
+        "deltas and a fresh render differ:\n{applied}\n----\n{fresh}"
+    );
+    assert!(applied.contains("frontend mesh_gateway_wan"), "{applied}");
+    assert!(!applied.contains("default_backend"), "{applied}");
+    assert!(!applied.contains(" ssl crt"), "{applied}");
 
     // A stop deregisters the gateway.
     p.gateway.signal(nix::sys::signal::Signal::SIGTERM);
