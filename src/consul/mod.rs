@@ -210,3 +210,40 @@ pub fn poll_intervals(registration: &AgentService) -> BTreeMap<DestinationKey, M
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Listen, MeshGateway};
+
+    #[test]
+    fn a_gateway_registers_both_addresses_and_a_check_of_its_lan_listener() {
+        let listen = |ip: &str, port| Listen {
+            ip: ip.parse().unwrap(),
+            port,
+        };
+        let gw = MeshGateway {
+            service: crate::value::Name::parse("t", "mesh-gw").unwrap(),
+            register: true,
+            lan: listen("0.0.0.0", 8443),
+            wan: Some(listen("203.0.113.5", 443)),
+        };
+        let (id, body) = gateway_registration(&gw);
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(id, "mesh-gw");
+        assert_eq!(
+            (&v["Kind"], &v["ID"], &v["Name"]),
+            (&"mesh-gateway".into(), &"mesh-gw".into(), &"mesh-gw".into())
+        );
+        assert_eq!(v["TaggedAddresses"]["wan"]["Address"], "203.0.113.5");
+        assert_eq!(v["TaggedAddresses"]["wan"]["Port"], 443);
+        assert_eq!(v["TaggedAddresses"]["lan"]["Port"], 8443);
+        // An unspecified LAN address is checked on loopback.
+        assert_eq!(v["Check"]["TCP"], "127.0.0.1:8443");
+        assert_eq!(v["Check"]["Interval"], "10s");
+        // Without -wan-address, the WAN address is the LAN one.
+        let (_, body) = gateway_registration(&MeshGateway { wan: None, ..gw });
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["TaggedAddresses"]["wan"], v["TaggedAddresses"]["lan"]);
+    }
+}

@@ -607,7 +607,7 @@ fn upstream(
     }
     if !u.destination_peer.is_empty() {
         return Err(Error::msg(format!(
-            "its destination is in cluster peer {:?}, and this sidecar does not support cluster peering (it needs mesh gateways)",
+            "its destination is in cluster peer {:?}, and this sidecar cannot dial a peer yet (HAProxy checks a server certificate's names against the SNI the peer's mesh gateway needs, and a peer's leaf has none)",
             u.destination_peer
         )));
     }
