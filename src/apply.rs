@@ -501,6 +501,16 @@ fn apply(
         applied.tls.leaf_pem = desired.tls.leaf_pem.clone();
         log::info!("leaf certificate updated with one reload");
     }
+    if p.gateway_map_changed {
+        // The file first, so that the reload of the transaction below (if any) reads it; the
+        // loaded copy is replaced once the backends it names exist (`gateway_map_live`).
+        if let Some(g) = &desired.gateway {
+            write_atomic(
+                &paths.gateway_map,
+                crate::render::gateway_map(&g.map_entries()).as_bytes(),
+            )?;
+        }
+    }
     if p.intentions_map_changed {
         // The file first, so that a reload from here on loads the new entries too.
         write_atomic(
@@ -556,6 +566,7 @@ fn apply(
         applied.upstreams = desired.upstreams.clone();
     }
     if p.ops.is_empty() {
+        gateway_map_live(desired, p)?;
         return Ok(reloaded);
     }
     if p.only_servers() {
@@ -568,6 +579,7 @@ fn apply(
                     .context("writing the configuration after a slot pool resize")?;
                 applied.upstreams = desired.upstreams.clone();
                 log::info!("slot pools resized live ({} server change(s))", p.ops.len());
+                gateway_map_live(desired, p)?;
                 return Ok(reloaded);
             }
             Err(e) => log::warn!("{e}; resizing through the Dataplane API instead"),
@@ -588,7 +600,29 @@ fn apply(
             });
         }
     };
+    gateway_map_live(desired, p)?;
     Ok(reloaded || matches!(committed, Committed::Reloaded(_)))
+}
+
+/// A mesh gateway's new SNI map, replaced whole in HAProxy's loaded copy (its file is already
+/// written): a connection sees the old routes or the new ones.
+fn gateway_map_live(desired: &Desired, p: &Plan) -> Result<()> {
+    let Some(g) = desired.gateway.as_ref().filter(|_| p.gateway_map_changed) else {
+        return Ok(());
+    };
+    let entries: Vec<(String, String)> = g
+        .map_entries()
+        .into_iter()
+        .map(|(sni, backend)| (sni.to_string(), backend))
+        .collect();
+    live::replace_map(
+        &desired.paths.stats_socket,
+        &desired.paths.gateway_map,
+        &entries,
+    )
+    .context("replacing the mesh gateway's SNI map")?;
+    log::info!("mesh gateway routes: {} SNI(s) live", entries.len());
+    Ok(())
 }
 
 /// Server operations over the runtime API: new slots first, then changed ones (an instance

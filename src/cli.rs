@@ -11,8 +11,8 @@ use std::path::PathBuf;
 use clap::{Arg, ArgAction, ArgMatches};
 
 use crate::config::{
-    haproxy_log_level, ConsulSettings, Endpoint, HaproxyParam, Knobs, Login, Secret, Target,
-    TlsFiles, BALANCE_ALGORITHMS,
+    haproxy_log_level, ConsulSettings, Endpoint, HaproxyParam, Knobs, Listen, Login, MeshGateway,
+    Secret, Target, TlsFiles, BALANCE_ALGORITHMS,
 };
 use crate::value::Name;
 
@@ -54,6 +54,11 @@ const LONG_FLAGS: &[&str] = &[
     "login-namespace",
     "login-partition",
     "login-datacenter",
+    "gateway",
+    "register",
+    "service",
+    "address",
+    "wan-address",
 ];
 
 #[derive(Clone, Debug)]
@@ -216,6 +221,11 @@ fn command() -> clap::Command {
         .arg(value("template-dir", "Directory of Tera templates (haproxy.cfg.tera, spoe.conf.tera) replacing the built-in ones; checked with haproxy -c before use").value_name("DIR"))
         .arg(bool_flag("upstream-identity-check", "Admit an upstream endpoint only once it proved, in an mTLS handshake, that it is the destination [default: true]"))
         .arg(value("upstream-identity-recheck", "How often each upstream endpoint's identity is checked again (e.g. 30s, 2m)").default_value("30s").value_name("DURATION"))
+        .arg(value("gateway", "Run as a gateway of this kind instead of a sidecar (mesh)").value_name("KIND"))
+        .arg(bool_flag("register", "With -gateway: register the gateway service at start and deregister it at exit"))
+        .arg(value("service", "With -gateway: the gateway's service name (also its service ID)").value_name("NAME"))
+        .arg(value("address", "With -gateway: the LAN address to listen on (ip:port)").value_name("IP:PORT"))
+        .arg(value("wan-address", "With -gateway: the WAN address other clusters dial (ip:port) [default: -address]").value_name("IP:PORT"))
         .arg(bool_flag("dry-run", "Print the files that would be written for the current Consul state, then exit; private keys and the Dataplane API password are redacted"))
         .arg(bool_flag("dry-run-show-secrets", "With -dry-run, print private keys and the Dataplane API password too"))
         .arg(bool_flag("version", "Print the version and the versions of haproxy and dataplaneapi"))
@@ -225,6 +235,7 @@ fn command() -> clap::Command {
 /// Flags that take no separate value argument (Go bools), so the word after them is a flag.
 const BOOL_FLAGS: &[&str] = &[
     "enable-intentions",
+    "register",
     "upstream-identity-check",
     "stats-service-register",
     "dry-run",
@@ -367,7 +378,22 @@ pub fn parse(
         });
     }
 
-    let target = target(&m)?;
+    let gateway = mesh_gateway(&m)?;
+    let gateway_flags = ["gateway", "register", "service", "address", "wan-address"];
+    let target = target(&m, gateway)?;
+    if !matches!(target, Target::MeshGateway(_)) {
+        if m.contains_id("gateway") {
+            return Err(UsageError(
+                "-gateway excludes -sidecar-for, -sidecar-for-tag and -proxy-service-id; give one"
+                    .into(),
+            ));
+        }
+        for flag in &gateway_flags[1..] {
+            if m.contains_id(flag) {
+                return Err(UsageError(format!("-{flag} only goes with -gateway")));
+            }
+        }
+    }
 
     let consul = consul_settings(&m, env)?;
     let log_level = parse_log_level(m.get_one::<String>("log-level").map_or("INFO", |s| s))?;
@@ -497,8 +523,48 @@ pub fn parse(
     }
 }
 
-/// Exactly one of `-sidecar-for`, `-sidecar-for-tag` and `-proxy-service-id`.
-fn target(m: &ArgMatches) -> Result<Target, UsageError> {
+/// `-gateway mesh` and its flags, typed: `None` without `-gateway`.
+fn mesh_gateway(m: &ArgMatches) -> Result<Option<MeshGateway>, UsageError> {
+    let Some(kind) = m.get_one::<String>("gateway") else {
+        return Ok(None);
+    };
+    if kind != "mesh" {
+        return Err(UsageError(format!(
+            "invalid value {kind:?} for -gateway (this program runs mesh gateways only)"
+        )));
+    }
+    let service = match m.get_one::<String>("service") {
+        Some(s) => Name::parse("-service", s.trim()).map_err(|e| UsageError(e.to_string()))?,
+        None => return Err(UsageError("-gateway mesh needs -service NAME".into())),
+    };
+    let listen = |flag: &'static str| -> Result<Option<Listen>, UsageError> {
+        match m.get_one::<String>(flag) {
+            None => Ok(None),
+            Some(v) => match v.trim().parse::<SocketAddr>() {
+                Ok(a) if a.port() != 0 => Ok(Some(Listen {
+                    ip: a.ip(),
+                    port: a.port(),
+                })),
+                _ => Err(UsageError(format!(
+                    "invalid value {v:?} for -{flag} (expected ip:port)"
+                ))),
+            },
+        }
+    };
+    let lan = listen("address")?
+        .ok_or_else(|| UsageError("-gateway mesh needs -address IP:PORT".into()))?;
+    let wan = listen("wan-address")?.filter(|w| *w != lan);
+    Ok(Some(MeshGateway {
+        service,
+        register: flag_bool(m, "register")?,
+        lan,
+        wan,
+    }))
+}
+
+/// Exactly one of `-sidecar-for`, `-sidecar-for-tag` and `-proxy-service-id`, or else the mesh
+/// gateway `-gateway mesh` describes.
+fn target(m: &ArgMatches, gateway: Option<MeshGateway>) -> Result<Target, UsageError> {
     let given: Vec<(&str, &String)> = ["sidecar-for", "sidecar-for-tag", "proxy-service-id"]
         .into_iter()
         .filter_map(|f| m.get_one::<String>(f).map(|v| (f, v)))
@@ -506,10 +572,13 @@ fn target(m: &ArgMatches) -> Result<Target, UsageError> {
     let (flag, v) = match given.as_slice() {
         [one] => *one,
         [] => {
-            return Err(UsageError(
-                "please specify -sidecar-for ID, -sidecar-for-tag TAG or -proxy-service-id ID"
-                    .into(),
-            ))
+            return match gateway {
+                Some(g) => Ok(Target::MeshGateway(g)),
+                None => Err(UsageError(
+                    "please specify -sidecar-for ID, -sidecar-for-tag TAG, -proxy-service-id ID or -gateway mesh"
+                        .into(),
+                )),
+            }
         }
         many => {
             return Err(UsageError(format!(
@@ -1046,6 +1115,77 @@ mod tests {
             "n",
         ];
         assert_eq!(run(&args, &env).unwrap().consul.endpoints.len(), 2);
+    }
+
+    #[test]
+    fn a_mesh_gateway_is_typed_from_consuls_flags() {
+        let env = MapEnv::default();
+        let o = run(
+            &[
+                "-gateway",
+                "mesh",
+                "-register",
+                "-service",
+                "gw",
+                "-address",
+                "127.0.0.1:8443",
+                "-wan-address",
+                "10.0.0.1:9443",
+            ],
+            &env,
+        )
+        .unwrap();
+        let Target::MeshGateway(g) = o.target else {
+            panic!("{:?}", o.target)
+        };
+        assert_eq!((g.service.as_str(), g.register), ("gw", true));
+        assert_eq!(g.lan.to_string(), "127.0.0.1:8443");
+        assert_eq!(
+            g.wan.map(|w| w.to_string()).as_deref(),
+            Some("10.0.0.1:9443")
+        );
+        // The same WAN address as the LAN one is one listener.
+        let o = run(
+            &[
+                "-gateway=mesh",
+                "-service=gw",
+                "-address=127.0.0.1:1",
+                "-wan-address=127.0.0.1:1",
+            ],
+            &env,
+        )
+        .unwrap();
+        assert!(matches!(
+            o.target,
+            Target::MeshGateway(MeshGateway {
+                wan: None,
+                register: false,
+                ..
+            })
+        ));
+        let gw = "-gateway mesh -service gw -address";
+        for (args, says) in [
+            (
+                "-gateway ingress -service gw -address 127.0.0.1:1".to_string(),
+                "-gateway",
+            ),
+            ("-gateway mesh -address 127.0.0.1:1".into(), "-service"),
+            ("-gateway mesh -service gw".into(), "-address"),
+            (
+                "-gateway mesh -service g%w -address 127.0.0.1:1".into(),
+                "-service",
+            ),
+            (format!("{gw} host:1"), "-address"),
+            (format!("{gw} 127.0.0.1:0"), "-address"),
+            (format!("{gw} 127.0.0.1:1 -wan-address x"), "-wan-address"),
+            (format!("{gw} 127.0.0.1:1 -sidecar-for web"), "-gateway"),
+            ("-sidecar-for web -address 127.0.0.1:1".into(), "-address"),
+        ] {
+            let args: Vec<&str> = args.split(' ').collect();
+            let args = args.as_slice();
+            let e = run(args, &env).unwrap_err();
+            assert!(e.0.contains(says), "{args:?}: {e}");
+        }
     }
 
     #[test]

@@ -17,6 +17,35 @@ pub enum Target {
     Tag(String),
     /// `-proxy-service-id ID` (consul-dataplane's name): the proxy's own service ID.
     ProxyId(String),
+    /// `-gateway mesh`: a mesh gateway, not a sidecar.
+    MeshGateway(MeshGateway),
+}
+
+/// A mesh gateway as Consul's `consul connect envoy -gateway mesh` takes it: the service it is
+/// registered as, and where it listens. Each value typed at the command line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MeshGateway {
+    /// `-service`: the gateway's service name, also its service ID.
+    pub service: crate::value::Name,
+    /// `-register`: register the service at start and deregister it at exit.
+    pub register: bool,
+    /// `-address`: the LAN address, where local sidecars and the local gateway's peers reach it.
+    pub lan: Listen,
+    /// `-wan-address`: the address other clusters dial, when it differs from the LAN one.
+    pub wan: Option<Listen>,
+}
+
+/// An IP address and port to listen on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Listen {
+    pub ip: std::net::IpAddr,
+    pub port: u16,
+}
+
+impl fmt::Display for Listen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", std::net::SocketAddr::new(self.ip, self.port))
+    }
 }
 
 /// How to reach Consul: a local agent, or (agentless, with `catalog_node`) the servers.

@@ -8,9 +8,12 @@ use crate::consul::chain::{
     chain_path, parse_chain, serving, target_health_path, targets_to_watch,
 };
 use crate::consul::client::{
-    endpoints_path, leaf_path, Consul, LogoutOnDrop, LookupError, ROOTS_PATH,
+    endpoints_path, leaf_path, Consul, LogoutOnDrop, LookupError, EXPORTED_SERVICES_PATH,
+    ROOTS_PATH,
 };
-use crate::consul::{destinations, exposed_checks_of, DestinationKey, DestinationKind, Update};
+use crate::consul::{
+    destinations, exported_destinations, exposed_checks_of, DestinationKey, DestinationKind, Update,
+};
 use crate::error::{usage, Error, Fatal};
 use crate::model::{self, Desired, Paths};
 use crate::render::{self, DataplaneCredentials};
@@ -18,6 +21,10 @@ use crate::snapshot::Snapshot;
 
 /// The files a run would write, in write order.
 pub fn dry_run(opts: &Options) -> Result<Vec<render::File>, Fatal> {
+    let gateway = match &opts.target {
+        crate::config::Target::MeshGateway(g) => Some(g.clone()),
+        _ => None,
+    };
     let consul = Consul::new(&opts.consul).map_err(usage)?;
     // A login's token is destroyed however the dry run ends.
     let _logout = LogoutOnDrop(consul.clone());
@@ -39,13 +46,24 @@ pub fn dry_run(opts: &Options) -> Result<Vec<render::File>, Fatal> {
         Update::Registration(reg) => reg,
         _ => return Err(Error::msg(format!("the proxy {proxy_id:?} was deregistered")).into()),
     };
-    for key in destinations(&reg) {
+    // A gateway's destinations are the services exported (it registers nothing here: a
+    // dry run of `-register` needs the gateway registered already).
+    let keys = if gateway.is_some() {
+        let entries: Vec<crate::consul::api::ExportedServicesEntry> =
+            consul.get_json(EXPORTED_SERVICES_PATH)?;
+        let keys = exported_destinations(&entries);
+        snapshot.apply(Update::ExportedServices(entries));
+        keys
+    } else {
+        destinations(&reg)
+    };
+    for key in keys {
         let path = endpoints_path(&key);
         let entries = match key.kind {
             DestinationKind::Service => consul.get_json(&path)?,
             DestinationKind::PreparedQuery => consul.get_json::<QueryResult>(&path)?.nodes,
         };
-        if key.kind == DestinationKind::Service {
+        if key.kind == DestinationKind::Service && gateway.is_none() {
             let chain = parse_chain(&consul.get_ok(&chain_path(&key))?)?;
             for target in targets_to_watch(&chain, &key) {
                 let entries = consul.get_json(&target_health_path(&target))?;
@@ -55,11 +73,14 @@ pub fn dry_run(opts: &Options) -> Result<Vec<render::File>, Fatal> {
         }
         snapshot.apply(Update::Endpoints(key, entries));
     }
-    let service = reg
-        .proxy
-        .as_ref()
-        .map(|p| p.destination_service_name.clone())
-        .unwrap_or_default();
+    let service = if gateway.is_some() {
+        reg.service.clone()
+    } else {
+        reg.proxy
+            .as_ref()
+            .map(|p| p.destination_service_name.clone())
+            .unwrap_or_default()
+    };
     if let Some(id) = exposed_checks_of(&reg) {
         snapshot.apply(source.parse_checks(&consul.get_ok(&source.checks_path(&id))?)?);
     }
@@ -83,7 +104,8 @@ pub fn dry_run(opts: &Options) -> Result<Vec<render::File>, Fatal> {
         intentions: opts.enable_intentions,
         knobs: opts.knobs.clone(),
         haproxy: crate::supervisor::preflight::haproxy_version(&opts.haproxy_bin)?,
-        identity_check: opts.identity_recheck.is_some(),
+        identity_check: opts.identity_recheck.is_some() && gateway.is_none(),
+        gateway,
     };
     let mut desired: Desired = model::build(&snapshot, &settings, None)?;
     // What a run admits at start: each endpoint checked once, as the run's first render waits

@@ -272,8 +272,18 @@ pub fn relabel(text: &str, desired: Option<&Desired>) -> String {
                 );
                 (labels, t.slots.clone())
             });
+        // A mesh gateway's route: the exported service it carries.
+        let route = proxy
+            .as_deref()
+            .and_then(|p| desired?.gateway.as_ref()?.route(p))
+            .map(|r| {
+                (
+                    format!("service=\"{}\"", escape(r.service.as_str())),
+                    r.slots.clone(),
+                )
+            });
         let upstream = proxy.and_then(|p| desired?.upstream_of_proxy(&p).cloned());
-        let (service, slots) = match (target, upstream) {
+        let (service, slots) = match (target.or(route), upstream) {
             (Some(t), _) => t,
             (None, Some(u)) => (format!("service=\"{}\"", escape(&u.destination)), u.slots),
             (None, None) => {
@@ -398,6 +408,29 @@ mod tests {
         );
         assert!(out.contains("proxy=\"public_listener\"} 3"));
         assert!(out.contains("# TYPE haproxy_server_bytes_in_total counter"));
+    }
+
+    #[test]
+    fn a_gateway_route_series_name_the_exported_service_and_its_instances() {
+        let (s, settings) = crate::model::fixtures::gateway_snapshot(ANY, "/run/t".as_ref());
+        let d = build(&s, &settings, None).unwrap();
+        let r = &d.gateway.as_ref().unwrap().routes[0];
+        let inst = r.slots[0].instance.as_ref().unwrap().id.clone();
+        let text = "haproxy_server_bytes_in_total{proxy=\"be_gw_server\",server=\"s0\"} 10\n\
+             haproxy_server_bytes_in_total{proxy=\"be_gw_server\",server=\"s7\"} 0\n\
+             haproxy_backend_bytes_in_total{proxy=\"be_gw_server\"} 10\n";
+        let out = relabel(text, Some(&d));
+        assert!(
+            out.contains(&format!("server=\"{inst}\",service=\"server\"")),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "haproxy_backend_bytes_in_total{service=\"server\",proxy=\"be_gw_server\"} 10"
+            ),
+            "{out}"
+        );
+        assert!(!out.contains("server=\"s7\""), "a free slot leaked: {out}");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 use serde::Serialize;
 
 use crate::model::chain::{Match, Route, TargetBackend, ValueMatch, SPLIT_SCALE};
+use crate::model::gateway::{GatewayListener, GatewayRoute};
 use crate::model::{
     AppHeader, Desired, ExposedListener, Mode, Public, Server, Slot, UpstreamListener,
     FREE_SLOT_ADDRESS, FREE_SLOT_PORT,
@@ -49,7 +50,8 @@ pub struct BackendSpec {
 pub struct FrontendSpec {
     pub name: String,
     pub mode: Mode,
-    pub default_backend: String,
+    /// `None` for a mesh gateway's listener: a connection no route takes is closed.
+    pub default_backend: Option<String>,
     /// Access logs: `option httplog`/`option tcplog` by mode, or a `log-format`.
     pub log_format: Option<String>,
     /// `timeout client`; `None` keeps the defaults section's. v1.2.5 carries it
@@ -84,6 +86,10 @@ pub struct FrontendSpec {
     /// (`NORMALIZE`), whether or not intentions are enforced. Rendered only, like
     /// `intentions`: replacing the public frontend is a full render.
     pub path_rules: bool,
+    /// A mesh gateway's listener: the SNI map its connections are routed by (`sni backend`
+    /// per line). Rendered only: a gateway frontend is only ever created or replaced by a
+    /// full render (`Plan::full_render_reason`).
+    pub sni_map: Option<String>,
 }
 
 /// The files the public frontend's intentions rules name.
@@ -145,15 +151,15 @@ fn mesh_tls(d: &Desired) -> MeshTls {
     }
 }
 
-pub fn public_frontend(d: &Desired) -> FrontendSpec {
+pub fn public_frontend(d: &Desired, p: &Public) -> FrontendSpec {
     FrontendSpec {
         name: PUBLIC_FRONTEND.into(),
-        mode: d.public.mode,
-        default_backend: LOCAL_BACKEND.into(),
+        mode: p.mode,
+        default_backend: Some(LOCAL_BACKEND.into()),
         log_format: d.knobs.log_format.clone(),
-        client_timeout_ms: d.public.client_timeout_ms,
-        maxconn: d.public.max_connections,
-        app_header: d.public.app_header.clone(),
+        client_timeout_ms: p.client_timeout_ms,
+        maxconn: p.max_connections,
+        app_header: p.app_header.clone(),
         intentions: d.intentions.then(|| IntentionsFilter {
             spoe_config: d.paths.spoe_conf.display().to_string(),
             fast_map: d.paths.intentions_map.display().to_string(),
@@ -161,22 +167,81 @@ pub fn public_frontend(d: &Desired) -> FrontendSpec {
         only_path: None,
         only_sources: Vec::new(),
         routing: Vec::new(),
-        path_rules: d.public.mode == Mode::Http,
+        path_rules: p.mode == Mode::Http,
+        sni_map: None,
     }
 }
 
-pub fn public_bind(d: &Desired) -> BindSpec {
+pub fn public_bind(d: &Desired, p: &Public) -> BindSpec {
     BindSpec {
         frontend: PUBLIC_FRONTEND.into(),
         name: "public".into(),
-        address: d.public.bind_address.to_string(),
-        port: Some(d.public.bind_port),
+        address: p.bind_address.to_string(),
+        port: Some(p.bind_port),
         unix_mode: None,
         tls: Some(mesh_tls(d)),
         h2: false,
-        alpn: (d.public.mode == Mode::Http).then(|| "h2,http/1.1".to_string()),
+        alpn: (p.mode == Mode::Http).then(|| "h2,http/1.1".to_string()),
     }
 }
+
+/// One listener of a mesh gateway: tcp, routed by SNI through the map, no default.
+pub fn gateway_frontend(d: &Desired, l: &GatewayListener) -> FrontendSpec {
+    FrontendSpec {
+        name: l.name.into(),
+        mode: Mode::Tcp,
+        default_backend: None,
+        log_format: d.knobs.log_format.clone(),
+        client_timeout_ms: None,
+        maxconn: None,
+        app_header: None,
+        intentions: None,
+        only_path: None,
+        only_sources: Vec::new(),
+        routing: Vec::new(),
+        path_rules: false,
+        sni_map: Some(d.paths.gateway_map.display().to_string()),
+    }
+}
+
+/// A gateway listener's address: no TLS, it is passed through.
+pub fn gateway_bind(l: &GatewayListener) -> BindSpec {
+    BindSpec {
+        frontend: l.name.into(),
+        name: l.name.into(),
+        address: l.address.to_string(),
+        port: Some(l.port),
+        unix_mode: None,
+        tls: None,
+        h2: false,
+        alpn: None,
+    }
+}
+
+/// A gateway route's backend: the exported service's local sidecars, in plain TCP (the mTLS
+/// inside is the dialing sidecar's, passed through).
+pub fn gateway_backend(d: &Desired, r: &GatewayRoute) -> BackendSpec {
+    BackendSpec {
+        name: r.backend.clone(),
+        mode: Mode::Tcp,
+        balance: Some(d.knobs.balance.clone()),
+        connect_timeout_ms: GATEWAY_CONNECT_TIMEOUT,
+        server_timeout_ms: None,
+        forwardfor: false,
+        verifyhost: None,
+        target: Vec::new(),
+    }
+}
+
+pub fn gateway_server(r: &GatewayRoute, slot: &Slot) -> ServerSpec {
+    slot_spec(&r.backend, slot)
+}
+
+/// Consul's default connect timeout of a gateway's clusters.
+pub const GATEWAY_CONNECT_TIMEOUT: Millis = Millis::constant(5000);
+
+/// How long a gateway listener waits for a TLS hello before closing the connection.
+pub const GATEWAY_INSPECT_DELAY: Millis = Millis::constant(5000);
 
 pub fn local_backend(p: &Public) -> BackendSpec {
     BackendSpec {
@@ -224,7 +289,7 @@ pub fn upstream_frontend(d: &Desired, u: &UpstreamListener) -> FrontendSpec {
     FrontendSpec {
         name: u.name.clone(),
         mode: u.mode,
-        default_backend: u.backend.clone(),
+        default_backend: Some(u.backend.clone()),
         log_format: d.knobs.log_format.clone(),
         client_timeout_ms: u.read_timeout_ms,
         maxconn: None,
@@ -241,6 +306,7 @@ pub fn upstream_frontend(d: &Desired, u: &UpstreamListener) -> FrontendSpec {
             )
         }),
         path_rules: false,
+        sni_map: None,
     }
 }
 
@@ -305,6 +371,16 @@ fn slot_server(
     verifyhost: Option<&String>,
     h2: bool,
 ) -> ServerSpec {
+    ServerSpec {
+        tls: Some(mesh_tls(d)),
+        verifyhost: verifyhost.cloned(),
+        alpn: h2.then(|| "h2".to_string()),
+        ..slot_spec(backend, slot)
+    }
+}
+
+/// A slot as a server without TLS: its instance's address, or a free slot's.
+fn slot_spec(backend: &str, slot: &Slot) -> ServerSpec {
     let (address, port, weight) = match &slot.instance {
         Some(s) => (s.address.to_string(), s.port, s.weight),
         None => (FREE_SLOT_ADDRESS.to_string(), FREE_SLOT_PORT, 1),
@@ -317,11 +393,11 @@ fn slot_server(
         address,
         port,
         weight: Some(weight),
-        tls: Some(mesh_tls(d)),
+        tls: None,
         maintenance: !slot.instance.as_ref().is_some_and(Server::in_service),
         h2: false,
-        verifyhost: verifyhost.cloned(),
-        alpn: h2.then(|| "h2".to_string()),
+        verifyhost: None,
+        alpn: None,
     }
 }
 
@@ -329,7 +405,7 @@ pub fn exposed_frontend(d: &Desired, e: &ExposedListener) -> FrontendSpec {
     FrontendSpec {
         name: e.name.clone(),
         mode: Mode::Http,
-        default_backend: e.backend.clone(),
+        default_backend: Some(e.backend.clone()),
         log_format: d.knobs.log_format.clone(),
         client_timeout_ms: None,
         maxconn: None,
@@ -339,6 +415,7 @@ pub fn exposed_frontend(d: &Desired, e: &ExposedListener) -> FrontendSpec {
         only_sources: e.sources.clone(),
         routing: Vec::new(),
         path_rules: false,
+        sni_map: None,
     }
 }
 
@@ -572,7 +649,21 @@ impl FrontendSpec {
             l.extend(NORMALIZE.iter().map(|r| r.to_string()));
         }
         l.extend(self.routing.iter().cloned());
-        l.push(format!("default_backend {}", self.default_backend));
+        if let Some(map) = &self.sni_map {
+            // A mesh gateway never reads the traffic: it waits for the TLS hello, closes a
+            // connection that sends none (at the delay, the hello fetch fails) or names no
+            // exported service, and sends the rest to the route its SNI names. No default.
+            l.push(format!("tcp-request inspect-delay {GATEWAY_INSPECT_DELAY}"));
+            l.push("tcp-request content reject unless { req.ssl_hello_type 1 }".into());
+            l.push(format!(
+                "tcp-request content reject unless {{ req.ssl_sni,lower,map({map}) -m found }}"
+            ));
+            l.push("tcp-request content accept".into());
+            l.push(format!("use_backend %[req.ssl_sni,lower,map({map})]"));
+        }
+        if let Some(b) = &self.default_backend {
+            l.push(format!("default_backend {b}"));
+        }
         l
     }
 }
@@ -915,18 +1006,41 @@ pub fn mode(m: Mode) -> &'static str {
 /// The sections `d` asks for, in file order: the public listener, its local backend, each
 /// upstream's listener and backend, then each exposed path's.
 pub fn sections(d: &Desired) -> Vec<Section> {
-    let mut out = vec![
-        Section {
+    let mut out = Vec::new();
+    if let Some(p) = &d.public {
+        out.push(Section {
             comment: None,
             header: format!("frontend {PUBLIC_FRONTEND}"),
-            lines: public_frontend(d).lines(&public_bind(d)),
-        },
-        Section {
+            lines: public_frontend(d, p).lines(&public_bind(d, p)),
+        });
+        out.push(Section {
             comment: None,
             header: format!("backend {LOCAL_BACKEND}"),
-            lines: local_backend(&d.public).lines(&[local_server(&d.public)]),
-        },
-    ];
+            lines: local_backend(p).lines(&[local_server(p)]),
+        });
+    }
+    if let Some(g) = &d.gateway {
+        for l in &g.listeners {
+            out.push(Section {
+                comment: Some(comment(&format!("mesh gateway {}: {}", d.service, l.name))),
+                header: format!("frontend {}", l.name),
+                lines: gateway_frontend(d, l).lines(&gateway_bind(l)),
+            });
+        }
+        for r in &g.routes {
+            let servers: Vec<ServerSpec> = r.slots.iter().map(|s| gateway_server(r, s)).collect();
+            let snis: Vec<&str> = r.snis.iter().map(|s| s.as_str()).collect();
+            out.push(Section {
+                comment: Some(comment(&format!(
+                    "exported service {} (SNI {})",
+                    r.service,
+                    snis.join(", ")
+                ))),
+                header: format!("backend {}", r.backend),
+                lines: gateway_backend(d, r).lines(&servers),
+            });
+        }
+    }
     for u in &d.upstreams {
         let servers: Vec<ServerSpec> = u.slots.iter().map(|s| upstream_server(d, u, s)).collect();
         out.push(Section {
@@ -1004,8 +1118,12 @@ mod tests {
         let dir = std::path::Path::new("/hcc-test");
         let s = snapshot(ANY, "server-sidecar-proxy", "ca-leaf-server.json");
         let mut d = crate::model::build(&s, &settings_in(dir, true), None).unwrap();
-        let lines = |d: &Desired| public_frontend(d).lines(&public_bind(d)).join("\n");
-        d.public.mode = Mode::Tcp;
+        let lines = |d: &Desired| {
+            public_frontend(d, d.sidecar())
+                .lines(&public_bind(d, d.sidecar()))
+                .join("\n")
+        };
+        d.sidecar_mut().mode = Mode::Tcp;
         let tcp = lines(&d);
         assert!(
             tcp.contains("tcp-request content reject if { var(sess.hcc.l7) -m bool }"),
@@ -1016,7 +1134,7 @@ mod tests {
             tcp.contains("tcp-request content reject unless { var(sess.hcc.allow) -m bool }"),
             "{tcp}"
         );
-        d.public.mode = Mode::Http;
+        d.sidecar_mut().mode = Mode::Http;
         let http = lines(&d);
         assert!(!http.contains("tcp-request content reject"), "{http}");
         for want in [
@@ -1046,8 +1164,8 @@ mod tests {
         let s = snapshot(ANY, "server-sidecar-proxy", "ca-leaf-server.json");
         for intentions in [true, false] {
             let mut d = crate::model::build(&s, &settings_in(dir, intentions), None).unwrap();
-            d.public.mode = Mode::Http;
-            let lines = public_frontend(&d).lines(&public_bind(&d));
+            d.sidecar_mut().mode = Mode::Http;
+            let lines = public_frontend(&d, d.sidecar()).lines(&public_bind(&d, d.sidecar()));
             let at = |want: &str| {
                 lines
                     .iter()
@@ -1084,8 +1202,10 @@ mod tests {
             if let Some(key) = key {
                 assert!(key.ends_with(" !hcc_odd_path"), "{key}");
             }
-            d.public.mode = Mode::Tcp;
-            let tcp = public_frontend(&d).lines(&public_bind(&d)).join("\n");
+            d.sidecar_mut().mode = Mode::Tcp;
+            let tcp = public_frontend(&d, d.sidecar())
+                .lines(&public_bind(&d, d.sidecar()))
+                .join("\n");
             assert!(!tcp.contains("http-request"), "{tcp}");
         }
     }
@@ -1159,7 +1279,8 @@ mod tests {
         let f = FrontendSpec {
             name: "t".into(),
             mode: Mode::Http,
-            default_backend: "be".into(),
+            default_backend: Some("be".into()),
+            sni_map: None,
             log_format: None,
             intentions: None,
             only_path: None,

@@ -202,6 +202,13 @@ pub fn render(
             contents: intentions_map(&d.intentions_map),
         });
     }
+    if let Some(g) = &d.gateway {
+        // Written even when empty: the gateway's listeners name it.
+        files.push(File {
+            path: d.paths.gateway_map.clone(),
+            contents: gateway_map(&g.map_entries()),
+        });
+    }
     let splits = crate::objects::split_thresholds(d);
     if !splits.is_empty() {
         files.push(File {
@@ -225,6 +232,12 @@ pub fn splits_map(splits: &[(String, u32)]) -> String {
 /// (HAProxy's `map_reg` takes the first that matches). The regexes hold no space or backslash
 /// (`spoe::authz::l7::FastPattern`).
 pub fn intentions_map(entries: &[(String, String)]) -> String {
+    entries.iter().map(|(k, v)| format!("{k} {v}\n")).collect()
+}
+
+/// A mesh gateway's SNI map: one `sni backend` line per entry. Both sides are typed (`Sni`
+/// and a sanitized backend name): no space, no line break.
+pub fn gateway_map(entries: &[(crate::model::gateway::Sni, String)]) -> String {
     entries.iter().map(|(k, v)| format!("{k} {v}\n")).collect()
 }
 
@@ -315,6 +328,57 @@ mod tests {
                 String::from_utf8_lossy(&out.stderr),
                 files.last().unwrap().contents
             );
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+
+    /// A mesh gateway's configuration: tcp listeners on both addresses that route by SNI
+    /// through the map and close what no route takes, backends without TLS; HAProxy takes it.
+    #[test]
+    fn a_mesh_gateway_config_passes_haproxy_check() {
+        for version in CONSUL_VERSIONS {
+            let dir = std::env::temp_dir()
+                .join(format!("hcc-render-gw-{}-{version}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(dir.join("certs")).unwrap();
+            let (snap, settings) = crate::model::fixtures::gateway_snapshot(version, &dir);
+            let d = build(&snap, &settings, None).unwrap();
+            let files = render(&d, &creds(), &Templates::builtin()).unwrap();
+            for f in &files {
+                std::fs::write(&f.path, &f.contents).unwrap();
+            }
+            let cfg = &files.last().unwrap().contents;
+            let map = &files
+                .iter()
+                .find(|f| f.path == d.paths.gateway_map)
+                .unwrap()
+                .contents;
+            assert!(
+                map.starts_with("server.default.default.dc1.external.")
+                    && map.ends_with(" be_gw_server\n"),
+                "{map}"
+            );
+            for frontend in ["frontend mesh_gateway_lan", "frontend mesh_gateway_wan"] {
+                assert!(cfg.contains(frontend), "{cfg}");
+            }
+            assert!(
+                cfg.contains("bind 127.0.0.2:8443 name mesh_gateway_wan\n"),
+                "{cfg}"
+            );
+            assert!(!cfg.contains("default_backend"), "no default route:\n{cfg}");
+            let tls = cfg.lines().map(str::trim_start).any(|l| {
+                (l.starts_with("server ") || l.starts_with("bind ")) && l.contains(" ssl")
+            });
+            assert!(!tls, "the gateway terminates no TLS:\n{cfg}");
+            assert!(!cfg.contains("public_listener"), "{cfg}");
+            let out = haproxy_check(&dir.join("haproxy.cfg"));
+            assert!(
+                out.status.success(),
+                "haproxy -c failed:\n{}\n{cfg}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let said = String::from_utf8_lossy(&out.stderr);
+            assert!(!said.contains("[WARNING]"), "{said}");
             let _ = std::fs::remove_dir_all(&dir);
         }
     }
@@ -466,7 +530,7 @@ mod tests {
             None,
         )
         .unwrap();
-        d.public.mode = crate::model::Mode::Http;
+        d.sidecar_mut().mode = crate::model::Mode::Http;
         let permissions = serde_json::json!([
             {"Action": "deny", "HTTP": {"PathExact": "/a+b(c)$d*e.f", "Methods": ["GET", "PUT"]}},
             {"Action": "allow", "HTTP": {"PathPrefix": "/x:y,z;w=1&k@l~m'n!o%2F"}},

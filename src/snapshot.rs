@@ -5,10 +5,13 @@ use std::collections::BTreeMap;
 
 use crate::admission::Verdicts;
 use crate::consul::api::{
-    AgentCheck, AgentService, CaRoots, HealthEntry, IntentionEntry, JwtProviders, LeafCert,
+    AgentCheck, AgentService, CaRoots, ExportedServicesEntry, HealthEntry, IntentionEntry,
+    JwtProviders, LeafCert,
 };
 use crate::consul::chain::{DiscoveryChain, TargetKey};
-use crate::consul::{destinations, with_service_protocol, Update};
+use crate::consul::{
+    destinations, exported_destinations, is_mesh_gateway, with_service_protocol, Update,
+};
 use crate::consul::{DestinationKey, DestinationKind};
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -43,6 +46,8 @@ pub struct Snapshot {
     /// Set once by the supervisor: agentless, the first render also waits for
     /// `service_protocol`, so the public listener starts in its mode.
     pub agentless: bool,
+    /// A mesh gateway's `exported-services` entries; `None` until first read.
+    pub exported: Option<Vec<ExportedServicesEntry>>,
 }
 
 impl Snapshot {
@@ -77,6 +82,7 @@ impl Snapshot {
             Update::Endpoints(k, e) => insert(&mut self.endpoints, k, e),
             Update::Chain(k, c) => insert(&mut self.chains, k, c),
             Update::TargetEndpoints(k, e) => insert(&mut self.targets, k, e),
+            Update::ExportedServices(x) => replace(&mut self.exported, Some(x)),
         }
     }
 
@@ -118,6 +124,14 @@ impl Snapshot {
     /// instances are not waited for: they fill their backend's slots live, and a failover
     /// target in an unreachable datacenter must not hold back the rest.
     pub fn endpoints_known(&self) -> bool {
+        if self.registration.as_ref().is_some_and(is_mesh_gateway) {
+            // A gateway: the exports, then every exported service's instances.
+            return self.exported.as_ref().is_some_and(|x| {
+                exported_destinations(x)
+                    .iter()
+                    .all(|k| self.endpoints.contains_key(k))
+            });
+        }
         self.registration.as_ref().is_some_and(|r| {
             destinations(r).iter().all(|k| {
                 self.endpoints.contains_key(k)

@@ -377,6 +377,42 @@ impl AgentSelf {
 }
 
 /// Parses a Consul answer, naming the endpoint and the problem when it does not fit.
+/// One `exported-services` config entry (`/v1/config/exported-services`, a list): which
+/// services of a partition its peers (or other partitions) may reach, through a mesh gateway.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct ExportedServicesEntry {
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub name: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub partition: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub services: Vec<ExportedService>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct ExportedService {
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub name: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub namespace: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub consumers: Vec<ServiceConsumer>,
+}
+
+/// Who may reach an exported service: a peer, a partition or a sameness group.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct ServiceConsumer {
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub peer: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub partition: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub sameness_group: String,
+}
+
 pub fn parse<T: serde::de::DeserializeOwned>(what: &str, body: &str) -> crate::error::Result<T> {
     serde_json::from_str(body).map_err(|e| {
         crate::error::Error::msg(format!(

@@ -449,6 +449,20 @@ pub fn choose_proxy(
                     "no service has the ID {id:?}; connect-proxy services here: {}",
                     describe(&proxies)
                 ))),
+            };
+        }
+        // A gateway is its own service: Consul's gateways take the service name as their ID.
+        Target::MeshGateway(g) => {
+            return match services.get(g.service.as_str()) {
+                Some(s) if s.kind == "mesh-gateway" => Ok(s.id.clone()),
+                Some(s) => Err(LookupError::Ambiguous(format!(
+                    "the local service {:?} is of kind {:?}, not mesh-gateway",
+                    s.id, s.kind
+                ))),
+                None => Err(LookupError::Missing(format!(
+                "no mesh-gateway service {:?} on this agent (start with -register to register it)",
+                g.service.as_str()
+            ))),
             }
         }
         Target::ServiceId(id) => id.clone(),
@@ -510,6 +524,8 @@ pub const JWT_PROVIDERS_PATH: &str = "/v1/config/jwt-provider";
 pub const AGENT_SELF_PATH: &str = "/v1/agent/self";
 pub const AUTHORIZE_PATH: &str = "/v1/agent/connect/authorize";
 pub const REGISTER_PATH: &str = "/v1/agent/service/register";
+/// Every `exported-services` config entry (one per partition); blocks on an index.
+pub const EXPORTED_SERVICES_PATH: &str = "/v1/config/exported-services";
 
 pub fn deregister_path(service_id: &str) -> String {
     format!("/v1/agent/service/deregister/{}", encode(service_id))

@@ -73,6 +73,8 @@ pub enum Update {
     /// chain's, from service-defaults and proxy-defaults), which an agent would have merged
     /// into the registration and the catalog's registration lacks.
     ServiceProtocol(String),
+    /// Every `exported-services` config entry (a mesh gateway's routes).
+    ExportedServices(Vec<api::ExportedServicesEntry>),
 }
 
 /// The registration with the service's resolved protocol where it names none itself, as an
@@ -90,6 +92,62 @@ pub fn with_service_protocol(
         }
     }
     registration
+}
+
+/// A mesh gateway's registration as Consul's own `-register` makes it: kind `mesh-gateway`,
+/// its service name as its ID, the LAN address as its address and both addresses tagged (the
+/// WAN one is what peers and other datacenters dial). Returns the ID and the JSON body.
+///
+/// Like Consul's, it carries a TCP check of the LAN listener every 10 s (a gateway that died
+/// without deregistering turns critical, and peers stop being sent to it), deregistered after
+/// 6 h critical.
+pub fn gateway_registration(g: &crate::config::MeshGateway) -> (String, String) {
+    let wan = g.wan.unwrap_or(g.lan);
+    let tagged = |l: crate::config::Listen| serde_json::json!({ "Address": l.ip.to_string(), "Port": l.port });
+    let checked = if g.lan.ip.is_unspecified() {
+        std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), g.lan.port)
+    } else {
+        std::net::SocketAddr::new(g.lan.ip, g.lan.port)
+    };
+    let body = serde_json::json!({
+        "Kind": "mesh-gateway",
+        "ID": g.service.as_str(),
+        "Name": g.service.as_str(),
+        "Address": g.lan.ip.to_string(),
+        "Port": g.lan.port,
+        "TaggedAddresses": { "lan": tagged(g.lan), "wan": tagged(wan) },
+        "Check": {
+            "Name": "mesh-gateway listening",
+            "TCP": checked.to_string(),
+            "Interval": "10s",
+            "DeregisterCriticalServiceAfter": "6h",
+        },
+    });
+    (g.service.to_string(), body.to_string())
+}
+
+/// The registration is a mesh gateway's, not a sidecar's.
+pub fn is_mesh_gateway(registration: &AgentService) -> bool {
+    registration.kind == "mesh-gateway"
+}
+
+/// The local services a mesh gateway carries: every service an `exported-services` entry names
+/// (its local instances are read as a sidecar reads an upstream's). A wildcard (`*`) is left to
+/// the model, which warns of it.
+pub fn exported_destinations(entries: &[api::ExportedServicesEntry]) -> Vec<DestinationKey> {
+    let mut keys: Vec<DestinationKey> = entries
+        .iter()
+        .flat_map(|e| e.services.iter())
+        .filter(|s| !s.name.is_empty() && s.name != "*")
+        .map(|s| DestinationKey {
+            kind: DestinationKind::Service,
+            name: s.name.clone(),
+            datacenter: String::new(),
+        })
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
 }
 
 /// The service instance whose agent checks the registration asks to expose
@@ -175,4 +233,41 @@ pub fn poll_intervals(registration: &AgentService) -> BTreeMap<DestinationKey, M
             .or_insert(every);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Listen, MeshGateway};
+
+    #[test]
+    fn a_gateway_registers_both_addresses_and_a_check_of_its_lan_listener() {
+        let listen = |ip: &str, port| Listen {
+            ip: ip.parse().unwrap(),
+            port,
+        };
+        let gw = MeshGateway {
+            service: crate::value::Name::parse("t", "mesh-gw").unwrap(),
+            register: true,
+            lan: listen("0.0.0.0", 8443),
+            wan: Some(listen("203.0.113.5", 443)),
+        };
+        let (id, body) = gateway_registration(&gw);
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(id, "mesh-gw");
+        assert_eq!(
+            (&v["Kind"], &v["ID"], &v["Name"]),
+            (&"mesh-gateway".into(), &"mesh-gw".into(), &"mesh-gw".into())
+        );
+        assert_eq!(v["TaggedAddresses"]["wan"]["Address"], "203.0.113.5");
+        assert_eq!(v["TaggedAddresses"]["wan"]["Port"], 443);
+        assert_eq!(v["TaggedAddresses"]["lan"]["Port"], 8443);
+        // An unspecified LAN address is checked on loopback.
+        assert_eq!(v["Check"]["TCP"], "127.0.0.1:8443");
+        assert_eq!(v["Check"]["Interval"], "10s");
+        // Without -wan-address, the WAN address is the LAN one.
+        let (_, body) = gateway_registration(&MeshGateway { wan: None, ..gw });
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["TaggedAddresses"]["wan"], v["TaggedAddresses"]["lan"]);
+    }
 }

@@ -9,19 +9,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::api::{
-    self, AgentSelf, AgentService, CaRoots, HealthEntry, IntentionEntry, JwtProviders, LeafCert,
-    QueryResult,
+    self, AgentSelf, AgentService, CaRoots, ExportedServicesEntry, HealthEntry, IntentionEntry,
+    JwtProviders, LeafCert, QueryResult,
 };
 use super::chain::{
     chain_path, parse_chain, serving, target_health_path, targets_to_watch, DiscoveryChain,
     TargetKey,
 };
 use super::client::{
-    endpoints_path, leaf_path, Consul, AGENT_SELF_PATH, AUTHORIZE_PATH, INTENTIONS_PATH,
-    JWT_PROVIDERS_PATH, ROOTS_PATH,
+    endpoints_path, leaf_path, Consul, AGENT_SELF_PATH, AUTHORIZE_PATH, EXPORTED_SERVICES_PATH,
+    INTENTIONS_PATH, JWT_PROVIDERS_PATH, ROOTS_PATH,
 };
 use super::{
-    destinations, exposed_checks_of, poll_intervals, DestinationKey, DestinationKind, Update,
+    destinations, exported_destinations, exposed_checks_of, is_mesh_gateway, poll_intervals,
+    DestinationKey, DestinationKind, Update,
 };
 use crate::http::encode;
 
@@ -207,13 +208,45 @@ impl Watchers {
         self.fixed.push(h);
     }
 
+    /// Starts the watch of the `exported-services` config entries: a mesh gateway's routes.
+    pub fn watch_exports(&mut self) {
+        let h = self.spawn(
+            "exported services".into(),
+            EXPORTED_SERVICES_PATH.into(),
+            WatchMode::Index,
+            |body| {
+                api::parse::<Vec<ExportedServicesEntry>>("the exported-services entries", body)
+                    .map(Update::ExportedServices)
+            },
+        );
+        self.fixed.push(h);
+    }
+
+    /// Brings a mesh gateway's instance watches in line with what is exported: one health
+    /// watch per exported service, stopped when no entry names it any more.
+    pub fn follow_exports(&mut self, entries: &[ExportedServicesEntry]) {
+        let wanted = exported_destinations(entries);
+        self.destinations.retain(|k, _| wanted.contains(k));
+        for key in wanted {
+            if !self.destinations.contains_key(&key) {
+                let h = self.spawn_destination(key.clone(), self.timing.query_poll);
+                self.destinations.insert(key, (h, self.timing.query_poll));
+            }
+        }
+    }
+
     /// Brings the leaf and destination watches in line with a (new) registration.
     pub fn follow(&mut self, registration: &AgentService) {
-        let service = registration
-            .proxy
-            .as_ref()
-            .map(|p| p.destination_service_name.clone())
-            .unwrap_or_default();
+        // A gateway's leaf is its own service's; a sidecar's, the service it fronts.
+        let service = if is_mesh_gateway(registration) {
+            registration.service.clone()
+        } else {
+            registration
+                .proxy
+                .as_ref()
+                .map(|p| p.destination_service_name.clone())
+                .unwrap_or_default()
+        };
         if !service.is_empty() && self.leaf_for.as_ref().map(|(s, _)| s) != Some(&service) {
             let h = self.spawn(
                 format!("leaf certificate of {service}"),
@@ -245,6 +278,10 @@ impl Watchers {
             self.watch_intentions(&service);
         }
 
+        if is_mesh_gateway(registration) {
+            // Its instance watches follow the exported services (`follow_exports`).
+            return;
+        }
         match exposed_checks_of(registration) {
             None => self.checks_for = None,
             Some(id) if self.checks_for.as_ref().map(|(s, _)| s) != Some(&id) => {

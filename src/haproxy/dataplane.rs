@@ -373,10 +373,10 @@ mod tests {
     fn local_settings_are_fields_of_the_v1_models() {
         let s = crate::model::fixtures::rich_with_settings(crate::model::fixtures::ANY);
         let d = crate::model::build(&s, &crate::model::fixtures::settings(), None).unwrap();
-        let fe = frontend(&public_frontend(&d));
+        let fe = frontend(&public_frontend(&d, d.sidecar()));
         assert_eq!(fe["client_timeout"], json!(9000));
         assert_eq!(fe["maxconn"], json!(64));
-        let be = backend(&local_backend(&d.public));
+        let be = backend(&local_backend(d.sidecar()));
         assert_eq!(be["server_timeout"], json!(700));
         assert_eq!(be["connect_timeout"], json!(2000));
         assert_eq!(be["forwardfor"], json!({ "enabled": "enabled" }));
@@ -390,8 +390,8 @@ mod tests {
             json!(7000)
         );
         let plain = crate::model::fixtures::client_desired();
-        let fe = frontend(&public_frontend(&plain));
-        let be = backend(&local_backend(&plain.public));
+        let fe = frontend(&public_frontend(&plain, plain.sidecar()));
+        let be = backend(&local_backend(plain.sidecar()));
         for (v, k) in [
             (&fe, "client_timeout"),
             (&fe, "maxconn"),

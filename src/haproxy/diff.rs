@@ -2,11 +2,13 @@
 //! those of `crate::objects`, which also renders them into the file, so a config built by
 //! deltas and one rendered from scratch describe the same HAProxy objects.
 
+use crate::model::gateway::{Gateway, GatewayRoute};
 use crate::model::{Desired, ExposedListener, UpstreamListener};
 use crate::objects::{
-    exposed_backend, exposed_bind, exposed_frontend, exposed_server, local_backend, local_server,
-    public_bind, public_frontend, target_backend, target_server, upstream_backend, upstream_bind,
-    upstream_frontend, upstream_server,
+    exposed_backend, exposed_bind, exposed_frontend, exposed_server, gateway_backend, gateway_bind,
+    gateway_frontend, gateway_server, local_backend, local_server, public_bind, public_frontend,
+    target_backend, target_server, upstream_backend, upstream_bind, upstream_frontend,
+    upstream_server,
 };
 pub use crate::objects::{BackendSpec, BindSpec, FrontendSpec, ServerSpec};
 
@@ -53,6 +55,10 @@ pub struct Plan {
     /// mode, the intentions rules of either mode) are rendered only, and a Dataplane API
     /// replacement would keep the old mode's, so it takes a full render.
     pub public_mode_changed: bool,
+    /// A mesh gateway's SNI map changed: its file is written before the operations (so a
+    /// reload reads it) and HAProxy's loaded copy replaced whole after them, once the
+    /// backends it names exist.
+    pub gateway_map_changed: bool,
 }
 
 impl Plan {
@@ -61,6 +67,7 @@ impl Plan {
             && self.live.is_empty()
             && self.live_splits.is_empty()
             && !self.intentions_map_changed
+            && !self.gateway_map_changed
             && !self.roots_changed
             && !self.leaf_changed
     }
@@ -117,6 +124,9 @@ impl Plan {
             Op::CreateFrontend(f) | Op::ReplaceFrontend(f) if !f.routing.is_empty() => Some(
                 "an upstream's discovery-chain routing changes, and the Dataplane API cannot write its rules in order",
             ),
+            Op::CreateFrontend(f) | Op::ReplaceFrontend(f) if f.sni_map.is_some() => Some(
+                "a mesh gateway's listener changes, and the Dataplane API cannot write its SNI routing rules",
+            ),
             Op::CreateBackend(b) | Op::ReplaceBackend(b) if !b.target.is_empty() => Some(
                 "a discovery-chain target's settings (hashing, timeouts, retries) are not in the Dataplane API's models",
             ),
@@ -129,12 +139,24 @@ impl Plan {
 /// renders, expressed as Dataplane API objects.
 #[cfg(test)]
 pub fn from_scratch(d: &Desired) -> Vec<Op> {
-    let mut ops = vec![
-        Op::CreateBackend(local_backend(&d.public)),
-        Op::CreateServer(local_server(&d.public)),
-        Op::CreateFrontend(public_frontend(d)),
-        Op::CreateBind(public_bind(d)),
-    ];
+    let mut ops = Vec::new();
+    if let Some(p) = &d.public {
+        ops.extend([
+            Op::CreateBackend(local_backend(p)),
+            Op::CreateServer(local_server(p)),
+            Op::CreateFrontend(public_frontend(d, p)),
+            Op::CreateBind(public_bind(d, p)),
+        ]);
+    }
+    if let Some(g) = &d.gateway {
+        for r in &g.routes {
+            ops.extend(create_route(d, r));
+        }
+        for l in &g.listeners {
+            ops.push(Op::CreateFrontend(gateway_frontend(d, l)));
+            ops.push(Op::CreateBind(gateway_bind(l)));
+        }
+    }
     for u in &d.upstreams {
         ops.extend(create_upstream(d, u));
     }
@@ -178,6 +200,82 @@ fn plan_exposed(
             creates.extend(create_exposed(desired, new));
         }
     }
+}
+
+fn create_route(d: &Desired, r: &GatewayRoute) -> Vec<Op> {
+    let mut ops = vec![Op::CreateBackend(gateway_backend(d, r))];
+    ops.extend(
+        r.slots
+            .iter()
+            .map(|s| Op::CreateServer(gateway_server(r, s))),
+    );
+    ops
+}
+
+/// A mesh gateway's changes: its listeners replaced when they change (a full render, their
+/// rules are rendered only), routes' backends created and deleted as services are exported
+/// and withdrawn, and their slots changed live as instances come and go.
+fn plan_gateway(
+    applied: &Desired,
+    desired: &Desired,
+    deletes: &mut Vec<Op>,
+    creates: &mut Vec<Op>,
+    live: &mut Vec<ServerSpec>,
+) {
+    let (old, new) = match (&applied.gateway, &desired.gateway) {
+        (None, None) => return,
+        (Some(o), Some(n)) => (o.clone(), n.clone()),
+        (Some(o), None) => (o.clone(), Gateway::default()),
+        (None, Some(n)) => (Gateway::default(), n.clone()),
+    };
+    for l in &old.listeners {
+        if !new.listeners.iter().any(|n| n.name == l.name) {
+            deletes.push(Op::DeleteFrontend(l.name.into()));
+        }
+    }
+    for l in &new.listeners {
+        match old.listeners.iter().find(|o| o.name == l.name) {
+            None => {
+                creates.push(Op::CreateFrontend(gateway_frontend(desired, l)));
+                creates.push(Op::CreateBind(gateway_bind(l)));
+            }
+            Some(o) => {
+                if gateway_frontend(applied, o) != gateway_frontend(desired, l) {
+                    creates.push(Op::ReplaceFrontend(gateway_frontend(desired, l)));
+                }
+                if gateway_bind(o) != gateway_bind(l) {
+                    creates.push(Op::ReplaceBind(gateway_bind(l)));
+                }
+            }
+        }
+    }
+    for o in &old.routes {
+        let Some(n) = new.route(&o.backend) else {
+            deletes.push(Op::DeleteBackend(o.backend.clone()));
+            continue;
+        };
+        if gateway_backend(applied, o) != gateway_backend(desired, n) {
+            deletes.push(Op::DeleteBackend(o.backend.clone()));
+            creates.extend(create_route(desired, n));
+            continue;
+        }
+        plan_slots(
+            (&o.backend, &o.slots),
+            &n.slots,
+            (&|s| gateway_server(o, s), &|s| gateway_server(n, s)),
+            deletes,
+            creates,
+            live,
+        );
+    }
+    // New backends before the listeners that may name them: `creates` is in order.
+    let mut fresh: Vec<Op> = Vec::new();
+    for n in &new.routes {
+        if old.route(&n.backend).is_none() {
+            fresh.extend(create_route(desired, n));
+        }
+    }
+    creates.splice(0..0, fresh);
 }
 
 fn create_upstream(d: &Desired, u: &UpstreamListener) -> Vec<Op> {
@@ -248,19 +346,23 @@ pub fn plan(applied: &Desired, desired: &Desired) -> Plan {
     let mut creates = Vec::new();
     let mut live = Vec::new();
 
-    // The public listener and the local app: replaced field by field, never removed.
-    if public_frontend(applied) != public_frontend(desired) {
-        creates.push(Op::ReplaceFrontend(public_frontend(desired)));
+    // The public listener and the local app: replaced field by field, never removed (a
+    // process is a sidecar or a gateway for its whole run).
+    if let (Some(a), Some(p)) = (&applied.public, &desired.public) {
+        if public_frontend(applied, a) != public_frontend(desired, p) {
+            creates.push(Op::ReplaceFrontend(public_frontend(desired, p)));
+        }
+        if public_bind(applied, a) != public_bind(desired, p) {
+            creates.push(Op::ReplaceBind(public_bind(desired, p)));
+        }
+        if local_backend(a) != local_backend(p) {
+            creates.push(Op::ReplaceBackend(local_backend(p)));
+        }
+        if local_server(a) != local_server(p) {
+            creates.push(Op::ReplaceServer(local_server(p)));
+        }
     }
-    if public_bind(applied) != public_bind(desired) {
-        creates.push(Op::ReplaceBind(public_bind(desired)));
-    }
-    if local_backend(&applied.public) != local_backend(&desired.public) {
-        creates.push(Op::ReplaceBackend(local_backend(&desired.public)));
-    }
-    if local_server(&applied.public) != local_server(&desired.public) {
-        creates.push(Op::ReplaceServer(local_server(&desired.public)));
-    }
+    plan_gateway(applied, desired, &mut deletes, &mut creates, &mut live);
 
     for old in &applied.upstreams {
         let Some(new) = desired.upstream(&old.name) else {
@@ -330,8 +432,12 @@ pub fn plan(applied: &Desired, desired: &Desired) -> Plan {
         intentions_map_changed: applied.intentions_map != desired.intentions_map,
         roots_changed: applied.tls.roots_pem != desired.tls.roots_pem,
         leaf_changed: applied.tls.leaf_pem != desired.tls.leaf_pem,
-        app_header_changed: applied.public.app_header != desired.public.app_header,
-        public_mode_changed: applied.public.mode != desired.public.mode,
+        app_header_changed: applied.public.as_ref().map(|p| &p.app_header)
+            != desired.public.as_ref().map(|p| &p.app_header),
+        public_mode_changed: applied.public.as_ref().map(|p| p.mode)
+            != desired.public.as_ref().map(|p| p.mode),
+        gateway_map_changed: applied.gateway.as_ref().map(Gateway::map_entries)
+            != desired.gateway.as_ref().map(Gateway::map_entries),
     }
 }
 
@@ -592,7 +698,7 @@ mod tests {
     fn a_public_listener_mode_change_is_a_full_render() {
         let tcp = client();
         let mut http = tcp.clone();
-        http.public.mode = crate::model::Mode::Http;
+        http.sidecar_mut().mode = crate::model::Mode::Http;
         for (a, b) in [(&tcp, &http), (&http, &tcp)] {
             let p = plan(a, b);
             assert!(
@@ -608,7 +714,7 @@ mod tests {
     fn local_app_and_certificates_changes_are_seen() {
         let a = client();
         let mut b = a.clone();
-        b.public.app_port = 9999;
+        b.sidecar_mut().app_port = 9999;
         b.tls.leaf_pem.push_str("# rotated\n");
         let p = plan(&a, &b);
         assert_eq!(p.ops.len(), 1);
@@ -631,11 +737,11 @@ mod tests {
         extra.backend = "be_up_svc_x_local_127.0.0.1_9300".into();
         extra.bind_port = 9300;
         b.upstreams.push(extra);
-        b.public.connect_timeout_ms = crate::value::Millis::constant(1234);
-        b.public.server_timeout_ms = Some(crate::value::Millis::constant(700));
-        b.public.client_timeout_ms = Some(crate::value::Millis::constant(9000));
-        b.public.max_connections = crate::value::Limit::new("t", 2).ok();
-        b.public.forwardfor = true;
+        b.sidecar_mut().connect_timeout_ms = crate::value::Millis::constant(1234);
+        b.sidecar_mut().server_timeout_ms = Some(crate::value::Millis::constant(700));
+        b.sidecar_mut().client_timeout_ms = Some(crate::value::Millis::constant(9000));
+        b.sidecar_mut().max_connections = crate::value::Limit::new("t", 2).ok();
+        b.sidecar_mut().forwardfor = true;
         b.upstreams[0].read_timeout_ms = Some(crate::value::Millis::constant(7000));
 
         let mut objects = objects_of(&from_scratch(&a));

@@ -40,6 +40,7 @@ pub fn settings_in(workdir: &Path, intentions: bool) -> Settings {
         knobs: crate::config::Knobs::default(),
         haproxy: crate::haproxy_version::HaproxyVersion::V2_6,
         identity_check: false,
+        gateway: None,
     }
 }
 
@@ -152,4 +153,52 @@ pub fn with_chain(v: &str, name: &str, as_server: bool) -> Snapshot {
     let chain = crate::consul::chain::parse_chain(&body).unwrap();
     s.apply(crate::consul::Update::Chain(key, chain));
     s
+}
+
+/// A mesh gateway `gw` on this agent (listening on 127.0.0.1:8443, WAN 127.0.0.2:8443) that
+/// exports `server` to the peer `dc1`, with the recorded instances of `server` and the recorded
+/// roots (the recorded leaf stands for the gateway's own).
+pub fn gateway_snapshot(version: &str, workdir: &Path) -> (Snapshot, Settings) {
+    let mut s = Snapshot::default();
+    let reg = AgentService {
+        kind: "mesh-gateway".into(),
+        id: "gw".into(),
+        service: "gw".into(),
+        port: 8443,
+        address: "127.0.0.1".into(),
+        ..AgentService::default()
+    };
+    s.apply(Update::Registration(reg));
+    let mut leaf = json::<LeafCert>(version, "ca-leaf-server.json");
+    leaf.service = "gw".into();
+    s.apply(Update::Leaf(leaf));
+    s.apply(Update::Roots(json::<CaRoots>(version, "ca-roots.json")));
+    s.apply(Update::ExportedServices(
+        serde_json::from_str(
+            r#"[{"Name":"default","Services":[{"Name":"server","Consumers":[{"Peer":"dc1"}]}]}]"#,
+        )
+        .expect("the exported-services entry parses"),
+    ));
+    s.apply(Update::Endpoints(
+        crate::consul::DestinationKey {
+            kind: DestinationKind::Service,
+            name: "server".into(),
+            datacenter: String::new(),
+        },
+        json(version, "health-connect-server.json"),
+    ));
+    let listen = |ip: &str| crate::config::Listen {
+        ip: ip.parse().expect("an IP"),
+        port: 8443,
+    };
+    let settings = Settings {
+        gateway: Some(crate::config::MeshGateway {
+            service: crate::value::Name::parse("t", "gw").expect("a name"),
+            register: true,
+            lan: listen("127.0.0.1"),
+            wan: Some(listen("127.0.0.2")),
+        }),
+        ..settings_in(workdir, false)
+    };
+    (s, settings)
 }

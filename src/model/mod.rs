@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::admission::{self, Endpoint, Identity, Verdict};
-use crate::config::Knobs;
+use crate::config::{Knobs, MeshGateway};
 use crate::consul::api::{HealthEntry, Upstream};
 use crate::consul::{DestinationKey, DestinationKind};
 use crate::error::{Error, Result};
@@ -47,6 +47,8 @@ pub struct Paths {
     /// The intentions agent's fast map of L7 decisions (`AuthzTable::fast_map`), replaced live
     /// through `prepare map`/`commit map` when the intentions change.
     pub intentions_map: PathBuf,
+    /// A mesh gateway's SNI map (`sni backend` per line), which its listeners route by.
+    pub gateway_map: PathBuf,
 }
 
 impl Paths {
@@ -65,6 +67,7 @@ impl Paths {
             metrics_socket: workdir.join("metrics.sock"),
             splits_map: workdir.join("splits.map"),
             intentions_map: workdir.join("intentions.map"),
+            gateway_map: workdir.join("gateway.map"),
         }
     }
 }
@@ -80,6 +83,8 @@ pub struct Settings {
     /// Whether upstream endpoints must prove their identity (`crate::admission`) before their
     /// slot takes traffic.
     pub identity_check: bool,
+    /// `-gateway mesh`: this process is a mesh gateway, not a sidecar.
+    pub gateway: Option<MeshGateway>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -91,8 +96,11 @@ pub enum Mode {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Desired {
+    /// The service this process serves: the sidecar's destination, or the gateway itself.
     pub service: String,
-    pub public: Public,
+    /// A sidecar's public listener and local app; `None` for a mesh gateway, which has
+    /// neither (only `gateway`).
+    pub public: Option<Public>,
     /// Sorted by name.
     pub upstreams: Vec<UpstreamListener>,
     /// Plain listeners that each serve one path of the local app (`Proxy.Expose`); sorted by
@@ -111,6 +119,8 @@ pub struct Desired {
     /// What of the registration this sidecar does not serve, one line each; logged when a
     /// line first appears, not on every rebuild.
     pub warnings: Vec<String>,
+    /// A mesh gateway's listeners and routes (`gateway`); `None` for a sidecar.
+    pub gateway: Option<gateway::Gateway>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -272,21 +282,36 @@ pub struct Tls {
     pub trust_domain: String,
 }
 
+#[cfg(test)]
 impl Desired {
-    /// How many instances each upstream listener has in its slots.
+    /// A sidecar's public listener, for tests that know they built one.
+    pub fn sidecar(&self) -> &Public {
+        self.public.as_ref().expect("a sidecar's desired state")
+    }
+
+    pub fn sidecar_mut(&mut self) -> &mut Public {
+        self.public.as_mut().expect("a sidecar's desired state")
+    }
+}
+
+impl Desired {
+    /// How many instances each upstream listener (or a gateway's route) has in its slots.
     pub fn live_instances(&self) -> std::collections::BTreeMap<String, usize> {
+        let in_service = |slots: &[Slot]| {
+            slots
+                .iter()
+                .filter(|s| s.instance.as_ref().is_some_and(Server::in_service))
+                .count()
+        };
+        let routes = self.gateway.iter().flat_map(|g| g.routes.iter());
         self.upstreams
             .iter()
             .map(|u| {
                 let targets = u.routing.iter().flat_map(|r| r.targets.iter());
-                let n = u
-                    .slots
-                    .iter()
-                    .chain(targets.flat_map(|t| t.slots.iter()))
-                    .filter(|s| s.instance.as_ref().is_some_and(Server::in_service))
-                    .count();
+                let n = in_service(&u.slots) + targets.map(|t| in_service(&t.slots)).sum::<usize>();
                 (u.name.clone(), n)
             })
+            .chain(routes.map(|r| (r.backend.clone(), in_service(&r.slots))))
             .collect()
     }
 
@@ -378,6 +403,9 @@ pub fn build(
             "waiting for {} from Consul",
             missing.join(", ")
         )));
+    }
+    if let Some(gw) = &settings.gateway {
+        return gateway::build(snapshot, settings, gw, previous);
     }
     let (Some(reg), Some(leaf), Some(roots)) =
         (&snapshot.registration, &snapshot.leaf, &snapshot.roots)
@@ -526,7 +554,7 @@ pub fn build(
 
     Ok(Desired {
         service,
-        public,
+        public: Some(public),
         upstreams,
         exposed,
         tls,
@@ -536,6 +564,7 @@ pub fn build(
         spoe_backend_mode: settings.haproxy.spoe_backend_mode(),
         paths: settings.paths.clone(),
         warnings,
+        gateway: None,
     })
 }
 
@@ -550,7 +579,7 @@ pub(crate) struct Here<'a> {
 }
 
 /// The datacenter of our own leaf's SPIFFE ID, or else of the registration.
-fn local_datacenter(leaf_uri: &str, registration_dc: &str) -> String {
+pub(crate) fn local_datacenter(leaf_uri: &str, registration_dc: &str) -> String {
     crate::spoe::authz::SpiffeId::parse(leaf_uri)
         .map(|id| id.datacenter)
         .unwrap_or_else(|_| registration_dc.to_string())
@@ -578,7 +607,7 @@ fn upstream(
     }
     if !u.destination_peer.is_empty() {
         return Err(Error::msg(format!(
-            "its destination is in cluster peer {:?}, and this sidecar does not support cluster peering (it needs mesh gateways)",
+            "its destination is in cluster peer {:?}, and this sidecar cannot dial a peer yet (HAProxy checks a server certificate's names against the SNI the peer's mesh gateway needs, and a peer's leaf has none)",
             u.destination_peer
         )));
     }
@@ -944,7 +973,10 @@ pub fn place(instances: Vec<Server>, before: &[Slot]) -> Vec<Slot> {
         .collect()
 }
 
-fn tls(leaf: &crate::consul::api::LeafCert, roots: &crate::consul::api::CaRoots) -> Result<Tls> {
+pub(crate) fn tls(
+    leaf: &crate::consul::api::LeafCert,
+    roots: &crate::consul::api::CaRoots,
+) -> Result<Tls> {
     let chain = pem_blocks(&leaf.cert_pem, "CERTIFICATE");
     if chain.is_empty() {
         return Err(Error::msg(format!(
@@ -1134,6 +1166,7 @@ fn non_empty(s: &str) -> Option<String> {
 
 pub mod chain;
 mod expose;
+pub mod gateway;
 pub mod keys;
 pub use chain::Routing;
 pub use expose::ExposedListener;

@@ -14,11 +14,18 @@ fn client_sidecar_gets_one_upstream_with_both_server_instances() {
         )
         .unwrap();
         assert_eq!(d.service, "client");
-        assert_eq!(d.public.bind_address, "0.0.0.0");
-        assert_eq!(d.public.bind_port, 21002);
-        assert_eq!(d.public.mode, Mode::Tcp, "Consul's default protocol is tcp");
+        assert_eq!(d.sidecar().bind_address, "0.0.0.0");
+        assert_eq!(d.sidecar().bind_port, 21002);
         assert_eq!(
-            (d.public.app_address.to_string().as_str(), d.public.app_port),
+            d.sidecar().mode,
+            Mode::Tcp,
+            "Consul's default protocol is tcp"
+        );
+        assert_eq!(
+            (
+                d.sidecar().app_address.to_string().as_str(),
+                d.sidecar().app_port
+            ),
             ("127.0.0.1", 8080)
         );
         assert_eq!(d.upstreams.len(), 1);
@@ -63,17 +70,20 @@ fn rich_sidecar_honours_every_config_key_and_keeps_upstreams_apart() {
         .unwrap();
         assert_eq!(
             (
-                d.public.bind_address.to_string().as_str(),
-                d.public.bind_port
+                d.sidecar().bind_address.to_string().as_str(),
+                d.sidecar().bind_port
             ),
             ("127.0.0.2", 21500)
         );
-        assert_eq!(d.public.mode, Mode::Http);
+        assert_eq!(d.sidecar().mode, Mode::Http);
         assert_eq!(
-            (d.public.app_address.to_string().as_str(), d.public.app_port),
+            (
+                d.sidecar().app_address.to_string().as_str(),
+                d.sidecar().app_port
+            ),
             ("127.0.0.3", 8282)
         );
-        assert_eq!(d.public.connect_timeout_ms, 2000);
+        assert_eq!(d.sidecar().connect_timeout_ms, 2000);
         let names: Vec<&str> = d.upstreams.iter().map(|u| u.name.as_str()).collect();
         assert_eq!(
             names,
@@ -319,7 +329,7 @@ fn explicit_expose_paths_become_plain_listeners_on_the_public_address() {
         assert!(d
             .exposed
             .iter()
-            .all(|e| e.bind_address == d.public.bind_address && e.check.is_none()));
+            .all(|e| e.bind_address == d.sidecar().bind_address && e.check.is_none()));
         assert!(d.warnings.is_empty(), "{v}: {:?}", d.warnings);
     }
 }
@@ -734,14 +744,14 @@ fn grpc_and_http2_are_http_with_h2_on_each_hop() {
         super::fixtures::proxy_config(&mut s).insert("protocol".into(), protocol.into());
         up(&mut s).config.insert("protocol".into(), protocol.into());
         let d = build(&s, &settings(), None).unwrap();
-        assert_eq!((d.public.mode, d.public.h2), (mode, h2), "{protocol}");
+        assert_eq!((d.sidecar().mode, d.sidecar().h2), (mode, h2), "{protocol}");
         let u = &d.upstreams[0];
         assert_eq!((u.mode, u.h2), (mode, h2), "{protocol}");
-        let app = crate::objects::local_server(&d.public).line();
+        let app = crate::objects::local_server(d.sidecar()).line();
         assert_eq!(app.ends_with(" proto h2"), h2, "{protocol}: {app}");
         let server = crate::objects::upstream_server(&d, u, &u.slots[0]).line();
         assert_eq!(server.contains(" alpn h2"), h2, "{protocol}: {server}");
-        let bind = crate::objects::public_bind(&d).line();
+        let bind = crate::objects::public_bind(&d, d.sidecar()).line();
         assert_eq!(
             bind.contains(" alpn h2,http/1.1"),
             mode == Mode::Http,
@@ -767,7 +777,7 @@ fn the_originals_keys_and_consuls_local_settings_reach_their_objects() {
                 None,
             )
             .unwrap();
-            let p = &d.public;
+            let p = d.sidecar();
             assert_eq!(p.mode, Mode::Http);
             assert_eq!(p.connect_timeout_ms, 2000, "local_connect_timeout_ms wins");
             assert_eq!(
@@ -789,7 +799,9 @@ fn the_originals_keys_and_consuls_local_settings_reach_their_objects() {
                     from_agent: intentions
                 })
             );
-            let fe = public_frontend(&d).lines(&public_bind(&d)).join("\n");
+            let fe = public_frontend(&d, d.sidecar())
+                .lines(&public_bind(&d, d.sidecar()))
+                .join("\n");
             for want in [
                 "maxconn 64",
                 "timeout client 9000",
@@ -838,7 +850,7 @@ fn a_tcp_public_listener_takes_the_idle_timeout_and_names_the_http_only_keys() {
     let mut s = super::fixtures::rich_with_settings(ANY);
     super::fixtures::proxy_config(&mut s).insert("protocol".into(), "tcp".into());
     let d = build(&s, &settings(), None).unwrap();
-    let p = &d.public;
+    let p = d.sidecar();
     assert_eq!(p.mode, Mode::Tcp);
     assert_eq!(p.server_timeout_ms, Some(Millis::constant(9000)));
     assert_eq!(p.client_timeout_ms, Some(Millis::constant(9000)));
@@ -855,15 +867,21 @@ fn a_tcp_public_listener_takes_the_idle_timeout_and_names_the_http_only_keys() {
     let c = super::fixtures::proxy_config(&mut s);
     c.remove("local_idle_timeout_ms");
     let d = build(&s, &settings(), None).unwrap();
-    assert_eq!(d.public.server_timeout_ms, Some(Millis::constant(20_000)));
-    assert_eq!(d.public.client_timeout_ms, Some(Millis::constant(20_000)));
+    assert_eq!(
+        d.sidecar().server_timeout_ms,
+        Some(Millis::constant(20_000))
+    );
+    assert_eq!(
+        d.sidecar().client_timeout_ms,
+        Some(Millis::constant(20_000))
+    );
 }
 
 /// Nothing set: no line of its own, so the defaults section's timeouts apply as before.
 #[test]
 fn without_the_keys_the_listeners_are_as_before() {
     let d = crate::model::fixtures::client_desired();
-    let p = &d.public;
+    let p = d.sidecar();
     assert_eq!(
         (p.client_timeout_ms, p.server_timeout_ms, p.max_connections),
         (None, None, None)
@@ -925,7 +943,7 @@ fn out_of_range_and_malformed_settings_are_refused_one_warning_each() {
             "{:#?}",
             d.warnings
         );
-        let p = &d.public;
+        let p = d.sidecar();
         assert_eq!(
             (p.server_timeout_ms, p.client_timeout_ms, p.max_connections),
             (None, None, None),

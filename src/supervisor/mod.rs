@@ -21,7 +21,8 @@ use crate::admission::checker::{Checker, Report};
 use crate::admission::Verdicts;
 use crate::apply::{Applier, Outcome};
 use crate::cli::Options;
-use crate::consul::client::{Consul, LogoutOnDrop, LookupError};
+use crate::config::{MeshGateway, Target};
+use crate::consul::client::{deregister_path, Consul, LogoutOnDrop, LookupError, REGISTER_PATH};
 use crate::consul::watch::{Sink, Timing, Watchers};
 use crate::consul::Update;
 use crate::error::{usage, Error, Fatal, Result};
@@ -115,6 +116,52 @@ struct Supervisor {
     /// The warnings of the last state built, each logged when it first appeared (however
     /// often the state is rebuilt while it holds).
     warned: Vec<String>,
+    /// A mesh gateway this run registered (`-register`): deregistered when the drain starts,
+    /// or when the run ends however it ends.
+    registered: Option<GatewayRegistration>,
+}
+
+/// A mesh gateway's registration, deregistered on drop.
+struct GatewayRegistration {
+    consul: Consul,
+    id: String,
+}
+
+impl GatewayRegistration {
+    fn register(consul: &Consul, g: &MeshGateway) -> Result<GatewayRegistration> {
+        let (id, body) = crate::consul::gateway_registration(g);
+        let answer = consul.send("PUT", REGISTER_PATH, Some(&body))?;
+        if answer.status != 200 {
+            return Err(Error::msg(format!(
+                "registering the mesh gateway {id}: status {}: {}",
+                answer.status,
+                answer.body.trim()
+            )));
+        }
+        log::info!(
+            "registered the mesh gateway {id} (LAN {}, WAN {})",
+            g.lan,
+            g.wan.unwrap_or(g.lan)
+        );
+        Ok(GatewayRegistration {
+            consul: consul.clone(),
+            id,
+        })
+    }
+}
+
+impl Drop for GatewayRegistration {
+    fn drop(&mut self) {
+        match self.consul.send("PUT", &deregister_path(&self.id), None) {
+            Ok(a) if a.status == 200 => log::info!("deregistered the mesh gateway {}", self.id),
+            Ok(a) => log::warn!(
+                "deregistering the mesh gateway {}: status {}",
+                self.id,
+                a.status
+            ),
+            Err(e) => log::warn!("deregistering the mesh gateway {}: {e}", self.id),
+        }
+    }
 }
 
 /// What exists only once HAProxy runs.
@@ -164,7 +211,13 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
     let reload_exe = std::env::current_exe()
         .map_err(|e| Error::with_source("finding the path of this executable", e))?;
 
-    let Some(proxy_id) = find_proxy(&consul, &opts, &rx)? else {
+    let gateway = match &opts.target {
+        Target::MeshGateway(g) => Some(g.clone()),
+        _ => None,
+    };
+    // Deregisters the gateway however the run ends (dropped last).
+    let mut registered: Option<GatewayRegistration> = None;
+    let Some(proxy_id) = find_proxy(&consul, &opts, &rx, &mut registered)? else {
         life.set(Phase::Stopped, "stop signal before start");
         return Ok(0);
     };
@@ -177,14 +230,33 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
         intentions: opts.enable_intentions,
         knobs: opts.knobs.clone(),
         haproxy,
-        identity_check: opts.identity_recheck.is_some(),
+        // A gateway checks no identity: the sidecars at either end do, through it.
+        identity_check: opts.identity_recheck.is_some() && gateway.is_none(),
+        gateway: gateway.clone(),
     };
     let sink = Arc::new(ChannelSink(tx.clone(), registry.clone()));
-    // Intentions are watched even when not enforced, so that ignoring a deny is never silent.
-    let watchers = Watchers::start(consul.clone(), &proxy_id, sink, Timing::default(), true);
-    let intentions =
-        Intentions::start(opts.enable_intentions, &paths, opts.spoe_threads, &registry)?;
-    let checker = match opts.identity_recheck {
+    // Intentions are watched even when not enforced, so that ignoring a deny is never silent;
+    // a gateway has none of its own (the destination's sidecar enforces them).
+    let mut watchers = Watchers::start(
+        consul.clone(),
+        &proxy_id,
+        sink,
+        Timing::default(),
+        gateway.is_none(),
+    );
+    if gateway.is_some() {
+        watchers.watch_exports();
+        if opts.enable_intentions {
+            log::warn!("-enable-intentions has no effect on a mesh gateway: the destination's sidecar enforces intentions");
+        }
+    }
+    let intentions = Intentions::start(
+        opts.enable_intentions && gateway.is_none(),
+        &paths,
+        opts.spoe_threads,
+        &registry,
+    )?;
+    let checker = match opts.identity_recheck.filter(|_| gateway.is_none()) {
         Some(every) => Some(Checker::start(
             every,
             Arc::new(CheckerSink(tx.clone(), registry.clone())),
@@ -214,6 +286,7 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
         build_error_new: false,
         warned: Vec::new(),
         checker,
+        registered,
     };
     let Some(desired) = s.wait_for_snapshot()? else {
         return Ok(0);
@@ -252,12 +325,23 @@ fn find_proxy(
     consul: &Consul,
     opts: &Options,
     rx: &Receiver<Event>,
+    registered: &mut Option<GatewayRegistration>,
 ) -> Result<Option<String>, Fatal> {
     let timing = Timing::default();
     let mut failures = 0;
     let mut last = String::new();
     loop {
-        let problem = match consul.find_proxy(&opts.target) {
+        let registration = match &opts.target {
+            Target::MeshGateway(g) if g.register && registered.is_none() => {
+                GatewayRegistration::register(consul, g).map(|r| *registered = Some(r))
+            }
+            _ => Ok(()),
+        };
+        let found = match registration {
+            Ok(()) => consul.find_proxy(&opts.target),
+            Err(e) => Err(LookupError::Consul(e)),
+        };
+        let problem = match found {
             Ok(id) => {
                 log::info!(
                     "serving proxy {id:?} of {} via Consul at {}",
@@ -300,6 +384,9 @@ impl Supervisor {
         }
         if let Update::Intentions(all) = &update {
             self.watchers.follow_intentions(all);
+        }
+        if let Update::ExportedServices(entries) = &update {
+            self.watchers.follow_exports(entries);
         }
         let chain = matches!(update, Update::Chain(..) | Update::Registration(_));
         if !self.snapshot.apply(update) {
@@ -565,6 +652,8 @@ impl Supervisor {
         if let Some(service) = srv.stats_service.take() {
             service.deregister(&self.consul);
         }
+        // Peers stop being sent here while the connections in flight finish.
+        drop(self.registered.take());
         if let Some(a) = srv.applier.take() {
             a.stop();
         }
@@ -661,16 +750,22 @@ impl Supervisor {
         }
         let d = &srv.last_submitted;
         let instances: usize = srv.live.values().sum();
-        self.life.set(
-            Phase::Ready,
-            &format!(
+        let why = match (&d.public, &d.gateway) {
+            (Some(p), _) => format!(
                 "HAProxy serves {} on {}:{} with {} upstream listener(s), {instances} upstream instance(s) live",
                 d.service,
-                d.public.bind_address,
-                d.public.bind_port,
+                p.bind_address,
+                p.bind_port,
                 d.upstreams.len()
             ),
-        );
+            (None, Some(g)) => format!(
+                "HAProxy serves the mesh gateway {} with {} route(s), {instances} instance(s) live",
+                d.service,
+                g.routes.len()
+            ),
+            (None, None) => format!("HAProxy serves {}", d.service),
+        };
+        self.life.set(Phase::Ready, &why);
     }
 
     /// Builds the desired state from the snapshot and hands it to the applier if it changed.

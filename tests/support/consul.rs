@@ -135,6 +135,41 @@ impl Consul {
         (dc1, dc2)
     }
 
+    /// Two clusters on loopback (Consul 1.14+), each one dev agent with a trust domain of its
+    /// own, peered over the HTTP API: `dc2` generated the token for a peer it calls `dc1`, and
+    /// `dc1` established it as `dc2`; both sides are ACTIVE on return. Peering needs gRPC with
+    /// TLS, which a dev agent serves with its own certificate on the port given here.
+    pub fn start_peered() -> (Consul, Consul) {
+        let cluster = |dc: &str, cluster_id: &str| {
+            Consul::start_with(
+                serde_json::json!({
+                    "datacenter": dc,
+                    "ports": {"grpc_tls": free_port()},
+                    "connect": {"enabled": true, "ca_config": {"cluster_id": cluster_id}},
+                }),
+                None,
+            )
+        };
+        let dc1 = cluster("dc1", CLUSTER_ID);
+        let dc2 = cluster("dc2", PEER_CLUSTER_ID);
+        let (status, body) = dc2.post("/v1/peering/token", r#"{"PeerName":"dc1"}"#);
+        assert_eq!(status, 200, "peering token: {body}");
+        let token: Value = serde_json::from_str(&body).expect("a peering token answer");
+        let establish = serde_json::json!({
+            "PeerName": "dc2", "PeeringToken": token["PeeringToken"],
+        });
+        let (status, body) = dc1.post("/v1/peering/establish", &establish.to_string());
+        assert_eq!(status, 200, "peering establish: {body}");
+        for (c, peer) in [(&dc1, "dc2"), (&dc2, "dc1")] {
+            wait_until(Duration::from_secs(30), "the peering to be active", || {
+                let (_, body) = c.get(&format!("/v1/peering/{peer}"));
+                serde_json::from_str::<Value>(&body).is_ok_and(|v| v["State"] == "ACTIVE")
+            })
+            .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+        }
+        (dc1, dc2)
+    }
+
     /// An agent with ACLs on and default policy deny; the harness uses `ACL_MASTER_TOKEN`.
     pub fn start_acl_deny() -> Consul {
         Consul::start_acl("deny")

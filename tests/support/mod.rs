@@ -42,6 +42,8 @@ use serde_json::Value;
 /// Fixed so SPIFFE IDs in assertions are constants: trust domain `<CLUSTER_ID>.consul`.
 pub const CLUSTER_ID: &str = "11111111-2222-3333-4444-555555555555";
 pub const TRUST_DOMAIN: &str = "11111111-2222-3333-4444-555555555555.consul";
+/// The second cluster of `Consul::start_peered`: a trust domain of its own, as real peers have.
+pub const PEER_CLUSTER_ID: &str = "11111111-2222-3333-4444-666666666666";
 
 /// Grace period between SIGTERM and SIGKILL when a guard stops a process.
 const STOP_GRACE: Duration = Duration::from_secs(5);

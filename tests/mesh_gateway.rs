@@ -1,0 +1,271 @@
+//! The mesh gateway mode (issue 33) on Consul 1.16.3, with two real clusters peered over the
+//! HTTP API: `dc2` exports `server` to `dc1` and runs this program as its mesh gateway
+//! (`-gateway mesh -register`). What `dc1` is told about `server` (`?peer=dc2`: the gateway's
+//! address and the SNI to send) reaches `dc2`'s server through the gateway, which never
+//! terminates the TLS; an SNI that names no exported service is closed; exports change live;
+//! the gateway deregisters at exit. Skipped on Consul 1.8.7, which has no peering.
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use support::mesh::sidecar;
+use support::*;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// `dc2` with `server` (app, sidecar) exported to `dc1`, and the gateway.
+struct Peered {
+    dc1: Consul,
+    dc2: Consul,
+    base: TempDir,
+    app: HttpApp,
+    _server: Child,
+    gateway: Child,
+    lan: u16,
+    wan: u16,
+    stats: String,
+}
+
+fn export(dc2: &Consul, services: &[&str]) {
+    let services: Vec<Value> = services
+        .iter()
+        .map(|s| serde_json::json!({"Name": s, "Consumers": [{"Peer": "dc1"}]}))
+        .collect();
+    let entry = serde_json::json!({
+        "Kind": "exported-services", "Name": "default", "Services": services,
+    });
+    let (status, body) = dc2.put("/v1/config", &entry.to_string());
+    assert!(status == 200 && body.trim() == "true", "{status} {body}");
+}
+
+/// The flags of `dc2`'s gateway `gw` (a run adds `-register`).
+fn gateway_flags(dc2: &Consul, base: &TempDir, lan: u16, wan: u16) -> Vec<String> {
+    [
+        "-gateway",
+        "mesh",
+        "-service",
+        "gw",
+        "-address",
+        &format!("127.0.0.1:{lan}"),
+        "-wan-address",
+        &format!("127.0.0.1:{wan}"),
+        "-http-addr",
+        &dc2.http_addr(),
+        "-haproxy-cfg-base-path",
+        &base.path().display().to_string(),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+impl Peered {
+    fn start() -> Peered {
+        let (dc1, dc2) = Consul::start_peered();
+        let base = TempDir::new("gateway");
+        let app = HttpApp::start("from dc2's server");
+        let sidecar_port = free_port();
+        dc2.register(&sidecar_registration(
+            "server",
+            app.port(),
+            sidecar_port,
+            &[],
+        ));
+        let server = sidecar(&dc2, &base, "server", false, &[]);
+        export(&dc2, &["server"]);
+        let (lan, wan) = (free_port(), free_port());
+        let stats = format!("127.0.0.1:{}", free_port());
+        let mut cmd = sidecar_command();
+        cmd.args(gateway_flags(&dc2, &base, lan, wan)).args([
+            "-register",
+            "-log-level",
+            "debug",
+            "-stats-addr",
+            &stats,
+        ]);
+        let gateway = Child::spawn("gateway", &mut cmd, base.path());
+        Peered {
+            dc1,
+            dc2,
+            base,
+            app,
+            _server: server,
+            gateway,
+            lan,
+            wan,
+            stats,
+        }
+    }
+
+    /// What `dc1` is told about `server` in `dc2`: its instances (`?peer=dc2`), once one is
+    /// listed at the gateway.
+    fn imported(&self) -> Vec<Value> {
+        let mut listed = Vec::new();
+        wait_until(WAIT, "dc1 to list server from dc2 at the gateway", || {
+            let (status, body) = self.dc1.get("/v1/health/connect/server?passing=1&peer=dc2");
+            listed = serde_json::from_str::<Value>(&body)
+                .ok()
+                .and_then(|v| v.as_array().cloned())
+                .unwrap_or_default();
+            status == 200
+                && listed.iter().any(|e| {
+                    [self.lan, self.wan]
+                        .contains(&(e["Service"]["Port"].as_u64().unwrap_or(0) as u16))
+                })
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", self.gateway.logs()));
+        listed
+    }
+
+    /// One HTTPS request through the gateway's WAN address with `sni`, as `client` of `dc2`
+    /// (whose sidecar trusts only its own cluster's CA so far); the HTTP status, 0 when the
+    /// connection was closed.
+    fn through_gateway(&self, sni: &str) -> u16 {
+        let (cert, key, _) = self.dc2.leaf_files("client", self.base.path());
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "-k",
+                "--max-time",
+                "5",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+            ])
+            .arg("--cert")
+            .arg(cert)
+            .arg("--key")
+            .arg(key)
+            .arg("--connect-to")
+            .arg(format!("{sni}:443:127.0.0.1:{}", self.wan))
+            .arg(format!("https://{sni}/"))
+            .stderr(Stdio::null())
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    }
+}
+
+#[test]
+fn a_peer_reaches_an_exported_service_through_the_gateway_and_nothing_else() {
+    if !consul_is_current() {
+        eprintln!("SKIPPED: cluster peering needs Consul 1.14+");
+        return;
+    }
+    let mut p = Peered::start();
+
+    // The gateway registered itself: dc1 learns server's instance at the gateway, with the
+    // SNI its sidecars are to send, in dc2's trust domain.
+    let listed = p.imported();
+    let checks = p.dc2.get_json("/v1/health/checks/gw");
+    assert_eq!(checks[0]["Name"], "mesh-gateway listening", "{checks}");
+    assert_eq!(checks[0]["Status"], "passing", "{checks}");
+    let meta = &listed[0]["Service"]["Connect"]["PeerMeta"];
+    let sni = meta["SNI"][0].as_str().expect("PeerMeta.SNI").to_string();
+    let dc2_domain = format!("{PEER_CLUSTER_ID}.consul");
+    assert_eq!(
+        sni,
+        format!("server.default.default.dc1.external.{dc2_domain}")
+    );
+
+    // That SNI reaches server's sidecar (its mTLS ends there, not at the gateway).
+    wait_until(WAIT, "a request through the gateway", || {
+        p.through_gateway(&sni) == 200
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", p.gateway.logs()));
+    let served = p.app.requests();
+
+    // Ready (it serves every export it has instances for), with metrics per routed service.
+    let ready = http_get(&p.stats, "/ready", Duration::from_secs(5));
+    assert_eq!(ready.map(|r| r.0), Ok(200), "{}", p.gateway.logs());
+    let (_, metrics) = http_get(&p.stats, "/metrics", Duration::from_secs(5)).expect("/metrics");
+    assert!(
+        metrics
+            .contains("haproxy_backend_bytes_in_total{service=\"server\",proxy=\"be_gw_server\"}"),
+        "{metrics}"
+    );
+
+    // An SNI that names no exported service, a service's SNI for another peer and a non-TLS
+    // hello are closed by the gateway: nothing reaches the app.
+    for other in [
+        format!("other.default.default.dc1.external.{dc2_domain}"),
+        format!("server.default.default.dc3.external.{dc2_domain}"),
+    ] {
+        assert_eq!(p.through_gateway(&other), 0, "{other}");
+    }
+    let plain = http_get(&format!("127.0.0.1:{}", p.lan), "/", Duration::from_secs(6));
+    assert!(plain.is_err(), "plain HTTP through the gateway: {plain:?}");
+    assert_eq!(
+        p.app.requests(),
+        served,
+        "a refused connection reached the app"
+    );
+
+    // The exports change live: withdrawn, the SNI is closed; exported again, it is served.
+    export(&p.dc2, &[]);
+    wait_until(WAIT, "the withdrawn export to close", || {
+        p.through_gateway(&sni) == 0
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", p.gateway.logs()));
+    export(&p.dc2, &["server"]);
+    wait_until(WAIT, "the export to be served again", || {
+        p.through_gateway(&sni) == 200
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", p.gateway.logs()));
+
+    // After those changes (transactions and live map replacements), the gateway's HAProxy is
+    // what a fresh render (`-dry-run`) of the same state describes; its listeners have no
+    // default route, and no TLS is terminated anywhere in it.
+    let workdir = std::fs::read_dir(p.base.path())
+        .expect("the base path")
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|e| {
+            let name = e.file_name().unwrap_or_default().to_string_lossy();
+            name.starts_with("hcc-gw-") && !name.ends_with("-dry-run")
+        })
+        .expect("the gateway's working directory");
+    let workdir = std::fs::canonicalize(&workdir).unwrap_or(workdir);
+    let applied = std::fs::read_to_string(workdir.join("haproxy.cfg")).expect("haproxy.cfg");
+    let out = sidecar_command()
+        .arg("-dry-run")
+        .args(gateway_flags(&p.dc2, &p.base, p.lan, p.wan))
+        .output()
+        .expect("a dry run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let fresh = text
+        .split_once("haproxy.cfg <==")
+        .and_then(|(_, rest)| rest.split_once('\n'))
+        .expect("haproxy.cfg in the dry run")
+        .1;
+    let fresh_dir = p.base.path().join("hcc-gw-dry-run").display().to_string();
+    assert_eq!(
+        support::mesh::config_objects(&applied, &workdir.display().to_string()),
+        support::mesh::config_objects(fresh, &fresh_dir),
+        "deltas and a fresh render differ:\n{applied}\n----\n{fresh}"
+    );
+    assert!(applied.contains("frontend mesh_gateway_wan"), "{applied}");
+    assert!(!applied.contains("default_backend"), "{applied}");
+    assert!(!applied.contains(" ssl crt"), "{applied}");
+
+    // A stop deregisters the gateway.
+    p.gateway.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(
+        p.gateway.wait_timeout(WAIT).is_some(),
+        "{}",
+        p.gateway.logs()
+    );
+    let (_, services) = p.dc2.get("/v1/agent/services");
+    assert!(!services.contains("\"gw\""), "{services}");
+}
