@@ -4,14 +4,18 @@
 use crate::cli::Options;
 use std::collections::BTreeMap;
 
-use crate::consul::api::{AgentCheck, AgentService, QueryResult};
+use crate::consul::api::{AgentCheck, AgentService, QueryResult, ServiceTopology};
 use crate::consul::chain::{
     chain_path, parse_chain, serving, target_health_path, targets_to_watch,
 };
 use crate::consul::client::{
-    checks_path, endpoints_path, leaf_path, registration_path, Consul, LookupError, ROOTS_PATH,
+    checks_path, endpoints_path, leaf_path, registration_path, topology_path, Consul, LookupError,
+    MESH_PATH, ROOTS_PATH,
 };
-use crate::consul::{checks_update, destinations, exposed_checks_of, DestinationKind, Update};
+use crate::consul::{
+    checks_update, destinations, exposed_checks_of, is_transparent, mesh_update, DestinationKind,
+    Update,
+};
 use crate::error::{usage, Error, Fatal};
 use crate::model::{self, Desired, Paths};
 use crate::render::{self, DataplaneCredentials};
@@ -28,7 +32,18 @@ pub fn dry_run(opts: &Options) -> Result<Vec<render::File>, Fatal> {
     };
     let mut snapshot = Snapshot::default();
     let reg: AgentService = consul.get_json(&registration_path(&proxy_id))?;
-    for key in destinations(&reg) {
+    let service = reg
+        .proxy
+        .as_ref()
+        .map(|p| p.destination_service_name.clone())
+        .unwrap_or_default();
+    if is_transparent(&reg) {
+        let topology: ServiceTopology = consul.get_json(&topology_path(&service))?;
+        snapshot.apply(Update::IntentionUpstreams(topology.allowed()));
+        let answer = consul.get(MESH_PATH, None)?;
+        snapshot.apply(Update::Mesh(mesh_update(answer.status, &answer.body)?));
+    }
+    for key in destinations(&reg, snapshot.implicit_upstreams()) {
         let path = endpoints_path(&key);
         let entries = match key.kind {
             DestinationKind::Service => consul.get_json(&path)?,
@@ -44,11 +59,6 @@ pub fn dry_run(opts: &Options) -> Result<Vec<render::File>, Fatal> {
         }
         snapshot.apply(Update::Endpoints(key, entries));
     }
-    let service = reg
-        .proxy
-        .as_ref()
-        .map(|p| p.destination_service_name.clone())
-        .unwrap_or_default();
     if let Some(id) = exposed_checks_of(&reg) {
         let checks: BTreeMap<String, AgentCheck> = consul.get_json(&checks_path(&id))?;
         snapshot.apply(checks_update(checks));

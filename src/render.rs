@@ -201,6 +201,13 @@ pub fn render(
             contents: intentions_map(&d.intentions_map),
         });
     }
+    if let Some(o) = &d.transparent {
+        // Written even when empty: the outbound listener names it.
+        files.push(File {
+            path: d.paths.transparent_map.clone(),
+            contents: transparent_map(o),
+        });
+    }
     let splits = crate::objects::split_thresholds(d);
     if !splits.is_empty() {
         files.push(File {
@@ -225,6 +232,29 @@ pub fn splits_map(splits: &[(String, u32)]) -> String {
 /// (`spoe::authz::l7::FastPattern`).
 pub fn intentions_map(entries: &[(String, String)]) -> String {
     entries.iter().map(|(k, v)| format!("{k} {v}\n")).collect()
+}
+
+/// The transparent map's contents: one `virtual-ip backend` line per route (`map_ip`), under
+/// a comment naming the service and what a destination outside the mesh gets: `--dry-run`'s
+/// outbound routing table.
+pub fn transparent_map(o: &crate::model::transparent::Outbound) -> String {
+    let mut out = crate::value::comment(&format!(
+        "# outbound routes of {}:{} by original destination; any other destination is {}",
+        o.bind_address,
+        o.port,
+        if o.mesh_only {
+            "refused (MeshDestinationsOnly)"
+        } else {
+            "passed through"
+        }
+    ));
+    out.push('\n');
+    for r in &o.routes {
+        out.push_str(&crate::value::comment(&format!("# service {}", r.service)));
+        out.push('\n');
+        out.push_str(&format!("{} {}\n", r.virtual_ip, r.backend));
+    }
+    out
 }
 
 /// Tera hides the useful part of an error in its source chain.
@@ -588,7 +618,8 @@ mod tests {
                     false,
                 );
                 let mut s = snapshot(version, "client-sidecar-proxy", "ca-leaf-client.json");
-                let key = crate::consul::destinations(s.registration.as_ref().unwrap())[0].clone();
+                let key =
+                    crate::consul::destinations(s.registration.as_ref().unwrap(), &[])[0].clone();
                 let body = crate::model::fixtures::fixture(
                     version,
                     &format!("discovery-chain-{chain}.json"),

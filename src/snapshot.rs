@@ -5,10 +5,10 @@ use std::collections::BTreeMap;
 
 use crate::admission::Verdicts;
 use crate::consul::api::{
-    AgentCheck, AgentService, CaRoots, HealthEntry, IntentionEntry, LeafCert,
+    AgentCheck, AgentService, CaRoots, HealthEntry, IntentionEntry, LeafCert, MeshEntry,
 };
 use crate::consul::chain::{DiscoveryChain, TargetKey};
-use crate::consul::{destinations, Update};
+use crate::consul::{destinations, is_transparent, Update};
 use crate::consul::{DestinationKey, DestinationKind};
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -34,6 +34,10 @@ pub struct Snapshot {
     /// The instances of chain targets other than a destination itself (that one is in
     /// `endpoints`).
     pub targets: BTreeMap<TargetKey, Vec<HealthEntry>>,
+    /// Transparent mode: the services intentions let this one reach, once read.
+    pub intention_upstreams: Option<Vec<String>>,
+    /// Transparent mode: the mesh config entry, once read (the default when none exists).
+    pub mesh: Option<MeshEntry>,
 }
 
 impl Snapshot {
@@ -53,6 +57,8 @@ impl Snapshot {
             Update::Endpoints(k, e) => insert(&mut self.endpoints, k, e),
             Update::Chain(k, c) => insert(&mut self.chains, k, c),
             Update::TargetEndpoints(k, e) => insert(&mut self.targets, k, e),
+            Update::IntentionUpstreams(u) => replace(&mut self.intention_upstreams, Some(u)),
+            Update::Mesh(m) => replace(&mut self.mesh, Some(m)),
         }
     }
 
@@ -81,6 +87,11 @@ impl Snapshot {
         missing
     }
 
+    /// The implicit upstreams read so far (transparent mode), empty until read.
+    pub fn implicit_upstreams(&self) -> &[String] {
+        self.intention_upstreams.as_deref().unwrap_or_default()
+    }
+
     pub fn is_complete(&self) -> bool {
         self.missing().is_empty()
     }
@@ -92,10 +103,13 @@ impl Snapshot {
     /// target in an unreachable datacenter must not hold back the rest.
     pub fn endpoints_known(&self) -> bool {
         self.registration.as_ref().is_some_and(|r| {
-            destinations(r).iter().all(|k| {
-                self.endpoints.contains_key(k)
-                    && (k.kind != DestinationKind::Service || self.chains.contains_key(k))
-            })
+            let transparent_known =
+                !is_transparent(r) || (self.intention_upstreams.is_some() && self.mesh.is_some());
+            transparent_known
+                && destinations(r, self.implicit_upstreams()).iter().all(|k| {
+                    self.endpoints.contains_key(k)
+                        && (k.kind != DestinationKind::Service || self.chains.contains_key(k))
+                })
         })
     }
 }

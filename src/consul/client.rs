@@ -232,6 +232,13 @@ pub const INTENTIONS_PATH: &str = "/v1/connect/intentions";
 pub const AGENT_SELF_PATH: &str = "/v1/agent/self";
 pub const AUTHORIZE_PATH: &str = "/v1/agent/connect/authorize";
 pub const REGISTER_PATH: &str = "/v1/agent/service/register";
+/// The mesh config entry (transparent mode reads `TransparentProxy.MeshDestinationsOnly`).
+pub const MESH_PATH: &str = "/v1/config/mesh/mesh";
+
+/// What `service` may reach by intentions (transparent mode); blocks on an index.
+pub fn topology_path(service: &str) -> String {
+    format!("/v1/internal/ui/service-topology/{}?kind=", encode(service))
+}
 
 /// Path of the blocking registration read for a proxy ID.
 pub fn registration_path(proxy_id: &str) -> String {

@@ -10,19 +10,19 @@ use std::time::{Duration, Instant};
 
 use super::api::{
     self, AgentCheck, AgentSelf, AgentService, CaRoots, HealthEntry, IntentionEntry, LeafCert,
-    QueryResult,
+    MeshEntry, QueryResult, ServiceTopology,
 };
 use super::chain::{
     chain_path, parse_chain, serving, target_health_path, targets_to_watch, DiscoveryChain,
     TargetKey,
 };
 use super::client::{
-    checks_path, endpoints_path, leaf_path, registration_path, Consul, AGENT_SELF_PATH,
-    AUTHORIZE_PATH, INTENTIONS_PATH, ROOTS_PATH,
+    checks_path, endpoints_path, leaf_path, registration_path, topology_path, Consul,
+    AGENT_SELF_PATH, AUTHORIZE_PATH, INTENTIONS_PATH, MESH_PATH, ROOTS_PATH,
 };
 use super::{
-    checks_update, destinations, exposed_checks_of, poll_intervals, DestinationKey,
-    DestinationKind, Update,
+    checks_update, destinations, exposed_checks_of, is_transparent, mesh_update, poll_intervals,
+    DestinationKey, DestinationKind, Update,
 };
 use crate::http::encode;
 
@@ -99,6 +99,8 @@ pub struct Watchers {
     checks_for: Option<(String, WatchHandle)>,
     /// Whether the agent's address was asked for (once, for `Expose.Checks`).
     agent_address_started: bool,
+    /// Transparent mode's watches (intention upstreams of the service, the mesh entry).
+    transparent_for: Option<(String, Vec<WatchHandle>)>,
     /// Whether to watch intentions; started once the service name is known.
     intentions: bool,
     intentions_started: bool,
@@ -124,6 +126,7 @@ impl Watchers {
             targets: BTreeMap::new(),
             checks_for: None,
             agent_address_started: false,
+            transparent_for: None,
             intentions,
             intentions_started: false,
         };
@@ -176,8 +179,9 @@ impl Watchers {
         self.fixed.push(WatchHandle { stop });
     }
 
-    /// Brings the leaf and destination watches in line with a (new) registration.
-    pub fn follow(&mut self, registration: &AgentService) {
+    /// Brings the leaf and destination watches in line with a (new) registration and, in
+    /// transparent mode, the implicit upstreams read so far.
+    pub fn follow(&mut self, registration: &AgentService, implicit: &[String]) {
         let service = registration
             .proxy
             .as_ref()
@@ -218,7 +222,29 @@ impl Watchers {
             Some(_) => {}
         }
 
-        let wanted = destinations(registration);
+        if !is_transparent(registration) || service.is_empty() {
+            self.transparent_for = None;
+        } else if self.transparent_for.as_ref().map(|(s, _)| s) != Some(&service) {
+            let topology = self.spawn(
+                format!("intention upstreams of {service}"),
+                topology_path(&service),
+                WatchMode::Index,
+                |body| {
+                    api::parse::<ServiceTopology>("the service topology", body)
+                        .map(|t| Update::IntentionUpstreams(t.allowed()))
+                },
+            );
+            // No mesh entry (404) is Consul's defaults, and the 404 blocks on an index too.
+            let mesh = self.spawn_with_absent(
+                "the mesh config entry".into(),
+                MESH_PATH.into(),
+                Some(Update::Mesh(MeshEntry::default())),
+                |body| mesh_update(200, body).map(Update::Mesh),
+            );
+            self.transparent_for = Some((service.clone(), vec![topology, mesh]));
+        }
+
+        let wanted = destinations(registration, implicit);
         let intervals = poll_intervals(registration);
         self.destinations.retain(|k, _| wanted.contains(k));
         self.chains.retain(|k, _| wanted.contains(k));
@@ -316,6 +342,28 @@ impl Watchers {
         mode: WatchMode,
         parse: impl Fn(&str) -> crate::error::Result<Update> + Send + 'static,
     ) -> WatchHandle {
+        self.spawn_watch(what, path, mode, None, parse)
+    }
+
+    /// A blocking watch (by index) of a path whose 404 means `absent` (a config entry).
+    fn spawn_with_absent(
+        &self,
+        what: String,
+        path: String,
+        absent: Option<Update>,
+        parse: impl Fn(&str) -> crate::error::Result<Update> + Send + 'static,
+    ) -> WatchHandle {
+        self.spawn_watch(what, path, WatchMode::Index, absent, parse)
+    }
+
+    fn spawn_watch(
+        &self,
+        what: String,
+        path: String,
+        mode: WatchMode,
+        absent: Option<Update>,
+        parse: impl Fn(&str) -> crate::error::Result<Update> + Send + 'static,
+    ) -> WatchHandle {
         let stop = Arc::new(AtomicBool::new(false));
         let watch = Watch {
             consul: self.consul.clone(),
@@ -324,6 +372,7 @@ impl Watchers {
             what,
             path,
             mode,
+            absent,
             stop: stop.clone(),
         };
         let name = format!("watch {}", watch.path);
@@ -498,6 +547,8 @@ struct Watch {
     what: String,
     path: String,
     mode: WatchMode,
+    /// What a 404 means, for a path where it is an answer (a config entry not written).
+    absent: Option<Update>,
     stop: Arc<AtomicBool>,
 }
 
@@ -589,6 +640,21 @@ impl Watch {
                                 log::error!("ignoring a bad answer for {}: {e}", self.what);
                                 self.sink.watch_error(&self.path);
                             }
+                        }
+                    }
+                    None
+                }
+                Ok(answer) if answer.status == 404 && self.absent.is_some() => {
+                    if self.mode == WatchMode::Index {
+                        index = next_index(index, answer.index);
+                    }
+                    failures = 0;
+                    last_error = None;
+                    // An empty body never comes with a 200, so it stands for "absent".
+                    if last_body.as_deref() != Some("") {
+                        last_body = Some(String::new());
+                        if let Some(update) = &self.absent {
+                            self.sink.update(update.clone());
                         }
                     }
                     None
@@ -739,7 +805,7 @@ mod tests {
                  {"DestinationType":"prepared_query","DestinationName":"pq","LocalBindPort":9194}]}}"#,
         )
         .unwrap();
-        let keys = destinations(&reg);
+        let keys = destinations(&reg, &[]);
         assert_eq!(keys.len(), 3, "{keys:?}");
         assert!(keys.iter().any(|k| k.datacenter == "dc2"));
         assert!(keys

@@ -291,11 +291,18 @@ impl Supervisor {
     /// intentions (agent table or warning) follow at once.
     fn absorb(&mut self, update: Update) -> bool {
         if let Update::Registration(reg) = &update {
-            self.watchers.follow(reg);
+            self.watchers
+                .follow(reg, self.snapshot.implicit_upstreams());
         }
-        let chain = matches!(update, Update::Chain(..) | Update::Registration(_));
+        let implicit = matches!(update, Update::IntentionUpstreams(_));
+        let chain = implicit || matches!(update, Update::Chain(..) | Update::Registration(_));
         if !self.snapshot.apply(update) {
             return false;
+        }
+        if let (true, Some(reg)) = (implicit, &self.snapshot.registration) {
+            // Transparent mode: an implicit upstream gained or lost is a destination to watch.
+            self.watchers
+                .follow(reg, self.snapshot.implicit_upstreams());
         }
         if chain {
             self.watchers.follow_chains(&self.snapshot.chains);
