@@ -1,0 +1,344 @@
+//! Transparent proxy (issue 29) on Consul 1.16.3, in network namespaces this test makes:
+//! host `srv` runs a Consul dev agent and the mesh services (`server`, `denied`, later
+//! `late`), each an app with its sidecar; host `pod` runs the client's sidecar as its own UID
+//! with `consul connect redirect-traffic` applied there by the test, and the test's requests
+//! from inside `pod` are the client app; host `ext` runs a plain app outside the mesh.
+//! Needs root (namespaces, iptables); skipped on Consul 1.8.7, which has no transparent mode.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::netns::{can_create_namespaces, Host, Net};
+use support::{
+    bin_path, consul_bin, consul_is_current, http_request, wait_until, Child, HttpApp, TempDir,
+};
+
+const AGENT_PORT: u16 = 8500;
+const PROXY_UID: &str = "5995";
+const CLIENT_APP_PORT: u16 = 18000;
+const CLIENT_SIDECAR_PORT: u16 = 21000;
+const EXT_PORT: u16 = 18080;
+
+struct Service {
+    name: &'static str,
+    app_port: u16,
+    sidecar_port: u16,
+}
+
+const SERVER: Service = Service {
+    name: "server",
+    app_port: 18001,
+    sidecar_port: 21001,
+};
+const DENIED: Service = Service {
+    name: "denied",
+    app_port: 18002,
+    sidecar_port: 21002,
+};
+const LATE: Service = Service {
+    name: "late",
+    app_port: 18003,
+    sidecar_port: 21003,
+};
+
+fn agent_addr(srv: &Host) -> String {
+    srv.at(AGENT_PORT)
+}
+
+fn request(srv: &Host, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let addr = agent_addr(srv);
+    srv.run(|| {
+        http_request(
+            &addr,
+            method,
+            path,
+            body.map(str::as_bytes),
+            Duration::from_secs(10),
+        )
+        .map(|r| (r.status, r.body))
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    })
+}
+
+fn put(srv: &Host, path: &str, body: &Value) {
+    let (status, text) = request(srv, "PUT", path, Some(&body.to_string()));
+    assert_eq!(status, 200, "PUT {path}: {text}");
+}
+
+/// An app in `srv` and its sidecar (public listener on srv's address).
+struct Running {
+    _app: HttpAppIn,
+    _sidecar: Child,
+}
+
+/// A test app whose listener lives in a host; dropped from inside it.
+struct HttpAppIn {
+    app: Option<HttpApp>,
+    host: Host,
+}
+
+impl Drop for HttpAppIn {
+    fn drop(&mut self) {
+        let app = self.app.take();
+        self.host.run(move || drop(app));
+    }
+}
+
+/// An app on the host's loopback (`ip` None) or on `ip`.
+fn app_in(host: &Host, ip: Option<&str>, port: u16, body: &str) -> HttpAppIn {
+    HttpAppIn {
+        app: Some(host.run(|| HttpApp::start_at(ip.unwrap_or("127.0.0.1"), port, body))),
+        host: host.clone(),
+    }
+}
+
+fn start_service(srv: &Host, s: &Service, base: &TempDir) -> Running {
+    let app = app_in(srv, None, s.app_port, &format!("hello from {}", s.name));
+    put(
+        srv,
+        "/v1/agent/service/register",
+        &json!({
+            "Name": s.name, "ID": s.name, "Address": srv.addr, "Port": s.app_port,
+            "Connect": { "SidecarService": {
+                "Address": srv.addr, "Port": s.sidecar_port,
+                "Proxy": {
+                    "LocalServiceAddress": "127.0.0.1",
+                    "Config": { "bind_address": srv.addr },
+                },
+                "Checks": [{ "Name": "listening", "TCP": srv.at(s.sidecar_port), "Interval": "1s" }],
+            } },
+        }),
+    );
+    let dir = base.join(s.name);
+    std::fs::create_dir_all(&dir).expect("sidecar base dir");
+    let mut cmd = srv.command(bin_path());
+    cmd.args(["-sidecar-for", s.name, "-http-addr", &agent_addr(srv)])
+        .arg("-haproxy-cfg-base-path")
+        .arg(&dir);
+    Running {
+        _app: app,
+        _sidecar: Child::spawn(&format!("sidecar-{}", s.name), &mut cmd, base.path()),
+    }
+}
+
+/// The service's virtual IP as Consul tags its sidecar's instances.
+fn virtual_ip(srv: &Host, service: &str) -> String {
+    let mut vip = String::new();
+    wait_until(Duration::from_secs(30), "a virtual IP", || {
+        let (_, body) = request(
+            srv,
+            "GET",
+            &format!("/v1/health/connect/{service}?passing=1"),
+            None,
+        );
+        let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+        match v[0]["Service"]["TaggedAddresses"]["consul-virtual"]["Address"].as_str() {
+            Some(a) => {
+                vip = a.to_string();
+                true
+            }
+            None => false,
+        }
+    })
+    .unwrap_or_else(|e| panic!("{service}: {e}"));
+    vip
+}
+
+/// A request the client app makes from inside the pod (so the redirect applies to it).
+fn from_pod(pod: &Host, addr: &str) -> Result<(u16, String), String> {
+    pod.run(|| {
+        http_request(addr, "GET", "/", None, Duration::from_secs(3)).map(|r| (r.status, r.body))
+    })
+}
+
+fn answers(pod: &Host, addr: &str, body: &str) -> bool {
+    matches!(from_pod(pod, addr), Ok((200, b)) if b == body)
+}
+
+#[test]
+fn the_app_reaches_mesh_services_by_virtual_ip_and_the_rest_as_the_mesh_entry_says() {
+    if !consul_is_current() {
+        eprintln!("skipped: transparent proxy needs Consul 1.10+");
+        return;
+    }
+    if !can_create_namespaces() {
+        eprintln!("SKIPPED: needs root for network namespaces and iptables");
+        return;
+    }
+    let net = Net::new(&["srv", "pod", "ext"]);
+    let (srv, pod, ext) = (net.host("srv"), net.host("pod"), net.host("ext"));
+    let base = TempDir::new("tproxy");
+    let agent_dir = base.join("agent");
+    std::fs::create_dir_all(&agent_dir).expect("agent dir");
+    let config = json!({
+        "bind_addr": srv.addr, "advertise_addr": srv.addr,
+        "client_addr": format!("127.0.0.1 {}", srv.addr),
+        "ports": { "http": AGENT_PORT, "dns": -1, "serf_wan": -1, "grpc": -1, "grpc_tls": -1 },
+        "disable_update_check": true,
+    });
+    let config_path = agent_dir.join("consul.json");
+    std::fs::write(&config_path, config.to_string()).expect("consul.json");
+    let mut cmd = srv.command(consul_bin());
+    cmd.args(["agent", "-dev", "-config-file"])
+        .arg(&config_path);
+    let agent = Child::spawn("consul", &mut cmd, &agent_dir);
+    wait_until(Duration::from_secs(30), "the agent's CA", || {
+        let addr = agent_addr(srv);
+        srv.run(|| {
+            http_request(
+                &addr,
+                "GET",
+                "/v1/agent/connect/ca/roots",
+                None,
+                Duration::from_secs(2),
+            )
+            .is_ok_and(|r| r.status == 200 && r.body.contains("RootCert"))
+        })
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.logs()));
+
+    let server = start_service(srv, &SERVER, &base);
+    let denied = start_service(srv, &DENIED, &base);
+    put(
+        srv,
+        "/v1/config",
+        &json!({"Kind": "service-intentions", "Name": "denied",
+                "Sources": [{"Name": "client", "Action": "deny"}]}),
+    );
+    let ext_app = app_in(ext, Some(&ext.addr), EXT_PORT, "outside the mesh");
+
+    // The client: registered in transparent mode, its sidecar in the pod as its own UID.
+    put(
+        srv,
+        "/v1/agent/service/register",
+        &json!({
+            "Name": "client", "ID": "client", "Address": pod.addr, "Port": CLIENT_APP_PORT,
+            "Connect": { "SidecarService": {
+                "Address": pod.addr, "Port": CLIENT_SIDECAR_PORT,
+                "Proxy": { "Mode": "transparent", "LocalServiceAddress": "127.0.0.1" },
+                "Checks": [{ "Name": "alive", "TTL": "1h", "Status": "passing" }],
+            } },
+        }),
+    );
+    let client_dir = base.join("client");
+    std::fs::create_dir_all(&client_dir).expect("client dir");
+    for d in [base.path(), client_dir.as_path()] {
+        std::process::Command::new("chmod")
+            .arg("0777")
+            .arg(d)
+            .status()
+            .expect("chmod");
+    }
+    let mut cmd = pod.command("setpriv");
+    cmd.args([
+        &format!("--reuid={PROXY_UID}"),
+        &format!("--regid={PROXY_UID}"),
+        "--clear-groups",
+    ])
+    .arg(bin_path())
+    .args(["-sidecar-for", "client", "-http-addr", &agent_addr(srv)])
+    .arg("-haproxy-cfg-base-path")
+    .arg(&client_dir)
+    .args(["-log-level", "debug"]);
+    let client = Child::spawn("sidecar-client", &mut cmd, base.path());
+
+    let out = pod
+        .command(consul_bin())
+        .args([
+            "connect",
+            "redirect-traffic",
+            "-proxy-id",
+            "client-sidecar-proxy",
+            "-proxy-uid",
+            PROXY_UID,
+            "-http-addr",
+            &agent_addr(srv),
+        ])
+        .output()
+        .expect("consul connect redirect-traffic");
+    assert!(
+        out.status.success(),
+        "redirect-traffic: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A pod has a default route; without one, a connection to a virtual IP fails before the
+    // redirect can take it.
+    let route = std::process::Command::new("ip")
+        .args(["-n", &pod.ns, "route", "add", "default", "via", &srv.addr])
+        .status()
+        .expect("ip route");
+    assert!(route.success(), "default route in the pod");
+    let server_vip = virtual_ip(srv, "server");
+    let denied_vip = virtual_ip(srv, "denied");
+    let server_at = format!("{server_vip}:80");
+    wait_until(
+        Duration::from_secs(60),
+        "server through its virtual IP",
+        || answers(pod, &server_at, "hello from server"),
+    )
+    .unwrap_or_else(|e| {
+        let nat = pod
+            .command("iptables-save")
+            .output()
+            .expect("iptables-save");
+        panic!(
+            "{e}: {:?}\nthe pod's rules:\n{}\n{}",
+            from_pod(pod, &server_at),
+            String::from_utf8_lossy(&nat.stdout),
+            client.logs()
+        )
+    });
+
+    // A service whose intention denies the client has no route: passed through to its virtual
+    // IP, which nothing serves.
+    assert!(
+        from_pod(pod, &format!("{denied_vip}:80")).is_err(),
+        "denied service reached\n{}",
+        client.logs()
+    );
+
+    // A destination outside the mesh: passed through while MeshDestinationsOnly is false.
+    let ext_at = ext.at(EXT_PORT);
+    assert!(
+        answers(pod, &ext_at, "outside the mesh"),
+        "{:?}\n{}",
+        from_pod(pod, &ext_at),
+        client.logs()
+    );
+
+    // A service registered after the sidecar started: reachable without a restart.
+    let late = start_service(srv, &LATE, &base);
+    let late_at = format!("{}:80", virtual_ip(srv, "late"));
+    wait_until(
+        Duration::from_secs(60),
+        "late through its virtual IP",
+        || answers(pod, &late_at, "hello from late"),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", client.logs()));
+
+    // MeshDestinationsOnly: the address outside the mesh is refused, the mesh still served.
+    put(
+        srv,
+        "/v1/config",
+        &json!({"Kind": "mesh", "TransparentProxy": {"MeshDestinationsOnly": true}}),
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "the outside address refused",
+        || !answers(pod, &ext_at, "outside the mesh"),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", client.logs()));
+    assert!(
+        answers(pod, &server_at, "hello from server"),
+        "{}",
+        client.logs()
+    );
+    // The redirect rules were applied in the pod only: the sidecar's own UID is excluded
+    // (its upstream connections are not captured, or nothing above would have answered).
+    drop((client, late, server, denied, ext_app));
+    drop(agent);
+    net.remove_and_check();
+}
