@@ -7,7 +7,7 @@
 use serde::Serialize;
 
 use crate::model::chain::{Match, Route, TargetBackend, ValueMatch, SPLIT_SCALE};
-use crate::model::transparent::Outbound;
+use crate::model::transparent::{Outbound, PROBE_ADDRESS};
 use crate::model::{
     AppHeader, Desired, ExposedListener, Mode, Public, Server, Slot, UpstreamListener,
     FREE_SLOT_ADDRESS, FREE_SLOT_PORT,
@@ -993,6 +993,8 @@ pub fn outbound_sections(d: &Desired, o: &Outbound) -> Vec<Section> {
             "tcp-request connection reject if {{ dst {} }} {{ dst_port {} }}",
             o.bind_address, o.port
         ),
+        // The sidecar's own probe (`supervisor::redirect`), should its traffic be redirected.
+        format!("tcp-request connection reject if {{ dst {PROBE_ADDRESS} }}"),
     ];
     if o.mesh_only {
         lines.push(format!("tcp-request connection reject unless {found}"));

@@ -157,6 +157,71 @@ fn answers(pod: &Host, addr: &str, body: &str) -> bool {
     matches!(from_pod(pod, addr), Ok((200, b)) if b == body)
 }
 
+fn plain_get(addr: &str) -> Result<(u16, String), String> {
+    http_request(addr, "GET", "/", None, Duration::from_secs(3)).map(|r| (r.status, r.body))
+}
+
+/// The client's sidecar in the pod, run as `PROXY_UID` (`setpriv`), its children too.
+fn client_sidecar(pod: &Host, srv: &Host, dir: &std::path::Path, base: &TempDir) -> Child {
+    let mut cmd = pod.command("setpriv");
+    cmd.args([
+        &format!("--reuid={PROXY_UID}"),
+        &format!("--regid={PROXY_UID}"),
+        "--clear-groups",
+    ])
+    .arg(bin_path())
+    .args(["-sidecar-for", "client", "-http-addr", &agent_addr(srv)])
+    .arg("-haproxy-cfg-base-path")
+    .arg(dir)
+    .args(["-log-level", "debug"]);
+    Child::spawn("sidecar-client", &mut cmd, base.path())
+}
+
+/// `consul connect redirect-traffic` for the client's proxy, applied in the pod.
+fn redirect_traffic(pod: &Host, srv: &Host, uid: &str, excluded_cidrs: &[&str]) {
+    let mut cmd = pod.command(consul_bin());
+    cmd.args([
+        "connect",
+        "redirect-traffic",
+        "-proxy-id",
+        "client-sidecar-proxy",
+        "-proxy-uid",
+        uid,
+        "-http-addr",
+        &agent_addr(srv),
+    ]);
+    for c in excluded_cidrs {
+        cmd.args(["-exclude-outbound-cidr", c]);
+    }
+    let out = cmd.output().expect("consul connect redirect-traffic");
+    assert!(
+        out.status.success(),
+        "redirect-traffic: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Removes every NAT rule and chain of the pod; whether that worked.
+fn flush_rules(pod: &Host) -> bool {
+    [["-t", "nat", "-F"], ["-t", "nat", "-X"]]
+        .iter()
+        .all(|args| {
+            pod.command("iptables")
+                .args(args)
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+}
+
+/// The pod's redirect, flushed when dropped.
+struct Rules(Host);
+
+impl Drop for Rules {
+    fn drop(&mut self) {
+        flush_rules(&self.0);
+    }
+}
+
 #[test]
 fn the_app_reaches_mesh_services_by_virtual_ip_and_the_rest_as_the_mesh_entry_says() {
     if !consul_is_current() {
@@ -231,37 +296,36 @@ fn the_app_reaches_mesh_services_by_virtual_ip_and_the_rest_as_the_mesh_entry_sa
             .status()
             .expect("chmod");
     }
-    let mut cmd = pod.command("setpriv");
-    cmd.args([
-        &format!("--reuid={PROXY_UID}"),
-        &format!("--regid={PROXY_UID}"),
-        "--clear-groups",
-    ])
-    .arg(bin_path())
-    .args(["-sidecar-for", "client", "-http-addr", &agent_addr(srv)])
-    .arg("-haproxy-cfg-base-path")
-    .arg(&client_dir)
-    .args(["-log-level", "debug"]);
-    let client = Child::spawn("sidecar-client", &mut cmd, base.path());
-
-    let out = pod
-        .command(consul_bin())
-        .args([
-            "connect",
-            "redirect-traffic",
-            "-proxy-id",
-            "client-sidecar-proxy",
-            "-proxy-uid",
-            PROXY_UID,
-            "-http-addr",
-            &agent_addr(srv),
-        ])
-        .output()
-        .expect("consul connect redirect-traffic");
+    // The client app listens on the pod's address: reachable from other hosts until the
+    // redirect sends inbound connections to the public listener.
+    let client_app = app_in(pod, Some(&pod.addr), CLIENT_APP_PORT, "the client app");
+    let client_app_at = pod.at(CLIENT_APP_PORT);
     assert!(
-        out.status.success(),
-        "redirect-traffic: {}",
-        String::from_utf8_lossy(&out.stderr)
+        srv.run(|| plain_get(&client_app_at)).is_ok(),
+        "the app answers before the redirect"
+    );
+    let client = client_sidecar(pod, srv, &client_dir, &base);
+    redirect_traffic(pod, srv, PROXY_UID, &[]);
+    // Dropped before the apps (also on a panic): an app in the pod stops by connecting to
+    // itself, which the redirect would take away.
+    let rules = Rules(pod.clone());
+    // The sidecar runs as the exempt UID: the start-up check says so, and warns of nothing.
+    wait_until(Duration::from_secs(60), "the redirect check", || {
+        client.log_contains(&format!("this sidecar runs as UID {PROXY_UID}"))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", client.logs()));
+    assert!(
+        !client.log_contains("WARN  [supervisor] transparent mode:"),
+        "{}",
+        client.logs()
+    );
+
+    // Inbound: a plain request from another host to the app's port reaches the public
+    // listener (mTLS), not the app.
+    let plain = srv.run(|| plain_get(&client_app_at));
+    assert!(
+        !matches!(&plain, Ok((200, b)) if b == "the client app"),
+        "the app answered a plain request from outside: {plain:?}"
     );
 
     // A pod has a default route; without one, a connection to a virtual IP fails before the
@@ -338,7 +402,19 @@ fn the_app_reaches_mesh_services_by_virtual_ip_and_the_rest_as_the_mesh_entry_sa
     );
     // The redirect rules were applied in the pod only: the sidecar's own UID is excluded
     // (its upstream connections are not captured, or nothing above would have answered).
-    drop((client, late, server, denied, ext_app));
+
+    // The sidecar run as a UID the redirect does not exempt (Consul's address excluded, so it
+    // still starts): the start-up check names it.
+    drop(client);
+    assert!(flush_rules(pod), "flushing the pod's rules");
+    redirect_traffic(pod, srv, "5996", &[&format!("{}/32", srv.addr)]);
+    let client = client_sidecar(pod, srv, &client_dir, &base);
+    wait_until(Duration::from_secs(60), "the redirect warning", || {
+        client.log_contains("own connections are redirected")
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", client.logs()));
+
+    drop((rules, client, late, server, denied, ext_app, client_app));
     drop(agent);
     net.remove_and_check();
 }

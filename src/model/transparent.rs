@@ -18,6 +18,10 @@ pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
 /// delivers it to 127.0.0.1, as Consul's Envoy binds its outbound listener.
 pub const OUTBOUND_BIND: Address = Address::Ip(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
 
+/// What `supervisor::redirect` dials to learn whether the sidecar's own connections are
+/// redirected (TEST-NET-1: nothing answers it); the outbound listener refuses it.
+pub const PROBE_ADDRESS: &str = "192.0.2.1";
+
 /// The outbound listener and its routing table.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Outbound {

@@ -10,6 +10,7 @@
 pub mod children;
 pub mod preflight;
 pub mod process;
+pub mod redirect;
 pub mod signals;
 
 use std::path::{Path, PathBuf};
@@ -672,6 +673,9 @@ impl Supervisor {
                 d.upstreams.len()
             ),
         );
+        if let Some(o) = &d.transparent {
+            redirect::check_in_background(o.port);
+        }
     }
 
     /// Builds the desired state from the snapshot and hands it to the applier if it changed.
