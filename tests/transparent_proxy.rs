@@ -10,9 +10,11 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use support::mesh::config_objects;
 use support::netns::{can_create_namespaces, Host, Net};
 use support::{
-    bin_path, consul_bin, consul_is_current, http_request, wait_until, Child, HttpApp, TempDir,
+    bin_path, consul_bin, consul_is_current, dry_run, http_request, sidecar_workdir, wait_until,
+    Child, HttpApp, TempDir,
 };
 
 const AGENT_PORT: u16 = 8500;
@@ -375,13 +377,41 @@ fn the_app_reaches_mesh_services_by_virtual_ip_and_the_rest_as_the_mesh_entry_sa
 
     // A service registered after the sidecar started: reachable without a restart.
     let late = start_service(srv, &LATE, &base);
-    let late_at = format!("{}:80", virtual_ip(srv, "late"));
+    let late_vip = virtual_ip(srv, "late");
+    let late_at = format!("{late_vip}:80");
     wait_until(
         Duration::from_secs(60),
         "late through its virtual IP",
         || answers(pod, &late_at, "hello from late"),
     )
     .unwrap_or_else(|e| panic!("{e}\n{}", client.logs()));
+
+    // --dry-run prints the outbound routing table; and the configuration the deltas left
+    // (the late service's backend came through a Dataplane API transaction, its route
+    // through the runtime API) describes the same HAProxy objects as a fresh render.
+    let dry_base = base.join("dry");
+    std::fs::create_dir_all(&dry_base).expect("dry-run dir");
+    let text = srv.run(|| dry_run(&agent_addr(srv), &dry_base, "client", &[]));
+    for (service, vip) in [("server", &server_vip), ("late", &late_vip)] {
+        let route =
+            format!("# service {service}\n{vip} be_up_svc_{service}_local_127.0.0.1_15001\n");
+        assert!(text.contains(&route), "no route {route:?} in\n{text}");
+    }
+    let fresh = text
+        .split_once("haproxy.cfg <==\n")
+        .map(|(_, cfg)| cfg)
+        .expect("haproxy.cfg in the dry run");
+    let fresh_dir = dry_base.join("hcc-client-sidecar-proxy-dry-run");
+    let workdir = sidecar_workdir(&client_dir, "client");
+    let applied =
+        std::fs::read_to_string(workdir.join("haproxy.cfg")).expect("client's haproxy.cfg");
+    let a = config_objects(&applied, &workdir.display().to_string());
+    let b = config_objects(fresh, &fresh_dir.display().to_string());
+    assert_eq!(
+        a.difference(&b).collect::<Vec<_>>(),
+        b.difference(&a).collect::<Vec<_>>(),
+        "deltas (left) and a fresh render (right) differ"
+    );
 
     // MeshDestinationsOnly: the address outside the mesh is refused, the mesh still served.
     put(
