@@ -324,6 +324,9 @@ impl HealthService {
 pub struct InstanceProxy {
     #[serde(default, deserialize_with = "null_as_default")]
     pub destination_service_name: String,
+    /// Consul 1.10+: whether the instance may be dialed at its own address (transparent mode).
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub transparent_proxy: TransparentProxy,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]

@@ -91,9 +91,14 @@ pub fn outbound(
             ));
             continue;
         }
-        let Some(vip) = virtual_ip(snapshot, &service, warnings) else {
+        let Some((vip, dialed_directly)) = virtual_ip(snapshot, &service, warnings) else {
             continue;
         };
+        if dialed_directly {
+            warnings.push(format!(
+                "implicit upstream {service:?}: its proxy allows DialedDirectly, which this sidecar does not route yet; only its virtual IP goes through the mesh (its instances' own addresses are treated as outside the mesh)"
+            ));
+        }
         if let Some(other) = routes.iter().find(|r| r.virtual_ip == vip) {
             warnings.push(format!(
                 "implicit upstream {service:?}: virtual IP {vip} is already {:?}'s; not routed",
@@ -119,21 +124,28 @@ pub fn outbound(
     }
 }
 
-/// The service's virtual IP from its instances (the same on each); a refused one is named
-/// and the service not routed.
-fn virtual_ip(snapshot: &Snapshot, service: &str, warnings: &mut Vec<String>) -> Option<Address> {
+/// The service's virtual IP from its instances (the same on each), and whether any of them
+/// may be dialed directly; a refused address is named and the service not routed.
+fn virtual_ip(
+    snapshot: &Snapshot,
+    service: &str,
+    warnings: &mut Vec<String>,
+) -> Option<(Address, bool)> {
     let key = crate::consul::DestinationKey {
         kind: crate::consul::DestinationKind::Service,
         name: service.to_string(),
         datacenter: String::new(),
     };
-    let raw = snapshot
-        .endpoints
-        .get(&key)?
-        .iter()
-        .find_map(|e| e.service.virtual_ip())?;
+    let entries = snapshot.endpoints.get(&key)?;
+    let raw = entries.iter().find_map(|e| e.service.virtual_ip())?;
+    let dialed_directly = entries.iter().any(|e| {
+        e.service
+            .proxy
+            .as_ref()
+            .is_some_and(|p| p.transparent_proxy.dialed_directly)
+    });
     match Address::parse_ip("TaggedAddresses.consul-virtual", raw) {
-        Ok(a) => Some(a),
+        Ok(a) => Some((a, dialed_directly)),
         Err(e) => {
             warnings.push(format!("implicit upstream {service:?}: {e}; not routed"));
             None
@@ -204,6 +216,63 @@ mod tests {
         assert!(
             map.contains(&format!("{} {}\n", o.routes[0].virtual_ip, u.backend)),
             "{map}"
+        );
+    }
+
+    /// Consul 1.16.3's answer for a transparent `client` (trimmed), with `other` denied by an
+    /// intention (Consul leaves denied services out; an entry that says not allowed is dropped
+    /// too).
+    #[test]
+    fn the_topology_answer_gives_the_allowed_services() {
+        let body = r#"{"Protocol":"tcp","TransparentProxy":true,"Upstreams":[
+            {"Name":"server","Datacenter":"dc1","Tags":null,"Source":"default-allow",
+             "Intention":{"Allowed":true,"HasPermissions":false,"DefaultAllow":true}},
+            {"Name":"other","Datacenter":"dc1","Intention":{"Allowed":false}},
+            {"Name":"server","Datacenter":"dc1","Intention":{"Allowed":true}}],
+            "Downstreams":[],"FilteredByACLs":false}"#;
+        let t: crate::consul::api::ServiceTopology =
+            crate::consul::api::parse("the service topology", body).unwrap();
+        assert_eq!(t.allowed(), ["server"]);
+        let empty: crate::consul::api::ServiceTopology =
+            crate::consul::api::parse("the service topology", r#"{"Upstreams":null}"#).unwrap();
+        assert!(empty.allowed().is_empty());
+    }
+
+    #[test]
+    fn dialed_directly_and_a_bad_virtual_ip_are_named() {
+        let mut s = modern(Some(false));
+        let key = DestinationKey {
+            kind: DestinationKind::Service,
+            name: "server".into(),
+            datacenter: String::new(),
+        };
+        let mut entries = s.endpoints[&key].clone();
+        if let Some(p) = entries[0].service.proxy.as_mut() {
+            p.transparent_proxy.dialed_directly = true;
+        }
+        s.apply(Update::Endpoints(key.clone(), entries.clone()));
+        let d = build(&s, &settings(), None).unwrap();
+        assert!(
+            d.warnings.iter().any(|w| w.contains("DialedDirectly")),
+            "{:?}",
+            d.warnings
+        );
+        assert_eq!(d.transparent.as_ref().unwrap().routes.len(), 1);
+        for e in &mut entries {
+            e.service.tagged_addresses.insert(
+                "consul-virtual".into(),
+                serde_json::json!({"Address": "240.0.0.1 be_x\n1.2.3.4", "Port": 1}),
+            );
+        }
+        s.apply(Update::Endpoints(key, entries));
+        let d = build(&s, &settings(), None).unwrap();
+        assert!(d.transparent.as_ref().unwrap().routes.is_empty());
+        assert!(
+            d.warnings
+                .iter()
+                .any(|w| w.contains("consul-virtual") && w.contains("not routed")),
+            "{:?}",
+            d.warnings
         );
     }
 
