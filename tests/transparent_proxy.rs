@@ -10,11 +10,12 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use support::load::Load;
 use support::mesh::config_objects;
 use support::netns::{can_create_namespaces, Host, Net};
 use support::{
-    bin_path, consul_bin, consul_is_current, dry_run, http_request, sidecar_workdir, wait_until,
-    Child, HttpApp, TempDir,
+    bin_path, consul_bin, consul_is_current, dry_run, http_request, servers_up, sidecar_workdir,
+    wait_until, Child, HttpApp, TempDir,
 };
 
 const AGENT_PORT: u16 = 8500;
@@ -25,22 +26,34 @@ const EXT_PORT: u16 = 18080;
 
 struct Service {
     name: &'static str,
+    /// The instance's ID (and its sidecar's `-sidecar-for`).
+    id: &'static str,
     app_port: u16,
     sidecar_port: u16,
 }
 
 const SERVER: Service = Service {
     name: "server",
+    id: "server",
     app_port: 18001,
     sidecar_port: 21001,
 };
 const DENIED: Service = Service {
     name: "denied",
+    id: "denied",
     app_port: 18002,
     sidecar_port: 21002,
 };
+/// A second instance of server, for churn under load.
+const SERVER_2: Service = Service {
+    name: "server",
+    id: "server-2",
+    app_port: 18004,
+    sidecar_port: 21004,
+};
 const LATE: Service = Service {
     name: "late",
+    id: "late",
     app_port: 18003,
     sidecar_port: 21003,
 };
@@ -102,7 +115,7 @@ fn start_service(srv: &Host, s: &Service, base: &TempDir) -> Running {
         srv,
         "/v1/agent/service/register",
         &json!({
-            "Name": s.name, "ID": s.name, "Address": srv.addr, "Port": s.app_port,
+            "Name": s.name, "ID": s.id, "Address": srv.addr, "Port": s.app_port,
             "Connect": { "SidecarService": {
                 "Address": srv.addr, "Port": s.sidecar_port,
                 "Proxy": {
@@ -113,15 +126,15 @@ fn start_service(srv: &Host, s: &Service, base: &TempDir) -> Running {
             } },
         }),
     );
-    let dir = base.join(s.name);
+    let dir = base.join(s.id);
     std::fs::create_dir_all(&dir).expect("sidecar base dir");
     let mut cmd = srv.command(bin_path());
-    cmd.args(["-sidecar-for", s.name, "-http-addr", &agent_addr(srv)])
+    cmd.args(["-sidecar-for", s.id, "-http-addr", &agent_addr(srv)])
         .arg("-haproxy-cfg-base-path")
         .arg(&dir);
     Running {
         _app: app,
-        _sidecar: Child::spawn(&format!("sidecar-{}", s.name), &mut cmd, base.path()),
+        _sidecar: Child::spawn(&format!("sidecar-{}", s.id), &mut cmd, base.path()),
     }
 }
 
@@ -412,6 +425,30 @@ fn the_app_reaches_mesh_services_by_virtual_ip_and_the_rest_as_the_mesh_entry_sa
         b.difference(&a).collect::<Vec<_>>(),
         "deltas (left) and a fresh render (right) differ"
     );
+
+    // Churn under load through the virtual IP: a second instance of server joins and leaves
+    // (deregistered before its sidecar stops, as an orchestrator drains it); no request fails.
+    let load = pod.run(|| Load::expecting(server_at.clone(), "hello from server"));
+    let up = || servers_up(&workdir, "server_local_127.0.0.1_15001");
+    let second = start_service(srv, &SERVER_2, &base);
+    wait_until(
+        Duration::from_secs(60),
+        "two instances of server live",
+        || up() == 2,
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", client.logs()));
+    let (status, text) = request(srv, "PUT", "/v1/agent/service/deregister/server-2", None);
+    assert_eq!(status, 200, "{text}");
+    wait_until(
+        Duration::from_secs(60),
+        "one instance of server live",
+        || up() == 1,
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", client.logs()));
+    drop(second);
+    let (served, failed, errors) = load.finish();
+    eprintln!("churn through the virtual IP: {served} served, {failed} failed");
+    assert!(served > 0 && failed == 0, "{failed} failed: {errors:?}");
 
     // MeshDestinationsOnly: the address outside the mesh is refused, the mesh still served.
     put(
