@@ -23,6 +23,8 @@ const PROXY_UID: &str = "5995";
 const CLIENT_APP_PORT: u16 = 18000;
 const CLIENT_SIDECAR_PORT: u16 = 21000;
 const EXT_PORT: u16 = 18080;
+/// The client's explicit upstream listener (127.0.0.1) to server.
+const EXPLICIT_PORT: u16 = 19000;
 
 struct Service {
     name: &'static str,
@@ -237,6 +239,66 @@ impl Drop for Rules {
     }
 }
 
+/// `HCC_BENCH_TPROXY=1` (scripts/bench-tproxy): requests/s through the outbound listener
+/// (server's virtual IP) against the explicit upstream listener to the same instance, in
+/// alternating rounds of the same length, a new connection per request; printed, and a
+/// failed request fails the run (a failing path must not read as fast).
+fn bench(pod: &Host, explicit: &str, outbound: &str) {
+    const ROUNDS: usize = 3;
+    const SECONDS: u64 = 5;
+    const WORKERS: usize = 4;
+    let mut rows = Vec::new();
+    for round in 0..ROUNDS {
+        for (path, addr) in [("explicit", explicit), ("outbound", outbound)] {
+            let (ok, failed, first) = pod.run(|| rate(addr, WORKERS, Duration::from_secs(SECONDS)));
+            let rps = ok as f64 / SECONDS as f64;
+            eprintln!(
+                "bench round {round} {path}: {rps:.0} requests/s ({ok} in {SECONDS} s), {failed} failed{}",
+                first.map(|f| format!(", first: {f}")).unwrap_or_default()
+            );
+            rows.push((path, rps, failed));
+        }
+    }
+    let total = |p: &str| rows.iter().filter(|r| r.0 == p).map(|r| r.1).sum::<f64>();
+    let failed: u64 = rows.iter().map(|r| r.2).sum();
+    eprintln!(
+        "bench: outbound/explicit = {:.3} ({:.0} vs {:.0} requests/s over {ROUNDS} rounds)",
+        total("outbound") / total("explicit"),
+        total("outbound") / ROUNDS as f64,
+        total("explicit") / ROUNDS as f64
+    );
+    assert_eq!(failed, 0, "failed requests in the benchmark");
+}
+
+/// `workers` threads (in the caller's namespace) sending requests to `addr` for `length`;
+/// requests answered 200, requests failed and the first failure.
+fn rate(addr: &str, workers: usize, length: Duration) -> (u64, u64, Option<String>) {
+    let until = std::time::Instant::now() + length;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                s.spawn(move || {
+                    let (mut ok, mut failed, mut first) = (0, 0, None);
+                    while std::time::Instant::now() < until {
+                        match plain_get(addr) {
+                            Ok((200, _)) => ok += 1,
+                            other => {
+                                failed += 1;
+                                first.get_or_insert(format!("{other:?}"));
+                            }
+                        }
+                    }
+                    (ok, failed, first)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or((0, 1, Some("a worker panicked".into()))))
+            .fold((0, 0, None), |a, b| (a.0 + b.0, a.1 + b.1, a.2.or(b.2)))
+    })
+}
+
 #[test]
 fn the_app_reaches_mesh_services_by_virtual_ip_and_the_rest_as_the_mesh_entry_says() {
     if !consul_is_current() {
@@ -297,7 +359,11 @@ fn the_app_reaches_mesh_services_by_virtual_ip_and_the_rest_as_the_mesh_entry_sa
             "Name": "client", "ID": "client", "Address": pod.addr, "Port": CLIENT_APP_PORT,
             "Connect": { "SidecarService": {
                 "Address": pod.addr, "Port": CLIENT_SIDECAR_PORT,
-                "Proxy": { "Mode": "transparent", "LocalServiceAddress": "127.0.0.1" },
+                "Proxy": {
+                    "Mode": "transparent", "LocalServiceAddress": "127.0.0.1",
+                    // An explicit upstream keeps its own listener (loopback: not redirected).
+                    "Upstreams": [{ "DestinationName": "server", "LocalBindPort": EXPLICIT_PORT }],
+                },
                 "Checks": [{ "Name": "alive", "TTL": "1h", "Status": "passing" }],
             } },
         }),
@@ -469,6 +535,17 @@ fn the_app_reaches_mesh_services_by_virtual_ip_and_the_rest_as_the_mesh_entry_sa
     );
     // The redirect rules were applied in the pod only: the sidecar's own UID is excluded
     // (its upstream connections are not captured, or nothing above would have answered).
+
+    // The explicit upstream still has its listener.
+    let explicit_at = format!("127.0.0.1:{EXPLICIT_PORT}");
+    assert!(
+        answers(pod, &explicit_at, "hello from server"),
+        "{:?}",
+        from_pod(pod, &explicit_at)
+    );
+    if std::env::var_os("HCC_BENCH_TPROXY").is_some() {
+        bench(pod, &explicit_at, &server_at);
+    }
 
     // The sidecar run as a UID the redirect does not exempt (Consul's address excluded, so it
     // still starts): the start-up check names it.

@@ -7,8 +7,8 @@
 //! Where the NAT table can be read (`iptables-save`, which needs CAP_NET_ADMIN) its rules are
 //! judged. Otherwise (the usual case: the sidecar runs as the unprivileged proxy UID) one probe
 //! connection to a documentation address (TEST-NET-1, which nothing answers) tells whether
-//! the sidecar's own traffic is captured: it connects at once only if it was redirected to the
-//! outbound listener, which refuses the probe address.
+//! the sidecar's own traffic is captured: it is answered at once (connected, or reset) only if
+//! it was redirected to the outbound listener, which refuses the probe address.
 
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
@@ -73,14 +73,23 @@ fn read_nat_table() -> Option<String> {
     (out.status.success() && text.lines().any(|l| l == "*nat")).then_some(text)
 }
 
-/// One connection to the probe address: connected means captured.
+/// One connection to the probe address. Nothing out there answers it: a connection that
+/// completes, or is reset or refused at once, was answered on this host, i.e. redirected (the
+/// outbound listener resets it, and on loopback the reset may come before `connect` returns;
+/// before HAProxy listens the redirect is refused). A timeout or an unreachable network is
+/// what an exempt sidecar sees.
 fn probe(outbound_port: u16, uid: u32) -> Option<String> {
     let addr: SocketAddr = format!("{PROBE_ADDRESS}:{outbound_port}").parse().ok()?;
-    TcpStream::connect_timeout(&addr, Duration::from_secs(1))
-        .ok()
-        .map(|_| format!(
-            "this sidecar's own connections are redirected (a probe to {addr} came back to it): the redirect must exempt its UID {uid} (`redirect-traffic -proxy-uid {uid}`), its children's too"
-        ))
+    let answered_here = match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+        Ok(_) => true,
+        Err(e) => matches!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionRefused
+        ),
+    };
+    answered_here.then(|| format!(
+        "this sidecar's own connections are redirected (a probe to {addr} came back to it): the redirect must exempt its UID {uid} (`redirect-traffic -proxy-uid {uid}`), its children's too"
+    ))
 }
 
 #[cfg(test)]
