@@ -529,6 +529,26 @@ fn apply(
             desired.intentions_map.len()
         );
     }
+    if p.transparent_map_changed {
+        if let Some(o) = &desired.transparent {
+            // The file first, so that a reload from here on loads the new routes too.
+            write_atomic(
+                &paths.transparent_map,
+                crate::render::transparent_map(o).as_bytes(),
+            )?;
+            live::replace_map(
+                &paths.stats_socket,
+                &paths.transparent_map,
+                &o.map_entries(),
+            )
+            .context("replacing the transparent proxy's routes")?;
+            log::info!(
+                "transparent proxy routes replaced live ({} virtual IPs)",
+                o.routes.len()
+            );
+        }
+        applied.transparent = desired.transparent.clone();
+    }
     if !p.live_splits.is_empty() {
         // The file first, so that a reload from here on reads the new weights too.
         write_atomic(

@@ -3,16 +3,17 @@
 
 use crate::cli::Options;
 
-use crate::consul::api::{AgentService, QueryResult};
+use crate::consul::api::{AgentService, QueryResult, ServiceTopology};
 use crate::consul::chain::{
     chain_path, parse_chain, serving, target_health_path, targets_to_watch,
 };
 use crate::consul::client::{
-    endpoints_path, leaf_path, Consul, LogoutOnDrop, LookupError, EXPORTED_SERVICES_PATH,
-    ROOTS_PATH,
+    endpoints_path, leaf_path, topology_path, Consul, LogoutOnDrop, LookupError,
+    EXPORTED_SERVICES_PATH, MESH_PATH, ROOTS_PATH,
 };
 use crate::consul::{
-    destinations, exported_destinations, exposed_checks_of, DestinationKey, DestinationKind, Update,
+    destinations, exported_destinations, exposed_checks_of, is_transparent, mesh_update,
+    DestinationKey, DestinationKind, Update,
 };
 use crate::error::{usage, Error, Fatal};
 use crate::model::{self, Desired, Paths};
@@ -46,6 +47,20 @@ pub fn dry_run(opts: &Options) -> Result<Vec<render::File>, Fatal> {
         Update::Registration(reg) => reg,
         _ => return Err(Error::msg(format!("the proxy {proxy_id:?} was deregistered")).into()),
     };
+    let service = if gateway.is_some() {
+        reg.service.clone()
+    } else {
+        reg.proxy
+            .as_ref()
+            .map(|p| p.destination_service_name.clone())
+            .unwrap_or_default()
+    };
+    if is_transparent(&reg) {
+        let topology: ServiceTopology = consul.get_json(&topology_path(&service))?;
+        snapshot.apply(Update::IntentionUpstreams(topology.allowed()));
+        let answer = consul.get(MESH_PATH, None)?;
+        snapshot.apply(Update::Mesh(mesh_update(answer.status, &answer.body)?));
+    }
     // A gateway's destinations are the services exported (it registers nothing here: a
     // dry run of `-register` needs the gateway registered already).
     let keys = if gateway.is_some() {
@@ -55,7 +70,7 @@ pub fn dry_run(opts: &Options) -> Result<Vec<render::File>, Fatal> {
         snapshot.apply(Update::ExportedServices(entries));
         keys
     } else {
-        destinations(&reg)
+        destinations(&reg, snapshot.implicit_upstreams())
     };
     for key in keys {
         let path = endpoints_path(&key);
@@ -73,14 +88,6 @@ pub fn dry_run(opts: &Options) -> Result<Vec<render::File>, Fatal> {
         }
         snapshot.apply(Update::Endpoints(key, entries));
     }
-    let service = if gateway.is_some() {
-        reg.service.clone()
-    } else {
-        reg.proxy
-            .as_ref()
-            .map(|p| p.destination_service_name.clone())
-            .unwrap_or_default()
-    };
     if let Some(id) = exposed_checks_of(&reg) {
         snapshot.apply(source.parse_checks(&consul.get_ok(&source.checks_path(&id))?)?);
     }

@@ -437,7 +437,7 @@ mod tests {
     fn chain_target_series_name_the_target() {
         for version in crate::model::fixtures::CONSUL_VERSIONS {
             let mut s = snapshot(version, "client-sidecar-proxy", "ca-leaf-client.json");
-            let key = crate::consul::destinations(s.registration.as_ref().unwrap())[0].clone();
+            let key = crate::consul::destinations(s.registration.as_ref().unwrap(), &[])[0].clone();
             let chain = crate::consul::chain::parse_chain(&crate::model::fixtures::fixture(
                 version,
                 "discovery-chain-old.json",

@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::model::chain::{Match, Route, TargetBackend, ValueMatch, SPLIT_SCALE};
 use crate::model::gateway::{GatewayListener, GatewayRoute};
+use crate::model::transparent::{Outbound, PROBE_ADDRESS};
 use crate::model::{
     AppHeader, Desired, ExposedListener, Mode, Public, Server, Slot, UpstreamListener,
     FREE_SLOT_ADDRESS, FREE_SLOT_PORT,
@@ -1043,13 +1044,17 @@ pub fn sections(d: &Desired) -> Vec<Section> {
     }
     for u in &d.upstreams {
         let servers: Vec<ServerSpec> = u.slots.iter().map(|s| upstream_server(d, u, s)).collect();
+        if !u.implicit {
+            out.push(Section {
+                comment: Some(comment(&format!("upstream: {}", u.destination))),
+                header: format!("frontend {}", u.name),
+                lines: upstream_frontend(d, u).lines(&upstream_bind(u)),
+            });
+        }
         out.push(Section {
-            comment: Some(comment(&format!("upstream: {}", u.destination))),
-            header: format!("frontend {}", u.name),
-            lines: upstream_frontend(d, u).lines(&upstream_bind(u)),
-        });
-        out.push(Section {
-            comment: None,
+            comment: u
+                .implicit
+                .then(|| comment(&format!("implicit upstream: {}", u.destination))),
             header: format!("backend {}", u.backend),
             lines: upstream_backend(d, u).lines(&servers),
         });
@@ -1062,6 +1067,9 @@ pub fn sections(d: &Desired) -> Vec<Section> {
                 lines: target_backend(u, t).lines(&servers),
             });
         }
+    }
+    if let Some(o) = &d.transparent {
+        out.extend(outbound_sections(d, o));
     }
     for e in &d.exposed {
         out.push(Section {
@@ -1076,6 +1084,60 @@ pub fn sections(d: &Desired) -> Vec<Section> {
         });
     }
     out
+}
+
+/// Transparent mode's outbound listener.
+pub const OUTBOUND_FRONTEND: &str = "hcc_outbound";
+/// Where a connection to no mesh service goes: its original destination (`0.0.0.0:0`: the
+/// address and port the client dialed, as HAProxy reads them from the redirected socket).
+pub const PASSTHROUGH_BACKEND: &str = "be_hcc_passthrough";
+
+/// The outbound listener (tcp: a connection is routed by the address it was sent to before
+/// the redirect, `dst`, looked up in the transparent map) and its passthrough backend.
+/// Rendered only: a change of either takes a full render (`diff::Plan::transparent_changed`),
+/// while the routes change live through the map.
+pub fn outbound_sections(d: &Desired, o: &Outbound) -> Vec<Section> {
+    let map = d.paths.transparent_map.display().to_string();
+    let found = format!("{{ dst,map_ip({map}) -m found }}");
+    let mut lines = vec![
+        "mode tcp".to_string(),
+        format!("bind {}:{}", o.bind_address, o.port),
+        // A connection dialed to the listener itself (not redirected) would come back to it.
+        format!(
+            "tcp-request connection reject if {{ dst {} }} {{ dst_port {} }}",
+            o.bind_address, o.port
+        ),
+        // The sidecar's own probe (`supervisor::redirect`), should its traffic be redirected.
+        format!("tcp-request connection reject if {{ dst {PROBE_ADDRESS} }}"),
+    ];
+    if o.mesh_only {
+        lines.push(format!("tcp-request connection reject unless {found}"));
+    }
+    lines.push(format!("use_backend %[dst,map_ip({map})] if {found}"));
+    lines.push(format!("default_backend {PASSTHROUGH_BACKEND}"));
+    vec![
+        Section {
+            comment: Some(comment(&format!(
+                "transparent proxy: outbound listener, {} route(s){}",
+                o.routes.len(),
+                if o.mesh_only {
+                    ", mesh destinations only"
+                } else {
+                    ", others passed through"
+                }
+            ))),
+            header: format!("frontend {OUTBOUND_FRONTEND}"),
+            lines,
+        },
+        Section {
+            comment: None,
+            header: format!("backend {PASSTHROUGH_BACKEND}"),
+            lines: vec![
+                "mode tcp".to_string(),
+                "server passthrough 0.0.0.0:0".to_string(),
+            ],
+        },
+    ]
 }
 
 /// The comment above a chain target's backend: the target and whom its servers must be.

@@ -209,6 +209,13 @@ pub fn render(
             contents: gateway_map(&g.map_entries()),
         });
     }
+    if let Some(o) = &d.transparent {
+        // Written even when empty: the outbound listener names it.
+        files.push(File {
+            path: d.paths.transparent_map.clone(),
+            contents: transparent_map(o),
+        });
+    }
     let splits = crate::objects::split_thresholds(d);
     if !splits.is_empty() {
         files.push(File {
@@ -239,6 +246,29 @@ pub fn intentions_map(entries: &[(String, String)]) -> String {
 /// and a sanitized backend name): no space, no line break.
 pub fn gateway_map(entries: &[(crate::model::gateway::Sni, String)]) -> String {
     entries.iter().map(|(k, v)| format!("{k} {v}\n")).collect()
+}
+
+/// The transparent map's contents: one `virtual-ip backend` line per route (`map_ip`), under
+/// a comment naming the service and what a destination outside the mesh gets: `--dry-run`'s
+/// outbound routing table.
+pub fn transparent_map(o: &crate::model::transparent::Outbound) -> String {
+    let mut out = crate::value::comment(&format!(
+        "# outbound routes of {}:{} by original destination; any other destination is {}",
+        o.bind_address,
+        o.port,
+        if o.mesh_only {
+            "refused (MeshDestinationsOnly)"
+        } else {
+            "passed through"
+        }
+    ));
+    out.push('\n');
+    for r in &o.routes {
+        out.push_str(&crate::value::comment(&format!("# service {}", r.service)));
+        out.push('\n');
+        out.push_str(&format!("{} {}\n", r.virtual_ip, r.backend));
+    }
+    out
 }
 
 /// Tera hides the useful part of an error in its source chain.
@@ -653,7 +683,8 @@ mod tests {
                     false,
                 );
                 let mut s = snapshot(version, "client-sidecar-proxy", "ca-leaf-client.json");
-                let key = crate::consul::destinations(s.registration.as_ref().unwrap())[0].clone();
+                let key =
+                    crate::consul::destinations(s.registration.as_ref().unwrap(), &[])[0].clone();
                 let body = crate::model::fixtures::fixture(
                     version,
                     &format!("discovery-chain-{chain}.json"),

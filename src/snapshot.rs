@@ -6,11 +6,12 @@ use std::collections::BTreeMap;
 use crate::admission::Verdicts;
 use crate::consul::api::{
     AgentCheck, AgentService, CaRoots, ExportedServicesEntry, HealthEntry, IntentionEntry,
-    JwtProviders, LeafCert,
+    JwtProviders, LeafCert, MeshEntry,
 };
 use crate::consul::chain::{DiscoveryChain, TargetKey};
 use crate::consul::{
-    destinations, exported_destinations, is_mesh_gateway, with_service_protocol, Update,
+    destinations, exported_destinations, is_mesh_gateway, is_transparent, with_service_protocol,
+    Update,
 };
 use crate::consul::{DestinationKey, DestinationKind};
 
@@ -48,6 +49,10 @@ pub struct Snapshot {
     pub agentless: bool,
     /// A mesh gateway's `exported-services` entries; `None` until first read.
     pub exported: Option<Vec<ExportedServicesEntry>>,
+    /// Transparent mode: the services intentions let this one reach, once read.
+    pub intention_upstreams: Option<Vec<String>>,
+    /// Transparent mode: the mesh config entry, once read (the default when none exists).
+    pub mesh: Option<MeshEntry>,
 }
 
 impl Snapshot {
@@ -83,6 +88,8 @@ impl Snapshot {
             Update::Chain(k, c) => insert(&mut self.chains, k, c),
             Update::TargetEndpoints(k, e) => insert(&mut self.targets, k, e),
             Update::ExportedServices(x) => replace(&mut self.exported, Some(x)),
+            Update::IntentionUpstreams(u) => replace(&mut self.intention_upstreams, Some(u)),
+            Update::Mesh(m) => replace(&mut self.mesh, Some(m)),
         }
     }
 
@@ -114,6 +121,11 @@ impl Snapshot {
         missing
     }
 
+    /// The implicit upstreams read so far (transparent mode), empty until read.
+    pub fn implicit_upstreams(&self) -> &[String] {
+        self.intention_upstreams.as_deref().unwrap_or_default()
+    }
+
     pub fn is_complete(&self) -> bool {
         self.missing().is_empty()
     }
@@ -133,10 +145,13 @@ impl Snapshot {
             });
         }
         self.registration.as_ref().is_some_and(|r| {
-            destinations(r).iter().all(|k| {
-                self.endpoints.contains_key(k)
-                    && (k.kind != DestinationKind::Service || self.chains.contains_key(k))
-            })
+            let transparent_known =
+                !is_transparent(r) || (self.intention_upstreams.is_some() && self.mesh.is_some());
+            transparent_known
+                && destinations(r, self.implicit_upstreams()).iter().all(|k| {
+                    self.endpoints.contains_key(k)
+                        && (k.kind != DestinationKind::Service || self.chains.contains_key(k))
+                })
         })
     }
 }

@@ -1,5 +1,5 @@
 //! What only current Consul (1.10+) puts in a registration, on real programs: an upstream on a
-//! unix socket, an upstream in a cluster peer, a proxy in transparent mode, and the protocol
+//! unix socket, an upstream in a cluster peer, and the protocol
 //! that service-defaults fills in. On Consul 1.8.7 these tests check only that they were
 //! skipped for a reason (the fields do not exist there).
 
@@ -34,9 +34,8 @@ fn get_over_unix(path: &std::path::Path) -> Result<String, String> {
     }
 }
 
-/// `client` re-registered with `upstreams` as raw JSON (fields only current Consul knows) and,
-/// optionally, a proxy `Mode`.
-fn register_client(mesh: &Mesh, upstreams: Value, mode: Option<&str>) {
+/// `client` re-registered with `upstreams` as raw JSON (fields only current Consul knows).
+fn register_client(mesh: &Mesh, upstreams: Value) {
     let mut reg: Value = serde_json::from_str(&sidecar_registration(
         "client",
         free_port(),
@@ -45,9 +44,6 @@ fn register_client(mesh: &Mesh, upstreams: Value, mode: Option<&str>) {
     ))
     .unwrap();
     reg["Connect"]["SidecarService"]["Proxy"]["Upstreams"] = upstreams;
-    if let Some(m) = mode {
-        reg["Connect"]["SidecarService"]["Proxy"]["Mode"] = m.into();
-    }
     mesh.consul.register(&reg.to_string());
 }
 
@@ -76,7 +72,6 @@ fn a_unix_socket_upstream_serves_with_its_mode_and_the_rest_keeps_serving() {
             {"DestinationName": "server", "Datacenter": "dc1",
              "LocalBindSocketPath": sock.display().to_string(), "LocalBindSocketMode": "0640"},
         ]),
-        None,
     );
     wait_until(
         Duration::from_secs(30),
@@ -105,8 +100,10 @@ fn a_unix_socket_upstream_serves_with_its_mode_and_the_rest_keeps_serving() {
 }
 
 #[test]
-fn peer_upstreams_and_transparent_mode_are_named_once_and_the_rest_serves() {
-    if skip_on_old_consul("DestinationPeer and transparent mode") {
+fn peer_upstreams_are_named_once_and_the_rest_serves() {
+    // Transparent mode has its own test (tests/transparent_proxy.rs, in namespaces: its
+    // outbound listener's port is fixed).
+    if skip_on_old_consul("DestinationPeer") {
         return;
     }
     let mesh = Mesh::start(MeshOptions::default());
@@ -117,12 +114,10 @@ fn peer_upstreams_and_transparent_mode_are_named_once_and_the_rest_serves() {
             {"DestinationName": "server", "LocalBindPort": mesh.upstream_port},
             {"DestinationName": "server", "DestinationPeer": "peer1", "LocalBindPort": peer_port},
         ]),
-        Some("transparent"),
     );
     let peer_warning = "its destination is in cluster peer \"peer1\"";
-    wait_until(Duration::from_secs(30), "the two warnings", || {
+    wait_until(Duration::from_secs(30), "the warning", || {
         mesh.client_sidecar.log_contains(peer_warning)
-            && mesh.client_sidecar.log_contains("transparent mode")
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", mesh.client_sidecar.logs()));
     // Churn on the destination the client watches (a second instance of `server`, then its
@@ -156,11 +151,6 @@ fn peer_upstreams_and_transparent_mode_are_named_once_and_the_rest_serves() {
     drop(second_sidecar);
     let logs = mesh.client_sidecar.logs();
     assert_eq!(logs.matches(peer_warning).count(), 1, "{logs}");
-    assert_eq!(
-        logs.matches("asks for transparent mode").count(),
-        1,
-        "{logs}"
-    );
     assert!(
         std::net::TcpStream::connect(("127.0.0.1", peer_port)).is_err(),
         "no listener for the peer's upstream"

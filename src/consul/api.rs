@@ -69,10 +69,85 @@ pub struct ProxyConfig {
     /// `transparent` (Consul 1.10+) asks the proxy to capture outbound traffic itself.
     #[serde(default, deserialize_with = "null_as_default")]
     pub mode: String,
+    /// Consul 1.10+: the outbound listener's port and whether this service's instances may be
+    /// dialed directly (absent or `{}` in every other case).
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub transparent_proxy: TransparentProxy,
     /// Paths of the local app served without mTLS (health checks, metrics). 1.16.3 sends
     /// `"Expose": {}` when nothing is exposed, 1.8.7 leaves it out.
     #[serde(default, deserialize_with = "null_as_default")]
     pub expose: Expose,
+}
+
+/// `Proxy.TransparentProxy`. `OutboundListenerPort` 0 means Consul's default, 15001.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+pub struct TransparentProxy {
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub outbound_listener_port: u16,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub dialed_directly: bool,
+}
+
+/// `/v1/internal/ui/service-topology/:service` (Consul 1.10+, blocking): Consul's own
+/// computation of what this service may reach by intentions or the default policy (the
+/// "intention upstreams" its proxycfg gives Envoy in transparent mode; no public endpoint
+/// serves that list alone), with explicit upstreams merged in.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct ServiceTopology {
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub upstreams: Vec<TopologyService>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct TopologyService {
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub name: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub datacenter: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub intention: TopologyIntention,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+pub struct TopologyIntention {
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub allowed: bool,
+}
+
+impl ServiceTopology {
+    /// The services an intention (or the default policy) lets this one reach, sorted, each
+    /// once; a denied one is not listed by Consul, and is left out here too if it were.
+    pub fn allowed(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .upstreams
+            .iter()
+            .filter(|u| u.intention.allowed && !u.name.is_empty())
+            .map(|u| u.name.clone())
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+}
+
+/// The `mesh` config entry (`/v1/config/mesh/mesh`; 404 when none was written).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+pub struct MeshEntry {
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub transparent_proxy: MeshTransparentProxy,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+pub struct MeshTransparentProxy {
+    /// Refuse outbound connections to anything that is not a mesh service.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub mesh_destinations_only: bool,
 }
 
 /// `Proxy.Expose`. With `Checks`, neither 1.8.7 nor 1.16.3 lists the checks' paths here (both
@@ -236,6 +311,21 @@ pub struct HealthService {
     /// Set on connect-proxy instances: which service the instance fronts.
     #[serde(default)]
     pub proxy: Option<InstanceProxy>,
+    /// `consul-virtual` (Consul 1.10+: the service's virtual IP, the same on every instance of
+    /// its proxies), `lan_ipv4`, … each `{"Address", "Port"}`; kept loose, read where used.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub tagged_addresses: BTreeMap<String, Value>,
+}
+
+impl HealthService {
+    /// The service's virtual IP as Consul tags it (`consul-virtual`), unparsed.
+    pub fn virtual_ip(&self) -> Option<&str> {
+        self.tagged_addresses
+            .get("consul-virtual")?
+            .get("Address")?
+            .as_str()
+            .filter(|a| !a.is_empty())
+    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
@@ -243,6 +333,9 @@ pub struct HealthService {
 pub struct InstanceProxy {
     #[serde(default, deserialize_with = "null_as_default")]
     pub destination_service_name: String,
+    /// Consul 1.10+: whether the instance may be dialed at its own address (transparent mode).
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub transparent_proxy: TransparentProxy,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]

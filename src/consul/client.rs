@@ -527,6 +527,14 @@ pub const REGISTER_PATH: &str = "/v1/agent/service/register";
 /// Every `exported-services` config entry (one per partition); blocks on an index.
 pub const EXPORTED_SERVICES_PATH: &str = "/v1/config/exported-services";
 
+/// The mesh config entry (transparent mode reads `TransparentProxy.MeshDestinationsOnly`).
+pub const MESH_PATH: &str = "/v1/config/mesh/mesh";
+
+/// What `service` may reach by intentions (transparent mode); blocks on an index.
+pub fn topology_path(service: &str) -> String {
+    format!("/v1/internal/ui/service-topology/{}?kind=", encode(service))
+}
+
 pub fn deregister_path(service_id: &str) -> String {
     format!("/v1/agent/service/deregister/{}", encode(service_id))
 }

@@ -75,6 +75,10 @@ pub enum Update {
     ServiceProtocol(String),
     /// Every `exported-services` config entry (a mesh gateway's routes).
     ExportedServices(Vec<api::ExportedServicesEntry>),
+    /// Transparent mode: the services this one may reach (`api::ServiceTopology::allowed`).
+    IntentionUpstreams(Vec<String>),
+    /// Transparent mode: the mesh config entry (the default when none is written).
+    Mesh(api::MeshEntry),
 }
 
 /// The registration with the service's resolved protocol where it names none itself, as an
@@ -150,6 +154,14 @@ pub fn exported_destinations(entries: &[api::ExportedServicesEntry]) -> Vec<Dest
     keys
 }
 
+/// Whether the registration asks for transparent mode (`Proxy.Mode: transparent`).
+pub fn is_transparent(registration: &AgentService) -> bool {
+    registration
+        .proxy
+        .as_ref()
+        .is_some_and(|p| p.mode.eq_ignore_ascii_case("transparent"))
+}
+
 /// The service instance whose agent checks the registration asks to expose
 /// (`Proxy.Expose.Checks`), if any.
 pub fn exposed_checks_of(registration: &AgentService) -> Option<String> {
@@ -166,8 +178,30 @@ pub fn checks_update(checks: BTreeMap<String, api::AgentCheck>) -> Update {
     Update::Checks(checks.into_values().collect())
 }
 
-/// The destinations a registration's upstreams need watched.
-pub fn destinations(registration: &AgentService) -> Vec<DestinationKey> {
+/// The mesh config entry from the agent's answer to `client::MESH_PATH`: 404 is no entry,
+/// which means Consul's defaults.
+pub fn mesh_update(status: u16, body: &str) -> crate::error::Result<api::MeshEntry> {
+    match status {
+        200 => api::parse("the mesh config entry", body),
+        404 => Ok(api::MeshEntry::default()),
+        s => Err(crate::error::Error::msg(format!(
+            "status {s} for the mesh config entry: {}",
+            body.trim().chars().take(200).collect::<String>()
+        ))),
+    }
+}
+
+/// The destinations a registration's upstreams need watched, and in transparent mode each
+/// implicit upstream (`implicit`: the services intentions let it reach) in our datacenter.
+pub fn destinations(registration: &AgentService, implicit: &[String]) -> Vec<DestinationKey> {
+    let implicit = implicit
+        .iter()
+        .filter(|_| is_transparent(registration))
+        .map(|name| DestinationKey {
+            kind: DestinationKind::Service,
+            name: name.clone(),
+            datacenter: String::new(),
+        });
     let mut keys: Vec<DestinationKey> = registration
         .proxy
         .iter()
@@ -183,6 +217,7 @@ pub fn destinations(registration: &AgentService) -> Vec<DestinationKey> {
             name: u.destination_name.clone(),
             datacenter: u.datacenter.clone(),
         })
+        .chain(implicit)
         .collect();
     keys.sort();
     keys.dedup();

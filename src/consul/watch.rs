@@ -10,19 +10,19 @@ use std::time::{Duration, Instant};
 
 use super::api::{
     self, AgentSelf, AgentService, CaRoots, ExportedServicesEntry, HealthEntry, IntentionEntry,
-    JwtProviders, LeafCert, QueryResult,
+    JwtProviders, LeafCert, MeshEntry, QueryResult, ServiceTopology,
 };
 use super::chain::{
     chain_path, parse_chain, serving, target_health_path, targets_to_watch, DiscoveryChain,
     TargetKey,
 };
 use super::client::{
-    endpoints_path, leaf_path, Consul, AGENT_SELF_PATH, AUTHORIZE_PATH, EXPORTED_SERVICES_PATH,
-    INTENTIONS_PATH, JWT_PROVIDERS_PATH, ROOTS_PATH,
+    endpoints_path, leaf_path, topology_path, Consul, AGENT_SELF_PATH, AUTHORIZE_PATH,
+    EXPORTED_SERVICES_PATH, INTENTIONS_PATH, JWT_PROVIDERS_PATH, MESH_PATH, ROOTS_PATH,
 };
 use super::{
-    destinations, exported_destinations, exposed_checks_of, is_mesh_gateway, poll_intervals,
-    DestinationKey, DestinationKind, Update,
+    destinations, exported_destinations, exposed_checks_of, is_mesh_gateway, is_transparent,
+    mesh_update, poll_intervals, DestinationKey, DestinationKind, Update,
 };
 use crate::http::encode;
 
@@ -102,6 +102,8 @@ pub struct Watchers {
     /// Agentless: the proxied service's own discovery chain, for the protocol an agent would
     /// have merged into the registration.
     protocol_for: Option<(String, WatchHandle)>,
+    /// Transparent mode's watches (intention upstreams of the service, the mesh entry).
+    transparent_for: Option<(String, Vec<WatchHandle>)>,
     /// Whether to watch intentions; started once the service name is known.
     intentions: bool,
     intentions_started: bool,
@@ -131,6 +133,7 @@ impl Watchers {
             checks_for: None,
             protocol_for: None,
             agent_address_started: false,
+            transparent_for: None,
             intentions,
             intentions_started: false,
             jwt_started: false,
@@ -235,8 +238,9 @@ impl Watchers {
         }
     }
 
-    /// Brings the leaf and destination watches in line with a (new) registration.
-    pub fn follow(&mut self, registration: &AgentService) {
+    /// Brings the leaf and destination watches in line with a (new) registration and, in
+    /// transparent mode, the implicit upstreams read so far.
+    pub fn follow(&mut self, registration: &AgentService, implicit: &[String]) {
         // A gateway's leaf is its own service's; a sidecar's, the service it fronts.
         let service = if is_mesh_gateway(registration) {
             registration.service.clone()
@@ -306,7 +310,29 @@ impl Watchers {
             Some(_) => {}
         }
 
-        let wanted = destinations(registration);
+        if !is_transparent(registration) || service.is_empty() {
+            self.transparent_for = None;
+        } else if self.transparent_for.as_ref().map(|(s, _)| s) != Some(&service) {
+            let topology = self.spawn(
+                format!("intention upstreams of {service}"),
+                topology_path(&service),
+                WatchMode::Index,
+                |body| {
+                    api::parse::<ServiceTopology>("the service topology", body)
+                        .map(|t| Update::IntentionUpstreams(t.allowed()))
+                },
+            );
+            // No mesh entry (404) is Consul's defaults, and the 404 blocks on an index too.
+            let mesh = self.spawn_with_absent(
+                "the mesh config entry".into(),
+                MESH_PATH.into(),
+                Some(Update::Mesh(MeshEntry::default())),
+                |body| mesh_update(200, body).map(Update::Mesh),
+            );
+            self.transparent_for = Some((service.clone(), vec![topology, mesh]));
+        }
+
+        let wanted = destinations(registration, implicit);
         let intervals = poll_intervals(registration);
         self.destinations.retain(|k, _| wanted.contains(k));
         self.chains.retain(|k, _| wanted.contains(k));
@@ -404,6 +430,28 @@ impl Watchers {
         mode: WatchMode,
         parse: impl Fn(&str) -> crate::error::Result<Update> + Send + 'static,
     ) -> WatchHandle {
+        self.spawn_watch(what, path, mode, None, parse)
+    }
+
+    /// A blocking watch (by index) of a path whose 404 means `absent` (a config entry).
+    fn spawn_with_absent(
+        &self,
+        what: String,
+        path: String,
+        absent: Option<Update>,
+        parse: impl Fn(&str) -> crate::error::Result<Update> + Send + 'static,
+    ) -> WatchHandle {
+        self.spawn_watch(what, path, WatchMode::Index, absent, parse)
+    }
+
+    fn spawn_watch(
+        &self,
+        what: String,
+        path: String,
+        mode: WatchMode,
+        absent: Option<Update>,
+        parse: impl Fn(&str) -> crate::error::Result<Update> + Send + 'static,
+    ) -> WatchHandle {
         let stop = Arc::new(AtomicBool::new(false));
         let watch = Watch {
             consul: self.consul.clone(),
@@ -412,6 +460,7 @@ impl Watchers {
             what,
             path,
             mode,
+            absent,
             stop: stop.clone(),
         };
         let name = format!("watch {}", watch.path);
@@ -586,6 +635,8 @@ struct Watch {
     what: String,
     path: String,
     mode: WatchMode,
+    /// What a 404 means, for a path where it is an answer (a config entry not written).
+    absent: Option<Update>,
     stop: Arc<AtomicBool>,
 }
 
@@ -677,6 +728,21 @@ impl Watch {
                                 log::error!("ignoring a bad answer for {}: {e}", self.what);
                                 self.sink.watch_error(&self.path);
                             }
+                        }
+                    }
+                    None
+                }
+                Ok(answer) if answer.status == 404 && self.absent.is_some() => {
+                    if self.mode == WatchMode::Index {
+                        index = next_index(index, answer.index);
+                    }
+                    failures = 0;
+                    last_error = None;
+                    // An empty body never comes with a 200, so it stands for "absent".
+                    if last_body.as_deref() != Some("") {
+                        last_body = Some(String::new());
+                        if let Some(update) = &self.absent {
+                            self.sink.update(update.clone());
                         }
                     }
                     None
@@ -854,7 +920,7 @@ mod tests {
                  {"DestinationType":"prepared_query","DestinationName":"pq","LocalBindPort":9194}]}}"#,
         )
         .unwrap();
-        let keys = destinations(&reg);
+        let keys = destinations(&reg, &[]);
         assert_eq!(keys.len(), 3, "{keys:?}");
         assert!(keys.iter().any(|k| k.datacenter == "dc2"));
         assert!(keys

@@ -59,6 +59,11 @@ pub struct Plan {
     /// reload reads it) and HAProxy's loaded copy replaced whole after them, once the
     /// backends it names exist.
     pub gateway_map_changed: bool,
+    /// Transparent mode's outbound listener appeared, went or changed (port, mesh-only): it
+    /// is rendered only, so it takes a full render.
+    pub transparent_changed: bool,
+    /// Only its routes changed: the map is replaced live, like the intentions map.
+    pub transparent_map_changed: bool,
 }
 
 impl Plan {
@@ -68,6 +73,8 @@ impl Plan {
             && self.live_splits.is_empty()
             && !self.intentions_map_changed
             && !self.gateway_map_changed
+            && !self.transparent_changed
+            && !self.transparent_map_changed
             && !self.roots_changed
             && !self.leaf_changed
     }
@@ -101,6 +108,9 @@ impl Plan {
             return Some(
                 "the public listener's mode changes, and its rules for either mode are rendered only",
             );
+        }
+        if self.transparent_changed {
+            return Some("the transparent outbound listener changes, and it is rendered only");
         }
         self.ops.iter().find_map(|op| match op {
             Op::CreateBind(b) | Op::ReplaceBind(b) if b.unix_mode.is_some() => Some(
@@ -293,8 +303,10 @@ fn create_upstream(d: &Desired, u: &UpstreamListener) -> Vec<Op> {
                 .map(|s| Op::CreateServer(target_server(d, u, t, s))),
         );
     }
-    ops.push(Op::CreateFrontend(upstream_frontend(d, u)));
-    ops.push(Op::CreateBind(upstream_bind(u)));
+    if !u.implicit {
+        ops.push(Op::CreateFrontend(upstream_frontend(d, u)));
+        ops.push(Op::CreateBind(upstream_bind(u)));
+    }
     ops
 }
 
@@ -303,7 +315,9 @@ fn targets(u: &UpstreamListener) -> impl Iterator<Item = &crate::model::chain::T
 }
 
 fn delete_upstream(u: &UpstreamListener, deletes: &mut Vec<Op>) {
-    deletes.push(Op::DeleteFrontend(u.name.clone()));
+    if !u.implicit {
+        deletes.push(Op::DeleteFrontend(u.name.clone()));
+    }
     deletes.push(Op::DeleteBackend(u.backend.clone()));
     deletes.extend(targets(u).map(|t| Op::DeleteBackend(t.backend.clone())));
 }
@@ -438,7 +452,15 @@ pub fn plan(applied: &Desired, desired: &Desired) -> Plan {
             != desired.public.as_ref().map(|p| p.mode),
         gateway_map_changed: applied.gateway.as_ref().map(Gateway::map_entries)
             != desired.gateway.as_ref().map(Gateway::map_entries),
+        transparent_changed: outbound_listener(applied) != outbound_listener(desired),
+        transparent_map_changed: applied.transparent.as_ref().map(|o| &o.routes)
+            != desired.transparent.as_ref().map(|o| &o.routes),
     }
+}
+
+/// What of the outbound listener is rendered into its lines (the routes live in the map).
+fn outbound_listener(d: &Desired) -> Option<(u16, bool)> {
+    d.transparent.as_ref().map(|o| (o.port, o.mesh_only))
 }
 
 #[cfg(test)]
@@ -597,7 +619,7 @@ mod tests {
     /// `client` with its upstream following the recorded chain `name`.
     fn chained(name: &str) -> Desired {
         let mut s = snapshot(ANY, "client-sidecar-proxy", "ca-leaf-client.json");
-        let key = crate::consul::destinations(s.registration.as_ref().unwrap())[0].clone();
+        let key = crate::consul::destinations(s.registration.as_ref().unwrap(), &[])[0].clone();
         let chain = crate::consul::chain::parse_chain(&crate::model::fixtures::fixture(
             ANY,
             &format!("discovery-chain-{name}.json"),

@@ -105,7 +105,7 @@ pub fn rich_with_settings(version: &str) -> Snapshot {
 pub fn snapshot(version: &str, proxy: &str, leaf: &str) -> Snapshot {
     let mut s = Snapshot::default();
     let reg: AgentService = json(version, &format!("agent-service-{proxy}.json"));
-    for key in destinations(&reg) {
+    for key in destinations(&reg, &[]) {
         let entries: Vec<HealthEntry> = match key.kind {
             DestinationKind::Service if key.datacenter.is_empty() => {
                 json(version, "health-connect-server.json")
@@ -143,7 +143,7 @@ pub fn client_desired() -> super::Desired {
 /// (the chain's own service renamed to `server`, as if recorded for it).
 pub fn with_chain(v: &str, name: &str, as_server: bool) -> Snapshot {
     let mut s = snapshot(v, "client-sidecar-proxy", "ca-leaf-client.json");
-    let key = crate::consul::destinations(s.registration.as_ref().unwrap())[0].clone();
+    let key = crate::consul::destinations(s.registration.as_ref().unwrap(), &[])[0].clone();
     let mut body = fixture(v, &format!("discovery-chain-{name}.json"));
     if as_server {
         body = body

@@ -224,6 +224,7 @@ pub fn build(
         paths: settings.paths.clone(),
         warnings,
         gateway: Some(Gateway { listeners, routes }),
+        transparent: None,
     })
 }
 

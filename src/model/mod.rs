@@ -49,6 +49,9 @@ pub struct Paths {
     pub intentions_map: PathBuf,
     /// A mesh gateway's SNI map (`sni backend` per line), which its listeners route by.
     pub gateway_map: PathBuf,
+    /// Transparent mode's outbound routes (virtual IP → backend), replaced live through
+    /// `prepare map`/`commit map` when services come and go.
+    pub transparent_map: PathBuf,
 }
 
 impl Paths {
@@ -68,6 +71,7 @@ impl Paths {
             splits_map: workdir.join("splits.map"),
             intentions_map: workdir.join("intentions.map"),
             gateway_map: workdir.join("gateway.map"),
+            transparent_map: workdir.join("transparent.map"),
         }
     }
 }
@@ -106,6 +110,8 @@ pub struct Desired {
     /// Plain listeners that each serve one path of the local app (`Proxy.Expose`); sorted by
     /// port.
     pub exposed: Vec<ExposedListener>,
+    /// Transparent mode's outbound listener and its routes; `None` in the default mode.
+    pub transparent: Option<transparent::Outbound>,
     pub tls: Tls,
     pub intentions: bool,
     /// The fast map's entries (`(regex, value)` in lookup order) of the table the intentions
@@ -190,6 +196,9 @@ pub struct UpstreamListener {
     /// The destination's discovery chain when it does more than reach the destination itself
     /// (see `chain`); `None` serves `slots` alone, as before chains were read.
     pub routing: Option<Routing>,
+    /// An implicit upstream of transparent mode: no frontend of its own (the outbound
+    /// listener routes to its backend by virtual IP); `bind_*` name the outbound listener.
+    pub implicit: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -491,15 +500,14 @@ pub fn build(
         )));
     }
 
-    if proxy.mode.eq_ignore_ascii_case("transparent") {
-        warnings.push(format!(
-            "proxy {:?} asks for transparent mode, which this sidecar does not support (it captures no traffic); only its explicit upstreams get listeners",
-            reg.id
-        ));
-    }
     let mut upstreams: Vec<UpstreamListener> = Vec::new();
     let mut taken: BTreeSet<(String, u16)> = BTreeSet::new();
     taken.insert((public.bind_address.to_string(), public.bind_port));
+    let outbound_port = crate::consul::is_transparent(reg).then(|| {
+        let port = transparent::outbound_port(proxy);
+        taken.insert((transparent::OUTBOUND_BIND.to_string(), port));
+        port
+    });
     let here = Here {
         datacenter: Name::parse(
             "Datacenter",
@@ -528,8 +536,27 @@ pub fn build(
             Err(e) => warnings.push(format!("skipping upstream {:?}: {e}", u.destination_name)),
         }
     }
+    let transparent = outbound_port.map(|port| {
+        let mut implicit = Vec::new();
+        for name in snapshot.implicit_upstreams() {
+            let u = transparent::as_upstream(name, port);
+            match upstream(&u, snapshot, previous, &here, &mut warnings) {
+                Ok(l) => implicit.push((
+                    name.clone(),
+                    UpstreamListener {
+                        implicit: true,
+                        ..l
+                    },
+                )),
+                Err(e) => warnings.push(format!("skipping implicit upstream {name:?}: {e}")),
+            }
+        }
+        let outbound = transparent::outbound(port, snapshot, &implicit, &mut warnings);
+        upstreams.extend(implicit.into_iter().map(|(_, l)| l));
+        outbound
+    });
     upstreams.sort_by(|a, b| a.name.cmp(&b.name));
-    for u in &upstreams {
+    for u in upstreams.iter().filter(|u| !u.implicit) {
         taken.insert((u.bind_address.clone(), u.bind_port));
     }
     let mut exposed: Vec<ExposedListener> = Vec::new();
@@ -557,6 +584,7 @@ pub fn build(
         public: Some(public),
         upstreams,
         exposed,
+        transparent,
         tls,
         intentions: settings.intentions,
         intentions_map: Vec::new(),
@@ -748,6 +776,7 @@ fn upstream(
         identity,
         verifyhost,
         routing,
+        implicit: false,
     })
 }
 
@@ -1168,6 +1197,7 @@ pub mod chain;
 mod expose;
 pub mod gateway;
 pub mod keys;
+pub mod transparent;
 pub use chain::Routing;
 pub use expose::ExposedListener;
 

@@ -218,18 +218,17 @@ fn current_consul_registrations_serve_what_they_can_and_name_the_rest() {
         })
     );
     assert_eq!(unix.instances().count(), 2, "fed by server's instances");
-    assert_eq!(d.warnings.len(), 2, "{:?}", d.warnings);
+    assert_eq!(d.warnings.len(), 1, "{:?}", d.warnings);
     assert!(
-        d.warnings[0].contains("transparent mode"),
+        d.warnings[0].contains("cluster peer \"peer1\""),
         "{}",
         d.warnings[0]
     );
-    assert!(
-        d.warnings[1].contains("cluster peer \"peer1\""),
-        "{}",
-        d.warnings[1]
-    );
-    let watched: Vec<String> = crate::consul::destinations(s.registration.as_ref().unwrap())
+    // Transparent mode: an outbound listener, with no route until the intention upstreams
+    // are read, and refusing what it cannot route until the mesh entry is.
+    let o = d.transparent.as_ref().unwrap();
+    assert_eq!((o.port, o.mesh_only, o.routes.len()), (15001, true, 0));
+    let watched: Vec<String> = crate::consul::destinations(s.registration.as_ref().unwrap(), &[])
         .iter()
         .map(ToString::to_string)
         .collect();
@@ -645,7 +644,8 @@ fn a_chain_that_cannot_be_followed_keeps_the_routing_that_served() {
         let good = build(&s, &settings(), None).unwrap();
         assert!(good.upstreams[0].routing.is_some());
         let mut broken = s.clone();
-        let key = crate::consul::destinations(broken.registration.as_ref().unwrap())[0].clone();
+        let key =
+            crate::consul::destinations(broken.registration.as_ref().unwrap(), &[])[0].clone();
         let chain = broken.chains.get_mut(&key).unwrap();
         // A splitter leading to a node the chain does not define.
         for n in chain.nodes.values_mut() {
@@ -672,7 +672,7 @@ fn a_chain_that_cannot_be_followed_keeps_the_routing_that_served() {
 fn chain_targets_are_admitted_by_their_own_services_identity() {
     for v in CONSUL_VERSIONS {
         let mut s = with_chain(v, "split", false);
-        let dest = crate::consul::destinations(s.registration.as_ref().unwrap())[0].clone();
+        let dest = crate::consul::destinations(s.registration.as_ref().unwrap(), &[])[0].clone();
         let entries = s.endpoints.get(&dest).cloned().unwrap_or_default();
         assert!(!entries.is_empty(), "{v}: the fixture has instances");
         let chain = s.chains.get(&dest).unwrap().clone();

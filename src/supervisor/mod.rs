@@ -10,6 +10,7 @@
 pub mod children;
 pub mod preflight;
 pub mod process;
+pub mod redirect;
 pub mod signals;
 
 use std::path::{Path, PathBuf};
@@ -380,7 +381,8 @@ impl Supervisor {
     /// intentions (agent table or warning) follow at once.
     fn absorb(&mut self, update: Update) -> bool {
         if let Update::Registration(reg) = &update {
-            self.watchers.follow(reg);
+            self.watchers
+                .follow(reg, self.snapshot.implicit_upstreams());
         }
         if let Update::Intentions(all) = &update {
             self.watchers.follow_intentions(all);
@@ -388,9 +390,15 @@ impl Supervisor {
         if let Update::ExportedServices(entries) = &update {
             self.watchers.follow_exports(entries);
         }
-        let chain = matches!(update, Update::Chain(..) | Update::Registration(_));
+        let implicit = matches!(update, Update::IntentionUpstreams(_));
+        let chain = implicit || matches!(update, Update::Chain(..) | Update::Registration(_));
         if !self.snapshot.apply(update) {
             return false;
+        }
+        if let (true, Some(reg)) = (implicit, &self.snapshot.registration) {
+            // Transparent mode: an implicit upstream gained or lost is a destination to watch.
+            self.watchers
+                .follow(reg, self.snapshot.implicit_upstreams());
         }
         if chain {
             self.watchers.follow_chains(&self.snapshot.chains);
@@ -766,6 +774,9 @@ impl Supervisor {
             (None, None) => format!("HAProxy serves {}", d.service),
         };
         self.life.set(Phase::Ready, &why);
+        if let Some(o) = &d.transparent {
+            redirect::check_in_background(o.port);
+        }
     }
 
     /// Builds the desired state from the snapshot and hands it to the applier if it changed.

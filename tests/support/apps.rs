@@ -40,8 +40,13 @@ impl HttpApp {
     }
 
     pub fn start_on(port: u16, body: &str) -> HttpApp {
-        let listener = TcpListener::bind(("127.0.0.1", port))
-            .unwrap_or_else(|e| panic!("HttpApp bind 127.0.0.1:{port}: {e}"));
+        HttpApp::start_at("127.0.0.1", port, body)
+    }
+
+    /// On `ip`: a host's own address in a test namespace (an app outside the mesh).
+    pub fn start_at(ip: &str, port: u16, body: &str) -> HttpApp {
+        let listener = TcpListener::bind((ip, port))
+            .unwrap_or_else(|e| panic!("HttpApp bind {ip}:{port}: {e}"));
         let addr = listener.local_addr().expect("local_addr");
         let shared = AppShared {
             body: Arc::new(body.as_bytes().to_vec()),
