@@ -17,27 +17,29 @@ use crate::objects::CHECK_DYNAMIC;
 /// The runtime API commands that bring one slot to `s`, on one line (`;`-separated). A slot
 /// leaving service goes into maintenance before its address changes, one entering service gets
 /// its address and weight before it leaves maintenance, so no request ever reaches a
-/// half-changed slot. A checked slot's check port follows its port (a dynamic server checks
-/// an explicit port, see `add_server`; for a server of the file it is the same port anyway).
-/// Leaving maintenance, HAProxy counts a checked server up and checks it at once: a new
-/// instance takes traffic at once, and leaves the rotation again if its sidecar does not answer.
+/// half-changed slot. A checked slot entering service has its check turned on (a dynamic
+/// server is added with it off, see `add_server`; for a server of the file it already is, and
+/// turning it on again changes nothing, a down server stays down) and its check port set to
+/// its port (which HAProxy takes only once the check is on). Leaving maintenance, HAProxy
+/// counts a checked server up and checks it at once: a new instance takes traffic at once, and
+/// leaves the rotation again if its sidecar does not answer. In maintenance, nothing is
+/// checked.
 pub fn commands(s: &ServerSpec) -> String {
     let id = format!("{}/{}", s.backend, s.name);
     let addr = format!("set server {id} addr {} port {}", s.address, s.port);
     let weight = s.weight.map(|w| format!("set server {id} weight {w}"));
-    let check_port = s
-        .check_inter_ms
-        .map(|_| format!("set server {id} check-port {}", s.port));
-    let mut cmds = Vec::with_capacity(4);
+    let mut cmds = Vec::with_capacity(5);
     if s.maintenance {
         cmds.push(format!("set server {id} state maint"));
         cmds.push(addr);
-        cmds.extend(check_port);
         cmds.extend(weight);
     } else {
         cmds.push(addr);
-        cmds.extend(check_port);
         cmds.extend(weight);
+        if s.check_inter_ms.is_some() {
+            cmds.push(format!("enable health {id}"));
+            cmds.push(format!("set server {id} check-port {}", s.port));
+        }
         cmds.push(format!("set server {id} state ready"));
     }
     cmds.join("; ")
@@ -90,8 +92,9 @@ pub fn add_command(s: &ServerSpec) -> String {
 }
 
 /// A new slot as a dynamic server (HAProxy 2.4+ `add server`, with the same options the file
-/// gives it); HAProxy adds it in maintenance with its check off, which is turned on (it runs
-/// once the slot leaves maintenance), and it is then brought to `s` like any slot.
+/// gives it); HAProxy adds it in maintenance with its check off (a check turned on in
+/// maintenance would run there: `commands` turns it on as the slot enters service), and it is
+/// then brought to `s` like any slot.
 pub fn add_server(stats: &Path, s: &ServerSpec) -> Result<()> {
     let id = format!("{}/{}", s.backend, s.name);
     let answer = runtime::command(stats, &add_command(s), None)?;
@@ -100,15 +103,6 @@ pub fn add_server(stats: &Path, s: &ServerSpec) -> Result<()> {
             "HAProxy refused to add server {id}: {}",
             answer.trim()
         )));
-    }
-    if s.check_inter_ms.is_some() {
-        let answer = runtime::command(stats, &format!("enable health {id}"), None)?;
-        if !answer.trim().is_empty() {
-            return Err(Error::msg(format!(
-                "HAProxy refused to check server {id}: {}",
-                answer.trim()
-            )));
-        }
     }
     set_server(stats, s)
 }
@@ -210,12 +204,13 @@ mod tests {
     fn a_slot_entering_service_is_addressed_and_weighted_before_it_is_ready() {
         assert_eq!(
             commands(&spec(false)),
-            "set server up_server/s3 addr 10.0.0.5 port 21000; set server up_server/s3 check-port 21000; set server up_server/s3 weight 7; set server up_server/s3 state ready"
+            "set server up_server/s3 addr 10.0.0.5 port 21000; set server up_server/s3 weight 7; enable health up_server/s3; set server up_server/s3 check-port 21000; set server up_server/s3 state ready"
         );
         let unchecked = ServerSpec {
             check_inter_ms: None,
             ..spec(false)
         };
+        assert!(!commands(&unchecked).contains("health"));
         assert!(!commands(&unchecked).contains("check-port"));
     }
 
@@ -239,6 +234,10 @@ mod tests {
     #[test]
     fn a_slot_leaving_service_goes_into_maintenance_first() {
         assert!(commands(&spec(true)).starts_with("set server up_server/s3 state maint; "));
+        // Nothing about its check: HAProxy pauses it in maintenance, and a dynamic slot's
+        // check, off until it first enters service, takes no check port.
+        assert!(!commands(&spec(true)).contains("health"));
+        assert!(!commands(&spec(true)).contains("check-port"));
     }
 
     #[test]
