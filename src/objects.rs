@@ -143,7 +143,22 @@ pub struct ServerSpec {
     /// model: a server with it is only ever created or replaced by a full render or the
     /// runtime API (`add server` takes it).
     pub alpn: Option<String>,
+    /// HAProxy's own health check of an upstream slot: `check inter <ms>` (both in v1.2.5's
+    /// server model); the rest of it (`CHECK_DEFAULTS`) is the `default-server` line of the
+    /// template's `defaults`, which a server of the file inherits and a dynamic server is
+    /// given itself (`haproxy::live::add_server`). A slot in maintenance is never checked.
+    pub check_inter_ms: Option<u64>,
 }
+
+/// The template's `default-server` options for every checked server: down after two failed
+/// checks, up again after one good one, and a check that is a plain TCP connect to the
+/// instance's sidecar (no TLS handshake: the sidecar's port refuses until its HAProxy serves,
+/// which is what the check needs to know, and it costs the peer no handshake).
+pub const CHECK_DEFAULTS: &str = "fall 2 rise 1 no-check-ssl";
+/// What a dynamic server gets instead, since `add server` inherits no `default-server` and
+/// refuses `no-check-ssl`: an explicit check port (the server's own) makes the check a plain
+/// TCP connect too (`haproxy::live` keeps it equal to the server's port).
+pub const CHECK_DYNAMIC: &str = "fall 2 rise 1";
 
 fn mesh_tls(d: &Desired) -> MeshTls {
     MeshTls {
@@ -235,7 +250,7 @@ pub fn gateway_backend(d: &Desired, r: &GatewayRoute) -> BackendSpec {
 }
 
 pub fn gateway_server(r: &GatewayRoute, slot: &Slot) -> ServerSpec {
-    slot_spec(&r.backend, slot)
+    slot_spec((r.backend.as_str(), r.slots.len()), slot)
 }
 
 /// Consul's default connect timeout of a gateway's clusters.
@@ -270,6 +285,7 @@ pub fn local_server(p: &Public) -> ServerSpec {
         h2: p.h2,
         verifyhost: None,
         alpn: None,
+        check_inter_ms: None,
     }
 }
 
@@ -358,16 +374,19 @@ pub fn target_server(
     t: &TargetBackend,
     slot: &Slot,
 ) -> ServerSpec {
-    slot_server(d, &t.backend, slot, t.verifyhost.as_ref(), u.h2)
+    let pool = (t.backend.as_str(), t.slots.len());
+    slot_server(d, pool, slot, t.verifyhost.as_ref(), u.h2)
 }
 
 pub fn upstream_server(d: &Desired, u: &UpstreamListener, slot: &Slot) -> ServerSpec {
-    slot_server(d, &u.backend, slot, u.verifyhost.as_ref(), u.h2)
+    let pool = (u.backend.as_str(), u.slots.len());
+    slot_server(d, pool, slot, u.verifyhost.as_ref(), u.h2)
 }
 
+/// A slot of the backend named `pool.0`, which has `pool.1` slots.
 fn slot_server(
     d: &Desired,
-    backend: &str,
+    pool: (&str, usize),
     slot: &Slot,
     verifyhost: Option<&String>,
     h2: bool,
@@ -376,12 +395,14 @@ fn slot_server(
         tls: Some(mesh_tls(d)),
         verifyhost: verifyhost.cloned(),
         alpn: h2.then(|| "h2".to_string()),
-        ..slot_spec(backend, slot)
+        ..slot_spec(pool, slot)
     }
 }
 
-/// A slot as a server without TLS: its instance's address, or a free slot's.
-fn slot_spec(backend: &str, slot: &Slot) -> ServerSpec {
+/// A slot of the backend named `pool.0`, which has `pool.1` slots, as a server without TLS:
+/// its instance's address, or a free slot's; checked at the interval the pool's size gives.
+fn slot_spec(pool: (&str, usize), slot: &Slot) -> ServerSpec {
+    let (backend, slots) = pool;
     let (address, port, weight) = match &slot.instance {
         Some(s) => (s.address.to_string(), s.port, s.weight),
         None => (FREE_SLOT_ADDRESS.to_string(), FREE_SLOT_PORT, 1),
@@ -399,6 +420,7 @@ fn slot_spec(backend: &str, slot: &Slot) -> ServerSpec {
         h2: false,
         verifyhost: None,
         alpn: None,
+        check_inter_ms: Some(crate::model::check_interval_ms(slots)),
     }
 }
 
@@ -458,6 +480,7 @@ pub fn exposed_server(e: &ExposedListener) -> ServerSpec {
         h2: e.http2,
         verifyhost: None,
         alpn: None,
+        check_inter_ms: None,
     }
 }
 
@@ -992,6 +1015,10 @@ impl ServerSpec {
         }
         if self.h2 {
             s.push_str(" proto h2");
+        }
+        if let Some(ms) = self.check_inter_ms {
+            // Milliseconds, bare, as the Dataplane API writes them.
+            s.push_str(&format!(" check inter {ms}"));
         }
         s
     }

@@ -310,6 +310,30 @@ fn servers_in(stats: &std::path::Path, backend: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Which slots of `backend` break the rule: HAProxy checks a slot in service, at its own port,
+/// and never one in maintenance (a free slot, or an instance that has not proven its identity).
+fn checks_off_service(stats: &std::path::Path, backend: &str) -> Vec<String> {
+    haproxy_cli(stats, &format!("show servers state {backend}"))
+        .lines()
+        .filter(|l| !l.starts_with('#') && l.split_whitespace().count() > 21)
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            let num = |i: usize| w[i].parse::<u32>().unwrap_or(u32::MAX);
+            // srv_admin_state bit 0x1: forced maintenance; srv_check_state 0x4: enabled,
+            // 0x8: paused; srv_check_port 0 means the server's own port.
+            let maintenance = num(6) & 0x1 != 0;
+            let running = num(13) & 0x4 != 0 && num(13) & 0x8 == 0;
+            let own_port = w[21] == "0" || w[21] == w[18];
+            let wrong = if maintenance {
+                running
+            } else {
+                !running || !own_port
+            };
+            wrong.then(|| l.to_string())
+        })
+        .collect()
+}
+
 /// Ten instances where the pool has eight slots, then one again: the pool doubles and halves
 /// through HAProxy's runtime API (dynamic servers), with the file written once, never reloaded.
 #[test]
@@ -357,6 +381,13 @@ fn a_slot_pool_grows_and_shrinks_live() {
         mesh.client_sidecar.log_contains("slot pools resized live")
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", mesh.client_sidecar.logs()));
+    // The new slots are dynamic servers; these instances never prove an identity (a bare TCP
+    // port), so they stay in maintenance, where nothing is checked, like the free slots.
+    let wrong = checks_off_service(&stats, &backend);
+    assert!(
+        wrong.is_empty(),
+        "slots checked against the rule:\n{wrong:#?}"
+    );
 
     for i in 0..9 {
         mesh.consul.deregister(&format!("extra-{i}-sidecar-proxy"));

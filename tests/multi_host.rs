@@ -1,8 +1,9 @@
 //! A Consul cluster across hosts (network namespaces on this machine, tests/support/netns.rs):
 //! host A runs a Consul server (not -dev), hosts B, C and D Consul client agents joined to it.
 //! The `server` app runs on B and C with a sidecar each, listening on the host's address; the
-//! `client` service and its sidecar run on D. Under continuous load through the client's
-//! upstream, the test pulls C's cable, plugs it back in, and stops the Consul server for 30 s,
+//! `client` service and its sidecar run on D, with Consul's defaults (connect timeout 5 s).
+//! Under continuous load through the client's upstream, the test pulls C's cable and plugs it
+//! back in (`HCC_MULTI_HOST_ROUNDS` times, default 1), then stops the Consul server for 30 s,
 //! measuring what the requests saw. Needs root; skipped (loudly) without it.
 
 mod support;
@@ -23,10 +24,6 @@ const SIDECAR_PORT: u16 = 21000;
 const UPSTREAM_PORT: u16 = 19191;
 /// What a client of the mesh waits for an answer, as in the measurement.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
-/// The client's upstream `connect_timeout_ms`: each connection attempt to a dead host is given
-/// up after this long and retried on another instance (`retries` + `option redispatch 1`).
-const UPSTREAM_CONNECT_TIMEOUT_MS: u64 = 1000;
-
 /// A Consul agent in a test host, on the standard ports of that host (each host is its own
 /// network namespace, so nothing collides).
 struct Agent {
@@ -182,7 +179,6 @@ fn register_client(agent: &Agent) {
         json!([{
             "DestinationName": "server",
             "LocalBindPort": UPSTREAM_PORT,
-            "Config": { "connect_timeout_ms": UPSTREAM_CONNECT_TIMEOUT_MS },
         }]),
     );
 }
@@ -290,12 +286,20 @@ struct Window {
     slow: usize,
     max: Duration,
     from_c: usize,
+    /// The failures' errors, when they started (since the load began) and how long they took.
+    errors: Vec<(Duration, Duration, String)>,
+}
+
+/// Whether the client saw `s` fail: an error, or an answer after its whole budget
+/// (`CLIENT_TIMEOUT`; our reader's timeout restarts per read, so an answer may come later).
+fn failed(s: &Sample) -> bool {
+    s.answer.is_err() || s.took >= CLIENT_TIMEOUT
 }
 
 fn summarize(samples: &[Sample]) -> Window {
     Window {
         requests: samples.len(),
-        failed: samples.iter().filter(|s| s.answer.is_err()).count(),
+        failed: samples.iter().filter(|s| failed(s)).count(),
         slow: samples
             .iter()
             .filter(|s| s.took > Duration::from_millis(500))
@@ -305,6 +309,18 @@ fn summarize(samples: &[Sample]) -> Window {
             .iter()
             .filter(|s| s.answer.as_deref() == Ok(BODY_C))
             .count(),
+        errors: samples
+            .iter()
+            .filter(|s| failed(s))
+            .map(|s| {
+                let why = s.answer.clone().err();
+                (
+                    s.start,
+                    s.took,
+                    why.unwrap_or_else(|| "answered too late".into()),
+                )
+            })
+            .collect(),
     }
 }
 
@@ -313,6 +329,105 @@ fn report(what: &str, w: &Window) {
         "multi_host: {what}: {} requests, {} failed, {} slower than 500 ms (max {:?}), {} answered by C",
         w.requests, w.failed, w.slow, w.max, w.from_c
     );
+    for (start, took, e) in w.errors.iter().take(5) {
+        println!("multi_host:   failed: started at {start:?}, after {took:?}: {e}");
+    }
+}
+
+/// How many times C's link is cut and restored: `HCC_MULTI_HOST_ROUNDS`, 1 unless set (the
+/// issue's measurement is 5 rounds; CI keeps the suite lean with one).
+fn rounds() -> usize {
+    std::env::var("HCC_MULTI_HOST_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(1)
+}
+
+/// The client's sidecar checks its upstream slots itself (`check inter 400`, fall 2): a
+/// vanished host is out of its rotation within three intervals. Requests that started before
+/// then may have been sent to C (each waits for the connect timeout, Consul's default 5 s, as
+/// long as the client does) and are counted apart; every one that started later must succeed.
+const DETECTION: Duration = Duration::from_millis(1500);
+
+/// What one cut and rejoin of C's link measured.
+struct Round {
+    round: usize,
+    /// Started in the first `DETECTION` after the cut.
+    early: Window,
+    /// Started later, until Consul noticed the loss and 5 s more.
+    late: Window,
+    rejoin: Window,
+}
+
+fn host_loss_round(
+    round: usize,
+    net: &Net,
+    server: &Agent,
+    load: &Load,
+    logs: &dyn Fn() -> String,
+) -> Round {
+    // A request already forwarded to C when the link goes down cannot be saved (its bytes are
+    // on a host that is gone; in tcp mode nothing may be replayed), so the requests started
+    // while `ip link set down` ran are counted apart.
+    let cutting = load.now();
+    net.cut("c");
+    let cut = load.now();
+    wait_until(
+        Duration::from_secs(60),
+        "Consul to mark C's instance critical",
+        || server.passing("server") == Some(1),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", server.child.logs()));
+    let detected = load.now();
+    thread::sleep(Duration::from_secs(5));
+    let after = load.now();
+    load.settle(after);
+    let in_flight = summarize(&load.between(cutting, cut));
+    let early = summarize(&load.between(cut, cut + DETECTION));
+    let late = summarize(&load.between(cut + DETECTION, after));
+    println!(
+        "multi_host: round {round}: Consul noticed C's loss after {:?}",
+        detected - cut
+    );
+    report(
+        &format!("round {round}: started as C's link went down"),
+        &in_flight,
+    );
+    report(&format!("round {round}: C cut, first 1.5 s"), &early);
+    report(
+        &format!("round {round}: C cut, from 1.5 s to 5 s after Consul noticed"),
+        &late,
+    );
+
+    // C comes back with no operator action.
+    // Serf notices the link back on its own schedule: 8-31 s here, so 120 s of slack.
+    let restored = load.now();
+    net.restore("c");
+    wait_until(
+        Duration::from_secs(120),
+        "C's instance passing and answering again",
+        || {
+            server.passing("server") == Some(2)
+                && summarize(&load.between(restored, load.now())).from_c > 0
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+    let back = load.now();
+    thread::sleep(Duration::from_secs(2));
+    load.settle(load.now());
+    let rejoin = summarize(&load.between(restored, load.now()));
+    println!(
+        "multi_host: round {round}: C answered again {:?} after its link came back",
+        back - restored
+    );
+    report(&format!("round {round}: C rejoining"), &rejoin);
+    Round {
+        round,
+        early,
+        late,
+        rejoin,
+    }
 }
 
 const BODY_B: &str = "hello from host B";
@@ -402,56 +517,10 @@ fn run(net: &Net) {
     assert_eq!(steady.failed, 0, "failures before any fault\n{}", logs());
     assert!(steady.from_c > 0, "C answered nothing in the steady state");
 
-    // Host C loses its link. A request already forwarded to C when the link goes down cannot be
-    // saved (its bytes are on a host that is gone; in tcp mode nothing may be replayed), so the
-    // requests started while `ip link set down` ran are counted apart; every request started
-    // after it must succeed, each costing at most one connect timeout.
-    let cutting = load.now();
-    net.cut("c");
-    let cut = load.now();
-    wait_until(
-        Duration::from_secs(60),
-        "Consul to mark C's instance critical",
-        || server.passing("server") == Some(1),
-    )
-    .unwrap_or_else(|e| panic!("{e}\n{}", server.child.logs()));
-    let detected = load.now();
-    thread::sleep(Duration::from_secs(5));
-    let after = load.now();
-    load.settle(after);
-    let in_flight = summarize(&load.between(cutting, cut));
-    let during = summarize(&load.between(cut, detected));
-    let past = summarize(&load.between(detected, after));
-    println!(
-        "multi_host: Consul noticed C's loss after {:?}",
-        detected - cut
-    );
-    report("started as C's link went down", &in_flight);
-    report("C cut, before Consul noticed", &during);
-    report("C cut, after Consul noticed (5 s)", &past);
-
-    // C comes back with no operator action.
-    // Serf notices the link back on its own schedule: 8-31 s here, so 120 s of slack.
-    let restored = load.now();
-    net.restore("c");
-    wait_until(
-        Duration::from_secs(120),
-        "C's instance passing and answering again",
-        || {
-            server.passing("server") == Some(2)
-                && summarize(&load.between(restored, load.now())).from_c > 0
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
-    let back = load.now();
-    thread::sleep(Duration::from_secs(2));
-    load.settle(load.now());
-    let rejoin = summarize(&load.between(restored, load.now()));
-    println!(
-        "multi_host: C answered again {:?} after its link came back",
-        back - restored
-    );
-    report("C rejoining", &rejoin);
+    // Host C loses its link and comes back, `rounds()` times.
+    let results: Vec<Round> = (1..=rounds())
+        .map(|round| host_loss_round(round, net, &server, &load, &logs))
+        .collect();
 
     // The Consul server stops for 30 s: every sidecar keeps serving what it had.
     let outage = load.now();
@@ -515,26 +584,47 @@ fn run(net: &Net) {
     // while the link went down, `in_flight`, are counted apart and may be none.)
     for (what, w) in [
         ("steady state", &steady),
-        ("C cut, before Consul noticed", &during),
-        ("C cut, after Consul noticed", &past),
-        ("C rejoining", &rejoin),
         ("Consul server stopped", &stopped),
         ("after the Consul server came back", &after_outage),
-    ] {
+    ]
+    .into_iter()
+    .chain(results.iter().flat_map(|r| {
+        [
+            ("C cut, from 1.5 s on", &r.late),
+            ("C rejoining", &r.rejoin),
+        ]
+    })) {
         assert!(w.requests > 0, "no request measured in the window {what:?}");
     }
-    assert_eq!(
-        past.failed,
-        0,
-        "requests failed after Consul noticed C's loss\n{}",
-        logs()
-    );
-    assert_eq!(
-        rejoin.failed,
-        0,
-        "requests failed while C rejoined\n{}",
-        logs()
-    );
+    for r in &results {
+        println!(
+            "multi_host: round {}: first 1.5 s after the cut: {} of {} failed; later: {} of {} failed; rejoin: {} of {} failed",
+            r.round,
+            r.early.failed,
+            r.early.requests,
+            r.late.failed,
+            r.late.requests,
+            r.rejoin.failed,
+            r.rejoin.requests
+        );
+    }
+    for r in &results {
+        assert_eq!(
+            r.late.failed,
+            0,
+            "round {}: requests started 1.5 s or more after C's link went down failed\n{}",
+            r.round,
+            logs()
+        );
+        assert_eq!(
+            r.rejoin.failed,
+            0,
+            "round {}: requests failed while C rejoined: {:?}\n{}",
+            r.round,
+            r.rejoin.errors,
+            logs()
+        );
+    }
     assert_eq!(
         stopped.failed,
         0,
@@ -545,12 +635,6 @@ fn run(net: &Net) {
         after_outage.failed,
         0,
         "requests failed after the Consul server came back\n{}",
-        logs()
-    );
-    assert_eq!(
-        during.failed,
-        0,
-        "requests failed before Consul noticed C's loss\n{}",
         logs()
     );
     // While the servers were gone the agents answered reads without an index from their cache

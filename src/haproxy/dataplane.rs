@@ -359,6 +359,11 @@ fn server(s: &ServerSpec) -> Value {
         v["ssl_cafile"] = json!(tls.ca_file);
         v["verify"] = json!("required");
     }
+    if let Some(ms) = s.check_inter_ms {
+        // The rest of the check (fall, rise, no TLS) is the defaults' `default-server` line.
+        v["check"] = json!("enabled");
+        v["inter"] = json!(ms);
+    }
     v
 }
 

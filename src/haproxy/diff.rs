@@ -64,6 +64,9 @@ pub struct Plan {
     pub transparent_changed: bool,
     /// Only its routes changed: the map is replaced live, like the intentions map.
     pub transparent_map_changed: bool,
+    /// A pool resize changed its slots' check interval: the servers are replaced by the
+    /// transaction, not live (`only_servers`).
+    pub check_interval_changed: bool,
 }
 
 impl Plan {
@@ -80,9 +83,12 @@ impl Plan {
     }
 
     /// Whether every operation is a server of an existing backend added, removed or changed (a
-    /// slot pool resized): what HAProxy's runtime API can do without a reload.
+    /// slot pool resized): what HAProxy's runtime API can do without a reload, unless the
+    /// resize changed the pool's check interval (`check_interval_ms`), which only a
+    /// transaction can.
     pub fn only_servers(&self) -> bool {
         !self.ops.is_empty()
+            && !self.check_interval_changed
             && self.ops.iter().all(|op| {
                 matches!(
                     op,
@@ -326,7 +332,7 @@ fn delete_upstream(u: &UpstreamListener, deletes: &mut Vec<Op>) {
 type SlotSpec<'a> = &'a dyn Fn(&crate::model::Slot) -> ServerSpec;
 
 /// Slot changes of one backend: servers added or removed when its pool was resized, the rest
-/// changed in place (live).
+/// changed in place (live). Whether the resize changed the slots' check interval.
 fn plan_slots(
     old: (&str, &[crate::model::Slot]),
     new: &[crate::model::Slot],
@@ -334,8 +340,9 @@ fn plan_slots(
     deletes: &mut Vec<Op>,
     creates: &mut Vec<Op>,
     live: &mut Vec<ServerSpec>,
-) {
+) -> bool {
     let (backend, old_slots) = old;
+    let mut check_interval_changed = false;
     let (old_spec, new_spec) = spec;
     for s in old_slots {
         if !new.iter().any(|n| n.name == s.name) {
@@ -347,18 +354,39 @@ fn plan_slots(
     }
     for s in new {
         let spec = new_spec(s);
-        match old_slots.iter().find(|o| o.name == s.name) {
-            None => creates.push(Op::CreateServer(spec)),
-            Some(o) if old_spec(o) != spec => live.push(spec),
-            Some(_) => {}
+        let Some(before) = old_slots.iter().find(|o| o.name == s.name).map(old_spec) else {
+            creates.push(Op::CreateServer(spec));
+            continue;
+        };
+        if before == spec {
+            continue;
         }
+        if before.check_inter_ms != spec.check_inter_ms {
+            // The runtime API cannot change a check's interval: the transaction does.
+            creates.push(Op::ReplaceServer(spec));
+            check_interval_changed = true;
+            continue;
+        }
+        let moved = (&before.address, before.port) != (&spec.address, spec.port);
+        if moved && !before.maintenance && !spec.maintenance {
+            // Another instance in a slot that stays in service: through maintenance, so that
+            // it starts as up and checked at once, not with the check state of the instance
+            // it replaces (down, if that one's host vanished).
+            live.push(ServerSpec {
+                maintenance: true,
+                ..spec.clone()
+            });
+        }
+        live.push(spec);
     }
+    check_interval_changed
 }
 
 pub fn plan(applied: &Desired, desired: &Desired) -> Plan {
     let mut deletes = Vec::new();
     let mut creates = Vec::new();
     let mut live = Vec::new();
+    let mut check_interval_changed = false;
 
     // The public listener and the local app: replaced field by field, never removed (a
     // process is a sidecar or a gateway for its whole run).
@@ -397,7 +425,7 @@ pub fn plan(applied: &Desired, desired: &Desired) -> Plan {
             creates.extend(create_upstream(desired, new));
             continue;
         }
-        plan_slots(
+        check_interval_changed |= plan_slots(
             (&old.backend, &old.slots),
             &new.slots,
             (&|s| upstream_server(applied, old, s), &|s| {
@@ -409,7 +437,7 @@ pub fn plan(applied: &Desired, desired: &Desired) -> Plan {
         );
         // Same routing: each target's backend exists on both sides.
         for (ot, nt) in targets(old).zip(targets(new)) {
-            plan_slots(
+            check_interval_changed |= plan_slots(
                 (&ot.backend, &ot.slots),
                 &nt.slots,
                 (&|s| target_server(applied, old, ot, s), &|s| {
@@ -431,7 +459,19 @@ pub fn plan(applied: &Desired, desired: &Desired) -> Plan {
 
     deletes.extend(creates);
     if !deletes.is_empty() {
-        deletes.extend(live.drain(..).map(Op::ReplaceServer));
+        // A transaction's reload starts every server afresh: a slot's last step is enough.
+        let last: Vec<ServerSpec> = live
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| {
+                !live[i + 1..]
+                    .iter()
+                    .any(|n| (&n.backend, &n.name) == (&s.backend, &s.name))
+            })
+            .map(|(_, s)| s.clone())
+            .collect();
+        live.clear();
+        deletes.extend(last.into_iter().map(Op::ReplaceServer));
     }
     let before = crate::objects::split_thresholds(applied);
     let live_splits = crate::objects::split_thresholds(desired)
@@ -455,6 +495,7 @@ pub fn plan(applied: &Desired, desired: &Desired) -> Plan {
         transparent_changed: outbound_listener(applied) != outbound_listener(desired),
         transparent_map_changed: applied.transparent.as_ref().map(|o| &o.routes)
             != desired.transparent.as_ref().map(|o| &o.routes),
+        check_interval_changed,
     }
 }
 
@@ -506,10 +547,18 @@ mod tests {
         let p = plan(&a, &b);
         assert!(p.ops.is_empty(), "no transaction, no reload: {:#?}", p.ops);
         assert!(!p.roots_changed && !p.leaf_changed);
-        // The newcomer takes the slot just freed; the weight changes in place.
-        assert_eq!(p.live.len(), 2, "{:#?}", p.live);
+        // The newcomer takes the slot just freed, through maintenance (so it starts up and
+        // checked, not with the check state of the instance it replaces); the weight changes in
+        // place.
+        assert_eq!(p.live.len(), 3, "{:#?}", p.live);
         assert!(p.live.iter().any(|s| s.weight == Some(7) && !s.maintenance));
-        assert!(p.live.iter().any(|s| s.port == 21009 && !s.maintenance));
+        let newcomer: Vec<bool> = p
+            .live
+            .iter()
+            .filter(|s| s.port == 21009)
+            .map(|s| s.maintenance)
+            .collect();
+        assert_eq!(newcomer, [true, false]);
 
         // An instance that leaves puts its slot in maintenance, live too.
         let mut c = b.clone();
@@ -546,6 +595,51 @@ mod tests {
             .count();
         assert_eq!(creates, MIN_SLOTS);
         assert_eq!(replaces, MIN_SLOTS, "the old slots all changed instance");
+    }
+
+    /// Every slot is checked; a resize within the shortest interval stays live (the runtime
+    /// API adds the slots), one that lengthens it replaces every slot in a transaction.
+    #[test]
+    fn a_resize_that_changes_the_check_interval_is_a_transaction() {
+        let a = client();
+        let grow = |from: &Desired, n: usize| {
+            let mut b = from.clone();
+            let up = &mut b.upstreams[0];
+            let many: Vec<Server> = (0..n)
+                .map(|i| server(&format!("i{i}.n"), 22000 + i as u16))
+                .collect();
+            up.slots = place(many, &up.slots);
+            b
+        };
+        let inter = |d: &Desired| {
+            let u = &d.upstreams[0];
+            let all: Vec<_> = u
+                .slots
+                .iter()
+                .map(|s| upstream_server(d, u, s).check_inter_ms)
+                .collect();
+            assert!(all.iter().all(|i| *i == all[0]), "{all:?}");
+            all[0]
+        };
+        assert_eq!(inter(&a), Some(crate::model::CHECK_MIN_INTERVAL_MS));
+        let b = grow(&a, 40);
+        assert_eq!(b.upstreams[0].slots.len(), 64);
+        assert_eq!(inter(&b), inter(&a));
+        let p = plan(&a, &b);
+        assert!(p.only_servers() && !p.check_interval_changed);
+
+        let c = grow(&b, 100);
+        assert_eq!(c.upstreams[0].slots.len(), 128);
+        assert_eq!(inter(&c), Some(512));
+        let p = plan(&b, &c);
+        assert!(p.check_interval_changed && !p.only_servers());
+        let replaced = p
+            .ops
+            .iter()
+            .filter(|o| matches!(o, Op::ReplaceServer(s) if s.check_inter_ms == Some(512)))
+            .count();
+        assert_eq!(replaced, 64, "every old slot, at the new interval");
+        assert!(p.live.is_empty());
     }
 
     #[test]

@@ -12,16 +12,23 @@ use std::path::Path;
 use crate::error::{Error, Result};
 use crate::haproxy::diff::ServerSpec;
 use crate::haproxy::runtime;
+use crate::objects::CHECK_DYNAMIC;
 
 /// The runtime API commands that bring one slot to `s`, on one line (`;`-separated). A slot
 /// leaving service goes into maintenance before its address changes, one entering service gets
 /// its address and weight before it leaves maintenance, so no request ever reaches a
-/// half-changed slot.
+/// half-changed slot. A checked slot entering service has its check turned on (a dynamic
+/// server is added with it off, see `add_server`; for a server of the file it already is, and
+/// turning it on again changes nothing, a down server stays down) and its check port set to
+/// its port (which HAProxy takes only once the check is on). Leaving maintenance, HAProxy
+/// counts a checked server up and checks it at once: a new instance takes traffic at once, and
+/// leaves the rotation again if its sidecar does not answer. In maintenance, nothing is
+/// checked.
 pub fn commands(s: &ServerSpec) -> String {
     let id = format!("{}/{}", s.backend, s.name);
     let addr = format!("set server {id} addr {} port {}", s.address, s.port);
     let weight = s.weight.map(|w| format!("set server {id} weight {w}"));
-    let mut cmds = Vec::with_capacity(3);
+    let mut cmds = Vec::with_capacity(5);
     if s.maintenance {
         cmds.push(format!("set server {id} state maint"));
         cmds.push(addr);
@@ -29,6 +36,10 @@ pub fn commands(s: &ServerSpec) -> String {
     } else {
         cmds.push(addr);
         cmds.extend(weight);
+        if s.check_inter_ms.is_some() {
+            cmds.push(format!("enable health {id}"));
+            cmds.push(format!("set server {id} check-port {}", s.port));
+        }
         cmds.push(format!("set server {id} state ready"));
     }
     cmds.join("; ")
@@ -60,24 +71,33 @@ pub fn set_server(stats: &Path, s: &ServerSpec) -> Result<()> {
     }
 }
 
-/// A new slot as a dynamic server (HAProxy 2.4+ `add server`, with the same options the file
-/// gives it); HAProxy adds it in maintenance, and it is then brought to `s` like any slot.
-pub fn add_server(stats: &Path, s: &ServerSpec) -> Result<()> {
+/// The `add server` command of a new slot: the options the file gives it, and what a server
+/// of the file inherits from `default-server` lines, since a dynamic server inherits nothing.
+pub fn add_command(s: &ServerSpec) -> String {
     let line = s.line();
-    let options: Vec<&str> = line
+    let mut options: Vec<String> = line
         .split_whitespace()
         .skip(2) // "server <name>"
         .filter(|w| *w != "disabled")
+        .map(str::to_string)
         .collect();
-    // A dynamic server inherits nothing from the backend's `default-server` line.
-    let verifyhost = s.verifyhost.iter().flat_map(|v| ["verifyhost", v.as_str()]);
-    let options: Vec<&str> = options.into_iter().chain(verifyhost).collect();
+    if let Some(v) = &s.verifyhost {
+        options.extend(["verifyhost".to_string(), v.clone()]);
+    }
+    if s.check_inter_ms.is_some() {
+        options.extend(CHECK_DYNAMIC.split_whitespace().map(str::to_string));
+        options.extend(["port".to_string(), s.port.to_string()]);
+    }
+    format!("add server {}/{} {}", s.backend, s.name, options.join(" "))
+}
+
+/// A new slot as a dynamic server (HAProxy 2.4+ `add server`, with the same options the file
+/// gives it); HAProxy adds it in maintenance with its check off (a check turned on in
+/// maintenance would run there: `commands` turns it on as the slot enters service), and it is
+/// then brought to `s` like any slot.
+pub fn add_server(stats: &Path, s: &ServerSpec) -> Result<()> {
     let id = format!("{}/{}", s.backend, s.name);
-    let answer = runtime::command(
-        stats,
-        &format!("add server {id} {}", options.join(" ")),
-        None,
-    )?;
+    let answer = runtime::command(stats, &add_command(s), None)?;
     if !answer.contains("New server registered") {
         return Err(Error::msg(format!(
             "HAProxy refused to add server {id}: {}",
@@ -176,6 +196,7 @@ mod tests {
             h2: false,
             verifyhost: None,
             alpn: None,
+            check_inter_ms: Some(400),
         }
     }
 
@@ -183,13 +204,40 @@ mod tests {
     fn a_slot_entering_service_is_addressed_and_weighted_before_it_is_ready() {
         assert_eq!(
             commands(&spec(false)),
-            "set server up_server/s3 addr 10.0.0.5 port 21000; set server up_server/s3 weight 7; set server up_server/s3 state ready"
+            "set server up_server/s3 addr 10.0.0.5 port 21000; set server up_server/s3 weight 7; enable health up_server/s3; set server up_server/s3 check-port 21000; set server up_server/s3 state ready"
+        );
+        let unchecked = ServerSpec {
+            check_inter_ms: None,
+            ..spec(false)
+        };
+        assert!(!commands(&unchecked).contains("health"));
+        assert!(!commands(&unchecked).contains("check-port"));
+    }
+
+    /// A dynamic server is checked as one of the file: same interval, fall and rise, and a
+    /// plain TCP check (an explicit check port, since `add server` refuses `no-check-ssl`).
+    #[test]
+    fn a_dynamic_slot_is_checked_like_one_of_the_file() {
+        let cmd = add_command(&spec(true));
+        assert!(
+            cmd.starts_with("add server up_server/s3 10.0.0.5:21000 weight 7 check inter 400"),
+            "{cmd}"
+        );
+        assert!(cmd.ends_with(" fall 2 rise 1 port 21000"), "{cmd}");
+        assert!(!cmd.contains("disabled") && !cmd.contains("no-check-ssl"));
+        assert_eq!(
+            crate::objects::CHECK_DEFAULTS.strip_suffix(" no-check-ssl"),
+            Some(CHECK_DYNAMIC)
         );
     }
 
     #[test]
     fn a_slot_leaving_service_goes_into_maintenance_first() {
         assert!(commands(&spec(true)).starts_with("set server up_server/s3 state maint; "));
+        // Nothing about its check: HAProxy pauses it in maintenance, and a dynamic slot's
+        // check, off until it first enters service, takes no check port.
+        assert!(!commands(&spec(true)).contains("health"));
+        assert!(!commands(&spec(true)).contains("check-port"));
     }
 
     #[test]

@@ -275,6 +275,25 @@ pub const MIN_SLOTS: usize = 8;
 pub const FREE_SLOT_ADDRESS: &str = "127.0.0.1";
 pub const FREE_SLOT_PORT: u16 = 1;
 
+/// HAProxy checks each upstream slot in service itself (a plain TCP connect to the instance's
+/// sidecar, every `check_interval_ms`), so an instance whose host vanished leaves the rotation
+/// within about three intervals, long before Consul notices (`tests/multi_host.rs`). The
+/// shortest interval: a slot in service is checked at most this often.
+pub const CHECK_MIN_INTERVAL_MS: u64 = 400;
+/// The bound on checks per second per backend (steady state: a failing or down server is
+/// checked at the same interval, so nothing adds to it), whatever its size.
+pub const CHECKS_PER_SECOND: u64 = 250;
+
+/// The check interval of every slot of a backend with `slots` slots: the shortest one while the
+/// pool is small (up to 100 slots), then longer in proportion, so the backend never starts
+/// more than `CHECKS_PER_SECOND` checks a second (slots in maintenance are not checked, so this
+/// counts more than it must). It depends on the pool's size only, which changes in doublings,
+/// so a slot's instance coming and going never changes it.
+pub fn check_interval_ms(slots: usize) -> u64 {
+    let slots = u64::try_from(slots).unwrap_or(u64::MAX);
+    CHECK_MIN_INTERVAL_MS.max(slots.saturating_mul(1000).div_ceil(CHECKS_PER_SECOND))
+}
+
 impl UpstreamListener {
     #[cfg(test)]
     pub fn instances(&self) -> impl Iterator<Item = &Server> {

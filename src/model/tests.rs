@@ -1063,3 +1063,23 @@ fn an_upstreams_read_timeout_reaches_its_chain_targets() {
         }
     }
 }
+
+/// The checks of one backend stay under `CHECKS_PER_SECOND` at any size, at the shortest
+/// interval up to 100 slots.
+#[test]
+fn check_intervals_bound_the_checks_per_second() {
+    use crate::model::{check_interval_ms, CHECKS_PER_SECOND, CHECK_MIN_INTERVAL_MS};
+    for slots in [8usize, 16, 64, 100] {
+        assert_eq!(check_interval_ms(slots), CHECK_MIN_INTERVAL_MS);
+    }
+    assert_eq!(check_interval_ms(128), 512);
+    assert_eq!(check_interval_ms(1024), 4096);
+    for slots in [8usize, 64, 128, 1000, 1024, 4096, 1 << 20] {
+        let per_second = slots as f64 * 1000.0 / check_interval_ms(slots) as f64;
+        assert!(
+            per_second <= CHECKS_PER_SECOND as f64,
+            "{slots}: {per_second}"
+        );
+    }
+    assert!(check_interval_ms(usize::MAX) > 0);
+}
