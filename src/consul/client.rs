@@ -349,9 +349,26 @@ impl Consul {
         let n = list.clients.len();
         let first = self.servers.current.load(Ordering::SeqCst);
         let mut failed: Option<(usize, Error)> = None;
+        // The last answer of a server without a cluster leader: given back when no server did
+        // better (with one server, at once), so the caller judges it as before.
+        let mut leaderless: Option<http::Response> = None;
         for k in 0..n {
             let i = servers::nth_after(first, k, n);
             match send(&list.clients[i]) {
+                Ok(resp)
+                    if n > 1
+                        && servers::leaderless(
+                            resp.status,
+                            &resp.body,
+                            resp.header("X-Consul-Knownleader"),
+                        ) =>
+                {
+                    if failed.is_none() {
+                        let why = format!("it answered {} with no cluster leader", resp.status);
+                        failed = Some((i, Error::msg(why)));
+                    }
+                    leaderless = Some(resp);
+                }
                 Ok(resp) => {
                     if let Some((f, e)) = failed {
                         // Only the first thread to notice moves the list on, and logs it.
@@ -376,6 +393,9 @@ impl Consul {
                     }
                 }
             }
+        }
+        if let Some(resp) = leaderless {
+            return Ok(resp);
         }
         Err(failed.map_or_else(|| Error::msg("no Consul server"), |(_, e)| e))
     }
@@ -699,30 +719,51 @@ mod tests {
         }
     }
 
-    /// A name's servers all fail: it is resolved again, and the request goes to the address it
-    /// resolves to now, which stays in use.
-    #[test]
-    fn when_every_address_of_a_name_failed_it_is_resolved_again() {
+    /// A server on loopback that gives each of `answers` (raw HTTP responses) to one
+    /// connection, in order, then stops.
+    fn answering(answers: Vec<&'static str>) -> (SocketAddr, std::thread::JoinHandle<()>) {
         use std::io::{Read, Write};
-        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let dead = closed.local_addr().unwrap();
-        drop(closed);
         let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let live = server.local_addr().unwrap();
-        let answers = std::thread::spawn(move || {
-            for _ in 0..2 {
+        let addr = server.local_addr().unwrap();
+        let thread = std::thread::spawn(move || {
+            for answer in answers {
                 let (mut conn, _) = server.accept().unwrap();
                 let mut head = Vec::new();
                 let mut byte = [0u8; 1];
                 while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).unwrap() == 1 {
                     head.push(byte[0]);
                 }
-                conn.write_all(
-                    b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: close\r\n\r\nlive",
-                )
-                .unwrap();
+                conn.write_all(answer.as_bytes()).unwrap();
             }
         });
+        (addr, thread)
+    }
+
+    const LIVE: &str = "HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: close\r\n\r\nlive";
+    /// What a Consul 1.16.3 server whose cluster has no leader answers a catalog read.
+    const FAKE_LEADERLESS: &str = "HTTP/1.1 500 Internal Server Error\r\nX-Consul-Knownleader: false\r\nContent-Length: 17\r\nConnection: close\r\n\r\nNo cluster leader";
+
+    fn settings(endpoints: &[String]) -> ConsulSettings {
+        ConsulSettings {
+            endpoints: endpoints
+                .iter()
+                .map(|e| Endpoint::parse(e).unwrap())
+                .collect(),
+            token: None,
+            tls: TlsFiles::default(),
+            catalog_node: None,
+            login: None,
+        }
+    }
+
+    /// A name's servers all fail: it is resolved again, and the request goes to the address it
+    /// resolves to now, which stays in use.
+    #[test]
+    fn when_every_address_of_a_name_failed_it_is_resolved_again() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dead = closed.local_addr().unwrap();
+        drop(closed);
+        let (live, answers) = answering(vec![LIVE, LIVE]);
         let asked = Arc::new(AtomicUsize::new(0));
         let counter = asked.clone();
         let resolver = Resolve(Arc::new(move |name| {
@@ -733,13 +774,7 @@ mod tests {
                 _ => vec![dead, live],
             })
         }));
-        let settings = ConsulSettings {
-            endpoints: vec![Endpoint::parse("servers.invalid:8500").unwrap()],
-            token: None,
-            tls: TlsFiles::default(),
-            catalog_node: None,
-            login: None,
-        };
+        let settings = settings(&["servers.invalid:8500".into()]);
         let consul = Consul::with_resolver(&settings, resolver).unwrap();
         assert_eq!(
             consul.endpoint(),
@@ -759,6 +794,25 @@ mod tests {
             consul.endpoint(),
             format!("http://servers.invalid:8500 ({live})")
         );
+    }
+
+    /// A server that lost its cluster is left for the next, which stays in use; alone, its
+    /// answer is given back as it is.
+    #[test]
+    fn a_server_with_no_cluster_leader_is_left_for_the_next() {
+        let (leaderless, first) = answering(vec![FAKE_LEADERLESS, FAKE_LEADERLESS]);
+        let (live, second) = answering(vec![LIVE, LIVE]);
+        let consul = Consul::new(&settings(&[leaderless.to_string(), live.to_string()])).unwrap();
+        for _ in 0..2 {
+            let a = consul.get("/v1/catalog/services", None).unwrap();
+            assert_eq!((a.status, a.body.as_str()), (200, "live"));
+        }
+        second.join().unwrap();
+        assert_eq!(consul.endpoint(), format!("http://{live}"));
+        let alone = Consul::new(&settings(&[leaderless.to_string()])).unwrap();
+        let a = alone.get("/v1/catalog/services", None).unwrap();
+        assert_eq!((a.status, a.body.as_str()), (500, "No cluster leader"));
+        first.join().unwrap();
     }
 
     #[test]

@@ -100,6 +100,15 @@ pub fn any_named(endpoints: &[Endpoint]) -> bool {
     endpoints.iter().any(|e| name_of(e).is_some())
 }
 
+/// Whether an answer comes from a server that has lost its cluster: Consul's "No cluster
+/// leader" error (500), or an answer marked `X-Consul-Knownleader: false` (such a server still
+/// answers streaming health reads, from the empty view it has). Another server of the list is
+/// asked instead, as consul-dataplane leaves a server that cannot serve.
+pub fn leaderless(status: u16, body: &str, known_leader: Option<&str>) -> bool {
+    (status >= 500 && body.contains("No cluster leader"))
+        || known_leader.is_some_and(|v| v.trim().eq_ignore_ascii_case("false"))
+}
+
 /// The index to try `k` places after `first` in a list of `len` (`len` > 0).
 pub fn nth_after(first: usize, k: usize, len: usize) -> usize {
     (first % len + k) % len
@@ -185,6 +194,23 @@ mod tests {
         }
         assert!(any_named(&[ep("127.0.0.1:1"), ep("gone:8500")]));
         assert!(!any_named(&[ep("127.0.0.1:1")]));
+    }
+
+    /// As Consul 1.16.3 answered from a server whose cluster has no leader (recorded by hand):
+    /// a 500 with its error on catalog and CA reads, and a 200 with an empty list, marked
+    /// `X-Consul-Knownleader: false`, on a streaming health read.
+    #[test]
+    fn a_server_without_a_cluster_leader_is_recognised() {
+        assert!(leaderless(500, "No cluster leader", Some("false")));
+        assert!(leaderless(500, "No cluster leader", None));
+        assert!(leaderless(200, "[]", Some("false")));
+        assert!(!leaderless(200, "[]", Some("true")));
+        assert!(!leaderless(200, "[]", None));
+        assert!(!leaderless(500, "rpc error: permission denied", None));
+        assert!(
+            !leaderless(403, "No cluster leader", None),
+            "not a server fault"
+        );
     }
 
     /// From the current server, every server is tried once, in list order, wrapping around.
