@@ -5,12 +5,13 @@
 
 use std::fmt;
 use std::io::{Read, Write};
+use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ureq::unversioned::resolver::DefaultResolver;
+use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
 use ureq::unversioned::transport::{
     Buffers, ConnectionDetails, Connector, LazyBuffers, NextTimeout, RustlsConnector, TcpConnector,
     Transport,
@@ -49,6 +50,28 @@ impl Response {
     }
 }
 
+/// The system's resolver, or one address given in advance (`Client::pinned`).
+#[derive(Debug)]
+struct PinnedResolver(Option<SocketAddr>);
+
+impl Resolver for PinnedResolver {
+    fn resolve(
+        &self,
+        uri: &ureq::http::Uri,
+        config: &ureq::config::Config,
+        timeout: NextTimeout,
+    ) -> std::result::Result<ResolvedSocketAddrs, ureq::Error> {
+        match self.0 {
+            Some(addr) => {
+                let mut addrs = self.empty();
+                addrs.push(addr);
+                Ok(addrs)
+            }
+            None => DefaultResolver::default().resolve(uri, config, timeout),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Client {
     agent: ureq::Agent,
@@ -67,6 +90,17 @@ impl fmt::Debug for Client {
 
 impl Client {
     pub fn new(endpoint: Endpoint, tls: &TlsFiles, credential: Credential) -> Result<Client> {
+        Client::pinned(endpoint, None, tls, credential)
+    }
+
+    /// A client of `endpoint` that connects to `pinned` when given, instead of what the
+    /// endpoint's host resolves to; the URL, the Host header and TLS keep the endpoint's host.
+    pub fn pinned(
+        endpoint: Endpoint,
+        pinned: Option<SocketAddr>,
+        tls: &TlsFiles,
+        credential: Credential,
+    ) -> Result<Client> {
         let mut config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .user_agent(concat!(
@@ -89,7 +123,7 @@ impl Client {
                 config,
                 ().chain(TcpConnector::default())
                     .chain(RustlsConnector::default()),
-                DefaultResolver::default(),
+                PinnedResolver(pinned),
             ),
         };
         Ok(Client {
@@ -98,10 +132,6 @@ impl Client {
             endpoint,
             credential,
         })
-    }
-
-    pub fn endpoint(&self) -> &Endpoint {
-        &self.endpoint
     }
 
     pub fn get(&self, path_and_query: &str, timeout: Duration) -> Result<Response> {
@@ -420,6 +450,34 @@ mod tests {
         assert!(Endpoint::parse("ftp://x:1").is_err());
         assert!(Endpoint::parse("unix://").is_err());
         assert!(Endpoint::parse("").is_err());
+    }
+
+    /// A client pinned to an address connects there, whatever its name resolves to (here:
+    /// nothing), and still names the host it was given in the request.
+    #[test]
+    fn a_pinned_client_connects_to_its_address_and_keeps_the_name() {
+        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = server.local_addr().unwrap();
+        let answer = std::thread::spawn(move || {
+            let (mut conn, _) = server.accept().unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).unwrap() == 1 {
+                head.push(byte[0]);
+            }
+            conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+                .unwrap();
+            String::from_utf8_lossy(&head).to_ascii_lowercase()
+        });
+        let endpoint = Endpoint::parse("consul.invalid:8500").unwrap();
+        let client =
+            Client::pinned(endpoint, Some(addr), &TlsFiles::default(), Credential::None).unwrap();
+        let resp = client
+            .get("/v1/status/leader", Duration::from_secs(5))
+            .unwrap();
+        assert_eq!((resp.status, resp.body.as_str()), (200, "ok"));
+        let head = answer.join().unwrap();
+        assert!(head.contains("host: consul.invalid:8500"), "{head}");
     }
 
     #[test]

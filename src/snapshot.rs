@@ -47,6 +47,11 @@ pub struct Snapshot {
     /// Set once by the supervisor: agentless, the first render also waits for
     /// `service_protocol`, so the public listener starts in its mode.
     pub agentless: bool,
+    /// Set once by the supervisor with `-enable-intentions`: nothing is applied before the
+    /// intentions agent's first real table (intentions, ACL default policy, roots, and the
+    /// `jwt-provider` entries once an intention names a provider), so a new public listener
+    /// never denies what the intentions allow.
+    pub enforcing: bool,
     /// A mesh gateway's `exported-services` entries; `None` until first read.
     pub exported: Option<Vec<ExportedServicesEntry>>,
     /// Transparent mode: the services intentions let this one reach, once read.
@@ -103,7 +108,8 @@ impl Snapshot {
         }
     }
 
-    /// What is still unknown before anything may be applied (registration, leaf, roots).
+    /// What is still unknown before anything may be applied (registration, leaf, roots, and
+    /// what `agentless` and `enforcing` add).
     pub fn missing(&self) -> Vec<&'static str> {
         let mut missing = Vec::new();
         if self.registration.is_none() {
@@ -118,16 +124,26 @@ impl Snapshot {
         if self.agentless && self.service_protocol.is_none() {
             missing.push("the service's protocol (its discovery chain)");
         }
+        if self.enforcing {
+            match &self.intentions {
+                None => missing.push("the intentions"),
+                Some(i)
+                    if self.jwt_providers.is_none() && i.iter().any(IntentionEntry::needs_jwt) =>
+                {
+                    missing.push("the jwt-provider config entries")
+                }
+                Some(_) => {}
+            }
+            if self.acl_default_policy.is_none() {
+                missing.push("the ACL default policy");
+            }
+        }
         missing
     }
 
     /// The implicit upstreams read so far (transparent mode), empty until read.
     pub fn implicit_upstreams(&self) -> &[String] {
         self.intention_upstreams.as_deref().unwrap_or_default()
-    }
-
-    pub fn is_complete(&self) -> bool {
-        self.missing().is_empty()
     }
 
     /// Whether every upstream destination has answered at least once, and every service
@@ -212,5 +228,40 @@ mod tests {
         );
         assert!(s.apply(Update::Registration(registration(r#"{"protocol":"tcp"}"#))));
         assert_eq!(protocol(&s), Some("tcp"));
+    }
+
+    /// With intentions enforced, nothing is complete before the agent's first real table:
+    /// a listener started earlier would deny what the intentions allow.
+    #[test]
+    fn enforcing_waits_for_the_intentions_table() {
+        let roots: CaRoots = serde_json::from_str(
+            r#"{"TrustDomain":"t.consul","Roots":[{"ID":"r","RootCert":"x","Active":true}]}"#,
+        )
+        .unwrap();
+        let leaf: LeafCert =
+            serde_json::from_str(r#"{"CertPEM":"c","PrivateKeyPEM":"k","Service":"web"}"#).unwrap();
+        let mut s = Snapshot::default();
+        s.apply(Update::Registration(registration("{}")));
+        s.apply(Update::Leaf(leaf));
+        s.apply(Update::Roots(roots));
+        assert!(
+            s.missing().is_empty(),
+            "without enforcement: {:?}",
+            s.missing()
+        );
+        s.enforcing = true;
+        assert_eq!(s.missing(), ["the intentions", "the ACL default policy"]);
+        let jwt: IntentionEntry = serde_json::from_str(
+            r#"{"SourceName":"api","DestinationName":"web","Action":"allow","JWT":{"Providers":[{"Name":"okta"}]}}"#,
+        )
+        .unwrap();
+        s.apply(Update::Intentions(vec![jwt]));
+        s.apply(Update::AclDefaultPolicy("deny".into()));
+        assert_eq!(s.missing(), ["the jwt-provider config entries"]);
+        s.apply(Update::JwtProviders(JwtProviders::default()));
+        assert!(s.missing().is_empty(), "{:?}", s.missing());
+        s.apply(Update::Intentions(Vec::new()));
+        s.jwt_providers = None;
+        assert!(s.missing().is_empty(), "no intention names a provider");
     }
 }

@@ -449,10 +449,41 @@ fn catalog_only_sidecars_logged_in_through_jwt_serve_follow_checks_and_leave_no_
 
 /// Three Consul servers on loopback, each on ports of its own, no agent beside them.
 struct Cluster {
-    // Declared before `_dir`: the processes stop before their directories go.
+    // Declared before `dir`: the processes stop before their directories go.
     servers: Vec<Option<Child>>,
     http: Vec<String>,
-    _dir: TempDir,
+    dir: TempDir,
+}
+
+/// A Consul server named `name` in `dir`, expecting `expect` servers and joining those of
+/// `join` (serf ports); its HTTP address.
+fn spawn_server(
+    dir: &TempDir,
+    name: &str,
+    expect: u32,
+    serf: u16,
+    join: &[u16],
+) -> (Child, String) {
+    let port = free_port();
+    let config = json!({
+        "node_name": name, "datacenter": "dc1", "server": true,
+        "bootstrap_expect": expect, "bind_addr": "127.0.0.1", "client_addr": "127.0.0.1",
+        "advertise_addr": "127.0.0.1",
+        "data_dir": dir.join(format!("data-{name}")),
+        "disable_update_check": true, "log_level": "info",
+        "ports": {"http": port, "dns": -1, "serf_lan": serf, "serf_wan": -1,
+                  "server": free_port(), "grpc": -1, "grpc_tls": -1},
+        "retry_join": join.iter().map(|p| format!("127.0.0.1:{p}")).collect::<Vec<_>>(),
+        "connect": {"enabled": true, "ca_config": {"cluster_id": CLUSTER_ID}},
+        // Raft timings of a dev agent: a new leader within a second or two.
+        "performance": {"raft_multiplier": 1},
+    });
+    let path = dir.join(format!("{name}.json"));
+    std::fs::write(&path, config.to_string()).unwrap();
+    let mut cmd = Command::new(consul_bin());
+    cmd.arg("agent").arg("-config-file").arg(&path);
+    let child = Child::spawn(&format!("consul-{name}"), &mut cmd, dir.path());
+    (child, format!("127.0.0.1:{port}"))
 }
 
 impl Cluster {
@@ -461,39 +492,28 @@ impl Cluster {
         let serf: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let mut servers = Vec::new();
         let mut http = Vec::new();
-        for i in 0..3 {
-            let port = free_port();
-            let config = json!({
-                "node_name": format!("server{i}"), "datacenter": "dc1", "server": true,
-                "bootstrap_expect": 3, "bind_addr": "127.0.0.1", "client_addr": "127.0.0.1",
-                "advertise_addr": "127.0.0.1",
-                "data_dir": dir.join(format!("data{i}")),
-                "disable_update_check": true, "log_level": "info",
-                "ports": {"http": port, "dns": -1, "serf_lan": serf[i], "serf_wan": -1,
-                          "server": free_port(), "grpc": -1, "grpc_tls": -1},
-                "retry_join": serf.iter().map(|p| format!("127.0.0.1:{p}")).collect::<Vec<_>>(),
-                "connect": {"enabled": true, "ca_config": {"cluster_id": CLUSTER_ID}},
-                // Raft timings of a dev agent: a new leader within a second or two.
-                "performance": {"raft_multiplier": 1},
-            });
-            let path = dir.join(format!("server{i}.json"));
-            std::fs::write(&path, config.to_string()).unwrap();
-            let mut cmd = Command::new(consul_bin());
-            cmd.arg("agent").arg("-config-file").arg(&path);
-            servers.push(Some(Child::spawn(
-                &format!("consul{i}"),
-                &mut cmd,
-                dir.path(),
-            )));
-            http.push(format!("127.0.0.1:{port}"));
+        for (i, port) in serf.iter().enumerate() {
+            let (child, addr) = spawn_server(&dir, &format!("server{i}"), 3, *port, &serf);
+            servers.push(Some(child));
+            http.push(addr);
         }
-        let cluster = Cluster {
-            servers,
-            http,
-            _dir: dir,
-        };
+        let cluster = Cluster { servers, http, dir };
         cluster.wait_for_roots();
         cluster
+    }
+
+    /// A server of no cluster: it waits for a second server that never comes, so it never has
+    /// a leader and answers reads as a server cut off from its cluster does.
+    fn lone_server(&self) -> (Child, String) {
+        let (child, addr) = spawn_server(&self.dir, "lone", 2, free_port(), &[]);
+        wait_until(Duration::from_secs(30), "the lone server to say it has no leader", || {
+            matches!(
+                http_request(&addr, "GET", "/v1/catalog/services", None, Duration::from_secs(15)),
+                Ok(r) if r.status == 500 && r.body.contains("No cluster leader")
+            )
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", child.logs()));
+        (child, addr)
     }
 
     /// The indices of the servers still running.
@@ -560,8 +580,9 @@ impl Put for Cluster {
     }
 }
 
-/// Three servers, the sidecars given all three: the server they use is stopped (the leader
-/// too, when it is the one), and a change made afterwards reaches them through another.
+/// Three servers, the sidecars given all three after a server with no leader (which they
+/// leave): the server they use is stopped (the leader too, when it is the one), and a change
+/// made afterwards reaches them through another.
 #[test]
 fn the_sidecars_move_to_another_server_when_theirs_stops() {
     if skipped() {
@@ -587,8 +608,9 @@ fn the_sidecars_move_to_another_server_when_theirs_stops() {
         json!([{"DestinationName": "server", "LocalBindPort": upstream_port}]),
         "passing",
     );
-    // Each sidecar starts on server 0.
-    let servers = cluster.http.join(",");
+    // Each sidecar is given a server that has no leader first, and leaves it for server 0.
+    let (_lone, lone) = cluster.lone_server();
+    let servers = format!("{lone},{}", cluster.http.join(","));
     let mut sidecars: Vec<Child> = ["server-1", "client-1"]
         .iter()
         .map(|id| agentless_sidecar(&base, &format!("{id}-sidecar-proxy"), &servers, None))
@@ -613,15 +635,16 @@ fn the_sidecars_move_to_another_server_when_theirs_stops() {
     }
     cluster.wait_for_roots();
     let load = Load::start(upstream.clone());
-    // The second instance and its sidecar, registered through a server still up, and passing
-    // once its sidecar knows whom to let in (as a pod's readiness gates it).
+    // The second instance, registered through a server still up and passing before its
+    // sidecar starts: its listener opens only once it knows whom to let in, so the client's
+    // identity check admits it no earlier.
     register_instance(
         &cluster,
         "server",
         "server-2",
         apps[1].port(),
         json!([]),
-        "critical",
+        "passing",
     );
     sidecars.push(agentless_sidecar(
         &base,
@@ -629,13 +652,6 @@ fn the_sidecars_move_to_another_server_when_theirs_stops() {
         &cluster.http[1..].join(","),
         None,
     ));
-    wait_until(
-        Duration::from_secs(60),
-        "server-2's sidecar to know its intentions",
-        || sidecars[2].log_contains("default allow"),
-    )
-    .unwrap_or_else(|e| panic!("{e}\n{}", sidecars[2].logs()));
-    set_check(&cluster, "server-2", "passing");
     let r = wait_until(
         Duration::from_secs(60),
         "server-2 through the mesh after the stop",
@@ -648,7 +664,13 @@ fn the_sidecars_move_to_another_server_when_theirs_stops() {
         "{ok} ok, {failed} failed: {errors:?}"
     );
     for s in &sidecars[..2] {
-        assert!(s.log_contains("now using"), "{}", s.logs());
+        for left in [&lone, &cluster.http[0]] {
+            assert!(
+                s.log_contains(&format!("Consul server http://{left} failed")),
+                "{left} not left\n{}",
+                s.logs()
+            );
+        }
     }
     // The other server signed new leaves; the listener still demands a client certificate.
     assert!(

@@ -99,6 +99,41 @@ fn a_stalled_agent_fails_closed() {
     .unwrap_or_else(|e| panic!("{e}\n{}", mesh.server_sidecar.logs()));
 }
 
+/// A sidecar started while an allowed client is already knocking on its public port: every
+/// connection that gets in is answered by the app, none is refused by a table not yet loaded
+/// (the port opens only once the agent knows the intentions, the default policy and the roots).
+#[test]
+fn a_sidecar_started_under_traffic_never_refuses_an_allowed_source() {
+    let consul = Consul::start();
+    let (_app, port) = consul.register_server(APP_BODY);
+    let base = TempDir::new("starting");
+    let (cert, key, _) = consul.leaf_files("client", base.path());
+    let ca = consul.root_ca_file(base.path());
+    // The client retries while the port is closed (curl's code 7) and counts everything else.
+    let knocker = std::thread::spawn(move || {
+        let (mut answered, mut refused) = (0, Vec::new());
+        let until = Instant::now() + Duration::from_secs(60);
+        while answered < 20 && Instant::now() < until {
+            match curl_mtls(port, Some((&cert, &key)), &ca) {
+                Ok(body) if body == APP_BODY => answered += 1,
+                Err(e) if e.contains("(7)") => {}
+                other => refused.push(other),
+            }
+        }
+        (answered, refused)
+    });
+    let sidecar = support::mesh::sidecar(&consul, &base, "server", true, &[]);
+    let (answered, refused) = knocker.join().unwrap();
+    assert!(
+        refused.is_empty(),
+        "{} connection(s) refused or failed: {:?}\n{}",
+        refused.len(),
+        &refused[..refused.len().min(3)],
+        sidecar.logs()
+    );
+    assert_eq!(answered, 20, "{}", sidecar.logs());
+}
+
 #[test]
 fn with_enforcement_off_an_ignored_deny_is_never_silent() {
     let mesh = Mesh::start(MeshOptions::default());
@@ -118,9 +153,7 @@ fn with_enforcement_off_an_ignored_deny_is_never_silent() {
 #[test]
 fn with_acls_default_deny_the_sidecar_agrees_with_consul_authorize() {
     let consul = Consul::start_acl_deny();
-    let app = HttpApp::start(APP_BODY);
-    let port = free_port();
-    consul.register(&sidecar_registration("server", app.port(), port, &[]));
+    let (_app, port) = consul.register_server(APP_BODY);
     for (source, action) in [("web", "allow"), ("client", "deny")] {
         consul.create_intention(source, "server", action);
     }

@@ -1,14 +1,16 @@
 //! The Consul agent client: one-shot reads, blocking reads, and finding the proxy to serve.
 
 use std::collections::BTreeMap;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use super::api::{self, AgentService};
+use super::servers::{self, Server};
 use super::source::Source;
 use super::{DestinationKey, DestinationKind};
-use crate::config::{ConsulSettings, Login, Secret, Target};
+use crate::config::{ConsulSettings, Endpoint, Login, Secret, Target, TlsFiles};
 use crate::error::{Context, Error, Result};
 use crate::http::encode;
 use crate::http::{self, Credential};
@@ -26,9 +28,115 @@ pub struct Consul {
 
 #[derive(Debug)]
 struct Servers {
-    clients: Vec<http::Client>,
+    /// `-http-addr` as given, its TLS files and the resolver: what a new resolution starts
+    /// from.
+    endpoints: Vec<Endpoint>,
+    tls: TlsFiles,
+    resolver: Resolve,
+    /// The servers as last resolved (`servers::expand`), replaced whole.
+    list: RwLock<Arc<ServerList>>,
     /// The server requests go to first; moved on when a request to it fails.
     current: AtomicUsize,
+}
+
+/// Resolves `host:port` to addresses: the system's resolver, or a test's.
+#[derive(Clone)]
+struct Resolve(Arc<ResolveFn>);
+
+type ResolveFn = dyn Fn(&str) -> std::result::Result<Vec<SocketAddr>, String> + Send + Sync;
+
+impl Resolve {
+    fn system() -> Resolve {
+        Resolve(Arc::new(|name| {
+            name.to_socket_addrs()
+                .map(Iterator::collect)
+                .map_err(|e| e.to_string())
+        }))
+    }
+}
+
+impl std::fmt::Debug for Resolve {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Resolve")
+    }
+}
+
+#[derive(Debug)]
+struct ServerList {
+    servers: Vec<Server>,
+    clients: Vec<http::Client>,
+}
+
+impl ServerList {
+    /// Resolves `endpoints` now; each resolution's outcome is logged at `level`.
+    fn resolve(
+        endpoints: &[Endpoint],
+        tls: &TlsFiles,
+        resolver: &Resolve,
+        level: log::Level,
+    ) -> Result<ServerList> {
+        let (servers, notes) = servers::expand(endpoints, |name| (resolver.0)(name));
+        for n in notes {
+            log::log!(level, "{n}");
+        }
+        let clients = servers
+            .iter()
+            .map(|s| {
+                http::Client::pinned(s.endpoint.clone(), s.pinned, tls, Credential::None)
+                    .with_context(|| format!("setting up the Consul client for {s}"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if clients.is_empty() {
+            return Err(Error::msg("no Consul address to talk to"));
+        }
+        Ok(ServerList { servers, clients })
+    }
+}
+
+impl Servers {
+    fn list(&self) -> Arc<ServerList> {
+        match self.list.read() {
+            Ok(l) => l.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Every server of `failed` failed: resolves the names again, and says whether that gave
+    /// another list (then the one in use, from its first server).
+    fn resolve_again(&self, failed: &Arc<ServerList>) -> bool {
+        if !servers::any_named(&self.endpoints) {
+            return false;
+        }
+        let Ok(mut slot) = self.list.write() else {
+            return false;
+        };
+        if !Arc::ptr_eq(&slot, failed) {
+            // Another thread resolved meanwhile: try its list.
+            return true;
+        }
+        match ServerList::resolve(
+            &self.endpoints,
+            &self.tls,
+            &self.resolver,
+            log::Level::Debug,
+        ) {
+            Ok(fresh) if fresh.servers != failed.servers => {
+                log::info!(
+                    "every Consul server failed; resolved again: {}",
+                    fresh
+                        .servers
+                        .iter()
+                        .map(Server::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                *slot = Arc::new(fresh);
+                self.current.store(0, Ordering::SeqCst);
+                true
+            }
+            _ => false,
+        }
+    }
 }
 
 /// The token requests carry: fixed (`-token`), or an ACL login's, replaced when Consul no
@@ -134,20 +242,22 @@ pub fn login_query(login: &Login) -> String {
 
 impl Consul {
     pub fn new(settings: &ConsulSettings) -> Result<Consul> {
-        let clients = settings
-            .endpoints
-            .iter()
-            .map(|e| {
-                http::Client::new(e.clone(), &settings.tls, Credential::None)
-                    .with_context(|| format!("setting up the Consul client for {e}"))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        if clients.is_empty() {
-            return Err(Error::msg("no Consul address to talk to"));
-        }
+        Consul::with_resolver(settings, Resolve::system())
+    }
+
+    fn with_resolver(settings: &ConsulSettings, resolver: Resolve) -> Result<Consul> {
+        let list = ServerList::resolve(
+            &settings.endpoints,
+            &settings.tls,
+            &resolver,
+            log::Level::Info,
+        )?;
         Ok(Consul {
             servers: Arc::new(Servers {
-                clients,
+                endpoints: settings.endpoints.clone(),
+                tls: settings.tls.clone(),
+                resolver,
+                list: RwLock::new(Arc::new(list)),
                 current: AtomicUsize::new(0),
             }),
             auth: Arc::new(Auth {
@@ -167,8 +277,9 @@ impl Consul {
 
     /// The server requests go to now.
     pub fn endpoint(&self) -> String {
-        let i = self.servers.current.load(Ordering::SeqCst) % self.servers.clients.len();
-        self.servers.clients[i].endpoint().to_string()
+        let list = self.servers.list();
+        let i = self.servers.current.load(Ordering::SeqCst) % list.servers.len();
+        list.servers[i].to_string()
     }
 
     /// A GET that may block: Consul holds it until the content changes or `wait` passes.
@@ -206,8 +317,9 @@ impl Consul {
     }
 
     /// Sends to the current server, and on a transport error to each next one in turn; the
-    /// first that answers becomes the current one. A blocking query keeps its index: every
-    /// server of a cluster counts the same Raft index.
+    /// first that answers becomes the current one. When every one failed and a name is among
+    /// them, the names are resolved again and a new list tried once. A blocking query keeps its
+    /// index: every server of a cluster counts the same Raft index.
     fn exchange(
         &self,
         method: &str,
@@ -216,12 +328,47 @@ impl Consul {
         timeout: Duration,
         token: Option<&Secret>,
     ) -> Result<http::Response> {
-        let clients = &self.servers.clients;
-        let first = self.servers.current.load(Ordering::SeqCst) % clients.len();
+        let send = |c: &http::Client| c.send_as(method, path, body, timeout, token);
+        let list = self.servers.list();
+        match self.on_each_server(&list, &send) {
+            Err(e) if self.servers.resolve_again(&list) => {
+                let fresh = self.servers.list();
+                self.on_each_server(&fresh, &send)
+                    .map_err(|again| again.context(format!("and before that: {e}")))
+            }
+            other => other,
+        }
+    }
+
+    /// `send` to the current server of `list`, then to each next one until one answers.
+    fn on_each_server(
+        &self,
+        list: &ServerList,
+        send: &dyn Fn(&http::Client) -> Result<http::Response>,
+    ) -> Result<http::Response> {
+        let n = list.clients.len();
+        let first = self.servers.current.load(Ordering::SeqCst);
         let mut failed: Option<(usize, Error)> = None;
-        for k in 0..clients.len() {
-            let i = (first + k) % clients.len();
-            match clients[i].send_as(method, path, body, timeout, token) {
+        // The last answer of a server without a cluster leader: given back when no server did
+        // better (with one server, at once), so the caller judges it as before.
+        let mut leaderless: Option<http::Response> = None;
+        for k in 0..n {
+            let i = servers::nth_after(first, k, n);
+            match send(&list.clients[i]) {
+                Ok(resp)
+                    if n > 1
+                        && servers::leaderless(
+                            resp.status,
+                            &resp.body,
+                            resp.header("X-Consul-Knownleader"),
+                        ) =>
+                {
+                    if failed.is_none() {
+                        let why = format!("it answered {} with no cluster leader", resp.status);
+                        failed = Some((i, Error::msg(why)));
+                    }
+                    leaderless = Some(resp);
+                }
                 Ok(resp) => {
                     if let Some((f, e)) = failed {
                         // Only the first thread to notice moves the list on, and logs it.
@@ -233,8 +380,8 @@ impl Consul {
                         {
                             log::warn!(
                                 "Consul server {} failed ({e}); now using {}",
-                                clients[f].endpoint(),
-                                clients[i].endpoint()
+                                list.servers[f],
+                                list.servers[i]
                             );
                         }
                     }
@@ -246,6 +393,9 @@ impl Consul {
                     }
                 }
             }
+        }
+        if let Some(resp) = leaderless {
+            return Ok(resp);
         }
         Err(failed.map_or_else(|| Error::msg("no Consul server"), |(_, e)| e))
     }
@@ -575,6 +725,102 @@ mod tests {
             partition: None,
             datacenter: None,
         }
+    }
+
+    /// A server on loopback that gives each of `answers` (raw HTTP responses) to one
+    /// connection, in order, then stops.
+    fn answering(answers: Vec<&'static str>) -> (SocketAddr, std::thread::JoinHandle<()>) {
+        use std::io::{Read, Write};
+        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = server.local_addr().unwrap();
+        let thread = std::thread::spawn(move || {
+            for answer in answers {
+                let (mut conn, _) = server.accept().unwrap();
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).unwrap() == 1 {
+                    head.push(byte[0]);
+                }
+                conn.write_all(answer.as_bytes()).unwrap();
+            }
+        });
+        (addr, thread)
+    }
+
+    const LIVE: &str = "HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: close\r\n\r\nlive";
+    /// What a Consul 1.16.3 server whose cluster has no leader answers a catalog read.
+    const FAKE_LEADERLESS: &str = "HTTP/1.1 500 Internal Server Error\r\nX-Consul-Knownleader: false\r\nContent-Length: 17\r\nConnection: close\r\n\r\nNo cluster leader";
+
+    fn settings(endpoints: &[String]) -> ConsulSettings {
+        ConsulSettings {
+            endpoints: endpoints
+                .iter()
+                .map(|e| Endpoint::parse(e).unwrap())
+                .collect(),
+            token: None,
+            tls: TlsFiles::default(),
+            catalog_node: None,
+            login: None,
+        }
+    }
+
+    /// A name's servers all fail: it is resolved again, and the request goes to the address it
+    /// resolves to now, which stays in use.
+    #[test]
+    fn when_every_address_of_a_name_failed_it_is_resolved_again() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dead = closed.local_addr().unwrap();
+        drop(closed);
+        let (live, answers) = answering(vec![LIVE, LIVE]);
+        let asked = Arc::new(AtomicUsize::new(0));
+        let counter = asked.clone();
+        let resolver = Resolve(Arc::new(move |name| {
+            assert_eq!(name, "servers.invalid:8500");
+            // The first answer names only the dead address; every later one the live one too.
+            Ok(match counter.fetch_add(1, Ordering::SeqCst) {
+                0 => vec![dead],
+                _ => vec![dead, live],
+            })
+        }));
+        let settings = settings(&["servers.invalid:8500".into()]);
+        let consul = Consul::with_resolver(&settings, resolver).unwrap();
+        assert_eq!(
+            consul.endpoint(),
+            format!("http://servers.invalid:8500 ({dead})")
+        );
+        for _ in 0..2 {
+            let a = consul.get("/v1/status/leader", None).unwrap();
+            assert_eq!((a.status, a.body.as_str()), (200, "live"));
+        }
+        answers.join().unwrap();
+        assert_eq!(
+            asked.load(Ordering::SeqCst),
+            2,
+            "resolved at start and once again"
+        );
+        assert_eq!(
+            consul.endpoint(),
+            format!("http://servers.invalid:8500 ({live})")
+        );
+    }
+
+    /// A server that lost its cluster is left for the next, which stays in use; alone, its
+    /// answer is given back as it is.
+    #[test]
+    fn a_server_with_no_cluster_leader_is_left_for_the_next() {
+        let (leaderless, first) = answering(vec![FAKE_LEADERLESS, FAKE_LEADERLESS]);
+        let (live, second) = answering(vec![LIVE, LIVE]);
+        let consul = Consul::new(&settings(&[leaderless.to_string(), live.to_string()])).unwrap();
+        for _ in 0..2 {
+            let a = consul.get("/v1/catalog/services", None).unwrap();
+            assert_eq!((a.status, a.body.as_str()), (200, "live"));
+        }
+        second.join().unwrap();
+        assert_eq!(consul.endpoint(), format!("http://{live}"));
+        let alone = Consul::new(&settings(&[leaderless.to_string()])).unwrap();
+        let a = alone.get("/v1/catalog/services", None).unwrap();
+        assert_eq!((a.status, a.body.as_str()), (500, "No cluster leader"));
+        first.join().unwrap();
     }
 
     #[test]

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod chain;
 pub mod client;
+pub mod servers;
 pub mod source;
 pub mod watch;
 

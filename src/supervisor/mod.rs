@@ -280,6 +280,7 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
         watchers,
         snapshot: Snapshot {
             agentless,
+            enforcing: matches!(intentions, Intentions::Enforced(_)),
             ..Snapshot::default()
         },
         intentions,
@@ -452,6 +453,7 @@ impl Supervisor {
         let mut complete_since: Option<Instant> = None;
         let mut built_since: Option<Instant> = None;
         let mut last_problem = String::new();
+        let mut last_missing = String::new();
         loop {
             match self.rx.recv_timeout(Duration::from_millis(100)) {
                 Ok(Event::Consul(update)) => {
@@ -471,7 +473,12 @@ impl Supervisor {
                 Ok(_) | Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return Ok(None),
             }
-            if !self.snapshot.is_complete() {
+            let missing = self.snapshot.missing().join(", ");
+            if !missing.is_empty() {
+                if missing != last_missing {
+                    log::debug!("before HAProxy starts, waiting for {missing}");
+                    last_missing = missing;
+                }
                 continue;
             }
             let since = *complete_since.get_or_insert_with(Instant::now);

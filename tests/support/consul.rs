@@ -538,6 +538,24 @@ impl Consul {
         assert!(status == 200 && body.trim() == "true", "{status} {body}");
     }
 
+    /// An app answering `body` as the service `server`, registered with its sidecar on a free
+    /// public port: the app and that port.
+    pub fn register_server(&self, body: &str) -> (HttpApp, u16) {
+        let app = HttpApp::start(body);
+        let port = free_port();
+        self.register(&sidecar_registration("server", app.port(), port, &[]));
+        (app, port)
+    }
+
+    /// Consul's first CA root written to `<dir>/roots.pem` for clients such as curl; its path.
+    pub fn root_ca_file(&self, dir: &Path) -> PathBuf {
+        let roots = self.get_json("/v1/agent/connect/ca/roots");
+        let ca = dir.join("roots.pem");
+        fs::write(&ca, roots["Roots"][0]["RootCert"].as_str().expect("a root"))
+            .expect("write the roots");
+        ca
+    }
+
     /// A leaf certificate for `service` from the agent, written to `<dir>/<service>.pem` and
     /// `.key` for a client such as curl; returns the paths and Consul's whole answer.
     pub fn leaf_files(&self, service: &str, dir: &Path) -> (PathBuf, PathBuf, Value) {

@@ -36,10 +36,7 @@ pub fn ready_with_ca(sidecar: &Child, consul: &Consul, dir: &Path) -> PathBuf {
         || sidecar.log_contains("-> Ready"),
     )
     .unwrap_or_else(|e| panic!("{e}\n{}", sidecar.logs()));
-    let roots = consul.get_json("/v1/agent/connect/ca/roots");
-    let ca = dir.join("roots.pem");
-    std::fs::write(&ca, roots["Roots"][0]["RootCert"].as_str().unwrap()).unwrap();
-    ca
+    consul.root_ca_file(dir)
 }
 
 /// The working directory the sidecar of `service` made under `base` (its master socket,
