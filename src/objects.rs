@@ -7,6 +7,7 @@
 use serde::Serialize;
 
 use crate::model::chain::{Match, Route, TargetBackend, ValueMatch, SPLIT_SCALE};
+use crate::model::mesh::TlsParams;
 use crate::model::{
     AppHeader, Desired, ExposedListener, Mode, Public, Server, Slot, UpstreamListener,
     FREE_SLOT_ADDRESS, FREE_SLOT_PORT,
@@ -21,6 +22,11 @@ pub const LOCAL_BACKEND: &str = "local_app";
 pub struct MeshTls {
     pub crt: String,
     pub ca_file: String,
+    /// The `mesh` entry's versions and ciphers for this direction. Not in Dataplane API
+    /// v1.2.5's bind and server models: an object with them is only ever created or replaced
+    /// by a full render or the runtime API (`add server` takes them); see
+    /// `Plan::full_render_reason`.
+    pub params: TlsParams,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -138,10 +144,16 @@ pub struct ServerSpec {
     pub alpn: Option<String>,
 }
 
-fn mesh_tls(d: &Desired) -> MeshTls {
+/// The mesh TLS of the public listener (`incoming`) or of a connection to another sidecar.
+fn mesh_tls(d: &Desired, incoming: bool) -> MeshTls {
     MeshTls {
         crt: d.paths.leaf.display().to_string(),
         ca_file: d.paths.roots.display().to_string(),
+        params: if incoming {
+            d.mesh_tls.incoming.clone()
+        } else {
+            d.mesh_tls.outgoing.clone()
+        },
     }
 }
 
@@ -172,7 +184,7 @@ pub fn public_bind(d: &Desired) -> BindSpec {
         address: d.public.bind_address.to_string(),
         port: Some(d.public.bind_port),
         unix_mode: None,
-        tls: Some(mesh_tls(d)),
+        tls: Some(mesh_tls(d, true)),
         h2: false,
         alpn: (d.public.mode == Mode::Http).then(|| "h2,http/1.1".to_string()),
     }
@@ -317,7 +329,7 @@ fn slot_server(
         address,
         port,
         weight: Some(weight),
-        tls: Some(mesh_tls(d)),
+        tls: Some(mesh_tls(d, false)),
         maintenance: !slot.instance.as_ref().is_some_and(Server::in_service),
         h2: false,
         verifyhost: verifyhost.cloned(),
@@ -851,7 +863,12 @@ impl BindSpec {
 impl MeshTls {
     /// The certificate options of a mesh connection, either side.
     pub fn options(&self) -> String {
-        format!("crt {} ca-file {} verify required", self.crt, self.ca_file)
+        format!(
+            "crt {} ca-file {} verify required{}",
+            self.crt,
+            self.ca_file,
+            self.params.options()
+        )
     }
 }
 

@@ -526,6 +526,44 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// The mesh entry's TLS settings land on the public bind (incoming) and on every upstream
+    /// server (outgoing), in a file HAProxy accepts.
+    #[test]
+    fn mesh_tls_settings_pass_haproxy_check() {
+        let v = crate::model::fixtures::ANY;
+        let mut snap = snapshot(v, "client-sidecar-proxy", "ca-leaf-client.json");
+        snap.mesh = Some(vec![
+            serde_json::json!({"Kind": "mesh", "Name": "mesh", "TLS": {
+            "Incoming": {"TLSMinVersion": "TLSv1_3"},
+            "Outgoing": {"TLSMinVersion": "TLSv1_2", "TLSMaxVersion": "TLSv1_3",
+                         "CipherSuites": ["TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256"]}}}),
+        ]);
+        let (dir, files) = render_snapshot_into(v, "client-sidecar-proxy", &snap, false);
+        let cfg = &files.last().unwrap().contents;
+        let bind = cfg.lines().find(|l| l.contains("name public")).unwrap();
+        assert!(
+            bind.ends_with("verify required ssl-min-ver TLSv1.3"),
+            "{bind}"
+        );
+        let servers: Vec<&str> = cfg.lines().filter(|l| l.contains("server s")).collect();
+        assert!(!servers.is_empty());
+        for s in servers {
+            assert!(
+                s.contains(
+                    "ssl-min-ver TLSv1.2 ssl-max-ver TLSv1.3 ciphers ECDHE-ECDSA-AES128-GCM-SHA256"
+                ),
+                "{s}"
+            );
+        }
+        let out = haproxy_check(&dir.join("haproxy.cfg"));
+        assert!(
+            out.status.success(),
+            "haproxy -c failed:\n{}\n{cfg}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn a_unix_socket_upstream_passes_haproxy_check() {
         let (dir, _) = render_into(ANY, "client-sidecar-proxy", "ca-leaf-client.json", false);

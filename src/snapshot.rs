@@ -20,6 +20,8 @@ pub struct Snapshot {
     pub intentions: Option<Vec<IntentionEntry>>,
     /// The `jwt-provider` config entries, read only once an intention requires a JWT.
     pub jwt_providers: Option<JwtProviders>,
+    /// The `mesh` config entries (its TLS settings), once read.
+    pub mesh: Option<Vec<serde_json::Value>>,
     /// The ACL default policy as Consul spells it (see `Update::AclDefaultPolicy`).
     pub acl_default_policy: Option<String>,
     /// The agent's checks of the proxied service, read only when the registration asks for
@@ -50,6 +52,7 @@ impl Snapshot {
             Update::Roots(r) => replace(&mut self.roots, Some(r)),
             Update::Intentions(i) => replace(&mut self.intentions, Some(i)),
             Update::JwtProviders(p) => replace(&mut self.jwt_providers, Some(p)),
+            Update::Mesh(m) => replace(&mut self.mesh, Some(m)),
             Update::AclDefaultPolicy(p) => replace(&mut self.acl_default_policy, Some(p)),
             Update::Checks(c) => replace(&mut self.checks, Some(c)),
             Update::AgentAddress(a) => replace(&mut self.agent_address, Some(a)),
@@ -92,14 +95,16 @@ impl Snapshot {
     /// destination's discovery chain; the first render waits briefly for this so that HAProxy
     /// starts with its servers and routes instead of reloading for them. A chain target's
     /// instances are not waited for: they fill their backend's slots live, and a failover
-    /// target in an unreachable datacenter must not hold back the rest.
+    /// target in an unreachable datacenter must not hold back the rest. The `mesh` entry is
+    /// waited for too, so the public listener starts with the TLS versions it asks for.
     pub fn endpoints_known(&self) -> bool {
-        self.registration.as_ref().is_some_and(|r| {
-            destinations(r).iter().all(|k| {
-                self.endpoints.contains_key(k)
-                    && (k.kind != DestinationKind::Service || self.chains.contains_key(k))
+        self.mesh.is_some()
+            && self.registration.as_ref().is_some_and(|r| {
+                destinations(r).iter().all(|k| {
+                    self.endpoints.contains_key(k)
+                        && (k.kind != DestinationKind::Service || self.chains.contains_key(k))
+                })
             })
-        })
     }
 }
 

@@ -369,3 +369,92 @@ fn a_prepared_querys_poll_interval_is_followed_and_restarted_when_changed() {
     register("900ms");
     polling(900);
 }
+
+/// One TLS handshake with the public listener at `addr` by `openssl s_client` limited to one
+/// version (`-tls1_2`, `-tls1_3`), presenting `client`'s leaf: the version it negotiated, or
+/// `None` when there was no handshake.
+fn handshake(
+    addr: &str,
+    version: &str,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Option<String> {
+    let out = std::process::Command::new("openssl")
+        .args(["s_client", "-connect", addr, version, "-cert"])
+        .arg(cert)
+        .arg("-key")
+        .arg(key)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("openssl must be installed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // s_client prints the session as `New, TLSv1.3, Cipher is …` once a handshake completed.
+    text.lines()
+        .find_map(|l| l.strip_prefix("New, "))
+        .filter(|l| !l.starts_with("(NONE)"))
+        .and_then(|l| l.split(',').next())
+        .map(str::to_string)
+}
+
+/// The `mesh` entry's `TLS.Incoming.TLSMinVersion TLSv1_3` (and the same for `Outgoing`):
+/// the public listener completes no TLS 1.2 handshake and completes a TLS 1.3 one, and the
+/// mesh between the two sidecars keeps serving. On Consul 1.8, which has no `mesh` kind, the
+/// sidecar says so once and serves as before.
+#[test]
+fn mesh_tls_min_version_refuses_tls_1_2_on_the_public_listener() {
+    let mesh = Mesh::start(MeshOptions::default());
+    if !consul_is_current() {
+        let logs = mesh.server_sidecar.logs();
+        assert_eq!(
+            logs.matches("has no mesh config entries").count(),
+            1,
+            "{logs}"
+        );
+        return;
+    }
+    let addr = format!("127.0.0.1:{}", mesh.server_port);
+    let (cert, key, _) = mesh.consul.leaf_files("client", mesh.base.path());
+    assert_eq!(
+        handshake(&addr, "-tls1_2", &cert, &key).as_deref(),
+        Some("TLSv1.2"),
+        "before the mesh entry, TLS 1.2 is HAProxy's (and Envoy's) minimum"
+    );
+    let entry = json!({
+        "Kind": "mesh",
+        "TLS": {
+            "Incoming": {"TLSMinVersion": "TLSv1_3"},
+            "Outgoing": {"TLSMinVersion": "TLSv1_3"}
+        }
+    });
+    let (status, body) = mesh.consul.put("/v1/config", &entry.to_string());
+    assert!(status == 200 && body.trim() == "true", "{status} {body}");
+    wait_for_lines(
+        &mesh,
+        "server",
+        &["verify required ssl-min-ver TLSv1.3"],
+        &mesh.server_sidecar,
+    );
+    assert_eq!(
+        handshake(&addr, "-tls1_2", &cert, &key),
+        None,
+        "a TLS 1.2 handshake completed at TLSMinVersion TLSv1_3"
+    );
+    assert_eq!(
+        handshake(&addr, "-tls1_3", &cert, &key).as_deref(),
+        Some("TLSv1.3")
+    );
+    // The client's servers ask for TLS 1.3 too, and the mesh keeps serving over it.
+    let client_cfg = mesh.workdir("client").join("haproxy.cfg");
+    wait_until(
+        Duration::from_secs(60),
+        "TLS 1.3 on the client's servers",
+        || {
+            std::fs::read_to_string(&client_cfg)
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.contains("server s0 ") && l.contains("ssl-min-ver TLSv1.3"))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.client_sidecar.logs()));
+    wait_served(&mesh);
+}

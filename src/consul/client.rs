@@ -229,6 +229,9 @@ pub const SERVICES_PATH: &str = "/v1/agent/services";
 pub const ROOTS_PATH: &str = "/v1/agent/connect/ca/roots";
 /// Every intention; blocks on an index.
 pub const INTENTIONS_PATH: &str = "/v1/connect/intentions";
+/// The `mesh` config entry, as a list (empty when none is written; Consul 1.10+).
+pub const MESH_PATH: &str = "/v1/config/mesh";
+
 /// Every `jwt-provider` config entry (Consul 1.16+), for the intentions' `JWT` requirements.
 pub const JWT_PROVIDERS_PATH: &str = "/v1/config/jwt-provider";
 pub const AGENT_SELF_PATH: &str = "/v1/agent/self";

@@ -57,6 +57,9 @@ pub enum Update {
     Intentions(Vec<IntentionEntry>),
     /// Every `jwt-provider` config entry, with the local JWKS files they name, as read.
     JwtProviders(api::JwtProviders),
+    /// The `mesh` config entries as read (`/v1/config/mesh`: none or one); empty on a Consul
+    /// that has no such kind (before 1.10).
+    Mesh(Vec<serde_json::Value>),
     /// The ACL default policy as the agent spells it (`allow`/`deny`; anything else is kept
     /// as it came): what a connection that no intention matches gets.
     AclDefaultPolicy(String),

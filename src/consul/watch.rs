@@ -18,7 +18,7 @@ use super::chain::{
 };
 use super::client::{
     checks_path, endpoints_path, leaf_path, registration_path, Consul, AGENT_SELF_PATH,
-    AUTHORIZE_PATH, INTENTIONS_PATH, JWT_PROVIDERS_PATH, ROOTS_PATH,
+    AUTHORIZE_PATH, INTENTIONS_PATH, JWT_PROVIDERS_PATH, MESH_PATH, ROOTS_PATH,
 };
 use super::{
     checks_update, destinations, exposed_checks_of, poll_intervals, DestinationKey,
@@ -145,6 +145,15 @@ impl Watchers {
             ROOTS_PATH.into(),
             WatchMode::Index,
             |body| api::parse::<CaRoots>("the CA roots", body).map(Update::Roots),
+        );
+        w.fixed.push(h);
+        // Consul before 1.10 has no `mesh` kind and says so: then there is none, for good.
+        let h = w.spawn_with(
+            "mesh config entries".into(),
+            MESH_PATH.into(),
+            WatchMode::Index,
+            Some("invalid config entry kind"),
+            |body| api::parse::<Vec<serde_json::Value>>("the mesh entries", body).map(Update::Mesh),
         );
         w.fixed.push(h);
         w
@@ -340,6 +349,19 @@ impl Watchers {
         mode: WatchMode,
         parse: impl Fn(&str) -> crate::error::Result<Update> + Send + 'static,
     ) -> WatchHandle {
+        self.spawn_with(what, path, mode, None, parse)
+    }
+
+    /// `spawn`, for a path this agent may not know: an error answer containing `unknown`
+    /// means so, and the watch then reports an empty list (`parse` of `[]`) once and ends.
+    fn spawn_with(
+        &self,
+        what: String,
+        path: String,
+        mode: WatchMode,
+        unknown: Option<&'static str>,
+        parse: impl Fn(&str) -> crate::error::Result<Update> + Send + 'static,
+    ) -> WatchHandle {
         let stop = Arc::new(AtomicBool::new(false));
         let watch = Watch {
             consul: self.consul.clone(),
@@ -348,6 +370,7 @@ impl Watchers {
             what,
             path,
             mode,
+            unknown,
             stop: stop.clone(),
         };
         let name = format!("watch {}", watch.path);
@@ -522,6 +545,8 @@ struct Watch {
     what: String,
     path: String,
     mode: WatchMode,
+    /// See `Watchers::spawn_with`.
+    unknown: Option<&'static str>,
     stop: Arc<AtomicBool>,
 }
 
@@ -624,6 +649,18 @@ impl Watch {
                     }
                     hash = None;
                     Some(format!("{} not found (404)", self.path))
+                }
+                Ok(answer) if self.unknown.is_some_and(|u| answer.body.contains(u)) => {
+                    log::info!(
+                        "this Consul agent has no {} ({:?}); none applies",
+                        self.what,
+                        answer.body.trim().chars().take(80).collect::<String>()
+                    );
+                    match parse("[]") {
+                        Ok(update) => self.sink.update(update),
+                        Err(e) => log::error!("{e}"),
+                    }
+                    return;
                 }
                 Ok(answer) => Some(format!(
                     "status {} for {}: {}",

@@ -99,6 +99,9 @@ pub struct Desired {
     /// port.
     pub exposed: Vec<ExposedListener>,
     pub tls: Tls,
+    /// The `mesh` entry's TLS versions and ciphers, for the public listener and the upstream
+    /// servers.
+    pub mesh_tls: mesh::MeshTlsParams,
     pub intentions: bool,
     /// The fast map's entries (`(regex, value)` in lookup order) of the table the intentions
     /// agent decides from. Not built here (the model knows no intentions): the supervisor
@@ -523,6 +526,7 @@ pub fn build(
         exposed.push(l);
     }
     exposed.sort_by_key(|l| l.bind_port);
+    let mesh_tls = mesh::tls(snapshot.mesh.as_deref().unwrap_or_default(), &mut warnings);
 
     Ok(Desired {
         service,
@@ -530,6 +534,7 @@ pub fn build(
         upstreams,
         exposed,
         tls,
+        mesh_tls,
         intentions: settings.intentions,
         intentions_map: Vec::new(),
         knobs: settings.knobs.clone(),
@@ -1135,6 +1140,7 @@ fn non_empty(s: &str) -> Option<String> {
 pub mod chain;
 mod expose;
 pub mod keys;
+pub mod mesh;
 pub use chain::Routing;
 pub use expose::ExposedListener;
 
