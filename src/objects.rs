@@ -49,6 +49,9 @@ pub struct BackendSpec {
     /// A chain target's settings (hashing, request timeout, retries). Rendered only: a target
     /// backend is only ever created by a full render (see `Plan::needs_full_render`).
     pub target: Vec<String>,
+    /// The upstream's `limits` queue bound (`Limits::backend_lines`). Rendered only, like
+    /// `target`: a backend with it is only ever created by a full render.
+    pub queue: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -142,6 +145,9 @@ pub struct ServerSpec {
     /// model: a server with it is only ever created or replaced by a full render or the
     /// runtime API (`add server` takes it).
     pub alpn: Option<String>,
+    /// The upstream's per-server cap (`limits`); v1.2.5's server model and `add server` carry
+    /// it. A change of it changes the backend too (`queue`), so it never goes live alone.
+    pub maxconn: Option<Limit>,
 }
 
 /// The mesh TLS of the public listener (`incoming`) or of a connection to another sidecar.
@@ -200,6 +206,7 @@ pub fn local_backend(p: &Public) -> BackendSpec {
         forwardfor: p.forwardfor,
         verifyhost: None,
         target: Vec::new(),
+        queue: Vec::new(),
     }
 }
 
@@ -216,6 +223,7 @@ pub fn local_server(p: &Public) -> ServerSpec {
         h2: p.h2,
         verifyhost: None,
         alpn: None,
+        maxconn: None,
     }
 }
 
@@ -229,6 +237,7 @@ pub fn upstream_backend(d: &Desired, u: &UpstreamListener) -> BackendSpec {
         forwardfor: false,
         verifyhost: u.verifyhost.clone(),
         target: Vec::new(),
+        queue: u.limits.backend_lines(u.mode),
     }
 }
 
@@ -294,6 +303,7 @@ pub fn target_backend(u: &UpstreamListener, t: &TargetBackend) -> BackendSpec {
         forwardfor: false,
         verifyhost: t.verifyhost.clone(),
         target,
+        queue: u.limits.backend_lines(u.mode),
     }
 }
 
@@ -303,19 +313,19 @@ pub fn target_server(
     t: &TargetBackend,
     slot: &Slot,
 ) -> ServerSpec {
-    slot_server(d, &t.backend, slot, t.verifyhost.as_ref(), u.h2)
+    slot_server(d, u, &t.backend, slot, t.verifyhost.as_ref())
 }
 
 pub fn upstream_server(d: &Desired, u: &UpstreamListener, slot: &Slot) -> ServerSpec {
-    slot_server(d, &u.backend, slot, u.verifyhost.as_ref(), u.h2)
+    slot_server(d, u, &u.backend, slot, u.verifyhost.as_ref())
 }
 
 fn slot_server(
     d: &Desired,
+    u: &UpstreamListener,
     backend: &str,
     slot: &Slot,
     verifyhost: Option<&String>,
-    h2: bool,
 ) -> ServerSpec {
     let (address, port, weight) = match &slot.instance {
         Some(s) => (s.address.to_string(), s.port, s.weight),
@@ -333,7 +343,8 @@ fn slot_server(
         maintenance: !slot.instance.as_ref().is_some_and(Server::in_service),
         h2: false,
         verifyhost: verifyhost.cloned(),
-        alpn: h2.then(|| "h2".to_string()),
+        alpn: u.h2.then(|| "h2".to_string()),
+        maxconn: u.limits.per_server,
     }
 }
 
@@ -377,6 +388,7 @@ pub fn exposed_backend(e: &ExposedListener) -> BackendSpec {
         forwardfor: false,
         verifyhost: None,
         target: Vec::new(),
+        queue: Vec::new(),
     }
 }
 
@@ -392,6 +404,7 @@ pub fn exposed_server(e: &ExposedListener) -> ServerSpec {
         h2: e.http2,
         verifyhost: None,
         alpn: None,
+        maxconn: None,
     }
 }
 
@@ -892,6 +905,7 @@ impl BackendSpec {
             l.push(format!("default-server verifyhost {name}"));
         }
         l.extend(self.target.iter().cloned());
+        l.extend(self.queue.iter().cloned());
         l.extend(servers.iter().map(ServerSpec::line));
         l
     }
@@ -914,6 +928,9 @@ impl ServerSpec {
             }
         } else if let Some(w) = self.weight {
             s.push_str(&format!(" weight {w}"));
+        }
+        if let Some(n) = self.maxconn {
+            s.push_str(&format!(" maxconn {n}"));
         }
         if self.h2 {
             s.push_str(" proto h2");

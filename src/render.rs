@@ -555,13 +555,47 @@ mod tests {
                 "{s}"
             );
         }
+        accepted_then_removed(&dir, cfg);
+    }
+
+    /// Asserts that HAProxy accepts the file `cfg` written in `dir`, then removes `dir`.
+    fn accepted_then_removed(dir: &std::path::Path, cfg: &str) {
         let out = haproxy_check(&dir.join("haproxy.cfg"));
         assert!(
             out.status.success(),
             "haproxy -c failed:\n{}\n{cfg}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// An upstream's `limits` in http and in tcp: every server capped, the queue bounded, in
+    /// files HAProxy accepts.
+    #[test]
+    fn upstream_limits_pass_haproxy_check() {
+        let v = crate::model::fixtures::ANY;
+        for (protocol, queue) in [
+            ("http", "http-request return status 503 if { queue ge 2 }"),
+            ("tcp", "timeout queue 1"),
+        ] {
+            let mut snap = snapshot(v, "client-sidecar-proxy", "ca-leaf-client.json");
+            let c = &mut crate::model::fixtures::first_upstream(&mut snap).config;
+            c.insert("protocol".into(), protocol.into());
+            c.insert(
+                "limits".into(),
+                serde_json::json!({"MaxConnections": 1, "MaxPendingRequests": 2}),
+            );
+            let (dir, files) = render_snapshot_into(v, "client-sidecar-proxy", &snap, false);
+            let cfg = &files.last().unwrap().contents;
+            assert!(cfg.contains(queue), "{cfg}");
+            let servers: Vec<&str> = cfg.lines().filter(|l| l.contains("server s")).collect();
+            assert!(!servers.is_empty());
+            assert!(
+                servers.iter().all(|s| s.ends_with(" maxconn 1")),
+                "{servers:#?}"
+            );
+            accepted_then_removed(&dir, cfg);
+        }
     }
 
     #[test]

@@ -98,6 +98,26 @@ fn wait_for_lines(mesh: &Mesh, service: &str, want: &[&str], sidecar: &Child) {
     .unwrap_or_else(|e| fail(e));
 }
 
+/// Re-registers `client` with `upstream_config` plus a `connect_timeout_ms` of `marker` on its
+/// upstream, waits until its sidecar applied that (and holds each of `lines`), then until the
+/// mesh serves (see `configure_server`).
+fn configure_client(mesh: &Mesh, mut upstream_config: Value, marker: u64, lines: &[&str]) {
+    upstream_config["connect_timeout_ms"] = json!(marker);
+    mesh.consul.register(&registration(
+        "client",
+        free_port(),
+        mesh.client_port,
+        &[("server", mesh.upstream_port)],
+        Value::Null,
+        upstream_config,
+    ));
+    let marker = format!("timeout connect {marker}");
+    let mut want = vec![marker.as_str()];
+    want.extend_from_slice(lines);
+    wait_for_lines(mesh, "client", &want, &mesh.client_sidecar);
+    wait_served(mesh);
+}
+
 /// Waits until a request through the client's upstream is answered by the app again (a
 /// re-registration can make Consul re-check the instance).
 fn wait_served(mesh: &Mesh) {
@@ -215,22 +235,7 @@ fn max_inbound_connections_holds_the_second_connection_until_the_first_ends() {
 #[test]
 fn an_upstreams_read_timeout_closes_an_idle_connection() {
     let mesh = Mesh::start(MeshOptions::default());
-    mesh.consul.register(&registration(
-        "client",
-        free_port(),
-        mesh.client_port,
-        &[("server", mesh.upstream_port)],
-        Value::Null,
-        // connect_timeout_ms tells that the change arrived (see `configure_server`).
-        json!({ "read_timeout": "1s", "connect_timeout_ms": 4001 }),
-    ));
-    wait_for_lines(
-        &mesh,
-        "client",
-        &["timeout connect 4001"],
-        &mesh.client_sidecar,
-    );
-    wait_served(&mesh);
+    configure_client(&mesh, json!({ "read_timeout": "1s" }), 4001, &[]);
 
     let mut idle = TcpStream::connect(mesh.upstream_addr()).unwrap();
     // A request head never finished: the app waits for the rest, and the connection carries
@@ -457,4 +462,84 @@ fn mesh_tls_min_version_refuses_tls_1_2_on_the_public_listener() {
     )
     .unwrap_or_else(|e| panic!("{e}\n{}", mesh.client_sidecar.logs()));
     wait_served(&mesh);
+}
+
+/// The current queue of `backend` in the client sidecar's HAProxy (`qcur` of its `BACKEND`
+/// row of `show stat`).
+fn queued(mesh: &Mesh, backend_prefix: &str) -> u64 {
+    use std::os::unix::net::UnixStream;
+    let sock = mesh.workdir("client").join("haproxy.sock");
+    let Ok(mut s) = UnixStream::connect(&sock) else {
+        return 0;
+    };
+    let _ = s.write_all(b"show stat\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.lines()
+        .map(|l| l.split(',').collect::<Vec<_>>())
+        .find(|f| f.len() > 2 && f[0].starts_with(backend_prefix) && f[1] == "BACKEND")
+        .and_then(|f| f[2].parse().ok())
+        .unwrap_or(0)
+}
+
+/// An upstream's `limits` (Consul's circuit breakers) with one instance: `MaxConnections 1`
+/// and `MaxPendingRequests 0`, two concurrent slow requests: one is served, the other gets 503
+/// from HAProxy at once and never reaches the app. With `MaxPendingRequests 1` one request
+/// may wait: of three, two are served and the third gets 503.
+#[test]
+fn upstream_limits_answer_503_past_the_cap_and_the_queue() {
+    let mesh = Mesh::start(MeshOptions::default());
+    let configure = |pending: u64, marker: u64| {
+        let config = json!({
+            "protocol": "http",
+            "limits": {"MaxConnections": 1, "MaxPendingRequests": pending},
+        });
+        configure_client(&mesh, config, marker, &[" maxconn 1"]);
+    };
+    let addr = mesh.upstream_addr();
+    let request = || {
+        let addr = addr.clone();
+        std::thread::spawn(move || http_get(&addr, "/", Duration::from_secs(60)))
+    };
+    let at_app = |n: u64| {
+        wait_until(Duration::from_secs(30), "the request at the app", || {
+            mesh.app.requests() >= n
+        })
+        .unwrap()
+    };
+
+    // A connect timeout (HAProxy's queue timeout when none is set) far past the app's delay:
+    // only the limits can refuse a request here.
+    configure(0, 20001);
+    mesh.app.set_delay(Duration::from_secs(4));
+    let before = mesh.app.requests();
+    let first = request();
+    at_app(before + 1);
+    let second = http_get(&addr, "/", Duration::from_secs(30));
+    assert!(matches!(second, Ok((503, _))), "{second:?}");
+    assert!(matches!(first.join().unwrap(), Ok((200, ref b)) if b == APP_BODY));
+    assert_eq!(
+        mesh.app.requests(),
+        before + 1,
+        "the refused request reached the app"
+    );
+
+    mesh.app.set_delay(Duration::ZERO);
+    configure(1, 20002);
+    mesh.app.set_delay(Duration::from_secs(4));
+    let before = mesh.app.requests();
+    let first = request();
+    at_app(before + 1);
+    let second = request();
+    wait_until(Duration::from_secs(30), "the second request queued", || {
+        queued(&mesh, "be_up_svc_server") == 1
+    })
+    .unwrap();
+    let third = http_get(&addr, "/", Duration::from_secs(30));
+    assert!(matches!(third, Ok((503, _))), "{third:?}");
+    mesh.app.set_delay(Duration::ZERO);
+    for r in [first.join().unwrap(), second.join().unwrap()] {
+        assert!(matches!(r, Ok((200, ref b)) if b == APP_BODY), "{r:?}");
+    }
+    assert_eq!(mesh.app.requests(), before + 2);
 }

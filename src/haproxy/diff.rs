@@ -140,6 +140,9 @@ impl Plan {
             Op::CreateFrontend(f) | Op::ReplaceFrontend(f) if !f.routing.is_empty() => Some(
                 "an upstream's discovery-chain routing changes, and the Dataplane API cannot write its rules in order",
             ),
+            Op::CreateBackend(b) | Op::ReplaceBackend(b) if !b.queue.is_empty() => Some(
+                "an upstream's limits bound its queue with rules the Dataplane API cannot write",
+            ),
             Op::CreateBackend(b) | Op::ReplaceBackend(b) if !b.target.is_empty() => Some(
                 "a discovery-chain target's settings (hashing, timeouts, retries) are not in the Dataplane API's models",
             ),

@@ -176,6 +176,7 @@ mod tests {
             h2: false,
             verifyhost: None,
             alpn: None,
+            maxconn: None,
         }
     }
 

@@ -183,6 +183,9 @@ pub struct UpstreamListener {
     /// The destination's discovery chain when it does more than reach the destination itself
     /// (see `chain`); `None` serves `slots` alone, as before chains were read.
     pub routing: Option<Routing>,
+    /// `limits` of the upstream's config: each server's cap and the queue of every backend of
+    /// this upstream (its own and each chain target's).
+    pub limits: keys::Limits,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -679,6 +682,7 @@ fn upstream(
         .or_else(|| keys::go_timeout(&u.config, "connect_timeout", &whose, warnings));
     let read_timeout = keys::go_timeout(&u.config, "read_timeout", &whose, warnings);
     keys::check_poll_interval(&u.config, kind, &whose, warnings);
+    let limits = keys::upstream_limits(&u.config, listener_mode, &whose, warnings);
     let routing = match chain {
         Some(c) => {
             let before = previous_listener.and_then(|l| l.routing.as_ref());
@@ -724,6 +728,7 @@ fn upstream(
         identity,
         verifyhost,
         routing,
+        limits,
     })
 }
 
