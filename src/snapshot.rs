@@ -51,7 +51,20 @@ impl Snapshot {
             Update::Leaf(l) => replace(&mut self.leaf, Some(l)),
             Update::Roots(r) => replace(&mut self.roots, Some(r)),
             Update::Intentions(i) => replace(&mut self.intentions, Some(i)),
-            Update::JwtProviders(p) => replace(&mut self.jwt_providers, Some(p)),
+            Update::JwtProviders(mut p) => {
+                // The entries' watcher knows nothing of fetched key sets: keep them.
+                if let Some(old) = &self.jwt_providers {
+                    p.remote = old.remote.clone();
+                }
+                replace(&mut self.jwt_providers, Some(p))
+            }
+            Update::RemoteJwks(uri, text) => match &mut self.jwt_providers {
+                Some(p) if p.remote.get(&uri) != Some(&text) => {
+                    p.remote.insert(uri, text);
+                    true
+                }
+                _ => false,
+            },
             Update::Mesh(m) => replace(&mut self.mesh, Some(m)),
             Update::AclDefaultPolicy(p) => replace(&mut self.acl_default_policy, Some(p)),
             Update::Checks(c) => replace(&mut self.checks, Some(c)),

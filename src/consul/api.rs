@@ -319,11 +319,15 @@ impl IntentionEntry {
 
 /// `/v1/config/jwt-provider`: the entries as Consul sent them (parsed, and judged, by
 /// `spoe::authz::jwt::Provider`), and each local JWKS file they name, read by the watcher:
-/// its text, or why it could not be read.
+/// its text, or why it could not be read; and the last key set fetched from each remote JWKS
+/// URI they name (`consul::jwks`), kept when the entries change.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct JwtProviders {
     pub entries: Vec<Value>,
     pub files: BTreeMap<String, Result<String, String>>,
+    /// Remote JWKS URI → the last key set fetched from it. A URI is absent until a fetch of
+    /// it succeeded; a failed fetch leaves the last good text in place.
+    pub remote: BTreeMap<String, String>,
 }
 
 /// The part of `/v1/agent/self` that tells the ACL default policy. Consul 1.8 has it at

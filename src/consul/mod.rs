@@ -5,6 +5,7 @@
 pub mod api;
 pub mod chain;
 pub mod client;
+pub mod jwks;
 pub mod watch;
 
 use std::collections::BTreeMap;
@@ -57,6 +58,8 @@ pub enum Update {
     Intentions(Vec<IntentionEntry>),
     /// Every `jwt-provider` config entry, with the local JWKS files they name, as read.
     JwtProviders(api::JwtProviders),
+    /// A remote JWKS URI's key set as just fetched (`jwks`), when it differs from the last.
+    RemoteJwks(String, String),
     /// The `mesh` config entries as read (`/v1/config/mesh`: none or one); empty on a Consul
     /// that has no such kind (before 1.10).
     Mesh(Vec<serde_json::Value>),

@@ -74,6 +74,13 @@ pub struct WatchHandle {
     stop: Arc<AtomicBool>,
 }
 
+impl WatchHandle {
+    /// The handle of a thread that ends once `stop` is set.
+    pub(super) fn new(stop: Arc<AtomicBool>) -> WatchHandle {
+        WatchHandle { stop }
+    }
+}
+
 impl Drop for WatchHandle {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
@@ -105,6 +112,8 @@ pub struct Watchers {
     /// Whether the `jwt-provider` entries are watched: from the first intention that names a
     /// JWT provider on (Consul 1.8 has no such entries, and no such intentions).
     jwt_started: bool,
+    /// The fetchers of the remote JWKS the `jwt-provider` entries name.
+    jwks: super::jwks::Fetchers,
 }
 
 impl Watchers {
@@ -130,6 +139,7 @@ impl Watchers {
             intentions,
             intentions_started: false,
             jwt_started: false,
+            jwks: super::jwks::Fetchers::default(),
         };
         let h = w.spawn(
             format!("registration of {proxy_id}"),
@@ -203,10 +213,20 @@ impl Watchers {
             |body| {
                 let entries = api::parse::<Vec<serde_json::Value>>("the jwt-provider list", body)?;
                 let files = read_jwks_files(&entries);
-                Ok(Update::JwtProviders(JwtProviders { entries, files }))
+                Ok(Update::JwtProviders(JwtProviders {
+                    entries,
+                    files,
+                    remote: BTreeMap::new(),
+                }))
             },
         );
         self.fixed.push(h);
+    }
+
+    /// Starts a fetcher for each remote JWKS the `jwt-provider` entries name, and stops those
+    /// they no longer name.
+    pub fn follow_jwt_providers(&mut self, providers: &JwtProviders) {
+        self.jwks.follow(&providers.entries, &self.sink);
     }
 
     /// Brings the leaf and destination watches in line with a (new) registration.

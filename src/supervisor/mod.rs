@@ -293,6 +293,9 @@ impl Supervisor {
         if let Update::Intentions(all) = &update {
             self.watchers.follow_intentions(all);
         }
+        if let Update::JwtProviders(p) = &update {
+            self.watchers.follow_jwt_providers(p);
+        }
         let chain = matches!(update, Update::Chain(..) | Update::Registration(_));
         if !self.snapshot.apply(update) {
             return false;

@@ -10,7 +10,9 @@
 //!   a string equal to `Value` (Envoy's metadata matcher with an exact string matcher);
 //! - a provider takes its token from its `Locations` (a header with an optional value prefix,
 //!   a query parameter, a cookie), or by default from `Authorization: Bearer …` and the
-//!   `access_token` query parameter; its keys are its local JWKS (inline, base64, or a file);
+//!   `access_token` query parameter; its keys are its local JWKS (inline, base64, or a file)
+//!   or the last key set fetched from its remote JWKS (by the watch side, `consul::jwks`;
+//!   until a first fetch succeeds, the provider verifies nothing);
 //!   `Audiences`, when given, must share one value with the token's `aud`; `exp` and `nbf`
 //!   are judged with the provider's `ClockSkewSeconds` (Consul's default 30);
 //! - signatures: RS256/384/512, PS256/384/512, ES256, ES384, EdDSA (Ed25519). `none`, HS*
@@ -18,8 +20,7 @@
 //!   anyone sign.
 //!
 //! What this sidecar cannot honour makes the provider unusable, named in its error, so every
-//! requirement naming only it denies: a remote JWKS (the agent never touches the network),
-//! `Forwarding` (the payload header would need a rendered rule per provider), a JWKS that does
+//! requirement naming only it denies: a remote JWKS not fetched yet, `Forwarding` (the payload header would need a rendered rule per provider), a JWKS that does
 //! not parse. `CacheConfig` only tunes Envoy's cache of verified tokens and is ignored.
 //!
 //! A token is untrusted input: its size is bounded (`MAX_TOKEN`) before anything is decoded,
@@ -255,8 +256,9 @@ impl ProviderRef {
 }
 
 impl Provider {
-    /// A `jwt-provider` entry as `/v1/config/jwt-provider` returns it. `read_file` reads a
-    /// local JWKS's `Filename` (the caller's I/O; its error makes the provider unusable).
+    /// A `jwt-provider` entry as `/v1/config/jwt-provider` returns it. `read_file` gives the
+    /// text of a local JWKS's `Filename` or the last key set fetched from a remote JWKS's `URI`
+    /// (the caller's I/O; its error makes the provider unusable).
     /// Refuses only an entry without a name; anything else it cannot honour is kept as the
     /// provider's error.
     pub fn from_consul(
@@ -370,8 +372,18 @@ impl Provider {
                 Err("JSONWebKeySet.Local has neither JWKS nor Filename".into())
             };
             doc.and_then(|d| parse_jwks(&d))
-        } else if jwks.get("Remote").is_some_and(|r| !r.is_null()) {
-            Err("JSONWebKeySet.Remote is not supported (only a local JWKS)".into())
+        } else if let Some(remote) = jwks.get("Remote").filter(|r| !r.is_null()) {
+            // Fetched by the watch side (`consul::jwks`), never by the agent's threads.
+            match remote
+                .get("URI")
+                .and_then(Value::as_str)
+                .filter(|u| !u.is_empty())
+            {
+                Some(uri) => read_file(uri)
+                    .map_err(|e| format!("JSONWebKeySet.Remote.URI {uri}: {e}"))
+                    .and_then(|d| parse_jwks(&d)),
+                None => Err("JSONWebKeySet.Remote has no URI".into()),
+            }
         } else {
             Err("no JSONWebKeySet".into())
         };
