@@ -150,6 +150,17 @@ pub struct ServerSpec {
     pub maxconn: Option<Limit>,
 }
 
+/// A listener's access-log format: `-log-format`'s, else `Proxy.AccessLogs`' for its mode,
+/// else none (HAProxy's `httplog`/`tcplog`).
+fn log_format(d: &Desired, mode: Mode) -> Option<String> {
+    d.knobs.log_format.clone().or_else(|| {
+        d.access_log.as_ref().map(|f| match mode {
+            Mode::Http => f.http.clone(),
+            Mode::Tcp => f.tcp.clone(),
+        })
+    })
+}
+
 /// The mesh TLS of the public listener (`incoming`) or of a connection to another sidecar.
 fn mesh_tls(d: &Desired, incoming: bool) -> MeshTls {
     MeshTls {
@@ -168,7 +179,7 @@ pub fn public_frontend(d: &Desired) -> FrontendSpec {
         name: PUBLIC_FRONTEND.into(),
         mode: d.public.mode,
         default_backend: LOCAL_BACKEND.into(),
-        log_format: d.knobs.log_format.clone(),
+        log_format: log_format(d, d.public.mode),
         client_timeout_ms: d.public.client_timeout_ms,
         maxconn: d.public.max_connections,
         app_header: d.public.app_header.clone(),
@@ -246,7 +257,7 @@ pub fn upstream_frontend(d: &Desired, u: &UpstreamListener) -> FrontendSpec {
         name: u.name.clone(),
         mode: u.mode,
         default_backend: u.backend.clone(),
-        log_format: d.knobs.log_format.clone(),
+        log_format: log_format(d, u.mode),
         client_timeout_ms: u.read_timeout_ms,
         maxconn: None,
         app_header: None,
@@ -353,7 +364,7 @@ pub fn exposed_frontend(d: &Desired, e: &ExposedListener) -> FrontendSpec {
         name: e.name.clone(),
         mode: Mode::Http,
         default_backend: e.backend.clone(),
-        log_format: d.knobs.log_format.clone(),
+        log_format: log_format(d, Mode::Http),
         client_timeout_ms: None,
         maxconn: None,
         app_header: None,

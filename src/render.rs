@@ -569,6 +569,27 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
+    /// `Proxy.AccessLogs` formats, text and JSON, on every listener in a file HAProxy accepts
+    /// (the client is tcp: HTTP variables log as `-` there).
+    #[test]
+    fn access_log_formats_pass_haproxy_check() {
+        let v = crate::model::fixtures::ANY;
+        for logs in [
+            serde_json::json!({"Enabled": true, "TextFormat":
+                "[%START_TIME%] %REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% %DURATION% %UPSTREAM_HOST%"}),
+            serde_json::json!({"Enabled": true, "JSONFormat":
+                "{\"method\": \"%REQ(:METHOD)%\", \"code\": \"%RESPONSE_CODE%\"}"}),
+        ] {
+            let mut snap = snapshot(v, "client-sidecar-proxy", "ca-leaf-client.json");
+            crate::model::fixtures::proxy(&mut snap).access_logs = logs;
+            let (dir, files) = render_snapshot_into(v, "client-sidecar-proxy", &snap, false);
+            let cfg = &files.last().unwrap().contents;
+            assert!(cfg.contains("log-format \""), "{cfg}");
+            assert!(!cfg.contains("option tcplog"), "{cfg}");
+            accepted_then_removed(&dir, cfg);
+        }
+    }
+
     /// An upstream's `limits` in http and in tcp: every server capped, the queue bounded, in
     /// files HAProxy accepts.
     #[test]

@@ -543,3 +543,59 @@ fn upstream_limits_answer_503_past_the_cap_and_the_queue() {
     }
     assert_eq!(mesh.app.requests(), before + 2);
 }
+
+/// proxy-defaults' `AccessLogs` with a `TextFormat`: HAProxy's access lines follow it (Envoy's
+/// operators mapped), an operator without an equivalent logs `-` and is named once, and a
+/// `Type` that cannot be honoured (stderr) is named once too. On Consul 1.8 (no
+/// `AccessLogs`) the test says it skipped.
+#[test]
+fn access_logs_from_proxy_defaults_shape_haproxys_access_lines() {
+    if !consul_is_current() {
+        eprintln!(
+            "skipped on Consul {}: AccessLogs exist from Consul 1.15",
+            consul_version()
+        );
+        return;
+    }
+    let mesh = Mesh::start(MeshOptions::default());
+    let entry = json!({
+        "Kind": "proxy-defaults", "Name": "global",
+        "Config": {"protocol": "http"},
+        "AccessLogs": {"Enabled": true, "Type": "stderr",
+            "TextFormat": "hcc-access %REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% %REQ(X-TRACE)%"},
+    });
+    let (status, body) = mesh.consul.put("/v1/config", &entry.to_string());
+    assert!(status == 200 && body.trim() == "true", "{status} {body}");
+    wait_for_lines(
+        &mesh,
+        "server",
+        &["log-format \"hcc-access %HM %HU %ST -\""],
+        &mesh.server_sidecar,
+    );
+    wait_served(&mesh);
+    let addr = mesh.upstream_addr();
+    assert!(matches!(
+        http_get(&addr, "/logged?x=1", Duration::from_secs(10)),
+        Ok((200, _))
+    ));
+    wait_until(Duration::from_secs(10), "the access line", || {
+        mesh.server_sidecar
+            .logs()
+            .lines()
+            .any(|l| l.contains("[haproxy]") && l.contains("hcc-access GET /logged?x=1 200 -"))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.server_sidecar.logs()));
+    let logs = mesh.server_sidecar.logs();
+    assert_eq!(
+        logs.matches("operator %REQ(X-TRACE)% has no HAProxy equivalent")
+            .count(),
+        1,
+        "{logs}"
+    );
+    assert_eq!(
+        logs.matches("AccessLogs Type \"stderr\" is not honoured")
+            .count(),
+        1,
+        "{logs}"
+    );
+}

@@ -64,6 +64,10 @@ pub struct ProxyConfig {
     /// `"Expose": {}` when nothing is exposed, 1.8.7 leaves it out.
     #[serde(default, deserialize_with = "null_as_default")]
     pub expose: Expose,
+    /// `AccessLogs` (Consul 1.15+, from proxy-defaults or the registration), as sent; read by
+    /// `model::access_logs`.
+    #[serde(default)]
+    pub access_logs: Value,
 }
 
 /// `Proxy.Expose`. With `Checks`, neither 1.8.7 nor 1.16.3 lists the checks' paths here (both

@@ -108,6 +108,8 @@ pub struct Desired {
     /// sets it from the agent's current table.
     pub intentions_map: Vec<(String, String)>,
     pub knobs: Knobs,
+    /// The listeners' `log-format` from `Proxy.AccessLogs`, when `-log-format` gives none.
+    pub access_log: Option<access_logs::Formats>,
     /// `mode` of the SPOE agent's backend: `spop` from HAProxy 3.1, `tcp` before.
     pub spoe_backend_mode: &'static str,
     pub paths: Paths,
@@ -530,6 +532,13 @@ pub fn build(
     }
     exposed.sort_by_key(|l| l.bind_port);
     let mesh_tls = mesh::tls(snapshot.mesh.as_deref().unwrap_or_default(), &mut warnings);
+    let mut access_log = access_logs::formats(&proxy.access_logs, &whose, &mut warnings);
+    if access_log.is_some() && settings.knobs.log_format.is_some() {
+        warnings.push(format!(
+            "{whose}: -log-format wins over the AccessLogs format of Consul"
+        ));
+        access_log = None;
+    }
 
     Ok(Desired {
         service,
@@ -541,6 +550,7 @@ pub fn build(
         intentions: settings.intentions,
         intentions_map: Vec::new(),
         knobs: settings.knobs.clone(),
+        access_log,
         spoe_backend_mode: settings.haproxy.spoe_backend_mode(),
         paths: settings.paths.clone(),
         warnings,
@@ -1142,6 +1152,7 @@ fn non_empty(s: &str) -> Option<String> {
     (!s.is_empty()).then(|| s.to_string())
 }
 
+pub mod access_logs;
 pub mod chain;
 mod expose;
 pub mod keys;
