@@ -20,8 +20,8 @@
 //!   anyone sign.
 //!
 //! What this sidecar cannot honour makes the provider unusable, named in its error, so every
-//! requirement naming only it denies: a remote JWKS not fetched yet, `Forwarding` (the payload header would need a rendered rule per provider), a JWKS that does
-//! not parse. `CacheConfig` only tunes Envoy's cache of verified tokens and is ignored.
+//! requirement naming only it denies: a remote JWKS not fetched yet, `Forwarding` (the
+//! payload header would need a rendered rule per provider), a JWKS that does not parse. `CacheConfig` only tunes Envoy's cache of verified tokens and is ignored.
 //!
 //! A token is untrusted input: its size is bounded (`MAX_TOKEN`) before anything is decoded,
 //! and `parse` never panics (`fuzz/fuzz_targets/jwt.rs`).

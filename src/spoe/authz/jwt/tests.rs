@@ -531,3 +531,24 @@ fn the_table_judges_a_top_level_jwt_per_request() {
     assert_ne!(rotated.generation(), t.generation());
     assert!(!rotated.decide_request_at(&src, &good, at).allow);
 }
+
+/// A remote JWKS verifies with the key set the watch side fetched for its URI (handed in by
+/// the reader, like a local file's text), and with nothing before a fetch.
+#[test]
+fn a_remote_jwks_verifies_with_the_fetched_set() {
+    let key = ed();
+    let doc = json!({"keys": [key.jwk("k1")]}).to_string();
+    let e = json!({"Name": "okta", "Issuer": "test-issuer",
+        "JSONWebKeySet": {"Remote": {"URI": "http://127.0.0.1:1/jwks", "CacheDuration": "1s"}}});
+    let p = Provider::from_consul(&e, &|u: &str| {
+        assert_eq!(u, "http://127.0.0.1:1/jwks");
+        Ok(doc.clone())
+    })
+    .unwrap();
+    let all = Providers::known([p]);
+    assert!(okta()
+        .check(&all, &bearer(&key.sign("EdDSA", "k1", &claims())), NOW)
+        .is_ok());
+    let p = Provider::from_consul(&e, &|_: &str| Err("not fetched yet".into())).unwrap();
+    assert!(p.unusable().unwrap().contains("not fetched yet"));
+}
