@@ -9,7 +9,8 @@ use crate::consul::chain::{
     chain_path, parse_chain, serving, target_health_path, targets_to_watch,
 };
 use crate::consul::client::{
-    checks_path, endpoints_path, leaf_path, registration_path, Consul, LookupError, ROOTS_PATH,
+    checks_path, endpoints_path, leaf_path, registration_path, Consul, LookupError, MESH_PATH,
+    ROOTS_PATH,
 };
 use crate::consul::{checks_update, destinations, exposed_checks_of, DestinationKind, Update};
 use crate::error::{usage, Error, Fatal};
@@ -56,6 +57,15 @@ pub fn dry_run(opts: &Options) -> Result<Vec<render::File>, Fatal> {
     snapshot.apply(Update::Registration(reg));
     snapshot.apply(Update::Leaf(consul.get_json(&leaf_path(&service))?));
     snapshot.apply(Update::Roots(consul.get_json(ROOTS_PATH)?));
+    // The mesh entry's TLS settings, as a run reads them; a Consul before 1.10 has no such
+    // kind and says so with an error status: none.
+    let mesh = consul.get(MESH_PATH, None)?;
+    let entries = if mesh.status == 200 {
+        crate::consul::api::parse(MESH_PATH, &mesh.body)?
+    } else {
+        Vec::new()
+    };
+    snapshot.apply(Update::Mesh(entries));
     let workdir = opts
         .base_path
         .join(format!("hcc-{}-dry-run", crate::names::sanitize(&proxy_id)));

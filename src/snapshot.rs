@@ -108,16 +108,14 @@ impl Snapshot {
     /// destination's discovery chain; the first render waits briefly for this so that HAProxy
     /// starts with its servers and routes instead of reloading for them. A chain target's
     /// instances are not waited for: they fill their backend's slots live, and a failover
-    /// target in an unreachable datacenter must not hold back the rest. The `mesh` entry is
-    /// waited for too, so the public listener starts with the TLS versions it asks for.
+    /// target in an unreachable datacenter must not hold back the rest.
     pub fn endpoints_known(&self) -> bool {
-        self.mesh.is_some()
-            && self.registration.as_ref().is_some_and(|r| {
-                destinations(r).iter().all(|k| {
-                    self.endpoints.contains_key(k)
-                        && (k.kind != DestinationKind::Service || self.chains.contains_key(k))
-                })
+        self.registration.as_ref().is_some_and(|r| {
+            destinations(r).iter().all(|k| {
+                self.endpoints.contains_key(k)
+                    && (k.kind != DestinationKind::Service || self.chains.contains_key(k))
             })
+        })
     }
 }
 

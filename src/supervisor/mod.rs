@@ -375,7 +375,10 @@ impl Supervisor {
                 continue;
             }
             let since = *complete_since.get_or_insert_with(Instant::now);
-            if !self.snapshot.endpoints_known() && since.elapsed() < ENDPOINTS_GRACE {
+            // The mesh entry too, so the public listener starts with the TLS versions it asks
+            // for (Ready does not wait for it: an agent that cannot say keeps the default).
+            let known = self.snapshot.endpoints_known() && self.snapshot.mesh.is_some();
+            if !known && since.elapsed() < ENDPOINTS_GRACE {
                 continue;
             }
             match self.build(None) {
