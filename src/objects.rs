@@ -103,6 +103,10 @@ pub struct IntentionsFilter {
     /// The fast map of L7 decisions (`AuthzTable::fast_map`), looked up per request of an L7
     /// connection before asking the agent (http mode).
     pub fast_map: String,
+    /// The headers accepted JWTs change (http mode): each `Forwarding` header removed from
+    /// what the client sent and set from the agent's word, each token header removed when the
+    /// agent says the token came in it.
+    pub jwt_headers: crate::spoe::authz::JwtHeaders,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -186,6 +190,7 @@ pub fn public_frontend(d: &Desired) -> FrontendSpec {
         intentions: d.intentions.then(|| IntentionsFilter {
             spoe_config: d.paths.spoe_conf.display().to_string(),
             fast_map: d.paths.intentions_map.display().to_string(),
+            jwt_headers: d.jwt_headers.clone(),
         }),
         only_path: None,
         only_sources: Vec::new(),
@@ -586,6 +591,18 @@ impl FrontendSpec {
                     "http-request deny deny_status 403 if hcc_l7 !hcc_fast !{ var(txn.hcc.req_allow) -m bool }"
                         .into(),
                 );
+                let h = &intentions.jwt_headers;
+                for (i, name) in h.forward.iter().enumerate() {
+                    l.push(format!("http-request del-header {name}"));
+                    l.push(format!(
+                        "http-request set-header {name} %[var(txn.hcc.jwt_payload)] if {{ var(txn.hcc.jwt_fwd) -m int {i} }}"
+                    ));
+                }
+                for (i, name) in h.strip.iter().enumerate() {
+                    l.push(format!(
+                        "http-request del-header {name} if {{ var(txn.hcc.jwt_strip) -m int {i} }}"
+                    ));
+                }
             } else {
                 // A tcp frontend cannot judge requests, so a connection the agent let in for
                 // HTTP permissions is refused here whatever the agent's table believed the

@@ -485,6 +485,11 @@ mod tests {
             .fast_map();
         // The generation, then the permissions' entries.
         assert_eq!(d.intentions_map.len(), 7, "{:#?}", d.intentions_map);
+        // Headers accepted JWTs change: a forwarded payload and two token headers.
+        d.jwt_headers = crate::spoe::authz::JwtHeaders {
+            forward: vec!["x-jwt-payload".into()],
+            strip: vec!["authorization".into(), "x-token".into()],
+        };
         let files = render(&d, &creds(), &Templates::builtin()).unwrap();
         for f in &files {
             std::fs::write(&f.path, &f.contents).unwrap();
@@ -499,6 +504,13 @@ mod tests {
             cfg.contains("send-spoe-group intentions l7-request"),
             "{cfg}"
         );
+        for rule in [
+            "http-request del-header x-jwt-payload\n",
+            "http-request set-header x-jwt-payload %[var(txn.hcc.jwt_payload)] if { var(txn.hcc.jwt_fwd) -m int 0 }",
+            "http-request del-header x-token if { var(txn.hcc.jwt_strip) -m int 1 }",
+        ] {
+            assert!(cfg.contains(rule), "{rule} missing:\n{cfg}");
+        }
         // The http listener's spoe.conf: the connection check is a group the frontend sends.
         let spoe = &files
             .iter()

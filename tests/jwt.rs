@@ -75,6 +75,7 @@ fn put_provider(consul: &Consul, keys: &[&Key]) {
         "Kind": "jwt-provider", "Name": "okta", "Issuer": "https://idp.test",
         "JSONWebKeySet": {"Local": {"JWKS": STANDARD.encode(jwks.to_string())}},
         "ClockSkewSeconds": 5,
+        "Forwarding": {"HeaderName": "X-Jwt-Payload"},
     });
     let (status, body) = consul.put("/v1/config", &entry.to_string());
     assert_eq!(status, 200, "jwt-provider: {body}");
@@ -174,7 +175,8 @@ impl JwtServer {
 }
 
 /// The cases: `client` is allowed only with a token of the provider's key, issuer and
-/// `perms.role = admin`; no token, a token signed by another key, an expired one, another
+/// `perms.role = admin` (the token's header removed, its payload forwarded in `X-Jwt-Payload`);
+/// no token, a token signed by another key, an expired one, another
 /// issuer, another role: 403, never at the app. Then the provider's key set is rotated live:
 /// the new key's tokens pass and the old key's are refused, without a restart.
 #[test]
@@ -210,6 +212,23 @@ fn tokens_are_verified_per_request_and_a_rotated_key_set_converges() {
         last == 200
     })
     .unwrap_or_else(|e| panic!("{e} (last {last})\n{}", sc.logs()));
+    // As Envoy: the token's header does not reach the app, its payload does, in the
+    // provider's Forwarding header (the rules come with a reload once the provider is read).
+    // (The test app keeps the head in lower case.)
+    let payload = good.split('.').nth(1).unwrap().to_ascii_lowercase();
+    wait_until(
+        Duration::from_secs(30),
+        "the payload header at the app",
+        || {
+            get(&good) == 200
+                && app
+                    .last_request_head()
+                    .contains(&format!("x-jwt-payload: {payload}\r\n"))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", app.last_request_head(), sc.logs()));
+    let head = app.last_request_head().to_ascii_lowercase();
+    assert!(!head.contains("authorization"), "{head}");
     let served = app.requests();
 
     let other = Key::new("k1");

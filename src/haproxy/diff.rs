@@ -56,6 +56,9 @@ pub struct Plan {
     /// The `mesh` entry's TLS versions or ciphers changed: HAProxy cannot change them on a
     /// running bind or server (`set ssl` has no such knob), so it takes a full render.
     pub mesh_tls_changed: bool,
+    /// The headers accepted JWTs change: the public listener's rules for them are rendered
+    /// only, so it takes a full render.
+    pub jwt_headers_changed: bool,
 }
 
 impl Plan {
@@ -91,6 +94,11 @@ impl Plan {
         if self.app_header_changed {
             return Some(
                 "the public listener's appname_header rules change, which a Dataplane API frontend replace would keep as they were",
+            );
+        }
+        if self.jwt_headers_changed {
+            return Some(
+                "the headers accepted JWTs change are new, and their rules are rendered only",
             );
         }
         if self.mesh_tls_changed {
@@ -359,6 +367,7 @@ pub fn plan(applied: &Desired, desired: &Desired) -> Plan {
         app_header_changed: applied.public.app_header != desired.public.app_header,
         public_mode_changed: applied.public.mode != desired.public.mode,
         mesh_tls_changed: applied.mesh_tls != desired.mesh_tls,
+        jwt_headers_changed: applied.jwt_headers != desired.jwt_headers,
     }
 }
 

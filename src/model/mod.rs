@@ -107,6 +107,10 @@ pub struct Desired {
     /// agent decides from. Not built here (the model knows no intentions): the supervisor
     /// sets it from the agent's current table.
     pub intentions_map: Vec<(String, String)>,
+    /// The headers accepted JWTs may change (`AuthzTable::jwt_headers`), which the public
+    /// listener's rules name; set by the supervisor from the agent's table, like
+    /// `intentions_map`.
+    pub jwt_headers: crate::spoe::authz::JwtHeaders,
     pub knobs: Knobs,
     /// The listeners' `log-format` from `Proxy.AccessLogs`, when `-log-format` gives none.
     pub access_log: Option<access_logs::Formats>,
@@ -549,6 +553,7 @@ pub fn build(
         mesh_tls,
         intentions: settings.intentions,
         intentions_map: Vec::new(),
+        jwt_headers: Default::default(),
         knobs: settings.knobs.clone(),
         access_log,
         spoe_backend_mode: settings.haproxy.spoe_backend_mode(),

@@ -335,6 +335,7 @@ impl Supervisor {
         self.registry.refused_values(refused);
         self.warned = d.warnings.clone();
         d.intentions_map = self.intentions.fast_map();
+        d.jwt_headers = self.intentions.jwt_headers();
         Ok(d)
     }
 
