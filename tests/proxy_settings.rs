@@ -448,6 +448,12 @@ fn mesh_tls_min_version_refuses_tls_1_2_on_the_public_listener() {
         handshake(&addr, "-tls1_3", &cert, &key).as_deref(),
         Some("TLSv1.3")
     );
+    // `--dry-run` prints what a run renders: the mesh entry's versions too.
+    let printed = dry_run(&mesh.consul.http_addr(), mesh.base.path(), "server", &[]);
+    assert!(
+        printed.contains("verify required ssl-min-ver TLSv1.3"),
+        "{printed}"
+    );
     // The client's servers ask for TLS 1.3 too, and the mesh keeps serving over it.
     let client_cfg = mesh.workdir("client").join("haproxy.cfg");
     wait_until(
