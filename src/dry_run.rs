@@ -12,8 +12,8 @@ use crate::consul::client::{
     EXPORTED_SERVICES_PATH, MESH_PATH, ROOTS_PATH,
 };
 use crate::consul::{
-    destinations, exported_destinations, exposed_checks_of, is_transparent, mesh_update,
-    DestinationKey, DestinationKind, Update,
+    destinations, exported_destinations, exposed_checks_of, is_transparent, DestinationKey,
+    DestinationKind, Update,
 };
 use crate::error::{usage, Error, Fatal};
 use crate::model::{self, Desired, Paths};
@@ -58,8 +58,6 @@ pub fn dry_run(opts: &Options) -> Result<Vec<render::File>, Fatal> {
     if is_transparent(&reg) {
         let topology: ServiceTopology = consul.get_json(&topology_path(&service))?;
         snapshot.apply(Update::IntentionUpstreams(topology.allowed()));
-        let answer = consul.get(MESH_PATH, None)?;
-        snapshot.apply(Update::Mesh(mesh_update(answer.status, &answer.body)?));
     }
     // A gateway's destinations are the services exported (it registers nothing here: a
     // dry run of `-register` needs the gateway registered already).
@@ -103,6 +101,15 @@ pub fn dry_run(opts: &Options) -> Result<Vec<render::File>, Fatal> {
     snapshot.apply(Update::Registration(reg));
     snapshot.apply(Update::Leaf(consul.get_json(&leaf_path(&service))?));
     snapshot.apply(Update::Roots(consul.get_json(ROOTS_PATH)?));
+    // The mesh entry's TLS settings, as a run reads them; a Consul before 1.10 has no such
+    // kind and says so with an error status: none.
+    let mesh = consul.get(MESH_PATH, None)?;
+    let entries = if mesh.status == 200 {
+        crate::consul::api::parse(MESH_PATH, &mesh.body)?
+    } else {
+        Vec::new()
+    };
+    snapshot.apply(Update::Mesh(entries));
     let workdir = opts
         .base_path
         .join(format!("hcc-{}-dry-run", crate::names::sanitize(&proxy_id)));

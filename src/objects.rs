@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::model::chain::{Match, Route, TargetBackend, ValueMatch, SPLIT_SCALE};
 use crate::model::gateway::{GatewayListener, GatewayRoute};
+use crate::model::mesh::TlsParams;
 use crate::model::transparent::{Outbound, PROBE_ADDRESS};
 use crate::model::{
     AppHeader, Desired, ExposedListener, Mode, Public, Server, Slot, UpstreamListener,
@@ -23,6 +24,11 @@ pub const LOCAL_BACKEND: &str = "local_app";
 pub struct MeshTls {
     pub crt: String,
     pub ca_file: String,
+    /// The `mesh` entry's versions and ciphers for this direction. Not in Dataplane API
+    /// v1.2.5's bind and server models: an object with them is only ever created or replaced
+    /// by a full render or the runtime API (`add server` takes them); see
+    /// `Plan::full_render_reason`.
+    pub params: TlsParams,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,6 +51,9 @@ pub struct BackendSpec {
     /// A chain target's settings (hashing, request timeout, retries). Rendered only: a target
     /// backend is only ever created by a full render (see `Plan::needs_full_render`).
     pub target: Vec<String>,
+    /// The upstream's `limits` queue bound (`Limits::backend_lines`). Rendered only, like
+    /// `target`: a backend with it is only ever created by a full render.
+    pub queue: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -101,6 +110,10 @@ pub struct IntentionsFilter {
     /// The fast map of L7 decisions (`AuthzTable::fast_map`), looked up per request of an L7
     /// connection before asking the agent (http mode).
     pub fast_map: String,
+    /// The headers accepted JWTs change (http mode): each `Forwarding` header removed from
+    /// what the client sent and set from the agent's word, each token header removed when the
+    /// agent says the token came in it.
+    pub jwt_headers: crate::spoe::authz::JwtHeaders,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -148,6 +161,9 @@ pub struct ServerSpec {
     /// template's `defaults`, which a server of the file inherits and a dynamic server is
     /// given itself (`haproxy::live::add_server`). A slot in maintenance is never checked.
     pub check_inter_ms: Option<u64>,
+    /// The upstream's per-server cap (`limits`); v1.2.5's server model and `add server` carry
+    /// it. A change of it changes the backend too (`queue`), so it never goes live alone.
+    pub maxconn: Option<Limit>,
 }
 
 /// The template's `default-server` options for every checked server: down after two failed
@@ -160,10 +176,27 @@ pub const CHECK_DEFAULTS: &str = "fall 2 rise 1 no-check-ssl";
 /// TCP connect too (`haproxy::live` keeps it equal to the server's port).
 pub const CHECK_DYNAMIC: &str = "fall 2 rise 1";
 
-fn mesh_tls(d: &Desired) -> MeshTls {
+/// A listener's access-log format: `-log-format`'s, else `Proxy.AccessLogs`' for its mode,
+/// else none (HAProxy's `httplog`/`tcplog`).
+fn log_format(d: &Desired, mode: Mode) -> Option<String> {
+    d.knobs.log_format.clone().or_else(|| {
+        d.access_log.as_ref().map(|f| match mode {
+            Mode::Http => f.http.clone(),
+            Mode::Tcp => f.tcp.clone(),
+        })
+    })
+}
+
+/// The mesh TLS of the public listener (`incoming`) or of a connection to another sidecar.
+fn mesh_tls(d: &Desired, incoming: bool) -> MeshTls {
     MeshTls {
         crt: d.paths.leaf.display().to_string(),
         ca_file: d.paths.roots.display().to_string(),
+        params: if incoming {
+            d.mesh_tls.incoming.clone()
+        } else {
+            d.mesh_tls.outgoing.clone()
+        },
     }
 }
 
@@ -172,13 +205,14 @@ pub fn public_frontend(d: &Desired, p: &Public) -> FrontendSpec {
         name: PUBLIC_FRONTEND.into(),
         mode: p.mode,
         default_backend: Some(LOCAL_BACKEND.into()),
-        log_format: d.knobs.log_format.clone(),
+        log_format: log_format(d, p.mode),
         client_timeout_ms: p.client_timeout_ms,
         maxconn: p.max_connections,
         app_header: p.app_header.clone(),
         intentions: d.intentions.then(|| IntentionsFilter {
             spoe_config: d.paths.spoe_conf.display().to_string(),
             fast_map: d.paths.intentions_map.display().to_string(),
+            jwt_headers: d.jwt_headers.clone(),
         }),
         only_path: None,
         only_sources: Vec::new(),
@@ -195,7 +229,7 @@ pub fn public_bind(d: &Desired, p: &Public) -> BindSpec {
         address: p.bind_address.to_string(),
         port: Some(p.bind_port),
         unix_mode: None,
-        tls: Some(mesh_tls(d)),
+        tls: Some(mesh_tls(d, true)),
         h2: false,
         alpn: (p.mode == Mode::Http).then(|| "h2,http/1.1".to_string()),
     }
@@ -246,6 +280,7 @@ pub fn gateway_backend(d: &Desired, r: &GatewayRoute) -> BackendSpec {
         forwardfor: false,
         verifyhost: None,
         target: Vec::new(),
+        queue: Vec::new(),
     }
 }
 
@@ -269,6 +304,7 @@ pub fn local_backend(p: &Public) -> BackendSpec {
         forwardfor: p.forwardfor,
         verifyhost: None,
         target: Vec::new(),
+        queue: Vec::new(),
     }
 }
 
@@ -286,6 +322,7 @@ pub fn local_server(p: &Public) -> ServerSpec {
         verifyhost: None,
         alpn: None,
         check_inter_ms: None,
+        maxconn: None,
     }
 }
 
@@ -299,6 +336,7 @@ pub fn upstream_backend(d: &Desired, u: &UpstreamListener) -> BackendSpec {
         forwardfor: false,
         verifyhost: u.verifyhost.clone(),
         target: Vec::new(),
+        queue: u.limits.backend_lines(u.mode),
     }
 }
 
@@ -307,7 +345,7 @@ pub fn upstream_frontend(d: &Desired, u: &UpstreamListener) -> FrontendSpec {
         name: u.name.clone(),
         mode: u.mode,
         default_backend: Some(u.backend.clone()),
-        log_format: d.knobs.log_format.clone(),
+        log_format: log_format(d, u.mode),
         client_timeout_ms: u.read_timeout_ms,
         maxconn: None,
         app_header: None,
@@ -365,6 +403,7 @@ pub fn target_backend(u: &UpstreamListener, t: &TargetBackend) -> BackendSpec {
         forwardfor: false,
         verifyhost: t.verifyhost.clone(),
         target,
+        queue: u.limits.backend_lines(u.mode),
     }
 }
 
@@ -375,26 +414,27 @@ pub fn target_server(
     slot: &Slot,
 ) -> ServerSpec {
     let pool = (t.backend.as_str(), t.slots.len());
-    slot_server(d, pool, slot, t.verifyhost.as_ref(), u.h2)
+    slot_server(d, u, pool, slot, t.verifyhost.as_ref())
 }
 
 pub fn upstream_server(d: &Desired, u: &UpstreamListener, slot: &Slot) -> ServerSpec {
     let pool = (u.backend.as_str(), u.slots.len());
-    slot_server(d, pool, slot, u.verifyhost.as_ref(), u.h2)
+    slot_server(d, u, pool, slot, u.verifyhost.as_ref())
 }
 
 /// A slot of the backend named `pool.0`, which has `pool.1` slots.
 fn slot_server(
     d: &Desired,
+    u: &UpstreamListener,
     pool: (&str, usize),
     slot: &Slot,
     verifyhost: Option<&String>,
-    h2: bool,
 ) -> ServerSpec {
     ServerSpec {
-        tls: Some(mesh_tls(d)),
+        tls: Some(mesh_tls(d, false)),
         verifyhost: verifyhost.cloned(),
-        alpn: h2.then(|| "h2".to_string()),
+        alpn: u.h2.then(|| "h2".to_string()),
+        maxconn: u.limits.per_server,
         ..slot_spec(pool, slot)
     }
 }
@@ -421,6 +461,7 @@ fn slot_spec(pool: (&str, usize), slot: &Slot) -> ServerSpec {
         verifyhost: None,
         alpn: None,
         check_inter_ms: Some(crate::model::check_interval_ms(slots)),
+        maxconn: None,
     }
 }
 
@@ -429,7 +470,7 @@ pub fn exposed_frontend(d: &Desired, e: &ExposedListener) -> FrontendSpec {
         name: e.name.clone(),
         mode: Mode::Http,
         default_backend: Some(e.backend.clone()),
-        log_format: d.knobs.log_format.clone(),
+        log_format: log_format(d, Mode::Http),
         client_timeout_ms: None,
         maxconn: None,
         app_header: None,
@@ -465,6 +506,7 @@ pub fn exposed_backend(e: &ExposedListener) -> BackendSpec {
         forwardfor: false,
         verifyhost: None,
         target: Vec::new(),
+        queue: Vec::new(),
     }
 }
 
@@ -481,6 +523,7 @@ pub fn exposed_server(e: &ExposedListener) -> ServerSpec {
         verifyhost: None,
         alpn: None,
         check_inter_ms: None,
+        maxconn: None,
     }
 }
 
@@ -651,6 +694,18 @@ impl FrontendSpec {
                     "http-request deny deny_status 403 if hcc_l7 !hcc_fast !{ var(txn.hcc.req_allow) -m bool }"
                         .into(),
                 );
+                let h = &intentions.jwt_headers;
+                for (i, name) in h.forward.iter().enumerate() {
+                    l.push(format!("http-request del-header {name}"));
+                    l.push(format!(
+                        "http-request set-header {name} %[var(txn.hcc.jwt_payload)] if {{ var(txn.hcc.jwt_fwd) -m int {i} }}"
+                    ));
+                }
+                for (i, name) in h.strip.iter().enumerate() {
+                    l.push(format!(
+                        "http-request del-header {name} if {{ var(txn.hcc.jwt_strip) -m int {i} }}"
+                    ));
+                }
             } else {
                 // A tcp frontend cannot judge requests, so a connection the agent let in for
                 // HTTP permissions is refused here whatever the agent's table believed the
@@ -966,7 +1021,12 @@ impl BindSpec {
 impl MeshTls {
     /// The certificate options of a mesh connection, either side.
     pub fn options(&self) -> String {
-        format!("crt {} ca-file {} verify required", self.crt, self.ca_file)
+        format!(
+            "crt {} ca-file {} verify required{}",
+            self.crt,
+            self.ca_file,
+            self.params.options()
+        )
     }
 }
 
@@ -990,6 +1050,7 @@ impl BackendSpec {
             l.push(format!("default-server verifyhost {name}"));
         }
         l.extend(self.target.iter().cloned());
+        l.extend(self.queue.iter().cloned());
         l.extend(servers.iter().map(ServerSpec::line));
         l
     }
@@ -1012,6 +1073,9 @@ impl ServerSpec {
             }
         } else if let Some(w) = self.weight {
             s.push_str(&format!(" weight {w}"));
+        }
+        if let Some(n) = self.maxconn {
+            s.push_str(&format!(" maxconn {n}"));
         }
         if self.h2 {
             s.push_str(" proto h2");

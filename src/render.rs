@@ -581,6 +581,11 @@ mod tests {
             .fast_map();
         // The generation, then the permissions' entries.
         assert_eq!(d.intentions_map.len(), 7, "{:#?}", d.intentions_map);
+        // Headers accepted JWTs change: a forwarded payload and two token headers.
+        d.jwt_headers = crate::spoe::authz::JwtHeaders {
+            forward: vec!["x-jwt-payload".into()],
+            strip: vec!["authorization".into(), "x-token".into()],
+        };
         let files = render(&d, &creds(), &Templates::builtin()).unwrap();
         for f in &files {
             std::fs::write(&f.path, &f.contents).unwrap();
@@ -595,6 +600,13 @@ mod tests {
             cfg.contains("send-spoe-group intentions l7-request"),
             "{cfg}"
         );
+        for rule in [
+            "http-request del-header x-jwt-payload\n",
+            "http-request set-header x-jwt-payload %[var(txn.hcc.jwt_payload)] if { var(txn.hcc.jwt_fwd) -m int 0 }",
+            "http-request del-header x-token if { var(txn.hcc.jwt_strip) -m int 1 }",
+        ] {
+            assert!(cfg.contains(rule), "{rule} missing:\n{cfg}");
+        }
         // The http listener's spoe.conf: the connection check is a group the frontend sends.
         let spoe = &files
             .iter()
@@ -620,6 +632,99 @@ mod tests {
         let said = String::from_utf8_lossy(&out.stderr);
         assert!(!said.contains("[WARNING]"), "{said}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The mesh entry's TLS settings land on the public bind (incoming) and on every upstream
+    /// server (outgoing), in a file HAProxy accepts.
+    #[test]
+    fn mesh_tls_settings_pass_haproxy_check() {
+        let v = crate::model::fixtures::ANY;
+        let mut snap = snapshot(v, "client-sidecar-proxy", "ca-leaf-client.json");
+        snap.mesh = Some(vec![
+            serde_json::json!({"Kind": "mesh", "Name": "mesh", "TLS": {
+            "Incoming": {"TLSMinVersion": "TLSv1_3"},
+            "Outgoing": {"TLSMinVersion": "TLSv1_2", "TLSMaxVersion": "TLSv1_3",
+                         "CipherSuites": ["TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256"]}}}),
+        ]);
+        let (dir, files) = render_snapshot_into(v, "client-sidecar-proxy", &snap, false);
+        let cfg = &files.last().unwrap().contents;
+        let bind = cfg.lines().find(|l| l.contains("name public")).unwrap();
+        assert!(
+            bind.ends_with("verify required ssl-min-ver TLSv1.3"),
+            "{bind}"
+        );
+        let servers: Vec<&str> = cfg.lines().filter(|l| l.contains("server s")).collect();
+        assert!(!servers.is_empty());
+        for s in servers {
+            assert!(
+                s.contains(
+                    "ssl-min-ver TLSv1.2 ssl-max-ver TLSv1.3 ciphers ECDHE-ECDSA-AES128-GCM-SHA256"
+                ),
+                "{s}"
+            );
+        }
+        accepted_then_removed(&dir, cfg);
+    }
+
+    /// Asserts that HAProxy accepts the file `cfg` written in `dir`, then removes `dir`.
+    fn accepted_then_removed(dir: &std::path::Path, cfg: &str) {
+        let out = haproxy_check(&dir.join("haproxy.cfg"));
+        assert!(
+            out.status.success(),
+            "haproxy -c failed:\n{}\n{cfg}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// `Proxy.AccessLogs` formats, text and JSON, on every listener in a file HAProxy accepts
+    /// (the client is tcp: HTTP variables log as `-` there).
+    #[test]
+    fn access_log_formats_pass_haproxy_check() {
+        let v = crate::model::fixtures::ANY;
+        for logs in [
+            serde_json::json!({"Enabled": true, "TextFormat":
+                "[%START_TIME%] %REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% %DURATION% %UPSTREAM_HOST%"}),
+            serde_json::json!({"Enabled": true, "JSONFormat":
+                "{\"method\": \"%REQ(:METHOD)%\", \"code\": \"%RESPONSE_CODE%\"}"}),
+        ] {
+            let mut snap = snapshot(v, "client-sidecar-proxy", "ca-leaf-client.json");
+            crate::model::fixtures::proxy(&mut snap).access_logs = logs;
+            let (dir, files) = render_snapshot_into(v, "client-sidecar-proxy", &snap, false);
+            let cfg = &files.last().unwrap().contents;
+            assert!(cfg.contains("log-format \""), "{cfg}");
+            assert!(!cfg.contains("option tcplog"), "{cfg}");
+            accepted_then_removed(&dir, cfg);
+        }
+    }
+
+    /// An upstream's `limits` in http and in tcp: every server capped, the queue bounded, in
+    /// files HAProxy accepts.
+    #[test]
+    fn upstream_limits_pass_haproxy_check() {
+        let v = crate::model::fixtures::ANY;
+        for (protocol, queue) in [
+            ("http", "http-request return status 503 if { queue ge 2 }"),
+            ("tcp", "timeout queue 1"),
+        ] {
+            let mut snap = snapshot(v, "client-sidecar-proxy", "ca-leaf-client.json");
+            let c = &mut crate::model::fixtures::first_upstream(&mut snap).config;
+            c.insert("protocol".into(), protocol.into());
+            c.insert(
+                "limits".into(),
+                serde_json::json!({"MaxConnections": 1, "MaxPendingRequests": 2}),
+            );
+            let (dir, files) = render_snapshot_into(v, "client-sidecar-proxy", &snap, false);
+            let cfg = &files.last().unwrap().contents;
+            assert!(cfg.contains(queue), "{cfg}");
+            let servers: Vec<&str> = cfg.lines().filter(|l| l.contains("server s")).collect();
+            assert!(!servers.is_empty());
+            assert!(
+                servers.iter().all(|s| s.contains(" maxconn 1")),
+                "{servers:#?}"
+            );
+            accepted_then_removed(&dir, cfg);
+        }
     }
 
     #[test]

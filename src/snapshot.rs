@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use crate::admission::Verdicts;
 use crate::consul::api::{
     AgentCheck, AgentService, CaRoots, ExportedServicesEntry, HealthEntry, IntentionEntry,
-    JwtProviders, LeafCert, MeshEntry,
+    JwtProviders, LeafCert,
 };
 use crate::consul::chain::{DiscoveryChain, TargetKey};
 use crate::consul::{
@@ -24,6 +24,8 @@ pub struct Snapshot {
     pub intentions: Option<Vec<IntentionEntry>>,
     /// The `jwt-provider` config entries, read only once an intention requires a JWT.
     pub jwt_providers: Option<JwtProviders>,
+    /// The `mesh` config entries (its TLS settings), once read.
+    pub mesh: Option<Vec<serde_json::Value>>,
     /// The ACL default policy as Consul spells it (see `Update::AclDefaultPolicy`).
     pub acl_default_policy: Option<String>,
     /// The agent's checks of the proxied service, read only when the registration asks for
@@ -56,8 +58,6 @@ pub struct Snapshot {
     pub exported: Option<Vec<ExportedServicesEntry>>,
     /// Transparent mode: the services intentions let this one reach, once read.
     pub intention_upstreams: Option<Vec<String>>,
-    /// Transparent mode: the mesh config entry, once read (the default when none exists).
-    pub mesh: Option<MeshEntry>,
 }
 
 impl Snapshot {
@@ -85,7 +85,21 @@ impl Snapshot {
             Update::Leaf(l) => replace(&mut self.leaf, Some(l)),
             Update::Roots(r) => replace(&mut self.roots, Some(r)),
             Update::Intentions(i) => replace(&mut self.intentions, Some(i)),
-            Update::JwtProviders(p) => replace(&mut self.jwt_providers, Some(p)),
+            Update::JwtProviders(mut p) => {
+                // The entries' watcher knows nothing of fetched key sets: keep them.
+                if let Some(old) = &self.jwt_providers {
+                    p.remote = old.remote.clone();
+                }
+                replace(&mut self.jwt_providers, Some(p))
+            }
+            Update::RemoteJwks(uri, text) => match &mut self.jwt_providers {
+                Some(p) if p.remote.get(&uri) != Some(&text) => {
+                    p.remote.insert(uri, text);
+                    true
+                }
+                _ => false,
+            },
+            Update::Mesh(m) => replace(&mut self.mesh, Some(m)),
             Update::AclDefaultPolicy(p) => replace(&mut self.acl_default_policy, Some(p)),
             Update::Checks(c) => replace(&mut self.checks, Some(c)),
             Update::AgentAddress(a) => replace(&mut self.agent_address, Some(a)),
@@ -94,7 +108,6 @@ impl Snapshot {
             Update::TargetEndpoints(k, e) => insert(&mut self.targets, k, e),
             Update::ExportedServices(x) => replace(&mut self.exported, Some(x)),
             Update::IntentionUpstreams(u) => replace(&mut self.intention_upstreams, Some(u)),
-            Update::Mesh(m) => replace(&mut self.mesh, Some(m)),
         }
     }
 

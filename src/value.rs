@@ -429,6 +429,110 @@ impl fmt::Display for HeaderName {
     }
 }
 
+/// A TLS protocol version as Consul's `mesh` entry names it (`TLSv1_2`), printed as HAProxy's
+/// `ssl-min-ver`/`ssl-max-ver` take it (`TLSv1.2`). Ordered oldest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub enum TlsVersion {
+    V1_0,
+    V1_1,
+    V1_2,
+    V1_3,
+}
+
+impl TlsVersion {
+    /// `None` for Consul's "no preference" (`TLS_AUTO`, or empty): HAProxy's default applies.
+    pub fn parse(field: &'static str, s: &str) -> Result<Option<TlsVersion>, Refused> {
+        Ok(Some(match s {
+            "" | "TLS_AUTO" => return Ok(None),
+            "TLSv1_0" => TlsVersion::V1_0,
+            "TLSv1_1" => TlsVersion::V1_1,
+            "TLSv1_2" => TlsVersion::V1_2,
+            "TLSv1_3" => TlsVersion::V1_3,
+            _ => {
+                return refuse(
+                    field,
+                    s,
+                    "not a TLS version Consul knows (TLS_AUTO, TLSv1_0 to TLSv1_3)",
+                )
+            }
+        }))
+    }
+}
+
+impl fmt::Display for TlsVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TlsVersion::V1_0 => "TLSv1.0",
+            TlsVersion::V1_1 => "TLSv1.1",
+            TlsVersion::V1_2 => "TLSv1.2",
+            TlsVersion::V1_3 => "TLSv1.3",
+        })
+    }
+}
+
+/// The TLS 1.2 cipher suites Consul accepts for its proxies (IANA names, as the `mesh` entry
+/// takes them), each with the name OpenSSL (and so HAProxy's `ciphers`) gives it.
+const CIPHER_SUITES: &[(&str, &str)] = &[
+    (
+        "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+    ),
+    (
+        "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+    ),
+    (
+        "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+    ),
+    (
+        "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    ),
+    (
+        "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA",
+        "ECDHE-ECDSA-AES128-SHA",
+    ),
+    ("TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA", "ECDHE-RSA-AES128-SHA"),
+    ("TLS_RSA_WITH_AES_128_GCM_SHA256", "AES128-GCM-SHA256"),
+    ("TLS_RSA_WITH_AES_128_CBC_SHA", "AES128-SHA"),
+    (
+        "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+    ),
+    (
+        "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+    ),
+    (
+        "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA",
+        "ECDHE-ECDSA-AES256-SHA",
+    ),
+    ("TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA", "ECDHE-RSA-AES256-SHA"),
+    ("TLS_RSA_WITH_AES_256_GCM_SHA384", "AES256-GCM-SHA384"),
+    ("TLS_RSA_WITH_AES_256_CBC_SHA", "AES256-SHA"),
+];
+
+/// One of `CIPHER_SUITES`, printed by its OpenSSL name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(transparent)]
+pub struct CipherSuite(&'static str);
+
+impl CipherSuite {
+    pub fn parse(field: &'static str, s: &str) -> Result<CipherSuite, Refused> {
+        match CIPHER_SUITES.iter().find(|(iana, _)| *iana == s) {
+            Some((_, openssl)) => Ok(CipherSuite(openssl)),
+            None => refuse(field, s, "not a TLS 1.2 cipher suite Consul knows"),
+        }
+    }
+}
+
+impl fmt::Display for CipherSuite {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
 /// Text for a comment line of haproxy.cfg: printable ASCII only, anything else (a line break
 /// above all) shown as `?`, so that a comment can never end early and start a directive.
 pub fn comment(s: &str) -> String {
@@ -471,6 +575,13 @@ pub fn fuzz_check(data: &[u8]) -> usize {
     check(Word::path("f", &s).ok().map(|v| v.to_string()));
     check(Word::regex("f", &s).ok().map(|v| v.to_string()));
     check(HeaderName::parse("f", &s).ok().map(|v| v.to_string()));
+    check(
+        TlsVersion::parse("f", &s)
+            .ok()
+            .flatten()
+            .map(|v| v.to_string()),
+    );
+    check(CipherSuite::parse("f", &s).ok().map(|v| v.to_string()));
     if let Some(n) = data.get(..8).and_then(|b| b.try_into().ok()) {
         if let Ok(m) = Millis::new("f", u64::from_le_bytes(n)) {
             assert!((1..=MAX_MILLIS).contains(&m.get()));

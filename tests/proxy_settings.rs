@@ -98,6 +98,26 @@ fn wait_for_lines(mesh: &Mesh, service: &str, want: &[&str], sidecar: &Child) {
     .unwrap_or_else(|e| fail(e));
 }
 
+/// Re-registers `client` with `upstream_config` plus a `connect_timeout_ms` of `marker` on its
+/// upstream, waits until its sidecar applied that (and holds each of `lines`), then until the
+/// mesh serves (see `configure_server`).
+fn configure_client(mesh: &Mesh, mut upstream_config: Value, marker: u64, lines: &[&str]) {
+    upstream_config["connect_timeout_ms"] = json!(marker);
+    mesh.consul.register(&registration(
+        "client",
+        free_port(),
+        mesh.client_port,
+        &[("server", mesh.upstream_port)],
+        Value::Null,
+        upstream_config,
+    ));
+    let marker = format!("timeout connect {marker}");
+    let mut want = vec![marker.as_str()];
+    want.extend_from_slice(lines);
+    wait_for_lines(mesh, "client", &want, &mesh.client_sidecar);
+    wait_served(mesh);
+}
+
 /// Waits until a request through the client's upstream is answered by the app again (a
 /// re-registration can make Consul re-check the instance).
 fn wait_served(mesh: &Mesh) {
@@ -215,22 +235,7 @@ fn max_inbound_connections_holds_the_second_connection_until_the_first_ends() {
 #[test]
 fn an_upstreams_read_timeout_closes_an_idle_connection() {
     let mesh = Mesh::start(MeshOptions::default());
-    mesh.consul.register(&registration(
-        "client",
-        free_port(),
-        mesh.client_port,
-        &[("server", mesh.upstream_port)],
-        Value::Null,
-        // connect_timeout_ms tells that the change arrived (see `configure_server`).
-        json!({ "read_timeout": "1s", "connect_timeout_ms": 4001 }),
-    ));
-    wait_for_lines(
-        &mesh,
-        "client",
-        &["timeout connect 4001"],
-        &mesh.client_sidecar,
-    );
-    wait_served(&mesh);
+    configure_client(&mesh, json!({ "read_timeout": "1s" }), 4001, &[]);
 
     let mut idle = TcpStream::connect(mesh.upstream_addr()).unwrap();
     // A request head never finished: the app waits for the rest, and the connection carries
@@ -368,4 +373,235 @@ fn a_prepared_querys_poll_interval_is_followed_and_restarted_when_changed() {
     .unwrap_or_else(|e| panic!("{e}\n{}", mesh.client_sidecar.logs()));
     register("900ms");
     polling(900);
+}
+
+/// One TLS handshake with the public listener at `addr` by `openssl s_client` limited to one
+/// version (`-tls1_2`, `-tls1_3`), presenting `client`'s leaf: the version it negotiated, or
+/// `None` when there was no handshake.
+fn handshake(
+    addr: &str,
+    version: &str,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Option<String> {
+    let out = std::process::Command::new("openssl")
+        .args(["s_client", "-connect", addr, version, "-cert"])
+        .arg(cert)
+        .arg("-key")
+        .arg(key)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("openssl must be installed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // s_client prints the session as `New, TLSv1.3, Cipher is …` once a handshake completed.
+    text.lines()
+        .find_map(|l| l.strip_prefix("New, "))
+        .filter(|l| !l.starts_with("(NONE)"))
+        .and_then(|l| l.split(',').next())
+        .map(str::to_string)
+}
+
+/// The `mesh` entry's `TLS.Incoming.TLSMinVersion TLSv1_3` (and the same for `Outgoing`):
+/// the public listener completes no TLS 1.2 handshake and completes a TLS 1.3 one, and the
+/// mesh between the two sidecars keeps serving. On Consul 1.8, which has no `mesh` kind, the
+/// sidecar says so once and serves as before.
+#[test]
+fn mesh_tls_min_version_refuses_tls_1_2_on_the_public_listener() {
+    let mesh = Mesh::start(MeshOptions::default());
+    if !consul_is_current() {
+        let logs = mesh.server_sidecar.logs();
+        assert_eq!(
+            logs.matches("has no mesh config entries").count(),
+            1,
+            "{logs}"
+        );
+        return;
+    }
+    let addr = format!("127.0.0.1:{}", mesh.server_port);
+    let (cert, key, _) = mesh.consul.leaf_files("client", mesh.base.path());
+    assert_eq!(
+        handshake(&addr, "-tls1_2", &cert, &key).as_deref(),
+        Some("TLSv1.2"),
+        "before the mesh entry, TLS 1.2 is HAProxy's (and Envoy's) minimum"
+    );
+    let entry = json!({
+        "Kind": "mesh",
+        "TLS": {
+            "Incoming": {"TLSMinVersion": "TLSv1_3"},
+            "Outgoing": {"TLSMinVersion": "TLSv1_3"}
+        }
+    });
+    let (status, body) = mesh.consul.put("/v1/config", &entry.to_string());
+    assert!(status == 200 && body.trim() == "true", "{status} {body}");
+    wait_for_lines(
+        &mesh,
+        "server",
+        &["verify required ssl-min-ver TLSv1.3"],
+        &mesh.server_sidecar,
+    );
+    assert_eq!(
+        handshake(&addr, "-tls1_2", &cert, &key),
+        None,
+        "a TLS 1.2 handshake completed at TLSMinVersion TLSv1_3"
+    );
+    assert_eq!(
+        handshake(&addr, "-tls1_3", &cert, &key).as_deref(),
+        Some("TLSv1.3")
+    );
+    // `--dry-run` prints what a run renders: the mesh entry's versions too.
+    let printed = dry_run(&mesh.consul.http_addr(), mesh.base.path(), "server", &[]);
+    assert!(
+        printed.contains("verify required ssl-min-ver TLSv1.3"),
+        "{printed}"
+    );
+    // The client's servers ask for TLS 1.3 too, and the mesh keeps serving over it.
+    let client_cfg = mesh.workdir("client").join("haproxy.cfg");
+    wait_until(
+        Duration::from_secs(60),
+        "TLS 1.3 on the client's servers",
+        || {
+            std::fs::read_to_string(&client_cfg)
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.contains("server s0 ") && l.contains("ssl-min-ver TLSv1.3"))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.client_sidecar.logs()));
+    wait_served(&mesh);
+}
+
+/// The current queue of `backend` in the client sidecar's HAProxy (`qcur` of its `BACKEND`
+/// row of `show stat`).
+fn queued(mesh: &Mesh, backend_prefix: &str) -> u64 {
+    use std::os::unix::net::UnixStream;
+    let sock = mesh.workdir("client").join("haproxy.sock");
+    let Ok(mut s) = UnixStream::connect(&sock) else {
+        return 0;
+    };
+    let _ = s.write_all(b"show stat\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.lines()
+        .map(|l| l.split(',').collect::<Vec<_>>())
+        .find(|f| f.len() > 2 && f[0].starts_with(backend_prefix) && f[1] == "BACKEND")
+        .and_then(|f| f[2].parse().ok())
+        .unwrap_or(0)
+}
+
+/// An upstream's `limits` (Consul's circuit breakers) with one instance: `MaxConnections 1`
+/// and `MaxPendingRequests 0`, two concurrent slow requests: one is served, the other gets 503
+/// from HAProxy at once and never reaches the app. With `MaxPendingRequests 1` one request
+/// may wait: of three, two are served and the third gets 503.
+#[test]
+fn upstream_limits_answer_503_past_the_cap_and_the_queue() {
+    let mesh = Mesh::start(MeshOptions::default());
+    let configure = |pending: u64, marker: u64| {
+        let config = json!({
+            "protocol": "http",
+            "limits": {"MaxConnections": 1, "MaxPendingRequests": pending},
+        });
+        configure_client(&mesh, config, marker, &[" maxconn 1"]);
+    };
+    let addr = mesh.upstream_addr();
+    let request = || {
+        let addr = addr.clone();
+        std::thread::spawn(move || http_get(&addr, "/", Duration::from_secs(60)))
+    };
+    let at_app = |n: u64| {
+        wait_until(Duration::from_secs(30), "the request at the app", || {
+            mesh.app.requests() >= n
+        })
+        .unwrap()
+    };
+
+    // A connect timeout (HAProxy's queue timeout when none is set) far past the app's delay:
+    // only the limits can refuse a request here.
+    configure(0, 20001);
+    mesh.app.set_delay(Duration::from_secs(4));
+    let before = mesh.app.requests();
+    let first = request();
+    at_app(before + 1);
+    let second = http_get(&addr, "/", Duration::from_secs(30));
+    assert!(matches!(second, Ok((503, _))), "{second:?}");
+    assert!(matches!(first.join().unwrap(), Ok((200, ref b)) if b == APP_BODY));
+    assert_eq!(
+        mesh.app.requests(),
+        before + 1,
+        "the refused request reached the app"
+    );
+
+    mesh.app.set_delay(Duration::ZERO);
+    configure(1, 20002);
+    mesh.app.set_delay(Duration::from_secs(4));
+    let before = mesh.app.requests();
+    let first = request();
+    at_app(before + 1);
+    let second = request();
+    wait_until(Duration::from_secs(30), "the second request queued", || {
+        queued(&mesh, "be_up_svc_server") == 1
+    })
+    .unwrap();
+    let third = http_get(&addr, "/", Duration::from_secs(30));
+    assert!(matches!(third, Ok((503, _))), "{third:?}");
+    mesh.app.set_delay(Duration::ZERO);
+    for r in [first.join().unwrap(), second.join().unwrap()] {
+        assert!(matches!(r, Ok((200, ref b)) if b == APP_BODY), "{r:?}");
+    }
+    assert_eq!(mesh.app.requests(), before + 2);
+}
+
+/// proxy-defaults' `AccessLogs` with a `TextFormat`: HAProxy's access lines follow it (Envoy's
+/// operators mapped), an operator without an equivalent logs `-` and is named once, and a
+/// `Type` that cannot be honoured (stderr) is named once too. On Consul 1.8 (no
+/// `AccessLogs`) the test says it skipped.
+#[test]
+fn access_logs_from_proxy_defaults_shape_haproxys_access_lines() {
+    if !consul_is_current() {
+        eprintln!(
+            "skipped on Consul {}: AccessLogs exist from Consul 1.15",
+            consul_version()
+        );
+        return;
+    }
+    let mesh = Mesh::start(MeshOptions::default());
+    let entry = json!({
+        "Kind": "proxy-defaults", "Name": "global",
+        "Config": {"protocol": "http"},
+        "AccessLogs": {"Enabled": true, "Type": "stderr",
+            "TextFormat": "hcc-access %REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% %REQ(X-TRACE)%"},
+    });
+    let (status, body) = mesh.consul.put("/v1/config", &entry.to_string());
+    assert!(status == 200 && body.trim() == "true", "{status} {body}");
+    wait_for_lines(
+        &mesh,
+        "server",
+        &["log-format \"hcc-access %HM %HU %ST -\""],
+        &mesh.server_sidecar,
+    );
+    wait_served(&mesh);
+    let addr = mesh.upstream_addr();
+    assert!(matches!(
+        http_get(&addr, "/logged?x=1", Duration::from_secs(10)),
+        Ok((200, _))
+    ));
+    wait_until(Duration::from_secs(10), "the access line", || {
+        mesh.server_sidecar
+            .logs()
+            .lines()
+            .any(|l| l.contains("[haproxy]") && l.contains("hcc-access GET /logged?x=1 200 -"))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.server_sidecar.logs()));
+    let logs = mesh.server_sidecar.logs();
+    assert_eq!(
+        logs.matches("operator %REQ(X-TRACE)% has no HAProxy equivalent")
+            .count(),
+        1,
+        "{logs}"
+    );
+    assert_eq!(
+        logs.matches("AccessLogs Type \"stderr\" is not honoured")
+            .count(),
+        1,
+        "{logs}"
+    );
 }

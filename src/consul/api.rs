@@ -77,6 +77,10 @@ pub struct ProxyConfig {
     /// `"Expose": {}` when nothing is exposed, 1.8.7 leaves it out.
     #[serde(default, deserialize_with = "null_as_default")]
     pub expose: Expose,
+    /// `AccessLogs` (Consul 1.15+, from proxy-defaults or the registration), as sent; read by
+    /// `model::access_logs`.
+    #[serde(default)]
+    pub access_logs: Value,
 }
 
 /// `Proxy.TransparentProxy`. `OutboundListenerPort` 0 means Consul's default, 15001.
@@ -134,7 +138,8 @@ impl ServiceTopology {
     }
 }
 
-/// The `mesh` config entry (`/v1/config/mesh/mesh`; 404 when none was written).
+/// Transparent mode's part of the `mesh` config entry (read from the list `client::MESH_PATH`
+/// answers, `consul::mesh_entry`; none written is Consul's defaults).
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "PascalCase")]
 pub struct MeshEntry {
@@ -421,11 +426,15 @@ impl IntentionEntry {
 
 /// `/v1/config/jwt-provider`: the entries as Consul sent them (parsed, and judged, by
 /// `spoe::authz::jwt::Provider`), and each local JWKS file they name, read by the watcher:
-/// its text, or why it could not be read.
+/// its text, or why it could not be read; and the last key set fetched from each remote JWKS
+/// URI they name (`consul::jwks`), kept when the entries change.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct JwtProviders {
     pub entries: Vec<Value>,
     pub files: BTreeMap<String, Result<String, String>>,
+    /// Remote JWKS URI → the last key set fetched from it. A URI is absent until a fetch of
+    /// it succeeded; a failed fetch leaves the last good text in place.
+    pub remote: BTreeMap<String, String>,
 }
 
 /// The part of `/v1/agent/self` that tells the ACL default policy. Consul 1.8 has it at

@@ -669,6 +669,9 @@ pub fn choose_proxy(
 pub const ROOTS_PATH: &str = "/v1/agent/connect/ca/roots";
 /// Every intention; blocks on an index.
 pub const INTENTIONS_PATH: &str = "/v1/connect/intentions";
+/// The `mesh` config entry, as a list (empty when none is written; Consul 1.10+).
+pub const MESH_PATH: &str = "/v1/config/mesh";
+
 /// Every `jwt-provider` config entry (Consul 1.16+), for the intentions' `JWT` requirements.
 pub const JWT_PROVIDERS_PATH: &str = "/v1/config/jwt-provider";
 pub const AGENT_SELF_PATH: &str = "/v1/agent/self";
@@ -676,9 +679,6 @@ pub const AUTHORIZE_PATH: &str = "/v1/agent/connect/authorize";
 pub const REGISTER_PATH: &str = "/v1/agent/service/register";
 /// Every `exported-services` config entry (one per partition); blocks on an index.
 pub const EXPORTED_SERVICES_PATH: &str = "/v1/config/exported-services";
-
-/// The mesh config entry (transparent mode reads `TransparentProxy.MeshDestinationsOnly`).
-pub const MESH_PATH: &str = "/v1/config/mesh/mesh";
 
 /// What `service` may reach by intentions (transparent mode); blocks on an index.
 pub fn topology_path(service: &str) -> String {

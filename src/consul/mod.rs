@@ -5,6 +5,7 @@
 pub mod api;
 pub mod chain;
 pub mod client;
+pub mod jwks;
 pub mod servers;
 pub mod source;
 pub mod watch;
@@ -59,6 +60,11 @@ pub enum Update {
     Intentions(Vec<IntentionEntry>),
     /// Every `jwt-provider` config entry, with the local JWKS files they name, as read.
     JwtProviders(api::JwtProviders),
+    /// A remote JWKS URI's key set as just fetched (`jwks`), when it differs from the last.
+    RemoteJwks(String, String),
+    /// The `mesh` config entries as read (`/v1/config/mesh`: none or one); empty on a Consul
+    /// that has no such kind (before 1.10).
+    Mesh(Vec<serde_json::Value>),
     /// The ACL default policy as the agent spells it (`allow`/`deny`; anything else is kept
     /// as it came): what a connection that no intention matches gets.
     AclDefaultPolicy(String),
@@ -78,8 +84,6 @@ pub enum Update {
     ExportedServices(Vec<api::ExportedServicesEntry>),
     /// Transparent mode: the services this one may reach (`api::ServiceTopology::allowed`).
     IntentionUpstreams(Vec<String>),
-    /// Transparent mode: the mesh config entry (the default when none is written).
-    Mesh(api::MeshEntry),
 }
 
 /// The registration with the service's resolved protocol where it names none itself, as an
@@ -179,16 +183,17 @@ pub fn checks_update(checks: BTreeMap<String, api::AgentCheck>) -> Update {
     Update::Checks(checks.into_values().collect())
 }
 
-/// The mesh config entry from the agent's answer to `client::MESH_PATH`: 404 is no entry,
-/// which means Consul's defaults.
-pub fn mesh_update(status: u16, body: &str) -> crate::error::Result<api::MeshEntry> {
-    match status {
-        200 => api::parse("the mesh config entry", body),
-        404 => Ok(api::MeshEntry::default()),
-        s => Err(crate::error::Error::msg(format!(
-            "status {s} for the mesh config entry: {}",
-            body.trim().chars().take(200).collect::<String>()
-        ))),
+/// Transparent mode's part of the `mesh` config entries (`Update::Mesh`, the list Consul
+/// answers; empty when none is written, which is Consul's defaults). An entry that does not
+/// read fails closed: only mesh destinations.
+pub fn mesh_entry(entries: &[serde_json::Value]) -> api::MeshEntry {
+    match entries.first() {
+        None => api::MeshEntry::default(),
+        Some(e) => serde_json::from_value(e.clone()).unwrap_or(api::MeshEntry {
+            transparent_proxy: api::MeshTransparentProxy {
+                mesh_destinations_only: true,
+            },
+        }),
     }
 }
 

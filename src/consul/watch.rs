@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use super::api::{
     self, AgentSelf, AgentService, CaRoots, ExportedServicesEntry, HealthEntry, IntentionEntry,
-    JwtProviders, LeafCert, MeshEntry, QueryResult, ServiceTopology,
+    JwtProviders, LeafCert, QueryResult, ServiceTopology,
 };
 use super::chain::{
     chain_path, parse_chain, serving, target_health_path, targets_to_watch, DiscoveryChain,
@@ -22,7 +22,7 @@ use super::client::{
 };
 use super::{
     destinations, exported_destinations, exposed_checks_of, is_mesh_gateway, is_transparent,
-    mesh_update, poll_intervals, DestinationKey, DestinationKind, Update,
+    poll_intervals, DestinationKey, DestinationKind, Update,
 };
 use crate::http::encode;
 
@@ -74,6 +74,13 @@ pub struct WatchHandle {
     stop: Arc<AtomicBool>,
 }
 
+impl WatchHandle {
+    /// The handle of a thread that ends once `stop` is set.
+    pub(super) fn new(stop: Arc<AtomicBool>) -> WatchHandle {
+        WatchHandle { stop }
+    }
+}
+
 impl Drop for WatchHandle {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
@@ -102,7 +109,8 @@ pub struct Watchers {
     /// Agentless: the proxied service's own discovery chain, for the protocol an agent would
     /// have merged into the registration.
     protocol_for: Option<(String, WatchHandle)>,
-    /// Transparent mode's watches (intention upstreams of the service, the mesh entry).
+    /// Transparent mode's watch (intention upstreams of the service; the mesh entry is
+    /// watched for every sidecar).
     transparent_for: Option<(String, Vec<WatchHandle>)>,
     /// Whether to watch intentions; started once the service name is known.
     intentions: bool,
@@ -110,6 +118,8 @@ pub struct Watchers {
     /// Whether the `jwt-provider` entries are watched: from the first intention that names a
     /// JWT provider on (Consul 1.8 has no such entries, and no such intentions).
     jwt_started: bool,
+    /// The fetchers of the remote JWKS the `jwt-provider` entries name.
+    jwks: super::jwks::Fetchers,
 }
 
 impl Watchers {
@@ -137,6 +147,7 @@ impl Watchers {
             intentions,
             intentions_started: false,
             jwt_started: false,
+            jwks: super::jwks::Fetchers::default(),
         };
         let source = w.consul.source().clone();
         let id = proxy_id.to_string();
@@ -156,6 +167,15 @@ impl Watchers {
             ROOTS_PATH.into(),
             WatchMode::Index,
             |body| api::parse::<CaRoots>("the CA roots", body).map(Update::Roots),
+        );
+        w.fixed.push(h);
+        // Consul before 1.10 has no `mesh` kind and says so: then there is none, for good.
+        let h = w.spawn_with(
+            "mesh config entries".into(),
+            MESH_PATH.into(),
+            WatchMode::Index,
+            Some("invalid config entry kind"),
+            |body| api::parse::<Vec<serde_json::Value>>("the mesh entries", body).map(Update::Mesh),
         );
         w.fixed.push(h);
         w
@@ -205,10 +225,20 @@ impl Watchers {
             |body| {
                 let entries = api::parse::<Vec<serde_json::Value>>("the jwt-provider list", body)?;
                 let files = read_jwks_files(&entries);
-                Ok(Update::JwtProviders(JwtProviders { entries, files }))
+                Ok(Update::JwtProviders(JwtProviders {
+                    entries,
+                    files,
+                    remote: BTreeMap::new(),
+                }))
             },
         );
         self.fixed.push(h);
+    }
+
+    /// Starts a fetcher for each remote JWKS the `jwt-provider` entries name, and stops those
+    /// they no longer name.
+    pub fn follow_jwt_providers(&mut self, providers: &JwtProviders) {
+        self.jwks.follow(&providers.entries, &self.sink);
     }
 
     /// Starts the watch of the `exported-services` config entries: a mesh gateway's routes.
@@ -322,14 +352,8 @@ impl Watchers {
                         .map(|t| Update::IntentionUpstreams(t.allowed()))
                 },
             );
-            // No mesh entry (404) is Consul's defaults, and the 404 blocks on an index too.
-            let mesh = self.spawn_with_absent(
-                "the mesh config entry".into(),
-                MESH_PATH.into(),
-                Some(Update::Mesh(MeshEntry::default())),
-                |body| mesh_update(200, body).map(Update::Mesh),
-            );
-            self.transparent_for = Some((service.clone(), vec![topology, mesh]));
+            // The mesh entry (MeshDestinationsOnly) is watched for every sidecar (`start`).
+            self.transparent_for = Some((service.clone(), vec![topology]));
         }
 
         let wanted = destinations(registration, implicit);
@@ -430,26 +454,17 @@ impl Watchers {
         mode: WatchMode,
         parse: impl Fn(&str) -> crate::error::Result<Update> + Send + 'static,
     ) -> WatchHandle {
-        self.spawn_watch(what, path, mode, None, parse)
+        self.spawn_with(what, path, mode, None, parse)
     }
 
-    /// A blocking watch (by index) of a path whose 404 means `absent` (a config entry).
-    fn spawn_with_absent(
-        &self,
-        what: String,
-        path: String,
-        absent: Option<Update>,
-        parse: impl Fn(&str) -> crate::error::Result<Update> + Send + 'static,
-    ) -> WatchHandle {
-        self.spawn_watch(what, path, WatchMode::Index, absent, parse)
-    }
-
-    fn spawn_watch(
+    /// `spawn`, for a path this agent may not know: an error answer containing `unknown`
+    /// means so, and the watch then reports an empty list (`parse` of `[]`) once and ends.
+    fn spawn_with(
         &self,
         what: String,
         path: String,
         mode: WatchMode,
-        absent: Option<Update>,
+        unknown: Option<&'static str>,
         parse: impl Fn(&str) -> crate::error::Result<Update> + Send + 'static,
     ) -> WatchHandle {
         let stop = Arc::new(AtomicBool::new(false));
@@ -460,7 +475,7 @@ impl Watchers {
             what,
             path,
             mode,
-            absent,
+            unknown,
             stop: stop.clone(),
         };
         let name = format!("watch {}", watch.path);
@@ -635,8 +650,8 @@ struct Watch {
     what: String,
     path: String,
     mode: WatchMode,
-    /// What a 404 means, for a path where it is an answer (a config entry not written).
-    absent: Option<Update>,
+    /// See `Watchers::spawn_with`.
+    unknown: Option<&'static str>,
     stop: Arc<AtomicBool>,
 }
 
@@ -732,21 +747,6 @@ impl Watch {
                     }
                     None
                 }
-                Ok(answer) if answer.status == 404 && self.absent.is_some() => {
-                    if self.mode == WatchMode::Index {
-                        index = next_index(index, answer.index);
-                    }
-                    failures = 0;
-                    last_error = None;
-                    // An empty body never comes with a 200, so it stands for "absent".
-                    if last_body.as_deref() != Some("") {
-                        last_body = Some(String::new());
-                        if let Some(update) = &self.absent {
-                            self.sink.update(update.clone());
-                        }
-                    }
-                    None
-                }
                 Ok(answer) if answer.status == 404 && self.mode == WatchMode::Hash => {
                     if last_body.is_some() {
                         last_body = None;
@@ -754,6 +754,18 @@ impl Watch {
                     }
                     hash = None;
                     Some(format!("{} not found (404)", self.path))
+                }
+                Ok(answer) if self.unknown.is_some_and(|u| answer.body.contains(u)) => {
+                    log::info!(
+                        "this Consul agent has no {} ({:?}); none applies",
+                        self.what,
+                        answer.body.trim().chars().take(80).collect::<String>()
+                    );
+                    match parse("[]") {
+                        Ok(update) => self.sink.update(update),
+                        Err(e) => log::error!("{e}"),
+                    }
+                    return;
                 }
                 Ok(answer) => Some(format!(
                     "status {} for {}: {}",

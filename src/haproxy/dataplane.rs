@@ -353,6 +353,9 @@ fn server(s: &ServerSpec) -> Value {
     if let Some(w) = s.weight {
         v["weight"] = json!(w);
     }
+    if let Some(n) = s.maxconn {
+        v["maxconn"] = json!(n);
+    }
     if let Some(tls) = &s.tls {
         v["ssl"] = json!("enabled");
         v["ssl_certificate"] = json!(tls.crt);

@@ -67,6 +67,12 @@ pub struct Plan {
     /// A pool resize changed its slots' check interval: the servers are replaced by the
     /// transaction, not live (`only_servers`).
     pub check_interval_changed: bool,
+    /// The `mesh` entry's TLS versions or ciphers changed: HAProxy cannot change them on a
+    /// running bind or server (`set ssl` has no such knob), so it takes a full render.
+    pub mesh_tls_changed: bool,
+    /// The headers accepted JWTs change: the public listener's rules for them are rendered
+    /// only, so it takes a full render.
+    pub jwt_headers_changed: bool,
 }
 
 impl Plan {
@@ -110,6 +116,31 @@ impl Plan {
                 "the public listener's appname_header rules change, which a Dataplane API frontend replace would keep as they were",
             );
         }
+        if self.jwt_headers_changed {
+            return Some(
+                "the headers accepted JWTs change are new, and their rules are rendered only",
+            );
+        }
+        if self.mesh_tls_changed {
+            return Some(
+                "the mesh entry's TLS versions or ciphers change, which only a reload applies",
+            );
+        }
+        // A slot pool resized goes through the runtime API, whose `add server` takes them.
+        let tls_params = |t: &Option<crate::objects::MeshTls>| {
+            t.as_ref().is_some_and(|t| !t.params.is_default())
+        };
+        if !self.only_servers()
+            && self.ops.iter().any(|op| match op {
+                Op::CreateBind(b) | Op::ReplaceBind(b) => tls_params(&b.tls),
+                Op::CreateServer(s) | Op::ReplaceServer(s) => tls_params(&s.tls),
+                _ => false,
+            })
+        {
+            return Some(
+                "a listener or server gets the mesh entry's TLS versions or ciphers, which the Dataplane API cannot set",
+            );
+        }
         if self.public_mode_changed {
             return Some(
                 "the public listener's mode changes, and its rules for either mode are rendered only",
@@ -142,6 +173,9 @@ impl Plan {
             ),
             Op::CreateFrontend(f) | Op::ReplaceFrontend(f) if f.sni_map.is_some() => Some(
                 "a mesh gateway's listener changes, and the Dataplane API cannot write its SNI routing rules",
+            ),
+            Op::CreateBackend(b) | Op::ReplaceBackend(b) if !b.queue.is_empty() => Some(
+                "an upstream's limits bound its queue with rules the Dataplane API cannot write",
             ),
             Op::CreateBackend(b) | Op::ReplaceBackend(b) if !b.target.is_empty() => Some(
                 "a discovery-chain target's settings (hashing, timeouts, retries) are not in the Dataplane API's models",
@@ -496,6 +530,8 @@ pub fn plan(applied: &Desired, desired: &Desired) -> Plan {
         transparent_map_changed: applied.transparent.as_ref().map(|o| &o.routes)
             != desired.transparent.as_ref().map(|o| &o.routes),
         check_interval_changed,
+        mesh_tls_changed: applied.mesh_tls != desired.mesh_tls,
+        jwt_headers_changed: applied.jwt_headers != desired.jwt_headers,
     }
 }
 
@@ -527,6 +563,34 @@ mod tests {
             identity: crate::admission::Identity::service("server", "dc1"),
             admission: crate::model::Admission::Unchecked,
         }
+    }
+
+    /// A change of the mesh entry's TLS settings is a reload; a slot pool resized while they
+    /// are set still goes through the runtime API, whose `add server` takes them.
+    #[test]
+    fn mesh_tls_changes_take_a_full_render() {
+        let a = client();
+        let mut b = a.clone();
+        b.mesh_tls.incoming.min = Some(crate::value::TlsVersion::V1_3);
+        let p = plan(&a, &b);
+        assert!(p.mesh_tls_changed && p.needs_full_render());
+        assert!(p.ops.iter().any(|o| matches!(o, Op::ReplaceBind(_))));
+        let mut c = b.clone();
+        c.mesh_tls.outgoing.min = Some(crate::value::TlsVersion::V1_3);
+        assert!(plan(&b, &c).needs_full_render());
+
+        let mut d = c.clone();
+        let many: Vec<Server> = (0..MIN_SLOTS + 1)
+            .map(|i| server(&format!("i{i}.n"), 22000 + i as u16))
+            .collect();
+        d.upstreams[0].slots = place(many, &d.upstreams[0].slots);
+        let p = plan(&c, &d);
+        assert!(p.only_servers() && !p.needs_full_render(), "{p:#?}");
+        let added = p.ops.iter().find_map(|o| match o {
+            Op::CreateServer(s) => Some(s.line()),
+            _ => None,
+        });
+        assert!(added.is_some_and(|l| l.contains("ssl-min-ver TLSv1.3")));
     }
 
     #[test]

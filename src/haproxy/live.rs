@@ -197,6 +197,7 @@ mod tests {
             verifyhost: None,
             alpn: None,
             check_inter_ms: Some(400),
+            maxconn: None,
         }
     }
 

@@ -46,6 +46,15 @@ impl Intentions {
         }
     }
 
+    /// The request headers the current table's accepted tokens may change; none without
+    /// enforcement.
+    pub fn jwt_headers(&self) -> crate::spoe::authz::JwtHeaders {
+        match self {
+            Intentions::Enforced(agent) => agent.jwt_headers.clone(),
+            Intentions::Warned(_) => Default::default(),
+        }
+    }
+
     /// Called after every snapshot change.
     pub fn follow(&mut self, snapshot: &Snapshot) {
         match self {
@@ -70,6 +79,7 @@ pub struct Agent {
     table: SharedTable,
     /// The current table's fast map, made once per table: every desired state carries it.
     fast_map: Vec<(String, String)>,
+    jwt_headers: crate::spoe::authz::JwtHeaders,
     built_from: Option<Inputs>,
 }
 
@@ -104,6 +114,7 @@ impl Agent {
             handle,
             table,
             fast_map: Vec::new(),
+            jwt_headers: Default::default(),
             built_from: None,
         })
     }
@@ -152,6 +163,7 @@ impl Agent {
             table.default_policy()
         );
         self.fast_map = table.fast_map();
+        self.jwt_headers = table.jwt_headers().clone();
         self.table.replace(table);
         self.built_from = Some(inputs);
     }

@@ -51,9 +51,12 @@ pub fn jwt_providers(snapshot: &Snapshot) -> (jwt::Providers, Vec<String>) {
     let Some(known) = &snapshot.jwt_providers else {
         return (jwt::Providers::unknown(), Vec::new());
     };
-    let read = |f: &str| match known.files.get(f) {
-        Some(r) => r.clone(),
-        None => Err("not read".to_string()),
+    // A local file's text, or a remote URI's last fetched key set.
+    let read = |f: &str| match (known.files.get(f), known.remote.get(f)) {
+        (Some(r), _) => r.clone(),
+        (None, Some(text)) => Ok(text.clone()),
+        (None, None) if f.starts_with("http") => Err("not fetched yet".to_string()),
+        (None, None) => Err("not read".to_string()),
     };
     let mut warnings = Vec::new();
     let mut providers = Vec::new();

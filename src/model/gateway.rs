@@ -225,6 +225,9 @@ pub fn build(
         warnings,
         gateway: Some(Gateway { listeners, routes }),
         transparent: None,
+        mesh_tls: Default::default(),
+        jwt_headers: Default::default(),
+        access_log: None,
     })
 }
 

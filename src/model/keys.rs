@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 
+use serde::Serialize;
 use serde_json::Value;
 
 use super::{timeout_setting, AppHeader, Mode};
@@ -38,6 +39,7 @@ const UPSTREAM_KEYS: &[&str] = &[
     "connect_timeout",
     "read_timeout",
     "poll_interval",
+    "limits",
 ];
 
 /// Keys Consul documents that the sidecar knows and does not serve, with why.
@@ -49,8 +51,10 @@ const NOT_SERVED: &[(&str, &str)] = &[
     ("handshake_timeout_ms", "not supported by this sidecar"),
     ("balance_inbound_connections", "not supported by this sidecar"),
     ("balance_outbound_connections", "not supported by this sidecar"),
-    ("limits", "not supported by this sidecar yet"),
-    ("passive_health_check", "not supported by this sidecar yet"),
+    (
+        "passive_health_check",
+        "is not honoured: HAProxy ejects a server on observed errors (observe, error-limit, on-error mark-down) only where it also runs active health checks, which this sidecar leaves to Consul; instances leave only when Consul's checks fail",
+    ),
 ];
 
 /// At most this many keys of one config are named one by one: a registration with thousands
@@ -268,5 +272,189 @@ pub(crate) fn check_poll_interval(
         (Some(Err(e)), DestinationKind::PreparedQuery) => {
             warnings.push(format!("{whose}: {e}; the default poll interval applies"))
         }
+    }
+}
+
+/// An upstream's `limits` (Consul's `UpstreamLimits`, from the registration or merged from
+/// service-defaults' `UpstreamConfig`), as HAProxy enforces them. Envoy's circuit breakers count
+/// per cluster (all instances of the upstream together); HAProxy's `maxconn` counts per server,
+/// so `per_server` caps each instance: the same as Envoy's with one instance, N times it with N.
+/// The queue is per backend, as Envoy's pending requests are per cluster.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Limits {
+    /// Each server's `maxconn`: `MaxConnections`, and in http mode the smaller of it and
+    /// `MaxConcurrentRequests` (HAProxy's `maxconn` counts requests in flight in http mode).
+    pub per_server: Option<Limit>,
+    /// How many requests may wait for a server with a free slot; past it the request gets 503
+    /// from HAProxy (http) or its connection is closed (tcp). `Some(0)`: none waits.
+    pub pending: Option<u32>,
+}
+
+/// Envoy's default `max_pending_requests`, which Consul leaves in place when only
+/// `MaxConnections` is set.
+const ENVOY_PENDING: u32 = 1024;
+
+/// Reads `limits` of an upstream's `Config`. Consul prints the merged form with Go's field
+/// names (`MaxConnections`) and a registration may use the documented ones
+/// (`max_connections`): both are read, as Consul's decoder does.
+pub(crate) fn upstream_limits(
+    config: &BTreeMap<String, Value>,
+    mode: Mode,
+    whose: &str,
+    warnings: &mut Vec<String>,
+) -> Limits {
+    let limits = match config.get("limits") {
+        None | Some(Value::Null) => return Limits::default(),
+        Some(Value::Object(m)) => m,
+        v => {
+            warnings.push(format!(
+                "{whose}: {}; no limits apply",
+                not_a("limits", v, "not an object")
+            ));
+            return Limits::default();
+        }
+    };
+    let mut read = |field: &'static str, canonical: &str| -> Option<u64> {
+        let (_, v) = limits
+            .iter()
+            .find(|(k, _)| k.replace('_', "").eq_ignore_ascii_case(canonical))?;
+        match v {
+            Value::Null => None,
+            Value::Number(n) if n.as_u64().is_some() => n.as_u64(),
+            v => {
+                warnings.push(format!(
+                    "{whose}: {}; ignored",
+                    not_a(field, Some(v), "not a whole number")
+                ));
+                None
+            }
+        }
+    };
+    let connections = read("limits.MaxConnections", "maxconnections");
+    let pending = read("limits.MaxPendingRequests", "maxpendingrequests");
+    let concurrent = read("limits.MaxConcurrentRequests", "maxconcurrentrequests");
+    let cap = match mode {
+        Mode::Http => match (connections, concurrent) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        },
+        Mode::Tcp => {
+            if concurrent.is_some() {
+                warnings.push(format!(
+                    "{whose}: limits.MaxConcurrentRequests applies to http upstreams only (a tcp connection is one request); ignored"
+                ));
+            }
+            connections
+        }
+    };
+    let per_server = match cap.map(|n| Limit::new("limits.MaxConnections", n)) {
+        None => None,
+        Some(Ok(l)) => Some(l),
+        Some(Err(e)) => {
+            warnings.push(format!("{whose}: {e}; no limit applies"));
+            None
+        }
+    };
+    if per_server.is_none() {
+        if pending.is_some() {
+            warnings.push(format!(
+                "{whose}: limits.MaxPendingRequests without MaxConnections or MaxConcurrentRequests: HAProxy queues only for a server at its cap; ignored"
+            ));
+        }
+        return Limits::default();
+    }
+    let pending = match mode {
+        // Envoy's tcp proxy never queues: a connection past the cap is closed at once.
+        Mode::Tcp => {
+            if pending.is_some() {
+                warnings.push(format!(
+                    "{whose}: limits.MaxPendingRequests applies to http upstreams only (a tcp connection past MaxConnections is closed, as Envoy's is); ignored"
+                ));
+            }
+            0
+        }
+        Mode::Http => pending.map_or(ENVOY_PENDING, |p| {
+            u32::try_from(p).unwrap_or(u32::MAX).min(i32::MAX as u32)
+        }),
+    };
+    Limits {
+        per_server,
+        pending: Some(pending),
+    }
+}
+
+impl Limits {
+    /// The backend lines that bound its queue: none waits (`timeout queue 1`: a request that
+    /// finds every server at its cap gets 503 or a closed connection within a millisecond), or
+    /// at most `pending` wait (a rule answering 503 before the queue grows past it).
+    pub fn backend_lines(&self, mode: Mode) -> Vec<String> {
+        match (self.per_server, self.pending) {
+            (None, _) | (_, None) => Vec::new(),
+            (Some(_), Some(0)) => vec!["timeout queue 1".to_string()],
+            (Some(_), Some(n)) => vec![match mode {
+                Mode::Http => format!("http-request return status 503 if {{ queue ge {n} }}"),
+                Mode::Tcp => format!("tcp-request content reject if {{ queue ge {n} }}"),
+            }],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn limits(v: Value, mode: Mode) -> (Limits, Vec<String>) {
+        let config = BTreeMap::from([("limits".to_string(), v)]);
+        let mut w = Vec::new();
+        (upstream_limits(&config, mode, "upstream x", &mut w), w)
+    }
+
+    /// Both spellings Consul's decoder reads; in http the smaller cap wins and the queue is
+    /// Envoy's 1024 unless set; in tcp nothing waits.
+    #[test]
+    fn limits_become_a_server_cap_and_a_queue_bound() {
+        let (l, w) = limits(
+            json!({"MaxConnections": 4, "MaxConcurrentRequests": 2}),
+            Mode::Http,
+        );
+        assert!(w.is_empty(), "{w:?}");
+        assert_eq!(l.per_server.map(Limit::get), Some(2));
+        assert_eq!(
+            l.backend_lines(Mode::Http),
+            ["http-request return status 503 if { queue ge 1024 }"]
+        );
+        let (l, _) = limits(
+            json!({"max_connections": 1, "max_pending_requests": 0}),
+            Mode::Http,
+        );
+        assert_eq!(l.per_server.map(Limit::get), Some(1));
+        assert_eq!(l.backend_lines(Mode::Http), ["timeout queue 1"]);
+        let (l, w) = limits(
+            json!({"MaxConnections": 3, "MaxPendingRequests": 5, "MaxConcurrentRequests": 9}),
+            Mode::Tcp,
+        );
+        assert_eq!(l.per_server.map(Limit::get), Some(3));
+        assert_eq!(l.backend_lines(Mode::Tcp), ["timeout queue 1"]);
+        assert_eq!(w.len(), 2, "both http-only keys named: {w:#?}");
+    }
+
+    #[test]
+    fn bad_or_lone_values_are_named_and_cap_nothing() {
+        let (l, w) = limits(
+            json!({"MaxConnections": "1; x", "MaxPendingRequests": 3}),
+            Mode::Http,
+        );
+        assert_eq!(l, Limits::default());
+        assert_eq!(w.len(), 2, "{w:#?}");
+        assert!(w[0].contains("limits.MaxConnections") && w[0].contains("refused"));
+        let (l, w) = limits(json!({"MaxConnections": 0}), Mode::Tcp);
+        assert_eq!(l, Limits::default());
+        assert!(w[0].contains("refused"), "{w:?}");
+        let (l, w) = limits(json!("lots"), Mode::Tcp);
+        assert_eq!(l, Limits::default());
+        assert_eq!(w.len(), 1);
+        assert!(limits(Value::Null, Mode::Http).1.is_empty());
+        assert!(Limits::default().backend_lines(Mode::Http).is_empty());
     }
 }

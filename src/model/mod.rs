@@ -113,12 +113,21 @@ pub struct Desired {
     /// Transparent mode's outbound listener and its routes; `None` in the default mode.
     pub transparent: Option<transparent::Outbound>,
     pub tls: Tls,
+    /// The `mesh` entry's TLS versions and ciphers, for the public listener and the upstream
+    /// servers.
+    pub mesh_tls: mesh::MeshTlsParams,
     pub intentions: bool,
     /// The fast map's entries (`(regex, value)` in lookup order) of the table the intentions
     /// agent decides from. Not built here (the model knows no intentions): the supervisor
     /// sets it from the agent's current table.
     pub intentions_map: Vec<(String, String)>,
+    /// The headers accepted JWTs may change (`AuthzTable::jwt_headers`), which the public
+    /// listener's rules name; set by the supervisor from the agent's table, like
+    /// `intentions_map`.
+    pub jwt_headers: crate::spoe::authz::JwtHeaders,
     pub knobs: Knobs,
+    /// The listeners' `log-format` from `Proxy.AccessLogs`, when `-log-format` gives none.
+    pub access_log: Option<access_logs::Formats>,
     /// `mode` of the SPOE agent's backend: `spop` from HAProxy 3.1, `tcp` before.
     pub spoe_backend_mode: &'static str,
     pub paths: Paths,
@@ -199,6 +208,9 @@ pub struct UpstreamListener {
     /// An implicit upstream of transparent mode: no frontend of its own (the outbound
     /// listener routes to its backend by virtual IP); `bind_*` name the outbound listener.
     pub implicit: bool,
+    /// `limits` of the upstream's config: each server's cap and the queue of every backend of
+    /// this upstream (its own and each chain target's).
+    pub limits: keys::Limits,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -597,6 +609,14 @@ pub fn build(
         exposed.push(l);
     }
     exposed.sort_by_key(|l| l.bind_port);
+    let mesh_tls = mesh::tls(snapshot.mesh.as_deref().unwrap_or_default(), &mut warnings);
+    let mut access_log = access_logs::formats(&proxy.access_logs, &whose, &mut warnings);
+    if access_log.is_some() && settings.knobs.log_format.is_some() {
+        warnings.push(format!(
+            "{whose}: -log-format wins over the AccessLogs format of Consul"
+        ));
+        access_log = None;
+    }
 
     Ok(Desired {
         service,
@@ -605,9 +625,12 @@ pub fn build(
         exposed,
         transparent,
         tls,
+        mesh_tls,
         intentions: settings.intentions,
         intentions_map: Vec::new(),
+        jwt_headers: Default::default(),
         knobs: settings.knobs.clone(),
+        access_log,
         spoe_backend_mode: settings.haproxy.spoe_backend_mode(),
         paths: settings.paths.clone(),
         warnings,
@@ -750,6 +773,7 @@ fn upstream(
         .or_else(|| keys::go_timeout(&u.config, "connect_timeout", &whose, warnings));
     let read_timeout = keys::go_timeout(&u.config, "read_timeout", &whose, warnings);
     keys::check_poll_interval(&u.config, kind, &whose, warnings);
+    let limits = keys::upstream_limits(&u.config, listener_mode, &whose, warnings);
     let routing = match chain {
         Some(c) => {
             let before = previous_listener.and_then(|l| l.routing.as_ref());
@@ -796,6 +820,7 @@ fn upstream(
         verifyhost,
         routing,
         implicit: false,
+        limits,
     })
 }
 
@@ -1212,10 +1237,12 @@ fn non_empty(s: &str) -> Option<String> {
     (!s.is_empty()).then(|| s.to_string())
 }
 
+pub mod access_logs;
 pub mod chain;
 mod expose;
 pub mod gateway;
 pub mod keys;
+pub mod mesh;
 pub mod transparent;
 pub use chain::Routing;
 pub use expose::ExposedListener;

@@ -988,9 +988,10 @@ fn unknown_keys_are_named_once_each_and_envoys_as_envoys() {
     c.insert("envoy_prometheus_bind_addr".into(), "0.0.0.0:9102".into());
     c.insert("handshake_timeout_ms".into(), 1000.into());
     c.insert("bogus\nkey".into(), 1.into());
-    super::fixtures::first_upstream(&mut s)
-        .config
-        .insert("limits".into(), serde_json::json!({"max_connections": 1}));
+    super::fixtures::first_upstream(&mut s).config.insert(
+        "passive_health_check".into(),
+        serde_json::json!({"max_failures": 1}),
+    );
     let d = build(&s, &settings(), None).unwrap();
     let w = &d.warnings;
     assert_eq!(w.len(), 4, "{w:#?}");
@@ -1003,10 +1004,9 @@ fn unknown_keys_are_named_once_each_and_envoys_as_envoys() {
     assert!(w
         .iter()
         .any(|l| l.contains("\"bogus?key\" is not a key this sidecar reads")));
-    assert!(w
-        .iter()
-        .any(|l| l.contains("upstream Config key \"limits\"")
-            && l.contains("upstream service server")));
+    assert!(w.iter().any(|l| l
+        .contains("upstream Config key \"passive_health_check\" is not honoured")
+        && l.contains("upstream service server")));
     // Rebuilt from the same snapshot: the same lines, so nothing new to log.
     let again = build(&s, &settings(), Some(&d)).unwrap();
     assert_eq!(again.warnings, d.warnings);

@@ -118,7 +118,8 @@ pub fn outbound(
         port,
         mesh_only: snapshot
             .mesh
-            .as_ref()
+            .as_deref()
+            .map(crate::consul::mesh_entry)
             .is_none_or(|m| m.transparent_proxy.mesh_destinations_only),
         routes,
     }
@@ -155,7 +156,6 @@ fn virtual_ip(
 
 #[cfg(test)]
 mod tests {
-    use crate::consul::api::{MeshEntry, MeshTransparentProxy};
     use crate::consul::{destinations, DestinationKey, DestinationKind, Update};
     use crate::model::build;
     use crate::model::fixtures::{settings, snapshot};
@@ -170,11 +170,11 @@ mod tests {
         }
         s.apply(Update::IntentionUpstreams(vec!["server".into()]));
         if let Some(only) = mesh_only {
-            s.apply(Update::Mesh(MeshEntry {
-                transparent_proxy: MeshTransparentProxy {
-                    mesh_destinations_only: only,
-                },
-            }));
+            s.apply(Update::Mesh(vec![serde_json::json!({
+                "Kind": "mesh",
+                "Name": "mesh",
+                "TransparentProxy": { "MeshDestinationsOnly": only },
+            })]));
         }
         s
     }

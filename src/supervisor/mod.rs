@@ -391,6 +391,9 @@ impl Supervisor {
         if let Update::ExportedServices(entries) = &update {
             self.watchers.follow_exports(entries);
         }
+        if let Update::JwtProviders(p) = &update {
+            self.watchers.follow_jwt_providers(p);
+        }
         let implicit = matches!(update, Update::IntentionUpstreams(_));
         let chain = implicit || matches!(update, Update::Chain(..) | Update::Registration(_));
         if !self.snapshot.apply(update) {
@@ -436,6 +439,7 @@ impl Supervisor {
         self.registry.refused_values(refused);
         self.warned = d.warnings.clone();
         d.intentions_map = self.intentions.fast_map();
+        d.jwt_headers = self.intentions.jwt_headers();
         Ok(d)
     }
 
@@ -482,7 +486,10 @@ impl Supervisor {
                 continue;
             }
             let since = *complete_since.get_or_insert_with(Instant::now);
-            if !self.snapshot.endpoints_known() && since.elapsed() < ENDPOINTS_GRACE {
+            // The mesh entry too, so the public listener starts with the TLS versions it asks
+            // for (Ready does not wait for it: an agent that cannot say keeps the default).
+            let known = self.snapshot.endpoints_known() && self.snapshot.mesh.is_some();
+            if !known && since.elapsed() < ENDPOINTS_GRACE {
                 continue;
             }
             match self.build(None) {

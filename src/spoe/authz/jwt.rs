@@ -10,7 +10,9 @@
 //!   a string equal to `Value` (Envoy's metadata matcher with an exact string matcher);
 //! - a provider takes its token from its `Locations` (a header with an optional value prefix,
 //!   a query parameter, a cookie), or by default from `Authorization: Bearer …` and the
-//!   `access_token` query parameter; its keys are its local JWKS (inline, base64, or a file);
+//!   `access_token` query parameter; its keys are its local JWKS (inline, base64, or a file)
+//!   or the last key set fetched from its remote JWKS (by the watch side, `consul::jwks`;
+//!   until a first fetch succeeds, the provider verifies nothing);
 //!   `Audiences`, when given, must share one value with the token's `aud`; `exp` and `nbf`
 //!   are judged with the provider's `ClockSkewSeconds` (Consul's default 30);
 //! - signatures: RS256/384/512, PS256/384/512, ES256, ES384, EdDSA (Ed25519). `none`, HS*
@@ -18,9 +20,11 @@
 //!   anyone sign.
 //!
 //! What this sidecar cannot honour makes the provider unusable, named in its error, so every
-//! requirement naming only it denies: a remote JWKS (the agent never touches the network),
-//! `Forwarding` (the payload header would need a rendered rule per provider), a JWKS that does
-//! not parse. `CacheConfig` only tunes Envoy's cache of verified tokens and is ignored.
+//! requirement naming only it denies: a remote JWKS not fetched yet, a header name that is
+//! not a token (`Forwarding.HeaderName`, a header location's), a JWKS that does not parse.
+//! An accepted token's `Passing` says what the request loses and gains on its way (its header
+//! removed unless `Forward`, the payload in the `Forwarding` header): the agent tells HAProxy,
+//! whose rules name the headers (`AuthzTable::jwt_headers`). `CacheConfig` only tunes Envoy's cache of verified tokens and is ignored.
 //!
 //! A token is untrusted input: its size is bounded (`MAX_TOKEN`) before anything is decoded,
 //! and `parse` never panics (`fuzz/fuzz_targets/jwt.rs`).
@@ -57,6 +61,9 @@ pub enum Location {
     Header {
         name: String,
         prefix: String,
+        /// `Forward`: the header reaches the app; without it, it is removed once the token
+        /// in it was accepted, as Envoy does.
+        forward: bool,
     },
     QueryParam(String),
     Cookie(String),
@@ -93,6 +100,9 @@ pub struct Provider {
     clock_skew: u64,
     /// The keys, or why this provider cannot verify anything (then it never does).
     keys: Result<Vec<Jwk>, String>,
+    /// `Forwarding`: the header (lower case) that carries an accepted token's payload to the
+    /// app, and whether it is padded (`PadForwardPayloadHeader`).
+    forwarding: Option<(String, bool)>,
     /// What was ignored, for one warning.
     pub ignored: Vec<String>,
 }
@@ -120,6 +130,17 @@ impl Providers {
     pub fn iter(&self) -> impl Iterator<Item = &Provider> {
         self.0.iter().flat_map(|m| m.values())
     }
+}
+
+/// What an accepted token asks of its request on the way to the app, as Envoy's `jwt_authn`
+/// does: the header it came in removed (unless the location says `Forward`), and its payload
+/// in the provider's `Forwarding` header.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Passing {
+    /// The header (lower case) to remove.
+    pub strip: Option<String>,
+    /// (header in lower case, base64url payload).
+    pub payload: Option<(String, String)>,
 }
 
 /// One reference to a provider in a requirement, with the claims it demands.
@@ -214,7 +235,7 @@ impl Requirement {
         providers: &Providers,
         req: &dyn l7::Request,
         now: u64,
-    ) -> Result<String, String> {
+    ) -> Result<(String, Passing), String> {
         let Some(known) = &providers.0 else {
             return Err("the jwt-provider config entries are not known yet".into());
         };
@@ -229,9 +250,9 @@ impl Requirement {
             };
             match p
                 .accepts(req, now)
-                .and_then(|payload| r.claims_hold(&payload))
+                .and_then(|(payload, passing)| r.claims_hold(&payload).map(|()| passing))
             {
-                Ok(()) => return Ok(r.name.clone()),
+                Ok(passing) => return Ok((r.name.clone(), passing)),
                 Err(e) => why.push(format!("{}: {e}", r.name)),
             }
         }
@@ -255,8 +276,9 @@ impl ProviderRef {
 }
 
 impl Provider {
-    /// A `jwt-provider` entry as `/v1/config/jwt-provider` returns it. `read_file` reads a
-    /// local JWKS's `Filename` (the caller's I/O; its error makes the provider unusable).
+    /// A `jwt-provider` entry as `/v1/config/jwt-provider` returns it. `read_file` gives the
+    /// text of a local JWKS's `Filename` or the last key set fetched from a remote JWKS's `URI`
+    /// (the caller's I/O; its error makes the provider unusable).
     /// Refuses only an entry without a name; anything else it cannot honour is kept as the
     /// provider's error.
     pub fn from_consul(
@@ -311,14 +333,11 @@ impl Provider {
                     .and_then(Value::as_str)
                     .unwrap_or("")
                     .to_string();
-                if l["Header"].get("Forward").and_then(Value::as_bool) == Some(true) {
-                    // Envoy keeps the token header only with Forward; this sidecar always
-                    // forwards it.
-                    ignored.push(format!("Locations Header {h} Forward (always forwarded)"));
-                }
+                let forward = l["Header"].get("Forward").and_then(Value::as_bool) == Some(true);
                 locations.push(Location::Header {
                     name: h.to_ascii_lowercase(),
                     prefix,
+                    forward,
                 });
             } else if let Some(q) = named("QueryParam") {
                 locations.push(Location::QueryParam(q));
@@ -337,18 +356,38 @@ impl Provider {
         }) {
             problems.push("a Location without a Name".into());
         }
+        // A header location's name reaches haproxy.cfg (its removal rule): only a token.
+        for l in &locations {
+            if let Location::Header { name, .. } = l {
+                if let Err(e) = crate::value::HeaderName::parse("Locations.Header.Name", name) {
+                    problems.push(e.to_string());
+                }
+            }
+        }
         if locations.is_empty() {
             locations = vec![
                 Location::Header {
                     name: "authorization".into(),
                     prefix: "Bearer ".into(),
+                    forward: false,
                 },
                 Location::QueryParam("access_token".into()),
             ];
         }
-        if obj.get("Forwarding").is_some_and(|f| !is_empty(f)) {
-            problems.push("Forwarding (the payload header) is not supported".into());
-        }
+        let forwarding = match obj.get("Forwarding").filter(|f| !is_empty(f)) {
+            None => None,
+            Some(f) => {
+                let name = f.get("HeaderName").and_then(Value::as_str).unwrap_or("");
+                let pad = f.get("PadForwardPayloadHeader").and_then(Value::as_bool) == Some(true);
+                match crate::value::HeaderName::parse("Forwarding.HeaderName", name) {
+                    Ok(h) => Some((h.as_str().to_ascii_lowercase(), pad)),
+                    Err(e) => {
+                        problems.push(e.to_string());
+                        None
+                    }
+                }
+            }
+        };
         if obj.get("CacheConfig").is_some_and(|c| !is_empty(c)) {
             ignored.push("CacheConfig".into());
         }
@@ -370,8 +409,18 @@ impl Provider {
                 Err("JSONWebKeySet.Local has neither JWKS nor Filename".into())
             };
             doc.and_then(|d| parse_jwks(&d))
-        } else if jwks.get("Remote").is_some_and(|r| !r.is_null()) {
-            Err("JSONWebKeySet.Remote is not supported (only a local JWKS)".into())
+        } else if let Some(remote) = jwks.get("Remote").filter(|r| !r.is_null()) {
+            // Fetched by the watch side (`consul::jwks`), never by the agent's threads.
+            match remote
+                .get("URI")
+                .and_then(Value::as_str)
+                .filter(|u| !u.is_empty())
+            {
+                Some(uri) => read_file(uri)
+                    .map_err(|e| format!("JSONWebKeySet.Remote.URI {uri}: {e}"))
+                    .and_then(|d| parse_jwks(&d)),
+                None => Err("JSONWebKeySet.Remote has no URI".into()),
+            }
         } else {
             Err("no JSONWebKeySet".into())
         };
@@ -390,6 +439,7 @@ impl Provider {
             locations,
             clock_skew,
             keys,
+            forwarding,
             ignored,
         })
     }
@@ -401,20 +451,65 @@ impl Provider {
 
     /// The payload of the first token found where this provider looks, if this provider
     /// verifies it and its registered claims hold at `now`.
-    fn accepts(&self, req: &dyn l7::Request, now: u64) -> Result<Map<String, Value>, String> {
+    fn accepts(
+        &self,
+        req: &dyn l7::Request,
+        now: u64,
+    ) -> Result<(Map<String, Value>, Passing), String> {
         let keys = self
             .keys
             .as_ref()
             .map_err(|e| format!("unusable provider: {e}"))?;
-        let token = self
+        let (location, token) = self
             .locations
             .iter()
-            .find_map(|l| find_token(l, req))
+            .find_map(|l| find_token(l, req).map(|t| (l, t)))
             .ok_or("no token")?;
         let t = parse(&token)?;
         t.verify(keys)?;
         self.check_claims(&t.payload, now)?;
-        Ok(t.payload)
+        let strip = match location {
+            Location::Header {
+                name,
+                forward: false,
+                ..
+            } => Some(name.clone()),
+            _ => None,
+        };
+        let payload = self.forwarding.as_ref().map(|(header, pad)| {
+            // The token's own base64url payload, without padding unless asked.
+            let mut b64 = token
+                .split('.')
+                .nth(1)
+                .unwrap_or_default()
+                .trim_end_matches('=')
+                .to_string();
+            if *pad {
+                while b64.len() % 4 != 0 {
+                    b64.push('=');
+                }
+            }
+            (header.clone(), b64)
+        });
+        Ok((t.payload, Passing { strip, payload }))
+    }
+
+    /// The headers of requests this provider may change: (`Forwarding.HeaderName`, the header
+    /// locations it removes a token from).
+    pub fn headers(&self) -> (Option<&str>, Vec<&str>) {
+        let strip = self
+            .locations
+            .iter()
+            .filter_map(|l| match l {
+                Location::Header {
+                    name,
+                    forward: false,
+                    ..
+                } => Some(name.as_str()),
+                _ => None,
+            })
+            .collect();
+        (self.forwarding.as_ref().map(|(h, _)| h.as_str()), strip)
     }
 
     fn check_claims(&self, p: &Map<String, Value>, now: u64) -> Result<(), String> {
@@ -459,7 +554,7 @@ impl Provider {
 /// The token at one location of the request, if there is one there.
 fn find_token(l: &Location, req: &dyn l7::Request) -> Option<String> {
     match l {
-        Location::Header { name, prefix } => {
+        Location::Header { name, prefix, .. } => {
             let v = req.header(name)?;
             let v = v.trim();
             let rest = if prefix.is_empty() {

@@ -188,6 +188,25 @@ pub struct Decision {
     /// For such a connection: the key of the rule that now governs its source in this table's
     /// fast map (`AuthzTable::fast_map`), which HAProxy looks its requests up under.
     pub fast_key: Option<String>,
+    /// An allowed request's accepted token: what its rules change (`Forwarded`).
+    pub forwarded: Forwarded,
+}
+
+/// What an accepted token changes on its request, by the numbers the public listener's rules
+/// give the headers (`AuthzTable::jwt_headers`): the token's header removed, the payload set.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Forwarded {
+    pub strip: Option<usize>,
+    pub payload: Option<(usize, String)>,
+}
+
+/// The request headers accepted tokens may change, each list sorted: the providers'
+/// `Forwarding` headers and the header locations a token is removed from. The public
+/// listener's rules (`objects`) number them by position, as `Forwarded` does.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct JwtHeaders {
+    pub forward: Vec<crate::value::HeaderName>,
+    pub strip: Vec<crate::value::HeaderName>,
 }
 
 impl Decision {
@@ -198,6 +217,7 @@ impl Decision {
             source: source.map(str::to_owned),
             per_request: false,
             fast_key: None,
+            forwarded: Forwarded::default(),
         }
     }
 }
@@ -261,6 +281,8 @@ pub struct AuthzTable {
     generation: String,
     /// The `jwt-provider` config entries the intentions' `JWT` requirements name.
     jwt_providers: jwt::Providers,
+    /// The headers their accepted tokens may change.
+    jwt_headers: JwtHeaders,
     /// Which roots' keys verified each certificate seen (see the module comment).
     signers: ForgetfulMap<Vec<u8>, Vec<usize>>,
     /// Tests that drive [`decide`](Self::decide) through the agent pin its clock here, so
@@ -337,6 +359,7 @@ impl AuthzTable {
             unavailable: None,
             generation: String::new(),
             jwt_providers: jwt::Providers::unknown(),
+            jwt_headers: JwtHeaders::default(),
             signers: ForgetfulMap::new(SIGNER_MEMORY),
             #[cfg(test)]
             judged_at: None,
@@ -357,6 +380,7 @@ impl AuthzTable {
             unavailable: Some(reason.into()),
             generation: String::new(),
             jwt_providers: jwt::Providers::unknown(),
+            jwt_headers: JwtHeaders::default(),
             signers: ForgetfulMap::new(SIGNER_MEMORY),
             #[cfg(test)]
             judged_at: None,
@@ -387,6 +411,20 @@ impl AuthzTable {
 
     /// This table with the `jwt-provider` entries its intentions' `JWT` requirements name.
     pub fn with_jwt_providers(mut self, providers: jwt::Providers) -> AuthzTable {
+        // Every provider's, usable yet or not (a remote JWKS fetched later changes no rule);
+        // a name that is not a header token was refused with its provider and is left out.
+        let mut headers = JwtHeaders::default();
+        let name = |h: &str| crate::value::HeaderName::parse("JWT header", h).ok();
+        for p in providers.iter() {
+            let (forward, strip) = p.headers();
+            headers.forward.extend(forward.and_then(name));
+            headers.strip.extend(strip.into_iter().filter_map(name));
+        }
+        for list in [&mut headers.forward, &mut headers.strip] {
+            list.sort();
+            list.dedup();
+        }
+        self.jwt_headers = headers;
         self.jwt_providers = providers;
         self.generation = self.digest();
         self
@@ -394,6 +432,23 @@ impl AuthzTable {
 
     pub fn jwt_providers(&self) -> &jwt::Providers {
         &self.jwt_providers
+    }
+
+    /// The headers accepted tokens of this table may change (see `JwtHeaders`).
+    pub fn jwt_headers(&self) -> &JwtHeaders {
+        &self.jwt_headers
+    }
+
+    fn forwarded(&self, p: jwt::Passing) -> Forwarded {
+        let at = |list: &[crate::value::HeaderName], name: &str| {
+            list.iter().position(|h| h.as_str() == name)
+        };
+        Forwarded {
+            strip: p.strip.and_then(|h| at(&self.jwt_headers.strip, &h)),
+            payload: p
+                .payload
+                .and_then(|(h, v)| at(&self.jwt_headers.forward, &h).map(|i| (i, v))),
+        }
     }
 
     /// This table for a public listener in http (`true`) or tcp mode.
@@ -557,6 +612,7 @@ impl AuthzTable {
                 source,
                 per_request: false,
                 fast_key: None,
+                forwarded: Forwarded::default(),
             };
         };
         let i = &self.intentions[index];
@@ -592,6 +648,7 @@ impl AuthzTable {
             source,
             per_request,
             fast_key: per_request.then(|| self.fast_key(Some(index))),
+            forwarded: Forwarded::default(),
         }
     }
 
@@ -650,6 +707,7 @@ impl AuthzTable {
             source: src.map(str::to_owned),
             per_request: true,
             fast_key: Some(key),
+            forwarded: Forwarded::default(),
         };
         let Some(index) = self.intentions.iter().position(|i| i.matches(&id)) else {
             return default(
@@ -665,15 +723,22 @@ impl AuthzTable {
             i.action,
             i.precedence
         );
+        // The entry's own requirement: its accepted token is what reaches the app changed
+        // (a permission's requirement is only one more condition of that permission).
+        let mut passing = jwt::Passing::default();
         if let (Action::L7 { .. }, Some(needed)) = (&i.action, &i.jwt) {
-            if let Err(why) = needed.check(&self.jwt_providers, req, now_secs) {
-                return Decision {
-                    allow: false,
-                    reason: format!("{rule} requires {needed}, so {what} is denied: {why}"),
-                    source: src.map(str::to_owned),
-                    per_request: true,
-                    fast_key: Some(key),
-                };
+            match needed.check(&self.jwt_providers, req, now_secs) {
+                Ok((_, p)) => passing = p,
+                Err(why) => {
+                    return Decision {
+                        allow: false,
+                        reason: format!("{rule} requires {needed}, so {what} is denied: {why}"),
+                        source: src.map(str::to_owned),
+                        per_request: true,
+                        fast_key: Some(key),
+                        forwarded: Forwarded::default(),
+                    }
+                }
             }
         }
         let token = |r: &jwt::Requirement| r.check(&self.jwt_providers, req, now_secs).is_ok();
@@ -710,6 +775,11 @@ impl AuthzTable {
             source: src.map(str::to_owned),
             per_request: true,
             fast_key: Some(key),
+            forwarded: if allow {
+                self.forwarded(passing)
+            } else {
+                Forwarded::default()
+            },
         }
     }
 

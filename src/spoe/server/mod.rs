@@ -54,6 +54,12 @@ pub const SRC_VAR: &str = "src";
 pub const APP_VAR: &str = "app";
 /// Transaction variable [`REQUEST_MESSAGE`]'s answer sets (BOOL): whether the request may go on.
 pub const REQUEST_VAR: &str = "req_allow";
+/// An accepted token's header to remove: its number in `JwtHeaders::strip` (txn scope).
+pub const JWT_STRIP_VAR: &str = "jwt_strip";
+/// The `Forwarding` header of an accepted token: its number in `JwtHeaders::forward`.
+pub const JWT_FORWARD_VAR: &str = "jwt_fwd";
+/// That token's base64url payload, the header's value.
+pub const JWT_PAYLOAD_VAR: &str = "jwt_payload";
 /// Session variable (STRING) both answers set on an L7 connection: the key its next requests
 /// are looked up under in HAProxy's fast map (`AuthzTable::fast_map`).
 pub const FAST_KEY_VAR: &str = "l7key";
@@ -625,6 +631,28 @@ impl Conn {
                         name: REQUEST_VAR.into(),
                         value: TypedData::Bool(decision.allow),
                     }];
+                    // What the accepted token changes on the request (`objects` numbers the
+                    // headers as the table does).
+                    let f = &decision.forwarded;
+                    if let Some(i) = f.strip {
+                        actions.push(frame::Action::SetVar {
+                            scope: VarScope::Transaction,
+                            name: JWT_STRIP_VAR.into(),
+                            value: TypedData::Uint32(u32::try_from(i).unwrap_or(u32::MAX)),
+                        });
+                    }
+                    if let Some((i, payload)) = &f.payload {
+                        actions.push(frame::Action::SetVar {
+                            scope: VarScope::Transaction,
+                            name: JWT_FORWARD_VAR.into(),
+                            value: TypedData::Uint32(u32::try_from(*i).unwrap_or(u32::MAX)),
+                        });
+                        actions.push(frame::Action::SetVar {
+                            scope: VarScope::Transaction,
+                            name: JWT_PAYLOAD_VAR.into(),
+                            value: TypedData::String(payload.clone().into_bytes()),
+                        });
+                    }
                     // The connection's later requests look up the current table's rules.
                     actions.extend(decision.fast_key.map(fast_key_action));
                     Frame::Ack(frame::Ack {

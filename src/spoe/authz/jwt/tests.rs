@@ -119,6 +119,15 @@ fn okta() -> Requirement {
     requirement(json!({"Providers": [{"Name": "okta"}]}))
 }
 
+fn header(name: &str, token: &str) -> l7::SimpleRequest {
+    l7::SimpleRequest {
+        method: "GET".into(),
+        path: "/".into(),
+        headers: vec![(name.into(), token.into())],
+        query: None,
+    }
+}
+
 fn bearer(token: &str) -> l7::SimpleRequest {
     l7::SimpleRequest {
         method: "GET".into(),
@@ -149,7 +158,7 @@ fn every_accepted_algorithm_verifies_and_a_key_of_another_signer_does_not() {
         let p = providers(entry(&[key.jwk("k1")], json!({})));
         let good = key.sign(alg, "k1", &claims());
         assert_eq!(
-            okta().check(&p, &bearer(&good), NOW),
+            okta().check(&p, &bearer(&good), NOW).map(|(name, _)| name),
             Ok("okta".into()),
             "{alg}"
         );
@@ -294,15 +303,18 @@ fn providers_are_alternatives_and_unusable_ones_never_accept() {
     remote["Name"] = json!("fwd");
     let fwd = entry(
         &[key.jwk("k1")],
-        json!({"Name": "fwd", "Forwarding": {"HeaderName": "x-jwt"}}),
+        json!({"Name": "fwd", "Forwarding": {"HeaderName": "x jwt"}}),
     );
     let fwd_p = Provider::from_consul(&fwd, &no_files).unwrap();
-    assert!(fwd_p.unusable().unwrap().contains("Forwarding"));
+    assert!(fwd_p.unusable().unwrap().contains("Forwarding.HeaderName"));
     let okta_p = Provider::from_consul(&entry(&[key.jwk("k1")], json!({})), &no_files).unwrap();
     let all = Providers::known([remote_p, fwd_p, okta_p]);
     let token = bearer(&key.sign("ES256", "k1", &claims()));
     let either = requirement(json!({"Providers": [{"Name": "remote"}, {"Name": "okta"}]}));
-    assert_eq!(either.check(&all, &token, NOW), Ok("okta".into()));
+    assert_eq!(
+        either.check(&all, &token, NOW).map(|(name, _)| name),
+        Ok("okta".into())
+    );
     let why =
         requirement(json!({"Providers": [{"Name": "remote"}, {"Name": "fwd"}, {"Name": "gone"}]}))
             .check(&all, &token, NOW)
@@ -530,4 +542,59 @@ fn the_table_judges_a_top_level_jwt_per_request() {
     let rotated = table(&ec("ES256"));
     assert_ne!(rotated.generation(), t.generation());
     assert!(!rotated.decide_request_at(&src, &good, at).allow);
+}
+
+/// A remote JWKS verifies with the key set the watch side fetched for its URI (handed in by
+/// the reader, like a local file's text), and with nothing before a fetch.
+#[test]
+fn a_remote_jwks_verifies_with_the_fetched_set() {
+    let key = ed();
+    let doc = json!({"keys": [key.jwk("k1")]}).to_string();
+    let e = json!({"Name": "okta", "Issuer": "test-issuer",
+        "JSONWebKeySet": {"Remote": {"URI": "http://127.0.0.1:1/jwks", "CacheDuration": "1s"}}});
+    let p = Provider::from_consul(&e, &|u: &str| {
+        assert_eq!(u, "http://127.0.0.1:1/jwks");
+        Ok(doc.clone())
+    })
+    .unwrap();
+    let all = Providers::known([p]);
+    assert!(okta()
+        .check(&all, &bearer(&key.sign("EdDSA", "k1", &claims())), NOW)
+        .is_ok());
+    let p = Provider::from_consul(&e, &|_: &str| Err("not fetched yet".into())).unwrap();
+    assert!(p.unusable().unwrap().contains("not fetched yet"));
+}
+
+/// An accepted token's way to the app, as Envoy's: the header it came in is removed unless its
+/// location says `Forward`; a query parameter stays; the payload goes in the `Forwarding`
+/// header, padded only when asked.
+#[test]
+fn an_accepted_token_is_stripped_and_its_payload_forwarded() {
+    let key = ec("ES256");
+    let token = key.sign("ES256", "k1", &claims());
+    let segment = token.split('.').nth(1).unwrap().to_string();
+    let pass = |extra: Value, req: &dyn l7::Request| {
+        let p = Provider::from_consul(&entry(&[key.jwk("k1")], extra), &no_files).unwrap();
+        okta()
+            .check(&Providers::known([p]), req, NOW)
+            .map(|(_, passing)| passing)
+            .unwrap()
+    };
+    let p = pass(json!({}), &bearer(&token));
+    assert_eq!(p.strip.as_deref(), Some("authorization"));
+    assert_eq!(p.payload, None);
+    let p = pass(
+        json!({"Locations": [{"Header": {"Name": "X-Token", "Forward": true}}],
+               "Forwarding": {"HeaderName": "X-Jwt-Payload", "PadForwardPayloadHeader": true}}),
+        &header("x-token", &token),
+    );
+    assert_eq!(p.strip, None);
+    let (h, v) = p.payload.unwrap();
+    assert_eq!(h, "x-jwt-payload");
+    assert!(v.starts_with(&segment) && v.len() % 4 == 0, "{v}");
+    let p = pass(
+        json!({"Forwarding": {"HeaderName": "x-jwt-payload"}}),
+        &bearer(&token),
+    );
+    assert_eq!(p.payload.unwrap().1, segment);
 }
