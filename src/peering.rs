@@ -134,9 +134,16 @@ impl Target {
             let Some(m) = s.connect.as_ref().and_then(|c| c.peer_meta.as_ref()) else {
                 return Err("a peered instance has no PeerMeta".into());
             };
-            let first = |v: &Option<Vec<String>>| v.as_ref().and_then(|v| v.first()).cloned();
-            let (Some(sni), Some(id)) = (first(&m.sni), first(&m.spiffe_id)) else {
-                return Err("a peered instance's PeerMeta lacks its SNI or SpiffeID".into());
+            let sni = m.sni.as_ref().and_then(|v| v.first()).cloned();
+            // Consul lists the service's ID and the exporting gateway's; only the service's is
+            // accepted (the gateway never terminates the mesh TLS).
+            let id = m.spiffe_id.iter().flatten().find(|id| {
+                SpiffeId::parse(id).is_ok_and(|i| i.service.eq_ignore_ascii_case(service))
+            });
+            let (Some(sni), Some(id)) = (sni, id.cloned()) else {
+                return Err(format!(
+                    "a peered instance's PeerMeta lacks its SNI or a SpiffeID of service {service:?}"
+                ));
             };
             match &meta {
                 None => meta = Some((sni, id)),
@@ -187,10 +194,15 @@ struct PeerVerifier {
 }
 
 impl PeerVerifier {
-    fn judge(&self, der: &[u8], intermediates: &[&[u8]]) -> Result<(), String> {
+    fn judge(
+        &self,
+        der: &[u8],
+        intermediates: &[&[u8]],
+        now: std::time::SystemTime,
+    ) -> Result<(), String> {
         let (uri, id) = self
             .roots
-            .certify_server(der, intermediates, crate::clock::now())
+            .certify_server(der, intermediates, now)
             .map_err(|(why, uri)| format!("{} ({why})", uri.unwrap_or_default()))?;
         let e = &self.expected;
         let eq = |a: &str, b: &str| a.eq_ignore_ascii_case(b);
@@ -220,7 +232,7 @@ impl ServerCertVerifier for PeerVerifier {
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let intermediates: Vec<&[u8]> = intermediates.iter().map(|c| c.as_ref()).collect();
-        self.judge(end_entity.as_ref(), &intermediates)
+        self.judge(end_entity.as_ref(), &intermediates, crate::clock::now())
             .map(|()| ServerCertVerified::assertion())
             .map_err(|presented| {
                 rustls::Error::General(format!("the peer's server presented {presented}"))

@@ -34,7 +34,7 @@ fn a_target_is_read_from_the_peering_and_the_peered_instances() {
     // Another service's identity, no CA, an inactive peering, no instance: refused.
     assert!(Target::from_consul("web", &peering, &instances, &mut w)
         .unwrap_err()
-        .contains("not service"));
+        .contains("SpiffeID of service \"web\""));
     let none = Peering::default();
     assert!(Target::from_consul("server", &none, &instances, &mut w).is_err());
     let (mut pending, _) = consul_answers(&fixture("peer-ca.pem"), 1);
@@ -147,4 +147,54 @@ fn another_service_of_the_peer_or_another_ca_gets_no_byte_and_the_client_is_clos
             "{leaf}: application data reached a server that proved nothing"
         );
     }
+}
+
+/// Real Consul 1.16.3's answers and leaves (fixtures/peering/consul-1.16.3): the target dc1
+/// reads for `server` of peer dc2, and dc2's own leaves judged against it.
+#[test]
+fn recorded_consul_answers_give_the_target_and_only_the_exported_services_leaf_passes() {
+    let json = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&fixture(&format!("consul-1.16.3/{name}"))).unwrap()
+    };
+    let peering: Peering = serde_json::from_value(json("peering-dc2.json")).unwrap();
+    let instances: Vec<PeerInstance> =
+        serde_json::from_value(json("health-connect-server-peer-dc2.json")).unwrap();
+    let mut w = vec![];
+    let t = Target::from_consul("server", &peering, &instances, &mut w).unwrap();
+    let td = "11111111-2222-3333-4444-666666666666.consul";
+    assert_eq!(t.sni, format!("server.default.default.dc1.external.{td}"));
+    assert_eq!(
+        t.identity_uri(),
+        format!("spiffe://{td}/ns/default/dc/dc2/svc/server")
+    );
+    assert_eq!(t.gateways.len(), 1);
+    assert!(w.is_empty(), "{w:?}");
+    let verifier = PeerVerifier {
+        roots: AuthzTable::new(td, &t.ca_pem, vec![], DefaultPolicy::Deny).unwrap(),
+        expected: t.identity.clone(),
+        provider: Arc::new(rustls::crypto::ring::default_provider()),
+    };
+    let leaf = |svc: &str| {
+        let pem = json(&format!("dc2-ca-leaf-{svc}.json"))["CertPEM"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        x509_parser::pem::parse_x509_pem(pem.as_bytes())
+            .unwrap()
+            .1
+            .contents
+    };
+    let (server, web) = (leaf("server"), leaf("web"));
+    let at = crate::clock::test_support::inside_validity(&server);
+    assert_eq!(verifier.judge(&server, &[], at), Ok(()));
+    let refused = verifier.judge(&web, &[], at).unwrap_err();
+    assert!(refused.ends_with("/svc/web"), "{refused}");
+    // The same leaf under another trust domain's expectation is refused.
+    let mut elsewhere = t.identity.clone();
+    elsewhere.trust_domain = "other.consul".into();
+    let strict = PeerVerifier {
+        expected: elsewhere,
+        ..verifier
+    };
+    assert!(strict.judge(&server, &[], at).is_err());
 }
