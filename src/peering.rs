@@ -76,6 +76,17 @@ pub struct PeerService {
     pub port: u16,
     #[serde(default)]
     pub connect: Option<PeerConnect>,
+    #[serde(default)]
+    pub tagged_addresses: Option<std::collections::BTreeMap<String, Tagged>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct Tagged {
+    #[serde(default)]
+    pub address: Option<String>,
+    #[serde(default)]
+    pub port: u16,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -155,9 +166,17 @@ impl Target {
                 }
                 Some(_) => {}
             }
-            let address = s.address.as_deref().unwrap_or_default();
+            // The gateway's WAN address when it has one, as Consul's own proxies dial a peer
+            // (`BestAddress(true)`: the service's `wan` tagged address first).
+            let wan = s.tagged_addresses.as_ref().and_then(|t| t.get("wan"));
+            let (address, port) = match wan {
+                Some(t) if t.address.as_deref().is_some_and(|a| !a.is_empty()) => {
+                    (t.address.as_deref().unwrap_or_default(), t.port)
+                }
+                _ => (s.address.as_deref().unwrap_or_default(), s.port),
+            };
             match Address::parse_ip("peered instance address", address) {
-                Ok(a) if s.port != 0 => gateways.push((a, s.port)),
+                Ok(a) if port != 0 => gateways.push((a, port)),
                 Ok(_) => warnings.push(format!("peered instance {address}: port 0; dropping it")),
                 Err(e) => warnings.push(format!("{e}; dropping that instance")),
             }

@@ -167,7 +167,9 @@ fn recorded_consul_answers_give_the_target_and_only_the_exported_services_leaf_p
         t.identity_uri(),
         format!("spiffe://{td}/ns/default/dc/dc2/svc/server")
     );
+    // The gateway's WAN address (tagged `wan`), not its LAN one (`Service.Port`).
     assert_eq!(t.gateways.len(), 1);
+    assert_eq!(t.gateways[0].1, 34191);
     assert!(w.is_empty(), "{w:?}");
     let verifier = PeerVerifier {
         roots: AuthzTable::new(td, &t.ca_pem, vec![], DefaultPolicy::Deny).unwrap(),
