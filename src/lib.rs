@@ -25,6 +25,7 @@ pub(crate) mod metrics;
 pub(crate) mod model;
 pub(crate) mod names;
 pub(crate) mod objects;
+pub(crate) mod peering;
 pub(crate) mod phase;
 pub(crate) mod random;
 pub(crate) mod render;

@@ -69,6 +69,22 @@ impl Credentials {
     }
 }
 
+impl Credentials {
+    /// A TLS client that presents this leaf and lets `verifier` alone judge the server's
+    /// certificate (the identity check's and `peering`'s: a SPIFFE ID, no host name).
+    pub fn client_config(
+        &self,
+        provider: Arc<CryptoProvider>,
+        verifier: Arc<dyn ServerCertVerifier>,
+    ) -> std::result::Result<ClientConfig, rustls::Error> {
+        ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
+    }
+}
+
 /// Checks one endpoint: connect (within `timeout`), handshake, judge, close.
 pub fn check(
     endpoint: &Endpoint,
@@ -135,13 +151,9 @@ fn handshake(
             "{what} for the check of {endpoint}: {e}"
         )))
     };
-    let config = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| setup("TLS versions", &e))?
-        .dangerous()
-        .with_custom_certificate_verifier(judge)
-        .with_client_auth_cert(creds.chain.clone(), creds.key.clone_key())
-        .map_err(|e| setup("the sidecar's leaf", &e))?;
+    let config = creds
+        .client_config(provider, judge)
+        .map_err(|e| setup("the TLS client", &e))?;
     // An IP address sends no SNI, as HAProxy's servers do.
     let name = ServerName::try_from(endpoint.address.clone())
         .map_err(|e| setup("the endpoint's address", &e))?;

@@ -130,6 +130,14 @@ impl Intention {
     /// Whether this intention's source is the client `id`, as Consul's
     /// `AuthorizeIntentionTarget` decides it: peer, partition, namespace, then name.
     pub fn matches(&self, id: &SpiffeId) -> bool {
+        self.matches_from(id, None)
+    }
+
+    /// Whether this intention's source is `id`, a client of cluster peer `peer` (`None`: of
+    /// this cluster). A peer's client matches only intentions naming that peer, by namespace
+    /// and name (its partition is the peer's, not one of ours); a local client never matches
+    /// an intention naming a peer.
+    pub fn matches_from(&self, id: &SpiffeId, peer: Option<&str>) -> bool {
         // On the decision path: compared in place, no allocation.
         fn same_or_any(pattern: &str, value: &str) -> bool {
             fn or_default(s: &str) -> &str {
@@ -140,6 +148,11 @@ impl Intention {
                 }
             }
             pattern == "*" || or_default(pattern) == or_default(value)
+        }
+        if let Some(peer) = peer {
+            return self.source_peer == peer
+                && same_or_any(&self.source_ns, &id.namespace)
+                && (self.source == "*" || self.source == id.service);
         }
         // A client whose certificate chains to our roots belongs to this cluster, never a peer.
         self.source_peer.is_empty()
@@ -283,6 +296,10 @@ pub struct AuthzTable {
     jwt_providers: jwt::Providers,
     /// The headers their accepted tokens may change.
     jwt_headers: JwtHeaders,
+    /// Cluster peers whose services may connect (the public listener of a service exported to
+    /// them): each peer's name and a table of its own trust domain and CA roots. A client
+    /// certificate that one of them certifies is that peer's identity and nothing else.
+    peers: Vec<(String, AuthzTable)>,
     /// Which roots' keys verified each certificate seen (see the module comment).
     signers: ForgetfulMap<Vec<u8>, Vec<usize>>,
     /// Tests that drive [`decide`](Self::decide) through the agent pin its clock here, so
@@ -360,6 +377,7 @@ impl AuthzTable {
             generation: String::new(),
             jwt_providers: jwt::Providers::unknown(),
             jwt_headers: JwtHeaders::default(),
+            peers: Vec::new(),
             signers: ForgetfulMap::new(SIGNER_MEMORY),
             #[cfg(test)]
             judged_at: None,
@@ -381,6 +399,7 @@ impl AuthzTable {
             generation: String::new(),
             jwt_providers: jwt::Providers::unknown(),
             jwt_headers: JwtHeaders::default(),
+            peers: Vec::new(),
             signers: ForgetfulMap::new(SIGNER_MEMORY),
             #[cfg(test)]
             judged_at: None,
@@ -426,6 +445,14 @@ impl AuthzTable {
         }
         self.jwt_headers = headers;
         self.jwt_providers = providers;
+        self.generation = self.digest();
+        self
+    }
+
+    /// This table with the cluster peers whose clients it accepts (see `peers`); a peer's
+    /// table needs only its trust domain and roots.
+    pub fn with_peers(mut self, peers: Vec<(String, AuthzTable)>) -> AuthzTable {
+        self.peers = peers;
         self.generation = self.digest();
         self
     }
@@ -480,6 +507,9 @@ impl AuthzTable {
             }
         }
         text.push_str(&self.jwt_providers.describe());
+        for (name, p) in &self.peers {
+            text.push_str(&format!("|peer {name} {} {}", p.trust_domain, p.generation));
+        }
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         // The roots too: a connection's verdict (see `GENERATION_PROBE`) was made under them.
         let roots = self.roots.iter().flat_map(|r| r.der.iter().copied());
@@ -585,7 +615,7 @@ impl AuthzTable {
         let Some(der) = client_cert_der else {
             return Decision::deny("no client certificate", None);
         };
-        let (uri, id) = match self.certified(der, now, Peer::Client, &[], |id| {
+        let local = self.certified(der, now, Peer::Client, &[], |id| {
             self.check_trust_domain(id)?;
             // Only the default admin partition exists outside Consul Enterprise, and Consul's
             // own authorize refuses a source from another partition than the target's.
@@ -595,14 +625,31 @@ impl AuthzTable {
                 }
                 _ => Ok(()),
             }
-        }) {
-            Ok(found) => found,
-            Err((why, src)) => return Decision::deny(why, src),
+        });
+        // Not ours: a peer's client only if that peer's own roots certify it in its own trust
+        // domain (a peer's CA vouches for its trust domain, never for ours or another peer's).
+        let (uri, id, peer) = match local {
+            Ok((uri, id)) => (uri, id, None),
+            Err((why, src)) => {
+                let by_peer = self.peers.iter().find_map(|(name, p)| {
+                    p.certified(der, now, Peer::Client, &[], |id| p.check_trust_domain(id))
+                        .ok()
+                        .map(|(uri, id)| (uri, id, Some(name.as_str())))
+                });
+                match by_peer {
+                    Some(found) => found,
+                    None => return Decision::deny(why, src),
+                }
+            }
         };
         let src = Some(uri);
         let service = &id.service;
         let source = src.map(str::to_owned);
-        let Some(index) = self.intentions.iter().position(|i| i.matches(&id)) else {
+        let Some(index) = self
+            .intentions
+            .iter()
+            .position(|i| i.matches_from(&id, peer))
+        else {
             return Decision {
                 allow: self.default_policy.allows(),
                 reason: format!(

@@ -907,3 +907,74 @@ fn fast_keys_follow_the_table_content() {
         "a tcp listener has no map"
     );
 }
+
+/// A client of a cluster peer (issue 33): certified only by that peer's own roots in that
+/// peer's trust domain (fixtures/peering), and then only intentions naming that peer decide.
+#[test]
+fn a_peers_client_is_that_peers_identity_and_nothing_else() {
+    let read = |name: &str| {
+        let path = format!("{}/fixtures/peering/{name}", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    };
+    let der = |name: &str| {
+        x509_parser::pem::parse_x509_pem(read(name).as_bytes())
+            .unwrap()
+            .1
+            .contents
+    };
+    // `server` of peer dc2 (spiffe://peer2.consul/...) and our own `client` (local1.consul).
+    let (theirs, ours) = (der("server.bundle.pem"), der("client.bundle.pem"));
+    let at = inside_validity(&theirs);
+    let peer_roots = |td: &str| AuthzTable::new(td, &read("peer-ca.pem"), vec![], policy(false));
+    let with = |ixns: Vec<Intention>, peers: Vec<(String, AuthzTable)>| {
+        AuthzTable::new("local1.consul", &read("local-ca.pem"), ixns, policy(false))
+            .unwrap()
+            .with_peers(peers)
+    };
+    let dc2 = || vec![("dc2".to_string(), peer_roots("peer2.consul").unwrap())];
+    let allow = |t: &AuthzTable, cert: &[u8]| t.decide_at(Some(cert), at).allow;
+    assert!(allow(
+        &with(vec![peer("server", "dc2", Action::Allow)], dc2()),
+        &theirs
+    ));
+    assert!(allow(
+        &with(vec![peer("*", "dc2", Action::Allow)], dc2()),
+        &theirs
+    ));
+    // A local intention of the same name, or one naming another peer, does not admit it.
+    assert!(!allow(
+        &with(vec![ixn("server", Action::Allow, 9)], dc2()),
+        &theirs
+    ));
+    assert!(!allow(
+        &with(vec![ixn("*", Action::Allow, 9)], dc2()),
+        &theirs
+    ));
+    assert!(!allow(
+        &with(vec![peer("server", "dc3", Action::Allow)], dc2()),
+        &theirs
+    ));
+    // Not a peer of this table (its service is not exported there): refused, as before.
+    assert!(!allow(
+        &with(vec![peer("server", "dc2", Action::Allow)], vec![]),
+        &theirs
+    ));
+    // A peer's CA vouches for its own trust domain only.
+    let confused = vec![("dc2".to_string(), peer_roots("local1.consul").unwrap())];
+    assert!(!allow(
+        &with(vec![peer("server", "dc2", Action::Allow)], confused),
+        &theirs
+    ));
+    // Our own client never matches an intention naming a peer, and still matches its own.
+    let ours_at = |t: &AuthzTable| t.decide_at(Some(&ours), inside_validity(&ours)).allow;
+    assert!(!ours_at(&with(
+        vec![peer("client", "dc2", Action::Allow)],
+        dc2()
+    )));
+    assert!(ours_at(&with(vec![ixn("client", Action::Allow, 9)], dc2())));
+    // The peers are part of what a verdict was made under.
+    assert_ne!(
+        with(vec![], dc2()).generation(),
+        with(vec![], vec![]).generation()
+    );
+}
