@@ -156,7 +156,7 @@ impl Agent {
             }
         }
         let table = super::table(snapshot);
-        log::info!(
+        let line = format!(
             "intentions table updated: {} intention(s) for this service [{}], default {}",
             table.intentions().len(),
             super::summary(table.intentions()),
@@ -165,6 +165,9 @@ impl Agent {
         self.fast_map = table.fast_map();
         self.jwt_headers = table.jwt_headers().clone();
         self.table.replace(table);
+        // Said once the agent decides by it: whoever reads the line (an operator, a test) may
+        // count on the next connection being judged by this table, not the one before.
+        log::info!("{line}");
         self.built_from = Some(inputs);
     }
 }
