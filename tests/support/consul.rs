@@ -189,6 +189,17 @@ impl Consul {
     }
 
     fn start_with(extra: Value, token: Option<String>) -> Consul {
+        // `free_port` releases the port before Consul binds it, so a parallel test can take it
+        // in between: an agent that exits on a port already taken is started again on new ones.
+        for _ in 0..3 {
+            if let Some(consul) = Consul::try_start_with(&extra, token.clone()) {
+                return consul;
+            }
+        }
+        panic!("consul could not bind free ports three times in a row");
+    }
+
+    fn try_start_with(extra: &Value, token: Option<String>) -> Option<Consul> {
         let dir = TempDir::new("consul");
         let http_port = free_port();
         let config = serde_json::json!({
@@ -247,13 +258,13 @@ impl Consul {
             token,
             dir,
         };
-        consul.wait_ready();
-        consul
+        consul.wait_ready().then_some(consul)
     }
 
     // Ready means what a sidecar needs: a leader, our node in the catalog (so health queries
     // see registered services) and a CA root (so leaf certificates can be signed).
-    fn wait_ready(&mut self) {
+    /// False when the agent exited because a port it was given was taken meanwhile.
+    fn wait_ready(&mut self) -> bool {
         let timeout = Duration::from_secs(30);
         let addr = self.http_addr.clone();
         let token = self.token.clone();
@@ -300,12 +311,22 @@ impl Consul {
             true
         });
         if let Some(status) = self.child.try_wait() {
-            panic!("consul exited ({status}) while starting\n{}", self.logs());
+            let logs = self.logs();
+            if logs.contains("address already in use")
+                || logs.contains("failed to obtain an address")
+            {
+                eprintln!(
+                    "consul exited on a port taken meanwhile; starting it again on new ports"
+                );
+                return false;
+            }
+            panic!("consul exited ({status}) while starting\n{logs}");
         }
         if let Err(e) = ready {
             panic!("{e}\n{}", self.logs());
         }
         self.trust_domain = trust_domain;
+        true
     }
 
     /// "127.0.0.1:PORT", the value for `CONSUL_HTTP_ADDR` / `-http-addr`.
