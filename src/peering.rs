@@ -223,16 +223,11 @@ impl PeerVerifier {
             .roots
             .certify_server(der, intermediates, now)
             .map_err(|(why, uri)| format!("{} ({why})", uri.unwrap_or_default()))?;
+        // The SPIFFE path as the identity checker compares it, and the trust domain too: a
+        // peer's leaves carry its own, which our CA never signs for.
         let e = &self.expected;
-        let eq = |a: &str, b: &str| a.eq_ignore_ascii_case(b);
-        let same = eq(&id.trust_domain, &e.trust_domain)
-            && eq(&id.service, &e.service)
-            && eq(&id.namespace, &e.namespace)
-            && eq(&id.datacenter, &e.datacenter)
-            && eq(
-                id.partition.as_deref().unwrap_or(crate::admission::DEFAULT),
-                e.partition.as_deref().unwrap_or(crate::admission::DEFAULT),
-            );
+        let same = e.trust_domain.eq_ignore_ascii_case(&id.trust_domain)
+            && crate::admission::Identity::of(e).matches(&id);
         if same {
             Ok(())
         } else {

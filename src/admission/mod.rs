@@ -40,6 +40,16 @@ impl Identity {
         }
     }
 
+    /// The identity a SPIFFE ID names (its trust domain aside).
+    pub fn of(id: &SpiffeId) -> Identity {
+        Identity {
+            service: id.service.clone(),
+            namespace: id.namespace.clone(),
+            partition: id.partition.clone().unwrap_or_else(|| DEFAULT.to_string()),
+            datacenter: id.datacenter.clone(),
+        }
+    }
+
     /// The path of the SPIFFE ID Consul issues for this identity (`/ap/…` only outside the
     /// default partition, as Consul writes it).
     pub fn path(&self) -> String {

@@ -111,7 +111,7 @@ pub struct Watchers {
     protocol_for: Option<(String, WatchHandle)>,
     /// Transparent mode's watch (intention upstreams of the service; the mesh entry is
     /// watched for every sidecar).
-    transparent_for: Option<(String, Vec<WatchHandle>)>,
+    transparent_for: Option<(String, WatchHandle)>,
     /// Whether to watch intentions; started once the service name is known.
     intentions: bool,
     intentions_started: bool,
@@ -353,7 +353,7 @@ impl Watchers {
                 },
             );
             // The mesh entry (MeshDestinationsOnly) is watched for every sidecar (`start`).
-            self.transparent_for = Some((service.clone(), vec![topology]));
+            self.transparent_for = Some((service.clone(), topology));
         }
 
         let wanted = destinations(registration, implicit);
