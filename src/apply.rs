@@ -49,7 +49,8 @@ pub struct Applier {
 }
 
 impl Applier {
-    /// Starts the thread with `applied` as what HAProxy serves now.
+    /// Starts the thread with `applied` as what HAProxy serves now; the handle lets the run
+    /// wait for its last write before the working directory goes.
     pub fn start(
         applied: Desired,
         dataplane: Dataplane,
@@ -57,7 +58,7 @@ impl Applier {
         templates: crate::render::Templates,
         check: ConfigCheck,
         report: impl Fn(Outcome) + Send + 'static,
-    ) -> Result<Applier> {
+    ) -> Result<(Applier, std::thread::JoinHandle<()>)> {
         let mailbox = Arc::new((Mutex::new(Mailbox::default()), Condvar::new()));
         let shared = mailbox.clone();
         let tools = Tools {
@@ -66,11 +67,11 @@ impl Applier {
             templates,
             check,
         };
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("applier".into())
             .spawn(move || run(shared, applied, tools, report))
             .context("starting the applier thread")?;
-        Ok(Applier { mailbox })
+        Ok((Applier { mailbox }, thread))
     }
 
     /// Hands over a new desired state; an older one not yet taken is dropped.

@@ -25,16 +25,7 @@ impl Drop for Workdir {
     fn drop(&mut self) {
         if std::env::var_os("HCC_KEEP_WORKDIR").is_none() {
             let _ = fs::remove_file(&self.link);
-            // The applier thread may still be finishing a write when the run ends (it is not
-            // joined: it can be blocked on a Dataplane API that is gone), and a file created
-            // during `remove_dir_all` makes it fail with "directory not empty". A write after
-            // the directory is gone fails instead of recreating it, so a few tries end it.
-            for _ in 0..10 {
-                if fs::remove_dir_all(&self.dir).is_ok() || !self.dir.exists() {
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
+            let _ = fs::remove_dir_all(&self.dir);
         }
     }
 }

@@ -170,6 +170,9 @@ struct Serving {
     children: Children,
     /// `None` once the drain began: nothing is applied any more.
     applier: Option<Applier>,
+    /// The applier's thread, waited for (`Serving::wait_for_applier`) before the working
+    /// directory it writes into is removed.
+    applier_thread: Option<std::thread::JoinHandle<()>>,
     last_submitted: Desired,
     /// First and last Consul change not yet handed to the applier.
     dirty: Option<(Instant, Instant)>,
@@ -295,6 +298,7 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
     };
     let mut serving = s.start(desired, templates, reload_exe, &proxy_id)?;
     let code = s.serve(&mut serving);
+    serving.wait_for_applier();
     drop(workdir);
     Ok(code)
 }
@@ -554,7 +558,7 @@ impl Supervisor {
         let haproxy_bin = self.opts.haproxy_bin.clone();
         let check: crate::apply::ConfigCheck =
             Box::new(move |cfg| children::check_config(&haproxy_bin, cfg));
-        let applier = Applier::start(
+        let (applier, applier_thread) = Applier::start(
             desired.clone(),
             dataplane,
             creds,
@@ -583,6 +587,7 @@ impl Supervisor {
         let mut serving = Serving {
             children,
             applier: Some(applier),
+            applier_thread: Some(applier_thread),
             last_submitted: desired,
             dirty: None,
             drain_deadline: None,
@@ -815,6 +820,29 @@ impl Supervisor {
 }
 
 impl Serving {
+    /// Waits, at most a few seconds, for the applier's thread to end: it was told to stop when
+    /// the drain began and its children are gone, so a step it was in fails fast; a write it
+    /// was finishing must not land while the working directory is being removed.
+    fn wait_for_applier(&mut self) {
+        if let Some(a) = self.applier.take() {
+            a.stop();
+        }
+        let Some(thread) = self.applier_thread.take() else {
+            return;
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !thread.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if thread.is_finished() {
+            let _ = thread.join();
+        } else {
+            log::warn!(
+                "the applier is still busy after 5 s; removing the working directory anyway"
+            );
+        }
+    }
+
     /// How long the loop may wait for an event before a timer is due.
     fn timeout(&self) -> Duration {
         let now = Instant::now();
