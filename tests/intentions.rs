@@ -293,14 +293,14 @@ fn on_an_http_listener_a_kept_alive_connection_is_judged_once_and_a_revocation_r
     let server = mesh.workdir("server");
     let (l4_before, conns_before) = (
         decisions(&stats, "l4"),
-        frontend_connections(&server, "public_listener"),
+        upstream_connects(&client, mesh.upstream_port),
     );
     for i in 0..200 {
         assert!(allowed(&mesh), "request {i} refused");
     }
     let (l4, conns) = (
         decisions(&stats, "l4") - l4_before,
-        frontend_connections(&server, "public_listener") - conns_before,
+        upstream_connects(&client, mesh.upstream_port) - conns_before,
     );
     eprintln!("measured: 200 requests over {conns} connection(s), {l4} connection decision(s)");
     assert!(
@@ -313,7 +313,7 @@ fn on_an_http_listener_a_kept_alive_connection_is_judged_once_and_a_revocation_r
     );
 
     // Revoked: the next request on the kept-alive connection is judged again and refused.
-    let conns_before = frontend_connections(&server, "public_listener");
+    let conns_before = upstream_connects(&client, mesh.upstream_port);
     let id = mesh.consul.create_intention("client", "server", "deny");
     wait_until(
         Duration::from_secs(10),
@@ -322,7 +322,7 @@ fn on_an_http_listener_a_kept_alive_connection_is_judged_once_and_a_revocation_r
     )
     .unwrap_or_else(|e| panic!("{e}\n{}", mesh.server_sidecar.logs()));
     assert_eq!(
-        frontend_connections(&server, "public_listener"),
+        upstream_connects(&client, mesh.upstream_port),
         conns_before,
         "the first refused request came on a connection that was already open"
     );

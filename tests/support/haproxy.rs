@@ -83,6 +83,23 @@ fn column<'a>(row: &'a [(String, String)], name: &str) -> Option<&'a str> {
     row.iter().find(|(h, _)| h == name).map(|(_, v)| v.as_str())
 }
 
+/// The connections a stream of the upstream listening on `port` opened to its instances
+/// (`connect` of the backend row in `show stat`) in the HAProxy under `workdir`. HAProxy's own
+/// health checks are not streams and are not counted here, whereas they do count in the
+/// instance's `conn_tot`.
+pub fn upstream_connects(workdir: &Path, port: u16) -> u64 {
+    let suffix = format!("_{port}");
+    show_stat(workdir)
+        .iter()
+        .find(|r| {
+            column(r, "pxname").is_some_and(|p| p.starts_with("be_up_") && p.ends_with(&suffix))
+                && column(r, "svname") == Some("BACKEND")
+        })
+        .and_then(|r| column(r, "connect"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no connect count for the upstream on port {port}"))
+}
+
 /// The mode (`tcp`, `http`) HAProxy runs the public listener of the sidecar whose working
 /// directory is `workdir` in, from `show stat` on its stats socket.
 pub fn public_listener_mode(workdir: &Path) -> Option<String> {
@@ -207,17 +224,6 @@ pub fn current_workers(master: &Path) -> Vec<u32> {
         }
     }
     pids
-}
-
-/// A frontend's cumulative connection count (`conn_tot` of `show stat`) in the HAProxy
-/// under `workdir`.
-pub fn frontend_connections(workdir: &Path, frontend: &str) -> u64 {
-    show_stat(workdir)
-        .iter()
-        .find(|r| column(r, "pxname") == Some(frontend) && column(r, "svname") == Some("FRONTEND"))
-        .and_then(|r| column(r, "conn_tot"))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no conn_tot for frontend {frontend}"))
 }
 
 /// The mode (`tcp`, `http`) HAProxy runs the frontend listening on `port` in (the upstream
