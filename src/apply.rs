@@ -6,6 +6,7 @@
 //! step went through, so a failure leaves HAProxy serving the last good configuration and the
 //! retry redoes exactly what did not go through.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -153,23 +154,31 @@ impl Applied {
     }
 
     /// The plan from what HAProxy has to `desired`. `diff::plan` reads each step's part from
-    /// a field of one `Desired`: that is built from the slices. Split thresholds and the
-    /// gateway's SNI map are read from the same fields as the objects (upstreams, gateway):
-    /// should their slices differ from the objects' (a step between them failed), their part
-    /// of the plan comes from a second plan against them.
+    /// a field of one `Desired`: that is built from the slices (a copy only while a failed
+    /// step left one apart). Split thresholds and the gateway's SNI map are read from the same
+    /// fields as the objects (upstreams, gateway): should their slices differ from the
+    /// objects', their part of the plan comes from a second plan against them.
     fn plan(&self, desired: &Desired) -> Plan {
-        let mut base = self.objects.clone();
-        base.tls = self.tls.clone();
-        base.intentions_map = self.intentions_map.clone();
-        if let (Some(b), Some(t)) = (&mut base.transparent, &self.transparent) {
-            // Its listener (port, mesh-only) is an object; only a full render changes it.
-            b.routes = t.routes.clone();
+        let alike = self.tls == self.objects.tls
+            && self.intentions_map == self.objects.intentions_map
+            && self.transparent.as_ref().map(|o| &o.routes)
+                == self.objects.transparent.as_ref().map(|o| &o.routes);
+        let mut base = Cow::Borrowed(&self.objects);
+        if !alike {
+            let b = base.to_mut();
+            b.tls = self.tls.clone();
+            b.intentions_map = self.intentions_map.clone();
+            if let (Some(b), Some(t)) = (&mut b.transparent, &self.transparent) {
+                // Its listener (port, mesh-only) is an object; only a full render changes it.
+                b.routes = t.routes.clone();
+            }
         }
         let mut p = plan(&base, desired);
         if self.splits != base.upstreams || self.gateway != base.gateway {
-            base.upstreams = self.splits.clone();
-            base.gateway = self.gateway.clone();
-            let maps = plan(&base, desired);
+            let b = base.to_mut();
+            b.upstreams = self.splits.clone();
+            b.gateway = self.gateway.clone();
+            let maps = plan(b, desired);
             p.live_splits = maps.live_splits;
             p.gateway_map_changed = maps.gateway_map_changed;
         }
@@ -334,9 +343,9 @@ fn apply_whole(desired: &Desired, tools: &Tools, reconcile: bool) -> Result<()> 
 }
 
 /// Applies one plan, step by step. Each step that goes through records its slice in
-/// `applied` at once; the first that fails ends the attempt, and its slice (and those of the
-/// steps after it) stays as it was, so the retry's plan holds its work again. Whether HAProxy
-/// reloaded.
+/// `applied` before the next one runs; the first that fails ends the attempt, and its slice
+/// (and those of the steps after it) stays as it was, so the retry's plan holds its work
+/// again. Whether HAProxy reloaded.
 fn apply(applied: &mut Applied, desired: &Desired, p: &Plan, tools: &Tools) -> Result<bool> {
     let mut reloaded = false;
     if p.roots_changed {
@@ -370,11 +379,18 @@ fn apply(applied: &mut Applied, desired: &Desired, p: &Plan, tools: &Tools) -> R
         applied.splits = desired.upstreams.clone();
     }
     // One of the two at most: the plan has no live slot changes when it has operations.
-    if !p.live.is_empty() {
+    let objects = if !p.live.is_empty() {
         reloaded |= slots_live(desired, p, tools)?;
-        applied.objects = desired.clone();
+        true
     } else if !p.ops.is_empty() {
         reloaded |= operations(desired, p, tools)?;
+        true
+    } else {
+        false
+    };
+    if objects && p.gateway_map_changed {
+        // Recorded (a copy of the whole state) only where a step follows: otherwise the attempt
+        // ends here, and the whole state is recorded as applied.
         applied.objects = desired.clone();
     }
     if p.gateway_map_changed {
