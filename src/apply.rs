@@ -228,6 +228,9 @@ fn wait_for_work(mailbox: &(Mutex<Mailbox>, Condvar), work: &mut Work) -> bool {
     }
 }
 
+/// The applier thread: each state, with the refused listeners set aside, is planned against
+/// the slices and applied whole or step by step; success and failure are handled alike for
+/// both.
 fn run(
     mailbox: Arc<(Mutex<Mailbox>, Condvar)>,
     applied: Desired,
