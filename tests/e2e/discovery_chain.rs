@@ -410,6 +410,11 @@ fn resolver_load_balancer_ring_hash_and_least_request() {
         "LoadBalancer": {"Policy": "ring_hash",
             "HashPolicies": [{"Field": "header", "FieldValue": "x-user"}]}}));
     m.wait_reloaded(&workers, "balance hdr(x-user)", "ring_hash");
+    // The file and a new worker can be seen while the sidecar is still finishing the change
+    // (seen once: a Dataplane API reload that failed under load, then a full render), so the
+    // users' requests start once web answers again. Without the header HAProxy balances round
+    // robin: both instances answer.
+    m.eventually(&web, "/", &[], &["web-v1", "web-v2"], "ring_hash serves");
     let mut seen = std::collections::BTreeSet::new();
     for user in ["alice", "bob", "carol", "dave", "erin", "frank"] {
         let bodies: std::collections::BTreeSet<String> = (0..10)
