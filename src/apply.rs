@@ -626,7 +626,7 @@ fn servers_live(stats: &std::path::Path, ops: &[crate::haproxy::diff::Op]) -> Re
 /// so its next transaction (which starts from the file on disk) builds on exactly what HAProxy
 /// runs now. Only called once the runtime API brought HAProxy to `desired` (slot changes, or
 /// slots added and removed): then HAProxy's objects are what rendering `desired` says (the
-/// invariant `tests/mesh_deltas.rs` checks). No reload: HAProxy already runs it.
+/// invariant `tests/e2e/mesh_deltas.rs` checks). No reload: HAProxy already runs it.
 fn write_config(desired: &Desired, tools: &Tools) -> Result<()> {
     let (cfg, _) = rendered(desired, &tools.creds, &tools.templates)?;
     let version = tools

@@ -289,7 +289,7 @@ pub const FREE_SLOT_PORT: u16 = 1;
 
 /// HAProxy checks each upstream slot in service itself (a plain TCP connect to the instance's
 /// sidecar, every `check_interval_ms`), so an instance whose host vanished leaves the rotation
-/// within about three intervals, long before Consul notices (`tests/multi_host.rs`). The
+/// within about three intervals, long before Consul notices (`tests/e2e/multi_host.rs`). The
 /// shortest interval: a slot in service is checked at most this often.
 pub const CHECK_MIN_INTERVAL_MS: u64 = 400;
 /// The bound on checks per second per backend (steady state: a failing or down server is

@@ -3,16 +3,15 @@
 //! that service-defaults fills in. On Consul 1.8.7 these tests check only that they were
 //! skipped for a reason (the fields do not exist there).
 
-mod support;
-
 use std::io::{Read, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
+use crate::support;
+use crate::support::mesh::{Mesh, MeshOptions, APP_BODY};
+use crate::support::*;
 use serde_json::Value;
-use support::mesh::{Mesh, MeshOptions, APP_BODY};
-use support::*;
 
 /// One HTTP/1.0 GET over a unix socket; the body when the status is 200.
 fn get_over_unix(path: &std::path::Path) -> Result<String, String> {
@@ -101,7 +100,7 @@ fn a_unix_socket_upstream_serves_with_its_mode_and_the_rest_keeps_serving() {
 
 #[test]
 fn peer_upstreams_are_named_once_and_the_rest_serves() {
-    // Transparent mode has its own test (tests/transparent_proxy.rs, in namespaces: its
+    // Transparent mode has its own test (tests/e2e/transparent_proxy.rs, in namespaces: its
     // outbound listener's port is fixed).
     if skip_on_old_consul("DestinationPeer") {
         return;

@@ -5,18 +5,16 @@
 //! from inside `pod` are the client app; host `ext` runs a plain app outside the mesh.
 //! Needs root (namespaces, iptables); skipped on Consul 1.8.7, which has no transparent mode.
 
-mod support;
-
 use std::time::Duration;
 
-use serde_json::{json, Value};
-use support::load::Load;
-use support::mesh::config_objects;
-use support::netns::{can_create_namespaces, Host, Net};
-use support::{
+use crate::support::load::Load;
+use crate::support::mesh::config_objects;
+use crate::support::netns::{can_create_namespaces, Host, Net};
+use crate::support::{
     bin_path, consul_bin, consul_is_current, dry_run, http_request, servers_up, sidecar_workdir,
     wait_until, Child, HttpApp, TempDir,
 };
+use serde_json::{json, Value};
 
 const AGENT_PORT: u16 = 8500;
 const PROXY_UID: &str = "5995";

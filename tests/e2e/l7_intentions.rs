@@ -5,17 +5,15 @@
 //! no permission matches is refused and the tests can tell "matched nothing" from "allowed".
 //! On Consul 1.8.7 each test prints why it was skipped.
 
-mod support;
-
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::support::mesh::sidecar;
+use crate::support::*;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
-use support::mesh::sidecar;
-use support::*;
 
 fn skip_on_old_consul() -> bool {
     if consul_is_current() {

@@ -1,14 +1,12 @@
 //! Checks the shared harness itself against the real programs, so a broken harness fails here
 //! with a clear message rather than as a mysterious failure in every end-to-end test.
 
-mod support;
-
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::process::Command;
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 
 const T: Duration = Duration::from_secs(5);
 

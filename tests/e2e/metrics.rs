@@ -1,13 +1,12 @@
 //! `/metrics` on `-stats-addr`: valid Prometheus text (promtool), counters that rise with real
 //! traffic, upstream series named by service and instance, and intentions decisions counted.
 
-mod support;
-
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use support::mesh::{Mesh, MeshOptions};
-use support::*;
+use crate::support;
+use crate::support::mesh::{Mesh, MeshOptions};
+use crate::support::*;
 
 fn scrape(addr: &str) -> String {
     let (status, body) = http_get(addr, "/metrics", Duration::from_secs(5)).expect("scrape");

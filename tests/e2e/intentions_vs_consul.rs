@@ -7,13 +7,11 @@
 //! Scenarios that need current Consul (cluster-peer sources, L7 permissions) run only there;
 //! the table printed at the end says which ran.
 
-mod support;
-
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use serde_json::Value;
-use support::*;
 
 /// One scenario: the intentions for `server` and the sources to try against them.
 struct Scenario {

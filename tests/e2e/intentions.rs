@@ -1,14 +1,13 @@
 //! Intentions enforced by the sidecar's own SPOE agent, against real Consul and HAProxy: the
 //! original's `case-badauthz`, fail-closed behaviour, and agreement with Consul's authorize.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
+use crate::support;
+use crate::support::mesh::{Mesh, MeshOptions, APP_BODY};
+use crate::support::*;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use support::mesh::{Mesh, MeshOptions, APP_BODY};
-use support::*;
 
 fn allowed(mesh: &Mesh) -> bool {
     matches!(http_get(&mesh.upstream_addr(), "/", Duration::from_secs(3)), Ok((200, b)) if b == APP_BODY)

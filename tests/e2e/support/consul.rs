@@ -83,13 +83,14 @@ impl IntentionSpec {
 /// A `consul agent -dev` of its own: free loopback ports (DNS and WAN off), the fixed
 /// `CLUSTER_ID`, in-memory state in a temp dir, from `consul_bin()`.
 pub struct Consul {
-    // Declared before `dir`: the process must stop before its directory is removed.
+    // Declared before `_dir`: the process must stop before its directory is removed.
     child: Child,
     http_addr: String,
     trust_domain: String,
     /// The management token when ACLs are on; the harness's own calls carry it.
     token: Option<String>,
-    dir: TempDir,
+    /// Held only to be removed at drop, after the agent stopped.
+    _dir: TempDir,
 }
 
 /// The bootstrap ("master" in 1.8) token of `Consul::start_acl_deny`.
@@ -256,7 +257,7 @@ impl Consul {
             http_addr: format!("127.0.0.1:{http_port}"),
             trust_domain: String::new(),
             token,
-            dir,
+            _dir: dir,
         };
         consul.wait_ready().then_some(consul)
     }
@@ -345,15 +346,6 @@ impl Consul {
 
     pub fn logs(&self) -> String {
         self.child.logs()
-    }
-
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// Stops the agent now rather than at drop (e.g. to test a sidecar losing Consul).
-    pub fn stop(&mut self) -> Option<ExitStatus> {
-        self.child.stop()
     }
 
     /// Any request, with headers; use for blocking queries (pass a timeout above `wait`).

@@ -1,14 +1,12 @@
 //! Later Consul changes reach HAProxy as Dataplane API deltas, and the configuration those
 //! deltas produce describes the same HAProxy objects as a from-scratch render of the same state.
 
-mod support;
-
 use std::time::Duration;
 
-use support::mesh::{
+use crate::support::mesh::{
     config_objects, fresh_render, same_as_fresh_render, sidecar, Mesh, MeshOptions, APP_BODY,
 };
-use support::*;
+use crate::support::*;
 
 /// `server-2`'s weight in Consul; any value but the default 1 shows it was carried.
 const SECOND_WEIGHT: u32 = 7;

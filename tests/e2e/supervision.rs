@@ -1,14 +1,12 @@
 //! The supervisor's duties with real children: restarts after crashes, re-applied state, giving
 //! up with the child's code, and children dying with a killed supervisor.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
+use crate::support::mesh::{Mesh, MeshOptions, APP_BODY};
+use crate::support::*;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use support::mesh::{Mesh, MeshOptions, APP_BODY};
-use support::*;
 
 fn child_named(sidecar: &Child, name: &str) -> u32 {
     // The direct child: haproxy's master (its workers are its children), or dataplaneapi.

@@ -4,16 +4,14 @@
 //! sidecar logs in through a JWT auth method whose key and tokens the test makes with openssl.
 //! Consul 1.16.3 only: catalog-only proxies and the login flow as consul-k8s uses them.
 
-mod support;
-
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::support::load::Load;
+use crate::support::*;
 use nix::sys::signal::Signal;
 use serde_json::{json, Value};
-use support::load::Load;
-use support::*;
 
 const NODE: &str = "pod-node";
 const METHOD: &str = "hcc-jwt";

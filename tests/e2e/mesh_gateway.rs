@@ -5,14 +5,13 @@
 //! terminates the TLS; an SNI that names no exported service is closed; exports change live;
 //! the gateway deregisters at exit. Skipped on Consul 1.8.7, which has no peering.
 
-mod support;
-
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use crate::support;
+use crate::support::mesh::sidecar;
+use crate::support::*;
 use serde_json::Value;
-use support::mesh::sidecar;
-use support::*;
 
 const WAIT: Duration = Duration::from_secs(60);
 

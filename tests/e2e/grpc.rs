@@ -1,17 +1,15 @@
 //! gRPC through the mesh (issue 27), with a real gRPC server and client (grpcio, from the venv
-//! `scripts/install-deps` makes; `tests/support/grpc_app.py`): `protocol grpc` makes both
+//! `scripts/install-deps` makes; `tests/e2e/support/grpc_app.py`): `protocol grpc` makes both
 //! sidecars HTTP listeners speaking HTTP/2 on each hop, so the calls of one client channel are
 //! balanced one by one over the instances, and L7 intentions and routes apply per method.
-
-mod support;
 
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
+use crate::support::mesh::sidecar;
+use crate::support::*;
 use serde_json::Value;
-use support::mesh::sidecar;
-use support::*;
 
 fn grpc_python() -> PathBuf {
     let tools = std::env::var("HCC_TOOLS_DIR")
@@ -26,7 +24,7 @@ fn grpc_python() -> PathBuf {
 }
 
 fn grpc_app() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/support/grpc_app.py")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/support/grpc_app.py")
 }
 
 /// A gRPC server answering `name`, on a free port.

@@ -1,14 +1,12 @@
 //! Live convergence: instance churn, weights and certificate rotation reach HAProxy without a
 //! reload and without a failed request (real Consul, HAProxy and Dataplane API).
 
-mod support;
-
 use std::thread;
 use std::time::{Duration, Instant};
 
-use support::load::Load;
-use support::mesh::{sidecar, Mesh, MeshOptions, APP_BODY};
-use support::*;
+use crate::support::load::Load;
+use crate::support::mesh::{sidecar, Mesh, MeshOptions, APP_BODY};
+use crate::support::*;
 
 /// Another instance of `server`: its own app (answering `body`) and its own sidecar.
 struct Instance {

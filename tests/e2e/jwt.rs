@@ -5,18 +5,16 @@
 //! with `-enable-intentions`, and curl with the real leaf of `client`. Consul 1.8.7 has no JWT
 //! requirements: the test says it was skipped.
 
-mod support;
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::support::mesh::sidecar;
+use crate::support::*;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use ring::rand::SystemRandom;
 use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
 use serde_json::{json, Value};
-use support::mesh::sidecar;
-use support::*;
 
 /// An ES256 key made for this run, and the tokens it signs.
 struct Key {

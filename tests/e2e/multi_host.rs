@@ -1,4 +1,4 @@
-//! A Consul cluster across hosts (network namespaces on this machine, tests/support/netns.rs):
+//! A Consul cluster across hosts (network namespaces on this machine, tests/e2e/support/netns.rs):
 //! host A runs a Consul server (not -dev), hosts B, C and D Consul client agents joined to it.
 //! The `server` app runs on B and C with a sidecar each, listening on the host's address; the
 //! `client` service and its sidecar run on D, with Consul's defaults (connect timeout 5 s).
@@ -6,17 +6,18 @@
 //! back in (`HCC_MULTI_HOST_ROUNDS` times, default 1), then stops the Consul server for 30 s,
 //! measuring what the requests saw. Needs root; skipped (loudly) without it.
 
-mod support;
-
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use crate::support;
+use crate::support::netns::{can_create_namespaces, enter, Host, Net};
+use crate::support::{
+    bin_path, consul_bin, consul_is_current, http_request, wait_until, Child, HttpApp,
+};
 use serde_json::{json, Value};
-use support::netns::{can_create_namespaces, enter, Host, Net};
-use support::{bin_path, consul_bin, consul_is_current, http_request, wait_until, Child, HttpApp};
 
 const HTTP: &str = "127.0.0.1:8500";
 const APP_PORT: u16 = 18080;

@@ -4,11 +4,7 @@
 //! One file per concern: `processes` (children and their guards, /proc), `http` (a std-only
 //! client), `consul` (a dev agent per test), `apps` (the test application), `haproxy` (curl,
 //! CLIs, dry runs), `mesh` (a whole mesh), `netns` (test hosts); this file holds ports,
-//! directories and waiting, and re-exports the rest, so a test says `use support::*`.
-//!
-//! Every test file includes this with `mod support;` and uses only part of it, hence the
-//! module-wide dead-code allowance below.
-#![allow(dead_code)]
+//! directories and waiting, and re-exports the rest, so a test says `use crate::support::*`.
 
 pub mod apps;
 pub mod consul;
@@ -19,8 +15,6 @@ pub mod mesh;
 pub mod netns;
 pub mod processes;
 
-// Each test uses part of the harness; what one does not use is not a warning.
-#[allow(unused_imports)]
 pub use {apps::*, consul::*, haproxy::*, http::*, processes::*};
 
 use std::collections::{HashMap, HashSet};

@@ -1,4 +1,4 @@
-"""A real gRPC server and client (grpcio) for tests/grpc.rs, with no generated code: the
+"""A real gRPC server and client (grpcio) for tests/e2e/grpc.rs, with no generated code: the
 methods take and return raw bytes.
 
   grpc_app.py serve PORT NAME

@@ -5,8 +5,6 @@
 //! second CA passes the TLS handshake and must be stopped by the agent itself (what protects a
 //! resumed TLS session after a root rotation).
 
-mod support;
-
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -18,9 +16,9 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::support::{free_port, http_get, wait_until, Child, TempDir, TRUST_DOMAIN};
 use haproxy_consul_connect::spoe::authz::{Action, AuthzTable, DefaultPolicy, Intention};
 use haproxy_consul_connect::spoe::server::{spawn, AgentConfig, SharedTable};
-use support::{free_port, http_get, wait_until, Child, TempDir, TRUST_DOMAIN};
 
 const CERTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/spop/certs");
 

@@ -13,6 +13,10 @@
 //! SIGQUIT, SIGUSR1 and SIGUSR2 to PID 1 and exits with its code (128+signal if it was killed).
 //! If it is killed itself, PID 1 gets SIGKILL (parent-death signal) and the kernel ends
 //! everything else in the namespace.
+//!
+//! Test and benchmark tooling, not part of the sidecar: the end-to-end tests, scripts/test-rootfs,
+//! scripts/bench and scripts/capture-spop run HAProxy 3.0 and 3.2 (and the sidecar as PID 1)
+//! from their Debian root filesystems through it.
 
 use std::ffi::{CString, OsString};
 use std::os::unix::ffi::OsStrExt;
@@ -24,6 +28,8 @@ use nix::sched::{unshare, CloneFlags};
 use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{chdir, chroot, execve, fork, ForkResult, Pid};
+
+use haproxy_consul_connect::error::{Context, Error, Result};
 
 const FORWARDED: [Signal; 6] = [
     Signal::SIGTERM,
@@ -42,26 +48,30 @@ struct Args {
     program: Vec<OsString>,
 }
 
-fn parse(mut argv: impl Iterator<Item = OsString>) -> Result<Args, String> {
-    let usage = "usage: hcc-run-rootfs ROOTFS [--bind SRC[:DST]]... -- PROGRAM [ARGS...]";
-    let rootfs = PathBuf::from(argv.next().ok_or(usage)?);
+const USAGE: &str = "usage: hcc-run-rootfs ROOTFS [--bind SRC[:DST]]... -- PROGRAM [ARGS...]";
+
+fn parse(mut argv: impl Iterator<Item = OsString>) -> Result<Args> {
+    let usage = || Error::msg(USAGE);
+    let rootfs = PathBuf::from(argv.next().ok_or_else(usage)?);
     let mut binds = Vec::new();
     loop {
-        let arg = argv.next().ok_or(usage)?;
+        let arg = argv.next().ok_or_else(usage)?;
         match arg.to_str() {
             Some("--") => break,
             Some("--bind") => {
-                let spec = argv.next().ok_or(usage)?;
-                let spec = spec.to_str().ok_or("a --bind path is not UTF-8")?;
+                let spec = argv.next().ok_or_else(usage)?;
+                let spec = spec
+                    .to_str()
+                    .ok_or_else(|| Error::msg(format!("the --bind path {spec:?} is not UTF-8")))?;
                 let (src, dst) = spec.split_once(':').unwrap_or((spec, spec));
                 binds.push((PathBuf::from(src), PathBuf::from(dst)));
             }
-            _ => return Err(format!("unexpected {arg:?}; {usage}")),
+            _ => return Err(Error::msg(format!("unexpected {arg:?}; {USAGE}"))),
         }
     }
     let program: Vec<OsString> = argv.collect();
     if program.is_empty() {
-        return Err(usage.into());
+        return Err(usage());
     }
     Ok(Args {
         rootfs,
@@ -75,15 +85,15 @@ fn inside(rootfs: &Path, dst: &Path) -> PathBuf {
 }
 
 /// Bind-mounts `src` at `dst` (inside the rootfs), creating the mount point like `src`.
-fn bind(src: &Path, dst: &Path) -> Result<(), String> {
+fn bind(src: &Path, dst: &Path) -> Result<()> {
     if src.is_dir() {
-        std::fs::create_dir_all(dst).map_err(|e| format!("mkdir {}: {e}", dst.display()))?;
+        std::fs::create_dir_all(dst).with_context(|| format!("mkdir {}", dst.display()))?;
     } else if !dst.exists() {
         if let Some(parent) = dst.parent() {
             std::fs::create_dir_all(parent)
-                .map_err(|e| format!("mkdir {}: {e}", parent.display()))?;
+                .with_context(|| format!("mkdir {}", parent.display()))?;
         }
-        std::fs::File::create(dst).map_err(|e| format!("create {}: {e}", dst.display()))?;
+        std::fs::File::create(dst).with_context(|| format!("create {}", dst.display()))?;
     }
     mount(
         Some(src),
@@ -92,12 +102,12 @@ fn bind(src: &Path, dst: &Path) -> Result<(), String> {
         MsFlags::MS_BIND | MsFlags::MS_REC,
         None::<&str>,
     )
-    .map_err(|e| format!("bind {} at {}: {e}", src.display(), dst.display()))
+    .with_context(|| format!("bind {} at {}", src.display(), dst.display()))
 }
 
 /// In the child, PID 1 of the new namespace: mounts, chroot, exec. Returns only on failure.
-fn become_pid1(args: &Args) -> String {
-    let setup = || -> Result<(), String> {
+fn become_pid1(args: &Args) -> Error {
+    let setup = || -> Result<()> {
         // Nothing mounted here may leak back to the host's mount namespace.
         mount(
             None::<&str>,
@@ -106,9 +116,9 @@ fn become_pid1(args: &Args) -> String {
             MsFlags::MS_REC | MsFlags::MS_PRIVATE,
             None::<&str>,
         )
-        .map_err(|e| format!("making / private: {e}"))?;
+        .context("making / private")?;
         let proc_dir = inside(&args.rootfs, Path::new("/proc"));
-        std::fs::create_dir_all(&proc_dir).map_err(|e| format!("mkdir /proc: {e}"))?;
+        std::fs::create_dir_all(&proc_dir).context("mkdir /proc")?;
         mount(
             Some("proc"),
             &proc_dir,
@@ -116,7 +126,7 @@ fn become_pid1(args: &Args) -> String {
             MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
             None::<&str>,
         )
-        .map_err(|e| format!("mounting /proc: {e}"))?;
+        .context("mounting /proc")?;
         for dev in DEVICES {
             let dev = Path::new(dev);
             // debootstrap leaves a regular node there at times; a bind covers either.
@@ -125,13 +135,14 @@ fn become_pid1(args: &Args) -> String {
         for (src, dst) in &args.binds {
             bind(src, &inside(&args.rootfs, dst))?;
         }
-        chroot(&args.rootfs).map_err(|e| format!("chroot {}: {e}", args.rootfs.display()))?;
-        chdir("/").map_err(|e| format!("chdir /: {e}"))?;
+        chroot(&args.rootfs).with_context(|| format!("chroot {}", args.rootfs.display()))?;
+        chdir("/").context("chdir /")?;
         // Die with the parent outside, so nothing in here outlives a killed launcher.
-        nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(|e| e.to_string())?;
+        nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
+            .context("setting the parent-death signal")?;
         SigSet::all()
             .thread_unblock()
-            .map_err(|e| format!("unblocking signals: {e}"))?;
+            .context("unblocking signals")?;
         Ok(())
     };
     if let Err(e) = setup() {
@@ -159,11 +170,11 @@ fn become_pid1(args: &Args) -> String {
             .find(|p| p.is_file())
         {
             Some(p) => cstr(p.as_os_str().as_bytes()),
-            None => return format!("{:?} not found in the rootfs", args.program[0]),
+            None => return Error::msg(format!("{:?} not found in the rootfs", args.program[0])),
         }
     };
     match execve(&program, &argv, &env) {
-        Err(e) => format!("exec {:?}: {e}", args.program[0]),
+        Err(e) => Error::with_source(format!("exec {:?}", args.program[0]), e),
         Ok(never) => match never {},
     }
 }

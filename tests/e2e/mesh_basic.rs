@@ -1,14 +1,12 @@
 //! The walking skeleton end to end: real Consul 1.8.7, HAProxy 2.6 and the Dataplane API on
 //! loopback, two sidecars, the original's `case-basic` and more.
 
-mod support;
-
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::support::mesh::{sidecar, Mesh, MeshOptions, APP_BODY};
+use crate::support::*;
 use nix::sys::signal::Signal;
-use support::mesh::{sidecar, Mesh, MeshOptions, APP_BODY};
-use support::*;
 
 fn rss_kb(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

@@ -4,14 +4,12 @@
 //! Consul's Envoy integration cases (test/integration/connect/envoy/case-cfg-*) that HAProxy
 //! can honour; the README's "Traffic management" section lists those it cannot.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
+use crate::support::load::Load;
+use crate::support::mesh::{sidecar, workdir};
+use crate::support::*;
 use serde_json::{json, Value};
-use support::load::Load;
-use support::mesh::{sidecar, workdir};
-use support::*;
 
 /// One instance of a service with its app and sidecar.
 struct Instance {
@@ -278,13 +276,29 @@ fn subsets() -> Value {
     })
 }
 
-/// The resolver cases in tcp mode (no service-defaults yet), then http, the failover under
-/// load, the splitter and the router, on one mesh: each step is a config entry change the
-/// running sidecar follows.
-#[test]
-fn discovery_chain_cases() {
+/// A fresh `ChainMesh` whose services all speak http (proxy-defaults, as the Envoy cases set
+/// it), with `web`'s listener already in http mode, so a later count of renders or reloads
+/// sees none left over from the protocol change.
+fn http_mesh() -> ChainMesh {
     let m = ChainMesh::start();
-    let web = m.web.clone();
+    m.put_entry(json!({"Kind": "proxy-defaults", "Name": "global",
+        "Config": {"protocol": "http"}}));
+    for s in ["web", "web-backup", "old"] {
+        m.consul.set_protocol(s, "http");
+    }
+    m.wait_listener_mode(
+        m.web_port,
+        "http",
+        "the chain's protocol makes web's listener http",
+    );
+    m
+}
+
+/// The resolver's redirects, in tcp mode (no service-defaults yet) and then in http: each step
+/// is a config entry change the running sidecar follows.
+#[test]
+fn resolver_redirects_a_service_in_tcp_and_in_http() {
+    let m = ChainMesh::start();
     let old = m.old.clone();
 
     // case-cfg-resolver-svc-redirect-tcp: `old` has no instance; its resolver redirects to
@@ -314,6 +328,14 @@ fn discovery_chain_cases() {
         "http",
         "the chain's protocol makes old's listener http",
     );
+}
+
+/// The resolver's default subset and its features, a redirect to a subset, and OnlyPassing.
+#[test]
+fn resolver_default_subset_subset_redirect_and_only_passing() {
+    let m = http_mesh();
+    let web = m.web.clone();
+    let old = m.old.clone();
 
     // case-cfg-resolver-defaultsubset and -features: the default subset v2 only, with the
     // resolver's connect timeout on its backend.
@@ -369,45 +391,66 @@ fn discovery_chain_cases() {
     );
     let (s, b) = m.consul.put("/v1/agent/check/pass/ttl-web-v1", "");
     assert_eq!(s, 200, "{b}");
+}
+
+/// The resolver's LoadBalancer (Consul 1.9+).
+#[test]
+fn resolver_load_balancer_ring_hash_and_least_request() {
+    if !consul_is_current() {
+        eprintln!("skipped: LoadBalancer needs Consul 1.9+");
+        return;
+    }
+    let m = http_mesh();
+    let web = m.web.clone();
 
     // LoadBalancer (Consul 1.9+): ring_hash on a header is HAProxy's consistent hashing on
     // it, so one user sticks to one instance; least_request is leastconn.
-    if m.consul.is_current() {
-        let workers = m.workers();
-        m.put_entry(json!({"Kind": "service-resolver", "Name": "web",
-            "LoadBalancer": {"Policy": "ring_hash",
-                "HashPolicies": [{"Field": "header", "FieldValue": "x-user"}]}}));
-        m.wait_reloaded(&workers, "balance hdr(x-user)", "ring_hash");
-        let mut seen = std::collections::BTreeSet::new();
-        for user in ["alice", "bob", "carol", "dave", "erin", "frank"] {
-            let bodies: std::collections::BTreeSet<String> = (0..10)
-                .map(|_| {
-                    let r = http_request_with(
-                        &web,
-                        "GET",
-                        "/",
-                        &[("x-user", user)],
-                        None,
-                        Duration::from_secs(5),
-                    )
-                    .expect("request");
-                    assert_eq!(r.status, 200);
-                    r.body
-                })
-                .collect();
-            assert_eq!(bodies.len(), 1, "{user} went to {bodies:?}");
-            seen.extend(bodies);
-        }
-        assert_eq!(
-            seen.len(),
-            2,
-            "six users all hashed to one instance: {seen:?}"
-        );
-        let workers = m.workers();
-        m.put_entry(json!({"Kind": "service-resolver", "Name": "web",
-            "LoadBalancer": {"Policy": "least_request"}}));
-        m.wait_reloaded(&workers, "balance leastconn", "least_request");
+    let workers = m.workers();
+    m.put_entry(json!({"Kind": "service-resolver", "Name": "web",
+        "LoadBalancer": {"Policy": "ring_hash",
+            "HashPolicies": [{"Field": "header", "FieldValue": "x-user"}]}}));
+    m.wait_reloaded(&workers, "balance hdr(x-user)", "ring_hash");
+    // The file and a new worker can be seen while the sidecar is still finishing the change
+    // (seen once: a Dataplane API reload that failed under load, then a full render), so the
+    // users' requests start once web answers again. Without the header HAProxy balances round
+    // robin: both instances answer.
+    m.eventually(&web, "/", &[], &["web-v1", "web-v2"], "ring_hash serves");
+    let mut seen = std::collections::BTreeSet::new();
+    for user in ["alice", "bob", "carol", "dave", "erin", "frank"] {
+        let bodies: std::collections::BTreeSet<String> = (0..10)
+            .map(|_| {
+                let r = http_request_with(
+                    &web,
+                    "GET",
+                    "/",
+                    &[("x-user", user)],
+                    None,
+                    Duration::from_secs(5),
+                )
+                .expect("request");
+                assert_eq!(r.status, 200);
+                r.body
+            })
+            .collect();
+        assert_eq!(bodies.len(), 1, "{user} went to {bodies:?}");
+        seen.extend(bodies);
     }
+    assert_eq!(
+        seen.len(),
+        2,
+        "six users all hashed to one instance: {seen:?}"
+    );
+    let workers = m.workers();
+    m.put_entry(json!({"Kind": "service-resolver", "Name": "web",
+        "LoadBalancer": {"Policy": "least_request"}}));
+    m.wait_reloaded(&workers, "balance leastconn", "least_request");
+}
+
+/// The resolver's failover to another service, under continuous load.
+#[test]
+fn resolver_failover_under_load_fails_no_request() {
+    let m = http_mesh();
+    let web = m.web.clone();
 
     // case-cfg-resolver-svc-failover, under continuous load: web fails over to web-backup when
     // its last instance turns critical, with no failed request during the switch.
@@ -445,6 +488,13 @@ fn discovery_chain_cases() {
         &errors[..errors.len().min(5)]
     );
     assert!(ok > 100, "the load ran ({ok} requests)");
+}
+
+/// The splitter's weights, changed live, and its header changes per leg.
+#[test]
+fn splitter_weights_hold_change_live_and_set_headers_per_leg() {
+    let m = http_mesh();
+    let web = m.web.clone();
 
     // The splitter: 90/10 over 2,000 requests within ±3 points, then 50/50 live, and
     // case-cfg-splitter-features' header changes per leg (Consul 1.10+).
@@ -518,7 +568,16 @@ fn discovery_chain_cases() {
         }
     }
     m.delete_entry("service-splitter", "web");
+}
 
+/// Requests to `web` (path, headers) and the instance that answers each once `put_router`'s
+/// router is in place.
+type RouterCases = Vec<(&'static str, Headers, &'static str)>;
+
+/// Writes the router of Consul's case-cfg-router-features (with the resolver's default
+/// subset v1) and returns its verify.bats requests.
+fn put_router(m: &ChainMesh) -> RouterCases {
+    let current = m.consul.is_current();
     // case-cfg-router-features (resolver default subset v1, routes to v2 by every matcher).
     m.put_entry(json!({"Kind": "service-resolver", "Name": "web",
         "DefaultSubset": "v1", "Subsets": subsets()}));
@@ -572,7 +631,7 @@ fn discovery_chain_cases() {
     let h = |v: &'static str| vec![("x-test-debug", v)];
     let none: Vec<(&str, &str)> = Vec::new();
     // The verify.bats requests: path, then the x-test-debug header (if any), want.
-    let cases: Vec<(&str, Headers, &str)> = vec![
+    let cases: RouterCases = vec![
         ("/exact/debug", none.clone(), "web-v2"),
         ("/exact-alt/debug", none.clone(), "web-v1"),
         ("/prefix/debug", none.clone(), "web-v2"),
@@ -597,15 +656,31 @@ fn discovery_chain_cases() {
         ("/qp-exact/debug?env=other", none.clone(), "web-v1"),
         ("/elsewhere", none.clone(), "web-v1"),
     ];
-    for (path, headers, want) in &cases {
+    cases
+}
+
+/// Waits until each request of `cases` is answered by its subset.
+fn router_answers(m: &ChainMesh, cases: &RouterCases, what: &str) {
+    for (path, headers, want) in cases {
         m.eventually(
-            &web,
+            &m.web,
             path,
             headers,
             &[want],
-            &format!("router {path} {headers:?}"),
+            &format!("{what}: {path} {headers:?}"),
         );
     }
+}
+
+/// case-cfg-router-features: every matcher, the methods, header changes, prefix rewrite,
+/// request timeout and retries.
+#[test]
+fn router_matches_rewrites_times_out_and_retries() {
+    let m = http_mesh();
+    let web = m.web.clone();
+    let current = m.consul.is_current();
+    let cases = put_router(&m);
+    router_answers(&m, &cases, "router");
     m.eventually_method(
         &web,
         "PUT",
@@ -685,6 +760,21 @@ fn discovery_chain_cases() {
     )
     .unwrap();
     assert_eq!(r.status, 500, "{r:?}");
+}
+
+/// The router's rules after a Dataplane API transaction rewrote the file, the dry run's and
+/// the metrics' names of the chain's targets, and the plain upstream again once every entry is
+/// gone.
+#[test]
+fn routing_survives_a_transaction_shows_in_dry_run_and_metrics_and_goes_with_its_entries() {
+    let m = http_mesh();
+    let web = m.web.clone();
+    // `old` redirected too, so that removing every entry below includes a resolver of another
+    // service.
+    m.put_entry(json!({"Kind": "service-resolver", "Name": "old",
+        "Redirect": {"Service": "web-backup"}}));
+    let cases = put_router(&m);
+    router_answers(&m, &cases, "router");
 
     // A Dataplane API transaction (a new plain upstream) rewrites the file from its own model
     // of it: the routing rules must come through it in order.
@@ -732,15 +822,7 @@ fn discovery_chain_cases() {
         rules(&after),
         "the routing rules after the transaction rewrote the file"
     );
-    for (path, headers, want) in &cases {
-        m.eventually(
-            &web,
-            path,
-            headers,
-            &[want],
-            &format!("after a transaction: {path}"),
-        );
-    }
+    router_answers(&m, &cases, "after a transaction");
 
     // --dry-run shows the routing, and /metrics names the target of each backend's series.
     let dry = dry_run(&m.consul.http_addr(), m.base.path(), "client", &[]);

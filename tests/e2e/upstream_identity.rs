@@ -2,14 +2,12 @@
 //! destination. Real Consul (1.8.7, or 1.16.3 with CONSUL_BIN), HAProxy and sidecars; the rogue
 //! endpoint is a real sidecar of another service holding that service's valid leaf.
 
-mod support;
-
 use std::thread;
 use std::time::{Duration, Instant};
 
-use support::load::Load;
-use support::mesh::{sidecar, Mesh, MeshOptions, APP_BODY};
-use support::*;
+use crate::support::load::Load;
+use crate::support::mesh::{sidecar, Mesh, MeshOptions, APP_BODY};
+use crate::support::*;
 
 const T: Duration = Duration::from_secs(5);
 

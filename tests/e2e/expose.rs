@@ -2,14 +2,12 @@
 //! `Proxy.Expose.Checks` serve one path of a loopback-only app each, without mTLS, and nothing
 //! else of it; plus Consul's own `case-expose-checks` (test/integration/connect/envoy) ported.
 
-mod support;
-
 use std::net::TcpStream;
 use std::time::Duration;
 
+use crate::support::mesh::{sidecar, workdir};
+use crate::support::*;
 use serde_json::Value;
-use support::mesh::{sidecar, workdir};
-use support::*;
 
 const T: Duration = Duration::from_secs(3);
 
@@ -271,12 +269,12 @@ fn case_expose_checks() {
 
 /// `case-expose-checks` also asserts that a check's listener admits only the local agent
 /// (Envoy's filter chain matches loopback and the agent's address). The node runs in a
-/// network namespace of its own (tests/support/netns.rs) so that another host can try: its
+/// network namespace of its own (tests/e2e/support/netns.rs) so that another host can try: its
 /// connection to the check's listener is refused before a byte is read, while the node itself
 /// and, for the other host, an explicit `Expose.Paths` listener still serve.
 #[test]
 fn exposed_check_listeners_refuse_other_hosts() {
-    use support::netns::{can_create_namespaces, Net};
+    use crate::support::netns::{can_create_namespaces, Net};
     if !can_create_namespaces() {
         eprintln!("expose: SKIPPED: network namespaces need root (CI runs as root)");
         return;

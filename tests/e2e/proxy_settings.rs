@@ -5,17 +5,15 @@
 //! `read_timeout` closing an idle connection. Each is set by re-registering a running sidecar,
 //! so each also reaches a running HAProxy.
 
-mod support;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::mesh::{same_as_fresh_render, Mesh, MeshOptions, APP_BODY};
+use crate::support::*;
 use serde_json::{json, Value};
-use support::mesh::{same_as_fresh_render, Mesh, MeshOptions, APP_BODY};
-use support::*;
 
 /// `sidecar_registration` with a `Proxy.Config` and, on every upstream, a `Config`.
 fn registration(
@@ -279,7 +277,7 @@ fn an_upstreams_read_timeout_closes_an_idle_connection() {
 /// Timeouts, the connection cap and `option forwardfor` reach HAProxy through one Dataplane
 /// API transaction (fields of the v1.2.5 models), and the file those deltas give describes the
 /// same HAProxy objects as a from-scratch render of the same registration (as
-/// `tests/mesh_deltas.rs` checks for the rest).
+/// `tests/e2e/mesh_deltas.rs` checks for the rest).
 #[test]
 fn local_settings_through_the_dataplane_api_match_a_fresh_render() {
     let mesh = Mesh::start(MeshOptions::default());

@@ -75,11 +75,6 @@ impl HttpApp {
         }
     }
 
-    pub fn with_delay(self, delay: Duration) -> HttpApp {
-        self.set_delay(delay);
-        self
-    }
-
     /// Applies to requests that arrive from now on.
     pub fn set_delay(&self, delay: Duration) {
         let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);

@@ -2,13 +2,12 @@
 //! event logged once, versions that say what runs, the package mirror taken from the machine,
 //! long service IDs, and a dry run that keeps secrets out of tickets.
 
-mod support;
-
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::mesh::{sidecar, APP_BODY};
-use support::*;
+use crate::support;
+use crate::support::mesh::{sidecar, APP_BODY};
+use crate::support::*;
 
 /// Runs the sidecar against a Consul address nothing listens on; returns its exit code, how long
 /// it took and its output. A sidecar that reached for Consul would wait, not exit.

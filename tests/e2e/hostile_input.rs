@@ -5,16 +5,14 @@
 //! listening where the payload asked), that no request failed, that the sidecar named the
 //! value once, and that a sidecar started while the value is present serves all the same.
 
-mod support;
-
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::time::Duration;
 
+use crate::support::load::Load;
+use crate::support::mesh::{sidecar, Mesh, MeshOptions, APP_BODY};
+use crate::support::*;
 use nix::sys::signal::Signal;
-use support::load::Load;
-use support::mesh::{sidecar, Mesh, MeshOptions, APP_BODY};
-use support::*;
 
 /// The running configuration without the Dataplane API's version line, which a write of the
 /// same content changes.
