@@ -157,10 +157,13 @@ impl Agent {
         }
         let table = super::table(snapshot);
         let line = format!(
-            "intentions table updated: {} intention(s) for this service [{}], default {}",
+            "intentions table updated: {} intention(s) for this service [{}], default {}, generation {}",
             table.intentions().len(),
             super::summary(table.intentions()),
-            table.default_policy()
+            table.default_policy(),
+            // The key HAProxy's fast map carries once the applier loaded this table's map:
+            // until then, connections judged by the agent are asked again on each request.
+            table.generation()
         );
         self.fast_map = table.fast_map();
         self.jwt_headers = table.jwt_headers().clone();

@@ -340,12 +340,35 @@ fn on_an_http_listener_a_kept_alive_connection_is_judged_once_and_a_revocation_r
             .find(|(k, _)| k == "^generation$")
             .map(|(_, v)| v)
     };
-    let before = generation().expect("the fast map's generation entry");
     mesh.consul.create_intention("other", "server", "allow");
+    // The generation of the agent's table that holds the new intention, from its log line; the
+    // map must show exactly that one. Waiting only for "a generation other than before" could
+    // be satisfied by an earlier table's map (the revocation's removal above) landing late, and
+    // then the kept-alive connection's verdict is current and rightly not asked again.
+    let mut wanted = None;
+    wait_until(
+        Duration::from_secs(10),
+        "the agent's table with the new intention",
+        || {
+            wanted = mesh
+                .server_sidecar
+                .logs()
+                .lines()
+                .filter(|l| l.contains("intentions table updated") && l.contains("other =>"))
+                .filter_map(|l| {
+                    l.rsplit_once("generation ")
+                        .map(|(_, g)| g.trim().to_string())
+                })
+                .last();
+            wanted.is_some()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.server_sidecar.logs()));
+    let wanted = wanted.expect("a generation");
     wait_until(
         Duration::from_secs(10),
         "the new table's generation in HAProxy's map",
-        || generation().is_some_and(|g| g != before),
+        || generation().as_deref() == Some(wanted.as_str()),
     )
     .unwrap_or_else(|e| panic!("{e}\n{}", mesh.server_sidecar.logs()));
     let refusals_before = refusals(&mesh.server_sidecar.logs()).len();

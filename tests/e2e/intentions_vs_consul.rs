@@ -124,7 +124,8 @@ struct Row {
 }
 
 /// The rules of the sidecar's newest table, from its log line
-/// `intentions table updated: N intention(s) for this service [a => allow (9), …], default P`,
+/// `intentions table updated: N intention(s) for this service [a => allow (9), …], default P,
+/// generation G`,
 /// as (source, action) pairs; `None` before the first table.
 fn newest_table(logs: &str) -> Option<(BTreeSet<(String, String)>, String)> {
     let line = logs
@@ -143,6 +144,9 @@ fn newest_table(logs: &str) -> Option<(BTreeSet<(String, String)>, String)> {
             Some((source.to_string(), action.to_string()))
         })
         .collect();
+    let default = default
+        .split_once(", generation ")
+        .map_or(default, |(d, _)| d);
     Some((set, default.trim().to_string()))
 }
 
@@ -316,7 +320,7 @@ fn the_sidecar_decides_every_case_as_consul_authorize_does() {
 
 #[test]
 fn the_table_log_line_parses() {
-    let logs = "x\nINFO [supervisor] intentions table updated: 2 intention(s) for this service [peer:p1/client => allow (9), l7 => L7 (1 HTTP permission(s)) (9)], default allow\n";
+    let logs = "x\nINFO [supervisor] intentions table updated: 2 intention(s) for this service [peer:p1/client => allow (9), l7 => L7 (1 HTTP permission(s)) (9)], default allow, generation 5f3a09c2e1d4b7a8\n";
     let (set, default) = newest_table(logs).unwrap();
     assert_eq!(default, "allow");
     assert_eq!(
