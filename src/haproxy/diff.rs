@@ -372,8 +372,16 @@ pub fn plan(applied: &Desired, desired: &Desired) -> Plan {
     }
     let check_interval_changed = steps.check_interval_changed;
     let mut live = std::mem::take(&mut steps.live);
-    let mut ops = steps.ops();
-    if !ops.is_empty() {
+    let transaction = [
+        &steps.delete_frontends,
+        &steps.delete_servers,
+        &steps.delete_backends,
+        &steps.backends,
+        &steps.frontends,
+    ]
+    .iter()
+    .any(|v| !v.is_empty());
+    if transaction {
         // A transaction's reload starts every server afresh: a slot's last step is enough.
         let last: Vec<ServerSpec> = live
             .iter()
@@ -386,8 +394,11 @@ pub fn plan(applied: &Desired, desired: &Desired) -> Plan {
             .map(|(_, s)| s.clone())
             .collect();
         live.clear();
-        ops.extend(last.into_iter().map(Op::ReplaceServer));
+        steps
+            .backends
+            .extend(last.into_iter().map(Op::ReplaceServer));
     }
+    let ops = steps.ops();
     let before = crate::objects::split_thresholds(applied);
     let live_splits = crate::objects::split_thresholds(desired)
         .into_iter()

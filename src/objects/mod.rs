@@ -141,6 +141,8 @@ pub fn index(d: &Desired) -> Index {
     let mut part = |key: String, value: String, reason| {
         rendered_only.push(RenderedOnly { key, value, reason });
     };
+    // Pushed after the mesh TLS part: the first reason found is the one logged.
+    let mut mode = None;
     if let Some(p) = &d.public {
         let frontend = public_frontend(d, p);
         if let FrontendKind::Public {
@@ -160,11 +162,7 @@ pub fn index(d: &Desired) -> Index {
                 format!("{:?}", intentions.as_ref().map(|i| &i.jwt_headers)),
                 JWT_HEADERS_REASON,
             );
-            part(
-                at("mode"),
-                format!("{:?} {path_rules}", frontend.mode),
-                PUBLIC_MODE_REASON,
-            );
+            mode = Some((at("mode"), format!("{:?} {path_rules}", frontend.mode)));
         }
         let mut u = Unit::new("public".into(), Change::Replace);
         u.listeners.push(Listener {
@@ -186,6 +184,9 @@ pub fn index(d: &Desired) -> Index {
         format!("{:?}", d.mesh_tls),
         MESH_TLS_REASON,
     );
+    if let Some((key, value)) = mode {
+        part(key, value, PUBLIC_MODE_REASON);
+    }
     if let Some(g) = &d.gateway {
         for l in &g.listeners {
             let mut u = Unit::new(format!("gateway-listener/{}", l.name), Change::Replace);

@@ -479,3 +479,75 @@ fn remove_section(o: &mut Objects, key: &str) {
     let children = format!("{key}/");
     o.retain(|k, _| k != key && !k.starts_with(&children));
 }
+
+/// The phase of the one ordering rule an operation belongs to.
+fn phase(op: &Op) -> u8 {
+    match op {
+        Op::DeleteFrontend(_) => 0,
+        Op::DeleteServer { .. } => 1,
+        Op::DeleteBackend(_) => 2,
+        Op::CreateBackend(_)
+        | Op::ReplaceBackend(_)
+        | Op::CreateServer(_)
+        | Op::ReplaceServer(_) => 3,
+        Op::CreateFrontend(_) | Op::ReplaceFrontend(_) | Op::CreateBind(_) | Op::ReplaceBind(_) => {
+            4
+        }
+    }
+}
+
+/// Pairs of states across the object kinds (upstreams, chain targets, exposed paths, the
+/// public listener): each plan follows the one ordering rule (a server after its backend
+/// too), and applied to the objects of the first lands on those of the second.
+#[test]
+fn every_kind_follows_one_ordering_rule_and_lands_on_the_target() {
+    let with = paths();
+    let mut without = with.clone();
+    without.exposed.remove(0);
+    let mut moved = with.clone();
+    moved.exposed[0].path = "/stats".into();
+    let mut http = client();
+    http.sidecar_mut().mode = crate::model::Mode::Http;
+    http.sidecar_mut().app_port = 9999;
+    let mut grown = client();
+    let many: Vec<Server> = (0..MIN_SLOTS + 1)
+        .map(|i| server(&format!("i{i}.n"), 22000 + i as u16))
+        .collect();
+    grown.upstreams[0].slots = place(many, &grown.upstreams[0].slots);
+    let split = chained("split");
+    let pairs = [
+        (client(), split.clone()),
+        (split, client()),
+        (without.clone(), with.clone()),
+        (with.clone(), without),
+        (with, moved),
+        (client(), http),
+        (client(), grown.clone()),
+        (grown, client()),
+    ];
+    for (a, b) in &pairs {
+        let p = plan(a, b);
+        let phases: Vec<u8> = p.ops.iter().map(phase).collect();
+        assert!(phases.windows(2).all(|w| w[0] <= w[1]), "{:#?}", p.ops);
+        // A server created with its backend comes after it.
+        let created = |name: &str| {
+            p.ops
+                .iter()
+                .position(|o| matches!(o, Op::CreateBackend(b) if b.name == name))
+        };
+        for (i, op) in p.ops.iter().enumerate() {
+            if let Op::CreateServer(s) | Op::ReplaceServer(s) = op {
+                assert!(created(&s.backend).is_none_or(|at| at < i), "{:#?}", p.ops);
+            }
+        }
+        let mut objects = objects_of(&from_scratch(a));
+        for op in p
+            .ops
+            .into_iter()
+            .chain(p.live.into_iter().map(Op::ReplaceServer))
+        {
+            apply_to_objects(&mut objects, op);
+        }
+        assert_eq!(objects, objects_of(&from_scratch(b)));
+    }
+}
