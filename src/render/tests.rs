@@ -670,3 +670,63 @@ fn files_come_roots_first_and_config_last() {
     assert!(cfg.contains("server s0 "), "{cfg}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An operator's template may read every field the view documents (ARCHITECTURE.md's render
+/// entry): each renders, under the name the built-in templates use.
+#[test]
+fn an_operator_template_reads_every_documented_field() {
+    let dir = std::env::temp_dir().join(format!("hcc-view-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let fields = [
+        "d.service",
+        "d.intentions",
+        "d.spoe_backend_mode",
+        "d.public.mode",
+        "d.paths.haproxy_cfg",
+        "d.paths.stats_socket",
+        "d.paths.metrics_socket",
+        "d.paths.spoe_conf",
+        "d.paths.spoe_socket",
+        "d.paths.leaf",
+        "d.paths.roots",
+        "d.paths.splits_map",
+        "d.paths.intentions_map",
+        "d.paths.gateway_map",
+        "d.paths.transparent_map",
+        "d.knobs.haproxy_log_level",
+        "version",
+        "hard_stop_after",
+        "check_defaults",
+        "spoe_backend",
+        "spoe_server",
+        "dataplane_userlist",
+        "dataplane_user",
+        "dataplane_password",
+    ];
+    let mut t: String = fields
+        .iter()
+        .map(|f| format!("{f}={{{{ {f} }}}}\n"))
+        .collect();
+    t.push_str("{% for p in d.knobs.haproxy_params %}{{ p.section }}.{{ p.key }}={{ p.value }}\n{% endfor %}");
+    t.push_str("{% for s in sections %}{{ s.comment }}|{{ s.header }}|{{ s.lines | length }}\n{% endfor %}");
+    std::fs::write(dir.join("haproxy.cfg.tera"), t).unwrap();
+    let templates = Templates::load(&dir).unwrap();
+    let s = snapshot(ANY, "server-sidecar-proxy", "ca-leaf-server.json");
+    let mut d = build(&s, &settings_in(&dir, true), None).unwrap();
+    d.knobs.haproxy_params.push(crate::config::HaproxyParam {
+        section: "global".into(),
+        key: "maxconn".into(),
+        value: "10".into(),
+    });
+    let files = render(&d, &creds(), &templates).unwrap();
+    let cfg = &files.last().unwrap().contents;
+    let _ = std::fs::remove_dir_all(&dir);
+    for f in fields {
+        assert!(cfg.contains(&format!("{f}=")), "{f} missing:\n{cfg}");
+    }
+    assert!(cfg.contains("d.service=server\n"), "{cfg}");
+    assert!(cfg.contains("d.public.mode=tcp\n") || cfg.contains("d.public.mode=http\n"));
+    assert!(cfg.contains("global.maxconn=10\n"), "{cfg}");
+    assert!(cfg.contains("|frontend public_listener|"), "{cfg}");
+}
