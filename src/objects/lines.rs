@@ -365,7 +365,7 @@ pub const PASSTHROUGH_BACKEND: &str = "be_hcc_passthrough";
 
 /// The outbound listener (tcp: a connection is routed by the address it was sent to before
 /// the redirect, `dst`, looked up in the transparent map) and its passthrough backend.
-/// Rendered only: a change of either takes a full render (`diff::Plan::transparent_changed`),
+/// Rendered only: a change of either takes a full render (`index`'s rendered-only part),
 /// while the routes change live through the map.
 pub fn outbound_sections(d: &Desired, o: &Outbound) -> Vec<Section> {
     let map = d.paths.transparent_map.display().to_string();
