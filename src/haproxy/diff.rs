@@ -116,51 +116,12 @@ impl Plan {
                 "a listener or server gets the mesh entry's TLS versions or ciphers, which the Dataplane API cannot set",
             );
         }
-        use crate::objects::FrontendKind as K;
         self.ops.iter().find_map(|op| match op {
-            Op::CreateBind(b) | Op::ReplaceBind(b) if b.unix_mode.is_some() => Some(
-                "a new unix socket listener has permissions the Dataplane API cannot set",
-            ),
-            Op::CreateFrontend(f) | Op::ReplaceFrontend(f)
-                if matches!(f.kind, K::Exposed { .. }) =>
-            {
-                Some(
-                    "an exposed path's listener needs an `http-request return` rule the Dataplane API cannot create",
-                )
-            }
-            Op::CreateBind(b) | Op::ReplaceBind(b) if b.h2 => {
-                Some("an http2 exposed path needs `proto h2`, which the Dataplane API cannot set")
-            }
-            Op::CreateServer(s) | Op::ReplaceServer(s) if s.h2 => Some(
-                "an HTTP/2 app or exposed path needs `proto h2`, which the Dataplane API cannot set",
-            ),
-            Op::CreateServer(s) | Op::ReplaceServer(s) if s.alpn.is_some() => Some(
-                "an HTTP/2 upstream's servers need `alpn h2`, which the Dataplane API cannot set",
-            ),
-            Op::CreateBackend(b) | Op::ReplaceBackend(b) if b.verifyhost.is_some() => Some(
-                "an upstream's servers get a certificate name to check (verifyhost), which the Dataplane API cannot set",
-            ),
-            Op::CreateFrontend(f) | Op::ReplaceFrontend(f)
-                if matches!(&f.kind, K::Upstream { routing } if !routing.is_empty()) =>
-            {
-                Some(
-                    "an upstream's discovery-chain routing changes, and the Dataplane API cannot write its rules in order",
-                )
-            }
-            Op::CreateFrontend(f) | Op::ReplaceFrontend(f)
-                if matches!(f.kind, K::Gateway { .. }) =>
-            {
-                Some(
-                    "a mesh gateway's listener changes, and the Dataplane API cannot write its SNI routing rules",
-                )
-            }
-            Op::CreateBackend(b) | Op::ReplaceBackend(b) if !b.queue.is_empty() => Some(
-                "an upstream's limits bound its queue with rules the Dataplane API cannot write",
-            ),
-            Op::CreateBackend(b) | Op::ReplaceBackend(b) if !b.target.is_empty() => Some(
-                "a discovery-chain target's settings (hashing, timeouts, retries) are not in the Dataplane API's models",
-            ),
-            _ => None,
+            Op::CreateFrontend(f) | Op::ReplaceFrontend(f) => f.beyond_dataplane(),
+            Op::CreateBind(b) | Op::ReplaceBind(b) => b.beyond_dataplane(),
+            Op::CreateBackend(b) | Op::ReplaceBackend(b) => b.beyond_dataplane(),
+            Op::CreateServer(s) | Op::ReplaceServer(s) => s.beyond_dataplane(),
+            Op::DeleteFrontend(_) | Op::DeleteBackend(_) | Op::DeleteServer { .. } => None,
         })
     }
 }

@@ -165,6 +165,68 @@ pub struct ServerSpec {
     pub maxconn: Option<Limit>,
 }
 
+/// What of an object Dataplane API v1.2.5's models cannot carry: a plan that creates or
+/// replaces such an object is applied by a full render instead, and this is why
+/// (`Plan::full_render_reason`). `None` where the models carry the whole object.
+impl FrontendSpec {
+    pub fn beyond_dataplane(&self) -> Option<&'static str> {
+        match &self.kind {
+            FrontendKind::Exposed { .. } => Some(
+                "an exposed path's listener needs an `http-request return` rule the Dataplane API cannot create",
+            ),
+            FrontendKind::Upstream { routing } if !routing.is_empty() => Some(
+                "an upstream's discovery-chain routing changes, and the Dataplane API cannot write its rules in order",
+            ),
+            FrontendKind::Gateway { .. } => Some(
+                "a mesh gateway's listener changes, and the Dataplane API cannot write its SNI routing rules",
+            ),
+            // The public listener's rules are the index's rendered-only parts.
+            FrontendKind::Public { .. } | FrontendKind::Upstream { .. } => None,
+        }
+    }
+}
+
+impl BindSpec {
+    pub fn beyond_dataplane(&self) -> Option<&'static str> {
+        if self.unix_mode.is_some() {
+            return Some("a new unix socket listener has permissions the Dataplane API cannot set");
+        }
+        self.h2
+            .then_some("an http2 exposed path needs `proto h2`, which the Dataplane API cannot set")
+    }
+}
+
+impl BackendSpec {
+    pub fn beyond_dataplane(&self) -> Option<&'static str> {
+        if self.verifyhost.is_some() {
+            return Some(
+                "an upstream's servers get a certificate name to check (verifyhost), which the Dataplane API cannot set",
+            );
+        }
+        if !self.queue.is_empty() {
+            return Some(
+                "an upstream's limits bound its queue with rules the Dataplane API cannot write",
+            );
+        }
+        (!self.target.is_empty()).then_some(
+            "a discovery-chain target's settings (hashing, timeouts, retries) are not in the Dataplane API's models",
+        )
+    }
+}
+
+impl ServerSpec {
+    pub fn beyond_dataplane(&self) -> Option<&'static str> {
+        if self.h2 {
+            return Some(
+                "an HTTP/2 app or exposed path needs `proto h2`, which the Dataplane API cannot set",
+            );
+        }
+        self.alpn.as_ref().map(|_| {
+            "an HTTP/2 upstream's servers need `alpn h2`, which the Dataplane API cannot set"
+        })
+    }
+}
+
 /// The template's `default-server` options for every checked server: down after two failed
 /// checks, up again after one good one, and a check that is a plain TCP connect to the
 /// instance's sidecar (no TLS handshake: the sidecar's port refuses until its HAProxy serves,
