@@ -363,10 +363,6 @@ impl Desired {
             .all(|(name, n)| *n == 0 || live.get(name).is_some_and(|l| *l > 0))
     }
 
-    pub fn exposed_listener(&self, name: &str) -> Option<&ExposedListener> {
-        self.exposed.iter().find(|e| e.name == name)
-    }
-
     /// The exposed listener whose frontend or backend is the HAProxy proxy `proxy`.
     pub fn exposed_of_proxy(&self, proxy: &str) -> Option<&ExposedListener> {
         self.exposed

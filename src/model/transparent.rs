@@ -301,7 +301,7 @@ mod tests {
         assert!(after.transparent.as_ref().unwrap().routes.is_empty());
         let p = crate::haproxy::diff::plan(&before, &after);
         assert!(
-            p.transparent_map_changed && !p.transparent_changed,
+            p.transparent_map_changed && p.rendered_only.is_empty(),
             "{p:#?}"
         );
         assert!(
