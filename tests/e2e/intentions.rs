@@ -354,12 +354,12 @@ fn on_an_http_listener_a_kept_alive_connection_is_judged_once_and_a_revocation_r
                 .server_sidecar
                 .logs()
                 .lines()
+                .rev()
                 .filter(|l| l.contains("intentions table updated") && l.contains("other =>"))
-                .filter_map(|l| {
+                .find_map(|l| {
                     l.rsplit_once("generation ")
                         .map(|(_, g)| g.trim().to_string())
-                })
-                .last();
+                });
             wanted.is_some()
         },
     )
