@@ -528,11 +528,6 @@ impl Consul {
             .ok_or_else(|| Error::msg(format!("{AGENT_SELF_PATH} has no Member.Addr")))
     }
 
-    /// A one-shot GET that must answer 200 with JSON of type `T`.
-    pub fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T> {
-        api::parse(path, &self.get_ok(path)?)
-    }
-
     /// A one-shot GET that must answer 200; its body.
     pub fn get_ok(&self, path: &str) -> Result<String> {
         let answer = self
