@@ -296,7 +296,7 @@ impl Runner {
                 self.sink.watch_error(&self.path);
                 // A failed blocking query starts over without an index, as Consul's watcher does.
                 index = 0;
-                let delay = backoff(&self.timing, failures);
+                let delay = self.timing.backoff(failures);
                 if last_error.as_deref() != Some(error.as_str()) {
                     log::warn!(
                         "cannot read {} from Consul at {}: {error}; retrying in {:.1}s",
@@ -355,7 +355,7 @@ impl Runner {
                         last_error = e;
                     }
                     self.sink.watch_error(&self.path);
-                    backoff(&self.timing, failures)
+                    self.timing.backoff(failures)
                 }
             };
             self.pause(pause);
@@ -373,14 +373,21 @@ pub fn next_index(previous: u64, returned: Option<u64>) -> u64 {
     }
 }
 
-/// Exponential backoff with full jitter in [d/2, d].
-pub fn backoff(timing: &Timing, failures: u32) -> Duration {
-    let exp = timing
-        .backoff_min
-        .saturating_mul(1u32 << failures.saturating_sub(1).min(16));
-    let d = exp.min(timing.backoff_max);
+/// The pause before attempt `failures + 1`: exponential from `min` (the first failure waits
+/// `min`), capped at `max`, with jitter in [d/2, d] so that watchers that failed together do
+/// not retry together. The one backoff of the crate's retries (watches, proxy lookup, JWKS).
+pub fn backoff(min: Duration, max: Duration, failures: u32) -> Duration {
+    let exp = min.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
+    let d = exp.min(max);
     let half = d / 2;
     half + half.mul_f64(crate::random::jitter_fraction())
+}
+
+impl Timing {
+    /// `backoff` between this timing's bounds.
+    pub fn backoff(&self, failures: u32) -> Duration {
+        backoff(self.backoff_min, self.backoff_max, failures)
+    }
 }
 
 #[cfg(test)]
@@ -401,13 +408,13 @@ mod tests {
     fn backoff_grows_is_capped_and_jittered() {
         let t = Timing::default();
         for failures in 1..40 {
-            let d = backoff(&t, failures);
+            let d = t.backoff(failures);
             let cap = t
                 .backoff_min
                 .saturating_mul(1 << (failures - 1).min(16))
                 .min(t.backoff_max);
             assert!(d >= cap / 2 && d <= cap, "{failures}: {d:?} vs {cap:?}");
         }
-        assert!(backoff(&t, 30) <= t.backoff_max);
+        assert!(t.backoff(30) <= t.backoff_max);
     }
 }

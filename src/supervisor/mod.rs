@@ -363,7 +363,7 @@ fn find_proxy(
             Err(LookupError::Consul(e)) => format!("waiting for the Consul agent: {e}"),
         };
         failures += 1;
-        let delay = crate::consul::watch::backoff(&timing, failures);
+        let delay = timing.backoff(failures);
         if problem != last {
             log::warn!("{problem}; retrying in {:.1}s", delay.as_secs_f64());
             last = problem;
