@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use crate::cli::Options;
 
 use crate::consul::client::{Consul, LogoutOnDrop, LookupError};
-use crate::consul::kinds::{read_once, Role};
+use crate::consul::kinds::{read_once, Role, Watch};
 use crate::consul::Update;
 use crate::error::{usage, Error, Fatal};
 use crate::model::{self, Desired, Paths};
@@ -87,7 +87,20 @@ fn read_all(consul: &Consul, role: &Role, snapshot: &mut Snapshot) -> crate::err
             return Ok(());
         }
         for watch in new {
-            match read_once(consul, &watch)? {
+            let answer = match read_once(consul, &watch) {
+                // What a run does not wait for, nor an earlier dry run read strictly: the
+                // mesh entry (a token may not read it) and the agent's address (exposed
+                // checks' listeners then admit loopback and the sidecar's own addresses).
+                Err(e) if matches!(watch, Watch::Mesh | Watch::AgentAddress) => {
+                    log::warn!("{e}; going on without it");
+                    match watch {
+                        Watch::Mesh => Some(Update::Mesh(Vec::new())),
+                        _ => None,
+                    }
+                }
+                other => other?,
+            };
+            match answer {
                 Some(Update::RegistrationGone) => {
                     return Err(Error::msg(format!(
                         "the proxy {:?} was deregistered",

@@ -123,6 +123,7 @@ impl Watchers {
                 unknown,
                 ..
             } => (path.clone(), *mode, *unknown),
+            // A call reads no path itself: `path` only names its failures, and `mode` is unused.
             How::Call { path, .. } => (path.to_string(), WatchMode::Index, None),
         };
         if let (Watch::Instances(key, _), WatchMode::Poll(every)) = (watch, mode) {
