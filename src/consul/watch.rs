@@ -395,6 +395,41 @@ impl Timing {
 mod tests {
     use super::*;
 
+    struct Nowhere;
+
+    impl Sink for Nowhere {
+        fn update(&self, _: Update) {}
+    }
+
+    /// The running watches are the wanted set: one no longer wanted is stopped (its thread
+    /// ends at its next return), a new one is started, one still wanted keeps its thread.
+    #[test]
+    fn the_running_watches_follow_the_wanted_set() {
+        let settings = crate::config::ConsulSettings {
+            // Nothing answers: the threads back off until stopped.
+            endpoints: vec![crate::config::Endpoint::parse("127.0.0.1:9").unwrap()],
+            token: None,
+            tls: crate::config::TlsFiles::default(),
+            catalog_node: None,
+            login: None,
+        };
+        let consul = Consul::new(&settings).unwrap();
+        let mut w = Watchers::start(consul, Arc::new(Nowhere), Timing::default());
+        w.follow(&BTreeSet::from([Watch::Roots, Watch::Mesh]));
+        let roots = w.running[&Watch::Roots].stop.clone();
+        let mesh = w.running[&Watch::Mesh].stop.clone();
+        w.follow(&BTreeSet::from([Watch::Roots, Watch::Intentions]));
+        let running: Vec<&Watch> = w.running.keys().collect();
+        assert_eq!(running, [&Watch::Roots, &Watch::Intentions]);
+        assert!(mesh.load(Ordering::SeqCst), "no longer wanted: stopped");
+        assert!(
+            Arc::ptr_eq(&w.running[&Watch::Roots].stop, &roots) && !roots.load(Ordering::SeqCst),
+            "still wanted: the same thread, running"
+        );
+        drop(w);
+        assert!(roots.load(Ordering::SeqCst), "dropped watchers stop theirs");
+    }
+
     #[test]
     fn index_rules() {
         assert_eq!(next_index(0, Some(12)), 12);
