@@ -1,20 +1,14 @@
 //! `--dry-run`: the configuration the sidecar would write now, from one-shot reads of the same
-//! Consul endpoints the watchers follow. Nothing is started or written.
+//! watches a run follows (`Snapshot::watches`), read until the answers want nothing new.
+//! Nothing is started or written.
+
+use std::collections::BTreeSet;
 
 use crate::cli::Options;
 
-use crate::consul::api::{AgentService, QueryResult, ServiceTopology};
-use crate::consul::chain::{
-    chain_path, parse_chain, serving, target_health_path, targets_to_watch,
-};
-use crate::consul::client::{
-    endpoints_path, leaf_path, topology_path, Consul, LogoutOnDrop, LookupError,
-    EXPORTED_SERVICES_PATH, MESH_PATH, ROOTS_PATH,
-};
-use crate::consul::{
-    destinations, exported_destinations, exposed_checks_of, is_transparent, DestinationKey,
-    DestinationKind, Update,
-};
+use crate::consul::client::{Consul, LogoutOnDrop, LookupError};
+use crate::consul::kinds::{read_once, Role, Watch};
+use crate::consul::Update;
 use crate::error::{usage, Error, Fatal};
 use crate::model::{self, Desired, Paths};
 use crate::render::{self, DataplaneCredentials};
@@ -39,77 +33,17 @@ pub fn dry_run(opts: &Options) -> Result<Vec<render::File>, Fatal> {
         agentless: consul.source().is_agentless(),
         ..Snapshot::default()
     };
-    let source = consul.source();
-    let reg: AgentService = match source.parse_registration(
-        &proxy_id,
-        &consul.get_ok(&source.registration_path(&proxy_id))?,
-    )? {
-        Update::Registration(reg) => reg,
-        _ => return Err(Error::msg(format!("the proxy {proxy_id:?} was deregistered")).into()),
+    // A gateway registers nothing here: a dry run of `-register` needs the gateway
+    // registered already.
+    let role = Role {
+        proxy_id: proxy_id.clone(),
+        gateway: gateway.is_some(),
+        agentless: consul.source().is_agentless(),
+        // Only what the output shows: a run reads the intentions even when not enforcing, to
+        // warn of a deny it ignores, which a dry run has no use for.
+        intentions: opts.enable_intentions && gateway.is_none(),
     };
-    let service = if gateway.is_some() {
-        reg.service.clone()
-    } else {
-        reg.proxy
-            .as_ref()
-            .map(|p| p.destination_service_name.clone())
-            .unwrap_or_default()
-    };
-    if is_transparent(&reg) {
-        let topology: ServiceTopology = consul.get_json(&topology_path(&service))?;
-        snapshot.apply(Update::IntentionUpstreams(topology.allowed()));
-    }
-    // A gateway's destinations are the services exported (it registers nothing here: a
-    // dry run of `-register` needs the gateway registered already).
-    let keys = if gateway.is_some() {
-        let entries: Vec<crate::consul::api::ExportedServicesEntry> =
-            consul.get_json(EXPORTED_SERVICES_PATH)?;
-        let keys = exported_destinations(&entries);
-        snapshot.apply(Update::ExportedServices(entries));
-        keys
-    } else {
-        destinations(&reg, snapshot.implicit_upstreams())
-    };
-    for key in keys {
-        let path = endpoints_path(&key);
-        let entries = match key.kind {
-            DestinationKind::Service => consul.get_json(&path)?,
-            DestinationKind::PreparedQuery => consul.get_json::<QueryResult>(&path)?.nodes,
-        };
-        if key.kind == DestinationKind::Service && gateway.is_none() {
-            let chain = parse_chain(&consul.get_ok(&chain_path(&key))?)?;
-            for target in targets_to_watch(&chain, &key) {
-                let entries = consul.get_json(&target_health_path(&target))?;
-                snapshot.apply(Update::TargetEndpoints(target, serving(entries)));
-            }
-            snapshot.apply(Update::Chain(key.clone(), chain));
-        }
-        snapshot.apply(Update::Endpoints(key, entries));
-    }
-    if let Some(id) = exposed_checks_of(&reg) {
-        snapshot.apply(source.parse_checks(&consul.get_ok(&source.checks_path(&id))?)?);
-    }
-    if source.is_agentless() && !service.is_empty() {
-        let own = DestinationKey {
-            kind: DestinationKind::Service,
-            name: service.clone(),
-            datacenter: String::new(),
-        };
-        let chain = parse_chain(&consul.get_ok(&chain_path(&own))?)?;
-        snapshot.apply(Update::ServiceProtocol(chain.protocol));
-    }
-    snapshot.apply(Update::Registration(reg));
-    snapshot.apply(Update::Leaf(consul.get_json(&leaf_path(&service))?));
-    snapshot.apply(Update::Roots(consul.get_json(ROOTS_PATH)?));
-    // The mesh entry's TLS settings, as a run reads them; a Consul before 1.10 has no such
-    // kind and says so with an error status: none.
-    let mesh = consul.get(MESH_PATH, None)?;
-    let entries = if mesh.status == 200 {
-        crate::consul::api::parse(MESH_PATH, &mesh.body)?
-    } else {
-        Vec::new()
-    };
-    snapshot.apply(Update::Mesh(entries));
+    read_all(&consul, &role, &mut snapshot)?;
     let workdir = opts
         .base_path
         .join(format!("hcc-{}-dry-run", crate::names::sanitize(&proxy_id)));
@@ -141,6 +75,46 @@ pub fn dry_run(opts: &Options) -> Result<Vec<render::File>, Fatal> {
         &DataplaneCredentials::from_secret(&crate::random::bytes()?),
         &templates,
     )?)
+}
+
+/// Reads every watch the snapshot wants, once, until the answers want nothing new: what a
+/// run's watchers would have read by the time it first renders.
+fn read_all(consul: &Consul, role: &Role, snapshot: &mut Snapshot) -> crate::error::Result<()> {
+    let mut read = BTreeSet::new();
+    loop {
+        let new: Vec<_> = snapshot.watches(role).difference(&read).cloned().collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        for watch in new {
+            let answer = match read_once(consul, &watch) {
+                // What a run does not wait for, nor an earlier dry run read strictly: the
+                // mesh entry (a token may not read it) and the agent's address (exposed
+                // checks' listeners then admit loopback and the sidecar's own addresses).
+                Err(e) if matches!(watch, Watch::Mesh | Watch::AgentAddress) => {
+                    log::warn!("{e}; going on without it");
+                    match watch {
+                        Watch::Mesh => Some(Update::Mesh(Vec::new())),
+                        _ => None,
+                    }
+                }
+                other => other?,
+            };
+            match answer {
+                Some(Update::RegistrationGone) => {
+                    return Err(Error::msg(format!(
+                        "the proxy {:?} was deregistered",
+                        role.proxy_id
+                    )))
+                }
+                Some(update) => {
+                    snapshot.apply(update);
+                }
+                None => {}
+            }
+            read.insert(watch);
+        }
+    }
 }
 
 /// A file as `--dry-run` prints it: private keys and the Dataplane API password replaced by a

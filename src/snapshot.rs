@@ -1,17 +1,18 @@
 //! The merged view of everything the sidecar needs from Consul. It changes only by whole
 //! `Update`s from the watchers, and says whether it is complete enough to act on.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::admission::Verdicts;
 use crate::consul::api::{
     AgentCheck, AgentService, CaRoots, ExportedServicesEntry, HealthEntry, IntentionEntry,
     JwtProviders, LeafCert,
 };
-use crate::consul::chain::{DiscoveryChain, TargetKey};
+use crate::consul::chain::{targets_to_watch, DiscoveryChain, TargetKey};
+use crate::consul::kinds::{Role, Watch};
 use crate::consul::{
-    destinations, exported_destinations, is_mesh_gateway, is_transparent, with_service_protocol,
-    Update,
+    destinations, exported_destinations, exposed_checks_of, is_mesh_gateway, is_transparent,
+    poll_intervals, with_service_protocol, Update,
 };
 use crate::consul::{DestinationKey, DestinationKind};
 
@@ -154,6 +155,86 @@ impl Snapshot {
         missing
     }
 
+    /// Everything that must be watched in Consul for what is known so far: the one list the
+    /// watchers follow, the dry run reads until it stops growing and the fixtures answer.
+    /// Each answer can only add what it names (a registration its upstreams, a chain its
+    /// targets, the exports their services), so reading until nothing new is wanted ends.
+    pub fn watches(&self, role: &Role) -> BTreeSet<Watch> {
+        let mut w = BTreeSet::from([
+            Watch::Registration(role.proxy_id.clone()),
+            Watch::Roots,
+            Watch::Mesh,
+        ]);
+        if role.gateway {
+            w.insert(Watch::ExportedServices);
+            for key in self.exported.iter().flat_map(|x| exported_destinations(x)) {
+                w.insert(Watch::Instances(key, None));
+            }
+        }
+        let Some(reg) = &self.registration else {
+            return w;
+        };
+        // A gateway's leaf is its own service's; a sidecar's, the service it fronts.
+        let service = if is_mesh_gateway(reg) {
+            reg.service.clone()
+        } else {
+            reg.proxy
+                .as_ref()
+                .map(|p| p.destination_service_name.clone())
+                .unwrap_or_default()
+        };
+        if !service.is_empty() {
+            w.insert(Watch::Leaf(service.clone()));
+            if role.agentless {
+                w.insert(Watch::ServiceProtocol(service.clone()));
+            }
+            if role.intentions {
+                w.insert(Watch::Intentions);
+                w.insert(Watch::AclDefaultPolicy(service.clone()));
+            }
+        }
+        // From the first intention that names a JWT provider on, for the rest of the run
+        // (Consul 1.8 has no such entries, and no such intentions).
+        let jwt = self.jwt_providers.is_some()
+            || self
+                .intentions
+                .iter()
+                .flatten()
+                .any(IntentionEntry::needs_jwt);
+        if role.intentions && jwt {
+            w.insert(Watch::JwtProviders);
+        }
+        if is_mesh_gateway(reg) {
+            return w;
+        }
+        if let Some(id) = exposed_checks_of(reg) {
+            w.insert(Watch::Checks(id));
+            // Agentless, no agent runs the checks: nothing to learn the address of.
+            if !role.agentless {
+                w.insert(Watch::AgentAddress);
+            }
+        }
+        if is_transparent(reg) && !service.is_empty() {
+            w.insert(Watch::Topology(service));
+        }
+        let polls = poll_intervals(reg);
+        for key in destinations(reg, self.implicit_upstreams()) {
+            if key.kind == DestinationKind::Service {
+                if let Some(chain) = self.chains.get(&key) {
+                    w.extend(
+                        targets_to_watch(chain, &key)
+                            .into_iter()
+                            .map(Watch::TargetInstances),
+                    );
+                }
+                w.insert(Watch::Chain(key.clone()));
+            }
+            let poll = polls.get(&key).copied();
+            w.insert(Watch::Instances(key, poll));
+        }
+        w
+    }
+
     /// The implicit upstreams read so far (transparent mode), empty until read.
     pub fn implicit_upstreams(&self) -> &[String] {
         self.intention_upstreams.as_deref().unwrap_or_default()
@@ -204,77 +285,4 @@ fn replace<T: PartialEq>(slot: &mut Option<T>, value: Option<T>) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn registration(config: &str) -> AgentService {
-        serde_json::from_str(&format!(
-            r#"{{"ID":"web-1-sidecar-proxy","Service":"web-sidecar-proxy","Kind":"connect-proxy",
-               "Proxy":{{"DestinationServiceName":"web","Config":{config}}}}}"#
-        ))
-        .unwrap()
-    }
-
-    fn protocol(s: &Snapshot) -> Option<&str> {
-        s.registration
-            .as_ref()?
-            .proxy
-            .as_ref()?
-            .config
-            .get("protocol")?
-            .as_str()
-    }
-
-    /// Agentless: the service's resolved protocol fills in what the catalog's registration does
-    /// not say, whichever comes first; a protocol of the registration's own wins.
-    #[test]
-    fn the_service_protocol_fills_in_the_catalog_registration() {
-        let mut s = Snapshot::default();
-        assert!(!s.apply(Update::ServiceProtocol("http".into())));
-        assert!(s.apply(Update::Registration(registration("{}"))));
-        assert_eq!(protocol(&s), Some("http"));
-        assert!(s.apply(Update::ServiceProtocol("grpc".into())));
-        assert_eq!(protocol(&s), Some("grpc"));
-        assert!(
-            !s.apply(Update::ServiceProtocol("grpc".into())),
-            "no change"
-        );
-        assert!(s.apply(Update::Registration(registration(r#"{"protocol":"tcp"}"#))));
-        assert_eq!(protocol(&s), Some("tcp"));
-    }
-
-    /// With intentions enforced, nothing is complete before the agent's first real table:
-    /// a listener started earlier would deny what the intentions allow.
-    #[test]
-    fn enforcing_waits_for_the_intentions_table() {
-        let roots: CaRoots = serde_json::from_str(
-            r#"{"TrustDomain":"t.consul","Roots":[{"ID":"r","RootCert":"x","Active":true}]}"#,
-        )
-        .unwrap();
-        let leaf: LeafCert =
-            serde_json::from_str(r#"{"CertPEM":"c","PrivateKeyPEM":"k","Service":"web"}"#).unwrap();
-        let mut s = Snapshot::default();
-        s.apply(Update::Registration(registration("{}")));
-        s.apply(Update::Leaf(leaf));
-        s.apply(Update::Roots(roots));
-        assert!(
-            s.missing().is_empty(),
-            "without enforcement: {:?}",
-            s.missing()
-        );
-        s.enforcing = true;
-        assert_eq!(s.missing(), ["the intentions", "the ACL default policy"]);
-        let jwt: IntentionEntry = serde_json::from_str(
-            r#"{"SourceName":"api","DestinationName":"web","Action":"allow","JWT":{"Providers":[{"Name":"okta"}]}}"#,
-        )
-        .unwrap();
-        s.apply(Update::Intentions(vec![jwt]));
-        s.apply(Update::AclDefaultPolicy("deny".into()));
-        assert_eq!(s.missing(), ["the jwt-provider config entries"]);
-        s.apply(Update::JwtProviders(JwtProviders::default()));
-        assert!(s.missing().is_empty(), "{:?}", s.missing());
-        s.apply(Update::Intentions(Vec::new()));
-        s.jwt_providers = None;
-        assert!(s.missing().is_empty(), "no intention names a provider");
-    }
-}
+mod tests;

@@ -18,6 +18,7 @@ use serde_json::Value;
 use super::watch::{Sink, WatchHandle};
 use super::Update;
 use crate::config::{Endpoint, TlsFiles};
+use crate::error::{Error, Result};
 use crate::http::{Client, Credential};
 
 /// Envoy's defaults, which Consul leaves in place.
@@ -47,32 +48,33 @@ pub struct Remote {
 
 /// Every remote JWKS the entries name, or why one cannot be fetched (URI, reason): then its
 /// provider verifies nothing and the requests that need it are denied.
-pub fn remotes(entries: &[Value]) -> Vec<Result<Remote, (String, String)>> {
+/// A URI that cannot be fetched comes with why, as text: it is compared to log a change once.
+pub fn remotes(entries: &[Value]) -> Vec<std::result::Result<Remote, (String, String)>> {
     entries
         .iter()
         .filter_map(|e| e.pointer("/JSONWebKeySet/Remote").filter(|r| !r.is_null()))
         .filter_map(|r| {
             let uri = r.get("URI").and_then(Value::as_str)?.to_string();
-            Some(remote(r, &uri).map_err(|why| (uri, why)))
+            Some(remote(r, &uri).map_err(|why| (uri, why.to_string())))
         })
         .collect()
 }
 
-fn remote(r: &Value, uri: &str) -> Result<Remote, String> {
+fn remote(r: &Value, uri: &str) -> Result<Remote> {
     let (endpoint, path) = split_uri(uri)?;
-    let duration = |v: Option<&Value>, what: &str| -> Result<Option<Duration>, String> {
+    let duration = |v: Option<&Value>, what: &str| -> Result<Option<Duration>> {
         match v {
             None | Some(Value::Null) => Ok(None),
             // Consul prints a Go duration as nanoseconds; a written entry may hold "5m".
             Some(Value::Number(n)) => match n.as_u64() {
                 Some(0) => Ok(None),
                 Some(ns) => Ok(Some(Duration::from_nanos(ns))),
-                None => Err(format!("{what} {n} is not a duration")),
+                None => Err(Error::msg(format!("{what} {n} is not a duration"))),
             },
             Some(Value::String(s)) => crate::value::go_duration_ms(s)
                 .map(|ms| (ms > 0).then(|| Duration::from_millis(ms)))
-                .ok_or_else(|| format!("{what} {s:?} is not a duration")),
-            Some(v) => Err(format!("{what} {v} is not a duration")),
+                .ok_or_else(|| Error::msg(format!("{what} {s:?} is not a duration"))),
+            Some(v) => Err(Error::msg(format!("{what} {v} is not a duration"))),
         }
     };
     let timeout = match r.get("RequestTimeoutMs").and_then(Value::as_u64) {
@@ -106,10 +108,9 @@ fn remote(r: &Value, uri: &str) -> Result<Remote, String> {
                 .filter(|f| !f.is_empty())
             {
                 Some(f) => Some(PathBuf::from(f)),
-                None => return Err(
-                    "JWKSCluster.TLSCertificates other than TrustedCA.Filename are not supported"
-                        .into(),
-                ),
+                None => return Err(Error::msg(
+                    "JWKSCluster.TLSCertificates other than TrustedCA.Filename are not supported",
+                )),
             },
         };
     Ok(Remote {
@@ -126,11 +127,11 @@ fn remote(r: &Value, uri: &str) -> Result<Remote, String> {
 }
 
 /// `http(s)://authority/path?query` → (`http(s)://authority`, `/path?query`).
-fn split_uri(uri: &str) -> Result<(String, String), String> {
+fn split_uri(uri: &str) -> Result<(String, String)> {
     let rest = uri
         .strip_prefix("https://")
         .or_else(|| uri.strip_prefix("http://"))
-        .ok_or("not an http or https URI")?;
+        .ok_or_else(|| Error::msg("not an http or https URI"))?;
     let scheme = &uri[..uri.len() - rest.len()];
     let (authority, path) = match rest.find(['/', '?']) {
         Some(i) => (&rest[..i], &rest[i..]),
@@ -142,7 +143,7 @@ fn split_uri(uri: &str) -> Result<(String, String), String> {
         path.to_string()
     };
     if authority.is_empty() || path.contains(char::is_whitespace) {
-        return Err("not a URI this sidecar can fetch".into());
+        return Err(Error::msg("not a URI this sidecar can fetch"));
     }
     Ok((format!("{scheme}{authority}"), path))
 }
@@ -220,11 +221,7 @@ fn run(r: &Remote, sink: &dyn Sink, stop: &AtomicBool) {
         let mut attempt = 0;
         while outcome.is_err() && attempt < r.retries && !stop.load(Ordering::SeqCst) {
             attempt += 1;
-            let exp = r.base.saturating_mul(1 << (attempt - 1).min(16)).min(r.max);
-            pause(
-                exp / 2 + (exp / 2).mul_f64(crate::random::jitter_fraction()),
-                stop,
-            );
+            pause(super::watch::backoff(r.base, r.max, attempt), stop);
             outcome = fetch(&client, r);
         }
         let next = match outcome {
@@ -241,6 +238,7 @@ fn run(r: &Remote, sink: &dyn Sink, stop: &AtomicBool) {
                 r.cache
             }
             Err(e) => {
+                let e = e.to_string();
                 if e != last_error {
                     log::warn!(
                         "cannot fetch the remote JWKS {:?}: {e}; {}",
@@ -262,17 +260,17 @@ fn run(r: &Remote, sink: &dyn Sink, stop: &AtomicBool) {
 
 /// One GET of the key set: its text, when the answer is a 200 with a JSON object of at most
 /// `MAX_JWKS` bytes (the agent's table parses the keys themselves).
-fn fetch(client: &Client, r: &Remote) -> Result<String, String> {
-    let answer = client.get(&r.path, r.timeout).map_err(|e| e.to_string())?;
+fn fetch(client: &Client, r: &Remote) -> Result<String> {
+    let answer = client.get(&r.path, r.timeout)?;
     if answer.status != 200 {
-        return Err(format!("status {}", answer.status));
+        return Err(Error::msg(format!("status {}", answer.status)));
     }
     if answer.body.len() > MAX_JWKS {
-        return Err(format!("larger than {MAX_JWKS} bytes"));
+        return Err(Error::msg(format!("larger than {MAX_JWKS} bytes")));
     }
     match serde_json::from_str::<Value>(&answer.body) {
         Ok(Value::Object(_)) => Ok(answer.body),
-        _ => Err("the answer is not a JSON object".into()),
+        _ => Err(Error::msg("the answer is not a JSON object")),
     }
 }
 

@@ -1,11 +1,13 @@
 //! Everything the sidecar reads from the local Consul agent: the response types (`api`), the
-//! client with its proxy lookup (`client`) and the blocking-query watchers (`watch`).
+//! client with its proxy lookup (`client`), what each kind of watch reads (`kinds`) and the
+//! blocking-query watchers (`watch`).
 //! This module knows nothing about HAProxy.
 
 pub mod api;
 pub mod chain;
 pub mod client;
 pub mod jwks;
+pub mod kinds;
 pub mod servers;
 pub mod source;
 pub mod watch;
@@ -310,5 +312,60 @@ mod tests {
         let (_, body) = gateway_registration(&MeshGateway { wan: None, ..gw });
         let v: Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["TaggedAddresses"]["wan"], v["TaggedAddresses"]["lan"]);
+    }
+
+    /// A prepared query is polled at the shortest valid `poll_interval` of the upstreams that
+    /// name it; a bad one, or one on a service upstream, asks for nothing (the default).
+    #[test]
+    fn poll_intervals_take_the_shortest_valid_one_per_query() {
+        let reg: AgentService = serde_json::from_str(
+            r#"{"ID":"c-sidecar-proxy","Service":"c-sidecar-proxy","Kind":"connect-proxy",
+               "Proxy":{"DestinationServiceName":"c","Upstreams":[
+                 {"DestinationType":"prepared_query","DestinationName":"pq","LocalBindPort":1,
+                  "Config":{"poll_interval":"2s"}},
+                 {"DestinationType":"prepared_query","DestinationName":"pq","LocalBindPort":2,
+                  "Config":{"poll_interval":"500ms"}},
+                 {"DestinationType":"prepared_query","DestinationName":"pq","LocalBindPort":3,
+                  "Config":{"poll_interval":"1ms"}},
+                 {"DestinationType":"prepared_query","DestinationName":"other","LocalBindPort":4,
+                  "Config":{"poll_interval":30}},
+                 {"DestinationName":"server","LocalBindPort":5,
+                  "Config":{"poll_interval":"1s"}}]}}"#,
+        )
+        .unwrap();
+        let polls = poll_intervals(&reg);
+        let got: Vec<(String, u64)> = polls
+            .iter()
+            .map(|(k, v)| (k.name.clone(), v.get()))
+            .collect();
+        assert_eq!(got, [("pq".to_string(), 500)]);
+        let bad = |v: serde_json::Value| {
+            let c = BTreeMap::from([("poll_interval".to_string(), v)]);
+            super::poll_interval(&c).map(|r| r.is_err())
+        };
+        assert_eq!(bad("99ms".into()), Some(true));
+        assert_eq!(bad("1000h".into()), Some(true));
+        assert_eq!(bad("30s\nx".into()), Some(true));
+        assert_eq!(bad("30s".into()), Some(false));
+        assert_eq!(bad(serde_json::Value::Null), None);
+    }
+
+    #[test]
+    fn destinations_are_deduplicated_and_keep_datacenters_apart() {
+        let reg: AgentService = serde_json::from_str(
+            r#"{"ID":"c-sidecar-proxy","Service":"c-sidecar-proxy","Kind":"connect-proxy",
+               "Proxy":{"DestinationServiceName":"c","Upstreams":[
+                 {"DestinationName":"server","LocalBindPort":9191},
+                 {"DestinationName":"server","LocalBindPort":9192},
+                 {"DestinationName":"server","Datacenter":"dc2","LocalBindPort":9193},
+                 {"DestinationType":"prepared_query","DestinationName":"pq","LocalBindPort":9194}]}}"#,
+        )
+        .unwrap();
+        let keys = destinations(&reg, &[]);
+        assert_eq!(keys.len(), 3, "{keys:?}");
+        assert!(keys.iter().any(|k| k.datacenter == "dc2"));
+        assert!(keys
+            .iter()
+            .any(|k| k.kind == DestinationKind::PreparedQuery && k.name == "pq"));
     }
 }

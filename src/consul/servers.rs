@@ -9,6 +9,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
 use crate::config::Endpoint;
+use crate::error::{Error, Result};
 
 /// One server requests can go to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,7 +46,7 @@ pub fn name_of(endpoint: &Endpoint) -> Option<&str> {
 /// for the log: what it resolved to, or why not.
 pub fn expand<R>(endpoints: &[Endpoint], resolve: R) -> (Vec<Server>, Vec<String>)
 where
-    R: Fn(&str) -> Result<Vec<SocketAddr>, String>,
+    R: Fn(&str) -> Result<Vec<SocketAddr>>,
 {
     let mut servers = Vec::new();
     let mut notes = Vec::new();
@@ -59,7 +60,7 @@ where
         };
         let resolved = resolve(name).and_then(|a| {
             if a.is_empty() {
-                Err("no address".to_string())
+                Err(Error::msg("no address"))
             } else {
                 Ok(a)
             }
@@ -180,8 +181,15 @@ mod tests {
 
     #[test]
     fn a_name_that_does_not_resolve_stays_as_given_and_says_why() {
-        for answer in [Err("no such host".to_string()), Ok(Vec::new())] {
-            let (servers, notes) = expand(&[ep("gone:8500")], |_| answer.clone());
+        for failed in [true, false] {
+            let answer = || {
+                if failed {
+                    Err(Error::msg("no such host"))
+                } else {
+                    Ok(Vec::new())
+                }
+            };
+            let (servers, notes) = expand(&[ep("gone:8500")], |_| answer());
             assert_eq!(
                 servers,
                 [Server {

@@ -2,28 +2,18 @@
 //! it watches really changed (an index that moved over the same content sends nothing), survives
 //! an unreachable agent by backing off with jitter, and follows Consul's index rules: an index
 //! that goes backwards resets to 0, and an index of 0 after the first answer is clamped to 1.
+//! Which watches run is the caller's (`Watchers::follow` takes the wanted set); what each reads
+//! is its kind's (`kinds`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::api::{
-    self, AgentSelf, AgentService, CaRoots, ExportedServicesEntry, HealthEntry, IntentionEntry,
-    JwtProviders, LeafCert, QueryResult, ServiceTopology,
-};
-use super::chain::{
-    chain_path, parse_chain, serving, target_health_path, targets_to_watch, DiscoveryChain,
-    TargetKey,
-};
-use super::client::{
-    endpoints_path, leaf_path, topology_path, Consul, AGENT_SELF_PATH, AUTHORIZE_PATH,
-    EXPORTED_SERVICES_PATH, INTENTIONS_PATH, JWT_PROVIDERS_PATH, MESH_PATH, ROOTS_PATH,
-};
-use super::{
-    destinations, exported_destinations, exposed_checks_of, is_mesh_gateway, is_transparent,
-    poll_intervals, DestinationKey, DestinationKind, Update,
-};
+use super::api::JwtProviders;
+use super::client::Consul;
+use super::kinds::{Call, How, Spec, Watch, WatchMode};
+use super::{DestinationKind, Update};
 use crate::http::encode;
 
 /// Where watchers deliver updates and report their health (for metrics and logs).
@@ -61,14 +51,6 @@ impl Default for Timing {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum WatchMode {
-    Index,
-    Hash,
-    /// Read again after this pause: the endpoint cannot block.
-    Poll(Duration),
-}
-
 /// A handle that stops its watcher thread at the next return of its query.
 pub struct WatchHandle {
     stop: Arc<AtomicBool>,
@@ -87,152 +69,39 @@ impl Drop for WatchHandle {
     }
 }
 
-/// The watchers of one sidecar: the fixed ones (registration, leaf, roots) and one per upstream
-/// destination, started and stopped as the registration changes.
+/// The watchers of one sidecar: one thread per wanted watch, started and stopped as the wanted
+/// set changes, and the fetchers of the remote JWKS the `jwt-provider` entries name.
 pub struct Watchers {
     consul: Consul,
     sink: Arc<dyn Sink>,
     timing: Timing,
-    fixed: Vec<WatchHandle>,
-    leaf_for: Option<(String, WatchHandle)>,
-    /// Each destination's watch, with the poll interval it was started with (prepared
-    /// queries; a new `poll_interval` restarts the watch).
-    destinations: BTreeMap<DestinationKey, (WatchHandle, Duration)>,
-    /// The discovery chain of each service destination.
-    chains: BTreeMap<DestinationKey, WatchHandle>,
-    /// The instances of each chain target that is not a destination itself.
-    targets: BTreeMap<TargetKey, WatchHandle>,
-    /// The agent's checks of this service instance, while `Expose.Checks` asks for them.
-    checks_for: Option<(String, WatchHandle)>,
-    /// Whether the agent's address was asked for (once, for `Expose.Checks`).
-    agent_address_started: bool,
-    /// Agentless: the proxied service's own discovery chain, for the protocol an agent would
-    /// have merged into the registration.
-    protocol_for: Option<(String, WatchHandle)>,
-    /// Transparent mode's watch (intention upstreams of the service; the mesh entry is
-    /// watched for every sidecar).
-    transparent_for: Option<(String, WatchHandle)>,
-    /// Whether to watch intentions; started once the service name is known.
-    intentions: bool,
-    intentions_started: bool,
-    /// Whether the `jwt-provider` entries are watched: from the first intention that names a
-    /// JWT provider on (Consul 1.8 has no such entries, and no such intentions).
-    jwt_started: bool,
-    /// The fetchers of the remote JWKS the `jwt-provider` entries name.
+    running: BTreeMap<Watch, WatchHandle>,
     jwks: super::jwks::Fetchers,
 }
 
 impl Watchers {
-    /// Starts the registration and roots watches.
-    pub fn start(
-        consul: Consul,
-        proxy_id: &str,
-        sink: Arc<dyn Sink>,
-        timing: Timing,
-        intentions: bool,
-    ) -> Self {
-        let mut w = Watchers {
+    /// Watchers that watch nothing until `follow` says what.
+    pub fn start(consul: Consul, sink: Arc<dyn Sink>, timing: Timing) -> Self {
+        Watchers {
             consul,
             sink,
             timing,
-            fixed: Vec::new(),
-            leaf_for: None,
-            destinations: BTreeMap::new(),
-            chains: BTreeMap::new(),
-            targets: BTreeMap::new(),
-            checks_for: None,
-            protocol_for: None,
-            agent_address_started: false,
-            transparent_for: None,
-            intentions,
-            intentions_started: false,
-            jwt_started: false,
+            running: BTreeMap::new(),
             jwks: super::jwks::Fetchers::default(),
-        };
-        let source = w.consul.source().clone();
-        let id = proxy_id.to_string();
-        let h = w.spawn(
-            format!("registration of {proxy_id}"),
-            source.registration_path(proxy_id),
-            if source.registration_by_hash() {
-                WatchMode::Hash
-            } else {
-                WatchMode::Index
-            },
-            move |body| source.parse_registration(&id, body),
-        );
-        w.fixed.push(h);
-        let h = w.spawn(
-            "CA roots".into(),
-            ROOTS_PATH.into(),
-            WatchMode::Index,
-            |body| api::parse::<CaRoots>("the CA roots", body).map(Update::Roots),
-        );
-        w.fixed.push(h);
-        // Consul before 1.10 has no `mesh` kind and says so: then there is none, for good.
-        let h = w.spawn_with(
-            "mesh config entries".into(),
-            MESH_PATH.into(),
-            WatchMode::Index,
-            Some("invalid config entry kind"),
-            |body| api::parse::<Vec<serde_json::Value>>("the mesh entries", body).map(Update::Mesh),
-        );
-        w.fixed.push(h);
-        w
+        }
     }
 
-    /// Starts the intentions list watch (blocking) and the default-policy watch for `service`.
-    fn watch_intentions(&mut self, service: &str) {
-        let h = self.spawn(
-            "intentions".into(),
-            INTENTIONS_PATH.into(),
-            WatchMode::Index,
-            |body| {
-                api::parse::<Vec<IntentionEntry>>("the intentions list", body)
-                    .map(Update::Intentions)
-            },
-        );
-        self.fixed.push(h);
-        let stop = Arc::new(AtomicBool::new(false));
-        let watch = DefaultPolicyWatch {
-            consul: self.consul.clone(),
-            sink: self.sink.clone(),
-            timing: self.timing,
-            service: service.to_string(),
-            stop: stop.clone(),
-        };
-        let spawned = std::thread::Builder::new()
-            .name("watch default".into())
-            .stack_size(256 * 1024)
-            .spawn(move || watch.run());
-        if let Err(e) = spawned {
-            log::error!("cannot start the default-policy watcher: {e}");
+    /// Brings the running watches in line with `wanted`: those no longer wanted stop at their
+    /// next return, the new ones start. A watch that ended by itself (read once, or a kind the
+    /// agent does not have) stays counted as running, so it is not started again.
+    pub fn follow(&mut self, wanted: &BTreeSet<Watch>) {
+        self.running.retain(|w, _| wanted.contains(w));
+        for w in wanted {
+            if !self.running.contains_key(w) {
+                let h = self.spawn(w);
+                self.running.insert(w.clone(), h);
+            }
         }
-        self.fixed.push(WatchHandle { stop });
-    }
-
-    /// Starts the `jwt-provider` watch the first time an intention of the cluster names a JWT
-    /// provider; it then runs for the rest of the run.
-    pub fn follow_intentions(&mut self, intentions: &[IntentionEntry]) {
-        if self.jwt_started || !intentions.iter().any(IntentionEntry::needs_jwt) {
-            return;
-        }
-        self.jwt_started = true;
-        let h = self.spawn(
-            "jwt-provider config entries".into(),
-            JWT_PROVIDERS_PATH.into(),
-            WatchMode::Index,
-            |body| {
-                let entries = api::parse::<Vec<serde_json::Value>>("the jwt-provider list", body)?;
-                let files = read_jwks_files(&entries);
-                Ok(Update::JwtProviders(JwtProviders {
-                    entries,
-                    files,
-                    remote: BTreeMap::new(),
-                }))
-            },
-        );
-        self.fixed.push(h);
     }
 
     /// Starts a fetcher for each remote JWKS the `jwt-provider` entries name, and stops those
@@ -241,248 +110,48 @@ impl Watchers {
         self.jwks.follow(&providers.entries, &self.sink);
     }
 
-    /// Starts the watch of the `exported-services` config entries: a mesh gateway's routes.
-    pub fn watch_exports(&mut self) {
-        let h = self.spawn(
-            "exported services".into(),
-            EXPORTED_SERVICES_PATH.into(),
-            WatchMode::Index,
-            |body| {
-                api::parse::<Vec<ExportedServicesEntry>>("the exported-services entries", body)
-                    .map(Update::ExportedServices)
-            },
+    fn spawn(&self, watch: &Watch) -> WatchHandle {
+        let Spec { what, how } = watch.spec(
+            &self.consul,
+            self.timing.query_poll,
+            self.timing.checks_poll,
         );
-        self.fixed.push(h);
-    }
-
-    /// Brings a mesh gateway's instance watches in line with what is exported: one health
-    /// watch per exported service, stopped when no entry names it any more.
-    pub fn follow_exports(&mut self, entries: &[ExportedServicesEntry]) {
-        let wanted = exported_destinations(entries);
-        self.destinations.retain(|k, _| wanted.contains(k));
-        for key in wanted {
-            if !self.destinations.contains_key(&key) {
-                let h = self.spawn_destination(key.clone(), self.timing.query_poll);
-                self.destinations.insert(key, (h, self.timing.query_poll));
-            }
-        }
-    }
-
-    /// Brings the leaf and destination watches in line with a (new) registration and, in
-    /// transparent mode, the implicit upstreams read so far.
-    pub fn follow(&mut self, registration: &AgentService, implicit: &[String]) {
-        // A gateway's leaf is its own service's; a sidecar's, the service it fronts.
-        let service = if is_mesh_gateway(registration) {
-            registration.service.clone()
-        } else {
-            registration
-                .proxy
-                .as_ref()
-                .map(|p| p.destination_service_name.clone())
-                .unwrap_or_default()
+        let (path, mode, unknown) = match &how {
+            How::Get {
+                path,
+                mode,
+                unknown,
+                ..
+            } => (path.clone(), *mode, *unknown),
+            // A call reads no path itself: `path` only names its failures, and `mode` is unused.
+            How::Call { path, .. } => (path.to_string(), WatchMode::Index, None),
         };
-        if !service.is_empty() && self.leaf_for.as_ref().map(|(s, _)| s) != Some(&service) {
-            let h = self.spawn(
-                format!("leaf certificate of {service}"),
-                leaf_path(&service),
-                WatchMode::Index,
-                |body| api::parse::<LeafCert>("the leaf certificate", body).map(Update::Leaf),
-            );
-            self.leaf_for = Some((service.clone(), h));
-        }
-        if self.consul.source().is_agentless()
-            && !service.is_empty()
-            && self.protocol_for.as_ref().map(|(s, _)| s) != Some(&service)
-        {
-            let key = DestinationKey {
-                kind: DestinationKind::Service,
-                name: service.clone(),
-                datacenter: String::new(),
-            };
-            let h = self.spawn(
-                format!("protocol of {service}"),
-                chain_path(&key),
-                WatchMode::Index,
-                |body| parse_chain(body).map(|c| Update::ServiceProtocol(c.protocol)),
-            );
-            self.protocol_for = Some((service.clone(), h));
-        }
-        if self.intentions && !self.intentions_started && !service.is_empty() {
-            self.intentions_started = true;
-            self.watch_intentions(&service);
-        }
-
-        if is_mesh_gateway(registration) {
-            // Its instance watches follow the exported services (`follow_exports`).
-            return;
-        }
-        match exposed_checks_of(registration) {
-            None => self.checks_for = None,
-            Some(id) if self.checks_for.as_ref().map(|(s, _)| s) != Some(&id) => {
-                let source = self.consul.source().clone();
-                let h = self.spawn(
-                    format!("checks of {id}"),
-                    source.checks_path(&id),
-                    if source.checks_block() {
-                        WatchMode::Index
-                    } else {
-                        WatchMode::Poll(self.timing.checks_poll)
-                    },
-                    move |body| source.parse_checks(body),
-                );
-                self.checks_for = Some((id, h));
-                // Agentless, no agent runs the checks: nothing to learn the address of.
-                if !self.agent_address_started && !self.consul.source().is_agentless() {
-                    self.agent_address_started = true;
-                    self.read_agent_address();
-                }
-            }
-            Some(_) => {}
-        }
-
-        if !is_transparent(registration) || service.is_empty() {
-            self.transparent_for = None;
-        } else if self.transparent_for.as_ref().map(|(s, _)| s) != Some(&service) {
-            let topology = self.spawn(
-                format!("intention upstreams of {service}"),
-                topology_path(&service),
-                WatchMode::Index,
-                |body| {
-                    api::parse::<ServiceTopology>("the service topology", body)
-                        .map(|t| Update::IntentionUpstreams(t.allowed()))
-                },
-            );
-            // The mesh entry (MeshDestinationsOnly) is watched for every sidecar (`start`).
-            self.transparent_for = Some((service.clone(), topology));
-        }
-
-        let wanted = destinations(registration, implicit);
-        let intervals = poll_intervals(registration);
-        self.destinations.retain(|k, _| wanted.contains(k));
-        self.chains.retain(|k, _| wanted.contains(k));
-        for key in wanted {
-            if key.kind == DestinationKind::Service && !self.chains.contains_key(&key) {
-                let k = key.clone();
-                let h = self.spawn(
-                    format!("discovery chain of {key}"),
-                    chain_path(&key),
-                    WatchMode::Index,
-                    move |body| parse_chain(body).map(|c| Update::Chain(k.clone(), c)),
-                );
-                self.chains.insert(key.clone(), h);
-            }
-            let every = intervals
-                .get(&key)
-                .map_or(self.timing.query_poll, |ms| Duration::from_millis(ms.get()));
-            if self
-                .destinations
-                .get(&key)
-                .is_some_and(|(_, was)| key.kind == DestinationKind::Service || *was == every)
-            {
-                continue;
-            }
-            // Dropping the old handle (if any) stops that watch at its next return.
-            let h = self.spawn_destination(key.clone(), every);
-            self.destinations.insert(key, (h, every));
-        }
-    }
-
-    /// Brings the target watches in line with the chains read so far: one blocking health
-    /// watch per target that is not a destination itself, stopped when no chain names it.
-    pub fn follow_chains(&mut self, chains: &BTreeMap<DestinationKey, DiscoveryChain>) {
-        let wanted: Vec<TargetKey> = chains
-            .iter()
-            .filter(|(k, _)| self.chains.contains_key(k))
-            .flat_map(|(k, c)| targets_to_watch(c, k))
-            .collect();
-        self.targets.retain(|k, _| wanted.contains(k));
-        for key in wanted {
-            if self.targets.contains_key(&key) {
-                continue;
-            }
-            let k = key.clone();
-            let h = self.spawn(
-                format!("instances of chain target {key}"),
-                target_health_path(&key),
-                WatchMode::Index,
-                move |body| {
-                    api::parse::<Vec<HealthEntry>>("a chain target's health query", body)
-                        .map(|entries| Update::TargetEndpoints(k.clone(), serving(entries)))
-                },
-            );
-            self.targets.insert(key, h);
-        }
-    }
-
-    fn spawn_destination(&self, key: DestinationKey, poll: Duration) -> WatchHandle {
-        let name = key.to_string();
-        let path = endpoints_path(&key);
-        match key.kind {
-            DestinationKind::Service => {
-                let k = key.clone();
-                self.spawn(
-                    format!("healthy instances of {name}"),
-                    path,
-                    WatchMode::Index,
-                    move |body| {
-                        api::parse::<Vec<HealthEntry>>("a health/connect query", body)
-                            .map(|entries| Update::Endpoints(k.clone(), entries))
-                    },
-                )
-            }
-            DestinationKind::PreparedQuery => {
-                let k = key.clone();
+        if let (Watch::Instances(key, _), WatchMode::Poll(every)) = (watch, mode) {
+            if key.kind == DestinationKind::PreparedQuery {
                 // Once per start: a new poll_interval restarts the watch, and says so.
-                log::info!("polling {name} every {} ms", poll.as_millis());
-                self.spawn(
-                    format!("instances of {name}"),
-                    path,
-                    WatchMode::Poll(poll),
-                    move |body| {
-                        api::parse::<QueryResult>("a prepared query", body)
-                            .map(|r| Update::Endpoints(k.clone(), r.nodes))
-                    },
-                )
+                log::info!("polling {key} every {} ms", every.as_millis());
             }
         }
-    }
-
-    fn spawn(
-        &self,
-        what: String,
-        path: String,
-        mode: WatchMode,
-        parse: impl Fn(&str) -> crate::error::Result<Update> + Send + 'static,
-    ) -> WatchHandle {
-        self.spawn_with(what, path, mode, None, parse)
-    }
-
-    /// `spawn`, for a path this agent may not know: an error answer containing `unknown`
-    /// means so, and the watch then reports an empty list (`parse` of `[]`) once and ends.
-    fn spawn_with(
-        &self,
-        what: String,
-        path: String,
-        mode: WatchMode,
-        unknown: Option<&'static str>,
-        parse: impl Fn(&str) -> crate::error::Result<Update> + Send + 'static,
-    ) -> WatchHandle {
         let stop = Arc::new(AtomicBool::new(false));
-        let watch = Watch {
+        let runner = Runner {
             consul: self.consul.clone(),
             sink: self.sink.clone(),
             timing: self.timing,
             what,
-            path,
+            path: path.clone(),
             mode,
             unknown,
             stop: stop.clone(),
         };
-        let name = format!("watch {}", watch.path);
+        let body: Box<dyn FnOnce() + Send> = match how {
+            How::Get { parse, .. } => Box::new(move || runner.run(parse)),
+            How::Call { every, read, .. } => Box::new(move || runner.call(every, read)),
+        };
+        let name = format!("watch {path}");
         let spawned = std::thread::Builder::new()
             .name(name.chars().take(15).collect())
             .stack_size(256 * 1024)
-            .spawn(move || watch.run(parse));
+            .spawn(body);
         if let Err(e) = spawned {
             log::error!("cannot start a watcher thread for {name}: {e}");
         }
@@ -490,172 +159,20 @@ impl Watchers {
     }
 }
 
-impl Watchers {
-    /// Reads the agent's address once, on its own thread, retrying until the agent answers:
-    /// it changes only when the agent restarts with another address, and a check listener that
-    /// does not know it still admits loopback and this sidecar's own addresses.
-    fn read_agent_address(&mut self) {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (consul, sink, timing, halt) = (
-            self.consul.clone(),
-            self.sink.clone(),
-            self.timing,
-            stop.clone(),
-        );
-        let spawned = std::thread::Builder::new()
-            .name("watch agent".into())
-            .stack_size(256 * 1024)
-            .spawn(move || {
-                let mut failures = 0;
-                while !halt.load(Ordering::SeqCst) {
-                    match consul.agent_address() {
-                        Ok(Some(a)) => {
-                            sink.update(Update::AgentAddress(a));
-                            return;
-                        }
-                        Ok(None) => {
-                            log::info!(
-                                "the token may not read /v1/agent/self: exposed check listeners admit loopback and this sidecar's own addresses only"
-                            );
-                            return;
-                        }
-                        Err(e) => {
-                            failures += 1;
-                            if failures == 1 {
-                                log::warn!("cannot learn the agent's address: {e}");
-                            }
-                            let until = Instant::now() + backoff(&timing, failures);
-                            while Instant::now() < until && !halt.load(Ordering::SeqCst) {
-                                std::thread::sleep(Duration::from_millis(200));
-                            }
-                        }
-                    }
-                }
-            });
-        if let Err(e) = spawned {
-            log::error!("cannot start the agent address reader: {e}");
-        }
-        self.fixed.push(WatchHandle { stop });
-    }
-}
-
-/// Learns what a connection that no intention names gets: the ACL default policy from
-/// `/v1/agent/self`, or, when the token may not read it (a service identity has no
-/// `agent:read`), Consul's own answer for a source no exact intention can name.
-struct DefaultPolicyWatch {
-    consul: Consul,
-    sink: Arc<dyn Sink>,
-    timing: Timing,
-    service: String,
-    stop: Arc<AtomicBool>,
-}
-
-impl DefaultPolicyWatch {
-    fn run(self) {
-        let mut failures = 0;
-        let mut last: Option<String> = None;
-        let mut last_error = String::new();
-        while !self.stop.load(Ordering::SeqCst) {
-            let pause = match self.read() {
-                Ok(policy) => {
-                    failures = 0;
-                    if last.as_ref() != Some(&policy) {
-                        if !matches!(policy.to_ascii_lowercase().as_str(), "allow" | "deny") {
-                            log::warn!(
-                                "the Consul agent reports the ACL default policy {policy:?}, which this sidecar does not know; connections that no intention matches are denied"
-                            );
-                        }
-                        last = Some(policy.clone());
-                        self.sink.update(Update::AclDefaultPolicy(policy));
-                    }
-                    // It changes only with the agent's configuration or a `*` intention; the
-                    // intentions watch covers the latter.
-                    Duration::from_secs(30)
-                }
-                Err(e) => {
-                    failures += 1;
-                    let e = e.to_string();
-                    if e != last_error {
-                        log::warn!("cannot learn the default intention policy: {e}");
-                        last_error = e;
-                    }
-                    self.sink.watch_error(AGENT_SELF_PATH);
-                    backoff(&self.timing, failures)
-                }
-            };
-            let until = Instant::now() + pause;
-            while Instant::now() < until && !self.stop.load(Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        }
-    }
-
-    /// The policy from the first place that has it: the `X-Consul-Default-Acl-Policy` header
-    /// (Consul 1.10+, on any status), `/v1/agent/self` (1.8's or 1.11's key), and, for a token
-    /// that may not read the agent on a Consul without the header, Consul's own authorize
-    /// answer for a source no intention can name.
-    fn read(&self) -> crate::error::Result<String> {
-        let answer = self.consul.get(AGENT_SELF_PATH, None)?;
-        if let Some(policy) = &answer.default_acl_policy {
-            return Ok(policy.clone());
-        }
-        if answer.status == 200 {
-            let me = api::parse::<AgentSelf>("the agent's configuration", &answer.body)?;
-            return me.default_policy().ok_or_else(|| {
-                crate::error::Error::msg(
-                    "/v1/agent/self says ACLs are enabled but has no ACL default policy (neither DebugConfig.ACLDefaultPolicy nor DebugConfig.ACLResolverSettings.ACLDefaultPolicy)",
-                )
-            });
-        }
-        if answer.status != 403 {
-            return Err(crate::error::Error::msg(format!(
-                "status {} for /v1/agent/self: {}",
-                answer.status,
-                answer.body.trim()
-            )));
-        }
-        // A name no intention can match exactly; a `*` intention, if any, applies to it as it
-        // would to any unnamed source, which is all the default is used for.
-        let probe = format!(
-            "hcc-default-policy-probe-{:08x}",
-            crate::random::random_u32()?
-        );
-        let body = serde_json::json!({
-            "Target": self.service,
-            "ClientCertURI": format!("spiffe://probe.consul/ns/default/dc/probe/svc/{probe}"),
-            "ClientCertSerial": "00",
-        })
-        .to_string();
-        let answer = self.consul.send("POST", AUTHORIZE_PATH, Some(&body))?;
-        if answer.status != 200 {
-            return Err(crate::error::Error::msg(format!(
-                "status {} for /v1/agent/connect/authorize (and 403 for /v1/agent/self): {}",
-                answer.status,
-                answer.body.trim()
-            )));
-        }
-        let v: serde_json::Value = api::parse("the authorize answer", &answer.body)?;
-        let allowed = v
-            .get("Authorized")
-            .and_then(serde_json::Value::as_bool)
-            .ok_or_else(|| crate::error::Error::msg("the authorize answer has no Authorized"))?;
-        Ok(if allowed { "allow" } else { "deny" }.to_string())
-    }
-}
-
-struct Watch {
+/// One watch's thread.
+struct Runner {
     consul: Consul,
     sink: Arc<dyn Sink>,
     timing: Timing,
     what: String,
     path: String,
     mode: WatchMode,
-    /// See `Watchers::spawn_with`.
+    /// See `How::Get`.
     unknown: Option<&'static str>,
     stop: Arc<AtomicBool>,
 }
 
-impl Watch {
+impl Runner {
     fn stopped(&self) -> bool {
         self.stop.load(Ordering::SeqCst)
     }
@@ -780,7 +297,7 @@ impl Watch {
                 self.sink.watch_error(&self.path);
                 // A failed blocking query starts over without an index, as Consul's watcher does.
                 index = 0;
-                let delay = backoff(&self.timing, failures);
+                let delay = self.timing.backoff(failures);
                 if last_error.as_deref() != Some(error.as_str()) {
                     log::warn!(
                         "cannot read {} from Consul at {}: {error}; retrying in {:.1}s",
@@ -808,6 +325,43 @@ impl Watch {
             }
         }
     }
+
+    /// Runs `read` until it succeeds, then again every `every` (or never): a change is sent,
+    /// a failure backs off and is logged when its text is new.
+    fn call(self, every: Option<Duration>, read: Call) {
+        let mut failures: u32 = 0;
+        let mut last: Option<String> = None;
+        let mut last_error = String::new();
+        while !self.stopped() {
+            let pause = match read(&self.consul) {
+                Ok(update) => {
+                    failures = 0;
+                    let Some(update) = update else { return };
+                    // Updates are not comparable; their printed form is, and is small here.
+                    let seen = format!("{update:?}");
+                    if last.as_ref() != Some(&seen) {
+                        last = Some(seen);
+                        self.sink.update(update);
+                    }
+                    match every {
+                        Some(every) => every,
+                        None => return,
+                    }
+                }
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    let e = e.to_string();
+                    if e != last_error {
+                        log::warn!("cannot learn {}: {e}", self.what);
+                        last_error = e;
+                    }
+                    self.sink.watch_error(&self.path);
+                    self.timing.backoff(failures)
+                }
+            };
+            self.pause(pause);
+        }
+    }
 }
 
 /// Consul's index rules: backwards resets to 0 (the next read does not block), 0 is clamped to 1.
@@ -820,46 +374,61 @@ pub fn next_index(previous: u64, returned: Option<u64>) -> u64 {
     }
 }
 
-/// Exponential backoff with full jitter in [d/2, d].
-pub fn backoff(timing: &Timing, failures: u32) -> Duration {
-    let exp = timing
-        .backoff_min
-        .saturating_mul(1u32 << failures.saturating_sub(1).min(16));
-    let d = exp.min(timing.backoff_max);
+/// The pause before attempt `failures + 1`: exponential from `min` (the first failure waits
+/// `min`), capped at `max`, with jitter in [d/2, d] so that watchers that failed together do
+/// not retry together. The one backoff of the crate's retries (watches, proxy lookup, JWKS).
+pub fn backoff(min: Duration, max: Duration, failures: u32) -> Duration {
+    let exp = min.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
+    let d = exp.min(max);
     let half = d / 2;
     half + half.mul_f64(crate::random::jitter_fraction())
 }
 
-/// The largest local JWKS file read (bytes).
-const MAX_JWKS_FILE: u64 = 256 * 1024;
-
-/// Each local JWKS file the `jwt-provider` entries name (`JSONWebKeySet.Local.Filename`),
-/// read now: its text, or why not (then that provider verifies nothing).
-fn read_jwks_files(entries: &[serde_json::Value]) -> BTreeMap<String, Result<String, String>> {
-    entries
-        .iter()
-        .filter_map(|e| e.pointer("/JSONWebKeySet/Local/Filename")?.as_str())
-        .filter(|f| !f.is_empty())
-        .map(|f| {
-            let read = std::fs::metadata(f)
-                .and_then(|m| {
-                    if m.len() > MAX_JWKS_FILE {
-                        Err(std::io::Error::other(format!(
-                            "larger than {MAX_JWKS_FILE} bytes"
-                        )))
-                    } else {
-                        std::fs::read_to_string(f)
-                    }
-                })
-                .map_err(|e| e.to_string());
-            (f.to_string(), read)
-        })
-        .collect()
+impl Timing {
+    /// `backoff` between this timing's bounds.
+    pub fn backoff(&self, failures: u32) -> Duration {
+        backoff(self.backoff_min, self.backoff_max, failures)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct Nowhere;
+
+    impl Sink for Nowhere {
+        fn update(&self, _: Update) {}
+    }
+
+    /// The running watches are the wanted set: one no longer wanted is stopped (its thread
+    /// ends at its next return), a new one is started, one still wanted keeps its thread.
+    #[test]
+    fn the_running_watches_follow_the_wanted_set() {
+        let settings = crate::config::ConsulSettings {
+            // Nothing answers: the threads back off until stopped.
+            endpoints: vec![crate::config::Endpoint::parse("127.0.0.1:9").unwrap()],
+            token: None,
+            tls: crate::config::TlsFiles::default(),
+            catalog_node: None,
+            login: None,
+        };
+        let consul = Consul::new(&settings).unwrap();
+        let mut w = Watchers::start(consul, Arc::new(Nowhere), Timing::default());
+        w.follow(&BTreeSet::from([Watch::Roots, Watch::Mesh]));
+        let roots = w.running[&Watch::Roots].stop.clone();
+        let mesh = w.running[&Watch::Mesh].stop.clone();
+        w.follow(&BTreeSet::from([Watch::Roots, Watch::Intentions]));
+        let running: Vec<&Watch> = w.running.keys().collect();
+        assert_eq!(running, [&Watch::Roots, &Watch::Intentions]);
+        assert!(mesh.load(Ordering::SeqCst), "no longer wanted: stopped");
+        assert!(
+            Arc::ptr_eq(&w.running[&Watch::Roots].stop, &roots) && !roots.load(Ordering::SeqCst),
+            "still wanted: the same thread, running"
+        );
+        drop(w);
+        assert!(roots.load(Ordering::SeqCst), "dropped watchers stop theirs");
+    }
 
     #[test]
     fn index_rules() {
@@ -875,68 +444,13 @@ mod tests {
     fn backoff_grows_is_capped_and_jittered() {
         let t = Timing::default();
         for failures in 1..40 {
-            let d = backoff(&t, failures);
+            let d = t.backoff(failures);
             let cap = t
                 .backoff_min
                 .saturating_mul(1 << (failures - 1).min(16))
                 .min(t.backoff_max);
             assert!(d >= cap / 2 && d <= cap, "{failures}: {d:?} vs {cap:?}");
         }
-        assert!(backoff(&t, 30) <= t.backoff_max);
-    }
-
-    /// A prepared query is polled at the shortest valid `poll_interval` of the upstreams that
-    /// name it; a bad one, or one on a service upstream, asks for nothing (the default).
-    #[test]
-    fn poll_intervals_take_the_shortest_valid_one_per_query() {
-        let reg: AgentService = serde_json::from_str(
-            r#"{"ID":"c-sidecar-proxy","Service":"c-sidecar-proxy","Kind":"connect-proxy",
-               "Proxy":{"DestinationServiceName":"c","Upstreams":[
-                 {"DestinationType":"prepared_query","DestinationName":"pq","LocalBindPort":1,
-                  "Config":{"poll_interval":"2s"}},
-                 {"DestinationType":"prepared_query","DestinationName":"pq","LocalBindPort":2,
-                  "Config":{"poll_interval":"500ms"}},
-                 {"DestinationType":"prepared_query","DestinationName":"pq","LocalBindPort":3,
-                  "Config":{"poll_interval":"1ms"}},
-                 {"DestinationType":"prepared_query","DestinationName":"other","LocalBindPort":4,
-                  "Config":{"poll_interval":30}},
-                 {"DestinationName":"server","LocalBindPort":5,
-                  "Config":{"poll_interval":"1s"}}]}}"#,
-        )
-        .unwrap();
-        let polls = poll_intervals(&reg);
-        let got: Vec<(String, u64)> = polls
-            .iter()
-            .map(|(k, v)| (k.name.clone(), v.get()))
-            .collect();
-        assert_eq!(got, [("pq".to_string(), 500)]);
-        let bad = |v: serde_json::Value| {
-            let c = BTreeMap::from([("poll_interval".to_string(), v)]);
-            super::super::poll_interval(&c).map(|r| r.is_err())
-        };
-        assert_eq!(bad("99ms".into()), Some(true));
-        assert_eq!(bad("1000h".into()), Some(true));
-        assert_eq!(bad("30s\nx".into()), Some(true));
-        assert_eq!(bad("30s".into()), Some(false));
-        assert_eq!(bad(serde_json::Value::Null), None);
-    }
-
-    #[test]
-    fn destinations_are_deduplicated_and_keep_datacenters_apart() {
-        let reg: AgentService = serde_json::from_str(
-            r#"{"ID":"c-sidecar-proxy","Service":"c-sidecar-proxy","Kind":"connect-proxy",
-               "Proxy":{"DestinationServiceName":"c","Upstreams":[
-                 {"DestinationName":"server","LocalBindPort":9191},
-                 {"DestinationName":"server","LocalBindPort":9192},
-                 {"DestinationName":"server","Datacenter":"dc2","LocalBindPort":9193},
-                 {"DestinationType":"prepared_query","DestinationName":"pq","LocalBindPort":9194}]}}"#,
-        )
-        .unwrap();
-        let keys = destinations(&reg, &[]);
-        assert_eq!(keys.len(), 3, "{keys:?}");
-        assert!(keys.iter().any(|k| k.datacenter == "dc2"));
-        assert!(keys
-            .iter()
-            .any(|k| k.kind == DestinationKind::PreparedQuery && k.name == "pq"));
+        assert!(t.backoff(30) <= t.backoff_max);
     }
 }

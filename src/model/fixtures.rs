@@ -1,13 +1,14 @@
 //! Test helpers: snapshots made of the responses recorded from real Consul agents, one
 //! directory per supported version (`fixtures/consul/<version>/`, by `scripts/record-fixtures`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use super::{Paths, Settings};
 use crate::consul::api::{AgentCheck, AgentService, CaRoots, HealthEntry, LeafCert, QueryResult};
+use crate::consul::kinds::{Role, Watch};
 use crate::consul::DestinationKind;
-use crate::consul::{checks_update, destinations, exposed_checks_of, Update};
+use crate::consul::{checks_update, Update};
 use crate::snapshot::Snapshot;
 
 /// Every Consul version the sidecar supports; tests driven by recorded answers run on each.
@@ -101,32 +102,61 @@ pub fn rich_with_settings(version: &str) -> Snapshot {
     s
 }
 
-/// A complete snapshot for `proxy` with every destination answered from the recorded fixtures.
+/// A complete snapshot for `proxy` with every watch a sidecar wants answered from the recorded
+/// fixtures where one is recorded for it (registration, leaf, roots, instances, checks); the
+/// rest (chains, intentions, mesh) is left for a test to add.
 pub fn snapshot(version: &str, proxy: &str, leaf: &str) -> Snapshot {
+    let role = Role {
+        proxy_id: proxy.to_string(),
+        gateway: false,
+        agentless: false,
+        intentions: false,
+    };
     let mut s = Snapshot::default();
-    let reg: AgentService = json(version, &format!("agent-service-{proxy}.json"));
-    for key in destinations(&reg, &[]) {
-        let entries: Vec<HealthEntry> = match key.kind {
-            DestinationKind::Service if key.datacenter.is_empty() => {
-                json(version, "health-connect-server.json")
+    let mut answered = BTreeSet::new();
+    loop {
+        let new: Vec<Watch> = s.watches(&role).difference(&answered).cloned().collect();
+        if new.is_empty() {
+            return s;
+        }
+        for watch in new {
+            if let Some(update) = recorded(version, &watch, leaf) {
+                s.apply(update);
             }
-            DestinationKind::Service => Vec::new(),
-            DestinationKind::PreparedQuery => {
-                json::<QueryResult>(version, "query-pq-server-execute.json").nodes
-            }
-        };
-        s.apply(Update::Endpoints(key, entries));
+            answered.insert(watch);
+        }
     }
-    if let Some(id) = exposed_checks_of(&reg) {
-        // What the watcher's `filter=ServiceID == "<id>"` leaves of the recorded checks.
-        let mut checks: BTreeMap<String, AgentCheck> = json(version, "agent-checks.json");
-        checks.retain(|_, c| c.service_id == id);
-        s.apply(checks_update(checks));
-    }
-    s.apply(Update::Registration(reg));
-    s.apply(Update::Leaf(json::<LeafCert>(version, leaf)));
-    s.apply(Update::Roots(json::<CaRoots>(version, "ca-roots.json")));
-    s
+}
+
+/// The recorded answer to `watch`, if one is recorded (`leaf`: the file of the leaf).
+fn recorded(version: &str, watch: &Watch, leaf: &str) -> Option<Update> {
+    Some(match watch {
+        Watch::Registration(proxy) => Update::Registration(json::<AgentService>(
+            version,
+            &format!("agent-service-{proxy}.json"),
+        )),
+        Watch::Leaf(_) => Update::Leaf(json::<LeafCert>(version, leaf)),
+        Watch::Roots => Update::Roots(json::<CaRoots>(version, "ca-roots.json")),
+        Watch::Instances(key, _) => {
+            let entries: Vec<HealthEntry> = match key.kind {
+                DestinationKind::Service if key.datacenter.is_empty() => {
+                    json(version, "health-connect-server.json")
+                }
+                DestinationKind::Service => Vec::new(),
+                DestinationKind::PreparedQuery => {
+                    json::<QueryResult>(version, "query-pq-server-execute.json").nodes
+                }
+            };
+            Update::Endpoints(key.clone(), entries)
+        }
+        Watch::Checks(id) => {
+            // What the watcher's `filter=ServiceID == "<id>"` leaves of the recorded checks.
+            let mut checks: BTreeMap<String, AgentCheck> = json(version, "agent-checks.json");
+            checks.retain(|_, c| &c.service_id == id);
+            checks_update(checks)
+        }
+        _ => return None,
+    })
 }
 
 /// The client's desired state from the recorded registration (any Consul version).

@@ -24,6 +24,7 @@ use crate::apply::{Applier, Outcome};
 use crate::cli::Options;
 use crate::config::{MeshGateway, Target};
 use crate::consul::client::{deregister_path, Consul, LogoutOnDrop, LookupError, REGISTER_PATH};
+use crate::consul::kinds::Role;
 use crate::consul::watch::{Sink, Timing, Watchers};
 use crate::consul::Update;
 use crate::error::{usage, Error, Fatal, Result};
@@ -105,6 +106,8 @@ struct Supervisor {
     tx: Sender<Event>,
     settings: Settings,
     watchers: Watchers,
+    /// What `watchers` follow the snapshot's wanted watches for.
+    role: Role,
     snapshot: Snapshot,
     intentions: Intentions,
     /// `None` with `-upstream-identity-check=false`.
@@ -241,18 +244,16 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
     let sink = Arc::new(ChannelSink(tx.clone(), registry.clone()));
     // Intentions are watched even when not enforced, so that ignoring a deny is never silent;
     // a gateway has none of its own (the destination's sidecar enforces them).
-    let mut watchers = Watchers::start(
-        consul.clone(),
-        &proxy_id,
-        sink,
-        Timing::default(),
-        gateway.is_none(),
-    );
-    if gateway.is_some() {
-        watchers.watch_exports();
-        if opts.enable_intentions {
-            log::warn!("-enable-intentions has no effect on a mesh gateway: the destination's sidecar enforces intentions");
-        }
+    let role = Role {
+        proxy_id: proxy_id.clone(),
+        gateway: gateway.is_some(),
+        agentless: consul.source().is_agentless(),
+        intentions: gateway.is_none(),
+    };
+    let mut watchers = Watchers::start(consul.clone(), sink, Timing::default());
+    watchers.follow(&Snapshot::default().watches(&role));
+    if gateway.is_some() && opts.enable_intentions {
+        log::warn!("-enable-intentions has no effect on a mesh gateway: the destination's sidecar enforces intentions");
     }
     let intentions = Intentions::start(
         opts.enable_intentions && gateway.is_none(),
@@ -281,6 +282,7 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
         tx,
         settings,
         watchers,
+        role,
         snapshot: Snapshot {
             agentless,
             enforcing: matches!(intentions, Intentions::Enforced(_)),
@@ -361,7 +363,7 @@ fn find_proxy(
             Err(LookupError::Consul(e)) => format!("waiting for the Consul agent: {e}"),
         };
         failures += 1;
-        let delay = crate::consul::watch::backoff(&timing, failures);
+        let delay = timing.backoff(failures);
         if problem != last {
             log::warn!("{problem}; retrying in {:.1}s", delay.as_secs_f64());
             last = problem;
@@ -385,32 +387,13 @@ impl Supervisor {
     /// Merges one Consul update; says whether anything the sidecar acts on changed. The
     /// intentions (agent table or warning) follow at once.
     fn absorb(&mut self, update: Update) -> bool {
-        if let Update::Registration(reg) = &update {
-            self.watchers
-                .follow(reg, self.snapshot.implicit_upstreams());
-        }
-        if let Update::Intentions(all) = &update {
-            self.watchers.follow_intentions(all);
-        }
-        if let Update::ExportedServices(entries) = &update {
-            self.watchers.follow_exports(entries);
-        }
         if let Update::JwtProviders(p) = &update {
             self.watchers.follow_jwt_providers(p);
         }
-        let implicit = matches!(update, Update::IntentionUpstreams(_));
-        let chain = implicit || matches!(update, Update::Chain(..) | Update::Registration(_));
         if !self.snapshot.apply(update) {
             return false;
         }
-        if let (true, Some(reg)) = (implicit, &self.snapshot.registration) {
-            // Transparent mode: an implicit upstream gained or lost is a destination to watch.
-            self.watchers
-                .follow(reg, self.snapshot.implicit_upstreams());
-        }
-        if chain {
-            self.watchers.follow_chains(&self.snapshot.chains);
-        }
+        self.watchers.follow(&self.snapshot.watches(&self.role));
         self.intentions.follow(&self.snapshot);
         true
     }

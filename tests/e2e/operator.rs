@@ -330,3 +330,49 @@ fn a_dry_run_renders_the_override() {
     assert!(text.contains("# override-marker"), "{text}");
     assert!(!text.contains("PRIVATE KEY-----"), "{text}");
 }
+
+/// `--dry-run -enable-intentions` reads what a run's intentions agent starts from (the
+/// intentions and the ACL default policy), so the intentions map it prints is the one a run
+/// would write first: the deny sends its connections to the agent, and the default (a dev
+/// agent's ACLs allow) lets the rest through.
+#[test]
+fn a_dry_run_with_intentions_prints_the_intentions_map() {
+    let consul = Consul::start();
+    let mut reg: serde_json::Value = serde_json::from_str(&sidecar_registration(
+        "server",
+        free_port(),
+        free_port(),
+        &[],
+    ))
+    .unwrap();
+    // The map is an http listener's: a tcp one asks the agent once per connection.
+    reg["Connect"]["SidecarService"]["Proxy"]["Config"] = serde_json::json!({"protocol": "http"});
+    consul.register(&reg.to_string());
+    consul.create_intention("client", "server", "deny");
+    let base = TempDir::new("dry-intentions");
+    let text = dry_run(
+        &consul.http_addr(),
+        base.path(),
+        "server",
+        &["-enable-intentions"],
+    );
+    let map = text
+        .split("==> ")
+        .find(|f| {
+            f.starts_with(&format!("{}", base.path().display())) && f.contains("intentions.map <==")
+        })
+        .unwrap_or_else(|| panic!("no intentions.map in:\n{text}"));
+    let entries: Vec<&str> = map
+        .lines()
+        .skip(1)
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert!(
+        entries.iter().any(|l| l.ends_with("_0: agent")),
+        "the deny is the agent's to judge: {entries:?}"
+    );
+    assert!(
+        entries.iter().any(|l| l.ends_with("_d: allow")),
+        "the default policy is read: {entries:?}"
+    );
+}

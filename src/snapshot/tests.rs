@@ -1,0 +1,320 @@
+//! The snapshot's tests: merging updates, and what it wants watched.
+
+use super::*;
+
+use crate::consul::chain::TargetKey;
+use crate::consul::DestinationKey;
+use crate::model::fixtures::{self, CONSUL_VERSIONS};
+
+fn role(proxy: &str) -> Role {
+    Role {
+        proxy_id: proxy.into(),
+        gateway: false,
+        agentless: false,
+        intentions: true,
+    }
+}
+
+fn service(name: &str, dc: &str) -> DestinationKey {
+    DestinationKey {
+        kind: DestinationKind::Service,
+        name: name.into(),
+        datacenter: dc.into(),
+    }
+}
+
+fn query(name: &str) -> DestinationKey {
+    DestinationKey {
+        kind: DestinationKind::PreparedQuery,
+        name: name.into(),
+        datacenter: String::new(),
+    }
+}
+
+/// Before anything is read, only what names the rest: the registration, and what every
+/// sidecar reads whatever it is.
+#[test]
+fn an_empty_snapshot_wants_the_registration_roots_and_mesh() {
+    let w = Snapshot::default().watches(&role("p"));
+    assert_eq!(
+        w,
+        BTreeSet::from([Watch::Registration("p".into()), Watch::Roots, Watch::Mesh])
+    );
+    let gw = Role {
+        gateway: true,
+        intentions: false,
+        ..role("gw")
+    };
+    assert!(Snapshot::default()
+        .watches(&gw)
+        .contains(&Watch::ExportedServices));
+}
+
+/// The recorded `client` sidecar (one upstream `server`): its leaf, the intentions with the
+/// default policy, and the upstream's instances and chain; nothing of checks or transparent
+/// mode.
+#[test]
+fn a_sidecar_wants_its_leaf_intentions_and_each_upstream() {
+    for v in CONSUL_VERSIONS {
+        let p = "client-sidecar-proxy";
+        let s = fixtures::snapshot(v, p, "ca-leaf-client.json");
+        let want = BTreeSet::from([
+            Watch::Registration(p.into()),
+            Watch::Roots,
+            Watch::Mesh,
+            Watch::Leaf("client".into()),
+            Watch::Intentions,
+            Watch::AclDefaultPolicy("client".into()),
+            Watch::Instances(service("server", ""), None),
+            Watch::Chain(service("server", "")),
+        ]);
+        assert_eq!(s.watches(&role(p)), want, "{v}");
+        let without = Role {
+            intentions: false,
+            ..role(p)
+        };
+        let w = s.watches(&without);
+        assert!(
+            !w.contains(&Watch::Intentions)
+                && !w.contains(&Watch::AclDefaultPolicy("client".into())),
+            "{v}: {w:?}"
+        );
+    }
+}
+
+/// `rich`: a service in another datacenter has no chain of its own watch kind here (it is a
+/// service: it has one), a prepared query has no chain and is keyed by its poll interval, so
+/// a new `poll_interval` is another watch (the old one stops, the new one starts).
+#[test]
+fn prepared_queries_are_keyed_by_their_poll_interval() {
+    for v in CONSUL_VERSIONS {
+        let p = "rich-sidecar-proxy";
+        let plain = fixtures::snapshot(v, p, "ca-leaf-rich.json").watches(&role(p));
+        assert!(
+            plain.contains(&Watch::Instances(query("pq-server"), None)),
+            "{v}"
+        );
+        assert!(!plain.contains(&Watch::Chain(query("pq-server"))), "{v}");
+        assert!(
+            plain.contains(&Watch::Chain(service("server", "dc2"))),
+            "{v}"
+        );
+        assert!(
+            plain.contains(&Watch::Instances(service("server", "dc2"), None)),
+            "{v}"
+        );
+        let set = fixtures::rich_with_settings(v).watches(&role(p));
+        let two =
+            crate::value::Millis::from_go_json("t", &serde_json::json!("2s")).and_then(Result::ok);
+        assert!(two.is_some(), "2s is a duration");
+        assert!(
+            set.contains(&Watch::Instances(query("pq-server"), two)),
+            "{v}"
+        );
+        assert!(
+            !set.contains(&Watch::Instances(query("pq-server"), None)),
+            "{v}"
+        );
+    }
+}
+
+/// `Expose.Checks`: the checks of the service instance, and with an agent its address;
+/// agentless, the service's protocol instead (no agent runs the checks).
+#[test]
+fn exposed_checks_want_the_checks_and_the_agent_address() {
+    for v in CONSUL_VERSIONS {
+        let p = "checked-sidecar-proxy";
+        let s = fixtures::snapshot(v, p, "ca-leaf-checked.json");
+        let w = s.watches(&role(p));
+        assert!(w.contains(&Watch::Checks("checked".into())), "{v}: {w:?}");
+        assert!(w.contains(&Watch::AgentAddress), "{v}: {w:?}");
+        assert!(
+            !w.contains(&Watch::ServiceProtocol("checked".into())),
+            "{v}"
+        );
+        let agentless = Role {
+            agentless: true,
+            ..role(p)
+        };
+        let w = s.watches(&agentless);
+        assert!(w.contains(&Watch::Checks("checked".into())), "{v}: {w:?}");
+        assert!(!w.contains(&Watch::AgentAddress), "{v}: {w:?}");
+        assert!(w.contains(&Watch::ServiceProtocol("checked".into())), "{v}");
+    }
+}
+
+/// Transparent mode (`modern`, 1.16.3 only): the service's topology; each implicit upstream
+/// it reports is one more destination, and one gone is no longer watched. A peer's service is
+/// never watched as ours.
+#[test]
+fn transparent_mode_wants_the_topology_and_each_implicit_upstream() {
+    let p = "modern-sidecar-proxy";
+    let mut s = fixtures::snapshot("1.16.3", p, "ca-leaf-client.json");
+    let w = s.watches(&role(p));
+    assert!(w.contains(&Watch::Topology("modern".into())), "{w:?}");
+    assert!(w.contains(&Watch::Instances(service("server", ""), None)));
+    assert!(w.contains(&Watch::Instances(service("client", ""), None)));
+    let instances = |w: &BTreeSet<Watch>| {
+        w.iter()
+            .filter(|w| matches!(w, Watch::Instances(..)))
+            .count()
+    };
+    assert_eq!(instances(&w), 2, "the peer's server is not ours: {w:?}");
+    s.apply(Update::IntentionUpstreams(vec!["web".into()]));
+    let w = s.watches(&role(p));
+    assert!(w.contains(&Watch::Instances(service("web", ""), None)));
+    assert!(w.contains(&Watch::Chain(service("web", ""))));
+    s.apply(Update::IntentionUpstreams(Vec::new()));
+    assert!(!s
+        .watches(&role(p))
+        .contains(&Watch::Chain(service("web", ""))));
+}
+
+/// A chain that splits or fails over names targets other than the destination: each is
+/// watched while its chain is, and no longer once the upstream is gone.
+#[test]
+fn chain_targets_are_watched_while_their_upstream_is() {
+    for v in CONSUL_VERSIONS {
+        let p = "client-sidecar-proxy";
+        let mut s = fixtures::with_chain(v, "split", true);
+        let targets = |s: &Snapshot| -> Vec<TargetKey> {
+            s.watches(&role(p))
+                .into_iter()
+                .filter_map(|w| match w {
+                    Watch::TargetInstances(t) => Some(t),
+                    _ => None,
+                })
+                .collect()
+        };
+        let found = targets(&s);
+        assert!(!found.is_empty(), "{v}");
+        assert!(
+            found.iter().all(|t| t.service.starts_with("web")),
+            "{v}: {found:?}"
+        );
+        fixtures::proxy(&mut s).upstreams.clear();
+        assert!(targets(&s).is_empty(), "{v}");
+    }
+}
+
+/// The `jwt-provider` entries are read from the first intention that names a provider on,
+/// and only where intentions are.
+#[test]
+fn jwt_providers_are_wanted_once_an_intention_names_one() {
+    let p = "client-sidecar-proxy";
+    let mut s = fixtures::snapshot("1.16.3", p, "ca-leaf-client.json");
+    let recorded: Vec<IntentionEntry> = fixtures::json("1.16.3", "intentions.json");
+    s.apply(Update::Intentions(recorded));
+    assert!(!s.watches(&role(p)).contains(&Watch::JwtProviders));
+    let jwt: IntentionEntry = serde_json::from_str(
+        r#"{"SourceName":"api","DestinationName":"client","Action":"allow","JWT":{"Providers":[{"Name":"okta"}]}}"#,
+    )
+    .unwrap();
+    s.apply(Update::Intentions(vec![jwt]));
+    assert!(s.watches(&role(p)).contains(&Watch::JwtProviders));
+    s.apply(Update::JwtProviders(JwtProviders::default()));
+    s.apply(Update::Intentions(Vec::new()));
+    assert!(
+        s.watches(&role(p)).contains(&Watch::JwtProviders),
+        "kept for the rest of the run"
+    );
+    let gw = Role {
+        intentions: false,
+        ..role(p)
+    };
+    assert!(!s.watches(&gw).contains(&Watch::JwtProviders));
+}
+
+/// A mesh gateway: its own leaf, the exports and each exported service's instances; no
+/// intentions (the destination's sidecar enforces them) and no chains.
+#[test]
+fn a_gateway_wants_its_exports_and_their_instances() {
+    for v in CONSUL_VERSIONS {
+        let (s, _) = fixtures::gateway_snapshot(v, std::path::Path::new("/run/hcc-test"));
+        let gw = Role {
+            gateway: true,
+            intentions: false,
+            ..role("gw")
+        };
+        let want = BTreeSet::from([
+            Watch::Registration("gw".into()),
+            Watch::Roots,
+            Watch::Mesh,
+            Watch::ExportedServices,
+            Watch::Leaf("gw".into()),
+            Watch::Instances(service("server", ""), None),
+        ]);
+        assert_eq!(s.watches(&gw), want, "{v}");
+    }
+}
+
+fn registration(config: &str) -> AgentService {
+    serde_json::from_str(&format!(
+        r#"{{"ID":"web-1-sidecar-proxy","Service":"web-sidecar-proxy","Kind":"connect-proxy",
+           "Proxy":{{"DestinationServiceName":"web","Config":{config}}}}}"#
+    ))
+    .unwrap()
+}
+
+fn protocol(s: &Snapshot) -> Option<&str> {
+    s.registration
+        .as_ref()?
+        .proxy
+        .as_ref()?
+        .config
+        .get("protocol")?
+        .as_str()
+}
+
+/// Agentless: the service's resolved protocol fills in what the catalog's registration does
+/// not say, whichever comes first; a protocol of the registration's own wins.
+#[test]
+fn the_service_protocol_fills_in_the_catalog_registration() {
+    let mut s = Snapshot::default();
+    assert!(!s.apply(Update::ServiceProtocol("http".into())));
+    assert!(s.apply(Update::Registration(registration("{}"))));
+    assert_eq!(protocol(&s), Some("http"));
+    assert!(s.apply(Update::ServiceProtocol("grpc".into())));
+    assert_eq!(protocol(&s), Some("grpc"));
+    assert!(
+        !s.apply(Update::ServiceProtocol("grpc".into())),
+        "no change"
+    );
+    assert!(s.apply(Update::Registration(registration(r#"{"protocol":"tcp"}"#))));
+    assert_eq!(protocol(&s), Some("tcp"));
+}
+
+/// With intentions enforced, nothing is complete before the agent's first real table:
+/// a listener started earlier would deny what the intentions allow.
+#[test]
+fn enforcing_waits_for_the_intentions_table() {
+    let roots: CaRoots = serde_json::from_str(
+        r#"{"TrustDomain":"t.consul","Roots":[{"ID":"r","RootCert":"x","Active":true}]}"#,
+    )
+    .unwrap();
+    let leaf: LeafCert =
+        serde_json::from_str(r#"{"CertPEM":"c","PrivateKeyPEM":"k","Service":"web"}"#).unwrap();
+    let mut s = Snapshot::default();
+    s.apply(Update::Registration(registration("{}")));
+    s.apply(Update::Leaf(leaf));
+    s.apply(Update::Roots(roots));
+    assert!(
+        s.missing().is_empty(),
+        "without enforcement: {:?}",
+        s.missing()
+    );
+    s.enforcing = true;
+    assert_eq!(s.missing(), ["the intentions", "the ACL default policy"]);
+    let jwt: IntentionEntry = serde_json::from_str(
+        r#"{"SourceName":"api","DestinationName":"web","Action":"allow","JWT":{"Providers":[{"Name":"okta"}]}}"#,
+    )
+    .unwrap();
+    s.apply(Update::Intentions(vec![jwt]));
+    s.apply(Update::AclDefaultPolicy("deny".into()));
+    assert_eq!(s.missing(), ["the jwt-provider config entries"]);
+    s.apply(Update::JwtProviders(JwtProviders::default()));
+    assert!(s.missing().is_empty(), "{:?}", s.missing());
+    s.apply(Update::Intentions(Vec::new()));
+    s.jwt_providers = None;
+    assert!(s.missing().is_empty(), "no intention names a provider");
+}
