@@ -40,7 +40,7 @@ use rustls::{ClientConnection, DigitallySignedStruct, SignatureScheme};
 use serde::Deserialize;
 
 use crate::admission::probe::Credentials;
-use crate::spoe::authz::{AuthzTable, DefaultPolicy, SpiffeId};
+use crate::pki::{Roots, SpiffeId};
 use crate::value::Address;
 
 /// Connections one peered upstream carries at once; the next is closed at accept.
@@ -136,8 +136,7 @@ impl Target {
             return Err(format!("the peering is {state:?}, not ACTIVE"));
         }
         let ca_pem: String = pems.iter().map(|p| format!("{}\n", p.trim())).collect();
-        AuthzTable::new("", &ca_pem, vec![], DefaultPolicy::Deny)
-            .map_err(|e| format!("the peer's CA does not parse: {e}"))?;
+        Roots::from_pem(&ca_pem).map_err(|e| format!("the peer's CA does not parse: {e}"))?;
         let mut meta: Option<(String, String)> = None;
         let mut gateways = Vec::new();
         for i in instances {
@@ -207,7 +206,7 @@ impl Target {
 /// Judges the server of one handshake: chain to the peer's CA, then the exact identity.
 #[derive(Debug)]
 struct PeerVerifier {
-    roots: AuthzTable,
+    roots: Roots,
     expected: SpiffeId,
     provider: Arc<CryptoProvider>,
 }
@@ -386,13 +385,7 @@ impl Target {
 fn serve(client: TcpStream, dial: &Dial, pick: usize) -> Result<(), String> {
     let t = &dial.target;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let roots = AuthzTable::new(
-        &t.identity.trust_domain,
-        &t.ca_pem,
-        vec![],
-        DefaultPolicy::Deny,
-    )
-    .map_err(|e| format!("the peer's CA: {e}"))?;
+    let roots = Roots::from_pem(&t.ca_pem).map_err(|e| format!("the peer's CA: {e}"))?;
     let verifier = Arc::new(PeerVerifier {
         roots,
         expected: t.identity.clone(),

@@ -650,7 +650,7 @@ pub(crate) struct Here<'a> {
 
 /// The datacenter of our own leaf's SPIFFE ID, or else of the registration.
 pub(crate) fn local_datacenter(leaf_uri: &str, registration_dc: &str) -> String {
-    crate::spoe::authz::SpiffeId::parse(leaf_uri)
+    crate::pki::SpiffeId::parse(leaf_uri)
         .map(|id| id.datacenter)
         .unwrap_or_else(|_| registration_dc.to_string())
 }

@@ -172,7 +172,7 @@ fn recorded_consul_answers_give_the_target_and_only_the_exported_services_leaf_p
     assert_eq!(t.gateways[0].1, 34191);
     assert!(w.is_empty(), "{w:?}");
     let verifier = PeerVerifier {
-        roots: AuthzTable::new(td, &t.ca_pem, vec![], DefaultPolicy::Deny).unwrap(),
+        roots: Roots::from_pem(&t.ca_pem).unwrap(),
         expected: t.identity.clone(),
         provider: Arc::new(rustls::crypto::ring::default_provider()),
     };

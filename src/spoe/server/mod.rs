@@ -721,7 +721,7 @@ impl Conn {
             .source
             .as_deref()
             .filter(|_| d.allow)
-            .and_then(|src| super::authz::SpiffeId::parse(src).ok())
+            .and_then(|src| crate::pki::SpiffeId::parse(src).ok())
             .and_then(|id| crate::value::Name::parse("source service", &id.service).ok());
         if let Some(app) = app {
             actions.push(frame::Action::SetVar {
