@@ -14,6 +14,7 @@ use crate::config::{
     haproxy_log_level, ConsulSettings, Endpoint, HaproxyParam, Knobs, Listen, Login, MeshGateway,
     Secret, Target, TlsFiles, BALANCE_ALGORITHMS,
 };
+use crate::error::Error;
 use crate::value::Name;
 
 /// Exit code for bad usage or bad configuration (BSD sysexits EX_USAGE).
@@ -39,26 +40,32 @@ pub struct Options {
 }
 
 /// `section.key=value`, as `-haproxy-param global.maxconn=20000`.
-pub fn parse_haproxy_param(v: &str) -> Result<HaproxyParam, String> {
+pub fn parse_haproxy_param(v: &str) -> crate::error::Result<HaproxyParam> {
     let (name, value) = v
         .split_once('=')
-        .ok_or_else(|| format!("{v:?} is not section.key=value"))?;
+        .ok_or_else(|| Error::msg(format!("{v:?} is not section.key=value")))?;
     let (section, key) = name
         .split_once('.')
-        .ok_or_else(|| format!("{v:?} names no section (global.… or defaults.…)"))?;
+        .ok_or_else(|| Error::msg(format!("{v:?} names no section (global.… or defaults.…)")))?;
     if section != "global" && section != "defaults" {
-        return Err(format!("{v:?}: section must be global or defaults"));
+        return Err(Error::msg(format!(
+            "{v:?}: section must be global or defaults"
+        )));
     }
     let key_ok = !key.is_empty()
         && key
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ' '));
     if !key_ok {
-        return Err(format!("{v:?}: {key:?} is not an HAProxy keyword"));
+        return Err(Error::msg(format!(
+            "{v:?}: {key:?} is not an HAProxy keyword"
+        )));
     }
     // One line each: a line break would smuggle in configuration of its own.
     if value.contains(['\n', '\r', '#']) {
-        return Err(format!("{v:?}: the value may not hold a line break or '#'"));
+        return Err(Error::msg(format!(
+            "{v:?}: the value may not hold a line break or '#'"
+        )));
     }
     // Keys the sidecar manages itself cannot be overridden, or it would lose control.
     const OWNED: &[&str] = &[
@@ -69,7 +76,9 @@ pub fn parse_haproxy_param(v: &str) -> Result<HaproxyParam, String> {
         "userlist",
     ];
     if OWNED.contains(&key.split(' ').next().unwrap_or(key)) {
-        return Err(format!("{v:?}: {key} is managed by the sidecar"));
+        return Err(Error::msg(format!(
+            "{v:?}: {key} is managed by the sidecar"
+        )));
     }
     Ok(HaproxyParam {
         section: section.into(),
@@ -121,22 +130,26 @@ impl Env for ProcessEnv {
 
 /// Go-style durations as operators write them: `30s`, `2m`, `500ms`, `1h`; a bare number is
 /// seconds. At least 1 s and at most 1 h: a drain needs time, but a stuck one must end.
-pub fn parse_duration(v: &str) -> Result<std::time::Duration, String> {
+pub fn parse_duration(v: &str) -> crate::error::Result<std::time::Duration> {
     let v = v.trim();
     let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
     let (num, unit) = v.split_at(split);
     let n: u64 = num
         .parse()
-        .map_err(|_| format!("{v:?} is not a duration like 30s"))?;
+        .map_err(|_| Error::msg(format!("{v:?} is not a duration like 30s")))?;
     let d = match unit {
         "" | "s" => std::time::Duration::from_secs(n),
         "ms" => std::time::Duration::from_millis(n),
         "m" => std::time::Duration::from_secs(n.saturating_mul(60)),
         "h" => std::time::Duration::from_secs(n.saturating_mul(3600)),
-        _ => return Err(format!("{v:?} has an unknown unit (use ms, s, m or h)")),
+        _ => {
+            return Err(Error::msg(format!(
+                "{v:?} has an unknown unit (use ms, s, m or h)"
+            )))
+        }
     };
     if d < std::time::Duration::from_secs(1) || d > std::time::Duration::from_secs(3600) {
-        return Err(format!("{v:?} is outside 1s to 1h"));
+        return Err(Error::msg(format!("{v:?} is outside 1s to 1h")));
     }
     Ok(d)
 }

@@ -226,10 +226,13 @@ fn version_and_help_need_no_target() {
 #[test]
 fn grace_periods_read_like_go_durations() {
     use std::time::Duration;
-    assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
-    assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-    assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
-    assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
+    assert_eq!(parse_duration("30s").ok(), Some(Duration::from_secs(30)));
+    assert_eq!(parse_duration("2m").ok(), Some(Duration::from_secs(120)));
+    assert_eq!(
+        parse_duration("1500ms").ok(),
+        Some(Duration::from_millis(1500))
+    );
+    assert_eq!(parse_duration("45").ok(), Some(Duration::from_secs(45)));
     assert!(parse_duration("10ms").is_err());
     assert!(parse_duration("2h").is_err());
     let o = run(&["-sidecar-for", "a"], &MapEnv::default()).unwrap();

@@ -322,10 +322,10 @@ pub fn pem_blocks(text: &str, label_suffix: &str) -> Vec<String> {
     blocks
 }
 
-fn parse_cert(pem_block: &str) -> std::result::Result<(), String> {
-    let (_, pem) =
-        x509_parser::pem::parse_x509_pem(pem_block.as_bytes()).map_err(|e| e.to_string())?;
-    pem.parse_x509().map_err(|e| e.to_string())?;
+fn parse_cert(pem_block: &str) -> Result<()> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem_block.as_bytes())
+        .map_err(|e| Error::msg(e.to_string()))?;
+    pem.parse_x509().map_err(|e| Error::msg(e.to_string()))?;
     Ok(())
 }
 

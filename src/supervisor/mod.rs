@@ -557,8 +557,9 @@ impl Supervisor {
         let dataplane = children.start_dataplane()?;
         let tx = self.tx.clone();
         let haproxy_bin = self.opts.haproxy_bin.clone();
-        let check: crate::apply::ConfigCheck =
-            Box::new(move |cfg| children::check_config(&haproxy_bin, cfg));
+        let check: crate::apply::ConfigCheck = Box::new(move |cfg| {
+            children::check_config(&haproxy_bin, cfg).map_err(|e| e.to_string())
+        });
         let (applier, applier_thread) = Applier::start(
             desired.clone(),
             dataplane,
