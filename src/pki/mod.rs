@@ -162,7 +162,7 @@ impl Roots {
         now: SystemTime,
         role: Role,
         intermediates: &[&[u8]],
-        check_id: impl Fn(&SpiffeId) -> Result<(), String>,
+        check_id: impl Fn(&SpiffeId) -> crate::error::Result<()>,
     ) -> Result<(&'a str, SpiffeId), (String, Option<&'a str>)> {
         let word = role.word();
         let cert = match X509Certificate::from_der(der) {
@@ -196,7 +196,7 @@ impl Roots {
                 src,
             )
         })?;
-        check_id(&id).map_err(|why| (why, src))?;
+        check_id(&id).map_err(|why| (why.to_string(), src))?;
 
         let now = to_asn1(now).ok_or_else(|| ("system clock is out of range".to_string(), src))?;
         let validity = cert.validity();

@@ -39,6 +39,7 @@ use ring::signature::{self, RsaPublicKeyComponents, UnparsedPublicKey};
 use serde_json::{Map, Value};
 
 use super::l7;
+use crate::error::Error;
 
 /// The longest token looked at (bytes). Real tokens are a few hundred bytes to a few KiB.
 pub const MAX_TOKEN: usize = 8 * 1024;
@@ -166,15 +167,15 @@ impl fmt::Display for Requirement {
 impl Requirement {
     /// An intention's or permission's `JWT` as Consul's API returns it: `None` when it is
     /// absent, null or names no provider (Consul's Envoy then checks nothing either).
-    pub fn from_consul(v: &Value) -> Result<Option<Requirement>, String> {
+    pub fn from_consul(v: &Value) -> crate::error::Result<Option<Requirement>> {
         let obj = match v {
             Value::Null => return Ok(None),
             Value::Object(o) => o,
-            _ => return Err("JWT is not an object".into()),
+            _ => return Err(Error::msg("JWT is not an object")),
         };
         for k in obj.keys() {
             if k != "Providers" && !obj[k].is_null() {
-                return Err(format!("unsupported JWT field {k}"));
+                return Err(Error::msg(format!("unsupported JWT field {k}")));
             }
         }
         let mut providers = Vec::new();
@@ -184,12 +185,14 @@ impl Requirement {
             .into_iter()
             .flatten()
         {
-            let p = p.as_object().ok_or("a JWT provider is not an object")?;
+            let p = p
+                .as_object()
+                .ok_or_else(|| Error::msg("a JWT provider is not an object"))?;
             let name = p
                 .get("Name")
                 .and_then(Value::as_str)
                 .filter(|n| !n.is_empty())
-                .ok_or("a JWT provider has no Name")?
+                .ok_or_else(|| Error::msg("a JWT provider has no Name"))?
                 .to_string();
             let mut claims = Vec::new();
             for c in p
@@ -206,10 +209,14 @@ impl Requirement {
                     .map(|s| s.as_str().map(str::to_string))
                     .collect::<Option<_>>()
                     .ok_or_else(|| {
-                        format!("provider {name}: a VerifyClaims Path is not strings")
+                        Error::msg(format!(
+                            "provider {name}: a VerifyClaims Path is not strings"
+                        ))
                     })?;
                 if path.is_empty() {
-                    return Err(format!("provider {name}: a VerifyClaims has no Path"));
+                    return Err(Error::msg(format!(
+                        "provider {name}: a VerifyClaims has no Path"
+                    )));
                 }
                 let value = c
                     .get("Value")
@@ -220,7 +227,9 @@ impl Requirement {
             }
             for k in p.keys() {
                 if !matches!(k.as_str(), "Name" | "VerifyClaims") && !p[k].is_null() {
-                    return Err(format!("provider {name}: unsupported field {k}"));
+                    return Err(Error::msg(format!(
+                        "provider {name}: unsupported field {k}"
+                    )));
                 }
             }
             providers.push(ProviderRef { name, claims });

@@ -13,6 +13,7 @@
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::error::Error;
 pub use crate::pki::RootsError as AuthzError;
 use crate::pki::{Role, Roots, SpiffeId};
 
@@ -558,9 +559,9 @@ impl AuthzTable {
             // Only the default admin partition exists outside Consul Enterprise, and Consul's
             // own authorize refuses a source from another partition than the target's.
             match &id.partition {
-                Some(p) if p != "default" => {
-                    Err(format!("admin partition {p} is not ours (default)"))
-                }
+                Some(p) if p != "default" => Err(Error::msg(format!(
+                    "admin partition {p} is not ours (default)"
+                ))),
                 _ => Ok(()),
             }
         });
@@ -668,7 +669,7 @@ impl AuthzTable {
             Err(e) => return Decision::deny(format!("request source: {e}"), src),
         };
         if let Err(why) = self.check_trust_domain(&id) {
-            return Decision::deny(why, src);
+            return Decision::deny(why.to_string(), src);
         }
         // Judged in the form the app is given (the public listener forwards the path
         // normalized), whatever form HAProxy sent: a path it could not be judged in is denied,
@@ -770,14 +771,14 @@ impl AuthzTable {
     }
 
     /// Trust domains are DNS names, hence case-insensitive (Consul compares them so too).
-    fn check_trust_domain(&self, id: &SpiffeId) -> Result<(), String> {
+    fn check_trust_domain(&self, id: &SpiffeId) -> crate::error::Result<()> {
         if id.trust_domain.eq_ignore_ascii_case(&self.trust_domain) {
             return Ok(());
         }
-        Err(format!(
+        Err(Error::msg(format!(
             "trust domain {} is not ours ({})",
             id.trust_domain, self.trust_domain
-        ))
+        )))
     }
 }
 
