@@ -39,7 +39,7 @@ use ring::signature::{self, RsaPublicKeyComponents, UnparsedPublicKey};
 use serde_json::{Map, Value};
 
 use super::l7;
-use crate::error::Error;
+use crate::error::{Error, Result};
 
 /// The longest token looked at (bytes). Real tokens are a few hundred bytes to a few KiB.
 pub const MAX_TOKEN: usize = 8 * 1024;
@@ -257,10 +257,11 @@ impl Requirement {
                 ));
                 continue;
             };
-            match p
-                .accepts(req, now)
-                .and_then(|(payload, passing)| r.claims_hold(&payload).map(|()| passing))
-            {
+            match p.accepts(req, now).and_then(|(payload, passing)| {
+                r.claims_hold(&payload)
+                    .map(|()| passing)
+                    .map_err(|e| e.to_string())
+            }) {
                 Ok(passing) => return Ok((r.name.clone(), passing)),
                 Err(e) => why.push(format!("{}: {e}", r.name)),
             }
@@ -270,14 +271,17 @@ impl Requirement {
 }
 
 impl ProviderRef {
-    fn claims_hold(&self, payload: &Map<String, Value>) -> Result<(), String> {
+    fn claims_hold(&self, payload: &Map<String, Value>) -> Result<()> {
         for (path, want) in &self.claims {
             let mut at: Option<&Value> = payload.get(&path[0]);
             for key in &path[1..] {
                 at = at.and_then(Value::as_object).and_then(|o| o.get(key));
             }
             if at.and_then(Value::as_str) != Some(want.as_str()) {
-                return Err(format!("claim {} is not {want:?}", path.join(".")));
+                return Err(Error::msg(format!(
+                    "claim {} is not {want:?}",
+                    path.join(".")
+                )));
             }
         }
         Ok(())
@@ -417,7 +421,7 @@ impl Provider {
             } else {
                 Err("JSONWebKeySet.Local has neither JWKS nor Filename".into())
             };
-            doc.and_then(|d| parse_jwks(&d))
+            doc.and_then(|d| parse_jwks(&d).map_err(|e| e.to_string()))
         } else if let Some(remote) = jwks.get("Remote").filter(|r| !r.is_null()) {
             // Fetched by the watch side (`consul::jwks`), never by the agent's threads.
             match remote
@@ -427,7 +431,7 @@ impl Provider {
             {
                 Some(uri) => read_file(uri)
                     .map_err(|e| format!("JSONWebKeySet.Remote.URI {uri}: {e}"))
-                    .and_then(|d| parse_jwks(&d)),
+                    .and_then(|d| parse_jwks(&d).map_err(|e| e.to_string())),
                 None => Err("JSONWebKeySet.Remote has no URI".into()),
             }
         } else {
@@ -474,9 +478,10 @@ impl Provider {
             .iter()
             .find_map(|l| find_token(l, req).map(|t| (l, t)))
             .ok_or("no token")?;
-        let t = parse(&token)?;
-        t.verify(keys)?;
-        self.check_claims(&t.payload, now)?;
+        let t = parse(&token).map_err(|e| e.to_string())?;
+        t.verify(keys).map_err(|e| e.to_string())?;
+        self.check_claims(&t.payload, now)
+            .map_err(|e| e.to_string())?;
         let strip = match location {
             Location::Header {
                 name,
@@ -521,30 +526,30 @@ impl Provider {
         (self.forwarding.as_ref().map(|(h, _)| h.as_str()), strip)
     }
 
-    fn check_claims(&self, p: &Map<String, Value>, now: u64) -> Result<(), String> {
-        let time = |k: &str| -> Result<Option<u64>, String> {
+    fn check_claims(&self, p: &Map<String, Value>, now: u64) -> Result<()> {
+        let time = |k: &str| -> Result<Option<u64>> {
             match p.get(k) {
                 None => Ok(None),
                 Some(v) => v
                     .as_f64()
                     .filter(|t| *t >= 0.0)
                     .map(|t| Some(t as u64))
-                    .ok_or(format!("{k} is not a time")),
+                    .ok_or_else(|| Error::msg(format!("{k} is not a time"))),
             }
         };
         if let Some(exp) = time("exp")? {
             if now > exp.saturating_add(self.clock_skew) {
-                return Err(format!("expired at {exp}"));
+                return Err(Error::msg(format!("expired at {exp}")));
             }
         }
         if let Some(nbf) = time("nbf")? {
             if now.saturating_add(self.clock_skew) < nbf {
-                return Err(format!("not valid before {nbf}"));
+                return Err(Error::msg(format!("not valid before {nbf}")));
             }
         }
         // Consul's RBAC compares the payload's `iss` with the provider's `Issuer` exactly.
         if p.get("iss").and_then(Value::as_str) != Some(self.issuer.as_str()) {
-            return Err(format!("issuer is not {:?}", self.issuer));
+            return Err(Error::msg(format!("issuer is not {:?}", self.issuer)));
         }
         if !self.audiences.is_empty() {
             let aud: Vec<&str> = match p.get("aud") {
@@ -553,7 +558,7 @@ impl Provider {
                 _ => Vec::new(),
             };
             if !aud.iter().any(|a| self.audiences.iter().any(|w| w == a)) {
-                return Err("audience is not one of the provider's".into());
+                return Err(Error::msg("audience is not one of the provider's"));
             }
         }
         Ok(())
@@ -608,34 +613,41 @@ fn is_empty(v: &Value) -> bool {
 
 /// A JWKS document's keys that this sidecar can use; the others (symmetric, unknown curves,
 /// encryption keys) are skipped. No usable key at all is an error.
-fn parse_jwks(doc: &str) -> Result<Vec<Jwk>, String> {
+fn parse_jwks(doc: &str) -> Result<Vec<Jwk>> {
     if doc.len() > MAX_JWKS {
-        return Err(format!("the JWKS is larger than {MAX_JWKS} bytes"));
+        return Err(Error::msg(format!(
+            "the JWKS is larger than {MAX_JWKS} bytes"
+        )));
     }
-    let v: Value = serde_json::from_str(doc).map_err(|e| format!("the JWKS is not JSON: {e}"))?;
+    let v: Value =
+        serde_json::from_str(doc).map_err(|e| Error::msg(format!("the JWKS is not JSON: {e}")))?;
     let list = v
         .get("keys")
         .and_then(Value::as_array)
-        .ok_or("the JWKS has no keys array")?;
+        .ok_or_else(|| Error::msg("the JWKS has no keys array"))?;
     if list.len() > MAX_KEYS {
-        return Err(format!("the JWKS has more than {MAX_KEYS} keys"));
+        return Err(Error::msg(format!(
+            "the JWKS has more than {MAX_KEYS} keys"
+        )));
     }
     let keys: Vec<Jwk> = list.iter().filter_map(|k| parse_jwk(k).ok()).collect();
     if keys.is_empty() {
-        return Err("the JWKS has no RSA, EC P-256/P-384 or Ed25519 signing key".into());
+        return Err(Error::msg(
+            "the JWKS has no RSA, EC P-256/P-384 or Ed25519 signing key",
+        ));
     }
     Ok(keys)
 }
 
-fn parse_jwk(k: &Value) -> Result<Jwk, String> {
+fn parse_jwk(k: &Value) -> Result<Jwk> {
     let s = |f: &str| k.get(f).and_then(Value::as_str);
-    let b = |f: &str| -> Result<Vec<u8>, String> {
+    let b = |f: &str| -> Result<Vec<u8>> {
         B64URL
-            .decode(s(f).ok_or(format!("no {f}"))?)
-            .map_err(|e| format!("{f}: {e}"))
+            .decode(s(f).ok_or_else(|| Error::msg(format!("no {f}")))?)
+            .map_err(|e| Error::msg(format!("{f}: {e}")))
     };
     if s("use").is_some_and(|u| u != "sig") {
-        return Err("not a signing key".into());
+        return Err(Error::msg("not a signing key"));
     }
     let key = match (s("kty"), s("crv")) {
         (Some("RSA"), _) => Key::Rsa {
@@ -646,7 +658,7 @@ fn parse_jwk(k: &Value) -> Result<Jwk, String> {
             let (x, y) = (b("x")?, b("y")?);
             let len = if crv == "P-256" { 32 } else { 48 };
             if x.len() != len || y.len() != len {
-                return Err("bad EC coordinates".into());
+                return Err(Error::msg("bad EC coordinates"));
             }
             let mut point = vec![4u8];
             point.extend_from_slice(&x);
@@ -658,7 +670,7 @@ fn parse_jwk(k: &Value) -> Result<Jwk, String> {
             }
         }
         (Some("OKP"), Some("Ed25519")) => Key::Ed25519(b("x")?),
-        _ => return Err("unsupported key type".into()),
+        _ => return Err(Error::msg("unsupported key type")),
     };
     Ok(Jwk {
         kid: s("kid").map(str::to_string),
@@ -685,37 +697,37 @@ pub struct Token {
 
 /// Splits and decodes a compact JWS (`header.payload.signature`); refuses anything larger
 /// than `MAX_TOKEN`, a header or payload that is not a JSON object, an unknown `crit`.
-pub fn parse(token: &str) -> Result<Token, String> {
+pub fn parse(token: &str) -> Result<Token> {
     if token.len() > MAX_TOKEN {
-        return Err(format!("token longer than {MAX_TOKEN} bytes"));
+        return Err(Error::msg(format!("token longer than {MAX_TOKEN} bytes")));
     }
     let mut parts = token.split('.');
     let (Some(h), Some(p), Some(s), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
-        return Err("token is not three base64url parts".into());
+        return Err(Error::msg("token is not three base64url parts"));
     };
-    let object = |part: &str, what: &str| -> Result<Map<String, Value>, String> {
+    let object = |part: &str, what: &str| -> Result<Map<String, Value>> {
         let raw = B64URL
             .decode(part)
-            .map_err(|_| format!("token {what} is not base64url"))?;
+            .map_err(|_| Error::msg(format!("token {what} is not base64url")))?;
         match serde_json::from_slice(&raw) {
             Ok(Value::Object(o)) => Ok(o),
-            _ => Err(format!("token {what} is not a JSON object")),
+            _ => Err(Error::msg(format!("token {what} is not a JSON object"))),
         }
     };
     let header = object(h, "header")?;
     let payload = object(p, "payload")?;
     let signature = B64URL
         .decode(s)
-        .map_err(|_| "token signature is not base64url".to_string())?;
+        .map_err(|_| Error::msg("token signature is not base64url"))?;
     if header.get("crit").is_some() {
-        return Err("token header has crit".into());
+        return Err(Error::msg("token header has crit"));
     }
     let alg = header
         .get("alg")
         .and_then(Value::as_str)
-        .ok_or("token header has no alg")?
+        .ok_or_else(|| Error::msg("token header has no alg"))?
         .to_string();
     let kid = header
         .get("kid")
@@ -733,13 +745,13 @@ pub fn parse(token: &str) -> Result<Token, String> {
 impl Token {
     /// Whether one of `keys` (those with the token's `kid`, if it names one) signed it with
     /// its `alg`.
-    fn verify(&self, keys: &[Jwk]) -> Result<(), String> {
+    fn verify(&self, keys: &[Jwk]) -> Result<()> {
         let alg = self.alg.as_str();
         if !matches!(
             alg,
             "RS256" | "RS384" | "RS512" | "PS256" | "PS384" | "PS512" | "ES256" | "ES384" | "EdDSA"
         ) {
-            return Err(format!("algorithm {alg:?} is not accepted"));
+            return Err(Error::msg(format!("algorithm {alg:?} is not accepted")));
         }
         let mut tried = 0;
         for k in keys {
@@ -786,15 +798,15 @@ impl Token {
             }
         }
         if tried == 0 {
-            Err(format!(
+            Err(Error::msg(format!(
                 "no key for {alg}{}",
                 self.kid
                     .as_deref()
                     .map(|k| format!(" with kid {k:?}"))
                     .unwrap_or_default()
-            ))
+            )))
         } else {
-            Err("bad signature".into())
+            Err(Error::msg("bad signature"))
         }
     }
 }
