@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod dry_run;
 pub mod error;
+pub mod pki;
 pub mod spoe;
 pub mod supervisor;
 pub mod value;

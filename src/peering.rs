@@ -40,7 +40,8 @@ use rustls::{ClientConnection, DigitallySignedStruct, SignatureScheme};
 use serde::Deserialize;
 
 use crate::admission::probe::Credentials;
-use crate::spoe::authz::{AuthzTable, DefaultPolicy, SpiffeId};
+use crate::error::{Context, Error, Result};
+use crate::pki::{Roots, SpiffeId};
 use crate::value::Address;
 
 /// Connections one peered upstream carries at once; the next is closed at accept.
@@ -127,23 +128,22 @@ impl Target {
         peering: &Peering,
         instances: &[PeerInstance],
         warnings: &mut Vec<String>,
-    ) -> Result<Target, String> {
+    ) -> Result<Target> {
         let pems = peering.peer_ca_pems.as_deref().unwrap_or_default();
         if pems.is_empty() {
-            return Err("the peering lists no CA (PeerCAPems)".into());
+            return Err(Error::msg("the peering lists no CA (PeerCAPems)"));
         }
         if let Some(state) = peering.state.as_deref().filter(|s| *s != "ACTIVE") {
-            return Err(format!("the peering is {state:?}, not ACTIVE"));
+            return Err(Error::msg(format!("the peering is {state:?}, not ACTIVE")));
         }
         let ca_pem: String = pems.iter().map(|p| format!("{}\n", p.trim())).collect();
-        AuthzTable::new("", &ca_pem, vec![], DefaultPolicy::Deny)
-            .map_err(|e| format!("the peer's CA does not parse: {e}"))?;
+        Roots::from_pem(&ca_pem).context("the peer's CA does not parse")?;
         let mut meta: Option<(String, String)> = None;
         let mut gateways = Vec::new();
         for i in instances {
             let s = &i.service;
             let Some(m) = s.connect.as_ref().and_then(|c| c.peer_meta.as_ref()) else {
-                return Err("a peered instance has no PeerMeta".into());
+                return Err(Error::msg("a peered instance has no PeerMeta"));
             };
             let sni = m.sni.as_ref().and_then(|v| v.first()).cloned();
             // Consul lists the service's ID and the exporting gateway's; only the service's is
@@ -152,17 +152,17 @@ impl Target {
                 SpiffeId::parse(id).is_ok_and(|i| i.service.eq_ignore_ascii_case(service))
             });
             let (Some(sni), Some(id)) = (sni, id.cloned()) else {
-                return Err(format!(
+                return Err(Error::msg(format!(
                     "a peered instance's PeerMeta lacks its SNI or a SpiffeID of service {service:?}"
-                ));
+                )));
             };
             match &meta {
                 None => meta = Some((sni, id)),
                 Some(seen) if *seen != (sni.clone(), id.clone()) => {
-                    return Err(format!(
+                    return Err(Error::msg(format!(
                         "the peered instances disagree on SNI and identity ({seen:?} and {:?})",
                         (sni, id)
-                    ))
+                    )))
                 }
                 Some(_) => {}
             }
@@ -182,18 +182,23 @@ impl Target {
             }
         }
         let Some((sni, id)) = meta else {
-            return Err("the peer lists no instance (no mesh gateway there?)".into());
+            return Err(Error::msg(
+                "the peer lists no instance (no mesh gateway there?)",
+            ));
         };
         ServerName::try_from(sni.clone())
             .ok()
             .filter(|n| matches!(n, ServerName::DnsName(_)))
-            .ok_or_else(|| format!("SNI {sni:?} is no DNS name"))?;
-        let identity = SpiffeId::parse(&id).map_err(|e| format!("SpiffeID {id:?}: {e}"))?;
+            .ok_or_else(|| Error::msg(format!("SNI {sni:?} is no DNS name")))?;
+        let identity =
+            SpiffeId::parse(&id).map_err(|e| Error::msg(format!("SpiffeID {id:?}: {e}")))?;
         if !identity.service.eq_ignore_ascii_case(service) {
-            return Err(format!("SpiffeID {id:?} is not service {service:?}'s"));
+            return Err(Error::msg(format!(
+                "SpiffeID {id:?} is not service {service:?}'s"
+            )));
         }
         if gateways.is_empty() {
-            return Err("no peered instance has a usable address".into());
+            return Err(Error::msg("no peered instance has a usable address"));
         }
         Ok(Target {
             sni,
@@ -207,22 +212,17 @@ impl Target {
 /// Judges the server of one handshake: chain to the peer's CA, then the exact identity.
 #[derive(Debug)]
 struct PeerVerifier {
-    roots: AuthzTable,
+    roots: Roots,
     expected: SpiffeId,
     provider: Arc<CryptoProvider>,
 }
 
 impl PeerVerifier {
-    fn judge(
-        &self,
-        der: &[u8],
-        intermediates: &[&[u8]],
-        now: std::time::SystemTime,
-    ) -> Result<(), String> {
+    fn judge(&self, der: &[u8], intermediates: &[&[u8]], now: std::time::SystemTime) -> Result<()> {
         let (uri, id) = self
             .roots
             .certify_server(der, intermediates, now)
-            .map_err(|(why, uri)| format!("{} ({why})", uri.unwrap_or_default()))?;
+            .map_err(|(why, uri)| Error::msg(format!("{} ({why})", uri.unwrap_or_default())))?;
         // The SPIFFE path as the identity checker compares it, and the trust domain too: a
         // peer's leaves carry its own, which our CA never signs for.
         let e = &self.expected;
@@ -231,7 +231,7 @@ impl PeerVerifier {
         if same {
             Ok(())
         } else {
-            Err(uri)
+            Err(Error::msg(uri))
         }
     }
 }
@@ -383,16 +383,10 @@ impl Target {
 
 /// One connection: connect to a gateway (starting at `pick`, round robin), handshake, pipe.
 /// Any error closes `client` (it is dropped).
-fn serve(client: TcpStream, dial: &Dial, pick: usize) -> Result<(), String> {
+fn serve(client: TcpStream, dial: &Dial, pick: usize) -> Result<()> {
     let t = &dial.target;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let roots = AuthzTable::new(
-        &t.identity.trust_domain,
-        &t.ca_pem,
-        vec![],
-        DefaultPolicy::Deny,
-    )
-    .map_err(|e| format!("the peer's CA: {e}"))?;
+    let roots = Roots::from_pem(&t.ca_pem).map_err(|e| Error::with_source("the peer's CA", e))?;
     let verifier = Arc::new(PeerVerifier {
         roots,
         expected: t.identity.clone(),
@@ -401,9 +395,9 @@ fn serve(client: TcpStream, dial: &Dial, pick: usize) -> Result<(), String> {
     let config = dial
         .credentials
         .client_config(provider, verifier)
-        .map_err(|e| format!("the TLS client: {e}"))?;
-    let name = ServerName::try_from(t.sni.clone()).map_err(|e| format!("SNI: {e}"))?;
-    let mut tls = ClientConnection::new(Arc::new(config), name).map_err(|e| e.to_string())?;
+        .context("the TLS client")?;
+    let name = ServerName::try_from(t.sni.clone()).context("SNI")?;
+    let mut tls = ClientConnection::new(Arc::new(config), name).context("the TLS client")?;
     let n = t.gateways.len();
     let mut last = String::from("no gateway");
     let mut sock = None;
@@ -412,7 +406,7 @@ fn serve(client: TcpStream, dial: &Dial, pick: usize) -> Result<(), String> {
         let ip: std::net::IpAddr = a
             .to_string()
             .parse()
-            .map_err(|_| format!("gateway address {a} is no IP"))?;
+            .map_err(|_| Error::msg(format!("gateway address {a} is no IP")))?;
         let addr = SocketAddr::new(ip, *port);
         match TcpStream::connect_timeout(&addr, HANDSHAKE_TIMEOUT) {
             Ok(s) => {
@@ -422,23 +416,22 @@ fn serve(client: TcpStream, dial: &Dial, pick: usize) -> Result<(), String> {
             Err(e) => last = format!("{addr}: {e}"),
         }
     }
-    let mut sock = sock.ok_or_else(|| format!("no gateway answers ({last})"))?;
+    let mut sock = sock.ok_or_else(|| Error::msg(format!("no gateway answers ({last})")))?;
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     while tls.is_handshaking() {
         let left = deadline
             .checked_duration_since(Instant::now())
             .filter(|d| !d.is_zero())
-            .ok_or("the handshake timed out")?;
-        sock.set_read_timeout(Some(left))
-            .map_err(|e| e.to_string())?;
+            .ok_or_else(|| Error::msg("the handshake timed out"))?;
+        sock.set_read_timeout(Some(left)).context("the handshake")?;
         sock.set_write_timeout(Some(left))
-            .map_err(|e| e.to_string())?;
-        tls.complete_io(&mut sock)
-            .map_err(|e| format!("handshake refused: {e}"))?;
+            .context("the handshake")?;
+        tls.complete_io(&mut sock).context("handshake refused")?;
     }
-    sock.set_read_timeout(None).map_err(|e| e.to_string())?;
-    sock.set_write_timeout(None).map_err(|e| e.to_string())?;
-    pipe(client, sock, tls).map_err(|e| format!("piping: {e}"))
+    sock.set_read_timeout(None).context("after the handshake")?;
+    sock.set_write_timeout(None)
+        .context("after the handshake")?;
+    pipe(client, sock, tls).context("piping")
 }
 
 /// Bytes both ways until either side ends: `poll(2)` over both sockets, so that neither read

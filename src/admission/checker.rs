@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use super::probe::{self, Credentials, Outcome};
 use super::{Endpoint, Verdict, Verdicts, Wanted};
 use crate::error::{Error, Result};
-use crate::spoe::authz::{AuthzTable, DefaultPolicy};
+use crate::pki::Roots;
 
 /// How long one check may take, connection and handshake together.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
@@ -72,7 +72,7 @@ struct State {
     leaf_pem: String,
     roots_pem: String,
     creds: Option<Credentials>,
-    roots: Option<Arc<AuthzTable>>,
+    roots: Option<Arc<Roots>>,
     due: BTreeMap<Endpoint, Instant>,
     verdicts: Verdicts,
     /// What was last logged of each endpoint, so that a state is logged once, not per check.
@@ -119,7 +119,7 @@ impl State {
             self.leaf_pem = w.leaf_pem;
         }
         if w.roots_pem != self.roots_pem {
-            self.roots = AuthzTable::new("", &w.roots_pem, Vec::new(), DefaultPolicy::Deny)
+            self.roots = Roots::from_pem(&w.roots_pem)
                 .map(Arc::new)
                 .map_err(|e| log::error!("cannot check upstream identities: {e}"))
                 .ok();
@@ -212,7 +212,7 @@ impl State {
 }
 
 /// Checks endpoints `PARALLEL` at a time; outcomes in the order given.
-fn check_all(due: &[Endpoint], creds: &Credentials, roots: &Arc<AuthzTable>) -> Vec<Outcome> {
+fn check_all(due: &[Endpoint], creds: &Credentials, roots: &Arc<Roots>) -> Vec<Outcome> {
     let mut out = Vec::with_capacity(due.len());
     for chunk in due.chunks(PARALLEL) {
         std::thread::scope(|s| {
@@ -235,7 +235,7 @@ fn check_all(due: &[Endpoint], creds: &Credentials, roots: &Arc<AuthzTable>) -> 
 pub fn check_once(wanted: &Wanted) -> Result<Verdicts> {
     let creds = Credentials::from_pem(&wanted.leaf_pem)?;
     let roots = Arc::new(
-        AuthzTable::new("", &wanted.roots_pem, Vec::new(), DefaultPolicy::Deny)
+        Roots::from_pem(&wanted.roots_pem)
             .map_err(|e| Error::msg(format!("cannot check upstream identities: {e}")))?,
     );
     let due: Vec<Endpoint> = wanted.endpoints.iter().cloned().collect();

@@ -13,7 +13,7 @@ pub mod probe;
 
 use std::collections::BTreeMap;
 
-use crate::spoe::authz::SpiffeId;
+use crate::pki::SpiffeId;
 
 /// Consul's name for the namespace and partition of a service outside Consul Enterprise.
 pub const DEFAULT: &str = "default";
@@ -145,7 +145,7 @@ pub type Verdicts = BTreeMap<Endpoint, Verdict>;
 /// Judges a presented end-entity certificate (and the intermediates sent with it) against
 /// `expected`; `Ok` with its CN, or `Err` with what it presented.
 pub fn judge(
-    roots: &crate::spoe::authz::AuthzTable,
+    roots: &crate::pki::Roots,
     der: &[u8],
     intermediates: &[&[u8]],
     expected: &Identity,
@@ -176,6 +176,7 @@ pub fn common_name(der: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pki::Roots;
 
     fn presented(uri: &str) -> SpiffeId {
         SpiffeId::parse(uri).unwrap()
@@ -248,11 +249,10 @@ mod tests {
     #[test]
     fn recorded_leaves_are_judged_by_their_path_and_chain() {
         use crate::model::fixtures::{json, CONSUL_VERSIONS};
-        use crate::spoe::authz::{AuthzTable, DefaultPolicy};
         for v in CONSUL_VERSIONS {
             let roots: crate::consul::api::CaRoots = json(v, "ca-roots.json");
             let pem: String = roots.roots.iter().map(|r| r.root_cert.clone()).collect();
-            let table = AuthzTable::new("other.consul", &pem, vec![], DefaultPolicy::Deny).unwrap();
+            let table = Roots::from_pem(&pem).unwrap();
             let leaf: crate::consul::api::LeafCert = json(v, "ca-leaf-server.json");
             let block = &crate::model::pem_blocks(&leaf.cert_pem, "CERTIFICATE")[0];
             let der = x509_parser::pem::parse_x509_pem(block.as_bytes())
@@ -272,13 +272,9 @@ mod tests {
             let wrong = judge(&table, &der, &[], &Identity::service("web", "dc1"), at).unwrap_err();
             assert!(wrong.ends_with("/ns/default/dc/dc1/svc/server"), "{wrong}");
             // A certificate no current root signed is refused, whatever it claims.
-            let other = AuthzTable::new(
-                "other.consul",
-                &crate::model::pem_blocks(&leaf.cert_pem, "CERTIFICATE")[0],
-                vec![],
-                DefaultPolicy::Deny,
-            )
-            .unwrap();
+            let other =
+                Roots::from_pem(&crate::model::pem_blocks(&leaf.cert_pem, "CERTIFICATE")[0])
+                    .unwrap();
             let unsigned = judge(&other, &der, &[], &Identity::service("server", "dc1"), at);
             assert!(
                 unsigned
@@ -291,7 +287,6 @@ mod tests {
 
     #[test]
     fn a_leaf_signed_by_an_intermediate_of_a_current_root_is_judged_by_its_path() {
-        use crate::spoe::authz::{AuthzTable, DefaultPolicy};
         // fixtures/identity: root -> intermediate -> leaf of server in dc2, as a secondary
         // datacenter's leaves are signed (see fixtures/identity/README.md).
         let read = |name: &str| {
@@ -306,7 +301,7 @@ mod tests {
         };
         let (root, inter, leaf) = (read("root.pem"), read("intermediate.pem"), read("leaf.pem"));
         let (inter_der, leaf_der) = (der(&inter), der(&leaf));
-        let table = AuthzTable::new("", &root, vec![], DefaultPolicy::Deny).unwrap();
+        let table = Roots::from_pem(&root).unwrap();
         let at = crate::clock::test_support::inside_validity(&leaf_der);
         let dc2 = Identity::service("server", "dc2");
         assert_eq!(judge(&table, &leaf_der, &[&inter_der], &dc2, at), Ok(None));
@@ -315,8 +310,7 @@ mod tests {
         // The intermediate must itself come from a current root, and be a CA.
         let consul: crate::consul::api::CaRoots =
             crate::model::fixtures::json(crate::model::fixtures::ANY, "ca-roots.json");
-        let unrelated =
-            AuthzTable::new("", &consul.roots[0].root_cert, vec![], DefaultPolicy::Deny).unwrap();
+        let unrelated = Roots::from_pem(&consul.roots[0].root_cert).unwrap();
         assert!(
             judge(&unrelated, &leaf_der, &[&inter_der], &dc2, at).is_err(),
             "an intermediate of another root"
@@ -329,7 +323,7 @@ mod tests {
             read("not-a-ca/leaf.pem"),
         );
         let (nc_signer_der, nc_leaf_der) = (der(&nc_signer), der(&nc_leaf));
-        let nc_table = AuthzTable::new("", &nc_root, vec![], DefaultPolicy::Deny).unwrap();
+        let nc_table = Roots::from_pem(&nc_root).unwrap();
         let nc_at = crate::clock::test_support::inside_validity(&nc_leaf_der);
         assert!(
             judge(&nc_table, &nc_leaf_der, &[&nc_signer_der], &dc2, nc_at).is_err(),

@@ -14,7 +14,7 @@ use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, SignatureSch
 
 use super::{judge, Endpoint, Verdict};
 use crate::error::{Error, Result};
-use crate::spoe::authz::AuthzTable;
+use crate::pki::Roots;
 
 /// What one check found.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -89,7 +89,7 @@ impl Credentials {
 pub fn check(
     endpoint: &Endpoint,
     creds: &Credentials,
-    roots: &Arc<AuthzTable>,
+    roots: &Arc<Roots>,
     timeout: Duration,
 ) -> Outcome {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -193,7 +193,7 @@ struct Seen {
 /// current roots, SPIFFE path), the handshake signature by rustls's own algorithms.
 #[derive(Debug)]
 struct Judge {
-    roots: Arc<AuthzTable>,
+    roots: Arc<Roots>,
     endpoint: Endpoint,
     provider: Arc<CryptoProvider>,
     seen: Mutex<Seen>,

@@ -294,14 +294,14 @@ mod tests {
         let v = "1.16.3";
         let t = table(&snapshot_for(v, "web", Some("allow")));
         let client: LeafCert = json(v, "ca-leaf-client.json");
-        let id = crate::spoe::authz::SpiffeId::parse(&client.service_uri).unwrap();
+        let id = crate::pki::SpiffeId::parse(&client.service_uri).unwrap();
         for (source, authorize) in [
             ("client", "authorize-client-to-web.json"),
             ("l7c", "authorize-l7c-to-web.json"),
             ("other", "authorize-other-to-web.json"),
         ] {
             let consul: serde_json::Value = json(v, authorize);
-            let who = crate::spoe::authz::SpiffeId {
+            let who = crate::pki::SpiffeId {
                 service: source.into(),
                 ..id.clone()
             };

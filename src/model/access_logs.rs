@@ -8,6 +8,8 @@
 
 use serde_json::Value;
 
+use crate::error::{Error, Result};
+
 /// Envoy's operators and HAProxy's log-format variables for the same field.
 const OPERATORS: &[(&str, &str)] = &[
     ("START_TIME", "%t"),
@@ -123,14 +125,16 @@ fn format(v: &Value, whose: &str, warnings: &mut Vec<String>) -> Option<String> 
 
 /// A text format as HAProxy's: operators mapped, literals checked. The operators without an
 /// equivalent, as a second value.
-fn line(s: &str) -> Result<(String, Vec<String>), String> {
+fn line(s: &str) -> Result<(String, Vec<String>)> {
     let mut out = String::new();
     let mut unknown = Vec::new();
     let mut rest = s;
     while let Some(i) = rest.find('%') {
         literal(&rest[..i], &mut out)?;
         let after = &rest[i + 1..];
-        let end = after.find('%').ok_or("a % without its closing %")?;
+        let end = after
+            .find('%')
+            .ok_or_else(|| Error::msg("a % without its closing %"))?;
         let op = &after[..end];
         match OPERATORS.iter().find(|(envoy, _)| *envoy == op) {
             Some((_, haproxy)) => out.push_str(haproxy),
@@ -148,21 +152,24 @@ fn line(s: &str) -> Result<(String, Vec<String>), String> {
     Ok((out, unknown))
 }
 
-fn literal(s: &str, out: &mut String) -> Result<(), String> {
+fn literal(s: &str, out: &mut String) -> Result<()> {
     match s.chars().find(|c| !literal_ok(*c)) {
         None => {
             out.push_str(s);
             Ok(())
         }
-        Some(c) => Err(format!("it holds {:?}", c.escape_debug().to_string())),
+        Some(c) => Err(Error::msg(format!(
+            "it holds {:?}",
+            c.escape_debug().to_string()
+        ))),
     }
 }
 
 /// A JSON format (`{"key": "%OPERATOR%", …}` as text): one JSON object per line, every value a
 /// string, with HAProxy's `+E` escaping quotes and backslashes in what the variables print.
-fn json_format(s: &str) -> Result<(String, Vec<String>), String> {
+fn json_format(s: &str) -> Result<(String, Vec<String>)> {
     let map: serde_json::Map<String, Value> =
-        serde_json::from_str(s).map_err(|_| "JSONFormat is not a JSON object".to_string())?;
+        serde_json::from_str(s).map_err(|_| Error::msg("JSONFormat is not a JSON object"))?;
     let mut parts = Vec::new();
     let mut unknown = Vec::new();
     for (k, v) in &map {
@@ -171,12 +178,14 @@ fn json_format(s: &str) -> Result<(String, Vec<String>), String> {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
         {
-            return Err(format!(
+            return Err(Error::msg(format!(
                 "the key {:?} is not a plain name",
                 crate::value::comment(k)
-            ));
+            )));
         }
-        let v = v.as_str().ok_or("a JSONFormat value is not a string")?;
+        let v = v
+            .as_str()
+            .ok_or_else(|| Error::msg("a JSONFormat value is not a string"))?;
         let (f, u) = line(v)?;
         unknown.extend(
             u.into_iter()

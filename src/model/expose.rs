@@ -6,6 +6,7 @@
 use serde::Serialize;
 
 use crate::consul::api::{AgentCheck, ExposePath, ProxyConfig};
+use crate::error::{Error, Result};
 use crate::names::sanitize;
 
 use super::{Public, BACKEND_PREFIX};
@@ -83,18 +84,22 @@ pub fn wanted(
     out
 }
 
-fn explicit(p: &ExposePath) -> Result<Wanted, String> {
+fn explicit(p: &ExposePath) -> Result<Wanted> {
     check_path(&p.path)?;
     if p.listener_port == 0 {
-        return Err("it has no ListenerPort".into());
+        return Err(Error::msg("it has no ListenerPort"));
     }
     if p.local_path_port == 0 {
-        return Err("it has no LocalPathPort".into());
+        return Err(Error::msg("it has no LocalPathPort"));
     }
     let http2 = match p.protocol.to_ascii_lowercase().as_str() {
         "" | "http" => false,
         "http2" => true,
-        other => return Err(format!("protocol {other:?} is neither http nor http2")),
+        other => {
+            return Err(Error::msg(format!(
+                "protocol {other:?} is neither http nor http2"
+            )))
+        }
     };
     Ok(Wanted {
         path: p.path.clone(),
@@ -110,16 +115,16 @@ fn explicit(p: &ExposePath) -> Result<Wanted, String> {
 /// listener the agent has not told yet. The path of an HTTP check is only ever told by the
 /// URL in its output (after its first run); the check's own target port is told nowhere, so
 /// the path is served from the local service's port.
-fn from_check(c: &AgentCheck, local_port: u16) -> Result<Option<Wanted>, String> {
+fn from_check(c: &AgentCheck, local_port: u16) -> Result<Option<Wanted>> {
     let (path, http2, port, host) = match c.kind.as_str() {
         "http" => {
             let Some(url) = check_url(&c.output) else {
                 return Ok(None);
             };
             if !url.starts_with("http://") {
-                return Err(format!(
+                return Err(Error::msg(format!(
                     "it requests {url}, and an exposed listener serves plain HTTP only"
-                ));
+                )));
             }
             let rest = &url["http://".len()..];
             let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
@@ -197,17 +202,17 @@ fn port_of(authority: &str) -> Option<u16> {
 
 /// A path HAProxy's configuration can carry as one word: absolute, no query, nothing its
 /// parser treats specially.
-fn check_path(path: &str) -> Result<(), String> {
+fn check_path(path: &str) -> Result<()> {
     if !path.starts_with('/') {
-        return Err("it is not an absolute path".into());
+        return Err(Error::msg("it is not an absolute path"));
     }
     if let Some(c) = path
         .chars()
         .find(|c| c.is_whitespace() || c.is_control() || "\"'\\#?{}".contains(*c))
     {
-        return Err(format!(
+        return Err(Error::msg(format!(
             "it holds {c:?}, which an exposed path cannot (no query, spaces or quotes)"
-        ));
+        )));
     }
     Ok(())
 }
@@ -297,7 +302,7 @@ mod tests {
             ..Default::default()
         };
         // Not run yet, no ExposedPort (1.8.7): nothing to serve yet.
-        assert_eq!(from_check(&c, 8080), Ok(None));
+        assert_eq!(from_check(&c, 8080).ok(), Some(None));
         c.output = r#"Get "http://127.0.0.1:21500/health?full=1": dial tcp 127.0.0.1:21500: connect: connection refused"#.into();
         let w = from_check(&c, 8080).unwrap().unwrap();
         assert_eq!(

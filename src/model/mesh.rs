@@ -4,6 +4,10 @@
 //! `crate::value` type here; a value that cannot be honoured is dropped with one warning naming
 //! it, and what it would have changed keeps HAProxy's default (TLS 1.2 and later, HAProxy's
 //! cipher list), which is also Envoy's.
+//!
+//! A change of these is a full render (`Plan::mesh_tls_changed`): neither the Dataplane API's
+//! v1.2.5 models nor HAProxy's runtime API can change them on a running bind or server (only
+//! `add server` takes them).
 
 use serde::Serialize;
 use serde_json::Value;

@@ -140,7 +140,7 @@ fn l7_request(n: &Notify) -> Option<bool> {
         // Intentions match a source by trust domain, partition, namespace and service, as
         // Consul's authorize does (a name's case aside): its datacenter is not part of it.
         let who = |uri: &str| {
-            crate::spoe::authz::SpiffeId::parse(uri).map(|id| {
+            crate::pki::SpiffeId::parse(uri).map(|id| {
                 let lower = |s: String| s.to_ascii_lowercase();
                 (
                     lower(id.trust_domain),

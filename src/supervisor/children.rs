@@ -335,12 +335,12 @@ impl Children {
 }
 
 /// Has HAProxy check a configuration file (`haproxy -c`); the error holds its alerts.
-pub fn check_config(haproxy_bin: &std::path::Path, cfg: &std::path::Path) -> Result<(), String> {
+pub fn check_config(haproxy_bin: &std::path::Path, cfg: &std::path::Path) -> Result<()> {
     let out = process::clean_command(haproxy_bin)
         .args(["-W", "-c", "-f"])
         .arg(cfg)
         .output()
-        .map_err(|e| format!("running {} -c: {e}", haproxy_bin.display()))?;
+        .map_err(|e| Error::with_source(format!("running {} -c", haproxy_bin.display()), e))?;
     if out.status.success() {
         return Ok(());
     }
@@ -350,7 +350,7 @@ pub fn check_config(haproxy_bin: &std::path::Path, cfg: &std::path::Path) -> Res
         .filter(|l| l.contains("ALERT"))
         .map(|l| l.trim().to_string())
         .collect();
-    Err(why.join(" | "))
+    Err(Error::msg(why.join(" | ")))
 }
 
 /// The run's exit code for a child's end. A child that ended with 0 still ended the run

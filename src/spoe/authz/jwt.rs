@@ -39,6 +39,7 @@ use ring::signature::{self, RsaPublicKeyComponents, UnparsedPublicKey};
 use serde_json::{Map, Value};
 
 use super::l7;
+use crate::error::{Error, Result};
 
 /// The longest token looked at (bytes). Real tokens are a few hundred bytes to a few KiB.
 pub const MAX_TOKEN: usize = 8 * 1024;
@@ -166,15 +167,15 @@ impl fmt::Display for Requirement {
 impl Requirement {
     /// An intention's or permission's `JWT` as Consul's API returns it: `None` when it is
     /// absent, null or names no provider (Consul's Envoy then checks nothing either).
-    pub fn from_consul(v: &Value) -> Result<Option<Requirement>, String> {
+    pub fn from_consul(v: &Value) -> crate::error::Result<Option<Requirement>> {
         let obj = match v {
             Value::Null => return Ok(None),
             Value::Object(o) => o,
-            _ => return Err("JWT is not an object".into()),
+            _ => return Err(Error::msg("JWT is not an object")),
         };
         for k in obj.keys() {
             if k != "Providers" && !obj[k].is_null() {
-                return Err(format!("unsupported JWT field {k}"));
+                return Err(Error::msg(format!("unsupported JWT field {k}")));
             }
         }
         let mut providers = Vec::new();
@@ -184,12 +185,14 @@ impl Requirement {
             .into_iter()
             .flatten()
         {
-            let p = p.as_object().ok_or("a JWT provider is not an object")?;
+            let p = p
+                .as_object()
+                .ok_or_else(|| Error::msg("a JWT provider is not an object"))?;
             let name = p
                 .get("Name")
                 .and_then(Value::as_str)
                 .filter(|n| !n.is_empty())
-                .ok_or("a JWT provider has no Name")?
+                .ok_or_else(|| Error::msg("a JWT provider has no Name"))?
                 .to_string();
             let mut claims = Vec::new();
             for c in p
@@ -206,10 +209,14 @@ impl Requirement {
                     .map(|s| s.as_str().map(str::to_string))
                     .collect::<Option<_>>()
                     .ok_or_else(|| {
-                        format!("provider {name}: a VerifyClaims Path is not strings")
+                        Error::msg(format!(
+                            "provider {name}: a VerifyClaims Path is not strings"
+                        ))
                     })?;
                 if path.is_empty() {
-                    return Err(format!("provider {name}: a VerifyClaims has no Path"));
+                    return Err(Error::msg(format!(
+                        "provider {name}: a VerifyClaims has no Path"
+                    )));
                 }
                 let value = c
                     .get("Value")
@@ -220,7 +227,9 @@ impl Requirement {
             }
             for k in p.keys() {
                 if !matches!(k.as_str(), "Name" | "VerifyClaims") && !p[k].is_null() {
-                    return Err(format!("provider {name}: unsupported field {k}"));
+                    return Err(Error::msg(format!(
+                        "provider {name}: unsupported field {k}"
+                    )));
                 }
             }
             providers.push(ProviderRef { name, claims });
@@ -248,10 +257,11 @@ impl Requirement {
                 ));
                 continue;
             };
-            match p
-                .accepts(req, now)
-                .and_then(|(payload, passing)| r.claims_hold(&payload).map(|()| passing))
-            {
+            match p.accepts(req, now).and_then(|(payload, passing)| {
+                r.claims_hold(&payload)
+                    .map(|()| passing)
+                    .map_err(|e| e.to_string())
+            }) {
                 Ok(passing) => return Ok((r.name.clone(), passing)),
                 Err(e) => why.push(format!("{}: {e}", r.name)),
             }
@@ -261,14 +271,17 @@ impl Requirement {
 }
 
 impl ProviderRef {
-    fn claims_hold(&self, payload: &Map<String, Value>) -> Result<(), String> {
+    fn claims_hold(&self, payload: &Map<String, Value>) -> Result<()> {
         for (path, want) in &self.claims {
             let mut at: Option<&Value> = payload.get(&path[0]);
             for key in &path[1..] {
                 at = at.and_then(Value::as_object).and_then(|o| o.get(key));
             }
             if at.and_then(Value::as_str) != Some(want.as_str()) {
-                return Err(format!("claim {} is not {want:?}", path.join(".")));
+                return Err(Error::msg(format!(
+                    "claim {} is not {want:?}",
+                    path.join(".")
+                )));
             }
         }
         Ok(())
@@ -408,7 +421,7 @@ impl Provider {
             } else {
                 Err("JSONWebKeySet.Local has neither JWKS nor Filename".into())
             };
-            doc.and_then(|d| parse_jwks(&d))
+            doc.and_then(|d| parse_jwks(&d).map_err(|e| e.to_string()))
         } else if let Some(remote) = jwks.get("Remote").filter(|r| !r.is_null()) {
             // Fetched by the watch side (`consul::jwks`), never by the agent's threads.
             match remote
@@ -418,7 +431,7 @@ impl Provider {
             {
                 Some(uri) => read_file(uri)
                     .map_err(|e| format!("JSONWebKeySet.Remote.URI {uri}: {e}"))
-                    .and_then(|d| parse_jwks(&d)),
+                    .and_then(|d| parse_jwks(&d).map_err(|e| e.to_string())),
                 None => Err("JSONWebKeySet.Remote has no URI".into()),
             }
         } else {
@@ -465,9 +478,10 @@ impl Provider {
             .iter()
             .find_map(|l| find_token(l, req).map(|t| (l, t)))
             .ok_or("no token")?;
-        let t = parse(&token)?;
-        t.verify(keys)?;
-        self.check_claims(&t.payload, now)?;
+        let t = parse(&token).map_err(|e| e.to_string())?;
+        t.verify(keys).map_err(|e| e.to_string())?;
+        self.check_claims(&t.payload, now)
+            .map_err(|e| e.to_string())?;
         let strip = match location {
             Location::Header {
                 name,
@@ -512,30 +526,30 @@ impl Provider {
         (self.forwarding.as_ref().map(|(h, _)| h.as_str()), strip)
     }
 
-    fn check_claims(&self, p: &Map<String, Value>, now: u64) -> Result<(), String> {
-        let time = |k: &str| -> Result<Option<u64>, String> {
+    fn check_claims(&self, p: &Map<String, Value>, now: u64) -> Result<()> {
+        let time = |k: &str| -> Result<Option<u64>> {
             match p.get(k) {
                 None => Ok(None),
                 Some(v) => v
                     .as_f64()
                     .filter(|t| *t >= 0.0)
                     .map(|t| Some(t as u64))
-                    .ok_or(format!("{k} is not a time")),
+                    .ok_or_else(|| Error::msg(format!("{k} is not a time"))),
             }
         };
         if let Some(exp) = time("exp")? {
             if now > exp.saturating_add(self.clock_skew) {
-                return Err(format!("expired at {exp}"));
+                return Err(Error::msg(format!("expired at {exp}")));
             }
         }
         if let Some(nbf) = time("nbf")? {
             if now.saturating_add(self.clock_skew) < nbf {
-                return Err(format!("not valid before {nbf}"));
+                return Err(Error::msg(format!("not valid before {nbf}")));
             }
         }
         // Consul's RBAC compares the payload's `iss` with the provider's `Issuer` exactly.
         if p.get("iss").and_then(Value::as_str) != Some(self.issuer.as_str()) {
-            return Err(format!("issuer is not {:?}", self.issuer));
+            return Err(Error::msg(format!("issuer is not {:?}", self.issuer)));
         }
         if !self.audiences.is_empty() {
             let aud: Vec<&str> = match p.get("aud") {
@@ -544,7 +558,7 @@ impl Provider {
                 _ => Vec::new(),
             };
             if !aud.iter().any(|a| self.audiences.iter().any(|w| w == a)) {
-                return Err("audience is not one of the provider's".into());
+                return Err(Error::msg("audience is not one of the provider's"));
             }
         }
         Ok(())
@@ -597,198 +611,9 @@ fn is_empty(v: &Value) -> bool {
     }
 }
 
-/// A JWKS document's keys that this sidecar can use; the others (symmetric, unknown curves,
-/// encryption keys) are skipped. No usable key at all is an error.
-fn parse_jwks(doc: &str) -> Result<Vec<Jwk>, String> {
-    if doc.len() > MAX_JWKS {
-        return Err(format!("the JWKS is larger than {MAX_JWKS} bytes"));
-    }
-    let v: Value = serde_json::from_str(doc).map_err(|e| format!("the JWKS is not JSON: {e}"))?;
-    let list = v
-        .get("keys")
-        .and_then(Value::as_array)
-        .ok_or("the JWKS has no keys array")?;
-    if list.len() > MAX_KEYS {
-        return Err(format!("the JWKS has more than {MAX_KEYS} keys"));
-    }
-    let keys: Vec<Jwk> = list.iter().filter_map(|k| parse_jwk(k).ok()).collect();
-    if keys.is_empty() {
-        return Err("the JWKS has no RSA, EC P-256/P-384 or Ed25519 signing key".into());
-    }
-    Ok(keys)
-}
-
-fn parse_jwk(k: &Value) -> Result<Jwk, String> {
-    let s = |f: &str| k.get(f).and_then(Value::as_str);
-    let b = |f: &str| -> Result<Vec<u8>, String> {
-        B64URL
-            .decode(s(f).ok_or(format!("no {f}"))?)
-            .map_err(|e| format!("{f}: {e}"))
-    };
-    if s("use").is_some_and(|u| u != "sig") {
-        return Err("not a signing key".into());
-    }
-    let key = match (s("kty"), s("crv")) {
-        (Some("RSA"), _) => Key::Rsa {
-            n: strip_zeros(b("n")?),
-            e: strip_zeros(b("e")?),
-        },
-        (Some("EC"), Some(crv @ ("P-256" | "P-384"))) => {
-            let (x, y) = (b("x")?, b("y")?);
-            let len = if crv == "P-256" { 32 } else { 48 };
-            if x.len() != len || y.len() != len {
-                return Err("bad EC coordinates".into());
-            }
-            let mut point = vec![4u8];
-            point.extend_from_slice(&x);
-            point.extend_from_slice(&y);
-            if crv == "P-256" {
-                Key::P256(point)
-            } else {
-                Key::P384(point)
-            }
-        }
-        (Some("OKP"), Some("Ed25519")) => Key::Ed25519(b("x")?),
-        _ => return Err("unsupported key type".into()),
-    };
-    Ok(Jwk {
-        kid: s("kid").map(str::to_string),
-        alg: s("alg").map(str::to_string),
-        key,
-    })
-}
-
-fn strip_zeros(mut v: Vec<u8>) -> Vec<u8> {
-    let zeros = v.iter().take_while(|b| **b == 0).count();
-    v.drain(..zeros.min(v.len().saturating_sub(1)));
-    v
-}
-
-/// A token split and decoded, not yet verified.
-#[derive(Debug)]
-pub struct Token {
-    pub alg: String,
-    pub kid: Option<String>,
-    pub payload: Map<String, Value>,
-    signing_input: Vec<u8>,
-    signature: Vec<u8>,
-}
-
-/// Splits and decodes a compact JWS (`header.payload.signature`); refuses anything larger
-/// than `MAX_TOKEN`, a header or payload that is not a JSON object, an unknown `crit`.
-pub fn parse(token: &str) -> Result<Token, String> {
-    if token.len() > MAX_TOKEN {
-        return Err(format!("token longer than {MAX_TOKEN} bytes"));
-    }
-    let mut parts = token.split('.');
-    let (Some(h), Some(p), Some(s), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err("token is not three base64url parts".into());
-    };
-    let object = |part: &str, what: &str| -> Result<Map<String, Value>, String> {
-        let raw = B64URL
-            .decode(part)
-            .map_err(|_| format!("token {what} is not base64url"))?;
-        match serde_json::from_slice(&raw) {
-            Ok(Value::Object(o)) => Ok(o),
-            _ => Err(format!("token {what} is not a JSON object")),
-        }
-    };
-    let header = object(h, "header")?;
-    let payload = object(p, "payload")?;
-    let signature = B64URL
-        .decode(s)
-        .map_err(|_| "token signature is not base64url".to_string())?;
-    if header.get("crit").is_some() {
-        return Err("token header has crit".into());
-    }
-    let alg = header
-        .get("alg")
-        .and_then(Value::as_str)
-        .ok_or("token header has no alg")?
-        .to_string();
-    let kid = header
-        .get("kid")
-        .and_then(Value::as_str)
-        .map(str::to_string);
-    Ok(Token {
-        alg,
-        kid,
-        payload,
-        signing_input: token.as_bytes()[..h.len() + 1 + p.len()].to_vec(),
-        signature,
-    })
-}
-
-impl Token {
-    /// Whether one of `keys` (those with the token's `kid`, if it names one) signed it with
-    /// its `alg`.
-    fn verify(&self, keys: &[Jwk]) -> Result<(), String> {
-        let alg = self.alg.as_str();
-        if !matches!(
-            alg,
-            "RS256" | "RS384" | "RS512" | "PS256" | "PS384" | "PS512" | "ES256" | "ES384" | "EdDSA"
-        ) {
-            return Err(format!("algorithm {alg:?} is not accepted"));
-        }
-        let mut tried = 0;
-        for k in keys {
-            if self.kid.is_some() && k.kid.is_some() && self.kid != k.kid {
-                continue;
-            }
-            if k.alg.as_deref().is_some_and(|a| a != alg) {
-                continue;
-            }
-            let msg = self.signing_input.as_slice();
-            let sig = self.signature.as_slice();
-            let ok = match (&k.key, alg) {
-                (Key::Rsa { n, e }, _) if alg.starts_with("RS") || alg.starts_with("PS") => {
-                    let params = match alg {
-                        "RS256" => &signature::RSA_PKCS1_2048_8192_SHA256,
-                        "RS384" => &signature::RSA_PKCS1_2048_8192_SHA384,
-                        "RS512" => &signature::RSA_PKCS1_2048_8192_SHA512,
-                        "PS256" => &signature::RSA_PSS_2048_8192_SHA256,
-                        "PS384" => &signature::RSA_PSS_2048_8192_SHA384,
-                        _ => &signature::RSA_PSS_2048_8192_SHA512,
-                    };
-                    RsaPublicKeyComponents { n, e }
-                        .verify(params, msg, sig)
-                        .is_ok()
-                }
-                (Key::P256(pt), "ES256") => {
-                    UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, pt)
-                        .verify(msg, sig)
-                        .is_ok()
-                }
-                (Key::P384(pt), "ES384") => {
-                    UnparsedPublicKey::new(&signature::ECDSA_P384_SHA384_FIXED, pt)
-                        .verify(msg, sig)
-                        .is_ok()
-                }
-                (Key::Ed25519(x), "EdDSA") => UnparsedPublicKey::new(&signature::ED25519, x)
-                    .verify(msg, sig)
-                    .is_ok(),
-                _ => continue,
-            };
-            tried += 1;
-            if ok {
-                return Ok(());
-            }
-        }
-        if tried == 0 {
-            Err(format!(
-                "no key for {alg}{}",
-                self.kid
-                    .as_deref()
-                    .map(|k| format!(" with kid {k:?}"))
-                    .unwrap_or_default()
-            ))
-        } else {
-            Err("bad signature".into())
-        }
-    }
-}
+mod token;
+use token::parse_jwks;
+pub use token::{parse, Token};
 
 #[cfg(test)]
 mod tests;

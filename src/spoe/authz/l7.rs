@@ -29,6 +29,7 @@ use regex::Regex;
 use serde_json::Value;
 
 use super::jwt;
+use crate::error::{Error, Result};
 
 /// One permission of an L7 intention.
 #[derive(Clone, Debug)]
@@ -287,42 +288,45 @@ impl Request for Normalized<'_> {
 }
 
 /// A regex that must match the whole subject, as RE2's FullMatch in Envoy's `safe_regex`.
-fn full_regex(pattern: &str) -> Result<Regex, String> {
-    Regex::new(&format!("^(?:{pattern})$")).map_err(|e| format!("regex {pattern:?}: {e}"))
+fn full_regex(pattern: &str) -> Result<Regex> {
+    Regex::new(&format!("^(?:{pattern})$"))
+        .map_err(|e| Error::msg(format!("regex {pattern:?}: {e}")))
 }
 
 impl Permission {
     /// Parses one element of an intention's `Permissions` as Consul's API returns it (zero
     /// values omitted). Anything it cannot judge exactly is an error.
-    pub fn from_consul(v: &Value) -> Result<Permission, String> {
+    pub fn from_consul(v: &Value) -> Result<Permission> {
         let source = v.to_string();
-        let obj = v.as_object().ok_or("a permission is not an object")?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| Error::msg("a permission is not an object"))?;
         for k in obj.keys() {
             if !matches!(k.as_str(), "Action" | "HTTP" | "JWT") && !is_zero(&obj[k]) {
-                return Err(format!("unsupported permission field {k}"));
+                return Err(Error::msg(format!("unsupported permission field {k}")));
             }
         }
         let allow = match obj.get("Action").and_then(Value::as_str) {
             Some(a) if a.eq_ignore_ascii_case("allow") => true,
             Some(a) if a.eq_ignore_ascii_case("deny") => false,
             other => {
-                return Err(format!(
+                return Err(Error::msg(format!(
                     "permission Action {other:?} is neither allow nor deny"
-                ))
+                )))
             }
         };
         let empty = serde_json::Map::new();
         let http = match obj.get("HTTP") {
             None | Some(Value::Null) => &empty,
             Some(Value::Object(h)) => h,
-            Some(_) => return Err("permission HTTP is not an object".into()),
+            Some(_) => return Err(Error::msg("permission HTTP is not an object")),
         };
-        let text = |k: &str| -> Result<Option<String>, String> {
+        let text = |k: &str| -> Result<Option<String>> {
             match http.get(k) {
                 None | Some(Value::Null) => Ok(None),
                 Some(Value::String(s)) if s.is_empty() => Ok(None),
                 Some(Value::String(s)) => Ok(Some(s.clone())),
-                Some(_) => Err(format!("HTTP.{k} is not a string")),
+                Some(_) => Err(Error::msg(format!("HTTP.{k} is not a string"))),
             }
         };
         let mut path = None;
@@ -340,7 +344,9 @@ impl Permission {
             paths += 1;
         }
         if paths > 1 {
-            return Err("more than one of PathExact, PathPrefix, PathRegex".into());
+            return Err(Error::msg(
+                "more than one of PathExact, PathPrefix, PathRegex",
+            ));
         }
         let mut methods = Vec::new();
         let mut headers = Vec::new();
@@ -349,7 +355,9 @@ impl Permission {
                 "PathExact" | "PathPrefix" | "PathRegex" => {}
                 "Methods" => {
                     for m in val.as_array().into_iter().flatten() {
-                        let m = m.as_str().ok_or("HTTP.Methods holds a non-string")?;
+                        let m = m
+                            .as_str()
+                            .ok_or_else(|| Error::msg("HTTP.Methods holds a non-string"))?;
                         methods.push(m.to_string());
                     }
                 }
@@ -359,7 +367,7 @@ impl Permission {
                     }
                 }
                 other if is_zero(val) => log::trace!("ignoring empty HTTP.{other}"),
-                other => return Err(format!("unsupported HTTP field {other}")),
+                other => return Err(Error::msg(format!("unsupported HTTP field {other}"))),
             }
         }
         let jwt = jwt::Requirement::from_consul(obj.get("JWT").unwrap_or(&Value::Null))?;
@@ -478,13 +486,15 @@ fn is_zero(v: &Value) -> bool {
 }
 
 impl HeaderMatch {
-    fn from_consul(v: &Value) -> Result<HeaderMatch, String> {
-        let obj = v.as_object().ok_or("a Header entry is not an object")?;
+    fn from_consul(v: &Value) -> Result<HeaderMatch> {
+        let obj = v
+            .as_object()
+            .ok_or_else(|| Error::msg("a Header entry is not an object"))?;
         let name = obj
             .get("Name")
             .and_then(Value::as_str)
             .filter(|n| !n.is_empty())
-            .ok_or("a Header entry has no Name")?
+            .ok_or_else(|| Error::msg("a Header entry has no Name"))?
             .to_ascii_lowercase();
         let mut kinds = Vec::new();
         let mut invert = false;
@@ -492,13 +502,20 @@ impl HeaderMatch {
             let s = || {
                 val.as_str()
                     .map(str::to_string)
-                    .ok_or(format!("Header.{k} is not a string"))
+                    .ok_or_else(|| Error::msg(format!("Header.{k} is not a string")))
             };
             match k.as_str() {
                 "Name" => {}
-                "Invert" => invert = val.as_bool().ok_or("Header.Invert is not a boolean")?,
+                "Invert" => {
+                    invert = val
+                        .as_bool()
+                        .ok_or_else(|| Error::msg("Header.Invert is not a boolean"))?
+                }
                 "Present" => {
-                    if val.as_bool().ok_or("Header.Present is not a boolean")? {
+                    if val
+                        .as_bool()
+                        .ok_or_else(|| Error::msg("Header.Present is not a boolean"))?
+                    {
                         kinds.push(HeaderKind::Present);
                     }
                 }
@@ -507,13 +524,17 @@ impl HeaderMatch {
                 "Prefix" => kinds.push(HeaderKind::Prefix(s()?)),
                 "Suffix" => kinds.push(HeaderKind::Suffix(s()?)),
                 "Regex" => kinds.push(HeaderKind::Regex(full_regex(&s()?)?)),
-                other => return Err(format!("unsupported Header field {other}")),
+                other => return Err(Error::msg(format!("unsupported Header field {other}"))),
             }
         }
         let kind = match kinds.len() {
             1 => kinds.remove(0),
-            0 => return Err(format!("Header {name} has no matcher")),
-            _ => return Err(format!("Header {name} has more than one matcher")),
+            0 => return Err(Error::msg(format!("Header {name} has no matcher"))),
+            _ => {
+                return Err(Error::msg(format!(
+                    "Header {name} has more than one matcher"
+                )))
+            }
         };
         Ok(HeaderMatch { name, kind, invert })
     }
@@ -547,12 +568,16 @@ pub fn first_match(
         .map(|i| (permissions[i].allow, i))
 }
 
-/// Parses an intention's whole `Permissions` list.
+/// Parses an intention's whole `Permissions` list; the error is the reason as the table
+/// keeps it (`Intention::permissions`), which every request of that source is denied with.
 pub fn parse_all(values: &[Value]) -> Result<Vec<Permission>, String> {
     values
         .iter()
         .enumerate()
-        .map(|(i, v)| Permission::from_consul(v).map_err(|e| format!("permission #{i}: {e}")))
+        .map(|(i, v)| {
+            Permission::from_consul(v)
+                .map_err(|e| e.context(format!("permission #{i}")).to_string())
+        })
         .collect()
 }
 

@@ -6,189 +6,30 @@
 //! Consul sends new data, so a decision never sees half an update.
 //!
 //! HAProxy already verified the chain during the handshake, but the agent checks the issuer
-//! again against the *current* roots: a TLS session resumed after a root rotation skips
-//! HAProxy's CA check and still hands us the old certificate.
-//!
-//! That signature check is an ECDSA verification, more than half of the agent's CPU per
-//! connection when done every time, and its answer for a given certificate and root set never
-//! changes. So a table remembers, per exact certificate (the whole DER, never a digest or a
-//! part an attacker could vary), which of its roots signed it. The memory dies with the table,
-//! which is rebuilt whenever the roots change.
+//! again against the *current* roots (`pki::Roots`, which remembers signers per certificate):
+//! a TLS session resumed after a root rotation skips HAProxy's CA check and still hands us the
+//! old certificate.
 
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use x509_parser::certificate::X509Certificate;
-use x509_parser::extensions::GeneralName;
-use x509_parser::pem::Pem;
-use x509_parser::prelude::FromDer;
-use x509_parser::time::ASN1Time;
+use crate::error::Error;
+pub use crate::pki::RootsError as AuthzError;
+use crate::pki::{Role, Roots, SpiffeId};
 
-use super::ForgetfulMap;
-
+mod intention;
 pub mod jwt;
 pub mod l7;
 
-/// What an intention does to a matching source.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Action {
-    Allow,
-    Deny,
-    /// An intention with HTTP permissions and no action (Consul 1.9+). On an http listener the
-    /// connection is let in and each request judged by the permissions (`decide_request`); on a
-    /// tcp listener it denies, as Consul does.
-    L7 {
-        permissions: usize,
-    },
-}
+pub use intention::{Action, DefaultPolicy, Intention};
 
-impl fmt::Display for Action {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Action::Allow => f.write_str("allow"),
-            Action::Deny => f.write_str("deny"),
-            Action::L7 { permissions } => write!(f, "L7 ({permissions} HTTP permission(s))"),
-        }
-    }
-}
-
-/// What a connection that no intention matches gets: Consul's ACL default policy (allow when
-/// ACLs are off).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum DefaultPolicy {
-    Allow,
-    Deny,
-    /// A value this sidecar does not know. Connections no intention matches are denied, and
-    /// the reason quotes the value, so it is never silently read as deny or allow.
-    Unknown(String),
-}
-
-impl DefaultPolicy {
-    /// Consul's spelling (`allow`, `deny`, any case); anything else is kept as `Unknown`.
-    pub fn parse(value: &str) -> DefaultPolicy {
-        match value.trim().to_ascii_lowercase().as_str() {
-            "allow" => DefaultPolicy::Allow,
-            "deny" => DefaultPolicy::Deny,
-            _ => DefaultPolicy::Unknown(value.to_string()),
-        }
-    }
-
-    pub fn allows(&self) -> bool {
-        *self == DefaultPolicy::Allow
-    }
-}
-
-impl fmt::Display for DefaultPolicy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            DefaultPolicy::Allow => f.write_str("allow"),
-            DefaultPolicy::Deny => f.write_str("deny"),
-            DefaultPolicy::Unknown(v) => write!(f, "unknown ({v:?}, so deny)"),
-        }
-    }
-}
-
-/// One intention whose destination is this sidecar's service.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Intention {
-    /// Source service name, or `*` for any. Compared case-sensitively, as Consul does.
-    pub source: String,
-    /// Source namespace: empty or `default` for the default one, `*` for any.
-    pub source_ns: String,
-    /// Source admin partition: empty or `default` for the default one, `*` for any.
-    pub source_partition: String,
-    /// Set when the source is a service of a cluster peer: such a source never matches a
-    /// client of this cluster, whatever its name.
-    pub source_peer: String,
-    pub action: Action,
-    /// The HTTP permissions of an `Action::L7` intention, in order; the error says why they
-    /// cannot be judged (then every request from this source is denied).
-    pub permissions: Result<Vec<l7::Permission>, String>,
-    /// Consul's precedence (9 exact→exact … 1 `*`→`*`); higher is evaluated first.
-    pub precedence: i64,
-    /// The service-intentions entry's top-level `JWT` (Consul 1.16): every request of this
-    /// source must carry a token it accepts, before any permission is looked at. Only on an
-    /// `Action::L7` intention (an allow that needs a token is judged per request).
-    pub jwt: Option<jwt::Requirement>,
-}
-
-impl Intention {
-    /// A source in the default namespace and partition of this cluster.
-    pub fn new(source: impl Into<String>, action: Action, precedence: i64) -> Intention {
-        Intention {
-            source: source.into(),
-            source_ns: String::new(),
-            source_partition: String::new(),
-            source_peer: String::new(),
-            action,
-            permissions: Ok(Vec::new()),
-            precedence,
-            jwt: None,
-        }
-    }
-
-    /// Whether this intention's source is the client `id`, as Consul's
-    /// `AuthorizeIntentionTarget` decides it: peer, partition, namespace, then name.
-    pub fn matches(&self, id: &SpiffeId) -> bool {
-        self.matches_from(id, None)
-    }
-
-    /// Whether this intention's source is `id`, a client of cluster peer `peer` (`None`: of
-    /// this cluster). A peer's client matches only intentions naming that peer, by namespace
-    /// and name (its partition is the peer's, not one of ours); a local client never matches
-    /// an intention naming a peer.
-    pub fn matches_from(&self, id: &SpiffeId, peer: Option<&str>) -> bool {
-        // On the decision path: compared in place, no allocation.
-        fn same_or_any(pattern: &str, value: &str) -> bool {
-            fn or_default(s: &str) -> &str {
-                if s.is_empty() {
-                    "default"
-                } else {
-                    s
-                }
-            }
-            pattern == "*" || or_default(pattern) == or_default(value)
-        }
-        if let Some(peer) = peer {
-            return self.source_peer == peer
-                && same_or_any(&self.source_ns, &id.namespace)
-                && (self.source == "*" || self.source == id.service);
-        }
-        // A client whose certificate chains to our roots belongs to this cluster, never a peer.
-        self.source_peer.is_empty()
-            && same_or_any(
-                &self.source_partition,
-                id.partition.as_deref().unwrap_or(""),
-            )
-            && same_or_any(&self.source_ns, &id.namespace)
-            && (self.source == "*" || self.source == id.service)
-    }
-
-    /// How the source reads in a log line: `name`, or `ns/name`, `peer:p/name` where not
-    /// the default.
-    pub fn source_label(&self) -> String {
-        let mut s = String::new();
-        if !self.source_peer.is_empty() {
-            s.push_str(&format!("peer:{}/", self.source_peer));
-        }
-        if !matches!(self.source_partition.as_str(), "" | "default") {
-            s.push_str(&format!("ap:{}/", self.source_partition));
-        }
-        if !matches!(self.source_ns.as_str(), "" | "default") {
-            s.push_str(&format!("{}/", self.source_ns));
-        }
-        s.push_str(&self.source);
-        s
-    }
-}
-
-/// The outcome for one connection.
 /// The key whose fast-map entry is the table's generation (`AuthzTable::generation`): HAProxy
 /// looks it up per request of an http listener and asks the agent about the connection again
 /// only when it differs from the one the agent gave the connection. Made of characters no
 /// generation key (`<hex>_…`) starts with.
 pub const GENERATION_PROBE: &str = "generation";
 
+/// The outcome for one connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
     pub allow: bool,
@@ -235,52 +76,11 @@ impl Decision {
     }
 }
 
-/// Why a table could not be built.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AuthzError {
-    /// The PEM text is malformed.
-    Pem(String),
-    /// A PEM block holds something other than a certificate (a key pasted by mistake…).
-    NotCertificate { label: String },
-    /// Root number `index` (0-based) is not a DER X.509 certificate.
-    BadRoot { index: usize, detail: String },
-    /// A table without roots could only deny; use [`AuthzTable::deny_all`] for that.
-    NoRoots,
-}
-
-impl fmt::Display for AuthzError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            AuthzError::Pem(e) => write!(f, "CA roots: bad PEM: {e}"),
-            AuthzError::NotCertificate { label } => {
-                write!(f, "CA roots: PEM block \"{label}\" is not a CERTIFICATE")
-            }
-            AuthzError::BadRoot { index, detail } => {
-                write!(f, "CA root #{index} is not an X.509 certificate: {detail}")
-            }
-            AuthzError::NoRoots => f.write_str("no CA roots"),
-        }
-    }
-}
-
-impl std::error::Error for AuthzError {}
-
-#[derive(Debug, Clone)]
-struct Root {
-    der: Vec<u8>,
-    not_before: ASN1Time,
-    not_after: ASN1Time,
-}
-
-/// Distinct client certificates a sidecar sees are its callers' leaves, a few per calling
-/// instance; this bounds the remembered signers (about 1 MB of DER) should something else arrive.
-const SIGNER_MEMORY: usize = 1024;
-
 /// Everything one decision needs. Immutable once built; replace it to change policy.
 #[derive(Debug, Clone)]
 pub struct AuthzTable {
     trust_domain: String,
-    roots: Vec<Root>,
+    roots: Roots,
     /// Kept in evaluation order, so a decision is a linear scan for the first match.
     intentions: Vec<Intention>,
     default_policy: DefaultPolicy,
@@ -300,8 +100,6 @@ pub struct AuthzTable {
     /// them): each peer's name and a table of its own trust domain and CA roots. A client
     /// certificate that one of them certifies is that peer's identity and nothing else.
     peers: Vec<(String, AuthzTable)>,
-    /// Which roots' keys verified each certificate seen (see the module comment).
-    signers: ForgetfulMap<Vec<u8>, Vec<usize>>,
     /// Tests that drive [`decide`](Self::decide) through the agent pin its clock here, so
     /// their verdicts on recorded certificates never depend on the date they run.
     #[cfg(test)]
@@ -317,44 +115,37 @@ impl AuthzTable {
         intentions: Vec<Intention>,
         default_policy: DefaultPolicy,
     ) -> Result<Self, AuthzError> {
-        let mut roots = Vec::new();
-        for block in Pem::iter_from_buffer(roots_pem.as_bytes()) {
-            let pem = block.map_err(|e| AuthzError::Pem(e.to_string()))?;
-            if pem.label != "CERTIFICATE" {
-                return Err(AuthzError::NotCertificate { label: pem.label });
-            }
-            roots.push(pem.contents);
-        }
-        Self::from_der_roots(trust_domain, roots, intentions, default_policy)
+        let roots = Roots::from_pem(roots_pem)?;
+        Ok(Self::with_roots(
+            trust_domain,
+            roots,
+            intentions,
+            default_policy,
+        ))
     }
 
     /// Builds a table from DER roots.
     pub fn from_der_roots(
         trust_domain: impl Into<String>,
         roots_der: Vec<Vec<u8>>,
-        mut intentions: Vec<Intention>,
+        intentions: Vec<Intention>,
         default_policy: DefaultPolicy,
     ) -> Result<Self, AuthzError> {
-        if roots_der.is_empty() {
-            return Err(AuthzError::NoRoots);
-        }
-        let mut roots = Vec::with_capacity(roots_der.len());
-        for (index, der) in roots_der.into_iter().enumerate() {
-            let validity = match X509Certificate::from_der(&der) {
-                Ok((_, cert)) => cert.validity().clone(),
-                Err(e) => {
-                    return Err(AuthzError::BadRoot {
-                        index,
-                        detail: e.to_string(),
-                    })
-                }
-            };
-            roots.push(Root {
-                der,
-                not_before: validity.not_before,
-                not_after: validity.not_after,
-            });
-        }
+        let roots = Roots::from_der(roots_der)?;
+        Ok(Self::with_roots(
+            trust_domain,
+            roots,
+            intentions,
+            default_policy,
+        ))
+    }
+
+    fn with_roots(
+        trust_domain: impl Into<String>,
+        roots: Roots,
+        mut intentions: Vec<Intention>,
+        default_policy: DefaultPolicy,
+    ) -> Self {
         // Evaluation order: highest precedence; then an exact source before `*`; then deny
         // before allow, so a tie can only ever err on the closed side. Consul derives
         // precedence from how exact source and destination are, so real ties only arise between
@@ -378,12 +169,11 @@ impl AuthzTable {
             jwt_providers: jwt::Providers::unknown(),
             jwt_headers: JwtHeaders::default(),
             peers: Vec::new(),
-            signers: ForgetfulMap::new(SIGNER_MEMORY),
             #[cfg(test)]
             judged_at: None,
         };
         table.generation = table.digest();
-        Ok(table)
+        table
     }
 
     /// A table that denies everything, for before the first complete data from Consul (or
@@ -391,7 +181,7 @@ impl AuthzTable {
     pub fn deny_all(reason: impl Into<String>) -> Self {
         AuthzTable {
             trust_domain: String::new(),
-            roots: Vec::new(),
+            roots: Roots::none(),
             intentions: Vec::new(),
             default_policy: DefaultPolicy::Deny,
             http_listener: false,
@@ -400,7 +190,6 @@ impl AuthzTable {
             jwt_providers: jwt::Providers::unknown(),
             jwt_headers: JwtHeaders::default(),
             peers: Vec::new(),
-            signers: ForgetfulMap::new(SIGNER_MEMORY),
             #[cfg(test)]
             judged_at: None,
         }
@@ -412,7 +201,7 @@ impl AuthzTable {
 
     /// DER of each CA root, in the order given.
     pub fn roots(&self) -> impl Iterator<Item = &[u8]> {
-        self.roots.iter().map(|r| r.der.as_slice())
+        self.roots.ders()
     }
 
     /// The intentions in the order they are evaluated.
@@ -512,7 +301,7 @@ impl AuthzTable {
         }
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         // The roots too: a connection's verdict (see `GENERATION_PROBE`) was made under them.
-        let roots = self.roots.iter().flat_map(|r| r.der.iter().copied());
+        let roots = self.roots.ders().flat_map(|der| der.iter().copied());
         for b in text.bytes().chain(roots) {
             h ^= u64::from(b);
             h = h.wrapping_mul(0x0100_0000_01b3);
@@ -615,14 +404,14 @@ impl AuthzTable {
         let Some(der) = client_cert_der else {
             return Decision::deny("no client certificate", None);
         };
-        let local = self.certified(der, now, Peer::Client, &[], |id| {
+        let local = self.roots.certified(der, now, Role::Client, &[], |id| {
             self.check_trust_domain(id)?;
             // Only the default admin partition exists outside Consul Enterprise, and Consul's
             // own authorize refuses a source from another partition than the target's.
             match &id.partition {
-                Some(p) if p != "default" => {
-                    Err(format!("admin partition {p} is not ours (default)"))
-                }
+                Some(p) if p != "default" => Err(Error::msg(format!(
+                    "admin partition {p} is not ours (default)"
+                ))),
                 _ => Ok(()),
             }
         });
@@ -632,7 +421,8 @@ impl AuthzTable {
             Ok((uri, id)) => (uri, id, None),
             Err((why, src)) => {
                 let by_peer = self.peers.iter().find_map(|(name, p)| {
-                    p.certified(der, now, Peer::Client, &[], |id| p.check_trust_domain(id))
+                    p.roots
+                        .certified(der, now, Role::Client, &[], |id| p.check_trust_domain(id))
                         .ok()
                         .map(|(uri, id)| (uri, id, Some(name.as_str())))
                 });
@@ -729,7 +519,7 @@ impl AuthzTable {
             Err(e) => return Decision::deny(format!("request source: {e}"), src),
         };
         if let Err(why) = self.check_trust_domain(&id) {
-            return Decision::deny(why, src);
+            return Decision::deny(why.to_string(), src);
         }
         // Judged in the form the app is given (the public listener forwards the path
         // normalized), whatever form HAProxy sent: a path it could not be judged in is denied,
@@ -830,312 +620,16 @@ impl AuthzTable {
         }
     }
 
-    /// The service identity a server presented (`der`, its end-entity certificate, and the
-    /// `intermediates` it sent with it), as `(URI SAN, parsed)`, if the certificate is valid
-    /// now, is for server authentication and was signed by a current root, or by one of those
-    /// intermediates that a current root signed (leaves of a secondary datacenter); else why
-    /// not, with the URI it carried if any. The trust domain is not compared: a server is
-    /// judged by its path (the upstream identity check).
-    pub fn certify_server(
-        &self,
-        der: &[u8],
-        intermediates: &[&[u8]],
-        now: SystemTime,
-    ) -> Result<(String, SpiffeId), (String, Option<String>)> {
-        if let Some(why) = &self.unavailable {
-            return Err((format!("no CA roots: {why}"), None));
-        }
-        self.certified(der, now, Peer::Server, intermediates, |_| Ok(()))
-            .map(|(uri, id)| (uri.to_owned(), id))
-            .map_err(|(why, uri)| (why, uri.map(str::to_owned)))
-    }
-
-    /// What both sides of a mesh connection check of the other's certificate, in the order a
-    /// denial names the first problem: it parses, its first URI SAN is a service identity that
-    /// `check_id` accepts, it is valid at `now`, it is for `peer`'s usage, a current root
-    /// signed it (or one of `intermediates` that a current root signed).
-    fn certified<'a>(
-        &self,
-        der: &'a [u8],
-        now: SystemTime,
-        peer: Peer,
-        intermediates: &[&[u8]],
-        check_id: impl Fn(&SpiffeId) -> Result<(), String>,
-    ) -> Result<(&'a str, SpiffeId), (String, Option<&'a str>)> {
-        let role = peer.word();
-        let cert = match X509Certificate::from_der(der) {
-            Ok(([], cert)) => cert,
-            Ok((rest, _)) => {
-                return Err((
-                    format!("{role} certificate has {} trailing bytes", rest.len()),
-                    None,
-                ))
-            }
-            Err(e) => return Err((format!("{role} certificate does not parse: {e}"), None)),
-        };
-
-        // Consul's own proxies identify a peer by the first URI SAN and nothing else (not
-        // the CN, which newer leaves do not even have).
-        let uri = match cert.subject_alternative_name() {
-            Err(e) => return Err((format!("{role} certificate SAN is invalid: {e}"), None)),
-            Ok(None) => return Err((format!("{role} certificate has no SAN"), None)),
-            Ok(Some(san)) => san.value.general_names.iter().find_map(|n| match n {
-                GeneralName::URI(u) => Some(*u),
-                _ => None,
-            }),
-        };
-        let Some(uri) = uri else {
-            return Err((format!("{role} certificate has no URI SAN"), None));
-        };
-        let src = Some(uri);
-        let id = SpiffeId::parse(uri).map_err(|e| {
-            (
-                format!("URI SAN is not a Consul service identity: {e}"),
-                src,
-            )
-        })?;
-        check_id(&id).map_err(|why| (why, src))?;
-
-        let now = to_asn1(now).ok_or_else(|| ("system clock is out of range".to_string(), src))?;
-        let validity = cert.validity();
-        if now < validity.not_before {
-            return Err((
-                format!(
-                    "{role} certificate not valid before {}",
-                    validity.not_before
-                ),
-                src,
-            ));
-        }
-        if now > validity.not_after {
-            return Err((
-                format!("{role} certificate expired at {}", validity.not_after),
-                src,
-            ));
-        }
-        // Consul's verifier requires the usage of the side; an absent extension means any.
-        match cert.extended_key_usage() {
-            Err(e) => {
-                return Err((
-                    format!("{role} certificate extended key usage is invalid: {e}"),
-                    src,
-                ))
-            }
-            Ok(Some(eku)) if !eku.value.any && !peer.usage_in(eku.value) => {
-                return Err((
-                    format!("{role} certificate is not for {role} authentication"),
-                    src,
-                ))
-            }
-            Ok(_) => {}
-        }
-        if let Err(why) = self.check_issuer(der, &cert, now, role) {
-            let via = intermediates
-                .iter()
-                .any(|i| self.signed_via(&cert, i, now).is_ok());
-            if !via {
-                return Err((why, src));
-            }
-        }
-        Ok((uri, id))
-    }
-
-    /// Whether `intermediate` is a CA valid at `now`, signed by a current root, that signed
-    /// `cert`.
-    fn signed_via(
-        &self,
-        cert: &X509Certificate<'_>,
-        intermediate: &[u8],
-        now: ASN1Time,
-    ) -> Result<(), String> {
-        let inter = match X509Certificate::from_der(intermediate) {
-            Ok(([], c)) => c,
-            _ => return Err("the intermediate does not parse".into()),
-        };
-        let v = inter.validity();
-        if now < v.not_before || now > v.not_after {
-            return Err("the intermediate is not valid at this time".into());
-        }
-        if !inter.is_ca() {
-            return Err("the intermediate is not a CA".into());
-        }
-        cert.verify_signature(Some(inter.public_key()))
-            .map_err(|e| format!("the intermediate did not sign it: {e}"))?;
-        self.check_issuer(intermediate, &inter, now, "intermediate")
-    }
-
     /// Trust domains are DNS names, hence case-insensitive (Consul compares them so too).
-    fn check_trust_domain(&self, id: &SpiffeId) -> Result<(), String> {
+    fn check_trust_domain(&self, id: &SpiffeId) -> crate::error::Result<()> {
         if id.trust_domain.eq_ignore_ascii_case(&self.trust_domain) {
             return Ok(());
         }
-        Err(format!(
+        Err(Error::msg(format!(
             "trust domain {} is not ours ({})",
             id.trust_domain, self.trust_domain
-        ))
+        )))
     }
-
-    /// Accepts the certificate only if one of the current roots signed it directly.
-    fn check_issuer(
-        &self,
-        der: &[u8],
-        cert: &X509Certificate<'_>,
-        now: ASN1Time,
-        role: &str,
-    ) -> Result<(), String> {
-        let valid = |r: &Root| r.not_before <= now && now <= r.not_after;
-        // Ok, or whether the certificate was signed by a root at all.
-        let judge = |signers: &Vec<usize>| {
-            if signers
-                .iter()
-                .any(|&i| self.roots.get(i).is_some_and(valid))
-            {
-                Ok(())
-            } else {
-                Err(!signers.is_empty())
-            }
-        };
-        let verdict = match self.signers.read(der, judge) {
-            Some(verdict) => verdict,
-            None => {
-                let found = self.signers_of(cert);
-                let verdict = judge(&found);
-                self.signers.insert(der.to_vec(), found);
-                verdict
-            }
-        };
-        verdict.map_err(|signed| {
-            if signed {
-                format!("{role} certificate's CA root is not valid at this time")
-            } else {
-                format!(
-                    "{role} certificate (issuer {}) is not signed by a current CA root",
-                    cert.issuer()
-                )
-            }
-        })
-    }
-
-    /// Indexes of the roots whose key verifies the certificate's signature. Every root is
-    /// tried: after a rotation the old and new roots may share a key (cross-signing), and
-    /// validity is checked per decision, not here.
-    fn signers_of(&self, cert: &X509Certificate<'_>) -> Vec<usize> {
-        self.roots
-            .iter()
-            .enumerate()
-            .filter(|(_, root)| {
-                X509Certificate::from_der(&root.der).is_ok_and(|(_, root_cert)| {
-                    cert.verify_signature(Some(root_cert.public_key())).is_ok()
-                })
-            })
-            .map(|(i, _)| i)
-            .collect()
-    }
-}
-
-/// Which side of a connection presented the certificate being checked.
-#[derive(Clone, Copy)]
-enum Peer {
-    Client,
-    Server,
-}
-
-impl Peer {
-    fn word(self) -> &'static str {
-        match self {
-            Peer::Client => "client",
-            Peer::Server => "server",
-        }
-    }
-
-    fn usage_in(self, eku: &x509_parser::extensions::ExtendedKeyUsage<'_>) -> bool {
-        match self {
-            Peer::Client => eku.client_auth,
-            Peer::Server => eku.server_auth,
-        }
-    }
-}
-
-fn to_asn1(t: SystemTime) -> Option<ASN1Time> {
-    let secs = match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => i64::try_from(d.as_secs()).ok()?,
-        Err(e) => i64::try_from(e.duration().as_secs()).ok()?.checked_neg()?,
-    };
-    ASN1Time::from_timestamp(secs).ok()
-}
-
-/// A Consul service identity: `spiffe://<td>[/ap/<partition>]/ns/<ns>/dc/<dc>/svc/<service>`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SpiffeId {
-    pub trust_domain: String,
-    pub partition: Option<String>,
-    pub namespace: String,
-    pub datacenter: String,
-    pub service: String,
-}
-
-impl SpiffeId {
-    /// Parses a service identity; agent, server and gateway identities are refused since
-    /// only services are sources of intentions.
-    pub fn parse(uri: &str) -> Result<SpiffeId, String> {
-        const SCHEME: &str = "spiffe://";
-        let rest = match uri.get(..SCHEME.len()) {
-            Some(s) if s.eq_ignore_ascii_case(SCHEME) => &uri[SCHEME.len()..],
-            _ => return Err(format!("{uri} is not a spiffe:// URI")),
-        };
-        if rest.contains(['?', '#']) {
-            return Err(format!("{uri} has a query or fragment"));
-        }
-        let (host, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i + 1..]),
-            None => (rest, ""),
-        };
-        if host.is_empty() {
-            return Err(format!("{uri} has no trust domain"));
-        }
-        let segs: Vec<&str> = path.split('/').collect();
-        let (partition, tail) = match segs.as_slice() {
-            ["ap", ap, tail @ ..] => (Some(*ap), tail),
-            all => (None, all),
-        };
-        let ["ns", ns, "dc", dc, "svc", svc] = tail else {
-            return Err(format!("{uri} is not a service identity"));
-        };
-        let part = |s: &str| -> Result<String, String> {
-            let d = percent_decode(s).ok_or_else(|| format!("{uri} has bad percent-encoding"))?;
-            if d.is_empty() {
-                return Err(format!("{uri} has an empty path segment"));
-            }
-            Ok(d)
-        };
-        Ok(SpiffeId {
-            trust_domain: host.to_owned(),
-            partition: partition.map(part).transpose()?,
-            namespace: part(ns)?,
-            datacenter: part(dc)?,
-            service: part(svc)?,
-        })
-    }
-}
-
-/// Consul unescapes the path of an identity before comparing, so we must too.
-fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = b.get(i + 1..i + 3)?;
-            // Checked by hand: from_str_radix would also take a sign ("%+1").
-            let nibble = |c: u8| (c as char).to_digit(16);
-            out.push((nibble(hex[0])? * 16 + nibble(hex[1])?) as u8);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 #[cfg(test)]

@@ -447,14 +447,14 @@ fn a_jwks_from_a_file_and_bad_jwks_documents() {
 
 #[test]
 fn requirements_parse_as_consul_sends_them() {
-    assert_eq!(Requirement::from_consul(&Value::Null), Ok(None));
+    assert_eq!(Requirement::from_consul(&Value::Null).ok(), Some(None));
     assert_eq!(
-        Requirement::from_consul(&json!({"Providers": null})),
-        Ok(None)
+        Requirement::from_consul(&json!({"Providers": null})).ok(),
+        Some(None)
     );
     assert_eq!(
-        Requirement::from_consul(&json!({"Providers": []})),
-        Ok(None)
+        Requirement::from_consul(&json!({"Providers": []})).ok(),
+        Some(None)
     );
     let r = requirement(json!({"Providers": [{"Name": "a", "VerifyClaims": null}, {"Name": "b"}]}));
     assert_eq!(r.to_string(), "a JWT from a or b");
@@ -476,13 +476,13 @@ fn malformed_tokens_are_refused_without_panicking() {
         assert!(parse(t).is_err(), "{t:?}");
     }
     let long = "a".repeat(MAX_TOKEN + 1);
-    assert!(parse(&long).unwrap_err().contains("longer"));
+    assert!(parse(&long).unwrap_err().to_string().contains("longer"));
     let crit = format!(
         "{}.{}.",
         b64(br#"{"alg":"ES256","crit":["x"]}"#),
         b64(b"{}")
     );
-    assert!(parse(&crit).unwrap_err().contains("crit"));
+    assert!(parse(&crit).unwrap_err().to_string().contains("crit"));
 }
 
 /// The table around it: an allow whose entry requires a JWT lets a request through only with

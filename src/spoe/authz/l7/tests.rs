@@ -148,7 +148,7 @@ fn what_cannot_be_judged_is_refused() {
             "unsupported HTTP field",
         ),
     ] {
-        let e = Permission::from_consul(&bad).unwrap_err();
+        let e = Permission::from_consul(&bad).unwrap_err().to_string();
         assert!(e.contains(why), "{bad}: {e}");
     }
     // Zero values, as an older encoder might write them, are no conditions.
