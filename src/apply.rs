@@ -293,9 +293,7 @@ fn run(
 }
 
 fn retry_delay(failures: u32) -> Duration {
-    RETRY_MIN
-        .saturating_mul(1 << failures.saturating_sub(1).min(8))
-        .min(RETRY_MAX)
+    crate::backoff::exponential(RETRY_MIN, RETRY_MAX, failures)
 }
 
 /// Every file rendered from `desired`: haproxy.cfg, and the others (certificates, SPOE) in

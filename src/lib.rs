@@ -14,6 +14,7 @@ pub mod value;
 
 pub(crate) mod admission;
 pub(crate) mod apply;
+pub(crate) mod backoff;
 pub(crate) mod clock;
 pub(crate) mod config;
 pub(crate) mod consul;

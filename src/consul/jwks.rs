@@ -221,7 +221,7 @@ fn run(r: &Remote, sink: &dyn Sink, stop: &AtomicBool) {
         let mut attempt = 0;
         while outcome.is_err() && attempt < r.retries && !stop.load(Ordering::SeqCst) {
             attempt += 1;
-            pause(super::watch::backoff(r.base, r.max, attempt), stop);
+            pause(crate::backoff::jittered(r.base, r.max, attempt), stop);
             outcome = fetch(&client, r);
         }
         let next = match outcome {

@@ -373,11 +373,9 @@ impl Crashes {
         let now = Instant::now();
         self.0.retain(|t| now.duration_since(*t) < RESTART_WINDOW);
         self.0.push(now);
-        (self.0.len() <= RESTART_BUDGET).then(|| {
-            RESTART_BACKOFF_MIN
-                .saturating_mul(1 << (self.0.len() - 1))
-                .min(RESTART_BACKOFF_MAX)
-        })
+        let crashes = u32::try_from(self.0.len()).unwrap_or(u32::MAX);
+        (self.0.len() <= RESTART_BUDGET)
+            .then(|| crate::backoff::exponential(RESTART_BACKOFF_MIN, RESTART_BACKOFF_MAX, crashes))
     }
 
     fn count(&self) -> usize {
