@@ -159,8 +159,19 @@ impl Consul {
         let establish = serde_json::json!({
             "PeerName": "dc2", "PeeringToken": token["PeeringToken"],
         });
-        let (status, body) = dc1.post("/v1/peering/establish", &establish.to_string());
-        assert_eq!(status, 200, "peering establish: {body}");
+        // dc2's gRPC server may not take the dial-back yet right after the token was made (seen
+        // once under a parallel run): establishing is tried again until it is accepted.
+        let mut last = String::new();
+        wait_until(
+            Duration::from_secs(30),
+            "the peering to be established",
+            || {
+                let (status, body) = dc1.post("/v1/peering/establish", &establish.to_string());
+                last = body;
+                status == 200
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}: peering establish: {last}"));
         for (c, peer) in [(&dc1, "dc2"), (&dc2, "dc1")] {
             wait_until(Duration::from_secs(30), "the peering to be active", || {
                 let (_, body) = c.get(&format!("/v1/peering/{peer}"));
