@@ -5,7 +5,6 @@
 //! with `-enable-intentions`, and curl with the real leaf of `client`. Consul 1.8.7 has no JWT
 //! requirements: the test says it was skipped.
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::support::mesh::sidecar;
@@ -82,32 +81,18 @@ fn put_provider(consul: &Consul, keys: &[&Key]) {
 /// The status of one GET / from `client` with `token` as a bearer token (none when empty).
 fn status(consul: &Consul, base: &TempDir, ca: &std::path::Path, port: u16, token: &str) -> u16 {
     let (cert, key, _) = consul.leaf_files("client", base.path());
-    let mut cmd = Command::new("curl");
-    cmd.args([
-        "-sS",
-        "-k",
-        "--max-time",
-        "5",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-    ])
-    .arg("--cacert")
-    .arg(ca)
-    .arg("--cert")
-    .arg(cert)
-    .arg("--key")
-    .arg(key);
+    let mut cmd = curl_for_status();
+    cmd.arg("--cacert")
+        .arg(ca)
+        .arg("--cert")
+        .arg(cert)
+        .arg("--key")
+        .arg(key);
     if !token.is_empty() {
         cmd.arg("-H").arg(format!("Authorization: Bearer {token}"));
     }
     cmd.arg(format!("https://127.0.0.1:{port}/"));
-    let out = cmd.stderr(Stdio::null()).output().expect("curl");
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .unwrap_or(0)
+    http_status(&mut cmd)
 }
 
 /// Waits until `fresh` (a token of the rotated key) is served, then checks that `old` (the

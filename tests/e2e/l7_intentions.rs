@@ -103,6 +103,30 @@ impl Server {
         sidecar_workdir(self.base.path(), "server").join("master.sock")
     }
 
+    /// Registers one more upstream on the server (a frontend and a backend: a Dataplane API
+    /// transaction, which rewrites haproxy.cfg from its own parse of it) and waits until HAProxy
+    /// reloaded with it; the rewritten haproxy.cfg.
+    fn add_upstream_by_transaction(&self) -> String {
+        let cfg = sidecar_workdir(self.base.path(), "server").join("haproxy.cfg");
+        let reloads_before = reloads(&self.master());
+        self.consul.register(&sidecar_registration(
+            "server",
+            self.app.port(),
+            self.port,
+            &[("elsewhere", free_port())],
+        ));
+        wait_until(
+            Duration::from_secs(30),
+            "the upstream's frontend in haproxy.cfg, and HAProxy reloaded with it",
+            || {
+                std::fs::read_to_string(&cfg).is_ok_and(|c| c.contains("up_svc_elsewhere"))
+                    && reloads(&self.master()) > reloads_before
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", self.sidecar.logs()));
+        std::fs::read_to_string(&cfg).unwrap_or_default()
+    }
+
     /// curl arguments for `source`'s leaf against the public listener.
     fn curl(&self, source: &str) -> Command {
         let (cert, key, _) = self.consul.leaf_files(source, self.base.path());
@@ -131,11 +155,7 @@ impl Server {
             cmd.arg("-H").arg(format!("{n}: {v}"));
         }
         cmd.arg(format!("https://127.0.0.1:{}{path}", self.port));
-        let out = cmd.stderr(Stdio::null()).output().expect("curl");
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse()
-            .unwrap_or(0)
+        http_status(&mut cmd)
     }
 
     /// Waits until `source`'s `method path` gets `want` (the intentions reached the table).
@@ -359,22 +379,9 @@ fn allowed_requests_take_the_fast_map_and_denials_the_agent() {
 
     // A Dataplane API transaction (a new upstream: a frontend and a backend) rewrites
     // haproxy.cfg from its own parse of it; the public frontend's per-request rules must come
-    // through, and the fast map still carry allowed requests.
-    let cfg = sidecar_workdir(s.base.path(), "server").join("haproxy.cfg");
-    let reloads_before = reloads(&s.master());
-    s.consul.register(&sidecar_registration(
-        "server",
-        s.app.port(),
-        s.port,
-        &[("elsewhere", free_port())],
-    ));
-    wait_until(
-        Duration::from_secs(30),
-        "the upstream's frontend in haproxy.cfg",
-        || std::fs::read_to_string(&cfg).is_ok_and(|c| c.contains("up_svc_elsewhere")),
-    )
-    .unwrap_or_else(|e| panic!("{e}\n{}", s.sidecar.logs()));
-    let text = std::fs::read_to_string(&cfg).unwrap_or_default();
+    // through, and the fast map still carry allowed requests. What follows is judged by
+    // HAProxy running the rewritten file.
+    let text = s.add_upstream_by_transaction();
     for rule in [
         "send-spoe-group intentions l7-request",
         "map_reg(",
@@ -385,11 +392,6 @@ fn allowed_requests_take_the_fast_map_and_denials_the_agent() {
             "{rule} lost in the transaction:\n{text}"
         );
     }
-    // What follows must be judged by HAProxy running the rewritten file.
-    wait_until(Duration::from_secs(30), "HAProxy reloaded with it", || {
-        reloads(&s.master()) > reloads_before
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}", s.sidecar.logs()));
     s.wait_fast_map("POST", "/api/after");
     let judged = s.decisions("allow", "l7");
     assert_eq!(s.status("client", "POST", "/api/after", &[]), 200);
@@ -683,24 +685,7 @@ fn odd_paths_are_judged_and_served_in_normal_form() {
     // A Dataplane API transaction (a new upstream) rewrites haproxy.cfg from its own parse,
     // which moves the `normalize-uri` rules it does not know to the end of the frontend: the
     // same paths must get the same answers from HAProxy running that file.
-    let cfg = sidecar_workdir(s.base.path(), "server").join("haproxy.cfg");
-    let reloads_before = reloads(&s.master());
-    s.consul.register(&sidecar_registration(
-        "server",
-        s.app.port(),
-        s.port,
-        &[("elsewhere", free_port())],
-    ));
-    wait_until(
-        Duration::from_secs(30),
-        "the upstream's frontend in haproxy.cfg, and HAProxy reloaded with it",
-        || {
-            std::fs::read_to_string(&cfg).is_ok_and(|c| c.contains("up_svc_elsewhere"))
-                && reloads(&s.master()) > reloads_before
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e}\n{}", s.sidecar.logs()));
-    let text = std::fs::read_to_string(&cfg).unwrap_or_default();
+    let text = s.add_upstream_by_transaction();
     assert!(
         text.contains("normalize-uri path-merge-slashes") && text.contains("path -m beg /"),
         "the path rules were lost in the transaction:\n{text}"

@@ -5,7 +5,6 @@
 //! terminates the TLS; an SNI that names no exported service is closed; exports change live;
 //! the gateway deregisters at exit. Skipped on Consul 1.8.7, which has no peering.
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::support;
@@ -123,31 +122,16 @@ impl Peered {
     /// connection was closed.
     fn through_gateway(&self, sni: &str) -> u16 {
         let (cert, key, _) = self.dc2.leaf_files("client", self.base.path());
-        let out = Command::new("curl")
-            .args([
-                "-sS",
-                "-k",
-                "--max-time",
-                "5",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-            ])
-            .arg("--cert")
-            .arg(cert)
-            .arg("--key")
-            .arg(key)
-            .arg("--connect-to")
-            .arg(format!("{sni}:443:127.0.0.1:{}", self.wan))
-            .arg(format!("https://{sni}/"))
-            .stderr(Stdio::null())
-            .output()
-            .expect("curl");
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse()
-            .unwrap_or(0)
+        http_status(
+            curl_for_status()
+                .arg("--cert")
+                .arg(cert)
+                .arg("--key")
+                .arg(key)
+                .arg("--connect-to")
+                .arg(format!("{sni}:443:127.0.0.1:{}", self.wan))
+                .arg(format!("https://{sni}/")),
+        )
     }
 }
 

@@ -27,6 +27,37 @@ pub fn curl_mtls(
     }
 }
 
+/// curl set up for one HTTPS request whose answer is read by `http_status` (the body
+/// discarded, the server's certificate not checked); the caller adds certificates, headers and
+/// the URL.
+pub fn curl_for_status() -> Command {
+    let mut cmd = Command::new("curl");
+    cmd.args([
+        "-sS",
+        "-k",
+        "--max-time",
+        "5",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+    ]);
+    cmd
+}
+
+/// Runs a `curl_for_status` command: the HTTP status, 0 when no answer came back (the
+/// connection was refused or closed).
+pub fn http_status(cmd: &mut Command) -> u16 {
+    let out = cmd
+        .stderr(Stdio::null())
+        .output()
+        .expect("curl installed by scripts/install-deps");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
 /// Waits until the server `sidecar` is Ready, then writes Consul's first CA root to
 /// `<dir>/roots.pem` for clients such as curl, and returns that path.
 pub fn ready_with_ca(sidecar: &Child, consul: &Consul, dir: &Path) -> PathBuf {
