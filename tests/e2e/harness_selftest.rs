@@ -74,10 +74,12 @@ fn consul_starts_registers_and_stops() {
     // The 1 s checks of sidecar_registration: listening on the sidecar port makes it pass soon.
     assert_eq!(consul.passing_connect_instances("server"), 0);
     let _listener = TcpListener::bind(("127.0.0.1", sidecar_port)).unwrap();
-    wait_until(Duration::from_secs(10), "server sidecar passing", || {
+    // 60 s as the other health waits: CI's 1.16.3 run once took over 10 s on a loaded machine.
+    if let Err(e) = wait_until(Duration::from_secs(60), "server sidecar passing", || {
         consul.passing_connect_instances("server") == 1
-    })
-    .unwrap();
+    }) {
+        panic!("{e}; checks: {:#}", consul.get_json("/v1/agent/checks"));
+    }
 
     let leaf = consul.get_json("/v1/agent/connect/ca/leaf/server");
     assert_eq!(
