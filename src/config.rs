@@ -117,9 +117,10 @@ impl Default for Knobs {
     }
 }
 
-/// HAProxy's syslog severity for the sidecar's `-log-level`: HAProxy then formats and writes
-/// only lines the sidecar would print (access logs are `info`), instead of a line per
-/// connection that the sidecar reads and throws away.
+/// HAProxy's syslog severity for the sidecar's `-log-level`: HAProxy then writes only lines
+/// the sidecar would print (access logs are `info`), instead of a line per connection that
+/// the sidecar reads and throws away. (HAProxy still formats a line its level then drops;
+/// [`haproxy_logs_access`] tells the template when to stop that too.)
 pub fn haproxy_log_level(level: log::LevelFilter) -> &'static str {
     match level {
         log::LevelFilter::Trace => "debug",
@@ -127,6 +128,11 @@ pub fn haproxy_log_level(level: log::LevelFilter) -> &'static str {
         log::LevelFilter::Warn => "warning",
         log::LevelFilter::Error | log::LevelFilter::Off => "err",
     }
+}
+
+/// Whether HAProxy's access lines, logged at `info`, pass this HAProxy log level.
+pub fn haproxy_logs_access(haproxy_log_level: &str) -> bool {
+    matches!(haproxy_log_level, "info" | "debug")
 }
 
 /// Where a server listens.

@@ -403,6 +403,35 @@ fn access_log_formats_pass_haproxy_check() {
     }
 }
 
+/// Above `info`, HAProxy is told not to build the access lines its level would drop (they
+/// cost a getpid(2) and a formatted line per request); at `info` they are logged.
+#[test]
+fn access_lines_below_the_log_level_are_not_built() {
+    let v = crate::model::fixtures::ANY;
+    for (level, built) in [
+        ("info", true),
+        ("debug", true),
+        ("warning", false),
+        ("err", false),
+    ] {
+        let snap = snapshot(v, "server-sidecar-proxy", "ca-leaf-server.json");
+        let dir = std::env::temp_dir().join(format!(
+            "hcc-render-{}-loglevel-{level}",
+            std::process::id()
+        ));
+        let mut d = build(&snap, &settings_in(&dir, false), None).unwrap();
+        d.knobs.haproxy_log_level = level;
+        let files = render(&d, &creds(), &Templates::builtin()).unwrap();
+        let cfg = &files.last().unwrap().contents;
+        assert_eq!(
+            !cfg.contains("option dontlog-normal"),
+            built,
+            "{level}: {cfg}"
+        );
+        assert!(cfg.contains(&format!("local0 {level}\n")), "{cfg}");
+    }
+}
+
 /// An upstream's `limits` in http and in tcp: every server capped, the queue bounded, in
 /// files HAProxy accepts.
 #[test]

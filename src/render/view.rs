@@ -56,6 +56,10 @@ pub(super) struct PathsView {
 #[derive(Serialize)]
 pub(super) struct KnobsView<'a> {
     pub haproxy_log_level: &'a str,
+    /// Whether HAProxy's access lines (`info`) pass `haproxy_log_level`. When they do not,
+    /// the template turns them off at the source (`option dontlog-normal`): HAProxy builds
+    /// a stream's line, and calls getpid(2) for it, before its level filter drops it.
+    pub access_logs: bool,
     /// `-haproxy-param section.key=value`, in the order given.
     pub haproxy_params: Vec<ParamView<'a>>,
 }
@@ -97,6 +101,7 @@ impl<'a> DesiredView<'a> {
             },
             knobs: KnobsView {
                 haproxy_log_level: d.knobs.haproxy_log_level,
+                access_logs: crate::config::haproxy_logs_access(d.knobs.haproxy_log_level),
                 haproxy_params: d
                     .knobs
                     .haproxy_params
