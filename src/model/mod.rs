@@ -123,6 +123,13 @@ pub fn build(
         max_connections: local.max_connections,
         forwardfor: local.forwardfor,
         app_header: local.app_header,
+        xfcc: keys::xfcc(
+            mode,
+            settings.intentions,
+            &leaf.service_uri,
+            &whose,
+            &mut warnings,
+        ),
     };
     if public.bind_port == 0 {
         return Err(Error::msg(format!(
@@ -210,6 +217,7 @@ pub fn build(
     }
     exposed.sort_by_key(|l| l.bind_port);
     let mesh_tls = mesh::tls(snapshot.mesh.as_deref().unwrap_or_default(), &mut warnings);
+    keys::check_mutual_tls_mode(&proxy.mutual_tls_mode, &whose, &mut warnings);
     let mut access_log = access_logs::formats(&proxy.access_logs, &whose, &mut warnings);
     if access_log.is_some() && settings.knobs.log_format.is_some() {
         warnings.push(format!(
