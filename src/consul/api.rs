@@ -81,14 +81,6 @@ pub struct ProxyConfig {
     /// `model::access_logs`.
     #[serde(default)]
     pub access_logs: Value,
-    /// `MutualTLSMode` (Consul 1.16, from service-defaults or proxy-defaults): `strict`, or
-    /// `permissive` to accept plaintext too; empty means strict.
-    #[serde(
-        rename = "MutualTLSMode",
-        default,
-        deserialize_with = "null_as_default"
-    )]
-    pub mutual_tls_mode: String,
 }
 
 /// `Proxy.TransparentProxy`. `OutboundListenerPort` 0 means Consul's default, 15001.

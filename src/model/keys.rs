@@ -268,22 +268,6 @@ pub(crate) fn xfcc(
     }
 }
 
-/// `MutualTLSMode`: only strict is served. A permissive public listener would accept
-/// plaintext with no intention applied; until it is built, the listener stays mTLS-only (the
-/// safe side of the setting) and the operator is told, once.
-pub(crate) fn check_mutual_tls_mode(mode: &str, whose: &str, warnings: &mut Vec<String>) {
-    match mode.trim() {
-        "" | "strict" | "default" => {}
-        "permissive" => warnings.push(format!(
-            "{whose}: MutualTLSMode permissive is not served by this sidecar: the public listener accepts mTLS only, as in strict mode; plaintext clients are refused"
-        )),
-        other => warnings.push(format!(
-            "{whose}: MutualTLSMode {} is unknown; the public listener accepts mTLS only",
-            shown(other)
-        )),
-    }
-}
-
 /// A Go duration setting (`connect_timeout`, `read_timeout`: `"5s"`), as the Go original
 /// reads them: `None` when unset, and with a warning when not a duration HAProxy can take.
 pub(crate) fn go_timeout(

@@ -217,7 +217,6 @@ pub fn build(
     }
     exposed.sort_by_key(|l| l.bind_port);
     let mesh_tls = mesh::tls(snapshot.mesh.as_deref().unwrap_or_default(), &mut warnings);
-    keys::check_mutual_tls_mode(&proxy.mutual_tls_mode, &whose, &mut warnings);
     let mut access_log = access_logs::formats(&proxy.access_logs, &whose, &mut warnings);
     if access_log.is_some() && settings.knobs.log_format.is_some() {
         warnings.push(format!(

@@ -382,9 +382,9 @@ fn xfcc_is_removed_always_and_set_only_from_the_agents_reading() {
 }
 
 /// `passive_health_check` reaches every server of the upstream's backend with the `rise` its
-/// check interval gives; `MutualTLSMode` permissive is named, and the listener stays mTLS.
+/// check interval gives, a new slot too, and another ejection time takes a full render.
 #[test]
-fn passive_checks_reach_the_servers_and_permissive_mtls_is_refused_with_a_warning() {
+fn passive_checks_reach_the_servers_and_a_change_takes_a_full_render() {
     let mut s = snapshot(ANY, "client-sidecar-proxy", "ca-leaf-client.json");
     up(&mut s).config.insert(
         "passive_health_check".into(),
@@ -406,23 +406,27 @@ fn passive_checks_reach_the_servers_and_permissive_mtls_is_refused_with_a_warnin
         );
     }
     assert!(d.warnings.is_empty(), "{:#?}", d.warnings);
-
-    s.registration
-        .as_mut()
-        .and_then(|r| r.proxy.as_mut())
-        .unwrap()
-        .mutual_tls_mode = "permissive".into();
-    let d = build(&s, &settings(), None).unwrap();
+    // A new slot gets the options too, after the `default-server` ones it repeats (the
+    // last `rise` wins in HAProxy).
+    let cmd =
+        crate::haproxy::live::add_command(&crate::objects::upstream_server(&d, u, &u.slots[0]));
     assert!(
-        d.warnings
-            .iter()
-            .any(|w| w.contains("MutualTLSMode permissive is not served")),
-        "{:#?}",
-        d.warnings
+        cmd.ends_with(&format!("rise {}", 9000_u64.div_ceil(inter))),
+        "{cmd}"
     );
-    let bind = crate::objects::public_bind(&d, d.sidecar()).line();
+    // Another ejection time changes the servers' options, which only a full render applies.
+    let mut s2 = s.clone();
+    up(&mut s2).config.insert(
+        "passive_health_check".into(),
+        serde_json::json!({"MaxFailures": 2, "BaseEjectionTime": "60s",
+            "MaxEjectionPercent": 100}),
+    );
+    let d2 = build(&s2, &settings(), Some(&d)).unwrap();
+    let plan = crate::haproxy::diff::plan(&d, &d2);
     assert!(
-        bind.contains(" ssl ") && bind.contains("verify required"),
-        "{bind}"
+        plan.full_render_reason()
+            .is_some_and(|r| r.contains("passive health check")),
+        "{:?}",
+        plan.full_render_reason()
     );
 }
