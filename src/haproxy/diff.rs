@@ -286,8 +286,9 @@ impl Steps {
             if before == spec {
                 continue;
             }
-            if before.check_inter_ms != spec.check_inter_ms {
-                // The runtime API cannot change a check's interval: the transaction does.
+            if before.check_inter_ms != spec.check_inter_ms || before.passive != spec.passive {
+                // The runtime API cannot change a check's interval (nor the passive check's
+                // options, which follow it): the transaction does.
                 self.backends.push(Op::ReplaceServer(spec.clone()));
                 self.check_interval_changed = true;
                 continue;

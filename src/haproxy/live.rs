@@ -74,7 +74,12 @@ pub fn set_server(stats: &Path, s: &ServerSpec) -> Result<()> {
 /// The `add server` command of a new slot: the options the file gives it, and what a server
 /// of the file inherits from `default-server` lines, since a dynamic server inherits nothing.
 pub fn add_command(s: &ServerSpec) -> String {
-    let line = s.line();
+    // The passive check's `rise` must come after the repeated `default-server` options.
+    let line = ServerSpec {
+        passive: None,
+        ..s.clone()
+    }
+    .line();
     let mut options: Vec<String> = line
         .split_whitespace()
         .skip(2) // "server <name>"
@@ -88,6 +93,11 @@ pub fn add_command(s: &ServerSpec) -> String {
         options.extend(CHECK_DYNAMIC.split_whitespace().map(str::to_string));
         options.extend(["port".to_string(), s.port.to_string()]);
     }
+    options.extend(
+        s.passive
+            .iter()
+            .flat_map(|p| p.split_whitespace().map(str::to_string)),
+    );
     format!("add server {}/{} {}", s.backend, s.name, options.join(" "))
 }
 
@@ -198,6 +208,7 @@ mod tests {
             alpn: None,
             check_inter_ms: Some(400),
             maxconn: None,
+            passive: None,
         }
     }
 

@@ -135,6 +135,19 @@ pub struct Public {
     pub forwardfor: bool,
     /// The request header naming the calling service (`appname_header`, http only).
     pub app_header: Option<AppHeader>,
+    /// `X-Forwarded-Client-Cert`, as Consul's Envoy sets it on an http public listener;
+    /// `None` in tcp mode.
+    pub xfcc: Option<Xfcc>,
+}
+
+/// What an http public listener does with `X-Forwarded-Client-Cert`: whatever the client sent
+/// is always removed; the header is set only from the client certificate HAProxy verified
+/// (the hash) and the intentions agent read (the rest).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Xfcc {
+    /// This sidecar's own SPIFFE ID (`By`). `None`: the header is only removed, since no
+    /// agent reads the certificate (no `-enable-intentions`) or our ID cannot be written.
+    pub by: Option<Word>,
 }
 
 /// `appname_header`: the header the local app reads the calling service's name from.
@@ -188,6 +201,9 @@ pub struct UpstreamListener {
     /// `limits` of the upstream's config: each server's cap and the queue of every backend of
     /// this upstream (its own and each chain target's).
     pub limits: keys::Limits,
+    /// `passive_health_check`: the errors that eject a server of this upstream's backends
+    /// (its own and each chain target's) and for how long.
+    pub passive: Option<keys::PassiveCheck>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

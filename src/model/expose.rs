@@ -331,6 +331,7 @@ mod tests {
             max_connections: None,
             forwardfor: false,
             app_header: None,
+            xfcc: None,
         };
         assert_eq!(
             local_sources(None, "", &public, None),

@@ -8,9 +8,9 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{timeout_setting, AppHeader, Mode};
+use super::{timeout_setting, AppHeader, Mode, Xfcc};
 use crate::consul::DestinationKind;
-use crate::value::{comment, HeaderName, Limit, Millis, Refused};
+use crate::value::{comment, HeaderName, Limit, Millis, Refused, Word};
 
 /// Every `Proxy.Config` key the sidecar reads, and how warnings name that level.
 pub const PROXY: (&[&str], &str) = (PROXY_KEYS, "Proxy.Config");
@@ -40,6 +40,7 @@ const UPSTREAM_KEYS: &[&str] = &[
     "read_timeout",
     "poll_interval",
     "limits",
+    "passive_health_check",
 ];
 
 /// Keys Consul documents that the sidecar knows and does not serve, with why.
@@ -49,12 +50,11 @@ const NOT_SERVED: &[(&str, &str)] = &[
         "the Go original's key; this sidecar reads Proxy.LocalServiceAddress, which Consul fills in",
     ),
     ("handshake_timeout_ms", "not supported by this sidecar"),
-    ("balance_inbound_connections", "not supported by this sidecar"),
-    ("balance_outbound_connections", "not supported by this sidecar"),
     (
-        "passive_health_check",
-        "is not honoured: HAProxy ejects a server on observed errors (observe, error-limit, on-error mark-down) only where it also runs active health checks, which this sidecar leaves to Consul; instances leave only when Consul's checks fail",
+        "balance_inbound_connections",
+        "not supported: HAProxy spreads a listener's connections over its threads itself (tune.listener.multi-queue: the less loaded of two), with no exact balance per listener; ignored",
     ),
+    ("balance_outbound_connections", "not supported by this sidecar"),
 ];
 
 /// At most this many keys of one config are named one by one: a registration with thousands
@@ -238,6 +238,36 @@ pub(crate) fn local_app(
     }
 }
 
+/// `X-Forwarded-Client-Cert` on an http public listener: set as Consul's Envoy sets it when
+/// the intentions agent runs (it reads the client certificate), else only removed, with one
+/// warning saying so, since a header the app trusts must never be the client's.
+pub(crate) fn xfcc(
+    mode: Mode,
+    intentions: bool,
+    leaf_uri: &str,
+    whose: &str,
+    warnings: &mut Vec<String>,
+) -> Option<Xfcc> {
+    if mode == Mode::Tcp {
+        return None;
+    }
+    if !intentions {
+        warnings.push(format!(
+            "{whose}: X-Forwarded-Client-Cert is set from the client certificate by the intentions agent, which runs only with -enable-intentions; the header is removed from every request and never set"
+        ));
+        return Some(Xfcc { by: None });
+    }
+    match Word::parse("leaf certificate ServiceURI", leaf_uri) {
+        Ok(by) => Some(Xfcc { by: Some(by) }),
+        Err(e) => {
+            warnings.push(format!(
+                "{whose}: {e}; X-Forwarded-Client-Cert is removed from every request and never set"
+            ));
+            Some(Xfcc { by: None })
+        }
+    }
+}
+
 /// A Go duration setting (`connect_timeout`, `read_timeout`: `"5s"`), as the Go original
 /// reads them: `None` when unset, and with a warning when not a duration HAProxy can take.
 pub(crate) fn go_timeout(
@@ -399,6 +429,142 @@ impl Limits {
     }
 }
 
+/// An upstream's `passive_health_check` (Consul's `PassiveHealthCheck`), as HAProxy's own
+/// error tracking on each server of its backends enforces it: `MaxFailures` consecutive errors
+/// (5xx answers in http, failed connections in both modes) mark the server down at once
+/// (`observe`, `error-limit`, `on-error mark-down`), and it comes back only after enough
+/// passing checks to fill `BaseEjectionTime` (`rise`), so the plain TCP check every slot
+/// already runs cannot bring it back earlier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct PassiveCheck {
+    pub max_failures: u32,
+    pub ejection_ms: u64,
+}
+
+/// Envoy's defaults, which Consul leaves in place for a field it is not given.
+const ENVOY_MAX_FAILURES: u32 = 5;
+const ENVOY_BASE_EJECTION_MS: u64 = 30_000;
+
+impl PassiveCheck {
+    /// The server options for a slot checked every `check_inter_ms`: the first passing check
+    /// after the mark-down comes within one interval, so the server is out between
+    /// `(rise - 1)` and `rise` intervals, never less than `BaseEjectionTime` minus one.
+    pub fn server_options(&self, mode: Mode, check_inter_ms: u64) -> String {
+        let rise = self
+            .ejection_ms
+            .div_ceil(check_inter_ms.max(1))
+            .clamp(1, 100_000);
+        let layer = match mode {
+            Mode::Http => 7,
+            Mode::Tcp => 4,
+        };
+        format!(
+            "observe layer{layer} error-limit {} on-error mark-down rise {rise}",
+            self.max_failures
+        )
+    }
+}
+
+/// Reads `passive_health_check` of an upstream's `Config`: Consul's merged form (Go's field
+/// names, durations in nanoseconds) or a registration's (`max_failures`, `"30s"`). `None`
+/// when unset, when `EnforcingConsecutive5xx` is 0 (Envoy then ejects nothing) or when a
+/// value cannot be read (with a warning naming it).
+pub(crate) fn passive_check(
+    config: &BTreeMap<String, Value>,
+    whose: &str,
+    warnings: &mut Vec<String>,
+) -> Option<PassiveCheck> {
+    let fields = match config.get("passive_health_check") {
+        None | Some(Value::Null) => return None,
+        Some(Value::Object(m)) => m,
+        v => {
+            warnings.push(format!(
+                "{whose}: {}; no instance is ejected on errors",
+                not_a("passive_health_check", v, "not an object")
+            ));
+            return None;
+        }
+    };
+    let find = |canonical: &str| {
+        fields
+            .iter()
+            .find(|(k, _)| k.replace('_', "").eq_ignore_ascii_case(canonical))
+            .map(|(_, v)| v)
+            .filter(|v| !v.is_null())
+    };
+    let mut bad = Vec::new();
+    let mut whole = |field: &'static str, canonical: &str| -> Option<u64> {
+        match find(canonical)? {
+            Value::Number(n) if n.as_u64().is_some() => n.as_u64(),
+            v => {
+                bad.push(not_a(field, Some(v), "not a whole number"));
+                None
+            }
+        }
+    };
+    let max_failures = whole("passive_health_check.MaxFailures", "maxfailures");
+    let enforcing = whole(
+        "passive_health_check.EnforcingConsecutive5xx",
+        "enforcingconsecutive5xx",
+    );
+    let max_ejection = whole(
+        "passive_health_check.MaxEjectionPercent",
+        "maxejectionpercent",
+    );
+    let ejection = match find("baseejectiontime") {
+        None => None,
+        // Consul's merged form: a Go `time.Duration`, nanoseconds.
+        Some(Value::Number(n)) if n.as_u64().is_some() => {
+            match Millis::new(
+                "passive_health_check.BaseEjectionTime",
+                n.as_u64().unwrap_or(0) / 1_000_000,
+            ) {
+                Ok(ms) => Some(ms),
+                Err(e) => {
+                    bad.push(e);
+                    None
+                }
+            }
+        }
+        Some(v) => match Millis::from_go_json("passive_health_check.BaseEjectionTime", v) {
+            Some(Ok(ms)) => Some(ms),
+            Some(Err(e)) => {
+                bad.push(e);
+                None
+            }
+            None => None,
+        },
+    };
+    if !bad.is_empty() {
+        for e in bad {
+            warnings.push(format!("{whose}: {e}; no instance is ejected on errors"));
+        }
+        return None;
+    }
+    if enforcing == Some(0) {
+        return None;
+    }
+    if let Some(p) = enforcing.filter(|p| *p != 100) {
+        warnings.push(format!(
+            "{whose}: passive_health_check.EnforcingConsecutive5xx {p}: HAProxy ejects on every detection, not a share of them; enforced as 100"
+        ));
+    }
+    if !matches!(max_ejection, Some(p) if p >= 100) {
+        warnings.push(format!(
+            "{whose}: passive_health_check.MaxEjectionPercent ({}) is not enforced: HAProxy may eject every instance that fails, and then answers 503 where Envoy would keep some in rotation",
+            max_ejection.map_or_else(|| "Envoy's default 10".to_string(), |p| p.to_string())
+        ));
+    }
+    let max_failures = match max_failures {
+        None | Some(0) => ENVOY_MAX_FAILURES,
+        Some(n) => u32::try_from(n).unwrap_or(u32::MAX).min(i32::MAX as u32),
+    };
+    Some(PassiveCheck {
+        max_failures,
+        ejection_ms: ejection.map_or(ENVOY_BASE_EJECTION_MS, Millis::get),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -456,5 +622,56 @@ mod tests {
         assert_eq!(w.len(), 1);
         assert!(limits(Value::Null, Mode::Http).1.is_empty());
         assert!(Limits::default().backend_lines(Mode::Http).is_empty());
+    }
+
+    fn passive(v: Value) -> (Option<PassiveCheck>, Vec<String>) {
+        let config = BTreeMap::from([("passive_health_check".to_string(), v)]);
+        let mut w = Vec::new();
+        (passive_check(&config, "upstream x", &mut w), w)
+    }
+
+    /// Both forms Consul hands over; Envoy's defaults for what is unset; the ejection time
+    /// becomes enough passing checks to fill it.
+    #[test]
+    fn passive_checks_become_error_limits_and_a_rise() {
+        let (p, w) = passive(
+            json!({"MaxFailures": 3, "BaseEjectionTime": 10_000_000_000u64,
+            "Interval": 1_000_000_000u64, "MaxEjectionPercent": 100}),
+        );
+        assert!(w.is_empty(), "{w:?}");
+        let p = p.unwrap();
+        assert_eq!((p.max_failures, p.ejection_ms), (3, 10_000));
+        assert_eq!(
+            p.server_options(Mode::Http, 1000),
+            "observe layer7 error-limit 3 on-error mark-down rise 10"
+        );
+        assert_eq!(
+            p.server_options(Mode::Tcp, 3000),
+            "observe layer4 error-limit 3 on-error mark-down rise 4"
+        );
+        let (p, w) = passive(json!({"max_failures": 2, "base_ejection_time": "5s"}));
+        assert_eq!(p.map(|p| (p.max_failures, p.ejection_ms)), Some((2, 5000)));
+        assert!(w[0].contains("MaxEjectionPercent"), "{w:?}");
+        let (p, _) = passive(json!({}));
+        assert_eq!(
+            p.map(|p| (p.max_failures, p.ejection_ms)),
+            Some((5, 30_000))
+        );
+    }
+
+    #[test]
+    fn a_bad_or_disabled_passive_check_ejects_nothing() {
+        let (p, w) = passive(json!({"MaxFailures": "3; x", "BaseEjectionTime": "soon"}));
+        assert_eq!(p, None);
+        assert_eq!(w.len(), 2, "{w:#?}");
+        let (p, w) = passive(json!({"EnforcingConsecutive5xx": 0}));
+        assert_eq!((p, w.len()), (None, 0));
+        let (p, w) = passive(json!({"EnforcingConsecutive5xx": 50, "MaxEjectionPercent": 100}));
+        assert!(
+            p.is_some() && w.len() == 1 && w[0].contains("enforced as 100"),
+            "{w:?}"
+        );
+        assert_eq!(passive(json!([1])).0, None);
+        assert!(passive(Value::Null).1.is_empty());
     }
 }

@@ -123,6 +123,13 @@ pub fn build(
         max_connections: local.max_connections,
         forwardfor: local.forwardfor,
         app_header: local.app_header,
+        xfcc: keys::xfcc(
+            mode,
+            settings.intentions,
+            &leaf.service_uri,
+            &whose,
+            &mut warnings,
+        ),
     };
     if public.bind_port == 0 {
         return Err(Error::msg(format!(

@@ -140,6 +140,7 @@ pub(super) fn upstream(
     let read_timeout = keys::go_timeout(&u.config, "read_timeout", &whose, warnings);
     keys::check_poll_interval(&u.config, kind, &whose, warnings);
     let limits = keys::upstream_limits(&u.config, listener_mode, &whose, warnings);
+    let passive = keys::passive_check(&u.config, &whose, warnings);
     let routing = match chain {
         Some(c) => {
             let before = previous_listener.and_then(|l| l.routing.as_ref());
@@ -187,6 +188,7 @@ pub(super) fn upstream(
         routing,
         implicit: false,
         limits,
+        passive,
     })
 }
 

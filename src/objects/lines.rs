@@ -6,8 +6,9 @@ use serde::Serialize;
 
 use crate::model::chain::TargetBackend;
 use crate::model::transparent::{Outbound, PROBE_ADDRESS};
-use crate::model::{AppHeader, Desired, ExposedListener, Mode};
+use crate::model::{AppHeader, Desired, ExposedListener, Mode, Xfcc};
 use crate::spoe::authz::GENERATION_PROBE;
+use crate::spoe::server::XFCC_VAR;
 use crate::value::comment;
 
 use super::spec::{
@@ -25,6 +26,9 @@ pub const SPOE_REQUEST_GROUP: &str = "l7-request";
 /// The group of the per-connection message on an http listener, sent by the frontend
 /// (`FrontendSpec::lines`), as the spoe.conf template names it.
 pub const SPOE_CONNECTION_GROUP: &str = "l4-check";
+
+/// The header the public http listener sets from the client certificate, as Envoy names it.
+pub const XFCC_HEADER: &str = "X-Forwarded-Client-Cert";
 
 /// The public http listener's first rules: a request whose path cannot be judged in one form
 /// gets 400 before anything else looks at it. No path starting with `/` (`GET *`, an
@@ -105,12 +109,13 @@ impl FrontendSpec {
             }
             FrontendKind::Public {
                 app_header,
+                xfcc,
                 intentions,
                 path_rules,
             } => public_rules(
                 &mut l,
                 self.mode,
-                app_header,
+                (app_header, xfcc),
                 intentions.as_ref(),
                 *path_rules,
             ),
@@ -140,7 +145,7 @@ impl FrontendSpec {
 fn public_rules(
     l: &mut Vec<String>,
     mode: Mode,
-    app_header: &Option<AppHeader>,
+    (app_header, xfcc): (&Option<AppHeader>, &Option<Xfcc>),
     intentions: Option<&IntentionsFilter>,
     path_rules: bool,
 ) {
@@ -240,6 +245,19 @@ fn public_rules(
             // HTTP permissions is refused here whatever the agent's table believed the
             // mode to be (the table and this file change mode at different moments).
             l.push("tcp-request content reject if { var(sess.hcc.l7) -m bool }".into());
+        }
+    }
+    if let Some(x) = xfcc {
+        // Never the client's: Consul's Envoy sanitizes the header and sets its own.
+        l.push(format!("http-request del-header {XFCC_HEADER}"));
+        if let Some(by) = &x.by {
+            // The hash is of the certificate HAProxy verified; the rest (`Cert`, `Chain`,
+            // `Subject`, `URI`, `DNS`) is the agent's reading of that same certificate, set
+            // only on a connection it allowed. A `%` of our ID is literal to HAProxy.
+            l.push(format!(
+                "http-request set-header {XFCC_HEADER} By={};Hash=%[ssl_c_der,digest(sha256),hex,lower];%[var(sess.hcc.{XFCC_VAR})] if {{ var(sess.hcc.{XFCC_VAR}) -m found }}",
+                by.as_str().replace('%', "%%")
+            ));
         }
     }
     if let Some(h) = app_header {
@@ -345,6 +363,9 @@ impl ServerSpec {
         if let Some(ms) = self.check_inter_ms {
             // Milliseconds, bare, as the Dataplane API writes them.
             s.push_str(&format!(" check inter {ms}"));
+        }
+        if let Some(p) = &self.passive {
+            s.push_str(&format!(" {p}"));
         }
         s
     }

@@ -123,6 +123,8 @@ impl Index {
 /// The reasons, as the log reads them, a rendered-only part's change takes a full render.
 pub const APP_HEADER_REASON: &str =
     "the public listener's appname_header rules change, which a Dataplane API frontend replace would keep as they were";
+pub const XFCC_REASON: &str =
+    "the public listener's X-Forwarded-Client-Cert rules change, and they are rendered only";
 pub const JWT_HEADERS_REASON: &str =
     "the headers accepted JWTs change are new, and their rules are rendered only";
 pub const MESH_TLS_REASON: &str =
@@ -147,6 +149,7 @@ pub fn index(d: &Desired) -> Index {
         let frontend = public_frontend(d, p);
         if let FrontendKind::Public {
             app_header,
+            xfcc,
             intentions,
             path_rules,
         } = &frontend.kind
@@ -157,6 +160,7 @@ pub fn index(d: &Desired) -> Index {
                 format!("{app_header:?}"),
                 APP_HEADER_REASON,
             );
+            part(at("xfcc"), format!("{xfcc:?}"), XFCC_REASON);
             part(
                 at("jwt_headers"),
                 format!("{:?}", intentions.as_ref().map(|i| &i.jwt_headers)),

@@ -6,7 +6,7 @@ use crate::model::chain::TargetBackend;
 use crate::model::gateway::{GatewayListener, GatewayRoute};
 use crate::model::mesh::TlsParams;
 use crate::model::{
-    AppHeader, Desired, ExposedListener, Mode, Public, Server, Slot, UpstreamListener,
+    AppHeader, Desired, ExposedListener, Mode, Public, Server, Slot, UpstreamListener, Xfcc,
     FREE_SLOT_ADDRESS, FREE_SLOT_PORT,
 };
 use crate::value::{Limit, Millis};
@@ -79,6 +79,8 @@ pub enum FrontendKind {
     Public {
         /// The `appname_header` rules.
         app_header: Option<AppHeader>,
+        /// The `X-Forwarded-Client-Cert` rules (http mode).
+        xfcc: Option<Xfcc>,
         /// The intentions filter, the rule that rejects what the agent did not allow and, in
         /// http mode, the per-request rules of L7 intentions. The sidecar never turns
         /// intentions on or off while it runs; the per-request rules depend on the mode.
@@ -163,6 +165,11 @@ pub struct ServerSpec {
     /// The upstream's per-server cap (`limits`); v1.2.5's server model and `add server` carry
     /// it. A change of it changes the backend too (`queue`), so it never goes live alone.
     pub maxconn: Option<Limit>,
+    /// The upstream's passive check (`PassiveCheck::server_options`): HAProxy's error
+    /// tracking and the `rise` that holds an ejected server out. Last on the line, after the
+    /// check options, so that `add server` (`haproxy::live`) can put them after the
+    /// `default-server` options it repeats; beyond v1.2.5's server model (full render).
+    pub passive: Option<String>,
 }
 
 /// What of an object Dataplane API v1.2.5's models cannot carry: a plan that creates or
@@ -221,6 +228,11 @@ impl ServerSpec {
                 "an HTTP/2 app or exposed path needs `proto h2`, which the Dataplane API cannot set",
             );
         }
+        if self.passive.is_some() {
+            return Some(
+                "an upstream's passive health check needs server options (observe, error-limit, on-error) the Dataplane API cannot set",
+            );
+        }
         self.alpn.as_ref().map(|_| {
             "an HTTP/2 upstream's servers need `alpn h2`, which the Dataplane API cannot set"
         })
@@ -271,6 +283,7 @@ pub fn public_frontend(d: &Desired, p: &Public) -> FrontendSpec {
         maxconn: p.max_connections,
         kind: FrontendKind::Public {
             app_header: p.app_header.clone(),
+            xfcc: p.xfcc.clone(),
             intentions: d.intentions.then(|| IntentionsFilter {
                 spoe_config: d.paths.spoe_conf.display().to_string(),
                 fast_map: d.paths.intentions_map.display().to_string(),
@@ -378,6 +391,7 @@ pub fn local_server(p: &Public) -> ServerSpec {
         alpn: None,
         check_inter_ms: None,
         maxconn: None,
+        passive: None,
     }
 }
 
@@ -481,12 +495,17 @@ fn slot_server(
     slot: &Slot,
     verifyhost: Option<&String>,
 ) -> ServerSpec {
+    let spec = slot_spec(pool, slot);
     ServerSpec {
         tls: Some(mesh_tls(d, false)),
         verifyhost: verifyhost.cloned(),
         alpn: u.h2.then(|| "h2".to_string()),
         maxconn: u.limits.per_server,
-        ..slot_spec(pool, slot)
+        passive: u
+            .passive
+            .zip(spec.check_inter_ms)
+            .map(|(p, inter)| p.server_options(u.mode, inter)),
+        ..spec
     }
 }
 
@@ -513,6 +532,7 @@ fn slot_spec(pool: (&str, usize), slot: &Slot) -> ServerSpec {
         alpn: None,
         check_inter_ms: Some(crate::model::check_interval_ms(slots)),
         maxconn: None,
+        passive: None,
     }
 }
 
@@ -572,5 +592,6 @@ pub fn exposed_server(e: &ExposedListener) -> ServerSpec {
         alpn: None,
         check_inter_ms: None,
         maxconn: None,
+        passive: None,
     }
 }

@@ -177,6 +177,7 @@ fn haproxy_normalizes_paths_as_the_agent_does() {
         maxconn: None,
         kind: FrontendKind::Public {
             app_header: None,
+            xfcc: None,
             intentions: None,
             path_rules: true,
         },

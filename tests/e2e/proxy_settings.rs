@@ -2,8 +2,9 @@
 //! Consul's `local_request_timeout_ms` (504 from HAProxy for a slow app),
 //! `max_inbound_connections` (the public listener's `maxconn`), the original's
 //! `enable_forwardfor` and `appname_header` as the app sees them, and an upstream's
-//! `read_timeout` closing an idle connection. Each is set by re-registering a running sidecar,
-//! so each also reaches a running HAProxy.
+//! `read_timeout` closing an idle connection, `X-Forwarded-Client-Cert` as Consul's Envoy sets
+//! it and an upstream's passive health check ejecting a failing instance. Each is set by
+//! re-registering a running sidecar, so each also reaches a running HAProxy.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -602,4 +603,238 @@ fn access_logs_from_proxy_defaults_shape_haproxys_access_lines() {
         1,
         "{logs}"
     );
+}
+
+/// What `openssl x509 -noout <args>` prints of the first certificate in `pem_file`.
+fn openssl_x509(pem_file: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("openssl")
+        .args(["x509", "-noout"])
+        .args(args)
+        .arg("-in")
+        .arg(pem_file)
+        .output()
+        .expect("openssl runs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The SHA-256 of the first certificate in `pem_file`, lower-case hex, as Envoy's `Hash`.
+fn leaf_sha256(pem_file: &std::path::Path) -> String {
+    let text = openssl_x509(pem_file, &["-fingerprint", "-sha256"]);
+    let (_, hex) = text.trim().split_once('=').expect("a fingerprint line");
+    hex.replace(':', "").to_ascii_lowercase()
+}
+
+/// Envoy's percent-encoding of a PEM block undone (`%0A`, `%20`, `%2B`, `%2F`, `%3D`).
+fn url_decoded(s: &str) -> String {
+    s.replace("%0A", "\n")
+        .replace("%20", " ")
+        .replace("%2B", "+")
+        .replace("%2F", "/")
+        .replace("%3D", "=")
+}
+
+/// An http public listener with intentions on sets `X-Forwarded-Client-Cert` as Consul's
+/// Envoy does: `By` is the server's own SPIFFE ID, `Hash` the SHA-256 of the client's leaf,
+/// `Cert` that leaf as URL-encoded PEM, `URI` the client's SPIFFE ID. What the client sent
+/// under that name never reaches the app.
+#[test]
+fn xfcc_names_the_client_by_its_certificate_never_by_what_it_sent() {
+    let mesh = Mesh::start(MeshOptions {
+        intentions: true,
+        ..Default::default()
+    });
+    configure_server(&mesh, json!({ "protocol": "http" }), 4001);
+    wait_served(&mesh);
+
+    let r = http_request_with(
+        &mesh.upstream_addr(),
+        "GET",
+        "/",
+        &[(
+            "X-Forwarded-Client-Cert",
+            "By=forged;URI=spiffe://forged.consul/ns/default/dc/dc1/svc/admin",
+        )],
+        None,
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    let head = mesh.app.last_request_head();
+    assert!(!head.contains("forged"), "{head}");
+    let values: Vec<&str> = head
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(n, _)| n.eq_ignore_ascii_case("x-forwarded-client-cert"))
+        .map(|(_, v)| v.trim())
+        .collect();
+    assert_eq!(values.len(), 1, "{head}");
+    let fields: Vec<(&str, &str)> = values[0]
+        .split(';')
+        .map(|f| f.split_once('=').expect("key=value"))
+        .collect();
+    // The test app keeps the head lower-cased: compared as such (the unit tests of the
+    // agent and the rules check the exact spelling).
+    let keys: Vec<&str> = fields.iter().map(|(k, _)| *k).collect();
+    assert_eq!(
+        keys,
+        ["by", "hash", "cert", "chain", "subject", "uri"],
+        "{head}"
+    );
+    let field = |k: &str| fields.iter().find(|(n, _)| *n == k).unwrap().1;
+    let td = mesh.consul.trust_domain().to_ascii_lowercase();
+    assert_eq!(
+        field("by"),
+        format!("spiffe://{td}/ns/default/dc/dc1/svc/server")
+    );
+    assert_eq!(
+        field("uri"),
+        format!("spiffe://{td}/ns/default/dc/dc1/svc/client")
+    );
+    let client_leaf = mesh.workdir("client").join("certs").join("leaf.pem");
+    assert_eq!(field("hash"), leaf_sha256(&client_leaf));
+    let leaf_text = std::fs::read_to_string(&client_leaf).unwrap();
+    let end = "-----END CERTIFICATE-----\n";
+    let first_pem = leaf_text[..leaf_text.find(end).unwrap() + end.len()].to_ascii_lowercase();
+    let cert = url_decoded(&field("cert").trim_matches('"').to_ascii_uppercase());
+    assert_eq!(cert.to_ascii_lowercase(), first_pem);
+    let chain = url_decoded(&field("chain").trim_matches('"').to_ascii_uppercase());
+    assert!(chain.to_ascii_lowercase().starts_with(&first_pem));
+    // Empty for Consul 1.16's leaves, the legacy CN for 1.8's: as OpenSSL writes RFC 2253.
+    let subject = openssl_x509(&client_leaf, &["-subject", "-nameopt", "RFC2253"]);
+    let subject = subject.trim().trim_start_matches("subject=").trim();
+    assert_eq!(
+        field("subject"),
+        format!("\"{}\"", subject.to_ascii_lowercase())
+    );
+}
+
+/// Starts another instance of `server` (its own app answering `body` and its own sidecar),
+/// registered under `id`.
+fn server_instance(mesh: &Mesh, id: &str, body: &str) -> (HttpApp, Child) {
+    let app = HttpApp::start(body);
+    let mut reg: Value =
+        serde_json::from_str(&sidecar_registration(id, app.port(), free_port(), &[])).unwrap();
+    reg["Name"] = "server".into();
+    mesh.consul.register(&reg.to_string());
+    let sidecar = crate::support::mesh::sidecar(&mesh.consul, &mesh.base, id, false, &[]);
+    (app, sidecar)
+}
+
+/// An upstream's `passive_health_check`: of two instances, the one answering 500s is ejected
+/// after `MaxFailures` of them and gets no request until `BaseEjectionTime` has passed, then
+/// is tried again; the healthy one is never ejected and answers every other request.
+#[test]
+fn passive_health_check_ejects_a_failing_instance_for_the_base_ejection_time() {
+    let mesh = Mesh::start(MeshOptions::default());
+    let (bad, _bad_sidecar) = server_instance(&mesh, "server-2", "failing");
+    let addr = mesh.upstream_addr();
+    wait_until(
+        Duration::from_secs(60),
+        "the second instance to serve",
+        || {
+            let _ = http_get(&addr, "/", Duration::from_secs(5));
+            bad.requests() > 0
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.client_sidecar.logs()));
+    let ejection = Duration::from_secs(8);
+    configure_client(
+        &mesh,
+        json!({
+            "protocol": "http",
+            "passive_health_check": {
+                "max_failures": 3, "base_ejection_time": "8s", "max_ejection_percent": 100,
+            },
+        }),
+        20001,
+        &[" observe layer7 error-limit 3 on-error mark-down rise "],
+    );
+    wait_until(
+        Duration::from_secs(60),
+        "both instances in rotation",
+        || {
+            let before = bad.requests();
+            let _ = http_get(&addr, "/", Duration::from_secs(5));
+            let _ = http_get(&addr, "/", Duration::from_secs(5));
+            bad.requests() > before
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.client_sidecar.logs()));
+
+    bad.fail_next(1_000_000, 500);
+    let before = bad.requests();
+    let mut failures = 0;
+    for _ in 0..40 {
+        match http_get(&addr, "/", Duration::from_secs(5)) {
+            Ok((200, b)) => assert_eq!(b, APP_BODY),
+            Ok((500, _)) => failures += 1,
+            other => panic!("{other:?}"),
+        }
+        if bad.requests() - before >= 3 {
+            break;
+        }
+    }
+    let ejected_at = std::time::Instant::now();
+    assert_eq!(bad.requests() - before, 3, "three 500s, then ejected");
+    assert_eq!(failures, 3);
+
+    // Out for the ejection time: every request is the healthy instance's.
+    let healthy_before = mesh.app.requests();
+    while ejected_at.elapsed() < ejection - Duration::from_secs(2) {
+        let r = http_get(&addr, "/", Duration::from_secs(5));
+        assert!(matches!(r, Ok((200, ref b)) if b == APP_BODY), "{r:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        bad.requests() - before,
+        3,
+        "an ejected instance was sent a request"
+    );
+    assert!(mesh.app.requests() > healthy_before + 10);
+
+    // Then back in rotation (and ejected again by its next failures).
+    wait_until(Duration::from_secs(20), "the ejected instance back", || {
+        let _ = http_get(&addr, "/", Duration::from_secs(5));
+        bad.requests() - before > 3
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.client_sidecar.logs()));
+    let back = ejected_at.elapsed();
+    assert!(
+        back >= ejection - Duration::from_secs(2),
+        "back after {back:?}"
+    );
+    // HAProxy's own count of each server's falls: the failing one's, never the healthy one's.
+    let downs = downs_by_address(&mesh, "be_up_svc_server");
+    let healthy = format!("127.0.0.1:{}", mesh.server_port);
+    assert_eq!(downs.get(&healthy), Some(&0), "{downs:?}");
+    assert!(
+        downs.iter().any(|(a, n)| *a != healthy && *n >= 1),
+        "{downs:?}"
+    );
+}
+
+/// Per server address of `backend_prefix`'s backend in the client's HAProxy: how often it
+/// went down (`chkdown` of `show stat`).
+fn downs_by_address(mesh: &Mesh, backend_prefix: &str) -> std::collections::BTreeMap<String, u64> {
+    use std::os::unix::net::UnixStream;
+    let sock = mesh.workdir("client").join("haproxy.sock");
+    let mut s = UnixStream::connect(&sock).unwrap();
+    s.write_all(b"show stat\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let mut lines = out.lines();
+    let header: Vec<&str> = lines
+        .next()
+        .unwrap()
+        .trim_start_matches("# ")
+        .split(',')
+        .collect();
+    let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    let (chkdown, addr) = (col("chkdown"), col("addr"));
+    lines
+        .map(|l| l.split(',').collect::<Vec<_>>())
+        .filter(|f| f.len() > addr && f[0].starts_with(backend_prefix))
+        .filter(|f| !matches!(f[1], "BACKEND" | "FRONTEND") && !f[addr].is_empty())
+        .map(|f| (f[addr].to_string(), f[chkdown].parse().unwrap_or(0)))
+        .collect()
 }

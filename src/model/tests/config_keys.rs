@@ -35,6 +35,12 @@ fn grpc_and_http2_are_http_with_h2_on_each_hop() {
     }
 }
 
+/// `s` built with the intentions agent on or off.
+fn built(s: &Snapshot, intentions: bool) -> Desired {
+    let settings = super::fixtures::settings_in(Path::new("/run/hcc-test"), intentions);
+    build(s, &settings, None).unwrap()
+}
+
 /// The Go original's own keys and Consul's local timeouts and connection cap, on both recorded
 /// versions: each reaches the object it maps to, Consul's key winning where both say the same.
 #[test]
@@ -46,12 +52,7 @@ fn the_originals_keys_and_consuls_local_settings_reach_their_objects() {
     for v in CONSUL_VERSIONS {
         for intentions in [false, true] {
             let s = super::fixtures::rich_with_settings(v);
-            let d = build(
-                &s,
-                &super::fixtures::settings_in(Path::new("/run/hcc-test"), intentions),
-                None,
-            )
-            .unwrap();
+            let d = built(&s, intentions);
             let p = d.sidecar();
             assert_eq!(p.mode, Mode::Http);
             assert_eq!(p.connect_timeout_ms, 2000, "local_connect_timeout_ms wins");
@@ -107,9 +108,9 @@ fn the_originals_keys_and_consuls_local_settings_reach_their_objects() {
             let be = upstream_backend(&d, dc2).lines(&[]);
             assert!(be.contains(&"timeout server 7000".to_string()), "{be:?}");
             assert!(be.contains(&"timeout connect 4000".to_string()), "{be:?}");
-            // What the sidecar reads is not warned about; only appname_header without the
-            // agent that names the caller.
-            let expected = usize::from(!intentions);
+            // What the sidecar reads is not warned about; only appname_header and
+            // X-Forwarded-Client-Cert without the agent that reads the caller's certificate.
+            let expected = 2 * usize::from(!intentions);
             assert_eq!(d.warnings.len(), expected, "{:#?}", d.warnings);
             // poll_interval reaches the prepared query's watch.
             let polls = crate::consul::poll_intervals(s.registration.as_ref().unwrap());
@@ -264,12 +265,13 @@ fn unknown_keys_are_named_once_each_and_envoys_as_envoys() {
     c.insert("handshake_timeout_ms".into(), 1000.into());
     c.insert("bogus\nkey".into(), 1.into());
     super::fixtures::first_upstream(&mut s).config.insert(
-        "passive_health_check".into(),
-        serde_json::json!({"max_failures": 1}),
+        "balance_outbound_connections".into(),
+        "exact_balance".into(),
     );
     let d = build(&s, &settings(), None).unwrap();
     let w = &d.warnings;
-    assert_eq!(w.len(), 4, "{w:#?}");
+    // The four keys, and X-Forwarded-Client-Cert without the agent (an http listener).
+    assert_eq!(w.len(), 5, "{w:#?}");
     assert!(w
         .iter()
         .any(|l| l.contains("\"envoy_prometheus_bind_addr\" is Envoy's")));
@@ -280,7 +282,7 @@ fn unknown_keys_are_named_once_each_and_envoys_as_envoys() {
         .iter()
         .any(|l| l.contains("\"bogus?key\" is not a key this sidecar reads")));
     assert!(w.iter().any(|l| l
-        .contains("upstream Config key \"passive_health_check\" is not honoured")
+        .contains("upstream Config key \"balance_outbound_connections\" not supported")
         && l.contains("upstream service server")));
     // Rebuilt from the same snapshot: the same lines, so nothing new to log.
     let again = build(&s, &settings(), Some(&d)).unwrap();
@@ -291,7 +293,8 @@ fn unknown_keys_are_named_once_each_and_envoys_as_envoys() {
         c.insert(format!("junk{i}"), 1.into());
     }
     let d = build(&s, &settings(), None).unwrap();
-    assert!(d.warnings.len() <= 16 + 1 + 1, "{}", d.warnings.len());
+    // 16 named, the rest in one line, the upstream's key and X-Forwarded-Client-Cert.
+    assert!(d.warnings.len() <= 16 + 1 + 1 + 1, "{}", d.warnings.len());
     assert!(
         d.warnings.iter().any(|l| l.contains("more keys")),
         "{:#?}",
@@ -337,4 +340,93 @@ fn an_upstreams_read_timeout_reaches_its_chain_targets() {
             assert!(lines.contains(&want), "{v} {}: {lines:?}", t.backend);
         }
     }
+}
+
+/// An http public listener removes `X-Forwarded-Client-Cert` always and, with the intentions
+/// agent, sets it from our own SPIFFE ID, HAProxy's hash of the client's certificate and the
+/// agent's reading of it; a tcp one leaves requests alone (it reads none).
+#[test]
+fn xfcc_is_removed_always_and_set_only_from_the_agents_reading() {
+    use crate::objects::{public_bind, public_frontend};
+    for intentions in [false, true] {
+        let mut s = snapshot(ANY, "client-sidecar-proxy", "ca-leaf-client.json");
+        super::fixtures::proxy_config(&mut s).insert("protocol".into(), "http".into());
+        let d = built(&s, intentions);
+        let p = d.sidecar();
+        let lines = public_frontend(&d, p).lines(&public_bind(&d, p));
+        let uri = &s.leaf.as_ref().unwrap().service_uri;
+        assert!(lines.contains(&"http-request del-header X-Forwarded-Client-Cert".to_string()));
+        let set = lines
+            .iter()
+            .filter(|l| l.starts_with("http-request set-header X-Forwarded-Client-Cert"))
+            .collect::<Vec<_>>();
+        if intentions {
+            assert_eq!(
+                set,
+                [&format!("http-request set-header X-Forwarded-Client-Cert By={uri};Hash=%[ssl_c_der,digest(sha256),hex,lower];%[var(sess.hcc.xfcc)] if {{ var(sess.hcc.xfcc) -m found }}")]
+            );
+            assert!(d.warnings.is_empty(), "{:#?}", d.warnings);
+        } else {
+            assert!(set.is_empty(), "{set:?}");
+            assert!(d.warnings[0].contains("X-Forwarded-Client-Cert"));
+        }
+        super::fixtures::proxy_config(&mut s).insert("protocol".into(), "tcp".into());
+        let d = build(&s, &settings(), None).unwrap();
+        let p = d.sidecar();
+        let lines = public_frontend(&d, p).lines(&public_bind(&d, p));
+        assert!(
+            !lines.iter().any(|l| l.contains("Forwarded-Client")),
+            "{lines:?}"
+        );
+    }
+}
+
+/// `passive_health_check` reaches every server of the upstream's backend with the `rise` its
+/// check interval gives, a new slot too, and another ejection time takes a full render.
+#[test]
+fn passive_checks_reach_the_servers_and_a_change_takes_a_full_render() {
+    let mut s = snapshot(ANY, "client-sidecar-proxy", "ca-leaf-client.json");
+    up(&mut s).config.insert(
+        "passive_health_check".into(),
+        serde_json::json!({"MaxFailures": 2, "BaseEjectionTime": 9_000_000_000u64,
+            "MaxEjectionPercent": 100}),
+    );
+    up(&mut s).config.insert("protocol".into(), "http".into());
+    let d = build(&s, &settings(), None).unwrap();
+    let u = &d.upstreams[0];
+    let inter = check_interval_ms(u.slots.len());
+    for slot in &u.slots {
+        let line = crate::objects::upstream_server(&d, u, slot).line();
+        let rise = 9000_u64.div_ceil(inter);
+        assert!(
+            line.ends_with(&format!(
+                " check inter {inter} observe layer7 error-limit 2 on-error mark-down rise {rise}"
+            )),
+            "{line}"
+        );
+    }
+    assert!(d.warnings.is_empty(), "{:#?}", d.warnings);
+    // A new slot gets the options too, after the `default-server` ones it repeats (the
+    // last `rise` wins in HAProxy).
+    let cmd =
+        crate::haproxy::live::add_command(&crate::objects::upstream_server(&d, u, &u.slots[0]));
+    assert!(
+        cmd.ends_with(&format!("rise {}", 9000_u64.div_ceil(inter))),
+        "{cmd}"
+    );
+    // Another ejection time changes the servers' options, which only a full render applies.
+    let mut s2 = s.clone();
+    up(&mut s2).config.insert(
+        "passive_health_check".into(),
+        serde_json::json!({"MaxFailures": 2, "BaseEjectionTime": "60s",
+            "MaxEjectionPercent": 100}),
+    );
+    let d2 = build(&s2, &settings(), Some(&d)).unwrap();
+    let plan = crate::haproxy::diff::plan(&d, &d2);
+    assert!(
+        plan.full_render_reason()
+            .is_some_and(|r| r.contains("passive health check")),
+        "{:?}",
+        plan.full_render_reason()
+    );
 }

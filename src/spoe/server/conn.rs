@@ -221,7 +221,12 @@ impl Conn {
                 } else {
                     let (decision, generation) = self.decide(&n);
                     self.ctx.record(&decision, false);
-                    self.connection_ack(&n, decision, generation)
+                    let xfcc = if decision.allow {
+                        client_cert_details(&n)
+                    } else {
+                        None
+                    };
+                    self.connection_ack(&n, decision, generation, xfcc)
                 };
                 self.queue(&ack)?;
                 self.ctx.stats.decision_time.record(started.elapsed());
@@ -259,7 +264,13 @@ impl Conn {
     /// The answer to [`CHECK_MESSAGE`]: `allow`, the generation of the table that decided,
     /// the caller's service ([`APP_VAR`]) on an allowed connection, and for a connection whose
     /// requests are each judged also `l7` and `src`, all session variables.
-    fn connection_ack(&self, n: &Notify, d: Decision, generation: String) -> Frame {
+    fn connection_ack(
+        &self,
+        n: &Notify,
+        d: Decision,
+        generation: String,
+        xfcc: Option<String>,
+    ) -> Frame {
         let mut actions = vec![frame::Action::SetVar {
             scope: VarScope::Session,
             name: self.ctx.var_name.clone(),
@@ -286,6 +297,13 @@ impl Conn {
                 scope: VarScope::Session,
                 name: APP_VAR.into(),
                 value: TypedData::String(app.as_str().as_bytes().to_vec()),
+            });
+        }
+        if let Some(v) = xfcc {
+            actions.push(frame::Action::SetVar {
+                scope: VarScope::Session,
+                name: XFCC_VAR.into(),
+                value: TypedData::String(v.into_bytes()),
             });
         }
         if d.allow && d.per_request {
@@ -413,6 +431,20 @@ impl Conn {
         let _ = Frame::agent_disconnect(status, message).encode(self.max_frame, &mut self.out);
         let _ = self.flush().await;
         let _ = self.stream.shutdown().await;
+    }
+}
+
+/// The client certificate's `X-Forwarded-Client-Cert` fields, when the message asks for them
+/// (an http listener sends the rest of the chain as [`CHAIN_ARG`], NULL when there is none or
+/// the session was resumed).
+fn client_cert_details(n: &Notify) -> Option<String> {
+    let chain: &[u8] = match n.find_arg(Some(CHECK_MESSAGE), CHAIN_ARG)? {
+        TypedData::Binary(b) => b,
+        _ => &[],
+    };
+    match n.find_arg(Some(CHECK_MESSAGE), CERT_ARG)? {
+        TypedData::Binary(der) => xfcc::details(der, chain),
+        _ => None,
     }
 }
 

@@ -451,6 +451,8 @@ impl Ctx {
 
 mod conn;
 use conn::accept_loop;
+pub mod xfcc;
+pub use xfcc::{CHAIN_ARG, XFCC_VAR};
 
 #[cfg(test)]
 mod tests;
