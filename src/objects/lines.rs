@@ -251,11 +251,11 @@ fn public_rules(
         // Never the client's: Consul's Envoy sanitizes the header and sets its own.
         l.push(format!("http-request del-header {XFCC_HEADER}"));
         if let Some(by) = &x.by {
-            // The hash is of the certificate HAProxy verified; the rest (`Cert`, `Chain`,
-            // `Subject`, `URI`, `DNS`) is the agent's reading of that same certificate, set
-            // only on a connection it allowed. A `%` of our ID is literal to HAProxy.
+            // The rest (`Hash`, `Cert`, `Chain`, `Subject`, `URI`, `DNS`) is the agent's
+            // reading of the certificate HAProxy verified, made once when it allowed the
+            // connection. A `%` of our ID is literal to HAProxy.
             l.push(format!(
-                "http-request set-header {XFCC_HEADER} By={};Hash=%[ssl_c_der,digest(sha256),hex,lower];%[var(sess.hcc.{XFCC_VAR})] if {{ var(sess.hcc.{XFCC_VAR}) -m found }}",
+                "http-request set-header {XFCC_HEADER} By={};%[var(sess.hcc.{XFCC_VAR})] if {{ var(sess.hcc.{XFCC_VAR}) -m found }}",
                 by.as_str().replace('%', "%%")
             ));
         }

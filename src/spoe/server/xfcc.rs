@@ -1,8 +1,9 @@
 //! The part of `X-Forwarded-Client-Cert` read from the client certificate: what Consul's Envoy
-//! sets on its public listener after `By` and `Hash` (which the public frontend writes itself:
-//! its own SPIFFE ID, and the hash of the certificate HAProxy verified). Fields in Envoy's
-//! order: `Cert` and `Chain` (URL-encoded PEM), `Subject` (RFC 2253), `URI` (the first URI
-//! SAN, present even when empty), then one `DNS` per DNS SAN.
+//! sets on its public listener after `By` (which the public frontend writes itself: its own
+//! SPIFFE ID). Fields in Envoy's order: `Hash` (hex SHA-256 of the certificate's DER), `Cert`
+//! and `Chain` (URL-encoded PEM), `Subject` (RFC 2253), `URI` (the first URI SAN, present even
+//! when empty), then one `DNS` per DNS SAN. Made once per connection, when the agent judges
+//! it: HAProxy hashing the certificate on every request cost a SHA-256 per request.
 //!
 //! The value reaches a request header, so it is printable ASCII without a line break or
 //! anything else a header could be split at: a SAN that is not gives no value at all.
@@ -25,7 +26,7 @@ pub const CHAIN_ARG: &str = "chain";
 /// this large would not be useful to the app either.
 const MAX_LEN: usize = 12 * 1024;
 
-/// The fields after `Hash` for the client certificate `leaf` (DER) and the rest of its chain
+/// The fields after `By` for the client certificate `leaf` (DER) and the rest of its chain
 /// as sent (`chain`: DER certificates one after another, empty when none). `None` when the
 /// leaf does not parse, a SAN cannot be carried in a header, or the value would be too large.
 pub fn details(leaf: &[u8], chain: &[u8]) -> Option<String> {
@@ -54,8 +55,9 @@ pub fn details(leaf: &[u8], chain: &[u8]) -> Option<String> {
     if !uri.bytes().all(plain) || !dns.iter().all(|d| d.bytes().all(plain)) {
         return None;
     }
+    let hash = hex(ring::digest::digest(&ring::digest::SHA256, leaf).as_ref());
     let mut v = format!(
-        "Cert=\"{leaf_pem}\";Chain=\"{chain_pem}\";Subject=\"{}\";URI={uri}",
+        "Hash={hash};Cert=\"{leaf_pem}\";Chain=\"{chain_pem}\";Subject=\"{}\";URI={uri}",
         rfc2253(cert.subject())
     );
     for d in dns {
@@ -175,7 +177,8 @@ mod tests {
         assert_eq!(
             v,
             format!(
-                "Cert=\"{pem}\";Chain=\"{pem}\";Subject=\"\";URI=spiffe://11111111-2222-3333-4444-555555555555.consul/ns/default/dc/dc2/svc/server"
+                // The hash as `openssl x509 -fingerprint -sha256` prints it for the fixture.
+                "Hash=4942c8e743fcab0f76ea63664a4edebe8923d24d8bda89172d7bce7a2d264913;Cert=\"{pem}\";Chain=\"{pem}\";Subject=\"\";URI=spiffe://11111111-2222-3333-4444-555555555555.consul/ns/default/dc/dc2/svc/server"
             )
         );
         let chained = details(&leaf, &inter).unwrap();
