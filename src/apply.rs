@@ -485,26 +485,23 @@ fn intentions_map(desired: &Desired) -> Result<()> {
     Ok(())
 }
 
-/// Transparent mode's new routes, replaced whole in HAProxy.
+/// Transparent mode's new routes, each map replaced whole in HAProxy.
 fn transparent_map(desired: &Desired) -> Result<()> {
     let Some(o) = &desired.transparent else {
         return Ok(());
     };
     let paths = &desired.paths;
-    // The file first, so that a reload from here on loads the new routes too.
-    write_atomic(
-        &paths.transparent_map,
-        crate::render::transparent_map(o).as_bytes(),
-    )?;
-    live::replace_map(
-        &paths.stats_socket,
-        &paths.transparent_map,
-        &o.map_entries(),
-    )
-    .context("replacing the transparent proxy's routes")?;
+    for m in o.maps(paths) {
+        // The file first, so that a reload from here on loads the new routes too.
+        write_atomic(&m.path, crate::render::transparent_map(o, &m).as_bytes())?;
+        live::replace_map(&paths.stats_socket, &m.path, &m.pairs())
+            .with_context(|| format!("replacing the transparent proxy's routes by {}", m.by))?;
+    }
     log::info!(
-        "transparent proxy routes replaced live ({} virtual IPs)",
-        o.routes.len()
+        "transparent proxy routes replaced live ({} virtual IPs, {} host names, {} direct addresses)",
+        o.routes.len(),
+        o.hosts.len(),
+        o.direct.len()
     );
     Ok(())
 }

@@ -200,11 +200,13 @@ pub fn render(
         });
     }
     if let Some(o) = &d.transparent {
-        // Written even when empty: the outbound listener names it.
-        files.push(File {
-            path: d.paths.transparent_map.clone(),
-            contents: transparent_map(o),
-        });
+        // Written even when empty: the outbound listener names each.
+        for m in o.maps(&d.paths) {
+            files.push(File {
+                contents: transparent_map(o, &m),
+                path: m.path,
+            });
+        }
     }
     let splits = crate::objects::split_thresholds(d);
     if !splits.is_empty() {
@@ -238,14 +240,18 @@ pub fn gateway_map(entries: &[(crate::model::gateway::Sni, String)]) -> String {
     entries.iter().map(|(k, v)| format!("{k} {v}\n")).collect()
 }
 
-/// The transparent map's contents: one `virtual-ip backend` line per route (`map_ip`), under
-/// a comment naming the service and what a destination outside the mesh gets: `--dry-run`'s
-/// outbound routing table.
-pub fn transparent_map(o: &crate::model::transparent::Outbound) -> String {
+/// One of the outbound listener's maps: one `key backend` line per route, under a comment
+/// naming the service and what a destination outside the mesh gets: `--dry-run`'s outbound
+/// routing table. Keys are typed values or made of them (an IP address, a Consul name).
+pub fn transparent_map(
+    o: &crate::model::transparent::Outbound,
+    m: &crate::model::transparent::OutboundMap,
+) -> String {
     let mut out = crate::value::comment(&format!(
-        "# outbound routes of {}:{} by original destination; any other destination is {}",
+        "# outbound routes of {}:{} by {}; any other destination is {}",
         o.bind_address,
         o.port,
+        m.by,
         if o.mesh_only {
             "refused (MeshDestinationsOnly)"
         } else {
@@ -253,10 +259,10 @@ pub fn transparent_map(o: &crate::model::transparent::Outbound) -> String {
         }
     ));
     out.push('\n');
-    for r in &o.routes {
-        out.push_str(&crate::value::comment(&format!("# service {}", r.service)));
+    for (service, key, backend) in &m.entries {
+        out.push_str(&crate::value::comment(&format!("# service {service}")));
         out.push('\n');
-        out.push_str(&format!("{} {}\n", r.virtual_ip, r.backend));
+        out.push_str(&format!("{key} {backend}\n"));
     }
     out
 }

@@ -59,6 +59,9 @@ pub struct Snapshot {
     pub exported: Option<Vec<ExportedServicesEntry>>,
     /// Transparent mode: the services intentions let this one reach, once read.
     pub intention_upstreams: Option<Vec<String>>,
+    /// Transparent mode: the `service-defaults` entries (their `Destination`), once read;
+    /// only named in warnings, so nothing waits for them.
+    pub service_defaults: Option<Vec<crate::consul::api::ServiceDefaultsEntry>>,
 }
 
 impl Snapshot {
@@ -109,6 +112,7 @@ impl Snapshot {
             Update::TargetEndpoints(k, e) => insert(&mut self.targets, k, e),
             Update::ExportedServices(x) => replace(&mut self.exported, Some(x)),
             Update::IntentionUpstreams(u) => replace(&mut self.intention_upstreams, Some(u)),
+            Update::ServiceDefaults(x) => replace(&mut self.service_defaults, Some(x)),
         }
     }
 
@@ -216,6 +220,7 @@ impl Snapshot {
         }
         if is_transparent(reg) && !service.is_empty() {
             w.insert(Watch::Topology(service));
+            w.insert(Watch::ServiceDefaults);
         }
         let polls = poll_intervals(reg);
         for key in destinations(reg, self.implicit_upstreams()) {

@@ -341,6 +341,30 @@ pub struct InstanceProxy {
     /// Consul 1.10+: whether the instance may be dialed at its own address (transparent mode).
     #[serde(default, deserialize_with = "null_as_default")]
     pub transparent_proxy: TransparentProxy,
+    /// The port the fronted service registered (what an app dials at the instance's own
+    /// address when `DialedDirectly` allows it).
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub local_service_port: u16,
+}
+
+/// A `service-defaults` config entry, for its `Destination` only (a terminating gateway's
+/// external address, Consul 1.13+): transparent mode names it.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+pub struct ServiceDefaultsEntry {
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub name: String,
+    #[serde(default)]
+    pub destination: Option<ServiceDestination>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+pub struct ServiceDestination {
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub addresses: Vec<String>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub port: u16,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]

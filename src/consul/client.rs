@@ -666,6 +666,7 @@ pub const ROOTS_PATH: &str = "/v1/agent/connect/ca/roots";
 pub const INTENTIONS_PATH: &str = "/v1/connect/intentions";
 /// The `mesh` config entry, as a list (empty when none is written; Consul 1.10+).
 pub const MESH_PATH: &str = "/v1/config/mesh";
+pub const SERVICE_DEFAULTS_PATH: &str = "/v1/config/service-defaults";
 
 /// Every `jwt-provider` config entry (Consul 1.16+), for the intentions' `JWT` requirements.
 pub const JWT_PROVIDERS_PATH: &str = "/v1/config/jwt-provider";

@@ -16,6 +16,7 @@ use super::chain::{chain_path, parse_chain, serving, target_health_path, TargetK
 use super::client::{
     endpoints_path, leaf_path, topology_path, Consul, AGENT_SELF_PATH, AUTHORIZE_PATH,
     EXPORTED_SERVICES_PATH, INTENTIONS_PATH, JWT_PROVIDERS_PATH, MESH_PATH, ROOTS_PATH,
+    SERVICE_DEFAULTS_PATH,
 };
 use super::{DestinationKey, DestinationKind, Update};
 use crate::error::{Error, Result};
@@ -63,6 +64,9 @@ pub enum Watch {
     ServiceProtocol(String),
     /// Transparent mode: the services intentions let a service reach.
     Topology(String),
+    /// Transparent mode: the `service-defaults` entries (those with a `Destination` are
+    /// named: this sidecar does not route them).
+    ServiceDefaults,
     /// The instances of a destination; a prepared query's with the poll interval its
     /// upstreams ask for (`None`: the default).
     Instances(DestinationKey, Option<Millis>),
@@ -167,6 +171,18 @@ impl Watch {
                     }),
                 },
             },
+            Watch::ServiceDefaults => get(
+                "service-defaults config entries".into(),
+                SERVICE_DEFAULTS_PATH.into(),
+                WatchMode::Index,
+                Box::new(|body| {
+                    api::parse::<Vec<api::ServiceDefaultsEntry>>(
+                        "the service-defaults entries",
+                        body,
+                    )
+                    .map(Update::ServiceDefaults)
+                }),
+            ),
             Watch::Leaf(service) => get(
                 format!("leaf certificate of {service}"),
                 leaf_path(service),

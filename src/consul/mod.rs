@@ -86,6 +86,9 @@ pub enum Update {
     ExportedServices(Vec<api::ExportedServicesEntry>),
     /// Transparent mode: the services this one may reach (`api::ServiceTopology::allowed`).
     IntentionUpstreams(Vec<String>),
+    /// Transparent mode: every `service-defaults` config entry, as far as it names a
+    /// `Destination`.
+    ServiceDefaults(Vec<api::ServiceDefaultsEntry>),
 }
 
 /// The registration with the service's resolved protocol where it names none itself, as an

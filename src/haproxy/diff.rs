@@ -376,8 +376,8 @@ pub fn plan(applied: &Desired, desired: &Desired) -> Plan {
         leaf_changed: applied.tls.leaf_pem != desired.tls.leaf_pem,
         gateway_map_changed: applied.gateway.as_ref().map(Gateway::map_entries)
             != desired.gateway.as_ref().map(Gateway::map_entries),
-        transparent_map_changed: applied.transparent.as_ref().map(|o| &o.routes)
-            != desired.transparent.as_ref().map(|o| &o.routes),
+        transparent_map_changed: applied.transparent.as_ref().map(|o| o.maps(&applied.paths))
+            != desired.transparent.as_ref().map(|o| o.maps(&desired.paths)),
         check_interval_changed,
         rendered_only: rendered_only_changes(&old, &new),
     }

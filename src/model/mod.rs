@@ -189,7 +189,14 @@ pub fn build(
                 Err(e) => warnings.push(format!("skipping implicit upstream {name:?}: {e}")),
             }
         }
-        let outbound = transparent::outbound(port, snapshot, &implicit, &mut warnings);
+        let outbound = transparent::outbound(
+            port,
+            snapshot,
+            &mut implicit,
+            &here.datacenter,
+            &settings.paths,
+            &mut warnings,
+        );
         upstreams.extend(implicit.into_iter().map(|(_, l)| l));
         outbound
     });

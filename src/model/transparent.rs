@@ -4,12 +4,15 @@
 //! service intentions let this one reach is an implicit upstream, built like an explicit one
 //! (`model::upstream`: slots, identity, protocol, TLS) but without a listener of its own.
 
+use std::path::{Path, PathBuf};
+
 use serde::Serialize;
 
-use super::UpstreamListener;
-use crate::consul::api::{ProxyConfig, Upstream};
+use super::{Mode, Paths, UnixSocket, UpstreamListener, MAX_SOCKET_PATH};
+use crate::consul::api::{HealthEntry, ProxyConfig, Upstream};
+use crate::names::sanitize;
 use crate::snapshot::Snapshot;
-use crate::value::Address;
+use crate::value::{Address, Millis};
 
 /// Consul's default `TransparentProxy.OutboundListenerPort`.
 pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
@@ -33,24 +36,149 @@ pub struct Outbound {
     pub mesh_only: bool,
     /// Virtual IP → route, sorted by address; each address once.
     pub routes: Vec<Route>,
+    /// `Host` → the http service it names (its names and its virtual IP), sorted by host:
+    /// a connection to an http service's virtual IP is read as HTTP and routed per request.
+    pub hosts: Vec<HostRoute>,
+    /// An instance's own address and port → its service's dialer (`DialedDirectly`), sorted.
+    pub direct: Vec<DirectRoute>,
+    /// The backends that hand a connection to a routed implicit upstream's own listener.
+    pub hops: Vec<Hop>,
+    /// The backends that dial a connection's original destination with mTLS.
+    pub dialers: Vec<Dialer>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Route {
     pub virtual_ip: Address,
     pub service: String,
-    /// The implicit upstream's backend (`UpstreamListener::backend`).
+    /// The implicit upstream's backend (`UpstreamListener::backend`), or its hop's.
     pub backend: String,
 }
 
-impl Outbound {
-    /// The routes as the map file and the runtime API hold them: (virtual IP, backend).
-    pub fn map_entries(&self) -> Vec<(String, String)> {
-        self.routes
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HostRoute {
+    /// Lower case, without a port: how the outbound listener reads a request's `Host`. Made
+    /// of a Consul name, a datacenter name or an IP address only.
+    pub host: String,
+    pub service: String,
+    pub backend: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DirectRoute {
+    pub address: Address,
+    pub port: u16,
+    pub service: String,
+    /// The service's `Dialer::backend`.
+    pub backend: String,
+}
+
+/// An implicit upstream whose discovery chain routes, splits or redirects: its listener (the
+/// chain's rules, as an explicit upstream's) binds a unix socket, and this backend sends the
+/// outbound listener's connections there.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Hop {
+    pub backend: String,
+    pub service: String,
+    pub socket: String,
+    pub mode: Mode,
+    /// `proto h2` towards the listener (an http2/grpc destination).
+    pub h2: bool,
+}
+
+/// `DialedDirectly`: one server, `0.0.0.0:0` (the address and port the app dialed), with the
+/// service's mTLS settings; the instance's own redirect takes the connection to its public
+/// listener.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Dialer {
+    pub backend: String,
+    pub service: String,
+    pub mode: Mode,
+    pub h2: bool,
+    pub verifyhost: Option<String>,
+    pub connect_timeout_ms: Millis,
+}
+
+/// One of the outbound listener's maps as its file and the runtime API hold it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutboundMap {
+    pub path: PathBuf,
+    /// What the map routes by, for the file's first comment.
+    pub by: &'static str,
+    /// (service, key, backend), in file order.
+    pub entries: Vec<(String, String, String)>,
+}
+
+impl OutboundMap {
+    pub fn pairs(&self) -> Vec<(String, String)> {
+        self.entries
             .iter()
-            .map(|r| (r.virtual_ip.to_string(), r.backend.clone()))
+            .map(|(_, k, b)| (k.clone(), b.clone()))
             .collect()
     }
+}
+
+/// The map files of the outbound listener (all three always exist: its rules name them).
+pub fn hosts_map_path(paths: &Paths) -> PathBuf {
+    paths.workdir.join("transparent-hosts.map")
+}
+
+pub fn direct_map_path(paths: &Paths) -> PathBuf {
+    paths.workdir.join("transparent-direct.map")
+}
+
+impl Outbound {
+    /// The three maps: by virtual IP (`map_ip`), by `Host` (`map_str`), by address and port
+    /// (`map_str` of `<ip>:<port>`).
+    pub fn maps(&self, paths: &Paths) -> Vec<OutboundMap> {
+        vec![
+            OutboundMap {
+                path: paths.transparent_map.clone(),
+                by: "original destination",
+                entries: self
+                    .routes
+                    .iter()
+                    .map(|r| {
+                        (
+                            r.service.clone(),
+                            r.virtual_ip.to_string(),
+                            r.backend.clone(),
+                        )
+                    })
+                    .collect(),
+            },
+            OutboundMap {
+                path: hosts_map_path(paths),
+                by: "Host of a request to an http service's virtual IP",
+                entries: self
+                    .hosts
+                    .iter()
+                    .map(|h| (h.service.clone(), h.host.clone(), h.backend.clone()))
+                    .collect(),
+            },
+            OutboundMap {
+                path: direct_map_path(paths),
+                by: "an instance's own address and port (DialedDirectly)",
+                entries: self
+                    .direct
+                    .iter()
+                    .map(|d| {
+                        (
+                            d.service.clone(),
+                            direct_key(&d.address, d.port),
+                            d.backend.clone(),
+                        )
+                    })
+                    .collect(),
+            },
+        ]
+    }
+}
+
+/// How the outbound listener writes a connection's original destination to look it up in the
+/// direct map (`%[dst]:%[dst_port]`).
+pub fn direct_key(address: &Address, port: u16) -> String {
+    format!("{address}:{port}")
 }
 
 /// The registration's outbound listener port, Consul's default when it names none.
@@ -74,46 +202,20 @@ pub fn as_upstream(service: &str, port: u16) -> Upstream {
 }
 
 /// The outbound listener for the implicit upstreams built: each routed by the virtual IP its
-/// instances carry (`consul-virtual`). An upstream with no instance has no address yet; one
-/// whose discovery chain does more than reach the service itself is not routed (named once).
+/// instances carry (`consul-virtual`), an http one also by `Host`, and the instances whose
+/// proxy allows `DialedDirectly` by their own address. An upstream with no instance has no
+/// address yet. One whose discovery chain does more than reach the service itself gets a
+/// listener of its own on a unix socket in `paths.workdir` (the same rules an explicit
+/// upstream's listener has), which its routes reach through a hop.
 pub fn outbound(
     port: u16,
     snapshot: &Snapshot,
-    implicit: &[(String, UpstreamListener)],
+    implicit: &mut [(String, UpstreamListener)],
+    datacenter: &str,
+    paths: &Paths,
     warnings: &mut Vec<String>,
 ) -> Outbound {
-    let mut routes: Vec<Route> = Vec::new();
-    for (service, u) in implicit {
-        let service = service.clone();
-        if u.routing.is_some() {
-            warnings.push(format!(
-                "implicit upstream {service:?}: its discovery chain routes or splits, which transparent mode does not follow yet; its virtual IP is not routed (give it an explicit upstream)"
-            ));
-            continue;
-        }
-        let Some((vip, dialed_directly)) = virtual_ip(snapshot, &service, warnings) else {
-            continue;
-        };
-        if dialed_directly {
-            warnings.push(format!(
-                "implicit upstream {service:?}: its proxy allows DialedDirectly, which this sidecar does not route yet; only its virtual IP goes through the mesh (its instances' own addresses are treated as outside the mesh)"
-            ));
-        }
-        if let Some(other) = routes.iter().find(|r| r.virtual_ip == vip) {
-            warnings.push(format!(
-                "implicit upstream {service:?}: virtual IP {vip} is already {:?}'s; not routed",
-                other.service
-            ));
-            continue;
-        }
-        routes.push(Route {
-            virtual_ip: vip,
-            service,
-            backend: u.backend.clone(),
-        });
-    }
-    routes.sort_by_key(|r| r.virtual_ip.to_string());
-    Outbound {
+    let mut o = Outbound {
         bind_address: OUTBOUND_BIND,
         port,
         mesh_only: snapshot
@@ -121,32 +223,238 @@ pub fn outbound(
             .as_deref()
             .map(crate::consul::mesh_entry)
             .is_none_or(|m| m.transparent_proxy.mesh_destinations_only),
-        routes,
+        routes: Vec::new(),
+        hosts: Vec::new(),
+        direct: Vec::new(),
+        hops: Vec::new(),
+        dialers: Vec::new(),
+    };
+    for (service, u) in implicit.iter_mut() {
+        let service = service.clone();
+        let entries = instances(snapshot, &service);
+        direct_routes(&service, u, entries, &mut o, warnings);
+        let Some(vip) = virtual_ip(&service, entries, warnings) else {
+            continue;
+        };
+        if let Some(other) = o.routes.iter().find(|r| r.virtual_ip == vip) {
+            warnings.push(format!(
+                "implicit upstream {service:?}: virtual IP {vip} is already {:?}'s; not routed",
+                other.service
+            ));
+            continue;
+        }
+        let backend = if u.routing.is_some() {
+            match hop(&service, u, &paths.workdir, warnings) {
+                Some(h) => {
+                    let b = h.backend.clone();
+                    o.hops.push(h);
+                    b
+                }
+                None => continue,
+            }
+        } else {
+            u.backend.clone()
+        };
+        if u.mode == Mode::Http {
+            o.hosts.extend(
+                host_names(&service, datacenter, &vip)
+                    .into_iter()
+                    .map(|host| HostRoute {
+                        host,
+                        service: service.clone(),
+                        backend: backend.clone(),
+                    }),
+            );
+        }
+        o.routes.push(Route {
+            virtual_ip: vip,
+            service,
+            backend,
+        });
     }
+    for e in snapshot.service_defaults.iter().flatten() {
+        if let Some(dest) = &e.destination {
+            warnings.push(destination_warning(&e.name, dest, o.mesh_only));
+        }
+    }
+    o.routes.sort_by_key(|r| r.virtual_ip.to_string());
+    o.hosts.sort_by(|a, b| a.host.cmp(&b.host));
+    o.direct
+        .sort_by_key(|d| (direct_key(&d.address, d.port), d.service.clone()));
+    // Two services' instances claiming one address and port: the first (by name) keeps it.
+    o.direct.dedup_by(|later, kept| {
+        let same = later.address == kept.address && later.port == kept.port;
+        if same && later.service != kept.service {
+            warnings.push(format!(
+                "implicit upstream {:?}: {} is already {:?}'s address; not routed directly",
+                later.service,
+                direct_key(&later.address, later.port),
+                kept.service
+            ));
+        }
+        same
+    });
+    o
 }
 
-/// The service's virtual IP from its instances (the same on each), and whether any of them
-/// may be dialed directly; a refused address is named and the service not routed.
-fn virtual_ip(
-    snapshot: &Snapshot,
+/// `service-defaults` with a `Destination`: Consul's Envoy sends a connection to those
+/// addresses through a terminating gateway; this sidecar does not, so it says what happens
+/// instead: the outbound listener's rule for any address outside the mesh (passed through
+/// to the address itself, or refused with `MeshDestinationsOnly`). The name and addresses
+/// are escaped by `Debug`: they only reach a log line.
+fn destination_warning(
+    name: &str,
+    dest: &crate::consul::api::ServiceDestination,
+    mesh_only: bool,
+) -> String {
+    format!(
+        "service-defaults {name:?} has a Destination ({:?} port {}), which this sidecar does not route through a terminating gateway; a connection to it is {}",
+        dest.addresses,
+        dest.port,
+        if mesh_only {
+            "refused (MeshDestinationsOnly)"
+        } else {
+            "passed through to the address itself, outside the mesh"
+        }
+    )
+}
+
+/// The names a request's `Host` may give an http service, as Consul DNS serves them, and its
+/// virtual IP (a port is cut from the header before the lookup). Lower case: the header is
+/// lowered too, and DNS names are case-blind.
+fn host_names(service: &str, datacenter: &str, vip: &Address) -> Vec<String> {
+    let s = service.to_ascii_lowercase();
+    let dc = datacenter.to_ascii_lowercase();
+    vec![
+        s.clone(),
+        format!("{s}.virtual.consul"),
+        format!("{s}.service.consul"),
+        format!("{s}.service.{dc}.consul"),
+        vip.to_string(),
+    ]
+}
+
+/// The routed upstream's listener moved to its unix socket, and the hop to it; `None` (named)
+/// when the working directory's path leaves no room for the socket's.
+fn hop(
     service: &str,
+    u: &mut UpstreamListener,
+    workdir: &Path,
     warnings: &mut Vec<String>,
-) -> Option<(Address, bool)> {
+) -> Option<Hop> {
+    let socket = workdir
+        .join(format!("tp-{}.sock", sanitize(service)))
+        .display()
+        .to_string();
+    if socket.len() > MAX_SOCKET_PATH {
+        warnings.push(format!(
+            "implicit upstream {service:?}: its discovery chain routes, splits or redirects, which takes a listener on a unix socket, and {socket:?} is longer than the {MAX_SOCKET_PATH} bytes HAProxy can bind (a shorter -haproxy-cfg-base-path helps); not routed"
+        ));
+        return None;
+    }
+    u.bind_address = socket.clone();
+    u.bind_port = 0;
+    u.socket = Some(UnixSocket {
+        path: socket.clone(),
+        mode: None,
+    });
+    Some(Hop {
+        backend: format!("{}_hop", u.backend),
+        service: service.to_string(),
+        socket,
+        mode: u.mode,
+        h2: u.h2,
+    })
+}
+
+fn instances<'a>(snapshot: &'a Snapshot, service: &str) -> &'a [HealthEntry] {
     let key = crate::consul::DestinationKey {
         kind: crate::consul::DestinationKind::Service,
         name: service.to_string(),
         datacenter: String::new(),
     };
-    let entries = snapshot.endpoints.get(&key)?;
-    let raw = entries.iter().find_map(|e| e.service.virtual_ip())?;
-    let dialed_directly = entries.iter().any(|e| {
-        e.service
+    snapshot
+        .endpoints
+        .get(&key)
+        .map_or(&[][..], |v| v.as_slice())
+}
+
+/// `DialedDirectly`: each instance whose proxy allows it, and whose sidecar's slot takes
+/// traffic (so the identity check and health hold as for the virtual IP), by its address and
+/// `LocalServicePort` (the port the service registered, which its own redirect captures); the
+/// service's dialer with them.
+fn direct_routes(
+    service: &str,
+    u: &UpstreamListener,
+    entries: &[HealthEntry],
+    o: &mut Outbound,
+    warnings: &mut Vec<String>,
+) {
+    let backend = format!("{}_direct", u.backend);
+    let mut any = false;
+    for e in entries {
+        let Some(p) = e
+            .service
             .proxy
             .as_ref()
-            .is_some_and(|p| p.transparent_proxy.dialed_directly)
-    });
+            .filter(|p| p.transparent_proxy.dialed_directly)
+        else {
+            continue;
+        };
+        any = true;
+        let raw = match e.service.address.trim() {
+            "" => e.node.address.trim(),
+            a => a,
+        };
+        let address = match Address::parse_ip("Service.Address", raw) {
+            Ok(a) => a,
+            Err(err) => {
+                warnings.push(format!(
+                    "implicit upstream {service:?}: instance {:?} allows DialedDirectly, but {err}; its address is not routed",
+                    e.service.id
+                ));
+                continue;
+            }
+        };
+        if p.local_service_port == 0 {
+            continue;
+        }
+        let serving = u
+            .slots
+            .iter()
+            .filter_map(|s| s.instance.as_ref())
+            .any(|s| s.address == address && s.port == e.service.port && s.in_service());
+        if serving {
+            o.direct.push(DirectRoute {
+                address,
+                port: p.local_service_port,
+                service: service.to_string(),
+                backend: backend.clone(),
+            });
+        }
+    }
+    if any {
+        o.dialers.push(Dialer {
+            backend,
+            service: service.to_string(),
+            mode: u.mode,
+            h2: u.h2,
+            verifyhost: u.verifyhost.clone(),
+            connect_timeout_ms: u.connect_timeout_ms,
+        });
+    }
+}
+
+/// The service's virtual IP from its instances (the same on each); a refused address is
+/// named and the service not routed.
+fn virtual_ip(
+    service: &str,
+    entries: &[HealthEntry],
+    warnings: &mut Vec<String>,
+) -> Option<Address> {
+    let raw = entries.iter().find_map(|e| e.service.virtual_ip())?;
     match Address::parse_ip("TaggedAddresses.consul-virtual", raw) {
-        Ok(a) => Some((a, dialed_directly)),
+        Ok(a) => Some(a),
         Err(e) => {
             warnings.push(format!("implicit upstream {service:?}: {e}; not routed"));
             None
@@ -155,167 +463,4 @@ fn virtual_ip(
 }
 
 #[cfg(test)]
-mod tests {
-    use crate::consul::{destinations, DestinationKey, DestinationKind, Update};
-    use crate::model::build;
-    use crate::model::fixtures::{settings, snapshot};
-    use crate::snapshot::Snapshot;
-
-    /// The recorded `modern` sidecar (transparent) with `server` as its one implicit upstream,
-    /// fed by server's recorded instances (which carry `consul-virtual` 240.0.0.x).
-    fn modern(mesh_only: Option<bool>) -> Snapshot {
-        let mut s = snapshot("1.16.3", "modern-sidecar-proxy", "ca-leaf-client.json");
-        if let Some(leaf) = s.leaf.as_mut() {
-            leaf.service = "modern".into();
-        }
-        s.apply(Update::IntentionUpstreams(vec!["server".into()]));
-        if let Some(only) = mesh_only {
-            s.apply(Update::Mesh(vec![serde_json::json!({
-                "Kind": "mesh",
-                "Name": "mesh",
-                "TransparentProxy": { "MeshDestinationsOnly": only },
-            })]));
-        }
-        s
-    }
-
-    #[test]
-    fn an_implicit_upstream_is_watched_and_routed_by_its_virtual_ip() {
-        let s = modern(Some(false));
-        let key = DestinationKey {
-            kind: DestinationKind::Service,
-            name: "server".into(),
-            datacenter: String::new(),
-        };
-        let reg = s.registration.as_ref().unwrap();
-        assert!(destinations(reg, s.implicit_upstreams()).contains(&key));
-        let d = build(&s, &settings(), None).unwrap();
-        let implicit: Vec<_> = d.upstreams.iter().filter(|u| u.implicit).collect();
-        assert_eq!(implicit.len(), 1, "{:#?}", d.upstreams);
-        let u = implicit[0];
-        assert_eq!(u.instances().count(), 2, "fed by server's instances");
-        assert!(u.identity.is_some(), "its servers must prove to be server");
-        let o = d.transparent.as_ref().unwrap();
-        assert!(!o.mesh_only);
-        assert_eq!(o.routes.len(), 1, "{o:#?}");
-        assert_eq!(o.routes[0].service, "server");
-        assert_eq!(o.routes[0].backend, u.backend);
-        assert!(o.routes[0].virtual_ip.to_string().starts_with("240."));
-        // Rendered: a backend and no frontend of its own; the outbound listener routes by map.
-        let cfg: Vec<String> = crate::objects::sections(&d)
-            .iter()
-            .map(|x| x.header.clone())
-            .collect();
-        assert!(cfg.contains(&format!("backend {}", u.backend)), "{cfg:?}");
-        assert!(!cfg.contains(&format!("frontend {}", u.name)), "{cfg:?}");
-        assert!(
-            cfg.contains(&"frontend hcc_outbound".to_string()),
-            "{cfg:?}"
-        );
-        let map = crate::render::transparent_map(o);
-        assert!(
-            map.contains(&format!("{} {}\n", o.routes[0].virtual_ip, u.backend)),
-            "{map}"
-        );
-    }
-
-    /// Consul 1.16.3's answer for a transparent `client` (trimmed), with `other` denied by an
-    /// intention (Consul leaves denied services out; an entry that says not allowed is dropped
-    /// too).
-    #[test]
-    fn the_topology_answer_gives_the_allowed_services() {
-        let body = r#"{"Protocol":"tcp","TransparentProxy":true,"Upstreams":[
-            {"Name":"server","Datacenter":"dc1","Tags":null,"Source":"default-allow",
-             "Intention":{"Allowed":true,"HasPermissions":false,"DefaultAllow":true}},
-            {"Name":"other","Datacenter":"dc1","Intention":{"Allowed":false}},
-            {"Name":"server","Datacenter":"dc1","Intention":{"Allowed":true}}],
-            "Downstreams":[],"FilteredByACLs":false}"#;
-        let t: crate::consul::api::ServiceTopology =
-            crate::consul::api::parse("the service topology", body).unwrap();
-        assert_eq!(t.allowed(), ["server"]);
-        let empty: crate::consul::api::ServiceTopology =
-            crate::consul::api::parse("the service topology", r#"{"Upstreams":null}"#).unwrap();
-        assert!(empty.allowed().is_empty());
-    }
-
-    #[test]
-    fn dialed_directly_and_a_bad_virtual_ip_are_named() {
-        let mut s = modern(Some(false));
-        let key = DestinationKey {
-            kind: DestinationKind::Service,
-            name: "server".into(),
-            datacenter: String::new(),
-        };
-        let mut entries = s.endpoints[&key].clone();
-        if let Some(p) = entries[0].service.proxy.as_mut() {
-            p.transparent_proxy.dialed_directly = true;
-        }
-        s.apply(Update::Endpoints(key.clone(), entries.clone()));
-        let d = build(&s, &settings(), None).unwrap();
-        assert!(
-            d.warnings.iter().any(|w| w.contains("DialedDirectly")),
-            "{:?}",
-            d.warnings
-        );
-        assert_eq!(d.transparent.as_ref().unwrap().routes.len(), 1);
-        for e in &mut entries {
-            e.service.tagged_addresses.insert(
-                "consul-virtual".into(),
-                serde_json::json!({"Address": "240.0.0.1 be_x\n1.2.3.4", "Port": 1}),
-            );
-        }
-        s.apply(Update::Endpoints(key, entries));
-        let d = build(&s, &settings(), None).unwrap();
-        assert!(d.transparent.as_ref().unwrap().routes.is_empty());
-        assert!(
-            d.warnings
-                .iter()
-                .any(|w| w.contains("consul-virtual") && w.contains("not routed")),
-            "{:?}",
-            d.warnings
-        );
-    }
-
-    #[test]
-    fn mesh_destinations_only_refuses_and_an_unknown_mesh_entry_fails_closed() {
-        for (mesh, only) in [(None, true), (Some(true), true), (Some(false), false)] {
-            let d = build(&modern(mesh), &settings(), None).unwrap();
-            let o = d.transparent.as_ref().unwrap();
-            assert_eq!(o.mesh_only, only, "{mesh:?}");
-            let lines = crate::objects::outbound_sections(&d, o)[0].lines.join("\n");
-            assert_eq!(
-                lines.contains("tcp-request connection reject unless"),
-                only,
-                "{lines}"
-            );
-        }
-    }
-
-    #[test]
-    fn a_service_gone_from_the_intention_upstreams_loses_its_route_and_backend() {
-        let mut s = modern(Some(false));
-        let before = build(&s, &settings(), None).unwrap();
-        s.apply(Update::IntentionUpstreams(Vec::new()));
-        let after = build(&s, &settings(), Some(&before)).unwrap();
-        assert!(after.upstreams.iter().all(|u| !u.implicit));
-        assert!(after.transparent.as_ref().unwrap().routes.is_empty());
-        let p = crate::haproxy::diff::plan(&before, &after);
-        assert!(
-            p.transparent_map_changed && p.rendered_only.is_empty(),
-            "{p:#?}"
-        );
-        assert!(
-            !p.needs_full_render(),
-            "a route and a backend go without a full render"
-        );
-    }
-
-    #[test]
-    fn the_default_mode_has_no_outbound_listener_and_no_implicit_upstream() {
-        let mut s = snapshot("1.16.3", "client-sidecar-proxy", "ca-leaf-client.json");
-        s.apply(Update::IntentionUpstreams(vec!["server".into()]));
-        let d = build(&s, &settings(), None).unwrap();
-        assert!(d.transparent.is_none());
-        assert!(d.upstreams.iter().all(|u| !u.implicit));
-    }
-}
+mod tests;

@@ -5,15 +5,15 @@
 use serde::Serialize;
 
 use crate::model::chain::TargetBackend;
-use crate::model::transparent::{Outbound, PROBE_ADDRESS};
+use crate::model::transparent::{direct_map_path, hosts_map_path, Outbound, PROBE_ADDRESS};
 use crate::model::{AppHeader, Desired, ExposedListener, Mode, Xfcc};
 use crate::spoe::authz::GENERATION_PROBE;
 use crate::spoe::server::XFCC_VAR;
 use crate::value::comment;
 
 use super::spec::{
-    BackendSpec, BindSpec, FrontendKind, FrontendSpec, IntentionsFilter, MeshTls, ServerSpec,
-    GATEWAY_INSPECT_DELAY,
+    dialer_backend, BackendSpec, BindSpec, FrontendKind, FrontendSpec, IntentionsFilter, MeshTls,
+    ServerSpec, GATEWAY_INSPECT_DELAY,
 };
 
 /// The SPOE filter's engine id (`[intentions]` in spoe.conf) and the group of the per-request
@@ -384,13 +384,26 @@ pub const OUTBOUND_FRONTEND: &str = "hcc_outbound";
 /// address and port the client dialed, as HAProxy reads them from the redirected socket).
 pub const PASSTHROUGH_BACKEND: &str = "be_hcc_passthrough";
 
-/// The outbound listener (tcp: a connection is routed by the address it was sent to before
-/// the redirect, `dst`, looked up in the transparent map) and its passthrough backend.
-/// Rendered only: a change of either takes a full render (`index`'s rendered-only part),
-/// while the routes change live through the map.
+/// The session variable holding a connection's original destination as the direct map keys
+/// it (`transparent::direct_key`).
+const DIRECT_VAR: &str = "sess.hcc_dst";
+
+/// The outbound listener and its backends. tcp: a connection is routed by where it was sent
+/// before the redirect: an instance's own address and port (`DialedDirectly`, the direct
+/// map), else its virtual IP (the transparent map). A connection to an http service's virtual
+/// IP is read as HTTP (`switch-mode http`) and each request routed by its `Host` (the hosts
+/// map), falling back to that virtual IP's service; every other connection stays tcp, so a
+/// tcp service's bytes are never parsed. Rendered only: a change of the lines, a hop or a
+/// dialer takes a full render (`index`'s rendered-only part), while the routes change live
+/// through the maps.
 pub fn outbound_sections(d: &Desired, o: &Outbound) -> Vec<Section> {
     let map = d.paths.transparent_map.display().to_string();
+    let hosts = hosts_map_path(&d.paths).display().to_string();
+    let direct = direct_map_path(&d.paths).display().to_string();
     let found = format!("{{ dst,map_ip({map}) -m found }}");
+    let direct_found = format!("{{ var({DIRECT_VAR}),map_str({direct}) -m found }}");
+    let http = format!("{{ dst,map_str({hosts}) -m found }}");
+    let host = format!("req.hdr(host),lower,field(1,:),map_str({hosts})");
     let mut lines = vec![
         "mode tcp".to_string(),
         format!("bind {}:{}", o.bind_address, o.port),
@@ -401,17 +414,29 @@ pub fn outbound_sections(d: &Desired, o: &Outbound) -> Vec<Section> {
         ),
         // The sidecar's own probe (`supervisor::redirect`), should its traffic be redirected.
         format!("tcp-request connection reject if {{ dst {PROBE_ADDRESS} }}"),
+        format!("tcp-request connection set-var-fmt({DIRECT_VAR}) %[dst]:%[dst_port]"),
     ];
     if o.mesh_only {
-        lines.push(format!("tcp-request connection reject unless {found}"));
+        lines.push(format!(
+            "tcp-request connection reject unless {found} || {direct_found}"
+        ));
     }
+    lines.push(format!("tcp-request content switch-mode http if {http}"));
+    lines.push(format!(
+        "use_backend %[var({DIRECT_VAR}),map_str({direct})] if {direct_found}"
+    ));
+    lines.push(format!(
+        "use_backend %[{host}] if {http} {{ {host} -m found }}"
+    ));
     lines.push(format!("use_backend %[dst,map_ip({map})] if {found}"));
     lines.push(format!("default_backend {PASSTHROUGH_BACKEND}"));
-    vec![
+    let mut sections = vec![
         Section {
             comment: Some(comment(&format!(
-                "transparent proxy: outbound listener, {} route(s){}",
+                "transparent proxy: outbound listener, {} route(s), {} host name(s), {} direct address(es){}",
                 o.routes.len(),
+                o.hosts.len(),
+                o.direct.len(),
                 if o.mesh_only {
                     ", mesh destinations only"
                 } else {
@@ -429,7 +454,33 @@ pub fn outbound_sections(d: &Desired, o: &Outbound) -> Vec<Section> {
                 "server passthrough 0.0.0.0:0".to_string(),
             ],
         },
-    ]
+    ];
+    for h in &o.hops {
+        let mut server = format!("server hop unix@{}", h.socket);
+        if h.h2 {
+            server.push_str(" proto h2");
+        }
+        sections.push(Section {
+            comment: Some(comment(&format!(
+                "implicit upstream {}: to its own listener, which follows its discovery chain",
+                h.service
+            ))),
+            header: format!("backend {}", h.backend),
+            lines: vec![format!("mode {}", mode(h.mode)), server],
+        });
+    }
+    for t in &o.dialers {
+        let (backend, server) = dialer_backend(d, t);
+        sections.push(Section {
+            comment: Some(comment(&format!(
+                "implicit upstream {}: its instances dialed directly, mTLS to the original destination",
+                t.service
+            ))),
+            header: format!("backend {}", backend.name),
+            lines: backend.lines(&[server]),
+        });
+    }
+    sections
 }
 
 /// The comment above a chain target's backend: the target and whom its servers must be.

@@ -219,7 +219,8 @@ pub fn index(d: &Desired) -> Index {
     }
     for up in &d.upstreams {
         let mut u = Unit::new(format!("upstream/{}", up.name), Change::Rebuild);
-        if !up.implicit {
+        // A routed implicit upstream's listener binds a unix socket its hop reaches.
+        if !up.implicit || up.socket.is_some() {
             u.listeners.push(Listener {
                 frontend: upstream_frontend(d, up),
                 bind: upstream_bind(up),
@@ -248,7 +249,7 @@ pub fn index(d: &Desired) -> Index {
         // The routes live in the map, which changes live: only what the lines say counts.
         part(
             format!("{OUTBOUND_FRONTEND}/listener"),
-            format!("{} {}", o.port, o.mesh_only),
+            format!("{} {} {:?} {:?}", o.port, o.mesh_only, o.hops, o.dialers),
             OUTBOUND_REASON,
         );
         let mut u = Unit::new(format!("outbound/{OUTBOUND_FRONTEND}"), Change::Replace);

@@ -5,6 +5,7 @@
 use crate::model::chain::TargetBackend;
 use crate::model::gateway::{GatewayListener, GatewayRoute};
 use crate::model::mesh::TlsParams;
+use crate::model::transparent::Dialer;
 use crate::model::{
     AppHeader, Desired, ExposedListener, Mode, Public, Server, Slot, UpstreamListener, Xfcc,
     FREE_SLOT_ADDRESS, FREE_SLOT_PORT,
@@ -443,6 +444,40 @@ pub fn upstream_bind(u: &UpstreamListener) -> BindSpec {
         h2: false,
         alpn: None,
     }
+}
+
+/// Transparent mode's `DialedDirectly` backend of a service: one server that dials the
+/// connection's original destination (`0.0.0.0:0`) with the mesh's mTLS, as the service's
+/// own servers do. Rendered only (`objects::lines::outbound_sections`).
+pub fn dialer_backend(d: &Desired, t: &Dialer) -> (BackendSpec, ServerSpec) {
+    let backend = BackendSpec {
+        name: t.backend.clone(),
+        mode: t.mode,
+        balance: None,
+        connect_timeout_ms: t.connect_timeout_ms,
+        server_timeout_ms: None,
+        forwardfor: false,
+        verifyhost: t.verifyhost.clone(),
+        target: Vec::new(),
+        queue: Vec::new(),
+    };
+    let server = ServerSpec {
+        backend: t.backend.clone(),
+        name: "direct".to_string(),
+        address: "0.0.0.0".to_string(),
+        port: 0,
+        weight: None,
+        tls: Some(mesh_tls(d, false)),
+        maintenance: false,
+        h2: false,
+        verifyhost: None,
+        alpn: t.h2.then(|| "h2".to_string()),
+        check_inter_ms: None,
+        maxconn: None,
+        // No check runs on the original destination, and a passive check needs one.
+        passive: None,
+    };
+    (backend, server)
 }
 
 /// The backend of one discovery-chain target.

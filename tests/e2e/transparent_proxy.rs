@@ -2,7 +2,9 @@
 //! host `srv` runs a Consul dev agent and the mesh services (`server`, `denied`, later
 //! `late`), each an app with its sidecar; host `pod` runs the client's sidecar as its own UID
 //! with `consul connect redirect-traffic` applied there by the test, and the test's requests
-//! from inside `pod` are the client app; host `ext` runs a plain app outside the mesh.
+//! from inside `pod` are the client app; host `ext` runs a plain app outside the mesh; host
+//! `dd` runs `direct`, whose proxy allows `DialedDirectly`, with its own redirect. With
+//! `HCC_HAPROXY_ROOTFS` (scripts/test-rootfs) every sidecar runs in that rootfs.
 //! Needs root (namespaces, iptables); skipped on Consul 1.8.7, which has no transparent mode.
 
 use std::time::Duration;
@@ -11,8 +13,9 @@ use crate::support::load::Load;
 use crate::support::mesh::config_objects;
 use crate::support::netns::{can_create_namespaces, Host, Net};
 use crate::support::{
-    bin_path, consul_bin, consul_is_current, dry_run, http_request, servers_up, sidecar_workdir,
-    wait_until, Child, HttpApp, TempDir,
+    bin_path, consul_bin, consul_is_current, dry_run, haproxy_rootfs, http_request, in_rootfs_args,
+    servers_up, sidecar_workdir, wait_until, Child, HttpApp, TempDir, RUN_ROOTFS,
+    SIDECAR_IN_ROOTFS,
 };
 use serde_json::{json, Value};
 
@@ -56,6 +59,26 @@ const LATE: Service = Service {
     id: "late",
     app_port: 18003,
     sidecar_port: 21003,
+};
+/// In host `dd`: its proxy allows `DialedDirectly`.
+const DIRECT: Service = Service {
+    name: "direct",
+    id: "direct",
+    app_port: 18005,
+    sidecar_port: 21005,
+};
+/// http services: `web` has a router that sends `/v2` to `web2`.
+const WEB: Service = Service {
+    name: "web",
+    id: "web",
+    app_port: 18006,
+    sidecar_port: 21006,
+};
+const WEB2: Service = Service {
+    name: "web2",
+    id: "web2",
+    app_port: 18007,
+    sidecar_port: 21007,
 };
 
 fn agent_addr(srv: &Host) -> String {
@@ -110,32 +133,105 @@ fn app_in(host: &Host, ip: Option<&str>, port: u16, body: &str) -> HttpAppIn {
 }
 
 fn start_service(srv: &Host, s: &Service, base: &TempDir) -> Running {
-    let app = app_in(srv, None, s.app_port, &format!("hello from {}", s.name));
+    start_service_in(srv, srv, s, base, false)
+}
+
+/// A service instance in `host` (its app on the host's loopback, its sidecar's public listener
+/// on the host's address), registered with the agent in `srv`. `dialed_directly`: its proxy
+/// allows it, the sidecar runs as `PROXY_UID` and its own redirect sends the app's port to the
+/// public listener, as `consul connect redirect-traffic` does in a pod.
+fn start_service_in(
+    host: &Host,
+    srv: &Host,
+    s: &Service,
+    base: &TempDir,
+    dialed_directly: bool,
+) -> Running {
+    let app = app_in(host, None, s.app_port, &format!("hello from {}", s.name));
     put(
         srv,
         "/v1/agent/service/register",
         &json!({
-            "Name": s.name, "ID": s.id, "Address": srv.addr, "Port": s.app_port,
+            "Name": s.name, "ID": s.id, "Address": host.addr, "Port": s.app_port,
             "Connect": { "SidecarService": {
-                "Address": srv.addr, "Port": s.sidecar_port,
+                "Address": host.addr, "Port": s.sidecar_port,
                 "Proxy": {
                     "LocalServiceAddress": "127.0.0.1",
-                    "Config": { "bind_address": srv.addr },
+                    "Config": { "bind_address": host.addr },
+                    "TransparentProxy": { "DialedDirectly": dialed_directly },
                 },
-                "Checks": [{ "Name": "listening", "TCP": srv.at(s.sidecar_port), "Interval": "1s" }],
+                "Checks": [{ "Name": "listening", "TCP": host.at(s.sidecar_port), "Interval": "1s" }],
             } },
         }),
     );
     let dir = base.join(s.id);
     std::fs::create_dir_all(&dir).expect("sidecar base dir");
-    let mut cmd = srv.command(bin_path());
-    cmd.args(["-sidecar-for", s.id, "-http-addr", &agent_addr(srv)])
-        .arg("-haproxy-cfg-base-path")
-        .arg(&dir);
+    let sidecar = if dialed_directly {
+        open_to_proxy_uid(&dir);
+        let c = sidecar_as_proxy_uid(host, srv, s.id, &dir, base);
+        redirect_traffic(
+            host,
+            srv,
+            &format!("{}-sidecar-proxy", s.id),
+            PROXY_UID,
+            &[],
+        );
+        c
+    } else {
+        let mut cmd = sidecar_in(host, None);
+        cmd.args(["-sidecar-for", s.id, "-http-addr", &agent_addr(srv)])
+            .arg("-haproxy-cfg-base-path")
+            .arg(&dir);
+        Child::spawn(&format!("sidecar-{}", s.id), &mut cmd, base.path())
+    };
     Running {
         _app: app,
-        _sidecar: Child::spawn(&format!("sidecar-{}", s.id), &mut cmd, base.path()),
+        _sidecar: sidecar,
     }
+}
+
+/// The sidecar binary run in `host`, as `uid` (`setpriv`, its children too) when given; with
+/// `HCC_HAPROXY_ROOTFS` as PID 1 of that rootfs (`hcc-run-rootfs`, which needs root: the UID
+/// is dropped inside it).
+fn sidecar_in(host: &Host, uid: Option<&str>) -> std::process::Command {
+    let setpriv = |uid: &str| {
+        [
+            "setpriv".to_string(),
+            format!("--reuid={uid}"),
+            format!("--regid={uid}"),
+            "--clear-groups".to_string(),
+        ]
+    };
+    match haproxy_rootfs() {
+        Some(rootfs) => {
+            let mut cmd = host.command(RUN_ROOTFS);
+            cmd.args(in_rootfs_args(&rootfs));
+            if let Some(uid) = uid {
+                cmd.args(setpriv(uid));
+            }
+            cmd.arg(SIDECAR_IN_ROOTFS);
+            cmd
+        }
+        None => match uid {
+            Some(uid) => {
+                let [program, args @ ..] = setpriv(uid);
+                let mut cmd = host.command(program);
+                cmd.args(args).arg(bin_path());
+                cmd
+            }
+            None => host.command(bin_path()),
+        },
+    }
+}
+
+/// `dir` writable by `PROXY_UID`.
+fn open_to_proxy_uid(dir: &std::path::Path) {
+    let ok = std::process::Command::new("chmod")
+        .arg("0777")
+        .arg(dir)
+        .status()
+        .expect("chmod");
+    assert!(ok.success(), "chmod 0777 {}", dir.display());
 }
 
 /// The service's virtual IP as Consul tags its sidecar's instances.
@@ -172,34 +268,69 @@ fn answers(pod: &Host, addr: &str, body: &str) -> bool {
     matches!(from_pod(pod, addr), Ok((200, b)) if b == body)
 }
 
+/// `GET path` from inside the pod to `addr` with `Host: host`: the status and body.
+fn get_with_host(pod: &Host, addr: &str, path: &str, host: &str) -> Result<(u16, String), String> {
+    use std::io::{Read, Write};
+    pod.run(|| {
+        let target: std::net::SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+        let mut s = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(3))
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))
+            .map_err(|e| e.to_string())?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        )
+        .map_err(|e| format!("send: {e}"))?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)
+            .map_err(|e| format!("receive: {e}"))?;
+        let status = text
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| format!("no status in {text:?}"))?;
+        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        Ok((status, body.to_string()))
+    })
+}
+
+fn answers_host(pod: &Host, addr: &str, path: &str, host: &str, body: &str) -> bool {
+    matches!(get_with_host(pod, addr, path, host), Ok((200, b)) if b == body)
+}
+
 fn plain_get(addr: &str) -> Result<(u16, String), String> {
     http_request(addr, "GET", "/", None, Duration::from_secs(3)).map(|r| (r.status, r.body))
 }
 
 /// The client's sidecar in the pod, run as `PROXY_UID` (`setpriv`), its children too.
 fn client_sidecar(pod: &Host, srv: &Host, dir: &std::path::Path, base: &TempDir) -> Child {
-    let mut cmd = pod.command("setpriv");
-    cmd.args([
-        &format!("--reuid={PROXY_UID}"),
-        &format!("--regid={PROXY_UID}"),
-        "--clear-groups",
-    ])
-    .arg(bin_path())
-    .args(["-sidecar-for", "client", "-http-addr", &agent_addr(srv)])
-    .arg("-haproxy-cfg-base-path")
-    .arg(dir)
-    .args(["-log-level", "debug"]);
-    Child::spawn("sidecar-client", &mut cmd, base.path())
+    sidecar_as_proxy_uid(pod, srv, "client", dir, base)
 }
 
-/// `consul connect redirect-traffic` for the client's proxy, applied in the pod.
-fn redirect_traffic(pod: &Host, srv: &Host, uid: &str, excluded_cidrs: &[&str]) {
-    let mut cmd = pod.command(consul_bin());
+fn sidecar_as_proxy_uid(
+    host: &Host,
+    srv: &Host,
+    id: &str,
+    dir: &std::path::Path,
+    base: &TempDir,
+) -> Child {
+    let mut cmd = sidecar_in(host, Some(PROXY_UID));
+    cmd.args(["-sidecar-for", id, "-http-addr", &agent_addr(srv)])
+        .arg("-haproxy-cfg-base-path")
+        .arg(dir)
+        .args(["-log-level", "debug"]);
+    Child::spawn(&format!("sidecar-{id}"), &mut cmd, base.path())
+}
+
+/// `consul connect redirect-traffic` for `proxy_id`, applied in `host` (the pod, or `dd`).
+fn redirect_traffic(host: &Host, srv: &Host, proxy_id: &str, uid: &str, excluded_cidrs: &[&str]) {
+    let mut cmd = host.command(consul_bin());
     cmd.args([
         "connect",
         "redirect-traffic",
         "-proxy-id",
-        "client-sidecar-proxy",
+        proxy_id,
         "-proxy-uid",
         uid,
         "-http-addr",
@@ -307,8 +438,13 @@ fn the_app_reaches_mesh_services_by_virtual_ip_and_the_rest_as_the_mesh_entry_sa
         eprintln!("SKIPPED: needs root for network namespaces and iptables");
         return;
     }
-    let net = Net::new(&["srv", "pod", "ext"]);
-    let (srv, pod, ext) = (net.host("srv"), net.host("pod"), net.host("ext"));
+    let net = Net::new(&["srv", "pod", "ext", "dd"]);
+    let (srv, pod, ext, dd) = (
+        net.host("srv"),
+        net.host("pod"),
+        net.host("ext"),
+        net.host("dd"),
+    );
     let base = TempDir::new("tproxy");
     let agent_dir = base.join("agent");
     std::fs::create_dir_all(&agent_dir).expect("agent dir");
@@ -384,7 +520,7 @@ fn the_app_reaches_mesh_services_by_virtual_ip_and_the_rest_as_the_mesh_entry_sa
         "the app answers before the redirect"
     );
     let client = client_sidecar(pod, srv, &client_dir, &base);
-    redirect_traffic(pod, srv, PROXY_UID, &[]);
+    redirect_traffic(pod, srv, "client-sidecar-proxy", PROXY_UID, &[]);
     // Dropped before the apps (also on a panic): an app in the pod stops by connecting to
     // itself, which the redirect would take away.
     let rules = Rules(pod.clone());
@@ -398,6 +534,10 @@ fn the_app_reaches_mesh_services_by_virtual_ip_and_the_rest_as_the_mesh_entry_sa
         "{}",
         client.logs()
     );
+    // In a rootfs (scripts/test-rootfs) its HAProxy is the one that runs, not the host's.
+    if haproxy_rootfs().is_some() {
+        assert!(client.log_contains("HAProxy 3."), "{}", client.logs());
+    }
 
     // Inbound: a plain request from another host to the app's port reaches the public
     // listener (mTLS), not the app.
@@ -444,6 +584,18 @@ fn the_app_reaches_mesh_services_by_virtual_ip_and_the_rest_as_the_mesh_entry_sa
     );
 
     // A destination outside the mesh: passed through while MeshDestinationsOnly is false.
+    // A terminating gateway's Destination for it (service-defaults) is named, not routed:
+    // the address stays outside the mesh (passed through here, refused further down).
+    put(
+        srv,
+        "/v1/config",
+        &json!({"Kind": "service-defaults", "Name": "ext", "Protocol": "tcp",
+                "Destination": {"Addresses": [ext.addr], "Port": EXT_PORT}}),
+    );
+    wait_until(Duration::from_secs(30), "the Destination named", || {
+        client.log_contains("service-defaults \"ext\" has a Destination")
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", client.logs()));
     let ext_at = ext.at(EXT_PORT);
     assert!(
         answers(pod, &ext_at, "outside the mesh"),
@@ -451,6 +603,83 @@ fn the_app_reaches_mesh_services_by_virtual_ip_and_the_rest_as_the_mesh_entry_sa
         from_pod(pod, &ext_at),
         client.logs()
     );
+
+    // DialedDirectly: the app dials direct's instance at its own address and port; the
+    // client's sidecar takes it through the mesh (mTLS to that address and port, which
+    // direct's own redirect hands to its public listener). A plain connection from outside
+    // the mesh meets that public listener and gets no answer from the app.
+    let direct = start_service_in(dd, srv, &DIRECT, &base, true);
+    // Dropped before direct's app, which stops by connecting to itself.
+    let dd_rules = Rules(dd.clone());
+    let direct_at = dd.at(DIRECT.app_port);
+    wait_until(
+        Duration::from_secs(60),
+        "direct at its own address through the mesh",
+        || answers(pod, &direct_at, "hello from direct"),
+    )
+    .unwrap_or_else(|e| panic!("{e}: {:?}\n{}", from_pod(pod, &direct_at), client.logs()));
+    let outside = ext.run(|| plain_get(&direct_at));
+    assert!(
+        !matches!(&outside, Ok((200, b)) if b == "hello from direct"),
+        "a plain request reached direct's app: {outside:?}"
+    );
+
+    // http services: web's router sends /v2 to web2; the client reaches both through web's
+    // virtual IP (its implicit upstream follows the chain), and picks a service by Host.
+    for name in ["web", "web2"] {
+        put(
+            srv,
+            "/v1/config",
+            &json!({"Kind": "service-defaults", "Name": name, "Protocol": "http"}),
+        );
+    }
+    let web = start_service(srv, &WEB, &base);
+    let web2 = start_service(srv, &WEB2, &base);
+    put(
+        srv,
+        "/v1/config",
+        &json!({"Kind": "service-router", "Name": "web", "Routes": [{
+            "Match": {"HTTP": {"PathPrefix": "/v2"}},
+            "Destination": {"Service": "web2"},
+        }]}),
+    );
+    let web_at = format!("{}:80", virtual_ip(srv, "web"));
+    let web2_vip = virtual_ip(srv, "web2");
+    let web2_at = format!("{web2_vip}:80");
+    wait_until(Duration::from_secs(60), "web's router followed", || {
+        answers_host(pod, &web_at, "/v2/x", "web", "hello from web2")
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: {:?}\n{}",
+            get_with_host(pod, &web_at, "/v2/x", "web"),
+            client.logs()
+        )
+    });
+    let web_vip = web_at.trim_end_matches(":80").to_string();
+    let web2_host = format!("{web2_vip}:80");
+    for (at, path, host, body) in [
+        (&web_at, "/", "web", "hello from web"),
+        (&web_at, "/", "whatever.example", "hello from web"),
+        (&web2_at, "/", "web.virtual.consul", "hello from web"),
+        (&web2_at, "/v2", "WEB.service.consul", "hello from web2"),
+        (
+            &web_at,
+            "/",
+            "web2.service.dc1.consul:80",
+            "hello from web2",
+        ),
+        (&web_at, "/", web2_host.as_str(), "hello from web2"),
+        (&web2_at, "/", web_vip.as_str(), "hello from web"),
+        (&web2_at, "/", "web2", "hello from web2"),
+    ] {
+        assert!(
+            answers_host(pod, at, path, host, body),
+            "{at}{path} Host {host}: {:?}, not {body:?}\n{}",
+            get_with_host(pod, at, path, host),
+            client.logs()
+        );
+    }
 
     // A service registered after the sidecar started: reachable without a restart.
     let late = start_service(srv, &LATE, &base);
@@ -514,6 +743,21 @@ fn the_app_reaches_mesh_services_by_virtual_ip_and_the_rest_as_the_mesh_entry_sa
     eprintln!("churn through the virtual IP: {served} served, {failed} failed");
     assert!(served > 0 && failed == 0, "{failed} failed: {errors:?}");
 
+    // An intention that denies direct takes its instance's address out of the mesh: the
+    // connection goes to direct's public listener as plain TCP, which refuses it.
+    put(
+        srv,
+        "/v1/config",
+        &json!({"Kind": "service-intentions", "Name": "direct",
+                "Sources": [{"Name": "client", "Action": "deny"}]}),
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "direct refused by its intention",
+        || !answers(pod, &direct_at, "hello from direct"),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", client.logs()));
+
     // MeshDestinationsOnly: the address outside the mesh is refused, the mesh still served.
     put(
         srv,
@@ -549,7 +793,13 @@ fn the_app_reaches_mesh_services_by_virtual_ip_and_the_rest_as_the_mesh_entry_sa
     // still starts): the start-up check names it.
     drop(client);
     assert!(flush_rules(pod), "flushing the pod's rules");
-    redirect_traffic(pod, srv, "5996", &[&format!("{}/32", srv.addr)]);
+    redirect_traffic(
+        pod,
+        srv,
+        "client-sidecar-proxy",
+        "5996",
+        &[&format!("{}/32", srv.addr)],
+    );
     let client = client_sidecar(pod, srv, &client_dir, &base);
     wait_until(Duration::from_secs(60), "the redirect warning", || {
         client.log_contains("own connections are redirected")
@@ -557,6 +807,7 @@ fn the_app_reaches_mesh_services_by_virtual_ip_and_the_rest_as_the_mesh_entry_sa
     .unwrap_or_else(|e| panic!("{e}\n{}", client.logs()));
 
     drop((rules, client, late, server, denied, ext_app, client_app));
+    drop((dd_rules, web, web2, direct));
     drop(agent);
     net.remove_and_check();
 }

@@ -99,22 +99,33 @@ pub fn haproxy_rootfs() -> Option<PathBuf> {
 }
 
 /// Where `in_rootfs` puts the sidecar under test inside the rootfs.
-const SIDECAR_IN_ROOTFS: &str = "/usr/local/bin/haproxy-consul-connect";
+pub const SIDECAR_IN_ROOTFS: &str = "/usr/local/bin/haproxy-consul-connect";
 
 /// `program` run as PID 1 of its own PID and mount namespaces inside `rootfs`
 /// (`hcc-run-rootfs`), with the system temp dir shared at the same path (every test file lives
 /// there, so paths mean the same on both sides) and this build of the sidecar bind-mounted in.
 fn in_rootfs(rootfs: &Path, program: &str) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hcc-run-rootfs"));
-    cmd.arg(rootfs)
-        .arg("--bind")
-        .arg(std::env::temp_dir())
-        .arg("--bind")
-        .arg(format!("{}:{SIDECAR_IN_ROOTFS}", bin_path().display()))
-        .arg("--")
-        .arg(program);
+    let mut cmd = Command::new(RUN_ROOTFS);
+    cmd.args(in_rootfs_args(rootfs)).arg(program);
     cmd
 }
+
+/// The launcher (`hcc-run-rootfs`) and its arguments up to the program it runs, as
+/// `in_rootfs` gives them, for a test that must start it under another command (`ip netns
+/// exec`); the sidecar's path inside is `SIDECAR_IN_ROOTFS`.
+pub fn in_rootfs_args(rootfs: &Path) -> Vec<std::ffi::OsString> {
+    vec![
+        rootfs.into(),
+        "--bind".into(),
+        std::env::temp_dir().into(),
+        "--bind".into(),
+        format!("{}:{SIDECAR_IN_ROOTFS}", bin_path().display()).into(),
+        "--".into(),
+    ]
+}
+
+/// `hcc-run-rootfs`, built by Cargo for this test run.
+pub const RUN_ROOTFS: &str = env!("CARGO_BIN_EXE_hcc-run-rootfs");
 
 /// A command that runs the sidecar: the host's binary, or with `HCC_HAPROXY_ROOTFS` the same
 /// binary as PID 1 inside that rootfs, with its HAProxy and Dataplane API.
