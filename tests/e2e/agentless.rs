@@ -4,9 +4,13 @@
 //! sidecar logs in through a JWT auth method whose key and tokens the test makes with openssl.
 //! Consul 1.16.3 only: catalog-only proxies and the login flow as consul-k8s uses them.
 
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::support::load::Load;
 use crate::support::*;
@@ -106,11 +110,27 @@ fn make_auth_method(consul: &Consul, public_key: &str, replace: bool) {
     if replace {
         return;
     }
-    let rule = json!({
-        "AuthMethod": METHOD, "BindType": "service", "BindName": "${value.service}",
-    });
-    let (status, body) = consul.put("/v1/acl/binding-rule", &rule.to_string());
-    assert_eq!(status, 200, "{body}");
+    // The second identity lets a sidecar register its stats endpoint (`<service>-sidecar-stats`).
+    for name in ["${value.service}", "${value.service}-sidecar-stats"] {
+        let rule = json!({"AuthMethod": METHOD, "BindType": "service", "BindName": name});
+        let (status, body) = consul.put("/v1/acl/binding-rule", &rule.to_string());
+        assert_eq!(status, 200, "{body}");
+    }
+}
+
+/// The catalog's stats service of `service` on `NODE` and its check's status, if registered.
+fn stats_service(consul: &Consul, service: &str) -> Option<(String, String)> {
+    let entries = consul.get_json(&format!("/v1/health/service/{service}-sidecar-stats"));
+    let entry = entries.as_array()?.first()?;
+    assert_eq!(entry["Node"]["Node"], NODE, "{entry}");
+    let id = entry["Service"]["ID"].as_str()?.to_string();
+    let status = entry["Checks"]
+        .as_array()?
+        .iter()
+        .find(|c| c["ServiceID"] == id.as_str())?["Status"]
+        .as_str()?
+        .to_string();
+    Some((id, status))
 }
 
 /// What the registration helpers need of Consul: the harness's dev server, or a server of
@@ -317,6 +337,7 @@ fn catalog_only_sidecars_logged_in_through_jwt_serve_follow_checks_and_leave_no_
     );
 
     let mut sidecars = Vec::new();
+    let stats_port = free_port();
     for id in ["server-1", "server-2", "client-1"] {
         let service = id.split('-').next().unwrap();
         let bearer = base.join(format!("{id}.jwt"));
@@ -327,11 +348,17 @@ fn catalog_only_sidecars_logged_in_through_jwt_serve_follow_checks_and_leave_no_
         } else {
             consul.http_addr()
         };
-        sidecars.push(agentless_sidecar(
-            &base,
-            &format!("{id}-sidecar-proxy"),
-            &servers,
-            Some(&bearer),
+        let proxy_id = format!("{id}-sidecar-proxy");
+        let mut cmd = agentless_command(&base, &proxy_id, &servers, Some(&bearer));
+        // The client's stats endpoint goes into the catalog, on the proxy's node.
+        if service == "client" {
+            cmd.args(["-stats-addr", &format!("127.0.0.1:{stats_port}")])
+                .arg("-stats-service-register");
+        }
+        sidecars.push(Child::spawn(
+            &format!("sidecar-{proxy_id}"),
+            &mut cmd,
+            base.path(),
         ));
     }
     let upstream = format!("127.0.0.1:{upstream_port}");
@@ -359,6 +386,18 @@ fn catalog_only_sidecars_logged_in_through_jwt_serve_follow_checks_and_leave_no_
         "the client moved past the dead address\n{}",
         sidecars[2].logs()
     );
+    // Registered once serving; no agent runs its check, the sidecar writes it passing.
+    wait_until(Duration::from_secs(10), "the stats service passing", || {
+        stats_service(&consul, "client")
+            == Some(("client-1-sidecar-proxy-stats".into(), "passing".into()))
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: {:?}\n{}",
+            stats_service(&consul, "client"),
+            sidecars[2].logs()
+        )
+    });
 
     // A catalog check set critical takes the instance out, under load, failing nothing.
     let load = Load::start(upstream.clone());
@@ -442,6 +481,18 @@ fn catalog_only_sidecars_logged_in_through_jwt_serve_follow_checks_and_leave_no_
         Vec::<String>::new(),
         "tokens left behind\n{}",
         logs(&sidecars)
+    );
+    // Deregistered before the logout, with the token it was registered with.
+    assert_eq!(
+        stats_service(&consul, "client"),
+        None,
+        "stats service left behind\n{}",
+        sidecars[2].logs()
+    );
+    assert!(
+        sidecars[2].log_contains("the catalog check of client-1-sidecar-proxy-stats is critical"),
+        "the drain wrote the check critical\n{}",
+        sidecars[2].logs()
     );
 }
 
@@ -692,4 +743,192 @@ fn the_sidecars_move_to_another_server_when_theirs_stops() {
             Some(0)
         );
     }
+}
+
+/// A test counter: a pass-through TCP proxy in front of the Consul server that notes each
+/// HTTP request it forwards (when, method, path with query) and changes no byte. Bodies are
+/// skipped by their `Content-Length` (the sidecar's client sends no chunked bodies).
+struct RequestCounter {
+    addr: String,
+    seen: Arc<Mutex<Vec<(Instant, String, String)>>>,
+}
+
+impl RequestCounter {
+    fn start(server: String) -> RequestCounter {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let seen: Arc<Mutex<Vec<(Instant, String, String)>>> = Arc::default();
+        let notes = seen.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(upstream) = TcpStream::connect(&server) else {
+                    continue;
+                };
+                let (mut from_server, mut to_client) =
+                    (upstream.try_clone().unwrap(), client.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from_server, &mut to_client);
+                    let _ = to_client.shutdown(Shutdown::Write);
+                });
+                let notes = notes.clone();
+                std::thread::spawn(move || forward_noting(client, upstream, &notes));
+            }
+        });
+        RequestCounter { addr, seen }
+    }
+
+    fn since(&self, t: Instant) -> Vec<(Instant, String, String)> {
+        let seen = self.seen.lock().unwrap();
+        seen.iter().filter(|(at, ..)| *at >= t).cloned().collect()
+    }
+}
+
+fn forward_noting(
+    mut client: TcpStream,
+    mut server: TcpStream,
+    notes: &Mutex<Vec<(Instant, String, String)>>,
+) {
+    let (mut pending, mut skip) = (Vec::<u8>::new(), 0usize);
+    let mut buf = [0u8; 16384];
+    loop {
+        let n = match client.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if server.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        pending.extend_from_slice(&buf[..n]);
+        loop {
+            if skip > 0 {
+                let k = skip.min(pending.len());
+                pending.drain(..k);
+                skip -= k;
+                if skip > 0 {
+                    break;
+                }
+            }
+            let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") else {
+                break;
+            };
+            let head = String::from_utf8_lossy(&pending[..end]).to_string();
+            pending.drain(..end + 4);
+            let mut words = head.lines().next().unwrap_or_default().split(' ');
+            let (method, path) = (
+                words.next().unwrap_or_default(),
+                words.next().unwrap_or_default(),
+            );
+            assert!(
+                !head
+                    .to_ascii_lowercase()
+                    .contains("transfer-encoding: chunked"),
+                "the counter cannot follow a chunked body: {head}"
+            );
+            skip = head
+                .lines()
+                .filter_map(|l| l.split_once(':'))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+                .and_then(|(_, v)| v.trim().parse().ok())
+                .unwrap_or(0);
+            notes
+                .lock()
+                .unwrap()
+                .push((Instant::now(), method.to_string(), path.to_string()));
+        }
+    }
+    let _ = server.shutdown(Shutdown::Write);
+}
+
+/// The efficiency the issue asks for, counted: one agentless sidecar with 10 upstreams (and
+/// its stats service in the catalog) at rest for 60 s, every request it makes to the server
+/// counted by a pass-through counter. Every watch is a blocking query, so at rest nothing
+/// is read again except what the sidecar schedules: the ACL default policy, every 30 s
+/// (`consul::kinds`), and the stats service's check, written only when readiness changes.
+/// So no endpoint may be asked twice within 10 s, and the minute holds at most the
+/// scheduled reads (60 s / 30 s) and a few wake-ups.
+#[test]
+fn at_rest_every_watch_is_a_blocking_query() {
+    if skipped() {
+        return;
+    }
+    let begun = Instant::now();
+    let base = TempDir::new("agentless-at-rest");
+    let consul = Consul::start();
+    let counter = RequestCounter::start(consul.http_addr());
+    let upstreams: Vec<Value> = (0..10)
+        .map(|i| json!({"DestinationName": format!("up-{i}"), "LocalBindPort": free_port()}))
+        .collect();
+    register_instance(
+        &consul,
+        "client",
+        "client-1",
+        free_port(),
+        Value::Array(upstreams),
+        "passing",
+    );
+    let stats = format!("127.0.0.1:{}", free_port());
+    let mut cmd = agentless_command(&base, "client-1-sidecar-proxy", &counter.addr, None);
+    cmd.args(["-stats-addr", &stats, "-stats-service-register"]);
+    let mut sidecar = Child::spawn("sidecar-at-rest", &mut cmd, base.path());
+    wait_until(Duration::from_secs(60), "the sidecar ready", || {
+        matches!(
+            http_get(&stats, "/ready", Duration::from_secs(2)),
+            Ok((200, _))
+        )
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", sidecar.logs()));
+    // The check's first write and the last first reads settle.
+    std::thread::sleep(Duration::from_secs(5));
+    let start = Instant::now();
+    std::thread::sleep(Duration::from_secs(60));
+    let seen = counter.since(start);
+    let before = counter.since(begun);
+    let mut by_endpoint: BTreeMap<String, Vec<Instant>> = BTreeMap::new();
+    for (at, method, path) in &seen {
+        let endpoint = path.split('?').next().unwrap_or_default();
+        by_endpoint
+            .entry(format!("{method} {endpoint}"))
+            .or_default()
+            .push(*at);
+    }
+    let summary: Vec<String> = by_endpoint
+        .iter()
+        .map(|(e, at)| format!("{e}: {}", at.len()))
+        .collect();
+    eprintln!(
+        "at rest: {} requests in 60 s ({} since start): {summary:?}",
+        seen.len(),
+        before.len()
+    );
+    for (endpoint, at) in &by_endpoint {
+        for pair in at.windows(2) {
+            assert!(
+                pair[1] - pair[0] >= Duration::from_secs(10),
+                "{endpoint} asked twice within {:?} at rest: {summary:?}",
+                pair[1] - pair[0]
+            );
+        }
+    }
+    assert!(
+        seen.len() <= 6,
+        "{} requests in a minute at rest: {summary:?}\n{}",
+        seen.len(),
+        sidecar.logs()
+    );
+    // The watches do run through the counter: it saw the blocking reads before the rest.
+    assert!(
+        before
+            .iter()
+            .filter(|(_, _, p)| p.contains("index="))
+            .count()
+            >= 10,
+        "{before:?}"
+    );
+    sidecar.signal(Signal::SIGTERM);
+    assert_eq!(
+        sidecar
+            .wait_timeout(Duration::from_secs(60))
+            .and_then(|s| s.code()),
+        Some(0)
+    );
 }
