@@ -3,6 +3,8 @@
 //! runs (`/v1/catalog/register`), the Consul server has ACLs on with default deny, and each
 //! sidecar logs in through a JWT auth method whose key and tokens the test makes with openssl.
 //! Consul 1.16.3 only: catalog-only proxies and the login flow as consul-k8s uses them.
+//! The fail-over cases run three servers on loopback, and on hosts of their own (network
+//! namespaces, `support::netns`; needs root, skipped loudly without).
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -13,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::support::load::Load;
+use crate::support::netns::{can_create_namespaces, Host, Net};
 use crate::support::*;
 use nix::sys::signal::Signal;
 use serde_json::{json, Value};
@@ -222,6 +225,17 @@ fn agentless_command(
     bearer: Option<&Path>,
 ) -> Command {
     let mut cmd = sidecar_command();
+    agentless_args(&mut cmd, base, proxy_id, servers, bearer);
+    cmd
+}
+
+fn agentless_args(
+    cmd: &mut Command,
+    base: &TempDir,
+    proxy_id: &str,
+    servers: &str,
+    bearer: Option<&Path>,
+) {
     cmd.args(["-proxy-service-id", proxy_id, "-service-node-name", NODE])
         .args(["-http-addr", servers])
         .arg("-haproxy-cfg-base-path")
@@ -239,7 +253,6 @@ fn agentless_command(
             .arg("-login-bearer-token-path")
             .arg(bearer);
     }
-    cmd
 }
 
 fn agentless_sidecar(
@@ -262,6 +275,15 @@ fn answers(addr: &str, n: usize) -> Vec<String> {
     seen.sort();
     seen.dedup();
     seen
+}
+
+/// The logs of every sidecar, for a failure message.
+fn all_logs(sidecars: &[Child]) -> String {
+    sidecars
+        .iter()
+        .map(Child::logs)
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Agentless is tested on current Consul only; says so on another.
@@ -362,19 +384,12 @@ fn catalog_only_sidecars_logged_in_through_jwt_serve_follow_checks_and_leave_no_
         ));
     }
     let upstream = format!("127.0.0.1:{upstream_port}");
-    let logs = |sidecars: &[Child]| {
-        sidecars
-            .iter()
-            .map(|s| s.logs())
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
     wait_until(
         Duration::from_secs(60),
         "both instances through the mesh",
         || answers(&upstream, 8).len() == 2,
     )
-    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", logs(&sidecars), consul.logs()));
+    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", all_logs(&sidecars), consul.logs()));
     assert_eq!(login_tokens(&consul).len(), 3, "one login per sidecar");
     assert_eq!(
         public_listener_mode(&sidecar_workdir(base.path(), "server-1")).as_deref(),
@@ -405,12 +420,12 @@ fn catalog_only_sidecars_logged_in_through_jwt_serve_follow_checks_and_leave_no_
     wait_until(Duration::from_secs(10), "server-1 out", || {
         answers(&upstream, 8) == ["server-2"]
     })
-    .unwrap_or_else(|e| panic!("{e}\n{}", logs(&sidecars)));
+    .unwrap_or_else(|e| panic!("{e}\n{}", all_logs(&sidecars)));
     set_check(&consul, "server-1", "passing");
     wait_until(Duration::from_secs(10), "server-1 back", || {
         answers(&upstream, 8).len() == 2
     })
-    .unwrap_or_else(|e| panic!("{e}\n{}", logs(&sidecars)));
+    .unwrap_or_else(|e| panic!("{e}\n{}", all_logs(&sidecars)));
     let (ok, failed, errors) = load.finish();
     assert!(
         ok > 0 && failed == 0,
@@ -444,21 +459,21 @@ fn catalog_only_sidecars_logged_in_through_jwt_serve_follow_checks_and_leave_no_
         let now = login_tokens(&consul);
         now.len() == 3 && now.iter().all(|t| !revoked.contains(t))
     })
-    .unwrap_or_else(|e| panic!("{e}\n{}", logs(&sidecars)));
+    .unwrap_or_else(|e| panic!("{e}\n{}", all_logs(&sidecars)));
     set_check(&consul, "server-2", "critical");
     wait_until(
         Duration::from_secs(10),
         "server-2 out after the new login",
         || answers(&upstream, 8) == ["server-1"],
     )
-    .unwrap_or_else(|e| panic!("{e}\n{}", logs(&sidecars)));
+    .unwrap_or_else(|e| panic!("{e}\n{}", all_logs(&sidecars)));
     set_check(&consul, "server-2", "passing");
     wait_until(
         Duration::from_secs(10),
         "server-2 back after the new login",
         || answers(&upstream, 8).len() == 2,
     )
-    .unwrap_or_else(|e| panic!("{e}\n{}", logs(&sidecars)));
+    .unwrap_or_else(|e| panic!("{e}\n{}", all_logs(&sidecars)));
     let (ok, failed, errors) = load.finish();
     assert!(
         ok > 0 && failed == 0,
@@ -480,7 +495,7 @@ fn catalog_only_sidecars_logged_in_through_jwt_serve_follow_checks_and_leave_no_
         login_tokens(&consul),
         Vec::<String>::new(),
         "tokens left behind\n{}",
-        logs(&sidecars)
+        all_logs(&sidecars)
     );
     // Deregistered before the logout, with the token it was registered with.
     assert_eq!(
@@ -501,6 +516,9 @@ struct Cluster {
     // Declared before `dir`: the processes stop before their directories go.
     servers: Vec<Option<Child>>,
     http: Vec<String>,
+    /// The host the test's own requests leave from, when the servers are on hosts of their
+    /// own (`start_on_hosts`); `None`: this process's loopback.
+    via: Option<Host>,
     dir: TempDir,
 }
 
@@ -546,9 +564,70 @@ impl Cluster {
             servers.push(Some(child));
             http.push(addr);
         }
-        let cluster = Cluster { servers, http, dir };
+        let cluster = Cluster {
+            servers,
+            http,
+            via: None,
+            dir,
+        };
         cluster.wait_for_roots();
         cluster
+    }
+
+    /// One server on each of the hosts `s0`, `s1`, `s2` of `net`, serving HTTP at its host's
+    /// address; the test's requests leave from `pod`.
+    fn start_on_hosts(net: &Net) -> Cluster {
+        let dir = TempDir::new("host-cluster");
+        let hosts: Vec<&Host> = ["s0", "s1", "s2"].iter().map(|h| net.host(h)).collect();
+        let join: Vec<String> = hosts.iter().map(|h| h.addr.clone()).collect();
+        let servers = hosts
+            .iter()
+            .map(|host| {
+                let config = json!({
+                    "node_name": host.name, "datacenter": "dc1", "server": true,
+                    "bootstrap_expect": 3, "bind_addr": host.addr, "client_addr": host.addr,
+                    "advertise_addr": host.addr,
+                    "data_dir": dir.join(format!("data-{}", host.name)),
+                    "disable_update_check": true, "log_level": "info",
+                    "ports": {"http": 8500, "dns": -1, "serf_wan": -1, "grpc": -1, "grpc_tls": -1},
+                    "retry_join": join,
+                    "connect": {"enabled": true, "ca_config": {"cluster_id": CLUSTER_ID}},
+                    "performance": {"raft_multiplier": 1},
+                });
+                let path = dir.join(format!("{}.json", host.name));
+                std::fs::write(&path, config.to_string()).unwrap();
+                let mut cmd = host.command(consul_bin());
+                cmd.arg("agent").arg("-config-file").arg(&path);
+                Some(Child::spawn(
+                    &format!("consul-{}", host.name),
+                    &mut cmd,
+                    dir.path(),
+                ))
+            })
+            .collect();
+        let cluster = Cluster {
+            servers,
+            http: hosts.iter().map(|h| h.at(8500)).collect(),
+            via: Some(net.host("pod").clone()),
+            dir,
+        };
+        cluster.wait_for_roots();
+        cluster
+    }
+
+    fn request(
+        &self,
+        addr: &str,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        timeout: Duration,
+    ) -> Result<HttpResponse, String> {
+        let send = || http_request(addr, method, path, body.map(str::as_bytes), timeout);
+        match &self.via {
+            Some(host) => host.run(send),
+            None => send(),
+        }
     }
 
     /// A server of no cluster: it waits for a second server that never comes, so it never has
@@ -573,13 +652,7 @@ impl Cluster {
     fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
         let mut last = String::new();
         for i in self.up() {
-            match http_request(
-                &self.http[i],
-                method,
-                path,
-                body.map(str::as_bytes),
-                Duration::from_secs(10),
-            ) {
+            match self.request(&self.http[i], method, path, body, Duration::from_secs(10)) {
                 Ok(r) => return (r.status, r.body),
                 Err(e) => last = e,
             }
@@ -592,10 +665,10 @@ impl Cluster {
 
     /// A leader on every running server and a CA root: what the sidecars need.
     fn wait_for_roots(&self) {
-        wait_until(Duration::from_secs(60), "a leader and CA roots on every server", || {
+        wait_until(Duration::from_secs(90), "a leader and CA roots on every server", || {
             self.up().into_iter().all(|i| {
                 matches!(
-                    http_request(&self.http[i], "GET", "/v1/agent/connect/ca/roots", None, Duration::from_secs(2)),
+                    self.request(&self.http[i], "GET", "/v1/agent/connect/ca/roots", None, Duration::from_secs(2)),
                     Ok(r) if r.status == 200 && r.body.contains("RootCert")
                 )
             })
@@ -629,6 +702,29 @@ impl Put for Cluster {
     }
 }
 
+/// `server-1` (its app on `app_port`) and `client-1` with `server` as its upstream, both
+/// passing: the public port of server-1's proxy and the client's upstream port.
+fn register_server_and_client(cluster: &dyn Put, app_port: u16) -> (u16, u16) {
+    let public = register_instance(
+        cluster,
+        "server",
+        "server-1",
+        app_port,
+        json!([]),
+        "passing",
+    );
+    let upstream_port = free_port();
+    register_instance(
+        cluster,
+        "client",
+        "client-1",
+        free_port(),
+        json!([{"DestinationName": "server", "LocalBindPort": upstream_port}]),
+        "passing",
+    );
+    (public, upstream_port)
+}
+
 /// Three servers, the sidecars given all three after a server with no leader (which they
 /// leave): the server they use is stopped (the leader too, when it is the one), and a change
 /// made afterwards reaches them through another.
@@ -640,23 +736,7 @@ fn the_sidecars_move_to_another_server_when_theirs_stops() {
     let base = TempDir::new("agentless-failover");
     let mut cluster = Cluster::start();
     let apps = [HttpApp::start("server-1"), HttpApp::start("server-2")];
-    let public = register_instance(
-        &cluster,
-        "server",
-        "server-1",
-        apps[0].port(),
-        json!([]),
-        "passing",
-    );
-    let upstream_port = free_port();
-    register_instance(
-        &cluster,
-        "client",
-        "client-1",
-        free_port(),
-        json!([{"DestinationName": "server", "LocalBindPort": upstream_port}]),
-        "passing",
-    );
+    let (public, upstream_port) = register_server_and_client(&cluster, apps[0].port());
     // Each sidecar is given a server that has no leader first, and leaves it for server 0.
     let (_lone, lone) = cluster.lone_server();
     let servers = format!("{lone},{}", cluster.http.join(","));
@@ -665,17 +745,10 @@ fn the_sidecars_move_to_another_server_when_theirs_stops() {
         .map(|id| agentless_sidecar(&base, &format!("{id}-sidecar-proxy"), &servers, None))
         .collect();
     let upstream = format!("127.0.0.1:{upstream_port}");
-    let logs = |sidecars: &[Child]| {
-        sidecars
-            .iter()
-            .map(Child::logs)
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
     wait_until(Duration::from_secs(60), "server-1 through the mesh", || {
         answers(&upstream, 4) == ["server-1"]
     })
-    .unwrap_or_else(|e| panic!("{e}\n{}", logs(&sidecars)));
+    .unwrap_or_else(|e| panic!("{e}\n{}", all_logs(&sidecars)));
 
     assert!(asks_for_client_certificate(public));
     let leader_before = cluster.leader();
@@ -706,7 +779,7 @@ fn the_sidecars_move_to_another_server_when_theirs_stops() {
         "server-2 through the mesh after the stop",
         || answers(&upstream, 8).len() == 2,
     );
-    r.unwrap_or_else(|e| panic!("{e}\n{}\n{}", logs(&sidecars), cluster.logs()));
+    r.unwrap_or_else(|e| panic!("{e}\n{}\n{}", all_logs(&sidecars), cluster.logs()));
     let (ok, failed, errors) = load.finish();
     assert!(
         ok > 0 && failed == 0,
@@ -931,4 +1004,119 @@ fn at_rest_every_watch_is_a_blocking_query() {
             .and_then(|s| s.code()),
         Some(0)
     );
+}
+
+/// An app on the pod's loopback, dropped from inside that host, where its listener is.
+struct PodApp {
+    app: Option<HttpApp>,
+    host: Host,
+}
+
+impl PodApp {
+    fn start(host: &Host, body: &str) -> PodApp {
+        PodApp {
+            app: Some(host.run(|| HttpApp::start(body))),
+            host: host.clone(),
+        }
+    }
+
+    fn port(&self) -> u16 {
+        self.app.as_ref().map_or(0, HttpApp::port)
+    }
+}
+
+impl Drop for PodApp {
+    fn drop(&mut self) {
+        let app = self.app.take();
+        self.host.run(move || drop(app));
+    }
+}
+
+/// The fail-over case across hosts, as the issue asks: each server is a host of its own,
+/// reached at its own address, and the sidecars run on another. The server they use (the
+/// first of their list) is stopped; they move to the next, and an instance registered and
+/// started afterwards reaches the client with no request failing meanwhile.
+#[test]
+fn across_hosts_the_sidecars_move_to_another_server_when_theirs_stops() {
+    if skipped() {
+        return;
+    }
+    if !can_create_namespaces() {
+        eprintln!("agentless across hosts: SKIPPED: network namespaces need root");
+        return;
+    }
+    let net = Net::new(&["s0", "s1", "s2", "pod"]);
+    across_hosts(&net);
+    net.remove_and_check();
+}
+
+fn across_hosts(net: &Net) {
+    let base = TempDir::new("agentless-hosts");
+    let mut cluster = Cluster::start_on_hosts(net);
+    let pod = net.host("pod").clone();
+    let apps = [
+        PodApp::start(&pod, "server-1"),
+        PodApp::start(&pod, "server-2"),
+    ];
+    let (_, upstream_port) = register_server_and_client(&cluster, apps[0].port());
+    let servers = cluster.http.clone();
+    let spawn = |id: &str, list: &str| {
+        let proxy_id = format!("{id}-sidecar-proxy");
+        let mut cmd = pod.command(bin_path());
+        agentless_args(&mut cmd, &base, &proxy_id, list, None);
+        Child::spawn(&format!("sidecar-{proxy_id}"), &mut cmd, base.path())
+    };
+    let mut sidecars = vec![
+        spawn("server-1", &servers.join(",")),
+        spawn("client-1", &servers.join(",")),
+    ];
+    let upstream = format!("127.0.0.1:{upstream_port}");
+    wait_until(Duration::from_secs(60), "server-1 through the mesh", || {
+        pod.run(|| answers(&upstream, 4)) == ["server-1"]
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", all_logs(&sidecars)));
+
+    if let Some(mut first) = cluster.servers[0].take() {
+        first.stop();
+    }
+    cluster.wait_for_roots();
+    let load = pod.run(|| Load::start(upstream.clone()));
+    register_instance(
+        &cluster,
+        "server",
+        "server-2",
+        apps[1].port(),
+        json!([]),
+        "passing",
+    );
+    sidecars.push(spawn("server-2", &servers[1..].join(",")));
+    wait_until(
+        Duration::from_secs(60),
+        "server-2 through the mesh after the stop",
+        || pod.run(|| answers(&upstream, 8)).len() == 2,
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", all_logs(&sidecars), cluster.logs()));
+    let (ok, failed, errors) = load.finish();
+    assert!(
+        ok > 0 && failed == 0,
+        "{ok} ok, {failed} failed: {errors:?}"
+    );
+    for s in &sidecars[..2] {
+        assert!(
+            s.log_contains(&format!("Consul server http://{} failed", servers[0])),
+            "{} not left\n{}",
+            servers[0],
+            s.logs()
+        );
+    }
+    for s in &mut sidecars {
+        s.signal(Signal::SIGTERM);
+        assert_eq!(
+            s.wait_timeout(Duration::from_secs(60))
+                .and_then(|s| s.code()),
+            Some(0),
+            "{}",
+            s.logs()
+        );
+    }
 }
