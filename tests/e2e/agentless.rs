@@ -511,6 +511,58 @@ fn catalog_only_sidecars_logged_in_through_jwt_serve_follow_checks_and_leave_no_
     );
 }
 
+/// No agent runs the checks of a catalog-only service, so an exposed check's listener admits
+/// the catalog node's address in the agent's place (read from the catalog; the node here is
+/// registered at a private address), besides loopback; the dry run shows the rule.
+#[test]
+fn an_exposed_check_listener_admits_the_catalog_nodes_address() {
+    if skipped() {
+        return;
+    }
+    let base = TempDir::new("agentless-expose");
+    let consul = Consul::start();
+    let app_port = free_port();
+    let check_port = free_port();
+    catalog_register(
+        &consul,
+        json!({"ID": "web-1", "Service": "web", "Port": app_port, "Address": "127.0.0.1"}),
+        Some(json!({
+            "CheckID": "web-1-http", "Name": "http", "ServiceID": "web-1", "Status": "passing",
+            "Type": "http",
+            "Definition": {"HTTP": format!("http://127.0.0.1:{check_port}/health"), "Interval": "10s"},
+            "Output": format!("HTTP GET http://127.0.0.1:{check_port}/health: 200 OK Output: ok"),
+        })),
+    );
+    let proxy = json!({
+        "ID": "web-1-sidecar-proxy", "Service": "web-sidecar-proxy", "Kind": "connect-proxy",
+        "Port": free_port(), "Address": "127.0.0.1",
+        "Proxy": {
+            "DestinationServiceName": "web", "DestinationServiceID": "web-1",
+            "LocalServiceAddress": "127.0.0.1", "LocalServicePort": app_port,
+            "Expose": {"Checks": true},
+        },
+    });
+    catalog_register(&consul, proxy, None);
+    let node = json!({"Node": NODE, "Address": "10.1.0.7"});
+    let (status, body) = consul.put("/v1/catalog/register", &node.to_string());
+    assert_eq!((status, body.trim()), (200, "true"));
+
+    let out = agentless_command(&base, "web-1-sidecar-proxy", &consul.http_addr(), None)
+        .arg("-dry-run")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains(&format!("frontend exp_{check_port}")),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("tcp-request connection reject unless { src 127.0.0.0/8 ::1 10.1.0.7 }"),
+        "{stdout}"
+    );
+}
+
 /// Three Consul servers on loopback, each on ports of its own, no agent beside them.
 struct Cluster {
     // Declared before `dir`: the processes stop before their directories go.
