@@ -8,11 +8,12 @@ use crate::consul::api::{
     AgentCheck, AgentService, CaRoots, ExportedServicesEntry, HealthEntry, IntentionEntry,
     JwtProviders, LeafCert,
 };
+use crate::consul::central::{self, Central};
 use crate::consul::chain::{targets_to_watch, DiscoveryChain, TargetKey};
 use crate::consul::kinds::{Role, Watch};
 use crate::consul::{
     destinations, exported_destinations, exposed_checks_of, is_mesh_gateway, is_transparent,
-    poll_intervals, with_service_protocol, Update,
+    poll_intervals, Update,
 };
 use crate::consul::{DestinationKey, DestinationKind};
 
@@ -43,12 +44,13 @@ pub struct Snapshot {
     /// The instances of chain targets other than a destination itself (that one is in
     /// `endpoints`).
     pub targets: BTreeMap<TargetKey, Vec<HealthEntry>>,
-    /// Agentless: the registration as the catalog holds it, and the service's resolved
-    /// protocol; `registration` is the two merged (`consul::with_service_protocol`).
+    /// Agentless: the registration as the catalog holds it, and the central config entries;
+    /// `registration` is the three merged (`consul::central::merge`), as an agent would.
     pub catalog_registration: Option<AgentService>,
-    pub service_protocol: Option<String>,
-    /// Set once by the supervisor: agentless, the first render also waits for
-    /// `service_protocol`, so the public listener starts in its mode.
+    pub proxy_defaults: Option<Vec<serde_json::Value>>,
+    pub service_defaults: Option<Vec<serde_json::Value>>,
+    /// Set once by the supervisor: agentless, the first render also waits for the central
+    /// config entries, so the first configuration is the merged registration's.
     pub agentless: bool,
     /// Set once by the supervisor with `-enable-intentions`: nothing is applied before the
     /// intentions agent's first real table (intentions, ACL default policy, roots, and the
@@ -59,9 +61,6 @@ pub struct Snapshot {
     pub exported: Option<Vec<ExportedServicesEntry>>,
     /// Transparent mode: the services intentions let this one reach, once read.
     pub intention_upstreams: Option<Vec<String>>,
-    /// Transparent mode: the `service-defaults` entries (their `Destination`), once read;
-    /// only named in warnings, so nothing waits for them.
-    pub service_defaults: Option<Vec<crate::consul::api::ServiceDefaultsEntry>>,
 }
 
 impl Snapshot {
@@ -69,19 +68,20 @@ impl Snapshot {
     pub fn apply(&mut self, update: Update) -> bool {
         match update {
             Update::Registration(r) => {
-                self.catalog_registration = Some(r.clone());
-                let merged = with_service_protocol(r, self.service_protocol.as_deref());
-                replace(&mut self.registration, Some(merged))
+                self.catalog_registration = Some(r);
+                self.merge_central()
             }
-            Update::ServiceProtocol(p) => {
-                self.service_protocol = Some(p);
-                match self.catalog_registration.clone() {
-                    Some(r) => {
-                        let merged = with_service_protocol(r, self.service_protocol.as_deref());
-                        replace(&mut self.registration, Some(merged))
-                    }
-                    None => false,
-                }
+            Update::ProxyDefaults(e) => {
+                self.proxy_defaults = Some(e);
+                self.merge_central()
+            }
+            Update::ServiceDefaults(e) => {
+                // Transparent mode also reads them (their `Destination`s), with or without
+                // an agent: there a change counts even where nothing is merged.
+                let read = self.service_defaults.as_ref() != Some(&e)
+                    && self.registration.as_ref().is_some_and(is_transparent);
+                self.service_defaults = Some(e);
+                self.merge_central() || read
             }
             // A deregistered proxy keeps its last configuration serving: removing the listeners
             // would cut live traffic over what may be a re-registration in progress.
@@ -112,8 +112,21 @@ impl Snapshot {
             Update::TargetEndpoints(k, e) => insert(&mut self.targets, k, e),
             Update::ExportedServices(x) => replace(&mut self.exported, Some(x)),
             Update::IntentionUpstreams(u) => replace(&mut self.intention_upstreams, Some(u)),
-            Update::ServiceDefaults(x) => replace(&mut self.service_defaults, Some(x)),
         }
+    }
+
+    /// The registration as an agent would serve it: the catalog's (or the agent's, which
+    /// comes merged already, with no entries read) with the central config entries read so
+    /// far merged in; says whether it changed.
+    fn merge_central(&mut self) -> bool {
+        let Some(r) = self.catalog_registration.clone() else {
+            return false;
+        };
+        let central = Central {
+            proxy_defaults: self.proxy_defaults.as_deref().unwrap_or_default(),
+            service_defaults: self.service_defaults.as_deref().unwrap_or_default(),
+        };
+        replace(&mut self.registration, Some(central::merge(r, &central)))
     }
 
     /// Takes the identity checker's verdicts; says whether they changed.
@@ -139,8 +152,11 @@ impl Snapshot {
         if self.roots.as_ref().is_none_or(|r| r.roots.is_empty()) {
             missing.push("the CA roots");
         }
-        if self.agentless && self.service_protocol.is_none() {
-            missing.push("the service's protocol (its discovery chain)");
+        if self.agentless && self.proxy_defaults.is_none() {
+            missing.push("the proxy-defaults config entries");
+        }
+        if self.agentless && self.service_defaults.is_none() {
+            missing.push("the service-defaults config entries");
         }
         if self.enforcing {
             match &self.intentions {
@@ -190,7 +206,8 @@ impl Snapshot {
         if !service.is_empty() {
             w.insert(Watch::Leaf(service.clone()));
             if role.agentless {
-                w.insert(Watch::ServiceProtocol(service.clone()));
+                w.insert(Watch::ProxyDefaults);
+                w.insert(Watch::ServiceDefaults);
             }
             if role.intentions {
                 w.insert(Watch::Intentions);
@@ -213,10 +230,8 @@ impl Snapshot {
         }
         if let Some(id) = exposed_checks_of(reg) {
             w.insert(Watch::Checks(id));
-            // Agentless, no agent runs the checks: nothing to learn the address of.
-            if !role.agentless {
-                w.insert(Watch::AgentAddress);
-            }
+            // Agentless, the node's address (`consul::kinds`).
+            w.insert(Watch::AgentAddress);
         }
         if is_transparent(reg) && !service.is_empty() {
             w.insert(Watch::Topology(service));

@@ -12,15 +12,23 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::consul::catalog_service::{CatalogService, Ready};
 use crate::consul::client::{deregister_path, Consul, AGENT_SELF_PATH, REGISTER_PATH};
+use crate::consul::source::Source;
 use crate::error::{Context, Result};
 use crate::phase::{Phase, PhaseCell};
 
 /// The stats endpoint registered in Consul as a service (`-stats-service-register`): named after
-/// the sidecar's service, tagged for what it is, checked through `/ready` at the address it
-/// really listens on. Deregistered when the drain starts.
-pub struct StatsService {
-    id: String,
+/// the sidecar's service, tagged for what it is. With an agent, its HTTP check reads `/ready`
+/// at the address the endpoint really listens on, and it is deregistered when the drain
+/// starts. Agentless, it is a catalog service on the proxy's node whose check the sidecar
+/// writes (`consul::catalog_service`): critical while draining, deregistered when the run ends.
+pub enum StatsService {
+    Agent {
+        id: String,
+    },
+    /// Deregistered when dropped.
+    Catalog(CatalogService),
 }
 
 impl StatsService {
@@ -30,9 +38,32 @@ impl StatsService {
         service: &str,
         registration_address: &str,
         stats: SocketAddr,
+        ready: Ready,
     ) -> Result<StatsService> {
-        let (id, body) = registration(consul, proxy_id, service, registration_address, stats)?;
-        let answer = consul.send("PUT", REGISTER_PATH, Some(&body))?;
+        let (id, mut body) = registration(consul, proxy_id, service, registration_address, stats)?;
+        if let Source::Catalog { node } = consul.source() {
+            let registered = CatalogService::register(consul, node, body, ready)?;
+            log::info!("registered the stats endpoint as {id} on the catalog node {node}");
+            return Ok(StatsService::Catalog(registered));
+        }
+        // The agent's register endpoint names the service `Name`, the catalog's `Service`.
+        if let Some(name) = body.as_object_mut().and_then(|o| o.remove("Service")) {
+            body["Name"] = name;
+        }
+        let address = body["Address"].as_str().unwrap_or_default();
+        let host = if address.contains(':') {
+            format!("[{address}]")
+        } else {
+            address.to_string()
+        };
+        body["Check"] = serde_json::json!({
+            "Name": "sidecar ready",
+            "HTTP": format!("http://{host}:{}/ready", stats.port()),
+            "Interval": "10s",
+            "Timeout": "2s",
+            "DeregisterCriticalServiceAfter": "10m"
+        });
+        let answer = consul.send("PUT", REGISTER_PATH, Some(&body.to_string()))?;
         if answer.status != 200 {
             return Err(crate::error::Error::msg(format!(
                 "registering {id}: status {}: {}",
@@ -41,62 +72,66 @@ impl StatsService {
             )));
         }
         log::info!("registered the stats endpoint in Consul as {id}");
-        Ok(StatsService { id })
+        Ok(StatsService::Agent { id })
     }
 
-    pub fn deregister(self, consul: &Consul) {
-        let id = self.id;
-        match consul.send("PUT", &deregister_path(&id), None) {
-            Ok(a) if a.status == 200 => log::info!("deregistered {id} from Consul"),
-            Ok(a) => log::warn!("deregistering {id}: status {}", a.status),
-            Err(e) => log::warn!("deregistering {id}: {e}"),
+    /// The drain started: with an agent the service goes now; agentless it stays, its check
+    /// critical, until the run ends (the returned value is dropped then).
+    pub fn drain(self, consul: &Consul) -> Option<StatsService> {
+        match self {
+            StatsService::Agent { id } => {
+                match consul.send("PUT", &deregister_path(&id), None) {
+                    Ok(a) if a.status == 200 => log::info!("deregistered {id} from Consul"),
+                    Ok(a) => log::warn!("deregistering {id}: status {}", a.status),
+                    Err(e) => log::warn!("deregistering {id}: {e}"),
+                }
+                None
+            }
+            StatsService::Catalog(registered) => {
+                registered.look_now();
+                Some(StatsService::Catalog(registered))
+            }
         }
     }
 }
 
+/// The service's ID and body, without its check.
 fn registration(
     consul: &Consul,
     proxy_id: &str,
     service: &str,
     registration_address: &str,
     stats: SocketAddr,
-) -> Result<(String, String)> {
+) -> Result<(String, serde_json::Value)> {
     // An unspecified listen address is reached at the proxy's own address, else the node's.
     let address = if stats.ip().is_unspecified() {
-        if registration_address.is_empty() {
+        if !registration_address.is_empty() {
+            registration_address.to_string()
+        } else if consul.source().is_agentless() {
+            // The servers' own address is not this node's.
+            return Err(crate::error::Error::msg(
+                "the proxy's catalog registration has no Address, so the stats endpoint's cannot be told: give -stats-addr an address",
+            ));
+        } else {
             consul.agent_address()?.ok_or_else(|| {
                 crate::error::Error::msg(format!(
                     "the token may not read {AGENT_SELF_PATH}, so the agent did not say its address (Member.Addr)"
                 ))
             })?
-        } else {
-            registration_address.to_string()
         }
     } else {
         stats.ip().to_string()
     };
-    let host = if address.contains(':') {
-        format!("[{address}]")
-    } else {
-        address.clone()
-    };
     let id = format!("{proxy_id}-stats");
     let body = serde_json::json!({
         "ID": id,
-        "Name": format!("{service}-sidecar-stats"),
+        "Service": format!("{service}-sidecar-stats"),
         "Tags": ["haproxy-consul-connect", "stats", "metrics"],
         "Meta": {"proxy": proxy_id, "metrics_path": "/metrics"},
         "Address": address,
         "Port": stats.port(),
-        "Check": {
-            "Name": "sidecar ready",
-            "HTTP": format!("http://{host}:{}/ready", stats.port()),
-            "Interval": "10s",
-            "Timeout": "2s",
-            "DeregisterCriticalServiceAfter": "10m"
-        }
     });
-    Ok((id, body.to_string()))
+    Ok((id, body))
 }
 
 /// Produces the /metrics body at scrape time.

@@ -233,13 +233,6 @@ pub fn parse(
             "-stats-service-register needs -stats-addr".into(),
         ));
     }
-    if stats_service_register && consul.catalog_node.is_some() {
-        // Its check is an HTTP check, which no agent would run on a node that has none.
-        return Err(UsageError(
-            "-stats-service-register needs a local agent; it does not go with -service-node-name"
-                .into(),
-        ));
-    }
     let spoe_threads = m
         .get_one::<String>("spoe-threads")
         .map_or(Ok(2), |v| v.parse::<usize>())

@@ -332,9 +332,8 @@ fn agentless_misuse_is_a_usage_error() {
         ),
         ("-sidecar-for a -http-addr a:1,,b:2".into(), "empty address"),
         (
-            "-sidecar-for a -service-node-name n -stats-addr 127.0.0.1:1 -stats-service-register"
-                .into(),
-            "-stats-service-register",
+            "-sidecar-for a -service-node-name n -stats-service-register".into(),
+            "-stats-addr",
         ),
         (
             "-sidecar-for a -login-auth-method m".into(),
@@ -368,6 +367,17 @@ fn agentless_misuse_is_a_usage_error() {
         "n",
     ];
     assert_eq!(run(&args, &env).unwrap().consul.endpoints.len(), 2);
+    // The stats endpoint is registered in the catalog then (`consul::catalog_service`).
+    let args = [
+        "-sidecar-for",
+        "a",
+        "-service-node-name",
+        "n",
+        "-stats-addr",
+        "127.0.0.1:1",
+        "-stats-service-register",
+    ];
+    assert!(run(&args, &env).unwrap().stats_service_register);
 }
 
 #[test]

@@ -666,11 +666,14 @@ pub const ROOTS_PATH: &str = "/v1/agent/connect/ca/roots";
 pub const INTENTIONS_PATH: &str = "/v1/connect/intentions";
 /// The `mesh` config entry, as a list (empty when none is written; Consul 1.10+).
 pub const MESH_PATH: &str = "/v1/config/mesh";
-pub const SERVICE_DEFAULTS_PATH: &str = "/v1/config/service-defaults";
 
 /// Every `jwt-provider` config entry (Consul 1.16+), for the intentions' `JWT` requirements.
 pub const JWT_PROVIDERS_PATH: &str = "/v1/config/jwt-provider";
 pub const AGENT_SELF_PATH: &str = "/v1/agent/self";
+/// Every `proxy-defaults` / `service-defaults` entry, as lists (empty when none is
+/// written, where the single entry's path answers 404); each blocks on an index.
+pub const PROXY_DEFAULTS_PATH: &str = "/v1/config/proxy-defaults";
+pub const SERVICE_DEFAULTS_PATH: &str = "/v1/config/service-defaults";
 pub const AUTHORIZE_PATH: &str = "/v1/agent/connect/authorize";
 pub const REGISTER_PATH: &str = "/v1/agent/service/register";
 /// Every `exported-services` config entry (one per partition); blocks on an index.

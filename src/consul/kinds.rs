@@ -15,8 +15,8 @@ use super::api::{
 use super::chain::{chain_path, parse_chain, serving, target_health_path, TargetKey};
 use super::client::{
     endpoints_path, leaf_path, topology_path, Consul, AGENT_SELF_PATH, AUTHORIZE_PATH,
-    EXPORTED_SERVICES_PATH, INTENTIONS_PATH, JWT_PROVIDERS_PATH, MESH_PATH, ROOTS_PATH,
-    SERVICE_DEFAULTS_PATH,
+    EXPORTED_SERVICES_PATH, INTENTIONS_PATH, JWT_PROVIDERS_PATH, MESH_PATH, PROXY_DEFAULTS_PATH,
+    ROOTS_PATH, SERVICE_DEFAULTS_PATH,
 };
 use super::{DestinationKey, DestinationKind, Update};
 use crate::error::{Error, Result};
@@ -29,8 +29,8 @@ pub struct Role {
     pub proxy_id: String,
     /// A mesh gateway: its routes are the exported services; it has no upstreams of its own.
     pub gateway: bool,
-    /// No local agent: the service's protocol is read from its discovery chain, and no agent
-    /// address is learnt.
+    /// No local agent: the central config entries are read to be merged into the
+    /// registration, and the address checks come from is the catalog node's.
     pub agentless: bool,
     /// Whether the intentions, the ACL default policy and (once an intention names one) the
     /// JWT providers are read.
@@ -58,15 +58,17 @@ pub enum Watch {
     ExportedServices,
     /// The agent's checks of a service instance (`Expose.Checks`).
     Checks(String),
-    /// The local agent's address, read once.
+    /// The address checks come from: the local agent's, read once; agentless, the catalog
+    /// node's, blocking.
     AgentAddress,
-    /// Agentless: the protocol Consul resolves for a service (its own discovery chain).
-    ServiceProtocol(String),
+    /// Agentless: every `proxy-defaults` config entry (only `global` is read).
+    ProxyDefaults,
+    /// Every `service-defaults` config entry: agentless, the service's own and its upstreams'
+    /// (merged as an agent would); transparent mode, those naming a `Destination`. One
+    /// kind-wide watch, not one per service.
+    ServiceDefaults,
     /// Transparent mode: the services intentions let a service reach.
     Topology(String),
-    /// Transparent mode: the `service-defaults` entries (those with a `Destination` are
-    /// named: this sidecar does not route them).
-    ServiceDefaults,
     /// The instances of a destination; a prepared query's with the poll interval its
     /// upstreams ask for (`None`: the default).
     Instances(DestinationKey, Option<Millis>),
@@ -171,18 +173,6 @@ impl Watch {
                     }),
                 },
             },
-            Watch::ServiceDefaults => get(
-                "service-defaults config entries".into(),
-                SERVICE_DEFAULTS_PATH.into(),
-                WatchMode::Index,
-                Box::new(|body| {
-                    api::parse::<Vec<api::ServiceDefaultsEntry>>(
-                        "the service-defaults entries",
-                        body,
-                    )
-                    .map(Update::ServiceDefaults)
-                }),
-            ),
             Watch::Leaf(service) => get(
                 format!("leaf certificate of {service}"),
                 leaf_path(service),
@@ -267,6 +257,17 @@ impl Watch {
             // It changes only when the agent restarts with another address, and a check
             // listener that does not know it still admits loopback and this sidecar's own
             // addresses.
+            // Agentless, no agent runs the checks: whoever does for the node (such as
+            // consul-esm) dials from the node's address, a blocking read of the catalog.
+            Watch::AgentAddress if consul.source().is_agentless() => {
+                let source = consul.source().clone();
+                get(
+                    format!("the address of {}", source.describe()),
+                    source.node_address_path().unwrap_or_default(),
+                    WatchMode::Index,
+                    Box::new(move |body| source.parse_node_address(body)),
+                )
+            }
             Watch::AgentAddress => Spec {
                 what: "the agent's address".into(),
                 how: How::Call {
@@ -283,15 +284,23 @@ impl Watch {
                     }),
                 },
             },
-            Watch::ServiceProtocol(service) => get(
-                format!("protocol of {service}"),
-                chain_path(&DestinationKey {
-                    kind: DestinationKind::Service,
-                    name: service.clone(),
-                    datacenter: String::new(),
-                }),
+            Watch::ProxyDefaults => get(
+                "proxy-defaults config entries".into(),
+                PROXY_DEFAULTS_PATH.into(),
                 WatchMode::Index,
-                Box::new(|body| parse_chain(body).map(|c| Update::ServiceProtocol(c.protocol))),
+                Box::new(|body| {
+                    api::parse::<Vec<serde_json::Value>>("the proxy-defaults entries", body)
+                        .map(Update::ProxyDefaults)
+                }),
+            ),
+            Watch::ServiceDefaults => get(
+                "service-defaults config entries".into(),
+                SERVICE_DEFAULTS_PATH.into(),
+                WatchMode::Index,
+                Box::new(|body| {
+                    api::parse::<Vec<serde_json::Value>>("the service-defaults entries", body)
+                        .map(Update::ServiceDefaults)
+                }),
             ),
             Watch::Topology(service) => get(
                 format!("intention upstreams of {service}"),

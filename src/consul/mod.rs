@@ -4,6 +4,8 @@
 //! This module knows nothing about HAProxy.
 
 pub mod api;
+pub mod catalog_service;
+pub mod central;
 pub mod chain;
 pub mod client;
 pub mod jwks;
@@ -72,40 +74,22 @@ pub enum Update {
     AclDefaultPolicy(String),
     /// The agent's checks of the proxied service (`Expose.Checks`), sorted by check ID.
     Checks(Vec<api::AgentCheck>),
-    /// The local agent's address (`/v1/agent/self` Member.Addr).
+    /// The local agent's address (`/v1/agent/self` Member.Addr); agentless, the catalog
+    /// node's `Address` as an IP, empty when it is none.
     AgentAddress(String),
     /// The compiled discovery chain of a service destination.
     Chain(DestinationKey, chain::DiscoveryChain),
     /// The serving instances of one chain target other than the destination itself.
     TargetEndpoints(chain::TargetKey, Vec<HealthEntry>),
-    /// Agentless only: the protocol Consul resolves for the proxied service (its own discovery
-    /// chain's, from service-defaults and proxy-defaults), which an agent would have merged
-    /// into the registration and the catalog's registration lacks.
-    ServiceProtocol(String),
+    /// Every `proxy-defaults` and every `service-defaults` config entry: agentless, what an
+    /// agent would have merged into the registration (`central`) and the catalog's
+    /// registration lacks; transparent mode reads the latter's `Destination`s.
+    ProxyDefaults(Vec<Value>),
+    ServiceDefaults(Vec<Value>),
     /// Every `exported-services` config entry (a mesh gateway's routes).
     ExportedServices(Vec<api::ExportedServicesEntry>),
     /// Transparent mode: the services this one may reach (`api::ServiceTopology::allowed`).
     IntentionUpstreams(Vec<String>),
-    /// Transparent mode: every `service-defaults` config entry, as far as it names a
-    /// `Destination`.
-    ServiceDefaults(Vec<api::ServiceDefaultsEntry>),
-}
-
-/// The registration with the service's resolved protocol where it names none itself, as an
-/// agent merges central defaults into a registration.
-pub fn with_service_protocol(
-    mut registration: AgentService,
-    protocol: Option<&str>,
-) -> AgentService {
-    if let (Some(proxy), Some(p)) = (registration.proxy.as_mut(), protocol) {
-        if !p.is_empty() {
-            proxy
-                .config
-                .entry("protocol".to_string())
-                .or_insert_with(|| Value::String(p.to_string()));
-        }
-    }
-    registration
 }
 
 /// A mesh gateway's registration as Consul's own `-register` makes it: kind `mesh-gateway`,

@@ -110,6 +110,40 @@ impl Source {
         }
     }
 
+    /// Agentless: where the node's own entry is read (`Node.Address`), blocking on the
+    /// nodes' index, which node registrations alone move; `None` with an agent, whose address
+    /// is its `/v1/agent/self`.
+    pub fn node_address_path(&self) -> Option<String> {
+        match self {
+            Source::Agent => None,
+            Source::Catalog { node } => Some(format!(
+                "/v1/catalog/nodes?filter={}",
+                encode(&format!("Node == \"{node}\""))
+            )),
+        }
+    }
+
+    /// The node's address as an IP literal, the form an exposed check listener's source list
+    /// takes; empty (nothing beyond loopback and the sidecar's own addresses is admitted) when
+    /// the node is not in the catalog or its address is a host name.
+    pub fn parse_node_address(&self, body: &str) -> Result<Update> {
+        let nodes: Vec<CatalogNode> = api::parse(&self.describe(), body)?;
+        let address = nodes
+            .first()
+            .map(|n| n.address.as_str())
+            .unwrap_or_default();
+        match address.parse::<std::net::IpAddr>() {
+            Ok(ip) => Ok(Update::AgentAddress(ip.to_string())),
+            Err(_) => {
+                log::info!(
+                    "{} has no IP address ({address:?}): exposed check listeners admit loopback and this sidecar's own addresses only",
+                    self.describe()
+                );
+                Ok(Update::AgentAddress(String::new()))
+            }
+        }
+    }
+
     /// How logs name where the registration is read.
     pub fn describe(&self) -> String {
         match self {
@@ -117,6 +151,13 @@ impl Source {
             Source::Catalog { node } => format!("the catalog node {node}"),
         }
     }
+}
+
+/// A node as `/v1/catalog/nodes` lists it: only its address is read.
+#[derive(serde::Deserialize)]
+struct CatalogNode {
+    #[serde(rename = "Address", default)]
+    address: String,
 }
 
 fn node_services_path(node: &Name) -> String {
@@ -177,6 +218,30 @@ mod tests {
         assert!(catalog()
             .checks_path("web-1")
             .starts_with("/v1/health/node/pod-node?filter="));
+    }
+
+    /// `/v1/catalog/nodes?filter=...` as Consul 1.16.3 answers it; a host name or no node
+    /// teaches no address.
+    #[test]
+    fn the_node_address_is_read_as_an_ip_from_the_catalog() {
+        let s = catalog();
+        assert_eq!(
+            s.node_address_path().unwrap(),
+            "/v1/catalog/nodes?filter=Node%20%3D%3D%20%22pod-node%22"
+        );
+        assert_eq!(Source::Agent.node_address_path(), None);
+        let address = |body: &str| match s.parse_node_address(body).unwrap() {
+            Update::AgentAddress(a) => a,
+            other => panic!("{other:?}"),
+        };
+        let one = r#"[{"ID":"","Node":"pod-node","Address":"10.1.0.7","Datacenter":"dc1",
+            "TaggedAddresses":null,"Meta":null,"CreateIndex":14,"ModifyIndex":14}]"#;
+        assert_eq!(address(one), "10.1.0.7");
+        assert_eq!(address(&one.replace("10.1.0.7", "fd00:0:0::7")), "fd00::7");
+        assert_eq!(address(&one.replace("10.1.0.7", "node.example")), "");
+        assert_eq!(address(&one.replace("10.1.0.7", "10.1.0.7 ; x")), "");
+        assert_eq!(address("[]"), "");
+        assert!(s.parse_node_address("{").is_err());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::{Mode, Paths, UnixSocket, UpstreamListener, MAX_SOCKET_PATH};
-use crate::consul::api::{HealthEntry, ProxyConfig, Upstream};
+use crate::consul::api::{HealthEntry, ProxyConfig, ServiceDefaultsEntry, Upstream};
 use crate::names::sanitize;
 use crate::snapshot::Snapshot;
 use crate::value::{Address, Millis};
@@ -272,7 +272,11 @@ pub fn outbound(
             backend,
         });
     }
-    for e in snapshot.service_defaults.iter().flatten() {
+    for raw in snapshot.service_defaults.iter().flatten() {
+        // An entry that does not read as one names no Destination this sidecar could see.
+        let Ok(e) = serde_json::from_value::<ServiceDefaultsEntry>(raw.clone()) else {
+            continue;
+        };
         if let Some(dest) = &e.destination {
             warnings.push(destination_warning(&e.name, dest, o.mesh_only));
         }

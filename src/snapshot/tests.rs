@@ -118,8 +118,8 @@ fn prepared_queries_are_keyed_by_their_poll_interval() {
     }
 }
 
-/// `Expose.Checks`: the checks of the service instance, and with an agent its address;
-/// agentless, the service's protocol instead (no agent runs the checks).
+/// `Expose.Checks`: the checks of the service instance and the address checks come from (the
+/// agent's; agentless, the catalog node's), and agentless the central config entries.
 #[test]
 fn exposed_checks_want_the_checks_and_the_agent_address() {
     for v in CONSUL_VERSIONS {
@@ -128,18 +128,16 @@ fn exposed_checks_want_the_checks_and_the_agent_address() {
         let w = s.watches(&role(p));
         assert!(w.contains(&Watch::Checks("checked".into())), "{v}: {w:?}");
         assert!(w.contains(&Watch::AgentAddress), "{v}: {w:?}");
-        assert!(
-            !w.contains(&Watch::ServiceProtocol("checked".into())),
-            "{v}"
-        );
+        assert!(!w.contains(&Watch::ServiceDefaults), "{v}");
         let agentless = Role {
             agentless: true,
             ..role(p)
         };
         let w = s.watches(&agentless);
         assert!(w.contains(&Watch::Checks("checked".into())), "{v}: {w:?}");
-        assert!(!w.contains(&Watch::AgentAddress), "{v}: {w:?}");
-        assert!(w.contains(&Watch::ServiceProtocol("checked".into())), "{v}");
+        assert!(w.contains(&Watch::AgentAddress), "{v}: {w:?}");
+        assert!(w.contains(&Watch::ServiceDefaults), "{v}");
+        assert!(w.contains(&Watch::ProxyDefaults), "{v}");
     }
 }
 
@@ -266,22 +264,44 @@ fn protocol(s: &Snapshot) -> Option<&str> {
         .as_str()
 }
 
-/// Agentless: the service's resolved protocol fills in what the catalog's registration does
-/// not say, whichever comes first; a protocol of the registration's own wins.
+/// Agentless: the central config entries fill in what the catalog's registration does not
+/// say, whichever comes first (`consul::central`); a protocol of the registration's own wins;
+/// and the first render waits for both lists.
 #[test]
-fn the_service_protocol_fills_in_the_catalog_registration() {
-    let mut s = Snapshot::default();
-    assert!(!s.apply(Update::ServiceProtocol("http".into())));
+fn the_central_config_fills_in_the_catalog_registration() {
+    let mut s = Snapshot {
+        agentless: true,
+        ..Snapshot::default()
+    };
+    let defaults = |protocol: &str| {
+        vec![serde_json::json!({"Kind": "service-defaults", "Name": "web", "Protocol": protocol})]
+    };
+    assert!(!s.apply(Update::ServiceDefaults(defaults("http"))));
     assert!(s.apply(Update::Registration(registration("{}"))));
     assert_eq!(protocol(&s), Some("http"));
-    assert!(s.apply(Update::ServiceProtocol("grpc".into())));
+    assert!(s.missing().contains(&"the proxy-defaults config entries"));
+    assert!(!s.missing().contains(&"the service-defaults config entries"));
+    assert!(s.apply(Update::ServiceDefaults(defaults("grpc"))));
     assert_eq!(protocol(&s), Some("grpc"));
     assert!(
-        !s.apply(Update::ServiceProtocol("grpc".into())),
+        !s.apply(Update::ServiceDefaults(defaults("grpc"))),
         "no change"
     );
+    assert!(
+        !s.apply(Update::ProxyDefaults(vec![serde_json::json!({
+            "Kind": "proxy-defaults", "Name": "global", "Config": {"protocol": "http2"}
+        })])),
+        "service-defaults' protocol wins over proxy-defaults'"
+    );
+    assert!(!s.missing().iter().any(|m| m.contains("config entries")));
     assert!(s.apply(Update::Registration(registration(r#"{"protocol":"tcp"}"#))));
     assert_eq!(protocol(&s), Some("tcp"));
+    assert!(
+        !s.apply(Update::ServiceDefaults(Vec::new())),
+        "the registration's protocol still wins"
+    );
+    assert!(s.apply(Update::Registration(registration("{}"))));
+    assert_eq!(protocol(&s), Some("http2"));
 }
 
 /// With intentions enforced, nothing is complete before the agent's first real table:

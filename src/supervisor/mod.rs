@@ -560,9 +560,18 @@ impl Supervisor {
                     .as_ref()
                     .map(|r| r.address.clone())
                     .unwrap_or_default();
-                StatsService::register(&self.consul, proxy_id, &desired.service, &address, addr)
-                    .map_err(|e| log::error!("cannot register the stats endpoint in Consul: {e}"))
-                    .ok()
+                let phase = self.life.published.clone();
+                let ready = Box::new(move || phase.get() == Phase::Ready);
+                StatsService::register(
+                    &self.consul,
+                    proxy_id,
+                    &desired.service,
+                    &address,
+                    addr,
+                    ready,
+                )
+                .map_err(|e| log::error!("cannot register the stats endpoint in Consul: {e}"))
+                .ok()
             }
             _ => None,
         };

@@ -84,7 +84,7 @@ impl Supervisor {
         self.life
             .set(Phase::Draining, "stop signal: finishing in-flight work");
         if let Some(service) = srv.stats_service.take() {
-            service.deregister(&self.consul);
+            srv.stats_service = service.drain(&self.consul);
         }
         // Peers stop being sent here while the connections in flight finish.
         drop(self.registered.take());

@@ -368,7 +368,7 @@ fn every_kind_of_outbound_route_renders_a_config_haproxy_accepts() {
 /// named once per build, saying what the outbound listener does with it instead.
 #[test]
 fn a_service_defaults_destination_is_named_with_what_happens_instead() {
-    let entries: Vec<crate::consul::api::ServiceDefaultsEntry> = serde_json::from_str(
+    let entries: Vec<serde_json::Value> = serde_json::from_str(
         r#"[{"Kind":"service-defaults","Name":"web","Protocol":"http"},
             {"Kind":"service-defaults","Name":"example","Protocol":"tcp",
              "Destination":{"Addresses":["example.com","10.1.2.3"],"Port":443}}]"#,
