@@ -72,17 +72,33 @@ pub struct Peering {
     pub peer_ca_pems: Option<Vec<String>>,
     #[serde(default)]
     pub state: Option<String>,
-    /// `server.<datacenter>.peering.<trust domain>`: where the peer's trust domain is read.
+    /// `server.<datacenter>.peering.<trust domain>`, on the side that dialed the peering only.
     #[serde(default)]
     pub peer_server_name: Option<String>,
 }
 
 impl Peering {
-    /// The peer's trust domain, from `PeerServerName` (the peering carries it nowhere else).
-    pub fn trust_domain(&self) -> Option<&str> {
-        let name = self.peer_server_name.as_deref()?;
-        let (_, td) = name.split_once(".peering.")?;
-        (!td.is_empty()).then_some(td)
+    /// The peer's trust domain: the URI SAN (`spiffe://<trust domain>`) of its first CA that
+    /// has one, which both sides of a peering hold, else `PeerServerName`'s tail, which only
+    /// the dialing side has.
+    pub fn trust_domain(&self) -> Option<String> {
+        let from_ca = self.peer_ca_pems.iter().flatten().find_map(|pem| {
+            let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).ok()?;
+            let cert = pem.parse_x509().ok()?;
+            let san = cert.subject_alternative_name().ok()??;
+            san.value.general_names.iter().find_map(|n| match n {
+                x509_parser::extensions::GeneralName::URI(u) => u
+                    .strip_prefix("spiffe://")
+                    .map(|td| td.trim_end_matches('/').to_string())
+                    .filter(|td| !td.is_empty() && !td.contains('/')),
+                _ => None,
+            })
+        });
+        from_ca.or_else(|| {
+            let name = self.peer_server_name.as_deref()?;
+            let (_, td) = name.split_once(".peering.")?;
+            (!td.is_empty()).then(|| td.to_string())
+        })
     }
 
     /// The peer's CA roots as one PEM text; empty when it lists none.

@@ -237,7 +237,7 @@ fn peers(snapshot: &Snapshot, service: &str) -> Vec<(String, AuthzTable)> {
                 return None;
             }
             let td = p.trust_domain()?;
-            let table = AuthzTable::new(td, &p.ca_pem(), vec![], DefaultPolicy::Deny);
+            let table = AuthzTable::new(&td, &p.ca_pem(), vec![], DefaultPolicy::Deny);
             match table {
                 Ok(t) => Some((name, t)),
                 Err(e) => {
@@ -369,8 +369,11 @@ mod tests {
             std::fs::read_to_string(&path).unwrap()
         };
         let theirs: LeafCert = serde_json::from_str(&fixture("dc2-ca-leaf-server.json")).unwrap();
-        let peering: crate::peering::Peering =
-            serde_json::from_str(&fixture("peering-dc2.json")).unwrap();
+        // As the side that accepted the peering holds it: no PeerServerName.
+        let peering = crate::peering::Peering {
+            peer_server_name: None,
+            ..serde_json::from_str(&fixture("peering-dc2.json")).unwrap()
+        };
         let base = |action: &str, exported: &str| {
             let mut s = snapshot_for(v, "web", Some("deny"));
             for i in s.intentions.iter_mut().flatten() {

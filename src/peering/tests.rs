@@ -240,3 +240,24 @@ fn forwarders_follow_the_wanted_targets_and_close_without_one() {
         "a forwarder no longer wanted stops listening"
     );
 }
+
+/// The peer's trust domain is its CA's (the side that accepted a peering has no
+/// `PeerServerName`), and `PeerServerName`'s tail when no CA names one.
+#[test]
+fn the_peers_trust_domain_is_read_from_its_ca_or_its_server_name() {
+    let recorded: Peering =
+        serde_json::from_str(&fixture("consul-1.16.3/peering-dc2.json")).unwrap();
+    let td = "11111111-2222-3333-4444-666666666666.consul";
+    let accepted = Peering {
+        peer_server_name: None,
+        ..recorded.clone()
+    };
+    assert_eq!(accepted.trust_domain().as_deref(), Some(td));
+    let named = Peering {
+        peer_ca_pems: None,
+        peer_server_name: Some("server.dc2.peering.other.consul".into()),
+        ..recorded
+    };
+    assert_eq!(named.trust_domain().as_deref(), Some("other.consul"));
+    assert_eq!(Peering::default().trust_domain(), None);
+}
