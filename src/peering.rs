@@ -461,6 +461,9 @@ impl Forwarders {
 fn accept_loop(listener: TcpListener, dial: Current, stop: Arc<AtomicBool>) {
     let live = Arc::new(AtomicUsize::new(0));
     let next = Arc::new(AtomicUsize::new(0));
+    // A client retrying against a failing peer would log each failure: a warning only when
+    // the reason differs from the last one, the repeats at debug.
+    let last_failure = Arc::new(std::sync::Mutex::new(String::new()));
     for client in listener.incoming() {
         if stop.load(Ordering::SeqCst) {
             return;
@@ -479,11 +482,20 @@ fn accept_loop(listener: TcpListener, dial: Current, stop: Arc<AtomicBool>) {
             continue;
         };
         let (live2, pick) = (live.clone(), next.fetch_add(1, Ordering::Relaxed));
+        let last = last_failure.clone();
         let spawned = std::thread::Builder::new()
             .name("peer-conn".into())
             .spawn(move || {
                 if let Err(e) = serve(client, &current, pick) {
-                    log::warn!("peered upstream {}: {e}", current.target.identity_uri());
+                    let line = format!("peered upstream {}: {e}", current.target.identity_uri());
+                    match last.lock() {
+                        Ok(l) if *l == line => log::debug!("{line}"),
+                        Ok(mut l) => {
+                            log::warn!("{line}");
+                            *l = line;
+                        }
+                        Err(_) => log::warn!("{line}"),
+                    }
                 }
                 live2.fetch_sub(1, Ordering::SeqCst);
             });
