@@ -226,7 +226,8 @@ pub fn table(snapshot: &Snapshot) -> AuthzTable {
 /// The cluster peers `service` is exported to whose peering is read and active, each with a
 /// table of its own trust domain and CAs: a client those certify is that peer's, and only
 /// intentions naming the peer (`SourcePeer`) decide for it. A peer that cannot be used is
-/// left out, so its clients are refused.
+/// left out, so its clients are refused (the model names it in a warning: its CA is left out
+/// of the public listener's too).
 fn peers(snapshot: &Snapshot, service: &str) -> Vec<(String, AuthzTable)> {
     let exported = snapshot.exported.as_deref().unwrap_or_default();
     crate::consul::exported_to(exported, service)
@@ -237,14 +238,8 @@ fn peers(snapshot: &Snapshot, service: &str) -> Vec<(String, AuthzTable)> {
                 return None;
             }
             let td = p.trust_domain()?;
-            let table = AuthzTable::new(&td, &p.ca_pem(), vec![], DefaultPolicy::Deny);
-            match table {
-                Ok(t) => Some((name, t)),
-                Err(e) => {
-                    log::warn!("peer {name}: its CA cannot be used ({e}); its clients are refused");
-                    None
-                }
-            }
+            let table = AuthzTable::new(&td, &p.ca_pem(), vec![], DefaultPolicy::Deny).ok()?;
+            Some((name, table))
         })
         .collect()
 }
