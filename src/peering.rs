@@ -21,11 +21,12 @@
 //! to one thread, and peered upstreams carry a sidecar's own outbound calls, so the cap
 //! (`MAX_CONNECTIONS` per upstream) bounds the threads.
 //!
-//! Not wired yet: no watch reads the two answers, the model does not point a peered upstream's
-//! server here and the supervisor starts no `Forwarder` (the model still skips such upstreams
-//! with a warning). Until then only the unit tests use this module.
-#![allow(dead_code)]
+//! Wiring: `consul::kinds` reads the two answers (`Watch::Peering`, `Watch::PeerInstances`),
+//! the model builds each peered upstream's `Target` and points its server at the forwarder of
+//! its `PeerKey`, and the supervisor keeps one `Forwarder` per key (`Forwarders::sync`),
+//! whose addresses it hands back to the snapshot.
 
+use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
@@ -49,26 +50,74 @@ pub const MAX_CONNECTIONS: usize = 512;
 /// How long a gateway may take to accept the TCP connection and complete the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// `/v1/peering/<peer>`: what the dialing side needs of it.
-#[derive(Debug, Default, Deserialize)]
+/// One service of one cluster peer: what a peered upstream dials, and the key of its watch
+/// and of its forwarder.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PeerKey {
+    pub peer: String,
+    pub service: String,
+}
+
+impl std::fmt::Display for PeerKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "service {} of peer {}", self.service, self.peer)
+    }
+}
+
+/// `/v1/peering/<peer>`: what the dialing and the exporting side need of it.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "PascalCase")]
 pub struct Peering {
     #[serde(default, rename = "PeerCAPems")]
     pub peer_ca_pems: Option<Vec<String>>,
     #[serde(default)]
     pub state: Option<String>,
+    /// `server.<datacenter>.peering.<trust domain>`, on the side that dialed the peering only.
+    #[serde(default)]
+    pub peer_server_name: Option<String>,
+}
+
+impl Peering {
+    /// The peer's trust domain: the URI SAN (`spiffe://<trust domain>`) of its first CA that
+    /// has one, which both sides of a peering hold, else `PeerServerName`'s tail, which only
+    /// the dialing side has.
+    pub fn trust_domain(&self) -> Option<String> {
+        let from_ca = self.peer_ca_pems.iter().flatten().find_map(|pem| {
+            let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).ok()?;
+            let cert = pem.parse_x509().ok()?;
+            let san = cert.subject_alternative_name().ok()??;
+            san.value.general_names.iter().find_map(|n| match n {
+                x509_parser::extensions::GeneralName::URI(u) => u
+                    .strip_prefix("spiffe://")
+                    .map(|td| td.trim_end_matches('/').to_string())
+                    .filter(|td| !td.is_empty() && !td.contains('/')),
+                _ => None,
+            })
+        });
+        from_ca.or_else(|| {
+            let name = self.peer_server_name.as_deref()?;
+            let (_, td) = name.split_once(".peering.")?;
+            (!td.is_empty()).then(|| td.to_string())
+        })
+    }
+
+    /// The peer's CA roots as one PEM text; empty when it lists none.
+    pub fn ca_pem(&self) -> String {
+        let pems = self.peer_ca_pems.as_deref().unwrap_or_default();
+        pems.iter().map(|p| format!("{}\n", p.trim())).collect()
+    }
 }
 
 /// One entry of `/v1/health/connect/<service>?peer=<peer>`: a gateway of the peer, carrying the
 /// exported service's SNI and SPIFFE ID in `Service.Connect.PeerMeta`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "PascalCase")]
 pub struct PeerInstance {
     #[serde(default)]
     pub service: PeerService,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "PascalCase")]
 pub struct PeerService {
     #[serde(default)]
@@ -81,7 +130,7 @@ pub struct PeerService {
     pub tagged_addresses: Option<std::collections::BTreeMap<String, Tagged>>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "PascalCase")]
 pub struct Tagged {
     #[serde(default)]
@@ -90,14 +139,14 @@ pub struct Tagged {
     pub port: u16,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "PascalCase")]
 pub struct PeerConnect {
     #[serde(default)]
     pub peer_meta: Option<PeerMeta>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 pub struct PeerMeta {
     #[serde(default, rename = "SNI")]
     pub sni: Option<Vec<String>>,
@@ -136,7 +185,7 @@ impl Target {
         if let Some(state) = peering.state.as_deref().filter(|s| *s != "ACTIVE") {
             return Err(Error::msg(format!("the peering is {state:?}, not ACTIVE")));
         }
-        let ca_pem: String = pems.iter().map(|p| format!("{}\n", p.trim())).collect();
+        let ca_pem = peering.ca_pem();
         Roots::from_pem(&ca_pem).context("the peer's CA does not parse")?;
         let mut meta: Option<(String, String)> = None;
         let mut gateways = Vec::new();
@@ -286,20 +335,25 @@ pub struct Dial {
     pub credentials: Credentials,
 }
 
+/// The dial of a forwarder with no target (peering not active, no gateway listed): none, so
+/// every connection is closed at accept.
+type Current = Arc<RwLock<Option<Arc<Dial>>>>;
+
 /// One peered upstream's local forwarder. Dropping it stops accepting; connections in flight
 /// finish on their own threads.
 pub struct Forwarder {
     address: SocketAddr,
-    dial: Arc<RwLock<Arc<Dial>>>,
+    dial: Current,
     stop: Arc<AtomicBool>,
 }
 
 impl Forwarder {
-    /// Listens on `listen` (a loopback address; port 0 picks one) and serves `dial`.
-    pub fn start(listen: SocketAddr, dial: Dial) -> io::Result<Forwarder> {
+    /// Listens on `listen` (a loopback address; port 0 picks one) and serves `dial`; with none,
+    /// it closes every connection until `update` gives one.
+    pub fn start(listen: SocketAddr, dial: Option<Dial>) -> io::Result<Forwarder> {
         let listener = TcpListener::bind(listen)?;
         let address = listener.local_addr()?;
-        let dial = Arc::new(RwLock::new(Arc::new(dial)));
+        let dial = Arc::new(RwLock::new(dial.map(Arc::new)));
         let stop = Arc::new(AtomicBool::new(false));
         let (d, s) = (dial.clone(), stop.clone());
         std::thread::Builder::new()
@@ -317,10 +371,11 @@ impl Forwarder {
         self.address
     }
 
-    /// New connections use `dial`; connections in flight keep the one they started with.
-    pub fn update(&self, dial: Dial) {
+    /// New connections use `dial` (none: closed); connections in flight keep the one they
+    /// started with.
+    pub fn update(&self, dial: Option<Dial>) {
         if let Ok(mut d) = self.dial.write() {
-            *d = Arc::new(dial);
+            *d = dial.map(Arc::new);
         }
     }
 }
@@ -333,9 +388,82 @@ impl Drop for Forwarder {
     }
 }
 
-fn accept_loop(listener: TcpListener, dial: Arc<RwLock<Arc<Dial>>>, stop: Arc<AtomicBool>) {
+/// The supervisor's forwarders, one per peered service the desired state dials.
+#[derive(Default)]
+pub struct Forwarders {
+    running: BTreeMap<PeerKey, (Forwarder, Option<Target>, String)>,
+}
+
+impl Forwarders {
+    /// Makes the running forwarders those `wanted` names: starts the new ones on loopback,
+    /// stops the gone ones, and gives each its target and `leaf_pem` (the sidecar's leaf, the
+    /// client certificate) when either changed. Returns every forwarder's address.
+    pub fn sync(
+        &mut self,
+        wanted: &BTreeMap<PeerKey, Option<Target>>,
+        leaf_pem: &str,
+    ) -> BTreeMap<PeerKey, SocketAddr> {
+        self.running.retain(|k, _| {
+            let keep = wanted.contains_key(k);
+            if !keep {
+                log::info!("peered upstream {k}: forwarder stopped");
+            }
+            keep
+        });
+        for (key, target) in wanted {
+            let dial = || -> Option<Dial> {
+                let target = target.clone()?;
+                match Credentials::from_pem(leaf_pem) {
+                    Ok(credentials) => Some(Dial {
+                        target,
+                        credentials,
+                    }),
+                    Err(e) => {
+                        log::error!("peered upstream {key}: the leaf cannot be used ({e}); its connections are closed");
+                        None
+                    }
+                }
+            };
+            match self.running.get_mut(key) {
+                Some((f, t, leaf)) => {
+                    if t != target || leaf != leaf_pem {
+                        f.update(dial());
+                        *t = target.clone();
+                        *leaf = leaf_pem.to_string();
+                        log::info!("peered upstream {key}: forwarder updated");
+                    }
+                }
+                None => {
+                    let loopback = SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0));
+                    match Forwarder::start(loopback, dial()) {
+                        Ok(f) => {
+                            log::info!(
+                                "peered upstream {key}: forwarder listening on {}",
+                                f.address()
+                            );
+                            self.running
+                                .insert(key.clone(), (f, target.clone(), leaf_pem.to_string()));
+                        }
+                        Err(e) => log::error!(
+                            "peered upstream {key}: cannot start its forwarder ({e}); its listener refuses connections"
+                        ),
+                    }
+                }
+            }
+        }
+        self.running
+            .iter()
+            .map(|(k, (f, _, _))| (k.clone(), f.address()))
+            .collect()
+    }
+}
+
+fn accept_loop(listener: TcpListener, dial: Current, stop: Arc<AtomicBool>) {
     let live = Arc::new(AtomicUsize::new(0));
     let next = Arc::new(AtomicUsize::new(0));
+    // A client retrying against a failing peer would log each failure: a warning only when
+    // the reason differs from the last one, the repeats at debug.
+    let last_failure = Arc::new(std::sync::Mutex::new(String::new()));
     for client in listener.incoming() {
         if stop.load(Ordering::SeqCst) {
             return;
@@ -348,16 +476,26 @@ fn accept_loop(listener: TcpListener, dial: Arc<RwLock<Arc<Dial>>>, stop: Arc<At
             );
             continue;
         }
-        let Ok(current) = dial.read().map(|d| d.clone()) else {
+        // No target: the client is closed (dropped) here, fail closed.
+        let Some(current) = dial.read().ok().and_then(|d| d.clone()) else {
             live.fetch_sub(1, Ordering::SeqCst);
             continue;
         };
         let (live2, pick) = (live.clone(), next.fetch_add(1, Ordering::Relaxed));
+        let last = last_failure.clone();
         let spawned = std::thread::Builder::new()
             .name("peer-conn".into())
             .spawn(move || {
                 if let Err(e) = serve(client, &current, pick) {
-                    log::warn!("peered upstream {}: {e}", current.target.identity_uri());
+                    let line = format!("peered upstream {}: {e}", current.target.identity_uri());
+                    match last.lock() {
+                        Ok(l) if *l == line => log::debug!("{line}"),
+                        Ok(mut l) => {
+                            log::warn!("{line}");
+                            *l = line;
+                        }
+                        Err(_) => log::warn!("{line}"),
+                    }
                 }
                 live2.fetch_sub(1, Ordering::SeqCst);
             });

@@ -2,6 +2,7 @@
 //! `Update`s from the watchers, and says whether it is complete enough to act on.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 
 use crate::admission::Verdicts;
 use crate::consul::api::{
@@ -12,10 +13,11 @@ use crate::consul::central::{self, Central};
 use crate::consul::chain::{targets_to_watch, DiscoveryChain, TargetKey};
 use crate::consul::kinds::{Role, Watch};
 use crate::consul::{
-    destinations, exported_destinations, exposed_checks_of, is_mesh_gateway, is_transparent,
-    poll_intervals, Update,
+    destinations, exported_destinations, exported_to, exposed_checks_of, is_mesh_gateway,
+    is_transparent, peered_destinations, poll_intervals, Update,
 };
 use crate::consul::{DestinationKey, DestinationKind};
+use crate::peering::{PeerInstance, PeerKey, Peering};
 
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
@@ -61,6 +63,14 @@ pub struct Snapshot {
     pub exported: Option<Vec<ExportedServicesEntry>>,
     /// Transparent mode: the services intentions let this one reach, once read.
     pub intention_upstreams: Option<Vec<String>>,
+    /// The cluster peerings read: those peered upstreams dial and those this service is
+    /// exported to.
+    pub peerings: BTreeMap<String, Peering>,
+    /// The instances (gateways) Consul lists for each peered upstream's service.
+    pub peer_instances: BTreeMap<PeerKey, Vec<PeerInstance>>,
+    /// Not Consul's: where the supervisor's forwarder of each peered service listens
+    /// (`peering::Forwarders`), so that the model points that upstream's server there.
+    pub forwarders: BTreeMap<PeerKey, SocketAddr>,
 }
 
 impl Snapshot {
@@ -112,6 +122,18 @@ impl Snapshot {
             Update::TargetEndpoints(k, e) => insert(&mut self.targets, k, e),
             Update::ExportedServices(x) => replace(&mut self.exported, Some(x)),
             Update::IntentionUpstreams(u) => replace(&mut self.intention_upstreams, Some(u)),
+            Update::Peering(name, p) => insert(&mut self.peerings, name, p),
+            Update::PeerInstances(k, i) => insert(&mut self.peer_instances, k, i),
+        }
+    }
+
+    /// Takes the forwarders' addresses; says whether they changed.
+    pub fn forwarding(&mut self, addresses: BTreeMap<PeerKey, SocketAddr>) -> bool {
+        if self.forwarders == addresses {
+            false
+        } else {
+            self.forwarders = addresses;
+            true
         }
     }
 
@@ -228,6 +250,15 @@ impl Snapshot {
         if is_mesh_gateway(reg) {
             return w;
         }
+        // The exports name the peers whose clients this service's public listener trusts.
+        w.insert(Watch::ExportedServices);
+        for peer in self.exported.iter().flat_map(|x| exported_to(x, &service)) {
+            w.insert(Watch::Peering(peer));
+        }
+        for key in peered_destinations(reg) {
+            w.insert(Watch::Peering(key.peer.clone()));
+            w.insert(Watch::PeerInstances(key));
+        }
         if let Some(id) = exposed_checks_of(reg) {
             w.insert(Watch::Checks(id));
             // Agentless, the node's address (`consul::kinds`).
@@ -275,9 +306,13 @@ impl Snapshot {
             });
         }
         self.registration.as_ref().is_some_and(|r| {
+            let peered_known = peered_destinations(r).iter().all(|k| {
+                self.peer_instances.contains_key(k) && self.peerings.contains_key(&k.peer)
+            });
             let transparent_known =
                 !is_transparent(r) || (self.intention_upstreams.is_some() && self.mesh.is_some());
             transparent_known
+                && peered_known
                 && destinations(r, self.implicit_upstreams()).iter().all(|k| {
                     self.endpoints.contains_key(k)
                         && (k.kind != DestinationKind::Service || self.chains.contains_key(k))

@@ -710,5 +710,20 @@ pub fn endpoints_path(key: &DestinationKey) -> String {
     }
 }
 
+/// A cluster peering (`/v1/peering/<peer>`): its state, CAs and server name.
+pub fn peering_path(peer: &str) -> String {
+    format!("/v1/peering/{}", encode(peer))
+}
+
+/// The passing instances of a peer's exported service: its mesh gateways, each carrying the
+/// service's SNI and SPIFFE ID.
+pub fn peer_instances_path(key: &crate::peering::PeerKey) -> String {
+    format!(
+        "/v1/health/connect/{}?passing=1&peer={}",
+        encode(&key.service),
+        encode(&key.peer)
+    )
+}
+
 #[cfg(test)]
 mod tests;

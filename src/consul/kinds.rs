@@ -14,12 +14,13 @@ use super::api::{
 };
 use super::chain::{chain_path, parse_chain, serving, target_health_path, TargetKey};
 use super::client::{
-    endpoints_path, leaf_path, topology_path, Consul, AGENT_SELF_PATH, AUTHORIZE_PATH,
-    EXPORTED_SERVICES_PATH, INTENTIONS_PATH, JWT_PROVIDERS_PATH, MESH_PATH, PROXY_DEFAULTS_PATH,
-    ROOTS_PATH, SERVICE_DEFAULTS_PATH,
+    endpoints_path, leaf_path, peer_instances_path, peering_path, topology_path, Consul,
+    AGENT_SELF_PATH, AUTHORIZE_PATH, EXPORTED_SERVICES_PATH, INTENTIONS_PATH, JWT_PROVIDERS_PATH,
+    MESH_PATH, PROXY_DEFAULTS_PATH, ROOTS_PATH, SERVICE_DEFAULTS_PATH,
 };
 use super::{DestinationKey, DestinationKind, Update};
 use crate::error::{Error, Result};
+use crate::peering::{PeerInstance, PeerKey, Peering};
 use crate::value::Millis;
 
 /// What the sidecar is, as far as what it must watch goes. Whether a sidecar is transparent
@@ -76,6 +77,10 @@ pub enum Watch {
     Chain(DestinationKey),
     /// The serving instances of a chain target that is not a destination itself.
     TargetInstances(TargetKey),
+    /// A cluster peering: dialed by a peered upstream, or a consumer of this service's exports.
+    Peering(String),
+    /// The instances of a peer's service (its gateways), for a peered upstream.
+    PeerInstances(PeerKey),
 }
 
 /// How a blocking read follows the content.
@@ -119,6 +124,10 @@ pub(super) struct Spec {
 /// How often the default policy is read again: it changes only with the agent's configuration
 /// or a `*` intention, which the intentions watch covers.
 const DEFAULT_POLICY_EVERY: Duration = Duration::from_secs(30);
+
+/// How often a peering is read again: Consul's `/v1/peering/<peer>` does not block, and a
+/// peer's rotated CA must reach both sides within seconds.
+const PEERING_EVERY: Duration = Duration::from_secs(5);
 
 impl Watch {
     /// How this watch reads: `query_poll` and `checks_poll` are the poll intervals of
@@ -231,15 +240,51 @@ impl Watch {
                     }))
                 }),
             ),
-            Watch::ExportedServices => get(
-                "exported services".into(),
-                EXPORTED_SERVICES_PATH.into(),
-                WatchMode::Index,
-                Box::new(|body| {
-                    api::parse::<Vec<ExportedServicesEntry>>("the exported-services entries", body)
+            // Consul before 1.11 has no `exported-services` kind: then nothing is exported.
+            Watch::ExportedServices => Spec {
+                what: "exported services".into(),
+                how: How::Get {
+                    path: EXPORTED_SERVICES_PATH.into(),
+                    mode: WatchMode::Index,
+                    unknown: Some("invalid config entry kind"),
+                    parse: Box::new(|body| {
+                        api::parse::<Vec<ExportedServicesEntry>>(
+                            "the exported-services entries",
+                            body,
+                        )
                         .map(Update::ExportedServices)
-                }),
-            ),
+                    }),
+                },
+            },
+            Watch::Peering(peer) => {
+                let p = peer.clone();
+                Spec {
+                    what: format!("cluster peering {peer}"),
+                    // A peering Consul does not know (yet) is a failing read, retried: until it
+                    // reads, nothing is trusted or dialed for it.
+                    how: How::Get {
+                        path: peering_path(peer),
+                        mode: WatchMode::Poll(PEERING_EVERY),
+                        unknown: None,
+                        parse: Box::new(move |body| {
+                            api::parse::<Peering>("a peering", body)
+                                .map(|peering| Update::Peering(p.clone(), peering))
+                        }),
+                    },
+                }
+            }
+            Watch::PeerInstances(key) => {
+                let k = key.clone();
+                get(
+                    format!("instances of {key}"),
+                    peer_instances_path(key),
+                    WatchMode::Index,
+                    Box::new(move |body| {
+                        api::parse::<Vec<PeerInstance>>("a peered health/connect query", body)
+                            .map(|entries| Update::PeerInstances(k.clone(), entries))
+                    }),
+                )
+            }
             Watch::Checks(id) => {
                 let source = consul.source().clone();
                 let mode = if source.checks_block() {

@@ -90,6 +90,10 @@ pub enum Update {
     ExportedServices(Vec<api::ExportedServicesEntry>),
     /// Transparent mode: the services this one may reach (`api::ServiceTopology::allowed`).
     IntentionUpstreams(Vec<String>),
+    /// A cluster peering as read (`/v1/peering/<peer>`).
+    Peering(String, crate::peering::Peering),
+    /// The instances Consul lists for a peer's service (its gateways).
+    PeerInstances(crate::peering::PeerKey, Vec<crate::peering::PeerInstance>),
 }
 
 /// A mesh gateway's registration as Consul's own `-register` makes it: kind `mesh-gateway`,
@@ -141,6 +145,41 @@ pub fn exported_destinations(entries: &[api::ExportedServicesEntry]) -> Vec<Dest
             kind: DestinationKind::Service,
             name: s.name.clone(),
             datacenter: String::new(),
+        })
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+/// The cluster peers an `exported-services` entry exports `service` to (default partition and
+/// namespace, the only ones Consul's community edition has), sorted. A wildcard names it too.
+pub fn exported_to(entries: &[api::ExportedServicesEntry], service: &str) -> Vec<String> {
+    let default = |s: &str| s.is_empty() || s == "default";
+    let mut peers: Vec<String> = entries
+        .iter()
+        .filter(|e| default(&e.partition))
+        .flat_map(|e| e.services.iter())
+        .filter(|s| (s.name == service || s.name == "*") && default(&s.namespace))
+        .flat_map(|s| s.consumers.iter())
+        .filter(|c| !c.peer.is_empty())
+        .map(|c| c.peer.clone())
+        .collect();
+    peers.sort();
+    peers.dedup();
+    peers
+}
+
+/// The peered upstreams of a registration (`DestinationPeer`), one key per peer's service.
+pub fn peered_destinations(registration: &AgentService) -> Vec<crate::peering::PeerKey> {
+    let mut keys: Vec<crate::peering::PeerKey> = registration
+        .proxy
+        .iter()
+        .flat_map(|p| p.upstreams.iter())
+        .filter(|u| !u.destination_peer.is_empty() && !u.destination_name.is_empty())
+        .map(|u| crate::peering::PeerKey {
+            peer: u.destination_peer.clone(),
+            service: u.destination_name.clone(),
         })
         .collect();
     keys.sort();

@@ -2,10 +2,13 @@
 //! from, rebuilt whenever one of its inputs changes; without it, the warning that names what
 //! Consul would refuse and this sidecar lets through.
 
-use crate::consul::api::{CaRoots, IntentionEntry, JwtProviders};
+use std::collections::BTreeMap;
+
+use crate::consul::api::{CaRoots, ExportedServicesEntry, IntentionEntry, JwtProviders};
 use crate::error::Error;
 use crate::metrics::Registry;
 use crate::model::{Mode, Paths};
+use crate::peering::Peering;
 use crate::snapshot::Snapshot;
 use crate::spoe::authz::AuthzTable;
 use crate::spoe::server::{spawn, AgentConfig, AgentHandle, SharedTable};
@@ -92,6 +95,9 @@ struct Inputs {
     roots: Option<CaRoots>,
     service: Option<(String, Mode)>,
     jwt_providers: Option<JwtProviders>,
+    /// The exports and peerings: which peers' clients the table accepts.
+    exported: Option<Vec<ExportedServicesEntry>>,
+    peerings: BTreeMap<String, Peering>,
 }
 
 impl Agent {
@@ -138,6 +144,8 @@ impl Agent {
                 && b.roots == snapshot.roots
                 && b.service == service
                 && b.jwt_providers == snapshot.jwt_providers
+                && b.exported == snapshot.exported
+                && b.peerings == snapshot.peerings
         });
         if unchanged {
             return;
@@ -148,6 +156,8 @@ impl Agent {
             roots: snapshot.roots.clone(),
             service,
             jwt_providers: snapshot.jwt_providers.clone(),
+            exported: snapshot.exported.clone(),
+            peerings: snapshot.peerings.clone(),
         };
         if self.built_from.as_ref().map(|b| &b.jwt_providers) != Some(&snapshot.jwt_providers) {
             // Once per change of the entries (or their files).

@@ -217,9 +217,31 @@ pub fn table(snapshot: &Snapshot) -> AuthzTable {
     ) {
         Ok(t) => t
             .with_jwt_providers(jwt_providers(snapshot).0)
+            .with_peers(peers(snapshot, service))
             .for_http_listener(public_mode(proxy) == Mode::Http),
         Err(e) => AuthzTable::deny_all(format!("the CA roots cannot be used: {e}")),
     }
+}
+
+/// The cluster peers `service` is exported to whose peering is read and active, each with a
+/// table of its own trust domain and CAs: a client those certify is that peer's, and only
+/// intentions naming the peer (`SourcePeer`) decide for it. A peer that cannot be used is
+/// left out, so its clients are refused (the model names it in a warning: its CA is left out
+/// of the public listener's too).
+fn peers(snapshot: &Snapshot, service: &str) -> Vec<(String, AuthzTable)> {
+    let exported = snapshot.exported.as_deref().unwrap_or_default();
+    crate::consul::exported_to(exported, service)
+        .into_iter()
+        .filter_map(|name| {
+            let p = snapshot.peerings.get(&name)?;
+            if p.state.as_deref().is_some_and(|s| s != "ACTIVE") {
+                return None;
+            }
+            let td = p.trust_domain()?;
+            let table = AuthzTable::new(&td, &p.ca_pem(), vec![], DefaultPolicy::Deny).ok()?;
+            Some((name, table))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -325,6 +347,58 @@ mod tests {
             .find(|i| i.source == "client")
             .unwrap();
         assert_eq!(peer.source_peer, "peer1");
+    }
+
+    /// The exporting side (Consul 1.16.3's `web`, its intention from `peer1` made to name
+    /// dc2's recorded `server`): a client that the CA of a peer `web` is exported to certifies
+    /// is that peer's, and only an intention naming that peer lets it in. Not exported to the
+    /// peer, or the peering not active: refused.
+    #[test]
+    fn a_peer_exported_to_is_judged_by_its_peer_intentions() {
+        let v = "1.16.3";
+        let fixture = |name: &str| {
+            let path = format!(
+                "{}/fixtures/peering/consul-1.16.3/{name}",
+                env!("CARGO_MANIFEST_DIR")
+            );
+            std::fs::read_to_string(&path).unwrap()
+        };
+        let theirs: LeafCert = serde_json::from_str(&fixture("dc2-ca-leaf-server.json")).unwrap();
+        // As the side that accepted the peering holds it: no PeerServerName.
+        let peering = crate::peering::Peering {
+            peer_server_name: None,
+            ..serde_json::from_str(&fixture("peering-dc2.json")).unwrap()
+        };
+        let base = |action: &str, exported: &str| {
+            let mut s = snapshot_for(v, "web", Some("deny"));
+            for i in s.intentions.iter_mut().flatten() {
+                if i.source_peer == "peer1" {
+                    i.source_name = "server".into();
+                    i.action = action.into();
+                }
+            }
+            s.exported = Some(
+                serde_json::from_str(&format!(
+                    r#"[{{"Name":"default","Services":[{{"Name":"{exported}","Consumers":[{{"Peer":"peer1"}}]}}]}}]"#
+                ))
+                .unwrap(),
+            );
+            s.peerings.insert("peer1".into(), peering.clone());
+            s
+        };
+        let judged = |s: &Snapshot| decide(&table(s), &der(&theirs));
+        let allowed = judged(&base("allow", "web"));
+        assert!(allowed.allow, "{}", allowed.reason);
+        assert!(!judged(&base("deny", "web")).allow);
+        assert!(
+            !judged(&base("allow", "other")).allow,
+            "web is not exported to peer1"
+        );
+        let mut pending = base("allow", "web");
+        if let Some(p) = pending.peerings.get_mut("peer1") {
+            p.state = Some("DELETING".into());
+        }
+        assert!(!judged(&pending).allow);
     }
 
     #[test]

@@ -204,6 +204,10 @@ pub struct UpstreamListener {
     /// `passive_health_check`: the errors that eject a server of this upstream's backends
     /// (its own and each chain target's) and for how long.
     pub passive: Option<keys::PassiveCheck>,
+    /// A peered upstream (`DestinationPeer`): its server is the forwarder this names, in
+    /// plain TCP (`peered`).
+    #[serde(skip)]
+    pub peer: Option<peered::PeerDial>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -310,8 +314,12 @@ impl UpstreamListener {
 pub struct Tls {
     /// Leaf chain then private key, as HAProxy's `crt` wants it.
     pub leaf_pem: String,
-    /// Every CA root, active or not, so that peers on either side of a rotation are trusted.
+    /// Every CA root, active or not, so that peers on either side of a rotation are trusted;
+    /// for a sidecar whose service is exported to cluster peers, their CAs too (HAProxy's
+    /// `ca-file`, see `own_roots_pem`).
     pub roots_pem: String,
+    /// Our own cluster's roots only: what the identity checker judges upstreams by.
+    pub own_roots_pem: String,
     pub trust_domain: String,
 }
 
@@ -374,7 +382,7 @@ impl Desired {
                 .map(Server::endpoint)
                 .collect(),
             leaf_pem: self.tls.leaf_pem.clone(),
-            roots_pem: self.tls.roots_pem.clone(),
+            roots_pem: self.tls.own_roots_pem.clone(),
         }
     }
 
@@ -386,6 +394,15 @@ impl Desired {
             std::iter::once((u, u.backend.as_str(), u.slots.as_slice()))
                 .chain(targets.map(move |t| (u, t.backend.as_str(), t.slots.as_slice())))
         })
+    }
+
+    /// The forwarders the peered upstreams need, one per peer's service, with their targets.
+    pub fn peered(&self) -> BTreeMap<crate::peering::PeerKey, Option<crate::peering::Target>> {
+        self.upstreams
+            .iter()
+            .filter_map(|u| u.peer.as_ref())
+            .map(|p| (p.key.clone(), p.target.clone()))
+            .collect()
     }
 
     pub fn upstream(&self, name: &str) -> Option<&UpstreamListener> {

@@ -81,7 +81,13 @@ pub fn build(
         )));
     }
 
-    let tls = tls(leaf, roots)?;
+    let mut tls = tls(leaf, roots)?;
+    let mut warnings = Vec::new();
+    tls.roots_pem.push_str(&peered::exported_peer_cas(
+        snapshot,
+        &service,
+        &mut warnings,
+    ));
 
     let app_port = proxy.local_service_port;
     if app_port == 0 {
@@ -90,7 +96,6 @@ pub fn build(
             reg.id
         )));
     }
-    let mut warnings = Vec::new();
     let whose = format!("proxy {:?}", reg.id.escape_debug().to_string());
     keys::warn_unknown(&proxy.config, keys::PROXY, &whose, &mut warnings);
     let mode = public_mode(proxy);
@@ -301,6 +306,7 @@ pub(crate) fn tls(
     leaf_pem.push_str(&key[0]);
     Ok(Tls {
         leaf_pem,
+        own_roots_pem: roots_pem.clone(),
         roots_pem,
         trust_domain: roots.trust_domain.clone(),
     })
@@ -450,6 +456,7 @@ mod expose;
 pub mod gateway;
 pub mod keys;
 pub mod mesh;
+mod peered;
 pub mod transparent;
 mod upstream;
 pub use chain::Routing;

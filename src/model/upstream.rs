@@ -3,6 +3,7 @@
 //! of chain targets and gateway routes (`pool`, `place`).
 
 use super::*;
+use crate::peering::PeerKey;
 
 /// What every upstream's backends depend on besides the snapshot.
 pub(crate) struct Here<'a> {
@@ -41,12 +42,22 @@ pub(super) fn upstream(
             Name::parse(field, v)?;
         }
     }
-    if !u.destination_peer.is_empty() {
-        return Err(Error::msg(format!(
-            "its destination is in cluster peer {:?}, and this sidecar cannot dial a peer yet (HAProxy checks a server certificate's names against the SNI the peer's mesh gateway needs, and a peer's leaf has none)",
-            u.destination_peer
-        )));
-    }
+    // A peer's service: dialed through this sidecar's forwarder (`peered`), never as ours.
+    let peer = match u.destination_peer.as_str() {
+        "" => None,
+        p => {
+            Name::parse("DestinationPeer", p)?;
+            if !u.datacenter.is_empty() || u.destination_type == "prepared_query" {
+                return Err(Error::msg(format!(
+                    "its destination is in cluster peer {p:?} and names a Datacenter or a prepared query, which a peer's exports cannot be"
+                )));
+            }
+            Some(PeerKey {
+                peer: p.to_string(),
+                service: u.destination_name.clone(),
+            })
+        }
+    };
     let socket = unix_socket(u)?;
     if socket.is_none() && u.local_bind_port == 0 {
         return Err(Error::msg(
@@ -82,10 +93,10 @@ pub(super) fn upstream(
             DestinationKind::PreparedQuery => "pq",
         },
         u.destination_name,
-        if u.datacenter.is_empty() {
-            "local"
-        } else {
-            &u.datacenter
+        match (&peer, u.datacenter.is_empty()) {
+            (Some(p), _) => format!("peer_{}", p.peer),
+            (None, true) => "local".to_string(),
+            (None, false) => u.datacenter.clone(),
         },
         if socket.is_some() {
             "unix"
@@ -98,12 +109,25 @@ pub(super) fn upstream(
             bind_port.to_string()
         }
     ));
+    let previous_listener = previous.and_then(|p| p.upstream(&name));
+    let before = previous_listener.map_or(&[][..], |l| l.slots.as_slice());
+    if let Some(peer) = &peer {
+        return peered_upstream(
+            u,
+            peer,
+            name,
+            bind_address,
+            bind_port,
+            socket,
+            snapshot,
+            before,
+            warnings,
+        );
+    }
     let entries = snapshot
         .endpoints
         .get(&key)
         .map_or(&[][..], |v| v.as_slice());
-    let previous_listener = previous.and_then(|p| p.upstream(&name));
-    let before = previous_listener.map_or(&[][..], |l| l.slots.as_slice());
     let identity = (kind == DestinationKind::Service).then(|| Identity {
         namespace: non_empty(&u.destination_namespace)
             .unwrap_or_else(|| admission::DEFAULT.to_string()),
@@ -189,6 +213,54 @@ pub(super) fn upstream(
         implicit: false,
         limits,
         passive,
+        peer: None,
+    })
+}
+
+/// A peered upstream's listener: as any upstream's (bind, protocol, timeouts, limits), with
+/// the forwarder as its one server and no discovery chain (a peer's chain is the peer's).
+#[allow(clippy::too_many_arguments)]
+fn peered_upstream(
+    u: &Upstream,
+    key: &PeerKey,
+    name: String,
+    bind_address: String,
+    bind_port: u16,
+    socket: Option<UnixSocket>,
+    snapshot: &Snapshot,
+    before: &[Slot],
+    warnings: &mut Vec<String>,
+) -> Result<UpstreamListener> {
+    let whose = format!("upstream {key}");
+    let listener_protocol = Protocol::parse(config_str(&u.config, "protocol").as_deref());
+    let mode = listener_protocol.mode();
+    keys::warn_unknown(&u.config, keys::UPSTREAM, &whose, warnings);
+    let connect_timeout = timeout_setting(&u.config, "connect_timeout_ms", &whose, warnings)
+        .or_else(|| keys::go_timeout(&u.config, "connect_timeout", &whose, warnings));
+    let read_timeout = keys::go_timeout(&u.config, "read_timeout", &whose, warnings);
+    let limits = keys::upstream_limits(&u.config, mode, &whose, warnings);
+    let (slots, dial) = peered::pool(key, snapshot, before, warnings);
+    Ok(UpstreamListener {
+        backend: format!("{BACKEND_PREFIX}{name}"),
+        name,
+        destination: key.to_string(),
+        bind_address,
+        bind_port,
+        socket,
+        mode,
+        // The forwarder offers no ALPN: HTTP/2 to a peer is not negotiated.
+        h2: false,
+        connect_timeout_ms: connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+        read_timeout_ms: read_timeout,
+        slots,
+        identity: None,
+        verifyhost: None,
+        routing: None,
+        implicit: false,
+        limits,
+        // No HAProxy check runs on the forwarder, and a passive check needs one.
+        passive: None,
+        peer: Some(dial),
     })
 }
 

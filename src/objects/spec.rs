@@ -531,6 +531,16 @@ fn slot_server(
     verifyhost: Option<&String>,
 ) -> ServerSpec {
     let spec = slot_spec(pool, slot);
+    // A peered upstream's server is its forwarder on loopback, which originates the mesh TLS
+    // and proves the peer on each connection; HAProxy's check would make a handshake with the
+    // peer's gateway every interval, for nothing.
+    if u.peer.is_some() {
+        return ServerSpec {
+            maxconn: u.limits.per_server,
+            check_inter_ms: None,
+            ..spec
+        };
+    }
     ServerSpec {
         tls: Some(mesh_tls(d, false)),
         verifyhost: verifyhost.cloned(),

@@ -110,10 +110,10 @@ fn forwarder_to(port: u16) -> Forwarder {
     let credentials = Credentials::from_pem(&fixture("client.bundle.pem")).unwrap();
     Forwarder::start(
         "127.0.0.1:0".parse().unwrap(),
-        Dial {
+        Some(Dial {
             target,
             credentials,
-        },
+        }),
     )
     .unwrap()
 }
@@ -201,4 +201,63 @@ fn recorded_consul_answers_give_the_target_and_only_the_exported_services_leaf_p
         ..verifier
     };
     assert!(strict.judge(&server, &[], at).is_err());
+}
+
+/// The supervisor's set: a forwarder with no target closes what it accepts (fail closed), the
+/// same forwarder serves once its target comes (same address, so HAProxy's server stays), and
+/// one no longer wanted stops listening.
+#[test]
+fn forwarders_follow_the_wanted_targets_and_close_without_one() {
+    let (port, arrived) = peer_server(&fixture("server.bundle.pem"), &fixture("local-ca.pem"));
+    let (peering, instances) = consul_answers(&fixture("peer-ca.pem"), port);
+    let target = Target::from_consul("server", &peering, &instances, &mut vec![]).unwrap();
+    let key = PeerKey {
+        peer: "dc2".into(),
+        service: "server".into(),
+    };
+    let leaf = fixture("client.bundle.pem");
+    let mut set = Forwarders::default();
+    let none = BTreeMap::from([(key.clone(), None)]);
+    let at = set.sync(&none, &leaf)[&key];
+    let read = |at: SocketAddr| {
+        let mut c = TcpStream::connect(at).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = c.write_all(b"hello");
+        let _ = c.shutdown(Shutdown::Write);
+        let mut out = String::new();
+        let _ = c.read_to_string(&mut out);
+        out
+    };
+    assert_eq!(read(at), "", "no target: closed");
+    let some = BTreeMap::from([(key.clone(), Some(target))]);
+    assert_eq!(set.sync(&some, &leaf)[&key], at, "the same forwarder");
+    assert_eq!(read(at), format!("sni={SNI};hello"));
+    assert_eq!(arrived.recv_timeout(Duration::from_secs(10)), Ok(true));
+    assert!(set.sync(&BTreeMap::new(), &leaf).is_empty());
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        TcpStream::connect_timeout(&at, Duration::from_secs(1)).is_err(),
+        "a forwarder no longer wanted stops listening"
+    );
+}
+
+/// The peer's trust domain is its CA's (the side that accepted a peering has no
+/// `PeerServerName`), and `PeerServerName`'s tail when no CA names one.
+#[test]
+fn the_peers_trust_domain_is_read_from_its_ca_or_its_server_name() {
+    let recorded: Peering =
+        serde_json::from_str(&fixture("consul-1.16.3/peering-dc2.json")).unwrap();
+    let td = "11111111-2222-3333-4444-666666666666.consul";
+    let accepted = Peering {
+        peer_server_name: None,
+        ..recorded.clone()
+    };
+    assert_eq!(accepted.trust_domain().as_deref(), Some(td));
+    let named = Peering {
+        peer_ca_pems: None,
+        peer_server_name: Some("server.dc2.peering.other.consul".into()),
+        ..recorded
+    };
+    assert_eq!(named.trust_domain().as_deref(), Some("other.consul"));
+    assert_eq!(Peering::default().trust_domain(), None);
 }

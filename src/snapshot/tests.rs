@@ -67,6 +67,7 @@ fn a_sidecar_wants_its_leaf_intentions_and_each_upstream() {
             Watch::AclDefaultPolicy("client".into()),
             Watch::Instances(service("server", ""), None),
             Watch::Chain(service("server", "")),
+            Watch::ExportedServices,
         ]);
         assert_eq!(s.watches(&role(p)), want, "{v}");
         let without = Role {
@@ -337,4 +338,35 @@ fn enforcing_waits_for_the_intentions_table() {
     s.apply(Update::Intentions(Vec::new()));
     s.jwt_providers = None;
     assert!(s.missing().is_empty(), "no intention names a provider");
+}
+
+/// A peered upstream (`modern`'s `server` of `peer1`) wants that peering and the instances
+/// Consul lists for the peer's service; the exports name the peers whose CAs the public
+/// listener trusts, so each such peering is read too. Nothing of the peer's is read as ours.
+#[test]
+fn peered_upstreams_and_exports_want_their_peerings() {
+    let p = "modern-sidecar-proxy";
+    let mut s = fixtures::snapshot("1.16.3", p, "ca-leaf-client.json");
+    let key = crate::peering::PeerKey {
+        peer: "peer1".into(),
+        service: "server".into(),
+    };
+    let w = s.watches(&role(p));
+    assert!(w.contains(&Watch::Peering("peer1".into())), "{w:?}");
+    assert!(w.contains(&Watch::PeerInstances(key.clone())), "{w:?}");
+    assert!(w.contains(&Watch::ExportedServices), "{w:?}");
+    assert!(!s.endpoints_known(), "the peered upstream is not read yet");
+    s.apply(Update::ExportedServices(
+        serde_json::from_str(
+            r#"[{"Name":"default","Services":[{"Name":"modern","Consumers":[{"Peer":"dc9"}]},
+                {"Name":"other","Consumers":[{"Peer":"dc8"}]}]}]"#,
+        )
+        .unwrap(),
+    ));
+    let w = s.watches(&role(p));
+    assert!(w.contains(&Watch::Peering("dc9".into())), "{w:?}");
+    assert!(!w.contains(&Watch::Peering("dc8".into())), "{w:?}");
+    assert!(s.apply(Update::Peering("peer1".into(), Default::default())));
+    assert!(s.apply(Update::PeerInstances(key, Vec::new())));
+    assert!(!s.apply(Update::Peering("peer1".into(), Default::default())));
 }

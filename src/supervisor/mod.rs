@@ -124,6 +124,9 @@ struct Supervisor {
     /// A mesh gateway this run registered (`-register`): deregistered when the drain starts,
     /// or when the run ends however it ends.
     registered: Option<GatewayRegistration>,
+    /// One forwarder per peered upstream's service (`crate::peering`), as the last state
+    /// built asks.
+    forwarders: crate::peering::Forwarders,
 }
 
 /// A mesh gateway's registration, deregistered on drop.
@@ -295,6 +298,7 @@ pub fn run(opts: Options) -> Result<i32, Fatal> {
         warned: Vec::new(),
         checker,
         registered,
+        forwarders: Default::default(),
     };
     let Some(desired) = s.wait_for_snapshot()? else {
         return Ok(0);
@@ -403,7 +407,15 @@ impl Supervisor {
     /// the agent decides from now (the model knows no intentions; `absorb` has already given
     /// the agent this snapshot).
     fn build(&mut self, previous: Option<&Desired>) -> crate::error::Result<Desired> {
-        let built = model::build(&self.snapshot, &self.settings, previous);
+        let mut built = model::build(&self.snapshot, &self.settings, previous);
+        // The forwarders the state asks for, each with its target; a forwarder just started
+        // has an address the state could not know yet: build once more with it.
+        if let Ok(d) = &built {
+            let addresses = self.forwarders.sync(&d.peered(), &d.tls.leaf_pem);
+            if self.snapshot.forwarding(addresses) {
+                built = model::build(&self.snapshot, &self.settings, previous);
+            }
+        }
         let mut d = match built {
             Ok(d) => d,
             Err(e) => {

@@ -114,7 +114,9 @@ fn peer_upstreams_are_named_once_and_the_rest_serves() {
             {"DestinationName": "server", "DestinationPeer": "peer1", "LocalBindPort": peer_port},
         ]),
     );
-    let peer_warning = "its destination is in cluster peer \"peer1\"";
+    // No such peering here: the peered upstream listens and closes what it accepts.
+    let peer_warning =
+        "upstream service server of peer peer1: the peering or its instances are not read yet";
     wait_until(Duration::from_secs(30), "the warning", || {
         mesh.client_sidecar.log_contains(peer_warning)
     })
@@ -150,9 +152,14 @@ fn peer_upstreams_are_named_once_and_the_rest_serves() {
     drop(second_sidecar);
     let logs = mesh.client_sidecar.logs();
     assert_eq!(logs.matches(peer_warning).count(), 1, "{logs}");
+    let peered = http_get(
+        &format!("127.0.0.1:{peer_port}"),
+        "/",
+        Duration::from_secs(3),
+    );
     assert!(
-        std::net::TcpStream::connect(("127.0.0.1", peer_port)).is_err(),
-        "no listener for the peer's upstream"
+        peered.is_err(),
+        "the undialable peer's upstream answered: {peered:?}"
     );
     assert!(matches!(
         http_get(&mesh.upstream_addr(), "/", Duration::from_secs(3)),

@@ -3,7 +3,9 @@
 //! (`-gateway mesh -register`). What `dc1` is told about `server` (`?peer=dc2`: the gateway's
 //! address and the SNI to send) reaches `dc2`'s server through the gateway, which never
 //! terminates the TLS; an SNI that names no exported service is closed; exports change live;
-//! the gateway deregisters at exit. Skipped on Consul 1.8.7, which has no peering.
+//! the gateway deregisters at exit. And the whole peered path of our own: `dc1`'s sidecar
+//! dials `server` of peer `dc2` through that gateway to `dc2`'s sidecar, which lets it in as
+//! `dc2`'s intentions for the peer `dc1` say. Skipped on Consul 1.8.7, which has no peering.
 
 use std::time::Duration;
 
@@ -20,7 +22,7 @@ struct Peered {
     dc2: Consul,
     base: TempDir,
     app: HttpApp,
-    _server: Child,
+    server: Child,
     gateway: Child,
     lan: u16,
     wan: u16,
@@ -59,8 +61,35 @@ fn gateway_flags(dc2: &Consul, base: &TempDir, lan: u16, wan: u16) -> Vec<String
     .to_vec()
 }
 
+/// `dc2`'s gateway, registering itself, with its stats endpoint at `stats`.
+fn spawn_gateway(dc2: &Consul, base: &TempDir, lan: u16, wan: u16, stats: &str) -> Child {
+    let mut cmd = sidecar_command();
+    cmd.args(gateway_flags(dc2, base, lan, wan)).args([
+        "-register",
+        "-log-level",
+        "debug",
+        "-stats-addr",
+        stats,
+    ]);
+    Child::spawn("gateway", &mut cmd, base.path())
+}
+
 impl Peered {
-    fn start() -> Peered {
+    /// The gateway stopped (deregistering) and started again at new addresses.
+    fn move_gateway(&mut self) {
+        self.gateway.signal(nix::sys::signal::Signal::SIGTERM);
+        assert!(
+            self.gateway.wait_timeout(WAIT).is_some(),
+            "{}",
+            self.gateway.logs()
+        );
+        (self.lan, self.wan) = (free_port(), free_port());
+        self.stats = format!("127.0.0.1:{}", free_port());
+        self.gateway = spawn_gateway(&self.dc2, &self.base, self.lan, self.wan, &self.stats);
+    }
+
+    /// `intentions`: whether `server`'s sidecar enforces them (`-enable-intentions`).
+    fn start(intentions: bool) -> Peered {
         let (dc1, dc2) = Consul::start_peered();
         let base = TempDir::new("gateway");
         let app = HttpApp::start("from dc2's server");
@@ -71,25 +100,17 @@ impl Peered {
             sidecar_port,
             &[],
         ));
-        let server = sidecar(&dc2, &base, "server", false, &[]);
+        let server = sidecar(&dc2, &base, "server", intentions, &[]);
         export(&dc2, &["server"]);
         let (lan, wan) = (free_port(), free_port());
         let stats = format!("127.0.0.1:{}", free_port());
-        let mut cmd = sidecar_command();
-        cmd.args(gateway_flags(&dc2, &base, lan, wan)).args([
-            "-register",
-            "-log-level",
-            "debug",
-            "-stats-addr",
-            &stats,
-        ]);
-        let gateway = Child::spawn("gateway", &mut cmd, base.path());
+        let gateway = spawn_gateway(&dc2, &base, lan, wan, &stats);
         Peered {
             dc1,
             dc2,
             base,
             app,
-            _server: server,
+            server,
             gateway,
             lan,
             wan,
@@ -141,7 +162,7 @@ fn a_peer_reaches_an_exported_service_through_the_gateway_and_nothing_else() {
         eprintln!("SKIPPED: cluster peering needs Consul 1.14+");
         return;
     }
-    let mut p = Peered::start();
+    let mut p = Peered::start(false);
 
     // The gateway registered itself: dc1 learns server's instance at the gateway, with the
     // SNI its sidecars are to send, in dc2's trust domain.
@@ -251,4 +272,82 @@ fn a_peer_reaches_an_exported_service_through_the_gateway_and_nothing_else() {
     );
     let (_, services) = p.dc2.get("/v1/agent/services");
     assert!(!services.contains("\"gw\""), "{services}");
+}
+
+/// `dc2`'s intention for `client` of the peer `dc1` to `server`: `allow` or `deny`.
+fn peer_intention(dc2: &Consul, action: &str) {
+    let entry = serde_json::json!({
+        "Kind": "service-intentions", "Name": "server",
+        "Sources": [{"Name": "client", "Peer": "dc1", "Action": action}],
+    });
+    let (status, body) = dc2.put("/v1/config", &entry.to_string());
+    assert!(status == 200 && body.trim() == "true", "{status} {body}");
+}
+
+/// The whole peered path of our own: dc1's client app → our dc1 sidecar (its upstream
+/// `server` of peer `dc2`, dialed by its forwarder) → dc2's gateway (ours, SNI routing only)
+/// → dc2's server sidecar (ours, trusting dc1's CA since `server` is exported to dc1) → app.
+/// Served while dc2's intention from the peer dc1 allows, again once dc2's gateway moved to
+/// other addresses (the forwarder's target replaced live); closed once the intention denies.
+#[test]
+fn a_peered_upstream_reaches_the_peers_service_as_its_intentions_say() {
+    if !consul_is_current() {
+        eprintln!("SKIPPED: cluster peering needs Consul 1.14+");
+        return;
+    }
+    let mut p = Peered::start(true);
+    p.imported();
+    peer_intention(&p.dc2, "allow");
+    let bind = free_port();
+    let registration = serde_json::json!({
+        "Name": "client", "ID": "client", "Address": "127.0.0.1", "Port": free_port(),
+        "Connect": {"SidecarService": {
+            "Port": free_port(),
+            "Proxy": {"Upstreams": [
+                {"DestinationName": "server", "DestinationPeer": "dc2", "LocalBindPort": bind},
+            ]},
+        }},
+    });
+    p.dc1.register(&registration.to_string());
+    let client = sidecar(&p.dc1, &p.base, "client", true, &[]);
+    let through = || http_status(curl_for_status().arg(format!("http://127.0.0.1:{bind}/")));
+    let logs = |p: &Peered| {
+        format!(
+            "{}\n{}\n{}",
+            client.logs(),
+            p.server.logs(),
+            p.gateway.logs()
+        )
+    };
+    wait_until(WAIT, "dc1's client to reach dc2's server", || {
+        through() == 200
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs(&p)));
+    assert!(p.app.requests() > 0);
+
+    // The gateway moves to other addresses: dc1 learns them, and the forwarder's target
+    // follows live (same listener, same forwarder).
+    p.move_gateway();
+    p.imported();
+    wait_until(WAIT, "the client through the moved gateway", || {
+        through() == 200
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs(&p)));
+    assert!(
+        client.log_contains("peered upstream service server of peer dc2: forwarder updated"),
+        "{}",
+        client.logs()
+    );
+
+    // Denied by dc2's intention for the peer: the connection is closed, the app sees nothing.
+    peer_intention(&p.dc2, "deny");
+    wait_until(WAIT, "the deny intention to refuse the peer", || {
+        through() == 0
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs(&p)));
+    let served = p.app.requests();
+    for _ in 0..3 {
+        assert_eq!(through(), 0, "{}", logs(&p));
+    }
+    assert_eq!(p.app.requests(), served, "a denied peer reached the app");
 }

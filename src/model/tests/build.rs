@@ -205,6 +205,7 @@ fn current_consul_registrations_serve_what_they_can_and_name_the_rest() {
         [
             "up_svc_client_local_127.0.0.1_9195",
             "up_svc_server_local_unix__tmp_hcc-modern-server.sock",
+            "up_svc_server_peer_peer1_127.0.0.1_9194",
         ]
     );
     let unix = &d.upstreams[1];
@@ -217,11 +218,15 @@ fn current_consul_registrations_serve_what_they_can_and_name_the_rest() {
     );
     assert_eq!(unix.instances().count(), 2, "fed by server's instances");
     assert_eq!(d.warnings.len(), 1, "{:?}", d.warnings);
+    // The peered upstream listens, and refuses until its peering is read.
     assert!(
-        d.warnings[0].contains("cluster peer \"peer1\""),
+        d.warnings[0].contains(
+            "service server of peer peer1: the peering or its instances are not read yet"
+        ),
         "{}",
         d.warnings[0]
     );
+    assert_eq!(d.upstreams[2].instances().count(), 0);
     // Transparent mode: an outbound listener, with no route until the intention upstreams
     // are read, and refusing what it cannot route until the mesh entry is.
     let o = d.transparent.as_ref().unwrap();
@@ -233,7 +238,7 @@ fn current_consul_registrations_serve_what_they_can_and_name_the_rest() {
     assert_eq!(
         watched.len(),
         2,
-        "the peer upstream is not watched: {watched:?}"
+        "the peer upstream is not watched as ours: {watched:?}"
     );
 }
 

@@ -7,3 +7,4 @@ use super::*;
 mod admission;
 mod build;
 mod config_keys;
+mod peered;
