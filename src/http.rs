@@ -2,23 +2,46 @@
 //! API. It reaches a server over TCP, TLS or a unix socket, adds the credential header to every
 //! request, and never treats a non-2xx status as a transport error: callers decide what a 404 or
 //! a 409 means.
+//!
+//! A TCP connection also notices a peer that is cut off rather than stopped (network cut,
+//! packets dropped, the host gone): nothing answers then, not even a reset, and a blocking
+//! query would wait out its whole wait. Every TCP connection therefore probes an idle peer
+//! (keepalive) and gives up on unacknowledged data (`TCP_USER_TIMEOUT`), so a dead peer fails
+//! the request within `DEAD_PEER_AFTER`, and a connect within `CONNECT_TIMEOUT`. A live peer's
+//! kernel answers the probes itself, so a long wait on a live server is not cut short.
 
 use std::fmt;
-use std::io::{Read, Write};
-use std::net::SocketAddr;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
 use ureq::unversioned::transport::{
-    Buffers, ConnectionDetails, Connector, LazyBuffers, NextTimeout, RustlsConnector, TcpConnector,
-    Transport,
+    Buffers, ConnectionDetails, Connector, LazyBuffers, NextTimeout, RustlsConnector, Transport,
 };
 
 pub use crate::config::{Endpoint, Secret, TlsFiles};
 use crate::error::{Context, Error, Result};
+
+/// How long a TCP peer may leave the connection without any answer before it counts as dead:
+/// after `KEEPALIVE_IDLE` of silence a probe, then one every `KEEPALIVE_INTERVAL`; Linux drops
+/// the connection once `DEAD_PEER_AFTER` has passed since the last segment received with a
+/// probe unanswered (`TCP_USER_TIMEOUT` decides over the probe count when both are set), and
+/// likewise when sent data stays unacknowledged that long. At rest the peer is probed every
+/// `KEEPALIVE_IDLE` (a bare segment its kernel answers; no HTTP request), so its last answer
+/// is never more than `KEEPALIVE_IDLE` old when it is cut: a cut peer fails the request
+/// `DEAD_PEER_AFTER - KEEPALIVE_IDLE` to `DEAD_PEER_AFTER` after the cut.
+pub const DEAD_PEER_AFTER: Duration = Duration::from_secs(14);
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(5);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(3);
+/// Probes before giving up when the kernel ignores `TCP_USER_TIMEOUT`:
+/// `KEEPALIVE_IDLE + KEEPALIVE_PROBES * KEEPALIVE_INTERVAL` = `DEAD_PEER_AFTER`.
+const KEEPALIVE_PROBES: u32 = 3;
+/// A connect that has no answer by then goes to a host that is not there: a server on a
+/// reachable host answers (or refuses) within a round trip, two SYNs lost included.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
 pub enum Credential {
@@ -121,7 +144,7 @@ impl Client {
             ),
             _ => ureq::Agent::with_parts(
                 config,
-                ().chain(TcpConnector::default())
+                ().chain(TcpLivenessConnector)
                     .chain(RustlsConnector::default()),
                 PinnedResolver(pinned),
             ),
@@ -326,7 +349,7 @@ struct UnixConnector {
 }
 
 impl Connector<()> for UnixConnector {
-    type Out = UnixTransport;
+    type Out = StreamTransport<UnixStream>;
 
     fn connect(
         &self,
@@ -334,39 +357,140 @@ impl Connector<()> for UnixConnector {
         _chained: Option<()>,
     ) -> std::result::Result<Option<Self::Out>, ureq::Error> {
         let stream = UnixStream::connect(&self.path)?;
-        Ok(Some(UnixTransport {
-            stream: Arc::new(stream),
+        Ok(Some(StreamTransport::new(stream, details)))
+    }
+}
+
+/// Connects over TCP to the resolved addresses in turn, each connect bounded by
+/// `CONNECT_TIMEOUT`, and arms the dead-peer detection (`DEAD_PEER_AFTER`) on the connection.
+#[derive(Debug)]
+struct TcpLivenessConnector;
+
+impl Connector<()> for TcpLivenessConnector {
+    type Out = StreamTransport<TcpStream>;
+
+    fn connect(
+        &self,
+        details: &ConnectionDetails,
+        _chained: Option<()>,
+    ) -> std::result::Result<Option<Self::Out>, ureq::Error> {
+        // The request's own remaining time still bounds the connect.
+        let budget = details
+            .timeout
+            .not_zero()
+            .map_or(CONNECT_TIMEOUT, |t| (*t).min(CONNECT_TIMEOUT));
+        let mut last: Option<io::Error> = None;
+        for addr in &details.addrs {
+            match TcpStream::connect_timeout(addr, budget) {
+                Ok(stream) => {
+                    watch_liveness(&stream)?;
+                    if details.config.no_delay() {
+                        stream.set_nodelay(true)?;
+                    }
+                    return Ok(Some(StreamTransport::new(stream, details)));
+                }
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                    last = Some(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("no answer from {addr} to a connect within {budget:?}"),
+                    ));
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(ureq::Error::Io(last.unwrap_or_else(|| {
+            io::Error::new(io::ErrorKind::AddrNotAvailable, "no address to connect to")
+        })))
+    }
+}
+
+/// Arms keepalive probes and `TCP_USER_TIMEOUT` on `stream` (see `DEAD_PEER_AFTER`).
+fn watch_liveness(stream: &TcpStream) -> io::Result<()> {
+    let socket = socket2::SockRef::from(stream);
+    socket.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(KEEPALIVE_IDLE)
+            .with_interval(KEEPALIVE_INTERVAL)
+            .with_retries(KEEPALIVE_PROBES),
+    )?;
+    socket.set_tcp_user_timeout(Some(DEAD_PEER_AFTER))
+}
+
+/// What `StreamTransport` needs of a connected socket; all I/O goes through `&self`.
+trait Stream: Send + Sync + 'static {
+    fn read_into(&self, buf: &mut [u8]) -> io::Result<usize>;
+    fn write_out(&self, buf: &[u8]) -> io::Result<()>;
+    fn set_read_timeout(&self, d: Option<Duration>) -> io::Result<()>;
+    fn set_write_timeout(&self, d: Option<Duration>) -> io::Result<()>;
+    fn set_nonblocking(&self, on: bool) -> io::Result<()>;
+}
+
+macro_rules! stream_impl {
+    ($t:ty) => {
+        impl Stream for $t {
+            fn read_into(&self, buf: &mut [u8]) -> io::Result<usize> {
+                (&*self).read(buf)
+            }
+            fn write_out(&self, buf: &[u8]) -> io::Result<()> {
+                (&*self).write_all(buf)
+            }
+            fn set_read_timeout(&self, d: Option<Duration>) -> io::Result<()> {
+                <$t>::set_read_timeout(self, d)
+            }
+            fn set_write_timeout(&self, d: Option<Duration>) -> io::Result<()> {
+                <$t>::set_write_timeout(self, d)
+            }
+            fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+                <$t>::set_nonblocking(self, on)
+            }
+        }
+    };
+}
+stream_impl!(UnixStream);
+stream_impl!(TcpStream);
+
+/// One connection for ureq: a unix or TCP socket and its buffers.
+struct StreamTransport<S> {
+    stream: S,
+    buffers: LazyBuffers,
+}
+
+impl<S> StreamTransport<S> {
+    fn new(stream: S, details: &ConnectionDetails) -> StreamTransport<S> {
+        StreamTransport {
+            stream,
             buffers: LazyBuffers::new(
                 details.config.input_buffer_size(),
                 details.config.output_buffer_size(),
             ),
-        }))
+        }
     }
 }
 
-struct UnixTransport {
-    stream: Arc<UnixStream>,
-    buffers: LazyBuffers,
-}
-
-impl fmt::Debug for UnixTransport {
+impl<S> fmt::Debug for StreamTransport<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("UnixTransport")
+        f.write_str("StreamTransport")
     }
 }
 
-fn timeout_error(e: std::io::Error) -> ureq::Error {
-    if matches!(
-        e.kind(),
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-    ) {
-        ureq::Error::Timeout(ureq::Timeout::Global)
-    } else {
-        ureq::Error::Io(e)
+/// A socket timeout (`EAGAIN`) is the request's own time running out; `ETIMEDOUT` is the
+/// kernel giving up on a peer that stopped answering (`DEAD_PEER_AFTER`), a failure of that
+/// server, said so.
+fn io_failure(e: io::Error, reason: ureq::Timeout) -> ureq::Error {
+    match e.kind() {
+        io::ErrorKind::WouldBlock => ureq::Error::Timeout(reason),
+        io::ErrorKind::TimedOut => ureq::Error::Io(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "the peer answered nothing for {}s (cut off or down): {e}",
+                DEAD_PEER_AFTER.as_secs()
+            ),
+        )),
+        _ => ureq::Error::Io(e),
     }
 }
 
-impl Transport for UnixTransport {
+impl<S: Stream> Transport for StreamTransport<S> {
     fn buffers(&mut self) -> &mut dyn Buffers {
         &mut self.buffers
     }
@@ -380,7 +504,9 @@ impl Transport for UnixTransport {
         self.stream
             .set_write_timeout(timeout.not_zero().map(|d| *d))?;
         let output = &self.buffers.output()[..amount];
-        (&*self.stream).write_all(output).map_err(timeout_error)
+        self.stream
+            .write_out(output)
+            .map_err(|e| io_failure(e, timeout.reason))
     }
 
     fn await_input(&mut self, timeout: NextTimeout) -> std::result::Result<bool, ureq::Error> {
@@ -389,10 +515,10 @@ impl Transport for UnixTransport {
             .set_read_timeout(timeout.not_zero().map(|d| *d))?;
         let input = self.buffers.input_append_buf();
         let amount = loop {
-            match (&*self.stream).read(input) {
+            match self.stream.read_into(input) {
                 Ok(n) => break n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(timeout_error(e)),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(io_failure(e, timeout.reason)),
             }
         };
         self.buffers.input_appended(amount);
@@ -400,12 +526,13 @@ impl Transport for UnixTransport {
     }
 
     fn is_open(&mut self) -> bool {
-        // A pooled connection is probed before reuse: any byte or error means the peer closed.
+        // A pooled connection is probed before reuse: any byte or error means the peer closed
+        // (or, over TCP, was given up on as dead).
         if self.stream.set_nonblocking(true).is_err() {
             return false;
         }
         let mut buf = [0u8; 1];
-        let open = matches!((&*self.stream).read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+        let open = matches!(self.stream.read_into(&mut buf), Err(e) if e.kind() == io::ErrorKind::WouldBlock);
         open && self.stream.set_nonblocking(false).is_ok()
     }
 }
@@ -478,6 +605,25 @@ mod tests {
         assert_eq!((resp.status, resp.body.as_str()), (200, "ok"));
         let head = answer.join().unwrap();
         assert!(head.contains("host: consul.invalid:8500"), "{head}");
+    }
+
+    /// Every TCP connection is armed to notice a dead peer: keepalive after 5 s of silence,
+    /// and the kernel giving up after `DEAD_PEER_AFTER` without an answer.
+    #[test]
+    fn a_tcp_connection_watches_its_peer() {
+        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = TcpStream::connect(server.local_addr().unwrap()).unwrap();
+        watch_liveness(&stream).unwrap();
+        let socket = socket2::SockRef::from(&stream);
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(socket.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
+        assert_eq!(socket.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
+        assert_eq!(socket.tcp_keepalive_retries().unwrap(), KEEPALIVE_PROBES);
+        assert_eq!(socket.tcp_user_timeout().unwrap(), Some(DEAD_PEER_AFTER));
+        assert_eq!(
+            KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_PROBES,
+            DEAD_PEER_AFTER
+        );
     }
 
     #[test]

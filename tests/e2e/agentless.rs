@@ -567,6 +567,8 @@ fn an_exposed_check_listener_admits_the_catalog_nodes_address() {
 struct Cluster {
     // Declared before `dir`: the processes stop before their directories go.
     servers: Vec<Option<Child>>,
+    /// Which servers' hosts are cut off (running, unreachable): the test's requests skip them.
+    cut: Vec<bool>,
     http: Vec<String>,
     /// The host the test's own requests leave from, when the servers are on hosts of their
     /// own (`start_on_hosts`); `None`: this process's loopback.
@@ -618,6 +620,7 @@ impl Cluster {
         }
         let cluster = Cluster {
             servers,
+            cut: vec![false; 3],
             http,
             via: None,
             dir,
@@ -645,6 +648,9 @@ impl Cluster {
                     "retry_join": join,
                     "connect": {"enabled": true, "ca_config": {"cluster_id": CLUSTER_ID}},
                     "performance": {"raft_multiplier": 1},
+                    // A server cut off stays a voter: removed as dead meanwhile, it would come
+                    // back a non-voter, and stopping another server then would leave no quorum.
+                    "autopilot": {"cleanup_dead_servers": false},
                 });
                 let path = dir.join(format!("{}.json", host.name));
                 std::fs::write(&path, config.to_string()).unwrap();
@@ -659,6 +665,7 @@ impl Cluster {
             .collect();
         let cluster = Cluster {
             servers,
+            cut: vec![false; 3],
             http: hosts.iter().map(|h| h.at(8500)).collect(),
             via: Some(net.host("pod").clone()),
             dir,
@@ -696,9 +703,11 @@ impl Cluster {
         (child, addr)
     }
 
-    /// The indices of the servers still running.
+    /// The indices of the servers still running and reachable.
     fn up(&self) -> Vec<usize> {
-        (0..3).filter(|i| self.servers[*i].is_some()).collect()
+        (0..3)
+            .filter(|i| self.servers[*i].is_some() && !self.cut[*i])
+            .collect()
     }
 
     fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
@@ -725,6 +734,34 @@ impl Cluster {
                 )
             })
         })
+        .unwrap_or_else(|e| panic!("{e}\n{}", self.logs()));
+    }
+
+    /// Every running server counts all three as voters and knows a leader: a server back
+    /// from a cut may have been removed as dead meanwhile (autopilot), and until it votes
+    /// again, stopping another would leave no quorum.
+    fn wait_for_three_voters(&self) {
+        wait_until(
+            Duration::from_secs(90),
+            "three voters on every server",
+            || {
+                self.up().into_iter().all(|i| {
+                    let ask = |path| {
+                        self.request(&self.http[i], "GET", path, None, Duration::from_secs(2))
+                            .ok()
+                            .filter(|r| r.status == 200)
+                            .and_then(|r| serde_json::from_str::<Value>(&r.body).ok())
+                    };
+                    let voters = ask("/v1/status/peers")
+                        .and_then(|v| v.as_array().map(Vec::len))
+                        .unwrap_or(0);
+                    let leader = ask("/v1/status/leader")
+                        .and_then(|v| v.as_str().map(|l| !l.is_empty()))
+                        .unwrap_or(false);
+                    voters == 3 && leader
+                })
+            },
+        )
         .unwrap_or_else(|e| panic!("{e}\n{}", self.logs()));
     }
 
@@ -1084,10 +1121,18 @@ impl Drop for PodApp {
     }
 }
 
-/// The fail-over case across hosts, as the issue asks: each server is a host of its own,
-/// reached at its own address, and the sidecars run on another. The server they use (the
-/// first of their list) is stopped; they move to the next, and an instance registered and
-/// started afterwards reaches the client with no request failing meanwhile.
+/// The fail-over cases across hosts, as the issue asks: each server is a host of its own,
+/// reached at its own address, and the sidecars run on another.
+///
+/// First the server they use (the first of their list) is CUT off, not stopped: its host's
+/// link goes down, so its connections get no answer and no reset, and the blocking queries
+/// held there would wait out their 5 minutes. The sidecars' connections give it up within
+/// `DEAD_PEER_AFTER` (TCP keepalive, `src/http.rs`), the queries resume on the next server
+/// with their index, and a change made after the cut (a waiting instance's check set passing)
+/// reaches the client within that bound and the time to apply it, no request failing.
+///
+/// Then, the cut host back, the server they use now is stopped; they move to the next, and an
+/// instance registered and started afterwards reaches the client, no request failing.
 #[test]
 fn across_hosts_the_sidecars_move_to_another_server_when_theirs_stops() {
     if skipped() {
@@ -1102,6 +1147,13 @@ fn across_hosts_the_sidecars_move_to_another_server_when_theirs_stops() {
     net.remove_and_check();
 }
 
+/// How long the sidecar's connections leave a silent server before giving it up
+/// (`http::DEAD_PEER_AFTER`).
+const DEAD_PEER_AFTER: Duration = Duration::from_secs(14);
+/// From the cut to the change seen through the mesh, beyond `DEAD_PEER_AFTER`: the new
+/// server's answer, the delta applied, the new instance's identity check, a few requests.
+const APPLY_MARGIN: Duration = Duration::from_secs(10);
+
 fn across_hosts(net: &Net) {
     let base = TempDir::new("agentless-hosts");
     let mut cluster = Cluster::start_on_hosts(net);
@@ -1109,8 +1161,19 @@ fn across_hosts(net: &Net) {
     let apps = [
         PodApp::start(&pod, "server-1"),
         PodApp::start(&pod, "server-2"),
+        PodApp::start(&pod, "server-3"),
     ];
     let (_, upstream_port) = register_server_and_client(&cluster, apps[0].port());
+    // The change to follow after the cut: an instance whose sidecar serves, held out of the
+    // client's pool by its check until then.
+    let public_2 = register_instance(
+        &cluster,
+        "server",
+        "server-2",
+        apps[1].port(),
+        json!([]),
+        "critical",
+    );
     let servers = cluster.http.clone();
     let spawn = |id: &str, list: &str| {
         let proxy_id = format!("{id}-sidecar-proxy");
@@ -1121,43 +1184,104 @@ fn across_hosts(net: &Net) {
     let mut sidecars = vec![
         spawn("server-1", &servers.join(",")),
         spawn("client-1", &servers.join(",")),
+        spawn("server-2", &servers.join(",")),
     ];
     let upstream = format!("127.0.0.1:{upstream_port}");
     wait_until(Duration::from_secs(60), "server-1 through the mesh", || {
         pod.run(|| answers(&upstream, 4)) == ["server-1"]
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", all_logs(&sidecars)));
+    wait_until(
+        Duration::from_secs(60),
+        "server-2's sidecar listening",
+        || pod.run(|| asks_for_client_certificate(public_2)),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", all_logs(&sidecars)));
+    // Every watch has settled into a blocking query on the first server.
+    std::thread::sleep(Duration::from_secs(3));
 
-    if let Some(mut first) = cluster.servers[0].take() {
-        first.stop();
+    let load = pod.run(|| Load::start(upstream.clone()));
+    net.cut("s0");
+    let cut = Instant::now();
+    cluster.cut[0] = true;
+    // Written through the servers still reachable, once they have a leader again.
+    set_check(&cluster, "server-2", "passing");
+    let changed = cut.elapsed();
+    wait_until(
+        DEAD_PEER_AFTER + APPLY_MARGIN + Duration::from_secs(30),
+        "server-2 through the mesh after the cut",
+        || pod.run(|| answers(&upstream, 8)).len() == 2,
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", all_logs(&sidecars), cluster.logs()));
+    let seen = cut.elapsed();
+    eprintln!("cut: the change written {changed:?} and seen {seen:?} after the cut");
+    assert!(
+        seen <= DEAD_PEER_AFTER.max(changed) + APPLY_MARGIN,
+        "the change written {changed:?} after the cut was seen only {seen:?} after it\n{}",
+        all_logs(&sidecars)
+    );
+    let (ok, failed, errors) = load.finish();
+    assert!(
+        ok > 0 && failed == 0,
+        "across the cut: {ok} ok, {failed} failed: {errors:?}"
+    );
+    for s in &sidecars {
+        assert!(
+            s.log_contains(&format!("Consul server http://{} failed", servers[0])),
+            "{} not left\n{}",
+            servers[0],
+            s.logs()
+        );
+    }
+
+    // The cut host back, the server the client uses now (the next of the list, unless that
+    // had no leader yet when the cut was noticed) is stopped.
+    let moved_to =
+        |s: &Child| (1..3).find(|i| s.log_contains(&format!("now using http://{}", servers[*i])));
+    let moved: Vec<Option<usize>> = sidecars.iter().map(moved_to).collect();
+    let in_use = moved[1].unwrap_or(1);
+    let other = 3 - in_use;
+    net.restore("s0");
+    cluster.cut[0] = false;
+    cluster.wait_for_roots();
+    cluster.wait_for_three_voters();
+    if let Some(mut second) = cluster.servers[in_use].take() {
+        second.stop();
     }
     cluster.wait_for_roots();
     let load = pod.run(|| Load::start(upstream.clone()));
     register_instance(
         &cluster,
         "server",
-        "server-2",
-        apps[1].port(),
+        "server-3",
+        apps[2].port(),
         json!([]),
         "passing",
     );
-    sidecars.push(spawn("server-2", &servers[1..].join(",")));
+    sidecars.push(spawn(
+        "server-3",
+        &format!("{},{}", servers[other], servers[0]),
+    ));
     wait_until(
         Duration::from_secs(60),
-        "server-2 through the mesh after the stop",
-        || pod.run(|| answers(&upstream, 8)).len() == 2,
+        "server-3 through the mesh after the stop",
+        || pod.run(|| answers(&upstream, 12)).len() == 3,
     )
     .unwrap_or_else(|e| panic!("{e}\n{}\n{}", all_logs(&sidecars), cluster.logs()));
     let (ok, failed, errors) = load.finish();
     assert!(
         ok > 0 && failed == 0,
-        "{ok} ok, {failed} failed: {errors:?}"
+        "across the stop: {ok} ok, {failed} failed: {errors:?}"
     );
-    for s in &sidecars[..2] {
+    for (s, _) in sidecars
+        .iter()
+        .zip(&moved)
+        .filter(|(_, m)| **m == Some(in_use))
+    {
         assert!(
-            s.log_contains(&format!("Consul server http://{} failed", servers[0])),
+            s.log_contains(&format!("Consul server http://{} failed", servers[in_use])),
             "{} not left\n{}",
-            servers[0],
+            servers[in_use],
             s.logs()
         );
     }
