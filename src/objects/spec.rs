@@ -262,10 +262,17 @@ fn log_format(d: &Desired, mode: Mode) -> Option<String> {
 }
 
 /// The mesh TLS of the public listener (`incoming`) or of a connection to another sidecar.
+/// Only the public listener trusts the peers' CAs: a server line trusts our own roots alone,
+/// so a certificate a peer's CA signed never passes for one of our upstreams.
 fn mesh_tls(d: &Desired, incoming: bool) -> MeshTls {
+    let ca = if incoming {
+        &d.paths.public_roots
+    } else {
+        &d.paths.roots
+    };
     MeshTls {
         crt: d.paths.leaf.display().to_string(),
-        ca_file: d.paths.roots.display().to_string(),
+        ca_file: ca.display().to_string(),
         params: if incoming {
             d.mesh_tls.incoming.clone()
         } else {

@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use crate::support;
-use crate::support::mesh::sidecar;
+use crate::support::mesh::{sidecar, workdir};
 use crate::support::*;
 use serde_json::Value;
 
@@ -90,6 +90,11 @@ impl Peered {
 
     /// `intentions`: whether `server`'s sidecar enforces them (`-enable-intentions`).
     fn start(intentions: bool) -> Peered {
+        Peered::start_with(intentions, &[], &[])
+    }
+
+    /// `server`'s sidecar with `upstreams` (in `dc2`) and the `extra` flags.
+    fn start_with(intentions: bool, upstreams: &[(&str, u16)], extra: &[&str]) -> Peered {
         let (dc1, dc2) = Consul::start_peered();
         let base = TempDir::new("gateway");
         let app = HttpApp::start("from dc2's server");
@@ -98,9 +103,9 @@ impl Peered {
             "server",
             app.port(),
             sidecar_port,
-            &[],
+            upstreams,
         ));
-        let server = sidecar(&dc2, &base, "server", intentions, &[]);
+        let server = sidecar(&dc2, &base, "server", intentions, extra);
         export(&dc2, &["server"]);
         let (lan, wan) = (free_port(), free_port());
         let stats = format!("127.0.0.1:{}", free_port());
@@ -350,4 +355,95 @@ fn a_peered_upstream_reaches_the_peers_service_as_its_intentions_say() {
         assert_eq!(through(), 0, "{}", logs(&p));
     }
     assert_eq!(p.app.requests(), served, "a denied peer reached the app");
+}
+
+/// An endpoint of `backend` in `dc2` presenting `cert`: `openssl s_server`, answering any
+/// request with 200 once the TLS handshake is done.
+fn tls_endpoint(base: &TempDir, port: u16, cert: &std::path::Path, key: &std::path::Path) -> Child {
+    let mut cmd = std::process::Command::new("openssl");
+    cmd.args(["s_server", "-www", "-accept"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("-cert")
+        .arg(cert)
+        .arg("-key")
+        .arg(key);
+    Child::spawn("backend-endpoint", &mut cmd, base.path())
+}
+
+/// The exporting side trusts the peer's CA on its public listener only: `server` (exported to
+/// `dc1`) has a local upstream `backend`, whose endpoint first presents `dc2`'s own leaf for
+/// `backend` (served: the path works) and then the real leaf `dc1` issues for `backend`,
+/// signed by the peer's CA, which `server`'s public listener does trust. HAProxy's own
+/// per-connection check of the upstream refuses it (the identity checker is off, so that
+/// HAProxy alone decides). Broken once, with every `ca-file` naming the public listener's
+/// file: the impostor was served.
+#[test]
+fn a_local_upstream_signed_by_the_peers_ca_is_refused_on_the_exporting_side() {
+    if !consul_is_current() {
+        eprintln!("SKIPPED: cluster peering needs Consul 1.14+");
+        return;
+    }
+    let bind = free_port();
+    let p = Peered::start_with(
+        false,
+        &[("backend", bind)],
+        &["-upstream-identity-check=false"],
+    );
+    let endpoint_port = free_port();
+    p.dc2.register(&sidecar_registration(
+        "backend",
+        free_port(),
+        endpoint_port,
+        &[],
+    ));
+    let through = || http_status(curl_for_status().arg(format!("http://127.0.0.1:{bind}/")));
+    let genuine_dir = TempDir::new("genuine");
+    let (cert, key, _) = p.dc2.leaf_files("backend", genuine_dir.path());
+    let mut genuine = tls_endpoint(&p.base, endpoint_port, &cert, &key);
+    wait_until(
+        WAIT,
+        "server's upstream backend to be served by dc2's leaf",
+        || through() == 200,
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", p.server.logs(), genuine.logs()));
+    // The export is in effect: `server`'s public listener trusts dc1's CA.
+    let dc1_ca = std::fs::read_to_string(p.dc1.root_ca_file(p.base.path())).unwrap();
+    let public = workdir(&p.base, "server").join("certs");
+    wait_until(WAIT, "server's public listener to trust dc1's CA", || {
+        std::fs::read_to_string(public.join("public-roots.pem"))
+            .is_ok_and(|pem| pem.contains(dc1_ca.trim()))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", p.server.logs()));
+    let own = std::fs::read_to_string(public.join("roots.pem")).unwrap();
+    assert!(
+        !own.contains(dc1_ca.trim()),
+        "the upstreams' ca-file holds dc1's CA"
+    );
+
+    genuine.stop();
+
+    let impostor_dir = TempDir::new("impostor");
+    let (cert, key, leaf) = p.dc1.leaf_files("backend", impostor_dir.path());
+    assert!(
+        leaf["ServiceURI"]
+            .as_str()
+            .is_some_and(|u| u.contains("/dc/dc1/")),
+        "dc1's leaf: {leaf}"
+    );
+    let impostor = tls_endpoint(&p.base, endpoint_port, &cert, &key);
+    wait_until(WAIT, "the impostor endpoint to listen", || {
+        std::net::TcpStream::connect(("127.0.0.1", endpoint_port)).is_ok()
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", impostor.logs()));
+    // HAProxy's TCP check (every 400ms, up after one success) sees the endpoint up again, so
+    // that a refusal below is the TLS check's, not a server marked down.
+    std::thread::sleep(Duration::from_secs(3));
+    for _ in 0..5 {
+        assert_ne!(
+            through(),
+            200,
+            "a leaf of the peer's CA passed for a local upstream\n{}",
+            p.server.logs()
+        );
+    }
 }

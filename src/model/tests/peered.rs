@@ -153,3 +153,54 @@ fn a_service_exported_to_a_peer_trusts_its_ca_on_the_public_listener_only() {
     let d = build(&other, &settings(), None).unwrap();
     assert_eq!(d.tls.roots_pem, plain.tls.roots_pem);
 }
+
+/// The split, on the rendered files: the public bind's `ca-file` holds our roots and the
+/// peer's CA, while every server towards a local upstream names a file of our roots alone, so
+/// a certificate the peer's CA signed never passes HAProxy's check of a local upstream.
+#[test]
+fn only_the_public_bind_names_the_file_with_the_peers_ca() {
+    let peer_ca = peering().ca_pem();
+    let mut s = with_peer(snapshot(ANY, "client-sidecar-proxy", "ca-leaf-client.json"));
+    s.apply(crate::consul::Update::ExportedServices(
+        serde_json::from_str(
+            r#"[{"Name":"default","Services":[{"Name":"client","Consumers":[{"Peer":"peer1"}]}]}]"#,
+        )
+        .unwrap(),
+    ));
+    let d = build(&s, &settings(), None).unwrap();
+    assert_ne!(
+        d.tls.roots_pem, d.tls.own_roots_pem,
+        "exported: the peer's CA is trusted"
+    );
+    let creds = crate::render::DataplaneCredentials {
+        user: "hcc".into(),
+        password: crate::config::Secret::new("pw"),
+    };
+    let files = crate::render::render(&d, &creds, &crate::render::Templates::builtin()).unwrap();
+    let file = |p: &std::path::Path| {
+        files
+            .iter()
+            .find(|f| f.path == p)
+            .map(|f| f.contents.clone())
+            .unwrap_or_else(|| panic!("{} is rendered", p.display()))
+    };
+    let (own, public) = (d.paths.roots.display(), d.paths.public_roots.display());
+    assert_eq!(file(&d.paths.roots), d.tls.own_roots_pem);
+    assert!(!file(&d.paths.roots).contains(peer_ca.trim()));
+    assert!(file(&d.paths.public_roots).contains(peer_ca.trim()));
+    let cfg = file(&d.paths.haproxy_cfg);
+    let binds: Vec<&str> = cfg.lines().filter(|l| l.contains(" ca-file ")).collect();
+    let public_binds = binds.iter().filter(|l| l.trim_start().starts_with("bind "));
+    assert_eq!(public_binds.clone().count(), 1, "{cfg}");
+    assert!(public_binds
+        .clone()
+        .all(|l| l.contains(&format!("ca-file {public} "))));
+    let servers: Vec<&&str> = binds
+        .iter()
+        .filter(|l| l.trim_start().starts_with("server "))
+        .collect();
+    assert!(!servers.is_empty(), "the local upstream's servers: {cfg}");
+    for line in servers {
+        assert!(line.contains(&format!("ca-file {own} ")), "{line}");
+    }
+}
