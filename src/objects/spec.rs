@@ -543,6 +543,8 @@ fn slot_server(
     // peer's gateway every interval, for nothing.
     if u.peer.is_some() {
         return ServerSpec {
+            // The plain hop to the forwarder: HTTP/2 with prior knowledge (h2c).
+            h2: u.h2,
             maxconn: u.limits.per_server,
             check_inter_ms: None,
             ..spec

@@ -204,3 +204,38 @@ fn only_the_public_bind_names_the_file_with_the_peers_ca() {
         assert!(line.contains(&format!("ca-file {own} ")), "{line}");
     }
 }
+
+/// A grpc (or http2) peered upstream speaks HTTP/2 in clear text to its forwarder (`proto h2`),
+/// which offers `h2` in ALPN to the peer; http offers `http/1.1`; tcp offers nothing.
+#[test]
+fn a_peered_upstreams_protocol_reaches_the_forwarders_alpn() {
+    use crate::peering::Alpn;
+    for (protocol, alpn, h2) in [
+        (Some("grpc"), Alpn::H2, true),
+        (Some("http2"), Alpn::H2, true),
+        (Some("http"), Alpn::Http1, false),
+        (None, Alpn::None, false),
+    ] {
+        let mut s = with_peer(modern());
+        s.forwarding([(key(), "127.0.0.1:40123".parse().unwrap())].into());
+        if let Some(p) = protocol {
+            let proxy = s.registration.as_mut().unwrap().proxy.as_mut().unwrap();
+            let up = proxy
+                .upstreams
+                .iter_mut()
+                .find(|u| u.destination_peer == "peer1")
+                .unwrap();
+            up.config.insert("protocol".into(), serde_json::json!(p));
+        }
+        let d = build(&s, &settings(), None).unwrap();
+        assert_eq!(
+            d.peered()[&key()].as_ref().map(|t| t.alpn),
+            Some(alpn),
+            "{protocol:?}"
+        );
+        let u = peered(&d);
+        let line = crate::objects::upstream_server(&d, u, &u.slots[0]).line();
+        assert_eq!(line.contains(" proto h2"), h2, "{protocol:?}: {line}");
+        assert!(!line.contains("ssl"), "{line}");
+    }
+}
