@@ -447,3 +447,65 @@ fn a_local_upstream_signed_by_the_peers_ca_is_refused_on_the_exporting_side() {
         );
     }
 }
+
+/// HTTP/2 to a peer: dc1's client upstream `server` of peer `dc2` declared `http2`, dc2's
+/// `server` an `http` service (its public listener offers `h2,http/1.1`). A request with
+/// HTTP/2 prior knowledge goes through dc1's sidecar (h2c to the forwarder), the forwarder
+/// (ALPN `h2`), dc2's gateway and dc2's sidecar, which logs it as HTTP/2. Broken once (the
+/// forwarder's server without `proto h2`): red. With no ALPN offered it stays green, since
+/// HAProxy's public listener also takes an HTTP/2 preface without ALPN; the forwarder's own
+/// test (`peering::tests`) is the one that sees the ALPN.
+#[test]
+fn an_http2_peered_upstream_speaks_http2_to_the_peer() {
+    if !consul_is_current() {
+        eprintln!("SKIPPED: cluster peering needs Consul 1.14+");
+        return;
+    }
+    let p = Peered::start(false);
+    let defaults = serde_json::json!({
+        "Kind": "service-defaults", "Name": "server", "Protocol": "http",
+    });
+    let (status, body) = p.dc2.put("/v1/config", &defaults.to_string());
+    assert!(status == 200 && body.trim() == "true", "{status} {body}");
+    p.imported();
+    let bind = free_port();
+    let registration = serde_json::json!({
+        "Name": "client", "ID": "client", "Address": "127.0.0.1", "Port": free_port(),
+        "Connect": {"SidecarService": {
+            "Port": free_port(),
+            "Proxy": {"Upstreams": [
+                {"DestinationName": "server", "DestinationPeer": "dc2", "LocalBindPort": bind,
+                 "Config": {"protocol": "http2"}},
+            ]},
+        }},
+    });
+    p.dc1.register(&registration.to_string());
+    let client = sidecar(&p.dc1, &p.base, "client", false, &[]);
+    let through = || {
+        http_status(
+            curl_for_status()
+                .arg("--http2-prior-knowledge")
+                .arg(format!("http://127.0.0.1:{bind}/h2")),
+        )
+    };
+    wait_until(
+        WAIT,
+        "dc1's client to reach dc2's server over HTTP/2",
+        || through() == 200,
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}\n{}\n{}\n{}",
+            client.logs(),
+            p.server.logs(),
+            p.gateway.logs()
+        )
+    });
+    assert!(p.app.requests() > 0);
+    let logs = p.server.logs();
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("public_listener~") && l.contains("/h2 HTTP/2.0\"")),
+        "dc2's public listener did not speak HTTP/2 with the forwarder\n{logs}"
+    );
+}
