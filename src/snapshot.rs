@@ -309,10 +309,25 @@ impl Snapshot {
             let peered_known = peered_destinations(r).iter().all(|k| {
                 self.peer_instances.contains_key(k) && self.peerings.contains_key(&k.peer)
             });
+            // The peers the service is exported to, with their CAs: a new instance whose
+            // public listener starts without them refuses the peers' clients the gateway
+            // already sends it (churn through a gateway failed requests so).
+            let service = r
+                .proxy
+                .as_ref()
+                .map(|p| p.destination_service_name.as_str());
+            let exports_known = self.exported.as_ref().is_some_and(|x| {
+                service.is_none_or(|s| {
+                    exported_to(x, s)
+                        .iter()
+                        .all(|peer| self.peerings.contains_key(peer))
+                })
+            });
             let transparent_known =
                 !is_transparent(r) || (self.intention_upstreams.is_some() && self.mesh.is_some());
             transparent_known
                 && peered_known
+                && exports_known
                 && destinations(r, self.implicit_upstreams()).iter().all(|k| {
                     self.endpoints.contains_key(k)
                         && (k.kind != DestinationKind::Service || self.chains.contains_key(k))

@@ -10,6 +10,7 @@
 use std::time::Duration;
 
 use crate::support;
+use crate::support::load::Load;
 use crate::support::mesh::{sidecar, workdir};
 use crate::support::*;
 use serde_json::Value;
@@ -280,6 +281,21 @@ fn a_peer_reaches_an_exported_service_through_the_gateway_and_nothing_else() {
 }
 
 /// `dc2`'s intention for `client` of the peer `dc1` to `server`: `allow` or `deny`.
+/// `client` in dc1, its upstream `server` of peer `dc2` on `bind` with `config`.
+fn register_peered_client(dc1: &Consul, bind: u16, config: Value) {
+    let registration = serde_json::json!({
+        "Name": "client", "ID": "client", "Address": "127.0.0.1", "Port": free_port(),
+        "Connect": {"SidecarService": {
+            "Port": free_port(),
+            "Proxy": {"Upstreams": [
+                {"DestinationName": "server", "DestinationPeer": "dc2", "LocalBindPort": bind,
+                 "Config": config},
+            ]},
+        }},
+    });
+    dc1.register(&registration.to_string());
+}
+
 fn peer_intention(dc2: &Consul, action: &str) {
     let entry = serde_json::json!({
         "Kind": "service-intentions", "Name": "server",
@@ -304,16 +320,7 @@ fn a_peered_upstream_reaches_the_peers_service_as_its_intentions_say() {
     p.imported();
     peer_intention(&p.dc2, "allow");
     let bind = free_port();
-    let registration = serde_json::json!({
-        "Name": "client", "ID": "client", "Address": "127.0.0.1", "Port": free_port(),
-        "Connect": {"SidecarService": {
-            "Port": free_port(),
-            "Proxy": {"Upstreams": [
-                {"DestinationName": "server", "DestinationPeer": "dc2", "LocalBindPort": bind},
-            ]},
-        }},
-    });
-    p.dc1.register(&registration.to_string());
+    register_peered_client(&p.dc1, bind, serde_json::json!({}));
     let client = sidecar(&p.dc1, &p.base, "client", true, &[]);
     let through = || http_status(curl_for_status().arg(format!("http://127.0.0.1:{bind}/")));
     let logs = |p: &Peered| {
@@ -469,17 +476,7 @@ fn an_http2_peered_upstream_speaks_http2_to_the_peer() {
     assert!(status == 200 && body.trim() == "true", "{status} {body}");
     p.imported();
     let bind = free_port();
-    let registration = serde_json::json!({
-        "Name": "client", "ID": "client", "Address": "127.0.0.1", "Port": free_port(),
-        "Connect": {"SidecarService": {
-            "Port": free_port(),
-            "Proxy": {"Upstreams": [
-                {"DestinationName": "server", "DestinationPeer": "dc2", "LocalBindPort": bind,
-                 "Config": {"protocol": "http2"}},
-            ]},
-        }},
-    });
-    p.dc1.register(&registration.to_string());
+    register_peered_client(&p.dc1, bind, serde_json::json!({"protocol": "http2"}));
     let client = sidecar(&p.dc1, &p.base, "client", false, &[]);
     let through = || {
         http_status(
@@ -508,4 +505,74 @@ fn an_http2_peered_upstream_speaks_http2_to_the_peer() {
             .any(|l| l.contains("public_listener~") && l.contains("/h2 HTTP/2.0\"")),
         "dc2's public listener did not speak HTTP/2 with the forwarder\n{logs}"
     );
+}
+
+/// Another instance `id` of `server` in dc2: its app (answering `body`) and its sidecar.
+fn add_server(p: &Peered, id: &str, body: &str) -> (Child, HttpApp) {
+    let app = HttpApp::start(body);
+    let mut reg: Value =
+        serde_json::from_str(&sidecar_registration(id, app.port(), free_port(), &[])).unwrap();
+    reg["Name"] = "server".into();
+    p.dc2.register(&reg.to_string());
+    (sidecar(&p.dc2, &p.base, id, false, &[]), app)
+}
+
+fn wait_serving(app: &HttpApp, what: &str) {
+    let start = app.requests();
+    wait_until(WAIT, what, || app.requests() > start + 3).unwrap();
+}
+
+fn wait_idle(app: &HttpApp, what: &str) {
+    wait_until(WAIT, what, || {
+        let before = app.requests();
+        std::thread::sleep(Duration::from_millis(1500));
+        app.requests() == before
+    })
+    .unwrap();
+}
+
+/// dc2's `server` instances replaced twice (a new one added, then the old one leaves Consul
+/// and stops, as an orchestrator does) while dc1's client sends requests, a new connection
+/// each, through its peered upstream, the forwarder and dc2's gateway: none fails.
+#[test]
+fn dc2_instance_churn_under_load_through_the_gateway_fails_no_request() {
+    if !consul_is_current() {
+        eprintln!("SKIPPED: cluster peering needs Consul 1.14+");
+        return;
+    }
+    let mut p = Peered::start(false);
+    p.imported();
+    let bind = free_port();
+    register_peered_client(&p.dc1, bind, serde_json::json!({}));
+    let client = sidecar(&p.dc1, &p.base, "client", false, &[]);
+    let addr = format!("127.0.0.1:{bind}");
+    wait_until(WAIT, "dc1's client to reach dc2's server", || {
+        http_status(curl_for_status().arg(format!("http://{addr}/"))) == 200
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", client.logs(), p.gateway.logs()));
+    let load = Load::start(addr);
+    wait_serving(&p.app, "the first instance to serve");
+
+    let (two_sidecar, two) = add_server(&p, "server-2", "two");
+    wait_serving(&two, "instance 2 to serve through the gateway");
+    p.dc2.deregister("server");
+    wait_idle(&p.app, "instance 1 to stop receiving once deregistered");
+    p.server.stop();
+
+    let (_three_sidecar, three) = add_server(&p, "server-3", "three");
+    wait_serving(&three, "instance 3 to serve through the gateway");
+    p.dc2.deregister("server-2");
+    wait_idle(&two, "instance 2 to stop receiving once deregistered");
+    drop(two_sidecar);
+    wait_serving(&three, "instance 3 serving alone");
+
+    let (ok, failed, errors) = load.finish();
+    eprintln!("measured: dc2 churn through the gateway: {ok} requests ok, {failed} failed");
+    assert_eq!(
+        failed,
+        0,
+        "failed requests during churn: {errors:?}\n{}",
+        p.gateway.logs()
+    );
+    assert!(ok > 50, "the load generator barely ran: {ok}");
 }
