@@ -401,12 +401,13 @@ fn apply(applied: &mut Applied, desired: &Desired, p: &Plan, tools: &Tools) -> R
     Ok(reloaded)
 }
 
-/// New CA roots (and the leaf with them): the files, then the runtime API, or a reload when
-/// that cannot keep them (`roots_live`). Whether HAProxy reloaded.
+/// New CA roots or peer CAs (and the leaf with them): the files, then the runtime API, or a
+/// reload when that cannot keep them (`roots_live`). Whether HAProxy reloaded.
 fn roots(tls: &Tls, desired: &Desired) -> Result<bool> {
     let paths = &desired.paths;
     // Files first: a reload, now or after a crash, must load the new roots and leaf.
-    write_atomic(&paths.roots, desired.tls.roots_pem.as_bytes())?;
+    write_atomic(&paths.roots, desired.tls.own_roots_pem.as_bytes())?;
+    write_atomic(&paths.public_roots, desired.tls.roots_pem.as_bytes())?;
     write_atomic(&paths.leaf, desired.tls.leaf_pem.as_bytes())?;
     match roots_live(tls, desired) {
         Ok(()) => {
@@ -429,13 +430,15 @@ fn roots(tls: &Tls, desired: &Desired) -> Result<bool> {
 /// leaf is still attached afterwards; otherwise why not, for the reload that follows.
 fn roots_live(tls: &Tls, desired: &Desired) -> Result<()> {
     let paths = &desired.paths;
-    runtime::set_ssl(
-        &paths.stats_socket,
-        "ca-file",
-        &paths.roots,
-        &desired.tls.roots_pem,
-    )
-    .context("the runtime API refused the roots")?;
+    // Each file only when it changed: a peer's CA changes the public listener's alone.
+    let files = [
+        (&paths.roots, &tls.own_roots_pem, &desired.tls.own_roots_pem),
+        (&paths.public_roots, &tls.roots_pem, &desired.tls.roots_pem),
+    ];
+    for (path, _, pem) in files.into_iter().filter(|(_, old, new)| old != new) {
+        runtime::set_ssl(&paths.stats_socket, "ca-file", path, pem)
+            .context("the runtime API refused the roots")?;
+    }
     if !runtime::cert_in_use(&paths.stats_socket, &paths.leaf)? {
         return Err(Error::msg(
             "this HAProxy detached its certificates on commit ssl ca-file",

@@ -165,6 +165,29 @@ pub struct Target {
     pub ca_pem: String,
     /// The gateways Consul lists for the service (IP and port), in Consul's order.
     pub gateways: Vec<(Address, u16)>,
+    /// What the forwarder offers in ALPN; the model sets it from the upstream's protocol.
+    pub alpn: Alpn,
+}
+
+/// The application protocol HAProxy speaks over the plain hop to the forwarder, offered to
+/// the peer's sidecar in ALPN so that its public listener speaks the same (HTTP/2 for gRPC).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Alpn {
+    /// Opaque TCP: nothing offered, as HAProxy offers nothing on a tcp upstream's server.
+    #[default]
+    None,
+    Http1,
+    H2,
+}
+
+impl Alpn {
+    fn protocols(self) -> Vec<Vec<u8>> {
+        match self {
+            Alpn::None => Vec::new(),
+            Alpn::Http1 => vec![b"http/1.1".to_vec()],
+            Alpn::H2 => vec![b"h2".to_vec()],
+        }
+    }
 }
 
 impl Target {
@@ -254,6 +277,7 @@ impl Target {
             identity,
             ca_pem,
             gateways,
+            alpn: Alpn::None,
         })
     }
 }
@@ -530,10 +554,11 @@ fn serve(client: TcpStream, dial: &Dial, pick: usize) -> Result<()> {
         expected: t.identity.clone(),
         provider: provider.clone(),
     });
-    let config = dial
+    let mut config = dial
         .credentials
         .client_config(provider, verifier)
         .context("the TLS client")?;
+    config.alpn_protocols = t.alpn.protocols();
     let name = ServerName::try_from(t.sni.clone()).context("SNI")?;
     let mut tls = ClientConnection::new(Arc::new(config), name).context("the TLS client")?;
     let n = t.gateways.len();

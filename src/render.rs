@@ -173,6 +173,10 @@ pub fn render(
     let mut files = vec![
         File {
             path: d.paths.roots.clone(),
+            contents: d.tls.own_roots_pem.clone(),
+        },
+        File {
+            path: d.paths.public_roots.clone(),
             contents: d.tls.roots_pem.clone(),
         },
         File {

@@ -291,6 +291,28 @@ impl Snapshot {
         self.intention_upstreams.as_deref().unwrap_or_default()
     }
 
+    /// Whether the exports and the peering (its CA) of every peer this sidecar's service is
+    /// exported to are read. The first render waits briefly for it, as for the endpoints: a
+    /// new instance whose public listener started without the peers' CAs refused the clients a
+    /// gateway already sent it (churn through a gateway failed requests so). Ready does not
+    /// wait for it: an export to a peer Consul does not know must not hold Ready back.
+    pub fn exports_known(&self) -> bool {
+        let Some(reg) = self.registration.as_ref().filter(|r| !is_mesh_gateway(r)) else {
+            return true;
+        };
+        let service = reg
+            .proxy
+            .as_ref()
+            .map(|p| p.destination_service_name.as_str());
+        self.exported.as_ref().is_some_and(|x| {
+            service.is_none_or(|s| {
+                exported_to(x, s)
+                    .iter()
+                    .all(|peer| self.peerings.contains_key(peer))
+            })
+        })
+    }
+
     /// Whether every upstream destination has answered at least once, and every service
     /// destination's discovery chain; the first render waits briefly for this so that HAProxy
     /// starts with its servers and routes instead of reloading for them. A chain target's

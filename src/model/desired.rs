@@ -13,7 +13,11 @@ pub struct Paths {
     pub dataplane_socket: PathBuf,
     pub transactions: PathBuf,
     pub leaf: PathBuf,
+    /// Our own cluster's CA roots: the `ca-file` of every connection this sidecar makes.
     pub roots: PathBuf,
+    /// The public listener's `ca-file`: our roots and the CAs of the peers our service is
+    /// exported to. A file of its own, so that a peer's CA never vouches for a local upstream.
+    pub public_roots: PathBuf,
     pub spoe_conf: PathBuf,
     pub spoe_socket: PathBuf,
     /// HAProxy's Prometheus exporter, reached only by the sidecar's /metrics.
@@ -42,6 +46,7 @@ impl Paths {
             transactions: workdir.join("dataplane-tx"),
             leaf: workdir.join("certs").join("leaf.pem"),
             roots: workdir.join("certs").join("roots.pem"),
+            public_roots: workdir.join("certs").join("public-roots.pem"),
             spoe_conf: workdir.join("spoe.conf"),
             spoe_socket: workdir.join("spoe.sock"),
             metrics_socket: workdir.join("metrics.sock"),
@@ -314,11 +319,12 @@ impl UpstreamListener {
 pub struct Tls {
     /// Leaf chain then private key, as HAProxy's `crt` wants it.
     pub leaf_pem: String,
-    /// Every CA root, active or not, so that peers on either side of a rotation are trusted;
-    /// for a sidecar whose service is exported to cluster peers, their CAs too (HAProxy's
-    /// `ca-file`, see `own_roots_pem`).
+    /// What the public listener trusts (`Paths::public_roots`): every CA root of ours, active
+    /// or not, so that clients on either side of a rotation are trusted, and for a sidecar
+    /// whose service is exported to cluster peers, their CAs too.
     pub roots_pem: String,
-    /// Our own cluster's roots only: what the identity checker judges upstreams by.
+    /// Our own cluster's roots only (`Paths::roots`): what every upstream, chain target and
+    /// dialer server is checked against, by HAProxy and by the identity checker alike.
     pub own_roots_pem: String,
     pub trust_domain: String,
 }

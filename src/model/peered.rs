@@ -4,7 +4,7 @@
 //! exported to peers trusts those peers' CAs.
 
 use super::*;
-use crate::peering::{PeerKey, Target};
+use crate::peering::{Alpn, PeerKey, Target};
 
 /// What a peered upstream needs dialed: the forwarder of `key`, serving `target` (`None`:
 /// nothing may be dialed yet, and the forwarder closes every connection).
@@ -19,11 +19,17 @@ pub struct PeerDial {
 /// closes what it accepts), with one warning saying why.
 pub(super) fn pool(
     key: &PeerKey,
+    protocol: Protocol,
     snapshot: &Snapshot,
     before: &[Slot],
     warnings: &mut Vec<String>,
 ) -> (Vec<Slot>, PeerDial) {
-    let target = target(key, snapshot, warnings);
+    let alpn = match protocol {
+        Protocol::Tcp => Alpn::None,
+        Protocol::Http => Alpn::Http1,
+        Protocol::Http2 | Protocol::Grpc => Alpn::H2,
+    };
+    let target = target(key, snapshot, warnings).map(|t| Target { alpn, ..t });
     let forwarder = snapshot.forwarders.get(key);
     let server = match (&target, forwarder) {
         (Some(t), Some(at)) => Some(Server {

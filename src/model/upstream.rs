@@ -239,7 +239,7 @@ fn peered_upstream(
         .or_else(|| keys::go_timeout(&u.config, "connect_timeout", &whose, warnings));
     let read_timeout = keys::go_timeout(&u.config, "read_timeout", &whose, warnings);
     let limits = keys::upstream_limits(&u.config, mode, &whose, warnings);
-    let (slots, dial) = peered::pool(key, snapshot, before, warnings);
+    let (slots, dial) = peered::pool(key, listener_protocol, snapshot, before, warnings);
     Ok(UpstreamListener {
         backend: format!("{BACKEND_PREFIX}{name}"),
         name,
@@ -248,8 +248,8 @@ fn peered_upstream(
         bind_port,
         socket,
         mode,
-        // The forwarder offers no ALPN: HTTP/2 to a peer is not negotiated.
-        h2: false,
+        // HTTP/2 in clear text to the forwarder, which offers `h2` in ALPN to the peer.
+        h2: listener_protocol.h2(),
         connect_timeout_ms: connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
         read_timeout_ms: read_timeout,
         slots,

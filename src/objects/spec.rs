@@ -262,10 +262,17 @@ fn log_format(d: &Desired, mode: Mode) -> Option<String> {
 }
 
 /// The mesh TLS of the public listener (`incoming`) or of a connection to another sidecar.
+/// Only the public listener trusts the peers' CAs: a server line trusts our own roots alone,
+/// so a certificate a peer's CA signed never passes for one of our upstreams.
 fn mesh_tls(d: &Desired, incoming: bool) -> MeshTls {
+    let ca = if incoming {
+        &d.paths.public_roots
+    } else {
+        &d.paths.roots
+    };
     MeshTls {
         crt: d.paths.leaf.display().to_string(),
-        ca_file: d.paths.roots.display().to_string(),
+        ca_file: ca.display().to_string(),
         params: if incoming {
             d.mesh_tls.incoming.clone()
         } else {
@@ -536,6 +543,8 @@ fn slot_server(
     // peer's gateway every interval, for nothing.
     if u.peer.is_some() {
         return ServerSpec {
+            // The plain hop to the forwarder: HTTP/2 with prior knowledge (h2c).
+            h2: u.h2,
             maxconn: u.limits.per_server,
             check_inter_ms: None,
             ..spec

@@ -54,7 +54,8 @@ fn a_target_is_read_from_the_peering_and_the_peered_instances() {
 
 /// A TLS server standing in for the peer's gateway and sidecar (the gateway never terminates
 /// TLS, so to the dialer they are one end): presents `leaf`, requires a client certificate of
-/// `client_ca`, answers `sni=<sni>;` and echoes what it read. Sends whether application data
+/// `client_ca`, offers `h2` and `http/1.1` in ALPN as a sidecar's http public listener does,
+/// answers `sni=<sni>;alpn=<negotiated>;` and echoes what it read. Sends whether application data
 /// ever arrived.
 fn peer_server(leaf: &str, client_ca: &str) -> (u16, mpsc::Receiver<bool>) {
     use rustls::pki_types::{pem::PemObject, PrivateKeyDer};
@@ -71,14 +72,14 @@ fn peer_server(leaf: &str, client_ca: &str) -> (u16, mpsc::Receiver<bool>) {
         rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider.clone())
             .build()
             .unwrap();
-    let config = Arc::new(
-        rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(chain, key)
-            .unwrap(),
-    );
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let config = Arc::new(config);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let (tx, rx) = mpsc::channel();
@@ -92,7 +93,9 @@ fn peer_server(leaf: &str, client_ca: &str) -> (u16, mpsc::Receiver<bool>) {
         let got = match s.read(&mut buf) {
             Ok(n) if n > 0 => {
                 let sni = s.conn.server_name().unwrap_or("").to_string();
-                let _ = s.write_all(format!("sni={sni};").as_bytes());
+                let alpn = String::from_utf8_lossy(s.conn.alpn_protocol().unwrap_or_default())
+                    .into_owned();
+                let _ = s.write_all(format!("sni={sni};alpn={alpn};").as_bytes());
                 let _ = s.write_all(&buf[..n]);
                 let _ = s.flush();
                 true
@@ -105,8 +108,15 @@ fn peer_server(leaf: &str, client_ca: &str) -> (u16, mpsc::Receiver<bool>) {
 }
 
 fn forwarder_to(port: u16) -> Forwarder {
+    forwarder_offering(port, Alpn::None)
+}
+
+fn forwarder_offering(port: u16, alpn: Alpn) -> Forwarder {
     let (peering, instances) = consul_answers(&fixture("peer-ca.pem"), port);
-    let target = Target::from_consul("server", &peering, &instances, &mut vec![]).unwrap();
+    let target = Target {
+        alpn,
+        ..Target::from_consul("server", &peering, &instances, &mut vec![]).unwrap()
+    };
     let credentials = Credentials::from_pem(&fixture("client.bundle.pem")).unwrap();
     Forwarder::start(
         "127.0.0.1:0".parse().unwrap(),
@@ -133,8 +143,20 @@ fn through(f: &Forwarder) -> String {
 fn bytes_reach_the_peer_with_its_sni_after_it_proved_the_exported_services_identity() {
     let (port, arrived) = peer_server(&fixture("server.bundle.pem"), &fixture("local-ca.pem"));
     let f = forwarder_to(port);
-    assert_eq!(through(&f), format!("sni={SNI};hello"));
+    assert_eq!(through(&f), format!("sni={SNI};alpn=;hello"));
     assert_eq!(arrived.recv_timeout(Duration::from_secs(10)), Ok(true));
+}
+
+/// An http2/grpc peered upstream's forwarder offers `h2`, so that the peer's public listener
+/// speaks HTTP/2 to it (gRPC); an http one offers `http/1.1`.
+#[test]
+fn the_forwarder_offers_the_upstreams_application_protocol_in_alpn() {
+    for (alpn, negotiated) in [(Alpn::H2, "h2"), (Alpn::Http1, "http/1.1")] {
+        let (port, arrived) = peer_server(&fixture("server.bundle.pem"), &fixture("local-ca.pem"));
+        let f = forwarder_offering(port, alpn);
+        assert_eq!(through(&f), format!("sni={SNI};alpn={negotiated};hello"));
+        assert_eq!(arrived.recv_timeout(Duration::from_secs(10)), Ok(true));
+    }
 }
 
 #[test]
@@ -231,7 +253,7 @@ fn forwarders_follow_the_wanted_targets_and_close_without_one() {
     assert_eq!(read(at), "", "no target: closed");
     let some = BTreeMap::from([(key.clone(), Some(target))]);
     assert_eq!(set.sync(&some, &leaf)[&key], at, "the same forwarder");
-    assert_eq!(read(at), format!("sni={SNI};hello"));
+    assert_eq!(read(at), format!("sni={SNI};alpn=;hello"));
     assert_eq!(arrived.recv_timeout(Duration::from_secs(10)), Ok(true));
     assert!(set.sync(&BTreeMap::new(), &leaf).is_empty());
     std::thread::sleep(Duration::from_millis(200));

@@ -688,13 +688,14 @@ fn files_come_roots_first_and_config_last() {
         names,
         [
             "roots.pem",
+            "public-roots.pem",
             "leaf.pem",
             "spoe.conf",
             "intentions.map",
             "haproxy.cfg"
         ]
     );
-    let cfg = &files[4].contents;
+    let cfg = &files[5].contents;
     assert!(cfg.contains("reject unless { var(sess.hcc.allow) -m bool }"));
     assert!(cfg.contains("server s0 "), "{cfg}");
     let _ = std::fs::remove_dir_all(&dir);

@@ -356,6 +356,7 @@ fn peered_upstreams_and_exports_want_their_peerings() {
     assert!(w.contains(&Watch::PeerInstances(key.clone())), "{w:?}");
     assert!(w.contains(&Watch::ExportedServices), "{w:?}");
     assert!(!s.endpoints_known(), "the peered upstream is not read yet");
+    assert!(!s.exports_known(), "the exports are not read yet");
     s.apply(Update::ExportedServices(
         serde_json::from_str(
             r#"[{"Name":"default","Services":[{"Name":"modern","Consumers":[{"Peer":"dc9"}]},
@@ -369,4 +370,9 @@ fn peered_upstreams_and_exports_want_their_peerings() {
     assert!(s.apply(Update::Peering("peer1".into(), Default::default())));
     assert!(s.apply(Update::PeerInstances(key, Vec::new())));
     assert!(!s.apply(Update::Peering("peer1".into(), Default::default())));
+    // The first render also waits for the peering (its CA) of each peer `modern` is
+    // exported to, so that a new instance does not refuse the clients a gateway sends it.
+    assert!(!s.exports_known(), "dc9's peering is not read yet");
+    s.apply(Update::Peering("dc9".into(), Default::default()));
+    assert!(s.exports_known());
 }

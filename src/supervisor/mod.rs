@@ -488,7 +488,9 @@ impl Supervisor {
             let since = *complete_since.get_or_insert_with(Instant::now);
             // The mesh entry too, so the public listener starts with the TLS versions it asks
             // for (Ready does not wait for it: an agent that cannot say keeps the default).
-            let known = self.snapshot.endpoints_known() && self.snapshot.mesh.is_some();
+            let known = self.snapshot.endpoints_known()
+                && self.snapshot.exports_known()
+                && self.snapshot.mesh.is_some();
             if !known && since.elapsed() < ENDPOINTS_GRACE {
                 continue;
             }

@@ -10,7 +10,8 @@
 use std::time::Duration;
 
 use crate::support;
-use crate::support::mesh::sidecar;
+use crate::support::load::Load;
+use crate::support::mesh::{sidecar, workdir};
 use crate::support::*;
 use serde_json::Value;
 
@@ -90,6 +91,11 @@ impl Peered {
 
     /// `intentions`: whether `server`'s sidecar enforces them (`-enable-intentions`).
     fn start(intentions: bool) -> Peered {
+        Peered::start_with(intentions, &[], &[])
+    }
+
+    /// `server`'s sidecar with `upstreams` (in `dc2`) and the `extra` flags.
+    fn start_with(intentions: bool, upstreams: &[(&str, u16)], extra: &[&str]) -> Peered {
         let (dc1, dc2) = Consul::start_peered();
         let base = TempDir::new("gateway");
         let app = HttpApp::start("from dc2's server");
@@ -98,9 +104,9 @@ impl Peered {
             "server",
             app.port(),
             sidecar_port,
-            &[],
+            upstreams,
         ));
-        let server = sidecar(&dc2, &base, "server", intentions, &[]);
+        let server = sidecar(&dc2, &base, "server", intentions, extra);
         export(&dc2, &["server"]);
         let (lan, wan) = (free_port(), free_port());
         let stats = format!("127.0.0.1:{}", free_port());
@@ -275,6 +281,21 @@ fn a_peer_reaches_an_exported_service_through_the_gateway_and_nothing_else() {
 }
 
 /// `dc2`'s intention for `client` of the peer `dc1` to `server`: `allow` or `deny`.
+/// `client` in dc1, its upstream `server` of peer `dc2` on `bind` with `config`.
+fn register_peered_client(dc1: &Consul, bind: u16, config: Value) {
+    let registration = serde_json::json!({
+        "Name": "client", "ID": "client", "Address": "127.0.0.1", "Port": free_port(),
+        "Connect": {"SidecarService": {
+            "Port": free_port(),
+            "Proxy": {"Upstreams": [
+                {"DestinationName": "server", "DestinationPeer": "dc2", "LocalBindPort": bind,
+                 "Config": config},
+            ]},
+        }},
+    });
+    dc1.register(&registration.to_string());
+}
+
 fn peer_intention(dc2: &Consul, action: &str) {
     let entry = serde_json::json!({
         "Kind": "service-intentions", "Name": "server",
@@ -299,16 +320,7 @@ fn a_peered_upstream_reaches_the_peers_service_as_its_intentions_say() {
     p.imported();
     peer_intention(&p.dc2, "allow");
     let bind = free_port();
-    let registration = serde_json::json!({
-        "Name": "client", "ID": "client", "Address": "127.0.0.1", "Port": free_port(),
-        "Connect": {"SidecarService": {
-            "Port": free_port(),
-            "Proxy": {"Upstreams": [
-                {"DestinationName": "server", "DestinationPeer": "dc2", "LocalBindPort": bind},
-            ]},
-        }},
-    });
-    p.dc1.register(&registration.to_string());
+    register_peered_client(&p.dc1, bind, serde_json::json!({}));
     let client = sidecar(&p.dc1, &p.base, "client", true, &[]);
     let through = || http_status(curl_for_status().arg(format!("http://127.0.0.1:{bind}/")));
     let logs = |p: &Peered| {
@@ -350,4 +362,217 @@ fn a_peered_upstream_reaches_the_peers_service_as_its_intentions_say() {
         assert_eq!(through(), 0, "{}", logs(&p));
     }
     assert_eq!(p.app.requests(), served, "a denied peer reached the app");
+}
+
+/// An endpoint of `backend` in `dc2` presenting `cert`: `openssl s_server`, answering any
+/// request with 200 once the TLS handshake is done.
+fn tls_endpoint(base: &TempDir, port: u16, cert: &std::path::Path, key: &std::path::Path) -> Child {
+    let mut cmd = std::process::Command::new("openssl");
+    cmd.args(["s_server", "-www", "-accept"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("-cert")
+        .arg(cert)
+        .arg("-key")
+        .arg(key);
+    Child::spawn("backend-endpoint", &mut cmd, base.path())
+}
+
+/// The exporting side trusts the peer's CA on its public listener only: `server` (exported to
+/// `dc1`) has a local upstream `backend`, whose endpoint first presents `dc2`'s own leaf for
+/// `backend` (served: the path works) and then the real leaf `dc1` issues for `backend`,
+/// signed by the peer's CA, which `server`'s public listener does trust. HAProxy's own
+/// per-connection check of the upstream refuses it (the identity checker is off, so that
+/// HAProxy alone decides). Broken once, with every `ca-file` naming the public listener's
+/// file: the impostor was served.
+#[test]
+fn a_local_upstream_signed_by_the_peers_ca_is_refused_on_the_exporting_side() {
+    if !consul_is_current() {
+        eprintln!("SKIPPED: cluster peering needs Consul 1.14+");
+        return;
+    }
+    let bind = free_port();
+    let p = Peered::start_with(
+        false,
+        &[("backend", bind)],
+        &["-upstream-identity-check=false"],
+    );
+    let endpoint_port = free_port();
+    p.dc2.register(&sidecar_registration(
+        "backend",
+        free_port(),
+        endpoint_port,
+        &[],
+    ));
+    let through = || http_status(curl_for_status().arg(format!("http://127.0.0.1:{bind}/")));
+    let genuine_dir = TempDir::new("genuine");
+    let (cert, key, _) = p.dc2.leaf_files("backend", genuine_dir.path());
+    let mut genuine = tls_endpoint(&p.base, endpoint_port, &cert, &key);
+    wait_until(
+        WAIT,
+        "server's upstream backend to be served by dc2's leaf",
+        || through() == 200,
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", p.server.logs(), genuine.logs()));
+    // The export is in effect: `server`'s public listener trusts dc1's CA.
+    let dc1_ca = std::fs::read_to_string(p.dc1.root_ca_file(p.base.path())).unwrap();
+    let public = workdir(&p.base, "server").join("certs");
+    wait_until(WAIT, "server's public listener to trust dc1's CA", || {
+        std::fs::read_to_string(public.join("public-roots.pem"))
+            .is_ok_and(|pem| pem.contains(dc1_ca.trim()))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", p.server.logs()));
+    let own = std::fs::read_to_string(public.join("roots.pem")).unwrap();
+    assert!(
+        !own.contains(dc1_ca.trim()),
+        "the upstreams' ca-file holds dc1's CA"
+    );
+
+    genuine.stop();
+
+    let impostor_dir = TempDir::new("impostor");
+    let (cert, key, leaf) = p.dc1.leaf_files("backend", impostor_dir.path());
+    assert!(
+        leaf["ServiceURI"]
+            .as_str()
+            .is_some_and(|u| u.contains("/dc/dc1/")),
+        "dc1's leaf: {leaf}"
+    );
+    let impostor = tls_endpoint(&p.base, endpoint_port, &cert, &key);
+    wait_until(WAIT, "the impostor endpoint to listen", || {
+        std::net::TcpStream::connect(("127.0.0.1", endpoint_port)).is_ok()
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", impostor.logs()));
+    // HAProxy's TCP check (every 400ms, up after one success) sees the endpoint up again, so
+    // that a refusal below is the TLS check's, not a server marked down.
+    std::thread::sleep(Duration::from_secs(3));
+    for _ in 0..5 {
+        assert_ne!(
+            through(),
+            200,
+            "a leaf of the peer's CA passed for a local upstream\n{}",
+            p.server.logs()
+        );
+    }
+}
+
+/// HTTP/2 to a peer: dc1's client upstream `server` of peer `dc2` declared `http2`, dc2's
+/// `server` an `http` service (its public listener offers `h2,http/1.1`). A request with
+/// HTTP/2 prior knowledge goes through dc1's sidecar (h2c to the forwarder), the forwarder
+/// (ALPN `h2`), dc2's gateway and dc2's sidecar, which logs it as HTTP/2. Broken once (the
+/// forwarder's server without `proto h2`): red. With no ALPN offered it stays green, since
+/// HAProxy's public listener also takes an HTTP/2 preface without ALPN; the forwarder's own
+/// test (`peering::tests`) is the one that sees the ALPN.
+#[test]
+fn an_http2_peered_upstream_speaks_http2_to_the_peer() {
+    if !consul_is_current() {
+        eprintln!("SKIPPED: cluster peering needs Consul 1.14+");
+        return;
+    }
+    let p = Peered::start(false);
+    let defaults = serde_json::json!({
+        "Kind": "service-defaults", "Name": "server", "Protocol": "http",
+    });
+    let (status, body) = p.dc2.put("/v1/config", &defaults.to_string());
+    assert!(status == 200 && body.trim() == "true", "{status} {body}");
+    p.imported();
+    let bind = free_port();
+    register_peered_client(&p.dc1, bind, serde_json::json!({"protocol": "http2"}));
+    let client = sidecar(&p.dc1, &p.base, "client", false, &[]);
+    let through = || {
+        http_status(
+            curl_for_status()
+                .arg("--http2-prior-knowledge")
+                .arg(format!("http://127.0.0.1:{bind}/h2")),
+        )
+    };
+    wait_until(
+        WAIT,
+        "dc1's client to reach dc2's server over HTTP/2",
+        || through() == 200,
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}\n{}\n{}\n{}",
+            client.logs(),
+            p.server.logs(),
+            p.gateway.logs()
+        )
+    });
+    assert!(p.app.requests() > 0);
+    let logs = p.server.logs();
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("public_listener~") && l.contains("/h2 HTTP/2.0\"")),
+        "dc2's public listener did not speak HTTP/2 with the forwarder\n{logs}"
+    );
+}
+
+/// Another instance `id` of `server` in dc2: its app (answering `body`) and its sidecar.
+fn add_server(p: &Peered, id: &str, body: &str) -> (Child, HttpApp) {
+    let app = HttpApp::start(body);
+    let mut reg: Value =
+        serde_json::from_str(&sidecar_registration(id, app.port(), free_port(), &[])).unwrap();
+    reg["Name"] = "server".into();
+    p.dc2.register(&reg.to_string());
+    (sidecar(&p.dc2, &p.base, id, false, &[]), app)
+}
+
+fn wait_serving(app: &HttpApp, what: &str) {
+    let start = app.requests();
+    wait_until(WAIT, what, || app.requests() > start + 3).unwrap();
+}
+
+fn wait_idle(app: &HttpApp, what: &str) {
+    wait_until(WAIT, what, || {
+        let before = app.requests();
+        std::thread::sleep(Duration::from_millis(1500));
+        app.requests() == before
+    })
+    .unwrap();
+}
+
+/// dc2's `server` instances replaced twice (a new one added, then the old one leaves Consul
+/// and stops, as an orchestrator does) while dc1's client sends requests, a new connection
+/// each, through its peered upstream, the forwarder and dc2's gateway: none fails.
+#[test]
+fn dc2_instance_churn_under_load_through_the_gateway_fails_no_request() {
+    if !consul_is_current() {
+        eprintln!("SKIPPED: cluster peering needs Consul 1.14+");
+        return;
+    }
+    let mut p = Peered::start(false);
+    p.imported();
+    let bind = free_port();
+    register_peered_client(&p.dc1, bind, serde_json::json!({}));
+    let client = sidecar(&p.dc1, &p.base, "client", false, &[]);
+    let addr = format!("127.0.0.1:{bind}");
+    wait_until(WAIT, "dc1's client to reach dc2's server", || {
+        http_status(curl_for_status().arg(format!("http://{addr}/"))) == 200
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", client.logs(), p.gateway.logs()));
+    let load = Load::start(addr);
+    wait_serving(&p.app, "the first instance to serve");
+
+    let (two_sidecar, two) = add_server(&p, "server-2", "two");
+    wait_serving(&two, "instance 2 to serve through the gateway");
+    p.dc2.deregister("server");
+    wait_idle(&p.app, "instance 1 to stop receiving once deregistered");
+    p.server.stop();
+
+    let (_three_sidecar, three) = add_server(&p, "server-3", "three");
+    wait_serving(&three, "instance 3 to serve through the gateway");
+    p.dc2.deregister("server-2");
+    wait_idle(&two, "instance 2 to stop receiving once deregistered");
+    drop(two_sidecar);
+    wait_serving(&three, "instance 3 serving alone");
+
+    let (ok, failed, errors) = load.finish();
+    eprintln!("measured: dc2 churn through the gateway: {ok} requests ok, {failed} failed");
+    assert_eq!(
+        failed,
+        0,
+        "failed requests during churn: {errors:?}\n{}",
+        p.gateway.logs()
+    );
+    assert!(ok > 50, "the load generator barely ran: {ok}");
 }

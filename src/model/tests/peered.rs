@@ -153,3 +153,89 @@ fn a_service_exported_to_a_peer_trusts_its_ca_on_the_public_listener_only() {
     let d = build(&other, &settings(), None).unwrap();
     assert_eq!(d.tls.roots_pem, plain.tls.roots_pem);
 }
+
+/// The split, on the rendered files: the public bind's `ca-file` holds our roots and the
+/// peer's CA, while every server towards a local upstream names a file of our roots alone, so
+/// a certificate the peer's CA signed never passes HAProxy's check of a local upstream.
+#[test]
+fn only_the_public_bind_names_the_file_with_the_peers_ca() {
+    let peer_ca = peering().ca_pem();
+    let mut s = with_peer(snapshot(ANY, "client-sidecar-proxy", "ca-leaf-client.json"));
+    s.apply(crate::consul::Update::ExportedServices(
+        serde_json::from_str(
+            r#"[{"Name":"default","Services":[{"Name":"client","Consumers":[{"Peer":"peer1"}]}]}]"#,
+        )
+        .unwrap(),
+    ));
+    let d = build(&s, &settings(), None).unwrap();
+    assert_ne!(
+        d.tls.roots_pem, d.tls.own_roots_pem,
+        "exported: the peer's CA is trusted"
+    );
+    let creds = crate::render::DataplaneCredentials {
+        user: "hcc".into(),
+        password: crate::config::Secret::new("pw"),
+    };
+    let files = crate::render::render(&d, &creds, &crate::render::Templates::builtin()).unwrap();
+    let file = |p: &std::path::Path| {
+        files
+            .iter()
+            .find(|f| f.path == p)
+            .map(|f| f.contents.clone())
+            .unwrap_or_else(|| panic!("{} is rendered", p.display()))
+    };
+    let (own, public) = (d.paths.roots.display(), d.paths.public_roots.display());
+    assert_eq!(file(&d.paths.roots), d.tls.own_roots_pem);
+    assert!(!file(&d.paths.roots).contains(peer_ca.trim()));
+    assert!(file(&d.paths.public_roots).contains(peer_ca.trim()));
+    let cfg = file(&d.paths.haproxy_cfg);
+    let binds: Vec<&str> = cfg.lines().filter(|l| l.contains(" ca-file ")).collect();
+    let public_binds = binds.iter().filter(|l| l.trim_start().starts_with("bind "));
+    assert_eq!(public_binds.clone().count(), 1, "{cfg}");
+    assert!(public_binds
+        .clone()
+        .all(|l| l.contains(&format!("ca-file {public} "))));
+    let servers: Vec<&&str> = binds
+        .iter()
+        .filter(|l| l.trim_start().starts_with("server "))
+        .collect();
+    assert!(!servers.is_empty(), "the local upstream's servers: {cfg}");
+    for line in servers {
+        assert!(line.contains(&format!("ca-file {own} ")), "{line}");
+    }
+}
+
+/// A grpc (or http2) peered upstream speaks HTTP/2 in clear text to its forwarder (`proto h2`),
+/// which offers `h2` in ALPN to the peer; http offers `http/1.1`; tcp offers nothing.
+#[test]
+fn a_peered_upstreams_protocol_reaches_the_forwarders_alpn() {
+    use crate::peering::Alpn;
+    for (protocol, alpn, h2) in [
+        (Some("grpc"), Alpn::H2, true),
+        (Some("http2"), Alpn::H2, true),
+        (Some("http"), Alpn::Http1, false),
+        (None, Alpn::None, false),
+    ] {
+        let mut s = with_peer(modern());
+        s.forwarding([(key(), "127.0.0.1:40123".parse().unwrap())].into());
+        if let Some(p) = protocol {
+            let proxy = s.registration.as_mut().unwrap().proxy.as_mut().unwrap();
+            let up = proxy
+                .upstreams
+                .iter_mut()
+                .find(|u| u.destination_peer == "peer1")
+                .unwrap();
+            up.config.insert("protocol".into(), serde_json::json!(p));
+        }
+        let d = build(&s, &settings(), None).unwrap();
+        assert_eq!(
+            d.peered()[&key()].as_ref().map(|t| t.alpn),
+            Some(alpn),
+            "{protocol:?}"
+        );
+        let u = peered(&d);
+        let line = crate::objects::upstream_server(&d, u, &u.slots[0]).line();
+        assert_eq!(line.contains(" proto h2"), h2, "{protocol:?}: {line}");
+        assert!(!line.contains("ssl"), "{line}");
+    }
+}
