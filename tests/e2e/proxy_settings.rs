@@ -838,3 +838,76 @@ fn downs_by_address(mesh: &Mesh, backend_prefix: &str) -> std::collections::BTre
         .map(|f| (f[addr].to_string(), f[chkdown].parse().unwrap_or(0)))
         .collect()
 }
+
+/// `MutualTLSMode: permissive` from service-defaults, with the mesh entry's consent (Consul
+/// 1.16): a plain HTTP request to the public port reaches the app beside the mesh's mTLS, and
+/// no intention applies to it (a deny intention refuses the mesh client, not the plaintext
+/// one); back to strict, plaintext is refused again. On Consul 1.8 the test says it skipped.
+#[test]
+fn permissive_mtls_takes_plaintext_beside_mtls_and_strict_refuses_it() {
+    if !consul_is_current() {
+        eprintln!(
+            "skipped on Consul {}: MutualTLSMode exists from Consul 1.16",
+            consul_version()
+        );
+        return;
+    }
+    let mesh = Mesh::start(MeshOptions {
+        intentions: true,
+        ..Default::default()
+    });
+    let put = |entry: Value| {
+        let (status, body) = mesh.consul.put("/v1/config", &entry.to_string());
+        assert!(status == 200 && body.trim() == "true", "{status} {body}");
+    };
+    let defaults = |mode: &str| {
+        json!({"Kind": "service-defaults", "Name": "server", "Protocol": "http",
+               "MutualTLSMode": mode})
+    };
+    let plain = format!("127.0.0.1:{}", mesh.server_port);
+    let plain_ok = || matches!(http_get(&plain, "/", Duration::from_secs(5)), Ok((200, ref b)) if b == APP_BODY);
+    assert!(!plain_ok(), "strict took plaintext");
+
+    put(json!({"Kind": "mesh", "AllowEnablingPermissiveMutualTLS": true}));
+    put(defaults("permissive"));
+    wait_for_lines(
+        &mesh,
+        "server",
+        &["frontend public_front", "accept-proxy"],
+        &mesh.server_sidecar,
+    );
+    assert!(plain_ok(), "{}", mesh.server_sidecar.logs());
+    wait_served(&mesh);
+
+    mesh.consul.create_intention("client", "server", "deny");
+    wait_until(Duration::from_secs(30), "the mesh client refused", || {
+        !matches!(
+            http_get(&mesh.upstream_addr(), "/", Duration::from_secs(5)),
+            Ok((200, _))
+        )
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.server_sidecar.logs()));
+    assert!(plain_ok(), "an intention refused plaintext");
+
+    // The mesh entry's consent withdrawn: strict again, though the service still asks.
+    put(json!({"Kind": "mesh", "AllowEnablingPermissiveMutualTLS": false}));
+    wait_until(
+        Duration::from_secs(60),
+        "plaintext refused without consent",
+        || !plain_ok(),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.server_sidecar.logs()));
+    put(json!({"Kind": "mesh", "AllowEnablingPermissiveMutualTLS": true}));
+    wait_until(Duration::from_secs(60), "plaintext taken again", || {
+        plain_ok()
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.server_sidecar.logs()));
+
+    put(defaults("strict"));
+    wait_until(Duration::from_secs(60), "plaintext refused again", || {
+        !plain_ok()
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.server_sidecar.logs()));
+    let cfg = std::fs::read_to_string(mesh.workdir("server").join("haproxy.cfg")).unwrap();
+    assert!(!cfg.contains("public_front"), "{cfg}");
+}
