@@ -903,6 +903,37 @@ fn permissive_mtls_takes_plaintext_beside_mtls_and_strict_refuses_it() {
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", mesh.server_sidecar.logs()));
 
+    // Plain TCP too: in tcp mode the plaintext bytes reach the app as they are, the deny
+    // intention still refuses the mesh client.
+    put(
+        json!({"Kind": "service-defaults", "Name": "server", "Protocol": "tcp",
+               "MutualTLSMode": "permissive"}),
+    );
+    let cfg = mesh.workdir("server").join("haproxy.cfg");
+    wait_until(Duration::from_secs(60), "a tcp public listener", || {
+        let text = std::fs::read_to_string(&cfg).unwrap_or_default();
+        let public = text
+            .split("\nfrontend ")
+            .find(|s| s.starts_with("public_listener"));
+        public.is_some_and(|p| p.lines().nth(1).is_some_and(|l| l.trim() == "mode tcp"))
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}\n{}\n{}",
+            std::fs::read_to_string(&cfg).unwrap_or_default(),
+            mesh.server_sidecar.logs()
+        )
+    });
+    wait_until(Duration::from_secs(60), "plain TCP taken", || plain_ok())
+        .unwrap_or_else(|e| panic!("{e}\n{}", mesh.server_sidecar.logs()));
+    assert!(
+        !matches!(
+            http_get(&mesh.upstream_addr(), "/", Duration::from_secs(5)),
+            Ok((200, _))
+        ),
+        "the deny intention let the mesh client in over tcp"
+    );
+
     put(defaults("strict"));
     wait_until(Duration::from_secs(60), "plaintext refused again", || {
         !plain_ok()
