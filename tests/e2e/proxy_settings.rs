@@ -924,7 +924,7 @@ fn permissive_mtls_takes_plaintext_beside_mtls_and_strict_refuses_it() {
             mesh.server_sidecar.logs()
         )
     });
-    wait_until(Duration::from_secs(60), "plain TCP taken", || plain_ok())
+    wait_until(Duration::from_secs(60), "plain TCP taken", &plain_ok)
         .unwrap_or_else(|e| panic!("{e}\n{}", mesh.server_sidecar.logs()));
     assert!(
         !matches!(
