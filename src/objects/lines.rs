@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use crate::model::chain::TargetBackend;
 use crate::model::transparent::{direct_map_path, hosts_map_path, Outbound, PROBE_ADDRESS};
-use crate::model::{AppHeader, Desired, ExposedListener, Mode, Xfcc};
+use crate::model::{AppHeader, Desired, ExposedListener, Mode, Public, Xfcc};
 use crate::spoe::authz::GENERATION_PROBE;
 use crate::spoe::server::XFCC_VAR;
 use crate::value::comment;
@@ -504,11 +504,14 @@ pub fn outbound_sections(d: &Desired, o: &Outbound) -> Vec<Section> {
 }
 
 /// The front listener of a permissive public port and its two backends: a connection whose
-/// first bytes are a TLS hello goes to the mTLS listener's socket, any other to its plaintext
-/// socket, each with a PROXY header so the listener sees the client's address. A client that
-/// sends nothing first (a server-speaks-first protocol) is taken as plaintext after the delay.
-/// Rendered only, like the outbound listener.
-pub fn permissive_sections(d: &Desired, bind: (&str, u16)) -> Vec<Section> {
+/// first bytes are a TLS hello goes to the mTLS listener's socket; plaintext goes to its
+/// plaintext socket only when its original destination (`dst_port`, which HAProxy reads through
+/// the redirect's NAT) was the app's own port, as Consul's Envoy accepts plaintext only for the
+/// service's port reached through the transparent-proxy redirect. Plaintext sent to the public
+/// port itself is refused. Both hops carry a PROXY header so the listener sees the client's
+/// address. A client that sends nothing first (a server-speaks-first protocol) is judged as
+/// plaintext after the delay. Rendered only, like the outbound listener.
+pub fn permissive_sections(d: &Desired, p: &Public) -> Vec<Section> {
     let backend = |name: &str, socket: &std::path::Path| Section {
         comment: None,
         header: format!("backend {name}"),
@@ -527,9 +530,17 @@ pub fn permissive_sections(d: &Desired, bind: (&str, u16)) -> Vec<Section> {
             lines: vec![
                 "mode tcp".to_string(),
                 "option tcplog".to_string(),
-                format!("bind {}:{} name {PERMISSIVE_FRONTEND}", bind.0, bind.1),
+                format!(
+                    "bind {}:{} name {PERMISSIVE_FRONTEND}",
+                    p.bind_address, p.bind_port
+                ),
                 format!("tcp-request inspect-delay {PERMISSIVE_INSPECT_DELAY}"),
                 format!("tcp-request content accept if {hello}"),
+                // Evaluated only once the hello rule above has given up (data or delay).
+                format!(
+                    "tcp-request content reject unless {{ dst_port {} }}",
+                    p.app_port
+                ),
                 format!("use_backend {PERMISSIVE_TLS_BACKEND} if {hello}"),
                 format!("default_backend {PERMISSIVE_PLAIN_BACKEND}"),
             ],

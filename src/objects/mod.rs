@@ -189,7 +189,7 @@ pub fn index(d: &Desired) -> Index {
             comment: None,
         });
         if p.permissive {
-            u.rendered = permissive_sections(d, (&p.bind_address.to_string(), p.bind_port));
+            u.rendered = permissive_sections(d, p);
         }
         units.push(u);
     }

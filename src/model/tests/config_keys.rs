@@ -499,6 +499,27 @@ fn permissive_mtls_needs_the_mesh_entry_and_splits_the_public_port() {
         "bind {}:{} name public_front",
         p.bind_address, p.bind_port
     )));
+    // Plaintext only when it was sent to the app's port (the transparent-proxy redirect), as
+    // Consul's Envoy; a TLS hello is taken first, whatever the port.
+    let rules: Vec<&str> = front
+        .lines
+        .iter()
+        .map(String::as_str)
+        .filter(|l| l.starts_with("tcp-request content"))
+        .collect();
+    assert_eq!(
+        rules,
+        [
+            "tcp-request content accept if { req.ssl_hello_type 1 }",
+            &format!(
+                "tcp-request content reject unless {{ dst_port {} }}",
+                p.app_port
+            ),
+        ],
+        "{:#?}",
+        front.lines
+    );
+    assert_ne!(p.app_port, p.bind_port);
     let l = &public.listeners[0];
     let bind = l.bind.line();
     assert!(
