@@ -840,11 +840,12 @@ fn downs_by_address(mesh: &Mesh, backend_prefix: &str) -> std::collections::BTre
 }
 
 /// `MutualTLSMode: permissive` from service-defaults, with the mesh entry's consent (Consul
-/// 1.16): a plain HTTP request to the public port reaches the app beside the mesh's mTLS, and
-/// no intention applies to it (a deny intention refuses the mesh client, not the plaintext
-/// one); back to strict, plaintext is refused again. On Consul 1.8 the test says it skipped.
+/// 1.16): as Consul's Envoy, the public port itself never takes plaintext (only plaintext
+/// redirected from the app's port does, `transparent_proxy`'s permissive test), in http or tcp
+/// mode, while the mesh's mTLS keeps working and a deny intention still refuses the mesh client;
+/// back to strict, the front listener goes. On Consul 1.8 the test says it skipped.
 #[test]
-fn permissive_mtls_takes_plaintext_beside_mtls_and_strict_refuses_it() {
+fn permissive_mtls_refuses_plaintext_to_the_public_port_and_keeps_mtls() {
     if !consul_is_current() {
         eprintln!(
             "skipped on Consul {}: MutualTLSMode exists from Consul 1.16",
@@ -860,24 +861,35 @@ fn permissive_mtls_takes_plaintext_beside_mtls_and_strict_refuses_it() {
         let (status, body) = mesh.consul.put("/v1/config", &entry.to_string());
         assert!(status == 200 && body.trim() == "true", "{status} {body}");
     };
-    let defaults = |mode: &str| {
-        json!({"Kind": "service-defaults", "Name": "server", "Protocol": "http",
+    let defaults = |mode: &str, protocol: &str| {
+        json!({"Kind": "service-defaults", "Name": "server", "Protocol": protocol,
                "MutualTLSMode": mode})
     };
     let plain = format!("127.0.0.1:{}", mesh.server_port);
     let plain_ok = || matches!(http_get(&plain, "/", Duration::from_secs(5)), Ok((200, ref b)) if b == APP_BODY);
+    let mesh_ok = || {
+        matches!(
+            http_get(&mesh.upstream_addr(), "/", Duration::from_secs(5)),
+            Ok((200, ref b)) if b == APP_BODY
+        )
+    };
     assert!(!plain_ok(), "strict took plaintext");
 
     put(json!({"Kind": "mesh", "AllowEnablingPermissiveMutualTLS": true}));
-    put(defaults("permissive"));
+    put(defaults("permissive", "http"));
     wait_for_lines(
         &mesh,
         "server",
         &["frontend public_front", "accept-proxy"],
         &mesh.server_sidecar,
     );
-    assert!(plain_ok(), "{}", mesh.server_sidecar.logs());
     wait_served(&mesh);
+    assert!(mesh_ok(), "{}", mesh.server_sidecar.logs());
+    assert!(
+        !plain_ok(),
+        "permissive took plaintext on the public port\n{}",
+        mesh.server_sidecar.logs()
+    );
 
     mesh.consul.create_intention("client", "server", "deny");
     wait_until(Duration::from_secs(30), "the mesh client refused", || {
@@ -887,28 +899,10 @@ fn permissive_mtls_takes_plaintext_beside_mtls_and_strict_refuses_it() {
         )
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", mesh.server_sidecar.logs()));
-    assert!(plain_ok(), "an intention refused plaintext");
+    assert!(!plain_ok(), "permissive took plaintext on the public port");
 
-    // The mesh entry's consent withdrawn: strict again, though the service still asks.
-    put(json!({"Kind": "mesh", "AllowEnablingPermissiveMutualTLS": false}));
-    wait_until(
-        Duration::from_secs(60),
-        "plaintext refused without consent",
-        || !plain_ok(),
-    )
-    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.server_sidecar.logs()));
-    put(json!({"Kind": "mesh", "AllowEnablingPermissiveMutualTLS": true}));
-    wait_until(Duration::from_secs(60), "plaintext taken again", || {
-        plain_ok()
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.server_sidecar.logs()));
-
-    // Plain TCP too: in tcp mode the plaintext bytes reach the app as they are, the deny
-    // intention still refuses the mesh client.
-    put(
-        json!({"Kind": "service-defaults", "Name": "server", "Protocol": "tcp",
-               "MutualTLSMode": "permissive"}),
-    );
+    // Plain TCP too: a tcp public listener behind the same front listener.
+    put(defaults("permissive", "tcp"));
     let cfg = mesh.workdir("server").join("haproxy.cfg");
     wait_until(Duration::from_secs(60), "a tcp public listener", || {
         let text = std::fs::read_to_string(&cfg).unwrap_or_default();
@@ -924,21 +918,28 @@ fn permissive_mtls_takes_plaintext_beside_mtls_and_strict_refuses_it() {
             mesh.server_sidecar.logs()
         )
     });
-    wait_until(Duration::from_secs(60), "plain TCP taken", &plain_ok)
-        .unwrap_or_else(|e| panic!("{e}\n{}", mesh.server_sidecar.logs()));
+    assert!(!plain_ok(), "permissive took plain TCP on the public port");
     assert!(
-        !matches!(
-            http_get(&mesh.upstream_addr(), "/", Duration::from_secs(5)),
-            Ok((200, _))
-        ),
+        !mesh_ok(),
         "the deny intention let the mesh client in over tcp"
     );
+    mesh.consul.create_intention("client", "server", "allow");
+    wait_until(
+        Duration::from_secs(30),
+        "the mesh client allowed over tcp",
+        mesh_ok,
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.server_sidecar.logs()));
+    assert!(!plain_ok(), "permissive took plain TCP on the public port");
 
-    put(defaults("strict"));
-    wait_until(Duration::from_secs(60), "plaintext refused again", || {
-        !plain_ok()
+    put(defaults("strict", "tcp"));
+    wait_until(Duration::from_secs(60), "the front listener gone", || {
+        !std::fs::read_to_string(&cfg)
+            .unwrap_or_default()
+            .contains("public_front")
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", mesh.server_sidecar.logs()));
-    let cfg = std::fs::read_to_string(mesh.workdir("server").join("haproxy.cfg")).unwrap();
-    assert!(!cfg.contains("public_front"), "{cfg}");
+    wait_until(Duration::from_secs(30), "mTLS in strict", mesh_ok)
+        .unwrap_or_else(|e| panic!("{e}\n{}", mesh.server_sidecar.logs()));
+    assert!(!plain_ok(), "strict took plaintext");
 }
