@@ -81,17 +81,21 @@ impl Snapshot {
                 self.catalog_registration = Some(r);
                 self.merge_central()
             }
+            // `MutualTLSMode` is read from the entries, not the merged registration (which
+            // has no such field): its change counts by itself.
             Update::ProxyDefaults(e) => {
+                let mode = self.mutual_tls_mode();
                 self.proxy_defaults = Some(e);
-                self.merge_central()
+                self.merge_central() || mode != self.mutual_tls_mode()
             }
             Update::ServiceDefaults(e) => {
                 // Transparent mode also reads them (their `Destination`s), with or without
                 // an agent: there a change counts even where nothing is merged.
                 let read = self.service_defaults.as_ref() != Some(&e)
                     && self.registration.as_ref().is_some_and(is_transparent);
+                let mode = self.mutual_tls_mode();
                 self.service_defaults = Some(e);
-                self.merge_central() || read
+                self.merge_central() || read || mode != self.mutual_tls_mode()
             }
             // A deregistered proxy keeps its last configuration serving: removing the listeners
             // would cut live traffic over what may be a re-registration in progress.
@@ -149,6 +153,44 @@ impl Snapshot {
             service_defaults: self.service_defaults.as_deref().unwrap_or_default(),
         };
         replace(&mut self.registration, Some(central::merge(r, &central)))
+    }
+
+    /// `MutualTLSMode` as Consul 1.16 resolves it for the proxied service: its own
+    /// `service-defaults`' when set, else `proxy-defaults` global's; empty (strict) when
+    /// neither says. Neither agent API shows the merged value, so it is read from the entries
+    /// in agent mode too. A value that is not a string comes as its JSON, for the model to
+    /// name.
+    pub fn mutual_tls_mode(&self) -> String {
+        let service = self
+            .registration
+            .as_ref()
+            .and_then(|r| r.proxy.as_ref())
+            .map_or("", |p| p.destination_service_name.as_str());
+        let of = |entries: &Option<Vec<serde_json::Value>>, name: &str| {
+            entries
+                .iter()
+                .flatten()
+                .find(|e| e.get("Name").and_then(serde_json::Value::as_str) == Some(name))
+                .and_then(|e| e.get("MutualTLSMode"))
+                .filter(|m| !m.is_null() && !matches!(m.as_str(), Some("" | "default")))
+                .map(|m| m.as_str().map_or_else(|| m.to_string(), str::to_owned))
+        };
+        if service.is_empty() {
+            return String::new();
+        }
+        of(&self.service_defaults, service)
+            .or_else(|| of(&self.proxy_defaults, "global"))
+            .unwrap_or_default()
+    }
+
+    /// Whether a mesh entry says `AllowEnablingPermissiveMutualTLS`: without it Consul's
+    /// proxies serve `MutualTLSMode: permissive` as strict.
+    pub fn permissive_allowed(&self) -> bool {
+        self.mesh.iter().flatten().any(|e| {
+            e.get("AllowEnablingPermissiveMutualTLS")
+                .and_then(serde_json::Value::as_bool)
+                == Some(true)
+        })
     }
 
     /// Takes the identity checker's verdicts; says whether they changed.
@@ -249,6 +291,13 @@ impl Snapshot {
         }
         if is_mesh_gateway(reg) {
             return w;
+        }
+        // With an agent, `MutualTLSMode` is read from the entries themselves (the agent never
+        // shows it): from the mesh entry's consent on, without which permissive cannot be
+        // served, and then for the rest of the run, so that a withdrawn consent is named.
+        if !role.agentless && (self.permissive_allowed() || self.proxy_defaults.is_some()) {
+            w.insert(Watch::ProxyDefaults);
+            w.insert(Watch::ServiceDefaults);
         }
         // The exports name the peers whose clients this service's public listener trusts.
         w.insert(Watch::ExportedServices);

@@ -33,6 +33,10 @@ pub struct Paths {
     /// Transparent mode's outbound routes (virtual IP → backend), replaced live through
     /// `prepare map`/`commit map` when services come and go.
     pub transparent_map: PathBuf,
+    /// `MutualTLSMode: permissive`: the public listener's own sockets, behind the listener
+    /// that tells a TLS hello from plaintext on the public port (`objects::permissive_sections`).
+    pub public_tls_socket: PathBuf,
+    pub public_plain_socket: PathBuf,
 }
 
 impl Paths {
@@ -54,6 +58,8 @@ impl Paths {
             intentions_map: workdir.join("intentions.map"),
             gateway_map: workdir.join("gateway.map"),
             transparent_map: workdir.join("transparent.map"),
+            public_tls_socket: workdir.join("public-tls.sock"),
+            public_plain_socket: workdir.join("public-plain.sock"),
         }
     }
 }
@@ -143,6 +149,9 @@ pub struct Public {
     /// `X-Forwarded-Client-Cert`, as Consul's Envoy sets it on an http public listener;
     /// `None` in tcp mode.
     pub xfcc: Option<Xfcc>,
+    /// `MutualTLSMode: permissive`, allowed by the mesh entry: plaintext is accepted on the
+    /// public port beside mTLS, and no intention applies to it.
+    pub permissive: bool,
 }
 
 /// What an http public listener does with `X-Forwarded-Client-Cert`: whatever the client sent

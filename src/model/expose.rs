@@ -332,6 +332,7 @@ mod tests {
             forwardfor: false,
             app_header: None,
             xfcc: None,
+            permissive: false,
         };
         assert_eq!(
             local_sources(None, "", &public, None),

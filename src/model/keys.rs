@@ -268,6 +268,36 @@ pub(crate) fn xfcc(
     }
 }
 
+/// `MutualTLSMode` (`Snapshot::mutual_tls_mode`): whether the public listener also takes
+/// plaintext. Only with the mesh entry's `AllowEnablingPermissiveMutualTLS`, as Consul's own
+/// proxies check it: without it, or for a value Consul does not name, the listener stays
+/// mTLS-only (the safe side) and the operator is told, once.
+pub(crate) fn mutual_tls_permissive(
+    mode: &str,
+    allowed: bool,
+    whose: &str,
+    warnings: &mut Vec<String>,
+) -> bool {
+    match mode.trim() {
+        "" | "strict" | "default" => false,
+        "permissive" => {
+            if !allowed {
+                warnings.push(format!(
+                    "{whose}: MutualTLSMode permissive needs the mesh entry's AllowEnablingPermissiveMutualTLS; the public listener accepts mTLS only, as in strict mode"
+                ));
+            }
+            allowed
+        }
+        other => {
+            warnings.push(format!(
+                "{whose}: MutualTLSMode {} is unknown; the public listener accepts mTLS only",
+                shown(other)
+            ));
+            false
+        }
+    }
+}
+
 /// A Go duration setting (`connect_timeout`, `read_timeout`: `"5s"`), as the Go original
 /// reads them: `None` when unset, and with a warning when not a duration HAProxy can take.
 pub(crate) fn go_timeout(

@@ -135,6 +135,8 @@ pub fn build(
             &whose,
             &mut warnings,
         ),
+        // Read with the mesh entry, below.
+        permissive: false,
     };
     if public.bind_port == 0 {
         return Err(Error::msg(format!(
@@ -229,6 +231,16 @@ pub fn build(
     }
     exposed.sort_by_key(|l| l.bind_port);
     let mesh_tls = mesh::tls(snapshot.mesh.as_deref().unwrap_or_default(), &mut warnings);
+    let permissive = keys::mutual_tls_permissive(
+        &snapshot.mutual_tls_mode(),
+        snapshot.permissive_allowed(),
+        &whose,
+        &mut warnings,
+    );
+    let public = Public {
+        permissive,
+        ..public
+    };
     let mut access_log = access_logs::formats(&proxy.access_logs, &whose, &mut warnings);
     if access_log.is_some() && settings.knobs.log_format.is_some() {
         warnings.push(format!(

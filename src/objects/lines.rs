@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use crate::model::chain::TargetBackend;
 use crate::model::transparent::{direct_map_path, hosts_map_path, Outbound, PROBE_ADDRESS};
-use crate::model::{AppHeader, Desired, ExposedListener, Mode, Xfcc};
+use crate::model::{AppHeader, Desired, ExposedListener, Mode, Public, Xfcc};
 use crate::spoe::authz::GENERATION_PROBE;
 use crate::spoe::server::XFCC_VAR;
 use crate::value::comment;
@@ -110,15 +110,22 @@ impl FrontendSpec {
             FrontendKind::Public {
                 app_header,
                 xfcc,
+                plain_socket,
                 intentions,
                 path_rules,
-            } => public_rules(
-                &mut l,
-                self.mode,
-                (app_header, xfcc),
-                intentions.as_ref(),
-                *path_rules,
-            ),
+            } => {
+                if let Some(path) = plain_socket {
+                    // What the front listener found no TLS hello on (`permissive_sections`).
+                    l.push(format!("bind {path} name public_plain accept-proxy"));
+                }
+                public_rules(
+                    &mut l,
+                    self.mode,
+                    (app_header, xfcc),
+                    (intentions.as_ref(), plain_socket.is_some()),
+                    *path_rules,
+                )
+            }
             FrontendKind::Upstream { routing } => l.extend(routing.iter().cloned()),
             FrontendKind::Gateway { sni_map: map } => {
                 // A mesh gateway never reads the traffic: it waits for the TLS hello, closes a
@@ -146,9 +153,12 @@ fn public_rules(
     l: &mut Vec<String>,
     mode: Mode,
     (app_header, xfcc): (&Option<AppHeader>, &Option<Xfcc>),
-    intentions: Option<&IntentionsFilter>,
+    (intentions, permissive): (Option<&IntentionsFilter>, bool),
     path_rules: bool,
 ) {
+    // Permissive: intentions judge TLS connections only, as Consul documents; a plaintext
+    // one has no certificate to judge and is let through (no agent round trip either).
+    let tls_only = if permissive { " { ssl_fc }" } else { "" };
     if let Some(intentions) = intentions {
         l.push(format!(
             "filter spoe engine {SPOE_ENGINE} config {}",
@@ -165,19 +175,26 @@ fn public_rules(
                 intentions.fast_map
             ));
             l.push(format!(
-                "http-request send-spoe-group {SPOE_ENGINE} {SPOE_CONNECTION_GROUP} if !{{ var(sess.hcc.l7) -m bool }} !{{ var(sess.hcc.gen),strcmp(txn.hcc_gen) eq 0 }}"
+                "http-request send-spoe-group {SPOE_ENGINE} {SPOE_CONNECTION_GROUP} if !{{ var(sess.hcc.l7) -m bool }} !{{ var(sess.hcc.gen),strcmp(txn.hcc_gen) eq 0 }}{tls_only}"
             ));
             // SPOE never rejects by itself: a request the agent did not explicitly allow
             // the connection of (denied, agent down, timeout) is refused here, as Envoy's
             // RBAC answers on an http listener. This is what fails closed; it comes before
             // anything else reads the request, so a refused client learns nothing more.
-            l.push(
-                "http-request deny deny_status 403 unless { var(sess.hcc.allow) -m bool }".into(),
-            );
+            l.push(if permissive {
+                "http-request deny deny_status 403 if !{ var(sess.hcc.allow) -m bool } { ssl_fc }"
+                    .into()
+            } else {
+                "http-request deny deny_status 403 unless { var(sess.hcc.allow) -m bool }".into()
+            });
         } else {
             // SPOE never rejects by itself: a connection the agent did not explicitly allow
             // (denied, agent down, timeout) is rejected here. This is what fails closed.
-            l.push("tcp-request content reject unless { var(sess.hcc.allow) -m bool }".into());
+            l.push(if permissive {
+                "tcp-request content reject if !{ var(sess.hcc.allow) -m bool } { ssl_fc }".into()
+            } else {
+                "tcp-request content reject unless { var(sess.hcc.allow) -m bool }".into()
+            });
         }
     }
     // After the tcp-request rules, which HAProxy runs first wherever they are written
@@ -284,6 +301,9 @@ impl BindSpec {
         };
         if let Some(m) = &self.unix_mode {
             s.push_str(&format!(" mode {m}"));
+        }
+        if self.accept_proxy {
+            s.push_str(" accept-proxy");
         }
         if let Some(t) = &self.tls {
             s.push_str(&format!(" ssl {}", t.options()));
@@ -482,6 +502,60 @@ pub fn outbound_sections(d: &Desired, o: &Outbound) -> Vec<Section> {
     }
     sections
 }
+
+/// The front listener of a permissive public port and its two backends: a connection whose
+/// first bytes are a TLS hello goes to the mTLS listener's socket; plaintext goes to its
+/// plaintext socket only when its original destination (`dst_port`, which HAProxy reads through
+/// the redirect's NAT) was the app's own port, as Consul's Envoy accepts plaintext only for the
+/// service's port reached through the transparent-proxy redirect. Plaintext sent to the public
+/// port itself is refused. Both hops carry a PROXY header so the listener sees the client's
+/// address. A client that sends nothing first (a server-speaks-first protocol) is judged as
+/// plaintext after the delay. Rendered only, like the outbound listener.
+pub fn permissive_sections(d: &Desired, p: &Public) -> Vec<Section> {
+    let backend = |name: &str, socket: &std::path::Path| Section {
+        comment: None,
+        header: format!("backend {name}"),
+        lines: vec![
+            "mode tcp".to_string(),
+            format!("server listener {} send-proxy-v2", socket.display()),
+        ],
+    };
+    let hello = "{ req.ssl_hello_type 1 }";
+    vec![
+        Section {
+            comment: Some(comment(
+                "MutualTLSMode permissive: mTLS and plaintext on the public port",
+            )),
+            header: format!("frontend {PERMISSIVE_FRONTEND}"),
+            lines: vec![
+                "mode tcp".to_string(),
+                "option tcplog".to_string(),
+                format!(
+                    "bind {}:{} name {PERMISSIVE_FRONTEND}",
+                    p.bind_address, p.bind_port
+                ),
+                format!("tcp-request inspect-delay {PERMISSIVE_INSPECT_DELAY}"),
+                format!("tcp-request content accept if {hello}"),
+                // Evaluated only once the hello rule above has given up (data or delay).
+                format!(
+                    "tcp-request content reject unless {{ dst_port {} }}",
+                    p.app_port
+                ),
+                format!("use_backend {PERMISSIVE_TLS_BACKEND} if {hello}"),
+                format!("default_backend {PERMISSIVE_PLAIN_BACKEND}"),
+            ],
+        },
+        backend(PERMISSIVE_TLS_BACKEND, &d.paths.public_tls_socket),
+        backend(PERMISSIVE_PLAIN_BACKEND, &d.paths.public_plain_socket),
+    ]
+}
+
+/// The permissive public port's front listener and its backends.
+pub const PERMISSIVE_FRONTEND: &str = "public_front";
+pub const PERMISSIVE_TLS_BACKEND: &str = "public_front_tls";
+pub const PERMISSIVE_PLAIN_BACKEND: &str = "public_front_plain";
+/// How long the front listener waits for a client's first bytes.
+pub const PERMISSIVE_INSPECT_DELAY: crate::value::Millis = crate::value::Millis::constant(5000);
 
 /// The comment above a chain target's backend: the target and whom its servers must be.
 pub fn target_comment(t: &TargetBackend) -> String {

@@ -123,6 +123,8 @@ impl Index {
 /// The reasons, as the log reads them, a rendered-only part's change takes a full render.
 pub const APP_HEADER_REASON: &str =
     "the public listener's appname_header rules change, which a Dataplane API frontend replace would keep as they were";
+pub const PERMISSIVE_REASON: &str =
+    "the public listener's MutualTLSMode changes, and its front listener is rendered only";
 pub const XFCC_REASON: &str =
     "the public listener's X-Forwarded-Client-Cert rules change, and they are rendered only";
 pub const JWT_HEADERS_REASON: &str =
@@ -150,11 +152,17 @@ pub fn index(d: &Desired) -> Index {
         if let FrontendKind::Public {
             app_header,
             xfcc,
+            plain_socket,
             intentions,
             path_rules,
         } = &frontend.kind
         {
             let at = |what: &str| format!("{PUBLIC_FRONTEND}/{what}");
+            part(
+                at("permissive"),
+                format!("{plain_socket:?}"),
+                PERMISSIVE_REASON,
+            );
             part(
                 at("appname_header"),
                 format!("{app_header:?}"),
@@ -180,6 +188,9 @@ pub fn index(d: &Desired) -> Index {
             slots: false,
             comment: None,
         });
+        if p.permissive {
+            u.rendered = permissive_sections(d, p);
+        }
         units.push(u);
     }
     // Binds and servers cannot change their TLS versions or ciphers on a running HAProxy.

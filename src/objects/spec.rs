@@ -82,6 +82,9 @@ pub enum FrontendKind {
         app_header: Option<AppHeader>,
         /// The `X-Forwarded-Client-Cert` rules (http mode).
         xfcc: Option<Xfcc>,
+        /// `MutualTLSMode: permissive`: the plaintext socket's bind, and intentions judged on
+        /// TLS connections only.
+        plain_socket: Option<String>,
         /// The intentions filter, the rule that rejects what the agent did not allow and, in
         /// http mode, the per-request rules of L7 intentions. The sidecar never turns
         /// intentions on or off while it runs; the per-request rules depend on the mode.
@@ -136,6 +139,9 @@ pub struct BindSpec {
     /// `alpn h2,http/1.1` on an http public listener: a peer sidecar may speak HTTP/2 (gRPC
     /// over the mesh), any other HTTP/1.1. In v1.2.5's bind model.
     pub alpn: Option<String>,
+    /// `accept-proxy`: the permissive public listener's own socket, which only the listener in
+    /// front of it connects to, with the client's address in a PROXY header. Full render only.
+    pub accept_proxy: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -196,6 +202,11 @@ impl FrontendSpec {
 
 impl BindSpec {
     pub fn beyond_dataplane(&self) -> Option<&'static str> {
+        if self.accept_proxy {
+            return Some(
+                "the permissive public listener's socket takes PROXY headers, which the Dataplane API cannot set",
+            );
+        }
         if self.unix_mode.is_some() {
             return Some("a new unix socket listener has permissions the Dataplane API cannot set");
         }
@@ -292,6 +303,9 @@ pub fn public_frontend(d: &Desired, p: &Public) -> FrontendSpec {
         kind: FrontendKind::Public {
             app_header: p.app_header.clone(),
             xfcc: p.xfcc.clone(),
+            plain_socket: p
+                .permissive
+                .then(|| d.paths.public_plain_socket.display().to_string()),
             intentions: d.intentions.then(|| IntentionsFilter {
                 spoe_config: d.paths.spoe_conf.display().to_string(),
                 fast_map: d.paths.intentions_map.display().to_string(),
@@ -303,7 +317,7 @@ pub fn public_frontend(d: &Desired, p: &Public) -> FrontendSpec {
 }
 
 pub fn public_bind(d: &Desired, p: &Public) -> BindSpec {
-    BindSpec {
+    let bind = BindSpec {
         frontend: PUBLIC_FRONTEND.into(),
         name: "public".into(),
         address: p.bind_address.to_string(),
@@ -312,6 +326,19 @@ pub fn public_bind(d: &Desired, p: &Public) -> BindSpec {
         tls: Some(mesh_tls(d, true)),
         h2: false,
         alpn: (p.mode == Mode::Http).then(|| "h2,http/1.1".to_string()),
+        accept_proxy: false,
+    };
+    if p.permissive {
+        // The public port is the front listener's (`permissive_sections`); this one takes
+        // the connections it found a TLS hello on.
+        BindSpec {
+            address: d.paths.public_tls_socket.display().to_string(),
+            port: None,
+            accept_proxy: true,
+            ..bind
+        }
+    } else {
+        bind
     }
 }
 
@@ -341,6 +368,7 @@ pub fn gateway_bind(l: &GatewayListener) -> BindSpec {
         tls: None,
         h2: false,
         alpn: None,
+        accept_proxy: false,
     }
 }
 
@@ -450,6 +478,7 @@ pub fn upstream_bind(u: &UpstreamListener) -> BindSpec {
         // and HTTP/1.1 clients keep working on the same port.
         h2: false,
         alpn: None,
+        accept_proxy: false,
     }
 }
 
@@ -615,6 +644,7 @@ pub fn exposed_bind(e: &ExposedListener) -> BindSpec {
         tls: None,
         h2: e.http2,
         alpn: None,
+        accept_proxy: false,
     }
 }
 

@@ -178,6 +178,7 @@ fn haproxy_normalizes_paths_as_the_agent_does() {
         kind: FrontendKind::Public {
             app_header: None,
             xfcc: None,
+            plain_socket: None,
             intentions: None,
             path_rules: true,
         },
@@ -191,6 +192,7 @@ fn haproxy_normalizes_paths_as_the_agent_does() {
         tls: None,
         h2: false,
         alpn: None,
+        accept_proxy: false,
     };
     let mut lines = f.lines(&bind);
     // What the app would be sent: the path after every rule, echoed.

@@ -376,3 +376,42 @@ fn peered_upstreams_and_exports_want_their_peerings() {
     s.apply(Update::Peering("dc9".into(), Default::default()));
     assert!(s.exports_known());
 }
+
+/// With an agent, the defaults entries are read for `MutualTLSMode` only from the mesh entry's
+/// consent on, and then kept; a change of the mode counts though the merged registration
+/// does not change.
+#[test]
+fn agent_mode_reads_the_defaults_for_mutual_tls_from_the_mesh_consent_on() {
+    let p = "client-sidecar-proxy";
+    let mut s = fixtures::snapshot(fixtures::CONSUL_VERSIONS[0], p, "ca-leaf-client.json");
+    let service = s
+        .registration
+        .as_ref()
+        .and_then(|r| r.proxy.as_ref())
+        .map(|p| p.destination_service_name.clone())
+        .unwrap_or_default();
+    let w = s.watches(&role(p));
+    assert!(!w.contains(&Watch::ProxyDefaults), "{w:?}");
+    assert!(!w.contains(&Watch::ServiceDefaults), "{w:?}");
+    let consent = |allow: bool| {
+        Update::Mesh(vec![serde_json::json!({
+            "Kind": "mesh", "AllowEnablingPermissiveMutualTLS": allow})])
+    };
+    s.apply(consent(true));
+    let w = s.watches(&role(p));
+    assert!(w.contains(&Watch::ProxyDefaults), "{w:?}");
+    assert!(w.contains(&Watch::ServiceDefaults), "{w:?}");
+
+    s.apply(Update::ProxyDefaults(Vec::new()));
+    let defaults = |mode: &str| {
+        Update::ServiceDefaults(vec![serde_json::json!({"Kind": "service-defaults",
+            "Name": service, "MutualTLSMode": mode})])
+    };
+    assert!(s.apply(defaults("permissive")));
+    assert_eq!(s.mutual_tls_mode(), "permissive");
+    assert!(!s.apply(defaults("permissive")));
+    assert!(s.apply(defaults("strict")));
+    // Consent withdrawn: still read, so that a permissive service is named.
+    s.apply(consent(false));
+    assert!(s.watches(&role(p)).contains(&Watch::ServiceDefaults));
+}

@@ -838,3 +838,108 @@ fn downs_by_address(mesh: &Mesh, backend_prefix: &str) -> std::collections::BTre
         .map(|f| (f[addr].to_string(), f[chkdown].parse().unwrap_or(0)))
         .collect()
 }
+
+/// `MutualTLSMode: permissive` from service-defaults, with the mesh entry's consent (Consul
+/// 1.16): as Consul's Envoy, the public port itself never takes plaintext (only plaintext
+/// redirected from the app's port does, `transparent_proxy`'s permissive test), in http or tcp
+/// mode, while the mesh's mTLS keeps working and a deny intention still refuses the mesh client;
+/// back to strict, the front listener goes. On Consul 1.8 the test says it skipped.
+#[test]
+fn permissive_mtls_refuses_plaintext_to_the_public_port_and_keeps_mtls() {
+    if !consul_is_current() {
+        eprintln!(
+            "skipped on Consul {}: MutualTLSMode exists from Consul 1.16",
+            consul_version()
+        );
+        return;
+    }
+    let mesh = Mesh::start(MeshOptions {
+        intentions: true,
+        ..Default::default()
+    });
+    let put = |entry: Value| {
+        let (status, body) = mesh.consul.put("/v1/config", &entry.to_string());
+        assert!(status == 200 && body.trim() == "true", "{status} {body}");
+    };
+    let defaults = |mode: &str, protocol: &str| {
+        json!({"Kind": "service-defaults", "Name": "server", "Protocol": protocol,
+               "MutualTLSMode": mode})
+    };
+    let plain = format!("127.0.0.1:{}", mesh.server_port);
+    let plain_ok = || matches!(http_get(&plain, "/", Duration::from_secs(5)), Ok((200, ref b)) if b == APP_BODY);
+    let mesh_ok = || {
+        matches!(
+            http_get(&mesh.upstream_addr(), "/", Duration::from_secs(5)),
+            Ok((200, ref b)) if b == APP_BODY
+        )
+    };
+    assert!(!plain_ok(), "strict took plaintext");
+
+    put(json!({"Kind": "mesh", "AllowEnablingPermissiveMutualTLS": true}));
+    put(defaults("permissive", "http"));
+    wait_for_lines(
+        &mesh,
+        "server",
+        &["frontend public_front", "accept-proxy"],
+        &mesh.server_sidecar,
+    );
+    wait_served(&mesh);
+    assert!(mesh_ok(), "{}", mesh.server_sidecar.logs());
+    assert!(
+        !plain_ok(),
+        "permissive took plaintext on the public port\n{}",
+        mesh.server_sidecar.logs()
+    );
+
+    mesh.consul.create_intention("client", "server", "deny");
+    wait_until(Duration::from_secs(30), "the mesh client refused", || {
+        !matches!(
+            http_get(&mesh.upstream_addr(), "/", Duration::from_secs(5)),
+            Ok((200, _))
+        )
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.server_sidecar.logs()));
+    assert!(!plain_ok(), "permissive took plaintext on the public port");
+
+    // Plain TCP too: a tcp public listener behind the same front listener.
+    put(defaults("permissive", "tcp"));
+    let cfg = mesh.workdir("server").join("haproxy.cfg");
+    wait_until(Duration::from_secs(60), "a tcp public listener", || {
+        let text = std::fs::read_to_string(&cfg).unwrap_or_default();
+        let public = text
+            .split("\nfrontend ")
+            .find(|s| s.starts_with("public_listener"));
+        public.is_some_and(|p| p.lines().nth(1).is_some_and(|l| l.trim() == "mode tcp"))
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}\n{}\n{}",
+            std::fs::read_to_string(&cfg).unwrap_or_default(),
+            mesh.server_sidecar.logs()
+        )
+    });
+    assert!(!plain_ok(), "permissive took plain TCP on the public port");
+    assert!(
+        !mesh_ok(),
+        "the deny intention let the mesh client in over tcp"
+    );
+    mesh.consul.create_intention("client", "server", "allow");
+    wait_until(
+        Duration::from_secs(30),
+        "the mesh client allowed over tcp",
+        mesh_ok,
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.server_sidecar.logs()));
+    assert!(!plain_ok(), "permissive took plain TCP on the public port");
+
+    put(defaults("strict", "tcp"));
+    wait_until(Duration::from_secs(60), "the front listener gone", || {
+        !std::fs::read_to_string(&cfg)
+            .unwrap_or_default()
+            .contains("public_front")
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.server_sidecar.logs()));
+    wait_until(Duration::from_secs(30), "mTLS in strict", mesh_ok)
+        .unwrap_or_else(|e| panic!("{e}\n{}", mesh.server_sidecar.logs()));
+    assert!(!plain_ok(), "strict took plaintext");
+}

@@ -624,6 +624,55 @@ fn the_app_reaches_mesh_services_by_virtual_ip_and_the_rest_as_the_mesh_entry_sa
         "a plain request reached direct's app: {outside:?}"
     );
 
+    // MutualTLSMode permissive (issue 28), as Consul's Envoy accepts it: plaintext from outside
+    // the mesh sent to direct's own port (which the redirect hands to the public listener)
+    // reaches the app; plaintext sent to the public port itself is still refused, and mTLS
+    // keeps working. Without the mesh entry's consent: strict again.
+    let consent = |allow: bool| {
+        put(
+            srv,
+            "/v1/config",
+            &json!({"Kind": "mesh", "AllowEnablingPermissiveMutualTLS": allow}),
+        )
+    };
+    let plain_direct = || matches!(ext.run(|| plain_get(&direct_at)), Ok((200, ref b)) if b == "hello from direct");
+    consent(true);
+    put(
+        srv,
+        "/v1/config",
+        &json!({"Kind": "service-defaults", "Name": "direct", "MutualTLSMode": "permissive"}),
+    );
+    wait_until(
+        Duration::from_secs(60),
+        "permissive: plaintext to direct's port",
+        plain_direct,
+    )
+    .unwrap_or_else(|e| {
+        let cfg = std::fs::read_to_string(base.join("direct").join("haproxy.cfg"));
+        panic!("{e}: {:?}\n{cfg:?}", ext.run(|| plain_get(&direct_at)))
+    });
+    let direct_public = dd.at(DIRECT.sidecar_port);
+    let outside = ext.run(|| plain_get(&direct_public));
+    assert!(
+        !matches!(&outside, Ok((200, _))),
+        "permissive took plaintext on the public port: {outside:?}"
+    );
+    assert!(
+        answers(pod, &direct_at, "hello from direct"),
+        "{:?}\n{}",
+        from_pod(pod, &direct_at),
+        client.logs()
+    );
+    consent(false);
+    wait_until(
+        Duration::from_secs(60),
+        "strict again without the consent",
+        || !plain_direct(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let (status, text) = request(srv, "DELETE", "/v1/config/service-defaults/direct", None);
+    assert_eq!(status, 200, "{text}");
+
     // http services: web's router sends /v2 to web2; the client reaches both through web's
     // virtual IP (its implicit upstream follows the chain), and picks a service by Host.
     for name in ["web", "web2"] {

@@ -430,3 +430,123 @@ fn passive_checks_reach_the_servers_and_a_change_takes_a_full_render() {
         plan.full_render_reason()
     );
 }
+
+/// `MutualTLSMode` as Consul 1.16 resolves it (the service's own service-defaults, else
+/// proxy-defaults global, else strict) takes the mesh entry's consent, and then puts a front
+/// listener on the public port.
+#[test]
+fn permissive_mtls_needs_the_mesh_entry_and_splits_the_public_port() {
+    let mut s = snapshot(ANY, "client-sidecar-proxy", "ca-leaf-client.json");
+    let service = s
+        .registration
+        .as_ref()
+        .and_then(|r| r.proxy.as_ref())
+        .unwrap()
+        .destination_service_name
+        .clone();
+    let defaults = |mode: &str| {
+        vec![
+            serde_json::json!({"Kind": "service-defaults", "Name": service,
+            "MutualTLSMode": mode}),
+        ]
+    };
+    let allow = vec![serde_json::json!({
+        "Kind": "mesh", "AllowEnablingPermissiveMutualTLS": true,
+    })];
+    // proxy-defaults says permissive, the service's own entry strict: strict, silently.
+    s.mesh = Some(allow.clone());
+    s.proxy_defaults = Some(vec![serde_json::json!({"Kind": "proxy-defaults",
+        "Name": "global", "MutualTLSMode": "permissive"})]);
+    s.service_defaults = Some(defaults("strict"));
+    let d = build(&s, &settings(), None).unwrap();
+    assert!(!d.sidecar().permissive);
+    assert!(d.warnings.is_empty(), "{:#?}", d.warnings);
+    // Another service's entry says nothing of this one: proxy-defaults' permissive holds.
+    s.service_defaults = Some(vec![serde_json::json!({"Kind": "service-defaults",
+        "Name": "other", "MutualTLSMode": "strict"})]);
+    assert!(build(&s, &settings(), None).unwrap().sidecar().permissive);
+    s.proxy_defaults = None;
+
+    // Permissive without the mesh entry's consent: named, and the listener stays mTLS.
+    s.mesh = None;
+    s.service_defaults = Some(defaults("permissive"));
+    let d = build(&s, &settings(), None).unwrap();
+    assert!(
+        d.warnings
+            .iter()
+            .any(|w| w.contains("needs the mesh entry's AllowEnablingPermissiveMutualTLS")),
+        "{:#?}",
+        d.warnings
+    );
+    assert!(!d.sidecar().permissive);
+    let index = crate::objects::index(&d);
+    let public = index.unit("public").unwrap();
+    assert!(public.rendered.is_empty());
+    assert!(public.listeners[0].bind.line().contains(" ssl "));
+
+    // With it: the public port is the front listener's, the mTLS listener takes PROXY
+    // connections on its sockets, and intentions judge TLS connections only.
+    s.mesh = Some(allow);
+    let d = build(&s, &settings(), None).unwrap();
+    assert!(d.warnings.is_empty(), "{:#?}", d.warnings);
+    let p = d.sidecar();
+    assert!(p.permissive);
+    let index = crate::objects::index(&d);
+    let public = index.unit("public").unwrap();
+    let front = &public.rendered[0];
+    assert_eq!(front.header, "frontend public_front");
+    assert!(front.lines.contains(&format!(
+        "bind {}:{} name public_front",
+        p.bind_address, p.bind_port
+    )));
+    // Plaintext only when it was sent to the app's port (the transparent-proxy redirect), as
+    // Consul's Envoy; a TLS hello is taken first, whatever the port.
+    let rules: Vec<&str> = front
+        .lines
+        .iter()
+        .map(String::as_str)
+        .filter(|l| l.starts_with("tcp-request content"))
+        .collect();
+    assert_eq!(
+        rules,
+        [
+            "tcp-request content accept if { req.ssl_hello_type 1 }",
+            &format!(
+                "tcp-request content reject unless {{ dst_port {} }}",
+                p.app_port
+            ),
+        ],
+        "{:#?}",
+        front.lines
+    );
+    assert_ne!(p.app_port, p.bind_port);
+    let l = &public.listeners[0];
+    let bind = l.bind.line();
+    assert!(
+        bind.starts_with(&format!(
+            "bind {} name public accept-proxy ssl ",
+            d.paths.public_tls_socket.display()
+        )),
+        "{bind}"
+    );
+    assert!(l.bind.beyond_dataplane().is_some());
+    let mut settings = settings();
+    settings.intentions = true;
+    let d = build(&s, &settings, None).unwrap();
+    let p = d.sidecar();
+    let lines = crate::objects::public_frontend(&d, p).lines(&crate::objects::public_bind(&d, p));
+    assert!(
+        lines.contains(&format!(
+            "bind {} name public_plain accept-proxy",
+            d.paths.public_plain_socket.display()
+        )),
+        "{lines:#?}"
+    );
+    assert!(
+        lines.contains(
+            &"tcp-request content reject if !{ var(sess.hcc.allow) -m bool } { ssl_fc }"
+                .to_string()
+        ),
+        "{lines:#?}"
+    );
+}
