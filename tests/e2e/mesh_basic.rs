@@ -348,6 +348,7 @@ fn dry_run_check(args: &[&str], wants: &[&str]) {
             names,
             [
                 "roots.pem",
+                "public-roots.pem",
                 "leaf.pem",
                 "spoe.conf",
                 "intentions.map",
@@ -355,7 +356,12 @@ fn dry_run_check(args: &[&str], wants: &[&str]) {
             ]
         );
     } else {
-        assert_eq!(names, ["roots.pem", "leaf.pem", "haproxy.cfg"]);
+        // The public listener's CA file is its own (our roots and the CAs of peers the
+        // service is exported to); upstream servers keep our roots only.
+        assert_eq!(
+            names,
+            ["roots.pem", "public-roots.pem", "leaf.pem", "haproxy.cfg"]
+        );
     }
     assert!(
         std::fs::read_dir(base.path()).unwrap().next().is_none(),
