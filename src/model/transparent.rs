@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{Mode, Paths, UnixSocket, UpstreamListener, MAX_SOCKET_PATH};
 use crate::consul::api::{HealthEntry, ProxyConfig, ServiceDefaultsEntry, Upstream};
@@ -274,7 +274,7 @@ pub fn outbound(
     }
     for raw in snapshot.service_defaults.iter().flatten() {
         // An entry that does not read as one names no Destination this sidecar could see.
-        let Ok(e) = serde_json::from_value::<ServiceDefaultsEntry>(raw.clone()) else {
+        let Ok(e) = ServiceDefaultsEntry::deserialize(raw) else {
             continue;
         };
         if let Some(dest) = &e.destination {
