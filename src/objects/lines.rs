@@ -61,6 +61,17 @@ pub const NORMALIZE: [&str; 5] = [
     "http-request normalize-uri path-merge-slashes",
 ];
 
+/// The http public listener's idle keep-alive connections (the pools of the peers' sidecars,
+/// `http-reuse always` in ours) are what an old worker closes at a reload, racing with a
+/// request a peer is just sending on one: that request is lost (a 502, or a close without an
+/// answer, from the peer's HAProxy; seen in `tests/e2e/convergence.rs`). With this option the
+/// old worker keeps them for one more request, answered with `Connection: close`, for at most
+/// `hard-stop-after`. HAProxy refuses it outside http mode, so it is the frontend's line, not
+/// the defaults section's. Upstream listeners go without it: Dataplane API v1.2.5 cannot set
+/// it on the listeners it creates, and their clients are apps, whose HTTP clients retry an
+/// idempotent request on a reused connection closed without an answer (RFC 9112 §9.3.1).
+pub const IDLE_CLOSE_ON_RESPONSE: &str = "option idle-close-on-response";
+
 /// A path that starts with `/` and holds none of these, nor ends with one of `ODD_PATH_ENDS`,
 /// is its own normal form (`NORMALIZE` leaves it as it is): every `.` or `..` segment is
 /// followed by `/` or ends the path, merging needs `//`, decoding needs `%`.
@@ -81,6 +92,9 @@ pub struct Section {
 impl FrontendSpec {
     pub fn lines(&self, bind: &BindSpec) -> Vec<String> {
         let mut l = vec![format!("mode {}", mode(self.mode))];
+        if self.mode == Mode::Http && matches!(self.kind, FrontendKind::Public { .. }) {
+            l.push(IDLE_CLOSE_ON_RESPONSE.to_string());
+        }
         if let Some(n) = self.maxconn {
             // Past it HAProxy stops accepting on this listener: further connections wait in
             // the kernel's backlog until one ends.

@@ -194,7 +194,7 @@ impl FrontendSpec {
             FrontendKind::Gateway { .. } => Some(
                 "a mesh gateway's listener changes, and the Dataplane API cannot write its SNI routing rules",
             ),
-            // The public listener's rules are the index's rendered-only parts.
+            // The public listener's rules, and its mode, are the index's rendered-only parts.
             FrontendKind::Public { .. } | FrontendKind::Upstream { .. } => None,
         }
     }

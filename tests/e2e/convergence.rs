@@ -296,6 +296,103 @@ fn an_upstream_added_and_removed_costs_one_reload_each_and_no_failed_request() {
     assert_eq!(failed, 0, "the other upstream failed requests: {errors:?}");
 }
 
+/// An http client's sidecar keeps idle mTLS connections to the server's sidecar for its next
+/// requests (`http-reuse always`). When the server's HAProxy reloads (any Dataplane API
+/// transaction), its old worker keeps those idle connections for one more request, answered
+/// with `Connection: close` (`option idle-close-on-response`), instead of closing them at once:
+/// a close racing with a request just sent on that connection loses the request, and the
+/// client's HAProxy can then only close the app's connection without an answer (seen once on
+/// HAProxy 3.2, in `l7_intentions::odd_paths_are_judged_and_served_in_normal_form`).
+#[test]
+fn a_reloading_destination_keeps_pooled_connections_for_one_more_request() {
+    let mesh = Mesh::start(MeshOptions {
+        protocol: Some("http"),
+        ..MeshOptions::default()
+    });
+    let master = mesh.workdir("server").join("master.sock");
+    // One request leaves an idle connection to the server's current worker in the pool.
+    let first = http_get(&mesh.upstream_addr(), "/", Duration::from_secs(5));
+    assert_eq!(first.map(|r| r.0), Ok(200));
+    let old = current_workers(&master);
+    ask_master_to_reload(&master);
+    wait_until(
+        Duration::from_secs(20),
+        "the server's HAProxy to reload",
+        || {
+            let now = current_workers(&master);
+            !now.is_empty() && now.iter().all(|w| !old.contains(w))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.server_sidecar.logs()));
+    // An old worker with nothing to serve exits within milliseconds; this one still holds the
+    // client's idle connection.
+    thread::sleep(Duration::from_secs(1));
+    let kept = all_workers(&master);
+    assert!(
+        old.iter().all(|w| kept.contains(w)),
+        "the old worker {old:?} closed the pooled connection at the reload (workers now {kept:?})\n{}",
+        mesh.server_sidecar.logs()
+    );
+    // The next request is answered, and the old worker lets the connection go after it.
+    let next = http_get(&mesh.upstream_addr(), "/", Duration::from_secs(5));
+    assert_eq!(next.map(|r| r.0), Ok(200));
+    wait_until(Duration::from_secs(20), "the old worker to exit", || {
+        let now = all_workers(&master);
+        old.iter().all(|w| !now.contains(w))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.server_sidecar.logs()));
+}
+
+/// The same under load: clients sending request after request, each on a new connection to
+/// the client's sidecar, while the server's HAProxy reloads again and again.
+#[test]
+fn an_http_client_sees_no_failure_while_its_destination_reloads() {
+    let mesh = Mesh::start(MeshOptions {
+        protocol: Some("http"),
+        ..MeshOptions::default()
+    });
+    let master = mesh.workdir("server").join("master.sock");
+    let loads: Vec<Load> = (0..4).map(|_| Load::start(mesh.upstream_addr())).collect();
+    wait_serving(&mesh.app, "traffic before the reloads");
+    const RELOADS: usize = 20;
+    for _ in 0..RELOADS {
+        let before = current_workers(&master);
+        ask_master_to_reload(&master);
+        wait_until(
+            Duration::from_secs(20),
+            "the server's HAProxy to reload",
+            || {
+                let now = current_workers(&master);
+                !now.is_empty() && now.iter().all(|w| !before.contains(w))
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", mesh.server_sidecar.logs()));
+        // Requests pool connections to the new worker before the next reload.
+        thread::sleep(Duration::from_millis(200));
+    }
+    wait_serving(&mesh.app, "traffic after the reloads");
+    let (mut ok, mut failed, mut errors) = (0, 0, Vec::new());
+    for load in loads {
+        let (o, f, e) = load.finish();
+        ok += o;
+        failed += f;
+        errors.extend(e);
+    }
+    eprintln!("measured: {RELOADS} reloads of the destination: {ok} requests ok, {failed} failed");
+    assert_eq!(failed, 0, "failed requests across the reloads: {errors:?}");
+}
+
+/// `reload` on HAProxy's master CLI, as the Dataplane API's reload command sends it. The master
+/// re-executes itself and may reset the connection before any answer, so only the sending
+/// counts.
+fn ask_master_to_reload(master: &std::path::Path) {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(master).expect("the master socket");
+    s.write_all(b"reload\n").expect("reload sent to the master");
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let _ = s.read_to_end(&mut Vec::new());
+}
+
 /// Servers HAProxy itself has in `backend`: (name, address:port) of each, from its stats socket.
 fn servers_in(stats: &std::path::Path, backend: &str) -> Vec<(String, String)> {
     haproxy_cli(stats, &format!("show servers state {backend}"))

@@ -257,6 +257,15 @@ pub fn current_workers(master: &Path) -> Vec<u32> {
     pids
 }
 
+/// The pids of every HAProxy worker, current and old (still draining after a reload).
+pub fn all_workers(master: &Path) -> Vec<u32> {
+    show_proc(master)
+        .lines()
+        .filter(|l| l.split_whitespace().nth(1) == Some("worker"))
+        .filter_map(|l| l.split_whitespace().next().and_then(|p| p.parse().ok()))
+        .collect()
+}
+
 /// The mode (`tcp`, `http`) HAProxy runs the frontend listening on `port` in (the upstream
 /// listeners are named `up_…_<port>`), from `show stat` on the stats socket under `workdir`.
 pub fn frontend_mode(workdir: &Path, port: u16) -> Option<String> {

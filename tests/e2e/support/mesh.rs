@@ -38,22 +38,36 @@ pub struct MeshOptions {
     pub stats: bool,
     /// More arguments for the client's sidecar.
     pub client_args: Vec<String>,
+    /// The protocol of `server` and `client` (service-defaults), when not Consul's tcp.
+    pub protocol: Option<&'static str>,
 }
 
 impl Mesh {
     pub fn start(opts: MeshOptions) -> Mesh {
         let base = TempDir::new("mesh");
         let consul = Consul::start();
+        if let Some(protocol) = opts.protocol {
+            consul.set_protocol("server", protocol);
+            consul.set_protocol("client", protocol);
+        }
         let app = HttpApp::start(APP_BODY);
         let server_port = free_port();
         let client_port = free_port();
         let upstream_port = free_port();
-        consul.register(&sidecar_registration(
+        let mut server_reg: serde_json::Value = serde_json::from_str(&sidecar_registration(
             "server",
             app.port(),
             server_port,
             &[],
-        ));
+        ))
+        .expect("a registration");
+        if let Some(protocol) = opts.protocol {
+            // Consul 1.8 does not fill a registration's protocol from service-defaults (the
+            // client's discovery chain does take it from there).
+            server_reg["Connect"]["SidecarService"]["Proxy"]["Config"] =
+                serde_json::json!({ "protocol": protocol });
+        }
+        consul.register(&server_reg.to_string());
         let mut upstreams: Vec<(&str, u16)> = vec![("server", upstream_port)];
         upstreams.extend(opts.extra_upstreams.iter().map(|(d, p)| (d.as_str(), *p)));
         consul.register(&sidecar_registration(
