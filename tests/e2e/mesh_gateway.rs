@@ -19,12 +19,14 @@ const WAIT: Duration = Duration::from_secs(60);
 
 /// `dc2` with `server` (app, sidecar) exported to `dc1`, and the gateway.
 struct Peered {
+    // Field order is drop order: the gateway and the sidecar stop (printing their last output
+    // when a test failed) before the clusters they use and the directory their logs are in.
+    gateway: Child,
+    server: Child,
+    app: HttpApp,
     dc1: Consul,
     dc2: Consul,
     base: TempDir,
-    app: HttpApp,
-    server: Child,
-    gateway: Child,
     lan: u16,
     wan: u16,
     stats: String,
