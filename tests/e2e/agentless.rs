@@ -758,7 +758,15 @@ impl Cluster {
                     let leader = ask("/v1/status/leader")
                         .and_then(|v| v.as_str().map(|l| !l.is_empty()))
                         .unwrap_or(false);
-                    voters == 3 && leader
+                    // Gossip too: until every server sees the others alive again, one
+                    // that does not cannot forward to a leader it has not re-joined.
+                    let alive = ask("/v1/agent/members")
+                        .and_then(|v| {
+                            v.as_array()
+                                .map(|m| m.iter().filter(|m| m["Status"] == 1).count())
+                        })
+                        .unwrap_or(0);
+                    voters == 3 && leader && alive == 3
                 })
             },
         )
@@ -780,12 +788,26 @@ impl Cluster {
 }
 
 impl Put for Cluster {
-    /// Retried while the servers elect a new leader (a write then answers 500).
+    /// Retried on every reachable server while the servers elect a new leader (a write then
+    /// answers 500). A server whose gossip has not yet seen a healed peer again answers 500
+    /// "Raft leader not found in server lookup mapping" while the leader itself takes writes
+    /// (serf retries a failed member only every 30 s), so each round asks every server.
     fn put(&self, path: &str, body: &str) -> (u16, String) {
         let mut answer = (0, String::new());
-        let _ = wait_until(Duration::from_secs(30), "a leader taking writes", || {
-            answer = self.call("PUT", path, Some(body));
-            answer.0 != 500
+        let _ = wait_until(Duration::from_secs(90), "a leader taking writes", || {
+            self.up().into_iter().any(|i| {
+                match self.request(
+                    &self.http[i],
+                    "PUT",
+                    path,
+                    Some(body),
+                    Duration::from_secs(10),
+                ) {
+                    Ok(r) => answer = (r.status, r.body),
+                    Err(e) => answer = (0, e),
+                }
+                answer.0 != 500 && answer.0 != 0
+            })
         });
         answer
     }
