@@ -125,9 +125,13 @@ pub(super) struct Spec {
 /// or a `*` intention, which the intentions watch covers.
 const DEFAULT_POLICY_EVERY: Duration = Duration::from_secs(30);
 
-/// How often a peering is read again: Consul's `/v1/peering/<peer>` does not block, and a
-/// peer's rotated CA must reach both sides within seconds.
-const PEERING_EVERY: Duration = Duration::from_secs(5);
+/// How often a peering is read again: Consul's `/v1/peering/<peer>` does not block. What it
+/// gives (the peer's CA roots and server name) changes only with a peering or a CA rotation,
+/// and a rotation does not wait for it: the peer's new leaves carry the intermediate its old
+/// root cross-signed, which the roots already held verify. Ten seconds keeps a sidecar at rest
+/// within issue 30's bound of one read per ten seconds per endpoint that cannot block, which
+/// matters against the servers when thousands of agentless sidecars each watch a peer.
+const PEERING_EVERY: Duration = Duration::from_secs(10);
 
 impl Watch {
     /// How this watch reads: `query_poll` and `checks_poll` are the poll intervals of
