@@ -5,7 +5,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::support::load::Load;
-use crate::support::mesh::{sidecar, Mesh, MeshOptions, APP_BODY};
+use crate::support::mesh::{another_server_instance, Mesh, MeshOptions, APP_BODY};
 use crate::support::*;
 
 /// Another instance of `server`: its own app (answering `body`) and its own sidecar.
@@ -17,32 +17,12 @@ struct Instance {
 }
 
 fn add_instance(mesh: &Mesh, id: &str, body: &str) -> Instance {
-    let app = HttpApp::start(body);
-    let mut reg: serde_json::Value =
-        serde_json::from_str(&sidecar_registration(id, app.port(), free_port(), &[])).unwrap();
-    reg["Name"] = "server".into();
-    mesh.consul.register(&reg.to_string());
-    let sidecar = sidecar(&mesh.consul, &mesh.base, id, false, &[]);
+    let (sidecar, app) = another_server_instance(&mesh.consul, &mesh.base, id, body);
     Instance {
         _sidecar: sidecar,
         app,
         id: id.to_string(),
     }
-}
-
-/// Waits until `app` is sent requests, or proves it is no longer: no new request for 1.5 s.
-fn wait_serving(app: &HttpApp, what: &str) {
-    let start = app.requests();
-    wait_until(Duration::from_secs(30), what, || app.requests() > start + 3).unwrap();
-}
-
-fn wait_idle(app: &HttpApp, what: &str) {
-    wait_until(Duration::from_secs(30), what, || {
-        let before = app.requests();
-        thread::sleep(Duration::from_millis(1500));
-        app.requests() == before
-    })
-    .unwrap();
 }
 
 #[test]
@@ -51,31 +31,33 @@ fn churn_under_load_fails_no_request_and_reloads_nothing() {
     let master = mesh.workdir("client").join("master.sock");
     let reloads_before = reloads(&master);
     let load = Load::start(mesh.upstream_addr());
-    wait_serving(&mesh.app, "the first instance to serve");
+    mesh.app.wait_serving("the first instance to serve");
 
     // 1 → 3 instances.
     let two = add_instance(&mesh, "server-2", "two");
     let three = add_instance(&mesh, "server-3", "three");
-    wait_serving(&two.app, "instance 2 to serve");
-    wait_serving(&three.app, "instance 3 to serve");
+    two.app.wait_serving("instance 2 to serve");
+    three.app.wait_serving("instance 3 to serve");
 
     // Instance 2 critical, then passing again.
     let check = r#"{"Name": "flip", "ID": "flip-2", "ServiceID": "server-2-sidecar-proxy", "TTL": "10m", "Status": "passing"}"#;
     let (status, body) = mesh.consul.put("/v1/agent/check/register", check);
     assert_eq!(status, 200, "{body}");
     assert_eq!(mesh.consul.put("/v1/agent/check/fail/flip-2", "").0, 200);
-    wait_idle(&two.app, "instance 2 to stop receiving while critical");
-    wait_serving(&mesh.app, "instance 1 still serving");
+    two.app
+        .wait_idle("instance 2 to stop receiving while critical");
+    mesh.app.wait_serving("instance 1 still serving");
     assert_eq!(mesh.consul.put("/v1/agent/check/pass/flip-2", "").0, 200);
-    wait_serving(&two.app, "instance 2 to serve again");
+    two.app.wait_serving("instance 2 to serve again");
 
     // 3 → 1: leave Consul first, then stop, as an orchestrator does.
     for inst in [&three, &two] {
         mesh.consul.deregister(&inst.id);
-        wait_idle(&inst.app, "a deregistered instance to stop receiving");
+        inst.app
+            .wait_idle("a deregistered instance to stop receiving");
     }
     let (three_seen, two_seen) = (three.app.requests(), two.app.requests());
-    wait_serving(&mesh.app, "instance 1 serving alone");
+    mesh.app.wait_serving("instance 1 serving alone");
     drop(three);
     drop(two);
 
@@ -175,7 +157,7 @@ fn ca_rotation_under_load_fails_no_request_with_one_reload_per_certificate_chang
         .unwrap()
         .to_string();
     let load = Load::start(mesh.upstream_addr());
-    wait_serving(&mesh.app, "traffic before the rotation");
+    mesh.app.wait_serving("traffic before the rotation");
 
     let key = std::process::Command::new("openssl")
         .args(["ecparam", "-name", "prime256v1", "-genkey", "-noout"])
@@ -212,7 +194,7 @@ fn ca_rotation_under_load_fails_no_request_with_one_reload_per_certificate_chang
         t.elapsed().as_millis()
     );
     // Keep the load on a little after the switch: new handshakes on both sides use new leaves.
-    wait_serving(&mesh.app, "traffic after the rotation");
+    mesh.app.wait_serving("traffic after the rotation");
     let (ok, failed, errors) = load.finish();
     eprintln!("measured: CA rotation under load: {ok} requests ok, {failed} failed");
     assert_eq!(
@@ -263,7 +245,7 @@ fn an_upstream_added_and_removed_costs_one_reload_each_and_no_failed_request() {
     let mesh = Mesh::start(MeshOptions::default());
     let master = mesh.workdir("client").join("master.sock");
     let load = Load::start(mesh.upstream_addr());
-    wait_serving(&mesh.app, "traffic on the first upstream");
+    mesh.app.wait_serving("traffic on the first upstream");
 
     let r0 = reloads(&master);
     let extra = mesh.add_upstream();
@@ -279,7 +261,8 @@ fn an_upstream_added_and_removed_costs_one_reload_each_and_no_failed_request() {
         std::net::TcpStream::connect(("127.0.0.1", extra)).is_err()
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", mesh.client_sidecar.logs()));
-    wait_serving(&mesh.app, "traffic on the first upstream afterwards");
+    mesh.app
+        .wait_serving("traffic on the first upstream afterwards");
     let r2 = reloads(&master);
     let (ok, failed, errors) = load.finish();
     eprintln!(
@@ -313,17 +296,7 @@ fn a_reloading_destination_keeps_pooled_connections_for_one_more_request() {
     // One request leaves an idle connection to the server's current worker in the pool.
     let first = http_get(&mesh.upstream_addr(), "/", Duration::from_secs(5));
     assert_eq!(first.map(|r| r.0), Ok(200));
-    let old = current_workers(&master);
-    ask_master_to_reload(&master);
-    wait_until(
-        Duration::from_secs(20),
-        "the server's HAProxy to reload",
-        || {
-            let now = current_workers(&master);
-            !now.is_empty() && now.iter().all(|w| !old.contains(w))
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.server_sidecar.logs()));
+    let old = reload_server(&mesh, &master);
     // An old worker with nothing to serve exits within milliseconds; this one still holds the
     // client's idle connection.
     thread::sleep(Duration::from_secs(1));
@@ -353,24 +326,14 @@ fn an_http_client_sees_no_failure_while_its_destination_reloads() {
     });
     let master = mesh.workdir("server").join("master.sock");
     let loads: Vec<Load> = (0..4).map(|_| Load::start(mesh.upstream_addr())).collect();
-    wait_serving(&mesh.app, "traffic before the reloads");
+    mesh.app.wait_serving("traffic before the reloads");
     const RELOADS: usize = 20;
     for _ in 0..RELOADS {
-        let before = current_workers(&master);
-        ask_master_to_reload(&master);
-        wait_until(
-            Duration::from_secs(20),
-            "the server's HAProxy to reload",
-            || {
-                let now = current_workers(&master);
-                !now.is_empty() && now.iter().all(|w| !before.contains(w))
-            },
-        )
-        .unwrap_or_else(|e| panic!("{e}\n{}", mesh.server_sidecar.logs()));
+        reload_server(&mesh, &master);
         // Requests pool connections to the new worker before the next reload.
         thread::sleep(Duration::from_millis(200));
     }
-    wait_serving(&mesh.app, "traffic after the reloads");
+    mesh.app.wait_serving("traffic after the reloads");
     let (mut ok, mut failed, mut errors) = (0, 0, Vec::new());
     for load in loads {
         let (o, f, e) = load.finish();
@@ -382,15 +345,27 @@ fn an_http_client_sees_no_failure_while_its_destination_reloads() {
     assert_eq!(failed, 0, "failed requests across the reloads: {errors:?}");
 }
 
-/// `reload` on HAProxy's master CLI, as the Dataplane API's reload command sends it. The master
-/// re-executes itself and may reset the connection before any answer, so only the sending
-/// counts.
-fn ask_master_to_reload(master: &std::path::Path) {
+/// Reloads the server's HAProxy through its master socket (`reload`, as the Dataplane API's
+/// reload command sends it) and waits until only new workers are current; returns the workers
+/// it replaced. The master re-executes itself and may reset the connection before any answer,
+/// so only the sending counts.
+fn reload_server(mesh: &Mesh, master: &std::path::Path) -> Vec<u32> {
     use std::io::{Read, Write};
+    let old = current_workers(master);
     let mut s = std::os::unix::net::UnixStream::connect(master).expect("the master socket");
     s.write_all(b"reload\n").expect("reload sent to the master");
     let _ = s.shutdown(std::net::Shutdown::Write);
     let _ = s.read_to_end(&mut Vec::new());
+    wait_until(
+        Duration::from_secs(20),
+        "the server's HAProxy to reload",
+        || {
+            let now = current_workers(master);
+            !now.is_empty() && now.iter().all(|w| !old.contains(w))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.server_sidecar.logs()));
+    old
 }
 
 /// Servers HAProxy itself has in `backend`: (name, address:port) of each, from its stats socket.

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::support;
 use crate::support::load::Load;
-use crate::support::mesh::{sidecar, workdir};
+use crate::support::mesh::{another_server_instance, sidecar, workdir};
 use crate::support::*;
 use serde_json::Value;
 
@@ -282,7 +282,6 @@ fn a_peer_reaches_an_exported_service_through_the_gateway_and_nothing_else() {
     assert!(!services.contains("\"gw\""), "{services}");
 }
 
-/// `dc2`'s intention for `client` of the peer `dc1` to `server`: `allow` or `deny`.
 /// `client` in dc1, its upstream `server` of peer `dc2` on `bind` with `config`.
 fn register_peered_client(dc1: &Consul, bind: u16, config: Value) {
     let registration = serde_json::json!({
@@ -298,6 +297,7 @@ fn register_peered_client(dc1: &Consul, bind: u16, config: Value) {
     dc1.register(&registration.to_string());
 }
 
+/// `dc2`'s intention for `client` of the peer `dc1` to `server`: `allow` or `deny`.
 fn peer_intention(dc2: &Consul, action: &str) {
     let entry = serde_json::json!({
         "Kind": "service-intentions", "Name": "server",
@@ -509,30 +509,6 @@ fn an_http2_peered_upstream_speaks_http2_to_the_peer() {
     );
 }
 
-/// Another instance `id` of `server` in dc2: its app (answering `body`) and its sidecar.
-fn add_server(p: &Peered, id: &str, body: &str) -> (Child, HttpApp) {
-    let app = HttpApp::start(body);
-    let mut reg: Value =
-        serde_json::from_str(&sidecar_registration(id, app.port(), free_port(), &[])).unwrap();
-    reg["Name"] = "server".into();
-    p.dc2.register(&reg.to_string());
-    (sidecar(&p.dc2, &p.base, id, false, &[]), app)
-}
-
-fn wait_serving(app: &HttpApp, what: &str) {
-    let start = app.requests();
-    wait_until(WAIT, what, || app.requests() > start + 3).unwrap();
-}
-
-fn wait_idle(app: &HttpApp, what: &str) {
-    wait_until(WAIT, what, || {
-        let before = app.requests();
-        std::thread::sleep(Duration::from_millis(1500));
-        app.requests() == before
-    })
-    .unwrap();
-}
-
 /// dc2's `server` instances replaced twice (a new one added, then the old one leaves Consul
 /// and stops, as an orchestrator does) while dc1's client sends requests, a new connection
 /// each, through its peered upstream, the forwarder and dc2's gateway: none fails.
@@ -553,20 +529,21 @@ fn dc2_instance_churn_under_load_through_the_gateway_fails_no_request() {
     })
     .unwrap_or_else(|e| panic!("{e}\n{}\n{}", client.logs(), p.gateway.logs()));
     let load = Load::start(addr);
-    wait_serving(&p.app, "the first instance to serve");
+    p.app.wait_serving("the first instance to serve");
 
-    let (two_sidecar, two) = add_server(&p, "server-2", "two");
-    wait_serving(&two, "instance 2 to serve through the gateway");
+    let (two_sidecar, two) = another_server_instance(&p.dc2, &p.base, "server-2", "two");
+    two.wait_serving("instance 2 to serve through the gateway");
     p.dc2.deregister("server");
-    wait_idle(&p.app, "instance 1 to stop receiving once deregistered");
+    p.app
+        .wait_idle("instance 1 to stop receiving once deregistered");
     p.server.stop();
 
-    let (_three_sidecar, three) = add_server(&p, "server-3", "three");
-    wait_serving(&three, "instance 3 to serve through the gateway");
+    let (_three_sidecar, three) = another_server_instance(&p.dc2, &p.base, "server-3", "three");
+    three.wait_serving("instance 3 to serve through the gateway");
     p.dc2.deregister("server-2");
-    wait_idle(&two, "instance 2 to stop receiving once deregistered");
+    two.wait_idle("instance 2 to stop receiving once deregistered");
     drop(two_sidecar);
-    wait_serving(&three, "instance 3 serving alone");
+    three.wait_serving("instance 3 serving alone");
 
     let (ok, failed, errors) = load.finish();
     eprintln!("measured: dc2 churn through the gateway: {ok} requests ok, {failed} failed");

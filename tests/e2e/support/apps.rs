@@ -96,6 +96,25 @@ impl HttpApp {
         self.shared.requests.load(Ordering::SeqCst)
     }
 
+    /// Waits (up to 60 s) until the app is sent requests: three more than when called.
+    pub fn wait_serving(&self, what: &str) {
+        let start = self.requests();
+        wait_until(Duration::from_secs(60), what, || {
+            self.requests() > start + 3
+        })
+        .unwrap();
+    }
+
+    /// Waits (up to 60 s) until the app proves it is no longer sent requests: none for 1.5 s.
+    pub fn wait_idle(&self, what: &str) {
+        wait_until(Duration::from_secs(60), what, || {
+            let before = self.requests();
+            thread::sleep(Duration::from_millis(1500));
+            self.requests() == before
+        })
+        .unwrap();
+    }
+
     /// Complete requests received for `path` (any query string).
     pub fn requests_for(&self, path: &str) -> u64 {
         self.shared

@@ -150,6 +150,23 @@ impl Mesh {
     }
 }
 
+/// Another instance `id` of the service `server` registered in `consul`: its own app
+/// (answering `body`) and its own sidecar, which stops when the returned `Child` drops.
+pub fn another_server_instance(
+    consul: &Consul,
+    base: &TempDir,
+    id: &str,
+    body: &str,
+) -> (Child, HttpApp) {
+    let app = HttpApp::start(body);
+    let mut reg: serde_json::Value =
+        serde_json::from_str(&sidecar_registration(id, app.port(), free_port(), &[]))
+            .expect("a registration");
+    reg["Name"] = "server".into();
+    consul.register(&reg.to_string());
+    (sidecar(consul, base, id, false, &[]), app)
+}
+
 /// Starts the sidecar of `service` with the given extra arguments.
 pub fn sidecar(
     consul: &Consul,
